@@ -1,0 +1,84 @@
+//! The `Transport` trait: what a driver provides to the engine.
+//!
+//! A transport moves datagrams; it states in [`Capabilities`] what it does itself so the
+//! engine adds only what is missing (an RDMA RC queue pair is reliable and ordered; UDP is
+//! neither). Drivers own all IO: sockets, clocks, epoll, eventfds.
+
+use crate::error::TransportError;
+use crate::types::Time;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a transport provides itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Datagrams arrive exactly once and in order, or the transport reports the peer failed
+    /// (RDMA RC). When false the engine adds sequencing, acknowledgement, retransmission
+    /// and duplicate suppression.
+    pub reliable: bool,
+    /// The transport can place bulk data in the remote segment itself (RDMA WRITE). When
+    /// false the engine fragments bulk data and reassembles it in place.
+    pub bulk_placement: bool,
+    /// The largest datagram the path carries (path MTU less IP and UDP headers).
+    pub max_datagram: usize,
+}
+
+/// Which sources wake [`Transport::wait`]. Timers always wake it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventMask {
+    /// Wake when a datagram arrives.
+    pub network: bool,
+    /// Wake when another thread sends through a handle.
+    pub handle: bool,
+}
+
+impl Default for EventMask {
+    fn default() -> Self {
+        EventMask {
+            network: true,
+            handle: true,
+        }
+    }
+}
+
+/// Wakes a sleeping endpoint from another thread (an eventfd write for real drivers).
+pub trait Notify: Send + Sync {
+    /// Wakes the endpoint's `wait`.
+    fn notify(&self);
+}
+
+/// One datagram to send.
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A datagram driver.
+pub trait Transport {
+    /// What the transport provides itself.
+    fn capabilities(&self) -> Capabilities;
+    /// The address peers use to reach this transport.
+    fn local_addr(&self) -> SocketAddr;
+    /// The current time.
+    fn now(&self) -> Time;
+    /// Randomness for incarnation numbers and jitter.
+    fn seed(&self) -> u64;
+    /// Sends datagrams from the front of `batch`; returns how many it took. Fewer than all
+    /// means the transport would block; the engine keeps the rest and tries again.
+    fn send_batch(&mut self, batch: &[Transmit]) -> Result<usize, TransportError>;
+    /// Receives up to `max` datagrams without blocking, calling `deliver` for each; returns
+    /// how many.
+    fn recv_batch(
+        &mut self,
+        max: usize,
+        deliver: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> Result<usize, TransportError>;
+    /// Sleeps until a source in `mask` is ready or `timeout` passes (`None`: no limit).
+    fn wait(&mut self, timeout: Option<Duration>, mask: EventMask) -> Result<(), TransportError>;
+    /// A waker that other threads may use.
+    fn notifier(&self) -> Arc<dyn Notify>;
+}
