@@ -299,6 +299,14 @@ impl Core {
         Ok(())
     }
 
+    /// Declares whether a handler is installed at `index` (the endpoint does this on
+    /// `register`; messages for an absent handler are returned with `NoHandler`).
+    pub fn set_handler_present(&mut self, index: u16, present: bool) {
+        if let Some(h) = self.handler_present.get_mut(index as usize) {
+            *h = present;
+        }
+    }
+
     /// Removes the entry at `index`.
     pub fn unmap(&mut self, index: u16) {
         if let Some(s) = self.translations.get_mut(index as usize) {
@@ -1342,11 +1350,15 @@ impl Core {
                     }
                 }
                 // Fast retransmission: a packet three or more below a selectively
-                // acknowledged one is lost, unless we resent it within the last RTT.
-                let srtt = p.srtt_ns.max(1);
+                // acknowledged one is lost; resend it once now, later only after a full
+                // retransmission timeout.
+                let rto = p.rto_ns(&self.cfg);
                 let mut resend = Vec::new();
                 for s in p.unacked.iter_mut() {
-                    if s.seq + 3 <= highest && !s.sacked && now.since_ns(s.sent_at) > srtt {
+                    if s.seq + 3 <= highest
+                        && !s.sacked
+                        && (s.retx == 0 || now.since_ns(s.sent_at) >= rto)
+                    {
                         s.sent_at = now;
                         s.retx += 1;
                         resend.push(s.bytes.clone());

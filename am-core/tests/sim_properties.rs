@@ -1,0 +1,269 @@
+//! Properties of the engine under the simulator: the suite catches a broken engine, long
+//! lossy streams are exactly-once and in order, runs replay from their seed, and random or
+//! mutated packets never panic and are counted.
+
+use am_core::conformance::{check_order, run_suite, Harness, SimHarness};
+use am_core::engine::Core;
+use am_core::sim::{Faults, SimNet};
+use am_core::{Capabilities, Config, Endpoint, Msg, Tag, Time};
+use proptest::prelude::*;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[test]
+fn suite_fails_when_duplicate_suppression_is_off() {
+    let mut failures = 0;
+    let mut first = None;
+    for seed in 0..20 {
+        let mut h = SimHarness::new(seed, Faults::lossy(0.10));
+        h.config.testing_disable_dedup = true;
+        if let Err(e) = run_suite(&mut h) {
+            failures += 1;
+            first.get_or_insert(e);
+        }
+    }
+    assert!(
+        failures >= 15,
+        "only {failures} of 20 seeds caught the missing dedup"
+    );
+    // The same seeds pass with suppression on (shown by sim_conformance over 1,000 seeds).
+    let e = first.unwrap();
+    assert!(!e.is_empty());
+}
+
+#[test]
+fn the_order_check_catches_duplicates_directly() {
+    let mut h = SimHarness::new(3, Faults::lossy(0.10));
+    h.config.testing_disable_dedup = true;
+    assert!(check_order(&mut h).is_err());
+}
+
+#[test]
+fn hundred_thousand_messages_exactly_once_in_order_over_a_lossy_network() {
+    let mut h = SimHarness::new(42, Faults::lossy(0.10));
+    let mut a = h.endpoint(Config {
+        tag: Tag(1),
+        ..h.base_config()
+    });
+    let mut b = h.endpoint(Config {
+        tag: Tag(2),
+        ..h.base_config()
+    });
+    a.map(0, b.name(), b.tag()).unwrap();
+    let seen = Arc::new(Mutex::new((0u64, 0u64))); // (next expected, violations)
+    let s = seen.clone();
+    b.register(1, move |_, m| {
+        let mut g = s.lock().unwrap();
+        if m.args[0] != g.0 {
+            g.1 += 1;
+        }
+        g.0 = m.args[0] + 1;
+    })
+    .unwrap();
+    const N: u64 = 100_000;
+    let mut i = 0;
+    while i < N {
+        match a.send(0, Msg::small(1, &[i])) {
+            Ok(_) => i += 1,
+            Err(am_core::AmError::WouldBlock) => {
+                h.run(&mut [&mut a, &mut b], Duration::from_millis(1), &mut || {
+                    false
+                });
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let s = seen.clone();
+    let done = h.run(&mut [&mut a, &mut b], Duration::from_secs(120), &mut || {
+        s.lock().unwrap().0 == N
+    });
+    h.run(
+        &mut [&mut a, &mut b],
+        Duration::from_millis(100),
+        &mut || false,
+    );
+    let g = *seen.lock().unwrap();
+    assert!(done, "stopped at {}", g.0);
+    assert_eq!(g, (N, 0), "out-of-order or duplicate deliveries");
+    assert_eq!(b.stats().messages_handled, N);
+    let c = h.net.counters();
+    assert!(
+        c.dropped > 1000 && c.duplicated > 1000 && c.reordered > 1000,
+        "{c:?}"
+    );
+    assert!(a.stats().retransmits > 0);
+    assert!(b.stats().duplicates_dropped > 0);
+}
+
+#[test]
+fn runs_replay_from_their_seed() {
+    let run = |seed| {
+        let mut h = SimHarness::new(seed, Faults::lossy(0.1));
+        check_order(&mut h).unwrap();
+        (h.net.counters(), h.net.now())
+    };
+    assert_eq!(run(7), run(7));
+    assert_ne!(run(7), run(8));
+}
+
+#[test]
+fn a_partition_makes_a_peer_unreachable_and_healing_restores_it() {
+    let net = SimNet::new(5, Faults::none());
+    let mut a = Endpoint::new(
+        net.transport(),
+        Config {
+            tag: Tag(1),
+            ..Config::default()
+        },
+    );
+    let mut b = Endpoint::new(
+        net.transport(),
+        Config {
+            tag: Tag(2),
+            ..Config::default()
+        },
+    );
+    a.map(0, b.name(), b.tag()).unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    b.register(1, move |_, m| g.lock().unwrap().push(m.args[0]))
+        .unwrap();
+    let ups = Arc::new(Mutex::new(Vec::new()));
+    let u = ups.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push(x.code));
+    let mut h = SimHarness {
+        net: net.clone(),
+        config: Config::default(),
+        bulk: 0,
+    };
+    net.partition(a.name().addr, b.name().addr, true);
+    a.send(0, Msg::small(1, &[1])).unwrap();
+    h.run(&mut [&mut a, &mut b], Duration::from_secs(5), &mut || {
+        !ups.lock().unwrap().is_empty()
+    });
+    assert_eq!(*ups.lock().unwrap(), vec![am_core::ErrorCode::Unreachable]);
+    net.partition(a.name().addr, b.name().addr, false);
+    a.send(0, Msg::small(1, &[2])).unwrap();
+    assert!(
+        h.run(&mut [&mut a, &mut b], Duration::from_secs(5), &mut || !got
+            .lock()
+            .unwrap()
+            .is_empty())
+    );
+    assert_eq!(*got.lock().unwrap(), vec![2]);
+    assert!(net.counters().partitioned > 0);
+}
+
+fn caps() -> Capabilities {
+    Capabilities {
+        reliable: false,
+        bulk_placement: false,
+        max_datagram: 1472,
+    }
+}
+
+fn core(tag: u64, addr: &str, seed: u64) -> Core {
+    let mut cfg = Config {
+        tag: Tag(tag),
+        ..Config::default()
+    };
+    cfg.handlers = 4;
+    let mut c = Core::new(cfg, caps(), addr.parse().unwrap(), seed);
+    c.set_now(Time(1_000_000));
+    c
+}
+
+const A: &str = "10.0.0.1:7000";
+const B: &str = "10.0.0.2:7000";
+
+/// Real traffic from A to B of a short exchange (handshake, small, fragmented medium,
+/// request, bulk), captured by driving two engines by hand.
+fn captured_traffic() -> Vec<Vec<u8>> {
+    let mut a = core(1, A, 1);
+    let mut b = core(2, B, 2);
+    a.map(0, b.name(), Tag(2)).unwrap();
+    let body = vec![3u8; 5000];
+    a.send(0, &Msg::medium(1, &[1, 2], &[&body])).unwrap();
+    a.request(0, &Msg::small(1, &[3])).unwrap();
+    a.send(0, &Msg::bulk(1, &[4], &[(0, 3000)], 100)).unwrap();
+    let mut captured = Vec::new();
+    for step in 0..20u64 {
+        a.flush();
+        let out: Vec<_> = a.outbox().drain(..).collect();
+        for t in out {
+            captured.push(t.bytes.clone());
+            b.handle_datagram(A.parse().unwrap(), &t.bytes);
+        }
+        b.flush();
+        let back: Vec<_> = b.outbox().drain(..).collect();
+        for t in back {
+            a.handle_datagram(B.parse().unwrap(), &t.bytes);
+        }
+        a.handle_timeout(Time(1_000_000 + step * 1_000_000));
+    }
+    assert!(captured.len() >= 6, "captured {}", captured.len());
+    captured
+}
+
+fn traffic() -> &'static Vec<Vec<u8>> {
+    static T: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    T.get_or_init(captured_traffic)
+}
+
+#[test]
+fn captured_traffic_is_accepted_unmutated() {
+    // The baseline for the mutation test: the unmodified packets do deliver.
+    let mut b = core(2, B, 2);
+    b.set_handler_present(1, true);
+    for p in traffic() {
+        b.handle_datagram(A.parse().unwrap(), p);
+    }
+    assert_eq!(b.stats().messages_handled, 3, "{:?}", b.stats());
+    assert_eq!(b.stats().malformed_dropped, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_are_counted_drops(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+        let mut c = core(2, B, 2);
+        c.handle_datagram(A.parse().unwrap(), &bytes);
+        c.handle_timeout(Time(2_000_000));
+        c.flush();
+        let s = c.stats().clone();
+        prop_assert_eq!(s.messages_handled, 0);
+        prop_assert!(s.malformed_dropped + s.stale_dropped >= 1 || s.packets_sent >= 1, "{:?}", s);
+        prop_assert!(c.memory_in_use() < 1 << 20);
+    }
+
+    #[test]
+    fn mutated_traffic_never_panics_and_stays_bounded(
+        muts in proptest::collection::vec((any::<usize>(), any::<usize>(), any::<u8>(), 0u8..4), 1..12)
+    ) {
+        let mut pkts = traffic().clone();
+        for (which, at, val, how) in muts {
+            let n = pkts.len();
+            let p = &mut pkts[which % n];
+            if p.is_empty() { continue; }
+            let i = at % p.len();
+            match how {
+                0 => p[i] = val,
+                1 => p.truncate(i),
+                2 => p[i] ^= 1 << (val % 8),
+                _ => { let q = p.clone(); pkts.push(q); } // a duplicate
+            }
+        }
+        let mut b = core(2, B, 2);
+        b.set_handler_present(1, true);
+        for p in &pkts {
+            b.handle_datagram(A.parse().unwrap(), p);
+        }
+        b.handle_timeout(Time(5_000_000_000));
+        b.flush();
+        let s = b.stats().clone();
+        prop_assert_eq!(s.packets_received, pkts.len() as u64);
+        prop_assert!(s.messages_handled <= 3, "{:?}", s);
+        prop_assert!(b.memory_in_use() < 4 << 20);
+    }
+}
