@@ -1,1 +1,523 @@
-//! placeholder
+//! `am-udp`: the UDP driver of the Active Messages layer.
+//!
+//! [`UdpTransport`] implements [`am_core::Transport`] over one UDP socket (IPv4 or IPv6):
+//! `recvmmsg`/`sendmmsg` batching, one epoll set holding the socket, an eventfd for
+//! cross-thread wake-ups and any other fd a shard loop adds (an io_uring eventfd, say),
+//! and optional busy-polling for latency. It holds no protocol logic: sequencing,
+//! fragmentation to the path MTU, pacing and retransmission are the engine's, because UDP
+//! provides none of them (its [`Capabilities`] say so).
+
+pub mod harness;
+
+use am_core::{Capabilities, EventMask, Notify, Time, Transmit, Transport, TransportError};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors setting up the UDP driver.
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    /// Could not bind.
+    #[error(
+        "cannot bind UDP socket to {addr}: {source} (is the address local and the port free?)"
+    )]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Settings of the UDP driver.
+#[derive(Clone, Debug)]
+pub struct UdpConfig {
+    /// Path MTU in bytes (IP and UDP headers are subtracted); default 1500.
+    pub mtu: usize,
+    /// Datagrams per `recvmmsg`/`sendmmsg` call; default 32.
+    pub batch: usize,
+    /// Spin instead of sleeping in `wait` (lower latency, one core busy).
+    pub busy_poll: bool,
+    /// Socket receive buffer in bytes; default 8 MiB (forced as root).
+    pub recv_buffer_bytes: usize,
+    /// Socket send buffer in bytes; default 4 MiB.
+    pub send_buffer_bytes: usize,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            mtu: 1500,
+            batch: 32,
+            busy_poll: false,
+            recv_buffer_bytes: 8 << 20,
+            send_buffer_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Counters of the driver itself.
+#[derive(Clone, Debug, Default)]
+pub struct UdpStats {
+    /// `recvmmsg` calls that returned datagrams.
+    pub recv_calls: u64,
+    /// `sendmmsg` calls.
+    pub send_calls: u64,
+    /// Datagrams the OS refused to send (dropped; the engine retransmits).
+    pub send_errors: u64,
+    /// Received datagrams larger than the buffer (dropped).
+    pub truncated: u64,
+    /// Times `wait` slept in epoll.
+    pub sleeps: u64,
+}
+
+struct EventFd(OwnedFd);
+
+impl Notify for EventFd {
+    fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own.
+        unsafe {
+            libc::write(
+                self.0.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            );
+        }
+    }
+}
+
+const TOKEN_SOCKET: u64 = 1;
+const TOKEN_EVENTFD: u64 = 2;
+const TOKEN_EXTRA: u64 = 3;
+
+/// Receive buffers for one `recvmmsg` batch.
+struct RecvBufs {
+    bufs: Vec<Vec<u8>>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+/// A UDP socket driving one endpoint.
+pub struct UdpTransport {
+    socket: Socket,
+    local: SocketAddr,
+    epoll: OwnedFd,
+    eventfd: Arc<EventFd>,
+    cfg: UdpConfig,
+    origin: Instant,
+    seed: u64,
+    mask: EventMask,
+    recv: RecvBufs,
+    stats: UdpStats,
+}
+
+fn sys<T>(what: &'static str, r: io::Result<T>) -> Result<T, UdpError> {
+    r.map_err(|source| UdpError::Sys { what, source })
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn epoll_ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: valid epoll fd and event struct.
+    cvt(unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) }).map(|_| ())
+}
+
+impl UdpTransport {
+    /// Binds a socket at `addr` (port 0 picks one).
+    pub fn bind(addr: SocketAddr, cfg: UdpConfig) -> Result<UdpTransport, UdpError> {
+        let domain = if addr.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
+        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))
+            .map_err(|source| UdpError::Bind { addr, source })?;
+        if addr.is_ipv6() {
+            let _ = socket.set_only_v6(false);
+        }
+        socket
+            .bind(&SockAddr::from(addr))
+            .map_err(|source| UdpError::Bind { addr, source })?;
+        Self::from_socket(socket.into(), cfg)
+    }
+
+    /// Drives an already bound socket (for example one made inside a network namespace).
+    pub fn from_socket(socket: UdpSocket, cfg: UdpConfig) -> Result<UdpTransport, UdpError> {
+        let socket = Socket::from(socket);
+        sys("set non-blocking", socket.set_nonblocking(true))?;
+        // Large buffers so a window of bulk fragments fits; force past rmem_max as root.
+        if socket.set_recv_buffer_size(cfg.recv_buffer_bytes).is_ok() {
+            force_buffer(&socket, libc::SO_RCVBUFFORCE, cfg.recv_buffer_bytes);
+        }
+        if socket.set_send_buffer_size(cfg.send_buffer_bytes).is_ok() {
+            force_buffer(&socket, libc::SO_SNDBUFFORCE, cfg.send_buffer_bytes);
+        }
+        let local = sys("local address", socket.local_addr())?
+            .as_socket()
+            .ok_or(UdpError::Sys {
+                what: "local address",
+                source: io::Error::other("not an inet socket"),
+            })?;
+        // SAFETY: plain syscalls; the fds are owned immediately.
+        let epoll = unsafe {
+            OwnedFd::from_raw_fd(sys(
+                "epoll_create1",
+                cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC)),
+            )?)
+        };
+        let efd = unsafe {
+            OwnedFd::from_raw_fd(sys(
+                "eventfd",
+                cvt(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)),
+            )?)
+        };
+        sys(
+            "epoll_ctl(socket)",
+            epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                socket.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                TOKEN_SOCKET,
+            ),
+        )?;
+        sys(
+            "epoll_ctl(eventfd)",
+            epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                efd.as_raw_fd(),
+                libc::EPOLLIN as u32,
+                TOKEN_EVENTFD,
+            ),
+        )?;
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(Instant::now().elapsed().as_nanos());
+        h.write_u32(std::process::id());
+        h.write_u16(local.port());
+        let seed = h.finish()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        let max = Self::max_datagram_for(&local, cfg.mtu);
+        let batch = cfg.batch.clamp(1, 1024);
+        let recv = RecvBufs {
+            bufs: (0..batch).map(|_| vec![0u8; max + 64]).collect(),
+            // SAFETY: sockaddr_storage is plain old data; zeroed is valid.
+            addrs: (0..batch).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            iovs: Vec::with_capacity(batch),
+            hdrs: Vec::with_capacity(batch),
+        };
+        Ok(UdpTransport {
+            socket,
+            local,
+            epoll,
+            eventfd: Arc::new(EventFd(efd)),
+            cfg: UdpConfig { batch, ..cfg },
+            origin: Instant::now(),
+            seed,
+            mask: EventMask::default(),
+            recv,
+            stats: UdpStats::default(),
+        })
+    }
+
+    fn max_datagram_for(local: &SocketAddr, mtu: usize) -> usize {
+        let ip = if local.is_ipv4() { 20 } else { 40 };
+        mtu.saturating_sub(ip + 8).max(576)
+    }
+
+    /// The epoll fd the endpoint sleeps on (it can itself be put in an outer epoll set).
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Adds another readable source (an io_uring eventfd, a timerfd...) to the epoll set,
+    /// so `wait` wakes when it is ready. The caller keeps the fd open and drains it.
+    pub fn add_source(&self, fd: RawFd) -> io::Result<()> {
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd,
+            libc::EPOLLIN as u32,
+            TOKEN_EXTRA,
+        )
+    }
+
+    /// Removes a source added with [`UdpTransport::add_source`].
+    pub fn remove_source(&self, fd: RawFd) -> io::Result<()> {
+        epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Driver counters.
+    pub fn stats(&self) -> &UdpStats {
+        &self.stats
+    }
+
+    fn apply_mask(&mut self, mask: EventMask) {
+        if mask == self.mask {
+            return;
+        }
+        let ev = |on: bool| if on { libc::EPOLLIN as u32 } else { 0 };
+        let ep = self.epoll.as_raw_fd();
+        let _ = epoll_ctl(
+            ep,
+            libc::EPOLL_CTL_MOD,
+            self.socket.as_raw_fd(),
+            ev(mask.network),
+            TOKEN_SOCKET,
+        );
+        let _ = epoll_ctl(
+            ep,
+            libc::EPOLL_CTL_MOD,
+            self.eventfd.0.as_raw_fd(),
+            ev(mask.handle),
+            TOKEN_EVENTFD,
+        );
+        self.mask = mask;
+    }
+
+    fn drain_eventfd(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reading 8 bytes into a valid u64 from our non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.eventfd.0.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            );
+        }
+    }
+}
+
+fn force_buffer(socket: &Socket, opt: libc::c_int, bytes: usize) {
+    let v = bytes as libc::c_int;
+    // SAFETY: setsockopt with a valid int; failure (not root) is harmless.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+fn to_socket_addr(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    // SAFETY: the kernel filled `len` bytes of a sockaddr_storage.
+    let a = unsafe { SockAddr::new(*s, len) };
+    a.as_socket()
+}
+
+impl Transport for UdpTransport {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            reliable: false,
+            bulk_placement: false,
+            max_datagram: Self::max_datagram_for(&self.local, self.cfg.mtu),
+        }
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn now(&self) -> Time {
+        Time(self.origin.elapsed().as_nanos() as u64 + 1)
+    }
+
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    fn send_batch(&mut self, batch: &[Transmit]) -> Result<usize, TransportError> {
+        let mut done = 0;
+        while done < batch.len() {
+            let chunk = &batch[done..(done + self.cfg.batch).min(batch.len())];
+            let addrs: Vec<SockAddr> = chunk.iter().map(|t| SockAddr::from(t.to)).collect();
+            let mut iovs: Vec<libc::iovec> = chunk
+                .iter()
+                .map(|t| libc::iovec {
+                    iov_base: t.bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: t.bytes.len(),
+                })
+                .collect();
+            let mut hdrs: Vec<libc::mmsghdr> = (0..chunk.len())
+                .map(|i| {
+                    // SAFETY: msghdr is plain old data; the pointers below stay valid for
+                    // the call.
+                    let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    h.msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
+                    h.msg_hdr.msg_namelen = addrs[i].len();
+                    h.msg_hdr.msg_iov = &mut iovs[i];
+                    h.msg_hdr.msg_iovlen = 1;
+                    h
+                })
+                .collect();
+            self.stats.send_calls += 1;
+            // SAFETY: hdrs, iovs and addrs outlive the call; lengths match.
+            let n = unsafe {
+                libc::sendmmsg(
+                    self.socket.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    hdrs.len() as u32,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(done),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => {
+                        // This datagram cannot go (unreachable network, refused...): drop
+                        // it, count it, and go on; the engine's timers handle the loss.
+                        self.stats.send_errors += 1;
+                        done += 1;
+                        continue;
+                    }
+                }
+            }
+            done += n as usize;
+        }
+        Ok(done)
+    }
+
+    fn recv_batch(
+        &mut self,
+        max: usize,
+        deliver: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> Result<usize, TransportError> {
+        let mut total = 0;
+        while total < max {
+            let want = (max - total).min(self.recv.bufs.len());
+            let r = &mut self.recv;
+            r.iovs.clear();
+            r.hdrs.clear();
+            for i in 0..want {
+                r.iovs.push(libc::iovec {
+                    iov_base: r.bufs[i].as_mut_ptr() as *mut libc::c_void,
+                    iov_len: r.bufs[i].len(),
+                });
+            }
+            for i in 0..want {
+                // SAFETY: plain old data; pointers into `r` stay valid for the call.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_name = &mut r.addrs[i] as *mut _ as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+                h.msg_hdr.msg_iov = &mut r.iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                r.hdrs.push(h);
+            }
+            // SAFETY: buffers and headers are valid and sized as declared.
+            let n = unsafe {
+                libc::recvmmsg(
+                    self.socket.as_raw_fd(),
+                    r.hdrs.as_mut_ptr(),
+                    want as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    // ICMP errors surface here on some kernels; they carry no datagram.
+                    io::ErrorKind::ConnectionRefused => continue,
+                    _ => return Err(TransportError::Io(format!("recvmmsg: {e}"))),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            self.stats.recv_calls += 1;
+            for i in 0..n as usize {
+                let h = &r.hdrs[i];
+                if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                    self.stats.truncated += 1;
+                    continue;
+                }
+                let Some(from) = to_socket_addr(&r.addrs[i], h.msg_hdr.msg_namelen) else {
+                    continue;
+                };
+                deliver(from, &r.bufs[i][..h.msg_len as usize]);
+            }
+            total += n as usize;
+            if (n as usize) < want {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>, mask: EventMask) -> Result<(), TransportError> {
+        self.apply_mask(mask);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut events: [libc::epoll_event; 8] = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        loop {
+            let ms: libc::c_int = if self.cfg.busy_poll {
+                0
+            } else {
+                match deadline {
+                    None => -1,
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        // Round up so we do not spin on sub-millisecond timeouts.
+                        left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+                    }
+                }
+            };
+            if !self.cfg.busy_poll {
+                self.stats.sleeps += 1;
+            }
+            // SAFETY: valid epoll fd and event buffer.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 8, ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(TransportError::Io(format!("epoll_wait: {e}")));
+            }
+            for ev in &events[..n as usize] {
+                if ev.u64 == TOKEN_EVENTFD {
+                    self.drain_eventfd();
+                }
+            }
+            // Busy-polling spins until an event or the deadline; sleeping returns at once.
+            if n > 0 || !self.cfg.busy_poll || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn notifier(&self) -> Arc<dyn Notify> {
+        self.eventfd.clone()
+    }
+}
