@@ -1,0 +1,287 @@
+//! Ping-pong over Active Messages on UDP: a server and a client, as two processes.
+//!
+//! ```text
+//! pingpong server [--bind 127.0.0.1:7700] [--tag 7] [--vnet 0]
+//! pingpong client --server 127.0.0.1:7700 [--server-tag 7] [--mode ping|all] [--count 1000] [--size 0]
+//! ```
+//! `--help` prints all options.
+
+use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Undeliverable};
+use am_udp::{UdpConfig, UdpTransport};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const HELP: &str = "\
+pingpong: Active Messages ping-pong over UDP
+
+USAGE:
+  pingpong server [OPTIONS]
+  pingpong client --server ADDR [OPTIONS]
+
+SERVER OPTIONS:
+  --bind ADDR              address to listen on (default 127.0.0.1:7700; port 0 picks one)
+  --tag N                  this endpoint's tag, the capability clients must present (default 7)
+  --vnet N                 virtual network (default 0)
+  --segment-mib N          bulk segment size in MiB (default 64)
+  --log-handled            print `handled SEQ` for each one-way message (handler 2)
+
+  Handlers: 1 echoes a request (args and payload) back; 2 takes a one-way message;
+  3 answers a bulk request with the length and FNV-1a hash of the bytes that landed.
+
+CLIENT OPTIONS:
+  --server ADDR            the server's address (required)
+  --server-tag N           the server's tag (default 7)
+  --bind ADDR              local address (default: same family as the server, any port)
+  --vnet N                 virtual network (default 0)
+  --mode ping|all          ping: round trips with latency percentiles (default);
+                           all: small, medium and bulk exchanges, each verified
+  --count N                round trips for ping (default 1000)
+  --size BYTES             medium payload for ping; 0 sends small messages (default 0)
+  --busy-poll              spin instead of sleeping while waiting
+
+Exit status: 0 when every exchange was verified, 1 on a mismatch or error.
+";
+
+struct Args(Vec<String>);
+
+impl Args {
+    fn flag(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+    fn value(&self, name: &str) -> Option<String> {
+        let i = self.0.iter().position(|a| a == name)?;
+        self.0.get(i + 1).cloned()
+    }
+    fn parse<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.value(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{name}: cannot parse {v:?}; see --help")),
+        }
+    }
+}
+
+fn main() {
+    let args = Args(std::env::args().skip(1).collect());
+    if args.flag("--help") || args.flag("-h") || args.0.is_empty() {
+        print!("{HELP}");
+        return;
+    }
+    let r = match args.0[0].as_str() {
+        "server" => server(&args),
+        "client" => client(&args),
+        other => Err(format!(
+            "unknown command {other:?}; use `server` or `client` (see --help)"
+        )),
+    };
+    if let Err(e) = r {
+        eprintln!("pingpong: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn server(args: &Args) -> Result<(), String> {
+    let bind: SocketAddr = args.parse("--bind", "127.0.0.1:7700".parse().unwrap())?;
+    let cfg = Config {
+        tag: Tag(args.parse("--tag", 7u64)?),
+        vnet: args.parse("--vnet", 0u32)?,
+        segment_bytes: args.parse("--segment-mib", 64usize)? << 20,
+        protocol_version: args.parse("--protocol-version", am_core::PROTOCOL_VERSION)?,
+        ..Config::default()
+    };
+    let log = args.flag("--log-handled");
+    let t = UdpTransport::bind(bind, UdpConfig::default()).map_err(|e| e.to_string())?;
+    let mut ep = Endpoint::new(t, cfg);
+    ep.register(1, |ctx, mut m| {
+        if let Some(t) = m.token.take() {
+            let slices = [m.payload];
+            let msg = if m.payload.is_empty() {
+                Msg::small(1, m.args)
+            } else {
+                Msg::medium(1, m.args, &slices)
+            };
+            let _ = ctx.reply(t, msg);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    ep.register(2, move |_, m| {
+        if log {
+            // One write per message, before the message is acknowledged.
+            let line = format!("handled {}\n", m.args.first().copied().unwrap_or(0));
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    ep.register(3, |ctx, mut m| {
+        let (off, len) = m.bulk.unwrap_or((0, 0));
+        let h = fnv(&ctx.segment()[off as usize..off as usize + len]);
+        if let Some(t) = m.token.take() {
+            let _ = ctx.reply(t, Msg::small(3, &[len as u64, h]));
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    println!("listening {} tag {}", ep.name().addr, ep.tag().0);
+    let _ = std::io::stdout().flush();
+    loop {
+        ep.poll(256).map_err(|e| e.to_string())?;
+        ep.wait(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+    }
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+fn client(args: &Args) -> Result<(), String> {
+    let server: SocketAddr = args
+        .value("--server")
+        .ok_or("--server ADDR is required; see --help")?
+        .parse()
+        .map_err(|e| format!("--server: {e}"))?;
+    let default_bind = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let bind: SocketAddr = args.parse("--bind", default_bind.parse().unwrap())?;
+    let vnet = args.parse("--vnet", 0u32)?;
+    let udp = UdpConfig {
+        busy_poll: args.flag("--busy-poll"),
+        ..UdpConfig::default()
+    };
+    let t = UdpTransport::bind(bind, udp).map_err(|e| e.to_string())?;
+    let mut ep = Endpoint::new(
+        t,
+        Config {
+            tag: Tag(1),
+            vnet,
+            segment_bytes: 4 << 20,
+            ..Config::default()
+        },
+    );
+    ep.map(
+        0,
+        am_core::EndpointName { addr: server, vnet },
+        Tag(args.parse("--server-tag", 7u64)?),
+    )
+    .map_err(|e| e.to_string())?;
+    let replies: Shared<Vec<(Vec<u64>, Vec<u8>)>> = Arc::default();
+    for h in [1u16, 3] {
+        let r = replies.clone();
+        ep.register(h, move |_, m| {
+            r.lock()
+                .unwrap()
+                .push((m.args.to_vec(), m.payload.to_vec()));
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    let errors: Shared<Vec<Undeliverable>> = Arc::default();
+    let e2 = errors.clone();
+    ep.set_upcall(move |_, u| e2.lock().unwrap().push(u));
+
+    let round =
+        |ep: &mut Endpoint<UdpTransport>, msg: Msg<'_>| -> Result<(Vec<u64>, Vec<u8>), String> {
+            replies.lock().unwrap().clear();
+            ep.request(0, msg).map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                ep.poll(64).map_err(|e| e.to_string())?;
+                if let Some(r) = replies.lock().unwrap().pop() {
+                    return Ok(r);
+                }
+                if let Some(u) = errors.lock().unwrap().pop() {
+                    return Err(format!("request failed: {} ({:?})", u.code, u.code));
+                }
+                if Instant::now() > deadline {
+                    return Err("no reply within 10 s".into());
+                }
+                ep.wait(Some(Duration::from_millis(100)))
+                    .map_err(|e| e.to_string())?;
+            }
+        };
+
+    match args.value("--mode").as_deref().unwrap_or("ping") {
+        "ping" => {
+            let count: usize = args.parse("--count", 1000)?;
+            let size: usize = args.parse("--size", 0)?;
+            let body = vec![0xabu8; size];
+            let slices = [&body[..]];
+            let mut lat = Vec::with_capacity(count);
+            for i in 0..count as u64 + 10 {
+                let t0 = Instant::now();
+                let arg = [i];
+                let msg = if size == 0 {
+                    Msg::small(1, &arg)
+                } else {
+                    Msg::medium(1, &arg, &slices)
+                };
+                let (a, p) = round(&mut ep, msg)?;
+                if a != vec![i] || p != body {
+                    return Err(format!("echo {i} came back wrong"));
+                }
+                if i >= 10 {
+                    lat.push(t0.elapsed().as_nanos() as u64);
+                }
+            }
+            lat.sort_unstable();
+            let pct =
+                |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
+            println!(
+                "{count} round trips of {size} B: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+                pct(0.5),
+                pct(0.99),
+                pct(0.999)
+            );
+        }
+        "all" => {
+            let (a, _) = round(&mut ep, Msg::small(1, &[]))?;
+            check(a.is_empty(), "small with 0 arguments")?;
+            let eight: Vec<u64> = (1..=8).collect();
+            let (a, _) = round(&mut ep, Msg::small(1, &eight))?;
+            check(a == eight, "small with 8 arguments")?;
+            println!("small ok");
+            for size in [1usize, 1024, 8192] {
+                let body: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
+                let (a, p) = round(&mut ep, Msg::medium(1, &[size as u64], &[&body]))?;
+                check(a == vec![size as u64] && p == body, "medium echo")?;
+            }
+            println!("medium ok");
+            let n = 1 << 20;
+            for (i, b) in ep.segment_mut()[..n].iter_mut().enumerate() {
+                *b = (i % 251) as u8;
+            }
+            let want = fnv(&ep.segment()[..n]);
+            let (a, _) = round(&mut ep, Msg::bulk(3, &[], &[(0, n)], 0))?;
+            check(a == vec![n as u64, want], "bulk hash")?;
+            println!("bulk ok");
+        }
+        m => return Err(format!("unknown mode {m:?}; use ping or all")),
+    }
+    if let Some(u) = errors.lock().unwrap().first() {
+        if u.code != ErrorCode::Unreachable {
+            return Err(format!("error upcall: {}", u.code));
+        }
+    }
+    Ok(())
+}
+
+fn check(ok: bool, what: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{what}: reply did not match"))
+    }
+}

@@ -1,0 +1,303 @@
+//! Real processes over UDP loopback: the ping-pong example as a second process, a peer
+//! killed mid-stream and restarted, and a peer of another protocol version.
+
+use am_core::{Config, Endpoint, EndpointName, ErrorCode, Msg, Tag, Undeliverable};
+use am_udp::{UdpConfig, UdpTransport};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The pingpong example, built by `cargo test` next to the test binaries.
+fn pingpong() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join("examples").join("pingpong");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --examples`",
+        p.display()
+    );
+    p
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    handled: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(pingpong())
+            .arg("server")
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pingpong server");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("server said nothing").unwrap();
+        let addr = first
+            .split_whitespace()
+            .nth(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad first line {first:?}"));
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let h = handled.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                if let Some(n) = l.strip_prefix("handled ") {
+                    h.lock().unwrap().push(n.parse().unwrap());
+                }
+            }
+        });
+        Server {
+            child,
+            addr,
+            handled,
+        }
+    }
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn endpoint(tag: u64) -> Endpoint<UdpTransport> {
+    let t = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), UdpConfig::default()).unwrap();
+    Endpoint::new(
+        t,
+        Config {
+            tag: Tag(tag),
+            ..Config::default()
+        },
+    )
+}
+
+fn run_until(
+    eps: &mut [&mut Endpoint<UdpTransport>],
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut work = 0;
+        for e in eps.iter_mut() {
+            work += e.poll(256).unwrap();
+        }
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        if work == 0 {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+#[test]
+fn two_processes_exchange_small_medium_and_bulk() {
+    let server = Server::start(&["--bind", "127.0.0.1:0"]);
+    let out = Command::new(pingpong())
+        .args([
+            "client",
+            "--server",
+            &server.addr.to_string(),
+            "--mode",
+            "all",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in ["small ok", "medium ok", "bulk ok"] {
+        assert!(text.contains(line), "missing {line:?} in {text}");
+    }
+    let ping = Command::new(pingpong())
+        .args([
+            "client",
+            "--server",
+            &server.addr.to_string(),
+            "--count",
+            "200",
+            "--size",
+            "100",
+        ])
+        .output()
+        .unwrap();
+    assert!(ping.status.success());
+    assert!(String::from_utf8_lossy(&ping.stdout).contains("200 round trips of 100 B"));
+}
+
+#[test]
+fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
+    let server = Server::start(&["--bind", "127.0.0.1:0", "--log-handled"]);
+    let mut a = endpoint(1);
+    let mut c = endpoint(3);
+    a.map(
+        0,
+        EndpointName {
+            addr: server.addr,
+            vnet: 0,
+        },
+        Tag(7),
+    )
+    .unwrap();
+    a.map(1, c.name(), c.tag()).unwrap();
+    let at_c = Arc::new(Mutex::new(Vec::new()));
+    let g = at_c.clone();
+    c.register(1, move |_, m| g.lock().unwrap().push(m.args[0]))
+        .unwrap();
+    let ups: Arc<Mutex<Vec<(Undeliverable, Instant)>>> = Arc::default();
+    let u = ups.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push((x, Instant::now())));
+
+    // A stream to the server and to the survivor C.
+    let mut seq = 0u64;
+    let mut to_c = 0u64;
+    let mut send = |a: &mut Endpoint<UdpTransport>, n: u64, seq: &mut u64, to_c: &mut u64| {
+        for _ in 0..n {
+            a.send(0, Msg::small(2, &[*seq])).unwrap();
+            *seq += 1;
+            a.send(1, Msg::small(1, &[*to_c])).unwrap();
+            *to_c += 1;
+        }
+    };
+    for _ in 0..20 {
+        send(&mut a, 25, &mut seq, &mut to_c);
+        run_until(&mut [&mut a, &mut c], Duration::from_millis(5), || false);
+    }
+    // Stop the server where it sleeps (everything so far handled and acknowledged), put a
+    // burst in flight that it will never handle, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(a.is_idle() && c.is_idle()) {
+        assert!(Instant::now() < deadline, "stream did not drain");
+        run_until(&mut [&mut a, &mut c], Duration::from_millis(1), || false);
+    }
+    // Give the server time to go back to sleep after its last acknowledgement.
+    std::thread::sleep(Duration::from_millis(50));
+    server.signal("-STOP");
+    send(&mut a, 100, &mut seq, &mut to_c);
+    run_until(&mut [&mut a, &mut c], Duration::from_millis(20), || false);
+    server.signal("-KILL");
+    let killed_at = Instant::now();
+    let total = seq;
+    let ok = run_until(&mut [&mut a, &mut c], Duration::from_secs(6), || {
+        let handled = server.handled.lock().unwrap().len() as u64;
+        let returned = ups.lock().unwrap().len() as u64;
+        handled + returned >= total && at_c.lock().unwrap().len() as u64 >= to_c
+    });
+    let handled: Vec<u64> = server.handled.lock().unwrap().clone();
+    let returned: Vec<(Undeliverable, Instant)> = ups.lock().unwrap().clone();
+    assert!(
+        ok,
+        "handled {} + returned {} of {total}",
+        handled.len(),
+        returned.len()
+    );
+    let hs: BTreeSet<u64> = handled.iter().copied().collect();
+    assert_eq!(hs.len(), handled.len(), "a message was handled twice");
+    let mut rs = BTreeSet::new();
+    for (u, at) in &returned {
+        assert_eq!(u.code, ErrorCode::Unreachable);
+        assert!(rs.insert(u.args[0]), "message {} returned twice", u.args[0]);
+        assert!(
+            !hs.contains(&u.args[0]),
+            "message {} both handled and returned",
+            u.args[0]
+        );
+        let after = at.saturating_duration_since(killed_at);
+        assert!(
+            after <= Duration::from_millis(3500),
+            "returned {after:?} after the kill"
+        );
+    }
+    assert_eq!(
+        hs.len() + rs.len(),
+        total as usize,
+        "a message was neither handled nor returned"
+    );
+    let in_order: Vec<u64> = returned.iter().map(|(u, _)| u.args[0]).collect();
+    assert!(
+        in_order.windows(2).all(|w| w[0] < w[1]),
+        "upcalls out of order"
+    );
+    assert!(rs.len() >= 100, "the burst in flight was not returned");
+    assert!(
+        hs.len() >= 500,
+        "the stream before the stop was not handled"
+    );
+    // The survivor kept working, exactly once and in order.
+    assert_eq!(*at_c.lock().unwrap(), (0..to_c).collect::<Vec<u64>>());
+
+    // Restart on the same address: reachable again within 2 s.
+    let port = server.addr.to_string();
+    drop(server);
+    let server2 = Server::start(&["--bind", &port, "--log-handled"]);
+    let start = Instant::now();
+    a.send(0, Msg::small(2, &[9999])).unwrap();
+    let ok = run_until(&mut [&mut a], Duration::from_secs(2), || {
+        server2.handled.lock().unwrap().contains(&9999)
+    });
+    assert!(
+        ok,
+        "restarted peer not reachable within 2 s ({:?})",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_peer_of_another_protocol_version_is_refused_naming_both() {
+    let server = Server::start(&["--bind", "127.0.0.1:0", "--protocol-version", "9"]);
+    let mut a = endpoint(1);
+    a.map(
+        0,
+        EndpointName {
+            addr: server.addr,
+            vnet: 0,
+        },
+        Tag(7),
+    )
+    .unwrap();
+    let ups: Arc<Mutex<Vec<Undeliverable>>> = Arc::default();
+    let u = ups.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push(x));
+    a.send(0, Msg::small(2, &[1])).unwrap();
+    assert!(run_until(&mut [&mut a], Duration::from_secs(3), || !ups
+        .lock()
+        .unwrap()
+        .is_empty()));
+    let code = ups.lock().unwrap()[0].code;
+    assert_eq!(
+        code,
+        ErrorCode::VersionMismatch {
+            local: am_core::PROTOCOL_VERSION,
+            remote: 9
+        }
+    );
+    let text = code.to_string();
+    assert!(
+        text.contains("we speak version 1") && text.contains("peer speaks version 9"),
+        "{text}"
+    );
+}
