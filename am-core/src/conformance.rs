@@ -246,7 +246,14 @@ pub fn check_order<H: Harness>(h: &mut H) -> CheckResult {
         &mut || false,
     );
     let v = take(&got);
-    ensure(ok, || format!("only {} of {n} messages arrived", v.len()))?;
+    ensure(ok, || {
+        format!(
+            "only {} of {n} messages arrived; sender {:?}; receiver {:?}",
+            v.len(),
+            a.stats(),
+            b.stats()
+        )
+    })?;
     ensure(v.len() == n, || {
         format!("{} deliveries for {n} messages (duplicates)", v.len())
     })?;

@@ -1462,18 +1462,19 @@ impl Core {
                         continue;
                     }
                     if p.rto_at.is_some_and(|t| t <= now) {
-                        // Resend what has waited a full timeout, oldest first, up to 16.
+                        // Resend only the oldest packet that waited a full timeout (the
+                        // timeout may be spurious); holes below selectively acknowledged
+                        // packets are resent by fast retransmission in `on_ack`.
                         let rto = p.rto_ns(&self.cfg);
                         let mut resend = Vec::new();
-                        for s in p.unacked.iter_mut() {
-                            if resend.len() >= 16 {
-                                break;
-                            }
-                            if !s.sacked && now.since_ns(s.sent_at) >= rto {
-                                s.sent_at = now;
-                                s.retx += 1;
-                                resend.push(s.bytes.clone());
-                            }
+                        if let Some(s) = p
+                            .unacked
+                            .iter_mut()
+                            .find(|s| !s.sacked && now.since_ns(s.sent_at) >= rto)
+                        {
+                            s.sent_at = now;
+                            s.retx += 1;
+                            resend.push(s.bytes.clone());
                         }
                         p.backoff += 1;
                         p.rto_at = Some(Time(now.0 + p.rto_ns(&self.cfg)));

@@ -109,8 +109,10 @@ struct Inner {
 
 impl Inner {
     fn rand(&mut self) -> u64 {
-        self.rng = splitmix(self.rng);
-        self.rng
+        // splitmix64: a counter stepped by the golden ratio, then mixed (period 2^64;
+        // iterating the mixer on its own output can fall into a short cycle).
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        splitmix(self.rng)
     }
     fn chance(&mut self, p: f64) -> bool {
         p > 0.0 && (self.rand() >> 11) as f64 / (1u64 << 53) as f64 <= p

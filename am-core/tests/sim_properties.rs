@@ -84,7 +84,13 @@ fn hundred_thousand_messages_exactly_once_in_order_over_a_lossy_network() {
     );
     let g = *seen.lock().unwrap();
     assert!(done, "stopped at {}", g.0);
-    assert_eq!(g, (N, 0), "out-of-order or duplicate deliveries");
+    assert_eq!(
+        g,
+        (N, 0),
+        "out-of-order or duplicate deliveries: {:?} {:?}",
+        a.stats(),
+        b.stats()
+    );
     assert_eq!(b.stats().messages_handled, N);
     let c = h.net.counters();
     assert!(

@@ -111,6 +111,11 @@ struct RecvBufs {
     hdrs: Vec<libc::mmsghdr>,
 }
 
+// SAFETY: the raw pointers in `iovs` and `hdrs` only ever point into `bufs` and `addrs` of
+// the same struct, and are rebuilt before every `recvmmsg`; moving the struct to another
+// thread moves what they point to with it (the Vec heap buffers do not move).
+unsafe impl Send for RecvBufs {}
+
 /// A UDP socket driving one endpoint.
 pub struct UdpTransport {
     socket: Socket,
