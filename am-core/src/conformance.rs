@@ -720,7 +720,7 @@ pub fn check_would_block<H: Harness>(h: &mut H) -> CheckResult {
             Err(AmError::WouldBlock) => break,
             Err(e) => return Err(format!("unexpected error {e}")),
         }
-        if sent % 64 == 0 {
+        if sent.is_multiple_of(64) {
             // Let the sender run (the receiver does not): the window fills too.
             h.run(&mut [&mut a], Duration::from_millis(2), &mut || false);
         }

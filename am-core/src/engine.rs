@@ -374,7 +374,7 @@ impl Core {
             Body::Bulk { src, dst_offset } => {
                 let mut len = 0usize;
                 for &(off, l) in src {
-                    let end = off.checked_add(l).unwrap_or(usize::MAX);
+                    let end = off.saturating_add(l);
                     if end > self.segment.len() {
                         return Err(AmError::SourceOutOfSegment {
                             start: off,

@@ -17,6 +17,8 @@ const HELP: &str = "\
 pingpong: Active Messages ping-pong over UDP
 
 USAGE:
+  pingpong demo                        start a server process on loopback, run the client
+                                       against it (every class, then 1000 round trips), stop
   pingpong server [OPTIONS]
   pingpong client --server ADDR [OPTIONS]
 
@@ -71,6 +73,7 @@ fn main() {
         return;
     }
     let r = match args.0[0].as_str() {
+        "demo" => demo(),
         "server" => server(&args),
         "client" => client(&args),
         other => Err(format!(
@@ -81,6 +84,42 @@ fn main() {
         eprintln!("pingpong: {e}");
         std::process::exit(1);
     }
+}
+
+/// Runs a server as a second process on loopback and the client against it.
+fn demo() -> Result<(), String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(&exe)
+        .args(["server", "--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the server process: {e}"))?;
+    let first = child
+        .stdout
+        .take()
+        .and_then(|o| std::io::BufReader::new(o).lines().next())
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    println!("server process {}: {first}", child.id());
+    let addr = first.split_whitespace().nth(1).unwrap_or("").to_string();
+    let mut result = Ok(());
+    for extra in [
+        &["--mode", "all"][..],
+        &["--mode", "ping", "--count", "1000"][..],
+        &["--mode", "ping", "--count", "1000", "--size", "4096"][..],
+    ] {
+        let mut a = vec!["client".to_string(), "--server".into(), addr.clone()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        println!("$ pingpong {}", a.join(" "));
+        result = client(&Args(a));
+        if result.is_err() {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 fn fnv(bytes: &[u8]) -> u64 {

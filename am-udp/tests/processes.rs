@@ -175,7 +175,7 @@ fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
     // A stream to the server and to the survivor C.
     let mut seq = 0u64;
     let mut to_c = 0u64;
-    let mut send = |a: &mut Endpoint<UdpTransport>, n: u64, seq: &mut u64, to_c: &mut u64| {
+    let send = |a: &mut Endpoint<UdpTransport>, n: u64, seq: &mut u64, to_c: &mut u64| {
         for _ in 0..n {
             a.send(0, Msg::small(2, &[*seq])).unwrap();
             *seq += 1;
