@@ -143,7 +143,8 @@ pub struct Undeliverable {
     pub handler: u16,
     /// Its arguments.
     pub args: Vec<u64>,
-    /// Its medium payload (empty for small and bulk).
+    /// Its medium payload (empty for small and bulk, and for a medium the receiver could
+    /// not hold: `Congested`).
     pub payload: Vec<u8>,
     /// For bulk: `(dst_offset, len)`.
     pub bulk: Option<(u64, usize)>,

@@ -737,6 +737,96 @@ pub fn check_would_block<H: Harness>(h: &mut H) -> CheckResult {
     Ok(())
 }
 
+/// What a receiver cannot take comes back with its code: a bulk outside its segment
+/// (`SegmentBounds`), a medium above its bound (`Congested`), a reply after the request
+/// timed out (`ReplyRejected` at the replier, `Unreachable` at the requester).
+pub fn check_rejections<H: Harness>(h: &mut H) -> CheckResult {
+    let mut ca = h.base_config();
+    ca.tag = Tag(0xa);
+    ca.request_timeout = Duration::from_millis(300);
+    let mut cb = h.base_config();
+    cb.tag = Tag(0xb);
+    cb.max_medium_bytes = 1024;
+    cb.segment_bytes = 64 << 10;
+    let mut a = h.endpoint(ca);
+    let mut b = h.endpoint(cb);
+    a.map(0, b.name(), b.tag()).unwrap();
+    let ran: Log<u16> = log();
+    let r = ran.clone();
+    b.register(1, move |_, m| r.lock().unwrap().push(m.handler))
+        .unwrap();
+    let held: Arc<Mutex<Option<crate::ReplyToken>>> = Arc::default();
+    let hd = held.clone();
+    b.register(2, move |_, mut m| *hd.lock().unwrap() = m.token.take())
+        .unwrap();
+    a.register(3, |_, _| {}).unwrap();
+    let ups_a: Log<Undeliverable> = log();
+    let u = ups_a.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push(x));
+    let ups_b: Log<Undeliverable> = log();
+    let u = ups_b.clone();
+    b.set_upcall(move |_, x| u.lock().unwrap().push(x));
+
+    let big = pattern(3, 2000);
+    let seg_id = a
+        .send(0, Msg::bulk(1, &[1], &[(0, 4096)], (64 << 10) - 100))
+        .map_err(|e| e.to_string())?;
+    let med_id = a
+        .send(0, Msg::medium(1, &[2], &[&big]))
+        .map_err(|e| e.to_string())?;
+    let req = a
+        .request(0, Msg::small(2, &[3]))
+        .map_err(|e| e.to_string())?;
+    let ok = h.run(&mut [&mut a, &mut b], Duration::from_secs(10), &mut || {
+        len(&ups_a) >= 3 && held.lock().map(|g| g.is_some()).unwrap_or(false)
+    });
+    ensure(ok, || format!("upcalls at the sender: {:?}", take(&ups_a)))?;
+    let v = take(&ups_a);
+    let find = |id: MsgId| v.iter().find(|x| x.msg_id == id).cloned();
+    let seg = find(seg_id).ok_or("no upcall for the bulk outside the segment")?;
+    ensure(
+        seg.code == ErrorCode::SegmentBounds && seg.bulk == Some(((64 << 10) - 100, 4096)),
+        || format!("bulk outside the segment gave {seg:?}"),
+    )?;
+    let med = find(med_id).ok_or("no upcall for the oversized medium")?;
+    // The receiver could not hold the payload, so only the arguments come back.
+    ensure(
+        med.code == ErrorCode::Congested && med.args == vec![2] && med.payload.is_empty(),
+        || format!("oversized medium gave {:?}", med.code),
+    )?;
+    let timed_out = v
+        .iter()
+        .find(|x| x.request == Some(req))
+        .ok_or("no upcall for the timed-out request")?;
+    ensure(timed_out.code == ErrorCode::Unreachable, || {
+        format!("{timed_out:?}")
+    })?;
+    ensure(take(&ran).is_empty(), || {
+        "a handler ran for a rejected message".into()
+    })?;
+    // The late reply is refused by the requester and comes back to the replier.
+    let token = held
+        .lock()
+        .ok()
+        .and_then(|mut g| g.take())
+        .ok_or("no token")?;
+    b.ctx()
+        .reply(token, Msg::small(3, &[4]))
+        .map_err(|e| e.to_string())?;
+    let ok = h.run(&mut [&mut a, &mut b], Duration::from_secs(10), &mut || {
+        len(&ups_b) >= 1
+    });
+    let vb = take(&ups_b);
+    ensure(
+        ok && vb.len() == 1 && vb[0].code == ErrorCode::ReplyRejected && vb[0].args == vec![4],
+        || format!("late reply gave {vb:?}"),
+    )?;
+    ensure(a.stats().replies_handled == 0, || {
+        "the late reply ran a handler".into()
+    })?;
+    Ok(())
+}
+
 /// Every check, in order; the first failure names the check.
 pub fn run_suite<H: Harness>(h: &mut H) -> CheckResult {
     check_classes(h).map_err(|e| format!("classes: {e}"))?;
@@ -745,6 +835,7 @@ pub fn run_suite<H: Harness>(h: &mut H) -> CheckResult {
     check_delegation(h).map_err(|e| format!("delegation: {e}"))?;
     check_gather(h).map_err(|e| format!("gather: {e}"))?;
     check_tags_and_vnets(h).map_err(|e| format!("tags: {e}"))?;
+    check_rejections(h).map_err(|e| format!("rejections: {e}"))?;
     check_dead_peer_and_restart(h).map_err(|e| format!("dead peer: {e}"))?;
     check_version(h).map_err(|e| format!("version: {e}"))?;
     check_would_block(h).map_err(|e| format!("would block: {e}"))?;

@@ -492,9 +492,18 @@ impl Core {
         let mut m = self.build(MsgKind::Reply, msg, token.tag)?;
         m.hdr.req_id = token.req_id;
         m.hdr.token_inc = token.inc;
+        // A reply is owed: it may exceed the queue bound, up to twice it (a requester that
+        // never acknowledges cannot make us hold replies without bound).
+        let hard_cap = 2 * self.cfg.send_queue_messages;
+        if self
+            .peers
+            .get(&token.addr)
+            .is_some_and(|p| p.queue.len() >= hard_cap)
+        {
+            return Err(AmError::WouldBlock);
+        }
         let id = MsgId(m.id);
         self.stats.replies_sent += 1;
-        // A reply is owed: it may exceed the queue bound rather than be lost.
         self.enqueue(token.addr, m);
         Ok(id)
     }

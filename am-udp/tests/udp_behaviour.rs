@@ -287,3 +287,60 @@ fn three_senders_of_16_mib_to_one_receiver_are_paced_together() {
         "{retx} of {sent} bytes retransmitted"
     );
 }
+
+#[test]
+fn the_event_mask_chooses_what_wakes_wait_and_other_fds_join_the_epoll_set() {
+    let mut b = endpoint(2, 1 << 16);
+    let mut a = endpoint(1, 1 << 16);
+    a.map(0, b.name(), b.tag()).unwrap();
+    b.register(1, |_, _| {}).unwrap();
+    // Open the connection first.
+    a.send(0, Msg::small(1, &[0])).unwrap();
+    let t0 = Instant::now();
+    while b.stats().messages_handled < 1 && t0.elapsed() < Duration::from_secs(5) {
+        a.poll(16).unwrap();
+        b.poll(16).unwrap();
+    }
+    pump(&mut a, Duration::from_millis(20));
+    b.poll(16).unwrap();
+    // With the network masked out, a datagram does not end the wait.
+    b.set_event_mask(am_core::EventMask {
+        network: false,
+        handle: true,
+    });
+    a.send(0, Msg::small(1, &[1])).unwrap();
+    a.poll(16).unwrap();
+    let t0 = Instant::now();
+    b.wait(Some(Duration::from_millis(300))).unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(290),
+        "a masked source woke wait"
+    );
+    // Unmasked, the pending datagram wakes it at once.
+    b.set_event_mask(am_core::EventMask::default());
+    let t0 = Instant::now();
+    b.wait(Some(Duration::from_secs(5))).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    b.poll(16).unwrap();
+    assert_eq!(b.stats().messages_handled, 2);
+    // Another fd (standing in for an io_uring eventfd) in the same epoll set wakes it.
+    // SAFETY: plain eventfd syscalls on an fd this test owns.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+    assert!(efd >= 0);
+    b.transport().add_source(efd).unwrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let one: u64 = 1;
+        unsafe { libc::write(efd, &one as *const u64 as *const libc::c_void, 8) };
+    });
+    let t0 = Instant::now();
+    b.wait(Some(Duration::from_secs(5))).unwrap();
+    let waited = t0.elapsed();
+    writer.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    b.transport().remove_source(efd).unwrap();
+    unsafe { libc::close(efd) };
+}
