@@ -24,6 +24,8 @@ use std::time::Duration;
 
 /// Largest receive window (the selective-ack bitmap covers this many packets).
 pub const MAX_WINDOW: u32 = (wire::SACK_WORDS * 64) as u32;
+/// Earlier incarnations remembered per peer.
+const RETIRED_INCARNATIONS: usize = 4;
 /// A peer counts as active for rate matching if it sent data this recently.
 const ACTIVE_NS: u64 = 50_000_000;
 
@@ -106,6 +108,8 @@ struct Reassembly {
 struct Peer {
     addr: SocketAddr,
     remote_inc: u64,
+    /// Incarnations this peer had before (late packets from them are stale).
+    retired: VecDeque<u64>,
     // Receive direction.
     rx_valid: bool,
     rx_next: u64,
@@ -133,6 +137,7 @@ impl Peer {
         Peer {
             addr,
             remote_inc: 0,
+            retired: VecDeque::new(),
             rx_valid: false,
             rx_next: 1,
             rx_buf: BTreeMap::new(),
@@ -760,12 +765,21 @@ impl Core {
             self.stats.stale_dropped += 1;
             return;
         }
-        self.peers.entry(from).or_insert_with(|| Peer::new(from));
-        let known = self.peers.get(&from).map_or(0, |p| p.remote_inc);
+        let peer = self.peers.entry(from).or_insert_with(|| Peer::new(from));
+        if peer.retired.contains(&common.src_inc) {
+            // A late packet of an incarnation that has since been replaced.
+            self.stats.stale_dropped += 1;
+            return;
+        }
+        let known = peer.remote_inc;
         if known != 0 && known != common.src_inc {
             // A new incarnation: nothing sent to the old one may reach it.
             self.fail_sent(from, ErrorCode::Unreachable);
             if let Some(p) = self.peers.get_mut(&from) {
+                if p.retired.len() >= RETIRED_INCARNATIONS {
+                    p.retired.pop_front();
+                }
+                p.retired.push_back(known);
                 p.rx_valid = false;
                 p.rx_buf.clear();
                 p.reasm = None;

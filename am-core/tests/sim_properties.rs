@@ -273,3 +273,33 @@ proptest! {
         prop_assert!(b.memory_in_use() < 4 << 20);
     }
 }
+
+fn hello(src_inc: u64, start_seq: u64) -> Vec<u8> {
+    use am_core::wire::{self, Common, Packet};
+    let common = Common {
+        version: 1,
+        kind: wire::kind::HELLO,
+        vnet: 0,
+        src_inc,
+        dst_inc: 0,
+    };
+    let mut b = Vec::new();
+    wire::encode_packet(&mut b, &Packet::Hello { common, window: 16 });
+    b.extend_from_slice(&start_seq.to_le_bytes());
+    b
+}
+
+#[test]
+fn a_late_hello_of_a_replaced_incarnation_is_stale() {
+    let mut b = core(2, B, 2);
+    let from = A.parse().unwrap();
+    b.handle_datagram(from, &hello(111, 1));
+    b.handle_datagram(from, &hello(222, 1)); // the peer restarted
+    let before = b.stats().stale_dropped;
+    b.handle_datagram(from, &hello(111, 1)); // a late duplicate from the old life
+    assert_eq!(b.stats().stale_dropped, before + 1);
+    // Only two HELLO_ACKs went out: the stale HELLO changed nothing.
+    b.flush();
+    let acks = b.outbox().drain(..).count();
+    assert_eq!(acks, 2);
+}
