@@ -4,6 +4,10 @@
 //! them until a condition holds. [`run_suite`] runs every check and returns the first
 //! failure with a description; each check asserts exact outcomes (exactly once, in order,
 //! byte-exact, within a time bound).
+//!
+//! This module is test code shipped in the library so every transport crate can run it:
+//! set-up steps that cannot fail on a correct harness (`register`, `map`, a poisoned log
+//! mutex) `unwrap`; behaviour is reported as `Err`, never by panicking.
 
 use crate::api::{GatherResult, Msg, MsgId, Undeliverable};
 use crate::endpoint::Endpoint;
