@@ -24,6 +24,8 @@ use std::time::Duration;
 
 /// Largest receive window (the selective-ack bitmap covers this many packets).
 pub const MAX_WINDOW: u32 = (wire::SACK_WORDS * 64) as u32;
+/// In-order packets that make an acknowledgement leave at once instead of delayed.
+const ACK_EVERY: u32 = 8;
 /// Earlier incarnations remembered per peer.
 const RETIRED_INCARNATIONS: usize = 4;
 /// A peer counts as active for rate matching if it sent data this recently.
@@ -116,6 +118,12 @@ struct Peer {
     rx_buf: BTreeMap<u64, Vec<u8>>,
     reasm: Option<Reassembly>,
     ack_needed: bool,
+    /// Send the acknowledgement in this flush (out of order, duplicate, or many pending).
+    ack_now: bool,
+    /// Otherwise send it by then (delayed acknowledgement), unless data carries it first.
+    ack_deadline: Time,
+    /// In-order packets received since the last acknowledgement left.
+    rx_since_ack: u32,
     last_rx: Time,
     // Send direction.
     state: SendState,
@@ -143,6 +151,9 @@ impl Peer {
             rx_buf: BTreeMap::new(),
             reasm: None,
             ack_needed: false,
+            ack_now: false,
+            ack_deadline: Time(0),
+            rx_since_ack: 0,
             last_rx: Time(0),
             state: SendState::Idle,
             next_seq: 1,
@@ -211,7 +222,7 @@ pub struct Core {
     pub(crate) segment: Vec<u8>,
     outbox: VecDeque<Transmit>,
     events: VecDeque<Event>,
-    requests: HashMap<u64, ReqState>,
+    requests: HashMap<u64, ReqState, IdHasher>,
     deadlines: BTreeSet<(Time, u64)>,
     gathers: HashMap<u64, GatherState>,
     next_req: u64,
@@ -227,6 +238,8 @@ impl Core {
         let mut cfg = cfg;
         cfg.recv_window_packets = cfg.recv_window_packets.clamp(4, MAX_WINDOW);
         cfg.recv_budget_packets = cfg.recv_budget_packets.max(4);
+        // A delayed acknowledgement must never look like a loss to the sender.
+        cfg.ack_delay = cfg.ack_delay.min(cfg.min_rto / 4);
         let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
         let inc = loop {
             x = splitmix(x);
@@ -246,7 +259,7 @@ impl Core {
             peers: BTreeMap::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-            requests: HashMap::new(),
+            requests: HashMap::default(),
             deadlines: BTreeSet::new(),
             gathers: HashMap::new(),
             next_req: 1,
@@ -893,11 +906,25 @@ impl Core {
         let now = self.now;
         let max_window = self.cfg.recv_window_packets as u64;
         let dedup_off = self.cfg.testing_disable_dedup;
+        let ack_delay = self.cfg.ack_delay;
         let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
-        p.ack_needed = true;
+        if !p.ack_needed {
+            p.ack_needed = true;
+            p.ack_deadline = now.plus(ack_delay);
+        }
         p.last_rx = now;
+        if seq != p.rx_next || !p.rx_buf.is_empty() {
+            // Duplicates, gaps, packets beyond the window and a packet that fills a gap
+            // are answered at once, so a sender in recovery learns quickly.
+            p.ack_now = true;
+        } else {
+            p.rx_since_ack += 1;
+            if p.rx_since_ack >= ACK_EVERY {
+                p.ack_now = true;
+            }
+        }
         if seq < p.rx_next {
             self.stats.duplicates_dropped += 1;
             if dedup_off {
@@ -1409,6 +1436,9 @@ impl Core {
         let mut min = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
         let rto_base = |p: &Peer| Time(p.rto_ns(&self.cfg));
         for p in self.peers.values() {
+            if p.ack_needed {
+                min(if p.ack_now { self.now } else { p.ack_deadline });
+            }
             match p.state {
                 SendState::Connecting { since, last_hello } => {
                     min(Time(last_hello.0 + rto_base(p).0));
@@ -1454,8 +1484,9 @@ impl Core {
             }
         }
         let unreachable_ns = self.cfg.unreachable_timeout.as_nanos() as u64;
-        let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
-        for addr in addrs {
+        let mut cursor = self.peers.keys().next().copied();
+        while let Some(addr) = cursor {
+            cursor = self.next_peer_after(addr);
             let Some(p) = self.peers.get_mut(&addr) else {
                 continue;
             };
@@ -1516,6 +1547,14 @@ impl Core {
     // ------------------------------------------------------------------------------------
     // Output.
 
+    fn next_peer_after(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.peers
+            .range((Excluded(addr), Unbounded))
+            .next()
+            .map(|(a, _)| *a)
+    }
+
     fn advertised_window(&self) -> u32 {
         let now = self.now;
         let active = self
@@ -1531,9 +1570,11 @@ impl Core {
     /// queued messages, and writes acknowledgements. Call after a batch of inputs.
     pub fn flush(&mut self) {
         let window = self.advertised_window();
-        let addrs: Vec<SocketAddr> = self.peers.keys().copied().collect();
-        for addr in addrs {
+        // Walk the peers without allocating (flush runs on every poll).
+        let mut cursor = self.peers.keys().next().copied();
+        while let Some(addr) = cursor {
             self.flush_peer(addr, window);
+            cursor = self.next_peer_after(addr);
         }
     }
 
@@ -1602,6 +1643,8 @@ impl Core {
             let done = m.sent >= m.total();
             p.next_seq += 1;
             p.ack_needed = false;
+            p.ack_now = false;
+            p.rx_since_ack = 0;
             if done {
                 if let Some(mut m) = p.queue.pop_front() {
                     m.last_seq = seq;
@@ -1628,8 +1671,10 @@ impl Core {
         let Some(p) = self.peers.get_mut(&addr) else {
             return;
         };
-        if p.ack_needed && p.rx_valid {
+        if p.ack_needed && p.rx_valid && (p.ack_now || now >= p.ack_deadline) {
             p.ack_needed = false;
+            p.ack_now = false;
+            p.rx_since_ack = 0;
             let mut sack = [0u64; wire::SACK_WORDS];
             let base = p.rx_next + 1;
             for (&s, _) in p.rx_buf.range(base..base + MAX_WINDOW as u64) {
@@ -1689,6 +1734,35 @@ fn copy_ranges(seg: &[u8], ranges: &[(usize, usize)], skip: usize, len: usize, o
         out.extend_from_slice(&seg[start..start + n]);
         left -= n;
         skip = 0;
+    }
+}
+
+/// Hashes the engine's own sequential ids (request ids): a multiply is enough, and SipHash
+/// showed up in profiles.
+#[derive(Clone, Copy, Default)]
+pub struct IdHasher;
+
+impl std::hash::BuildHasher for IdHasher {
+    type Hasher = IdHash;
+    fn build_hasher(&self) -> IdHash {
+        IdHash(0)
+    }
+}
+
+/// The hasher of [`IdHasher`].
+pub struct IdHash(u64);
+
+impl std::hash::Hasher for IdHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ *b as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 

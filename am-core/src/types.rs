@@ -76,6 +76,10 @@ pub struct Config {
     pub unreachable_timeout: Duration,
     /// A request without a reply for this long is returned as `Unreachable` (default 5 s).
     pub request_timeout: Duration,
+    /// How long an acknowledgement may wait for data to carry it (delayed ack); an
+    /// acknowledgement leaves at once after 8 packets or on a gap. Keep it well under
+    /// `min_rto`.
+    pub ack_delay: Duration,
     /// Smallest retransmission timeout.
     pub min_rto: Duration,
     /// Largest retransmission timeout (after backoff).
@@ -106,8 +110,9 @@ impl Default for Config {
             max_outstanding_requests: 4096,
             unreachable_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            ack_delay: Duration::from_micros(500),
             min_rto: Duration::from_millis(10),
-            max_rto: Duration::from_millis(400),
+            max_rto: Duration::from_millis(200),
             handle_queue: 1024,
             protocol_version: PROTOCOL_VERSION,
             testing_disable_dedup: false,

@@ -111,13 +111,26 @@ struct RecvBufs {
     hdrs: Vec<libc::mmsghdr>,
 }
 
-// SAFETY: the raw pointers in `iovs` and `hdrs` only ever point into `bufs` and `addrs` of
-// the same struct, and are rebuilt before every `recvmmsg`; moving the struct to another
-// thread moves what they point to with it (the Vec heap buffers do not move).
+// SAFETY: the raw pointers in `iovs` and `hdrs` only ever point into the heap buffers of
+// `bufs`, `addrs` and `iovs` of the same struct, which are never resized after
+// construction; moving the struct to another thread moves what they point to with it.
 unsafe impl Send for RecvBufs {}
+
+/// Reused vectors for `sendmmsg`.
+#[derive(Default)]
+struct SendScratch {
+    addrs: Vec<SockAddr>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers are only meaningful during one `send_batch` call, which rebuilds
+// them first; between calls they are dead values.
+unsafe impl Send for SendScratch {}
 
 /// A UDP socket driving one endpoint.
 pub struct UdpTransport {
+    send_scratch: SendScratch,
     socket: Socket,
     local: SocketAddr,
     epoll: OwnedFd,
@@ -228,14 +241,33 @@ impl UdpTransport {
                 .unwrap_or(0);
         let max = Self::max_datagram_for(&local, cfg.mtu);
         let batch = cfg.batch.clamp(1, 1024);
-        let recv = RecvBufs {
+        let mut recv = RecvBufs {
             bufs: (0..batch).map(|_| vec![0u8; max + 64]).collect(),
             // SAFETY: sockaddr_storage is plain old data; zeroed is valid.
             addrs: (0..batch).map(|_| unsafe { std::mem::zeroed() }).collect(),
             iovs: Vec::with_capacity(batch),
             hdrs: Vec::with_capacity(batch),
         };
+        // Build the iovecs and headers once: they point into heap buffers that never move
+        // (the Vecs are never resized after this).
+        for i in 0..batch {
+            let iov = libc::iovec {
+                iov_base: recv.bufs[i].as_mut_ptr() as *mut libc::c_void,
+                iov_len: recv.bufs[i].len(),
+            };
+            recv.iovs.push(iov);
+        }
+        for i in 0..batch {
+            // SAFETY: plain old data; the pointers set below stay valid (see above).
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = &mut recv.addrs[i] as *mut _ as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            h.msg_hdr.msg_iov = &mut recv.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            recv.hdrs.push(h);
+        }
         Ok(UdpTransport {
+            send_scratch: SendScratch::default(),
             socket,
             local,
             epoll,
@@ -362,33 +394,34 @@ impl Transport for UdpTransport {
         let mut done = 0;
         while done < batch.len() {
             let chunk = &batch[done..(done + self.cfg.batch).min(batch.len())];
-            let addrs: Vec<SockAddr> = chunk.iter().map(|t| SockAddr::from(t.to)).collect();
-            let mut iovs: Vec<libc::iovec> = chunk
-                .iter()
-                .map(|t| libc::iovec {
-                    iov_base: t.bytes.as_ptr() as *mut libc::c_void,
-                    iov_len: t.bytes.len(),
-                })
-                .collect();
-            let mut hdrs: Vec<libc::mmsghdr> = (0..chunk.len())
-                .map(|i| {
-                    // SAFETY: msghdr is plain old data; the pointers below stay valid for
-                    // the call.
-                    let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    h.msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
-                    h.msg_hdr.msg_namelen = addrs[i].len();
-                    h.msg_hdr.msg_iov = &mut iovs[i];
-                    h.msg_hdr.msg_iovlen = 1;
-                    h
-                })
-                .collect();
+            // Scratch vectors are reused (no allocation per call); their pointers are
+            // rebuilt here for this call only.
+            let sc = &mut self.send_scratch;
+            sc.addrs.clear();
+            sc.iovs.clear();
+            sc.hdrs.clear();
+            sc.addrs.extend(chunk.iter().map(|t| SockAddr::from(t.to)));
+            sc.iovs.extend(chunk.iter().map(|t| libc::iovec {
+                iov_base: t.bytes.as_ptr() as *mut libc::c_void,
+                iov_len: t.bytes.len(),
+            }));
+            for i in 0..chunk.len() {
+                // SAFETY: msghdr is plain old data; the pointers below stay valid for the
+                // call (nothing resizes the scratch vectors until it returns).
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_name = sc.addrs[i].as_ptr() as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = sc.addrs[i].len();
+                h.msg_hdr.msg_iov = &mut sc.iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                sc.hdrs.push(h);
+            }
             self.stats.send_calls += 1;
             // SAFETY: hdrs, iovs and addrs outlive the call; lengths match.
             let n = unsafe {
                 libc::sendmmsg(
                     self.socket.as_raw_fd(),
-                    hdrs.as_mut_ptr(),
-                    hdrs.len() as u32,
+                    sc.hdrs.as_mut_ptr(),
+                    sc.hdrs.len() as u32,
                     0,
                 )
             };
@@ -420,22 +453,12 @@ impl Transport for UdpTransport {
         while total < max {
             let want = (max - total).min(self.recv.bufs.len());
             let r = &mut self.recv;
-            r.iovs.clear();
-            r.hdrs.clear();
-            for i in 0..want {
-                r.iovs.push(libc::iovec {
-                    iov_base: r.bufs[i].as_mut_ptr() as *mut libc::c_void,
-                    iov_len: r.bufs[i].len(),
-                });
-            }
-            for i in 0..want {
-                // SAFETY: plain old data; pointers into `r` stay valid for the call.
-                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = &mut r.addrs[i] as *mut _ as *mut libc::c_void;
+            // The headers point into `bufs`/`addrs`/`iovs` (built once); the kernel
+            // rewrites the name length and flags, so reset those.
+            for h in r.hdrs[..want].iter_mut() {
                 h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
-                h.msg_hdr.msg_iov = &mut r.iovs[i];
-                h.msg_hdr.msg_iovlen = 1;
-                r.hdrs.push(h);
+                h.msg_hdr.msg_flags = 0;
+                h.msg_len = 0;
             }
             // SAFETY: buffers and headers are valid and sized as declared.
             let n = unsafe {

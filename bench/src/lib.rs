@@ -1,4 +1,12 @@
-//! `bench`: benchmarks against real baselines in the same run (placeholder).
+//! `bench`: Active Messages microbenchmarks against raw UDP in the same run.
 //!
-//! It will hold `am-bench` (Active Messages round trips, bandwidth and message rate) and
-//! `fs-bench`, reporting HdrHistogram percentiles as JSON and Markdown. Nothing here yet.
+//! The `am-bench` binary measures round-trip latency, streaming bandwidth and
+//! small-message rate of `am-core` over `am-udp` (and over the simulator, which isolates
+//! the engine's own cost), and the same shapes with plain UDP sockets as the floor, with
+//! busy-polling and blocking waits. Latency is an HdrHistogram after a warm-up. Results
+//! are rows (see [`report::Row`]) written as JSON and Markdown.
+
+pub mod am_side;
+pub mod cases;
+pub mod raw;
+pub mod report;

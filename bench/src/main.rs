@@ -1,0 +1,459 @@
+//! `am-bench`: Active Messages microbenchmarks against raw UDP in the same run.
+
+use am_core::sim::{Faults, SimNet};
+use am_core::{Endpoint, EndpointName, Tag};
+use am_udp::{UdpConfig, UdpTransport};
+use bench::am_side::{self, AmClient};
+use bench::cases::{bandwidth_cases, latency_cases, Case, Wait};
+use bench::raw::{self, RawClient};
+use bench::report::{add_ratios, markdown, Row};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+const HELP: &str = "\
+am-bench: Active Messages microbenchmarks against raw UDP in the same run
+
+USAGE:
+  am-bench [local] [OPTIONS]         start servers as child processes on loopback and
+                                     measure (the default)
+  am-bench server --system am|raw [--wait poll|block] [--bind ADDR] [--mtu N]
+                                     serve one system; prints `listening ADDR`
+  am-bench client --system am|raw --server ADDR [OPTIONS]
+                                     measure a server started elsewhere
+
+OPTIONS:
+  --mode latency|bandwidth|rate|all  what to measure (default all)
+  --wait poll|block|both             busy-polling, sleeping in epoll, or both (default both)
+  --transport udp|sim|rdma|all       udp: over am-udp; sim: the engine alone over the
+                                     in-process simulator (no syscalls); rdma: needs
+                                     am-rdma, not built yet (default all = udp,sim)
+  --quick                            fewer sizes and samples: under a minute
+  --iters N                          latency samples per row (default 20000; quick 2000)
+  --warmup N                         round trips discarded first (default 2000; quick 200)
+  --outstanding N                    requests in flight in rate mode (default 32)
+  --mtu N                            path MTU for am-udp (default 1500)
+  --out DIR                          results folder (default bench/results)
+  --json FILE                        JSON rows (default DIR/am-bench.json)
+  --no-peers                         skip the external peer tools (sockperf, ucx_perftest,
+                                     fi_pingpong, qperf); they are not wired in yet, so
+                                     this is required for now
+
+Rows: {system, transport, mode, wait, size_bytes, p50_us, p99_us, msgs_per_s, mb_per_s, ...}
+with system `am` or `raw-udp`, mode `latency`, `bandwidth` or `rate`, wait `poll` or
+`block`. `vs raw UDP` is ours over raw UDP in the same mode and wait: latency lower is
+better, bandwidth and rate higher is better.
+";
+
+struct Args(Vec<String>);
+
+impl Args {
+    fn flag(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+    fn value(&self, name: &str) -> Option<String> {
+        let i = self.0.iter().position(|a| a == name)?;
+        self.0.get(i + 1).cloned()
+    }
+    fn parse<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.value(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{name}: cannot parse {v:?}; see --help")),
+        }
+    }
+}
+
+struct Opts {
+    modes: Vec<String>,
+    waits: Vec<Wait>,
+    transports: Vec<String>,
+    quick: bool,
+    iters: usize,
+    warmup: usize,
+    outstanding: u64,
+    mtu: usize,
+}
+
+fn opts(args: &Args) -> Result<Opts, String> {
+    let quick = args.flag("--quick");
+    let modes = match args.value("--mode").as_deref().unwrap_or("all") {
+        "all" => vec!["latency".into(), "bandwidth".into(), "rate".into()],
+        m @ ("latency" | "bandwidth" | "rate") => vec![m.to_string()],
+        m => return Err(format!("--mode {m}: use latency, bandwidth, rate or all")),
+    };
+    let waits = match args.value("--wait").as_deref().unwrap_or("both") {
+        "both" => vec![Wait::Poll, Wait::Block],
+        w => vec![Wait::parse(w).ok_or(format!("--wait {w}: use poll, block or both"))?],
+    };
+    let transports =
+        match args.value("--transport").as_deref().unwrap_or("all") {
+            "all" => vec!["udp".into(), "sim".into()],
+            "udp" => vec!["udp".into()],
+            "sim" => vec!["sim".into()],
+            "rdma" => return Err(
+                "--transport rdma: am-rdma is not built yet (the am-rdma issue); use udp or sim"
+                    .into(),
+            ),
+            t => return Err(format!("--transport {t}: use udp, sim, rdma or all")),
+        };
+    Ok(Opts {
+        modes,
+        waits,
+        transports,
+        quick,
+        iters: args.parse("--iters", if quick { 2000 } else { 20000 })?,
+        warmup: args.parse("--warmup", if quick { 200 } else { 2000 })?,
+        outstanding: args.parse("--outstanding", 32)?,
+        mtu: args.parse("--mtu", 1500)?,
+    })
+}
+
+fn main() {
+    let args = Args(std::env::args().skip(1).collect());
+    if args.flag("--help") || args.flag("-h") {
+        print!("{HELP}");
+        return;
+    }
+    let r = match args.0.first().map(String::as_str) {
+        Some("server") => server(&args),
+        Some("client") => client(&args),
+        Some("local") | None => local(&args),
+        Some(s) if s.starts_with("--") => local(&args),
+        Some(other) => Err(format!("unknown command {other:?}; see --help")),
+    };
+    if let Err(e) = r {
+        eprintln!("am-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn udp_config(mtu: usize) -> UdpConfig {
+    UdpConfig {
+        mtu,
+        ..UdpConfig::default()
+    }
+}
+
+fn server(args: &Args) -> Result<(), String> {
+    let wait = Wait::parse(&args.value("--wait").unwrap_or("block".into()))
+        .ok_or("--wait: poll or block")?;
+    let bind: SocketAddr = args.parse("--bind", "127.0.0.1:0".parse().map_err(|_| "addr")?)?;
+    let stop = AtomicBool::new(false);
+    match args.value("--system").as_deref() {
+        Some("am") => {
+            let t = UdpTransport::bind(bind, udp_config(args.parse("--mtu", 1500)?))
+                .map_err(|e| e.to_string())?;
+            let mut ep = Endpoint::new(t, am_side::config(am_side::SERVER_TAG));
+            am_side::make_server(&mut ep).map_err(|e| e.to_string())?;
+            println!("listening {}", ep.name().addr);
+            let _ = std::io::stdout().flush();
+            am_side::serve(&mut ep, wait, &stop)
+        }
+        Some("raw") => {
+            let sock = UdpSocket::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+            println!(
+                "listening {}",
+                sock.local_addr().map_err(|e| e.to_string())?
+            );
+            let _ = std::io::stdout().flush();
+            raw::serve(sock, wait, &stop).map_err(|e| e.to_string())
+        }
+        _ => Err("--system am|raw is required; see --help".into()),
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[am-bench] {msg}");
+}
+
+/// Latency iterations for a case: fewer for big bulks so a row takes about a second.
+fn iters_for(case: Case, o: &Opts) -> (usize, usize) {
+    let cap = ((256usize << 20) / case.size.max(1)).max(20);
+    (o.warmup.min(cap / 10).max(2), o.iters.min(cap))
+}
+
+fn bw_total(o: &Opts) -> usize {
+    if o.quick {
+        64 << 20
+    } else {
+        256 << 20
+    }
+}
+
+fn measure_am<T: am_core::Transport + 'static>(
+    c: &mut AmClient<T>,
+    transport: &str,
+    wait: Wait,
+    o: &Opts,
+) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    if o.modes.iter().any(|m| m == "latency") {
+        for case in latency_cases(o.quick) {
+            let (w, n) = iters_for(case, o);
+            let h = c.latency(case, w, n)?;
+            let row = Row::latency("am", transport, wait, case, &h);
+            progress(&format!(
+                "am {transport} {} latency {case}: p50 {:.1} us",
+                wait.name(),
+                row.p50_us.unwrap_or(0.0)
+            ));
+            rows.push(row);
+        }
+    }
+    if transport == "sim" {
+        return Ok(rows);
+    }
+    if o.modes.iter().any(|m| m == "bandwidth") {
+        for case in bandwidth_cases(o.quick) {
+            let (msgs, bytes, secs) = c.bandwidth(case, bw_total(o))?;
+            let row = Row::throughput("am", transport, "bandwidth", wait, case, msgs, bytes, secs);
+            progress(&format!(
+                "am {} bandwidth {case}: {:.0} MB/s",
+                wait.name(),
+                row.mb_per_s
+            ));
+            rows.push(row);
+        }
+    }
+    if o.modes.iter().any(|m| m == "rate") {
+        let dur = Duration::from_millis(if o.quick { 500 } else { 2000 });
+        let (n, secs) = c.rate(o.outstanding, dur)?;
+        let mut row = Row::throughput("am", transport, "rate", wait, Case::SMALL0, n, 0, secs);
+        row.note = format!("{} outstanding", o.outstanding);
+        progress(&format!(
+            "am {} rate: {:.0} msgs/s",
+            wait.name(),
+            row.msgs_per_s
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, String> {
+    let mut c = RawClient::new(server, wait).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let e = |e: std::io::Error| e.to_string();
+    if o.modes.iter().any(|m| m == "latency") {
+        for case in latency_cases(o.quick) {
+            if case.size > raw::MAX_DATAGRAM {
+                continue;
+            }
+            let size = case.size.max(1);
+            let (w, n) = iters_for(case, o);
+            let h = c.latency(size, w, n).map_err(e)?;
+            let mut rc = case;
+            rc.size = size;
+            let row = Row::latency("raw-udp", "udp", wait, rc, &h);
+            progress(&format!(
+                "raw {} latency {size} B: p50 {:.1} us",
+                wait.name(),
+                row.p50_us.unwrap_or(0.0)
+            ));
+            rows.push(row);
+        }
+    }
+    if o.modes.iter().any(|m| m == "bandwidth") {
+        let chunk_max = o.mtu - 28;
+        for case in bandwidth_cases(o.quick) {
+            let chunk = case.size.min(chunk_max);
+            let (msgs, bytes, secs) = c.stream(chunk, bw_total(o)).map_err(e)?;
+            let mut row =
+                Row::throughput("raw-udp", "udp", "bandwidth", wait, case, msgs, bytes, secs);
+            row.note = format!("{chunk}-byte datagrams, no flow control");
+            progress(&format!(
+                "raw {} bandwidth {case}: {:.0} MB/s",
+                wait.name(),
+                row.mb_per_s
+            ));
+            rows.push(row);
+        }
+    }
+    if o.modes.iter().any(|m| m == "rate") {
+        let dur = Duration::from_millis(if o.quick { 500 } else { 2000 });
+        let (n, secs) = c.rate(dur).map_err(e)?;
+        let mut row = Row::throughput("raw-udp", "udp", "rate", wait, Case::SMALL0, n, 0, secs);
+        row.note = "one at a time".into();
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn am_udp_client(
+    server: SocketAddr,
+    wait: Wait,
+    mtu: usize,
+) -> Result<AmClient<UdpTransport>, String> {
+    let bind = if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let t = UdpTransport::bind(bind.parse().map_err(|_| "addr")?, udp_config(mtu))
+        .map_err(|e| e.to_string())?;
+    let mut ep = Endpoint::new(t, am_side::config(Tag(1)));
+    ep.map(
+        0,
+        EndpointName {
+            addr: server,
+            vnet: 0,
+        },
+        am_side::SERVER_TAG,
+    )
+    .map_err(|e| e.to_string())?;
+    AmClient::new(ep, wait, am_side::real_pump()).map_err(|e| e.to_string())
+}
+
+fn client(args: &Args) -> Result<(), String> {
+    let o = opts(args)?;
+    let server: SocketAddr = args
+        .value("--server")
+        .ok_or("--server ADDR is required")?
+        .parse()
+        .map_err(|e| format!("--server: {e}"))?;
+    let mut rows = Vec::new();
+    for &wait in &o.waits {
+        match args.value("--system").as_deref() {
+            Some("am") => rows.extend(measure_am(
+                &mut am_udp_client(server, wait, o.mtu)?,
+                "udp",
+                wait,
+                &o,
+            )?),
+            Some("raw") => rows.extend(measure_raw(server, wait, &o)?),
+            _ => return Err("--system am|raw is required".into()),
+        }
+    }
+    finish(args, rows)
+}
+
+struct ServerProcess(Child, SocketAddr);
+
+impl ServerProcess {
+    fn start(system: &str, wait: Wait, mtu: usize) -> Result<ServerProcess, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .args([
+                "server",
+                "--system",
+                system,
+                "--wait",
+                wait.name(),
+                "--mtu",
+                &mtu.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the server process: {e}"))?;
+        let line = child
+            .stdout
+            .take()
+            .and_then(|o| BufReader::new(o).lines().next())
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let addr = line
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("server said {line:?}"))?;
+        Ok(ServerProcess(child, addr))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sim_client() -> Result<AmClient<am_core::sim::SimTransport>, String> {
+    let net = SimNet::new(
+        1,
+        Faults {
+            delay: Duration::ZERO,
+            ..Faults::none()
+        },
+    );
+    let mut server = Endpoint::new(net.transport(), am_side::config(am_side::SERVER_TAG));
+    am_side::make_server(&mut server).map_err(|e| e.to_string())?;
+    let mut ep = Endpoint::new(net.transport(), am_side::config(Tag(1)));
+    ep.map(0, server.name(), am_side::SERVER_TAG)
+        .map_err(|e| e.to_string())?;
+    let pump: am_side::Pump<am_core::sim::SimTransport> = Box::new(move |ep, _| {
+        let mut n = ep.poll(256).unwrap_or(0);
+        n += server.poll(256).unwrap_or(0);
+        net.advance_to(net.now());
+        if n == 0 {
+            // Let timers (none on a perfect network, but be safe) move on.
+            net.advance_to(am_core::Time(net.now().0 + 1000));
+        }
+        n
+    });
+    AmClient::new(ep, Wait::Poll, pump).map_err(|e| e.to_string())
+}
+
+fn local(args: &Args) -> Result<(), String> {
+    let o = opts(args)?;
+    if !args.flag("--no-peers") {
+        return Err(
+            "the external peers (sockperf, ucx_perftest, fi_pingpong, qperf) are not wired in yet; \
+             run with --no-peers to measure am against raw UDP only"
+                .into(),
+        );
+    }
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    if o.transports.iter().any(|t| t == "udp") {
+        for &wait in &o.waits {
+            let raw_server = ServerProcess::start("raw", wait, o.mtu)?;
+            progress(&format!(
+                "raw-udp server at {} ({})",
+                raw_server.1,
+                wait.name()
+            ));
+            rows.extend(measure_raw(raw_server.1, wait, &o)?);
+            drop(raw_server);
+            let am_server = ServerProcess::start("am", wait, o.mtu)?;
+            progress(&format!("am server at {} ({})", am_server.1, wait.name()));
+            rows.extend(measure_am(
+                &mut am_udp_client(am_server.1, wait, o.mtu)?,
+                "udp",
+                wait,
+                &o,
+            )?);
+        }
+    }
+    if o.transports.iter().any(|t| t == "sim") && o.modes.iter().any(|m| m == "latency") {
+        progress("am over the simulator (engine cost alone)");
+        rows.extend(measure_am(&mut sim_client()?, "sim", Wait::Poll, &o)?);
+    }
+    progress(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
+    finish(args, rows)
+}
+
+fn finish(args: &Args, mut rows: Vec<Row>) -> Result<(), String> {
+    add_ratios(&mut rows);
+    let out: PathBuf = args.value("--out").unwrap_or("bench/results".into()).into();
+    std::fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    let json = args
+        .value("--json")
+        .map(PathBuf::from)
+        .unwrap_or(out.join("am-bench.json"));
+    let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+    std::fs::write(&json, text).map_err(|e| format!("write {}: {e}", json.display()))?;
+    let md = markdown(&rows);
+    let md_path = out.join("am-bench.md");
+    std::fs::write(&md_path, &md).map_err(|e| format!("write {}: {e}", md_path.display()))?;
+    print!("{md}");
+    progress(&format!(
+        "wrote {} and {}",
+        json.display(),
+        md_path.display()
+    ));
+    Ok(())
+}

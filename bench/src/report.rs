@@ -1,0 +1,184 @@
+//! Result rows, ratios against the raw baseline, JSON and Markdown.
+
+use crate::cases::{Case, Class, Wait};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// One measured row. `system` is `am` (ours), `raw-udp` (plain sockets) or a peer tool's
+/// name; `mode` is `latency`, `bandwidth` or `rate`; `wait` is `poll` or `block`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Who was measured.
+    pub system: String,
+    /// `udp`, `sim`, ...
+    pub transport: String,
+    /// `latency`, `bandwidth` or `rate`.
+    pub mode: String,
+    /// `poll` or `block`.
+    pub wait: Wait,
+    /// Message class.
+    pub class: Class,
+    /// Payload bytes.
+    pub size_bytes: usize,
+    /// Median round trip (latency mode).
+    pub p50_us: Option<f64>,
+    /// 99th percentile.
+    pub p99_us: Option<f64>,
+    /// 99.9th percentile.
+    pub p999_us: Option<f64>,
+    /// Largest.
+    pub max_us: Option<f64>,
+    /// Messages per second.
+    pub msgs_per_s: f64,
+    /// Payload megabytes (10^6 bytes) per second.
+    pub mb_per_s: f64,
+    /// Samples or messages measured.
+    pub samples: u64,
+    /// Ours divided by raw UDP in the same mode and wait (latency: p50 ratio, lower is
+    /// better; bandwidth and rate: throughput ratio, higher is better).
+    pub vs_raw: Option<f64>,
+    /// A remark (a missing baseline, a flag).
+    pub note: String,
+}
+
+impl Row {
+    /// A latency row from a histogram of round trips in nanoseconds.
+    pub fn latency(
+        system: &str,
+        transport: &str,
+        wait: Wait,
+        case: Case,
+        h: &Histogram<u64>,
+    ) -> Row {
+        let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let p50 = us(0.5);
+        let per_s = if p50 > 0.0 { 1e6 / p50 } else { 0.0 };
+        Row {
+            system: system.into(),
+            transport: transport.into(),
+            mode: "latency".into(),
+            wait,
+            class: case.class,
+            size_bytes: case.size,
+            p50_us: Some(p50),
+            p99_us: Some(us(0.99)),
+            p999_us: Some(us(0.999)),
+            max_us: Some(h.max() as f64 / 1000.0),
+            msgs_per_s: per_s,
+            mb_per_s: per_s * case.size as f64 * 2.0 / 1e6,
+            samples: h.len(),
+            vs_raw: None,
+            note: String::new(),
+        }
+    }
+
+    /// A throughput row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn throughput(
+        system: &str,
+        transport: &str,
+        mode: &str,
+        wait: Wait,
+        case: Case,
+        msgs: u64,
+        bytes: u64,
+        secs: f64,
+    ) -> Row {
+        let secs = secs.max(1e-9);
+        Row {
+            system: system.into(),
+            transport: transport.into(),
+            mode: mode.into(),
+            wait,
+            class: case.class,
+            size_bytes: case.size,
+            p50_us: None,
+            p99_us: None,
+            p999_us: None,
+            max_us: None,
+            msgs_per_s: msgs as f64 / secs,
+            mb_per_s: bytes as f64 / secs / 1e6,
+            samples: msgs,
+            vs_raw: None,
+            note: String::new(),
+        }
+    }
+}
+
+/// Fills `vs_raw` for every `am` row that has a raw-udp row of the same mode, wait and
+/// size (bandwidth compares against raw streaming of the same total, whatever its size).
+pub fn add_ratios(rows: &mut [Row]) {
+    let raws: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.system == "raw-udp")
+        .cloned()
+        .collect();
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.system == "am" && r.transport == "udp")
+    {
+        let base = raws.iter().find(|b| {
+            b.mode == r.mode
+                && b.wait == r.wait
+                && (r.mode == "bandwidth"
+                    || r.mode == "rate"
+                    || b.size_bytes == r.size_bytes.max(1))
+        });
+        match base {
+            Some(b) if r.mode == "latency" => {
+                if let (Some(x), Some(y)) = (r.p50_us, b.p50_us) {
+                    r.vs_raw = Some(x / y);
+                }
+            }
+            Some(b) if r.mode == "bandwidth" => r.vs_raw = Some(r.mb_per_s / b.mb_per_s.max(1e-9)),
+            Some(b) => r.vs_raw = Some(r.msgs_per_s / b.msgs_per_s.max(1e-9)),
+            None => {
+                if r.note.is_empty() && r.transport == "udp" {
+                    r.note = "no raw baseline of this size".into();
+                }
+            }
+        }
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("—".into(), |x| format!("{x:.1}"))
+}
+
+/// A Markdown table of the rows.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| system | transport | mode | wait | message | p50 us | p99 us | p99.9 us | max us | msgs/s | MB/s | vs raw UDP | note |\n\
+         |---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        let case = Case {
+            class: r.class,
+            size: r.size_bytes,
+        };
+        let label = if r.system == "raw-udp" && r.class == Class::Small0 {
+            "datagram/1 B".to_string()
+        } else if r.system == "raw-udp" {
+            format!("datagram/{}", crate::cases::human(r.size_bytes))
+        } else {
+            case.to_string()
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} | {} |\n",
+            r.system,
+            r.transport,
+            r.mode,
+            r.wait.name(),
+            label,
+            opt(r.p50_us),
+            opt(r.p99_us),
+            opt(r.p999_us),
+            opt(r.max_us),
+            r.msgs_per_s,
+            r.mb_per_s,
+            r.vs_raw.map_or("—".into(), |x| format!("{x:.2}x")),
+            r.note
+        ));
+    }
+    s
+}
