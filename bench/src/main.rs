@@ -36,6 +36,7 @@ OPTIONS:
   --warmup N                         round trips discarded first (default 2000; quick 200)
   --outstanding N                    requests in flight in rate mode (default 32)
   --mtu N                            path MTU for am-udp (default 1500)
+  --bw-mib N                         MiB streamed per bandwidth row (default 256; quick 64)
   --out DIR                          results folder (default bench/results)
   --json FILE                        JSON rows (default DIR/am-bench.json)
   --no-peers                         skip the external peer tools (sockperf, ucx_perftest,
@@ -77,6 +78,7 @@ struct Opts {
     warmup: usize,
     outstanding: u64,
     mtu: usize,
+    bw_mib: usize,
 }
 
 fn opts(args: &Args) -> Result<Opts, String> {
@@ -110,6 +112,7 @@ fn opts(args: &Args) -> Result<Opts, String> {
         warmup: args.parse("--warmup", if quick { 200 } else { 2000 })?,
         outstanding: args.parse("--outstanding", 32)?,
         mtu: args.parse("--mtu", 1500)?,
+        bw_mib: args.parse("--bw-mib", if quick { 64 } else { 256 })?,
     })
 }
 
@@ -178,11 +181,7 @@ fn iters_for(case: Case, o: &Opts) -> (usize, usize) {
 }
 
 fn bw_total(o: &Opts) -> usize {
-    if o.quick {
-        64 << 20
-    } else {
-        256 << 20
-    }
+    o.bw_mib.max(1) << 20
 }
 
 fn measure_am<T: am_core::Transport + 'static>(
@@ -240,11 +239,13 @@ fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, Str
     let mut rows = Vec::new();
     let e = |e: std::io::Error| e.to_string();
     if o.modes.iter().any(|m| m == "latency") {
+        let mut done = Vec::new();
         for case in latency_cases(o.quick) {
-            if case.size > raw::MAX_DATAGRAM {
+            let size = case.size.max(1);
+            if size > raw::MAX_DATAGRAM || done.contains(&size) {
                 continue;
             }
-            let size = case.size.max(1);
+            done.push(size);
             let (w, n) = iters_for(case, o);
             let h = c.latency(size, w, n).map_err(e)?;
             let mut rc = case;

@@ -105,8 +105,8 @@ impl Row {
     }
 }
 
-/// Fills `vs_raw` for every `am` row that has a raw-udp row of the same mode, wait and
-/// size (bandwidth compares against raw streaming of the same total, whatever its size).
+/// Fills `vs_raw` for every `am` row over UDP that has a raw-udp row of the same mode, wait
+/// and size (rate: the raw one-at-a-time rate).
 pub fn add_ratios(rows: &mut [Row]) {
     let raws: Vec<Row> = rows
         .iter()
@@ -120,9 +120,7 @@ pub fn add_ratios(rows: &mut [Row]) {
         let base = raws.iter().find(|b| {
             b.mode == r.mode
                 && b.wait == r.wait
-                && (r.mode == "bandwidth"
-                    || r.mode == "rate"
-                    || b.size_bytes == r.size_bytes.max(1))
+                && (r.mode == "rate" || b.size_bytes == r.size_bytes.max(1))
         });
         match base {
             Some(b) if r.mode == "latency" => {
