@@ -8,5 +8,6 @@
 
 pub mod am_side;
 pub mod cases;
+pub mod peers;
 pub mod raw;
 pub mod report;

@@ -39,12 +39,13 @@ OPTIONS:
   --bw-mib N                         MiB streamed per bandwidth row (default 256; quick 64)
   --out DIR                          results folder (default bench/results)
   --json FILE                        JSON rows (default DIR/am-bench.json)
-  --no-peers                         skip the external peer tools (sockperf, ucx_perftest,
-                                     fi_pingpong, qperf); they are not wired in yet, so
-                                     this is required for now
+  --no-peers                         skip the external peers (sockperf, ucx_perftest,
+                                     fi_pingpong, qperf); without it a missing or failing
+                                     peer is an error (install: apt-get install -y
+                                     sockperf ucx-utils libfabric-bin qperf)
 
 Rows: {system, transport, mode, wait, size_bytes, p50_us, p99_us, msgs_per_s, mb_per_s, ...}
-with system `am` or `raw-udp`, mode `latency`, `bandwidth` or `rate`, wait `poll` or
+with system `am`, `raw-udp` or a peer's name, mode `latency`, `bandwidth` or `rate`, wait `poll` or
 `block`. `vs raw UDP` is ours over raw UDP in the same mode and wait: latency lower is
 better, bandwidth and rate higher is better.
 ";
@@ -400,12 +401,9 @@ fn sim_client() -> Result<AmClient<am_core::sim::SimTransport>, String> {
 
 fn local(args: &Args) -> Result<(), String> {
     let o = opts(args)?;
-    if !args.flag("--no-peers") {
-        return Err(
-            "the external peers (sockperf, ucx_perftest, fi_pingpong, qperf) are not wired in yet; \
-             run with --no-peers to measure am against raw UDP only"
-                .into(),
-        );
+    let peers = !args.flag("--no-peers");
+    if peers {
+        bench::peers::check_installed()?;
     }
     let started = Instant::now();
     let mut rows = Vec::new();
@@ -432,6 +430,14 @@ fn local(args: &Args) -> Result<(), String> {
     if o.transports.iter().any(|t| t == "sim") && o.modes.iter().any(|m| m == "latency") {
         progress("am over the simulator (engine cost alone)");
         rows.extend(measure_am(&mut sim_client()?, "sim", Wait::Poll, &o)?);
+    }
+    if peers && o.modes.iter().any(|m| m == "latency") {
+        let sizes: &[usize] = if o.quick {
+            &[64, 4096]
+        } else {
+            &[8, 64, 1024, 4096, 8192]
+        };
+        rows.extend(bench::peers::run_all(sizes, &o.waits, o.quick, &progress)?);
     }
     progress(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     finish(args, rows)

@@ -105,17 +105,40 @@ impl Row {
     }
 }
 
-/// Fills `vs_raw` for every `am` row over UDP that has a raw-udp row of the same mode, wait
-/// and size (rate: the raw one-at-a-time rate).
+/// Fills `vs_raw` for every row (ours and the peers') that has a raw-udp row of the same
+/// mode, wait and size (rate: the raw one-at-a-time rate), and flags raw UDP latency rows
+/// more than 15% slower than sockperf in the same wait mode: then the baseline, not we,
+/// needs work.
 pub fn add_ratios(rows: &mut [Row]) {
     let raws: Vec<Row> = rows
         .iter()
         .filter(|r| r.system == "raw-udp")
         .cloned()
         .collect();
+    let sockperf: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.system == "sockperf")
+        .cloned()
+        .collect();
     for r in rows
         .iter_mut()
-        .filter(|r| r.system == "am" && r.transport == "udp")
+        .filter(|r| r.system == "raw-udp" && r.mode == "latency")
+    {
+        let peer = sockperf
+            .iter()
+            .find(|s| s.wait == r.wait && s.size_bytes == r.size_bytes);
+        if let Some((x, y)) = peer.and_then(|s| Some((r.p50_us?, s.p50_us?))) {
+            if x > 1.15 * y {
+                r.note = format!(
+                    "FLAG: raw UDP {:.0}% slower than sockperf ({y:.1} us)",
+                    (x / y - 1.0) * 100.0
+                );
+            }
+        }
+    }
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.system != "raw-udp" && r.transport != "sim")
     {
         let base = raws.iter().find(|b| {
             b.mode == r.mode
@@ -131,7 +154,7 @@ pub fn add_ratios(rows: &mut [Row]) {
             Some(b) if r.mode == "bandwidth" => r.vs_raw = Some(r.mb_per_s / b.mb_per_s.max(1e-9)),
             Some(b) => r.vs_raw = Some(r.msgs_per_s / b.msgs_per_s.max(1e-9)),
             None => {
-                if r.note.is_empty() && r.transport == "udp" {
+                if r.note.is_empty() && r.system == "am" {
                     r.note = "no raw baseline of this size".into();
                 }
             }
@@ -179,4 +202,38 @@ pub fn markdown(rows: &[Row]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lat(system: &str, wait: Wait, size: usize, p50: f64) -> Row {
+        let mut h = Histogram::<u64>::new(3).unwrap();
+        h.record((p50 * 1000.0) as u64).unwrap();
+        Row::latency(system, "udp", wait, Case { class: Class::Medium, size }, &h)
+    }
+
+    #[test]
+    fn ratios_and_the_honesty_flag() {
+        let mut rows = vec![
+            lat("raw-udp", Wait::Poll, 64, 10.0),
+            lat("sockperf", Wait::Poll, 64, 5.0),
+            lat("am", Wait::Poll, 64, 12.0),
+            lat("raw-udp", Wait::Block, 64, 50.0),
+            lat("sockperf", Wait::Block, 64, 48.0),
+            lat("am", Wait::Block, 4096, 60.0),
+        ];
+        add_ratios(&mut rows);
+        assert!(rows[0].note.starts_with("FLAG"), "{}", rows[0].note);
+        assert!(rows[3].note.is_empty(), "4% slower is within the 15% allowance");
+        let am = rows[2].vs_raw.unwrap();
+        assert!((am - 1.2).abs() < 0.01, "{am}");
+        assert!((rows[1].vs_raw.unwrap() - 0.5).abs() < 0.01);
+        assert_eq!(rows[5].vs_raw, None);
+        assert_eq!(rows[5].note, "no raw baseline of this size");
+        let md = markdown(&rows);
+        assert_eq!(md.lines().count(), 2 + rows.len());
+        assert!(md.contains("1.20x"));
+    }
 }
