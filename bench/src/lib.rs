@@ -9,5 +9,6 @@
 pub mod am_side;
 pub mod cases;
 pub mod peers;
+pub mod plot;
 pub mod raw;
 pub mod report;

@@ -37,7 +37,8 @@ OPTIONS:
   --outstanding N                    requests in flight in rate mode (default 32)
   --mtu N                            path MTU for am-udp (default 1500)
   --bw-mib N                         MiB streamed per bandwidth row (default 256; quick 64)
-  --out DIR                          results folder (default bench/results)
+  --out DIR                          results folder (default bench/results): am-bench.json,
+                                     am-bench.md and latency.png
   --json FILE                        JSON rows (default DIR/am-bench.json)
   --no-peers                         skip the external peers (sockperf, ucx_perftest,
                                      fi_pingpong, qperf); without it a missing or failing
@@ -454,13 +455,16 @@ fn finish(args: &Args, mut rows: Vec<Row>) -> Result<(), String> {
     let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
     std::fs::write(&json, text).map_err(|e| format!("write {}: {e}", json.display()))?;
     let md = markdown(&rows);
+    let png = out.join("latency.png");
+    bench::plot::latency_png(&rows, &png)?;
     let md_path = out.join("am-bench.md");
     std::fs::write(&md_path, &md).map_err(|e| format!("write {}: {e}", md_path.display()))?;
     print!("{md}");
     progress(&format!(
-        "wrote {} and {}",
+        "wrote {}, {} and {}",
         json.display(),
-        md_path.display()
+        md_path.display(),
+        png.display()
     ));
     Ok(())
 }

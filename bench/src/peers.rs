@@ -230,13 +230,13 @@ pub fn fi_pingpong(provider: &str, size: usize, iters: usize) -> Result<Row, Str
     // bytes #sent #ack total time MB/sec usec/xfer Mxfers/sec
     let line = out
         .lines()
-        .filter(|l| {
+        .rev()
+        .find(|l| {
             l.split_whitespace()
                 .next()
                 .and_then(|w| w.parse::<usize>().ok())
                 .is_some()
         })
-        .last()
         .ok_or("fi_pingpong: no result line")?;
     let words: Vec<&str> = line.split_whitespace().collect();
     let per_xfer: f64 = words

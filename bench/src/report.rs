@@ -211,7 +211,16 @@ mod tests {
     fn lat(system: &str, wait: Wait, size: usize, p50: f64) -> Row {
         let mut h = Histogram::<u64>::new(3).unwrap();
         h.record((p50 * 1000.0) as u64).unwrap();
-        Row::latency(system, "udp", wait, Case { class: Class::Medium, size }, &h)
+        Row::latency(
+            system,
+            "udp",
+            wait,
+            Case {
+                class: Class::Medium,
+                size,
+            },
+            &h,
+        )
     }
 
     #[test]
@@ -226,7 +235,10 @@ mod tests {
         ];
         add_ratios(&mut rows);
         assert!(rows[0].note.starts_with("FLAG"), "{}", rows[0].note);
-        assert!(rows[3].note.is_empty(), "4% slower is within the 15% allowance");
+        assert!(
+            rows[3].note.is_empty(),
+            "4% slower is within the 15% allowance"
+        );
         let am = rows[2].vs_raw.unwrap();
         assert!((am - 1.2).abs() < 0.01, "{am}");
         assert!((rows[1].vs_raw.unwrap() - 0.5).abs() < 0.01);

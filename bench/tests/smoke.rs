@@ -59,13 +59,21 @@ fn rdma_says_it_is_unavailable_and_peers_are_not_silently_skipped() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("am-rdma is not built yet"));
+    // Without --no-peers, a machine lacking the peer tools is an error naming the packages
+    // (an empty PATH stands in for a bare machine).
     let out = Command::new(env!("CARGO_BIN_EXE_am-bench"))
         .args(["--quick"])
+        .env("PATH", "/nonexistent")
         .output()
         .unwrap();
     assert!(
         !out.status.success(),
         "without --no-peers the missing peers must be an error"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("apt-get install -y sockperf ucx-utils libfabric-bin qperf"),
+        "{err}"
     );
 }
 
@@ -83,7 +91,7 @@ fn udp_and_sim_rows_with_raw_ratios() {
     let am_lat = find("am", "udp", "latency");
     let raw_lat = find("raw-udp", "udp", "latency");
     assert!(
-        am_lat.len() >= 7 && raw_lat.len() >= 6,
+        am_lat.len() >= 7 && raw_lat.len() >= 5,
         "{} {}",
         am_lat.len(),
         raw_lat.len()
