@@ -312,6 +312,9 @@ impl<T: Transport> Endpoint<T> {
         let now = self.transport.now();
         self.core.set_now(now);
         let mut work = self.drain_handle(budget);
+        // What the application queued since the last poll leaves before we look for input
+        // (a request should not wait behind a receive system call).
+        self.transmit()?;
         let core = &mut self.core;
         work += self
             .transport

@@ -230,6 +230,8 @@ pub struct Core {
     next_msg: u64,
     pub(crate) stats: Stats,
     closed: bool,
+    /// Something may be sendable: set by every input, send and timeout; cleared by flush.
+    flush_needed: bool,
 }
 
 impl Core {
@@ -267,6 +269,7 @@ impl Core {
             next_msg: 1,
             stats: Stats::default(),
             closed: false,
+            flush_needed: false,
         }
     }
 
@@ -448,6 +451,7 @@ impl Core {
     }
 
     fn enqueue(&mut self, addr: SocketAddr, m: OutMsg) {
+        self.flush_needed = true;
         let peer = self.peers.entry(addr).or_insert_with(|| Peer::new(addr));
         peer.queue.push_back(m);
     }
@@ -652,6 +656,7 @@ impl Core {
 
     /// Handles one received datagram. Bad input is counted and dropped.
     pub fn handle_datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
+        self.flush_needed = true;
         self.stats.packets_received += 1;
         let pkt = match wire::parse_packet(bytes) {
             Ok(p) => p,
@@ -1227,6 +1232,7 @@ impl Core {
         code: ErrorCode,
     ) {
         let cap = 2 * self.cfg.send_queue_messages;
+        self.flush_needed = true;
         let Some(p) = self.peers.get_mut(&to) else {
             return;
         };
@@ -1459,6 +1465,7 @@ impl Core {
     /// Runs timers due at `now`: retransmissions, handshake retries, unreachable peers,
     /// request deadlines.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.flush_needed = true;
         self.set_now(now);
         let now = self.now;
         // Request deadlines.
@@ -1563,12 +1570,22 @@ impl Core {
             .filter(|p| p.last_rx.0 != 0 && now.since_ns(p.last_rx) < ACTIVE_NS)
             .count()
             .max(1) as u32;
-        (self.cfg.recv_budget_packets / active).clamp(4, self.cfg.recv_window_packets)
+        // The budget is in packets and in bytes (the socket buffer holds bytes): with a
+        // large MTU the byte budget is the tighter one.
+        let by_bytes = self.cfg.recv_budget_bytes / self.caps.max_datagram.max(1);
+        let budget = (self.cfg.recv_budget_packets as usize).min(by_bytes) as u32;
+        (budget / active).clamp(4, self.cfg.recv_window_packets)
     }
 
     /// Packetises queued messages within each peer's window, opens connections that have
     /// queued messages, and writes acknowledgements. Call after a batch of inputs.
     pub fn flush(&mut self) {
+        // Nothing was queued, received or timed out since the last flush: nothing to do
+        // (this runs on every poll, busy-polling included).
+        if !self.flush_needed {
+            return;
+        }
+        self.flush_needed = false;
         let window = self.advertised_window();
         // Walk the peers without allocating (flush runs on every poll).
         let mut cursor = self.peers.keys().next().copied();

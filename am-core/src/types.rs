@@ -68,6 +68,9 @@ pub struct Config {
     /// Packets in flight that this endpoint accepts from all peers together; divided among
     /// the active peers so several bulk senders are paced together (rate matching).
     pub recv_budget_packets: u32,
+    /// Bytes in flight that this endpoint accepts from all peers together (keep it under
+    /// the transport's receive buffer; the UDP driver's is 8 MiB).
+    pub recv_budget_bytes: usize,
     /// Messages queued per peer before a send returns `WouldBlock`.
     pub send_queue_messages: usize,
     /// Outstanding requests (including gather members) before `TooManyRequests`.
@@ -106,6 +109,7 @@ impl Default for Config {
             max_medium_bytes: 8 * 1024,
             recv_window_packets: 256,
             recv_budget_packets: 1024,
+            recv_budget_bytes: 4 << 20,
             send_queue_messages: 1024,
             max_outstanding_requests: 4096,
             unreachable_timeout: Duration::from_secs(2),

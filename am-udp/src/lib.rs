@@ -130,6 +130,7 @@ unsafe impl Send for SendScratch {}
 
 /// A UDP socket driving one endpoint.
 pub struct UdpTransport {
+    recv_hint: usize,
     send_scratch: SendScratch,
     socket: Socket,
     local: SocketAddr,
@@ -267,6 +268,7 @@ impl UdpTransport {
             recv.hdrs.push(h);
         }
         Ok(UdpTransport {
+            recv_hint: 1,
             send_scratch: SendScratch::default(),
             socket,
             local,
@@ -283,7 +285,8 @@ impl UdpTransport {
 
     fn max_datagram_for(local: &SocketAddr, mtu: usize) -> usize {
         let ip = if local.is_ipv4() { 20 } else { 40 };
-        mtu.saturating_sub(ip + 8).max(576)
+        // A UDP datagram carries at most 65,507 bytes over IPv4 (65,535 less the headers).
+        mtu.saturating_sub(ip + 8).clamp(576, 65_507)
     }
 
     /// The epoll fd the endpoint sleeps on (it can itself be put in an outer epoll set).
@@ -451,7 +454,10 @@ impl Transport for UdpTransport {
     ) -> Result<usize, TransportError> {
         let mut total = 0;
         while total < max {
-            let want = (max - total).min(self.recv.bufs.len());
+            // Ask for as many datagrams as the last call found, doubled: one for ping-pong
+            // traffic (so the kernel does not look for a second), the whole batch for a
+            // stream.
+            let want = (max - total).min(self.recv_hint).max(1);
             let r = &mut self.recv;
             // The headers point into `bufs`/`addrs`/`iovs` (built once); the kernel
             // rewrites the name length and flags, so reset those.
@@ -496,6 +502,11 @@ impl Transport for UdpTransport {
                 deliver(from, &r.bufs[i][..h.msg_len as usize]);
             }
             total += n as usize;
+            self.recv_hint = if (n as usize) < want {
+                (n as usize).max(1)
+            } else {
+                (want * 2).min(self.recv.bufs.len())
+            };
             if (n as usize) < want {
                 break;
             }

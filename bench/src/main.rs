@@ -37,6 +37,7 @@ OPTIONS:
   --outstanding N                    requests in flight in rate mode (default 32)
   --mtu N                            path MTU for am-udp (default 1500)
   --bw-mib N                         MiB streamed per bandwidth row (default 256; quick 64)
+  --max-size N                       skip messages larger than N bytes
   --out DIR                          results folder (default bench/results): am-bench.json,
                                      am-bench.md and latency.png
   --json FILE                        JSON rows (default DIR/am-bench.json)
@@ -81,6 +82,7 @@ struct Opts {
     outstanding: u64,
     mtu: usize,
     bw_mib: usize,
+    max_size: usize,
 }
 
 fn opts(args: &Args) -> Result<Opts, String> {
@@ -115,6 +117,7 @@ fn opts(args: &Args) -> Result<Opts, String> {
         outstanding: args.parse("--outstanding", 32)?,
         mtu: args.parse("--mtu", 1500)?,
         bw_mib: args.parse("--bw-mib", if quick { 64 } else { 256 })?,
+        max_size: args.parse("--max-size", usize::MAX)?,
     })
 }
 
@@ -194,7 +197,10 @@ fn measure_am<T: am_core::Transport + 'static>(
 ) -> Result<Vec<Row>, String> {
     let mut rows = Vec::new();
     if o.modes.iter().any(|m| m == "latency") {
-        for case in latency_cases(o.quick) {
+        for case in latency_cases(o.quick)
+            .into_iter()
+            .filter(|c| c.size <= o.max_size)
+        {
             let (w, n) = iters_for(case, o);
             let h = c.latency(case, w, n)?;
             let row = Row::latency("am", transport, wait, case, &h);
@@ -210,7 +216,10 @@ fn measure_am<T: am_core::Transport + 'static>(
         return Ok(rows);
     }
     if o.modes.iter().any(|m| m == "bandwidth") {
-        for case in bandwidth_cases(o.quick) {
+        for case in bandwidth_cases(o.quick)
+            .into_iter()
+            .filter(|c| c.size <= o.max_size)
+        {
             let (msgs, bytes, secs) = c.bandwidth(case, bw_total(o))?;
             let row = Row::throughput("am", transport, "bandwidth", wait, case, msgs, bytes, secs);
             progress(&format!(
@@ -242,7 +251,10 @@ fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, Str
     let e = |e: std::io::Error| e.to_string();
     if o.modes.iter().any(|m| m == "latency") {
         let mut done = Vec::new();
-        for case in latency_cases(o.quick) {
+        for case in latency_cases(o.quick)
+            .into_iter()
+            .filter(|c| c.size <= o.max_size)
+        {
             let size = case.size.max(1);
             if size > raw::MAX_DATAGRAM || done.contains(&size) {
                 continue;
@@ -263,7 +275,10 @@ fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, Str
     }
     if o.modes.iter().any(|m| m == "bandwidth") {
         let chunk_max = o.mtu - 28;
-        for case in bandwidth_cases(o.quick) {
+        for case in bandwidth_cases(o.quick)
+            .into_iter()
+            .filter(|c| c.size <= o.max_size)
+        {
             let chunk = case.size.min(chunk_max);
             let (msgs, bytes, secs) = c.stream(chunk, bw_total(o)).map_err(e)?;
             let mut row =
