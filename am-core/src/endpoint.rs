@@ -448,7 +448,7 @@ impl<T: Transport> Endpoint<T> {
         let batch = out.make_contiguous();
         match self.transport.send_batch(batch) {
             Ok(n) => {
-                out.drain(..n.min(out.len()));
+                self.core.sent(n);
                 Ok(())
             }
             Err(e) => {

@@ -24,6 +24,8 @@ use std::time::Duration;
 
 /// Largest receive window (the selective-ack bitmap covers this many packets).
 pub const MAX_WINDOW: u32 = (wire::SACK_WORDS * 64) as u32;
+/// Packet buffers kept for reuse.
+const POOL_BUFFERS: usize = 512;
 /// In-order packets that make an acknowledgement leave at once instead of delayed.
 const ACK_EVERY: u32 = 8;
 /// Earlier incarnations remembered per peer.
@@ -232,6 +234,9 @@ pub struct Core {
     closed: bool,
     /// Something may be sendable: set by every input, send and timeout; cleared by flush.
     flush_needed: bool,
+    /// Packet buffers to reuse (at most `POOL_BUFFERS`), so the data path does not call
+    /// the allocator per packet.
+    pool: Vec<Vec<u8>>,
 }
 
 impl Core {
@@ -270,6 +275,7 @@ impl Core {
             stats: Stats::default(),
             closed: false,
             flush_needed: false,
+            pool: Vec::new(),
         }
     }
 
@@ -1368,6 +1374,7 @@ impl Core {
                         if s.retx == 0 {
                             sample = Some(now.since_ns(s.sent_at));
                         }
+                        pool_give(&mut self.pool, s.bytes);
                     }
                 }
                 if let Some(rtt) = sample {
@@ -1632,7 +1639,7 @@ impl Core {
                 // Nothing was in flight: the unreachable clock starts now.
                 p.last_progress = now;
             }
-            let mut b = Vec::with_capacity(max_dgram);
+            let mut b = pool_take(&mut self.pool, max_dgram);
             wire::put_data_header(&mut b, &common, seq, p.rx_next, window);
             let Some(m) = p.queue.front_mut() else { break };
             let room;
@@ -1674,7 +1681,11 @@ impl Core {
             if !reliable {
                 p.unacked.push_back(SentPkt {
                     seq,
-                    bytes: b.clone(),
+                    bytes: {
+                        let mut copy = pool_take(&mut self.pool, b.len());
+                        copy.extend_from_slice(&b);
+                        copy
+                    },
                     sent_at: now,
                     retx: 0,
                     sacked: false,
@@ -1698,7 +1709,7 @@ impl Core {
                 let d = (s - base) as usize;
                 sack[d / 64] |= 1u64 << (d % 64);
             }
-            let mut b = Vec::with_capacity(72);
+            let mut b = pool_take(&mut self.pool, 72);
             wire::encode_packet(
                 &mut b,
                 &Packet::Ack {
@@ -1718,6 +1729,15 @@ impl Core {
         }
     }
 
+    /// Drops the first `n` datagrams of the outbox (the transport took them) and keeps
+    /// their buffers for reuse.
+    pub fn sent(&mut self, n: usize) {
+        let n = n.min(self.outbox.len());
+        for t in self.outbox.drain(..n) {
+            pool_give(&mut self.pool, t.bytes);
+        }
+    }
+
     /// Datagrams waiting for the transport, oldest first.
     pub fn outbox(&mut self) -> &mut VecDeque<Transmit> {
         &mut self.outbox
@@ -1731,6 +1751,25 @@ impl Core {
     /// Queues an upcall for a message that failed before reaching the wire.
     pub(crate) fn local_upcall(&mut self, u: Undeliverable) {
         self.upcall(u);
+    }
+}
+
+/// A cleared buffer from the pool (or a new one with room for `cap` bytes).
+fn pool_take(pool: &mut Vec<Vec<u8>>, cap: usize) -> Vec<u8> {
+    match pool.pop() {
+        Some(mut v) => {
+            v.reserve(cap);
+            v
+        }
+        None => Vec::with_capacity(cap),
+    }
+}
+
+/// Returns a buffer to the pool (dropped when the pool is full).
+fn pool_give(pool: &mut Vec<Vec<u8>>, mut v: Vec<u8>) {
+    if pool.len() < POOL_BUFFERS && v.capacity() <= 1 << 17 {
+        v.clear();
+        pool.push(v);
     }
 }
 
