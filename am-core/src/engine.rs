@@ -20,7 +20,6 @@ use crate::types::{Config, EndpointName, Stats, Tag, Time, MAX_ARGS};
 use crate::wire::{self, Class, Common, Frame, MsgHeader, MsgKind, Packet, TokenWire};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::Duration;
 
 /// Largest receive window (the selective-ack bitmap covers this many packets).
 pub const MAX_WINDOW: u32 = (wire::SACK_WORDS * 64) as u32;
@@ -664,6 +663,27 @@ impl Core {
     pub fn handle_datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
         self.flush_needed = true;
         self.stats.packets_received += 1;
+        // Another version is answered from the fixed common header alone: the rest of its
+        // packets may be laid out differently.
+        let common = match wire::parse_common(bytes) {
+            Ok(c) => c,
+            Err(_) => {
+                self.stats.malformed_dropped += 1;
+                return;
+            }
+        };
+        if common.version != self.cfg.protocol_version {
+            match common.kind {
+                wire::kind::HELLO => self.send_refused(from, common.src_inc, wire::refuse::VERSION),
+                wire::kind::REFUSED
+                    if bytes.get(wire::COMMON_LEN) == Some(&wire::refuse::VERSION) =>
+                {
+                    self.on_refused(from, common, wire::refuse::VERSION)
+                }
+                _ => self.stats.malformed_dropped += 1,
+            }
+            return;
+        }
         let pkt = match wire::parse_packet(bytes) {
             Ok(p) => p,
             Err(_) => {
@@ -671,28 +691,12 @@ impl Core {
                 return;
             }
         };
-        let common = match &pkt {
-            Packet::Hello { common, .. }
-            | Packet::Refused { common, .. }
-            | Packet::Data { common, .. }
-            | Packet::Ack { common, .. }
-            | Packet::Reset { common, .. } => *common,
-        };
-        if common.version != self.cfg.protocol_version {
-            match pkt {
-                Packet::Hello { .. } if common.kind == wire::kind::HELLO => {
-                    self.send_refused(from, common.src_inc, wire::refuse::VERSION)
-                }
-                Packet::Refused { reason, .. } if reason == wire::refuse::VERSION => {
-                    self.on_refused(from, common, reason)
-                }
-                _ => self.stats.malformed_dropped += 1,
-            }
-            return;
-        }
         match pkt {
-            // HELLO carries its first sequence number after the window (see `send_hello`).
-            Packet::Hello { common, window } => self.on_hello(from, common, window, bytes),
+            Packet::Hello {
+                common,
+                window,
+                start_seq,
+            } => self.on_hello(from, common, window, start_seq),
             Packet::Refused { common, reason } => self.on_refused(from, common, reason),
             Packet::Data {
                 common,
@@ -750,7 +754,7 @@ impl Core {
         self.push_packet(to, b);
     }
 
-    /// HELLO and HELLO_ACK are `common + window u32 + start_seq u64`.
+    /// Sends HELLO (open our direction) or HELLO_ACK (answer one).
     fn send_hello(&mut self, to: SocketAddr, kind: u8, dst_inc: u64, start_seq: u64) {
         let window = self.advertised_window();
         let mut b = Vec::with_capacity(40);
@@ -759,20 +763,13 @@ impl Core {
             &Packet::Hello {
                 common: self.common(kind, dst_inc),
                 window,
+                start_seq,
             },
         );
-        b.extend_from_slice(&start_seq.to_le_bytes());
         self.push_packet(to, b);
     }
 
-    fn on_hello(&mut self, from: SocketAddr, common: Common, window: u32, bytes: &[u8]) {
-        let start_seq = match bytes.get(wire::COMMON_LEN + 4..wire::COMMON_LEN + 12) {
-            Some(s) => u64::from_le_bytes(s.try_into().unwrap_or([0; 8])),
-            None => {
-                self.stats.malformed_dropped += 1;
-                return;
-            }
-        };
+    fn on_hello(&mut self, from: SocketAddr, common: Common, window: u32, start_seq: u64) {
         if start_seq == 0 || common.src_inc == 0 {
             self.stats.malformed_dropped += 1;
             return;
@@ -1828,9 +1825,4 @@ pub fn splitmix(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// Converts a duration to nanoseconds.
-pub fn ns(d: Duration) -> u64 {
-    d.as_nanos() as u64
 }

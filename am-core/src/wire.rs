@@ -82,12 +82,15 @@ pub struct Common {
 /// A parsed packet, borrowing the datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet<'a> {
-    /// HELLO or HELLO_ACK, with the sender's receive window.
+    /// HELLO or HELLO_ACK, with the sender's receive window and the first sequence number
+    /// it will send on this connection.
     Hello {
         /// Header.
         common: Common,
         /// Receive window in packets.
         window: u32,
+        /// The sender's next sequence number: everything below it is history.
+        start_seq: u64,
     },
     /// REFUSED with a reason.
     Refused {
@@ -171,6 +174,7 @@ pub fn parse_packet(b: &[u8]) -> Result<Packet<'_>, WireError> {
         kind::HELLO | kind::HELLO_ACK => Packet::Hello {
             common,
             window: u32_at(b, c)?,
+            start_seq: u64_at(b, c + 4)?,
         },
         kind::REFUSED => Packet::Refused {
             common,
@@ -221,9 +225,14 @@ pub fn put_common(out: &mut Vec<u8>, c: &Common) {
 /// Encodes a packet (for DATA, `frame` must already be encoded; see [`put_first`]).
 pub fn encode_packet(out: &mut Vec<u8>, p: &Packet<'_>) {
     match p {
-        Packet::Hello { common, window } => {
+        Packet::Hello {
+            common,
+            window,
+            start_seq,
+        } => {
             put_common(out, common);
             out.extend_from_slice(&window.to_le_bytes());
+            out.extend_from_slice(&start_seq.to_le_bytes());
         }
         Packet::Refused { common, reason } => {
             put_common(out, common);
@@ -555,6 +564,7 @@ mod tests {
             Packet::Hello {
                 common: common(kind::HELLO),
                 window: 9,
+                start_seq: 77,
             },
             Packet::Refused {
                 common: common(kind::REFUSED),

@@ -284,8 +284,14 @@ fn hello(src_inc: u64, start_seq: u64) -> Vec<u8> {
         dst_inc: 0,
     };
     let mut b = Vec::new();
-    wire::encode_packet(&mut b, &Packet::Hello { common, window: 16 });
-    b.extend_from_slice(&start_seq.to_le_bytes());
+    wire::encode_packet(
+        &mut b,
+        &Packet::Hello {
+            common,
+            window: 16,
+            start_seq,
+        },
+    );
     b
 }
 

@@ -88,8 +88,14 @@ fn forged_wrong_tag_datagram_never_runs_a_handler_and_is_counted() {
         src_inc: 12345,
         dst_inc: 0,
     };
-    wire::encode_packet(&mut hello, &Packet::Hello { common, window: 16 });
-    hello.extend_from_slice(&1u64.to_le_bytes());
+    wire::encode_packet(
+        &mut hello,
+        &Packet::Hello {
+            common,
+            window: 16,
+            start_seq: 1,
+        },
+    );
     forger.send_to(&hello, to).unwrap();
     pump(&mut b, Duration::from_millis(50));
     let mut buf = [0u8; 2048];
