@@ -732,7 +732,8 @@ pub fn check_would_block<H: Harness>(h: &mut H) -> CheckResult {
             return Err(format!("{sent} sends to a stalled receiver never blocked"));
         }
     }
-    let bound = a.core().memory_bound_per_peer();
+    let pool = crate::engine::POOL_BUFFERS * (a.transport().capabilities().max_datagram + 64);
+    let bound = a.core().memory_bound_per_peer() + pool;
     let used = a.memory_in_use();
     ensure(used <= bound, || {
         format!("sender holds {used} bytes, bound {bound}")

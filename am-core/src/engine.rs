@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 /// Largest receive window (the selective-ack bitmap covers this many packets).
 pub const MAX_WINDOW: u32 = (wire::SACK_WORDS * 64) as u32;
 /// Packet buffers kept for reuse.
-const POOL_BUFFERS: usize = 512;
+pub const POOL_BUFFERS: usize = 512;
 /// In-order packets that make an acknowledgement leave at once instead of delayed.
 const ACK_EVERY: u32 = 8;
 /// Earlier incarnations remembered per peer.
@@ -348,11 +348,13 @@ impl Core {
                 .iter()
                 .map(|t| t.bytes.capacity())
                 .sum::<usize>()
+            + self.pool.iter().map(Vec::capacity).sum::<usize>()
     }
 
-    /// The most bytes queued towards one peer: the send queue of full mediums plus a window
-    /// of packets awaiting acknowledgement. [`Core::memory_in_use`] stays under
-    /// `peers * memory_bound_per_peer()` plus the receive side's window.
+    /// The most bytes held for one peer: the send queue of full mediums (twice, for owed
+    /// replies and bounces), a window of packets awaiting acknowledgement, the receive
+    /// window and one medium being reassembled. [`Core::memory_in_use`] stays under
+    /// `peers * memory_bound_per_peer()` plus the packet pool (512 buffers of one datagram).
     pub fn memory_bound_per_peer(&self) -> usize {
         let msg = self.cfg.max_medium_bytes + std::mem::size_of::<OutMsg>();
         let pkt = self.caps.max_datagram + 48;
