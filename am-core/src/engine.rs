@@ -236,6 +236,8 @@ pub struct Core {
     /// Packet buffers to reuse (at most `POOL_BUFFERS`), so the data path does not call
     /// the allocator per packet.
     pool: Vec<Vec<u8>>,
+    /// The receive window advertised by the last flush.
+    last_window: u32,
 }
 
 impl Core {
@@ -275,6 +277,7 @@ impl Core {
             closed: false,
             flush_needed: false,
             pool: Vec::new(),
+            last_window: MAX_WINDOW,
         }
     }
 
@@ -917,6 +920,7 @@ impl Core {
         let max_window = self.cfg.recv_window_packets as u64;
         let dedup_off = self.cfg.testing_disable_dedup;
         let ack_delay = self.cfg.ack_delay;
+        let window_now = self.last_window;
         let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
@@ -931,7 +935,9 @@ impl Core {
             p.ack_now = true;
         } else {
             p.rx_since_ack += 1;
-            if p.rx_since_ack >= ACK_EVERY {
+            // With a small window (many active peers) half of it must not wait for the
+            // delayed acknowledgement, or the sender stalls.
+            if p.rx_since_ack >= ACK_EVERY.min((window_now / 2).max(1)) {
                 p.ack_now = true;
             }
         }
@@ -1593,6 +1599,7 @@ impl Core {
         }
         self.flush_needed = false;
         let window = self.advertised_window();
+        self.last_window = window;
         // Walk the peers without allocating (flush runs on every poll).
         let mut cursor = self.peers.keys().next().copied();
         while let Some(addr) = cursor {

@@ -309,3 +309,39 @@ fn a_late_hello_of_a_replaced_incarnation_is_stale() {
     let acks = b.outbox().drain(..).count();
     assert_eq!(acks, 2);
 }
+
+#[test]
+fn a_small_window_is_acknowledged_without_waiting_for_the_ack_delay() {
+    // A receiver whose budget allows only 4 packets in flight: if acknowledgements waited
+    // for the 500 us delay, 400 messages would take 400 / 4 * 500 us = 50 ms.
+    let mut h = SimHarness::new(11, Faults::none());
+    let mut a = h.endpoint(Config {
+        tag: Tag(1),
+        ..h.base_config()
+    });
+    let mut b = h.endpoint(Config {
+        tag: Tag(2),
+        recv_budget_packets: 4,
+        ..h.base_config()
+    });
+    a.map(0, b.name(), b.tag()).unwrap();
+    let got = Arc::new(Mutex::new(0u64));
+    let g = got.clone();
+    b.register(1, move |_, _| *g.lock().unwrap() += 1).unwrap();
+    let start = h.now();
+    for i in 0..400u64 {
+        a.send(0, Msg::small(1, &[i])).unwrap();
+    }
+    let g = got.clone();
+    assert!(
+        h.run(&mut [&mut a, &mut b], Duration::from_secs(5), &mut || *g
+            .lock()
+            .unwrap()
+            == 400)
+    );
+    let took = Duration::from_nanos(h.now().since_ns(start));
+    assert!(
+        took < Duration::from_millis(20),
+        "400 messages through a 4-packet window took {took:?}"
+    );
+}
