@@ -1672,9 +1672,13 @@ impl Core {
             m.sent += take;
             let done = m.sent >= m.total();
             p.next_seq += 1;
-            p.ack_needed = false;
-            p.ack_now = false;
-            p.rx_since_ack = 0;
+            if p.rx_buf.is_empty() {
+                // The data carries the acknowledgement. With a gap, a standalone ACK with
+                // its selective bitmap must still go, so the sender can repair the gap.
+                p.ack_needed = false;
+                p.ack_now = false;
+                p.rx_since_ack = 0;
+            }
             if done {
                 if let Some(mut m) = p.queue.pop_front() {
                     m.last_seq = seq;
