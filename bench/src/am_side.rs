@@ -95,6 +95,8 @@ pub fn real_pump<T: Transport + 'static>() -> Pump<T> {
 struct State {
     replies: AtomicU64,
     report: Mutex<Option<(u64, u64)>>,
+    /// The first message the layer returned (the server is unreachable, say).
+    failed: Mutex<Option<String>>,
 }
 
 /// A client measuring one server.
@@ -116,6 +118,12 @@ impl<T: Transport> AmClient<T> {
             s.replies.fetch_add(1, Ordering::Relaxed);
         })?;
         let s = state.clone();
+        ep.set_upcall(move |_, u| {
+            if let Ok(mut g) = s.failed.lock() {
+                g.get_or_insert(format!("{} (sending to {})", u.code, u.dest));
+            }
+        });
+        let s = state.clone();
         ep.register(REPORT, move |_, m| {
             if let Ok(mut g) = s.report.lock() {
                 *g = Some((m.args[0], m.args[1]));
@@ -133,6 +141,9 @@ impl<T: Transport> AmClient<T> {
         let start = Instant::now();
         while !done(&self.state) {
             (self.pump)(&mut self.ep, self.wait);
+            if let Some(e) = self.state.failed.lock().ok().and_then(|g| g.clone()) {
+                return Err(format!("a message came back: {e}"));
+            }
             if start.elapsed() > GIVE_UP {
                 return Err(format!(
                     "no progress for {GIVE_UP:?}: is the server running?"
