@@ -86,7 +86,6 @@ pub struct RawClient {
     server: SocketAddr,
     wait: Wait,
     buf: Vec<u8>,
-    never: AtomicBool,
 }
 
 impl RawClient {
@@ -104,22 +103,35 @@ impl RawClient {
             server,
             wait,
             buf: vec![0u8; MAX_DATAGRAM + 1],
-            never: AtomicBool::new(false),
         })
     }
 
     fn roundtrip(&mut self, msg: &[u8]) -> io::Result<()> {
         self.sock.send_to(msg, self.server)?;
+        let mut sent_at = Instant::now();
+        let start = sent_at;
         loop {
-            match recv(&self.sock, &mut self.buf, self.wait, &self.never) {
+            match self.sock.recv_from(&mut self.buf) {
                 Ok((n, _)) if n == msg.len() => return Ok(()),
                 Ok(_) => continue,
-                // A lost datagram: send again (loopback rarely loses).
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
                         || e.kind() == io::ErrorKind::TimedOut =>
                 {
-                    self.sock.send_to(msg, self.server)?;
+                    if start.elapsed() > Duration::from_secs(5) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the raw UDP server at {} does not answer", self.server),
+                        ));
+                    }
+                    // A lost datagram: send again (loopback rarely loses).
+                    if sent_at.elapsed() > Duration::from_millis(200) {
+                        self.sock.send_to(msg, self.server)?;
+                        sent_at = Instant::now();
+                    }
+                    if self.wait == Wait::Poll {
+                        std::hint::spin_loop();
+                    }
                 }
                 Err(e) => return Err(e),
             }
