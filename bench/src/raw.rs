@@ -185,7 +185,14 @@ impl RawClient {
         // Ask for the count until it comes (a report can be lost too).
         self.sock
             .set_read_timeout(Some(Duration::from_millis(100)))?;
+        let asked = Instant::now();
         let answer = loop {
+            if asked.elapsed() > Duration::from_secs(5) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the raw UDP server at {} does not report", self.server),
+                ));
+            }
             self.sock.send_to(b"R", self.server)?;
             match self.sock.recv_from(&mut self.buf) {
                 Ok((17, _)) if self.buf[0] == b'r' => break &self.buf[1..17],
