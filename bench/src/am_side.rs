@@ -137,13 +137,18 @@ impl<T: Transport> AmClient<T> {
         })
     }
 
+    fn check_failed(&self) -> Result<(), String> {
+        match self.state.failed.lock().ok().and_then(|g| g.clone()) {
+            Some(e) => Err(format!("a message came back: {e}")),
+            None => Ok(()),
+        }
+    }
+
     fn pump_until(&mut self, mut done: impl FnMut(&State) -> bool) -> Result<(), String> {
         let start = Instant::now();
         while !done(&self.state) {
             (self.pump)(&mut self.ep, self.wait);
-            if let Some(e) = self.state.failed.lock().ok().and_then(|g| g.clone()) {
-                return Err(format!("a message came back: {e}"));
-            }
+            self.check_failed()?;
             if start.elapsed() > GIVE_UP {
                 return Err(format!(
                     "no progress for {GIVE_UP:?}: is the server running?"
@@ -211,6 +216,7 @@ impl<T: Transport> AmClient<T> {
                 Ok(()) => sent += 1,
                 Err(AmError::WouldBlock) => {
                     (self.pump)(&mut self.ep, self.wait);
+                    self.check_failed()?;
                 }
                 Err(e) => return Err(e.to_string()),
             }
@@ -257,6 +263,7 @@ impl<T: Transport> AmClient<T> {
                 }
             }
             (self.pump)(&mut self.ep, self.wait);
+            self.check_failed()?;
         }
         let secs = start.elapsed().as_secs_f64();
         let done = self.state.replies.load(Ordering::Relaxed) - base;
