@@ -97,6 +97,8 @@ struct State {
     report: Mutex<Option<(u64, u64)>>,
     /// The first message the layer returned (the server is unreachable, say).
     failed: Mutex<Option<String>>,
+    /// Set with `failed`, so the hot loop checks an atomic, not a mutex.
+    any_failed: AtomicBool,
 }
 
 /// A client measuring one server.
@@ -122,6 +124,7 @@ impl<T: Transport> AmClient<T> {
             if let Ok(mut g) = s.failed.lock() {
                 g.get_or_insert(format!("{} (sending to {})", u.code, u.dest));
             }
+            s.any_failed.store(true, Ordering::Relaxed);
         });
         let s = state.clone();
         ep.register(REPORT, move |_, m| {
@@ -138,6 +141,9 @@ impl<T: Transport> AmClient<T> {
     }
 
     fn check_failed(&self) -> Result<(), String> {
+        if !self.state.any_failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         match self.state.failed.lock().ok().and_then(|g| g.clone()) {
             Some(e) => Err(format!("a message came back: {e}")),
             None => Ok(()),
