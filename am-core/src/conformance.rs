@@ -308,7 +308,12 @@ pub fn check_request_reply<H: Harness>(h: &mut H) -> CheckResult {
     );
     let v = take(&replies);
     ensure(ok && v.len() == 5, || {
-        format!("{} replies for 5 requests", v.len())
+        format!(
+            "{} replies for 5 requests; requester {:?}; replier {:?}",
+            v.len(),
+            a.stats(),
+            b.stats()
+        )
     })?;
     for (k, (x, body, refused, has_req)) in v.iter().enumerate() {
         let want = k as u64 * 10;

@@ -159,12 +159,13 @@ pub struct Endpoint<T: Transport> {
 impl<T: Transport> Endpoint<T> {
     /// A new endpoint on `transport`.
     pub fn new(transport: T, cfg: Config) -> Endpoint<T> {
-        let core = Core::new(
+        let mut core = Core::new(
             cfg.clone(),
             transport.capabilities(),
             transport.local_addr(),
             transport.seed(),
         );
+        core.set_now(transport.now());
         let mut handlers = Vec::with_capacity(cfg.handlers);
         handlers.resize_with(cfg.handlers, || None);
         Endpoint {
@@ -247,6 +248,7 @@ impl<T: Transport> Endpoint<T> {
 
     /// A context for sending from outside a handler.
     pub fn ctx(&mut self) -> Ctx<'_> {
+        self.core.set_now(self.transport.now());
         Ctx {
             core: &mut self.core,
             in_reply: false,
@@ -255,10 +257,13 @@ impl<T: Transport> Endpoint<T> {
 
     /// Sends a one-way message to the endpoint at `index`.
     pub fn send(&mut self, index: u16, msg: Msg<'_>) -> Result<MsgId, AmError> {
+        self.core.set_now(self.transport.now());
         self.core.send(index, &msg)
     }
-    /// Sends a request to the endpoint at `index`.
+    /// Sends a request to the endpoint at `index`. Its deadline counts from now, not from
+    /// the last poll.
     pub fn request(&mut self, index: u16, msg: Msg<'_>) -> Result<RequestId, AmError> {
+        self.core.set_now(self.transport.now());
         self.core.request(index, &msg)
     }
     /// Sends one request per target; `completion` runs once when all are in.
@@ -267,6 +272,7 @@ impl<T: Transport> Endpoint<T> {
         targets: &[(u16, Msg<'_>)],
         completion: impl FnOnce(&mut Ctx<'_>, Vec<GatherResult>) + Send + 'static,
     ) -> Result<(), AmError> {
+        self.core.set_now(self.transport.now());
         self.core.gather(targets, Box::new(completion))
     }
 

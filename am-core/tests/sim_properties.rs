@@ -345,3 +345,51 @@ fn a_small_window_is_acknowledged_without_waiting_for_the_ack_delay() {
         "400 messages through a 4-packet window took {took:?}"
     );
 }
+
+#[test]
+fn a_request_deadline_counts_from_the_send_not_from_the_last_poll() {
+    // Endpoints made late in a run, and a request sent before their first poll: its
+    // deadline must count from the send (an engine clock left at its last poll would
+    // time the request out at once).
+    let net = SimNet::new(12, Faults::none());
+    net.advance_to(Time(10_000_000_000));
+    let mut h = SimHarness {
+        net: net.clone(),
+        config: Config::default(),
+        bulk: 0,
+    };
+    let mut a = h.endpoint(Config {
+        tag: Tag(1),
+        request_timeout: Duration::from_secs(1),
+        ..Config::default()
+    });
+    let mut b = h.endpoint(Config {
+        tag: Tag(2),
+        ..Config::default()
+    });
+    a.map(0, b.name(), b.tag()).unwrap();
+    b.register(1, |ctx, mut m| {
+        if let Some(t) = m.token.take() {
+            let _ = ctx.reply(t, Msg::small(2, &[7]));
+        }
+    })
+    .unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    a.register(2, move |_, m| g.lock().unwrap().push(m.args[0]))
+        .unwrap();
+    let ups = Arc::new(Mutex::new(Vec::new()));
+    let u = ups.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push(x.code));
+    net.advance_to(Time(20_000_000_000)); // time passes before the application sends
+    a.request(0, Msg::small(1, &[])).unwrap();
+    let g = got.clone();
+    assert!(
+        h.run(&mut [&mut a, &mut b], Duration::from_secs(3), &mut || !g
+            .lock()
+            .unwrap()
+            .is_empty())
+    );
+    assert_eq!(*got.lock().unwrap(), vec![7]);
+    assert!(ups.lock().unwrap().is_empty(), "{:?}", ups.lock().unwrap());
+}

@@ -115,7 +115,12 @@ impl Drop for Namespaces {
 
 #[test]
 fn suite_between_two_namespaces_with_five_percent_loss() {
-    let ns = Namespaces::create(5);
+    let ns = Namespaces::create(
+        std::env::var("AM_NETNS_LOSS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5),
+    );
     let mut h = UdpHarness::new(vec![
         Site::Netns {
             name: ns.a.clone(),
