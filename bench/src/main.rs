@@ -212,9 +212,6 @@ fn measure_am<T: am_core::Transport + 'static>(
             rows.push(row);
         }
     }
-    if transport == "sim" {
-        return Ok(rows);
-    }
     if o.modes.iter().any(|m| m == "bandwidth") {
         for case in bandwidth_cases(o.quick)
             .into_iter()
@@ -443,7 +440,7 @@ fn local(args: &Args) -> Result<(), String> {
             )?);
         }
     }
-    if o.transports.iter().any(|t| t == "sim") && o.modes.iter().any(|m| m == "latency") {
+    if o.transports.iter().any(|t| t == "sim") {
         progress("am over the simulator (engine cost alone)");
         rows.extend(measure_am(&mut sim_client()?, "sim", Wait::Poll, &o)?);
     }
