@@ -2,7 +2,7 @@
 //!
 //! [`Core`] does no IO and reads no clock. A driver feeds it datagrams
 //! ([`Core::handle_datagram`]) and time ([`Core::handle_timeout`]), and takes out what it
-//! must transmit ([`Core::outbox`]) and what handlers must run ([`Core::next_event`]).
+//! must transmit ([`Core::outbox`]) and what handlers must run (the events that `Endpoint` dispatches).
 //!
 //! Per peer (one remote endpoint) it keeps one connection: a handshake that carries the
 //! protocol version, the virtual network and both incarnation numbers; on transports that
