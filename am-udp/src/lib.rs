@@ -50,6 +50,9 @@ pub struct UdpConfig {
     pub batch: usize,
     /// Spin instead of sleeping in `wait` (lower latency, one core busy).
     pub busy_poll: bool,
+    /// Let the kernel segment runs of full-size datagrams to one peer (UDP GSO); switched
+    /// off by itself if the path refuses it.
+    pub gso: bool,
     /// Socket receive buffer in bytes; default 8 MiB (forced as root).
     pub recv_buffer_bytes: usize,
     /// Socket send buffer in bytes; default 4 MiB.
@@ -62,6 +65,7 @@ impl Default for UdpConfig {
             mtu: 1500,
             batch: 32,
             busy_poll: false,
+            gso: true,
             recv_buffer_bytes: 8 << 20,
             send_buffer_bytes: 4 << 20,
         }
@@ -81,6 +85,10 @@ pub struct UdpStats {
     pub truncated: u64,
     /// Times `wait` slept in epoll.
     pub sleeps: u64,
+    /// Messages sent as one GSO (UDP segmentation offload) super-datagram.
+    pub gso_sends: u64,
+    /// GSO was refused by the path and switched off.
+    pub gso_disabled: bool,
 }
 
 struct EventFd(OwnedFd);
@@ -122,6 +130,10 @@ struct SendScratch {
     addrs: Vec<SockAddr>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
+    /// One control buffer per message (room for a UDP_SEGMENT cmsg), 8-byte aligned.
+    cmsgs: Vec<[u64; 4]>,
+    /// (first transmit, count, segment size) per message.
+    groups: Vec<(usize, usize, usize)>,
 }
 
 // SAFETY: the raw pointers are only meaningful during one `send_batch` call, which rebuilds
@@ -130,6 +142,7 @@ unsafe impl Send for SendScratch {}
 
 /// A UDP socket driving one endpoint.
 pub struct UdpTransport {
+    gso: bool,
     recv_hint: usize,
     send_scratch: SendScratch,
     socket: Socket,
@@ -269,6 +282,7 @@ impl UdpTransport {
         }
         Ok(UdpTransport {
             recv_hint: 1,
+            gso: cfg.gso,
             send_scratch: SendScratch::default(),
             socket,
             local,
@@ -396,30 +410,72 @@ impl Transport for UdpTransport {
     fn send_batch(&mut self, batch: &[Transmit]) -> Result<usize, TransportError> {
         let mut done = 0;
         while done < batch.len() {
-            let chunk = &batch[done..(done + self.cfg.batch).min(batch.len())];
-            // Scratch vectors are reused (no allocation per call); their pointers are
-            // rebuilt here for this call only.
+            // Group the datagrams: a run of full-size datagrams to one peer (the fragments
+            // of a bulk) goes as one GSO message the kernel segments; others go alone. One
+            // sendmmsg carries up to `batch` groups. Scratch vectors are reused; their
+            // pointers are rebuilt here for this call only.
             let sc = &mut self.send_scratch;
+            sc.groups.clear();
+            let mut j = done;
+            while j < batch.len() && sc.groups.len() < self.cfg.batch {
+                let seg = batch[j].bytes.len();
+                let max_segs = if self.gso {
+                    (65_507 / seg.max(1)).min(64)
+                } else {
+                    1
+                };
+                let mut k = j + 1;
+                while k < batch.len()
+                    && k - j < max_segs
+                    && batch[k].to == batch[j].to
+                    && batch[k - 1].bytes.len() == seg
+                    && batch[k].bytes.len() <= seg
+                    && !batch[k].bytes.is_empty()
+                {
+                    k += 1;
+                }
+                sc.groups.push((j, k - j, seg));
+                j = k;
+            }
             sc.addrs.clear();
             sc.iovs.clear();
             sc.hdrs.clear();
-            sc.addrs.extend(chunk.iter().map(|t| SockAddr::from(t.to)));
-            sc.iovs.extend(chunk.iter().map(|t| libc::iovec {
+            sc.cmsgs.clear();
+            sc.addrs.extend(
+                sc.groups
+                    .iter()
+                    .map(|&(start, _, _)| SockAddr::from(batch[start].to)),
+            );
+            sc.iovs.extend(batch[done..j].iter().map(|t| libc::iovec {
                 iov_base: t.bytes.as_ptr() as *mut libc::c_void,
                 iov_len: t.bytes.len(),
             }));
-            for i in 0..chunk.len() {
+            sc.cmsgs.resize(sc.groups.len(), [0u64; 4]);
+            for (g, &(start, count, seg)) in sc.groups.iter().enumerate() {
                 // SAFETY: msghdr is plain old data; the pointers below stay valid for the
                 // call (nothing resizes the scratch vectors until it returns).
                 let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = sc.addrs[i].as_ptr() as *mut libc::c_void;
-                h.msg_hdr.msg_namelen = sc.addrs[i].len();
-                h.msg_hdr.msg_iov = &mut sc.iovs[i];
-                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_name = sc.addrs[g].as_ptr() as *mut libc::c_void;
+                h.msg_hdr.msg_namelen = sc.addrs[g].len();
+                h.msg_hdr.msg_iov = &mut sc.iovs[start - done];
+                h.msg_hdr.msg_iovlen = count;
+                if count > 1 {
+                    // SAFETY: the cmsg buffer is 32 aligned bytes, room for one u16 cmsg.
+                    unsafe {
+                        let space = libc::CMSG_SPACE(2) as usize;
+                        h.msg_hdr.msg_control = sc.cmsgs[g].as_mut_ptr() as *mut libc::c_void;
+                        h.msg_hdr.msg_controllen = space;
+                        let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg as u16);
+                    }
+                }
                 sc.hdrs.push(h);
             }
             self.stats.send_calls += 1;
-            // SAFETY: hdrs, iovs and addrs outlive the call; lengths match.
+            // SAFETY: hdrs, iovs, addrs and cmsgs outlive the call; lengths match.
             let n = unsafe {
                 libc::sendmmsg(
                     self.socket.as_raw_fd(),
@@ -430,19 +486,37 @@ impl Transport for UdpTransport {
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
+                let gso_used = sc.groups.first().is_some_and(|g| g.1 > 1);
                 match e.kind() {
                     io::ErrorKind::WouldBlock => return Ok(done),
                     io::ErrorKind::Interrupted => continue,
+                    _ if gso_used
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                        ) =>
+                    {
+                        // The path cannot segment for us: send datagram by datagram.
+                        self.gso = false;
+                        self.stats.gso_disabled = true;
+                        continue;
+                    }
                     _ => {
                         // This datagram cannot go (unreachable network, refused...): drop
                         // it, count it, and go on; the engine's timers handle the loss.
                         self.stats.send_errors += 1;
-                        done += 1;
+                        done += sc.groups.first().map_or(1, |g| g.1);
                         continue;
                     }
                 }
             }
-            done += n as usize;
+            let sent: usize = sc.groups[..n as usize].iter().map(|g| g.1).sum();
+            self.stats.gso_sends +=
+                sc.groups[..n as usize].iter().filter(|g| g.1 > 1).count() as u64;
+            done += sent;
+            if (n as usize) < sc.groups.len() {
+                return Ok(done);
+            }
         }
         Ok(done)
     }

@@ -249,6 +249,9 @@ fn bulk_to_one_receiver(senders: usize, size: usize) -> (u64, u64) {
                 assert!(start.elapsed() < Duration::from_secs(60), "bulk send stuck");
             }
             let s = tx.stats();
+            let u = tx.transport().stats();
+            assert!(!u.gso_disabled, "the kernel refused UDP GSO on loopback");
+            assert!(u.gso_sends > 0, "bulk fragments did not go as GSO messages");
             (s.bytes_sent, s.bytes_retransmitted, start.elapsed())
         }));
     }

@@ -13,6 +13,14 @@ fn suite_over_ipv4_loopback() {
 }
 
 #[test]
+fn suite_over_ipv4_loopback_without_gso() {
+    // The datagram-by-datagram path (used where a path refuses UDP segmentation offload).
+    let mut h = UdpHarness::loopback();
+    h.udp.gso = false;
+    run_suite(&mut h).unwrap();
+}
+
+#[test]
 fn suite_over_ipv6_loopback() {
     let mut h = UdpHarness::new(vec![Site::Local("::1".parse().unwrap())]);
     run_suite(&mut h).unwrap();
