@@ -4,7 +4,7 @@
 //! parsed into a [`Row`] of round-trip latency (tools that print one-way latency are
 //! doubled, and the row says so).
 
-use crate::cases::{Class, Wait};
+use crate::cases::{Case, Class, Wait};
 use crate::report::Row;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -99,28 +99,14 @@ fn row(
     p99: Option<f64>,
     note: &str,
 ) -> Row {
-    let per_s = if p50 > 0.0 { 1e6 / p50 } else { 0.0 };
-    Row {
-        system: system.into(),
-        transport: transport.into(),
-        mode: "latency".into(),
-        wait,
-        class: if size == 0 {
-            Class::Small0
-        } else {
-            Class::Medium
-        },
-        size_bytes: size,
-        p50_us: Some(p50),
-        p99_us: p99,
-        p999_us: None,
-        max_us: None,
-        msgs_per_s: per_s,
-        mb_per_s: per_s * size as f64 * 2.0 / 1e6,
-        samples: 0,
-        vs_raw: None,
-        note: note.into(),
-    }
+    let class = if size == 0 {
+        Class::Small0
+    } else {
+        Class::Medium
+    };
+    let mut r = Row::latency_p50(system, transport, wait, Case { class, size }, p50, p99);
+    r.note = note.into();
+    r
 }
 
 /// The number after `key` on the first line containing it.

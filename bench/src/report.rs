@@ -51,8 +51,24 @@ impl Row {
         h: &Histogram<u64>,
     ) -> Row {
         let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        let p50 = us(0.5);
-        let per_s = if p50 > 0.0 { 1e6 / p50 } else { 0.0 };
+        let mut r = Row::latency_p50(system, transport, wait, case, us(0.5), Some(us(0.99)));
+        r.p999_us = Some(us(0.999));
+        r.max_us = Some(h.max() as f64 / 1000.0);
+        r.samples = h.len();
+        r
+    }
+
+    /// A latency row from a median round trip in microseconds (and a 99th percentile, when
+    /// the tool prints one), as the peers report it.
+    pub fn latency_p50(
+        system: &str,
+        transport: &str,
+        wait: Wait,
+        case: Case,
+        p50_us: f64,
+        p99_us: Option<f64>,
+    ) -> Row {
+        let per_s = if p50_us > 0.0 { 1e6 / p50_us } else { 0.0 };
         Row {
             system: system.into(),
             transport: transport.into(),
@@ -60,13 +76,13 @@ impl Row {
             wait,
             class: case.class,
             size_bytes: case.size,
-            p50_us: Some(p50),
-            p99_us: Some(us(0.99)),
-            p999_us: Some(us(0.999)),
-            max_us: Some(h.max() as f64 / 1000.0),
+            p50_us: Some(p50_us),
+            p99_us,
+            p999_us: None,
+            max_us: None,
             msgs_per_s: per_s,
             mb_per_s: per_s * case.size as f64 * 2.0 / 1e6,
-            samples: h.len(),
+            samples: 0,
             vs_raw: None,
             note: String::new(),
         }
