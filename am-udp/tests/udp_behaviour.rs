@@ -362,3 +362,53 @@ fn the_event_mask_chooses_what_wakes_wait_and_other_fds_join_the_epoll_set() {
     b.transport().remove_source(efd).unwrap();
     unsafe { libc::close(efd) };
 }
+
+#[test]
+fn gro_coalesced_receives_are_split_back_into_datagrams() {
+    let udp = UdpConfig {
+        gro: true,
+        ..UdpConfig::default()
+    };
+    let rx_t = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), udp.clone()).unwrap();
+    let mut rx = Endpoint::new(
+        rx_t,
+        Config {
+            tag: Tag(9),
+            segment_bytes: 8 << 20,
+            ..Config::default()
+        },
+    );
+    let mut tx = endpoint(1, 8 << 20);
+    tx.map(0, rx.name(), rx.tag()).unwrap();
+    let data = pattern(77, 8 << 20);
+    tx.segment_mut().copy_from_slice(&data);
+    let ok = Arc::new(Mutex::new(None));
+    let o = ok.clone();
+    rx.register(3, move |ctx, m| {
+        let (off, len) = m.bulk.unwrap();
+        *o.lock().unwrap() =
+            Some(ctx.segment()[off as usize..off as usize + len] == pattern(77, len)[..]);
+    })
+    .unwrap();
+    tx.send(0, Msg::bulk(3, &[], &[(0, 8 << 20)], 0)).unwrap();
+    let start = Instant::now();
+    while ok.lock().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "bulk did not land"
+        );
+        tx.poll(256).unwrap();
+        rx.poll(256).unwrap();
+    }
+    assert_eq!(
+        *ok.lock().unwrap(),
+        Some(true),
+        "bytes differ after GRO splitting"
+    );
+    assert!(tx.transport().stats().gso_sends > 0);
+    assert!(
+        rx.transport().stats().gro_buffers > 0,
+        "no receive was GRO-coalesced"
+    );
+    assert_eq!(rx.stats().malformed_dropped, 0);
+}

@@ -21,6 +21,14 @@ fn suite_over_ipv4_loopback_without_gso() {
 }
 
 #[test]
+fn suite_over_ipv4_loopback_with_gro() {
+    // Receives coalesced by UDP_GRO are split back into datagrams by the driver.
+    let mut h = UdpHarness::loopback();
+    h.udp.gro = true;
+    run_suite(&mut h).unwrap();
+}
+
+#[test]
 fn suite_over_ipv6_loopback() {
     let mut h = UdpHarness::new(vec![Site::Local("::1".parse().unwrap())]);
     run_suite(&mut h).unwrap();

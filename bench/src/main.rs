@@ -36,6 +36,8 @@ OPTIONS:
   --warmup N                         round trips discarded first (default 2000; quick 200)
   --outstanding N                    requests in flight in rate mode (default 32)
   --mtu N                            path MTU for am-udp (default 1500)
+  --gro                              let am-udp take GRO-coalesced receives (UDP_GRO):
+                                     more throughput, slower small round trips
   --bw-mib N                         MiB streamed per bandwidth row (default 256; quick 64)
   --max-size N                       skip messages larger than N bytes
   --out DIR                          results folder (default bench/results): am-bench.json,
@@ -83,6 +85,7 @@ struct Opts {
     mtu: usize,
     bw_mib: usize,
     max_size: usize,
+    gro: bool,
 }
 
 fn opts(args: &Args) -> Result<Opts, String> {
@@ -118,6 +121,7 @@ fn opts(args: &Args) -> Result<Opts, String> {
         mtu: args.parse("--mtu", 1500)?,
         bw_mib: args.parse("--bw-mib", if quick { 64 } else { 256 })?,
         max_size: args.parse("--max-size", usize::MAX)?,
+        gro: args.flag("--gro"),
     })
 }
 
@@ -140,9 +144,10 @@ fn main() {
     }
 }
 
-fn udp_config(mtu: usize) -> UdpConfig {
+fn udp_config(mtu: usize, gro: bool) -> UdpConfig {
     UdpConfig {
         mtu,
+        gro,
         ..UdpConfig::default()
     }
 }
@@ -154,8 +159,11 @@ fn server(args: &Args) -> Result<(), String> {
     let stop = AtomicBool::new(false);
     match args.value("--system").as_deref() {
         Some("am") => {
-            let t = UdpTransport::bind(bind, udp_config(args.parse("--mtu", 1500)?))
-                .map_err(|e| e.to_string())?;
+            let t = UdpTransport::bind(
+                bind,
+                udp_config(args.parse("--mtu", 1500)?, args.flag("--gro")),
+            )
+            .map_err(|e| e.to_string())?;
             let mut ep = Endpoint::new(t, am_side::config(am_side::SERVER_TAG));
             am_side::make_server(&mut ep).map_err(|e| e.to_string())?;
             println!("listening {}", ep.name().addr);
@@ -303,13 +311,14 @@ fn am_udp_client(
     server: SocketAddr,
     wait: Wait,
     mtu: usize,
+    gro: bool,
 ) -> Result<AmClient<UdpTransport>, String> {
     let bind = if server.is_ipv4() {
         "0.0.0.0:0"
     } else {
         "[::]:0"
     };
-    let t = UdpTransport::bind(bind.parse().map_err(|_| "addr")?, udp_config(mtu))
+    let t = UdpTransport::bind(bind.parse().map_err(|_| "addr")?, udp_config(mtu, gro))
         .map_err(|e| e.to_string())?;
     let mut ep = Endpoint::new(t, am_side::config(Tag(1)));
     ep.map(
@@ -335,7 +344,7 @@ fn client(args: &Args) -> Result<(), String> {
     for &wait in &o.waits {
         match args.value("--system").as_deref() {
             Some("am") => rows.extend(measure_am(
-                &mut am_udp_client(server, wait, o.mtu)?,
+                &mut am_udp_client(server, wait, o.mtu, o.gro)?,
                 "udp",
                 wait,
                 &o,
@@ -350,7 +359,7 @@ fn client(args: &Args) -> Result<(), String> {
 struct ServerProcess(Child, SocketAddr);
 
 impl ServerProcess {
-    fn start(system: &str, wait: Wait, mtu: usize) -> Result<ServerProcess, String> {
+    fn start(system: &str, wait: Wait, mtu: usize, gro: bool) -> Result<ServerProcess, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
             .args([
@@ -362,6 +371,7 @@ impl ServerProcess {
                 "--mtu",
                 &mtu.to_string(),
             ])
+            .args(gro.then_some("--gro"))
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the server process: {e}"))?;
@@ -422,7 +432,7 @@ fn local(args: &Args) -> Result<(), String> {
     let mut rows = Vec::new();
     if o.transports.iter().any(|t| t == "udp") {
         for &wait in &o.waits {
-            let raw_server = ServerProcess::start("raw", wait, o.mtu)?;
+            let raw_server = ServerProcess::start("raw", wait, o.mtu, o.gro)?;
             progress(&format!(
                 "raw-udp server at {} ({})",
                 raw_server.1,
@@ -430,10 +440,10 @@ fn local(args: &Args) -> Result<(), String> {
             ));
             rows.extend(measure_raw(raw_server.1, wait, &o)?);
             drop(raw_server);
-            let am_server = ServerProcess::start("am", wait, o.mtu)?;
+            let am_server = ServerProcess::start("am", wait, o.mtu, o.gro)?;
             progress(&format!("am server at {} ({})", am_server.1, wait.name()));
             rows.extend(measure_am(
-                &mut am_udp_client(am_server.1, wait, o.mtu)?,
+                &mut am_udp_client(am_server.1, wait, o.mtu, o.gro)?,
                 "udp",
                 wait,
                 &o,
