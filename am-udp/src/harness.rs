@@ -1,5 +1,9 @@
 //! A conformance [`Harness`] over real UDP sockets: on loopback, or spread over network
 //! namespaces (each endpoint bound inside one, round-robin).
+//!
+//! Test code shipped in the library so other crates' tests can use it: a failure to bind
+//! (a missing namespace, a taken port) panics with the address and the OS error, because
+//! the `Harness` trait makes endpoints infallibly and a test cannot go on without them.
 
 use crate::{UdpConfig, UdpTransport};
 use am_core::conformance::Harness;
