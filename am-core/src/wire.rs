@@ -276,14 +276,6 @@ pub fn put_data_header(out: &mut Vec<u8>, c: &Common, seq: u64, ack: u64, window
     out.extend_from_slice(&window.to_le_bytes());
 }
 
-/// Rewrites the piggybacked ack and window of an encoded DATA packet (on retransmission).
-pub fn patch_data_ack(pkt: &mut [u8], ack: u64, window: u32) {
-    if pkt.len() >= DATA_HDR_LEN {
-        pkt[COMMON_LEN + 8..COMMON_LEN + 16].copy_from_slice(&ack.to_le_bytes());
-        pkt[COMMON_LEN + 16..COMMON_LEN + 20].copy_from_slice(&window.to_le_bytes());
-    }
-}
-
 /// Frame kinds inside DATA.
 pub mod frame {
     /// The first (or only) fragment of a message, with the full message header.
@@ -473,11 +465,6 @@ pub fn put_first(out: &mut Vec<u8>, h: &MsgHeader, args: &[u64], token: Option<&
 pub fn put_cont(out: &mut Vec<u8>, frag_off: u32) {
     out.extend_from_slice(&[frame::CONT, 0, 0, 0]);
     out.extend_from_slice(&frag_off.to_le_bytes());
-}
-
-/// Bytes a FIRST frame header takes before its payload.
-pub fn first_overhead(nargs: usize, token: bool) -> usize {
-    FIRST_HDR_LEN + 8 * nargs + if token { TOKEN_LEN } else { 0 }
 }
 
 /// Parses a frame.

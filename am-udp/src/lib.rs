@@ -270,19 +270,7 @@ impl UdpTransport {
         let batch = cfg.batch.clamp(1, 1024);
         // GRO: the kernel may hand us several datagrams of one peer as one buffer with
         // their segment size (on loopback, a GSO send arrives whole).
-        let gro = cfg.gro && {
-            let one: libc::c_int = 1;
-            // SAFETY: setsockopt with a valid int.
-            unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_UDP,
-                    UDP_GRO,
-                    &one as *const libc::c_int as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                ) == 0
-            }
-        };
+        let gro = cfg.gro && set_int_option(&socket, libc::SOL_UDP, UDP_GRO, 1);
         let buf_len = if gro { 65_536 } else { max + 64 };
         let mut recv = RecvBufs {
             bufs: (0..batch).map(|_| vec![0u8; buf_len]).collect(),
@@ -399,16 +387,26 @@ impl UdpTransport {
 }
 
 fn force_buffer(socket: &Socket, opt: libc::c_int, bytes: usize) {
-    let v = bytes as libc::c_int;
-    // SAFETY: setsockopt with a valid int; failure (not root) is harmless.
+    // Failure (not root) is harmless: the unforced size set before stands.
+    let _ = set_int_option(socket, libc::SOL_SOCKET, opt, bytes as libc::c_int);
+}
+
+/// Sets an integer socket option; true if the kernel took it.
+fn set_int_option(
+    socket: &Socket,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> bool {
+    // SAFETY: setsockopt with a pointer to a live int and its size.
     unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             opt,
-            &v as *const libc::c_int as *const libc::c_void,
+            &value as *const libc::c_int as *const libc::c_void,
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        ) == 0
     }
 }
 

@@ -88,6 +88,15 @@ fn endpoint(tag: u64) -> Endpoint<UdpTransport> {
     )
 }
 
+/// Maps the pingpong server (its default tag 7) at index 0.
+fn map_server(ep: &mut Endpoint<UdpTransport>, server: &Server) {
+    let name = EndpointName {
+        addr: server.addr,
+        vnet: 0,
+    };
+    ep.map(0, name, Tag(7)).unwrap();
+}
+
 fn run_until(
     eps: &mut [&mut Endpoint<UdpTransport>],
     limit: Duration,
@@ -154,15 +163,7 @@ fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
     let server = Server::start(&["--bind", "127.0.0.1:0", "--log-handled"]);
     let mut a = endpoint(1);
     let mut c = endpoint(3);
-    a.map(
-        0,
-        EndpointName {
-            addr: server.addr,
-            vnet: 0,
-        },
-        Tag(7),
-    )
-    .unwrap();
+    map_server(&mut a, &server);
     a.map(1, c.name(), c.tag()).unwrap();
     let at_c = Arc::new(Mutex::new(Vec::new()));
     let g = at_c.clone();
@@ -270,15 +271,7 @@ fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
 fn a_peer_of_another_protocol_version_is_refused_naming_both() {
     let server = Server::start(&["--bind", "127.0.0.1:0", "--protocol-version", "9"]);
     let mut a = endpoint(1);
-    a.map(
-        0,
-        EndpointName {
-            addr: server.addr,
-            vnet: 0,
-        },
-        Tag(7),
-    )
-    .unwrap();
+    map_server(&mut a, &server);
     let ups: Arc<Mutex<Vec<Undeliverable>>> = Arc::default();
     let u = ups.clone();
     a.set_upcall(move |_, x| u.lock().unwrap().push(x));
