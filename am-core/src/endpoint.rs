@@ -4,7 +4,7 @@
 use crate::api::{GatherResult, Incoming, Msg, MsgId, ReplyToken, RequestId, Undeliverable};
 use crate::engine::{Core, Event};
 use crate::error::{AmError, ErrorCode, TransportError};
-use crate::transport::{EventMask, Notify, Transport};
+use crate::transport::{EventMask, Notify, SegmentMemory, Transport};
 use crate::types::{Config, EndpointName, Stats, Tag, MAX_ARGS};
 use crate::wire::MsgKind;
 use crossbeam_queue::ArrayQueue;
@@ -145,8 +145,10 @@ impl EndpointHandle {
 
 /// An Active Messages endpoint over transport `T`.
 pub struct Endpoint<T: Transport> {
-    core: Core,
+    // Field order is drop order: the transport (which may have registered the segment with
+    // a device) goes before the core that owns the segment.
     transport: T,
+    core: Core,
     handlers: Vec<Option<Handler>>,
     upcall: Option<Upcall>,
     bulk_free: Option<BulkFree>,
@@ -154,6 +156,7 @@ pub struct Endpoint<T: Transport> {
     handle_held: Option<HandleMsg>,
     notifier: Arc<dyn Notify>,
     mask: EventMask,
+    failed: Option<TransportError>,
 }
 
 impl<T: Transport> Endpoint<T> {
@@ -166,6 +169,12 @@ impl<T: Transport> Endpoint<T> {
             transport.seed(),
         );
         core.set_now(transport.now());
+        let mut transport = transport;
+        let segment = SegmentMemory {
+            ptr: core.segment.as_mut_ptr(),
+            len: core.segment.len(),
+        };
+        let failed = transport.attach(cfg.tag.0, segment).err();
         let mut handlers = Vec::with_capacity(cfg.handlers);
         handlers.resize_with(cfg.handlers, || None);
         Endpoint {
@@ -178,6 +187,17 @@ impl<T: Transport> Endpoint<T> {
             notifier: transport.notifier(),
             transport,
             mask: EventMask::default(),
+            failed,
+        }
+    }
+
+    /// A new endpoint on `transport`, or why the transport could not take the endpoint's
+    /// segment (for RDMA: memory registration; raise `ulimit -l`).
+    pub fn try_new(transport: T, cfg: Config) -> Result<Endpoint<T>, TransportError> {
+        let ep = Endpoint::new(transport, cfg);
+        match ep.failed.clone() {
+            Some(e) => Err(e),
+            None => Ok(ep),
         }
     }
 
@@ -315,6 +335,9 @@ impl<T: Transport> Endpoint<T> {
     /// Runs pending work without blocking: handle sends, up to `budget` datagrams, due
     /// timers, handlers, then transmits. Returns how much work it found.
     pub fn poll(&mut self, budget: usize) -> Result<usize, TransportError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
         let now = self.transport.now();
         self.core.set_now(now);
         let mut work = self.drain_handle(budget);
@@ -325,6 +348,8 @@ impl<T: Transport> Endpoint<T> {
         work += self
             .transport
             .recv_batch(budget, &mut |from, bytes| core.handle_datagram(from, bytes))?;
+        let core = &mut self.core;
+        self.transport.take_failed(&mut |addr| core.peer_failed(addr));
         if self.core.poll_timeout().is_some_and(|t| t <= now) {
             self.core.handle_timeout(now);
         }

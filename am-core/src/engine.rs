@@ -15,7 +15,7 @@ use crate::api::{
     Body, GatherReply, GatherResult, Msg, MsgId, ReplyToken, RequestId, Undeliverable,
 };
 use crate::error::{AmError, ErrorCode};
-use crate::transport::{Capabilities, Transmit};
+use crate::transport::{BulkWrite, Capabilities, Transmit};
 use crate::types::{Config, EndpointName, Stats, Tag, Time, MAX_ARGS};
 use crate::wire::{self, Class, Common, Frame, MsgHeader, MsgKind, Packet, TokenWire};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -742,9 +742,19 @@ impl Core {
     }
 
     fn push_packet(&mut self, to: SocketAddr, bytes: Vec<u8>) {
+        self.push_packet_with(to, bytes, None);
+    }
+
+    fn push_packet_with(&mut self, to: SocketAddr, bytes: Vec<u8>, bulk: Option<BulkWrite>) {
         self.stats.packets_sent += 1;
-        self.stats.bytes_sent += bytes.len() as u64;
-        self.outbox.push_back(Transmit { to, bytes });
+        self.stats.bytes_sent += bytes.len() as u64 + bulk.as_ref().map_or(0, |b| b.len as u64);
+        self.outbox.push_back(Transmit { to, bytes, bulk });
+    }
+
+    /// Returns everything outstanding towards `addr` through the upcall as `Unreachable`
+    /// (the transport saw the path to it fail).
+    pub fn peer_failed(&mut self, addr: SocketAddr) {
+        self.fail_all(addr, ErrorCode::Unreachable);
     }
 
     fn send_refused(&mut self, to: SocketAddr, dst_inc: u64, reason: u8) {
@@ -1071,6 +1081,14 @@ impl Core {
                 };
                 if keep && hdr.class == Class::Medium {
                     r.buf.reserve_exact(hdr.total_len as usize);
+                }
+                if self.caps.bulk_placement
+                    && hdr.class == Class::Bulk
+                    && hdr.kind != MsgKind::Bounce
+                {
+                    // The transport placed the data (or, for a refused tag or range, the
+                    // sender's transport sent the header alone): no fragments follow.
+                    r.received = hdr.total_len as usize;
                 }
                 self.absorb(&mut r, payload, keep);
                 self.finish_or_park(from, r);
@@ -1623,6 +1641,7 @@ impl Core {
         }
         let max_dgram = self.caps.max_datagram;
         let reliable = self.caps.reliable;
+        let placement = self.caps.bulk_placement;
         loop {
             let Some(p) = self.peers.get_mut(&addr) else {
                 return;
@@ -1662,7 +1681,21 @@ impl Core {
                 wire::put_cont(&mut b, m.sent as u32);
                 room = max_dgram.saturating_sub(b.len()).max(64);
             }
-            let take = room.min(m.total() - m.sent);
+            let placed = placement && m.hdr.class == Class::Bulk && m.hdr.kind != MsgKind::Bounce;
+            let take = if placed {
+                0
+            } else {
+                room.min(m.total() - m.sent)
+            };
+            let bulk = placed.then(|| BulkWrite {
+                tag: m.hdr.dst_tag,
+                src: m.bulk_src.clone(),
+                dst_offset: m.hdr.bulk_off,
+                len: m.total(),
+            });
+            if placed {
+                m.sent = m.total();
+            }
             match m.hdr.class {
                 Class::Bulk if m.hdr.kind != MsgKind::Bounce => {
                     copy_ranges(&self.segment, &m.bulk_src, m.sent, take, &mut b)
@@ -1704,7 +1737,7 @@ impl Core {
                     p.rto_at = Some(Time(now.0 + p.rto_ns(&self.cfg)));
                 }
             }
-            self.push_packet(addr, b);
+            self.push_packet_with(addr, b, bulk);
         }
         let Some(p) = self.peers.get_mut(&addr) else {
             return;

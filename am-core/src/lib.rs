@@ -28,6 +28,8 @@ pub use api::{
 };
 pub use endpoint::{Ctx, Endpoint, EndpointHandle};
 pub use error::{AmError, ErrorCode, TransportError};
-pub use transport::{Capabilities, EventMask, Notify, Transmit, Transport};
+pub use transport::{
+    BulkWrite, Capabilities, EventMask, Notify, SegmentMemory, Transmit, Transport,
+};
 pub use types::{Config, EndpointName, Stats, Tag, Time, MAX_ARGS, PROTOCOL_VERSION};
 pub use wire::MsgKind;

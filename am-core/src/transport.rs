@@ -55,6 +55,36 @@ pub struct Transmit {
     pub to: SocketAddr,
     /// Bytes.
     pub bytes: Vec<u8>,
+    /// Only with [`Capabilities::bulk_placement`]: the datagram is the header of a bulk
+    /// message whose data the transport must place in the receiver's segment itself. The
+    /// receiving transport delivers the header only once the data is in place.
+    pub bulk: Option<BulkWrite>,
+}
+
+/// Bulk data for the transport to place (RDMA WRITE with immediate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BulkWrite {
+    /// The tag the message presents to its destination. The transport places data only at
+    /// a peer that accepted this tag; otherwise it sends the header alone and the receiving
+    /// engine rejects the message (`BadTag`).
+    pub tag: u64,
+    /// Source ranges `(offset, len)` in the sender's segment.
+    pub src: Vec<(usize, usize)>,
+    /// Offset in the receiver's segment.
+    pub dst_offset: u64,
+    /// Total length.
+    pub len: usize,
+}
+
+/// The endpoint memory a transport may register with its device: the segment. Valid for as
+/// long as the transport lives (the endpoint drops its transport before the segment); it
+/// never moves.
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentMemory {
+    /// Start of the segment.
+    pub ptr: *mut u8,
+    /// Its length in bytes.
+    pub len: usize,
 }
 
 /// A datagram driver.
@@ -81,4 +111,17 @@ pub trait Transport {
     fn wait(&mut self, timeout: Option<Duration>, mask: EventMask) -> Result<(), TransportError>;
     /// A waker that other threads may use.
     fn notifier(&self) -> Arc<dyn Notify>;
+    /// Tells the transport its endpoint's tag and segment, once, before any other call but
+    /// `capabilities`, `local_addr`, `now`, `seed` and `notifier`. A transport with
+    /// [`Capabilities::bulk_placement`] registers the segment here and grants remote access
+    /// only to peers that present `tag`.
+    fn attach(&mut self, tag: u64, segment: SegmentMemory) -> Result<(), TransportError> {
+        let _ = (tag, segment);
+        Ok(())
+    }
+    /// Peers the transport has seen fail (a queue pair error); the endpoint returns what is
+    /// outstanding to them through the error upcall as `Unreachable`.
+    fn take_failed(&mut self, failed: &mut dyn FnMut(SocketAddr)) {
+        let _ = failed;
+    }
 }
