@@ -751,10 +751,12 @@ impl Core {
         self.outbox.push_back(Transmit { to, bytes, bulk });
     }
 
-    /// Returns everything outstanding towards `addr` through the upcall as `Unreachable`
-    /// (the transport saw the path to it fail).
+    /// The transport lost the path to `addr` (a queue pair error, or a connection replaced
+    /// because the peer restarted): what was sent on it may be lost, so every message sent
+    /// and not acknowledged returns through the upcall as `Unreachable`. Queued messages
+    /// stay; the send direction re-opens with a HELLO.
     pub fn peer_failed(&mut self, addr: SocketAddr) {
-        self.fail_all(addr, ErrorCode::Unreachable);
+        self.fail_sent(addr, ErrorCode::Unreachable);
     }
 
     fn send_refused(&mut self, to: SocketAddr, dst_inc: u64, reason: u8) {

@@ -1,0 +1,157 @@
+//! The `am-core` conformance suite and bulk placement over real verbs. These tests need an
+//! RDMA device whose netdev has `AM_RDMA_ADDR` (default 10.99.0.1): they run in the
+//! SoftRoCE VM (`bash scripts/verbs-tests.sh`), where `AM_RDMA_REQUIRE=1` makes a missing
+//! device a failure; elsewhere they say they were skipped.
+
+use am_core::conformance::{run_suite, Harness};
+use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Undeliverable};
+use am_rdma::harness::{skip_without_device, RdmaHarness};
+use am_rdma::RdmaTransport;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn pattern(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// rxe0's hardware counters (whatever this kernel exposes), by name.
+fn hw_counters(dev: &str) -> BTreeMap<String, u64> {
+    let dir = format!("/sys/class/infiniband/{dev}/ports/1/hw_counters");
+    let mut m = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            if let Ok(s) = std::fs::read_to_string(e.path()) {
+                if let Ok(v) = s.trim().parse() {
+                    m.insert(e.file_name().to_string_lossy().into_owned(), v);
+                }
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn conformance_suite_over_verbs() {
+    if skip_without_device("conformance_suite_over_verbs") {
+        return;
+    }
+    let mut h = RdmaHarness::new(1 << 20);
+    run_suite(&mut h).unwrap();
+    println!("VERBS-TEST-RAN conformance_suite_over_verbs");
+}
+
+fn pair(h: &mut RdmaHarness, bulk: usize) -> (Endpoint<RdmaTransport>, Endpoint<RdmaTransport>) {
+    let cfg = Config {
+        segment_bytes: bulk + (1 << 20),
+        ..h.base_config()
+    };
+    let mut a = h.endpoint(Config {
+        tag: Tag(0xa),
+        ..cfg.clone()
+    });
+    let b = h.endpoint(Config {
+        tag: Tag(0xb),
+        ..cfg
+    });
+    a.map(0, b.name(), b.tag()).unwrap();
+    (a, b)
+}
+
+#[test]
+fn bulk_64_mib_moves_as_one_write_with_immediate() {
+    if skip_without_device("bulk_64_mib_moves_as_one_write_with_immediate") {
+        return;
+    }
+    const N: usize = 64 << 20;
+    let mut h = RdmaHarness::new(N);
+    let (mut a, mut b) = pair(&mut h, N);
+    let got: Arc<Mutex<Option<(u64, usize, bool)>>> = Arc::default();
+    let data = pattern(7, N);
+    let expect = data.clone();
+    let g = got.clone();
+    b.register(3, move |ctx, m| {
+        let (off, len) = m.bulk.unwrap_or((0, 0));
+        let same = ctx.segment()[off as usize..off as usize + len] == expect[..];
+        *g.lock().unwrap() = Some((off, len, same));
+    })
+    .unwrap();
+    let freed = Arc::new(Mutex::new(0));
+    let f = freed.clone();
+    a.set_bulk_free(move |_| *f.lock().unwrap() += 1);
+    // Two source ranges, to exercise the scatter list.
+    a.segment_mut()[..N / 2].copy_from_slice(&data[..N / 2]);
+    a.segment_mut()[N / 2 + 4096..N + 4096].copy_from_slice(&data[N / 2..]);
+    let dev = a.transport().device_name().to_string();
+    let before = hw_counters(&dev);
+    a.send(0, Msg::bulk(3, &[1], &[(0, N / 2), (N / 2 + 4096, N / 2)], 512))
+        .unwrap();
+    let ok = h.run(&mut [&mut a, &mut b], Duration::from_secs(60), &mut || {
+        got.lock().unwrap().is_some() && *freed.lock().unwrap() == 1
+    });
+    assert!(ok, "64 MiB bulk did not arrive and free in 60 s");
+    let after = hw_counters(&dev);
+    assert_eq!(*got.lock().unwrap(), Some((512, N, true)), "bulk not byte-exact");
+    let (sa, sb) = (a.transport().stats().clone(), b.transport().stats().clone());
+    println!("sender {sa:?}\nreceiver {sb:?}");
+    for (k, v) in &after {
+        let d = v - before.get(k).copied().unwrap_or(0);
+        if d > 0 {
+            println!("{dev} counter {k}: +{d}");
+        }
+    }
+    assert_eq!(sa.writes_imm_posted, 1, "the bulk must be one RDMA WRITE with immediate");
+    assert_eq!(sa.bytes_written, N as u64);
+    assert_eq!(sb.writes_imm_received, 1);
+    assert!(
+        sa.sends_posted < 16 && sb.recvs < 16,
+        "the data must not move as SENDs: {} sends posted, {} received",
+        sa.sends_posted,
+        sb.recvs
+    );
+    // rxe counts packets both ways on one device: 64 MiB at the path MTU is thousands of
+    // packets, all of them from the one WRITE.
+    if let (Some(s0), Some(s1)) = (before.get("sent_pkts"), after.get("sent_pkts")) {
+        assert!(s1 - s0 >= (N / 4096) as u64, "rxe0 sent {} packets", s1 - s0);
+    }
+    // ... while it counts only a handful of SEND messages (headers, key exchange, acks).
+    if let (Some(s0), Some(s1)) = (before.get("rdma_sends"), after.get("rdma_sends")) {
+        assert!(s1 - s0 < 32, "rxe0 counted {} SENDs for one bulk", s1 - s0);
+    }
+    println!("VERBS-TEST-RAN bulk_64_mib_moves_as_one_write_with_immediate");
+}
+
+#[test]
+fn a_wrong_tag_gets_no_key_and_places_no_byte() {
+    if skip_without_device("a_wrong_tag_gets_no_key_and_places_no_byte") {
+        return;
+    }
+    let mut h = RdmaHarness::new(1 << 20);
+    let (mut a, mut b) = pair(&mut h, 1 << 20);
+    let ups: Arc<Mutex<Vec<Undeliverable>>> = Arc::default();
+    let u = ups.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push(x));
+    b.register(3, |_, _| panic!("a bulk with a forged tag must not run its handler"))
+        .unwrap();
+    a.map(1, b.name(), Tag(0xbad)).unwrap();
+    a.segment_mut()[..65536].fill(0xee);
+    a.send(1, Msg::bulk(3, &[], &[(0, 65536)], 0)).unwrap();
+    let ok = h.run(&mut [&mut a, &mut b], Duration::from_secs(5), &mut || {
+        !ups.lock().unwrap().is_empty()
+    });
+    assert!(ok, "no upcall for the forged tag");
+    assert_eq!(ups.lock().unwrap()[0].code, ErrorCode::BadTag);
+    assert!(b.segment()[..65536].iter().all(|&x| x == 0), "bytes were placed");
+    assert_eq!(b.transport().stats().refusals, 1);
+    assert_eq!(a.transport().stats().writes_imm_posted, 0);
+    assert_eq!(a.transport().stats().bulk_header_only, 1);
+    println!("VERBS-TEST-RAN a_wrong_tag_gets_no_key_and_places_no_byte");
+}
