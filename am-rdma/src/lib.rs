@@ -292,13 +292,14 @@ struct Peer {
     nonce: u64,
     psn: u32,
     remote: Option<(RemoteQp, u64)>,
-    last_req: Instant,
+    /// Coarse-clock times (ns), see [`verbs::coarse_now_ns`].
+    last_req: u64,
     control: VecDeque<Vec<u8>>,
     pending: VecDeque<Transmit>,
     outstanding: u32,
     posted: u64,
-    stalled_since: Option<Instant>,
-    last_probe: Instant,
+    stalled_since: Option<u64>,
+    last_probe: u64,
     grants: HashMap<u64, Grant>,
     parked: VecDeque<Vec<u8>>,
     imm_send: u32,
@@ -326,6 +327,10 @@ pub struct RdmaTransport {
     attached: bool,
     wcs: Vec<Wc>,
     failed: Vec<SocketAddr>,
+    /// The UDP socket may have datagrams (epoll said so); otherwise it is read every
+    /// `UDP_EVERY` polls, sparing a system call per poll.
+    udp_ready: bool,
+    polls: u64,
     slot: usize,
     stats: RdmaStats,
 }
@@ -342,6 +347,7 @@ fn io(what: &str, e: impl std::fmt::Display) -> TransportError {
 }
 
 const SEND_BIT: u64 = 1 << 31;
+const UDP_EVERY: u64 = 32;
 
 impl RdmaTransport {
     /// Opens the device and binds the connection socket at `addr` (an address of the
@@ -385,6 +391,8 @@ impl RdmaTransport {
             attached: false,
             wcs: Vec::with_capacity(64),
             failed: Vec::new(),
+            udp_ready: true,
+            polls: 0,
             slot,
             stats: RdmaStats::default(),
         })
@@ -425,7 +433,7 @@ impl RdmaTransport {
         }
         self.nonce_ctr += 1;
         let nonce = mix(self.seed ^ self.nonce_ctr).max(1);
-        let now = Instant::now();
+        let now = verbs::coarse_now_ns();
         self.peers.insert(
             to,
             Peer {
@@ -618,7 +626,7 @@ impl RdmaTransport {
             p.qp.post_send(wr_id, &p.ring, off, body.len() + 1)?;
         }
         if p.outstanding == 0 {
-            p.stalled_since = Some(Instant::now());
+            p.stalled_since = Some(verbs::coarse_now_ns());
         }
         p.outstanding += 1;
         p.posted += 1;
@@ -818,7 +826,7 @@ impl RdmaTransport {
             if wc.wr_id & SEND_BIT != 0 {
                 if let Some(p) = self.peers.get_mut(&addr) {
                     p.outstanding = p.outstanding.saturating_sub(1);
-                    p.stalled_since = (p.outstanding > 0).then(Instant::now);
+                    p.stalled_since = (p.outstanding > 0).then(verbs::coarse_now_ns);
                     if !flush.contains(&addr) {
                         flush.push(addr);
                     }
@@ -853,28 +861,28 @@ impl RdmaTransport {
             } else {
                 self.stats.recvs += 1;
                 let len = wc.byte_len as usize;
-                let (pfx, body) = match self.peers.get(&addr) {
+                let mut control = None;
+                match self.peers.get_mut(&addr) {
                     Some(p) if len >= 1 && len <= slot => {
                         let b = &p.recv.bytes()[slot_idx * slot..slot_idx * slot + len];
-                        (b[0], b[1..].to_vec())
-                    }
-                    _ => {
-                        self.stats.malformed += 1;
-                        (u8::MAX, Vec::new())
-                    }
-                };
-                match pfx {
-                    prefix::DATA => {
-                        deliver(addr, &body);
-                        delivered += 1;
-                    }
-                    prefix::BULK => {
-                        if let Some(p) = self.peers.get_mut(&addr) {
-                            p.parked.push_back(body);
+                        match b[0] {
+                            prefix::DATA => {
+                                // Straight from the receive slot: it is reposted below,
+                                // after the engine has taken the datagram.
+                                deliver(addr, &b[1..]);
+                                delivered += 1;
+                            }
+                            prefix::BULK => {
+                                let h = b[1..].to_vec();
+                                p.parked.push_back(h);
+                            }
+                            other => control = Some((other, b[1..].to_vec())),
                         }
                     }
-                    u8::MAX => {}
-                    other => self.on_control(addr, &body, other),
+                    _ => self.stats.malformed += 1,
+                }
+                if let Some((pfx, body)) = control {
+                    self.on_control(addr, &body, pfx);
                 }
             }
             if let Some(p) = self.peers.get_mut(&addr) {
@@ -895,18 +903,22 @@ impl RdmaTransport {
     }
 
     fn probe_stalled(&mut self) {
-        let now = Instant::now();
+        if !self.stalled_any() {
+            return;
+        }
+        let now = verbs::coarse_now_ns();
+        let (req_every, probe_after) = (REQ_EVERY.as_nanos() as u64, PROBE_AFTER.as_nanos() as u64);
         let mut due = Vec::new();
         for (&addr, p) in &mut self.peers {
             if p.remote.is_none() {
-                if !p.pending.is_empty() && now.duration_since(p.last_req) >= REQ_EVERY {
+                if !p.pending.is_empty() && now.saturating_sub(p.last_req) >= req_every {
                     p.last_req = now;
                     due.push((addr, oob::REQ, 0));
                 }
                 continue;
             }
-            if p.stalled_since.is_some_and(|t| now.duration_since(t) >= PROBE_AFTER)
-                && now.duration_since(p.last_probe) >= PROBE_AFTER
+            if p.stalled_since.is_some_and(|t| now.saturating_sub(t) >= probe_after)
+                && now.saturating_sub(p.last_probe) >= probe_after
             {
                 p.last_probe = now;
                 let echo = p.remote.map_or(0, |r| r.1);
@@ -915,6 +927,51 @@ impl RdmaTransport {
         }
         for (addr, kind, echo) in due {
             self.oob(addr, kind, echo);
+        }
+    }
+
+    /// Polls the CQ into the stash that the next `recv_batch` processes.
+    fn poll_cq_stash(&mut self) -> Result<usize, TransportError> {
+        let mut wcs = std::mem::take(&mut self.wcs);
+        let n = self.dev.poll(&mut wcs, 64);
+        self.wcs = wcs;
+        n.map_err(|e| io("poll the completion queue", e))
+    }
+
+    fn note_events(&mut self, toks: &[u64]) {
+        if toks.contains(&TOKEN_EVENTFD) {
+            let _ = verbs_sys::read8(self.eventfd.0.as_raw_fd());
+        }
+        if toks.contains(&TOKEN_CQ) {
+            self.dev.drain_events();
+        }
+        if toks.contains(&TOKEN_UDP) {
+            self.udp_ready = true;
+        }
+    }
+
+    /// Busy-polling wait: spins on the CQ (no system call); looks at the other fds every
+    /// 256 turns.
+    fn spin(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+        let deadline = timeout.map(|t| verbs::coarse_now_ns() + t.as_nanos() as u64);
+        let mut turn = 0u32;
+        loop {
+            if self.poll_cq_stash()? > 0 {
+                return Ok(());
+            }
+            turn = turn.wrapping_add(1);
+            if turn % 256 == 0 {
+                let toks = verbs_sys::epoll_wait(self.epoll.as_raw_fd(), 0)
+                    .map_err(|e| io("epoll_wait", e))?;
+                if !toks.is_empty() {
+                    self.note_events(&toks);
+                    return Ok(());
+                }
+                if deadline.is_some_and(|d| verbs::coarse_now_ns() >= d) {
+                    return Ok(());
+                }
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -979,7 +1036,7 @@ impl Transport for RdmaTransport {
                     continue;
                 }
                 if let Some(p) = self.peers.get_mut(&t.to) {
-                    p.last_req = Instant::now();
+                    p.last_req = verbs::coarse_now_ns();
                 }
                 self.oob(t.to, oob::REQ, 0);
             }
@@ -1025,7 +1082,11 @@ impl Transport for RdmaTransport {
         max: usize,
         deliver: &mut dyn FnMut(SocketAddr, &[u8]),
     ) -> Result<usize, TransportError> {
-        self.poll_udp();
+        self.polls += 1;
+        if self.udp_ready || self.polls % UDP_EVERY == 0 {
+            self.udp_ready = false;
+            self.poll_udp();
+        }
         let mut delivered = 0;
         if !self.wcs.is_empty() {
             // Completions `wait` found.
@@ -1050,60 +1111,28 @@ impl Transport for RdmaTransport {
 
     fn wait(&mut self, timeout: Option<Duration>, mask: EventMask) -> Result<(), TransportError> {
         let _ = mask;
-        // Arm, then look once more: a completion that arrived before arming raises no event.
-        self.dev.drain_events();
-        self.dev.arm().map_err(|e| io("arm the completion queue", e))?;
-        let mut wcs = std::mem::take(&mut self.wcs);
-        let n = self
-            .dev
-            .poll(&mut wcs, 64)
-            .map_err(|e| io("poll the completion queue", e))?;
-        self.wcs = wcs;
-        if n > 0 {
-            // Keep them for the next recv_batch.
-            return Ok(());
-        }
         let mut timeout = timeout;
         if self.stalled_any() {
             timeout = Some(timeout.map_or(PROBE_AFTER, |t| t.min(PROBE_AFTER)));
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            let ms = if self.cfg.busy_poll {
-                0
-            } else {
-                match deadline {
-                    None => -1,
-                    Some(d) => d
-                        .saturating_duration_since(Instant::now())
-                        .as_micros()
-                        .div_ceil(1000)
-                        .min(i32::MAX as u128) as i32,
-                }
-            };
-            let toks = verbs_sys::epoll_wait(self.epoll.as_raw_fd(), ms)
-                .map_err(|e| io("epoll_wait", e))?;
-            if toks.contains(&TOKEN_EVENTFD) {
-                let _ = verbs_sys::read8(self.eventfd.0.as_raw_fd());
-            }
-            if toks.contains(&TOKEN_CQ) {
-                self.dev.drain_events();
-            }
-            if !toks.is_empty()
-                || !self.cfg.busy_poll
-                || deadline.is_some_and(|d| Instant::now() >= d)
-            {
-                return Ok(());
-            }
-            if self.cfg.busy_poll {
-                let mut wcs = std::mem::take(&mut self.wcs);
-                let n = self.dev.poll(&mut wcs, 64).unwrap_or(0);
-                self.wcs = wcs;
-                if n > 0 {
-                    return Ok(());
-                }
-            }
+        if self.cfg.busy_poll {
+            return self.spin(timeout);
         }
+        // Arm, then look once more: a completion that arrived before arming raises no event.
+        self.dev.drain_events();
+        self.dev.arm().map_err(|e| io("arm the completion queue", e))?;
+        if self.poll_cq_stash()? > 0 {
+            return Ok(());
+        }
+        let ms = match timeout {
+            None => -1,
+            // Round up so we do not spin on sub-millisecond timeouts.
+            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+        };
+        let toks =
+            verbs_sys::epoll_wait(self.epoll.as_raw_fd(), ms).map_err(|e| io("epoll_wait", e))?;
+        self.note_events(&toks);
+        Ok(())
     }
 
     fn notifier(&self) -> Arc<dyn Notify> {

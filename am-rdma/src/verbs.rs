@@ -211,12 +211,14 @@ impl Device {
         Ok(n)
     }
 
-    /// Arms the CQ: the next completion makes the channel fd readable.
+    /// Arms the CQ: the next solicited completion (a receive of a SEND or WRITE with
+    /// immediate posted with the solicited flag, as all of ours are) makes the channel fd
+    /// readable. Send completions do not wake a sleeping loop: it reaps them when it wakes.
     pub fn arm(&self) -> io::Result<()> {
         // SAFETY: the CQ handle is valid while `self.cq` lives (invariant 4).
         let rc = unsafe {
             use sideway::ibverbs::completion::CompletionQueue;
-            ibv_req_notify_cq(self.cq.cq().as_ptr() as *mut ibv_cq, 0)
+            ibv_req_notify_cq(self.cq.cq().as_ptr() as *mut ibv_cq, 1)
         };
         if rc != 0 {
             return Err(io_err("ibv_req_notify_cq", io::Error::from_raw_os_error(rc)));
@@ -313,6 +315,22 @@ impl Device {
         qp.modify(&attr).map_err(|e| io_err("modify QP to INIT", e))?;
         Ok(Qp { qp })
     }
+}
+
+/// Every send is signalled (its completion frees its ring slot) and solicited (its arrival
+/// wakes the peer's loop).
+const WAKE: WorkRequestFlags = WorkRequestFlags::Signaled.or(WorkRequestFlags::Solicited);
+
+/// Reads `CLOCK_MONOTONIC_COARSE` (jiffies, no hardware access: cheap even where the
+/// clocksource is an emulated HPET), in nanoseconds. For the transport's own timers.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The most scatter entries one RDMA WRITE takes (bulk source ranges).
@@ -457,7 +475,7 @@ impl Qp {
     pub fn post_send_inline(&mut self, wr_id: u64, parts: &[&[u8]]) -> io::Result<()> {
         let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         let mut g = self.qp.start_post_send();
-        g.construct_wr(wr_id, WorkRequestFlags::Signaled | WorkRequestFlags::Inline)
+        g.construct_wr(wr_id, WAKE | WorkRequestFlags::Inline)
             .setup_send()
             .setup_inline_data_list(&slices);
         g.post().map_err(|e| io_err("ibv_post_send (inline)", e))
@@ -476,7 +494,7 @@ impl Qp {
             .sge(off, len)
             .ok_or_else(|| io::Error::other("send slot outside its ring"))?;
         let mut g = self.qp.start_post_send();
-        let wr = g.construct_wr(wr_id, WorkRequestFlags::Signaled).setup_send();
+        let wr = g.construct_wr(wr_id, WAKE).setup_send();
         // SAFETY: the sge lies inside the registered ring (checked above).
         unsafe { wr.setup_sge(sge.lkey, sge.addr, sge.length) };
         g.post().map_err(|e| io_err("ibv_post_send", e))
@@ -508,7 +526,7 @@ impl Qp {
         }
         let mut g = self.qp.start_post_send();
         let wr = g
-            .construct_wr(wr_id, WorkRequestFlags::Signaled)
+            .construct_wr(wr_id, WAKE)
             .setup_write_imm(rkey, raddr, imm);
         // SAFETY: every sge lies inside the registered segment (checked above); the
         // segment outlives the QP (invariant 1).

@@ -1,12 +1,14 @@
-//! Ping-pong over Active Messages on UDP: a server and a client, as two processes.
+//! Ping-pong over Active Messages on UDP or RDMA verbs: a server and a client, as two
+//! processes.
 //!
 //! ```text
-//! pingpong server [--bind 127.0.0.1:7700] [--tag 7] [--vnet 0]
-//! pingpong client --server 127.0.0.1:7700 [--server-tag 7] [--mode ping|all] [--count 1000] [--size 0]
+//! pingpong server [--transport udp|rdma] [--bind 127.0.0.1:7700] [--tag 7] [--vnet 0]
+//! pingpong client [--transport udp|rdma] --server 127.0.0.1:7700 [--server-tag 7] [--mode ping|all] [--count 1000] [--size 0]
 //! ```
 //! `--help` prints all options.
 
-use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Undeliverable};
+use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Transport, Undeliverable};
+use am_rdma::{RdmaConfig, RdmaTransport};
 use am_udp::{UdpConfig, UdpTransport};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,13 +16,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const HELP: &str = "\
-pingpong: Active Messages ping-pong over UDP
+pingpong: Active Messages ping-pong over UDP or RDMA verbs
 
 USAGE:
-  pingpong demo                        start a server process on loopback, run the client
+  pingpong demo [--transport rdma]     start a server process (UDP: on loopback; RDMA: on
+                                       $AM_RDMA_ADDR, default 10.99.0.1), run the client
                                        against it (every class, then 1000 round trips), stop
   pingpong server [OPTIONS]
   pingpong client --server ADDR [OPTIONS]
+
+COMMON OPTIONS:
+  --transport udp|rdma     UDP sockets (default) or RDMA verbs (reliable-connected queue
+                           pairs; bind to an address of the RDMA device's netdev, e.g. the
+                           SoftRoCE VM's 10.99.0.1; AM_RDMA_DEVICE picks the device)
 
 SERVER OPTIONS:
   --bind ADDR              address to listen on (default 127.0.0.1:7700; port 0 picks one)
@@ -35,7 +43,8 @@ SERVER OPTIONS:
 CLIENT OPTIONS:
   --server ADDR            the server's address (required)
   --server-tag N           the server's tag (default 7)
-  --bind ADDR              local address (default: same family as the server, any port)
+  --bind ADDR              local address (default: UDP any address of the server's family;
+                           RDMA the server's IP; any port)
   --vnet N                 virtual network (default 0)
   --mode ping|all          ping: round trips with latency percentiles (default);
                            all: small, medium and bulk exchanges, each verified
@@ -73,9 +82,8 @@ fn main() {
         return;
     }
     let r = match args.0[0].as_str() {
-        "demo" => demo(),
-        "server" => server(&args),
-        "client" => client(&args),
+        "demo" => demo(&args),
+        "server" | "client" => run(&args),
         other => Err(format!(
             "unknown command {other:?}; use `server` or `client` (see --help)"
         )),
@@ -87,11 +95,19 @@ fn main() {
 }
 
 /// Runs a server as a second process on loopback and the client against it.
-fn demo() -> Result<(), String> {
+fn demo(args: &Args) -> Result<(), String> {
     use std::io::BufRead;
+    let transport = args.value("--transport").unwrap_or_else(|| "udp".into());
+    let bind = match transport.as_str() {
+        "rdma" => format!(
+            "{}:0",
+            std::env::var("AM_RDMA_ADDR").unwrap_or_else(|_| "10.99.0.1".into())
+        ),
+        _ => "127.0.0.1:0".into(),
+    };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = std::process::Command::new(&exe)
-        .args(["server", "--bind", "127.0.0.1:0"])
+        .args(["server", "--transport", &transport, "--bind", &bind])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start the server process: {e}"))?;
@@ -109,10 +125,16 @@ fn demo() -> Result<(), String> {
         &["--mode", "ping", "--count", "1000"][..],
         &["--mode", "ping", "--count", "1000", "--size", "4096"][..],
     ] {
-        let mut a = vec!["client".to_string(), "--server".into(), addr.clone()];
+        let mut a = vec![
+            "client".to_string(),
+            "--transport".into(),
+            transport.clone(),
+            "--server".into(),
+            addr.clone(),
+        ];
         a.extend(extra.iter().map(|s| s.to_string()));
         println!("$ pingpong {}", a.join(" "));
-        result = client(&Args(a));
+        result = run(&Args(a));
         if result.is_err() {
             break;
         }
@@ -131,8 +153,59 @@ fn fnv(bytes: &[u8]) -> u64 {
     h
 }
 
-fn server(args: &Args) -> Result<(), String> {
-    let bind: SocketAddr = args.parse("--bind", "127.0.0.1:7700".parse().unwrap())?;
+/// Opens the transport `--transport` names at `bind` and runs the command on it.
+fn run(args: &Args) -> Result<(), String> {
+    let is_server = args.0[0] == "server";
+    let rdma = match args.value("--transport").as_deref().unwrap_or("udp") {
+        "udp" => false,
+        "rdma" => true,
+        t => return Err(format!("--transport {t:?}: use udp or rdma")),
+    };
+    let busy_poll = args.flag("--busy-poll");
+    let bind: SocketAddr = if is_server {
+        args.parse("--bind", "127.0.0.1:7700".parse().unwrap())?
+    } else {
+        let server = server_addr(args)?;
+        let default = match (rdma, server.is_ipv4()) {
+            (true, _) => SocketAddr::new(server.ip(), 0),
+            (false, true) => "0.0.0.0:0".parse().unwrap(),
+            (false, false) => "[::]:0".parse().unwrap(),
+        };
+        args.parse("--bind", default)?
+    };
+    if rdma {
+        let cfg = RdmaConfig {
+            busy_poll,
+            ..RdmaConfig::default()
+        };
+        let t = RdmaTransport::bind(bind, cfg).map_err(|e| format!("rdma transport: {e}"))?;
+        if is_server {
+            server(args, t)
+        } else {
+            client(args, t)
+        }
+    } else {
+        let cfg = UdpConfig {
+            busy_poll,
+            ..UdpConfig::default()
+        };
+        let t = UdpTransport::bind(bind, cfg).map_err(|e| e.to_string())?;
+        if is_server {
+            server(args, t)
+        } else {
+            client(args, t)
+        }
+    }
+}
+
+fn server_addr(args: &Args) -> Result<SocketAddr, String> {
+    args.value("--server")
+        .ok_or("--server ADDR is required; see --help")?
+        .parse()
+        .map_err(|e| format!("--server: {e}"))
+}
+
+fn server<T: Transport>(args: &Args, t: T) -> Result<(), String> {
     let cfg = Config {
         tag: Tag(args.parse("--tag", 7u64)?),
         vnet: args.parse("--vnet", 0u32)?,
@@ -141,8 +214,7 @@ fn server(args: &Args) -> Result<(), String> {
         ..Config::default()
     };
     let log = args.flag("--log-handled");
-    let t = UdpTransport::bind(bind, UdpConfig::default()).map_err(|e| e.to_string())?;
-    let mut ep = Endpoint::new(t, cfg);
+    let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
     ep.register(1, |ctx, mut m| {
         if let Some(t) = m.token.take() {
             let slices = [m.payload];
@@ -184,25 +256,10 @@ fn server(args: &Args) -> Result<(), String> {
 
 type Shared<T> = Arc<Mutex<T>>;
 
-fn client(args: &Args) -> Result<(), String> {
-    let server: SocketAddr = args
-        .value("--server")
-        .ok_or("--server ADDR is required; see --help")?
-        .parse()
-        .map_err(|e| format!("--server: {e}"))?;
-    let default_bind = if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let bind: SocketAddr = args.parse("--bind", default_bind.parse().unwrap())?;
+fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
+    let server = server_addr(args)?;
     let vnet = args.parse("--vnet", 0u32)?;
-    let udp = UdpConfig {
-        busy_poll: args.flag("--busy-poll"),
-        ..UdpConfig::default()
-    };
-    let t = UdpTransport::bind(bind, udp).map_err(|e| e.to_string())?;
-    let mut ep = Endpoint::new(
+    let mut ep = Endpoint::try_new(
         t,
         Config {
             tag: Tag(1),
@@ -210,7 +267,8 @@ fn client(args: &Args) -> Result<(), String> {
             segment_bytes: 4 << 20,
             ..Config::default()
         },
-    );
+    )
+    .map_err(|e| e.to_string())?;
     ep.map(
         0,
         am_core::EndpointName { addr: server, vnet },
@@ -232,7 +290,7 @@ fn client(args: &Args) -> Result<(), String> {
     ep.set_upcall(move |_, u| e2.lock().unwrap().push(u));
 
     let round =
-        |ep: &mut Endpoint<UdpTransport>, msg: Msg<'_>| -> Result<(Vec<u64>, Vec<u8>), String> {
+        |ep: &mut Endpoint<T>, msg: Msg<'_>| -> Result<(Vec<u64>, Vec<u8>), String> {
             replies.lock().unwrap().clear();
             ep.request(0, msg).map_err(|e| e.to_string())?;
             let deadline = Instant::now() + Duration::from_secs(10);
