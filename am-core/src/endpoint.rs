@@ -349,7 +349,8 @@ impl<T: Transport> Endpoint<T> {
             .transport
             .recv_batch(budget, &mut |from, bytes| core.handle_datagram(from, bytes))?;
         let core = &mut self.core;
-        self.transport.take_failed(&mut |addr| core.peer_failed(addr));
+        self.transport
+            .take_failed(&mut |addr| core.peer_failed(addr));
         if self.core.poll_timeout().is_some_and(|t| t <= now) {
             self.core.handle_timeout(now);
         }

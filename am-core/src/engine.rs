@@ -757,6 +757,8 @@ impl Core {
     /// stay; the send direction re-opens with a HELLO.
     pub fn peer_failed(&mut self, addr: SocketAddr) {
         self.fail_sent(addr, ErrorCode::Unreachable);
+        // What is still queued re-opens the connection at the next flush.
+        self.flush_needed = true;
     }
 
     fn send_refused(&mut self, to: SocketAddr, dst_inc: u64, reason: u8) {

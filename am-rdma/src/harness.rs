@@ -25,7 +25,10 @@ pub fn unavailable() -> Option<String> {
     }
     match RdmaTransport::bind(SocketAddr::new(test_ip(), 0), RdmaConfig::default()) {
         Ok(_) => None,
-        Err(e) => Some(format!("devices {names:?} present but unusable at {}: {e}", test_ip())),
+        Err(e) => Some(format!(
+            "devices {names:?} present but unusable at {}: {e}",
+            test_ip()
+        )),
     }
 }
 

@@ -347,6 +347,20 @@ fn io(what: &str, e: impl std::fmt::Display) -> TransportError {
 }
 
 const SEND_BIT: u64 = 1 << 31;
+
+/// Connection events on stderr when `AM_RDMA_TRACE=1`.
+fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("AM_RDMA_TRACE").is_ok_and(|v| v == "1"))
+}
+
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if tracing() {
+            eprintln!("[am-rdma {}] {}", std::process::id(), format!($($arg)*));
+        }
+    };
+}
 const UDP_EVERY: u64 = 32;
 
 impl RdmaTransport {
@@ -364,14 +378,12 @@ impl RdmaTransport {
         verbs_sys::epoll_add(epoll.as_raw_fd(), sock.as_raw_fd(), TOKEN_UDP)?;
         verbs_sys::epoll_add(epoll.as_raw_fd(), efd.as_raw_fd(), TOKEN_EVENTFD)?;
         let t0 = Instant::now();
-        let seed = mix(
-            (std::process::id() as u64) << 32
-                ^ addr.port() as u64
-                ^ t0.elapsed().as_nanos() as u64
-                ^ std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64),
-        );
+        let seed = mix((std::process::id() as u64) << 32
+            ^ addr.port() as u64
+            ^ t0.elapsed().as_nanos() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64));
         let slot = cfg.max_datagram + 1;
         Ok(RdmaTransport {
             cfg,
@@ -406,6 +418,11 @@ impl RdmaTransport {
     /// The verbs device in use.
     pub fn device_name(&self) -> &str {
         &self.dev.name
+    }
+
+    /// The GID index of the transport's address on that device (perftest's `-x`).
+    pub fn gid_index(&self) -> u8 {
+        self.dev.gid_index
     }
 
     fn new_peer(&mut self, to: SocketAddr) -> io::Result<()> {
@@ -514,6 +531,20 @@ impl RdmaTransport {
     }
 
     fn on_oob(&mut self, from: SocketAddr, m: oob::Msg) {
+        trace!(
+            "{} <- {from}: kind {} qpn {} nonce {:x} echo {:x}; have {:?}",
+            self.addr,
+            m.kind,
+            m.qpn,
+            m.nonce,
+            m.echo,
+            self.peers.get(&from).map(|p| (
+                p.nonce,
+                p.remote.map(|r| r.1),
+                p.broken,
+                p.outstanding
+            ))
+        );
         match m.kind {
             oob::REQ => {
                 let state = self.peers.get(&from).map(|p| p.remote.map(|r| r.1));
@@ -612,7 +643,7 @@ impl RdmaTransport {
         }
         let idx = (p.posted % depth as u64) as usize;
         let wr_id = ((p.id as u64) << 32) | SEND_BIT | idx as u64;
-        if body.len() + 1 <= max_inline {
+        if body.len() < max_inline {
             p.qp.post_send_inline(wr_id, &[&[pfx], body])?;
             self.stats.sends_inline += 1;
         } else {
@@ -691,7 +722,11 @@ impl RdmaTransport {
                 self.stats.bulk_header_only += 1;
                 self.post_send(addr, prefix::DATA, &t.bytes)
             }
-            Some(Grant::Have { rkey, addr: base, len }) => {
+            Some(Grant::Have {
+                rkey,
+                addr: base,
+                len,
+            }) => {
                 let fits = b
                     .dst_offset
                     .checked_add(b.len as u64)
@@ -712,7 +747,13 @@ impl RdmaTransport {
         }
     }
 
-    fn post_write(&mut self, addr: SocketAddr, b: &BulkWrite, rkey: u32, base: u64) -> io::Result<()> {
+    fn post_write(
+        &mut self,
+        addr: SocketAddr,
+        b: &BulkWrite,
+        rkey: u32,
+        base: u64,
+    ) -> io::Result<()> {
         let depth = self.cfg.send_depth;
         let Some(seg) = self.segment.as_ref() else {
             return Err(io::Error::other("bulk before the segment was registered"));
@@ -723,8 +764,7 @@ impl RdmaTransport {
         let idx = (p.posted % depth as u64) as usize;
         let wr_id = ((p.id as u64) << 32) | SEND_BIT | idx as u64;
         let imm = p.imm_send;
-        p.qp
-            .post_write_imm(wr_id, seg, &b.src, rkey, base + b.dst_offset, imm)?;
+        p.qp.post_write_imm(wr_id, seg, &b.src, rkey, base + b.dst_offset, imm)?;
         p.imm_send = p.imm_send.wrapping_add(1);
         p.outstanding += 1;
         p.posted += 1;
@@ -801,6 +841,7 @@ impl RdmaTransport {
     }
 
     fn fail_peer(&mut self, addr: SocketAddr) {
+        trace!("{} connection to {addr} broken", self.addr);
         if let Some(p) = self.peers.get_mut(&addr) {
             if !p.broken {
                 p.broken = true;
@@ -917,7 +958,8 @@ impl RdmaTransport {
                 }
                 continue;
             }
-            if p.stalled_since.is_some_and(|t| now.saturating_sub(t) >= probe_after)
+            if p.stalled_since
+                .is_some_and(|t| now.saturating_sub(t) >= probe_after)
                 && now.saturating_sub(p.last_probe) >= probe_after
             {
                 p.last_probe = now;
@@ -960,7 +1002,7 @@ impl RdmaTransport {
                 return Ok(());
             }
             turn = turn.wrapping_add(1);
-            if turn % 256 == 0 {
+            if turn.is_multiple_of(256) {
                 let toks = verbs_sys::epoll_wait(self.epoll.as_raw_fd(), 0)
                     .map_err(|e| io("epoll_wait", e))?;
                 if !toks.is_empty() {
@@ -1083,7 +1125,7 @@ impl Transport for RdmaTransport {
         deliver: &mut dyn FnMut(SocketAddr, &[u8]),
     ) -> Result<usize, TransportError> {
         self.polls += 1;
-        if self.udp_ready || self.polls % UDP_EVERY == 0 {
+        if self.udp_ready || self.polls.is_multiple_of(UDP_EVERY) {
             self.udp_ready = false;
             self.poll_udp();
         }
@@ -1120,7 +1162,9 @@ impl Transport for RdmaTransport {
         }
         // Arm, then look once more: a completion that arrived before arming raises no event.
         self.dev.drain_events();
-        self.dev.arm().map_err(|e| io("arm the completion queue", e))?;
+        self.dev
+            .arm()
+            .map_err(|e| io("arm the completion queue", e))?;
         if self.poll_cq_stash()? > 0 {
             return Ok(());
         }

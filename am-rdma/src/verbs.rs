@@ -17,14 +17,16 @@
 
 use rdma_mummy_sys::{ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq, ibv_sge};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
-use sideway::ibverbs::completion::{BasicCompletionQueue, CompletionChannel, GenericCompletionQueue};
+use sideway::ibverbs::completion::{
+    BasicCompletionQueue, CompletionChannel, GenericCompletionQueue,
+};
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
 use sideway::ibverbs::device_context::{DeviceContext, Mtu};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
-    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
-    SetInlineData, SetScatterGatherEntry, WorkRequestFlags,
+    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState, SetInlineData,
+    SetScatterGatherEntry, WorkRequestFlags,
 };
 use sideway::ibverbs::AccessFlags;
 use std::io;
@@ -218,10 +220,13 @@ impl Device {
         // SAFETY: the CQ handle is valid while `self.cq` lives (invariant 4).
         let rc = unsafe {
             use sideway::ibverbs::completion::CompletionQueue;
-            ibv_req_notify_cq(self.cq.cq().as_ptr() as *mut ibv_cq, 1)
+            ibv_req_notify_cq(self.cq.cq().as_ptr(), 1)
         };
         if rc != 0 {
-            return Err(io_err("ibv_req_notify_cq", io::Error::from_raw_os_error(rc)));
+            return Err(io_err(
+                "ibv_req_notify_cq",
+                io::Error::from_raw_os_error(rc),
+            ));
         }
         Ok(())
     }
@@ -246,7 +251,7 @@ impl Device {
             // SAFETY: acknowledges events we consumed from this CQ.
             unsafe {
                 use sideway::ibverbs::completion::CompletionQueue;
-                ibv_ack_cq_events(self.cq.cq().as_ptr() as *mut ibv_cq, n);
+                ibv_ack_cq_events(self.cq.cq().as_ptr(), n);
             }
         }
     }
@@ -283,8 +288,11 @@ impl Device {
         // SAFETY: `buf` is a boxed slice that never moves and is dropped after `mr`
         // (field order of OwnedRegion).
         let mr = unsafe {
-            self.pd
-                .reg_mr(buf.as_mut_ptr() as usize, buf.len(), AccessFlags::LocalWrite)
+            self.pd.reg_mr(
+                buf.as_mut_ptr() as usize,
+                buf.len(),
+                AccessFlags::LocalWrite,
+            )
         }
         .map_err(|e| {
             io_err(
@@ -312,7 +320,8 @@ impl Device {
             .setup_pkey_index(0)
             .setup_port(self.port)
             .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
-        qp.modify(&attr).map_err(|e| io_err("modify QP to INIT", e))?;
+        qp.modify(&attr)
+            .map_err(|e| io_err("modify QP to INIT", e))?;
         Ok(Qp { qp })
     }
 }
@@ -531,6 +540,7 @@ impl Qp {
         // SAFETY: every sge lies inside the registered segment (checked above); the
         // segment outlives the QP (invariant 1).
         unsafe { wr.setup_sge_list(&sges) };
-        g.post().map_err(|e| io_err("ibv_post_send (write with immediate)", e))
+        g.post()
+            .map_err(|e| io_err("ibv_post_send (write with immediate)", e))
     }
 }

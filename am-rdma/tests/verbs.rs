@@ -92,14 +92,21 @@ fn bulk_64_mib_moves_as_one_write_with_immediate() {
     a.segment_mut()[N / 2 + 4096..N + 4096].copy_from_slice(&data[N / 2..]);
     let dev = a.transport().device_name().to_string();
     let before = hw_counters(&dev);
-    a.send(0, Msg::bulk(3, &[1], &[(0, N / 2), (N / 2 + 4096, N / 2)], 512))
-        .unwrap();
+    a.send(
+        0,
+        Msg::bulk(3, &[1], &[(0, N / 2), (N / 2 + 4096, N / 2)], 512),
+    )
+    .unwrap();
     let ok = h.run(&mut [&mut a, &mut b], Duration::from_secs(60), &mut || {
         got.lock().unwrap().is_some() && *freed.lock().unwrap() == 1
     });
     assert!(ok, "64 MiB bulk did not arrive and free in 60 s");
     let after = hw_counters(&dev);
-    assert_eq!(*got.lock().unwrap(), Some((512, N, true)), "bulk not byte-exact");
+    assert_eq!(
+        *got.lock().unwrap(),
+        Some((512, N, true)),
+        "bulk not byte-exact"
+    );
     let (sa, sb) = (a.transport().stats().clone(), b.transport().stats().clone());
     println!("sender {sa:?}\nreceiver {sb:?}");
     for (k, v) in &after {
@@ -108,7 +115,10 @@ fn bulk_64_mib_moves_as_one_write_with_immediate() {
             println!("{dev} counter {k}: +{d}");
         }
     }
-    assert_eq!(sa.writes_imm_posted, 1, "the bulk must be one RDMA WRITE with immediate");
+    assert_eq!(
+        sa.writes_imm_posted, 1,
+        "the bulk must be one RDMA WRITE with immediate"
+    );
     assert_eq!(sa.bytes_written, N as u64);
     assert_eq!(sb.writes_imm_received, 1);
     assert!(
@@ -120,7 +130,11 @@ fn bulk_64_mib_moves_as_one_write_with_immediate() {
     // rxe counts packets both ways on one device: 64 MiB at the path MTU is thousands of
     // packets, all of them from the one WRITE.
     if let (Some(s0), Some(s1)) = (before.get("sent_pkts"), after.get("sent_pkts")) {
-        assert!(s1 - s0 >= (N / 4096) as u64, "rxe0 sent {} packets", s1 - s0);
+        assert!(
+            s1 - s0 >= (N / 4096) as u64,
+            "rxe0 sent {} packets",
+            s1 - s0
+        );
     }
     // ... while it counts only a handful of SEND messages (headers, key exchange, acks).
     if let (Some(s0), Some(s1)) = (before.get("rdma_sends"), after.get("rdma_sends")) {
@@ -139,8 +153,10 @@ fn a_wrong_tag_gets_no_key_and_places_no_byte() {
     let ups: Arc<Mutex<Vec<Undeliverable>>> = Arc::default();
     let u = ups.clone();
     a.set_upcall(move |_, x| u.lock().unwrap().push(x));
-    b.register(3, |_, _| panic!("a bulk with a forged tag must not run its handler"))
-        .unwrap();
+    b.register(3, |_, _| {
+        panic!("a bulk with a forged tag must not run its handler")
+    })
+    .unwrap();
     a.map(1, b.name(), Tag(0xbad)).unwrap();
     a.segment_mut()[..65536].fill(0xee);
     a.send(1, Msg::bulk(3, &[], &[(0, 65536)], 0)).unwrap();
@@ -149,7 +165,10 @@ fn a_wrong_tag_gets_no_key_and_places_no_byte() {
     });
     assert!(ok, "no upcall for the forged tag");
     assert_eq!(ups.lock().unwrap()[0].code, ErrorCode::BadTag);
-    assert!(b.segment()[..65536].iter().all(|&x| x == 0), "bytes were placed");
+    assert!(
+        b.segment()[..65536].iter().all(|&x| x == 0),
+        "bytes were placed"
+    );
     assert_eq!(b.transport().stats().refusals, 1);
     assert_eq!(a.transport().stats().writes_imm_posted, 0);
     assert_eq!(a.transport().stats().bulk_header_only, 1);

@@ -289,26 +289,25 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
     let e2 = errors.clone();
     ep.set_upcall(move |_, u| e2.lock().unwrap().push(u));
 
-    let round =
-        |ep: &mut Endpoint<T>, msg: Msg<'_>| -> Result<(Vec<u64>, Vec<u8>), String> {
-            replies.lock().unwrap().clear();
-            ep.request(0, msg).map_err(|e| e.to_string())?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                ep.poll(64).map_err(|e| e.to_string())?;
-                if let Some(r) = replies.lock().unwrap().pop() {
-                    return Ok(r);
-                }
-                if let Some(u) = errors.lock().unwrap().pop() {
-                    return Err(format!("request failed: {} ({:?})", u.code, u.code));
-                }
-                if Instant::now() > deadline {
-                    return Err("no reply within 10 s".into());
-                }
-                ep.wait(Some(Duration::from_millis(100)))
-                    .map_err(|e| e.to_string())?;
+    let round = |ep: &mut Endpoint<T>, msg: Msg<'_>| -> Result<(Vec<u64>, Vec<u8>), String> {
+        replies.lock().unwrap().clear();
+        ep.request(0, msg).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            ep.poll(64).map_err(|e| e.to_string())?;
+            if let Some(r) = replies.lock().unwrap().pop() {
+                return Ok(r);
             }
-        };
+            if let Some(u) = errors.lock().unwrap().pop() {
+                return Err(format!("request failed: {} ({:?})", u.code, u.code));
+            }
+            if Instant::now() > deadline {
+                return Err("no reply within 10 s".into());
+            }
+            ep.wait(Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+        }
+    };
 
     match args.value("--mode").as_deref().unwrap_or("ping") {
         "ping" => {

@@ -1,7 +1,11 @@
-//! Real processes over UDP loopback: the ping-pong example as a second process, a peer
-//! killed mid-stream and restarted, and a peer of another protocol version.
+//! Real processes: the ping-pong example as a second process, a peer killed mid-stream and
+//! restarted, and a peer of another protocol version; over UDP loopback and over RDMA verbs
+//! (the `_over_verbs` tests need a verbs device: they run in the SoftRoCE VM, see
+//! `scripts/verbs-tests.sh`, and say they were skipped elsewhere).
 
-use am_core::{Config, Endpoint, EndpointName, ErrorCode, Msg, Tag, Undeliverable};
+use am_core::{Config, Endpoint, EndpointName, ErrorCode, Msg, Tag, Transport, Undeliverable};
+use am_rdma::harness::{skip_without_device, test_ip};
+use am_rdma::{RdmaConfig, RdmaTransport};
 use am_udp::{UdpConfig, UdpTransport};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -30,10 +34,60 @@ struct Server {
     handled: Arc<Mutex<Vec<u64>>>,
 }
 
+/// A transport the tests run over: its name for `--transport`, the address to bind, and
+/// how to make an in-process endpoint on it.
+struct Net<T: Transport> {
+    name: &'static str,
+    ip: String,
+    make: fn(&str) -> T,
+}
+
+fn udp() -> Net<UdpTransport> {
+    Net {
+        name: "udp",
+        ip: "127.0.0.1".into(),
+        make: |ip| {
+            UdpTransport::bind(format!("{ip}:0").parse().unwrap(), UdpConfig::default()).unwrap()
+        },
+    }
+}
+
+fn rdma(test: &str) -> Option<Net<RdmaTransport>> {
+    if skip_without_device(test) {
+        return None;
+    }
+    Some(Net {
+        name: "rdma",
+        ip: test_ip().to_string(),
+        make: |ip| {
+            RdmaTransport::bind(format!("{ip}:0").parse().unwrap(), RdmaConfig::default()).unwrap()
+        },
+    })
+}
+
+impl<T: Transport> Net<T> {
+    fn any_port(&self) -> String {
+        format!("{}:0", self.ip)
+    }
+    fn endpoint(&self, tag: u64) -> Endpoint<T> {
+        Endpoint::try_new(
+            (self.make)(&self.ip),
+            Config {
+                tag: Tag(tag),
+                ..Config::default()
+            },
+        )
+        .unwrap()
+    }
+    fn server(&self, extra: &[&str]) -> Server {
+        Server::start(self.name, extra)
+    }
+}
+
 impl Server {
-    fn start(extra: &[&str]) -> Server {
+    fn start(transport: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(pingpong())
-            .arg("server")
+            .args(["server", "--transport", transport])
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()
@@ -77,19 +131,8 @@ impl Drop for Server {
     }
 }
 
-fn endpoint(tag: u64) -> Endpoint<UdpTransport> {
-    let t = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), UdpConfig::default()).unwrap();
-    Endpoint::new(
-        t,
-        Config {
-            tag: Tag(tag),
-            ..Config::default()
-        },
-    )
-}
-
 /// Maps the pingpong server (its default tag 7) at index 0.
-fn map_server(ep: &mut Endpoint<UdpTransport>, server: &Server) {
+fn map_server<T: Transport>(ep: &mut Endpoint<T>, server: &Server) {
     let name = EndpointName {
         addr: server.addr,
         vnet: 0,
@@ -97,8 +140,8 @@ fn map_server(ep: &mut Endpoint<UdpTransport>, server: &Server) {
     ep.map(0, name, Tag(7)).unwrap();
 }
 
-fn run_until(
-    eps: &mut [&mut Endpoint<UdpTransport>],
+fn run_until<T: Transport>(
+    eps: &mut [&mut Endpoint<T>],
     limit: Duration,
     mut done: impl FnMut() -> bool,
 ) -> bool {
@@ -122,10 +165,24 @@ fn run_until(
 
 #[test]
 fn two_processes_exchange_small_medium_and_bulk() {
-    let server = Server::start(&["--bind", "127.0.0.1:0"]);
+    two_processes(udp());
+}
+
+#[test]
+fn two_processes_exchange_small_medium_and_bulk_over_verbs() {
+    if let Some(net) = rdma("two_processes_exchange_small_medium_and_bulk_over_verbs") {
+        two_processes(net);
+        println!("VERBS-TEST-RAN two_processes_exchange_small_medium_and_bulk_over_verbs");
+    }
+}
+
+fn two_processes<T: Transport>(net: Net<T>) {
+    let server = net.server(&["--bind", &net.any_port()]);
     let out = Command::new(pingpong())
         .args([
             "client",
+            "--transport",
+            net.name,
             "--server",
             &server.addr.to_string(),
             "--mode",
@@ -145,6 +202,8 @@ fn two_processes_exchange_small_medium_and_bulk() {
     let ping = Command::new(pingpong())
         .args([
             "client",
+            "--transport",
+            net.name,
             "--server",
             &server.addr.to_string(),
             "--count",
@@ -160,9 +219,22 @@ fn two_processes_exchange_small_medium_and_bulk() {
 
 #[test]
 fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
-    let server = Server::start(&["--bind", "127.0.0.1:0", "--log-handled"]);
-    let mut a = endpoint(1);
-    let mut c = endpoint(3);
+    kill_and_restart(udp());
+}
+
+#[test]
+fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable_over_verbs() {
+    let test = "killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable_over_verbs";
+    if let Some(net) = rdma(test) {
+        kill_and_restart(net);
+        println!("VERBS-TEST-RAN {test}");
+    }
+}
+
+fn kill_and_restart<T: Transport>(net: Net<T>) {
+    let server = net.server(&["--bind", &net.any_port(), "--log-handled"]);
+    let mut a = net.endpoint(1);
+    let mut c = net.endpoint(3);
     map_server(&mut a, &server);
     a.map(1, c.name(), c.tag()).unwrap();
     let at_c = Arc::new(Mutex::new(Vec::new()));
@@ -176,7 +248,7 @@ fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
     // A stream to the server and to the survivor C.
     let mut seq = 0u64;
     let mut to_c = 0u64;
-    let send = |a: &mut Endpoint<UdpTransport>, n: u64, seq: &mut u64, to_c: &mut u64| {
+    let send = |a: &mut Endpoint<T>, n: u64, seq: &mut u64, to_c: &mut u64| {
         for _ in 0..n {
             a.send(0, Msg::small(2, &[*seq])).unwrap();
             *seq += 1;
@@ -254,7 +326,7 @@ fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
     // Restart on the same address: reachable again within 2 s.
     let port = server.addr.to_string();
     drop(server);
-    let server2 = Server::start(&["--bind", &port, "--log-handled"]);
+    let server2 = net.server(&["--bind", &port, "--log-handled"]);
     let start = Instant::now();
     a.send(0, Msg::small(2, &[9999])).unwrap();
     let ok = run_until(&mut [&mut a], Duration::from_secs(2), || {
@@ -269,8 +341,8 @@ fn killing_the_peer_mid_stream_loses_nothing_and_a_restart_is_reachable() {
 
 #[test]
 fn a_peer_of_another_protocol_version_is_refused_naming_both() {
-    let server = Server::start(&["--bind", "127.0.0.1:0", "--protocol-version", "9"]);
-    let mut a = endpoint(1);
+    let server = udp().server(&["--bind", "127.0.0.1:0", "--protocol-version", "9"]);
+    let mut a = udp().endpoint(1);
     map_server(&mut a, &server);
     let ups: Arc<Mutex<Vec<Undeliverable>>> = Arc::default();
     let u = ups.clone();

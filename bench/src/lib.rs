@@ -12,3 +12,4 @@ pub mod peers;
 pub mod plot;
 pub mod raw;
 pub mod report;
+pub mod verbs_peer;

@@ -1,7 +1,9 @@
-//! `am-bench`: Active Messages microbenchmarks against raw UDP in the same run.
+//! `am-bench`: Active Messages microbenchmarks against raw UDP (and, over RDMA, against
+//! perftest's `ib_send_lat`) in the same run.
 
 use am_core::sim::{Faults, SimNet};
 use am_core::{Endpoint, EndpointName, Tag};
+use am_rdma::{RdmaConfig, RdmaTransport};
 use am_udp::{UdpConfig, UdpTransport};
 use bench::am_side::{self, AmClient};
 use bench::cases::{bandwidth_cases, latency_cases, Case, Wait};
@@ -20,8 +22,8 @@ am-bench: Active Messages microbenchmarks against raw UDP in the same run
 USAGE:
   am-bench [local] [OPTIONS]         start servers as child processes on loopback and
                                      measure (the default)
-  am-bench server --system am|raw [--wait poll|block] [--bind ADDR] [--mtu N]
-                                     serve one system; prints `listening ADDR`
+  am-bench server --system am|raw [--transport udp|rdma] [--wait poll|block] [--bind ADDR]
+                 [--mtu N]           serve one system; prints `listening ADDR`
   am-bench client --system am|raw --server ADDR [OPTIONS]
                                      measure a server started elsewhere
 
@@ -29,8 +31,12 @@ OPTIONS:
   --mode latency|bandwidth|rate|all  what to measure (default all)
   --wait poll|block|both             busy-polling, sleeping in epoll, or both (default both)
   --transport udp|sim|rdma|all       udp: over am-udp; sim: the engine alone over the
-                                     in-process simulator (no syscalls); rdma: needs
-                                     am-rdma, not built yet (default all = udp,sim)
+                                     in-process simulator (no syscalls); rdma: over
+                                     am-rdma on verbs, beside perftest's ib_send_lat on
+                                     the same device (needs a device whose netdev has
+                                     $AM_RDMA_ADDR, default 10.99.0.1: run it in the
+                                     SoftRoCE VM, bench/run-verbs.sh) (default all =
+                                     udp,sim)
   --quick                            fewer sizes and samples: under a minute
   --iters N                          latency samples per row (default 20000; quick 2000)
   --warmup N                         round trips discarded first (default 2000; quick 200)
@@ -99,17 +105,13 @@ fn opts(args: &Args) -> Result<Opts, String> {
         "both" => vec![Wait::Poll, Wait::Block],
         w => vec![Wait::parse(w).ok_or(format!("--wait {w}: use poll, block or both"))?],
     };
-    let transports =
-        match args.value("--transport").as_deref().unwrap_or("all") {
-            "all" => vec!["udp".into(), "sim".into()],
-            "udp" => vec!["udp".into()],
-            "sim" => vec!["sim".into()],
-            "rdma" => return Err(
-                "--transport rdma: am-rdma is not built yet (the am-rdma issue); use udp or sim"
-                    .into(),
-            ),
-            t => return Err(format!("--transport {t}: use udp, sim, rdma or all")),
-        };
+    let transports = match args.value("--transport").as_deref().unwrap_or("all") {
+        "all" => vec!["udp".into(), "sim".into()],
+        "udp" => vec!["udp".into()],
+        "sim" => vec!["sim".into()],
+        "rdma" => vec!["rdma".into()],
+        t => return Err(format!("--transport {t}: use udp, sim, rdma or all")),
+    };
     Ok(Opts {
         modes,
         waits,
@@ -157,7 +159,21 @@ fn server(args: &Args) -> Result<(), String> {
         .ok_or("--wait: poll or block")?;
     let bind: SocketAddr = args.parse("--bind", "127.0.0.1:0".parse().map_err(|_| "addr")?)?;
     let stop = AtomicBool::new(false);
+    let rdma = args.value("--transport").as_deref() == Some("rdma");
     match args.value("--system").as_deref() {
+        Some("am") if rdma => {
+            let cfg = RdmaConfig {
+                busy_poll: wait == Wait::Poll,
+                ..RdmaConfig::default()
+            };
+            let t = RdmaTransport::bind(bind, cfg).map_err(|e| format!("rdma transport: {e}"))?;
+            let mut ep = Endpoint::try_new(t, am_side::config(am_side::SERVER_TAG))
+                .map_err(|e| e.to_string())?;
+            am_side::make_server(&mut ep).map_err(|e| e.to_string())?;
+            println!("listening {}", ep.name().addr);
+            let _ = std::io::stdout().flush();
+            am_side::serve(&mut ep, wait, &stop)
+        }
         Some("am") => {
             let t = UdpTransport::bind(
                 bind,
@@ -333,6 +349,22 @@ fn am_udp_client(
     AmClient::new(ep, wait, am_side::real_pump()).map_err(|e| e.to_string())
 }
 
+fn am_rdma_client(server: SocketAddr, wait: Wait) -> Result<AmClient<RdmaTransport>, String> {
+    let t = RdmaTransport::bind(SocketAddr::new(server.ip(), 0), RdmaConfig::default())
+        .map_err(|e| format!("rdma transport: {e}"))?;
+    let mut ep = Endpoint::try_new(t, am_side::config(Tag(1))).map_err(|e| e.to_string())?;
+    ep.map(
+        0,
+        EndpointName {
+            addr: server,
+            vnet: 0,
+        },
+        am_side::SERVER_TAG,
+    )
+    .map_err(|e| e.to_string())?;
+    AmClient::new(ep, wait, am_side::real_pump()).map_err(|e| e.to_string())
+}
+
 fn client(args: &Args) -> Result<(), String> {
     let o = opts(args)?;
     let server: SocketAddr = args
@@ -360,12 +392,27 @@ struct ServerProcess(Child, SocketAddr);
 
 impl ServerProcess {
     fn start(system: &str, wait: Wait, mtu: usize, gro: bool) -> Result<ServerProcess, String> {
+        ServerProcess::start_on(system, "udp", "127.0.0.1:0", wait, mtu, gro)
+    }
+
+    fn start_on(
+        system: &str,
+        transport: &str,
+        bind: &str,
+        wait: Wait,
+        mtu: usize,
+        gro: bool,
+    ) -> Result<ServerProcess, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
             .args([
                 "server",
                 "--system",
                 system,
+                "--transport",
+                transport,
+                "--bind",
+                bind,
                 "--wait",
                 wait.name(),
                 "--mtu",
@@ -450,6 +497,9 @@ fn local(args: &Args) -> Result<(), String> {
             )?);
         }
     }
+    if o.transports.iter().any(|t| t == "rdma") {
+        rows.extend(measure_rdma(&o)?);
+    }
     if o.transports.iter().any(|t| t == "sim") {
         progress("am over the simulator (engine cost alone)");
         rows.extend(measure_am(&mut sim_client()?, "sim", Wait::Poll, &o)?);
@@ -464,6 +514,46 @@ fn local(args: &Args) -> Result<(), String> {
     }
     progress(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     finish(args, rows)
+}
+
+/// AM over verbs, then `ib_send_lat` on the same device, for each wait mode.
+fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
+    let ip = am_rdma::harness::test_ip();
+    let bind = format!("{ip}:0");
+    let mut rows = Vec::new();
+    for (i, &wait) in o.waits.iter().enumerate() {
+        let server = ServerProcess::start_on("am", "rdma", &bind, wait, o.mtu, false)?;
+        progress(&format!("am rdma server at {} ({})", server.1, wait.name()));
+        let mut c = am_rdma_client(server.1, wait)?;
+        let (dev, gid) = {
+            let t = c.endpoint().transport();
+            (t.device_name().to_string(), t.gid_index())
+        };
+        rows.extend(measure_am(&mut c, "rdma", wait, o)?);
+        drop(c);
+        drop(server);
+        for size in [0usize, 4096].into_iter().filter(|&s| s <= o.max_size) {
+            let iters = if o.quick { 2000 } else { 10000 };
+            let port = 18515 + (i * 2 + usize::from(size > 0)) as u16;
+            let r = bench::verbs_peer::ib_send_lat(
+                &dev,
+                gid,
+                &ip.to_string(),
+                port,
+                size,
+                wait,
+                iters,
+            )?;
+            progress(&format!(
+                "ib_send_lat {} {} B on {dev}: round trip {:.1} us",
+                wait.name(),
+                size.max(2),
+                r.p50_us.unwrap_or(0.0)
+            ));
+            rows.push(r);
+        }
+    }
+    Ok(rows)
 }
 
 fn finish(args: &Args, mut rows: Vec<Row>) -> Result<(), String> {

@@ -152,10 +152,33 @@ pub fn add_ratios(rows: &mut [Row]) {
             }
         }
     }
+    let verbs: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.system == "ib_send_lat")
+        .cloned()
+        .collect();
     for r in rows
         .iter_mut()
-        .filter(|r| r.system != "raw-udp" && r.transport != "sim")
+        .filter(|r| r.system == "am" && r.transport == "rdma" && r.mode == "latency")
     {
+        // Over verbs the baseline is perftest's SEND ping-pong on the same device.
+        let base = verbs
+            .iter()
+            .find(|b| b.wait == r.wait && b.size_bytes == r.size_bytes);
+        match base.and_then(|b| Some((r.p50_us?, b.p50_us?))) {
+            Some((x, y)) => {
+                r.vs_raw = Some(x / y);
+                r.note = "vs ib_send_lat round trip (2 x one-way), same device".into();
+            }
+            None => r.note = "no ib_send_lat row of this size".into(),
+        }
+    }
+    for r in rows.iter_mut().filter(|r| {
+        r.system != "raw-udp"
+            && r.transport != "sim"
+            && r.transport != "rdma"
+            && r.system != "ib_send_lat"
+    }) {
         let base = raws.iter().find(|b| {
             b.mode == r.mode
                 && b.wait == r.wait
