@@ -319,7 +319,7 @@ pub struct RdmaTransport {
     addr: SocketAddr,
     epoll: OwnedFd,
     eventfd: Arc<EventFd>,
-    origin: Instant,
+    clock: verbs::FastClock,
     seed: u64,
     next_id: u32,
     nonce_ctr: u64,
@@ -395,7 +395,7 @@ impl RdmaTransport {
             addr,
             epoll,
             eventfd: Arc::new(EventFd(efd)),
-            origin: t0,
+            clock: verbs::FastClock::new(),
             seed,
             next_id: 1,
             nonce_ctr: 0,
@@ -1043,7 +1043,7 @@ impl Transport for RdmaTransport {
     }
 
     fn now(&self) -> Time {
-        Time(self.origin.elapsed().as_nanos() as u64)
+        Time(self.clock.now_ns())
     }
 
     fn seed(&self) -> u64 {

@@ -226,10 +226,12 @@ fn measure_am<T: am_core::Transport + 'static>(
             .filter(|c| c.size <= o.max_size)
         {
             let (w, n) = iters_for(case, o);
+            let sent0 = c.endpoint().stats().packets_sent;
             let h = c.latency(case, w, n)?;
+            let per_rt = (c.endpoint().stats().packets_sent - sent0) as f64 / (w + n) as f64;
             let row = Row::latency("am", transport, wait, case, &h);
             progress(&format!(
-                "am {transport} {} latency {case}: p50 {:.1} us",
+                "am {transport} {} latency {case}: p50 {:.1} us ({per_rt:.2} packets sent per round trip)",
                 wait.name(),
                 row.p50_us.unwrap_or(0.0)
             ));
