@@ -21,7 +21,10 @@ pub fn test_ip() -> IpAddr {
 pub fn unavailable() -> Option<String> {
     let names = crate::verbs::device_names();
     if names.is_empty() {
-        return Some("no RDMA verbs device (they run in the SoftRoCE VM: `bash scripts/verbs-tests.sh`)".into());
+        return Some(
+            "no RDMA verbs device (they run in the SoftRoCE VM: `bash scripts/verbs-tests.sh`)"
+                .into(),
+        );
     }
     match RdmaTransport::bind(SocketAddr::new(test_ip(), 0), RdmaConfig::default()) {
         Ok(_) => None,
