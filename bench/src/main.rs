@@ -520,6 +520,12 @@ fn local(args: &Args) -> Result<(), String> {
 
 /// AM over verbs, then `ib_send_lat` on the same device, for each wait mode.
 fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
+    if let Some(why) = am_rdma::harness::unavailable() {
+        return Err(format!(
+            "--transport rdma: {why}; without RDMA hardware, benchmark in the SoftRoCE VM: \
+             `bash bench/run-verbs.sh`"
+        ));
+    }
     let ip = am_rdma::harness::test_ip();
     let bind = format!("{ip}:0");
     let mut rows = Vec::new();
