@@ -15,7 +15,11 @@
 //! 5. Work-request scatter lists are checked against their region before posting, so the
 //!    device never reads outside registered memory.
 
-use rdma_mummy_sys::{ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq, ibv_sge};
+use rdma_mummy_sys::{
+    ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_poll_cq, ibv_post_recv, ibv_post_send, ibv_qp,
+    ibv_recv_wr, ibv_req_notify_cq, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc, ibv_wr_opcode,
+    rdma_t,
+};
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{
     BasicCompletionQueue, CompletionChannel, GenericCompletionQueue,
@@ -24,13 +28,9 @@ use sideway::ibverbs::device::{DeviceInfo, DeviceList};
 use sideway::ibverbs::device_context::{DeviceContext, Mtu};
 use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
-use sideway::ibverbs::queue_pair::{
-    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState, SetInlineData,
-    SetScatterGatherEntry, WorkRequestFlags,
-};
+use sideway::ibverbs::queue_pair::{BasicQueuePair, QueuePair, QueuePairAttribute, QueuePairState};
 use sideway::ibverbs::AccessFlags;
 use std::io;
-use std::io::IoSlice;
 use std::net::{IpAddr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
@@ -164,10 +164,7 @@ impl Device {
             .map_err(|e| io_err("completion channel O_NONBLOCK", e))?;
         let mut b = ctx.create_cq_builder();
         b.setup_cqe(cqe).setup_comp_channel(&channel, 0);
-        let mut cq = b.build().map_err(|e| io_err("ibv_create_cq", e))?;
-        if let Some(c) = Arc::get_mut(&mut cq) {
-            c.setup_poll_batch(std::num::NonZeroU32::new(32).unwrap_or(std::num::NonZeroU32::MIN));
-        }
+        let cq = b.build().map_err(|e| io_err("ibv_create_cq", e))?;
         Ok(Device {
             cq,
             channel,
@@ -187,30 +184,33 @@ impl Device {
         self.channel.as_raw_fd()
     }
 
-    /// Copies up to `max` completions into `out`; returns how many.
+    /// Copies up to `max` completions into `out`; returns how many. No allocation: a
+    /// fixed array of work completions is filled by the provider.
     pub fn poll(&self, out: &mut Vec<Wc>, max: usize) -> io::Result<usize> {
-        let mut n = 0;
-        let poller = match self.cq.start_poll() {
-            Ok(p) => p,
-            Err(sideway::ibverbs::completion::PollCompletionQueueError::CompletionQueueEmpty) => {
-                return Ok(0)
-            }
-            Err(e) => return Err(io_err("ibv_poll_cq", e)),
+        const BATCH: usize = 32;
+        // SAFETY: ibv_wc is plain data; all-zero is valid, and the provider overwrites the
+        // entries it returns.
+        let mut wcs: [ibv_wc; BATCH] = unsafe { std::mem::MaybeUninit::zeroed().assume_init() };
+        let want = max.clamp(1, BATCH) as i32;
+        // SAFETY: the CQ is valid while `self.cq` lives (invariant 4); `wcs` holds `want`.
+        let n = unsafe {
+            use sideway::ibverbs::completion::CompletionQueue;
+            ibv_poll_cq(self.cq.cq().as_ptr(), want, wcs.as_mut_ptr())
         };
-        for wc in poller {
-            out.push(Wc {
-                wr_id: wc.wr_id(),
-                status: wc.status(),
-                opcode: wc.opcode(),
-                byte_len: wc.byte_len(),
-                imm: wc.imm_data(),
-            });
-            n += 1;
-            if n >= max {
-                break;
-            }
+        if n < 0 {
+            return Err(io_err("ibv_poll_cq", io::Error::from_raw_os_error(-n)));
         }
-        Ok(n)
+        for wc in &wcs[..n as usize] {
+            out.push(Wc {
+                wr_id: wc.wr_id,
+                status: wc.status,
+                opcode: wc.opcode,
+                byte_len: wc.byte_len,
+                // SAFETY: reading a u32 union field is valid for any bits.
+                imm: unsafe { wc.imm_data_invalidated_rkey_union.imm_data },
+            });
+        }
+        Ok(n as usize)
     }
 
     /// Arms the CQ: the next solicited completion (a receive of a SEND or WRITE with
@@ -328,7 +328,7 @@ impl Device {
 
 /// Every send is signalled (its completion frees its ring slot) and solicited (its arrival
 /// wakes the peer's loop).
-const WAKE: WorkRequestFlags = WorkRequestFlags::Signaled.or(WorkRequestFlags::Solicited);
+const WAKE: u32 = ibv_send_flags::IBV_SEND_SIGNALED.0 | ibv_send_flags::IBV_SEND_SOLICITED.0;
 
 /// Reads `CLOCK_MONOTONIC_COARSE` (jiffies, no hardware access: cheap even where the
 /// clocksource is an emulated HPET), in nanoseconds. For the transport's own timers.
@@ -551,6 +551,25 @@ impl Qp {
         Ok(())
     }
 
+    fn raw(&self) -> *mut ibv_qp {
+        // SAFETY: the handle is valid while `self.qp` lives (invariant 4).
+        unsafe { self.qp.qp().as_ptr() }
+    }
+
+    /// Posts one send work request (no allocation: the request and its scatter list live on
+    /// the stack for the call; the provider copies them, and inline data, at post time).
+    fn post_one(&mut self, wr: &mut ibv_send_wr) -> io::Result<()> {
+        let mut bad: *mut ibv_send_wr = ptr::null_mut();
+        // SAFETY: `wr` and its scatter list are valid for the call; every sge points into
+        // registered memory or, with IBV_SEND_INLINE, into memory the provider copies now
+        // (invariants 1, 3, 5).
+        let rc = unsafe { ibv_post_send(self.raw(), wr, &mut bad) };
+        if rc != 0 {
+            return Err(io_err("ibv_post_send", io::Error::from_raw_os_error(rc)));
+        }
+        Ok(())
+    }
+
     /// Posts a receive of slot `slot` (`slot_len` bytes at `slot * slot_len`) of `slab`.
     /// The caller marks the slot posted until its completion (invariant 2).
     pub fn post_recv(
@@ -560,24 +579,43 @@ impl Qp {
         slot: usize,
         slot_len: usize,
     ) -> io::Result<()> {
-        let sge = slab
+        let mut sge = slab
             .sge(slot * slot_len, slot_len)
             .ok_or_else(|| io::Error::other("receive slot outside its slab"))?;
-        let mut g = self.qp.start_post_recv();
-        let wr = g.construct_wr(wr_id);
+        let mut wr = ibv_recv_wr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: 1,
+        };
+        let mut bad: *mut ibv_recv_wr = ptr::null_mut();
         // SAFETY: the sge lies inside the registered slab (checked above); invariant 2.
-        unsafe { wr.setup_sge(sge.lkey, sge.addr, sge.length) };
-        g.post().map_err(|e| io_err("ibv_post_recv", e))
+        let rc = unsafe { ibv_post_recv(self.raw(), &mut wr, &mut bad) };
+        if rc != 0 {
+            return Err(io_err("ibv_post_recv", io::Error::from_raw_os_error(rc)));
+        }
+        Ok(())
     }
 
     /// Posts a signalled SEND of `parts`, copied inline by the provider.
-    pub fn post_send_inline(&mut self, wr_id: u64, parts: &[&[u8]]) -> io::Result<()> {
-        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-        let mut g = self.qp.start_post_send();
-        g.construct_wr(wr_id, WAKE | WorkRequestFlags::Inline)
-            .setup_send()
-            .setup_inline_data_list(&slices);
-        g.post().map_err(|e| io_err("ibv_post_send (inline)", e))
+    pub fn post_send_inline(&mut self, wr_id: u64, parts: &[&[u8]; 2]) -> io::Result<()> {
+        let mut sges = [
+            ibv_sge {
+                addr: parts[0].as_ptr() as u64,
+                length: parts[0].len() as u32,
+                lkey: 0,
+            },
+            ibv_sge {
+                addr: parts[1].as_ptr() as u64,
+                length: parts[1].len() as u32,
+                lkey: 0,
+            },
+        ];
+        let mut wr = send_wr(wr_id, WAKE | ibv_send_flags::IBV_SEND_INLINE.0);
+        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
+        wr.sg_list = sges.as_mut_ptr();
+        wr.num_sge = 2;
+        self.post_one(&mut wr)
     }
 
     /// Posts a signalled SEND of `len` bytes at `off` of `ring` (invariant 3 is the
@@ -589,14 +627,14 @@ impl Qp {
         off: usize,
         len: usize,
     ) -> io::Result<()> {
-        let sge = ring
+        let mut sge = ring
             .sge(off, len)
             .ok_or_else(|| io::Error::other("send slot outside its ring"))?;
-        let mut g = self.qp.start_post_send();
-        let wr = g.construct_wr(wr_id, WAKE).setup_send();
-        // SAFETY: the sge lies inside the registered ring (checked above).
-        unsafe { wr.setup_sge(sge.lkey, sge.addr, sge.length) };
-        g.post().map_err(|e| io_err("ibv_post_send", e))
+        let mut wr = send_wr(wr_id, WAKE);
+        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        self.post_one(&mut wr)
     }
 
     /// Posts a signalled RDMA WRITE with immediate of `src` ranges of `seg` to
@@ -610,27 +648,42 @@ impl Qp {
         raddr: u64,
         imm: u32,
     ) -> io::Result<()> {
-        if src.len() > MAX_SGE {
-            return Err(io::Error::other(format!(
-                "bulk source has {} ranges; RDMA WRITE takes at most {MAX_SGE}",
-                src.len()
-            )));
-        }
-        let mut sges = Vec::with_capacity(src.len());
+        let mut sges = [ibv_sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        }; MAX_SGE];
+        let mut n = 0;
         for &(off, len) in src.iter().filter(|r| r.1 > 0) {
-            sges.push(
-                seg.sge(off, len)
-                    .ok_or_else(|| io::Error::other("bulk source outside the segment"))?,
-            );
+            if n == MAX_SGE {
+                return Err(io::Error::other(format!(
+                    "bulk source has more than {MAX_SGE} ranges; RDMA WRITE takes at most {MAX_SGE}"
+                )));
+            }
+            sges[n] = seg
+                .sge(off, len)
+                .ok_or_else(|| io::Error::other("bulk source outside the segment"))?;
+            n += 1;
         }
-        let mut g = self.qp.start_post_send();
-        let wr = g
-            .construct_wr(wr_id, WAKE)
-            .setup_write_imm(rkey, raddr, imm);
-        // SAFETY: every sge lies inside the registered segment (checked above); the
-        // segment outlives the QP (invariant 1).
-        unsafe { wr.setup_sge_list(&sges) };
-        g.post()
-            .map_err(|e| io_err("ibv_post_send (write with immediate)", e))
+        let mut wr = send_wr(wr_id, WAKE);
+        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        wr.sg_list = sges.as_mut_ptr();
+        wr.num_sge = n as i32;
+        wr.imm_data_invalidated_rkey_union.imm_data = imm;
+        wr.wr.rdma = rdma_t {
+            remote_addr: raddr,
+            rkey,
+        };
+        self.post_one(&mut wr)
     }
+}
+
+/// A zeroed send work request with `wr_id` and `flags`.
+fn send_wr(wr_id: u64, flags: u32) -> ibv_send_wr {
+    // SAFETY: ibv_send_wr is a plain C struct (integers, raw pointers, unions of those):
+    // all-zero is a valid value.
+    let mut wr: ibv_send_wr = unsafe { std::mem::MaybeUninit::zeroed().assume_init() };
+    wr.wr_id = wr_id;
+    wr.send_flags = flags;
+    wr
 }
