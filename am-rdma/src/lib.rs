@@ -367,6 +367,26 @@ impl RdmaTransport {
     /// Opens the device and binds the connection socket at `addr` (an address of the
     /// device's netdev; port 0 picks one).
     pub fn bind(addr: SocketAddr, cfg: RdmaConfig) -> io::Result<RdmaTransport> {
+        // Credits: the engine keeps at most MAX_WINDOW datagrams in flight to a peer; each
+        // takes one posted receive, a bulk header's WRITE with immediate one more, and
+        // acknowledgements and key requests a few: with this many posted, the peer never
+        // meets a receiver-not-ready.
+        let need = 2 * am_core::engine::MAX_WINDOW + 64;
+        if cfg.recv_depth < need {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "RdmaConfig::recv_depth {} is below {need} (twice the engine's window plus room for control)",
+                    cfg.recv_depth
+                ),
+            ));
+        }
+        if cfg.max_datagram < 1024 || cfg.max_inline as usize > cfg.max_datagram {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "RdmaConfig::max_datagram must be at least 1024 and at least max_inline",
+            ));
+        }
         let sock = UdpSocket::bind(addr)?;
         sock.set_nonblocking(true)?;
         let addr = sock.local_addr()?;
@@ -1181,5 +1201,108 @@ impl Transport for RdmaTransport {
 
     fn notifier(&self) -> Arc<dyn Notify> {
         self.eventfd.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_datagrams_round_trip_and_garbage_is_refused() {
+        let m = oob::Msg {
+            kind: oob::REQ,
+            qpn: 0x12_3456,
+            psn: 0xab_cdef,
+            lid: 7,
+            gid: verbs::gid_of("10.99.0.1".parse().unwrap()),
+            nonce: 0xdead_beef_0123_4567,
+            echo: 42,
+        };
+        let b = m.encode();
+        assert_eq!(oob::Msg::decode(&b), Some(m));
+        // Truncated, lengthened, wrong magic, wrong version, unknown kind: all refused.
+        assert_eq!(oob::Msg::decode(&b[..oob::LEN - 1]), None);
+        let mut long = b.to_vec();
+        long.push(0);
+        assert_eq!(oob::Msg::decode(&long), None);
+        for (i, v) in [(0usize, 0u8), (4, 9), (5, 0), (5, 4)] {
+            let mut bad = b;
+            bad[i] = v;
+            assert_eq!(oob::Msg::decode(&bad), None, "byte {i} = {v} accepted");
+        }
+        // Random garbage of every length never decodes to a message with a bad kind.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for n in 0..200 {
+            let g: Vec<u8> = (0..n % 64)
+                .map(|_| {
+                    x = mix(x);
+                    x as u8
+                })
+                .collect();
+            if let Some(m) = oob::Msg::decode(&g) {
+                assert!((oob::REQ..=oob::PROBE).contains(&m.kind));
+            }
+        }
+    }
+
+    #[test]
+    fn the_gid_of_an_ipv4_address_is_v4_mapped() {
+        let g = verbs::gid_of("10.99.0.1".parse().unwrap());
+        assert_eq!(
+            std::net::Ipv6Addr::from(g),
+            "::ffff:10.99.0.1".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        let v6: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
+        assert_eq!(verbs::gid_of(v6.into()), v6.octets());
+    }
+
+    #[test]
+    fn the_fast_clock_is_monotonic_and_tracks_real_time() {
+        let c = verbs::FastClock::new();
+        let t0 = c.now_ns();
+        let mut last = t0;
+        for _ in 0..100_000 {
+            let t = c.now_ns();
+            assert!(t >= last, "clock went back: {t} < {last}");
+            last = t;
+        }
+        let wall = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(50));
+        let dt = c.now_ns() - t0;
+        let real = wall.elapsed().as_nanos() as u64;
+        assert!(dt >= 45_000_000, "clock advanced {dt} ns over >= 50 ms");
+        assert!(
+            dt <= real + 200_000_000,
+            "clock ran fast: {dt} ns vs {real} ns"
+        );
+    }
+
+    #[test]
+    fn binding_without_a_device_names_the_fix() {
+        if !verbs::device_names().is_empty() {
+            return;
+        }
+        let e = RdmaTransport::bind("127.0.0.1:0".parse().unwrap(), RdmaConfig::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("RDMA") && (e.contains("rdma-core") || e.contains("not found")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_receive_depth_below_the_engine_window_is_refused() {
+        let cfg = RdmaConfig {
+            recv_depth: 16,
+            ..RdmaConfig::default()
+        };
+        let e = RdmaTransport::bind("127.0.0.1:0".parse().unwrap(), cfg)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("recv_depth 16"), "{e}");
     }
 }
