@@ -128,7 +128,7 @@ pub struct RdmaStats {
     pub error_completions: u64,
     /// Malformed control datagrams or sends, counted and dropped.
     pub malformed: u64,
-    /// Datagrams dropped (peer table full, queue pair broken).
+    /// Datagrams dropped (peer table full, connection torn down before they went).
     pub dropped: u64,
 }
 
@@ -305,7 +305,6 @@ struct Peer {
     parked: VecDeque<Vec<u8>>,
     imm_send: u32,
     imm_recv: u32,
-    broken: bool,
 }
 
 /// The RDMA verbs transport.
@@ -493,7 +492,6 @@ impl RdmaTransport {
                 parked: VecDeque::new(),
                 imm_send: 0,
                 imm_recv: 0,
-                broken: false,
             },
         );
         self.by_id.insert(id, to);
@@ -521,18 +519,21 @@ impl RdmaTransport {
         let _ = self.sock.send_to(&m.encode(), to);
     }
 
-    /// Tears down the connection to `addr`, keeping what waits to go (it goes on a new
-    /// connection); reports the failure so the engine returns what was in flight.
-    fn replace(&mut self, addr: SocketAddr) -> Vec<Transmit> {
+    /// Tears down the connection to `addr` and reports it failed, so the engine returns
+    /// what it had sent on it as `Unreachable` and re-opens with a HELLO. Datagrams still
+    /// waiting here are dropped (counted) rather than sent on the next connection: the
+    /// engine has just returned their messages, which must not then arrive as well.
+    fn replace(&mut self, addr: SocketAddr) {
         let Some(p) = self.peers.remove(&addr) else {
-            return Vec::new();
+            return;
         };
+        trace!("{} connection to {addr} torn down", self.addr);
         self.by_id.remove(&p.id);
         self.stats.connections_replaced += 1;
+        self.stats.dropped += p.pending.len() as u64;
         if !self.failed.contains(&addr) {
             self.failed.push(addr);
         }
-        p.pending.into_iter().collect()
     }
 
     fn connect_peer(&mut self, addr: SocketAddr, m: &oob::Msg) -> io::Result<()> {
@@ -559,12 +560,9 @@ impl RdmaTransport {
             m.qpn,
             m.nonce,
             m.echo,
-            self.peers.get(&from).map(|p| (
-                p.nonce,
-                p.remote.map(|r| r.1),
-                p.broken,
-                p.outstanding
-            ))
+            self.peers
+                .get(&from)
+                .map(|p| (p.nonce, p.remote.map(|r| r.1), p.outstanding))
         );
         match m.kind {
             oob::REQ => {
@@ -576,13 +574,9 @@ impl RdmaTransport {
                     }
                     Some(Some(_)) => {
                         // The peer restarted (or rebuilt its side): a new connection.
-                        let keep = self.replace(from);
+                        self.replace(from);
                         if self.new_peer(from).is_err() {
-                            self.stats.dropped += keep.len() as u64;
                             return;
-                        }
-                        if let Some(p) = self.peers.get_mut(&from) {
-                            p.pending.extend(keep);
                         }
                     }
                     Some(None) => {}
@@ -624,11 +618,9 @@ impl RdmaTransport {
                     return;
                 }
                 if self.peers.contains_key(&from) {
-                    let keep = self.replace(from);
-                    if self.new_peer(from).is_ok() {
-                        if let Some(p) = self.peers.get_mut(&from) {
-                            p.pending.extend(keep);
-                        }
+                    self.replace(from);
+                    if self.new_peer(from).is_err() {
+                        return;
                     }
                 } else if self.new_peer(from).is_err() {
                     return;
@@ -693,7 +685,7 @@ impl RdmaTransport {
             let Some(p) = self.peers.get_mut(&addr) else {
                 return Ok(());
             };
-            if p.remote.is_none() || p.broken {
+            if p.remote.is_none() {
                 return Ok(());
             }
             if let Some(c) = p.control.pop_front() {
@@ -861,18 +853,12 @@ impl RdmaTransport {
         }
     }
 
+    /// An error completion or a failed post: the queue pair is unusable. It is torn down
+    /// at once; the next datagram to `addr` opens a new connection (a new nonce, so the
+    /// peer replaces its side too).
     fn fail_peer(&mut self, addr: SocketAddr) {
         trace!("{} connection to {addr} broken", self.addr);
-        if let Some(p) = self.peers.get_mut(&addr) {
-            if !p.broken {
-                p.broken = true;
-                self.stats.dropped += p.pending.len() as u64;
-                p.pending.clear();
-                if !self.failed.contains(&addr) {
-                    self.failed.push(addr);
-                }
-            }
-        }
+        self.replace(addr);
     }
 
     /// Handles completions in `self.wcs`, delivering datagrams; returns how many delivered.
@@ -1107,11 +1093,6 @@ impl Transport for RdmaTransport {
             let Some(p) = self.peers.get_mut(&t.to) else {
                 continue;
             };
-            if p.broken {
-                self.stats.dropped += 1;
-                taken += 1;
-                continue;
-            }
             let direct = p.remote.is_some() && p.pending.is_empty() && p.control.is_empty();
             if direct {
                 match self.try_send(t.to, t) {

@@ -540,9 +540,14 @@ fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
         rows.extend(measure_am(&mut c, "rdma", wait, o)?);
         drop(c);
         drop(server);
-        for size in [0usize, 4096].into_iter().filter(|&s| s <= o.max_size) {
+        // The sizes of the latency rows: 0 (ib_send_lat's least, 2 B), 64, 1 KiB, 4 KiB.
+        for (j, size) in [0usize, 64, 1024, 4096]
+            .into_iter()
+            .filter(|&s| s <= o.max_size)
+            .enumerate()
+        {
             let iters = if o.quick { 2000 } else { 10000 };
-            let port = 18515 + (i * 2 + usize::from(size > 0)) as u16;
+            let port = 18515 + (i * 4 + j) as u16;
             let r = bench::verbs_peer::ib_send_lat(
                 &dev,
                 gid,
