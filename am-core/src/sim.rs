@@ -105,6 +105,8 @@ struct Inner {
     counters: SimCounters,
     next_host: u32,
     last_at: HashMap<(SocketAddr, SocketAddr), u64>,
+    /// Per transport, peers whose path it reports failed (`Transport::take_failed`).
+    failed: HashMap<SocketAddr, Vec<SocketAddr>>,
 }
 
 impl Inner {
@@ -175,6 +177,7 @@ impl SimNet {
             counters: SimCounters::default(),
             next_host: 1,
             last_at: HashMap::new(),
+            failed: HashMap::new(),
         })))
     }
 
@@ -228,6 +231,25 @@ impl SimNet {
             i.cut.remove(&(a, b));
             i.cut.remove(&(b, a));
         }
+    }
+
+    /// The connection between `a` and `b` breaks, as an RDMA queue pair does: what is in
+    /// flight between them is lost, and both transports report the other failed
+    /// (`Transport::take_failed`). The path itself stays up: new datagrams go through.
+    pub fn fail_path(&self, a: SocketAddr, b: SocketAddr) {
+        let mut i = self.0.borrow_mut();
+        let lost: Vec<u64> = i
+            .flights
+            .iter()
+            .filter(|(_, f)| (f.from, f.to) == (a, b) || (f.from, f.to) == (b, a))
+            .map(|(&o, _)| o)
+            .collect();
+        for o in lost {
+            i.flights.remove(&o);
+            i.counters.partitioned += 1;
+        }
+        i.failed.entry(a).or_default().push(b);
+        i.failed.entry(b).or_default().push(a);
     }
 
     /// Changes the fault knobs.
@@ -362,5 +384,11 @@ impl Transport for SimTransport {
     }
     fn notifier(&self) -> Arc<dyn Notify> {
         self.woken.clone()
+    }
+    fn take_failed(&mut self, failed: &mut dyn FnMut(SocketAddr)) {
+        let list = self.net.0.borrow_mut().failed.remove(&self.addr);
+        for a in list.unwrap_or_default() {
+            failed(a);
+        }
     }
 }
