@@ -174,3 +174,49 @@ fn a_wrong_tag_gets_no_key_and_places_no_byte() {
     assert_eq!(a.transport().stats().bulk_header_only, 1);
     println!("VERBS-TEST-RAN a_wrong_tag_gets_no_key_and_places_no_byte");
 }
+
+#[test]
+fn garbage_on_the_connection_socket_is_counted_and_harmless() {
+    if skip_without_device("garbage_on_the_connection_socket_is_counted_and_harmless") {
+        return;
+    }
+    let mut h = RdmaHarness::new(1 << 20);
+    let (mut a, mut b) = pair(&mut h, 1 << 20);
+    let got: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let g = got.clone();
+    b.register(1, move |_, m| g.lock().unwrap().push(m.args[0]))
+        .unwrap();
+    // Random datagrams of every length, and well-formed-looking ones with a bad magic.
+    let sock = std::net::UdpSocket::bind((am_rdma::harness::test_ip(), 0)).unwrap();
+    let mut x = 0x1234_5678_9abc_def1u64;
+    for n in 0..300usize {
+        let bytes: Vec<u8> = (0..n % 120)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        sock.send_to(&bytes, b.name().addr).unwrap();
+    }
+    h.run(
+        &mut [&mut a, &mut b],
+        Duration::from_millis(300),
+        &mut || false,
+    );
+    let malformed = b.transport().stats().malformed;
+    assert!(
+        malformed >= 250,
+        "only {malformed} of 300 garbage datagrams counted"
+    );
+    // The endpoint still works.
+    for i in 0..100u64 {
+        a.send(0, Msg::small(1, &[i])).unwrap();
+    }
+    let ok = h.run(&mut [&mut a, &mut b], Duration::from_secs(5), &mut || {
+        got.lock().unwrap().len() == 100
+    });
+    assert!(ok && *got.lock().unwrap() == (0..100).collect::<Vec<u64>>());
+    println!("VERBS-TEST-RAN garbage_on_the_connection_socket_is_counted_and_harmless");
+}
