@@ -386,7 +386,13 @@ impl Transport for SimTransport {
         self.woken.clone()
     }
     fn take_failed(&mut self, failed: &mut dyn FnMut(SocketAddr)) {
-        let list = self.net.0.borrow_mut().failed.remove(&self.addr);
+        let list = {
+            let mut i = self.net.0.borrow_mut();
+            if i.failed.is_empty() {
+                return;
+            }
+            i.failed.remove(&self.addr)
+        };
         for a in list.unwrap_or_default() {
             failed(a);
         }

@@ -45,7 +45,8 @@ use am_core::{
     BulkWrite, Capabilities, EventMask, Notify, SegmentMemory, Time, Transmit, Transport,
     TransportError,
 };
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -407,8 +408,8 @@ impl RdmaTransport {
         let slot = cfg.max_datagram + 1;
         Ok(RdmaTransport {
             cfg,
-            peers: HashMap::new(),
-            by_id: HashMap::new(),
+            peers: HashMap::default(),
+            by_id: HashMap::default(),
             segment: None,
             dev,
             sock,
@@ -488,7 +489,7 @@ impl RdmaTransport {
                 posted: 0,
                 stalled_since: None,
                 last_probe: now,
-                grants: HashMap::new(),
+                grants: HashMap::default(),
                 parked: VecDeque::new(),
                 imm_send: 0,
                 imm_recv: 0,
