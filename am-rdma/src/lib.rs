@@ -905,7 +905,15 @@ impl RdmaTransport {
                         deliver(addr, &h);
                         delivered += 1;
                     }
-                    None => self.stats.malformed += 1,
+                    None => {
+                        // A WRITE with immediate without its header, or out of step: the
+                        // peer broke the protocol, and a datagram is lost. Tear the
+                        // connection down so the engine returns what it had sent and
+                        // re-opens, rather than stall on the gap.
+                        self.stats.malformed += 1;
+                        self.fail_peer(addr);
+                        continue;
+                    }
                 }
             } else {
                 self.stats.recvs += 1;
