@@ -170,10 +170,11 @@ impl<T: Transport> Endpoint<T> {
         );
         core.set_now(transport.now());
         let mut transport = transport;
-        let segment = SegmentMemory {
-            ptr: core.segment.as_mut_ptr(),
-            len: core.segment.len(),
-        };
+        // SAFETY: the segment is a Vec the core never resizes, so it does not move; the
+        // endpoint drops its transport before its core (field order), so it outlives the
+        // transport; the RDMA device writes only ranges a message is being placed in,
+        // which the endpoint reads only after the message's handler is called.
+        let segment = unsafe { SegmentMemory::new(core.segment.as_mut_ptr(), core.segment.len()) };
         let failed = transport.attach(cfg.tag.0, segment).err();
         let mut handlers = Vec::with_capacity(cfg.handlers);
         handlers.resize_with(cfg.handlers, || None);

@@ -76,15 +76,38 @@ pub struct BulkWrite {
     pub len: usize,
 }
 
-/// The endpoint memory a transport may register with its device: the segment. Valid for as
-/// long as the transport lives (the endpoint drops its transport before the segment); it
-/// never moves.
+/// The endpoint memory a transport may register with its device: the segment. Holding one
+/// means its maker promised (see [`SegmentMemory::new`]) that the memory stays valid and
+/// never moves for as long as the transport it is given to lives.
 #[derive(Clone, Copy, Debug)]
 pub struct SegmentMemory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SegmentMemory {
+    /// Describes `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be valid for reads and writes, must not move, and must outlive
+    /// the transport this is given to (`Endpoint` keeps its segment in a buffer it never
+    /// resizes and drops its transport first). Others may write into it concurrently only
+    /// as the transport's device does: while the endpoint does not read that range.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> SegmentMemory {
+        SegmentMemory { ptr, len }
+    }
     /// Start of the segment.
-    pub ptr: *mut u8,
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
     /// Its length in bytes.
-    pub len: usize,
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True for an empty segment.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// A datagram driver.

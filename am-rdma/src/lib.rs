@@ -36,9 +36,12 @@
 //! - Completions are polled by the owning event loop; `wait` sleeps on the completion
 //!   channel fd, the UDP socket and an eventfd in one epoll set.
 //!
-//! All `unsafe` code is in [`verbs`], with its invariants.
+//! All `unsafe` code is in [`verbs`], with its invariants; the crate root denies it.
+
+#![deny(unsafe_code)]
 
 pub mod harness;
+#[allow(unsafe_code)]
 pub mod verbs;
 
 use am_core::{
@@ -49,7 +52,7 @@ use rustc_hash::FxHashMap as HashMap;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use verbs::{Device, ForeignRegion, OwnedRegion, Qp, RemoteQp, Wc};
@@ -138,68 +141,7 @@ struct EventFd(OwnedFd);
 impl Notify for EventFd {
     fn notify(&self) {
         let one: u64 = 1;
-        let _ = verbs_sys::write(self.0.as_raw_fd(), &one.to_ne_bytes());
-    }
-}
-
-/// Thin fd helpers (epoll, eventfd); kept with the verbs calls' unsafe discipline.
-mod verbs_sys {
-    use std::io;
-    use std::os::fd::RawFd;
-
-    pub fn write(fd: RawFd, b: &[u8]) -> isize {
-        // SAFETY: `b` is a valid slice for the duration of the call.
-        unsafe { libc::write(fd, b.as_ptr() as *const libc::c_void, b.len()) }
-    }
-
-    pub fn read8(fd: RawFd) -> isize {
-        let mut v = [0u8; 8];
-        // SAFETY: 8-byte valid buffer.
-        unsafe { libc::read(fd, v.as_mut_ptr() as *mut libc::c_void, 8) }
-    }
-
-    pub fn eventfd() -> io::Result<RawFd> {
-        // SAFETY: plain syscall.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(fd)
-    }
-
-    pub fn epoll() -> io::Result<RawFd> {
-        // SAFETY: plain syscall.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(fd)
-    }
-
-    pub fn epoll_add(ep: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
-        // SAFETY: valid fds and event struct.
-        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    pub fn epoll_wait(ep: RawFd, ms: i32) -> io::Result<Vec<u64>> {
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
-        // SAFETY: valid epoll fd and buffer of 8 events.
-        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 8, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                return Ok(Vec::new());
-            }
-            return Err(e);
-        }
-        Ok(evs[..n as usize].iter().map(|e| e.u64).collect())
+        let _ = verbs::fd::write(self.0.as_raw_fd(), &one.to_ne_bytes());
     }
 }
 
@@ -393,11 +335,11 @@ impl RdmaTransport {
         let addr = sock.local_addr()?;
         let cqe = (cfg.max_peers as u32) * (cfg.recv_depth + cfg.send_depth) + 64;
         let dev = Device::open(cfg.device.as_deref(), addr.ip(), cqe)?;
-        let epoll = unsafe_owned(verbs_sys::epoll()?);
-        let efd = unsafe_owned(verbs_sys::eventfd()?);
-        verbs_sys::epoll_add(epoll.as_raw_fd(), dev.channel_fd(), TOKEN_CQ)?;
-        verbs_sys::epoll_add(epoll.as_raw_fd(), sock.as_raw_fd(), TOKEN_UDP)?;
-        verbs_sys::epoll_add(epoll.as_raw_fd(), efd.as_raw_fd(), TOKEN_EVENTFD)?;
+        let epoll = verbs::fd::epoll()?;
+        let efd = verbs::fd::eventfd()?;
+        verbs::fd::epoll_add(epoll.as_raw_fd(), dev.channel_fd(), TOKEN_CQ)?;
+        verbs::fd::epoll_add(epoll.as_raw_fd(), sock.as_raw_fd(), TOKEN_UDP)?;
+        verbs::fd::epoll_add(epoll.as_raw_fd(), efd.as_raw_fd(), TOKEN_EVENTFD)?;
         let t0 = Instant::now();
         let seed = mix((std::process::id() as u64) << 32
             ^ addr.port() as u64
@@ -998,7 +940,7 @@ impl RdmaTransport {
 
     fn note_events(&mut self, toks: &[u64]) {
         if toks.contains(&TOKEN_EVENTFD) {
-            let _ = verbs_sys::read8(self.eventfd.0.as_raw_fd());
+            let _ = verbs::fd::read8(self.eventfd.0.as_raw_fd());
         }
         if toks.contains(&TOKEN_CQ) {
             self.dev.drain_events();
@@ -1019,7 +961,7 @@ impl RdmaTransport {
             }
             turn = turn.wrapping_add(1);
             if turn.is_multiple_of(256) {
-                let toks = verbs_sys::epoll_wait(self.epoll.as_raw_fd(), 0)
+                let toks = verbs::fd::epoll_wait(self.epoll.as_raw_fd(), 0)
                     .map_err(|e| io("epoll_wait", e))?;
                 if !toks.is_empty() {
                     self.note_events(&toks);
@@ -1038,11 +980,6 @@ impl RdmaTransport {
             .values()
             .any(|p| p.stalled_since.is_some() || (p.remote.is_none() && !p.pending.is_empty()))
     }
-}
-
-fn unsafe_owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: `fd` was just returned by a successful syscall and is owned by no one else.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 impl Transport for RdmaTransport {
@@ -1067,9 +1004,9 @@ impl Transport for RdmaTransport {
     }
 
     fn attach(&mut self, tag: u64, segment: SegmentMemory) -> Result<(), TransportError> {
-        // SAFETY: the endpoint guarantees the segment outlives this transport and never
-        // moves (SegmentMemory's contract, verbs invariant 1).
-        let r = unsafe { self.dev.register_foreign(segment.ptr, segment.len) }
+        let r = self
+            .dev
+            .register_segment(segment)
             .map_err(|e| io("register the segment", e))?;
         self.segment = Some(r);
         self.tag = tag;
@@ -1185,7 +1122,7 @@ impl Transport for RdmaTransport {
             Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
         };
         let toks =
-            verbs_sys::epoll_wait(self.epoll.as_raw_fd(), ms).map_err(|e| io("epoll_wait", e))?;
+            verbs::fd::epoll_wait(self.epoll.as_raw_fd(), ms).map_err(|e| io("epoll_wait", e))?;
         self.note_events(&toks);
         Ok(())
     }

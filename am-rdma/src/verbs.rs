@@ -14,6 +14,8 @@
 //! 4. Raw CQ and channel handles are used only while the [`Device`] that owns them lives.
 //! 5. Work-request scatter lists are checked against their region before posting, so the
 //!    device never reads outside registered memory.
+//! 6. The file-descriptor helpers in [`fd`] pass only live buffers to system calls and own
+//!    every descriptor they create.
 
 use rdma_mummy_sys::{
     ibv_ack_cq_events, ibv_cq, ibv_get_cq_event, ibv_poll_cq, ibv_post_recv, ibv_post_send, ibv_qp,
@@ -256,29 +258,28 @@ impl Device {
         }
     }
 
-    /// Registers the caller's memory for local and remote access.
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` must stay valid, and must not move, until the returned region and
-    /// every queue pair of this device are dropped (invariant 1).
-    pub unsafe fn register_foreign(&self, ptr: *mut u8, len: usize) -> io::Result<ForeignRegion> {
-        let mr = self
-            .pd
-            .reg_mr(
-                ptr as usize,
-                len.max(1),
+    /// Registers the endpoint's segment for local access and remote write.
+    pub fn register_segment(&self, seg: am_core::SegmentMemory) -> io::Result<ForeignRegion> {
+        // SAFETY: a SegmentMemory carries its maker's promise that the memory is valid,
+        // does not move and outlives the transport (invariant 1): the transport owns
+        // every queue pair and this region.
+        let mr = unsafe {
+            self.pd.reg_mr(
+                seg.ptr() as usize,
+                seg.len().max(1),
                 AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
             )
-            .map_err(|e| {
-                io_err(
-                    "ibv_reg_mr (raise `ulimit -l`: registered memory is locked)",
-                    e,
-                )
-            })?;
+        }
+        .map_err(|e| {
+            io_err(
+                "ibv_reg_mr (raise `ulimit -l`: registered memory is locked)",
+                e,
+            )
+        })?;
         Ok(ForeignRegion {
             mr,
-            ptr: ptr as u64,
-            len,
+            ptr: seg.ptr() as u64,
+            len: seg.len(),
         })
     }
 
@@ -686,4 +687,72 @@ fn send_wr(wr_id: u64, flags: u32) -> ibv_send_wr {
     wr.wr_id = wr_id;
     wr.send_flags = flags;
     wr
+}
+
+/// File-descriptor helpers for the event loop (eventfd, epoll): the system calls behind
+/// them are the crate's other `unsafe`.
+pub mod fd {
+    use std::io;
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+    fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by a successful system call and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// A non-blocking eventfd.
+    pub fn eventfd() -> io::Result<OwnedFd> {
+        // SAFETY: a plain system call.
+        owned(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })
+    }
+
+    /// A new epoll set.
+    pub fn epoll() -> io::Result<OwnedFd> {
+        // SAFETY: a plain system call.
+        owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+    }
+
+    /// Adds `fd` to epoll set `ep` for reading, reported with `token`.
+    pub fn epoll_add(ep: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: valid fds and a valid event struct for the call.
+        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `ms` (-1: no limit) and returns the tokens that are ready.
+    pub fn epoll_wait(ep: RawFd, ms: i32) -> io::Result<Vec<u64>> {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: a valid epoll fd and a buffer of 8 events.
+        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 8, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(Vec::new());
+            }
+            return Err(e);
+        }
+        Ok(evs[..n as usize].iter().map(|e| e.u64).collect())
+    }
+
+    /// Writes `b` to `fd`; returns what write(2) returned.
+    pub fn write(fd: RawFd, b: &[u8]) -> isize {
+        // SAFETY: `b` is valid for reads of its length during the call.
+        unsafe { libc::write(fd, b.as_ptr() as *const libc::c_void, b.len()) }
+    }
+
+    /// Reads 8 bytes from `fd` (an eventfd counter) and drops them.
+    pub fn read8(fd: RawFd) -> isize {
+        let mut v = [0u8; 8];
+        // SAFETY: an 8-byte buffer valid for writes during the call.
+        unsafe { libc::read(fd, v.as_mut_ptr() as *mut libc::c_void, 8) }
+    }
 }
