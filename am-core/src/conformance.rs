@@ -115,6 +115,20 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// `len` pseudo-random bytes from `seed` (xorshift): test data in which a misplaced or
+/// repeated chunk shows.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Small (0 and 8 args), medium (1 B to the bound, scatter/gather, fragmented) and bulk
 /// (byte-exact in the segment, handler after all bytes, sender told when free).
 pub fn check_classes<H: Harness>(h: &mut H) -> CheckResult {

@@ -115,25 +115,7 @@ fn runs_replay_from_their_seed() {
 #[test]
 fn a_partition_makes_a_peer_unreachable_and_healing_restores_it() {
     let net = SimNet::new(5, Faults::none());
-    let mut a = Endpoint::new(
-        net.transport(),
-        Config {
-            tag: Tag(1),
-            ..Config::default()
-        },
-    );
-    let mut b = Endpoint::new(
-        net.transport(),
-        Config {
-            tag: Tag(2),
-            ..Config::default()
-        },
-    );
-    a.map(0, b.name(), b.tag()).unwrap();
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let g = got.clone();
-    b.register(1, move |_, m| g.lock().unwrap().push(m.args[0]))
-        .unwrap();
+    let (mut a, mut b, got) = pair_logging_handler_1(&net);
     let ups = Arc::new(Mutex::new(Vec::new()));
     let u = ups.clone();
     a.set_upcall(move |_, x| u.lock().unwrap().push(x.code));
@@ -410,25 +392,7 @@ fn a_failed_connection_returns_what_was_in_flight_and_reopens_for_the_rest() {
                 ..Faults::reliable()
             },
         );
-        let mut a = Endpoint::new(
-            net.transport(),
-            Config {
-                tag: Tag(1),
-                ..Config::default()
-            },
-        );
-        let mut b = Endpoint::new(
-            net.transport(),
-            Config {
-                tag: Tag(2),
-                ..Config::default()
-            },
-        );
-        a.map(0, b.name(), b.tag()).unwrap();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let g = got.clone();
-        b.register(1, move |_, m| g.lock().unwrap().push(m.args[0]))
-            .unwrap();
+        let (mut a, mut b, got) = pair_logging_handler_1(&net);
         let ups = Arc::new(Mutex::new(Vec::new()));
         let u = ups.clone();
         a.set_upcall(move |_, x| u.lock().unwrap().push((x.args[0], x.code)));
@@ -498,4 +462,31 @@ fn a_failed_connection_returns_what_was_in_flight_and_reopens_for_the_rest() {
         reopened >= 5,
         "only {reopened} seeds lost messages in flight and then carried the queued ones"
     );
+}
+
+type SimEp = Endpoint<am_core::sim::SimTransport>;
+
+/// Endpoints A (tag 1) and B (tag 2) on `net`, B at A's index 0; B's handler 1 logs its
+/// first argument.
+fn pair_logging_handler_1(net: &SimNet) -> (SimEp, SimEp, Arc<Mutex<Vec<u64>>>) {
+    let mut a = Endpoint::new(
+        net.transport(),
+        Config {
+            tag: Tag(1),
+            ..Config::default()
+        },
+    );
+    let mut b = Endpoint::new(
+        net.transport(),
+        Config {
+            tag: Tag(2),
+            ..Config::default()
+        },
+    );
+    a.map(0, b.name(), b.tag()).unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    b.register(1, move |_, m| g.lock().unwrap().push(m.args[0]))
+        .unwrap();
+    (a, b, got)
 }

@@ -625,20 +625,13 @@ impl RdmaTransport {
     /// allow.
     fn flush_peer(&mut self, addr: SocketAddr) -> io::Result<()> {
         loop {
+            // Key requests and answers go first: a bulk may be waiting for one.
+            self.flush_control(addr)?;
             let Some(p) = self.peers.get_mut(&addr) else {
                 return Ok(());
             };
-            if p.remote.is_none() {
+            if p.remote.is_none() || !p.control.is_empty() {
                 return Ok(());
-            }
-            if let Some(c) = p.control.pop_front() {
-                if !self.post_send(addr, c[0], &c[1..])? {
-                    if let Some(p) = self.peers.get_mut(&addr) {
-                        p.control.push_front(c);
-                    }
-                    return Ok(());
-                }
-                continue;
             }
             let Some(t) = p.pending.pop_front() else {
                 return Ok(());

@@ -11,16 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn pattern(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    am_core::conformance::random_bytes(seed, len)
 }
 
 /// rxe0's hardware counters (whatever this kernel exposes), by name.

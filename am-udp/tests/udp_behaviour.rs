@@ -195,15 +195,7 @@ fn an_idle_endpoint_sleeps_and_wakes_on_a_message_and_on_a_handle_send() {
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    am_core::conformance::random_bytes(seed, len)
 }
 
 /// Sends `size` bytes from each of `senders` endpoints (own threads) to one receiver;

@@ -338,22 +338,21 @@ fn am_udp_client(
     };
     let t = UdpTransport::bind(bind.parse().map_err(|_| "addr")?, udp_config(mtu, gro))
         .map_err(|e| e.to_string())?;
-    let mut ep = Endpoint::new(t, am_side::config(Tag(1)));
-    ep.map(
-        0,
-        EndpointName {
-            addr: server,
-            vnet: 0,
-        },
-        am_side::SERVER_TAG,
-    )
-    .map_err(|e| e.to_string())?;
-    AmClient::new(ep, wait, am_side::real_pump()).map_err(|e| e.to_string())
+    am_client_on(t, server, wait)
 }
 
 fn am_rdma_client(server: SocketAddr, wait: Wait) -> Result<AmClient<RdmaTransport>, String> {
     let t = RdmaTransport::bind(SocketAddr::new(server.ip(), 0), RdmaConfig::default())
         .map_err(|e| format!("rdma transport: {e}"))?;
+    am_client_on(t, server, wait)
+}
+
+/// A client endpoint on `t` with the server at index 0 of its translation table.
+fn am_client_on<T: am_core::Transport + 'static>(
+    t: T,
+    server: SocketAddr,
+    wait: Wait,
+) -> Result<AmClient<T>, String> {
     let mut ep = Endpoint::try_new(t, am_side::config(Tag(1))).map_err(|e| e.to_string())?;
     ep.map(
         0,
