@@ -244,7 +244,10 @@ impl Core {
     /// A new engine for the endpoint at `local`, with `seed` for its incarnation number.
     pub fn new(cfg: Config, caps: Capabilities, local: SocketAddr, seed: u64) -> Core {
         let mut cfg = cfg;
-        cfg.recv_window_packets = cfg.recv_window_packets.clamp(4, MAX_WINDOW);
+        cfg.recv_window_packets = cfg
+            .recv_window_packets
+            .min(caps.max_window)
+            .clamp(4, MAX_WINDOW);
         cfg.recv_budget_packets = cfg.recv_budget_packets.max(4);
         // A delayed acknowledgement must never look like a loss to the sender.
         cfg.ack_delay = cfg.ack_delay.min(cfg.min_rto / 4);

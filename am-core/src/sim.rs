@@ -306,6 +306,7 @@ impl Transport for SimTransport {
             reliable: f.reliable,
             bulk_placement: false,
             max_datagram: f.max_datagram,
+            max_window: u32::MAX,
         }
     }
     fn local_addr(&self) -> SocketAddr {

@@ -22,6 +22,10 @@ pub struct Capabilities {
     pub bulk_placement: bool,
     /// The largest datagram the path carries (path MTU less IP and UDP headers).
     pub max_datagram: usize,
+    /// The most datagrams one peer may have in flight towards this transport (an RDMA
+    /// queue pair's posted receives); the engine never advertises a larger window.
+    /// `u32::MAX`: no limit of the transport's own.
+    pub max_window: u32,
 }
 
 /// Which sources wake [`Transport::wait`]. Timers always wake it.

@@ -147,6 +147,7 @@ fn caps() -> Capabilities {
         reliable: false,
         bulk_placement: false,
         max_datagram: 1472,
+        max_window: u32::MAX,
     }
 }
 

@@ -14,8 +14,10 @@
 //! - **Small and medium messages as SEND/RECV**: a one-byte transport prefix then the
 //!   engine's datagram, inline when it fits `max_inline`, else from a registered send ring;
 //!   received into pre-posted registered slots that are reposted as soon as the datagram has
-//!   been handed to the engine. Credits: the engine's window (256 packets) is below the
-//!   posted receives per queue pair (1024), and every WRITE with immediate counts as one more.
+//!   been handed to the engine. Credits: the transport states its window
+//!   (`Capabilities::max_window`, half the posted receives less room for control, since a
+//!   bulk header's WRITE with immediate takes a receive too) and the engine never
+//!   advertises more.
 //! - **Bulk as RDMA WRITE with immediate** into the receiver's registered segment. The AM
 //!   header (handler, arguments, tag, sequence) goes first as a SEND marked "bulk header";
 //!   the receiving transport parks it and hands it to the engine when the immediate
@@ -87,12 +89,14 @@ impl Default for RdmaConfig {
     fn default() -> Self {
         RdmaConfig {
             device: std::env::var("AM_RDMA_DEVICE").ok(),
-            recv_depth: 1024,
-            send_depth: 512,
+            // A window of 96 datagrams per peer: bulk data moves by RDMA WRITE, so a
+            // window counts messages, not bytes.
+            recv_depth: 256,
+            send_depth: 128,
             // A 4 KiB medium and its AM header in one SEND.
             max_datagram: 4096 + 256,
             max_inline: 256,
-            max_peers: 16,
+            max_peers: 64,
             pending_limit: 8192,
             busy_poll: false,
         }
@@ -290,6 +294,8 @@ fn io(what: &str, e: impl std::fmt::Display) -> TransportError {
 }
 
 const SEND_BIT: u64 = 1 << 31;
+/// Posted receives kept for acknowledgements and key exchanges, outside the window.
+const RECV_SLACK: u32 = 64;
 
 /// Connection events on stderr when `AM_RDMA_TRACE=1`.
 fn tracing() -> bool {
@@ -310,17 +316,17 @@ impl RdmaTransport {
     /// Opens the device and binds the connection socket at `addr` (an address of the
     /// device's netdev; port 0 picks one).
     pub fn bind(addr: SocketAddr, cfg: RdmaConfig) -> io::Result<RdmaTransport> {
-        // Credits: the engine keeps at most MAX_WINDOW datagrams in flight to a peer; each
-        // takes one posted receive, a bulk header's WRITE with immediate one more, and
-        // acknowledgements and key requests a few: with this many posted, the peer never
-        // meets a receiver-not-ready.
-        let need = 2 * am_core::engine::MAX_WINDOW + 64;
-        if cfg.recv_depth < need {
+        // Credits: the engine keeps at most `max_window` datagrams in flight to a peer (it
+        // never advertises more, see `capabilities`); each takes one posted receive, a bulk
+        // header's WRITE with immediate one more, and acknowledgements and key requests a
+        // few: the peer never meets a receiver-not-ready.
+        if cfg.recv_depth < RECV_SLACK + 8 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "RdmaConfig::recv_depth {} is below {need} (twice the engine's window plus room for control)",
-                    cfg.recv_depth
+                    "RdmaConfig::recv_depth {} is below {} (room for a window of 4 plus control)",
+                    cfg.recv_depth,
+                    RECV_SLACK + 8
                 ),
             ));
         }
@@ -981,6 +987,9 @@ impl Transport for RdmaTransport {
             reliable: true,
             bulk_placement: true,
             max_datagram: self.cfg.max_datagram,
+            // Each datagram takes a posted receive, a bulk header's WRITE with immediate
+            // one more, and acknowledgements and key exchanges need some room.
+            max_window: self.cfg.recv_depth.saturating_sub(RECV_SLACK) / 2,
         }
     }
 
@@ -1215,7 +1224,7 @@ mod tests {
     }
 
     #[test]
-    fn a_receive_depth_below_the_engine_window_is_refused() {
+    fn a_receive_depth_without_room_for_a_window_is_refused() {
         let cfg = RdmaConfig {
             recv_depth: 16,
             ..RdmaConfig::default()

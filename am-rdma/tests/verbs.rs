@@ -212,3 +212,69 @@ fn garbage_on_the_connection_socket_is_counted_and_harmless() {
     assert!(ok && *got.lock().unwrap() == (0..100).collect::<Vec<u64>>());
     println!("VERBS-TEST-RAN garbage_on_the_connection_socket_is_counted_and_harmless");
 }
+
+#[test]
+fn a_stalled_receiver_is_never_sent_more_than_it_has_posted() {
+    if skip_without_device("a_stalled_receiver_is_never_sent_more_than_it_has_posted") {
+        return;
+    }
+    let mut h = RdmaHarness::new(1 << 20);
+    let (mut a, mut b) = pair(&mut h, 1 << 20);
+    let got: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let g = got.clone();
+    b.register(2, move |_, m| g.lock().unwrap().push(m.args[0]))
+        .unwrap();
+    // Connect, then stop polling B while A pushes 2,000 mediums and bulks at it: only the
+    // window may be in flight, so no send meets an empty receive queue (RNR).
+    a.send(0, Msg::small(2, &[0])).unwrap();
+    assert!(
+        h.run(&mut [&mut a, &mut b], Duration::from_secs(5), &mut || {
+            got.lock().unwrap().len() == 1
+        })
+    );
+    let dev = a.transport().device_name().to_string();
+    let before = hw_counters(&dev);
+    let body = pattern(3, 2000);
+    let mut sent = 1u64;
+    let mut blocked = 0;
+    while sent < 2000 {
+        let args = [sent];
+        let slices = [&body[..]];
+        let msg = if sent.is_multiple_of(5) {
+            Msg::bulk(2, &args, &[(0, 8192)], (sent % 64) * 8192)
+        } else {
+            Msg::medium(2, &args, &slices)
+        };
+        match a.send(0, msg) {
+            Ok(_) => sent += 1,
+            Err(am_core::AmError::WouldBlock) => {
+                blocked += 1;
+                h.run(&mut [&mut a], Duration::from_millis(1), &mut || false);
+                if blocked > 200 {
+                    break;
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    h.run(&mut [&mut a], Duration::from_millis(200), &mut || false);
+    let posted = a.transport().stats().sends_posted;
+    let ok = h.run(&mut [&mut a, &mut b], Duration::from_secs(20), &mut || {
+        got.lock().unwrap().len() as u64 == sent
+    });
+    assert!(ok, "{} of {sent} arrived", got.lock().unwrap().len());
+    assert_eq!(*got.lock().unwrap(), (0..sent).collect::<Vec<u64>>());
+    let after = hw_counters(&dev);
+    if dev.starts_with("rxe") {
+        assert!(
+            before.contains_key("rcvd_rnr_err"),
+            "rxe counters missing: {before:?}"
+        );
+    }
+    for k in ["rcvd_rnr_err", "send_rnr_err", "retry_rnr_exceeded_err"] {
+        if let (Some(x), Some(y)) = (before.get(k), after.get(k)) {
+            assert_eq!(y - x, 0, "{dev} counted {k} ({posted} sends posted)");
+        }
+    }
+    println!("VERBS-TEST-RAN a_stalled_receiver_is_never_sent_more_than_it_has_posted ({sent} sent, {blocked} WouldBlock)");
+}

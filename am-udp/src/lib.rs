@@ -438,6 +438,7 @@ impl Transport for UdpTransport {
             reliable: false,
             bulk_placement: false,
             max_datagram: Self::max_datagram_for(&self.local, self.cfg.mtu),
+            max_window: u32::MAX,
         }
     }
 
