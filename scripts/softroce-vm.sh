@@ -29,7 +29,7 @@ RXE_NETDEV=${RXE_NETDEV:-dummy0}
 RXE_ADDR=${RXE_ADDR:-10.99.0.1/24}
 VNG_VERSION=${VNG_VERSION:-1.42}
 PKGS=(qemu-system-x86 rdma-core ibverbs-utils libibverbs-dev librdmacm-dev rdmacm-utils perftest
-      kmod busybox-static cpio cmake libclang-dev iproute2)
+      kmod busybox-static cpio cmake libclang-dev iproute2 file)
 
 log() { echo "[softroce-vm] $*" >&2; }
 [ $# -ge 1 ] || { echo "usage: $0 'command to run inside the VM'" >&2; exit 2; }
