@@ -817,7 +817,9 @@ impl RdmaTransport {
                 if let Some(p) = self.peers.get_mut(&addr) {
                     p.outstanding = p.outstanding.saturating_sub(1);
                     p.stalled_since = (p.outstanding > 0).then(verbs::coarse_now_ns);
-                    if !flush.contains(&addr) {
+                    // A freed send slot lets waiting datagrams go.
+                    let waiting = !(p.pending.is_empty() && p.control.is_empty());
+                    if waiting && !flush.contains(&addr) {
                         flush.push(addr);
                     }
                 }
@@ -1038,7 +1040,11 @@ impl Transport for RdmaTransport {
                 self.oob(t.to, oob::REQ, 0);
             }
             let limit = self.cfg.pending_limit;
+            // `taken` counts from the front of the batch: every datagram passed over is
+            // counted as taken (and, if not sent, as dropped).
             let Some(p) = self.peers.get_mut(&t.to) else {
+                self.stats.dropped += 1;
+                taken += 1;
                 continue;
             };
             let direct = p.remote.is_some() && p.pending.is_empty() && p.control.is_empty();
@@ -1057,6 +1063,8 @@ impl Transport for RdmaTransport {
                 }
             }
             let Some(p) = self.peers.get_mut(&t.to) else {
+                self.stats.dropped += 1;
+                taken += 1;
                 continue;
             };
             if p.pending.len() >= limit {
