@@ -1110,7 +1110,6 @@ impl Transport for RdmaTransport {
     }
 
     fn wait(&mut self, timeout: Option<Duration>, mask: EventMask) -> Result<(), TransportError> {
-        let _ = mask;
         let mut timeout = timeout;
         if self.stalled_any() {
             timeout = Some(timeout.map_or(PROBE_AFTER, |t| t.min(PROBE_AFTER)));
@@ -1126,15 +1125,34 @@ impl Transport for RdmaTransport {
         if self.poll_cq_stash()? > 0 {
             return Ok(());
         }
-        let ms = match timeout {
-            None => -1,
-            // Round up so we do not spin on sub-millisecond timeouts.
-            Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-        };
-        let toks =
-            verbs::fd::epoll_wait(self.epoll.as_raw_fd(), ms).map_err(|e| io("epoll_wait", e))?;
-        self.note_events(&toks);
-        Ok(())
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let ms = match deadline {
+                None => -1,
+                // Round up so we do not spin on sub-millisecond timeouts.
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(i32::MAX as u128) as i32,
+            };
+            let toks = verbs::fd::epoll_wait(self.epoll.as_raw_fd(), ms)
+                .map_err(|e| io("epoll_wait", e))?;
+            self.note_events(&toks);
+            // Only the sources in `mask` wake the caller (the others are noted and handled
+            // at the next poll); the deadline always does.
+            let woken = toks.iter().any(|&t| match t {
+                TOKEN_EVENTFD => mask.handle,
+                _ => mask.network,
+            });
+            if woken || toks.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(());
+            }
+            // A masked source fired: re-arm (its event was consumed) and sleep on.
+            self.dev
+                .arm()
+                .map_err(|e| io("arm the completion queue", e))?;
+        }
     }
 
     fn notifier(&self) -> Arc<dyn Notify> {
