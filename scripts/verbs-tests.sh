@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILTER=${1:-}
-EXPECTED=7   # verbs tests in total (5 in am-rdma/tests/verbs.rs, 2 in am-udp/tests/processes.rs)
+EXPECTED=8   # verbs tests in total (6 in am-rdma/tests/verbs.rs, 2 in am-udp/tests/processes.rs)
 
 echo "[verbs-tests] building the test binaries" >&2
 json=$(cargo test -p am-rdma -p am-udp --no-run --message-format=json 2>/dev/null)

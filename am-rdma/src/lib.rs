@@ -953,19 +953,23 @@ impl RdmaTransport {
 
     /// Busy-polling wait: spins on the CQ (no system call); looks at the other fds every
     /// 256 turns.
-    fn spin(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
+    fn spin(&mut self, timeout: Option<Duration>, mask: EventMask) -> Result<(), TransportError> {
         let deadline = timeout.map(|t| verbs::coarse_now_ns() + t.as_nanos() as u64);
         let mut turn = 0u32;
         loop {
-            if self.poll_cq_stash()? > 0 {
+            if mask.network && self.poll_cq_stash()? > 0 {
                 return Ok(());
             }
             turn = turn.wrapping_add(1);
             if turn.is_multiple_of(256) {
                 let toks = verbs::fd::epoll_wait(self.epoll.as_raw_fd(), 0)
                     .map_err(|e| io("epoll_wait", e))?;
-                if !toks.is_empty() {
-                    self.note_events(&toks);
+                self.note_events(&toks);
+                let woken = toks.iter().any(|&t| match t {
+                    TOKEN_EVENTFD => mask.handle,
+                    _ => mask.network,
+                });
+                if woken {
                     return Ok(());
                 }
                 if deadline.is_some_and(|d| verbs::coarse_now_ns() >= d) {
@@ -1114,15 +1118,19 @@ impl Transport for RdmaTransport {
         if self.stalled_any() {
             timeout = Some(timeout.map_or(PROBE_AFTER, |t| t.min(PROBE_AFTER)));
         }
+        if mask.network && !self.wcs.is_empty() {
+            // Completions found earlier (by a wait the mask kept asleep) are waiting.
+            return Ok(());
+        }
         if self.cfg.busy_poll {
-            return self.spin(timeout);
+            return self.spin(timeout, mask);
         }
         // Arm, then look once more: a completion that arrived before arming raises no event.
         // (Events are consumed when epoll reports the channel, so no read is spent here.)
         self.dev
             .arm()
             .map_err(|e| io("arm the completion queue", e))?;
-        if self.poll_cq_stash()? > 0 {
+        if self.poll_cq_stash()? > 0 && mask.network {
             return Ok(());
         }
         let deadline = timeout.map(|t| Instant::now() + t);

@@ -278,3 +278,82 @@ fn a_stalled_receiver_is_never_sent_more_than_it_has_posted() {
     }
     println!("VERBS-TEST-RAN a_stalled_receiver_is_never_sent_more_than_it_has_posted ({sent} sent, {blocked} WouldBlock)");
 }
+
+#[test]
+fn wait_sleeps_on_the_completion_channel_and_keeps_to_the_event_mask() {
+    if skip_without_device("wait_sleeps_on_the_completion_channel_and_keeps_to_the_event_mask") {
+        return;
+    }
+    let mut h = RdmaHarness::new(1 << 20);
+    let (mut a, mut b) = pair(&mut h, 1 << 20);
+    b.register(1, |_, _| {}).unwrap();
+    a.send(0, Msg::small(1, &[0])).unwrap();
+    let settle = |a: &mut Endpoint<RdmaTransport>, b: &mut Endpoint<RdmaTransport>| {
+        // Poll both until B has handled everything, acknowledged it and has no timer left.
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            a.poll(64).unwrap();
+            b.poll(64).unwrap();
+            if a.is_idle() && b.is_idle() && b.next_timeout().is_none() {
+                break;
+            }
+        }
+        for _ in 0..20 {
+            a.poll(64).unwrap();
+            b.poll(64).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    settle(&mut a, &mut b);
+    assert_eq!(b.stats().messages_handled, 1);
+    assert_eq!(b.next_timeout(), None, "a timer would end the wait early");
+    // With the network masked out, an arrival does not end the wait.
+    b.set_event_mask(am_core::EventMask {
+        network: false,
+        handle: true,
+    });
+    a.send(0, Msg::small(1, &[1])).unwrap();
+    a.poll(64).unwrap();
+    let t0 = std::time::Instant::now();
+    b.wait(Some(Duration::from_millis(300))).unwrap();
+    let masked = t0.elapsed();
+    assert!(
+        masked >= Duration::from_millis(280),
+        "a masked arrival woke wait after {masked:?}"
+    );
+    // Unmasked, the waiting completion ends the wait at once.
+    b.set_event_mask(am_core::EventMask::default());
+    let t0 = std::time::Instant::now();
+    b.wait(Some(Duration::from_secs(5))).unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    b.poll(64).unwrap();
+    assert_eq!(b.stats().messages_handled, 2);
+    settle(&mut a, &mut b);
+    // A sleeping B is woken by the completion channel when a message lands.
+    let waker = std::thread::spawn({
+        let handle = a.handle();
+        move || {
+            std::thread::sleep(Duration::from_millis(150));
+            handle.send(0, 1, &[2], &[]).unwrap();
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let mut woke_after = None;
+    while t0.elapsed() < Duration::from_secs(5) {
+        a.poll(64).unwrap();
+        a.wait(Some(Duration::from_millis(1))).unwrap();
+        b.wait(Some(Duration::from_millis(20))).unwrap();
+        b.poll(64).unwrap();
+        if b.stats().messages_handled == 3 {
+            woke_after = Some(t0.elapsed());
+            break;
+        }
+    }
+    waker.join().unwrap();
+    let woke_after = woke_after.expect("the message never arrived");
+    assert!(
+        woke_after < Duration::from_secs(1),
+        "took {woke_after:?} to arrive"
+    );
+    println!("VERBS-TEST-RAN wait_sleeps_on_the_completion_channel_and_keeps_to_the_event_mask");
+}
