@@ -63,6 +63,8 @@ use verbs::{Device, ForeignRegion, OwnedRegion, Qp, RemoteQp, Wc};
 pub const PROBE_AFTER: Duration = Duration::from_millis(50);
 /// How often a connection request is repeated while unanswered.
 const REQ_EVERY: Duration = Duration::from_millis(100);
+/// How often the transport looks for stalled sends and unanswered connection requests.
+const PROBE_CHECK: Duration = Duration::from_millis(10);
 
 /// Settings of an [`RdmaTransport`].
 #[derive(Clone, Debug)]
@@ -271,13 +273,14 @@ pub struct RdmaTransport {
     next_id: u32,
     nonce_ctr: u64,
     tag: u64,
-    attached: bool,
     wcs: Vec<Wc>,
     failed: Vec<SocketAddr>,
     /// The UDP socket may have datagrams (epoll said so); otherwise it is read every
     /// `UDP_EVERY` polls, sparing a system call per poll.
     udp_ready: bool,
     polls: u64,
+    /// Coarse-clock time of the last look for stalled peers.
+    last_probe_check: u64,
     slot: usize,
     stats: RdmaStats,
 }
@@ -369,11 +372,11 @@ impl RdmaTransport {
             next_id: 1,
             nonce_ctr: 0,
             tag: 0,
-            attached: false,
             wcs: Vec::with_capacity(64),
             failed: Vec::new(),
             udp_ready: true,
             polls: 0,
+            last_probe_check: 0,
             slot,
             stats: RdmaStats::default(),
         })
@@ -753,7 +756,7 @@ impl RdmaTransport {
             prefix::ASK if body.len() == 8 => {
                 let tag = u64::from_le_bytes(body.try_into().unwrap_or([0; 8]));
                 let mut c = vec![prefix::GRANT];
-                match (&self.segment, self.attached && tag == self.tag) {
+                match (&self.segment, tag == self.tag) {
                     (Some(seg), true) => {
                         let (rkey, base, len) = seg.grant();
                         c.push(1);
@@ -903,10 +906,15 @@ impl RdmaTransport {
     }
 
     fn probe_stalled(&mut self) {
+        // Runs on every batch: look at the peers at most every PROBE_CHECK, not per poll.
+        let now = verbs::coarse_now_ns();
+        if now.saturating_sub(self.last_probe_check) < PROBE_CHECK.as_nanos() as u64 {
+            return;
+        }
+        self.last_probe_check = now;
         if !self.stalled_any() {
             return;
         }
-        let now = verbs::coarse_now_ns();
         let (req_every, probe_after) = (REQ_EVERY.as_nanos() as u64, PROBE_AFTER.as_nanos() as u64);
         let mut due = Vec::new();
         for (&addr, p) in &mut self.peers {
@@ -1018,7 +1026,6 @@ impl Transport for RdmaTransport {
             .map_err(|e| io("register the segment", e))?;
         self.segment = Some(r);
         self.tag = tag;
-        self.attached = true;
         Ok(())
     }
 

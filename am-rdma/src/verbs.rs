@@ -190,19 +190,22 @@ impl Device {
     /// fixed array of work completions is filled by the provider.
     pub fn poll(&self, out: &mut Vec<Wc>, max: usize) -> io::Result<usize> {
         const BATCH: usize = 32;
-        // SAFETY: ibv_wc is plain data; all-zero is valid, and the provider overwrites the
-        // entries it returns.
-        let mut wcs: [ibv_wc; BATCH] = unsafe { std::mem::MaybeUninit::zeroed().assume_init() };
+        // Not initialised: this runs on every turn of a busy loop, and the provider writes
+        // the entries it returns.
+        let mut wcs = [std::mem::MaybeUninit::<ibv_wc>::uninit(); BATCH];
         let want = max.clamp(1, BATCH) as i32;
-        // SAFETY: the CQ is valid while `self.cq` lives (invariant 4); `wcs` holds `want`.
+        // SAFETY: the CQ is valid while `self.cq` lives (invariant 4); `wcs` has room for
+        // `want` entries (MaybeUninit<T> has T's layout).
         let n = unsafe {
             use sideway::ibverbs::completion::CompletionQueue;
-            ibv_poll_cq(self.cq.cq().as_ptr(), want, wcs.as_mut_ptr())
+            ibv_poll_cq(self.cq.cq().as_ptr(), want, wcs.as_mut_ptr().cast())
         };
         if n < 0 {
             return Err(io_err("ibv_poll_cq", io::Error::from_raw_os_error(-n)));
         }
-        for wc in &wcs[..n as usize] {
+        for slot in &wcs[..(n as usize).min(BATCH)] {
+            // SAFETY: ibv_poll_cq wrote the first `n` entries.
+            let wc = unsafe { slot.assume_init_ref() };
             out.push(Wc {
                 wr_id: wc.wr_id,
                 status: wc.status,

@@ -9,6 +9,7 @@
 
 use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Transport, Undeliverable};
 use am_rdma::{RdmaConfig, RdmaTransport};
+use am_udp::cli::Args;
 use am_udp::{UdpConfig, UdpTransport};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -55,28 +56,8 @@ CLIENT OPTIONS:
 Exit status: 0 when every exchange was verified, 1 on a mismatch or error.
 ";
 
-struct Args(Vec<String>);
-
-impl Args {
-    fn flag(&self, name: &str) -> bool {
-        self.0.iter().any(|a| a == name)
-    }
-    fn value(&self, name: &str) -> Option<String> {
-        let i = self.0.iter().position(|a| a == name)?;
-        self.0.get(i + 1).cloned()
-    }
-    fn parse<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
-        match self.value(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("{name}: cannot parse {v:?}; see --help")),
-        }
-    }
-}
-
 fn main() {
-    let args = Args(std::env::args().skip(1).collect());
+    let args = Args::from_env();
     if args.flag("--help") || args.flag("-h") || args.0.is_empty() {
         print!("{HELP}");
         return;

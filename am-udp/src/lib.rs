@@ -7,6 +7,7 @@
 //! fragmentation to the path MTU, pacing and retransmission are the engine's, because UDP
 //! provides none of them (its [`Capabilities`] say so).
 
+pub mod cli;
 pub mod harness;
 
 use am_core::{Capabilities, EventMask, Notify, Time, Transmit, Transport, TransportError};

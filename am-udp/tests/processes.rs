@@ -87,6 +87,15 @@ impl<T: Transport> Net<T> {
     fn server(&self, extra: &[&str]) -> Server {
         Server::start(self.name, extra)
     }
+    /// Runs the pingpong client against `server` to its end.
+    fn client(&self, server: &Server, extra: &[&str]) -> std::process::Output {
+        let addr = server.addr.to_string();
+        Command::new(pingpong())
+            .args(["client", "--transport", self.name, "--server", &addr])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
 }
 
 impl Server {
@@ -183,18 +192,7 @@ fn two_processes_exchange_small_medium_and_bulk_over_verbs() {
 
 fn two_processes<T: Transport>(net: Net<T>) {
     let server = net.server(&["--bind", &net.any_port()]);
-    let out = Command::new(pingpong())
-        .args([
-            "client",
-            "--transport",
-            net.name,
-            "--server",
-            &server.addr.to_string(),
-            "--mode",
-            "all",
-        ])
-        .output()
-        .unwrap();
+    let out = net.client(&server, &["--mode", "all"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -204,20 +202,7 @@ fn two_processes<T: Transport>(net: Net<T>) {
     for line in ["small ok", "medium ok", "bulk ok"] {
         assert!(text.contains(line), "missing {line:?} in {text}");
     }
-    let ping = Command::new(pingpong())
-        .args([
-            "client",
-            "--transport",
-            net.name,
-            "--server",
-            &server.addr.to_string(),
-            "--count",
-            "200",
-            "--size",
-            "100",
-        ])
-        .output()
-        .unwrap();
+    let ping = net.client(&server, &["--count", "200", "--size", "100"]);
     assert!(ping.status.success());
     assert!(String::from_utf8_lossy(&ping.stdout).contains("200 round trips of 100 B"));
 }

@@ -4,6 +4,7 @@
 use am_core::sim::{Faults, SimNet};
 use am_core::{Endpoint, EndpointName, Tag};
 use am_rdma::{RdmaConfig, RdmaTransport};
+use am_udp::cli::Args;
 use am_udp::{UdpConfig, UdpTransport};
 use bench::am_side::{self, AmClient};
 use bench::cases::{bandwidth_cases, latency_cases, Case, Wait};
@@ -60,26 +61,6 @@ with system `am`, `raw-udp` or a peer's name, mode `latency`, `bandwidth` or `ra
 better, bandwidth and rate higher is better.
 ";
 
-struct Args(Vec<String>);
-
-impl Args {
-    fn flag(&self, name: &str) -> bool {
-        self.0.iter().any(|a| a == name)
-    }
-    fn value(&self, name: &str) -> Option<String> {
-        let i = self.0.iter().position(|a| a == name)?;
-        self.0.get(i + 1).cloned()
-    }
-    fn parse<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
-        match self.value(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("{name}: cannot parse {v:?}; see --help")),
-        }
-    }
-}
-
 struct Opts {
     modes: Vec<String>,
     waits: Vec<Wait>,
@@ -128,7 +109,7 @@ fn opts(args: &Args) -> Result<Opts, String> {
 }
 
 fn main() {
-    let args = Args(std::env::args().skip(1).collect());
+    let args = Args::from_env();
     if args.flag("--help") || args.flag("-h") {
         print!("{HELP}");
         return;
