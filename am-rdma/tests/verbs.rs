@@ -58,6 +58,21 @@ fn pair(h: &mut RdmaHarness, bulk: usize) -> (Endpoint<RdmaTransport>, Endpoint<
     (a, b)
 }
 
+type Logged = Arc<Mutex<Vec<u64>>>;
+
+/// A pair (see `pair`) whose B logs the first argument of what reaches `handler`.
+fn pair_logging(
+    h: &mut RdmaHarness,
+    handler: u16,
+) -> (Endpoint<RdmaTransport>, Endpoint<RdmaTransport>, Logged) {
+    let (a, mut b) = pair(h, 1 << 20);
+    let got: Logged = Arc::default();
+    let g = got.clone();
+    b.register(handler, move |_, m| g.lock().unwrap().push(m.args[0]))
+        .unwrap();
+    (a, b, got)
+}
+
 #[test]
 fn bulk_64_mib_moves_as_one_write_with_immediate() {
     if skip_without_device("bulk_64_mib_moves_as_one_write_with_immediate") {
@@ -173,12 +188,8 @@ fn garbage_on_the_connection_socket_is_counted_and_harmless() {
         return;
     }
     let mut h = RdmaHarness::new(1 << 20);
-    let (mut a, mut b) = pair(&mut h, 1 << 20);
-    let got: Arc<Mutex<Vec<u64>>> = Arc::default();
-    let g = got.clone();
-    b.register(1, move |_, m| g.lock().unwrap().push(m.args[0]))
-        .unwrap();
-    // Random datagrams of every length, and well-formed-looking ones with a bad magic.
+    let (mut a, mut b, got) = pair_logging(&mut h, 1);
+    // Random datagrams of every length up to 119 bytes.
     let sock = std::net::UdpSocket::bind((am_rdma::harness::test_ip(), 0)).unwrap();
     let mut x = 0x1234_5678_9abc_def1u64;
     for n in 0..300usize {
@@ -219,11 +230,7 @@ fn a_stalled_receiver_is_never_sent_more_than_it_has_posted() {
         return;
     }
     let mut h = RdmaHarness::new(1 << 20);
-    let (mut a, mut b) = pair(&mut h, 1 << 20);
-    let got: Arc<Mutex<Vec<u64>>> = Arc::default();
-    let g = got.clone();
-    b.register(2, move |_, m| g.lock().unwrap().push(m.args[0]))
-        .unwrap();
+    let (mut a, mut b, got) = pair_logging(&mut h, 2);
     // Connect, then stop polling B while A pushes 2,000 mediums and bulks at it: only the
     // window may be in flight, so no send meets an empty receive queue (RNR).
     a.send(0, Msg::small(2, &[0])).unwrap();
