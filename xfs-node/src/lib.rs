@@ -1,5 +1,9 @@
-//! `xfs-node`: the serverless file system node (placeholder).
+//! `xfs-node`: the serverless file system node of DESIGN.md §4.
 //!
-//! It will hold the roles of DESIGN.md §4 (client, manager, storage server), the manager map,
-//! the coherence state machine and its model, the per-core shard loops, the striped log on
-//! io_uring, recovery and the `xfs-node` binary. Nothing here is usable yet.
+//! Built so far: the per-block cache-coherence protocol as a pure state machine
+//! ([`coherence`]), checked by the `stateright` model in `tests/model/`, and the per-core
+//! shard loops that run it over Active Messages ([`shard`]), with a deterministic cluster
+//! simulation ([`sim`]). Storage (the striped log), the namespace and the `xfs-node` binary
+//! come with the storage and cluster issues.
+
+pub mod coherence;

@@ -1,0 +1,1549 @@
+//! The per-block cache-coherence protocol of DESIGN.md §4, as a pure state machine.
+//!
+//! Three machines, one per role, each owning the state of many blocks (a *shard*):
+//!
+//! * [`ClientShard`]: the client's block cache. Per block: `Invalid`, `Read-Shared`,
+//!   `Private-Clean`, `Private-Dirty` ([`ClientBlock::state`]), plus the transient states that
+//!   waiting needs: a user operation in progress ([`PendingOp`]), a local step that blocks the
+//!   block's manager messages ([`Step`]: a write-back to storage, a kernel-cache invalidation),
+//!   and manager messages deferred behind that step.
+//! * [`ManagerShard`]: per block, the cachers and the owner, a write in progress (revokes out,
+//!   acknowledgements in), the queue of requests it cannot serve yet, and per client the
+//!   sequence number of its next outgoing message.
+//! * [`StorageShard`]: serves fetches (delegated replies) and write-backs from a [`BlockStore`].
+//!
+//! Nothing here does IO or reads a clock: a driver feeds inputs ([`ClientShard::start`],
+//! [`ClientShard::receive`], [`ClientShard::kernel_invalidated`], [`ManagerShard::receive`],
+//! [`StorageShard::receive`]) and executes the [`Output`]s. The `stateright` model
+//! (`tests/model/`) and the shard loops ([`crate::shard`]) drive this same code.
+//!
+//! ## The protocol
+//!
+//! * **Read miss**: client → manager `ReadReq`. The manager adds the reader to the cachers at
+//!   once and delegates the reply: to the owner if there is one, else to another cacher
+//!   (`Forward`: the holder sends `Data` straight to the reader: cooperative caching), else to
+//!   storage (`Fetch`). A dirty owner **writes the block back to storage before it forwards
+//!   it** (the reliability rule) and keeps a shared copy.
+//! * **Write**: client → manager `WriteReq`. The manager revokes every other copy (`Revoke`;
+//!   a dirty holder writes back first; every holder invalidates its kernel cache before it
+//!   acknowledges), queues other requests for the block until all acknowledgements are in,
+//!   then grants: `Grant` if the writer still holds the current data, else storage sends it
+//!   (`Fetch` with `exclusive`).
+//! * **Evict** (user, or chosen by cache capacity when a miss needs a slot): a dirty block is
+//!   written back, the kernel cache is invalidated, then `EvictReq`; the client keeps serving
+//!   forwards until `EvictGrant`. If the block was the last cached copy, the manager may name
+//!   a peer to take it (`Handoff`, N-chance forwarding, at most N times without a use).
+//! * **Flush**: a dirty block is written back and stays private-clean.
+//! * **Ordering**: the manager numbers its messages to each client (`seq`), and a delegated
+//!   reply carries the number the manager reserved for it on the reader's channel. A client
+//!   handles its manager's messages in that order, whichever path they took. Without the
+//!   numbers ([`ProtocolConfig::sequenced`] = false, a variant kept for the model checker) a
+//!   client handles them as they arrive and queues what it is not ready for: the xFS
+//!   deadlock of Figure 2 (seed `000_…`, §3.3.2).
+//!
+//! Bounds: a client shard defers at most `clients + 2` messages per block (one per
+//! outstanding forward, a revoke, a grant); a channel holds at most [`MAX_HELD`]
+//! out-of-order messages; a manager queues at most one request per client per block.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt::Debug;
+
+/// A node of the cluster (its client, manager and storage roles share it).
+pub type NodeId = u16;
+/// A block: (index number, block number) packed by the caller.
+pub type BlockId = u64;
+/// A user operation, named by the driver so that it can match completions.
+pub type OpId = u64;
+
+/// Most out-of-order manager messages one client channel holds before it reports an error.
+pub const MAX_HELD: usize = 1024;
+
+/// Which role of a node a message is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// The client's block cache.
+    Client,
+    /// The block's manager.
+    Manager,
+    /// The block's storage server.
+    Storage,
+}
+
+/// Protocol messages. `seq` is the manager's per-client sequence number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Msg<D> {
+    /// Client → manager: read miss.
+    ReadReq { block: BlockId },
+    /// Client → manager: acquire the write token; `has_data` when the client holds a copy.
+    WriteReq { block: BlockId, has_data: bool },
+    /// Client → manager: the client drops its (clean, kernel-invalidated) copy.
+    EvictReq { block: BlockId },
+    /// Client → manager: the copy named by a `Revoke` is gone (written back if it was dirty).
+    RevokeAck { block: BlockId },
+    /// Client → manager: a `Forward` found no copy here; serve `reader` from storage.
+    ForwardFailed {
+        block: BlockId,
+        reader: NodeId,
+        reader_seq: u32,
+    },
+    /// Manager → client: send your copy to `reader` (a delegated reply, `reader_seq` on the
+    /// reader's channel); an owner becomes a reader.
+    Forward {
+        block: BlockId,
+        seq: u32,
+        reader: NodeId,
+        reader_seq: u32,
+    },
+    /// Manager → client: drop your copy (write back first if dirty) and acknowledge.
+    Revoke { block: BlockId, seq: u32 },
+    /// Manager → client: your write may proceed on the copy you hold.
+    Grant { block: BlockId, seq: u32 },
+    /// Manager → client: eviction accepted; hand the copy to `handoff` (peer, its seq).
+    EvictGrant {
+        block: BlockId,
+        seq: u32,
+        handoff: Option<(NodeId, u32)>,
+    },
+    /// Manager → storage: send the block to `to` (a delegated reply, `seq` on its channel).
+    Fetch {
+        block: BlockId,
+        to: NodeId,
+        seq: u32,
+        exclusive: bool,
+    },
+    /// Peer or storage → client: the block's data, the reply to a read (or, `exclusive`, a
+    /// write) request.
+    Data {
+        block: BlockId,
+        seq: u32,
+        data: D,
+        exclusive: bool,
+    },
+    /// Evicting client → peer: the last cached copy, N-chance forwarding.
+    Handoff { block: BlockId, seq: u32, data: D },
+    /// Client → storage: write the block.
+    WriteBack { block: BlockId, data: D },
+    /// Storage → client: the write-back is durable.
+    WriteBackAck { block: BlockId },
+}
+
+impl<D> Msg<D> {
+    /// The block the message is about.
+    pub fn block(&self) -> BlockId {
+        match self {
+            Msg::ReadReq { block }
+            | Msg::WriteReq { block, .. }
+            | Msg::EvictReq { block }
+            | Msg::RevokeAck { block }
+            | Msg::ForwardFailed { block, .. }
+            | Msg::Forward { block, .. }
+            | Msg::Revoke { block, .. }
+            | Msg::Grant { block, .. }
+            | Msg::EvictGrant { block, .. }
+            | Msg::Fetch { block, .. }
+            | Msg::Data { block, .. }
+            | Msg::Handoff { block, .. }
+            | Msg::WriteBack { block, .. }
+            | Msg::WriteBackAck { block } => *block,
+        }
+    }
+
+    /// The role that handles the message.
+    pub fn role(&self) -> Role {
+        match self {
+            Msg::ReadReq { .. }
+            | Msg::WriteReq { .. }
+            | Msg::EvictReq { .. }
+            | Msg::RevokeAck { .. }
+            | Msg::ForwardFailed { .. } => Role::Manager,
+            Msg::Fetch { .. } | Msg::WriteBack { .. } => Role::Storage,
+            Msg::Forward { .. }
+            | Msg::Revoke { .. }
+            | Msg::Grant { .. }
+            | Msg::EvictGrant { .. }
+            | Msg::Data { .. }
+            | Msg::Handoff { .. }
+            | Msg::WriteBackAck { .. } => Role::Client,
+        }
+    }
+
+    /// The manager's sequence number, for messages on a manager → client channel.
+    pub fn seq(&self) -> Option<u32> {
+        match self {
+            Msg::Forward { seq, .. }
+            | Msg::Revoke { seq, .. }
+            | Msg::Grant { seq, .. }
+            | Msg::EvictGrant { seq, .. }
+            | Msg::Data { seq, .. }
+            | Msg::Handoff { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// The same message with every node id passed through `f` (symmetry reduction).
+    pub fn renamed(&self, f: &impl Fn(NodeId) -> NodeId) -> Msg<D>
+    where
+        D: Clone,
+    {
+        let mut m = self.clone();
+        match &mut m {
+            Msg::ForwardFailed { reader, .. } | Msg::Forward { reader, .. } => *reader = f(*reader),
+            Msg::EvictGrant {
+                handoff: Some((peer, _)),
+                ..
+            } => *peer = f(*peer),
+            Msg::Fetch { to, .. } => *to = f(*to),
+            _ => {}
+        }
+        m
+    }
+}
+
+/// What the state machine asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output<D> {
+    /// Send `msg` to node `to` (to the role [`Msg::role`] names).
+    Send { to: NodeId, msg: Msg<D> },
+    /// Drop the kernel's cached pages of `block`, then call
+    /// [`ClientShard::kernel_invalidated`] (from wherever the invalidation ran).
+    InvalidateKernel { block: BlockId },
+    /// A user operation finished.
+    Complete {
+        op: OpId,
+        block: BlockId,
+        outcome: Outcome<D>,
+    },
+}
+
+/// How a user operation ended.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome<D> {
+    /// A read returned this data.
+    Read(D),
+    /// A write is applied (the client holds the block private-dirty).
+    Written,
+    /// The block left the cache.
+    Evicted,
+    /// The block is durable on storage (or was not dirty).
+    Flushed,
+}
+
+/// A user operation on one block.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UserOp<D> {
+    /// Read the block.
+    Read,
+    /// Replace the block's content.
+    Write(D),
+    /// Drop the block from the cache.
+    Evict,
+    /// Write the block back to storage if it is dirty.
+    Flush,
+}
+
+/// A protocol violation: a message arrived in a state that has no rule for it, or a driver
+/// broke the contract. The model checker asserts none happens; a node counts and logs them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, thiserror::Error)]
+pub enum ProtocolError {
+    /// No rule handles this message in this state.
+    #[error("no rule for {msg} on block {block} in state {state}")]
+    Unexpected {
+        block: BlockId,
+        msg: &'static str,
+        state: &'static str,
+    },
+    /// A sequence number that was already used, or too far ahead.
+    #[error("sequence number {seq} from node {from} out of window (expected {expected})")]
+    BadSequence {
+        from: NodeId,
+        seq: u32,
+        expected: u32,
+    },
+    /// The driver started an operation on a block that already has one.
+    #[error("block {0} already has an operation in progress")]
+    Busy(BlockId),
+}
+
+/// Protocol variants, for the model checker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProtocolConfig {
+    /// Clients handle manager messages in the manager's order (true in every real node).
+    pub sequenced: bool,
+    /// How many times an unused last copy may be handed to a peer on eviction (N-chance).
+    pub n_chance: u8,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            sequenced: true,
+            n_chance: 2,
+        }
+    }
+}
+
+/// Where a block's manager and storage server live. Same on every node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Placement {
+    /// Manager nodes; a block's manager is chosen by a hash of its id.
+    pub managers: Vec<NodeId>,
+    /// Storage nodes; likewise.
+    pub storages: Vec<NodeId>,
+}
+
+/// A 64-bit mix (splitmix64's finaliser): spreads block ids over managers and shards.
+pub fn mix(block: BlockId) -> u64 {
+    let mut z = block.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Placement {
+    /// The block's manager.
+    pub fn manager(&self, block: BlockId) -> NodeId {
+        self.managers[(mix(block) % self.managers.len() as u64) as usize]
+    }
+    /// The block's storage server.
+    pub fn storage(&self, block: BlockId) -> NodeId {
+        self.storages[((mix(block) >> 20) % self.storages.len() as u64) as usize]
+    }
+}
+
+/// A client's mode for a block it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Read-Shared.
+    Shared,
+    /// Private: Private-Clean or (dirty) Private-Dirty.
+    Private { dirty: bool },
+}
+
+/// The four stable states of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockState {
+    /// No copy.
+    Invalid,
+    /// Read-Shared.
+    ReadShared,
+    /// Private-Clean.
+    PrivateClean,
+    /// Private-Dirty.
+    PrivateDirty,
+}
+
+/// A user operation waiting for the protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PendingOp<D> {
+    /// Waiting for `Data`.
+    Read(OpId),
+    /// Waiting for `Grant` or exclusive `Data`; then the block becomes `value`.
+    Write(OpId, D),
+    /// Writing back / invalidating the kernel; `asked` once `EvictReq` is sent.
+    Evict { op: OpId, asked: bool },
+    /// Waiting for the write-back.
+    Flush(OpId),
+}
+
+/// What to do once a write-back is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AfterWriteBack {
+    /// Send the block to this reader (reader, its seq) and keep a shared copy.
+    Forward(NodeId, u32),
+    /// Continue a revoke (invalidate the kernel, acknowledge).
+    Revoke,
+    /// Continue an eviction.
+    Evict,
+    /// Complete a flush.
+    Flush,
+}
+
+/// A local step that blocks the block's manager messages until it finishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Step {
+    /// Waiting for `WriteBackAck`.
+    WriteBack(AfterWriteBack),
+    /// Waiting for the kernel's invalidation; `revoke` acknowledges one, else it is an
+    /// eviction's.
+    KernelInvalidate { revoke: bool },
+}
+
+/// A client's state for one block.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientBlock<D> {
+    /// The cached copy.
+    pub data: Option<D>,
+    /// Shared or private (meaningful while `data` is some).
+    pub mode: Mode,
+    /// The user operation in progress.
+    pub op: Option<PendingOp<D>>,
+    /// The local step in progress.
+    pub step: Option<Step>,
+    /// Manager messages that wait for `step` (or, unsequenced, for data) to finish.
+    pub deferred: VecDeque<Msg<D>>,
+}
+
+impl<D> Default for ClientBlock<D> {
+    fn default() -> Self {
+        ClientBlock {
+            data: None,
+            mode: Mode::Shared,
+            op: None,
+            step: None,
+            deferred: VecDeque::new(),
+        }
+    }
+}
+
+impl<D> ClientBlock<D> {
+    /// The stable state this block is in.
+    pub fn state(&self) -> BlockState {
+        match (&self.data, self.mode) {
+            (None, _) => BlockState::Invalid,
+            (Some(_), Mode::Shared) => BlockState::ReadShared,
+            (Some(_), Mode::Private { dirty: false }) => BlockState::PrivateClean,
+            (Some(_), Mode::Private { dirty: true }) => BlockState::PrivateDirty,
+        }
+    }
+
+    /// Nothing in progress and nothing cached: the entry can go.
+    fn is_empty(&self) -> bool {
+        self.data.is_none() && self.op.is_none() && self.step.is_none() && self.deferred.is_empty()
+    }
+
+    fn state_name(&self) -> &'static str {
+        match (&self.op, &self.step) {
+            (_, Some(Step::WriteBack(_))) => "writing-back",
+            (_, Some(Step::KernelInvalidate { .. })) => "invalidating-kernel",
+            (Some(PendingOp::Read(_)), None) => "reading",
+            (Some(PendingOp::Write(..)), None) => "writing",
+            (Some(PendingOp::Evict { .. }), None) => "evicting",
+            (Some(PendingOp::Flush(_)), None) => "flushing",
+            (None, None) => match self.state() {
+                BlockState::Invalid => "invalid",
+                BlockState::ReadShared => "read-shared",
+                BlockState::PrivateClean => "private-clean",
+                BlockState::PrivateDirty => "private-dirty",
+            },
+        }
+    }
+}
+
+fn msg_name<D>(m: &Msg<D>) -> &'static str {
+    match m {
+        Msg::ReadReq { .. } => "ReadReq",
+        Msg::WriteReq { .. } => "WriteReq",
+        Msg::EvictReq { .. } => "EvictReq",
+        Msg::RevokeAck { .. } => "RevokeAck",
+        Msg::ForwardFailed { .. } => "ForwardFailed",
+        Msg::Forward { .. } => "Forward",
+        Msg::Revoke { .. } => "Revoke",
+        Msg::Grant { .. } => "Grant",
+        Msg::EvictGrant { .. } => "EvictGrant",
+        Msg::Fetch { .. } => "Fetch",
+        Msg::Data { .. } => "Data",
+        Msg::Handoff { .. } => "Handoff",
+        Msg::WriteBack { .. } => "WriteBack",
+        Msg::WriteBackAck { .. } => "WriteBackAck",
+    }
+}
+
+/// One manager → client channel: the next expected sequence number and what came early.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Channel<D> {
+    /// The next sequence number to handle.
+    pub next: u32,
+    /// Messages that overtook an earlier one.
+    pub held: BTreeMap<u32, Msg<D>>,
+}
+
+impl<D> Default for Channel<D> {
+    fn default() -> Self {
+        Channel {
+            next: 0,
+            held: BTreeMap::new(),
+        }
+    }
+}
+
+/// Counters a client shard keeps (for tests, the simulation and `status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientCounters {
+    /// Reads answered by a peer's cache (the data came from another client).
+    pub peer_reads: u64,
+    /// Reads answered by storage.
+    pub storage_reads: u64,
+    /// Revokes handled.
+    pub revokes: u64,
+    /// Forwards served to peers.
+    pub forwards_served: u64,
+    /// Forwards that found no copy here.
+    pub forwards_failed: u64,
+    /// Write-backs done before forwarding a dirty block.
+    pub writebacks_before_forward: u64,
+    /// Last copies handed to a peer on eviction.
+    pub handoffs_sent: u64,
+    /// Handed-off copies taken in.
+    pub handoffs_taken: u64,
+    /// Handed-off copies dropped because the block was busy here.
+    pub handoffs_dropped: u64,
+    /// Manager messages that arrived before an earlier one (held for order).
+    pub reordered: u64,
+    /// Evictions started because the cache was full.
+    pub capacity_evictions: u64,
+}
+
+/// The client side of one shard: every block of the shard this client touches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientShard<D> {
+    /// This client's node.
+    pub me: NodeId,
+    /// Protocol variant.
+    pub config: ProtocolConfig,
+    /// Managers and storage servers.
+    pub placement: Placement,
+    /// Most blocks cached before a miss evicts one (0: unbounded).
+    pub capacity: usize,
+    /// Per block state; absent means invalid and idle.
+    pub blocks: BTreeMap<BlockId, ClientBlock<D>>,
+    /// Per manager: the ordered channel.
+    pub channels: BTreeMap<NodeId, Channel<D>>,
+    /// Counters.
+    pub counters: ClientCounters,
+}
+
+impl<D: Clone + Debug> ClientShard<D> {
+    /// An empty cache for client `me`.
+    pub fn new(me: NodeId, config: ProtocolConfig, placement: Placement, capacity: usize) -> Self {
+        ClientShard {
+            me,
+            config,
+            placement,
+            capacity,
+            blocks: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            counters: ClientCounters::default(),
+        }
+    }
+
+    /// The block's stable state.
+    pub fn state(&self, block: BlockId) -> BlockState {
+        self.blocks
+            .get(&block)
+            .map_or(BlockState::Invalid, |b| b.state())
+    }
+
+    /// Whether a user operation may start on `block` now.
+    pub fn is_idle(&self, block: BlockId) -> bool {
+        self.blocks
+            .get(&block)
+            .is_none_or(|b| b.op.is_none() && b.step.is_none())
+    }
+
+    /// Blocks holding data.
+    pub fn cached(&self) -> usize {
+        self.blocks.values().filter(|b| b.data.is_some()).count()
+    }
+
+    /// Start a user operation. Errors with [`ProtocolError::Busy`] if the block has one (the
+    /// driver queues user operations per block).
+    pub fn start(
+        &mut self,
+        op: OpId,
+        block: BlockId,
+        user: UserOp<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        if !self.is_idle(block) {
+            return Err(ProtocolError::Busy(block));
+        }
+        let missing = self.blocks.get(&block).is_none_or(|b| b.data.is_none());
+        if missing && matches!(user, UserOp::Read | UserOp::Write(_)) {
+            self.make_room(block, out)?;
+        }
+        let manager = self.placement.manager(block);
+        let storage = self.placement.storage(block);
+        let b = self.blocks.entry(block).or_default();
+        match user {
+            UserOp::Read => match &b.data {
+                Some(d) => out.push(Output::Complete {
+                    op,
+                    block,
+                    outcome: Outcome::Read(d.clone()),
+                }),
+                None => {
+                    b.op = Some(PendingOp::Read(op));
+                    out.push(Output::Send {
+                        to: manager,
+                        msg: Msg::ReadReq { block },
+                    });
+                }
+            },
+            UserOp::Write(value) => match (b.data.is_some(), b.mode) {
+                (true, Mode::Private { .. }) => {
+                    b.data = Some(value);
+                    b.mode = Mode::Private { dirty: true };
+                    out.push(Output::Complete {
+                        op,
+                        block,
+                        outcome: Outcome::Written,
+                    });
+                }
+                (has_data, _) => {
+                    b.op = Some(PendingOp::Write(op, value));
+                    out.push(Output::Send {
+                        to: manager,
+                        msg: Msg::WriteReq { block, has_data },
+                    });
+                }
+            },
+            UserOp::Evict => {
+                if b.data.is_none() {
+                    out.push(Output::Complete {
+                        op,
+                        block,
+                        outcome: Outcome::Evicted,
+                    });
+                } else {
+                    b.op = Some(PendingOp::Evict { op, asked: false });
+                    Self::continue_evict(block, b, manager, storage, out);
+                }
+            }
+            UserOp::Flush => match (&b.data, b.mode) {
+                (Some(d), Mode::Private { dirty: true }) => {
+                    b.op = Some(PendingOp::Flush(op));
+                    b.step = Some(Step::WriteBack(AfterWriteBack::Flush));
+                    out.push(Output::Send {
+                        to: storage,
+                        msg: Msg::WriteBack {
+                            block,
+                            data: d.clone(),
+                        },
+                    });
+                }
+                _ => out.push(Output::Complete {
+                    op,
+                    block,
+                    outcome: Outcome::Flushed,
+                }),
+            },
+        }
+        self.tidy(block);
+        Ok(())
+    }
+
+    /// A miss on `block` needs a slot: if the cache is full, evict the lowest idle cached
+    /// block (an eviction the shard chooses, with no user operation behind it).
+    fn make_room(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        if self.capacity == 0 || self.cached() < self.capacity {
+            return Ok(());
+        }
+        let victim = self
+            .blocks
+            .iter()
+            .find(|(id, b)| **id != block && b.data.is_some() && b.op.is_none() && b.step.is_none())
+            .map(|(id, _)| *id);
+        if let Some(victim) = victim {
+            self.counters.capacity_evictions += 1;
+            let manager = self.placement.manager(victim);
+            let storage = self.placement.storage(victim);
+            if let Some(b) = self.blocks.get_mut(&victim) {
+                b.op = Some(PendingOp::Evict {
+                    op: OpId::MAX,
+                    asked: false,
+                });
+                Self::continue_evict(victim, b, manager, storage, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Advance an eviction: write back if dirty, then invalidate the kernel, then ask.
+    fn continue_evict(
+        block: BlockId,
+        b: &mut ClientBlock<D>,
+        manager: NodeId,
+        storage: NodeId,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let Some(PendingOp::Evict { asked, .. }) = &mut b.op else {
+            return;
+        };
+        if *asked || b.step.is_some() {
+            return;
+        }
+        match (&b.data, b.mode) {
+            (Some(d), Mode::Private { dirty: true }) => {
+                b.step = Some(Step::WriteBack(AfterWriteBack::Evict));
+                out.push(Output::Send {
+                    to: storage,
+                    msg: Msg::WriteBack {
+                        block,
+                        data: d.clone(),
+                    },
+                });
+            }
+            _ => {
+                b.step = Some(Step::KernelInvalidate { revoke: false });
+                out.push(Output::InvalidateKernel { block });
+                let _ = manager;
+            }
+        }
+    }
+
+    /// The kernel has dropped its cached pages of `block`.
+    pub fn kernel_invalidated(
+        &mut self,
+        block: BlockId,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let manager = self.placement.manager(block);
+        let b = self.blocks.entry(block).or_default();
+        match b.step {
+            Some(Step::KernelInvalidate { revoke: true }) => {
+                b.step = None;
+                b.data = None;
+                b.mode = Mode::Shared;
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::RevokeAck { block },
+                });
+            }
+            Some(Step::KernelInvalidate { revoke: false }) => {
+                b.step = None;
+                if let Some(PendingOp::Evict { asked, .. }) = &mut b.op {
+                    *asked = true;
+                }
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::EvictReq { block },
+                });
+            }
+            _ => {
+                let state = b.state_name();
+                return Err(ProtocolError::Unexpected {
+                    block,
+                    msg: "KernelInvalidated",
+                    state,
+                });
+            }
+        }
+        self.drain(block, out)?;
+        self.tidy(block);
+        Ok(())
+    }
+
+    /// A message for this client's role, from node `from`.
+    pub fn receive(
+        &mut self,
+        from: NodeId,
+        msg: Msg<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let block = msg.block();
+        if let Msg::Data {
+            exclusive: false, ..
+        } = msg
+        {
+            if from == self.placement.storage(block) {
+                self.counters.storage_reads += 1;
+            } else {
+                self.counters.peer_reads += 1;
+            }
+        }
+        match msg {
+            Msg::WriteBackAck { .. } => {
+                self.write_back_done(block, out)?;
+            }
+            m if m.seq().is_some() => {
+                if self.config.sequenced {
+                    let manager = self.placement.manager(block);
+                    let seq = m.seq().unwrap_or_default();
+                    let ch = self.channels.entry(manager).or_default();
+                    if seq != ch.next {
+                        if seq < ch.next || ch.held.len() >= MAX_HELD || ch.held.contains_key(&seq)
+                        {
+                            return Err(ProtocolError::BadSequence {
+                                from,
+                                seq,
+                                expected: ch.next,
+                            });
+                        }
+                        ch.held.insert(seq, m);
+                        self.counters.reordered += 1;
+                        return Ok(());
+                    }
+                    ch.next = ch.next.wrapping_add(1);
+                    self.in_order(m, out)?;
+                    loop {
+                        let ch = self.channels.entry(manager).or_default();
+                        let next = ch.next;
+                        let Some(m) = ch.held.remove(&next) else {
+                            break;
+                        };
+                        ch.next = ch.next.wrapping_add(1);
+                        self.in_order(m, out)?;
+                    }
+                } else {
+                    self.in_order(m, out)?;
+                }
+            }
+            m => {
+                return Err(ProtocolError::Unexpected {
+                    block,
+                    msg: msg_name(&m),
+                    state: "client",
+                })
+            }
+        }
+        self.tidy(block);
+        Ok(())
+    }
+
+    /// A manager message (or a reply delegated by the manager) in the manager's order: handle
+    /// it, or defer it behind the block's step.
+    fn in_order(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        let block = m.block();
+        let sequenced = self.config.sequenced;
+        let b = self.blocks.entry(block).or_default();
+        let blocked = b.step.is_some() || !b.deferred.is_empty();
+        // The faulty, unsequenced protocol: a client waiting for data is "not ready" for
+        // the manager's other messages and queues them (xFS, §3.3.2).
+        let not_ready = !sequenced
+            && b.data.is_none()
+            && matches!(b.op, Some(PendingOp::Read(_)))
+            && matches!(m, Msg::Forward { .. } | Msg::Revoke { .. });
+        let data_bypass = !sequenced && matches!(m, Msg::Data { .. } | Msg::Handoff { .. });
+        if (blocked && !data_bypass) || not_ready {
+            b.deferred.push_back(m);
+            return Ok(());
+        }
+        self.dispatch(m, out)?;
+        self.drain(block, out)
+    }
+
+    /// Handle deferred messages while the block is not blocked.
+    fn drain(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        loop {
+            let sequenced = self.config.sequenced;
+            let Some(b) = self.blocks.get_mut(&block) else {
+                return Ok(());
+            };
+            if b.step.is_some() {
+                return Ok(());
+            }
+            let Some(front) = b.deferred.front() else {
+                return Ok(());
+            };
+            let not_ready = !sequenced
+                && b.data.is_none()
+                && matches!(b.op, Some(PendingOp::Read(_)))
+                && matches!(front, Msg::Forward { .. } | Msg::Revoke { .. });
+            if not_ready {
+                return Ok(());
+            }
+            let Some(m) = b.deferred.pop_front() else {
+                return Ok(());
+            };
+            self.dispatch(m, out)?;
+        }
+    }
+
+    /// Apply one manager message to a block that is not blocked.
+    fn dispatch(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        let block = m.block();
+        let manager = self.placement.manager(block);
+        let storage = self.placement.storage(block);
+        let b = self.blocks.entry(block).or_default();
+        let unexpected = ProtocolError::Unexpected {
+            block,
+            msg: msg_name(&m),
+            state: b.state_name(),
+        };
+        match m {
+            Msg::Forward {
+                reader, reader_seq, ..
+            } => match (&b.data, b.mode) {
+                (None, _) => {
+                    self.counters.forwards_failed += 1;
+                    out.push(Output::Send {
+                        to: manager,
+                        msg: Msg::ForwardFailed {
+                            block,
+                            reader,
+                            reader_seq,
+                        },
+                    });
+                }
+                (Some(d), Mode::Private { dirty: true }) => {
+                    self.counters.writebacks_before_forward += 1;
+                    b.step = Some(Step::WriteBack(AfterWriteBack::Forward(reader, reader_seq)));
+                    out.push(Output::Send {
+                        to: storage,
+                        msg: Msg::WriteBack {
+                            block,
+                            data: d.clone(),
+                        },
+                    });
+                }
+                (Some(d), _) => {
+                    self.counters.forwards_served += 1;
+                    out.push(Output::Send {
+                        to: reader,
+                        msg: Msg::Data {
+                            block,
+                            seq: reader_seq,
+                            data: d.clone(),
+                            exclusive: false,
+                        },
+                    });
+                    b.mode = Mode::Shared;
+                }
+            },
+            Msg::Revoke { .. } => {
+                self.counters.revokes += 1;
+                match (&b.data, b.mode) {
+                    (None, _) => out.push(Output::Send {
+                        to: manager,
+                        msg: Msg::RevokeAck { block },
+                    }),
+                    (Some(d), Mode::Private { dirty: true }) => {
+                        b.step = Some(Step::WriteBack(AfterWriteBack::Revoke));
+                        out.push(Output::Send {
+                            to: storage,
+                            msg: Msg::WriteBack {
+                                block,
+                                data: d.clone(),
+                            },
+                        });
+                    }
+                    (Some(_), _) => {
+                        b.step = Some(Step::KernelInvalidate { revoke: true });
+                        out.push(Output::InvalidateKernel { block });
+                    }
+                }
+            }
+            Msg::Grant { .. } => match (&b.op, &b.data) {
+                (Some(PendingOp::Write(op, value)), Some(_)) => {
+                    let op = *op;
+                    b.data = Some(value.clone());
+                    b.mode = Mode::Private { dirty: true };
+                    b.op = None;
+                    out.push(Output::Complete {
+                        op,
+                        block,
+                        outcome: Outcome::Written,
+                    });
+                }
+                _ => return Err(unexpected),
+            },
+            Msg::EvictGrant { handoff, .. } => match &b.op {
+                Some(PendingOp::Evict { op, asked: true }) => {
+                    let op = *op;
+                    if let (Some((peer, seq)), Some(d)) = (handoff, b.data.take()) {
+                        self.counters.handoffs_sent += 1;
+                        out.push(Output::Send {
+                            to: peer,
+                            msg: Msg::Handoff {
+                                block,
+                                seq,
+                                data: d,
+                            },
+                        });
+                    }
+                    b.data = None;
+                    b.mode = Mode::Shared;
+                    b.op = None;
+                    if op != OpId::MAX {
+                        out.push(Output::Complete {
+                            op,
+                            block,
+                            outcome: Outcome::Evicted,
+                        });
+                    }
+                }
+                _ => return Err(unexpected),
+            },
+            // A copy handed off to this client may already be here: the reply replaces it.
+            Msg::Data {
+                data, exclusive, ..
+            } => match (&b.op, exclusive) {
+                (Some(PendingOp::Read(op)), false) => {
+                    let op = *op;
+                    b.data = Some(data.clone());
+                    b.mode = Mode::Shared;
+                    b.op = None;
+                    out.push(Output::Complete {
+                        op,
+                        block,
+                        outcome: Outcome::Read(data),
+                    });
+                }
+                (Some(PendingOp::Write(op, value)), true) => {
+                    let op = *op;
+                    b.data = Some(value.clone());
+                    b.mode = Mode::Private { dirty: true };
+                    b.op = None;
+                    out.push(Output::Complete {
+                        op,
+                        block,
+                        outcome: Outcome::Written,
+                    });
+                }
+                _ => return Err(unexpected),
+            },
+            // The manager now counts this client as a cacher: take the copy whatever the
+            // block is doing (a pending read or write still waits for its own reply).
+            Msg::Handoff { data, .. } => {
+                if b.data.is_none() {
+                    self.counters.handoffs_taken += 1;
+                    b.data = Some(data);
+                    b.mode = Mode::Shared;
+                } else {
+                    self.counters.handoffs_dropped += 1;
+                }
+            }
+            _ => return Err(unexpected),
+        }
+        Ok(())
+    }
+
+    /// Storage acknowledged a write-back.
+    fn write_back_done(
+        &mut self,
+        block: BlockId,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let manager = self.placement.manager(block);
+        let storage = self.placement.storage(block);
+        let b = self.blocks.entry(block).or_default();
+        let Some(Step::WriteBack(after)) = b.step else {
+            return Err(ProtocolError::Unexpected {
+                block,
+                msg: "WriteBackAck",
+                state: b.state_name(),
+            });
+        };
+        b.step = None;
+        b.mode = Mode::Private { dirty: false };
+        match after {
+            AfterWriteBack::Forward(reader, reader_seq) => {
+                self.counters.forwards_served += 1;
+                if let Some(d) = &b.data {
+                    out.push(Output::Send {
+                        to: reader,
+                        msg: Msg::Data {
+                            block,
+                            seq: reader_seq,
+                            data: d.clone(),
+                            exclusive: false,
+                        },
+                    });
+                }
+                b.mode = Mode::Shared;
+            }
+            AfterWriteBack::Revoke => {
+                b.step = Some(Step::KernelInvalidate { revoke: true });
+                out.push(Output::InvalidateKernel { block });
+            }
+            AfterWriteBack::Evict => Self::continue_evict(block, b, manager, storage, out),
+            AfterWriteBack::Flush => {
+                if let Some(PendingOp::Flush(op)) = b.op.take() {
+                    out.push(Output::Complete {
+                        op,
+                        block,
+                        outcome: Outcome::Flushed,
+                    });
+                }
+            }
+        }
+        self.drain(block, out)?;
+        self.tidy(block);
+        Ok(())
+    }
+
+    fn tidy(&mut self, block: BlockId) {
+        if self.blocks.get(&block).is_some_and(|b| b.is_empty()) {
+            self.blocks.remove(&block);
+        }
+    }
+
+    /// The shard with every node id passed through `f` (symmetry reduction in the model).
+    pub fn renamed(&self, f: &impl Fn(NodeId) -> NodeId) -> Self {
+        let mut s = self.clone();
+        s.me = f(s.me);
+        for b in s.blocks.values_mut() {
+            if let Some(Step::WriteBack(AfterWriteBack::Forward(r, _))) = &mut b.step {
+                *r = f(*r);
+            }
+            for m in b.deferred.iter_mut() {
+                *m = m.renamed(f);
+            }
+        }
+        for ch in s.channels.values_mut() {
+            for m in ch.held.values_mut() {
+                *m = m.renamed(f);
+            }
+        }
+        s
+    }
+}
+
+/// A write waiting for revoke acknowledgements.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WriteInProgress {
+    /// The writer.
+    pub writer: NodeId,
+    /// The writer said it holds a copy.
+    pub has_data: bool,
+    /// Holders whose acknowledgement is still due.
+    pub waiting: BTreeSet<NodeId>,
+}
+
+/// A request the manager cannot serve yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Request {
+    /// Read miss.
+    Read,
+    /// Write token.
+    Write { has_data: bool },
+    /// Eviction.
+    Evict,
+}
+
+/// The manager's state for one block.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManagerBlock {
+    /// Clients holding (or being sent) a copy.
+    pub cachers: BTreeSet<NodeId>,
+    /// The client holding the write token.
+    pub owner: Option<NodeId>,
+    /// The write in progress.
+    pub writing: Option<WriteInProgress>,
+    /// Requests waiting for the write in progress.
+    pub queue: VecDeque<(NodeId, Request)>,
+    /// N-chance: times the last copy was handed on without being used.
+    pub recirculated: u8,
+}
+
+impl ManagerBlock {
+    fn is_empty(&self) -> bool {
+        self.cachers.is_empty()
+            && self.owner.is_none()
+            && self.writing.is_none()
+            && self.queue.is_empty()
+            && self.recirculated == 0
+    }
+}
+
+/// Counters a manager shard keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManagerCounters {
+    /// Reads delegated to a caching client.
+    pub forwards: u64,
+    /// Reads and writes served by storage.
+    pub fetches: u64,
+    /// Revokes sent.
+    pub revokes: u64,
+    /// Requests queued behind a write.
+    pub queued: u64,
+    /// Handoffs (N-chance) ordered.
+    pub handoffs: u64,
+}
+
+/// The manager side of one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManagerShard {
+    /// This manager's node.
+    pub me: NodeId,
+    /// Protocol variant.
+    pub config: ProtocolConfig,
+    /// Managers and storage servers.
+    pub placement: Placement,
+    /// Every client (candidates for N-chance handoffs).
+    pub clients: Vec<NodeId>,
+    /// Per block state; absent means nobody caches it.
+    pub blocks: BTreeMap<BlockId, ManagerBlock>,
+    /// Per client: the sequence number of the next message to it.
+    pub next_seq: BTreeMap<NodeId, u32>,
+    /// Counters.
+    pub counters: ManagerCounters,
+}
+
+impl ManagerShard {
+    /// A manager with no state.
+    pub fn new(
+        me: NodeId,
+        config: ProtocolConfig,
+        placement: Placement,
+        clients: Vec<NodeId>,
+    ) -> Self {
+        ManagerShard {
+            me,
+            config,
+            placement,
+            clients,
+            blocks: BTreeMap::new(),
+            next_seq: BTreeMap::new(),
+            counters: ManagerCounters::default(),
+        }
+    }
+
+    fn seq(&mut self, client: NodeId) -> u32 {
+        let s = self.next_seq.entry(client).or_insert(0);
+        let v = *s;
+        *s = s.wrapping_add(1);
+        v
+    }
+
+    /// A message for the manager role, from client `from`.
+    pub fn receive<D: Clone>(
+        &mut self,
+        from: NodeId,
+        msg: Msg<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let block = msg.block();
+        match msg {
+            Msg::ReadReq { .. } => self.request(block, from, Request::Read, out),
+            Msg::WriteReq { has_data, .. } => {
+                self.request(block, from, Request::Write { has_data }, out)
+            }
+            Msg::EvictReq { .. } => self.request(block, from, Request::Evict, out),
+            Msg::RevokeAck { .. } => {
+                let b = self.blocks.entry(block).or_default();
+                let Some(w) = &mut b.writing else {
+                    return Err(ProtocolError::Unexpected {
+                        block,
+                        msg: "RevokeAck",
+                        state: "manager-idle",
+                    });
+                };
+                if !w.waiting.remove(&from) {
+                    return Err(ProtocolError::Unexpected {
+                        block,
+                        msg: "RevokeAck",
+                        state: "manager-not-waiting-for-sender",
+                    });
+                }
+                b.cachers.remove(&from);
+                if b.owner == Some(from) {
+                    b.owner = None;
+                }
+                if w.waiting.is_empty() {
+                    let w = b
+                        .writing
+                        .take()
+                        .unwrap_or_else(|| unreachable!("checked above"));
+                    self.grant(block, w.writer, w.has_data, out);
+                    self.run_queue(block, out);
+                }
+                Ok(())
+            }
+            Msg::ForwardFailed {
+                reader, reader_seq, ..
+            } => {
+                self.counters.fetches += 1;
+                out.push(Output::Send {
+                    to: self.placement.storage(block),
+                    msg: Msg::Fetch {
+                        block,
+                        to: reader,
+                        seq: reader_seq,
+                        exclusive: false,
+                    },
+                });
+                Ok(())
+            }
+            other => Err(ProtocolError::Unexpected {
+                block,
+                msg: msg_name(&other),
+                state: "manager",
+            }),
+        }
+        .map(|()| self.tidy(block))
+    }
+
+    fn request<D: Clone>(
+        &mut self,
+        block: BlockId,
+        from: NodeId,
+        req: Request,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let b = self.blocks.entry(block).or_default();
+        if b.writing.is_some() || !b.queue.is_empty() {
+            self.counters.queued += 1;
+            b.queue.push_back((from, req));
+            return Ok(());
+        }
+        self.serve(block, from, req, out);
+        Ok(())
+    }
+
+    fn run_queue<D: Clone>(&mut self, block: BlockId, out: &mut Vec<Output<D>>) {
+        loop {
+            let Some(b) = self.blocks.get_mut(&block) else {
+                return;
+            };
+            if b.writing.is_some() {
+                return;
+            }
+            let Some((from, req)) = b.queue.pop_front() else {
+                return;
+            };
+            self.serve(block, from, req, out);
+        }
+    }
+
+    fn serve<D: Clone>(
+        &mut self,
+        block: BlockId,
+        from: NodeId,
+        req: Request,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let storage = self.placement.storage(block);
+        match req {
+            Request::Read => {
+                let reader_seq = self.seq(from);
+                let b = self.blocks.entry(block).or_default();
+                b.recirculated = 0;
+                let source = match b.owner {
+                    Some(o) if o != from => Some(o),
+                    _ => b.cachers.iter().copied().find(|c| *c != from),
+                };
+                b.owner = None;
+                b.cachers.insert(from);
+                match source {
+                    Some(holder) => {
+                        self.counters.forwards += 1;
+                        let seq = self.seq(holder);
+                        out.push(Output::Send {
+                            to: holder,
+                            msg: Msg::Forward {
+                                block,
+                                seq,
+                                reader: from,
+                                reader_seq,
+                            },
+                        });
+                    }
+                    None => {
+                        self.counters.fetches += 1;
+                        out.push(Output::Send {
+                            to: storage,
+                            msg: Msg::Fetch {
+                                block,
+                                to: from,
+                                seq: reader_seq,
+                                exclusive: false,
+                            },
+                        });
+                    }
+                }
+            }
+            Request::Write { has_data } => {
+                let b = self.blocks.entry(block).or_default();
+                b.recirculated = 0;
+                let mut holders: BTreeSet<NodeId> =
+                    b.cachers.iter().copied().filter(|c| *c != from).collect();
+                if let Some(o) = b.owner.filter(|o| *o != from) {
+                    holders.insert(o);
+                }
+                if holders.is_empty() {
+                    self.grant(block, from, has_data, out);
+                } else {
+                    b.writing = Some(WriteInProgress {
+                        writer: from,
+                        has_data,
+                        waiting: holders.clone(),
+                    });
+                    for h in holders {
+                        self.counters.revokes += 1;
+                        let seq = self.seq(h);
+                        out.push(Output::Send {
+                            to: h,
+                            msg: Msg::Revoke { block, seq },
+                        });
+                    }
+                }
+            }
+            Request::Evict => {
+                let n_chance = self.config.n_chance;
+                let b = self.blocks.entry(block).or_default();
+                let was_cacher = b.cachers.remove(&from);
+                if b.owner == Some(from) {
+                    b.owner = None;
+                }
+                let mut handoff = None;
+                if was_cacher
+                    && b.cachers.is_empty()
+                    && b.owner.is_none()
+                    && b.recirculated < n_chance
+                {
+                    // The next client after the evicting one, round the ring.
+                    let n = self.clients.len();
+                    let at = self.clients.iter().position(|c| *c == from).unwrap_or(0);
+                    let peer = (1..n)
+                        .map(|i| self.clients[(at + i) % n])
+                        .find(|c| *c != from);
+                    if let Some(peer) = peer {
+                        b.recirculated += 1;
+                        b.cachers.insert(peer);
+                        handoff = Some(peer);
+                    }
+                }
+                let handoff = handoff.map(|p| {
+                    self.counters.handoffs += 1;
+                    (p, self.seq(p))
+                });
+                let seq = self.seq(from);
+                out.push(Output::Send {
+                    to: from,
+                    msg: Msg::EvictGrant {
+                        block,
+                        seq,
+                        handoff,
+                    },
+                });
+            }
+        }
+    }
+
+    fn grant<D: Clone>(
+        &mut self,
+        block: BlockId,
+        writer: NodeId,
+        has_data: bool,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let storage = self.placement.storage(block);
+        let seq = self.seq(writer);
+        let b = self.blocks.entry(block).or_default();
+        let with_data = has_data && b.cachers.contains(&writer);
+        b.cachers.clear();
+        b.cachers.insert(writer);
+        b.owner = Some(writer);
+        if with_data {
+            out.push(Output::Send {
+                to: writer,
+                msg: Msg::Grant { block, seq },
+            });
+        } else {
+            self.counters.fetches += 1;
+            out.push(Output::Send {
+                to: storage,
+                msg: Msg::Fetch {
+                    block,
+                    to: writer,
+                    seq,
+                    exclusive: true,
+                },
+            });
+        }
+    }
+
+    fn tidy(&mut self, block: BlockId) {
+        if self.blocks.get(&block).is_some_and(|b| b.is_empty()) {
+            self.blocks.remove(&block);
+        }
+    }
+
+    /// The shard with every node id passed through `f` (symmetry reduction in the model).
+    pub fn renamed(&self, f: &impl Fn(NodeId) -> NodeId) -> Self {
+        let mut s = self.clone();
+        s.clients = s.clients.iter().map(|c| f(*c)).collect();
+        s.next_seq = s.next_seq.iter().map(|(c, n)| (f(*c), *n)).collect();
+        for b in s.blocks.values_mut() {
+            b.cachers = b.cachers.iter().map(|c| f(*c)).collect();
+            b.owner = b.owner.map(f);
+            if let Some(w) = &mut b.writing {
+                w.writer = f(w.writer);
+                w.waiting = w.waiting.iter().map(|c| f(*c)).collect();
+            }
+            for (c, _) in b.queue.iter_mut() {
+                *c = f(*c);
+            }
+        }
+        s
+    }
+}
+
+/// Block storage as the storage role sees it: the storage issue's fragment store plugs in
+/// here; the simulation and the model use [`MemStore`].
+pub trait BlockStore<D> {
+    /// The block's current content (the default value if it was never written).
+    fn read(&self, block: BlockId) -> D;
+    /// Replace the block's content durably.
+    fn write(&mut self, block: BlockId, data: D);
+}
+
+/// An in-memory [`BlockStore`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemStore<D> {
+    /// Written blocks.
+    pub blocks: BTreeMap<BlockId, D>,
+}
+
+impl<D: Clone + Default> BlockStore<D> for MemStore<D> {
+    fn read(&self, block: BlockId) -> D {
+        self.blocks.get(&block).cloned().unwrap_or_default()
+    }
+    fn write(&mut self, block: BlockId, data: D) {
+        self.blocks.insert(block, data);
+    }
+}
+
+/// The storage side of one shard.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StorageShard<S> {
+    /// The store.
+    pub store: S,
+}
+
+impl<S> StorageShard<S> {
+    /// A message for the storage role, from node `from`.
+    pub fn receive<D: Clone>(
+        &mut self,
+        from: NodeId,
+        msg: Msg<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError>
+    where
+        S: BlockStore<D>,
+    {
+        match msg {
+            Msg::Fetch {
+                block,
+                to,
+                seq,
+                exclusive,
+            } => {
+                out.push(Output::Send {
+                    to,
+                    msg: Msg::Data {
+                        block,
+                        seq,
+                        data: self.store.read(block),
+                        exclusive,
+                    },
+                });
+                Ok(())
+            }
+            Msg::WriteBack { block, data } => {
+                self.store.write(block, data);
+                out.push(Output::Send {
+                    to: from,
+                    msg: Msg::WriteBackAck { block },
+                });
+                Ok(())
+            }
+            other => Err(ProtocolError::Unexpected {
+                block: other.block(),
+                msg: msg_name(&other),
+                state: "storage",
+            }),
+        }
+    }
+}

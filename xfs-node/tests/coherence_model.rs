@@ -1,0 +1,162 @@
+//! Model checking of the coherence protocol (`tests/model/`): the bounded check that CI runs,
+//! the ordered-network check, the xFS deadlock found in the variant without sequence numbers,
+//! and a deeper check behind `XFS_MODEL_DEEP=1` (or `--ignored`).
+
+mod model;
+
+use std::time::Instant;
+
+use model::{CoherenceModel, World};
+use stateright::{Checker, HasDiscoveries, Model};
+use xfs_node::coherence::Msg;
+use xfs_node::coherence::ProtocolConfig;
+
+fn check(m: CoherenceModel, min_states: usize, unreachable: &[&str]) {
+    let t = Instant::now();
+    let desc = format!("{m:?}");
+    let checker = m
+        .checker()
+        .symmetry_fn(CoherenceModel::representative)
+        .threads(2)
+        .spawn_dfs()
+        .join();
+    let states = checker.unique_state_count();
+    eprintln!(
+        "model {desc}: {states} unique states, max depth {}, {:.1} s",
+        checker.max_depth(),
+        t.elapsed().as_secs_f64()
+    );
+    for p in checker.model().properties() {
+        let found = checker.discovery(p.name);
+        match p.expectation {
+            stateright::Expectation::Sometimes if unreachable.contains(&p.name) => {}
+            stateright::Expectation::Sometimes => {
+                assert!(found.is_some(), "no example of `{}` found", p.name)
+            }
+            _ => {
+                if let Some(path) = found {
+                    panic!("`{}` violated:\n{}", p.name, describe(path.into_vec()));
+                }
+            }
+        }
+    }
+    assert!(
+        states >= min_states,
+        "explored only {states} states, expected at least {min_states}: the bounds shrank"
+    );
+}
+
+fn describe(path: Vec<(World, Option<model::Action>)>) -> String {
+    let mut s = String::new();
+    for (i, (w, a)) in path.iter().enumerate() {
+        if let Some(a) = a {
+            let what = match a {
+                model::Action::Deliver(k) => format!("deliver {:?}", w.net[*k]),
+                other => format!("{other:?}"),
+            };
+            s.push_str(&format!("{i:3}: {what}\n"));
+        }
+    }
+    if let Some((w, _)) = path.last() {
+        s.push_str(&format!("final: violation {:?}\n", w.violation));
+    }
+    s
+}
+
+fn model(clients: usize, blocks: usize, ops: u8, ordered: bool, capacity: usize) -> CoherenceModel {
+    CoherenceModel {
+        clients,
+        blocks,
+        ops_per_client: ops,
+        ordered,
+        config: ProtocolConfig::default(),
+        capacity,
+    }
+}
+
+fn deep() -> bool {
+    std::env::var_os("XFS_MODEL_DEEP").is_some()
+}
+
+/// The race of Figure 2 needs three clients (a holder, a reader, a writer).
+const NEEDS_THREE: &[&str] = &["a revoke overtakes a forward"];
+
+#[test]
+fn two_clients_one_block_unordered_network() {
+    check(model(2, 1, 4, false, 0), 400_000, NEEDS_THREE);
+}
+
+#[test]
+fn two_clients_one_block_ordered_network() {
+    check(model(2, 1, 4, true, 0), 100_000, NEEDS_THREE);
+}
+
+#[test]
+fn three_clients_one_block_unordered_network() {
+    check(model(3, 1, 2, false, 0), 100_000, &[]);
+}
+
+#[test]
+fn two_clients_two_blocks_capacity_one() {
+    check(model(2, 2, 2, false, 1), 100_000, NEEDS_THREE);
+}
+
+#[test]
+fn deep_three_clients_two_blocks() {
+    if !deep() {
+        eprintln!("SKIPPED: set XFS_MODEL_DEEP=1 for 3 clients x 2 blocks (minutes)");
+        return;
+    }
+    check(model(3, 2, 2, false, 1), 1_000_000, &[]);
+}
+
+/// The protocol without the manager's sequence numbers (clients handle manager messages as
+/// they come and queue what they are not ready for) deadlocks: the checker must find the
+/// xFS paper's Figure 2, a revoke overtaking a forward at the sole cacher.
+#[test]
+fn without_sequence_numbers_the_checker_finds_the_figure_2_deadlock() {
+    let t = Instant::now();
+    let mut m = model(3, 1, 2, false, 0);
+    m.config.sequenced = false;
+    // Breadth first, so the trace is a shortest one (no symmetry reduction there).
+    let checker = m
+        .checker()
+        .threads(2)
+        .finish_when(HasDiscoveries::AnyOf(["no deadlock"].into_iter().collect()))
+        .spawn_bfs()
+        .join();
+    let path = checker
+        .discovery("no deadlock")
+        .expect("the checker must find the deadlock of the unsequenced protocol");
+    let steps = path.into_vec();
+    let trace = describe(steps.clone());
+    eprintln!(
+        "deadlock found after {} states in {:.1} s:\n{trace}",
+        checker.unique_state_count(),
+        t.elapsed().as_secs_f64()
+    );
+    // Its shape: some client got a Revoke while a Forward the manager sent it earlier was
+    // still in flight, and at the end every operation waits with nothing in flight.
+    let overtaken = steps.iter().any(|(w, a)| {
+        let Some(model::Action::Deliver(k)) = a else {
+            return false;
+        };
+        let e = &w.net[*k];
+        let model::Payload::Proto(Msg::Revoke { .. }) = e.payload else {
+            return false;
+        };
+        w.net.iter().any(|f| {
+            f.to == e.to && matches!(f.payload, model::Payload::Proto(Msg::Forward { .. }))
+        })
+    });
+    assert!(
+        overtaken,
+        "the deadlock should start with a revoke overtaking a forward:\n{trace}"
+    );
+    let last = &steps.last().expect("a path has states").0;
+    assert!(
+        last.net.is_empty(),
+        "a deadlock has nothing in flight:\n{trace}"
+    );
+    assert!(CoherenceModel::pending(last));
+}

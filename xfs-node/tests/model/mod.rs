@@ -1,0 +1,561 @@
+//! The `stateright` model of the coherence protocol: the state machines of
+//! `xfs_node::coherence` (the same code the shard loops run), one manager, one storage
+//! server, N clients each with a kernel-cache actor, over an unordered or an ordered network.
+//!
+//! Values are versions: write number k stores the value k, so "every completed read returns
+//! the value of the last completed write" is an equality check at the moment a read
+//! completes. Kernel-cache hits complete reads without the client (the kernel is a node of
+//! the protocol), which is why a revoke may be acknowledged only after the kernel dropped
+//! its pages.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use stateright::{Model, Property};
+use xfs_node::coherence::{
+    BlockId, ClientShard, ManagerShard, MemStore, Mode, Msg, NodeId, Outcome, Output, Placement,
+    ProtocolConfig, Role, StorageShard, UserOp,
+};
+
+/// The manager's node id in the model.
+pub const MANAGER: NodeId = 100;
+/// The storage server's node id in the model.
+pub const STORAGE: NodeId = 101;
+
+/// An address on the model's network: a protocol role or a client's kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Addr {
+    /// Client i's cache.
+    Client(NodeId),
+    /// Client i's kernel page cache.
+    Kernel(NodeId),
+    /// The manager.
+    Manager,
+    /// The storage server.
+    Storage,
+}
+
+/// What travels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Payload {
+    /// A protocol message.
+    Proto(Msg<u8>),
+    /// Client → its kernel: drop the block's pages.
+    Invalidate(BlockId),
+    /// Kernel → client: done.
+    Invalidated(BlockId),
+}
+
+/// A message in flight.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Envelope {
+    pub from: Addr,
+    pub to: Addr,
+    pub payload: Payload,
+}
+
+/// What went wrong (kept in the state; a property checks it stays `None`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Violation {
+    /// A read returned something other than the last completed write.
+    StaleRead {
+        client: NodeId,
+        block: BlockId,
+        got: u8,
+        want: u8,
+    },
+    /// A state machine had no rule for an input.
+    Protocol(String),
+}
+
+/// The whole system.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct World {
+    pub manager: ManagerShard,
+    pub storage: StorageShard<MemStore<u8>>,
+    pub clients: Vec<ClientShard<u8>>,
+    /// Client i's kernel page cache.
+    pub kernels: Vec<BTreeMap<BlockId, u8>>,
+    /// Operations each client may still start.
+    pub budget: Vec<u8>,
+    /// Messages in flight (kept sorted; in the ordered network, stably by (from, to)).
+    pub net: Vec<Envelope>,
+    /// Per block, the value of the last completed write.
+    pub last_write: Vec<u8>,
+    /// The value the next write stores.
+    pub next_value: u8,
+    pub violation: Option<Violation>,
+    /// The network keeps per (from, to) order.
+    pub ordered: bool,
+}
+
+/// A step of the model.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Deliver the message at this index of `net`.
+    Deliver(usize),
+    /// A user operation at a client.
+    Op(NodeId, BlockId, UserOp<u8>),
+    /// A read served by the kernel's page cache.
+    KernelRead(NodeId, BlockId),
+}
+
+/// The model's bounds and variant.
+#[derive(Clone, Debug)]
+pub struct CoherenceModel {
+    pub clients: usize,
+    pub blocks: usize,
+    pub ops_per_client: u8,
+    /// Per (from, to) FIFO delivery instead of any order.
+    pub ordered: bool,
+    pub config: ProtocolConfig,
+    /// Blocks a client caches before a miss evicts one (0: unbounded).
+    pub capacity: usize,
+}
+
+impl CoherenceModel {
+    pub fn placement() -> Placement {
+        Placement {
+            managers: vec![MANAGER],
+            storages: vec![STORAGE],
+        }
+    }
+
+    fn client_ids(&self) -> Vec<NodeId> {
+        (0..self.clients as NodeId).collect()
+    }
+
+    /// Put a freshly sent envelope on the network.
+    fn send(&self, w: &mut World, e: Envelope) {
+        w.net.push(e);
+        self.canonical_net(&mut w.net);
+    }
+
+    fn canonical_net(&self, net: &mut [Envelope]) {
+        if self.ordered {
+            net.sort_by_key(|e| (e.from, e.to));
+        } else {
+            net.sort();
+        }
+    }
+
+    fn deliverable(&self, w: &World, i: usize) -> bool {
+        !self.ordered
+            || !w.net[..i]
+                .iter()
+                .any(|e| e.from == w.net[i].from && e.to == w.net[i].to)
+    }
+
+    /// Execute a state machine's outputs from `from`.
+    fn apply(&self, w: &mut World, from: Addr, outs: Vec<Output<u8>>) {
+        for o in outs {
+            match o {
+                Output::Send { to, msg } => {
+                    let to = match msg.role() {
+                        Role::Manager => Addr::Manager,
+                        Role::Storage => Addr::Storage,
+                        Role::Client => Addr::Client(to),
+                    };
+                    self.send(
+                        w,
+                        Envelope {
+                            from,
+                            to,
+                            payload: Payload::Proto(msg),
+                        },
+                    );
+                }
+                Output::InvalidateKernel { block } => {
+                    let Addr::Client(c) = from else {
+                        unreachable!("only clients invalidate")
+                    };
+                    self.send(
+                        w,
+                        Envelope {
+                            from,
+                            to: Addr::Kernel(c),
+                            payload: Payload::Invalidate(block),
+                        },
+                    );
+                }
+                Output::Complete { op, block, outcome } => {
+                    let Addr::Client(c) = from else {
+                        unreachable!("only clients complete")
+                    };
+                    self.complete(w, c, op, block, outcome);
+                }
+            }
+        }
+    }
+
+    fn complete(&self, w: &mut World, c: NodeId, op: u64, block: BlockId, outcome: Outcome<u8>) {
+        match outcome {
+            Outcome::Read(v) => {
+                check_read(w, c, block, v);
+                w.kernels[c as usize].insert(block, v);
+            }
+            Outcome::Written => {
+                let v = op as u8;
+                w.last_write[block as usize] = v;
+                w.kernels[c as usize].insert(block, v);
+            }
+            Outcome::Evicted | Outcome::Flushed => {}
+        }
+    }
+
+    /// Forget the counters: they are for drivers, not part of the protocol's state.
+    fn normalise(w: &mut World) {
+        for c in &mut w.clients {
+            c.counters = Default::default();
+        }
+        w.manager.counters = Default::default();
+    }
+
+    /// Whether anything is waiting: a user operation, a local step, a deferred or held
+    /// message, a write at the manager or a queued request.
+    pub fn pending(w: &World) -> bool {
+        w.clients.iter().any(|c| {
+            c.blocks
+                .values()
+                .any(|b| b.op.is_some() || b.step.is_some() || !b.deferred.is_empty())
+                || c.channels.values().any(|ch| !ch.held.is_empty())
+        }) || w
+            .manager
+            .blocks
+            .values()
+            .any(|b| b.writing.is_some() || !b.queue.is_empty())
+    }
+
+    /// The canonical member of the state's symmetry class: the least renaming of clients.
+    pub fn representative(w: &World) -> World {
+        let n = w.clients.len();
+        let mut best: Option<World> = None;
+        let mut perm: Vec<usize> = (0..n).collect();
+        permutations(&mut perm, 0, &mut |p| {
+            let r = rename(w, p);
+            if best.as_ref().is_none_or(|b| r < *b) {
+                best = Some(r);
+            }
+        });
+        best.unwrap_or_else(|| w.clone())
+    }
+}
+
+fn check_read(w: &mut World, c: NodeId, block: BlockId, v: u8) {
+    let want = w.last_write[block as usize];
+    if v != want && w.violation.is_none() {
+        w.violation = Some(Violation::StaleRead {
+            client: c,
+            block,
+            got: v,
+            want,
+        });
+    }
+}
+
+fn permutations(p: &mut Vec<usize>, k: usize, f: &mut impl FnMut(&[usize])) {
+    if k == p.len() {
+        f(p);
+        return;
+    }
+    for i in k..p.len() {
+        p.swap(k, i);
+        permutations(p, k + 1, f);
+        p.swap(k, i);
+    }
+}
+
+/// `w` with client i renamed `p[i]`.
+fn rename(w: &World, p: &[usize]) -> World {
+    let f = |id: NodeId| -> NodeId {
+        if (id as usize) < p.len() {
+            p[id as usize] as NodeId
+        } else {
+            id
+        }
+    };
+    let fa = |a: Addr| match a {
+        Addr::Client(c) => Addr::Client(f(c)),
+        Addr::Kernel(c) => Addr::Kernel(f(c)),
+        other => other,
+    };
+    let n = w.clients.len();
+    let mut clients = w.clients.clone();
+    let mut kernels = w.kernels.clone();
+    let mut budget = w.budget.clone();
+    for i in 0..n {
+        clients[p[i]] = w.clients[i].renamed(&f);
+        kernels[p[i]] = w.kernels[i].clone();
+        budget[p[i]] = w.budget[i];
+    }
+    let mut net: Vec<Envelope> = w
+        .net
+        .iter()
+        .map(|e| Envelope {
+            from: fa(e.from),
+            to: fa(e.to),
+            payload: match &e.payload {
+                Payload::Proto(m) => Payload::Proto(m.renamed(&f)),
+                other => other.clone(),
+            },
+        })
+        .collect();
+    // Same canonical order as `canonical_net` (ordered nets: stable within a pair).
+    if w.ordered {
+        net.sort_by_key(|e| (e.from, e.to));
+    } else {
+        net.sort();
+    }
+    World {
+        manager: w.manager.renamed(&f),
+        storage: w.storage.clone(),
+        clients,
+        kernels,
+        budget,
+        net,
+        last_write: w.last_write.clone(),
+        next_value: w.next_value,
+        violation: w.violation.clone(),
+        ordered: w.ordered,
+    }
+}
+
+impl Model for CoherenceModel {
+    type State = World;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<World> {
+        let ids = self.client_ids();
+        vec![World {
+            manager: ManagerShard::new(MANAGER, self.config, Self::placement(), ids.clone()),
+            storage: StorageShard::default(),
+            clients: ids
+                .iter()
+                .map(|c| ClientShard::new(*c, self.config, Self::placement(), self.capacity))
+                .collect(),
+            kernels: vec![BTreeMap::new(); self.clients],
+            budget: vec![self.ops_per_client; self.clients],
+            net: Vec::new(),
+            last_write: vec![0; self.blocks],
+            next_value: 1,
+            violation: None,
+            ordered: self.ordered,
+        }]
+    }
+
+    fn actions(&self, w: &World, actions: &mut Vec<Action>) {
+        if w.violation.is_some() {
+            return;
+        }
+        for i in 0..w.net.len() {
+            if self.deliverable(w, i) {
+                actions.push(Action::Deliver(i));
+            }
+        }
+        for c in 0..self.clients {
+            if w.budget[c] == 0 {
+                continue;
+            }
+            let client = &w.clients[c];
+            for block in 0..self.blocks as BlockId {
+                if w.kernels[c].contains_key(&block) {
+                    actions.push(Action::KernelRead(c as NodeId, block));
+                }
+                if !client.is_idle(block) {
+                    continue;
+                }
+                let b = client.blocks.get(&block);
+                let cached = b.is_some_and(|b| b.data.is_some());
+                let dirty =
+                    b.is_some_and(|b| b.data.is_some() && b.mode == Mode::Private { dirty: true });
+                if !w.kernels[c].contains_key(&block) {
+                    actions.push(Action::Op(c as NodeId, block, UserOp::Read));
+                }
+                actions.push(Action::Op(c as NodeId, block, UserOp::Write(w.next_value)));
+                if cached {
+                    actions.push(Action::Op(c as NodeId, block, UserOp::Evict));
+                }
+                if dirty {
+                    actions.push(Action::Op(c as NodeId, block, UserOp::Flush));
+                }
+            }
+        }
+    }
+
+    fn next_state(&self, last: &World, action: Action) -> Option<World> {
+        let mut w = last.clone();
+        let mut outs = Vec::new();
+        match action {
+            Action::Deliver(i) => {
+                let e = w.net.remove(i);
+                let result = match (e.to, e.payload) {
+                    (Addr::Manager, Payload::Proto(m)) => {
+                        let Addr::Client(from) = e.from else {
+                            unreachable!("clients ask")
+                        };
+                        let r = w.manager.receive(from, m, &mut outs);
+                        self.apply(&mut w, Addr::Manager, std::mem::take(&mut outs));
+                        r
+                    }
+                    (Addr::Storage, Payload::Proto(m)) => {
+                        let from = match e.from {
+                            Addr::Client(c) => c,
+                            _ => MANAGER,
+                        };
+                        let r = w.storage.receive(from, m, &mut outs);
+                        self.apply(&mut w, Addr::Storage, std::mem::take(&mut outs));
+                        r
+                    }
+                    (Addr::Client(c), Payload::Proto(m)) => {
+                        let from = match e.from {
+                            Addr::Client(p) => p,
+                            Addr::Storage => STORAGE,
+                            _ => MANAGER,
+                        };
+                        let r = w.clients[c as usize].receive(from, m, &mut outs);
+                        self.apply(&mut w, Addr::Client(c), std::mem::take(&mut outs));
+                        r
+                    }
+                    (Addr::Kernel(c), Payload::Invalidate(block)) => {
+                        w.kernels[c as usize].remove(&block);
+                        self.send(
+                            &mut w,
+                            Envelope {
+                                from: Addr::Kernel(c),
+                                to: Addr::Client(c),
+                                payload: Payload::Invalidated(block),
+                            },
+                        );
+                        Ok(())
+                    }
+                    (Addr::Client(c), Payload::Invalidated(block)) => {
+                        let r = w.clients[c as usize].kernel_invalidated(block, &mut outs);
+                        self.apply(&mut w, Addr::Client(c), std::mem::take(&mut outs));
+                        r
+                    }
+                    (to, p) => unreachable!("{p:?} to {to:?}"),
+                };
+                if let Err(e) = result {
+                    w.violation
+                        .get_or_insert(Violation::Protocol(e.to_string()));
+                }
+            }
+            Action::Op(c, block, op) => {
+                w.budget[c as usize] -= 1;
+                let id = match &op {
+                    UserOp::Write(v) => {
+                        w.next_value += 1;
+                        *v as u64
+                    }
+                    _ => 0,
+                };
+                let r = w.clients[c as usize].start(id, block, op, &mut outs);
+                self.apply(&mut w, Addr::Client(c), outs);
+                if let Err(e) = r {
+                    w.violation
+                        .get_or_insert(Violation::Protocol(e.to_string()));
+                }
+            }
+            Action::KernelRead(c, block) => {
+                w.budget[c as usize] -= 1;
+                let v = w.kernels[c as usize][&block];
+                check_read(&mut w, c, block, v);
+            }
+        }
+        Self::normalise(&mut w);
+        Some(w)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        vec![
+            Property::always("no violation", |_, w: &World| w.violation.is_none()),
+            Property::always("one writer or many readers", |_, w: &World| {
+                one_writer_or_readers(w)
+            }),
+            Property::always("no deadlock", |m: &CoherenceModel, w: &World| {
+                let mut a = Vec::new();
+                m.actions(w, &mut a);
+                !a.is_empty() || !Self::pending(w) || w.violation.is_some()
+            }),
+            Property::sometimes("a read served by a peer", |_, w: &World| {
+                w.net.iter().any(|e| {
+                    matches!(e.from, Addr::Client(_))
+                        && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
+                })
+            }),
+            Property::sometimes("a revoke", |_, w: &World| {
+                w.net
+                    .iter()
+                    .any(|e| matches!(e.payload, Payload::Proto(Msg::Revoke { .. })))
+            }),
+            Property::sometimes("an eviction forwarded", |_, w: &World| {
+                w.net
+                    .iter()
+                    .any(|e| matches!(e.payload, Payload::Proto(Msg::Handoff { .. })))
+            }),
+            Property::sometimes("a write-back before a forward", |_, w: &World| {
+                w.clients.iter().any(|c| {
+                    c.blocks.values().any(|b| {
+                        matches!(
+                            b.step,
+                            Some(xfs_node::coherence::Step::WriteBack(
+                                xfs_node::coherence::AfterWriteBack::Forward(..)
+                            ))
+                        )
+                    })
+                })
+            }),
+            Property::sometimes("a revoke overtakes a forward", |_, w: &World| {
+                revoke_overtook_forward(w)
+            }),
+        ]
+    }
+}
+
+/// A client holds an early revoke while the forward before it is still in flight (the
+/// race of the xFS paper's Figure 2, handled by the sequence numbers).
+pub fn revoke_overtook_forward(w: &World) -> bool {
+    w.clients.iter().any(|c| {
+        c.channels
+            .values()
+            .any(|ch| ch.held.values().any(|m| matches!(m, Msg::Revoke { .. })))
+            && w.net.iter().any(|e| {
+                e.to == Addr::Client(c.me)
+                    && matches!(e.payload, Payload::Proto(Msg::Forward { .. }))
+            })
+    })
+}
+
+/// At most one client holds a block private, and then nobody else (client or kernel) holds
+/// a copy of it. A copy kept by a client whose eviction request is sent is not a reader: user
+/// operations wait for the eviction, and the manager forwards nothing to it any more (it only
+/// serves the forwards the manager sent before it took the request).
+pub fn one_writer_or_readers(w: &World) -> bool {
+    let reader = |i: usize, block: &BlockId| {
+        w.clients[i].blocks.get(block).is_some_and(|b| {
+            b.data.is_some()
+                && !matches!(
+                    b.op,
+                    Some(xfs_node::coherence::PendingOp::Evict { asked: true, .. })
+                )
+        })
+    };
+    let blocks: Vec<BlockId> = (0..w.last_write.len() as BlockId).collect();
+    blocks.iter().all(|block| {
+        let private: Vec<usize> = (0..w.clients.len())
+            .filter(|i| {
+                w.clients[*i]
+                    .blocks
+                    .get(block)
+                    .is_some_and(|b| b.data.is_some() && matches!(b.mode, Mode::Private { .. }))
+            })
+            .collect();
+        match private.as_slice() {
+            [] => true,
+            [p] => (0..w.clients.len())
+                .filter(|i| i != p)
+                .all(|i| !reader(i, block) && !w.kernels[i].contains_key(block)),
+            _ => false,
+        }
+    })
+}
