@@ -489,6 +489,8 @@ pub struct ClientCounters {
     pub handoffs_dropped: u64,
     /// Manager messages that arrived before an earlier one (held for order).
     pub reordered: u64,
+    /// Of those, revokes: a revoke that overtook an earlier forward or delegated reply.
+    pub revokes_held: u64,
     /// Evictions started because the cache was full.
     pub capacity_evictions: u64,
 }
@@ -768,6 +770,9 @@ impl<D: Clone + Debug> ClientShard<D> {
                                 seq,
                                 expected: ch.next,
                             });
+                        }
+                        if matches!(m, Msg::Revoke { .. }) {
+                            self.counters.revokes_held += 1;
                         }
                         ch.held.insert(seq, m);
                         self.counters.reordered += 1;

@@ -7,3 +7,5 @@
 //! come with the storage and cluster issues.
 
 pub mod coherence;
+pub mod shard;
+pub mod sim;

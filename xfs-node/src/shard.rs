@@ -1,0 +1,698 @@
+//! Per-core shard loops: the driver that runs the coherence state machine over Active
+//! Messages (DESIGN.md §4, "Per-core shards").
+//!
+//! A node runs N [`Shard`]s, one single-threaded loop per core. A block belongs to shard
+//! [`shard_of`]`(block, N)` on every node, so shard s of one node only ever talks to shard s
+//! of the others. Each shard owns one AM endpoint and the client, manager and storage state
+//! of its blocks; nothing is shared between shards (no locks: a shard is `Send`, moved into
+//! its thread, and driven only by [`Shard::step`]).
+//!
+//! The loop: poll the endpoint (its handler only decodes and queues), then feed the queued
+//! messages, finished kernel invalidations and waiting user operations to the state
+//! machines, and execute their outputs: sends to peers through the endpoint (to this node,
+//! straight into the local queue), kernel invalidations, completions. A send the endpoint
+//! refuses for lack of room (`WouldBlock`) waits in the outgoing queue, in order, for the
+//! next step; nothing is dropped.
+//!
+//! Wire format: AM handler [`COHERENCE_HANDLER`], arguments `[kind, block, a, b]`, block data
+//! (for `Data`, `Handoff`, `WriteBack`) as the medium payload ([`BlockData`]). A message that
+//! does not decode, or comes from an endpoint that is not a known node, is counted in
+//! [`ShardCounters::bad_messages`] and dropped.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use am_core::{AmError, Endpoint, EndpointName, Msg as AmMsg, Tag, Transport, TransportError};
+
+use crate::coherence::{
+    mix, BlockId, BlockStore, ClientShard, ManagerShard, Msg, NodeId, OpId, Outcome, Output,
+    Placement, ProtocolConfig, ProtocolError, Role, StorageShard, UserOp,
+};
+
+/// The AM handler index of coherence messages.
+pub const COHERENCE_HANDLER: u16 = 1;
+
+/// The shard that owns `block` in a node of `shards` shards.
+pub fn shard_of(block: BlockId, shards: usize) -> usize {
+    ((mix(block) >> 40) % shards.max(1) as u64) as usize
+}
+
+/// Block content as it travels: encoded into a medium payload and parsed back (never
+/// trusted: a bad payload is an error, not a panic).
+pub trait BlockData: Clone + Debug + Default + Send + 'static {
+    /// Append the encoding.
+    fn encode(&self, out: &mut Vec<u8>);
+    /// Parse, or `None` if the bytes are not a valid encoding.
+    fn decode(bytes: &[u8]) -> Option<Self>;
+}
+
+impl BlockData for u8 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(*self);
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            [b] => Some(*b),
+            _ => None,
+        }
+    }
+}
+
+impl BlockData for u64 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(u64::from_le_bytes(bytes.try_into().ok()?))
+    }
+}
+
+impl BlockData for Vec<u8> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self);
+    }
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(bytes.to_vec())
+    }
+}
+
+/// Encode a protocol message as AM arguments plus an optional payload.
+pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
+    payload.clear();
+    let pair = |a: u16, b: u32| ((a as u64) << 32) | b as u64;
+    match msg {
+        Msg::ReadReq { block } => [1, *block, 0, 0],
+        Msg::WriteReq { block, has_data } => [2, *block, *has_data as u64, 0],
+        Msg::EvictReq { block } => [3, *block, 0, 0],
+        Msg::RevokeAck { block } => [4, *block, 0, 0],
+        Msg::ForwardFailed {
+            block,
+            reader,
+            reader_seq,
+        } => [5, *block, pair(*reader, *reader_seq), 0],
+        Msg::Forward {
+            block,
+            seq,
+            reader,
+            reader_seq,
+        } => [6, *block, *seq as u64, pair(*reader, *reader_seq)],
+        Msg::Revoke { block, seq } => [7, *block, *seq as u64, 0],
+        Msg::Grant { block, seq } => [8, *block, *seq as u64, 0],
+        Msg::EvictGrant {
+            block,
+            seq,
+            handoff,
+        } => match handoff {
+            Some((p, s)) => [9, *block, *seq as u64, (1 << 63) | pair(*p, *s)],
+            None => [9, *block, *seq as u64, 0],
+        },
+        Msg::Fetch {
+            block,
+            to,
+            seq,
+            exclusive,
+        } => [10, *block, pair(*to, *seq), *exclusive as u64],
+        Msg::Data {
+            block,
+            seq,
+            data,
+            exclusive,
+        } => {
+            data.encode(payload);
+            [11, *block, *seq as u64, *exclusive as u64]
+        }
+        Msg::Handoff { block, seq, data } => {
+            data.encode(payload);
+            [12, *block, *seq as u64, 0]
+        }
+        Msg::WriteBack { block, data } => {
+            data.encode(payload);
+            [13, *block, 0, 0]
+        }
+        Msg::WriteBackAck { block } => [14, *block, 0, 0],
+    }
+}
+
+/// Parse a protocol message; `None` if it is not one.
+pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
+    let [kind, block, a, b] = *args else {
+        return None;
+    };
+    let unpair = |v: u64| -> Option<(u16, u32)> {
+        if v >> 48 != 0 {
+            return None;
+        }
+        Some(((v >> 32) as u16, v as u32))
+    };
+    let seq = |v: u64| u32::try_from(v).ok();
+    let flag = |v: u64| match v {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    };
+    let empty = payload.is_empty();
+    Some(match kind {
+        1 if empty => Msg::ReadReq { block },
+        2 if empty => Msg::WriteReq {
+            block,
+            has_data: flag(a)?,
+        },
+        3 if empty => Msg::EvictReq { block },
+        4 if empty => Msg::RevokeAck { block },
+        5 if empty => {
+            let (reader, reader_seq) = unpair(a)?;
+            Msg::ForwardFailed {
+                block,
+                reader,
+                reader_seq,
+            }
+        }
+        6 if empty => {
+            let (reader, reader_seq) = unpair(b)?;
+            Msg::Forward {
+                block,
+                seq: seq(a)?,
+                reader,
+                reader_seq,
+            }
+        }
+        7 if empty => Msg::Revoke {
+            block,
+            seq: seq(a)?,
+        },
+        8 if empty => Msg::Grant {
+            block,
+            seq: seq(a)?,
+        },
+        9 if empty => Msg::EvictGrant {
+            block,
+            seq: seq(a)?,
+            handoff: match b {
+                0 => None,
+                v if v >> 63 == 1 => Some(unpair(v & !(1 << 63))?),
+                _ => return None,
+            },
+        },
+        10 if empty => {
+            let (to, s) = unpair(a)?;
+            Msg::Fetch {
+                block,
+                to,
+                seq: s,
+                exclusive: flag(b)?,
+            }
+        }
+        11 => Msg::Data {
+            block,
+            seq: seq(a)?,
+            data: D::decode(payload)?,
+            exclusive: flag(b)?,
+        },
+        12 => Msg::Handoff {
+            block,
+            seq: seq(a)?,
+            data: D::decode(payload)?,
+        },
+        13 => Msg::WriteBack {
+            block,
+            data: D::decode(payload)?,
+        },
+        14 if empty => Msg::WriteBackAck { block },
+        _ => return None,
+    })
+}
+
+/// Counters of one shard loop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardCounters {
+    /// Protocol messages handled (received from peers or from this node).
+    pub messages: u64,
+    /// User operations started.
+    pub ops_started: u64,
+    /// User operations completed.
+    pub ops_completed: u64,
+    /// Messages that did not decode or came from an unknown endpoint (dropped).
+    pub bad_messages: u64,
+    /// Inputs a state machine had no rule for (see [`Shard::last_error`]).
+    pub protocol_errors: u64,
+    /// Messages the AM layer returned as undeliverable (a dead peer).
+    pub undeliverable: u64,
+    /// Sends that waited in the outgoing queue because the endpoint was full.
+    pub deferred_sends: u64,
+}
+
+/// One delivered protocol message, as the trace records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery<D> {
+    /// The sender.
+    pub from: NodeId,
+    /// The receiver.
+    pub to: NodeId,
+    /// The message.
+    pub msg: Msg<D>,
+}
+
+/// A finished user operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion<D> {
+    /// The driver's operation id.
+    pub op: OpId,
+    /// Its block.
+    pub block: BlockId,
+    /// How it ended.
+    pub outcome: Outcome<D>,
+}
+
+type Inbox<D> = Arc<Mutex<VecDeque<(EndpointName, Msg<D>)>>>;
+
+/// One shard loop of one node.
+pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
+    node: NodeId,
+    endpoint: Endpoint<T>,
+    /// The client state machine of this shard's blocks.
+    pub client: ClientShard<D>,
+    /// The manager state machine of this shard's blocks.
+    pub manager: ManagerShard,
+    /// The storage state machine of this shard's blocks.
+    pub storage: StorageShard<S>,
+    inbox: Inbox<D>,
+    bad: Arc<Mutex<u64>>,
+    undeliverable: Arc<Mutex<u64>>,
+    peers: BTreeMap<NodeId, u16>,
+    names: BTreeMap<(std::net::SocketAddr, u32), NodeId>,
+    /// Messages from this node to itself, and messages received but not yet handled.
+    pending: VecDeque<Delivery<D>>,
+    /// Sends the endpoint had no room for, in order.
+    outgoing: VecDeque<(NodeId, Msg<D>)>,
+    kernel: VecDeque<BlockId>,
+    waiting: BTreeMap<BlockId, VecDeque<(OpId, UserOp<D>)>>,
+    completions: Vec<Completion<D>>,
+    out: Vec<Output<D>>,
+    payload: Vec<u8>,
+    /// Every message handled, in order, when tracing is on.
+    pub trace: Option<Vec<Delivery<D>>>,
+    /// When true, [`Shard::step`] does not handle received messages by itself: a replay
+    /// driver picks them with [`Shard::handle_next`].
+    pub manual: bool,
+    last_error: Option<ProtocolError>,
+    counters: ShardCounters,
+}
+
+/// How a shard is set up.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// This node.
+    pub node: NodeId,
+    /// Protocol variant (sequence numbers on in every real node).
+    pub protocol: ProtocolConfig,
+    /// Managers and storage servers.
+    pub placement: Placement,
+    /// Every client node (N-chance candidates).
+    pub clients: Vec<NodeId>,
+    /// Blocks the client caches in this shard before a miss evicts one (0: unbounded).
+    pub capacity: usize,
+}
+
+impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
+    /// A shard over `endpoint`, storing blocks in `store`.
+    pub fn new(mut endpoint: Endpoint<T>, cfg: ShardConfig, store: S) -> Result<Self, AmError> {
+        let inbox: Inbox<D> = Arc::new(Mutex::new(VecDeque::new()));
+        let bad = Arc::new(Mutex::new(0u64));
+        let (i, b) = (inbox.clone(), bad.clone());
+        endpoint.register(COHERENCE_HANDLER, move |_, m| {
+            match decode::<D>(m.args, m.payload) {
+                Some(msg) => lock(&i).push_back((m.source, msg)),
+                None => *lock(&b) += 1,
+            }
+        })?;
+        let undeliverable = Arc::new(Mutex::new(0u64));
+        let u = undeliverable.clone();
+        endpoint.set_upcall(move |_, _| *lock(&u) += 1);
+        Ok(Shard {
+            node: cfg.node,
+            endpoint,
+            client: ClientShard::new(cfg.node, cfg.protocol, cfg.placement.clone(), cfg.capacity),
+            manager: ManagerShard::new(cfg.node, cfg.protocol, cfg.placement, cfg.clients),
+            storage: StorageShard { store },
+            inbox,
+            bad,
+            undeliverable,
+            peers: BTreeMap::new(),
+            names: BTreeMap::new(),
+            pending: VecDeque::new(),
+            outgoing: VecDeque::new(),
+            kernel: VecDeque::new(),
+            waiting: BTreeMap::new(),
+            completions: Vec::new(),
+            out: Vec::new(),
+            payload: Vec::new(),
+            trace: None,
+            manual: false,
+            last_error: None,
+            counters: ShardCounters::default(),
+        })
+    }
+
+    /// This shard's node.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The endpoint's name, for the other nodes' [`Shard::connect`].
+    pub fn name(&self) -> EndpointName {
+        self.endpoint.name()
+    }
+
+    /// The endpoint's tag.
+    pub fn tag(&self) -> Tag {
+        self.endpoint.tag()
+    }
+
+    /// The endpoint (for its statistics and timeouts).
+    pub fn endpoint(&self) -> &Endpoint<T> {
+        &self.endpoint
+    }
+
+    /// Make `node`'s shard of the same index reachable (its endpoint `name`, `tag`).
+    pub fn connect(&mut self, node: NodeId, name: EndpointName, tag: Tag) -> Result<(), AmError> {
+        let index = match self.peers.get(&node) {
+            Some(i) => *i,
+            None => self.peers.len() as u16,
+        };
+        self.endpoint.map(index, name, tag)?;
+        self.peers.insert(node, index);
+        self.names.insert((name.addr, name.vnet), node);
+        Ok(())
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> ShardCounters {
+        let mut c = self.counters;
+        c.bad_messages += *lock(&self.bad);
+        c.undeliverable = *lock(&self.undeliverable);
+        c
+    }
+
+    /// The last protocol error, if any.
+    pub fn last_error(&self) -> Option<&ProtocolError> {
+        self.last_error.as_ref()
+    }
+
+    /// Queue a user operation; it starts when the block has no other in progress.
+    pub fn submit(&mut self, op: OpId, block: BlockId, user: UserOp<D>) {
+        self.waiting.entry(block).or_default().push_back((op, user));
+    }
+
+    /// Take the operations finished so far.
+    pub fn take_completions(&mut self) -> Vec<Completion<D>> {
+        std::mem::take(&mut self.completions)
+    }
+
+    /// Whether nothing is queued here (the state machines may still wait for peers).
+    pub fn is_quiet(&self) -> bool {
+        self.pending.is_empty()
+            && self.outgoing.is_empty()
+            && self.kernel.is_empty()
+            && self.waiting.is_empty()
+            && lock(&self.inbox).is_empty()
+    }
+
+    /// Received messages not yet handled (manual mode), oldest first.
+    pub fn received(&mut self) -> &VecDeque<Delivery<D>> {
+        self.collect_inbox();
+        &self.pending
+    }
+
+    /// Kernel invalidations asked for and not yet reported done.
+    pub fn kernel_pending(&self) -> &VecDeque<BlockId> {
+        &self.kernel
+    }
+
+    fn collect_inbox(&mut self) {
+        let mut inbox = lock(&self.inbox);
+        while let Some((name, msg)) = inbox.pop_front() {
+            match self.names.get(&(name.addr, name.vnet)) {
+                Some(from) => self.pending.push_back(Delivery {
+                    from: *from,
+                    to: self.node,
+                    msg,
+                }),
+                None => self.counters.bad_messages += 1,
+            }
+        }
+    }
+
+    /// One turn of the loop: poll the endpoint for up to `budget` datagrams, handle what
+    /// arrived (unless manual), report kernel invalidations done, start waiting operations,
+    /// and send. Returns how much work it did.
+    pub fn step(&mut self, budget: usize) -> Result<usize, TransportError> {
+        let mut work = self.endpoint.poll(budget)?;
+        self.collect_inbox();
+        if !self.manual {
+            while let Some(d) = self.pending.pop_front() {
+                self.handle(d);
+                work += 1;
+            }
+            while let Some(block) = self.kernel.pop_front() {
+                self.kernel_done(block);
+                work += 1;
+            }
+        }
+        work += self.start_waiting();
+        work += self.flush_outgoing();
+        Ok(work)
+    }
+
+    /// Manual mode: handle the received message at `index` of [`Shard::received`].
+    pub fn handle_next(&mut self, index: usize) -> bool {
+        self.collect_inbox();
+        match self.pending.remove(index) {
+            Some(d) => {
+                self.handle(d);
+                self.flush_outgoing();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Manual mode: the kernel finished invalidating `block`.
+    pub fn kernel_done(&mut self, block: BlockId) {
+        if let Some(i) = self.kernel.iter().position(|b| *b == block) {
+            self.kernel.remove(i);
+        }
+        let r = self.client.kernel_invalidated(block, &mut self.out);
+        self.note(r);
+        self.execute();
+        self.flush_outgoing();
+    }
+
+    fn start_waiting(&mut self) -> usize {
+        let mut started = 0;
+        let ready: Vec<BlockId> = self
+            .waiting
+            .keys()
+            .copied()
+            .filter(|b| self.client.is_idle(*b))
+            .collect();
+        for block in ready {
+            // Starting one operation may begin a capacity eviction of another block.
+            if !self.client.is_idle(block) {
+                continue;
+            }
+            let Some(q) = self.waiting.get_mut(&block) else {
+                continue;
+            };
+            let Some((op, user)) = q.pop_front() else {
+                continue;
+            };
+            if q.is_empty() {
+                self.waiting.remove(&block);
+            }
+            self.counters.ops_started += 1;
+            let r = self.client.start(op, block, user, &mut self.out);
+            self.note(r);
+            self.execute();
+            started += 1;
+        }
+        started
+    }
+
+    fn handle(&mut self, d: Delivery<D>) {
+        self.counters.messages += 1;
+        if let Some(t) = &mut self.trace {
+            t.push(d.clone());
+        }
+        let r = match d.msg.role() {
+            Role::Client => self.client.receive(d.from, d.msg, &mut self.out),
+            Role::Manager => self.manager.receive(d.from, d.msg, &mut self.out),
+            Role::Storage => self.storage.receive(d.from, d.msg, &mut self.out),
+        };
+        self.note(r);
+        self.execute();
+    }
+
+    fn note(&mut self, r: Result<(), ProtocolError>) {
+        if let Err(e) = r {
+            self.counters.protocol_errors += 1;
+            self.last_error = Some(e);
+        }
+    }
+
+    fn execute(&mut self) {
+        let mut out = std::mem::take(&mut self.out);
+        for o in out.drain(..) {
+            match o {
+                Output::Send { to, msg } if to == self.node => self.pending.push_back(Delivery {
+                    from: self.node,
+                    to,
+                    msg,
+                }),
+                Output::Send { to, msg } => self.outgoing.push_back((to, msg)),
+                Output::InvalidateKernel { block } => self.kernel.push_back(block),
+                Output::Complete { op, block, outcome } => {
+                    if op != OpId::MAX {
+                        self.counters.ops_completed += 1;
+                        self.completions.push(Completion { op, block, outcome });
+                    }
+                }
+            }
+        }
+        self.out = out;
+    }
+
+    fn flush_outgoing(&mut self) -> usize {
+        let mut sent = 0;
+        while let Some((to, msg)) = self.outgoing.front() {
+            let Some(index) = self.peers.get(to).copied() else {
+                // No route to that node: a configuration error, counted like a dead peer.
+                self.counters.undeliverable += 1;
+                self.outgoing.pop_front();
+                continue;
+            };
+            let args = encode(msg, &mut self.payload);
+            let r = if self.payload.is_empty() {
+                self.endpoint
+                    .send(index, AmMsg::small(COHERENCE_HANDLER, &args))
+            } else {
+                let slices = [self.payload.as_slice()];
+                self.endpoint
+                    .send(index, AmMsg::medium(COHERENCE_HANDLER, &args, &slices))
+            };
+            match r {
+                Ok(_) => {
+                    self.outgoing.pop_front();
+                    sent += 1;
+                }
+                Err(AmError::WouldBlock) => {
+                    self.counters.deferred_sends += 1;
+                    break;
+                }
+                Err(_) => {
+                    self.counters.undeliverable += 1;
+                    self.outgoing.pop_front();
+                }
+            }
+        }
+        sent
+    }
+}
+
+fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
+    // A handler never panics while holding the lock, so poisoning cannot happen; recover
+    // the data anyway rather than propagate a panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_messages() -> Vec<Msg<u64>> {
+        vec![
+            Msg::ReadReq { block: 7 },
+            Msg::WriteReq {
+                block: 7,
+                has_data: true,
+            },
+            Msg::EvictReq { block: 1 << 60 },
+            Msg::RevokeAck { block: 0 },
+            Msg::ForwardFailed {
+                block: 3,
+                reader: 65535,
+                reader_seq: u32::MAX,
+            },
+            Msg::Forward {
+                block: 3,
+                seq: 9,
+                reader: 2,
+                reader_seq: 4,
+            },
+            Msg::Revoke { block: 3, seq: 1 },
+            Msg::Grant { block: 3, seq: 2 },
+            Msg::EvictGrant {
+                block: 3,
+                seq: 2,
+                handoff: Some((5, 6)),
+            },
+            Msg::EvictGrant {
+                block: 3,
+                seq: 2,
+                handoff: None,
+            },
+            Msg::Fetch {
+                block: 3,
+                to: 4,
+                seq: 5,
+                exclusive: true,
+            },
+            Msg::Data {
+                block: 3,
+                seq: 5,
+                data: 99,
+                exclusive: false,
+            },
+            Msg::Handoff {
+                block: 3,
+                seq: 5,
+                data: 1,
+            },
+            Msg::WriteBack { block: 3, data: 2 },
+            Msg::WriteBackAck { block: 3 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let mut payload = Vec::new();
+        for m in all_messages() {
+            let args = encode(&m, &mut payload);
+            assert_eq!(decode::<u64>(&args, &payload), Some(m));
+        }
+    }
+
+    #[test]
+    fn garbage_does_not_decode() {
+        let mut payload = Vec::new();
+        assert_eq!(decode::<u64>(&[0, 1, 2, 3], &[]), None);
+        assert_eq!(decode::<u64>(&[15, 1, 2, 3], &[]), None);
+        assert_eq!(decode::<u64>(&[1, 2], &[]), None);
+        // A flag that is not 0/1, a sequence number that does not fit, a short payload.
+        assert_eq!(decode::<u64>(&[2, 1, 7, 0], &[]), None);
+        assert_eq!(decode::<u64>(&[7, 1, 1 << 40, 0], &[]), None);
+        assert_eq!(decode::<u64>(&[11, 1, 0, 0], &[1, 2, 3]), None);
+        // A message without data that carries a payload.
+        let args = encode(&Msg::<u64>::ReadReq { block: 1 }, &mut payload);
+        assert_eq!(decode::<u64>(&args, &[0]), None);
+    }
+
+    #[test]
+    fn blocks_spread_over_shards() {
+        let mut n = [0usize; 4];
+        for b in 0..4000u64 {
+            n[shard_of(b, 4)] += 1;
+        }
+        assert!(n.iter().all(|c| (800..1200).contains(c)), "{n:?}");
+    }
+}

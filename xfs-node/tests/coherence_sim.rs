@@ -1,0 +1,74 @@
+//! The deterministic cluster simulation: 1,000 seeds of random workloads over the shard
+//! loops on the simulated AM network, every read checked against a linearizable reference.
+
+use xfs_node::sim::{check_linearizable, run, EventKind, SimConfig, SimTotals};
+
+#[test]
+fn a_thousand_seeds_without_a_violation() {
+    let seeds: u64 = std::env::var("XFS_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let cfg = SimConfig::default();
+    let mut sum = SimTotals::default();
+    let t = std::time::Instant::now();
+    for seed in 0..seeds {
+        let r = run(seed, &cfg).unwrap_or_else(|f| panic!("{f}\nreplay: XFS_SIM_SEED={seed}"));
+        let t = r.totals;
+        assert_eq!(t.completed, cfg.ops as u64, "seed {seed}");
+        sum.completed += t.completed;
+        sum.peer_reads += t.peer_reads;
+        sum.storage_reads += t.storage_reads;
+        sum.revokes += t.revokes;
+        sum.held_for_order += t.held_for_order;
+        sum.revokes_racing_forwards += t.revokes_racing_forwards;
+        sum.handoffs += t.handoffs;
+        sum.capacity_evictions += t.capacity_evictions;
+        sum.reordered += t.reordered;
+        sum.messages += t.messages;
+        sum.protocol_errors += t.protocol_errors;
+    }
+    eprintln!(
+        "{seeds} seeds in {:.1} s: {sum:?}",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(sum.protocol_errors, 0);
+    assert!(sum.peer_reads > 0, "no read was served by a peer: {sum:?}");
+    assert!(sum.revokes > 0, "no revoke: {sum:?}");
+    assert!(
+        sum.revokes_racing_forwards > 0,
+        "no revoke raced a forward: {sum:?}"
+    );
+    assert!(sum.handoffs > 0, "no N-chance forward: {sum:?}");
+    assert!(sum.capacity_evictions > 0, "no capacity eviction: {sum:?}");
+    assert!(sum.reordered > 0, "the network reordered nothing: {sum:?}");
+}
+
+#[test]
+fn the_checker_rejects_a_planted_stale_read() {
+    // A real run's history, then one read made to return the value its block had before a
+    // write that completed before the read began.
+    let r = run(7, &SimConfig::default()).expect("seed 7 passes");
+    let mut h = r.history;
+    check_linearizable(&h).expect("the real history is linearizable");
+    let planted = (0..h.len()).find_map(|i| {
+        let EventKind::Read(Some(v)) = h[i].kind else {
+            return None;
+        };
+        // An earlier completed write to the same block whose value is not v, followed by
+        // another completed write before this read began.
+        let writes: Vec<_> = h
+            .iter()
+            .filter(|w| w.block == h[i].block && matches!(w.kind, EventKind::Write(_)))
+            .filter(|w| w.completed.is_some_and(|c| c < h[i].invoked))
+            .collect();
+        let [.., old, newer] = writes.as_slice() else {
+            return None;
+        };
+        (old.completed < Some(newer.invoked) && old.op != v).then_some((i, old.op))
+    });
+    let (i, stale) = planted.expect("the history has a read after two writes to its block");
+    h[i].kind = EventKind::Read(Some(stale));
+    let err = check_linearizable(&h).expect_err("a stale read must be rejected");
+    assert!(err.contains("stale read"), "{err}");
+}
