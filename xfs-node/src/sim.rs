@@ -183,15 +183,18 @@ impl Cluster {
         capacity: usize,
     ) -> Cluster {
         let ids: Vec<NodeId> = (0..nodes as NodeId).collect();
-        Self::with_roles(seed, &ids, &ids, &ids, shards, faults, protocol, capacity)
+        Self::with_roles(
+            seed, &ids, &ids, &ids, &ids, shards, faults, protocol, capacity,
+        )
     }
 
-    /// Nodes `ids`, of which `managers` manage and `storages` store (clients: all of
-    /// `clients`).
+    /// Nodes `ids`, of which `managers` manage, `storages` store and `clients` are the
+    /// manager's candidates for N-chance handoffs.
     #[allow(clippy::too_many_arguments)]
     pub fn with_roles(
         seed: u64,
         ids: &[NodeId],
+        clients: &[NodeId],
         managers: &[NodeId],
         storages: &[NodeId],
         shards: usize,
@@ -220,7 +223,7 @@ impl Cluster {
                             node: *id,
                             protocol,
                             placement: placement.clone(),
-                            clients: ids.to_vec(),
+                            clients: clients.to_vec(),
                             capacity,
                         };
                         // A fresh endpoint has every handler slot free.

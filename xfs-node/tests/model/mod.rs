@@ -508,6 +508,9 @@ impl Model for CoherenceModel {
             Property::sometimes("a revoke overtakes a forward", |_, w: &World| {
                 revoke_overtook_forward(w)
             }),
+            Property::sometimes("a peer-served read races a revoke", |_, w: &World| {
+                peer_read_races_revoke(w)
+            }),
         ]
     }
 }
@@ -522,6 +525,21 @@ pub fn revoke_overtook_forward(w: &World) -> bool {
             && w.net.iter().any(|e| {
                 e.to == Addr::Client(c.me)
                     && matches!(e.payload, Payload::Proto(Msg::Forward { .. }))
+            })
+    })
+}
+
+/// A client holds an early revoke while the data a peer is sending it (the reply its read
+/// was forwarded for) is still in flight.
+pub fn peer_read_races_revoke(w: &World) -> bool {
+    w.clients.iter().any(|c| {
+        c.channels
+            .values()
+            .any(|ch| ch.held.values().any(|m| matches!(m, Msg::Revoke { .. })))
+            && w.net.iter().any(|e| {
+                e.to == Addr::Client(c.me)
+                    && matches!(e.from, Addr::Client(_))
+                    && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
             })
     })
 }
