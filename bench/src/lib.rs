@@ -8,6 +8,7 @@
 
 pub mod am_side;
 pub mod cases;
+pub mod coherence;
 pub mod peers;
 pub mod plot;
 pub mod raw;

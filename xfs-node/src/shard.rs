@@ -295,6 +295,12 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// When true, [`Shard::step`] does not handle received messages by itself: a replay
     /// driver picks them with [`Shard::handle_next`].
     pub manual: bool,
+    /// When true, kernel invalidations are not reported done by [`Shard::step`] at once:
+    /// whoever drops the kernel's pages (the FUSE front's notifier thread, off this loop,
+    /// because an invalidation may call back into the file system) takes them with
+    /// [`Shard::take_kernel_requests`] and reports each with [`Shard::kernel_done`]. Until
+    /// then the revoke or eviction behind it waits; the rest of the shard runs on.
+    pub external_kernel: bool,
     last_error: Option<ProtocolError>,
     counters: ShardCounters,
 }
@@ -349,6 +355,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             payload: Vec::new(),
             trace: None,
             manual: false,
+            external_kernel: false,
             last_error: None,
             counters: ShardCounters::default(),
         })
@@ -424,6 +431,12 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         &self.pending
     }
 
+    /// Take the kernel invalidations asked for since the last call (external kernel mode).
+    /// Each must be reported with [`Shard::kernel_done`] once the kernel dropped the pages.
+    pub fn take_kernel_requests(&mut self) -> Vec<BlockId> {
+        self.kernel.drain(..).collect()
+    }
+
     /// Kernel invalidations asked for and not yet reported done.
     pub fn kernel_pending(&self) -> &VecDeque<BlockId> {
         &self.kernel
@@ -454,7 +467,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 self.handle(d);
                 work += 1;
             }
-            while let Some(block) = self.kernel.pop_front() {
+            while !self.external_kernel {
+                let Some(block) = self.kernel.pop_front() else { break };
                 self.kernel_done(block);
                 work += 1;
             }

@@ -72,3 +72,37 @@ fn the_checker_rejects_a_planted_stale_read() {
     let err = check_linearizable(&h).expect_err("a stale read must be rejected");
     assert!(err.contains("stale read"), "{err}");
 }
+
+#[test]
+fn a_revoke_waits_for_an_external_kernel_invalidation() {
+    use am_core::sim::Faults;
+    use xfs_node::coherence::{BlockState, ProtocolConfig, UserOp};
+    use xfs_node::sim::Cluster;
+    // Two nodes, one shard each; node 0 reads block 5, its kernel is "external" (the FUSE
+    // front's notifier thread); node 1 then writes the block.
+    let mut c = Cluster::new(3, 2, 1, Faults::none(), ProtocolConfig::default(), 0);
+    c.shards[0][0].external_kernel = true;
+    let run = |c: &mut Cluster, rounds: usize| {
+        for _ in 0..rounds {
+            if c.step() == 0 && !c.advance() {
+                break;
+            }
+        }
+    };
+    c.shards[0][0].submit(1, 5, UserOp::Read);
+    run(&mut c, 10_000);
+    assert_eq!(c.shards[0][0].take_completions().len(), 1);
+    c.shards[1][0].submit(2, 5, UserOp::Write(42));
+    run(&mut c, 10_000);
+    // The write waits: node 0 was revoked but its kernel has not dropped the pages.
+    assert!(c.shards[1][0].take_completions().is_empty(), "a write completed before the reader's kernel let go");
+    let asked = c.shards[0][0].take_kernel_requests();
+    assert_eq!(asked, vec![5]);
+    assert_eq!(c.shards[0][0].client.state(5), BlockState::ReadShared);
+    c.shards[0][0].kernel_done(5);
+    run(&mut c, 10_000);
+    let done = c.shards[1][0].take_completions();
+    assert_eq!(done.len(), 1, "the write completes once the kernel let go");
+    assert_eq!(c.shards[0][0].client.state(5), BlockState::Invalid);
+    assert_eq!(c.shards[1][0].client.state(5), BlockState::PrivateDirty);
+}
