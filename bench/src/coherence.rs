@@ -106,12 +106,26 @@ pub fn pure(clients: usize, blocks: u64, depth: usize, ops: u64, seed: u64) -> T
                 events += 1;
                 // An idle block accepts the operation.
                 let _ = cs[c].start(next_value, block, op, &mut out);
-                route(c as NodeId, &mut out, &mut net, &mut kernel, &mut in_flight, &mut done);
+                route(
+                    c as NodeId,
+                    &mut out,
+                    &mut net,
+                    &mut kernel,
+                    &mut in_flight,
+                    &mut done,
+                );
             }
         }
         while let Some((c, block)) = kernel.pop_front() {
             let _ = cs[c as usize].kernel_invalidated(block, &mut out);
-            route(c, &mut out, &mut net, &mut kernel, &mut in_flight, &mut done);
+            route(
+                c,
+                &mut out,
+                &mut net,
+                &mut kernel,
+                &mut in_flight,
+                &mut done,
+            );
         }
         let mut budget = 64;
         while let Some((from, to, msg)) = net.pop_front() {
@@ -130,7 +144,14 @@ pub fn pure(clients: usize, blocks: u64, depth: usize, ops: u64, seed: u64) -> T
                     to
                 }
             };
-            route(me, &mut out, &mut net, &mut kernel, &mut in_flight, &mut done);
+            route(
+                me,
+                &mut out,
+                &mut net,
+                &mut kernel,
+                &mut in_flight,
+                &mut done,
+            );
             budget -= 1;
             if budget == 0 {
                 break;
@@ -151,7 +172,12 @@ type UdpShard = Shard<UdpTransport, u64, MemStore<u64>>;
 /// shard s of both nodes (the two machines' core s, side by side), busy-polling, each node
 /// keeping `depth` operations in flight on the blocks of that shard. Runs `warmup`, then
 /// counts events for `duration`.
-pub fn loops(shards: usize, depth: usize, warmup: Duration, duration: Duration) -> std::io::Result<Throughput> {
+pub fn loops(
+    shards: usize,
+    depth: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> std::io::Result<Throughput> {
     let nodes: [NodeId; 2] = [0, 1];
     let placement = Placement {
         managers: nodes.to_vec(),
@@ -162,7 +188,8 @@ pub fn loops(shards: usize, depth: usize, warmup: Duration, duration: Duration) 
         let mut v = Vec::new();
         for s in 0..shards {
             let addr: SocketAddr = "127.0.0.1:0".parse().map_err(std::io::Error::other)?;
-            let t = UdpTransport::bind(addr, UdpConfig::default()).map_err(std::io::Error::other)?;
+            let t =
+                UdpTransport::bind(addr, UdpConfig::default()).map_err(std::io::Error::other)?;
             let ep = Endpoint::new(
                 t,
                 Config {
@@ -190,14 +217,21 @@ pub fn loops(shards: usize, depth: usize, warmup: Duration, duration: Duration) 
             for peer in &names {
                 let (id, name, tag) = peer[s];
                 if id != shard.node() {
-                    shard.connect(id, name, tag).map_err(std::io::Error::other)?;
+                    shard
+                        .connect(id, name, tag)
+                        .map_err(std::io::Error::other)?;
                 }
             }
         }
     }
     // Per shard index: the blocks it owns (a pool of 256).
     let pools: Vec<Vec<BlockId>> = (0..shards)
-        .map(|s| (0u64..).filter(|b| shard_of(*b, shards) == s).take(256).collect())
+        .map(|s| {
+            (0u64..)
+                .filter(|b| shard_of(*b, shards) == s)
+                .take(256)
+                .collect()
+        })
         .collect();
     let mut by_index: Vec<Vec<UdpShard>> = (0..shards).map(|_| Vec::new()).collect();
     for n in all {
@@ -259,7 +293,9 @@ pub fn loops(shards: usize, depth: usize, warmup: Duration, duration: Duration) 
         seconds,
     };
     for h in handles {
-        let (e, o) = h.join().map_err(|_| std::io::Error::other("a shard thread panicked"))?;
+        let (e, o) = h
+            .join()
+            .map_err(|_| std::io::Error::other("a shard thread panicked"))?;
         sum.events += e;
         sum.ops += o;
     }

@@ -468,7 +468,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 work += 1;
             }
             while !self.external_kernel {
-                let Some(block) = self.kernel.pop_front() else { break };
+                let Some(block) = self.kernel.pop_front() else {
+                    break;
+                };
                 self.kernel_done(block);
                 work += 1;
             }

@@ -1,7 +1,7 @@
 //! The deterministic cluster simulation: 1,000 seeds of random workloads over the shard
 //! loops on the simulated AM network, every read checked against a linearizable reference.
 
-use xfs_node::sim::{check_linearizable, run, EventKind, SimConfig, SimTotals};
+use xfs_node::sim::{check_linearizable, run, Cluster, EventKind, SimConfig, SimTotals};
 
 #[test]
 fn a_thousand_seeds_without_a_violation() {
@@ -77,7 +77,7 @@ fn the_checker_rejects_a_planted_stale_read() {
 fn a_revoke_waits_for_an_external_kernel_invalidation() {
     use am_core::sim::Faults;
     use xfs_node::coherence::{BlockState, ProtocolConfig, UserOp};
-    use xfs_node::sim::Cluster;
+
     // Two nodes, one shard each; node 0 reads block 5, its kernel is "external" (the FUSE
     // front's notifier thread); node 1 then writes the block.
     let mut c = Cluster::new(3, 2, 1, Faults::none(), ProtocolConfig::default(), 0);
@@ -95,7 +95,10 @@ fn a_revoke_waits_for_an_external_kernel_invalidation() {
     c.shards[1][0].submit(2, 5, UserOp::Write(42));
     run(&mut c, 10_000);
     // The write waits: node 0 was revoked but its kernel has not dropped the pages.
-    assert!(c.shards[1][0].take_completions().is_empty(), "a write completed before the reader's kernel let go");
+    assert!(
+        c.shards[1][0].take_completions().is_empty(),
+        "a write completed before the reader's kernel let go"
+    );
     let asked = c.shards[0][0].take_kernel_requests();
     assert_eq!(asked, vec![5]);
     assert_eq!(c.shards[0][0].client.state(5), BlockState::ReadShared);
@@ -105,4 +108,61 @@ fn a_revoke_waits_for_an_external_kernel_invalidation() {
     assert_eq!(done.len(), 1, "the write completes once the kernel let go");
     assert_eq!(c.shards[0][0].client.state(5), BlockState::Invalid);
     assert_eq!(c.shards[1][0].client.state(5), BlockState::PrivateDirty);
+}
+
+#[test]
+fn garbage_and_strangers_are_counted_and_dropped() {
+    use am_core::sim::Faults;
+    use am_core::{Config, Endpoint, Msg as AmMsg, Tag};
+    use xfs_node::coherence::{Msg, ProtocolConfig, UserOp};
+    use xfs_node::shard::{encode, COHERENCE_HANDLER};
+    let mut c = Cluster::new(5, 2, 1, Faults::none(), ProtocolConfig::default(), 0);
+    // A stranger that knows the shard's tag: garbage arguments, a bad payload, and a
+    // well-formed message from an endpoint that is not a node of the cluster.
+    let mut stranger = Endpoint::new(
+        c.net.transport(),
+        Config {
+            tag: Tag(77),
+            ..Config::default()
+        },
+    );
+    let (name, tag) = (c.shards[0][0].name(), c.shards[0][0].tag());
+    stranger.map(0, name, tag).unwrap();
+    stranger
+        .send(0, AmMsg::small(COHERENCE_HANDLER, &[99, 1, 2, 3]))
+        .unwrap();
+    stranger
+        .send(
+            0,
+            AmMsg::medium(COHERENCE_HANDLER, &[11, 5, 0, 0], &[&[1, 2, 3]]),
+        )
+        .unwrap();
+    let mut payload = Vec::new();
+    let args = encode(&Msg::<u64>::Revoke { block: 5, seq: 0 }, &mut payload);
+    stranger
+        .send(0, AmMsg::small(COHERENCE_HANDLER, &args))
+        .unwrap();
+    for _ in 0..10_000 {
+        let w = c.step() + stranger.poll(64).unwrap_or(0);
+        if w == 0 && !c.advance() {
+            break;
+        }
+        if c.shards[0][0].counters().bad_messages == 3 {
+            break;
+        }
+    }
+    let counters = c.shards[0][0].counters();
+    assert_eq!(counters.bad_messages, 3, "{counters:?}");
+    assert_eq!(counters.protocol_errors, 0);
+    // The shard still works.
+    c.shards[0][0].submit(1, 5, UserOp::Write(9));
+    c.shards[1][0].submit(2, 5, UserOp::Read);
+    for _ in 0..10_000 {
+        if c.step() == 0 && !c.advance() {
+            break;
+        }
+    }
+    assert_eq!(c.shards[0][0].take_completions().len(), 1);
+    let read = c.shards[1][0].take_completions();
+    assert_eq!(read.len(), 1);
 }

@@ -55,7 +55,11 @@ fn run(args: &Args) -> Result<(), String> {
         .value("--shards")
         .unwrap_or_else(|| "1,2".into())
         .split(',')
-        .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--shards {s}: {e}")))
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|e| format!("--shards {s}: {e}"))
+        })
         .collect::<Result<_, _>>()?;
     if runs == 0 || shards.iter().any(|s| *s == 0) {
         return Err("--runs and every --shards value must be at least 1".into());
@@ -80,8 +84,13 @@ fn run(args: &Args) -> Result<(), String> {
         eprintln!("shard loops, {n} shard(s) per node: {runs} runs of {seconds} s");
         let mut v = Vec::new();
         for r in 0..runs {
-            let t = loops(*n, 8, Duration::from_millis(300), Duration::from_secs_f64(seconds))
-                .map_err(|e| format!("shard loops with {n} shards: {e}"))?;
+            let t = loops(
+                *n,
+                8,
+                Duration::from_millis(300),
+                Duration::from_secs_f64(seconds),
+            )
+            .map_err(|e| format!("shard loops with {n} shards: {e}"))?;
             eprintln!(
                 "  run {}: {:.3} M events/s, {:.0} ops/s",
                 r + 1,
@@ -117,8 +126,11 @@ fn run(args: &Args) -> Result<(), String> {
             "pure_events_per_op": per_op,
             "loops": rows.iter().map(|(n, e)| serde_json::json!({"shards": n, "events_per_s": e, "vs_first": e / base})).collect::<Vec<_>>(),
         });
-        std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap_or_default())
-            .map_err(|e| format!("writing {path}: {e}"))?;
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&json).unwrap_or_default(),
+        )
+        .map_err(|e| format!("writing {path}: {e}"))?;
     }
     Ok(())
 }
