@@ -61,7 +61,7 @@ fn run(args: &Args) -> Result<(), String> {
                 .map_err(|e| format!("--shards {s}: {e}"))
         })
         .collect::<Result<_, _>>()?;
-    if runs == 0 || shards.iter().any(|s| *s == 0) {
+    if runs == 0 || shards.contains(&0) {
         return Err("--runs and every --shards value must be at least 1".into());
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
