@@ -39,6 +39,9 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Virtual time after which a run that has not finished counts as stuck.
     pub time_limit: Duration,
+    /// Give every node a kernel page cache: reads that hit it complete without the node;
+    /// invalidations are external (as under FUSE) and finish after a random delay.
+    pub kernel_cache: bool,
 }
 
 impl Default for SimConfig {
@@ -60,6 +63,7 @@ impl Default for SimConfig {
                 ..Faults::none()
             },
             time_limit: Duration::from_secs(30),
+            kernel_cache: true,
         }
     }
 }
@@ -118,6 +122,10 @@ pub struct SimTotals {
     pub messages: u64,
     /// Protocol errors (must be 0).
     pub protocol_errors: u64,
+    /// Reads served by a node's kernel page cache.
+    pub kernel_hits: u64,
+    /// Kernel invalidations (revokes and evictions waited for them).
+    pub kernel_invalidations: u64,
 }
 
 /// A failed run.
@@ -335,8 +343,18 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimRun, SimFailure> {
     let mut index: BTreeMap<OpId, usize> = BTreeMap::new();
     let mut in_flight = vec![0usize; cfg.nodes];
     let mut clock = 0u64;
+    // The kernels: per node, cached pages; invalidations due at a later turn.
+    let mut kernels: Vec<BTreeMap<BlockId, u64>> = vec![BTreeMap::new(); cfg.nodes];
+    let mut invalidations: Vec<(u64, usize, BlockId)> = Vec::new();
+    let (mut kernel_hits, mut kernel_invalidations, mut turn) = (0u64, 0u64, 0u64);
+    for node in cluster.shards.iter_mut() {
+        for s in node.iter_mut() {
+            s.external_kernel = cfg.kernel_cache;
+        }
+    }
     let deadline = Time(cluster.net.now().0 + cfg.time_limit.as_nanos() as u64);
-    while history.len() < cfg.ops || in_flight.iter().any(|n| *n > 0) {
+    while history.len() < cfg.ops || in_flight.iter().any(|n| *n > 0) || !invalidations.is_empty() {
+        turn += 1;
         // Submit a few operations at random moments.
         if history.len() < cfg.ops && rng.below(3) == 0 {
             let node = rng.below(cfg.nodes as u64) as usize;
@@ -351,21 +369,34 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimRun, SimFailure> {
                 };
                 clock += 1;
                 index.insert(op, history.len());
+                let hit = match user {
+                    UserOp::Read => kernels[node].get(&block).copied(),
+                    _ => None,
+                };
                 history.push(Event {
                     op,
                     node: node as NodeId,
                     block,
-                    kind,
+                    kind: if hit.is_some() {
+                        EventKind::Read(hit)
+                    } else {
+                        kind
+                    },
                     invoked: clock,
-                    completed: None,
+                    completed: hit.map(|_| clock),
                 });
-                in_flight[node] += 1;
-                cluster.shard_mut(node, block).submit(op, block, user);
+                if hit.is_some() {
+                    kernel_hits += 1;
+                } else {
+                    in_flight[node] += 1;
+                    cluster.shard_mut(node, block).submit(op, block, user);
+                }
             }
         }
-        let work = cluster.step();
+        let mut work = cluster.step();
         for (node, shards) in cluster.shards.iter_mut().enumerate() {
             for s in shards.iter_mut() {
+                // Completions reach the kernel before the invalidations asked after them.
                 for c in s.take_completions() {
                     let Some(i) = index.get(&c.op).copied() else {
                         return Err(fail(format!("completion of unknown op {}", c.op)));
@@ -373,15 +404,41 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimRun, SimFailure> {
                     clock += 1;
                     let e = &mut history[i];
                     e.completed = Some(clock);
-                    if let (EventKind::Read(v), Outcome::Read(got)) = (&mut e.kind, &c.outcome) {
-                        *v = Some(*got);
+                    match (&mut e.kind, &c.outcome) {
+                        (EventKind::Read(v), Outcome::Read(got)) => {
+                            *v = Some(*got);
+                            kernels[node].insert(c.block, *got);
+                        }
+                        (EventKind::Write(v), Outcome::Written) => {
+                            kernels[node].insert(c.block, *v);
+                        }
+                        _ => {}
                     }
                     in_flight[node] -= 1;
+                }
+                for block in s.take_kernel_requests() {
+                    invalidations.push((turn + rng.below(30), node, block));
                 }
                 if let Some(err) = s.last_error() {
                     return Err(fail(format!("node {node}: protocol error: {err}")));
                 }
             }
+        }
+        let mut i = 0;
+        while i < invalidations.len() {
+            let (due, node, block) = invalidations[i];
+            if due <= turn {
+                invalidations.swap_remove(i);
+                kernels[node].remove(&block);
+                kernel_invalidations += 1;
+                cluster.shard_mut(node, block).kernel_done(block);
+                work += 1;
+            } else {
+                i += 1;
+            }
+        }
+        if !invalidations.is_empty() {
+            work += 1;
         }
         if work == 0 && !cluster.advance() && history.len() >= cfg.ops {
             let stuck: Vec<_> = history.iter().filter(|e| e.completed.is_none()).collect();
@@ -399,10 +456,11 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimRun, SimFailure> {
         }
     }
     check_linearizable(&history).map_err(fail)?;
-    Ok(SimRun {
-        totals: cluster.totals(),
-        history,
-    })
+    let mut totals = cluster.totals();
+    totals.kernel_hits = kernel_hits;
+    totals.kernel_invalidations = kernel_invalidations;
+    totals.completed += kernel_hits;
+    Ok(SimRun { totals, history })
 }
 
 /// Check a history of single-block registers with unique write values: every read returns

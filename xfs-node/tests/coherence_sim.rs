@@ -9,10 +9,18 @@ fn a_thousand_seeds_without_a_violation() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
+    // XFS_SIM_SEED=S replays just seed S.
+    let only: Option<u64> = std::env::var("XFS_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let range = match only {
+        Some(s) => s..s + 1,
+        None => 0..seeds,
+    };
     let cfg = SimConfig::default();
     let mut sum = SimTotals::default();
     let t = std::time::Instant::now();
-    for seed in 0..seeds {
+    for seed in range {
         let r = run(seed, &cfg).unwrap_or_else(|f| panic!("{f}\nreplay: XFS_SIM_SEED={seed}"));
         let t = r.totals;
         assert_eq!(t.completed, cfg.ops as u64, "seed {seed}");
@@ -27,12 +35,17 @@ fn a_thousand_seeds_without_a_violation() {
         sum.reordered += t.reordered;
         sum.messages += t.messages;
         sum.protocol_errors += t.protocol_errors;
+        sum.kernel_hits += t.kernel_hits;
+        sum.kernel_invalidations += t.kernel_invalidations;
     }
     eprintln!(
         "{seeds} seeds in {:.1} s: {sum:?}",
         t.elapsed().as_secs_f64()
     );
     assert_eq!(sum.protocol_errors, 0);
+    if only.is_some() {
+        return;
+    }
     assert!(sum.peer_reads > 0, "no read was served by a peer: {sum:?}");
     assert!(sum.revokes > 0, "no revoke: {sum:?}");
     assert!(
@@ -42,6 +55,11 @@ fn a_thousand_seeds_without_a_violation() {
     assert!(sum.handoffs > 0, "no N-chance forward: {sum:?}");
     assert!(sum.capacity_evictions > 0, "no capacity eviction: {sum:?}");
     assert!(sum.reordered > 0, "the network reordered nothing: {sum:?}");
+    assert!(sum.kernel_hits > 0, "no read hit a kernel cache: {sum:?}");
+    assert!(
+        sum.kernel_invalidations > 0,
+        "no kernel invalidation: {sum:?}"
+    );
 }
 
 #[test]
