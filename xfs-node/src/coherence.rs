@@ -608,7 +608,7 @@ impl<D: Clone + Debug> ClientShard<D> {
                     });
                 } else {
                     b.op = Some(PendingOp::Evict { op, asked: false });
-                    Self::continue_evict(block, b, manager, storage, out);
+                    Self::continue_evict(block, b, storage, out);
                 }
             }
             UserOp::Flush => match (&b.data, b.mode) {
@@ -647,14 +647,13 @@ impl<D: Clone + Debug> ClientShard<D> {
             .map(|(id, _)| *id);
         if let Some(victim) = victim {
             self.counters.capacity_evictions += 1;
-            let manager = self.placement.manager(victim);
             let storage = self.placement.storage(victim);
             if let Some(b) = self.blocks.get_mut(&victim) {
                 b.op = Some(PendingOp::Evict {
                     op: OpId::MAX,
                     asked: false,
                 });
-                Self::continue_evict(victim, b, manager, storage, out);
+                Self::continue_evict(victim, b, storage, out);
             }
         }
         Ok(())
@@ -664,7 +663,6 @@ impl<D: Clone + Debug> ClientShard<D> {
     fn continue_evict(
         block: BlockId,
         b: &mut ClientBlock<D>,
-        manager: NodeId,
         storage: NodeId,
         out: &mut Vec<Output<D>>,
     ) {
@@ -688,7 +686,6 @@ impl<D: Clone + Debug> ClientShard<D> {
             _ => {
                 b.step = Some(Step::KernelInvalidate { revoke: false });
                 out.push(Output::InvalidateKernel { block });
-                let _ = manager;
             }
         }
     }
@@ -763,8 +760,10 @@ impl<D: Clone + Debug> ClientShard<D> {
                     let seq = m.seq().unwrap_or_default();
                     let ch = self.channels.entry(manager).or_default();
                     if seq != ch.next {
-                        if seq < ch.next || ch.held.len() >= MAX_HELD || ch.held.contains_key(&seq)
-                        {
+                        // Ahead of `next` (modulo 2^32: the numbers wrap) is early and held;
+                        // behind it is a duplicate.
+                        let early = seq.wrapping_sub(ch.next) < 1 << 31;
+                        if !early || ch.held.len() >= MAX_HELD || ch.held.contains_key(&seq) {
                             return Err(ProtocolError::BadSequence {
                                 from,
                                 seq,
@@ -945,6 +944,11 @@ impl<D: Clone + Debug> ClientShard<D> {
             Msg::EvictGrant { handoff, .. } => match &b.op {
                 Some(PendingOp::Evict { op, asked: true }) => {
                     let op = *op;
+                    if handoff.is_some() && b.data.is_none() {
+                        // The manager reserved a sequence number on the peer's channel for a copy
+                        // this client no longer holds: report it, it would stall that channel.
+                        return Err(unexpected);
+                    }
                     if let (Some((peer, seq)), Some(d)) = (handoff, b.data.take()) {
                         self.counters.handoffs_sent += 1;
                         out.push(Output::Send {
@@ -1019,7 +1023,6 @@ impl<D: Clone + Debug> ClientShard<D> {
         block: BlockId,
         out: &mut Vec<Output<D>>,
     ) -> Result<(), ProtocolError> {
-        let manager = self.placement.manager(block);
         let storage = self.placement.storage(block);
         let b = self.blocks.entry(block).or_default();
         let Some(Step::WriteBack(after)) = b.step else {
@@ -1051,7 +1054,7 @@ impl<D: Clone + Debug> ClientShard<D> {
                 b.step = Some(Step::KernelInvalidate { revoke: true });
                 out.push(Output::InvalidateKernel { block });
             }
-            AfterWriteBack::Evict => Self::continue_evict(block, b, manager, storage, out),
+            AfterWriteBack::Evict => Self::continue_evict(block, b, storage, out),
             AfterWriteBack::Flush => {
                 if let Some(PendingOp::Flush(op)) = b.op.take() {
                     out.push(Output::Complete {
@@ -1745,5 +1748,38 @@ mod tests {
             c.start(3, 6, UserOp::Read, &mut out),
             Err(ProtocolError::Busy(6))
         );
+    }
+
+    #[test]
+    fn sequence_numbers_wrap() {
+        let mut c = client(1);
+        let mut out = Vec::new();
+        c.channels.entry(M).or_default().next = u32::MAX;
+        // Seq 0 comes after u32::MAX: early, held; u32::MAX then releases it.
+        c.receive(M, Msg::Revoke { block: 4, seq: 0 }, &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+        c.receive(
+            M,
+            Msg::Revoke {
+                block: 3,
+                seq: u32::MAX,
+            },
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(sends(&mut out).len(), 2, "both revokes acknowledged");
+        assert_eq!(c.channels[&M].next, 1);
+        // And u32::MAX again is now a duplicate.
+        assert!(c
+            .receive(
+                M,
+                Msg::Revoke {
+                    block: 3,
+                    seq: u32::MAX
+                },
+                &mut out
+            )
+            .is_err());
     }
 }
