@@ -17,7 +17,7 @@ use xfs_node::coherence::{
     BlockId, ClientShard, ManagerShard, MemStore, Msg, NodeId, Output, Placement, ProtocolConfig,
     Role, StorageShard, UserOp,
 };
-use xfs_node::shard::{shard_of, Shard, ShardConfig};
+use xfs_node::shard::{connect_all, shard_of, Shard, ShardConfig};
 use xfs_node::sim::Rng;
 
 /// The operation mix: 60% reads, 25% writes, 10% evictions, 5% flushes.
@@ -208,22 +208,7 @@ pub fn loops(
         }
         all.push(v);
     }
-    let names: Vec<Vec<_>> = all
-        .iter()
-        .map(|n| n.iter().map(|s| (s.node(), s.name(), s.tag())).collect())
-        .collect();
-    for n in all.iter_mut() {
-        for (s, shard) in n.iter_mut().enumerate() {
-            for peer in &names {
-                let (id, name, tag) = peer[s];
-                if id != shard.node() {
-                    shard
-                        .connect(id, name, tag)
-                        .map_err(std::io::Error::other)?;
-                }
-            }
-        }
-    }
+    connect_all(&mut all).map_err(std::io::Error::other)?;
     // Per shard index: the blocks it owns (a pool of 256).
     let pools: Vec<Vec<BlockId>> = (0..shards)
         .map(|s| {

@@ -406,6 +406,18 @@ impl<D> ClientBlock<D> {
         }
     }
 
+    /// Finish a write: the block holds `value`, private-dirty, and operation `op` is done.
+    fn written(&mut self, block: BlockId, op: OpId, value: D, out: &mut Vec<Output<D>>) {
+        self.data = Some(value);
+        self.mode = Mode::Private { dirty: true };
+        self.op = None;
+        out.push(Output::Complete {
+            op,
+            block,
+            outcome: Outcome::Written,
+        });
+    }
+
     /// Nothing in progress and nothing cached: the entry can go.
     fn is_empty(&self) -> bool {
         self.data.is_none() && self.op.is_none() && self.step.is_none() && self.deferred.is_empty()
@@ -582,15 +594,7 @@ impl<D: Clone + Debug> ClientShard<D> {
                 }
             },
             UserOp::Write(value) => match (b.data.is_some(), b.mode) {
-                (true, Mode::Private { .. }) => {
-                    b.data = Some(value);
-                    b.mode = Mode::Private { dirty: true };
-                    out.push(Output::Complete {
-                        op,
-                        block,
-                        outcome: Outcome::Written,
-                    });
-                }
+                (true, Mode::Private { .. }) => b.written(block, op, value, out),
                 (has_data, _) => {
                     b.op = Some(PendingOp::Write(op, value));
                     out.push(Output::Send {
@@ -927,19 +931,12 @@ impl<D: Clone + Debug> ClientShard<D> {
                     }
                 }
             }
-            Msg::Grant { .. } => match (&b.op, &b.data) {
-                (Some(PendingOp::Write(op, value)), Some(_)) => {
-                    let op = *op;
-                    b.data = Some(value.clone());
-                    b.mode = Mode::Private { dirty: true };
-                    b.op = None;
-                    out.push(Output::Complete {
-                        op,
-                        block,
-                        outcome: Outcome::Written,
-                    });
+            Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
+                (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                (op, _) => {
+                    b.op = op;
+                    return Err(unexpected);
                 }
-                _ => return Err(unexpected),
             },
             Msg::EvictGrant { handoff, .. } => match &b.op {
                 Some(PendingOp::Evict { op, asked: true }) => {
@@ -976,30 +973,21 @@ impl<D: Clone + Debug> ClientShard<D> {
             // A copy handed off to this client may already be here: the reply replaces it.
             Msg::Data {
                 data, exclusive, ..
-            } => match (&b.op, exclusive) {
+            } => match (b.op.take(), exclusive) {
                 (Some(PendingOp::Read(op)), false) => {
-                    let op = *op;
                     b.data = Some(data.clone());
                     b.mode = Mode::Shared;
-                    b.op = None;
                     out.push(Output::Complete {
                         op,
                         block,
                         outcome: Outcome::Read(data),
                     });
                 }
-                (Some(PendingOp::Write(op, value)), true) => {
-                    let op = *op;
-                    b.data = Some(value.clone());
-                    b.mode = Mode::Private { dirty: true };
-                    b.op = None;
-                    out.push(Output::Complete {
-                        op,
-                        block,
-                        outcome: Outcome::Written,
-                    });
+                (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                (op, _) => {
+                    b.op = op;
+                    return Err(unexpected);
                 }
-                _ => return Err(unexpected),
             },
             // The manager now counts this client as a cacher: take the copy whatever the
             // block is doing (a pending read or write still waits for its own reply).

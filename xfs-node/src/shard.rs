@@ -615,6 +615,28 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     }
 }
 
+/// Connect every node's shard s to shard s of every other node (`nodes[n][s]`; every node
+/// has the same number of shards).
+pub fn connect_all<T: Transport, D: BlockData, S: BlockStore<D>>(
+    nodes: &mut [Vec<Shard<T, D, S>>],
+) -> Result<(), AmError> {
+    let names: Vec<Vec<_>> = nodes
+        .iter()
+        .map(|n| n.iter().map(|s| (s.node(), s.name(), s.tag())).collect())
+        .collect();
+    for node in nodes.iter_mut() {
+        for (s, shard) in node.iter_mut().enumerate() {
+            for peer in &names {
+                let (id, name, tag) = peer[s];
+                if id != shard.node() {
+                    shard.connect(id, name, tag)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
     // A handler never panics while holding the lock, so poisoning cannot happen; recover
     // the data anyway rather than propagate a panic.

@@ -13,7 +13,7 @@ use am_core::{Config, Endpoint, Tag, Time};
 use crate::coherence::{
     BlockId, MemStore, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp,
 };
-use crate::shard::{shard_of, Shard, ShardConfig};
+use crate::shard::{connect_all, shard_of, Shard, ShardConfig};
 
 /// A simulated shard: values are `u64`s (write k stores a value unique to it).
 pub type SimShard = Shard<SimTransport, u64, MemStore<u64>>;
@@ -241,22 +241,8 @@ impl Cluster {
                     .collect()
             })
             .collect();
-        let names: Vec<Vec<_>> = all
-            .iter()
-            .map(|n| n.iter().map(|s| (s.node(), s.name(), s.tag())).collect())
-            .collect();
-        for node in all.iter_mut() {
-            for (s, shard) in node.iter_mut().enumerate() {
-                for peer in &names {
-                    let (id, name, tag) = peer[s];
-                    if id != shard.node() {
-                        shard
-                            .connect(id, name, tag)
-                            .unwrap_or_else(|e| unreachable!("fewer nodes than translations: {e}"));
-                    }
-                }
-            }
-        }
+        connect_all(&mut all)
+            .unwrap_or_else(|e| unreachable!("fewer nodes than translations: {e}"));
         Cluster { net, shards: all }
     }
 

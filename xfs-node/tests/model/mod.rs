@@ -515,32 +515,32 @@ impl Model for CoherenceModel {
     }
 }
 
-/// A client holds an early revoke while the forward before it is still in flight (the
-/// race of the xFS paper's Figure 2, handled by the sequence numbers).
-pub fn revoke_overtook_forward(w: &World) -> bool {
+/// Some client holds an early revoke while a message to it that `earlier` matches is still
+/// in flight.
+fn revoke_held_while(w: &World, earlier: impl Fn(&Envelope) -> bool) -> bool {
     w.clients.iter().any(|c| {
         c.channels
             .values()
             .any(|ch| ch.held.values().any(|m| matches!(m, Msg::Revoke { .. })))
-            && w.net.iter().any(|e| {
-                e.to == Addr::Client(c.me)
-                    && matches!(e.payload, Payload::Proto(Msg::Forward { .. }))
-            })
+            && w.net
+                .iter()
+                .any(|e| e.to == Addr::Client(c.me) && earlier(e))
+    })
+}
+
+/// A client holds an early revoke while the forward before it is still in flight (the
+/// race of the xFS paper's Figure 2, handled by the sequence numbers).
+pub fn revoke_overtook_forward(w: &World) -> bool {
+    revoke_held_while(w, |e| {
+        matches!(e.payload, Payload::Proto(Msg::Forward { .. }))
     })
 }
 
 /// A client holds an early revoke while the data a peer is sending it (the reply its read
 /// was forwarded for) is still in flight.
 pub fn peer_read_races_revoke(w: &World) -> bool {
-    w.clients.iter().any(|c| {
-        c.channels
-            .values()
-            .any(|ch| ch.held.values().any(|m| matches!(m, Msg::Revoke { .. })))
-            && w.net.iter().any(|e| {
-                e.to == Addr::Client(c.me)
-                    && matches!(e.from, Addr::Client(_))
-                    && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
-            })
+    revoke_held_while(w, |e| {
+        matches!(e.from, Addr::Client(_)) && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
     })
 }
 
