@@ -37,6 +37,8 @@ pub struct Throughput {
     pub events: u64,
     /// User operations completed.
     pub ops: u64,
+    /// Messages that crossed the network (AM over UDP); 0 for the state machine alone.
+    pub remote: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -161,6 +163,7 @@ pub fn pure(clients: usize, blocks: u64, depth: usize, ops: u64, seed: u64) -> T
     Throughput {
         events,
         ops: done,
+        remote: 0,
         seconds: t.elapsed().as_secs_f64(),
     }
 }
@@ -235,7 +238,7 @@ pub fn loops(
             let mut rng = Rng::new(s as u64 + 1);
             let mut in_flight = vec![0usize; pair.len()];
             let mut next_value = 1u64 + ((s as u64) << 40);
-            let mut base = (0u64, 0u64);
+            let mut base = (0u64, 0u64, 0u64);
             let mut counted = false;
             start.wait();
             let warm_until = Instant::now() + warmup;
@@ -250,7 +253,7 @@ pub fn loops(
                     }
                     // Loopback UDP does not fail in this benchmark; a failure stops it.
                     if sh.step(64).is_err() {
-                        return (0, 0);
+                        return (0, 0, 0);
                     }
                     in_flight[i] -= sh.take_completions().len();
                 }
@@ -261,7 +264,7 @@ pub fn loops(
                 }
                 if counted && stop.load(Ordering::Relaxed) {
                     let end = totals(&pair);
-                    return (end.0 - base.0, end.1 - base.1);
+                    return (end.0 - base.0, end.1 - base.1, end.2 - base.2);
                 }
             }
         }));
@@ -275,22 +278,28 @@ pub fn loops(
     let mut sum = Throughput {
         events: 0,
         ops: 0,
+        remote: 0,
         seconds,
     };
     for h in handles {
-        let (e, o) = h
+        let (e, o, r) = h
             .join()
             .map_err(|_| std::io::Error::other("a shard thread panicked"))?;
         sum.events += e;
         sum.ops += o;
+        sum.remote += r;
     }
     Ok(sum)
 }
 
-/// (events, operations completed) of a thread's shards.
-fn totals(pair: &[UdpShard]) -> (u64, u64) {
-    pair.iter().fold((0, 0), |(e, o), s| {
+/// (events, operations completed, messages sent over the network) of a thread's shards.
+fn totals(pair: &[UdpShard]) -> (u64, u64, u64) {
+    pair.iter().fold((0, 0, 0), |(e, o, r), s| {
         let c = s.counters();
-        (e + c.messages + c.ops_started, o + c.ops_completed)
+        (
+            e + c.messages + c.ops_started,
+            o + c.ops_completed,
+            r + c.remote_sends,
+        )
     })
 }

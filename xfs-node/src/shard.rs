@@ -240,6 +240,10 @@ pub struct ShardCounters {
     pub undeliverable: u64,
     /// Sends that waited in the outgoing queue because the endpoint was full.
     pub deferred_sends: u64,
+    /// Messages sent to other nodes through the endpoint.
+    pub remote_sends: u64,
+    /// Messages to this node itself (not through the network).
+    pub local_sends: u64,
 }
 
 /// One delivered protocol message, as the trace records it.
@@ -560,11 +564,14 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         let mut out = std::mem::take(&mut self.out);
         for o in out.drain(..) {
             match o {
-                Output::Send { to, msg } if to == self.node => self.pending.push_back(Delivery {
-                    from: self.node,
-                    to,
-                    msg,
-                }),
+                Output::Send { to, msg } if to == self.node => {
+                    self.counters.local_sends += 1;
+                    self.pending.push_back(Delivery {
+                        from: self.node,
+                        to,
+                        msg,
+                    })
+                }
                 Output::Send { to, msg } => self.outgoing.push_back((to, msg)),
                 Output::InvalidateKernel { block } => self.kernel.push_back(block),
                 Output::Complete { op, block, outcome } => {
@@ -599,6 +606,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             match r {
                 Ok(_) => {
                     self.outgoing.pop_front();
+                    self.counters.remote_sends += 1;
                     sent += 1;
                 }
                 Err(AmError::WouldBlock) => {

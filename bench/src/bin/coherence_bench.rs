@@ -82,7 +82,7 @@ fn run(args: &Args) -> Result<(), String> {
     let mut rows = Vec::new();
     for n in &shards {
         eprintln!("shard loops, {n} shard(s) per node: {runs} runs of {seconds} s");
-        let mut v = Vec::new();
+        let (mut v, mut net, mut opsv) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..runs {
             let t = loops(
                 *n,
@@ -92,29 +92,35 @@ fn run(args: &Args) -> Result<(), String> {
             )
             .map_err(|e| format!("shard loops with {n} shards: {e}"))?;
             eprintln!(
-                "  run {}: {:.3} M events/s, {:.0} ops/s",
+                "  run {}: {:.3} M events/s, {:.0} ops/s, {:.0} network messages/s",
                 r + 1,
                 t.events_per_s() / 1e6,
-                t.ops as f64 / t.seconds
+                t.ops as f64 / t.seconds,
+                t.remote as f64 / t.seconds
             );
             v.push(t.events_per_s());
+            net.push(t.remote as f64 / t.seconds);
+            opsv.push(t.ops as f64 / t.seconds);
         }
-        rows.push((*n, median(v)));
+        rows.push((*n, median(v), median(net), median(opsv)));
     }
     let base = rows.first().map_or(1.0, |r| r.1);
     println!();
-    println!("| what | threads | events/s (median) | events/s per thread | vs first row |");
-    println!("|---|---|---|---|---|");
+    println!("| what | threads | events/s (median) | events/s per thread | operations/s | network messages/s | vs first loop row |");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| state machine alone ({per_op:.1} events per operation) | 1 | {:.2} M | {:.2} M | |",
+        "| state machine alone ({per_op:.1} events per operation) | 1 | {:.2} M | {:.2} M | {:.2} M | | |",
         pure_med / 1e6,
-        pure_med / 1e6
+        pure_med / 1e6,
+        pure_med / per_op.max(1.0) / 1e6
     );
-    for (n, eps) in &rows {
+    for (n, eps, net, ops) in &rows {
         println!(
-            "| shard loops, AM over UDP loopback, {n} shard(s) x 2 nodes | {n} | {:.3} M | {:.3} M | {:.2}x |",
+            "| shard loops, AM over UDP loopback, {n} shard(s) x 2 nodes | {n} | {:.3} M | {:.3} M | {:.0} k | {:.0} k | {:.2}x |",
             eps / 1e6,
             eps / *n as f64 / 1e6,
+            ops / 1e3,
+            net / 1e3,
             eps / base
         );
     }
@@ -124,7 +130,7 @@ fn run(args: &Args) -> Result<(), String> {
             "runs": runs,
             "pure_events_per_s": pure_med,
             "pure_events_per_op": per_op,
-            "loops": rows.iter().map(|(n, e)| serde_json::json!({"shards": n, "events_per_s": e, "vs_first": e / base})).collect::<Vec<_>>(),
+            "loops": rows.iter().map(|(n, e, net, ops)| serde_json::json!({"shards": n, "events_per_s": e, "network_messages_per_s": net, "ops_per_s": ops, "vs_first": e / base})).collect::<Vec<_>>(),
         });
         std::fs::write(
             &path,
