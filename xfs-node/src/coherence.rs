@@ -1770,4 +1770,37 @@ mod tests {
             )
             .is_err());
     }
+
+    #[test]
+    fn a_forward_to_a_client_without_a_copy_falls_back_to_storage() {
+        let mut c = client(1);
+        let mut out = Vec::new();
+        let fwd = Msg::Forward {
+            block: 4,
+            seq: 0,
+            reader: 2,
+            reader_seq: 7,
+        };
+        c.receive(M, fwd, &mut out).unwrap();
+        let failed = Msg::ForwardFailed {
+            block: 4,
+            reader: 2,
+            reader_seq: 7,
+        };
+        assert_eq!(sends(&mut out), vec![(M, failed.clone())]);
+        let mut m = ManagerShard::new(M, ProtocolConfig::default(), placement(), vec![1, 2]);
+        m.receive::<u64>(1, failed, &mut out).unwrap();
+        assert_eq!(
+            sends(&mut out),
+            vec![(
+                S,
+                Msg::Fetch {
+                    block: 4,
+                    to: 2,
+                    seq: 7,
+                    exclusive: false
+                }
+            )]
+        );
+    }
 }

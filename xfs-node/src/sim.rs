@@ -122,6 +122,8 @@ pub struct SimTotals {
     pub messages: u64,
     /// Protocol errors (must be 0).
     pub protocol_errors: u64,
+    /// Forwards that found no copy at the holder (served from storage instead).
+    pub forwards_failed: u64,
     /// Reads served by a node's kernel page cache.
     pub kernel_hits: u64,
     /// Kernel invalidations (revokes and evictions waited for them).
@@ -299,6 +301,7 @@ impl Cluster {
                 t.held_for_order += c.reordered;
                 t.revokes_racing_forwards += c.revokes_held;
                 t.handoffs += c.handoffs_sent;
+                t.forwards_failed += c.forwards_failed;
                 t.capacity_evictions += c.capacity_evictions;
                 t.messages += sc.messages;
                 t.protocol_errors += sc.protocol_errors;

@@ -37,6 +37,7 @@ fn a_thousand_seeds_without_a_violation() {
         sum.messages += t.messages;
         sum.protocol_errors += t.protocol_errors;
         sum.kernel_hits += t.kernel_hits;
+        sum.forwards_failed += t.forwards_failed;
         sum.kernel_invalidations += t.kernel_invalidations;
     }
     eprintln!(
