@@ -9,3 +9,4 @@
 pub mod coherence;
 pub mod shard;
 pub mod sim;
+pub mod storage;

@@ -1,0 +1,7 @@
+//! Storage (DESIGN.md §4): fragments on a device. So far: the fragment store, on io_uring
+//! with O_DIRECT and registered buffers ([`uring`]) and in memory with fault injection
+//! ([`fragment::MemFragmentStore`]). The striped, parity-protected log, the imap and
+//! recovery build on it.
+
+pub mod fragment;
+pub mod uring;
