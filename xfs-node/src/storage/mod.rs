@@ -4,4 +4,5 @@
 //! recovery build on it.
 
 pub mod fragment;
+pub mod log;
 pub mod uring;

@@ -1,0 +1,371 @@
+//! The striped log: round trip, a flipped bit repaired from parity, degraded reads with one
+//! (or, with two parity fragments, two) servers gone, a rebuild that restores full
+//! redundancy, ENOSPC, recovery from checkpoint plus roll-forward, and power cuts. On the
+//! in-memory store and on io_uring over loop devices opened with O_DIRECT.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use xfs_node::sim::Rng;
+use xfs_node::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
+use xfs_node::storage::log::{Log, LogError, StripeGroup, StripeGroupMap};
+use xfs_node::storage::uring::{UringOptions, UringStore};
+
+const FRAG: usize = 64 * 1024;
+const BLOCK: usize = 4096;
+
+fn group(servers: usize, parity: usize) -> StripeGroup {
+    StripeGroup {
+        id: 1,
+        servers: (0..servers as u16).collect(),
+        parity,
+    }
+}
+
+fn block_data(block: u64, version: u64) -> Vec<u8> {
+    let mut rng = Rng::new(block * 1_000_003 + version);
+    (0..BLOCK).map(|_| rng.next_u64() as u8).collect()
+}
+
+/// The suite. `make` makes an empty store; `flip` flips a bit of a fragment on a store.
+fn suite<S: FragmentStore>(
+    servers: usize,
+    parity: usize,
+    blocks: u64,
+    make: &mut dyn FnMut(usize) -> S,
+    flip: &mut dyn FnMut(&mut S, FragmentId) -> bool,
+) -> Log<S> {
+    let g = group(servers, parity);
+    let stores = (0..servers).map(|i| Some(make(i))).collect();
+    let mut log = Log::new(7, g.clone(), stores).unwrap();
+    // Round trip: everything queued, then one fsync writes all segments at once.
+    for b in 0..blocks {
+        log.write(b, &block_data(b, 0)).unwrap();
+    }
+    log.fsync().unwrap();
+    for b in (0..blocks).step_by(13) {
+        assert_eq!(log.read(b).unwrap(), block_data(b, 0), "block {b}");
+    }
+    // Overwrite some: the new data; live bytes account for the overwrite.
+    for b in 0..50 {
+        log.write(b, &block_data(b, 1)).unwrap();
+    }
+    assert_eq!(
+        log.read(3).unwrap(),
+        block_data(3, 1),
+        "unsynced writes read back"
+    );
+    log.fsync().unwrap();
+    let live: u64 = log.live_bytes().values().sum();
+    assert_eq!(live, blocks * BLOCK as u64);
+    assert_eq!(log.read(3).unwrap(), block_data(3, 1));
+
+    // A flipped bit: detected, repaired from parity, reported.
+    let a = log.imap()[&100];
+    let frag = FragmentId {
+        segment: a.segment,
+        index: (a.offset as usize / FRAG) as u16,
+    };
+    let server = frag.index as usize;
+    assert!(flip(log.store_mut(server).unwrap(), frag));
+    assert_eq!(log.read(100).unwrap(), block_data(100, 0));
+    assert_eq!(log.counters().repaired, 1);
+    let degraded = log.counters().degraded_reads;
+    assert_eq!(log.read(100).unwrap(), block_data(100, 0));
+    assert_eq!(
+        log.counters().degraded_reads,
+        degraded,
+        "the fragment was rewritten"
+    );
+
+    // Checkpoint, more writes, restart: checkpoint + roll-forward give everything back.
+    log.checkpoint().unwrap();
+    for b in 50..80 {
+        log.write(b, &block_data(b, 2)).unwrap();
+    }
+    log.fsync().unwrap();
+    let stores = log.into_stores();
+    let mut log = Log::recover(7, g.clone(), stores).unwrap();
+    let want = |b: u64| {
+        block_data(
+            b,
+            if b < 50 {
+                1
+            } else if b < 80 {
+                2
+            } else {
+                0
+            },
+        )
+    };
+    for b in (0..blocks).step_by(7) {
+        assert_eq!(log.read(b).unwrap(), want(b), "block {b} after recovery");
+    }
+
+    // `parity` servers gone: every block still reads back, rebuilt from parity.
+    let mut gone = Vec::new();
+    for i in 0..parity {
+        gone.push(log.take_store(i).unwrap());
+    }
+    for b in 0..blocks {
+        assert_eq!(log.read(b).unwrap(), want(b), "degraded read of block {b}");
+    }
+    assert!(log.counters().degraded_reads > 0);
+    // Writes still succeed with the servers down.
+    log.write(blocks + 1, &block_data(blocks + 1, 0)).unwrap();
+    log.fsync().unwrap();
+    // Rebuild on replacements: full redundancy is back (lose other servers, read all).
+    for i in 0..parity {
+        let n = log.rebuild(i, make(100 + i)).unwrap();
+        assert!(n > 0);
+    }
+    drop(gone);
+    let mut others = Vec::new();
+    for i in parity..2 * parity {
+        others.push(log.take_store(i).unwrap());
+    }
+    for b in 0..blocks {
+        assert_eq!(log.read(b).unwrap(), want(b), "block {b} after the rebuild");
+    }
+    assert_eq!(log.read(blocks + 1).unwrap(), block_data(blocks + 1, 0));
+    for (k, s) in others.into_iter().enumerate() {
+        log.rebuild(parity + k, s).unwrap();
+    }
+    log
+}
+
+/// Fill the log until the stores are full: a clean ENOSPC, and nothing acknowledged lost.
+fn fill_until_enospc<S: FragmentStore>(mut log: Log<S>, first: u64) {
+    let mut b = first;
+    let err = loop {
+        for _ in 0..200 {
+            log.write(b, &block_data(b, 9)).unwrap();
+            b += 1;
+        }
+        if let Err(e) = log.fsync() {
+            break e;
+        }
+        assert!(b < first + 10_000_000, "never ran out of space");
+    };
+    assert!(
+        matches!(err, LogError::Store(StoreError::NoSpace { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("ENOSPC"), "{err}");
+    assert_eq!(
+        log.read(first).unwrap(),
+        block_data(first, 9),
+        "acknowledged data survives ENOSPC"
+    );
+}
+
+fn mem(_: usize) -> MemFragmentStore {
+    MemFragmentStore::new(400, FRAG)
+}
+
+#[test]
+fn the_log_suite_on_memory_stores_single_and_double_parity() {
+    for (servers, parity) in [(4, 1), (6, 2)] {
+        let log = suite(servers, parity, 600, &mut mem, &mut |s, id| {
+            s.flip_bit(id, 77_777)
+        });
+        fill_until_enospc(log, 1_000_000);
+    }
+}
+
+#[test]
+fn the_stripe_group_map_is_validated() {
+    let ok = StripeGroupMap {
+        version: 1,
+        groups: vec![
+            group(4, 1),
+            StripeGroup {
+                id: 2,
+                ..group(6, 2)
+            },
+        ],
+    };
+    assert!(ok.validate().is_ok());
+    let dup = StripeGroupMap {
+        version: 1,
+        groups: vec![group(4, 1), group(3, 1)],
+    };
+    assert!(dup.validate().unwrap_err().contains("twice"));
+    let no_parity = StripeGroupMap {
+        version: 1,
+        groups: vec![group(4, 0)],
+    };
+    assert!(no_parity.validate().unwrap_err().contains("parity"));
+    assert!(
+        Log::new(1, group(4, 1), vec![Some(mem(0))]).is_err(),
+        "store count must match"
+    );
+}
+
+#[test]
+fn power_cuts_keep_every_fsynced_block_and_return_no_garbage() {
+    let (mut dropped, mut torn, mut undecodable) = (0, 0, 0);
+    for seed in 0..60u64 {
+        let mut rng = Rng::new(seed);
+        let g = group(4, 1);
+        let stores = (0..4)
+            .map(|_| Some(MemFragmentStore::new(200, 16 * 1024)))
+            .collect();
+        let mut log = Log::new(3, g.clone(), stores).unwrap();
+        // Per block: every value written (version numbers), and the last fsynced one.
+        let mut written: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+        let mut synced: std::collections::BTreeMap<u64, u64> = Default::default();
+        let mut pending: std::collections::BTreeMap<u64, u64> = Default::default();
+        let mut version = 0;
+        for _ in 0..rng.below(300) + 50 {
+            match rng.below(20) {
+                0 => {
+                    log.fsync().unwrap();
+                    synced.append(&mut pending);
+                }
+                1 => {
+                    log.checkpoint().unwrap();
+                    synced.append(&mut pending);
+                }
+                2 | 3 => log.write_behind().unwrap(),
+                _ => {
+                    let b = rng.below(40);
+                    version += 1;
+                    log.write(b, &block_data(b, version)[..1024]).unwrap();
+                    written.entry(b).or_default().push(version);
+                    pending.insert(b, version);
+                }
+            }
+        }
+        // The cut comes in the middle of an fsync: everything written, some servers synced.
+        log.write_behind().unwrap();
+        for i in 0..4 {
+            if rng.below(2) == 0 {
+                log.store_mut(i).unwrap().sync().unwrap();
+            }
+        }
+        let mut stores = log.into_stores();
+        let mut r = || rng.next_u64();
+        for s in stores.iter_mut().flatten() {
+            s.power_cut(&mut r);
+            dropped += s.faults.dropped;
+            torn += s.faults.torn;
+        }
+        let mut log = Log::recover(3, g, stores).unwrap();
+        undecodable += log.counters().undecodable;
+        for (b, versions) in &written {
+            match log.read(*b) {
+                Ok(got) => {
+                    let v = versions
+                        .iter()
+                        .find(|v| block_data(*b, **v)[..1024] == got[..])
+                        .unwrap_or_else(|| panic!("seed {seed}: block {b} reads back garbage"));
+                    if let Some(s) = synced.get(b) {
+                        assert!(v >= s, "seed {seed}: block {b} went back to version {v} before the fsynced {s}");
+                    }
+                }
+                Err(LogError::NotFound(_)) => {
+                    assert!(
+                        !synced.contains_key(b),
+                        "seed {seed}: fsynced block {b} lost"
+                    );
+                }
+                Err(e) => panic!("seed {seed}: block {b}: {e}"),
+            }
+        }
+    }
+    assert!(
+        dropped > 0 && torn > 0,
+        "faults injected: {dropped} dropped, {torn} torn"
+    );
+    eprintln!(
+        "power cuts: {dropped} writes dropped, {torn} torn, {undecodable} segments undecodable"
+    );
+}
+
+/// Loop devices over files, with direct IO, detached when dropped.
+struct LoopDevice {
+    dev: String,
+    file: PathBuf,
+}
+
+impl LoopDevice {
+    fn new(name: &str, bytes: u64) -> LoopDevice {
+        let file = PathBuf::from(format!(
+            "/var/tmp/xfs-node-log-{name}-{}.img",
+            std::process::id()
+        ));
+        std::fs::write(&file, b"").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(&file)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("losetup: {e}: install util-linux (apt install mount) and run as root")
+            });
+        assert!(
+            out.status.success(),
+            "losetup failed ({}): the loop-device tests need root and /dev/loop-control",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        LoopDevice {
+            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            file,
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+#[test]
+fn the_log_suite_on_io_uring_over_loop_devices() {
+    // Four servers (3 data + 1 parity) and one replacement, each a 24 MiB loop device.
+    let devs: Vec<LoopDevice> = (0..6)
+        .map(|i| LoopDevice::new(&i.to_string(), 24 << 20))
+        .collect();
+    let paths: Vec<String> = devs.iter().map(|d| d.dev.clone()).collect();
+    let opts = UringOptions {
+        fragment_bytes: FRAG,
+        depth: 64,
+        create_bytes: None,
+    };
+    let mut next = 0;
+    let mut make = |i: usize| {
+        let p = if i >= 100 {
+            &paths[4 + (i - 100)]
+        } else {
+            &paths[i]
+        };
+        next += 1;
+        UringStore::open(p, opts.clone()).unwrap_or_else(|e| panic!("{p}: {e}"))
+    };
+    // 2,000 blocks before the first fsync: 43 segments, written to each server in one batch.
+    let log = suite(4, 1, 2000, &mut make, &mut |s, id| {
+        s.flip_bit(id, 77_777).unwrap()
+    });
+    let mut max_in_flight = 0;
+    let mut log = log;
+    for i in 0..4 {
+        max_in_flight = max_in_flight.max(log.store_mut(i).map_or(0, |s| s.stats().max_in_flight));
+    }
+    assert!(
+        max_in_flight >= 32,
+        "at most {max_in_flight} requests were in flight on a server"
+    );
+    eprintln!(
+        "loop devices {paths:?}: max in flight {max_in_flight}, {:?}",
+        log.counters()
+    );
+    fill_until_enospc(log, 1_000_000);
+}
