@@ -441,8 +441,104 @@ impl UringStore {
         Ok(true)
     }
 
-    fn io_len(&self, data_len: usize) -> usize {
-        (HEADER_BYTES + data_len).div_ceil(ALIGN) * ALIGN
+    /// Run `count` requests with up to the ring's depth in flight all the time: `fill`
+    /// prepares request i in a free buffer (returns its device offset and length), `done`
+    /// consumes buffer contents once request i completed; a buffer is reused as soon as its
+    /// request is done. The first failure stops new requests; those in flight are waited
+    /// for; the error is returned.
+    fn stream(
+        &mut self,
+        count: usize,
+        write: bool,
+        mut fill: impl FnMut(&mut [u8], usize) -> (u64, usize),
+        mut done: impl FnMut(&[u8], usize),
+    ) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Config(format!(
+                "{}: the store failed earlier and must be reopened",
+                self.path
+            )));
+        }
+        let fd = types::Fd(self.file.as_raw_fd());
+        let depth = self.bufs.len();
+        let mut free: Vec<usize> = (0..depth).rev().collect();
+        let mut lens = vec![0usize; depth];
+        let (mut next, mut in_flight) = (0usize, 0usize);
+        let mut failure: Option<std::io::Error> = None;
+        while (next < count && failure.is_none()) || in_flight > 0 {
+            while next < count && failure.is_none() {
+                let Some(k) = free.pop() else { break };
+                let buf = &mut self.bufs[k];
+                let (offset, len) = fill(buf.bytes(), next);
+                debug_assert!(len <= buf.len && len % ALIGN == 0);
+                lens[k] = len;
+                let entry = if write {
+                    opcode::WriteFixed::new(fd, buf.ptr, len as u32, k as u16)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::ReadFixed::new(fd, buf.ptr, len as u32, k as u16)
+                        .offset(offset)
+                        .build()
+                }
+                .user_data(((next as u64) << 16) | k as u64);
+                // SAFETY: invariant 2: the entry points into registered buffer k, of at
+                // least `len` bytes, which is not touched again until its completion.
+                #[allow(unsafe_code)]
+                let pushed = unsafe { self.ring.submission().push(&entry) };
+                if pushed.is_err() {
+                    // The queue has room for every buffer; full means a bug here.
+                    self.poisoned = true;
+                    return Err(StoreError::Config("submission queue full".into()));
+                }
+                next += 1;
+                in_flight += 1;
+            }
+            self.stats.max_in_flight = self.stats.max_in_flight.max(in_flight);
+            if in_flight == 0 {
+                break;
+            }
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                self.poisoned = true;
+                return Err(self.err(e));
+            }
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (ud, res) in cqes {
+                let (i, k) = ((ud >> 16) as usize, (ud & 0xffff) as usize);
+                in_flight -= 1;
+                if res < 0 {
+                    failure.get_or_insert(std::io::Error::from_raw_os_error(-res));
+                } else if res as usize != lens[k] {
+                    failure.get_or_insert(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "short {} of {res} of {} bytes",
+                            if write { "write" } else { "read" },
+                            lens[k]
+                        ),
+                    ));
+                } else {
+                    done(&self.bufs[k].bytes()[..lens[k]], i);
+                    if write {
+                        self.stats.writes += 1;
+                    } else {
+                        self.stats.reads += 1;
+                    }
+                }
+                free.push(k);
+            }
+        }
+        match failure {
+            Some(e) => Err(self.err(e)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -466,44 +562,45 @@ impl FragmentStore for UringStore {
             });
         }
         let slots = self.index.take(fragments.len())?;
-        let depth = self.bufs.len();
-        let mut written = 0;
-        for (chunk, chunk_slots) in fragments.chunks(depth).zip(slots.chunks(depth)) {
-            let mut reqs = Vec::with_capacity(chunk.len());
-            let mut headers = Vec::with_capacity(chunk.len());
-            for (k, ((id, data), slot)) in chunk.iter().zip(chunk_slots).enumerate() {
+        let first_generation = self.index.next_generation;
+        self.index.next_generation += fragments.len() as u64;
+        let slot_bytes = self.slot_bytes as u64;
+        let mut written = vec![false; fragments.len()];
+        let r = self.stream(
+            fragments.len(),
+            true,
+            |b, i| {
+                let (id, data) = fragments[i];
                 let h = Header {
-                    id: *id,
+                    id,
                     len: data.len() as u32,
-                    generation: self.index.next_generation,
+                    generation: first_generation + i as u64,
                     data_crc: crc32c::crc32c(data),
                 };
-                self.index.next_generation += 1;
-                let len = self.io_len(data.len());
-                let b = self.bufs[k].bytes();
+                let len = (HEADER_BYTES + data.len()).div_ceil(ALIGN) * ALIGN;
                 h.encode(b);
                 b[HEADER_BYTES..HEADER_BYTES + data.len()].copy_from_slice(data);
                 b[HEADER_BYTES + data.len()..len].fill(0);
-                reqs.push(Req {
-                    buf: k,
-                    offset: (*slot * self.slot_bytes) as u64,
-                    len,
-                });
-                headers.push((h, *slot));
-            }
-            if let Err(e) = self.run(&reqs, true) {
-                // Give back the slots of what did not get written.
-                self.index.free.extend(slots[written..].iter().copied());
-                return Err(e);
-            }
-            for (h, slot) in headers {
-                if let Some((old, _)) = self.index.map.insert(h.id, (slot, h.generation)) {
+                (slots[i] as u64 * slot_bytes, len)
+            },
+            |_, i| written[i] = true,
+        );
+        // What was written is in the index (a later write or sync decides its fate); the
+        // slots of what was not go back.
+        for (i, (id, _)) in fragments.iter().enumerate() {
+            if written[i] {
+                if let Some((old, _)) = self
+                    .index
+                    .map
+                    .insert(*id, (slots[i], first_generation + i as u64))
+                {
                     self.index.retired.push(old);
                 }
+            } else {
+                self.index.free.insert(slots[i]);
             }
-            written += chunk.len();
         }
-        Ok(())
+        r
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
@@ -532,30 +629,14 @@ impl FragmentStore for UringStore {
                 }
             })
             .collect();
-        let depth = self.bufs.len();
-        for chunk in present.chunks(depth) {
-            let reqs: Vec<Req> = chunk
-                .iter()
-                .enumerate()
-                .map(|(k, (_, slot))| Req {
-                    buf: k,
-                    offset: (*slot * self.slot_bytes) as u64,
-                    len: self.slot_bytes,
-                })
-                .collect();
-            if let Err(e) = self.run(&reqs, false) {
-                let msg = e.to_string();
-                for (i, _) in chunk {
-                    out[*i] = Some(Err(StoreError::Io {
-                        path: self.path.clone(),
-                        source: std::io::Error::other(msg.clone()),
-                    }));
-                }
-                continue;
-            }
-            for (k, (i, _)) in chunk.iter().enumerate() {
-                let id = ids[*i];
-                let b = self.bufs[k].bytes();
+        let slot_bytes = self.slot_bytes;
+        let r = self.stream(
+            present.len(),
+            false,
+            |_, n| ((present[n].1 * slot_bytes) as u64, slot_bytes),
+            |b, n| {
+                let i = present[n].0;
+                let id = ids[i];
                 let r = match Header::decode(&b[..HEADER_BYTES]) {
                     Err(why) => Err(StoreError::Corrupt { id, why }),
                     Ok(None) => Err(StoreError::Corrupt {
@@ -568,12 +649,20 @@ impl FragmentStore for UringStore {
                         h.check(id, data).map(|()| data.to_vec())
                     }
                 };
-                out[*i] = Some(r);
-            }
-        }
+                out[i] = Some(r);
+            },
+        );
+        let failed = r.err().map(|e| e.to_string());
         out.into_iter()
             .zip(ids)
-            .map(|(r, id)| r.unwrap_or(Err(StoreError::NotFound(*id))))
+            .map(|(r, id)| match (r, &failed) {
+                (Some(r), _) => r,
+                (None, Some(msg)) => Err(StoreError::Io {
+                    path: self.path.clone(),
+                    source: std::io::Error::other(msg.clone()),
+                }),
+                (None, None) => Err(StoreError::NotFound(*id)),
+            })
             .collect()
     }
 
