@@ -32,15 +32,15 @@ fn suite<S: FragmentStore>(
         .map(|i| (id(i / 4, (i % 4) as u16), payload(&mut rng, FRAG)))
         .collect();
     let refs: Vec<(FragmentId, &[u8])> = frags.iter().map(|(i, d)| (*i, d.as_slice())).collect();
-    let free0 = s.free_slots();
+    let free0 = s.free_slots().unwrap();
     s.write(&refs).unwrap();
     s.sync().unwrap();
-    assert_eq!(s.free_slots(), free0 - 100);
+    assert_eq!(s.free_slots().unwrap(), free0 - 100);
     let ids: Vec<FragmentId> = frags.iter().map(|(i, _)| *i).collect();
     for (r, (_, d)) in s.read(&ids).into_iter().zip(&frags) {
         assert_eq!(&r.unwrap(), d);
     }
-    assert_eq!(s.list(), ids);
+    assert_eq!(s.list().unwrap(), ids);
 
     // Rewrite ten, delete ten, restart: the new data, nothing deleted, the rest intact.
     let new: Vec<(FragmentId, Vec<u8>)> = ids[..10]
@@ -53,7 +53,7 @@ fn suite<S: FragmentStore>(
     s.sync().unwrap();
     let mut s = reopen(s);
     assert_eq!(
-        s.free_slots(),
+        s.free_slots().unwrap(),
         free0 - 90,
         "rewritten and deleted slots are free again"
     );
@@ -78,18 +78,18 @@ fn suite<S: FragmentStore>(
 
     // Full: a batch that does not fit fails as a whole with ENOSPC and writes nothing.
     let big = vec![7u8; FRAG];
-    let free = s.free_slots();
+    let free = s.free_slots().unwrap();
     let too_many: Vec<(FragmentId, &[u8])> = (0..free as u64 + 1)
         .map(|i| (id(1_000 + i, 0), big.as_slice()))
         .collect();
     let e = s.write(&too_many).unwrap_err();
     assert!(matches!(e, StoreError::NoSpace { .. }), "{e}");
     assert!(e.to_string().contains("ENOSPC"));
-    assert_eq!(s.free_slots(), free);
+    assert_eq!(s.free_slots().unwrap(), free);
     // Filling exactly works; one more fails; freeing (durably) makes room.
     s.write(&too_many[..free]).unwrap();
     s.sync().unwrap();
-    assert_eq!(s.free_slots(), 0);
+    assert_eq!(s.free_slots().unwrap(), 0);
     assert!(matches!(
         s.write(&too_many[free..]),
         Err(StoreError::NoSpace { .. })

@@ -59,10 +59,10 @@ fn run(args: &Args) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     // Start empty.
-    let old = store.list();
+    let old = store.list().map_err(|e| e.to_string())?;
     store.delete(&old).map_err(|e| e.to_string())?;
     store.sync().map_err(|e| e.to_string())?;
-    let fit = store.free_slots();
+    let fit = store.free_slots().map_err(|e| e.to_string())?;
     let count = match args.value("--bytes") {
         Some(_) => (args.parse::<u64>("--bytes", 0)? as usize / fragment).min(fit),
         None => fit,

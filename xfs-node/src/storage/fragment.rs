@@ -67,8 +67,8 @@ pub enum StoreError {
 pub trait FragmentStore {
     /// Largest fragment, in bytes.
     fn fragment_bytes(&self) -> usize;
-    /// Slots not in use.
-    fn free_slots(&self) -> usize;
+    /// Slots not in use (a remote store asks its server).
+    fn free_slots(&mut self) -> Result<usize, StoreError>;
     /// Put fragments on the device (many at once: the io_uring store keeps them all in
     /// flight). Not durable until [`FragmentStore::sync`]. Fails as a whole with
     /// [`StoreError::NoSpace`] before writing anything if there are not enough free slots.
@@ -79,8 +79,8 @@ pub trait FragmentStore {
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>>;
     /// Free fragments (durable after the next `sync`). Unknown ids are ignored.
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError>;
-    /// The fragments held, in id order.
-    fn list(&self) -> Vec<FragmentId>;
+    /// The fragments held, in id order (a remote store asks its server).
+    fn list(&mut self) -> Result<Vec<FragmentId>, StoreError>;
 }
 
 /// A decoded slot header.
@@ -375,8 +375,8 @@ impl FragmentStore for MemFragmentStore {
         self.fragment_bytes
     }
 
-    fn free_slots(&self) -> usize {
-        self.index.free.len()
+    fn free_slots(&mut self) -> Result<usize, StoreError> {
+        Ok(self.index.free.len())
     }
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
@@ -453,7 +453,7 @@ impl FragmentStore for MemFragmentStore {
         Ok(())
     }
 
-    fn list(&self) -> Vec<FragmentId> {
-        self.index.map.keys().copied().collect()
+    fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
+        Ok(self.index.map.keys().copied().collect())
     }
 }

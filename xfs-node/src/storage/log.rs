@@ -683,13 +683,15 @@ impl<S: FragmentStore> Log<S> {
         let lo = segment_number(writer, 0);
         let hi = segment_number(writer, (1 << 40) - 1);
         let mut segments: std::collections::BTreeSet<u64> = Default::default();
-        for s in log.stores.iter().flatten() {
-            segments.extend(
-                s.list()
-                    .into_iter()
-                    .map(|f| f.segment)
-                    .filter(|s| (lo..=hi).contains(s)),
-            );
+        for s in log.stores.iter_mut().flatten() {
+            // A server that cannot list is treated as down for recovery; parity covers it.
+            if let Ok(list) = s.list() {
+                segments.extend(
+                    list.into_iter()
+                        .map(|f| f.segment)
+                        .filter(|s| (lo..=hi).contains(s)),
+                );
+            }
         }
         // Decode every segment's bytes once (recovery reads the whole log of this writer).
         let mut decoded: BTreeMap<u64, (Summary, Vec<u8>)> = BTreeMap::new();
@@ -782,10 +784,10 @@ impl<S: FragmentStore> Log<S> {
         }
         self.stores[i] = Some(store);
         let mut segments: std::collections::BTreeSet<u64> = Default::default();
-        for (j, s) in self.stores.iter().enumerate() {
+        for (j, s) in self.stores.iter_mut().enumerate() {
             if j != i {
                 if let Some(s) = s {
-                    segments.extend(s.list().into_iter().map(|f| f.segment));
+                    segments.extend(s.list()?.into_iter().map(|f| f.segment));
                 }
             }
         }

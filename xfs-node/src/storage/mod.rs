@@ -5,4 +5,5 @@
 
 pub mod fragment;
 pub mod log;
+pub mod remote;
 pub mod uring;

@@ -547,8 +547,8 @@ impl FragmentStore for UringStore {
         self.fragment_bytes
     }
 
-    fn free_slots(&self) -> usize {
-        self.index.free.len()
+    fn free_slots(&mut self) -> Result<usize, StoreError> {
+        Ok(self.index.free.len())
     }
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
@@ -676,7 +676,7 @@ impl FragmentStore for UringStore {
         Ok(())
     }
 
-    fn list(&self) -> Vec<FragmentId> {
-        self.index.map.keys().copied().collect()
+    fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
+        Ok(self.index.map.keys().copied().collect())
     }
 }

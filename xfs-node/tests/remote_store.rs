@@ -1,0 +1,204 @@
+//! Fragments over Active Messages on UDP loopback: storage servers in their own threads
+//! serving their stores, clients' logs striped over them with bulk messages.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use am_core::{Config, Endpoint, EndpointName, Tag};
+use am_udp::{UdpConfig, UdpTransport};
+use xfs_node::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
+use xfs_node::storage::log::{Log, StripeGroup};
+use xfs_node::storage::remote::{RemoteStore, ServerOptions, StorageServer};
+use xfs_node::storage::uring::{UringOptions, UringStore};
+
+const FRAG: usize = 64 * 1024;
+const DEPTH: usize = 32;
+
+fn endpoint(tag: u64, segment_bytes: usize) -> Endpoint<UdpTransport> {
+    let t = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), UdpConfig::default()).unwrap();
+    Endpoint::new(
+        t,
+        Config {
+            tag: Tag(tag),
+            segment_bytes,
+            ..Config::default()
+        },
+    )
+}
+
+struct Server {
+    name: EndpointName,
+    tag: Tag,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<usize>>,
+}
+
+impl Server {
+    /// A storage server thread over `store`; returns the store's most requests in flight.
+    fn start<S: FragmentStore + Send + 'static>(
+        tag: u64,
+        store: S,
+        in_flight: fn(&S) -> usize,
+    ) -> Server {
+        let ep = endpoint(tag, 4 * DEPTH * FRAG);
+        let mut server = StorageServer::new(
+            ep,
+            store,
+            ServerOptions {
+                windows: 4,
+                depth: DEPTH,
+            },
+        )
+        .unwrap();
+        let (name, tag) = server.name();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if server.step().unwrap_or(0) == 0 {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+            in_flight(server.store())
+        });
+        Server {
+            name,
+            tag,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn stop(&mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().map_or(0, |h| h.join().unwrap_or(0))
+    }
+
+    fn client(&self, tag: u64) -> RemoteStore<UdpTransport> {
+        let ep = endpoint(tag, 2 * DEPTH * FRAG);
+        let mut c = RemoteStore::connect(ep, self.name, self.tag, DEPTH, Box::new(|| {})).unwrap();
+        c.set_timeout(Duration::from_secs(2));
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn id(segment: u64, index: u16) -> FragmentId {
+    FragmentId { segment, index }
+}
+
+#[test]
+fn fragments_round_trip_over_am_bulk_messages() {
+    let mut server = Server::start(0x5e01, MemFragmentStore::new(200, FRAG), |_| 0);
+    let mut c = server.client(0xc101);
+    assert_eq!(c.fragment_bytes(), FRAG);
+    let data: Vec<Vec<u8>> = (0..100u64)
+        .map(|i| (0..FRAG as u64 - i).map(|b| (b * 31 + i) as u8).collect())
+        .collect();
+    let frags: Vec<(FragmentId, &[u8])> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (id(i as u64, 1), d.as_slice()))
+        .collect();
+    c.write(&frags).unwrap();
+    c.sync().unwrap();
+    assert_eq!(c.free_slots().unwrap(), 100);
+    let ids: Vec<FragmentId> = frags.iter().map(|f| f.0).collect();
+    for (r, d) in c.read(&ids).into_iter().zip(&data) {
+        assert_eq!(&r.unwrap(), d);
+    }
+    assert_eq!(c.list().unwrap(), ids);
+    c.delete(&ids[..10]).unwrap();
+    c.sync().unwrap();
+    assert!(matches!(
+        c.read(&[ids[0]]).remove(0),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(c.list().unwrap().len(), 90);
+    // ENOSPC comes back as ENOSPC, before anything is written.
+    let big = vec![1u8; FRAG];
+    let many: Vec<(FragmentId, &[u8])> = (0..120)
+        .map(|i| (id(1000 + i, 0), big.as_slice()))
+        .collect();
+    assert!(matches!(c.write(&many), Err(StoreError::NoSpace { .. })));
+    assert_eq!(c.free_slots().unwrap(), 110);
+    // A dead server is an error that names it, not a hang.
+    server.stop();
+    let e = c.sync().unwrap_err();
+    assert!(e.to_string().contains("storage server"), "{e}");
+}
+
+#[test]
+fn a_log_striped_over_four_remote_servers_survives_one_going_down() {
+    let dir = std::path::PathBuf::from("/var/tmp");
+    let paths: Vec<_> = (0..4)
+        .map(|i| dir.join(format!("xfs-remote-{}-{i}.img", std::process::id())))
+        .collect();
+    let mut servers: Vec<Server> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let _ = std::fs::remove_file(p);
+            let store = UringStore::open(
+                p,
+                UringOptions {
+                    fragment_bytes: FRAG,
+                    depth: 64,
+                    create_bytes: Some(32 << 20),
+                },
+            )
+            .unwrap();
+            Server::start(0x5e10 + i as u64, store, |s: &UringStore| {
+                s.stats().max_in_flight
+            })
+        })
+        .collect();
+    let stores = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Some(s.client(0xc110 + i as u64)))
+        .collect();
+    let group = StripeGroup {
+        id: 1,
+        servers: vec![0, 1, 2, 3],
+        parity: 1,
+    };
+    let mut log = Log::new(5, group, stores).unwrap();
+    let block = |b: u64| -> Vec<u8> { (0..4096u64).map(|i| (i * 7 + b * 13) as u8).collect() };
+    for b in 0..3000 {
+        log.write(b, &block(b)).unwrap();
+    }
+    log.fsync().unwrap();
+    for b in (0..3000).step_by(11) {
+        assert_eq!(log.read(b).unwrap(), block(b));
+    }
+    // Server 2 goes down: reads rebuild its fragments from the other three.
+    servers[2].stop();
+    for b in (0..3000).step_by(17) {
+        assert_eq!(
+            log.read(b).unwrap(),
+            block(b),
+            "block {b} with server 2 down"
+        );
+    }
+    assert!(log.counters().degraded_reads > 0);
+    let in_flight: Vec<usize> = servers.iter_mut().map(|s| s.stop()).collect();
+    assert!(
+        in_flight.iter().any(|n| *n >= 16),
+        "the servers' devices saw at most {in_flight:?} requests in flight"
+    );
+    eprintln!(
+        "servers' most requests in flight: {in_flight:?}; {:?}",
+        log.counters()
+    );
+    for p in &paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
