@@ -189,6 +189,15 @@ fn a_log_striped_over_four_remote_servers_survives_one_going_down() {
         );
     }
     assert!(log.counters().degraded_reads > 0);
+    // Writes still succeed with it down (on the other three: any three rebuild a segment).
+    for b in 3000..3200 {
+        log.write(b, &block(b)).unwrap();
+    }
+    log.fsync().unwrap();
+    assert_eq!(log.counters().servers_lost, 1);
+    for b in (2990..3200).step_by(3) {
+        assert_eq!(log.read(b).unwrap(), block(b));
+    }
     let in_flight: Vec<usize> = servers.iter_mut().map(|s| s.stop()).collect();
     assert!(
         in_flight.iter().any(|n| *n >= 16),

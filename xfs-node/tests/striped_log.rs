@@ -28,7 +28,7 @@ fn block_data(block: u64, version: u64) -> Vec<u8> {
 }
 
 /// The suite. `make` makes an empty store; `flip` flips a bit of a fragment on a store.
-fn suite<S: FragmentStore>(
+fn suite<S: FragmentStore + Send>(
     servers: usize,
     parity: usize,
     blocks: u64,
@@ -135,7 +135,7 @@ fn suite<S: FragmentStore>(
 }
 
 /// Fill the log until the stores are full: a clean ENOSPC, and nothing acknowledged lost.
-fn fill_until_enospc<S: FragmentStore>(mut log: Log<S>, first: u64) {
+fn fill_until_enospc<S: FragmentStore + Send>(mut log: Log<S>, first: u64) {
     let mut b = first;
     let err = loop {
         for _ in 0..200 {

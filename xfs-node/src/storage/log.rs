@@ -149,6 +149,8 @@ pub struct LogCounters {
     pub checkpoints: u64,
     /// Segments recovery could not decode (written but never synced, torn by a crash).
     pub undecodable: u64,
+    /// Servers marked down after a device or network error.
+    pub servers_lost: u64,
 }
 
 /// A decoded segment summary.
@@ -252,11 +254,43 @@ pub struct Log<S: FragmentStore> {
     counters: LogCounters,
 }
 
+/// Run `f` on every store that is up, in parallel (one scoped thread each when there are
+/// several); one result per store that was up.
+fn parallel<S: FragmentStore + Send>(
+    stores: &mut [Option<S>],
+    f: impl Fn(usize, &mut S) -> Result<(), StoreError> + Sync,
+) -> Vec<(usize, Result<(), StoreError>)> {
+    let up: Vec<(usize, &mut S)> = stores
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, s)| s.as_mut().map(|s| (i, s)))
+        .collect();
+    if up.len() <= 1 {
+        return up.into_iter().map(|(i, s)| (i, f(i, s))).collect();
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = up
+            .into_iter()
+            .map(|(i, s)| (i, scope.spawn(move || f(i, s))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|(i, h)| {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(StoreError::Config("a store thread panicked".into())));
+                (i, r)
+            })
+            .collect()
+    })
+}
+
 fn segment_number(writer: NodeId, seq: u64) -> u64 {
     ((writer as u64) << 40) | (seq & ((1 << 40) - 1))
 }
 
-impl<S: FragmentStore> Log<S> {
+impl<S: FragmentStore + Send> Log<S> {
     /// An empty log for `writer` over `group`, whose server i keeps `stores[i]`.
     pub fn new(
         writer: NodeId,
@@ -459,13 +493,16 @@ impl<S: FragmentStore> Log<S> {
                 ));
             }
         }
-        for (i, frags) in per_server.iter().enumerate() {
-            if let Some(store) = self.stores[i].as_mut() {
-                let refs: Vec<(FragmentId, &[u8])> =
-                    frags.iter().map(|(id, d)| (*id, d.as_slice())).collect();
-                store.write(&refs)?;
-            }
-        }
+        // Every server at once, one thread each (a remote server's round trips, a local
+        // device's queue): the segment is as slow as its slowest server, not their sum.
+        let results = parallel(&mut self.stores, |i, store| {
+            let refs: Vec<(FragmentId, &[u8])> = per_server[i]
+                .iter()
+                .map(|(id, d)| (*id, d.as_slice()))
+                .collect();
+            store.write(&refs)
+        });
+        self.settle(results, self.queued[0].segment)?;
         self.counters.segments += self.queued.len() as u64;
         let q = std::mem::take(&mut self.queued);
         self.written.extend(q);
@@ -485,13 +522,50 @@ impl<S: FragmentStore> Log<S> {
     pub fn fsync(&mut self) -> Result<(), LogError> {
         self.seal(0, 0, 0, 0)?;
         self.write_queued()?;
-        for s in self.stores.iter_mut().flatten() {
-            s.sync()?;
-        }
+        let segment = self.written.first().map_or(0, |w| w.segment);
+        let results = parallel(&mut self.stores, |_, s| s.sync());
+        self.settle(results, segment)?;
         for sealed in std::mem::take(&mut self.written) {
             for (block, addr) in sealed.blocks {
                 self.set_address(block, addr);
             }
+        }
+        Ok(())
+    }
+
+    /// Judge a round of store calls: a server that failed with a device or network error
+    /// is marked down (its fragments are rebuilt from parity until a `rebuild`), and the
+    /// round succeeds while at least `data` servers did; any other error (ENOSPC, a
+    /// refused request) fails the round, with nothing acknowledged.
+    fn settle(
+        &mut self,
+        results: Vec<(usize, Result<(), StoreError>)>,
+        segment: u64,
+    ) -> Result<(), LogError> {
+        let mut ok = 0;
+        let mut first: Option<StoreError> = None;
+        for (i, r) in results {
+            match r {
+                Ok(()) => ok += 1,
+                Err(StoreError::Io { .. }) => {
+                    self.stores[i] = None;
+                    self.counters.servers_lost += 1;
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first {
+            return Err(e.into());
+        }
+        if ok < self.group.data() {
+            return Err(LogError::Unrecoverable {
+                segment,
+                have: ok,
+                need: self.group.data(),
+                why: "too many servers of the stripe group failed".into(),
+            });
         }
         Ok(())
     }
