@@ -2,8 +2,9 @@
 //! with O_DIRECT) and on the in-memory store; plus power cuts on the in-memory store.
 
 use std::path::PathBuf;
-use std::process::Command;
 
+mod common;
+use common::LoopDevice;
 use xfs_node::sim::Rng;
 use xfs_node::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
 use xfs_node::storage::uring::{UringOptions, UringStore};
@@ -169,51 +170,9 @@ fn the_suite_on_io_uring_over_a_plain_file() {
     std::fs::remove_file(&path).ok();
 }
 
-/// A loop device over a file, with direct IO, detached when dropped.
-struct LoopDevice {
-    dev: String,
-    file: PathBuf,
-}
-
-impl LoopDevice {
-    fn new(bytes: u64) -> LoopDevice {
-        let file = scratch("loop");
-        std::fs::write(&file, b"").unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_len(bytes)
-            .unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(&file)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("losetup: {e}: install util-linux (apt install mount) and run as root")
-            });
-        assert!(
-            out.status.success(),
-            "losetup failed ({}): the loop-device test needs root and /dev/loop-control",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        LoopDevice {
-            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            file,
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
 #[test]
 fn the_suite_on_io_uring_over_a_loop_device_with_o_direct() {
-    let dev = LoopDevice::new(48 << 20);
+    let dev = LoopDevice::new("store", 48 << 20);
     run_on_uring(&PathBuf::from(&dev.dev), None);
 }
 

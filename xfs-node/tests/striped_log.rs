@@ -3,9 +3,8 @@
 //! redundancy, ENOSPC, recovery from checkpoint plus roll-forward, and power cuts. On the
 //! in-memory store and on io_uring over loop devices opened with O_DIRECT.
 
-use std::path::PathBuf;
-use std::process::Command;
-
+mod common;
+use common::LoopDevice;
 use xfs_node::sim::Rng;
 use xfs_node::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
 use xfs_node::storage::log::{Log, LogError, StripeGroup, StripeGroupMap};
@@ -281,51 +280,6 @@ fn power_cuts_keep_every_fsynced_block_and_return_no_garbage() {
     eprintln!(
         "power cuts: {dropped} writes dropped, {torn} torn, {undecodable} segments undecodable"
     );
-}
-
-/// Loop devices over files, with direct IO, detached when dropped.
-struct LoopDevice {
-    dev: String,
-    file: PathBuf,
-}
-
-impl LoopDevice {
-    fn new(name: &str, bytes: u64) -> LoopDevice {
-        let file = PathBuf::from(format!(
-            "/var/tmp/xfs-node-log-{name}-{}.img",
-            std::process::id()
-        ));
-        std::fs::write(&file, b"").unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_len(bytes)
-            .unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(&file)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("losetup: {e}: install util-linux (apt install mount) and run as root")
-            });
-        assert!(
-            out.status.success(),
-            "losetup failed ({}): the loop-device tests need root and /dev/loop-control",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        LoopDevice {
-            dev: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-            file,
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
-        let _ = std::fs::remove_file(&self.file);
-    }
 }
 
 #[test]

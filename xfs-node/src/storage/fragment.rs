@@ -63,6 +63,14 @@ pub enum StoreError {
     Config(String),
 }
 
+/// `TooLarge` for the first fragment longer than `max`.
+pub fn check_sizes(fragments: &[(FragmentId, &[u8])], max: usize) -> Result<(), StoreError> {
+    match fragments.iter().find(|(_, d)| d.len() > max) {
+        Some((_, d)) => Err(StoreError::TooLarge { len: d.len(), max }),
+        None => Ok(()),
+    }
+}
+
 /// A fragment store.
 pub trait FragmentStore {
     /// Largest fragment, in bytes.
@@ -380,15 +388,7 @@ impl FragmentStore for MemFragmentStore {
     }
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
-        if let Some((_, d)) = fragments
-            .iter()
-            .find(|(_, d)| d.len() > self.fragment_bytes)
-        {
-            return Err(StoreError::TooLarge {
-                len: d.len(),
-                max: self.fragment_bytes,
-            });
-        }
+        check_sizes(fragments, self.fragment_bytes)?;
         let slots = self.index.take(fragments.len())?;
         for ((id, data), s) in fragments.iter().zip(slots) {
             let h = Header {

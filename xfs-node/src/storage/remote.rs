@@ -24,7 +24,7 @@ use am_core::{
     AmError, Endpoint, EndpointName, Msg as AmMsg, ReplyToken, Tag, Transport, TransportError,
 };
 
-use super::fragment::{FragmentId, FragmentStore, StoreError};
+use super::fragment::{check_sizes, FragmentId, FragmentStore, StoreError};
 
 /// Handler index of storage requests on the server.
 pub const SERVER_HANDLER: u16 = 2;
@@ -40,6 +40,25 @@ const STAT: u64 = 6;
 const LIST: u64 = 7;
 const LIST_PAGE: usize = 500;
 const ID_BYTES: usize = 10;
+
+fn encode_ids(ids: &[FragmentId]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(ids.len() * ID_BYTES);
+    for f in ids {
+        bytes.extend_from_slice(&f.segment.to_le_bytes());
+        bytes.extend_from_slice(&f.index.to_le_bytes());
+    }
+    bytes
+}
+
+fn decode_ids(bytes: &[u8]) -> Vec<FragmentId> {
+    bytes
+        .chunks_exact(ID_BYTES)
+        .map(|c| FragmentId {
+            segment: u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8])),
+            index: u16::from_le_bytes([c[8], c[9]]),
+        })
+        .collect()
+}
 
 fn status_of(e: &StoreError) -> u64 {
     match e {
@@ -269,14 +288,7 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
             }
             DELETE => {
                 for p in group {
-                    let ids: Vec<FragmentId> = p
-                        .payload
-                        .chunks_exact(ID_BYTES)
-                        .map(|c| FragmentId {
-                            segment: u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8])),
-                            index: u16::from_le_bytes([c[8], c[9]]),
-                        })
-                        .collect();
+                    let ids: Vec<FragmentId> = decode_ids(&p.payload);
                     let s = self.store.delete(&ids).err().map_or(0, |e| status_of(&e));
                     self.reply(p.token, &[s]);
                 }
@@ -307,11 +319,7 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
                         .collect();
                     let more =
                         all.iter().filter(|f| after.is_none_or(|a| **f > a)).count() > page.len();
-                    let mut bytes = Vec::with_capacity(page.len() * ID_BYTES);
-                    for f in &page {
-                        bytes.extend_from_slice(&f.segment.to_le_bytes());
-                        bytes.extend_from_slice(&f.index.to_le_bytes());
-                    }
+                    let bytes = encode_ids(&page);
                     let args = [0, page.len() as u64, more as u64];
                     let slices = [bytes.as_slice()];
                     let _ = self
@@ -525,12 +533,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
     }
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
-        if let Some((_, d)) = fragments.iter().find(|(_, d)| d.len() > self.frag) {
-            return Err(StoreError::TooLarge {
-                len: d.len(),
-                max: self.frag,
-            });
-        }
+        check_sizes(fragments, self.frag)?;
         // All or nothing on space, as the trait says (checked first; another client may
         // still take the room in between, then some fragments of the batch are written).
         let free = self.free_slots()?;
@@ -637,11 +640,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
 
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
         for chunk in ids.chunks(LIST_PAGE) {
-            let mut bytes = Vec::with_capacity(chunk.len() * ID_BYTES);
-            for f in chunk {
-                bytes.extend_from_slice(&f.segment.to_le_bytes());
-                bytes.extend_from_slice(&f.index.to_le_bytes());
-            }
+            let bytes = encode_ids(chunk);
             let slices = [bytes.as_slice()];
             self.send(AmMsg::medium(SERVER_HANDLER, &[DELETE], &slices))?;
             let r = self.next_reply()?;
@@ -667,14 +666,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
                     index: 0,
                 },
             )?;
-            let page: Vec<FragmentId> = r
-                .payload
-                .chunks_exact(ID_BYTES)
-                .map(|c| FragmentId {
-                    segment: u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8])),
-                    index: u16::from_le_bytes([c[8], c[9]]),
-                })
-                .collect();
+            let page: Vec<FragmentId> = decode_ids(&r.payload);
             after = page.last().copied();
             all.extend(page);
             if r.args.get(2) != Some(&1) || after.is_none() {

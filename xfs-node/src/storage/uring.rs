@@ -27,7 +27,9 @@ use std::path::Path;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::fragment::{FragmentId, FragmentStore, Header, SlotIndex, StoreError, HEADER_BYTES};
+use super::fragment::{
+    check_sizes, FragmentId, FragmentStore, Header, SlotIndex, StoreError, HEADER_BYTES,
+};
 
 const ALIGN: usize = 4096;
 
@@ -308,13 +310,19 @@ impl UringStore {
         Ok(())
     }
 
-    fn slot_intact(&mut self, slot: usize) -> Result<bool, StoreError> {
+    /// Read a whole slot into buffer 0; returns the request (to write the buffer back).
+    fn read_slot_into_buffer_0(&mut self, slot: usize) -> Result<[Req; 1], StoreError> {
         let reqs = [Req {
             buf: 0,
             offset: (slot * self.slot_bytes) as u64,
             len: self.slot_bytes,
         }];
         self.run(&reqs, false)?;
+        Ok(reqs)
+    }
+
+    fn slot_intact(&mut self, slot: usize) -> Result<bool, StoreError> {
+        self.read_slot_into_buffer_0(slot)?;
         let b = self.bufs[0].bytes();
         let Ok(Some(h)) = Header::decode(&b[..HEADER_BYTES]) else {
             return Ok(false);
@@ -420,12 +428,7 @@ impl UringStore {
         let Some((slot, _)) = self.index.map.get(&id).copied() else {
             return Ok(false);
         };
-        let reqs = [Req {
-            buf: 0,
-            offset: (slot * self.slot_bytes) as u64,
-            len: self.slot_bytes,
-        }];
-        self.run(&reqs, false)?;
+        let reqs = self.read_slot_into_buffer_0(slot)?;
         let b = self.bufs[0].bytes();
         let len = Header::decode(&b[..HEADER_BYTES])
             .ok()
@@ -552,15 +555,7 @@ impl FragmentStore for UringStore {
     }
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
-        if let Some((_, d)) = fragments
-            .iter()
-            .find(|(_, d)| d.len() > self.fragment_bytes)
-        {
-            return Err(StoreError::TooLarge {
-                len: d.len(),
-                max: self.fragment_bytes,
-            });
-        }
+        check_sizes(fragments, self.fragment_bytes)?;
         let slots = self.index.take(fragments.len())?;
         let first_generation = self.index.next_generation;
         self.index.next_generation += fragments.len() as u64;
