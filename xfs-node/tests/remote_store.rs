@@ -211,3 +211,40 @@ fn a_log_striped_over_four_remote_servers_survives_one_going_down() {
         let _ = std::fs::remove_file(p);
     }
 }
+
+#[test]
+fn a_put_outside_the_senders_window_is_refused() {
+    use am_core::Msg as AmMsg;
+    let server = Server::start(0x5e20, MemFragmentStore::new(50, FRAG), |_| 0);
+    // A client that never said hello writes straight into the server's segment.
+    let mut rogue = endpoint(0xc120, 2 * FRAG);
+    rogue.map(0, server.name, server.tag).unwrap();
+    let got = Arc::new(std::sync::Mutex::new(None));
+    let g = got.clone();
+    rogue
+        .register(xfs_node::storage::remote::CLIENT_HANDLER, move |_, m| {
+            *g.lock().unwrap() = Some(m.args.to_vec())
+        })
+        .unwrap();
+    rogue
+        .request(
+            0,
+            AmMsg::bulk(
+                xfs_node::storage::remote::SERVER_HANDLER,
+                &[2, 9, 0, 0],
+                &[(0, 4096)],
+                0,
+            ),
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while got.lock().unwrap().is_none() && std::time::Instant::now() < deadline {
+        rogue.poll(64).unwrap();
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let reply = got.lock().unwrap().clone().expect("the server answers");
+    assert_ne!(reply[0], 0, "the put was refused");
+    // Nothing was stored.
+    let mut honest = server.client(0xc121);
+    assert!(honest.list().unwrap().is_empty());
+}

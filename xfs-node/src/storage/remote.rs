@@ -93,6 +93,8 @@ struct Pending {
     token: ReplyToken,
     args: Vec<u64>,
     data: Option<Vec<u8>>,
+    /// Where a bulk put landed in the server's segment.
+    landed: Option<u64>,
     payload: Vec<u8>,
 }
 
@@ -116,6 +118,8 @@ pub struct StorageServer<T: Transport, S: FragmentStore> {
     clients: BTreeMap<(SocketAddr, u32), (usize, usize)>,
     /// Requests served.
     pub served: u64,
+    /// Requests refused: a put outside its sender's window, or from a client without one.
+    pub bad_requests: u64,
 }
 
 fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
@@ -148,6 +152,7 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
                 token,
                 args: m.args.to_vec(),
                 data,
+                landed: m.bulk.map(|(off, _)| off),
                 payload: m.payload.to_vec(),
             });
         })
@@ -161,6 +166,7 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
             windows: vec![None; opts.windows],
             clients: BTreeMap::new(),
             served: 0,
+            bad_requests: 0,
         })
     }
 
@@ -237,19 +243,37 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
                 }
             }
             PUT => {
+                // A put must land in its sender's own window (the segment is shared by every
+                // client: one that writes elsewhere is refused, counted as a bad request).
+                let window = self.depth * self.frag;
+                let in_window =
+                    |p: &Pending, clients: &BTreeMap<(SocketAddr, u32), (usize, usize)>| {
+                        let r = p.token.requester();
+                        match (clients.get(&(r.addr, r.vnet)), p.landed, &p.data) {
+                            (Some((w, _)), Some(off), Some(d)) => {
+                                let start = (*w * window) as u64;
+                                off >= start && off + d.len() as u64 <= start + window as u64
+                            }
+                            _ => false,
+                        }
+                    };
+                let ok: Vec<bool> = group.iter().map(|p| in_window(p, &self.clients)).collect();
+                self.bad_requests += ok.iter().filter(|o| !**o).count() as u64;
                 let status = {
                     let frags: Vec<(FragmentId, &[u8])> = group
                         .iter()
-                        .filter_map(|p| p.data.as_deref().map(|d| (id_of(&p.args), d)))
+                        .zip(&ok)
+                        .filter(|(_, ok)| **ok)
+                        .filter_map(|(p, _)| p.data.as_deref().map(|d| (id_of(&p.args), d)))
                         .collect();
                     match self.store.write(&frags) {
                         Ok(()) => 0,
                         Err(e) => status_of(&e),
                     }
                 };
-                for p in group {
+                for (p, ok) in group.into_iter().zip(ok) {
                     let k = p.args.get(3).copied().unwrap_or(0);
-                    let s = if p.data.is_some() { status } else { 6 };
+                    let s = if ok { status } else { 6 };
                     self.reply(p.token, &[s, k]);
                 }
             }
