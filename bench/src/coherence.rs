@@ -85,11 +85,9 @@ pub fn pure(clients: usize, blocks: u64, depth: usize, ops: u64, seed: u64) -> T
             match o {
                 Output::Send { to, msg } => net.push_back((from, to, msg)),
                 Output::InvalidateKernel { block } => kernel.push_back((from, block)),
-                Output::Complete { op, .. } => {
-                    if op != u64::MAX {
-                        in_flight[from as usize] -= 1;
-                        *done += 1;
-                    }
+                Output::Complete { .. } => {
+                    in_flight[from as usize] -= 1;
+                    *done += 1;
                 }
             }
         }

@@ -207,7 +207,7 @@ pub enum Output<D> {
     /// Drop the kernel's cached pages of `block`, then call
     /// [`ClientShard::kernel_invalidated`] (from wherever the invalidation ran).
     InvalidateKernel { block: BlockId },
-    /// A user operation finished.
+    /// A user operation finished (evictions the shard starts for room are not reported).
     Complete {
         op: OpId,
         block: BlockId,
@@ -411,11 +411,54 @@ impl<D> ClientBlock<D> {
         self.data = Some(value);
         self.mode = Mode::Private { dirty: true };
         self.op = None;
-        out.push(Output::Complete {
-            op,
-            block,
-            outcome: Outcome::Written,
-        });
+        complete(out, op, block, Outcome::Written);
+    }
+
+    /// Write the (dirty) copy back to `storage`, then do `then`.
+    fn write_back(
+        &mut self,
+        block: BlockId,
+        storage: NodeId,
+        then: AfterWriteBack,
+        out: &mut Vec<Output<D>>,
+    ) where
+        D: Clone,
+    {
+        if let Some(d) = &self.data {
+            out.push(Output::Send {
+                to: storage,
+                msg: Msg::WriteBack {
+                    block,
+                    data: d.clone(),
+                },
+            });
+        }
+        self.step = Some(Step::WriteBack(then));
+    }
+
+    /// Send the (clean) copy to `reader` as the reply the manager delegated (`reader_seq`),
+    /// keeping a shared copy.
+    fn send_copy(
+        &mut self,
+        block: BlockId,
+        reader: NodeId,
+        reader_seq: u32,
+        out: &mut Vec<Output<D>>,
+    ) where
+        D: Clone,
+    {
+        if let Some(d) = &self.data {
+            out.push(Output::Send {
+                to: reader,
+                msg: Msg::Data {
+                    block,
+                    seq: reader_seq,
+                    data: d.clone(),
+                    exclusive: false,
+                },
+            });
+        }
+        self.mode = Mode::Shared;
     }
 
     /// Nothing in progress and nothing cached: the entry can go.
@@ -438,6 +481,13 @@ impl<D> ClientBlock<D> {
                 BlockState::PrivateDirty => "private-dirty",
             },
         }
+    }
+}
+
+/// Report user operation `op` done (the shard's own evictions, `OpId::MAX`, are not).
+fn complete<D>(out: &mut Vec<Output<D>>, op: OpId, block: BlockId, outcome: Outcome<D>) {
+    if op != OpId::MAX {
+        out.push(Output::Complete { op, block, outcome });
     }
 }
 
@@ -522,6 +572,8 @@ pub struct ClientShard<D> {
     pub blocks: BTreeMap<BlockId, ClientBlock<D>>,
     /// Per manager: the ordered channel.
     pub channels: BTreeMap<NodeId, Channel<D>>,
+    /// Blocks holding data (kept as they change: a miss checks it against `capacity`).
+    cached: usize,
     /// Counters.
     pub counters: ClientCounters,
 }
@@ -536,6 +588,7 @@ impl<D: Clone + Debug> ClientShard<D> {
             capacity,
             blocks: BTreeMap::new(),
             channels: BTreeMap::new(),
+            cached: 0,
             counters: ClientCounters::default(),
         }
     }
@@ -556,7 +609,24 @@ impl<D: Clone + Debug> ClientShard<D> {
 
     /// Blocks holding data.
     pub fn cached(&self) -> usize {
-        self.blocks.values().filter(|b| b.data.is_some()).count()
+        debug_assert_eq!(
+            self.cached,
+            self.blocks.values().filter(|b| b.data.is_some()).count()
+        );
+        self.cached
+    }
+
+    fn has_data(&self, block: BlockId) -> bool {
+        self.blocks.get(&block).is_some_and(|b| b.data.is_some())
+    }
+
+    /// Account for `block` having gained or lost its copy since it `had` one.
+    fn recount(&mut self, block: BlockId, had: bool) {
+        match (had, self.has_data(block)) {
+            (false, true) => self.cached += 1,
+            (true, false) => self.cached -= 1,
+            _ => {}
+        }
     }
 
     /// Start a user operation. Errors with [`ProtocolError::Busy`] if the block has one (the
@@ -580,11 +650,7 @@ impl<D: Clone + Debug> ClientShard<D> {
         let b = self.blocks.entry(block).or_default();
         match user {
             UserOp::Read => match &b.data {
-                Some(d) => out.push(Output::Complete {
-                    op,
-                    block,
-                    outcome: Outcome::Read(d.clone()),
-                }),
+                Some(d) => complete(out, op, block, Outcome::Read(d.clone())),
                 None => {
                     b.op = Some(PendingOp::Read(op));
                     out.push(Output::Send {
@@ -605,33 +671,18 @@ impl<D: Clone + Debug> ClientShard<D> {
             },
             UserOp::Evict => {
                 if b.data.is_none() {
-                    out.push(Output::Complete {
-                        op,
-                        block,
-                        outcome: Outcome::Evicted,
-                    });
+                    complete(out, op, block, Outcome::Evicted);
                 } else {
                     b.op = Some(PendingOp::Evict { op, asked: false });
                     Self::continue_evict(block, b, storage, out);
                 }
             }
             UserOp::Flush => match (&b.data, b.mode) {
-                (Some(d), Mode::Private { dirty: true }) => {
+                (Some(_), Mode::Private { dirty: true }) => {
                     b.op = Some(PendingOp::Flush(op));
-                    b.step = Some(Step::WriteBack(AfterWriteBack::Flush));
-                    out.push(Output::Send {
-                        to: storage,
-                        msg: Msg::WriteBack {
-                            block,
-                            data: d.clone(),
-                        },
-                    });
+                    b.write_back(block, storage, AfterWriteBack::Flush, out);
                 }
-                _ => out.push(Output::Complete {
-                    op,
-                    block,
-                    outcome: Outcome::Flushed,
-                }),
+                _ => complete(out, op, block, Outcome::Flushed),
             },
         }
         self.tidy(block);
@@ -677,15 +728,8 @@ impl<D: Clone + Debug> ClientShard<D> {
             return;
         }
         match (&b.data, b.mode) {
-            (Some(d), Mode::Private { dirty: true }) => {
-                b.step = Some(Step::WriteBack(AfterWriteBack::Evict));
-                out.push(Output::Send {
-                    to: storage,
-                    msg: Msg::WriteBack {
-                        block,
-                        data: d.clone(),
-                    },
-                });
+            (Some(_), Mode::Private { dirty: true }) => {
+                b.write_back(block, storage, AfterWriteBack::Evict, out);
             }
             _ => {
                 b.step = Some(Step::KernelInvalidate { revoke: false });
@@ -701,6 +745,7 @@ impl<D: Clone + Debug> ClientShard<D> {
         out: &mut Vec<Output<D>>,
     ) -> Result<(), ProtocolError> {
         let manager = self.placement.manager(block);
+        let had = self.has_data(block);
         let b = self.blocks.entry(block).or_default();
         match b.step {
             Some(Step::KernelInvalidate { revoke: true }) => {
@@ -731,6 +776,7 @@ impl<D: Clone + Debug> ClientShard<D> {
                 });
             }
         }
+        self.recount(block, had);
         self.drain(block, out)?;
         self.tidy(block);
         Ok(())
@@ -860,6 +906,15 @@ impl<D: Clone + Debug> ClientShard<D> {
     /// Apply one manager message to a block that is not blocked.
     fn dispatch(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
         let block = m.block();
+        let had = self.has_data(block);
+        let r = self.apply(m, out);
+        self.recount(block, had);
+        r
+    }
+
+    /// The rules (see [`ClientShard::dispatch`]).
+    fn apply(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        let block = m.block();
         let manager = self.placement.manager(block);
         let storage = self.placement.storage(block);
         let b = self.blocks.entry(block).or_default();
@@ -883,29 +938,19 @@ impl<D: Clone + Debug> ClientShard<D> {
                         },
                     });
                 }
-                (Some(d), Mode::Private { dirty: true }) => {
+                (Some(_), Mode::Private { dirty: true }) => {
+                    // The reliability rule: durable on storage before it leaves this client.
                     self.counters.writebacks_before_forward += 1;
-                    b.step = Some(Step::WriteBack(AfterWriteBack::Forward(reader, reader_seq)));
-                    out.push(Output::Send {
-                        to: storage,
-                        msg: Msg::WriteBack {
-                            block,
-                            data: d.clone(),
-                        },
-                    });
+                    b.write_back(
+                        block,
+                        storage,
+                        AfterWriteBack::Forward(reader, reader_seq),
+                        out,
+                    );
                 }
-                (Some(d), _) => {
+                (Some(_), _) => {
                     self.counters.forwards_served += 1;
-                    out.push(Output::Send {
-                        to: reader,
-                        msg: Msg::Data {
-                            block,
-                            seq: reader_seq,
-                            data: d.clone(),
-                            exclusive: false,
-                        },
-                    });
-                    b.mode = Mode::Shared;
+                    b.send_copy(block, reader, reader_seq, out);
                 }
             },
             Msg::Revoke { .. } => {
@@ -915,15 +960,8 @@ impl<D: Clone + Debug> ClientShard<D> {
                         to: manager,
                         msg: Msg::RevokeAck { block },
                     }),
-                    (Some(d), Mode::Private { dirty: true }) => {
-                        b.step = Some(Step::WriteBack(AfterWriteBack::Revoke));
-                        out.push(Output::Send {
-                            to: storage,
-                            msg: Msg::WriteBack {
-                                block,
-                                data: d.clone(),
-                            },
-                        });
+                    (Some(_), Mode::Private { dirty: true }) => {
+                        b.write_back(block, storage, AfterWriteBack::Revoke, out);
                     }
                     (Some(_), _) => {
                         b.step = Some(Step::KernelInvalidate { revoke: true });
@@ -960,13 +998,7 @@ impl<D: Clone + Debug> ClientShard<D> {
                     b.data = None;
                     b.mode = Mode::Shared;
                     b.op = None;
-                    if op != OpId::MAX {
-                        out.push(Output::Complete {
-                            op,
-                            block,
-                            outcome: Outcome::Evicted,
-                        });
-                    }
+                    complete(out, op, block, Outcome::Evicted);
                 }
                 _ => return Err(unexpected),
             },
@@ -977,11 +1009,7 @@ impl<D: Clone + Debug> ClientShard<D> {
                 (Some(PendingOp::Read(op)), false) => {
                     b.data = Some(data.clone());
                     b.mode = Mode::Shared;
-                    out.push(Output::Complete {
-                        op,
-                        block,
-                        outcome: Outcome::Read(data),
-                    });
+                    complete(out, op, block, Outcome::Read(data));
                 }
                 (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
                 (op, _) => {
@@ -1025,18 +1053,7 @@ impl<D: Clone + Debug> ClientShard<D> {
         match after {
             AfterWriteBack::Forward(reader, reader_seq) => {
                 self.counters.forwards_served += 1;
-                if let Some(d) = &b.data {
-                    out.push(Output::Send {
-                        to: reader,
-                        msg: Msg::Data {
-                            block,
-                            seq: reader_seq,
-                            data: d.clone(),
-                            exclusive: false,
-                        },
-                    });
-                }
-                b.mode = Mode::Shared;
+                b.send_copy(block, reader, reader_seq, out);
             }
             AfterWriteBack::Revoke => {
                 b.step = Some(Step::KernelInvalidate { revoke: true });
@@ -1045,11 +1062,7 @@ impl<D: Clone + Debug> ClientShard<D> {
             AfterWriteBack::Evict => Self::continue_evict(block, b, storage, out),
             AfterWriteBack::Flush => {
                 if let Some(PendingOp::Flush(op)) = b.op.take() {
-                    out.push(Output::Complete {
-                        op,
-                        block,
-                        outcome: Outcome::Flushed,
-                    });
+                    complete(out, op, block, Outcome::Flushed);
                 }
             }
         }

@@ -509,6 +509,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     }
 
     fn start_waiting(&mut self) -> usize {
+        if self.waiting.is_empty() {
+            return 0;
+        }
         let mut started = 0;
         let ready: Vec<BlockId> = self
             .waiting
@@ -575,10 +578,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 Output::Send { to, msg } => self.outgoing.push_back((to, msg)),
                 Output::InvalidateKernel { block } => self.kernel.push_back(block),
                 Output::Complete { op, block, outcome } => {
-                    if op != OpId::MAX {
-                        self.counters.ops_completed += 1;
-                        self.completions.push(Completion { op, block, outcome });
-                    }
+                    self.counters.ops_completed += 1;
+                    self.completions.push(Completion { op, block, outcome });
                 }
             }
         }
