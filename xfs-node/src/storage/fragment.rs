@@ -105,6 +105,16 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header of `data` as fragment `id`, generation `generation`.
+    pub fn new(id: FragmentId, data: &[u8], generation: u64) -> Header {
+        Header {
+            id,
+            len: data.len() as u32,
+            generation,
+            data_crc: crc32c::crc32c(data),
+        }
+    }
+
     /// Encode into the first bytes of `out` (which must be at least [`HEADER_BYTES`]).
     pub fn encode(&self, out: &mut [u8]) {
         out[..HEADER_BYTES].fill(0);
@@ -251,6 +261,29 @@ impl SlotIndex {
         }
         Ok(v)
     }
+
+    /// Slots and generations for `n` new fragment writes, or `NoSpace` (nothing taken).
+    pub fn reserve(&mut self, n: usize) -> Result<Vec<(usize, u64)>, StoreError> {
+        let slots = self.take(n)?;
+        let first = self.next_generation;
+        self.next_generation += n as u64;
+        Ok(slots.into_iter().zip(first..).collect())
+    }
+
+    /// Fragment `id` is written in `slot`: an older copy's slot is retired (reused after the
+    /// next sync; until then a reboot prefers the higher generation).
+    pub fn place(&mut self, id: FragmentId, slot: usize, generation: u64) {
+        if let Some((old, _)) = self.map.insert(id, (slot, generation)) {
+            self.retired.push(old);
+        }
+    }
+
+    /// Forget fragment `id`; its slot is retired. Returns the slot.
+    pub fn remove(&mut self, id: FragmentId) -> Option<usize> {
+        let (slot, _) = self.map.remove(&id)?;
+        self.retired.push(slot);
+        Some(slot)
+    }
 }
 
 /// Faults the in-memory store injects, and counts.
@@ -389,17 +422,10 @@ impl FragmentStore for MemFragmentStore {
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
         check_sizes(fragments, self.fragment_bytes)?;
-        let slots = self.index.take(fragments.len())?;
-        for ((id, data), s) in fragments.iter().zip(slots) {
-            let h = Header {
-                id: *id,
-                len: data.len() as u32,
-                generation: self.index.next_generation,
-                data_crc: crc32c::crc32c(data),
-            };
-            self.index.next_generation += 1;
+        let reserved = self.index.reserve(fragments.len())?;
+        for ((id, data), (s, generation)) in fragments.iter().zip(reserved) {
             let mut header = vec![0u8; HEADER_BYTES];
-            h.encode(&mut header);
+            Header::new(*id, data, generation).encode(&mut header);
             self.volatile.insert(
                 s,
                 Some(MemSlot {
@@ -407,11 +433,7 @@ impl FragmentStore for MemFragmentStore {
                     data: data.to_vec(),
                 }),
             );
-            if let Some((old, _)) = self.index.map.insert(*id, (s, h.generation)) {
-                // The old copy stays on the device until the new one is durable (a reboot
-                // prefers the higher generation).
-                self.index.retired.push(old);
-            }
+            self.index.place(*id, s, generation);
         }
         Ok(())
     }
@@ -445,9 +467,8 @@ impl FragmentStore for MemFragmentStore {
 
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
         for id in ids {
-            if let Some((s, _)) = self.index.map.remove(id) {
+            if let Some(s) = self.index.remove(*id) {
                 self.volatile.insert(s, None);
-                self.index.retired.push(s);
             }
         }
         Ok(())

@@ -92,9 +92,9 @@ fn error_of(status: u64, id: FragmentId, server: &str) -> StoreError {
 struct Pending {
     token: ReplyToken,
     args: Vec<u64>,
-    data: Option<Vec<u8>>,
-    /// Where a bulk put landed in the server's segment.
-    landed: Option<u64>,
+    /// Where a bulk put landed in the server's segment (offset, length): it stays there,
+    /// in the sender's window slot, until the reply, so it is written from there.
+    landed: Option<(u64, usize)>,
     payload: Vec<u8>,
 }
 
@@ -141,18 +141,12 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
         }
         let queue: Arc<Mutex<VecDeque<Pending>>> = Arc::new(Mutex::new(VecDeque::new()));
         let q = queue.clone();
-        ep.register(SERVER_HANDLER, move |ctx, m| {
+        ep.register(SERVER_HANDLER, move |_, m| {
             let Some(token) = m.token else { return };
-            let data = m.bulk.and_then(|(off, len)| {
-                ctx.segment()
-                    .get(off as usize..off as usize + len)
-                    .map(|d| d.to_vec())
-            });
             lock(&q).push_back(Pending {
                 token,
                 args: m.args.to_vec(),
-                data,
-                landed: m.bulk.map(|(off, _)| off),
+                landed: m.bulk,
                 payload: m.payload.to_vec(),
             });
         })
@@ -249,10 +243,10 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
                 let in_window =
                     |p: &Pending, clients: &BTreeMap<(SocketAddr, u32), (usize, usize)>| {
                         let r = p.token.requester();
-                        match (clients.get(&(r.addr, r.vnet)), p.landed, &p.data) {
-                            (Some((w, _)), Some(off), Some(d)) => {
+                        match (clients.get(&(r.addr, r.vnet)), p.landed) {
+                            (Some((w, _)), Some((off, len))) => {
                                 let start = (*w * window) as u64;
-                                off >= start && off + d.len() as u64 <= start + window as u64
+                                off >= start && off + len as u64 <= start + window as u64
                             }
                             _ => false,
                         }
@@ -260,11 +254,16 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
                 let ok: Vec<bool> = group.iter().map(|p| in_window(p, &self.clients)).collect();
                 self.bad_requests += ok.iter().filter(|o| !**o).count() as u64;
                 let status = {
+                    // Written straight from the segment (inside the window: checked above).
+                    let segment = self.ep.segment();
                     let frags: Vec<(FragmentId, &[u8])> = group
                         .iter()
                         .zip(&ok)
                         .filter(|(_, ok)| **ok)
-                        .filter_map(|(p, _)| p.data.as_deref().map(|d| (id_of(&p.args), d)))
+                        .filter_map(|(p, _)| {
+                            let (off, len) = p.landed?;
+                            Some((id_of(&p.args), &segment[off as usize..off as usize + len]))
+                        })
                         .collect();
                     match self.store.write(&frags) {
                         Ok(()) => 0,

@@ -556,9 +556,7 @@ impl FragmentStore for UringStore {
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
         check_sizes(fragments, self.fragment_bytes)?;
-        let slots = self.index.take(fragments.len())?;
-        let first_generation = self.index.next_generation;
-        self.index.next_generation += fragments.len() as u64;
+        let reserved = self.index.reserve(fragments.len())?;
         let slot_bytes = self.slot_bytes as u64;
         let mut written = vec![false; fragments.len()];
         let r = self.stream(
@@ -566,33 +564,22 @@ impl FragmentStore for UringStore {
             true,
             |b, i| {
                 let (id, data) = fragments[i];
-                let h = Header {
-                    id,
-                    len: data.len() as u32,
-                    generation: first_generation + i as u64,
-                    data_crc: crc32c::crc32c(data),
-                };
+                let (slot, generation) = reserved[i];
                 let len = (HEADER_BYTES + data.len()).div_ceil(ALIGN) * ALIGN;
-                h.encode(b);
+                Header::new(id, data, generation).encode(b);
                 b[HEADER_BYTES..HEADER_BYTES + data.len()].copy_from_slice(data);
                 b[HEADER_BYTES + data.len()..len].fill(0);
-                (slots[i] as u64 * slot_bytes, len)
+                (slot as u64 * slot_bytes, len)
             },
             |_, i| written[i] = true,
         );
         // What was written is in the index (a later write or sync decides its fate); the
         // slots of what was not go back.
-        for (i, (id, _)) in fragments.iter().enumerate() {
-            if written[i] {
-                if let Some((old, _)) = self
-                    .index
-                    .map
-                    .insert(*id, (slots[i], first_generation + i as u64))
-                {
-                    self.index.retired.push(old);
-                }
+        for (((id, _), (slot, generation)), w) in fragments.iter().zip(&reserved).zip(written) {
+            if w {
+                self.index.place(*id, *slot, *generation);
             } else {
-                self.index.free.insert(slots[i]);
+                self.index.free.insert(*slot);
             }
         }
         r
@@ -662,13 +649,8 @@ impl FragmentStore for UringStore {
     }
 
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
-        let slots: Vec<usize> = ids
-            .iter()
-            .filter_map(|id| self.index.map.remove(id).map(|(s, _)| s))
-            .collect();
-        self.zero_headers(&slots)?;
-        self.index.retired.extend(slots);
-        Ok(())
+        let slots: Vec<usize> = ids.iter().filter_map(|id| self.index.remove(*id)).collect();
+        self.zero_headers(&slots)
     }
 
     fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
