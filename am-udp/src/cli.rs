@@ -1,5 +1,20 @@
 //! Command-line flags for the tools and examples built on the AM layer (`pingpong`,
-//! `am-bench`): `--name value` pairs and bare `--flag`s, no dependency.
+//! `am-bench`, `coherence-bench`, `store-bench`): `--name value` pairs and bare `--flag`s,
+//! no dependency.
+
+/// The `main` of a tool: `-h`/`--help` prints `help`; otherwise `run` gets the arguments,
+/// and an error is printed as `name: error` with exit status 2.
+pub fn tool_main(name: &str, help: &str, run: impl FnOnce(&Args) -> Result<(), String>) {
+    let args = Args::from_env();
+    if args.flag("--help") || args.flag("-h") {
+        print!("{help}");
+        return;
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("{name}: {e}");
+        std::process::exit(2);
+    }
+}
 
 /// The arguments after the program name.
 pub struct Args(pub Vec<String>);

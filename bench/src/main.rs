@@ -4,7 +4,7 @@
 use am_core::sim::{Faults, SimNet};
 use am_core::{Endpoint, EndpointName, Tag};
 use am_rdma::{RdmaConfig, RdmaTransport};
-use am_udp::cli::Args;
+use am_udp::cli::{tool_main, Args};
 use am_udp::{UdpConfig, UdpTransport};
 use bench::am_side::{self, AmClient};
 use bench::cases::{bandwidth_cases, latency_cases, Case, Wait};
@@ -109,22 +109,15 @@ fn opts(args: &Args) -> Result<Opts, String> {
 }
 
 fn main() {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") {
-        print!("{HELP}");
-        return;
-    }
-    let r = match args.0.first().map(String::as_str) {
-        Some("server") => server(&args),
-        Some("client") => client(&args),
-        Some("local") | None => local(&args),
-        Some(s) if s.starts_with("--") => local(&args),
-        Some(other) => Err(format!("unknown command {other:?}; see --help")),
-    };
-    if let Err(e) = r {
-        eprintln!("am-bench: {e}");
-        std::process::exit(1);
-    }
+    tool_main("am-bench", HELP, |args| {
+        match args.0.first().map(String::as_str) {
+            Some("server") => server(args),
+            Some("client") => client(args),
+            Some("local") | None => local(args),
+            Some(s) if s.starts_with("--") => local(args),
+            Some(other) => Err(format!("unknown command {other:?}; see --help")),
+        }
+    });
 }
 
 fn udp_config(mtu: usize, gro: bool) -> UdpConfig {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use am_udp::cli::Args;
+use am_udp::cli::{tool_main, Args};
 use bench::coherence::{loops, pure, Throughput};
 
 const HELP: &str = "\
@@ -35,15 +35,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") {
-        print!("{HELP}");
-        return;
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("coherence-bench: {e}");
-        std::process::exit(2);
-    }
+    tool_main("coherence-bench", HELP, run);
 }
 
 fn run(args: &Args) -> Result<(), String> {

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use am_udp::cli::Args;
+use am_udp::cli::{tool_main, Args};
 use xfs_node::storage::fragment::{FragmentId, FragmentStore};
 use xfs_node::storage::uring::{UringOptions, UringStore};
 
@@ -28,15 +28,7 @@ OPTIONS:
 ";
 
 fn main() {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") {
-        print!("{HELP}");
-        return;
-    }
-    if let Err(e) = run(&args) {
-        eprintln!("store-bench: {e}");
-        std::process::exit(2);
-    }
+    tool_main("store-bench", HELP, run);
 }
 
 fn run(args: &Args) -> Result<(), String> {
