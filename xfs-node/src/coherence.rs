@@ -180,6 +180,79 @@ impl<D> Msg<D> {
         }
     }
 
+    /// The same message with its block data (if any) passed through `f`.
+    pub fn map_data<E>(self, f: impl FnOnce(D) -> E) -> Msg<E> {
+        match self {
+            Msg::ReadReq { block } => Msg::ReadReq { block },
+            Msg::WriteReq { block, has_data } => Msg::WriteReq { block, has_data },
+            Msg::EvictReq { block } => Msg::EvictReq { block },
+            Msg::RevokeAck { block } => Msg::RevokeAck { block },
+            Msg::ForwardFailed {
+                block,
+                reader,
+                reader_seq,
+            } => Msg::ForwardFailed {
+                block,
+                reader,
+                reader_seq,
+            },
+            Msg::Forward {
+                block,
+                seq,
+                reader,
+                reader_seq,
+            } => Msg::Forward {
+                block,
+                seq,
+                reader,
+                reader_seq,
+            },
+            Msg::Revoke { block, seq } => Msg::Revoke { block, seq },
+            Msg::Grant { block, seq } => Msg::Grant { block, seq },
+            Msg::EvictGrant {
+                block,
+                seq,
+                handoff,
+            } => Msg::EvictGrant {
+                block,
+                seq,
+                handoff,
+            },
+            Msg::Fetch {
+                block,
+                to,
+                seq,
+                exclusive,
+            } => Msg::Fetch {
+                block,
+                to,
+                seq,
+                exclusive,
+            },
+            Msg::Data {
+                block,
+                seq,
+                data,
+                exclusive,
+            } => Msg::Data {
+                block,
+                seq,
+                data: f(data),
+                exclusive,
+            },
+            Msg::Handoff { block, seq, data } => Msg::Handoff {
+                block,
+                seq,
+                data: f(data),
+            },
+            Msg::WriteBack { block, data } => Msg::WriteBack {
+                block,
+                data: f(data),
+            },
+            Msg::WriteBackAck { block } => Msg::WriteBackAck { block },
+        }
+    }
+
     /// The same message with every node id passed through `f` (symmetry reduction).
     pub fn renamed(&self, f: &impl Fn(NodeId) -> NodeId) -> Msg<D>
     where
@@ -293,10 +366,7 @@ pub struct Placement {
 
 /// A 64-bit mix (splitmix64's finaliser): spreads block ids over managers and shards.
 pub fn mix(block: BlockId) -> u64 {
-    let mut z = block.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    am_core::engine::splitmix(block)
 }
 
 impl Placement {

@@ -17,75 +17,7 @@ use xfs_node::sim::Cluster;
 const RACE: &str = "a peer-served read races a revoke";
 
 fn widen(m: &Msg<u8>) -> Msg<u64> {
-    match m.clone() {
-        Msg::ReadReq { block } => Msg::ReadReq { block },
-        Msg::WriteReq { block, has_data } => Msg::WriteReq { block, has_data },
-        Msg::EvictReq { block } => Msg::EvictReq { block },
-        Msg::RevokeAck { block } => Msg::RevokeAck { block },
-        Msg::ForwardFailed {
-            block,
-            reader,
-            reader_seq,
-        } => Msg::ForwardFailed {
-            block,
-            reader,
-            reader_seq,
-        },
-        Msg::Forward {
-            block,
-            seq,
-            reader,
-            reader_seq,
-        } => Msg::Forward {
-            block,
-            seq,
-            reader,
-            reader_seq,
-        },
-        Msg::Revoke { block, seq } => Msg::Revoke { block, seq },
-        Msg::Grant { block, seq } => Msg::Grant { block, seq },
-        Msg::EvictGrant {
-            block,
-            seq,
-            handoff,
-        } => Msg::EvictGrant {
-            block,
-            seq,
-            handoff,
-        },
-        Msg::Fetch {
-            block,
-            to,
-            seq,
-            exclusive,
-        } => Msg::Fetch {
-            block,
-            to,
-            seq,
-            exclusive,
-        },
-        Msg::Data {
-            block,
-            seq,
-            data,
-            exclusive,
-        } => Msg::Data {
-            block,
-            seq,
-            data: data as u64,
-            exclusive,
-        },
-        Msg::Handoff { block, seq, data } => Msg::Handoff {
-            block,
-            seq,
-            data: data as u64,
-        },
-        Msg::WriteBack { block, data } => Msg::WriteBack {
-            block,
-            data: data as u64,
-        },
-        Msg::WriteBackAck { block } => Msg::WriteBackAck { block },
-    }
+    m.clone().map_data(u64::from)
 }
 
 fn node(a: Addr) -> NodeId {
