@@ -457,13 +457,16 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// Every fragment of a segment's bytes: data, then parity.
     fn fragments(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, LogError> {
-        let f = self.fragment_bytes;
-        let data: Vec<&[u8]> = bytes.chunks(f).collect();
-        let parity = reed_solomon_simd::encode(self.group.data(), self.group.parity, &data)
-            .map_err(|e| LogError::Config(format!("parity: {e}")))?;
+        let data: Vec<&[u8]> = bytes.chunks(self.fragment_bytes).collect();
         let mut all: Vec<Vec<u8>> = data.iter().map(|d| d.to_vec()).collect();
-        all.extend(parity);
+        all.extend(self.parity(&data)?);
         Ok(all)
+    }
+
+    /// The parity fragments of a segment's data fragments.
+    fn parity<T: AsRef<[u8]>>(&self, data: &[T]) -> Result<Vec<Vec<u8>>, LogError> {
+        reed_solomon_simd::encode(self.group.data(), self.group.parity, data)
+            .map_err(|e| LogError::Config(format!("parity: {e}")))
     }
 
     /// Write the queued segments: one batch per server, all in flight together.
@@ -640,7 +643,7 @@ impl<S: FragmentStore + Send> Log<S> {
             _ => false,
         };
         self.counters.degraded_reads += 1;
-        let all = self.reconstruct(segment, Some(i))?;
+        let all = self.reconstruct(segment, Some(i), i + 1)?;
         let data = all[i].clone();
         if corrupt {
             if let Some(s) = self.stores[i].as_mut() {
@@ -652,14 +655,24 @@ impl<S: FragmentStore + Send> Log<S> {
         Ok(data)
     }
 
-    /// Every fragment of `segment`, from the servers that have it intact (`skip`: one not
-    /// to ask, because it just failed).
-    fn reconstruct(&mut self, segment: u64, skip: Option<usize>) -> Result<Vec<Vec<u8>>, LogError> {
+    /// The fragments of `segment` up to `upto` (exclusive): the `data` fragments, plus the
+    /// parity ones when `upto` reaches past them. Reads servers in order (skipping `skip`,
+    /// which just failed) only until it has `data` intact fragments, decodes the missing
+    /// data fragments from parity, and recomputes parity only if asked for.
+    fn reconstruct(
+        &mut self,
+        segment: u64,
+        skip: Option<usize>,
+        upto: usize,
+    ) -> Result<Vec<Vec<u8>>, LogError> {
         let n = self.group.servers.len();
         let k = self.group.data();
         let m = self.group.parity;
         let mut have: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
         for j in 0..n {
+            if have.len() == k {
+                break;
+            }
             if Some(j) == skip {
                 continue;
             }
@@ -674,9 +687,6 @@ impl<S: FragmentStore + Send> Log<S> {
                     }
                 }
             }
-            if have.len() == n {
-                break;
-            }
         }
         if have.len() < k {
             return Err(LogError::Unrecoverable {
@@ -686,8 +696,7 @@ impl<S: FragmentStore + Send> Log<S> {
                 why: "too many fragments missing or corrupt".into(),
             });
         }
-        let missing_data: Vec<usize> = (0..k).filter(|j| !have.contains_key(j)).collect();
-        if !missing_data.is_empty() {
+        if (0..k).any(|j| !have.contains_key(&j)) {
             let original = have
                 .iter()
                 .filter(|(j, _)| **j < k)
@@ -698,13 +707,14 @@ impl<S: FragmentStore + Send> Log<S> {
                 .map(|(j, d)| (*j - k, d.as_slice()));
             let restored = reed_solomon_simd::decode(k, m, original, recovery)
                 .map_err(|e| LogError::Config(format!("segment {segment}: parity decode: {e}")))?;
-            for (j, d) in restored {
-                have.insert(j, d);
-            }
+            have.extend(restored);
         }
-        // Data complete: recompute parity for whichever parity fragment is wanted.
-        let data: Vec<u8> = (0..k).flat_map(|j| have[&j].iter().copied()).collect();
-        self.fragments(&data)
+        let mut all: Vec<Vec<u8>> = (0..k).filter_map(|j| have.remove(&j)).collect();
+        if upto > k {
+            let parity = self.parity(&all)?;
+            all.extend(parity);
+        }
+        Ok(all)
     }
 
     /// Write the imap into the log (after an fsync): recovery starts from the newest
@@ -770,7 +780,7 @@ impl<S: FragmentStore + Send> Log<S> {
         // Decode every segment's bytes once (recovery reads the whole log of this writer).
         let mut decoded: BTreeMap<u64, (Summary, Vec<u8>)> = BTreeMap::new();
         for seg in &segments {
-            match log.reconstruct(*seg, None) {
+            match log.reconstruct(*seg, None, 0) {
                 Ok(frags) => {
                     let k = log.group.data();
                     let bytes: Vec<u8> = frags[..k].concat();
@@ -868,7 +878,7 @@ impl<S: FragmentStore + Send> Log<S> {
         let mut batch: Vec<(FragmentId, Vec<u8>)> = Vec::new();
         let mut done = 0;
         for seg in segments {
-            let frags = self.reconstruct(seg, Some(i))?;
+            let frags = self.reconstruct(seg, Some(i), i + 1)?;
             batch.push((
                 FragmentId {
                     segment: seg,
