@@ -686,19 +686,6 @@ impl<D: Clone + Debug> ClientShard<D> {
         self.cached
     }
 
-    fn has_data(&self, block: BlockId) -> bool {
-        self.blocks.get(&block).is_some_and(|b| b.data.is_some())
-    }
-
-    /// Account for `block` having gained or lost its copy since it `had` one.
-    fn recount(&mut self, block: BlockId, had: bool) {
-        match (had, self.has_data(block)) {
-            (false, true) => self.cached += 1,
-            (true, false) => self.cached -= 1,
-            _ => {}
-        }
-    }
-
     /// Start a user operation. Errors with [`ProtocolError::Busy`] if the block has one (the
     /// driver queues user operations per block).
     pub fn start(
@@ -815,12 +802,13 @@ impl<D: Clone + Debug> ClientShard<D> {
         out: &mut Vec<Output<D>>,
     ) -> Result<(), ProtocolError> {
         let manager = self.placement.manager(block);
-        let had = self.has_data(block);
         let b = self.blocks.entry(block).or_default();
         match b.step {
             Some(Step::KernelInvalidate { revoke: true }) => {
                 b.step = None;
-                b.data = None;
+                if b.data.take().is_some() {
+                    self.cached -= 1;
+                }
                 b.mode = Mode::Shared;
                 out.push(Output::Send {
                     to: manager,
@@ -846,7 +834,6 @@ impl<D: Clone + Debug> ClientShard<D> {
                 });
             }
         }
-        self.recount(block, had);
         self.drain(block, out)?;
         self.tidy(block);
         Ok(())
@@ -976,131 +963,132 @@ impl<D: Clone + Debug> ClientShard<D> {
     /// Apply one manager message to a block that is not blocked.
     fn dispatch(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
         let block = m.block();
-        let had = self.has_data(block);
-        let r = self.apply(m, out);
-        self.recount(block, had);
-        r
-    }
-
-    /// The rules (see [`ClientShard::dispatch`]).
-    fn apply(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
-        let block = m.block();
         let manager = self.placement.manager(block);
         let storage = self.placement.storage(block);
         let b = self.blocks.entry(block).or_default();
+        let had = b.data.is_some();
         let unexpected = ProtocolError::Unexpected {
             block,
             msg: msg_name(&m),
             state: b.state_name(),
         };
-        match m {
-            Msg::Forward {
-                reader, reader_seq, ..
-            } => match (&b.data, b.mode) {
-                (None, _) => {
-                    self.counters.forwards_failed += 1;
-                    out.push(Output::Send {
-                        to: manager,
-                        msg: Msg::ForwardFailed {
-                            block,
-                            reader,
-                            reader_seq,
-                        },
-                    });
-                }
-                (Some(_), Mode::Private { dirty: true }) => {
-                    // The reliability rule: durable on storage before it leaves this client.
-                    self.counters.writebacks_before_forward += 1;
-                    b.write_back(
-                        block,
-                        storage,
-                        AfterWriteBack::Forward(reader, reader_seq),
-                        out,
-                    );
-                }
-                (Some(_), _) => {
-                    self.counters.forwards_served += 1;
-                    b.send_copy(block, reader, reader_seq, out);
-                }
-            },
-            Msg::Revoke { .. } => {
-                self.counters.revokes += 1;
-                match (&b.data, b.mode) {
-                    (None, _) => out.push(Output::Send {
-                        to: manager,
-                        msg: Msg::RevokeAck { block },
-                    }),
-                    (Some(_), Mode::Private { dirty: true }) => {
-                        b.write_back(block, storage, AfterWriteBack::Revoke, out);
-                    }
-                    (Some(_), _) => {
-                        b.step = Some(Step::KernelInvalidate { revoke: true });
-                        out.push(Output::InvalidateKernel { block });
-                    }
-                }
-            }
-            Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
-                (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
-                (op, _) => {
-                    b.op = op;
-                    return Err(unexpected);
-                }
-            },
-            Msg::EvictGrant { handoff, .. } => match &b.op {
-                Some(PendingOp::Evict { op, asked: true }) => {
-                    let op = *op;
-                    if handoff.is_some() && b.data.is_none() {
-                        // The manager reserved a sequence number on the peer's channel for a copy
-                        // this client no longer holds: report it, it would stall that channel.
-                        return Err(unexpected);
-                    }
-                    if let (Some((peer, seq)), Some(d)) = (handoff, b.data.take()) {
-                        self.counters.handoffs_sent += 1;
+        let result = 'rules: {
+            match m {
+                Msg::Forward {
+                    reader, reader_seq, ..
+                } => match (&b.data, b.mode) {
+                    (None, _) => {
+                        self.counters.forwards_failed += 1;
                         out.push(Output::Send {
-                            to: peer,
-                            msg: Msg::Handoff {
+                            to: manager,
+                            msg: Msg::ForwardFailed {
                                 block,
-                                seq,
-                                data: d,
+                                reader,
+                                reader_seq,
                             },
                         });
                     }
-                    b.data = None;
-                    b.mode = Mode::Shared;
-                    b.op = None;
-                    complete(out, op, block, Outcome::Evicted);
+                    (Some(_), Mode::Private { dirty: true }) => {
+                        // The reliability rule: durable on storage before it leaves this client.
+                        self.counters.writebacks_before_forward += 1;
+                        b.write_back(
+                            block,
+                            storage,
+                            AfterWriteBack::Forward(reader, reader_seq),
+                            out,
+                        );
+                    }
+                    (Some(_), _) => {
+                        self.counters.forwards_served += 1;
+                        b.send_copy(block, reader, reader_seq, out);
+                    }
+                },
+                Msg::Revoke { .. } => {
+                    self.counters.revokes += 1;
+                    match (&b.data, b.mode) {
+                        (None, _) => out.push(Output::Send {
+                            to: manager,
+                            msg: Msg::RevokeAck { block },
+                        }),
+                        (Some(_), Mode::Private { dirty: true }) => {
+                            b.write_back(block, storage, AfterWriteBack::Revoke, out);
+                        }
+                        (Some(_), _) => {
+                            b.step = Some(Step::KernelInvalidate { revoke: true });
+                            out.push(Output::InvalidateKernel { block });
+                        }
+                    }
                 }
-                _ => return Err(unexpected),
-            },
-            // A copy handed off to this client may already be here: the reply replaces it.
-            Msg::Data {
-                data, exclusive, ..
-            } => match (b.op.take(), exclusive) {
-                (Some(PendingOp::Read(op)), false) => {
-                    b.data = Some(data.clone());
-                    b.mode = Mode::Shared;
-                    complete(out, op, block, Outcome::Read(data));
+                Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
+                    (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                    (op, _) => {
+                        b.op = op;
+                        break 'rules Err(unexpected);
+                    }
+                },
+                Msg::EvictGrant { handoff, .. } => match &b.op {
+                    Some(PendingOp::Evict { op, asked: true }) => {
+                        let op = *op;
+                        if handoff.is_some() && b.data.is_none() {
+                            // The manager reserved a sequence number on the peer's channel for a copy
+                            // this client no longer holds: report it, it would stall that channel.
+                            break 'rules Err(unexpected);
+                        }
+                        if let (Some((peer, seq)), Some(d)) = (handoff, b.data.take()) {
+                            self.counters.handoffs_sent += 1;
+                            out.push(Output::Send {
+                                to: peer,
+                                msg: Msg::Handoff {
+                                    block,
+                                    seq,
+                                    data: d,
+                                },
+                            });
+                        }
+                        b.data = None;
+                        b.mode = Mode::Shared;
+                        b.op = None;
+                        complete(out, op, block, Outcome::Evicted);
+                    }
+                    _ => break 'rules Err(unexpected),
+                },
+                // A copy handed off to this client may already be here: the reply replaces it.
+                Msg::Data {
+                    data, exclusive, ..
+                } => match (b.op.take(), exclusive) {
+                    (Some(PendingOp::Read(op)), false) => {
+                        b.data = Some(data.clone());
+                        b.mode = Mode::Shared;
+                        complete(out, op, block, Outcome::Read(data));
+                    }
+                    (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                    (op, _) => {
+                        b.op = op;
+                        break 'rules Err(unexpected);
+                    }
+                },
+                // The manager now counts this client as a cacher: take the copy whatever the
+                // block is doing (a pending read or write still waits for its own reply).
+                Msg::Handoff { data, .. } => {
+                    if b.data.is_none() {
+                        self.counters.handoffs_taken += 1;
+                        b.data = Some(data);
+                        b.mode = Mode::Shared;
+                    } else {
+                        self.counters.handoffs_dropped += 1;
+                    }
                 }
-                (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
-                (op, _) => {
-                    b.op = op;
-                    return Err(unexpected);
-                }
-            },
-            // The manager now counts this client as a cacher: take the copy whatever the
-            // block is doing (a pending read or write still waits for its own reply).
-            Msg::Handoff { data, .. } => {
-                if b.data.is_none() {
-                    self.counters.handoffs_taken += 1;
-                    b.data = Some(data);
-                    b.mode = Mode::Shared;
-                } else {
-                    self.counters.handoffs_dropped += 1;
-                }
+                _ => break 'rules Err(unexpected),
             }
-            _ => return Err(unexpected),
+            Ok(())
+        };
+        // The cached-block count follows the copy (no second lookup).
+        match (had, b.data.is_some()) {
+            (false, true) => self.cached += 1,
+            (true, false) => self.cached -= 1,
+            _ => {}
         }
-        Ok(())
+        result
     }
 
     /// Storage acknowledged a write-back.
