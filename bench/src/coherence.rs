@@ -59,6 +59,7 @@ pub fn pure(clients: usize, blocks: u64, depth: usize, ops: u64, seed: u64) -> T
     let placement = Placement {
         managers: vec![MANAGER],
         storages: vec![STORAGE],
+        index_shift: None,
     };
     let ids: Vec<NodeId> = (0..clients as NodeId).collect();
     let cfg = ProtocolConfig::default();
@@ -183,6 +184,7 @@ pub fn loops(
     let placement = Placement {
         managers: nodes.to_vec(),
         storages: nodes.to_vec(),
+        index_shift: None,
     };
     let mut all: Vec<Vec<UdpShard>> = Vec::new();
     for node in nodes {

@@ -112,12 +112,13 @@ pub enum Msg<D> {
         exclusive: bool,
     },
     /// Peer or storage → client: the block's data, the reply to a read (or, `exclusive`, a
-    /// write) request.
+    /// write) request; `from_cache` when a peer's cache sent it (cooperative caching).
     Data {
         block: BlockId,
         seq: u32,
         data: D,
         exclusive: bool,
+        from_cache: bool,
     },
     /// Evicting client → peer: the last cached copy, N-chance forwarding.
     Handoff { block: BlockId, seq: u32, data: D },
@@ -234,11 +235,13 @@ impl<D> Msg<D> {
                 seq,
                 data,
                 exclusive,
+                from_cache,
             } => Msg::Data {
                 block,
                 seq,
                 data: f(data),
                 exclusive,
+                from_cache,
             },
             Msg::Handoff { block, seq, data } => Msg::Handoff {
                 block,
@@ -295,6 +298,8 @@ pub enum Outcome<D> {
     Read(D),
     /// A write is applied (the client holds the block private-dirty).
     Written,
+    /// An update is applied; this was the content before it.
+    Updated(D),
     /// The block left the cache.
     Evicted,
     /// The block is durable on storage (or was not dirty).
@@ -308,6 +313,10 @@ pub enum UserOp<D> {
     Read,
     /// Replace the block's content.
     Write(D),
+    /// Apply a patch atomically ([`Patch::patched`] on the current content, with the
+    /// block held private): the read-modify-write that metadata and partial writes need.
+    /// Completes with [`Outcome::Updated`] carrying the content before the patch.
+    Update(D),
     /// Drop the block from the cache.
     Evict,
     /// Write the block back to storage if it is dirty.
@@ -332,6 +341,9 @@ pub enum ProtocolError {
         seq: u32,
         expected: u32,
     },
+    /// The storage role's store failed (no reply was sent).
+    #[error("storage: {0}")]
+    Storage(String),
     /// The driver started an operation on a block that already has one.
     #[error("block {0} already has an operation in progress")]
     Busy(BlockId),
@@ -355,6 +367,28 @@ impl Default for ProtocolConfig {
     }
 }
 
+/// Block content that can be patched in place ([`UserOp::Update`]): the new content is a
+/// pure function of the old content and the patch, applied while the client holds the block
+/// private, so no other write can come between the read and the write.
+pub trait Patch: Clone + Default {
+    /// The content after applying `patch`.
+    fn patched(&self, patch: &Self) -> Self;
+}
+
+/// Small values (the model, the simulation): a patch adds to the value, so a lost update
+/// shows as a wrong sum.
+impl Patch for u8 {
+    fn patched(&self, patch: &u8) -> u8 {
+        self.wrapping_add(*patch)
+    }
+}
+
+impl Patch for u64 {
+    fn patched(&self, patch: &u64) -> u64 {
+        self.wrapping_add(*patch)
+    }
+}
+
 /// Where a block's manager and storage server live. Same on every node.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Placement {
@@ -362,6 +396,11 @@ pub struct Placement {
     pub managers: Vec<NodeId>,
     /// Storage nodes; likewise.
     pub storages: Vec<NodeId>,
+    /// When set, the file system's manager map: a block's manager is
+    /// `managers[(block >> shift) % managers.len()]` (the bits of its index number), and its
+    /// storage role runs on the same node (the node whose log holds the block). `None`:
+    /// both by a hash of the block id (the model and the block-level simulation).
+    pub index_shift: Option<u32>,
 }
 
 /// A 64-bit mix (splitmix64's finaliser): spreads block ids over managers and shards.
@@ -372,11 +411,17 @@ pub fn mix(block: BlockId) -> u64 {
 impl Placement {
     /// The block's manager.
     pub fn manager(&self, block: BlockId) -> NodeId {
-        self.managers[(mix(block) % self.managers.len() as u64) as usize]
+        match self.index_shift {
+            Some(shift) => self.managers[((block >> shift) % self.managers.len() as u64) as usize],
+            None => self.managers[(mix(block) % self.managers.len() as u64) as usize],
+        }
     }
     /// The block's storage server.
     pub fn storage(&self, block: BlockId) -> NodeId {
-        self.storages[((mix(block) >> 20) % self.storages.len() as u64) as usize]
+        match self.index_shift {
+            Some(_) => self.manager(block),
+            None => self.storages[((mix(block) >> 20) % self.storages.len() as u64) as usize],
+        }
     }
 }
 
@@ -409,6 +454,8 @@ pub enum PendingOp<D> {
     Read(OpId),
     /// Waiting for `Grant` or exclusive `Data`; then the block becomes `value`.
     Write(OpId, D),
+    /// Waiting for `Grant` or exclusive `Data`; then the patch is applied to the content.
+    Update(OpId, D),
     /// Writing back / invalidating the kernel; `asked` once `EvictReq` is sent.
     Evict { op: OpId, asked: bool },
     /// Waiting for the write-back.
@@ -484,6 +531,19 @@ impl<D> ClientBlock<D> {
         complete(out, op, block, Outcome::Written);
     }
 
+    /// Finish an update: apply `patch` to the (current, private) content; operation `op`
+    /// is done and reports the content before the patch.
+    fn updated(&mut self, block: BlockId, op: OpId, patch: D, out: &mut Vec<Output<D>>)
+    where
+        D: Patch,
+    {
+        let old = self.data.take().unwrap_or_default();
+        self.data = Some(old.patched(&patch));
+        self.mode = Mode::Private { dirty: true };
+        self.op = None;
+        complete(out, op, block, Outcome::Updated(old));
+    }
+
     /// Write the (dirty) copy back to `storage`, then do `then`.
     fn write_back(
         &mut self,
@@ -525,6 +585,7 @@ impl<D> ClientBlock<D> {
                     seq: reader_seq,
                     data: d.clone(),
                     exclusive: false,
+                    from_cache: true,
                 },
             });
         }
@@ -542,6 +603,7 @@ impl<D> ClientBlock<D> {
             (_, Some(Step::KernelInvalidate { .. })) => "invalidating-kernel",
             (Some(PendingOp::Read(_)), None) => "reading",
             (Some(PendingOp::Write(..)), None) => "writing",
+            (Some(PendingOp::Update(..)), None) => "updating",
             (Some(PendingOp::Evict { .. }), None) => "evicting",
             (Some(PendingOp::Flush(_)), None) => "flushing",
             (None, None) => match self.state() {
@@ -648,7 +710,7 @@ pub struct ClientShard<D> {
     pub counters: ClientCounters,
 }
 
-impl<D: Clone + Debug> ClientShard<D> {
+impl<D: Clone + Debug + Patch> ClientShard<D> {
     /// An empty cache for client `me`.
     pub fn new(me: NodeId, config: ProtocolConfig, placement: Placement, capacity: usize) -> Self {
         ClientShard {
@@ -699,7 +761,7 @@ impl<D: Clone + Debug> ClientShard<D> {
             return Err(ProtocolError::Busy(block));
         }
         let missing = self.blocks.get(&block).is_none_or(|b| b.data.is_none());
-        if missing && matches!(user, UserOp::Read | UserOp::Write(_)) {
+        if missing && matches!(user, UserOp::Read | UserOp::Write(_) | UserOp::Update(_)) {
             self.make_room(block, out)?;
         }
         let manager = self.placement.manager(block);
@@ -720,6 +782,16 @@ impl<D: Clone + Debug> ClientShard<D> {
                 (true, Mode::Private { .. }) => b.written(block, op, value, out),
                 (has_data, _) => {
                     b.op = Some(PendingOp::Write(op, value));
+                    out.push(Output::Send {
+                        to: manager,
+                        msg: Msg::WriteReq { block, has_data },
+                    });
+                }
+            },
+            UserOp::Update(patch) => match (b.data.is_some(), b.mode) {
+                (true, Mode::Private { .. }) => b.updated(block, op, patch, out),
+                (has_data, _) => {
+                    b.op = Some(PendingOp::Update(op, patch));
                     out.push(Output::Send {
                         to: manager,
                         msg: Msg::WriteReq { block, has_data },
@@ -848,13 +920,15 @@ impl<D: Clone + Debug> ClientShard<D> {
     ) -> Result<(), ProtocolError> {
         let block = msg.block();
         if let Msg::Data {
-            exclusive: false, ..
+            exclusive: false,
+            from_cache,
+            ..
         } = msg
         {
-            if from == self.placement.storage(block) {
-                self.counters.storage_reads += 1;
-            } else {
+            if from_cache {
                 self.counters.peer_reads += 1;
+            } else {
+                self.counters.storage_reads += 1;
             }
         }
         match msg {
@@ -1021,6 +1095,7 @@ impl<D: Clone + Debug> ClientShard<D> {
                 }
                 Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
                     (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                    (Some(PendingOp::Update(op, patch)), true) => b.updated(block, op, patch, out),
                     (op, _) => {
                         b.op = op;
                         break 'rules Err(unexpected);
@@ -1062,6 +1137,10 @@ impl<D: Clone + Debug> ClientShard<D> {
                         complete(out, op, block, Outcome::Read(data));
                     }
                     (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                    (Some(PendingOp::Update(op, patch)), true) => {
+                        b.data = Some(data);
+                        b.updated(block, op, patch, out)
+                    }
                     (op, _) => {
                         b.op = op;
                         break 'rules Err(unexpected);
@@ -1191,6 +1270,9 @@ pub struct ManagerBlock {
     pub queue: VecDeque<(NodeId, Request)>,
     /// N-chance: times the last copy was handed on without being used.
     pub recirculated: u8,
+    /// The client that read the block last: the preferred source of the next read (the
+    /// copy most likely still cached, and not the writer's node again and again).
+    pub last_reader: Option<NodeId>,
 }
 
 impl ManagerBlock {
@@ -1376,11 +1458,15 @@ impl ManagerShard {
                 let reader_seq = self.seq(from);
                 let b = self.blocks.entry(block).or_default();
                 b.recirculated = 0;
+                let last = b
+                    .last_reader
+                    .filter(|r| *r != from && b.cachers.contains(r));
                 let source = match b.owner {
                     Some(o) if o != from => Some(o),
-                    _ => b.cachers.iter().copied().find(|c| *c != from),
+                    _ => last.or_else(|| b.cachers.iter().copied().find(|c| *c != from)),
                 };
                 b.owner = None;
+                b.last_reader = Some(from);
                 b.cachers.insert(from);
                 match source {
                     Some(holder) => {
@@ -1525,6 +1611,7 @@ impl ManagerShard {
         for b in s.blocks.values_mut() {
             b.cachers = b.cachers.iter().map(|c| f(*c)).collect();
             b.owner = b.owner.map(f);
+            b.last_reader = b.last_reader.map(f);
             if let Some(w) = &mut b.writing {
                 w.writer = f(w.writer);
                 w.waiting = w.waiting.iter().map(|c| f(*c)).collect();
@@ -1537,13 +1624,19 @@ impl ManagerShard {
     }
 }
 
-/// Block storage as the storage role sees it: the storage issue's fragment store plugs in
-/// here; the simulation and the model use [`MemStore`].
+/// Block storage as the storage role sees it: the node's log plugs in here (`fs::LogStore`);
+/// the simulation and the model use [`MemStore`]. Errors are strings naming what failed:
+/// the storage role counts them and sends no reply (the requester times out with EIO),
+/// never a made-up content.
 pub trait BlockStore<D> {
     /// The block's current content (the default value if it was never written).
-    fn read(&self, block: BlockId) -> D;
-    /// Replace the block's content durably.
-    fn write(&mut self, block: BlockId, data: D);
+    fn read(&mut self, block: BlockId) -> Result<D, String>;
+    /// Replace the block's content (durable once [`BlockStore::sync`] returns).
+    fn write(&mut self, block: BlockId, data: D) -> Result<(), String>;
+    /// Make every write so far durable.
+    fn sync(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// An in-memory [`BlockStore`].
@@ -1554,11 +1647,12 @@ pub struct MemStore<D> {
 }
 
 impl<D: Clone + Default> BlockStore<D> for MemStore<D> {
-    fn read(&self, block: BlockId) -> D {
-        self.blocks.get(&block).cloned().unwrap_or_default()
+    fn read(&mut self, block: BlockId) -> Result<D, String> {
+        Ok(self.blocks.get(&block).cloned().unwrap_or_default())
     }
-    fn write(&mut self, block: BlockId, data: D) {
+    fn write(&mut self, block: BlockId, data: D) -> Result<(), String> {
         self.blocks.insert(block, data);
+        Ok(())
     }
 }
 
@@ -1587,19 +1681,23 @@ impl<S> StorageShard<S> {
                 seq,
                 exclusive,
             } => {
+                let data = self.store.read(block).map_err(ProtocolError::Storage)?;
                 out.push(Output::Send {
                     to,
                     msg: Msg::Data {
                         block,
                         seq,
-                        data: self.store.read(block),
+                        data,
                         exclusive,
+                        from_cache: false,
                     },
                 });
                 Ok(())
             }
             Msg::WriteBack { block, data } => {
-                self.store.write(block, data);
+                self.store
+                    .write(block, data)
+                    .map_err(ProtocolError::Storage)?;
                 out.push(Output::Send {
                     to: from,
                     msg: Msg::WriteBackAck { block },
@@ -1626,6 +1724,7 @@ mod tests {
         Placement {
             managers: vec![M],
             storages: vec![S],
+            index_shift: None,
         }
     }
 
@@ -1689,6 +1788,7 @@ mod tests {
                 seq: 0,
                 data: 0,
                 exclusive: true,
+                from_cache: false,
             },
             &mut out,
         )
@@ -1720,7 +1820,8 @@ mod tests {
                     block: 4,
                     seq: 5,
                     data: 7,
-                    exclusive: false
+                    exclusive: false,
+                    from_cache: true,
                 }
             )]
         );
@@ -1745,6 +1846,7 @@ mod tests {
                 seq: 0,
                 data: 3,
                 exclusive: false,
+                from_cache: false,
             },
             &mut out,
         )

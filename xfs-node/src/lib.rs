@@ -7,6 +7,8 @@
 //! come with the storage and cluster issues.
 
 pub mod coherence;
+pub mod fs;
+pub mod node;
 pub mod shard;
 pub mod sim;
 pub mod storage;

@@ -26,12 +26,16 @@ use std::sync::{Arc, Mutex};
 use am_core::{AmError, Endpoint, EndpointName, Msg as AmMsg, Tag, Transport, TransportError};
 
 use crate::coherence::{
-    mix, BlockId, BlockStore, ClientShard, ManagerShard, Msg, NodeId, OpId, Outcome, Output,
+    mix, BlockId, BlockStore, ClientShard, ManagerShard, Msg, NodeId, OpId, Outcome, Output, Patch,
     Placement, ProtocolConfig, ProtocolError, Role, StorageShard, UserOp,
 };
 
 /// The AM handler index of coherence messages.
 pub const COHERENCE_HANDLER: u16 = 1;
+
+/// The AM handler index of log-sync requests and replies (`[0, op]` asks the receiving
+/// node to make its log durable; `[1, op, ok]` answers, with the error text as payload).
+pub const SYNC_HANDLER: u16 = 4;
 
 /// The shard that owns `block` in a node of `shards` shards.
 pub fn shard_of(block: BlockId, shards: usize) -> usize {
@@ -40,7 +44,7 @@ pub fn shard_of(block: BlockId, shards: usize) -> usize {
 
 /// Block content as it travels: encoded into a medium payload and parsed back (never
 /// trusted: a bad payload is an error, not a panic).
-pub trait BlockData: Clone + Debug + Default + Send + 'static {
+pub trait BlockData: Clone + Debug + Default + Send + Patch + 'static {
     /// Append the encoding.
     fn encode(&self, out: &mut Vec<u8>);
     /// Parse, or `None` if the bytes are not a valid encoding.
@@ -118,9 +122,15 @@ pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
             seq,
             data,
             exclusive,
+            from_cache,
         } => {
             data.encode(payload);
-            [11, *block, *seq as u64, *exclusive as u64]
+            [
+                11,
+                *block,
+                *seq as u64,
+                *exclusive as u64 | (*from_cache as u64) << 1,
+            ]
         }
         Msg::Handoff { block, seq, data } => {
             data.encode(payload);
@@ -203,11 +213,12 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
                 exclusive: flag(b)?,
             }
         }
-        11 => Msg::Data {
+        11 if b <= 3 => Msg::Data {
             block,
             seq: seq(a)?,
             data: D::decode(payload)?,
-            exclusive: flag(b)?,
+            exclusive: b & 1 != 0,
+            from_cache: b & 2 != 0,
         },
         12 => Msg::Handoff {
             block,
@@ -269,6 +280,7 @@ pub struct Completion<D> {
 }
 
 type Inbox<D> = Arc<Mutex<VecDeque<(EndpointName, Msg<D>)>>>;
+type SyncInbox = Arc<Mutex<VecDeque<(EndpointName, [u64; 3], Vec<u8>)>>>;
 
 /// One shard loop of one node.
 pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
@@ -281,6 +293,9 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// The storage state machine of this shard's blocks.
     pub storage: StorageShard<S>,
     inbox: Inbox<D>,
+    sync_inbox: SyncInbox,
+    sync_out: VecDeque<(NodeId, [u64; 3], Vec<u8>)>,
+    sync_done: Vec<(OpId, Result<(), String>)>,
     bad: Arc<Mutex<u64>>,
     undeliverable: Arc<Mutex<u64>>,
     peers: BTreeMap<NodeId, u16>,
@@ -336,6 +351,14 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 None => *lock(&b) += 1,
             }
         })?;
+        let sync_inbox: SyncInbox = Arc::new(Mutex::new(VecDeque::new()));
+        let (si, b) = (sync_inbox.clone(), bad.clone());
+        endpoint.register(SYNC_HANDLER, move |_, m| match m.args {
+            [k, op, ok, ..] if *k <= 1 => {
+                lock(&si).push_back((m.source, [*k, *op, *ok], m.payload.to_vec()))
+            }
+            _ => *lock(&b) += 1,
+        })?;
         let undeliverable = Arc::new(Mutex::new(0u64));
         let u = undeliverable.clone();
         endpoint.set_upcall(move |_, _| *lock(&u) += 1);
@@ -346,6 +369,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             manager: ManagerShard::new(cfg.node, cfg.protocol, cfg.placement, cfg.clients),
             storage: StorageShard { store },
             inbox,
+            sync_inbox,
+            sync_out: VecDeque::new(),
+            sync_done: Vec::new(),
             bad,
             undeliverable,
             peers: BTreeMap::new(),
@@ -415,6 +441,82 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.waiting.entry(block).or_default().push_back((op, user));
     }
 
+    /// Ask node `node` to make its log durable (every write-back it acknowledged so far);
+    /// the answer comes from [`Shard::take_sync_done`] with `op`.
+    pub fn sync(&mut self, op: OpId, node: NodeId) {
+        if node == self.node {
+            let r = self.storage.store.sync();
+            self.sync_done.push((op, r));
+        } else if self.peers.contains_key(&node) {
+            self.sync_out.push_back((node, [0, op, 0], Vec::new()));
+        } else {
+            self.sync_done.push((
+                op,
+                Err(format!("node {node} is not connected to this shard")),
+            ));
+        }
+    }
+
+    /// Take the finished log syncs.
+    pub fn take_sync_done(&mut self) -> Vec<(OpId, Result<(), String>)> {
+        std::mem::take(&mut self.sync_done)
+    }
+
+    /// Block until the endpoint has something to do or `timeout` passes.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Result<(), TransportError> {
+        self.endpoint.wait(Some(timeout))
+    }
+
+    fn handle_syncs(&mut self) -> usize {
+        let msgs: Vec<_> = lock(&self.sync_inbox).drain(..).collect();
+        let n = msgs.len();
+        for (name, [kind, op, ok], payload) in msgs {
+            let Some(from) = self.names.get(&(name.addr, name.vnet)).copied() else {
+                self.counters.bad_messages += 1;
+                continue;
+            };
+            if kind == 0 {
+                let (ok, text) = match self.storage.store.sync() {
+                    Ok(()) => (1, Vec::new()),
+                    Err(e) => (0, e.into_bytes()),
+                };
+                self.sync_out.push_back((from, [1, op, ok], text));
+            } else if ok == 1 {
+                self.sync_done.push((op, Ok(())));
+            } else {
+                let text = String::from_utf8_lossy(&payload).into_owned();
+                self.sync_done
+                    .push((op, Err(format!("node {from}: {text}"))));
+            }
+        }
+        while let Some((to, args, payload)) = self.sync_out.front() {
+            let Some(index) = self.peers.get(to).copied() else {
+                self.sync_out.pop_front();
+                continue;
+            };
+            let slices = [payload.as_slice()];
+            let msg = if payload.is_empty() {
+                AmMsg::small(SYNC_HANDLER, args)
+            } else {
+                AmMsg::medium(SYNC_HANDLER, args, &slices)
+            };
+            match self.endpoint.send(index, msg) {
+                Ok(_) => {
+                    self.sync_out.pop_front();
+                }
+                Err(AmError::WouldBlock) => break,
+                Err(e) => {
+                    let (to, args, _) = self.sync_out.pop_front().unwrap_or_default();
+                    if args[0] == 0 {
+                        self.sync_done
+                            .push((args[1], Err(format!("node {to} unreachable: {e}"))));
+                    }
+                }
+            }
+        }
+        n
+    }
+
     /// Take the operations finished so far.
     pub fn take_completions(&mut self) -> Vec<Completion<D>> {
         std::mem::take(&mut self.completions)
@@ -481,6 +583,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         }
         work += self.start_waiting();
         work += self.flush_outgoing();
+        work += self.handle_syncs();
         Ok(work)
     }
 
@@ -699,6 +802,7 @@ mod tests {
                 seq: 5,
                 data: 99,
                 exclusive: false,
+                from_cache: true,
             },
             Msg::Handoff {
                 block: 3,

@@ -216,6 +216,7 @@ impl Cluster {
         let placement = Placement {
             managers: managers.to_vec(),
             storages: storages.to_vec(),
+            index_shift: None,
         };
         let mut all: Vec<Vec<SimShard>> = ids
             .iter()

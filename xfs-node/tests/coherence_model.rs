@@ -90,6 +90,7 @@ fn model(clients: usize, blocks: usize, ops: u8, ordered: bool, capacity: usize)
         ordered,
         config: ProtocolConfig::default(),
         capacity,
+        updates: false,
     }
 }
 
@@ -113,6 +114,27 @@ fn two_clients_one_block_ordered_network() {
 #[test]
 fn three_clients_one_block_unordered_network() {
     check(model(3, 1, 2, false, 0), 100_000, &[]);
+}
+
+/// Atomic updates (the read-modify-write every metadata change is made of) lose nothing:
+/// the value each update starts from is the last completed write or update.
+#[test]
+fn two_clients_one_block_with_atomic_updates() {
+    let mut m = model(2, 1, 4, false, 0);
+    m.updates = true;
+    check(m, 1_000_000, NEEDS_THREE);
+}
+
+/// 5.1 M states, about 90 s on 2 cores: behind `XFS_MODEL_DEEP=1`.
+#[test]
+fn deep_three_clients_one_block_with_atomic_updates() {
+    if !deep() {
+        eprintln!("SKIPPED: set XFS_MODEL_DEEP=1 for 3 clients with updates (90 s)");
+        return;
+    }
+    let mut m = model(3, 1, 2, false, 0);
+    m.updates = true;
+    check(m, 100_000, &[]);
 }
 
 #[test]

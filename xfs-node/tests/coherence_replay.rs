@@ -46,6 +46,7 @@ fn a_checker_path_replays_through_the_shard_loops_message_for_message() {
         ordered: true,
         config: ProtocolConfig::default(),
         capacity: 0,
+        updates: false,
     };
     let checker = m
         .clone()
@@ -92,6 +93,7 @@ fn a_checker_path_replays_through_the_shard_loops_message_for_message() {
                     UserOp::Read => (0, UserOp::Read),
                     UserOp::Evict => (0, UserOp::Evict),
                     UserOp::Flush => (0, UserOp::Flush),
+                    UserOp::Update(v) => (0, UserOp::Update(*v as u64)),
                 };
                 let s = &mut cluster.shards[at(&ids, *c)][0];
                 s.submit(id, *block, user);

@@ -111,6 +111,9 @@ pub struct CoherenceModel {
     pub config: ProtocolConfig,
     /// Blocks a client caches before a miss evicts one (0: unbounded).
     pub capacity: usize,
+    /// Clients also do atomic updates (`UserOp::Update(1)`: add one to the block): the
+    /// content before each update must be the last completed write or update.
+    pub updates: bool,
 }
 
 impl CoherenceModel {
@@ -118,6 +121,7 @@ impl CoherenceModel {
         Placement {
             managers: vec![MANAGER],
             storages: vec![STORAGE],
+            index_shift: None,
         }
     }
 
@@ -196,6 +200,12 @@ impl CoherenceModel {
             }
             Outcome::Written => {
                 let v = op as u8;
+                w.last_write[block as usize] = v;
+                w.kernels[c as usize].insert(block, v);
+            }
+            Outcome::Updated(old) => {
+                check_read(w, c, block, old);
+                let v = old.wrapping_add(1);
                 w.last_write[block as usize] = v;
                 w.kernels[c as usize].insert(block, v);
             }
@@ -372,6 +382,9 @@ impl Model for CoherenceModel {
                     actions.push(Action::Op(c as NodeId, block, UserOp::Read));
                 }
                 actions.push(Action::Op(c as NodeId, block, UserOp::Write(w.next_value)));
+                if self.updates {
+                    actions.push(Action::Op(c as NodeId, block, UserOp::Update(1)));
+                }
                 if cached {
                     actions.push(Action::Op(c as NodeId, block, UserOp::Evict));
                 }

@@ -1,0 +1,1086 @@
+//! The file system's client API: the operations a POSIX front needs, on index numbers,
+//! built from block operations of the coherence protocol ([`Blocks`]). Errors are errno
+//! values ([`Errno`]).
+//!
+//! Every namespace change is a sequence of single-block atomic updates (see
+//! [`super::layout`]): a create writes the new inode, then inserts the name into the
+//! parent's bucket only if absent (one of two racing creators wins, the other gets
+//! `EEXIST`), then bumps the parent's times. Permission checks are the front's job (it knows
+//! the caller); this layer checks types, names and emptiness.
+//!
+//! First-writer: a new index number is drawn from the creating node's own entries of the
+//! manager map, so the file's manager (and the log that stores it) is on the creating node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use super::layout::{
+    block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, Entry, Inode, Kind, Op,
+    BLOCK, DIR_BUCKETS, MAX_FILE, MAX_NAME,
+};
+use crate::coherence::{BlockId, NodeId, Outcome, UserOp};
+
+/// An errno value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (errno {})",
+            std::io::Error::from_raw_os_error(self.0),
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Errno {}
+
+#[allow(missing_docs)]
+impl Errno {
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const EFBIG: Errno = Errno(libc::EFBIG);
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const EMLINK: Errno = Errno(libc::EMLINK);
+    pub const ENODATA: Errno = Errno(libc::ENODATA);
+    pub const ERANGE: Errno = Errno(libc::ERANGE);
+    pub const EXDEV: Errno = Errno(libc::EXDEV);
+    pub const EBUSY: Errno = Errno(libc::EBUSY);
+}
+
+/// The versioned manager map: bits of the index number → manager node (DESIGN.md §4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagerMap {
+    /// Version (bumped when entries move).
+    pub version: u64,
+    /// Entry e manages the index numbers `ino % entries.len() == e`.
+    pub entries: Vec<NodeId>,
+}
+
+impl ManagerMap {
+    /// An even map of `per_node` entries per node over `nodes`.
+    pub fn even(nodes: &[NodeId], per_node: usize) -> ManagerMap {
+        let entries = (0..nodes.len() * per_node)
+            .map(|i| nodes[i % nodes.len()])
+            .collect();
+        ManagerMap {
+            version: 1,
+            entries,
+        }
+    }
+    /// The manager of `ino`.
+    pub fn manager(&self, ino: u64) -> NodeId {
+        self.entries[(ino % self.entries.len() as u64) as usize]
+    }
+    /// The entries `node` manages.
+    pub fn entries_of(&self, node: NodeId) -> Vec<u64> {
+        (0..self.entries.len() as u64)
+            .filter(|e| self.entries[*e as usize] == node)
+            .collect()
+    }
+    /// The root directory's index number (index numbers below it are the nodes' allocators).
+    pub fn root(&self) -> u64 {
+        self.entries.len() as u64
+    }
+    /// Check the map: not empty, every node named is in `nodes`.
+    pub fn validate(&self, nodes: &[NodeId]) -> Result<(), String> {
+        if self.entries.is_empty() {
+            return Err("the manager map has no entries: give [manager_map] entries".into());
+        }
+        if let Some(n) = self.entries.iter().find(|n| !nodes.contains(n)) {
+            return Err(format!(
+                "the manager map names node {n}, which is not in [[nodes]]"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// File-system totals, as `statfs` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatFs {
+    /// Block size.
+    pub bsize: u64,
+    /// Total blocks.
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Longest name.
+    pub namelen: u64,
+}
+
+/// Block operations, as the node (or the simulation) runs them.
+pub trait Blocks {
+    /// Run operations, concurrently where they touch different blocks; one result per
+    /// operation, in order. Operations on the same block run in the order given.
+    fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>>;
+    /// Make everything node `node`'s log has received durable.
+    fn sync(&self, node: NodeId) -> Result<(), Errno>;
+    /// Space on the storage servers.
+    fn statfs(&self) -> Result<StatFs, Errno>;
+    /// Now, in ns since the epoch (the simulation passes its own clock).
+    fn now(&self) -> u64;
+    /// This node.
+    fn me(&self) -> NodeId;
+}
+
+/// Attribute changes (`None`: unchanged).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SetAttr {
+    /// Permission bits (the type bits are kept).
+    pub mode: Option<u32>,
+    /// Owner.
+    pub uid: Option<u32>,
+    /// Group.
+    pub gid: Option<u32>,
+    /// Size (truncate or extend with zeros).
+    pub size: Option<u64>,
+    /// Access time, ns.
+    pub atime: Option<u64>,
+    /// Modification time, ns.
+    pub mtime: Option<u64>,
+    /// Change time, ns (default: now, whenever anything changes).
+    pub ctime: Option<u64>,
+}
+
+/// How `rename` treats an existing target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RenameMode {
+    /// Replace it (POSIX rename).
+    #[default]
+    Replace,
+    /// Fail with `EEXIST` (`RENAME_NOREPLACE`).
+    NoReplace,
+    /// Swap the two names (`RENAME_EXCHANGE`).
+    Exchange,
+}
+
+/// `setxattr` flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum XattrMode {
+    /// Create or replace.
+    #[default]
+    Any,
+    /// Fail with `EEXIST` if it exists.
+    Create,
+    /// Fail with `ENODATA` if it does not.
+    Replace,
+}
+
+/// A file system client over `B`.
+pub struct FsClient<B: Blocks> {
+    /// The block operations.
+    pub blocks: B,
+    map: ManagerMap,
+    /// Blocks this client wrote since their file's last fsync.
+    dirty: Mutex<BTreeMap<u64, BTreeSet<BlockId>>>,
+}
+
+fn one(r: Vec<Result<Outcome<Vec<u8>>, Errno>>) -> Result<Outcome<Vec<u8>>, Errno> {
+    r.into_iter().next().unwrap_or(Err(Errno::EIO))
+}
+
+fn check_name(name: &[u8]) -> Result<(), Errno> {
+    if name.len() > MAX_NAME {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+fn type_bits(kind: Kind) -> u32 {
+    match kind {
+        Kind::File => libc::S_IFREG,
+        Kind::Dir => libc::S_IFDIR,
+        Kind::Symlink => libc::S_IFLNK,
+        Kind::Special => 0,
+    }
+}
+
+fn set(offset: u32, v: u64) -> Op {
+    Op::Splice {
+        offset,
+        bytes: v.to_le_bytes().to_vec(),
+    }
+}
+
+impl<B: Blocks> FsClient<B> {
+    /// A client over `blocks` with the cluster's manager map.
+    pub fn new(blocks: B, map: ManagerMap) -> FsClient<B> {
+        FsClient {
+            blocks,
+            map,
+            dirty: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The manager map.
+    pub fn map(&self) -> &ManagerMap {
+        &self.map
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> u64 {
+        self.map.root()
+    }
+
+    fn read_block(&self, block: BlockId) -> Result<Vec<u8>, Errno> {
+        match one(self.blocks.run(vec![(block, UserOp::Read)]))? {
+            Outcome::Read(d) => Ok(d),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn update(&self, block: BlockId, ops: &[Op]) -> Result<Vec<u8>, Errno> {
+        self.note_dirty(block);
+        match one(self
+            .blocks
+            .run(vec![(block, UserOp::Update(encode_patch(ops)))]))?
+        {
+            Outcome::Updated(old) => Ok(old),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn note_dirty(&self, block: BlockId) {
+        let ino = super::layout::ino_of(block);
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ino)
+            .or_default()
+            .insert(block);
+    }
+
+    /// Create the root directory if it does not exist (the root's manager does this when
+    /// the cluster starts).
+    pub fn format(&self) -> Result<bool, Errno> {
+        let root = self.root();
+        if self.inode(root).is_ok() {
+            return Ok(false);
+        }
+        let now = self.blocks.now();
+        let inode = Inode {
+            ino: root,
+            kind: Some(Kind::Dir),
+            mode: libc::S_IFDIR | 0o755,
+            nlink: 2,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            parent: root,
+            ..Inode::default()
+        };
+        self.write_inode(&inode)?;
+        self.fsync(root)?;
+        Ok(true)
+    }
+
+    fn write_inode(&self, inode: &Inode) -> Result<(), Errno> {
+        let b = inode_block(inode.ino);
+        self.note_dirty(b);
+        match one(self.blocks.run(vec![(b, UserOp::Write(inode.encode()))]))? {
+            Outcome::Written => Ok(()),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// The inode of `ino` (`ENOENT` if there is none).
+    pub fn inode(&self, ino: u64) -> Result<Inode, Errno> {
+        let b = self.read_block(inode_block(ino))?;
+        match Inode::decode(ino, &b) {
+            Ok(Some(i)) if i.nlink > 0 || i.kind == Some(Kind::Dir) => Ok(i),
+            Ok(_) => Err(Errno::ENOENT),
+            Err(_) => Err(Errno::EIO),
+        }
+    }
+
+    /// `getattr`.
+    pub fn getattr(&self, ino: u64) -> Result<Inode, Errno> {
+        self.inode(ino)
+    }
+
+    fn dir(&self, ino: u64) -> Result<Inode, Errno> {
+        let i = self.inode(ino)?;
+        if i.kind != Some(Kind::Dir) {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(i)
+    }
+
+    fn find(&self, parent: u64, name: &[u8]) -> Result<Option<Entry>, Errno> {
+        let b = self.read_block(block_id(parent, bucket_of(name)))?;
+        let entries = decode_bucket(&b).ok_or(Errno::EIO)?;
+        Ok(entries.into_iter().find(|e| e.name == name))
+    }
+
+    /// `lookup`: the inode `name` names in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Inode, Errno> {
+        if name.len() > MAX_NAME {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        self.dir(parent)?;
+        if name == b"." {
+            return self.inode(parent);
+        }
+        if name == b".." {
+            let p = self.inode(parent)?.parent;
+            return self.inode(p);
+        }
+        match self.find(parent, name)? {
+            Some(e) => self.inode(e.ino),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    /// Draw a new index number managed by this node (first-writer).
+    fn alloc_ino(&self) -> Result<u64, Errno> {
+        let me = self.blocks.me();
+        let entries = self.map.entries_of(me);
+        let Some(first) = entries.first().copied() else {
+            // A client-only node: draw from the first entry's node's numbers... not ours.
+            return Err(Errno::ENOSPC);
+        };
+        let counter = block_id(first, 0);
+        let old = self.update(
+            counter,
+            &[Op::Add {
+                offset: 0,
+                delta: 1,
+            }],
+        )?;
+        let c = old
+            .get(..8)
+            .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])));
+        // The counter reaches the log before any inode that uses the number.
+        one(self.blocks.run(vec![(counter, UserOp::Flush)]))?;
+        let m = self.map.entries.len() as u64;
+        Ok((c + 2) * m + entries[(c % entries.len() as u64) as usize])
+    }
+
+    /// Create a node of any kind in `parent` (`mknod`, `create`, `mkdir`, `symlink`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn make(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+        target: &[u8],
+    ) -> Result<Inode, Errno> {
+        check_name(name)?;
+        self.dir(parent)?;
+        if self.find(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let ino = self.alloc_ino()?;
+        let now = self.blocks.now();
+        let inode = Inode {
+            ino,
+            kind: Some(kind),
+            mode: if kind == Kind::Special {
+                mode
+            } else {
+                type_bits(kind) | (mode & 0o7777)
+            },
+            uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: if kind == Kind::Symlink {
+                target.len() as u64
+            } else {
+                0
+            },
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            rdev,
+            parent,
+            target: target.to_vec(),
+            xattrs: Vec::new(),
+        };
+        if inode.encode().len() > super::layout::MAX_INODE {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        self.write_inode(&inode)?;
+        let entry = Entry {
+            name: name.to_vec(),
+            ino,
+            kind,
+        };
+        self.insert(parent, entry, false)?.map_or(Ok(()), |_| {
+            // Lost a race for the name: free the inode.
+            self.write_inode(&Inode {
+                ino,
+                ..Inode::default()
+            })?;
+            Err(Errno::EEXIST)
+        })?;
+        let mut ops = vec![set(field::MTIME, now), set(field::CTIME, now)];
+        if kind == Kind::Dir {
+            ops.push(Op::Add {
+                offset: field::NLINK,
+                delta: 1,
+            });
+        }
+        self.update(inode_block(parent), &ops)?;
+        Ok(inode)
+    }
+
+    /// Insert `entry` into `parent`; returns the entry it found under that name (and
+    /// replaced, if `replace`), `ENOSPC` if the bucket is full.
+    fn insert(&self, parent: u64, entry: Entry, replace: bool) -> Result<Option<Entry>, Errno> {
+        let name = entry.name.clone();
+        let ino = entry.ino;
+        let old = self.update(
+            block_id(parent, bucket_of(&name)),
+            &[Op::Insert { entry, replace }],
+        )?;
+        let before = decode_bucket(&old).ok_or(Errno::EIO)?;
+        let found = before.into_iter().find(|e| e.name == name);
+        if found.is_none() {
+            // Was it added, or was the bucket full?
+            if self.find(parent, &name)?.map(|e| e.ino) != Some(ino) {
+                return Err(Errno::ENOSPC);
+            }
+        }
+        Ok(found)
+    }
+
+    fn remove(&self, parent: u64, name: &[u8], ino: u64) -> Result<bool, Errno> {
+        let old = self.update(
+            block_id(parent, bucket_of(name)),
+            &[Op::Remove {
+                name: name.to_vec(),
+                ino,
+            }],
+        )?;
+        let before = decode_bucket(&old).ok_or(Errno::EIO)?;
+        Ok(before.iter().any(|e| e.name == name && e.ino == ino))
+    }
+
+    /// `create` a regular file.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Inode, Errno> {
+        self.make(parent, name, Kind::File, mode, uid, gid, 0, &[])
+    }
+
+    /// `mkdir`.
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Inode, Errno> {
+        self.make(parent, name, Kind::Dir, mode, uid, gid, 0, &[])
+    }
+
+    /// `symlink`.
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Inode, Errno> {
+        if target.is_empty() {
+            return Err(Errno::ENOENT);
+        }
+        if target.len() > 4095 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        self.make(parent, name, Kind::Symlink, 0o777, uid, gid, 0, target)
+    }
+
+    /// `readlink`.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let i = self.inode(ino)?;
+        if i.kind != Some(Kind::Symlink) {
+            return Err(Errno::EINVAL);
+        }
+        Ok(i.target)
+    }
+
+    fn drop_link(&self, ino: u64, by: u64) -> Result<(), Errno> {
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Add {
+                    offset: field::NLINK,
+                    delta: by.wrapping_neg(),
+                },
+                set(field::CTIME, now),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn touch_dir(&self, dir: u64, nlink_delta: i64) -> Result<(), Errno> {
+        let now = self.blocks.now();
+        let mut ops = vec![set(field::MTIME, now), set(field::CTIME, now)];
+        if nlink_delta != 0 {
+            ops.push(Op::Add {
+                offset: field::NLINK,
+                delta: nlink_delta as u64,
+            });
+        }
+        self.update(inode_block(dir), &ops)?;
+        Ok(())
+    }
+
+    /// `unlink` a non-directory.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        check_name(name)?;
+        self.dir(parent)?;
+        let e = self.find(parent, name)?.ok_or(Errno::ENOENT)?;
+        if e.kind == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        if !self.remove(parent, name, e.ino)? {
+            return Err(Errno::ENOENT);
+        }
+        self.drop_link(e.ino, 1)?;
+        self.touch_dir(parent, 0)
+    }
+
+    /// `rmdir`.
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        if name == b"." {
+            return Err(Errno::EINVAL);
+        }
+        if name == b".." {
+            return Err(Errno::ENOTEMPTY);
+        }
+        check_name(name)?;
+        self.dir(parent)?;
+        let e = self.find(parent, name)?.ok_or(Errno::ENOENT)?;
+        if e.kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        if !self.readdir(e.ino)?.is_empty() {
+            return Err(Errno::ENOTEMPTY);
+        }
+        if !self.remove(parent, name, e.ino)? {
+            return Err(Errno::ENOENT);
+        }
+        self.drop_link(e.ino, 2)?;
+        self.touch_dir(parent, -1)
+    }
+
+    /// `link`: a new name for `ino`.
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Inode, Errno> {
+        check_name(name)?;
+        let i = self.inode(ino)?;
+        if i.kind == Some(Kind::Dir) {
+            return Err(Errno::EPERM);
+        }
+        if i.nlink >= 65000 {
+            return Err(Errno::EMLINK);
+        }
+        self.dir(parent)?;
+        if self.find(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Add {
+                    offset: field::NLINK,
+                    delta: 1,
+                },
+                set(field::CTIME, now),
+            ],
+        )?;
+        let entry = Entry {
+            name: name.to_vec(),
+            ino,
+            kind: i.kind.unwrap_or(Kind::File),
+        };
+        if self.insert(parent, entry, false)?.is_some() {
+            self.drop_link(ino, 1)?;
+            return Err(Errno::EEXIST);
+        }
+        self.touch_dir(parent, 0)?;
+        self.inode(ino)
+    }
+
+    /// Whether `dir` is `ancestor` or lies below it.
+    fn is_under(&self, mut dir: u64, ancestor: u64) -> Result<bool, Errno> {
+        let root = self.root();
+        for _ in 0..4096 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == root {
+                return Ok(false);
+            }
+            dir = self.inode(dir)?.parent;
+        }
+        Err(Errno::EIO)
+    }
+
+    /// `rename`, with the `RENAME_NOREPLACE` / `RENAME_EXCHANGE` variants.
+    ///
+    /// Not atomic against a crash between its steps (insert at the target, then remove at
+    /// the source): a crash can leave both names; see docs/cluster.md.
+    pub fn rename(
+        &self,
+        sp: u64,
+        sn: &[u8],
+        dp: u64,
+        dn: &[u8],
+        mode: RenameMode,
+    ) -> Result<(), Errno> {
+        check_name(sn)?;
+        check_name(dn)?;
+        self.dir(sp)?;
+        self.dir(dp)?;
+        let src = self.find(sp, sn)?.ok_or(Errno::ENOENT)?;
+        let dst = self.find(dp, dn)?;
+        if sp == dp && sn == dn {
+            return Ok(());
+        }
+        if src.kind == Kind::Dir && self.is_under(dp, src.ino)? {
+            return Err(Errno::EINVAL);
+        }
+        let now = self.blocks.now();
+        match mode {
+            RenameMode::NoReplace if dst.is_some() => return Err(Errno::EEXIST),
+            RenameMode::Exchange => {
+                let dst = dst.ok_or(Errno::ENOENT)?;
+                if dst.kind == Kind::Dir && self.is_under(sp, dst.ino)? {
+                    return Err(Errno::EINVAL);
+                }
+                self.insert(
+                    dp,
+                    Entry {
+                        name: dn.to_vec(),
+                        ..src.clone()
+                    },
+                    true,
+                )?;
+                self.insert(
+                    sp,
+                    Entry {
+                        name: sn.to_vec(),
+                        ..dst.clone()
+                    },
+                    true,
+                )?;
+                for (e, newp) in [(&src, dp), (&dst, sp)] {
+                    let mut ops = vec![set(field::CTIME, now)];
+                    if e.kind == Kind::Dir {
+                        ops.push(set(field::PARENT, newp));
+                    }
+                    self.update(inode_block(e.ino), &ops)?;
+                }
+                if sp != dp {
+                    let d = |k: Kind| if k == Kind::Dir { 1i64 } else { 0 };
+                    let delta = d(dst.kind) - d(src.kind);
+                    self.touch_dir(sp, delta)?;
+                    self.touch_dir(dp, -delta)?;
+                } else {
+                    self.touch_dir(sp, 0)?;
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        if let Some(d) = &dst {
+            if d.ino == src.ino {
+                // Two names of one file: POSIX says do nothing.
+                return Ok(());
+            }
+            match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (true, true) if !self.readdir(d.ino)?.is_empty() => return Err(Errno::ENOTEMPTY),
+                _ => {}
+            }
+        }
+        let entry = Entry {
+            name: dn.to_vec(),
+            ..src.clone()
+        };
+        if sp == dp && bucket_of(sn) == bucket_of(dn) {
+            // One bucket: one atomic update.
+            let old = self.update(
+                block_id(sp, bucket_of(sn)),
+                &[
+                    Op::Insert {
+                        entry,
+                        replace: true,
+                    },
+                    Op::Remove {
+                        name: sn.to_vec(),
+                        ino: src.ino,
+                    },
+                ],
+            )?;
+            let before = decode_bucket(&old).ok_or(Errno::EIO)?;
+            if !before.iter().any(|e| e.name == sn && e.ino == src.ino) {
+                return Err(Errno::ENOENT);
+            }
+        } else {
+            self.insert(dp, entry, true)?;
+            self.remove(sp, sn, src.ino)?;
+        }
+        let mut ops = vec![set(field::CTIME, now)];
+        if src.kind == Kind::Dir {
+            ops.push(set(field::PARENT, dp));
+        }
+        self.update(inode_block(src.ino), &ops)?;
+        let replaced_dir = dst.as_ref().is_some_and(|d| d.kind == Kind::Dir);
+        if let Some(d) = &dst {
+            self.drop_link(d.ino, if d.kind == Kind::Dir { 2 } else { 1 })?;
+        }
+        if sp != dp {
+            let moved = (src.kind == Kind::Dir) as i64;
+            self.touch_dir(sp, -moved)?;
+            self.touch_dir(dp, moved - replaced_dir as i64)?;
+        } else {
+            self.touch_dir(sp, -(replaced_dir as i64))?;
+        }
+        Ok(())
+    }
+
+    /// `readdir`: every entry (without `.` and `..`), in a stable order.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<Entry>, Errno> {
+        self.dir(ino)?;
+        let ops = (0..DIR_BUCKETS)
+            .map(|b| (block_id(ino, b), UserOp::Read))
+            .collect();
+        let mut out = Vec::new();
+        for r in self.blocks.run(ops) {
+            match r? {
+                Outcome::Read(b) => out.extend(decode_bucket(&b).ok_or(Errno::EIO)?),
+                _ => return Err(Errno::EIO),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `setattr`.
+    pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Inode, Errno> {
+        let i = self.inode(ino)?;
+        let now = self.blocks.now();
+        let mut ops = Vec::new();
+        if let Some(m) = a.mode {
+            ops.push(set(field::MODE, ((i.mode & !0o7777) | (m & 0o7777)) as u64));
+        }
+        if let Some(u) = a.uid {
+            ops.push(set(field::UID, u as u64));
+        }
+        if let Some(g) = a.gid {
+            ops.push(set(field::GID, g as u64));
+        }
+        if let Some(t) = a.atime {
+            ops.push(set(field::ATIME, t));
+        }
+        if let Some(t) = a.mtime {
+            ops.push(set(field::MTIME, t));
+        }
+        if let Some(size) = a.size {
+            if i.kind == Some(Kind::Dir) {
+                return Err(Errno::EISDIR);
+            }
+            if i.kind != Some(Kind::File) {
+                return Err(Errno::EINVAL);
+            }
+            if size > MAX_FILE {
+                return Err(Errno::EFBIG);
+            }
+            self.truncate_blocks(ino, i.size, size)?;
+            ops.push(set(field::SIZE, size));
+            if a.mtime.is_none() {
+                ops.push(set(field::MTIME, now));
+            }
+        }
+        ops.push(set(field::CTIME, a.ctime.unwrap_or(now)));
+        self.update(inode_block(ino), &ops)?;
+        self.inode(ino)
+    }
+
+    /// Zero what lies past `new` up to `old` (bytes past the size are always zero).
+    fn truncate_blocks(&self, ino: u64, old: u64, new: u64) -> Result<(), Errno> {
+        if new >= old {
+            return Ok(());
+        }
+        let bs = BLOCK as u64;
+        let first_whole = new.div_ceil(bs);
+        let end = old.div_ceil(bs);
+        let mut ops: Vec<(BlockId, UserOp<Vec<u8>>)> = Vec::new();
+        if !new.is_multiple_of(bs) {
+            ops.push((
+                block_id(ino, new / bs),
+                UserOp::Update(encode_patch(&[Op::Resize {
+                    len: (new % bs) as u32,
+                }])),
+            ));
+        }
+        for b in first_whole..end {
+            ops.push((block_id(ino, b), UserOp::Write(Vec::new())));
+            if ops.len() >= 1024 {
+                self.run_writes(std::mem::take(&mut ops))?;
+            }
+        }
+        self.run_writes(ops)
+    }
+
+    fn run_writes(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Result<(), Errno> {
+        for (b, _) in &ops {
+            self.note_dirty(*b);
+        }
+        for r in self.blocks.run(ops) {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// `read`: up to `len` bytes at `offset` (short at the end of the file).
+    pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let i = self.inode(ino)?;
+        if i.kind == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        if offset >= i.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + len as u64).min(i.size);
+        let bs = BLOCK as u64;
+        let blocks: Vec<u64> = (offset / bs..end.div_ceil(bs)).collect();
+        let ops = blocks
+            .iter()
+            .map(|b| (block_id(ino, *b), UserOp::Read))
+            .collect();
+        let mut out = vec![0u8; (end - offset) as usize];
+        for (b, r) in blocks.iter().zip(self.blocks.run(ops)) {
+            let Outcome::Read(data) = r? else {
+                return Err(Errno::EIO);
+            };
+            let bstart = b * bs;
+            let from = offset.max(bstart);
+            let to = end.min(bstart + bs);
+            for pos in from..to {
+                if let Some(v) = data.get((pos - bstart) as usize) {
+                    out[(pos - offset) as usize] = *v;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `write`: all of `data` at `offset`; returns the bytes written.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+        let i = self.inode(ino)?;
+        if i.kind == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        if end > MAX_FILE {
+            return Err(Errno::EFBIG);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let bs = BLOCK as u64;
+        let mut ops = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / bs;
+            let bstart = b * bs;
+            let to = end.min(bstart + bs);
+            let chunk = data[(pos - offset) as usize..(to - offset) as usize].to_vec();
+            let op = if pos == bstart && to == bstart + bs {
+                UserOp::Write(chunk)
+            } else {
+                UserOp::Update(encode_patch(&[Op::Splice {
+                    offset: (pos - bstart) as u32,
+                    bytes: chunk,
+                }]))
+            };
+            ops.push((block_id(ino, b), op));
+            pos = to;
+        }
+        self.run_writes(ops)?;
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Max {
+                    offset: field::SIZE,
+                    value: end,
+                },
+                set(field::MTIME, now),
+                set(field::CTIME, now),
+            ],
+        )?;
+        Ok(data.len())
+    }
+
+    /// `fsync`: once it returns, every block this client wrote to `ino` (data and inode)
+    /// is durable on the stripe group of the file's manager's log.
+    pub fn fsync(&self, ino: u64) -> Result<(), Errno> {
+        let blocks: Vec<BlockId> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let ops = blocks.iter().map(|b| (*b, UserOp::Flush)).collect();
+        let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
+        if let Err(e) = r.and_then(|_| self.blocks.sync(self.map.manager(ino))) {
+            // Keep them for the next fsync.
+            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            d.entry(ino).or_default().extend(blocks);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `fsync` every file this client wrote.
+    pub fn sync_all(&self) -> Result<(), Errno> {
+        let inos: Vec<u64> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for ino in inos {
+            self.fsync(ino)?;
+        }
+        Ok(())
+    }
+
+    /// `statfs`.
+    pub fn statfs(&self) -> Result<StatFs, Errno> {
+        self.blocks.statfs()
+    }
+
+    /// `getxattr`.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
+        let i = self.inode(ino)?;
+        i.xattrs
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .ok_or(Errno::ENODATA)
+    }
+
+    /// `listxattr`.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
+        Ok(self
+            .inode(ino)?
+            .xattrs
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// `setxattr`.
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        mode: XattrMode,
+    ) -> Result<(), Errno> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Errno::ERANGE);
+        }
+        let i = self.inode(ino)?;
+        let exists = i.xattrs.iter().any(|(k, _)| k == name);
+        match mode {
+            XattrMode::Create if exists => return Err(Errno::EEXIST),
+            XattrMode::Replace if !exists => return Err(Errno::ENODATA),
+            _ => {}
+        }
+        let mut probe = i.clone();
+        probe.xattrs.push((name.to_vec(), value.to_vec()));
+        if probe.encode().len() > super::layout::MAX_INODE {
+            return Err(Errno::ENOSPC);
+        }
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Xattr {
+                    name: name.to_vec(),
+                    value: Some(value.to_vec()),
+                },
+                set(field::CTIME, now),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// `removexattr`.
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
+        let i = self.inode(ino)?;
+        if !i.xattrs.iter().any(|(k, _)| k == name) {
+            return Err(Errno::ENODATA);
+        }
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Xattr {
+                    name: name.to_vec(),
+                    value: None,
+                },
+                set(field::CTIME, now),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Resolve an absolute path (`/a/b`), following no symlinks.
+    pub fn resolve(&self, path: &str) -> Result<Inode, Errno> {
+        let mut cur = self.inode(self.root())?;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            cur = self.lookup(cur.ino, part.as_bytes())?;
+        }
+        Ok(cur)
+    }
+
+    /// The parent directory and last name of an absolute path.
+    pub fn resolve_parent<'p>(&self, path: &'p str) -> Result<(Inode, &'p str), Errno> {
+        let path = path.trim_end_matches('/');
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        if name.is_empty() {
+            return Err(Errno::EINVAL);
+        }
+        Ok((self.resolve(dir)?, name))
+    }
+}

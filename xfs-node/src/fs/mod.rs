@@ -1,0 +1,5 @@
+//! The file system on top of the coherence protocol: block layout and patches
+//! ([`layout`]), and the client API ([`client`]).
+
+pub mod client;
+pub mod layout;

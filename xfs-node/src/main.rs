@@ -1,0 +1,554 @@
+//! `xfs-node`: run and use a serverless xFS-style cluster.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use xfs_node::fs::layout::Kind;
+use xfs_node::node::config::Config;
+use xfs_node::node::control::{Control, NodeStatus, Request, Response};
+use xfs_node::node::{Node, Rdma, Udp};
+
+#[derive(Parser)]
+#[command(
+    name = "xfs-node",
+    version,
+    about = "A serverless distributed file system node (xFS over Active Messages)",
+    long_about = "Run a cluster of xfs-node processes (client, manager and storage roles over \
+                  Active Messages on UDP or RDMA verbs) and use it without a mount.\n\n\
+                  Start a local 3-node cluster:  xfs-node up --data /tmp/xfs\n\
+                  Store and fetch a file:        xfs-node put --data /tmp/xfs ./a.txt /a.txt\n\
+                  \x20                              xfs-node get --data /tmp/xfs --node 2 /a.txt ./b.txt\n\
+                  Stop it:                       xfs-node down --data /tmp/xfs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Where {
+    /// The local cluster's data directory (as given to `up`; holds cluster.toml).
+    #[arg(long, conflicts_with = "config")]
+    data: Option<PathBuf>,
+    /// A cluster config file (real clusters).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl Where {
+    fn load(&self) -> Result<Config, String> {
+        match (&self.data, &self.config) {
+            (Some(d), _) => {
+                let p = d.join("cluster.toml");
+                if !p.exists() {
+                    return Err(format!(
+                        "{} has no cluster.toml: start a cluster there with `xfs-node up --data {}`",
+                        d.display(),
+                        d.display()
+                    ));
+                }
+                Config::load(&p)
+            }
+            (None, Some(c)) => Config::load(c),
+            (None, None) => {
+                Err("say which cluster: --data DIR (a local cluster) or --config FILE".into())
+            }
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster of N node processes on loopback and wait until it is healthy.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Data directory (config, storage files, sockets, logs).
+        #[arg(long)]
+        data: PathBuf,
+        /// Transport: udp or rdma.
+        #[arg(long, default_value = "udp")]
+        transport: String,
+        /// First UDP port (node k uses port + 10 (k - 1) and up).
+        #[arg(long, default_value_t = 7100)]
+        port: u16,
+        /// Size of each node's storage file, MiB.
+        #[arg(long, default_value_t = 256)]
+        storage_mb: u64,
+        /// Seconds to wait for the cluster to become healthy.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Stop a local cluster cleanly (write back, fsync, checkpoint).
+    Down {
+        /// The data directory given to `up`.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Show nodes, roles, manager map, stripe groups, space and degraded groups.
+    Status {
+        #[command(flatten)]
+        at: Where,
+        /// Also print every node's counters.
+        #[arg(long)]
+        counters: bool,
+    },
+    /// Run one node in the foreground (real clusters; `up` runs these for you).
+    Serve {
+        /// The cluster config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// This node's id in the config.
+        #[arg(long)]
+        node: u16,
+    },
+    /// Copy a local file into the cluster (fsynced before it returns).
+    Put {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client to use.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Local file.
+        local: PathBuf,
+        /// Path in the cluster (absolute).
+        path: String,
+    },
+    /// Copy a file out of the cluster (LOCAL `-` writes to stdout).
+    Get {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client to use.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Path in the cluster.
+        path: String,
+        /// Local file.
+        local: PathBuf,
+    },
+    /// List a directory in the cluster.
+    Ls {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client to use.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Path in the cluster.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Remove a file or an empty directory in the cluster.
+    Rm {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client to use.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Path in the cluster.
+        path: String,
+    },
+    /// Create a directory in the cluster.
+    Mkdir {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client to use.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Path in the cluster.
+        path: String,
+    },
+}
+
+fn control(cfg: &Config, node: u16) -> Result<Control, String> {
+    let n = cfg.node(node).ok_or_else(|| {
+        format!(
+            "node {node} is not in the cluster (nodes: {:?})",
+            cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
+        )
+    })?;
+    Control::connect(&n.control)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+fn read_pid(data: &Path, id: u16) -> Option<i32> {
+    std::fs::read_to_string(data.join(format!("node{id}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn status_of(cfg: &Config, id: u16) -> Result<NodeStatus, String> {
+    match control(cfg, id)?.call_ok(&Request::Status)? {
+        Response::Status(s) => Ok(*s),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+fn up(
+    nodes: usize,
+    data: &Path,
+    transport: &str,
+    port: u16,
+    storage_mb: u64,
+    timeout: u64,
+) -> Result<(), String> {
+    if nodes == 0 || nodes > 64 {
+        return Err(format!("--nodes {nodes}: use 1 to 64"));
+    }
+    std::fs::create_dir_all(data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+    let data = data
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", data.display()))?;
+    let cfg_path = data.join("cluster.toml");
+    let cfg = if cfg_path.exists() {
+        let c = Config::load(&cfg_path)?;
+        if c.nodes.len() != nodes || c.cluster.transport != transport {
+            return Err(format!(
+                "{} holds a cluster of {} nodes over {}: restart it with --nodes {} --transport {}, \
+                 or use another --data directory",
+                data.display(),
+                c.nodes.len(),
+                c.cluster.transport,
+                c.nodes.len(),
+                c.cluster.transport
+            ));
+        }
+        c
+    } else {
+        let c = Config::local(nodes, &data, transport, port, storage_mb << 20);
+        c.validate()?;
+        std::fs::write(&cfg_path, c.to_toml())
+            .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+        c
+    };
+    for n in &cfg.nodes {
+        if let Some(pid) = read_pid(&data, n.id) {
+            if pid_alive(pid) {
+                return Err(format!(
+                    "node {} is already running (pid {pid}): stop the cluster with `xfs-node down --data {}`",
+                    n.id,
+                    data.display()
+                ));
+            }
+        }
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    for n in &cfg.nodes {
+        let log = std::fs::File::create(data.join(format!("node{}.log", n.id)))
+            .map_err(|e| format!("cannot create the node's log file: {e}"))?;
+        let child = Command::new(&exe)
+            .args(["serve", "--config"])
+            .arg(&cfg_path)
+            .args(["--node", &n.id.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start node {}: {e}", n.id))?;
+        std::fs::write(
+            data.join(format!("node{}.pid", n.id)),
+            child.id().to_string(),
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    eprint!("waiting for {} nodes", cfg.nodes.len());
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    for n in &cfg.nodes {
+        loop {
+            if let Ok(s) = status_of(&cfg, n.id) {
+                if s.ready {
+                    eprint!(".");
+                    break;
+                }
+            }
+            let alive = read_pid(&data, n.id).is_some_and(pid_alive);
+            if !alive {
+                let log = std::fs::read_to_string(data.join(format!("node{}.log", n.id)))
+                    .unwrap_or_default();
+                return Err(format!("node {} exited during start:\n{log}", n.id));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "node {} did not become healthy within {timeout} s (see {}/node{}.log)",
+                    n.id,
+                    data.display(),
+                    n.id
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!(" up");
+    print_status(&cfg, false)?;
+    println!(
+        "\nUse it:   xfs-node put --data {d} LOCAL /PATH ; xfs-node get --data {d} --node 2 /PATH LOCAL\n\
+         Stop it:  xfs-node down --data {d}",
+        d = data.display()
+    );
+    Ok(())
+}
+
+fn down(data: &Path) -> Result<(), String> {
+    let cfg = Where {
+        data: Some(data.to_path_buf()),
+        config: None,
+    }
+    .load()?;
+    let mut problems = Vec::new();
+    // Every client writes back first, then every log is checkpointed.
+    for n in &cfg.nodes {
+        if let Err(e) = control(&cfg, n.id).and_then(|mut c| c.call_ok(&Request::Flush)) {
+            problems.push(format!("node {}: {e}", n.id));
+        }
+    }
+    for n in &cfg.nodes {
+        if let Err(e) = control(&cfg, n.id).and_then(|mut c| c.call_ok(&Request::Checkpoint)) {
+            problems.push(format!("node {}: {e}", n.id));
+        }
+    }
+    for n in &cfg.nodes {
+        if let Err(e) = control(&cfg, n.id).and_then(|mut c| c.call_ok(&Request::Shutdown)) {
+            problems.push(format!("node {}: {e}", n.id));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in &cfg.nodes {
+        if let Some(pid) = read_pid(data, n.id) {
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if pid_alive(pid) {
+                // SAFETY: sending a signal to a process we started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                problems.push(format!("node {} did not exit; killed", n.id));
+            }
+            let _ = std::fs::remove_file(data.join(format!("node{}.pid", n.id)));
+        }
+    }
+    if problems.is_empty() {
+        println!(
+            "stopped {} nodes (written back, checkpointed)",
+            cfg.nodes.len()
+        );
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
+    let map = cfg.manager_map();
+    println!(
+        "cluster {:?} (config version {}, transport {}, {} shards per node)",
+        cfg.cluster.name, cfg.cluster.version, cfg.cluster.transport, cfg.cluster.shards
+    );
+    println!(
+        "{:<5} {:<8} {:<22} {:<24} {:>9} {:>14}  state",
+        "node", "pid", "address", "roles", "managers", "storage used"
+    );
+    let mut down_nodes = Vec::new();
+    for n in &cfg.nodes {
+        let managed = map.entries.iter().filter(|e| **e == n.id).count();
+        match status_of(cfg, n.id) {
+            Ok(s) => {
+                println!(
+                    "{:<5} {:<8} {:<22} {:<24} {:>9} {:>14}  {}{}",
+                    n.id,
+                    s.pid,
+                    format!("{}:{}", n.host, n.port),
+                    n.roles.join(","),
+                    format!("{managed}/{}", map.entries.len()),
+                    format!(
+                        "{}/{} MiB",
+                        s.storage_used_bytes >> 20,
+                        s.storage_total_bytes >> 20
+                    ),
+                    if s.ready { "ready" } else { "starting" },
+                    if s.counter("log_servers_lost") > 0 {
+                        ", log degraded (a storage server is down)"
+                    } else {
+                        ""
+                    }
+                );
+                if counters {
+                    for (k, v) in &s.counters {
+                        println!("      {k} = {v}");
+                    }
+                }
+            }
+            Err(_) => {
+                down_nodes.push(n.id);
+                println!(
+                    "{:<5} {:<8} {:<22} {:<24} {:>9} {:>14}  DOWN",
+                    n.id,
+                    "-",
+                    format!("{}:{}", n.host, n.port),
+                    n.roles.join(","),
+                    format!("{managed}/{}", map.entries.len()),
+                    "-"
+                );
+            }
+        }
+    }
+    println!(
+        "manager map v{}: {} entries",
+        map.version,
+        map.entries.len()
+    );
+    for g in &cfg.stripe_groups {
+        let lost: Vec<_> = g
+            .servers
+            .iter()
+            .filter(|s| down_nodes.contains(s))
+            .collect();
+        println!(
+            "stripe group {}: servers {:?}, {} data + {} parity{}",
+            g.id,
+            g.servers,
+            g.servers.len() - g.parity,
+            g.parity,
+            if lost.is_empty() {
+                String::new()
+            } else {
+                format!(", DEGRADED (down: {lost:?})")
+            }
+        );
+    }
+    Ok(())
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn serve(config: &Path, id: u16) -> Result<(), String> {
+    let cfg = Config::load(config)?;
+    let node = match cfg.cluster.transport.as_str() {
+        "rdma" => Node::start(cfg, id, Rdma)?,
+        _ => Node::start(cfg, id, Udp)?,
+    };
+    node.wait_ready(Duration::from_secs(60))?;
+    eprintln!("xfs-node {id}: ready");
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let node = Arc::new(node);
+    let n2 = node.clone();
+    let server = std::thread::spawn(move || n2.serve());
+    while !server.is_finished() {
+        if STOP.load(Ordering::Relaxed) {
+            eprintln!("xfs-node {id}: signal: writing back and checkpointing");
+            let _ = node.client.sync_all();
+            let _ = node.sync_log(true);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if server.is_finished() {
+        server.join().map_err(|_| "control thread panicked")??;
+    }
+    eprintln!("xfs-node {id}: stopped");
+    std::process::exit(0);
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Up {
+            nodes,
+            data,
+            transport,
+            port,
+            storage_mb,
+            timeout,
+        } => {
+            if !matches!(transport.as_str(), "udp" | "rdma") {
+                return Err(format!("--transport {transport}: use udp or rdma"));
+            }
+            up(nodes, &data, &transport, port, storage_mb, timeout)
+        }
+        Cmd::Down { data } => down(&data),
+        Cmd::Status { at, counters } => print_status(&at.load()?, counters),
+        Cmd::Serve { config, node } => serve(&config, node),
+        Cmd::Put {
+            at,
+            node,
+            local,
+            path,
+        } => {
+            let data = std::fs::read(&local)
+                .map_err(|e| format!("cannot read {}: {e}", local.display()))?;
+            control(&at.load()?, node)?.call_ok(&Request::Put { path, data })?;
+            Ok(())
+        }
+        Cmd::Get {
+            at,
+            node,
+            path,
+            local,
+        } => match control(&at.load()?, node)?.call_ok(&Request::Get { path })? {
+            Response::Data(d) => {
+                if local.as_os_str() == "-" {
+                    std::io::stdout().write_all(&d).map_err(|e| e.to_string())
+                } else {
+                    std::fs::write(&local, d)
+                        .map_err(|e| format!("cannot write {}: {e}", local.display()))
+                }
+            }
+            other => Err(format!("unexpected answer {other:?}")),
+        },
+        Cmd::Ls { at, node, path } => {
+            match control(&at.load()?, node)?.call_ok(&Request::Ls { path })? {
+                Response::Entries(v) => {
+                    for (e, a) in v {
+                        let t = match e.kind {
+                            Kind::Dir => 'd',
+                            Kind::Symlink => 'l',
+                            Kind::File => '-',
+                            Kind::Special => 's',
+                        };
+                        println!(
+                            "{t}{:o} {:>3} {:>12} {}",
+                            a.mode & 0o7777,
+                            a.nlink,
+                            a.size,
+                            String::from_utf8_lossy(&e.name)
+                        );
+                    }
+                    Ok(())
+                }
+                other => Err(format!("unexpected answer {other:?}")),
+            }
+        }
+        Cmd::Rm { at, node, path } => control(&at.load()?, node)?
+            .call_ok(&Request::Rm { path })
+            .map(|_| ()),
+        Cmd::Mkdir { at, node, path } => control(&at.load()?, node)?
+            .call_ok(&Request::Mkdir { path })
+            .map(|_| ()),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xfs-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The cluster configuration (TOML), the same file on every node.
+//!
+//! ```toml
+//! [cluster]
+//! name = "demo"          # part of every endpoint's tag: clusters do not mix
+//! version = 1            # bump on every change; nodes of another version are refused
+//! transport = "udp"      # or "rdma"
+//! shards = 2             # shard loops (cores) per node
+//! n_chance = 2           # N-chance forwarding of last copies
+//! cache_blocks = 16384   # blocks each shard caches (4 KiB each)
+//!
+//! [[nodes]]
+//! id = 1
+//! host = "127.0.0.1"
+//! port = 7100            # shard s listens on port + s, the storage server on port + shards
+//! roles = ["client", "manager", "storage"]
+//! storage = "/var/lib/xfs/node1.img"   # a file (created) or a block device
+//! storage_bytes = 268435456            # size of a created file
+//! control = "/run/xfs/node1.sock"      # the CLI's socket
+//!
+//! [manager_map]
+//! version = 1
+//! entries = [1, 2, 3]    # index number % len -> manager node
+//!
+//! [[stripe_groups]]
+//! id = 0
+//! servers = [1, 2, 3]    # storage nodes, data first, then parity
+//! parity = 1
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::coherence::NodeId;
+use crate::fs::client::ManagerMap;
+use crate::storage::log::{StripeGroup, StripeGroupMap};
+
+/// Cluster-wide settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Cluster name.
+    pub name: String,
+    /// Configuration version.
+    pub version: u64,
+    /// `udp` or `rdma`.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// Shard loops per node.
+    #[serde(default = "default_shards")]
+    pub shards: usize,
+    /// N-chance forwarding count.
+    #[serde(default = "default_n_chance")]
+    pub n_chance: u8,
+    /// Blocks cached per shard.
+    #[serde(default = "default_cache")]
+    pub cache_blocks: usize,
+    /// Fragment size on the storage servers, bytes.
+    #[serde(default = "default_fragment")]
+    pub fragment_bytes: usize,
+}
+
+fn default_transport() -> String {
+    "udp".into()
+}
+fn default_shards() -> usize {
+    2
+}
+fn default_n_chance() -> u8 {
+    2
+}
+fn default_cache() -> usize {
+    16384
+}
+fn default_fragment() -> usize {
+    64 * 1024
+}
+
+/// One node.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Node id (1..65535).
+    pub id: NodeId,
+    /// Its address.
+    pub host: IpAddr,
+    /// First port (shards at `port + s`, the storage server at `port + shards`).
+    pub port: u16,
+    /// Any of `client`, `manager`, `storage`.
+    pub roles: Vec<String>,
+    /// The storage server's file or block device.
+    #[serde(default)]
+    pub storage: Option<PathBuf>,
+    /// Size of a storage file created on first start.
+    #[serde(default)]
+    pub storage_bytes: Option<u64>,
+    /// The control socket.
+    pub control: PathBuf,
+}
+
+impl NodeSection {
+    /// Whether the node runs `role`.
+    pub fn has(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+    /// Shard `s`'s address.
+    pub fn shard_addr(&self, s: usize) -> SocketAddr {
+        SocketAddr::new(self.host, self.port + s as u16)
+    }
+    /// The storage server's address.
+    pub fn storage_addr(&self, shards: usize) -> SocketAddr {
+        SocketAddr::new(self.host, self.port + shards as u16)
+    }
+}
+
+/// The manager map as written.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MapSection {
+    /// Version.
+    pub version: u64,
+    /// Entries.
+    pub entries: Vec<NodeId>,
+}
+
+/// A stripe group as written.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// Group id.
+    pub id: u32,
+    /// Storage nodes.
+    pub servers: Vec<NodeId>,
+    /// Parity fragments.
+    pub parity: usize,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Cluster settings.
+    pub cluster: ClusterSection,
+    /// Nodes.
+    pub nodes: Vec<NodeSection>,
+    /// Manager map.
+    pub manager_map: MapSection,
+    /// Stripe groups.
+    pub stripe_groups: Vec<GroupSection>,
+}
+
+const ROLES: [&str; 3] = ["client", "manager", "storage"];
+
+impl Config {
+    /// Read and check a configuration file.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the config {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parse and check.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| format!("bad config: {e}"))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// As TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Check everything a node relies on; the error names what to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.cluster;
+        if !matches!(c.transport.as_str(), "udp" | "rdma") {
+            return Err(format!(
+                "[cluster] transport = {:?}: use \"udp\" or \"rdma\"",
+                c.transport
+            ));
+        }
+        if c.shards == 0 || c.shards > 64 {
+            return Err(format!("[cluster] shards = {}: use 1 to 64", c.shards));
+        }
+        if c.fragment_bytes < 8192 || !c.fragment_bytes.is_multiple_of(4096) {
+            return Err(format!(
+                "[cluster] fragment_bytes = {}: use a multiple of 4096, at least 8192",
+                c.fragment_bytes
+            ));
+        }
+        if self.nodes.is_empty() {
+            return Err("no [[nodes]]: give at least one".into());
+        }
+        let mut ids = Vec::new();
+        for n in &self.nodes {
+            if n.id == 0 {
+                return Err("[[nodes]] id = 0: node ids start at 1".into());
+            }
+            if ids.contains(&n.id) {
+                return Err(format!("[[nodes]] id = {} appears twice", n.id));
+            }
+            ids.push(n.id);
+            if let Some(r) = n.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
+                return Err(format!(
+                    "node {}: unknown role {r:?} (roles are client, manager, storage)",
+                    n.id
+                ));
+            }
+            if n.has("storage") && n.storage.is_none() {
+                return Err(format!(
+                    "node {} has the storage role but no `storage = \"FILE or DEVICE\"`",
+                    n.id
+                ));
+            }
+            if n.port as usize + c.shards > 65535 {
+                return Err(format!(
+                    "node {}: port {} leaves no room for {} shards",
+                    n.id, n.port, c.shards
+                ));
+            }
+        }
+        let map = self.manager_map();
+        map.validate(&ids)?;
+        for e in &map.entries {
+            if !self.node(*e).is_some_and(|n| n.has("manager")) {
+                return Err(format!(
+                    "the manager map names node {e}, which has no manager role"
+                ));
+            }
+        }
+        let groups = self.stripe_group_map();
+        groups.validate()?;
+        if groups.groups.is_empty() {
+            return Err("no [[stripe_groups]]: give one".into());
+        }
+        for g in &groups.groups {
+            for s in &g.servers {
+                if !self.node(*s).is_some_and(|n| n.has("storage")) {
+                    return Err(format!(
+                        "stripe group {} names node {s}, which has no storage role",
+                        g.id
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `id`.
+    pub fn node(&self, id: NodeId) -> Option<&NodeSection> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// The manager map.
+    pub fn manager_map(&self) -> ManagerMap {
+        ManagerMap {
+            version: self.manager_map.version,
+            entries: self.manager_map.entries.clone(),
+        }
+    }
+
+    /// The stripe-group map.
+    pub fn stripe_group_map(&self) -> StripeGroupMap {
+        StripeGroupMap {
+            version: self.cluster.version,
+            groups: self
+                .stripe_groups
+                .iter()
+                .map(|g| StripeGroup {
+                    id: g.id,
+                    servers: g.servers.clone(),
+                    parity: g.parity,
+                })
+                .collect(),
+        }
+    }
+
+    /// The tag every endpoint of this cluster uses: the cluster name and the config
+    /// version, so a node with another version cannot talk to this one.
+    pub fn tag(&self) -> u64 {
+        let mut h: u64 = 0x7846_535f_7461_6700;
+        for b in self.cluster.name.bytes() {
+            h = am_core::engine::splitmix(h ^ b as u64);
+        }
+        am_core::engine::splitmix(h ^ self.cluster.version) | 1
+    }
+
+    /// A local cluster of `n` nodes on loopback, every node in every role, storage files
+    /// under `data` (used by `xfs-node up`).
+    pub fn local(
+        n: usize,
+        data: &Path,
+        transport: &str,
+        base_port: u16,
+        storage_bytes: u64,
+    ) -> Config {
+        let ids: Vec<NodeId> = (1..=n as NodeId).collect();
+        let shards = 2;
+        Config {
+            cluster: ClusterSection {
+                name: "local".into(),
+                version: 1,
+                transport: transport.into(),
+                shards,
+                n_chance: 2,
+                cache_blocks: 16384,
+                fragment_bytes: 64 * 1024,
+            },
+            nodes: ids
+                .iter()
+                .map(|id| NodeSection {
+                    id: *id,
+                    host: IpAddr::from([127, 0, 0, 1]),
+                    port: base_port + (*id - 1) * 10,
+                    roles: ROLES.iter().map(|r| r.to_string()).collect(),
+                    storage: Some(data.join(format!("node{id}.img"))),
+                    storage_bytes: Some(storage_bytes),
+                    control: data.join(format!("node{id}.sock")),
+                })
+                .collect(),
+            manager_map: MapSection {
+                version: 1,
+                entries: ManagerMap::even(&ids, 16).entries,
+            },
+            stripe_groups: vec![GroupSection {
+                id: 0,
+                servers: ids.clone(),
+                parity: usize::from(n > 1),
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_config_round_trips_and_validates() {
+        let c = Config::local(3, Path::new("/tmp/x"), "udp", 7100, 1 << 26);
+        let again = Config::parse(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(again.manager_map().manager(again.manager_map().root()), 1);
+    }
+
+    #[test]
+    fn bad_configs_name_what_to_fix() {
+        let good = Config::local(3, Path::new("/tmp/x"), "udp", 7100, 1 << 26).to_toml();
+        let cases = [
+            (
+                good.replace("transport = \"udp\"", "transport = \"tcp\""),
+                "transport",
+            ),
+            (good.replace("parity = 1", "parity = 3"), "parity"),
+            (good.replacen("id = 2", "id = 1", 1), "appears twice"),
+            ("[cluster]\nname = 1".to_string(), "bad config"),
+            (
+                good.replace("version = 1\nentries = [", "version = 1\nentries = [9, "),
+                "node 9",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(&text).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+}

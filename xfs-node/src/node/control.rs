@@ -1,0 +1,282 @@
+//! The control socket: how the CLI (and benchmarks, and later the mount) use a node's
+//! client. A Unix stream socket; each request and response is a little-endian u32 length
+//! and a `bincode` body. One connection serves its requests in order; open several for
+//! parallelism. A request that does not parse gets an error response, never a crash.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fs::client::{RenameMode, SetAttr, StatFs, XattrMode};
+use crate::fs::layout::{Entry, Inode};
+
+/// Largest frame (a `put` of a file carries the whole file).
+pub const MAX_FRAME: usize = 1 << 30;
+
+/// What a client asks a node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// The node's state.
+    Status,
+    /// Create or replace the file at `path` with `data`, then fsync it and its directory.
+    Put {
+        /// Absolute path in the file system.
+        path: String,
+        /// Content.
+        data: Vec<u8>,
+    },
+    /// The content of the file at `path`.
+    Get {
+        /// Absolute path.
+        path: String,
+    },
+    /// The entries of the directory at `path` (or the file itself).
+    Ls {
+        /// Absolute path.
+        path: String,
+    },
+    /// Remove the file or empty directory at `path`.
+    Rm {
+        /// Absolute path.
+        path: String,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// Absolute path.
+        path: String,
+    },
+    /// One client-API call.
+    Fs(FsOp),
+    /// Write back and fsync everything this node's client wrote.
+    Flush,
+    /// Make the log durable and write a checkpoint.
+    Checkpoint,
+    /// Exit (after `Flush` and `Checkpoint` on every node: `xfs-node down`).
+    Shutdown,
+}
+
+/// The client API by index number.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum FsOp {
+    Lookup {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Getattr {
+        ino: u64,
+    },
+    Create {
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Mkdir {
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Unlink {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Rename {
+        sp: u64,
+        sn: Vec<u8>,
+        dp: u64,
+        dn: Vec<u8>,
+        mode: RenameMode,
+    },
+    Link {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+    },
+    Symlink {
+        parent: u64,
+        name: Vec<u8>,
+        target: Vec<u8>,
+        uid: u32,
+        gid: u32,
+    },
+    Readlink {
+        ino: u64,
+    },
+    Read {
+        ino: u64,
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        ino: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Fsync {
+        ino: u64,
+    },
+    Readdir {
+        ino: u64,
+    },
+    Setattr {
+        ino: u64,
+        attr: SetAttr,
+    },
+    Statfs,
+    Getxattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
+    Setxattr {
+        ino: u64,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+    },
+    Listxattr {
+        ino: u64,
+    },
+    Removexattr {
+        ino: u64,
+        name: Vec<u8>,
+    },
+    Root,
+}
+
+/// A node's state, for `xfs-node status`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node id.
+    pub node: u16,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Process id.
+    pub pid: u32,
+    /// Every part started (shards, storage server, log recovered, root present).
+    pub ready: bool,
+    /// Configuration version.
+    pub config_version: u64,
+    /// Manager-map version.
+    pub map_version: u64,
+    /// Shard loops.
+    pub shards: usize,
+    /// Named counters (coherence, log, storage).
+    pub counters: Vec<(String, u64)>,
+    /// Storage servers this node's log has marked down.
+    pub servers_down: Vec<u16>,
+    /// Storage: slots in use and total on this node's server.
+    pub storage_used_bytes: u64,
+    /// Storage: total bytes.
+    pub storage_total_bytes: u64,
+    /// The last protocol or storage error, if any.
+    pub last_error: Option<String>,
+}
+
+impl NodeStatus {
+    /// A counter by name (0 if absent).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    }
+}
+
+/// A node's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum Response {
+    Ok,
+    Err { errno: i32, message: String },
+    Status(Box<NodeStatus>),
+    Data(Vec<u8>),
+    Attr(Box<Inode>),
+    Entries(Vec<(Entry, Inode)>),
+    Names(Vec<Vec<u8>>),
+    StatFs(StatFs),
+    Count(u64),
+    Ino(u64),
+}
+
+/// Write one frame.
+pub fn send<T: Serialize>(s: &mut impl Write, v: &T) -> std::io::Result<()> {
+    let body = bincode::serialize(v).map_err(std::io::Error::other)?;
+    s.write_all(&(body.len() as u32).to_le_bytes())?;
+    s.write_all(&body)?;
+    s.flush()
+}
+
+/// Read one frame (`Ok(None)` at a clean end of stream).
+pub fn recv<T: for<'de> Deserialize<'de>>(s: &mut impl Read) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds {MAX_FRAME}"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    bincode::deserialize(&body)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// A connection to a node's control socket.
+pub struct Control {
+    stream: UnixStream,
+    path: String,
+}
+
+impl Control {
+    /// Connect to the socket at `path`.
+    pub fn connect(path: &Path) -> Result<Control, String> {
+        let stream = UnixStream::connect(path).map_err(|e| {
+            format!(
+                "cannot reach the node's control socket {}: {e} (is the node running? \
+                 start it with `xfs-node up` or `xfs-node serve`)",
+                path.display()
+            )
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
+        Ok(Control {
+            stream,
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Send a request and wait for the answer.
+    pub fn call(&mut self, req: &Request) -> Result<Response, String> {
+        send(&mut self.stream, req).map_err(|e| format!("{}: {e}", self.path))?;
+        match recv(&mut self.stream) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(format!("{}: the node closed the connection", self.path)),
+            Err(e) => Err(format!("{}: {e}", self.path)),
+        }
+    }
+
+    /// Call, turning an error response into `Err`.
+    pub fn call_ok(&mut self, req: &Request) -> Result<Response, String> {
+        match self.call(req)? {
+            Response::Err { message, .. } => Err(message),
+            r => Ok(r),
+        }
+    }
+}

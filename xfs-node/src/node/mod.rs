@@ -1,0 +1,921 @@
+//! A node process (DESIGN.md §4): any subset of the client, manager and storage roles over
+//! Active Messages, configured by [`config::Config`].
+//!
+//! Threads of a node:
+//! * one **shard loop** per configured shard, each owning a [`Shard`] (one AM endpoint, the
+//!   coherence state of its blocks); other threads reach it only through a bounded queue;
+//! * the **storage server** (storage role): the fragment store on a file or block device
+//!   (io_uring, O_DIRECT) served over its own AM endpoint;
+//! * the **log** (manager role): this node's log striped over its stripe group with parity
+//!   ([`Log`] over [`RemoteStore`]s), shared by the shards' storage roles: the write-backs of
+//!   the blocks this node manages are appended to it; an fsync makes it durable; it is
+//!   checkpointed on a clean stop and periodically, and recovered (checkpoint +
+//!   roll-forward) at start;
+//! * the **control socket** (one thread per connection) running the client API.
+
+pub mod config;
+pub mod control;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use am_core::{Endpoint, EndpointName, Tag, Transport};
+
+use crate::coherence::{
+    BlockId, BlockStore, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp,
+};
+use crate::fs::client::{Blocks, Errno, FsClient, StatFs};
+use crate::fs::layout::{Entry, Inode, Kind, BLOCK, INDEX_SHIFT};
+use crate::shard::{shard_of, Shard, ShardConfig};
+use crate::storage::fragment::FragmentStore;
+use crate::storage::log::{Log, LogError};
+use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
+use crate::storage::uring::{UringOptions, UringStore};
+use config::Config;
+use control::{FsOp, NodeStatus, Request, Response};
+
+/// How long a block operation may take before the client gives up with EIO.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
+const STORE_DEPTH: usize = 16;
+
+type SharedLog<T> = Arc<Mutex<Option<Log<RemoteStore<T>>>>>;
+type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
+type LogControl = Box<dyn Fn(&str) -> Result<Vec<(String, u64)>, String> + Send + Sync>;
+
+fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The shards' storage role: the node's log (absent on a node without the manager role).
+pub struct LogStore<T: Transport> {
+    log: SharedLog<T>,
+}
+
+impl<T: Transport + Send> BlockStore<Vec<u8>> for LogStore<T> {
+    fn read(&mut self, block: BlockId) -> Result<Vec<u8>, String> {
+        let mut g = lock(&self.log);
+        let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
+        match log.read(block) {
+            Ok(d) => Ok(d),
+            Err(LogError::NotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    fn write(&mut self, block: BlockId, data: Vec<u8>) -> Result<(), String> {
+        let mut g = lock(&self.log);
+        let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
+        log.write(block, &data).map_err(|e| e.to_string())
+    }
+    fn sync(&mut self) -> Result<(), String> {
+        let mut g = lock(&self.log);
+        match g.as_mut() {
+            Some(log) => log.fsync().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+enum Cmd {
+    Op {
+        op: OpId,
+        block: BlockId,
+        user: UserOp<Vec<u8>>,
+        reply: OpReply,
+    },
+    Sync {
+        op: OpId,
+        node: NodeId,
+        reply: Sender<Result<(), String>>,
+    },
+    Stats(Sender<Vec<(String, u64)>>),
+}
+
+/// The node's [`Blocks`]: block operations queued to the shard loops.
+pub struct NodeBlocks {
+    me: NodeId,
+    shards: Vec<SyncSender<Cmd>>,
+    next: AtomicU64,
+    statfs: Box<dyn Fn() -> Result<StatFs, Errno> + Send + Sync>,
+}
+
+impl NodeBlocks {
+    fn op_id(&self) -> OpId {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sum the shards' counters.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let mut sum: BTreeMap<String, u64> = BTreeMap::new();
+        for s in &self.shards {
+            let (tx, rx) = mpsc::channel();
+            if s.send(Cmd::Stats(tx)).is_ok() {
+                if let Ok(c) = rx.recv_timeout(Duration::from_secs(5)) {
+                    for (k, v) in c {
+                        *sum.entry(k).or_default() += v;
+                    }
+                }
+            }
+        }
+        sum.into_iter().collect()
+    }
+}
+
+impl Blocks for NodeBlocks {
+    fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
+        let n = ops.len();
+        let (tx, rx) = mpsc::channel();
+        let mut out: Vec<Option<Result<Outcome<Vec<u8>>, Errno>>> = vec![None; n];
+        let mut sent = 0;
+        for (i, (block, user)) in ops.into_iter().enumerate() {
+            let s = shard_of(block, self.shards.len());
+            let cmd = Cmd::Op {
+                op: self.op_id(),
+                block,
+                user,
+                reply: (i, tx.clone()),
+            };
+            if self.shards[s].send(cmd).is_ok() {
+                sent += 1;
+            } else {
+                out[i] = Some(Err(Errno::EIO));
+            }
+        }
+        let deadline = Instant::now() + OP_TIMEOUT;
+        for _ in 0..sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((i, r)) => out[i] = Some(r),
+                Err(_) => break,
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(Errno::EIO)))
+            .collect()
+    }
+
+    fn sync(&self, node: NodeId) -> Result<(), Errno> {
+        let (tx, rx) = mpsc::channel();
+        let cmd = Cmd::Sync {
+            op: self.op_id(),
+            node,
+            reply: tx,
+        };
+        self.shards[0].send(cmd).map_err(|_| Errno::EIO)?;
+        match rx.recv_timeout(OP_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                eprintln!("xfs-node: fsync on node {node} failed: {e}");
+                Err(Errno::EIO)
+            }
+            Err(_) => Err(Errno::EIO),
+        }
+    }
+
+    fn statfs(&self) -> Result<StatFs, Errno> {
+        (self.statfs)()
+    }
+
+    fn now(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
+    fn me(&self) -> NodeId {
+        self.me
+    }
+}
+
+fn shard_loop<T: Transport + Send>(
+    mut shard: Shard<T, Vec<u8>, LogStore<T>>,
+    rx: Receiver<Cmd>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
+    let mut syncs: BTreeMap<OpId, Sender<Result<(), String>>> = BTreeMap::new();
+    let mut idle = 0u32;
+    let mut last_error: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut work = 0;
+        while let Ok(cmd) = rx.try_recv() {
+            work += 1;
+            match cmd {
+                Cmd::Op {
+                    op,
+                    block,
+                    user,
+                    reply,
+                } => {
+                    ops.insert(op, reply);
+                    shard.submit(op, block, user);
+                }
+                Cmd::Sync { op, node, reply } => {
+                    syncs.insert(op, reply);
+                    shard.sync(op, node);
+                }
+                Cmd::Stats(tx) => {
+                    let c = shard.counters();
+                    let cc = shard.client.counters;
+                    let mc = shard.manager.counters;
+                    let _ = tx.send(vec![
+                        ("messages".into(), c.messages),
+                        ("remote_sends".into(), c.remote_sends),
+                        ("local_sends".into(), c.local_sends),
+                        ("ops_completed".into(), c.ops_completed),
+                        ("bad_messages".into(), c.bad_messages),
+                        ("protocol_errors".into(), c.protocol_errors),
+                        ("undeliverable".into(), c.undeliverable),
+                        ("peer_reads".into(), cc.peer_reads),
+                        ("storage_reads".into(), cc.storage_reads),
+                        ("forwards_served".into(), cc.forwards_served),
+                        ("revokes".into(), cc.revokes),
+                        ("handoffs_sent".into(), cc.handoffs_sent),
+                        ("handoffs_taken".into(), cc.handoffs_taken),
+                        ("capacity_evictions".into(), cc.capacity_evictions),
+                        ("cached_blocks".into(), shard.client.cached() as u64),
+                        ("manager_forwards".into(), mc.forwards),
+                        ("manager_fetches".into(), mc.fetches),
+                    ]);
+                }
+            }
+        }
+        work += shard.step(256).unwrap_or(0);
+        for c in shard.take_completions() {
+            if let Some((i, tx)) = ops.remove(&c.op) {
+                let _ = tx.send((i, Ok(c.outcome)));
+            }
+        }
+        for (op, r) in shard.take_sync_done() {
+            if let Some(tx) = syncs.remove(&op) {
+                let _ = tx.send(r);
+            }
+        }
+        if let Some(e) = shard.last_error() {
+            let e = e.to_string();
+            if last_error.as_ref() != Some(&e) {
+                eprintln!("xfs-node: shard: {e}");
+                last_error = Some(e);
+            }
+        }
+        if work == 0 {
+            idle += 1;
+            if idle > 64 {
+                let _ = shard.wait(Duration::from_micros(200));
+            } else {
+                std::thread::yield_now();
+            }
+        } else {
+            idle = 0;
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    /// The configuration.
+    pub config: Config,
+    /// This node.
+    pub id: NodeId,
+    /// The client API (every node has one; a node without the client role serves only
+    /// the control socket's status).
+    pub client: Arc<FsClient<NodeBlocks>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    log: LogControl,
+    ready: Arc<AtomicBool>,
+}
+
+fn bind_err(what: &str, addr: SocketAddr, e: impl std::fmt::Display) -> String {
+    format!("cannot bind the {what} at {addr}: {e} (is another node running on that port?)")
+}
+
+/// Make the transport of the configured kind.
+pub trait MakeTransport: Send + Sync + 'static {
+    /// The transport type.
+    type T: Transport + Send + 'static;
+    /// Bind one at `addr` (port 0: any).
+    fn bind(&self, addr: SocketAddr) -> Result<Self::T, String>;
+}
+
+/// UDP.
+pub struct Udp;
+impl MakeTransport for Udp {
+    type T = am_udp::UdpTransport;
+    fn bind(&self, addr: SocketAddr) -> Result<Self::T, String> {
+        am_udp::UdpTransport::bind(addr, am_udp::UdpConfig::default()).map_err(|e| e.to_string())
+    }
+}
+
+/// RDMA verbs (RoCE).
+pub struct Rdma;
+impl MakeTransport for Rdma {
+    type T = am_rdma::RdmaTransport;
+    fn bind(&self, addr: SocketAddr) -> Result<Self::T, String> {
+        am_rdma::RdmaTransport::bind(addr, am_rdma::RdmaConfig::default())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn endpoint<M: MakeTransport>(
+    mk: &M,
+    addr: SocketAddr,
+    tag: u64,
+    segment_bytes: usize,
+    what: &str,
+) -> Result<Endpoint<M::T>, String> {
+    let t = mk.bind(addr).map_err(|e| bind_err(what, addr, e))?;
+    Ok(Endpoint::new(
+        t,
+        am_core::Config {
+            tag: Tag(tag),
+            segment_bytes,
+            ..am_core::Config::default()
+        },
+    ))
+}
+
+impl Node {
+    /// Start node `id` of `config` with transport `mk`; returns once every part runs (the
+    /// log may still wait for storage servers: see [`Node::is_ready`]).
+    pub fn start<M: MakeTransport>(config: Config, id: NodeId, mk: M) -> Result<Node, String> {
+        let me = config
+            .node(id)
+            .ok_or_else(|| format!("node {id} is not in the config's [[nodes]]"))?
+            .clone();
+        let c = &config.cluster;
+        let tag = config.tag();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let frag = c.fragment_bytes;
+        let servers = config.nodes.len().max(1);
+
+        // Storage server.
+        let storage_total = Arc::new(AtomicU64::new(0));
+        let storage_free = Arc::new(AtomicU64::new(0));
+        if me.has("storage") {
+            let path = me.storage.clone().ok_or("no storage path")?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).ok();
+            }
+            let store = UringStore::open(
+                &path,
+                UringOptions {
+                    fragment_bytes: frag,
+                    depth: 64,
+                    create_bytes: me.storage_bytes,
+                },
+            )
+            .map_err(|e| format!("storage {}: {e}", path.display()))?;
+            storage_total.store((store.slots() * frag) as u64, Ordering::Relaxed);
+            let addr = me.storage_addr(c.shards);
+            let ep = endpoint(
+                &mk,
+                addr,
+                tag,
+                servers * STORE_DEPTH * frag,
+                "storage server",
+            )?;
+            let mut server = StorageServer::new(
+                ep,
+                store,
+                ServerOptions {
+                    windows: servers,
+                    depth: STORE_DEPTH,
+                },
+            )
+            .map_err(|e| format!("storage server: {e}"))?;
+            let s = stop.clone();
+            let free = storage_free.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut last = Instant::now() - Duration::from_secs(10);
+                while !s.load(Ordering::Relaxed) {
+                    if last.elapsed() > Duration::from_secs(1) {
+                        if let Ok(f) = server.store().free_slots() {
+                            free.store((f * frag) as u64, Ordering::Relaxed);
+                        }
+                        last = Instant::now();
+                    }
+                    if server.step().unwrap_or(0) == 0 {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+                let _ = server.store().sync();
+            }));
+        }
+
+        // Shards.
+        let placement = Placement {
+            managers: config.manager_map.entries.clone(),
+            storages: config.manager_map.entries.clone(),
+            index_shift: Some(INDEX_SHIFT),
+        };
+        let clients: Vec<NodeId> = config
+            .nodes
+            .iter()
+            .filter(|n| n.has("client"))
+            .map(|n| n.id)
+            .collect();
+        let log: SharedLog<M::T> = Arc::new(Mutex::new(None));
+        let mut senders = Vec::new();
+        for s in 0..c.shards {
+            let addr = me.shard_addr(s);
+            let ep = endpoint(&mk, addr, tag, 1 << 16, "shard endpoint")?;
+            let mut shard = Shard::new(
+                ep,
+                ShardConfig {
+                    node: id,
+                    protocol: ProtocolConfig {
+                        sequenced: true,
+                        n_chance: c.n_chance,
+                    },
+                    placement: placement.clone(),
+                    clients: clients.clone(),
+                    capacity: c.cache_blocks,
+                },
+                LogStore { log: log.clone() },
+            )
+            .map_err(|e| format!("shard {s}: {e}"))?;
+            for n in &config.nodes {
+                if n.id != id {
+                    shard
+                        .connect(
+                            n.id,
+                            EndpointName {
+                                addr: n.shard_addr(s),
+                                vnet: 0,
+                            },
+                            Tag(tag),
+                        )
+                        .map_err(|e| format!("shard {s}: {e}"))?;
+                }
+            }
+            let (tx, rx) = mpsc::sync_channel(4096);
+            senders.push(tx);
+            let st = stop.clone();
+            threads.push(std::thread::spawn(move || shard_loop(shard, rx, st)));
+        }
+
+        // The log, once the stripe group's servers answer (they may start after us).
+        if me.has("manager") {
+            let groups = config.stripe_group_map();
+            let g = groups.groups[(id as usize - 1) % groups.groups.len()].clone();
+            let addrs: Vec<(NodeId, SocketAddr)> = g
+                .servers
+                .iter()
+                .filter_map(|s| config.node(*s).map(|n| (*s, n.storage_addr(c.shards))))
+                .collect();
+            let host = me.host;
+            let log2 = log.clone();
+            let ready2 = ready.clone();
+            let stop2 = stop.clone();
+            let mk = Arc::new(mk);
+            threads.push(std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut stores: Vec<Option<RemoteStore<M::T>>> = addrs.iter().map(|_| None).collect();
+                loop {
+                    for (i, (node, addr)) in addrs.iter().enumerate() {
+                        if stores[i].is_some() {
+                            continue;
+                        }
+                        let ep = match endpoint(
+                            &*mk,
+                            SocketAddr::new(host, 0),
+                            tag,
+                            2 * STORE_DEPTH * frag,
+                            "log endpoint",
+                        ) {
+                            Ok(ep) => ep,
+                            Err(e) => {
+                                eprintln!("xfs-node {id}: {e}");
+                                continue;
+                            }
+                        };
+                        let name = EndpointName { addr: *addr, vnet: 0 };
+                        let mut rs = match RemoteStore::connect(ep, name, Tag(tag), STORE_DEPTH, Box::new(|| {})) {
+                            Ok(rs) => rs,
+                            Err(e) => {
+                                if Instant::now() > deadline {
+                                    eprintln!("xfs-node {id}: storage server of node {node} at {addr}: {e}");
+                                }
+                                continue;
+                            }
+                        };
+                        rs.set_timeout(Duration::from_secs(3));
+                        stores[i] = Some(rs);
+                    }
+                    let up = stores.iter().filter(|s| s.is_some()).count();
+                    if up == stores.len() || (Instant::now() > deadline && up >= g.data()) {
+                        break;
+                    }
+                    if stop2.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                match Log::recover(id, g, stores) {
+                    Ok(l) => {
+                        *lock(&log2) = Some(l);
+                        ready2.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => eprintln!("xfs-node {id}: cannot recover the log: {e}"),
+                }
+            }));
+        } else {
+            ready.store(true, Ordering::Relaxed);
+        }
+
+        let free = storage_free.clone();
+        let blocks = NodeBlocks {
+            me: id,
+            shards: senders,
+            next: AtomicU64::new(1),
+            statfs: Box::new(move || {
+                let bs = BLOCK as u64;
+                let _ = &free;
+                let total = storage_total.load(Ordering::Relaxed);
+                let free = free.load(Ordering::Relaxed);
+                Ok(StatFs {
+                    bsize: bs,
+                    blocks: total / bs,
+                    bfree: free / bs,
+                    namelen: 255,
+                })
+            }),
+        };
+        let client = Arc::new(FsClient::new(blocks, config.manager_map()));
+        let log3 = log.clone();
+        let log_status: LogControl = Box::new(move |what: &str| {
+            let mut g = lock(&log3);
+            let Some(l) = g.as_mut() else {
+                return Ok(Vec::new());
+            };
+            match what {
+                "checkpoint" => l.checkpoint().map_err(|e| e.to_string())?,
+                "fsync" => l.fsync().map_err(|e| e.to_string())?,
+                _ => {}
+            }
+            let k = l.counters();
+            let live: u64 = l.live_bytes().values().sum();
+            Ok(vec![
+                ("log_segments".into(), k.segments),
+                ("log_degraded_reads".into(), k.degraded_reads),
+                ("log_checkpoints".into(), k.checkpoints),
+                ("log_servers_lost".into(), k.servers_lost),
+                ("log_live_bytes".into(), live),
+                ("log_blocks".into(), l.imap().len() as u64),
+            ])
+        });
+        let node = Node {
+            config,
+            id,
+            client,
+            stop,
+            threads,
+            log: log_status,
+            ready,
+        };
+        Ok(node)
+    }
+
+    /// Whether the log is recovered (and, on the root's manager, the root exists).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Wait for the log, then create the root if this node manages it and it is missing.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while !self.is_ready() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "node {}: the stripe group's storage servers did not answer within {:?}",
+                    self.id, timeout
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let map = self.client.map();
+        if map.manager(map.root()) == self.id {
+            self.client
+                .format()
+                .map_err(|e| format!("node {}: cannot create the root directory: {e}", self.id))?;
+        }
+        Ok(())
+    }
+
+    /// The node's state.
+    pub fn status(&self) -> NodeStatus {
+        let me = self.config.node(self.id);
+        let mut counters = self.client.blocks.counters();
+        counters.extend((self.log)("").unwrap_or_default());
+        let st = self.client.statfs().unwrap_or_default();
+        NodeStatus {
+            node: self.id,
+            roles: me.map(|n| n.roles.clone()).unwrap_or_default(),
+            pid: std::process::id(),
+            ready: self.is_ready(),
+            config_version: self.config.cluster.version,
+            map_version: self.config.manager_map.version,
+            shards: self.config.cluster.shards,
+            servers_down: Vec::new(),
+            storage_used_bytes: (st.blocks - st.bfree.min(st.blocks)) * st.bsize,
+            storage_total_bytes: st.blocks * st.bsize,
+            last_error: None,
+            counters,
+        }
+    }
+
+    /// Make the log durable (`checkpoint`: and write a checkpoint).
+    pub fn sync_log(&self, checkpoint: bool) -> Result<(), String> {
+        (self.log)(if checkpoint { "checkpoint" } else { "fsync" }).map(|_| ())
+    }
+
+    /// Serve the control socket at the configured path until a `Shutdown` request or
+    /// `stop` is set; a background thread makes the log durable every few seconds.
+    pub fn serve(self: Arc<Self>) -> Result<(), String> {
+        let path = self
+            .config
+            .node(self.id)
+            .map(|n| n.control.clone())
+            .ok_or("no control path")?;
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).ok();
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| format!("cannot create the control socket {}: {e}", path.display()))?;
+        listener.set_nonblocking(true).ok();
+        let bg = self.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !bg.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                n += 1;
+                if n.is_multiple_of(5) {
+                    if let Err(e) = bg.sync_log(n.is_multiple_of(60)) {
+                        eprintln!("xfs-node {}: background log sync: {e}", bg.id);
+                    }
+                }
+            }
+        });
+        while !self.stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).ok();
+                    let node = self.clone();
+                    std::thread::spawn(move || node.connection(stream));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(format!("control socket: {e}")),
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        Ok(())
+    }
+
+    fn connection(&self, mut stream: std::os::unix::net::UnixStream) {
+        loop {
+            let req: Request = match control::recv(&mut stream) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = control::send(
+                        &mut stream,
+                        &Response::Err {
+                            errno: libc::EINVAL,
+                            message: format!("bad request: {e}"),
+                        },
+                    );
+                    return;
+                }
+            };
+            let shutdown = matches!(req, Request::Shutdown);
+            let resp = self.handle(req);
+            let _ = control::send(&mut stream, &resp);
+            if shutdown {
+                self.stop.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        let c = &self.client;
+        let err = |e: Errno, what: &str| Response::Err {
+            errno: e.0,
+            message: format!("{what}: {e}"),
+        };
+        match req {
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Put { path, data } => match self.put(&path, &data) {
+                Ok(()) => Response::Ok,
+                Err(e) => err(e, &path),
+            },
+            Request::Get { path } => match c.resolve(&path).and_then(|i| {
+                if i.kind == Some(Kind::Dir) {
+                    return Err(Errno::EISDIR);
+                }
+                c.read(i.ino, 0, i.size as usize)
+            }) {
+                Ok(d) => Response::Data(d),
+                Err(e) => err(e, &path),
+            },
+            Request::Ls { path } => match self.ls(&path) {
+                Ok(v) => Response::Entries(v),
+                Err(e) => err(e, &path),
+            },
+            Request::Rm { path } => match c.resolve_parent(&path).and_then(|(p, name)| {
+                match c.lookup(p.ino, name.as_bytes())?.kind {
+                    Some(Kind::Dir) => c.rmdir(p.ino, name.as_bytes())?,
+                    _ => c.unlink(p.ino, name.as_bytes())?,
+                }
+                c.fsync(p.ino)
+            }) {
+                Ok(()) => Response::Ok,
+                Err(e) => err(e, &path),
+            },
+            Request::Mkdir { path } => match c
+                .resolve_parent(&path)
+                .and_then(|(p, name)| c.mkdir(p.ino, name.as_bytes(), 0o755, 0, 0).map(|_| p))
+                .and_then(|p| c.fsync(p.ino))
+            {
+                Ok(()) => Response::Ok,
+                Err(e) => err(e, &path),
+            },
+            Request::Fs(op) => self.fs(op),
+            Request::Flush => match c.sync_all() {
+                Ok(()) => Response::Ok,
+                Err(e) => err(e, "flush"),
+            },
+            Request::Checkpoint => match c
+                .sync_all()
+                .map_err(|e| e.to_string())
+                .and_then(|_| self.sync_log(true))
+            {
+                Ok(()) => Response::Ok,
+                Err(e) => Response::Err {
+                    errno: libc::EIO,
+                    message: format!("checkpoint: {e}"),
+                },
+            },
+            Request::Shutdown => Response::Ok,
+        }
+    }
+
+    fn put(&self, path: &str, data: &[u8]) -> Result<(), Errno> {
+        let c = &self.client;
+        let (parent, name) = c.resolve_parent(path)?;
+        let ino = match c.lookup(parent.ino, name.as_bytes()) {
+            Ok(i) if i.kind == Some(Kind::Dir) => return Err(Errno::EISDIR),
+            Ok(i) => {
+                c.setattr(
+                    i.ino,
+                    &crate::fs::client::SetAttr {
+                        size: Some(0),
+                        ..Default::default()
+                    },
+                )?;
+                i.ino
+            }
+            Err(Errno::ENOENT) => c.create(parent.ino, name.as_bytes(), 0o644, 0, 0)?.ino,
+            Err(e) => return Err(e),
+        };
+        for (k, chunk) in data.chunks(1 << 20).enumerate() {
+            c.write(ino, (k << 20) as u64, chunk)?;
+        }
+        c.fsync(ino)?;
+        c.fsync(parent.ino)
+    }
+
+    fn ls(&self, path: &str) -> Result<Vec<(Entry, Inode)>, Errno> {
+        let c = &self.client;
+        let i = c.resolve(path)?;
+        if i.kind != Some(Kind::Dir) {
+            let name = path.rsplit('/').next().unwrap_or(path).as_bytes().to_vec();
+            return Ok(vec![(
+                Entry {
+                    name,
+                    ino: i.ino,
+                    kind: i.kind.unwrap_or(Kind::File),
+                },
+                i,
+            )]);
+        }
+        let mut out = Vec::new();
+        for e in c.readdir(i.ino)? {
+            if let Ok(a) = c.inode(e.ino) {
+                out.push((e, a));
+            }
+        }
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(out)
+    }
+
+    fn fs(&self, op: FsOp) -> Response {
+        let c = &self.client;
+        let r: Result<Response, Errno> = (|| {
+            Ok(match op {
+                FsOp::Root => Response::Ino(c.root()),
+                FsOp::Lookup { parent, name } => Response::Attr(Box::new(c.lookup(parent, &name)?)),
+                FsOp::Getattr { ino } => Response::Attr(Box::new(c.getattr(ino)?)),
+                FsOp::Create {
+                    parent,
+                    name,
+                    mode,
+                    uid,
+                    gid,
+                } => Response::Attr(Box::new(c.create(parent, &name, mode, uid, gid)?)),
+                FsOp::Mkdir {
+                    parent,
+                    name,
+                    mode,
+                    uid,
+                    gid,
+                } => Response::Attr(Box::new(c.mkdir(parent, &name, mode, uid, gid)?)),
+                FsOp::Unlink { parent, name } => {
+                    c.unlink(parent, &name)?;
+                    Response::Ok
+                }
+                FsOp::Rmdir { parent, name } => {
+                    c.rmdir(parent, &name)?;
+                    Response::Ok
+                }
+                FsOp::Rename {
+                    sp,
+                    sn,
+                    dp,
+                    dn,
+                    mode,
+                } => {
+                    c.rename(sp, &sn, dp, &dn, mode)?;
+                    Response::Ok
+                }
+                FsOp::Link { ino, parent, name } => {
+                    Response::Attr(Box::new(c.link(ino, parent, &name)?))
+                }
+                FsOp::Symlink {
+                    parent,
+                    name,
+                    target,
+                    uid,
+                    gid,
+                } => Response::Attr(Box::new(c.symlink(parent, &name, &target, uid, gid)?)),
+                FsOp::Readlink { ino } => Response::Data(c.readlink(ino)?),
+                FsOp::Read { ino, offset, len } => Response::Data(c.read(ino, offset, len)?),
+                FsOp::Write { ino, offset, data } => {
+                    Response::Count(c.write(ino, offset, &data)? as u64)
+                }
+                FsOp::Fsync { ino } => {
+                    c.fsync(ino)?;
+                    Response::Ok
+                }
+                FsOp::Readdir { ino } => {
+                    let mut v = Vec::new();
+                    for e in c.readdir(ino)? {
+                        if let Ok(a) = c.inode(e.ino) {
+                            v.push((e, a));
+                        }
+                    }
+                    Response::Entries(v)
+                }
+                FsOp::Setattr { ino, attr } => Response::Attr(Box::new(c.setattr(ino, &attr)?)),
+                FsOp::Statfs => Response::StatFs(c.statfs()?),
+                FsOp::Getxattr { ino, name } => Response::Data(c.getxattr(ino, &name)?),
+                FsOp::Setxattr {
+                    ino,
+                    name,
+                    value,
+                    mode,
+                } => {
+                    c.setxattr(ino, &name, &value, mode)?;
+                    Response::Ok
+                }
+                FsOp::Listxattr { ino } => Response::Names(c.listxattr(ino)?),
+                FsOp::Removexattr { ino, name } => {
+                    c.removexattr(ino, &name)?;
+                    Response::Ok
+                }
+            })
+        })();
+        r.unwrap_or_else(|e| Response::Err {
+            errno: e.0,
+            message: e.to_string(),
+        })
+    }
+
+    /// Stop every thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
