@@ -107,6 +107,9 @@ enum Cmd {
         /// This node's id in the config.
         #[arg(long)]
         node: u16,
+        /// Seconds to wait for the stripe group's storage servers before giving up.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
     },
     /// Copy a local file into the cluster (fsynced before it returns).
     Put {
@@ -177,7 +180,16 @@ fn control(cfg: &Config, node: u16) -> Result<Control, String> {
 
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    let exists = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    // A killed node whose parent (`up`, gone) was not reaped yet is a zombie: dead.
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    exists && !zombie
 }
 
 fn read_pid(data: &Path, id: u16) -> Option<i32> {
@@ -434,13 +446,13 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
-fn serve(config: &Path, id: u16) -> Result<(), String> {
+fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
     let cfg = Config::load(config)?;
     let node = match cfg.cluster.transport.as_str() {
         "rdma" => Node::start(cfg, id, Rdma)?,
         _ => Node::start(cfg, id, Udp)?,
     };
-    node.wait_ready(Duration::from_secs(60))?;
+    node.wait_ready(Duration::from_secs(wait))?;
     eprintln!("xfs-node {id}: ready");
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
@@ -483,7 +495,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Down { data } => down(&data),
         Cmd::Status { at, counters } => print_status(&at.load()?, counters),
-        Cmd::Serve { config, node } => serve(&config, node),
+        Cmd::Serve { config, node, wait } => serve(&config, node, wait),
         Cmd::Put {
             at,
             node,

@@ -69,7 +69,16 @@ impl<T: Transport + Send> BlockStore<Vec<u8>> for LogStore<T> {
     fn write(&mut self, block: BlockId, data: Vec<u8>) -> Result<(), String> {
         let mut g = lock(&self.log);
         let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
-        log.write(block, &data).map_err(|e| e.to_string())
+        match log.write(block, &data) {
+            Ok(()) => Ok(()),
+            // Sealing a full segment tried to write the queue out and failed (a full device,
+            // servers down): the segment stays queued and the block still goes in; the
+            // error comes back from the next fsync, which is where POSIX reports it.
+            Err(LogError::Store(_)) | Err(LogError::Unrecoverable { .. }) => {
+                log.write(block, &data).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
     fn sync(&mut self) -> Result<(), String> {
         let mut g = lock(&self.log);
@@ -170,7 +179,11 @@ impl Blocks for NodeBlocks {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 eprintln!("xfs-node: fsync on node {node} failed: {e}");
-                Err(Errno::EIO)
+                if e.contains("ENOSPC") {
+                    Err(Errno::ENOSPC)
+                } else {
+                    Err(Errno::EIO)
+                }
             }
             Err(_) => Err(Errno::EIO),
         }
@@ -264,7 +277,10 @@ fn shard_loop<T: Transport + Send>(
         }
         if work == 0 {
             idle += 1;
-            if idle > 64 {
+            if idle > 5000 {
+                // Long idle: sleep longer (a new operation waits at most 1 ms to start).
+                let _ = shard.wait(Duration::from_millis(1));
+            } else if idle > 64 {
                 let _ = shard.wait(Duration::from_micros(200));
             } else {
                 std::thread::yield_now();
@@ -395,7 +411,7 @@ impl Node {
             threads.push(std::thread::spawn(move || {
                 let mut last = Instant::now() - Duration::from_secs(10);
                 while !s.load(Ordering::Relaxed) {
-                    if last.elapsed() > Duration::from_secs(1) {
+                    if last.elapsed() > Duration::from_millis(200) {
                         if let Ok(f) = server.store().free_slots() {
                             free.store((f * frag) as u64, Ordering::Relaxed);
                         }
@@ -594,8 +610,10 @@ impl Node {
         while !self.is_ready() {
             if Instant::now() > deadline {
                 return Err(format!(
-                    "node {}: the stripe group's storage servers did not answer within {:?}",
-                    self.id, timeout
+                    "node {}: too few storage servers of its stripe group answered within {:?} \
+                     to recover its log: check that they run and that every node uses the same \
+                     cluster config (name {:?}, version {})",
+                    self.id, timeout, self.config.cluster.name, self.config.cluster.version
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));

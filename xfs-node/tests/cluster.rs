@@ -1,0 +1,481 @@
+//! Real node processes over UDP on loopback, driven through the `xfs-node` CLI exactly as a
+//! user runs it: `up`, `put`, `get`, `ls`, `rm`, `down`, `kill -9`, restart.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use xfs_node::node::config::Config;
+use xfs_node::node::control::{Control, NodeStatus, Request, Response};
+
+/// The cluster tests start several processes each: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const BIN: &str = env!("CARGO_BIN_EXE_xfs-node");
+
+fn xfs(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run xfs-node")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = xfs(args);
+    assert!(
+        o.status.success(),
+        "xfs-node {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn data_dir(name: &str) -> PathBuf {
+    // Not /tmp: the storage files are opened with O_DIRECT, which tmpfs refuses.
+    let d = PathBuf::from(format!("/var/tmp/xfs-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Random bytes from a seed.
+fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = am_core::engine::splitmix(x);
+            x as u8
+        })
+        .collect()
+}
+
+fn status(cfg: &Config, node: u16) -> NodeStatus {
+    let n = cfg.node(node).unwrap();
+    match Control::connect(&n.control)
+        .unwrap()
+        .call_ok(&Request::Status)
+        .unwrap()
+    {
+        Response::Status(s) => *s,
+        r => panic!("{r:?}"),
+    }
+}
+
+fn pids(data: &Path, n: usize) -> Vec<i32> {
+    (1..=n)
+        .filter_map(|k| std::fs::read_to_string(data.join(format!("node{k}.pid"))).ok())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn kill9(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Stops (or kills) the cluster and removes its directory, whatever the test did.
+struct Guard {
+    data: PathBuf,
+    nodes: usize,
+    extra: Vec<Child>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for p in pids(&self.data, self.nodes) {
+            kill9(p);
+        }
+        for c in &mut self.extra {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+fn up(data: &Path, nodes: usize, port: u16) -> Config {
+    let out = ok(&[
+        "up",
+        "--nodes",
+        &nodes.to_string(),
+        "--data",
+        data.to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+        "--storage-mb",
+        "64",
+    ]);
+    assert!(out.contains("ready"), "{out}");
+    Config::load(&data.join("cluster.toml")).unwrap()
+}
+
+fn put(data: &Path, node: u16, content: &[u8], path: &str) {
+    let local = data.join(format!("local-put-{node}"));
+    std::fs::write(&local, content).unwrap();
+    let d = data.to_str().unwrap();
+    ok(&[
+        "put",
+        "--data",
+        d,
+        "--node",
+        &node.to_string(),
+        local.to_str().unwrap(),
+        path,
+    ]);
+}
+
+fn get(data: &Path, node: u16, path: &str) -> Vec<u8> {
+    let local = data.join(format!("local-get-{node}"));
+    let d = data.to_str().unwrap();
+    ok(&[
+        "get",
+        "--data",
+        d,
+        "--node",
+        &node.to_string(),
+        path,
+        local.to_str().unwrap(),
+    ]);
+    std::fs::read(&local).unwrap()
+}
+
+#[test]
+fn three_nodes_share_files_and_serve_misses_from_each_others_caches() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = data_dir("share");
+    let _g = Guard {
+        data: data.clone(),
+        nodes: 3,
+        extra: vec![],
+    };
+    let cfg = up(&data, 3, 17100);
+    let content = bytes(1, 1_500_000);
+    put(&data, 1, &content, "/big");
+    // Read back through the other nodes at once, byte-exact.
+    assert_eq!(get(&data, 2, "/big"), content, "node 2 read");
+    let served_by_2 = status(&cfg, 2).counter("forwards_served");
+    let peer_reads_3 = status(&cfg, 3).counter("peer_reads");
+    assert_eq!(get(&data, 3, "/big"), content, "node 3 read");
+    // Node 3's misses were served from node 2's cache (the last reader), not storage.
+    let s2 = status(&cfg, 2);
+    let s3 = status(&cfg, 3);
+    let blocks = content.len().div_ceil(4096) as u64;
+    assert!(
+        s2.counter("forwards_served") - served_by_2 >= blocks,
+        "node 2 served {} forwards, want >= {blocks}",
+        s2.counter("forwards_served") - served_by_2
+    );
+    assert!(s3.counter("peer_reads") - peer_reads_3 >= blocks);
+    // A second read on node 2 is all cache hits: not one message leaves node 2.
+    let sends = s2.counter("remote_sends");
+    assert_eq!(get(&data, 2, "/big"), content);
+    assert_eq!(
+        status(&cfg, 2).counter("remote_sends"),
+        sends,
+        "a cached read sent messages"
+    );
+    // Directories, listing, removal, through different nodes.
+    ok(&[
+        "mkdir",
+        "--data",
+        data.to_str().unwrap(),
+        "--node",
+        "2",
+        "/dir",
+    ]);
+    put(&data, 3, b"small", "/dir/small");
+    let ls = ok(&[
+        "ls",
+        "--data",
+        data.to_str().unwrap(),
+        "--node",
+        "1",
+        "/dir",
+    ]);
+    assert!(ls.contains("small") && ls.contains(" 5 "), "{ls}");
+    ok(&[
+        "rm",
+        "--data",
+        data.to_str().unwrap(),
+        "--node",
+        "1",
+        "/dir/small",
+    ]);
+    let o = xfs(&[
+        "get",
+        "--data",
+        data.to_str().unwrap(),
+        "--node",
+        "2",
+        "/dir/small",
+        "-",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("No such file"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A clean stop, a restart, and the file is still there.
+    ok(&["down", "--data", data.to_str().unwrap()]);
+    up(&data, 3, 17100);
+    assert_eq!(get(&data, 3, "/big"), content);
+    ok(&["down", "--data", data.to_str().unwrap()]);
+}
+
+#[test]
+fn kill_9_of_every_node_loses_no_fsynced_file() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = data_dir("kill9");
+    let _g = Guard {
+        data: data.clone(),
+        nodes: 3,
+        extra: vec![],
+    };
+    up(&data, 3, 17200);
+    ok(&["mkdir", "--data", data.to_str().unwrap(), "/d"]);
+    let sizes = [0usize, 1, 4095, 4096, 4097, 100_000, 2_000_000];
+    let mut files = Vec::new();
+    for (i, n) in sizes.iter().enumerate() {
+        let node = (i % 3 + 1) as u16;
+        let path = format!("/d/f{i}");
+        let content = bytes(100 + i as u64, *n);
+        put(&data, node, &content, &path);
+        files.push((path, content));
+    }
+    // Overwrite one with a shorter version: the old tail must not come back.
+    let short = bytes(7, 1000);
+    put(&data, 2, &short, "/d/f6");
+    files[6].1 = short;
+    for p in pids(&data, 3) {
+        kill9(p);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    up(&data, 3, 17200);
+    for (i, (path, content)) in files.iter().enumerate() {
+        let node = ((i + 1) % 3 + 1) as u16;
+        assert_eq!(&get(&data, node, path), content, "{path} after kill -9");
+    }
+    let ls = ok(&["ls", "--data", data.to_str().unwrap(), "--node", "3", "/d"]);
+    assert_eq!(ls.lines().count(), sizes.len(), "{ls}");
+    ok(&["down", "--data", data.to_str().unwrap()]);
+}
+
+/// Nodes 1-2 are clients and managers, 3-5 storage servers only (2 data + 1 parity): one
+/// storage server dies in the middle of a stream of fsynced writes.
+#[test]
+fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = data_dir("storage-kill");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut cfg = Config::local(5, &data, "udp", 17300, 64 << 20);
+    for n in &mut cfg.nodes {
+        if n.id <= 2 {
+            n.roles = vec!["client".into(), "manager".into()];
+            n.storage = None;
+            n.storage_bytes = None;
+        } else {
+            n.roles = vec!["storage".into()];
+        }
+    }
+    cfg.manager_map.entries = vec![1, 2];
+    cfg.stripe_groups[0].servers = vec![3, 4, 5];
+    cfg.stripe_groups[0].parity = 1;
+    cfg.validate().unwrap();
+    let cfg_path = data.join("cluster.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
+    let mut children: Vec<Child> = Vec::new();
+    for id in [3u16, 4, 5, 1, 2] {
+        let log = std::fs::File::create(data.join(format!("node{id}.log"))).unwrap();
+        children.push(
+            Command::new(BIN)
+                .args(["serve", "--config", cfg_path.to_str().unwrap(), "--node"])
+                .arg(id.to_string())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let mut g = Guard {
+        data: data.clone(),
+        nodes: 0,
+        extra: children,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in [1u16, 2] {
+        while !Control::connect(&cfg.node(id).unwrap().control)
+            .and_then(|mut c| c.call_ok(&Request::Status))
+            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
+        {
+            assert!(Instant::now() < deadline, "node {id} did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The stream: fsynced files through node 1, one every few ms; node 5 dies after 1 s.
+    let mut acked: Vec<(String, Vec<u8>, Instant)> = Vec::new();
+    let start = Instant::now();
+    let mut killed: Option<Instant> = None;
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(8) {
+        if killed.is_none() && start.elapsed() > Duration::from_secs(1) {
+            // Node 5 is the third child started.
+            let c = &mut g.extra[2];
+            c.kill().unwrap();
+            c.wait().unwrap();
+            killed = Some(Instant::now());
+        }
+        let path = format!("/s{i}");
+        let content = bytes(1000 + i, 20_000 + (i as usize * 997) % 50_000);
+        put(&data, 1, &content, &path);
+        acked.push((path, content, Instant::now()));
+        i += 1;
+    }
+    let killed = killed.unwrap();
+    // Writes kept being acknowledged: no gap of 5 s after the kill.
+    let mut last = killed;
+    for (_, _, t) in acked.iter().filter(|(_, _, t)| *t > killed) {
+        assert!(
+            t.duration_since(last) < Duration::from_secs(5),
+            "no write acknowledged for {:?} after the kill",
+            t.duration_since(last)
+        );
+        last = *t;
+    }
+    let after = acked.iter().filter(|(_, _, t)| *t > killed).count();
+    assert!(
+        after >= 3,
+        "only {after} writes acknowledged after the kill"
+    );
+    // Every acknowledged byte reads back through the other client (degraded: from parity).
+    for (path, content, _) in &acked {
+        assert_eq!(&get(&data, 2, path), content, "{path}");
+    }
+    let s1 = status(&cfg, 1);
+    assert!(s1.counter("log_servers_lost") >= 1, "{:?}", s1.counters);
+    eprintln!(
+        "{} writes acknowledged, {after} after the kill; node 1 log: {:?}",
+        acked.len(),
+        s1.counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("log_"))
+            .collect::<Vec<_>>()
+    );
+}
+
+fn fails_with(args: &[&str], want: &str, within: Duration) {
+    let t = Instant::now();
+    let o = xfs(args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "xfs-node {args:?} succeeded");
+    assert!(
+        err.contains(want),
+        "xfs-node {args:?}: want {want:?} in:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(t.elapsed() < within, "took {:?}", t.elapsed());
+}
+
+#[test]
+fn bad_input_gets_clear_errors_not_panics_or_hangs() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = data_dir("bad");
+    std::fs::create_dir_all(&data).unwrap();
+    let _g = Guard {
+        data: data.clone(),
+        nodes: 3,
+        extra: vec![],
+    };
+    let d = data.to_str().unwrap();
+    let secs = Duration::from_secs(20);
+    // Malformed configs name what to fix.
+    let good = Config::local(3, &data, "udp", 17400, 8 << 20).to_toml();
+    let bad = data.join("bad.toml");
+    for (text, want) in [
+        (
+            good.replace("transport = \"udp\"", "transport = \"ib\""),
+            "transport",
+        ),
+        (good.replace("[cluster]", "[clutser]"), "bad config"),
+        (good.replace("parity = 1", "parity = 7"), "parity"),
+        ("not toml at all [".to_string(), "bad config"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let b = bad.to_str().unwrap();
+        fails_with(&["serve", "--config", b, "--node", "1"], want, secs);
+        fails_with(&["status", "--config", b], want, secs);
+    }
+    fails_with(
+        &["status", "--data", "/nonexistent"],
+        "xfs-node up --data",
+        secs,
+    );
+    fails_with(&["up", "--nodes", "0", "--data", d], "--nodes 0", secs);
+    fails_with(
+        &["up", "--data", d, "--transport", "tcp"],
+        "use udp or rdma",
+        secs,
+    );
+    // A node whose peers are not there: a clear error once its wait is over.
+    let cfg_path = data.join("alone.toml");
+    std::fs::write(&cfg_path, &good).unwrap();
+    fails_with(
+        &[
+            "serve",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--node",
+            "1",
+            "--wait",
+            "2",
+        ],
+        "too few storage servers",
+        secs,
+    );
+    // A full device: ENOSPC from put, earlier files still readable.
+    let cfg = up(&data, 3, 17400);
+    let small = bytes(5, 50_000);
+    put(&data, 1, &small, "/small");
+    let big = data.join("big");
+    std::fs::write(&big, bytes(6, 24 << 20)).unwrap();
+    fails_with(
+        &["put", "--data", d, big.to_str().unwrap(), "/big"],
+        "No space left on device",
+        Duration::from_secs(60),
+    );
+    assert_eq!(get(&data, 2, "/small"), small);
+    // A peer with another config version is not let in.
+    let mut v2 = cfg.clone();
+    v2.cluster.version = 2;
+    for n in &mut v2.nodes {
+        n.control = data.join(format!("v2-node{}.sock", n.id));
+        n.port += 1000;
+    }
+    v2.nodes[2].port = cfg.nodes[2].port; // its node 3 claims to be the running node 3
+    let v2_path = data.join("v2.toml");
+    std::fs::write(&v2_path, v2.to_toml()).unwrap();
+    fails_with(
+        &[
+            "serve",
+            "--config",
+            v2_path.to_str().unwrap(),
+            "--node",
+            "1",
+            "--wait",
+            "2",
+        ],
+        "same cluster config",
+        secs,
+    );
+    // Garbage on a node's control socket: an error answer, and the node still serves.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&cfg.nodes[0].control).unwrap();
+        s.write_all(&[9, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+            .unwrap();
+        let mut buf = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read_to_end(&mut buf);
+        assert!(!buf.is_empty(), "no answer to a bad request");
+    }
+    assert_eq!(get(&data, 1, "/small"), small);
+    let o = xfs(&["down", "--data", d]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
