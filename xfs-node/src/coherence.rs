@@ -911,6 +911,32 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         Ok(())
     }
 
+    /// Node `peer` restarted with empty state (a crash, then recovery from its log):
+    /// forget its channel and drop the copies of the blocks it manages, whose cacher
+    /// lists died with it. Call it at a quiescent point (no operation of this shard on
+    /// those blocks in flight); returns how many dirty copies were dropped (0 when every
+    /// write was flushed first, which the cluster's restart procedure does).
+    pub fn peer_restarted(&mut self, peer: NodeId) -> usize {
+        self.channels.remove(&peer);
+        let mut dirty = 0;
+        let placement = &self.placement;
+        let mut dropped = 0;
+        self.blocks.retain(|block, b| {
+            if placement.manager(*block) != peer || b.op.is_some() || b.step.is_some() {
+                return true;
+            }
+            if b.data.is_some() {
+                dropped += 1;
+                if b.mode == (Mode::Private { dirty: true }) {
+                    dirty += 1;
+                }
+            }
+            false
+        });
+        self.cached -= dropped;
+        dirty
+    }
+
     /// A message for this client's role, from node `from`.
     pub fn receive(
         &mut self,
@@ -1411,6 +1437,24 @@ impl ManagerShard {
             }),
         }
         .map(|()| self.tidy(block))
+    }
+
+    /// Client `peer` restarted with an empty cache: it holds no copy, its requests are
+    /// gone, and its channel starts again at 0. Call it at a quiescent point (no write
+    /// waiting for `peer`'s acknowledgement).
+    pub fn peer_restarted(&mut self, peer: NodeId) {
+        self.next_seq.remove(&peer);
+        for b in self.blocks.values_mut() {
+            b.cachers.remove(&peer);
+            if b.owner == Some(peer) {
+                b.owner = None;
+            }
+            if b.last_reader == Some(peer) {
+                b.last_reader = None;
+            }
+            b.queue.retain(|(c, _)| *c != peer);
+        }
+        self.blocks.retain(|_, b| !b.is_empty());
     }
 
     fn request<D: Clone>(

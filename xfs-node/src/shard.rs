@@ -457,6 +457,30 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         }
     }
 
+    /// This node restarted: its client and manager state machines start empty, its queues
+    /// are dropped (the endpoint and its peers stay), its store is `store`.
+    pub fn restart(&mut self, cfg: ShardConfig, store: S) {
+        self.client = ClientShard::new(cfg.node, cfg.protocol, cfg.placement.clone(), cfg.capacity);
+        self.manager = ManagerShard::new(cfg.node, cfg.protocol, cfg.placement, cfg.clients);
+        self.storage = StorageShard { store };
+        lock(&self.inbox).clear();
+        lock(&self.sync_inbox).clear();
+        self.pending.clear();
+        self.outgoing.clear();
+        self.sync_out.clear();
+        self.sync_done.clear();
+        self.kernel.clear();
+        self.waiting.clear();
+        self.completions.clear();
+    }
+
+    /// Node `peer` restarted: forget what this shard's state machines knew of it.
+    pub fn peer_restarted(&mut self, peer: NodeId) -> usize {
+        self.manager.peer_restarted(peer);
+        self.pending.retain(|d| d.from != peer);
+        self.client.peer_restarted(peer)
+    }
+
     /// Take the finished log syncs.
     pub fn take_sync_done(&mut self) -> Vec<(OpId, Result<(), String>)> {
         std::mem::take(&mut self.sync_done)

@@ -183,7 +183,12 @@ pub struct FsClient<B: Blocks> {
     map: ManagerMap,
     /// Blocks this client wrote since their file's last fsync.
     dirty: Mutex<BTreeMap<u64, BTreeSet<BlockId>>>,
+    /// Index numbers reserved (durably) and not handed out yet: `next..end`.
+    alloc: Mutex<(u64, u64)>,
 }
+
+/// Index numbers reserved per durable update of a node's allocator block.
+pub const INO_BATCH: u64 = 1024;
 
 fn one(r: Vec<Result<Outcome<Vec<u8>>, Errno>>) -> Result<Outcome<Vec<u8>>, Errno> {
     r.into_iter().next().unwrap_or(Err(Errno::EIO))
@@ -223,6 +228,7 @@ impl<B: Blocks> FsClient<B> {
             blocks,
             map,
             dirty: Mutex::new(BTreeMap::new()),
+            alloc: Mutex::new((0, 0)),
         }
     }
 
@@ -346,29 +352,54 @@ impl<B: Blocks> FsClient<B> {
         }
     }
 
-    /// Draw a new index number managed by this node (first-writer).
+    /// Draw a new index number managed by this node (first-writer). Numbers are reserved
+    /// in batches whose reservation is durable before any is used, so a crash never hands
+    /// out a number twice (a name whose inode died in a crash is then just dangling, and
+    /// treated as absent).
     fn alloc_ino(&self) -> Result<u64, Errno> {
         let me = self.blocks.me();
         let entries = self.map.entries_of(me);
         let Some(first) = entries.first().copied() else {
-            // A client-only node: draw from the first entry's node's numbers... not ours.
-            return Err(Errno::ENOSPC);
+            // A node without the manager role has no index numbers of its own.
+            return Err(Errno::EPERM);
         };
-        let counter = block_id(first, 0);
-        let old = self.update(
-            counter,
-            &[Op::Add {
-                offset: 0,
-                delta: 1,
-            }],
-        )?;
-        let c = old
-            .get(..8)
-            .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])));
-        // The counter reaches the log before any inode that uses the number.
-        one(self.blocks.run(vec![(counter, UserOp::Flush)]))?;
+        let mut a = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        if a.0 == a.1 {
+            let counter = block_id(first, 0);
+            let old = self.update(
+                counter,
+                &[Op::Add {
+                    offset: 0,
+                    delta: INO_BATCH,
+                }],
+            )?;
+            let c = old
+                .get(..8)
+                .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])));
+            one(self.blocks.run(vec![(counter, UserOp::Flush)]))?;
+            self.blocks.sync(me)?;
+            *a = (c, c + INO_BATCH);
+        }
+        let c = a.0;
+        a.0 += 1;
         let m = self.map.entries.len() as u64;
         Ok((c + 2) * m + entries[(c % entries.len() as u64) as usize])
+    }
+
+    /// The entry `name` of `parent` if its inode exists (a name whose inode was lost in a
+    /// crash is removed on the way).
+    fn find_live(&self, parent: u64, name: &[u8]) -> Result<Option<Entry>, Errno> {
+        match self.find(parent, name)? {
+            Some(e) => match self.inode(e.ino) {
+                Ok(_) => Ok(Some(e)),
+                Err(Errno::ENOENT) => {
+                    self.remove(parent, name, e.ino)?;
+                    Ok(None)
+                }
+                Err(err) => Err(err),
+            },
+            None => Ok(None),
+        }
     }
 
     /// Create a node of any kind in `parent` (`mknod`, `create`, `mkdir`, `symlink`).
@@ -386,7 +417,7 @@ impl<B: Blocks> FsClient<B> {
     ) -> Result<Inode, Errno> {
         check_name(name)?;
         self.dir(parent)?;
-        if self.find(parent, name)?.is_some() {
+        if self.find_live(parent, name)?.is_some() {
             return Err(Errno::EEXIST);
         }
         let ino = self.alloc_ino()?;
@@ -415,6 +446,7 @@ impl<B: Blocks> FsClient<B> {
             parent,
             target: target.to_vec(),
             xattrs: Vec::new(),
+            extents: Vec::new(),
         };
         if inode.encode().len() > super::layout::MAX_INODE {
             return Err(Errno::ENAMETOOLONG);
@@ -559,7 +591,7 @@ impl<B: Blocks> FsClient<B> {
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
         check_name(name)?;
         self.dir(parent)?;
-        let e = self.find(parent, name)?.ok_or(Errno::ENOENT)?;
+        let e = self.find_live(parent, name)?.ok_or(Errno::ENOENT)?;
         if e.kind == Kind::Dir {
             return Err(Errno::EISDIR);
         }
@@ -580,7 +612,7 @@ impl<B: Blocks> FsClient<B> {
         }
         check_name(name)?;
         self.dir(parent)?;
-        let e = self.find(parent, name)?.ok_or(Errno::ENOENT)?;
+        let e = self.find_live(parent, name)?.ok_or(Errno::ENOENT)?;
         if e.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
@@ -605,7 +637,7 @@ impl<B: Blocks> FsClient<B> {
             return Err(Errno::EMLINK);
         }
         self.dir(parent)?;
-        if self.find(parent, name)?.is_some() {
+        if self.find_live(parent, name)?.is_some() {
             return Err(Errno::EEXIST);
         }
         let now = self.blocks.now();
@@ -663,8 +695,8 @@ impl<B: Blocks> FsClient<B> {
         check_name(dn)?;
         self.dir(sp)?;
         self.dir(dp)?;
-        let src = self.find(sp, sn)?.ok_or(Errno::ENOENT)?;
-        let dst = self.find(dp, dn)?;
+        let src = self.find_live(sp, sn)?.ok_or(Errno::ENOENT)?;
+        let dst = self.find_live(dp, dn)?;
         if sp == dp && sn == dn {
             return Ok(());
         }
@@ -778,11 +810,24 @@ impl<B: Blocks> FsClient<B> {
         let ops = (0..DIR_BUCKETS)
             .map(|b| (block_id(ino, b), UserOp::Read))
             .collect();
-        let mut out = Vec::new();
+        let mut all = Vec::new();
         for r in self.blocks.run(ops) {
             match r? {
-                Outcome::Read(b) => out.extend(decode_bucket(&b).ok_or(Errno::EIO)?),
+                Outcome::Read(b) => all.extend(decode_bucket(&b).ok_or(Errno::EIO)?),
                 _ => return Err(Errno::EIO),
+            }
+        }
+        // Names whose inode died in a crash (see `alloc_ino`) are not listed.
+        let inodes = all
+            .iter()
+            .map(|e| (inode_block(e.ino), UserOp::Read))
+            .collect();
+        let mut out = Vec::new();
+        for (e, r) in all.into_iter().zip(self.blocks.run(inodes)) {
+            if let Outcome::Read(b) = r? {
+                if let Ok(Some(_)) = Inode::decode(e.ino, &b) {
+                    out.push(e);
+                }
             }
         }
         Ok(out)
@@ -818,8 +863,11 @@ impl<B: Blocks> FsClient<B> {
             if size > MAX_FILE {
                 return Err(Errno::EFBIG);
             }
-            self.truncate_blocks(ino, i.size, size)?;
+            self.truncate_blocks(&i, size)?;
             ops.push(set(field::SIZE, size));
+            ops.push(Op::Trim {
+                from: size.div_ceil(BLOCK as u64),
+            });
             if a.mtime.is_none() {
                 ops.push(set(field::MTIME, now));
             }
@@ -829,16 +877,19 @@ impl<B: Blocks> FsClient<B> {
         self.inode(ino)
     }
 
-    /// Zero what lies past `new` up to `old` (bytes past the size are always zero).
-    fn truncate_blocks(&self, ino: u64, old: u64, new: u64) -> Result<(), Errno> {
+    /// Zero what lies past `new` up to the old size (bytes past the size are always
+    /// zero); only the blocks the inode's extents say may hold data.
+    fn truncate_blocks(&self, i: &Inode, new: u64) -> Result<(), Errno> {
+        let (ino, old) = (i.ino, i.size);
         if new >= old {
             return Ok(());
         }
         let bs = BLOCK as u64;
         let first_whole = new.div_ceil(bs);
         let end = old.div_ceil(bs);
+        let may_hold = |b: u64| i.extents.iter().any(|(s, e)| *s <= b && b < *e);
         let mut ops: Vec<(BlockId, UserOp<Vec<u8>>)> = Vec::new();
-        if !new.is_multiple_of(bs) {
+        if !new.is_multiple_of(bs) && may_hold(new / bs) {
             ops.push((
                 block_id(ino, new / bs),
                 UserOp::Update(encode_patch(&[Op::Resize {
@@ -846,10 +897,12 @@ impl<B: Blocks> FsClient<B> {
                 }])),
             ));
         }
-        for b in first_whole..end {
-            ops.push((block_id(ino, b), UserOp::Write(Vec::new())));
-            if ops.len() >= 1024 {
-                self.run_writes(std::mem::take(&mut ops))?;
+        for (s, e) in &i.extents {
+            for b in (*s).max(first_whole)..(*e).min(end) {
+                ops.push((block_id(ino, b), UserOp::Write(Vec::new())));
+                if ops.len() >= 1024 {
+                    self.run_writes(std::mem::take(&mut ops))?;
+                }
             }
         }
         self.run_writes(ops)
@@ -941,6 +994,10 @@ impl<B: Blocks> FsClient<B> {
                 },
                 set(field::MTIME, now),
                 set(field::CTIME, now),
+                Op::Extent {
+                    start: offset / bs,
+                    end: end.div_ceil(bs),
+                },
             ],
         )?;
         Ok(data.len())

@@ -149,6 +149,41 @@ pub struct Inode {
     pub target: Vec<u8>,
     /// Extended attributes, sorted by name.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Block ranges `[start, end)` that may hold data (a superset, merged, at most
+    /// [`MAX_EXTENTS`]): a truncate clears only these, and holes are found without reads.
+    pub extents: Vec<(u64, u64)>,
+}
+
+/// Most extents an inode keeps (beyond, the closest two merge: still a superset).
+pub const MAX_EXTENTS: usize = 64;
+
+/// Add `[start, end)` to a sorted extent list, merging.
+pub fn add_extent(x: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    x.push((start, end));
+    x.sort();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(x.len());
+    for (s, e) in x.drain(..) {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    while out.len() > MAX_EXTENTS {
+        let i = (0..out.len() - 1)
+            .min_by_key(|i| out[i + 1].0 - out[*i].1)
+            .unwrap_or(0);
+        out[i].1 = out[i + 1].1;
+        out.remove(i + 1);
+    }
+    *x = out;
+}
+
+/// Cut a sorted extent list at block `from` (everything from it on is gone).
+pub fn trim_extents(x: &mut Vec<(u64, u64)>, from: u64) {
+    x.retain(|(s, _)| *s < from);
+    if let Some(last) = x.last_mut() {
+        last.1 = last.1.min(from);
+    }
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -179,6 +214,11 @@ impl Inode {
         b.extend_from_slice(&(self.target.len() as u32).to_le_bytes());
         b.extend_from_slice(&self.target);
         encode_xattrs(&self.xattrs, &mut b);
+        b.extend_from_slice(&(self.extents.len() as u32).to_le_bytes());
+        for (s, e) in &self.extents {
+            b.extend_from_slice(&s.to_le_bytes());
+            b.extend_from_slice(&e.to_le_bytes());
+        }
         b
     }
 
@@ -211,7 +251,16 @@ impl Inode {
             .ok_or("inode block truncated")?
             .to_vec();
         at += tlen;
-        let xattrs = decode_xattrs(&b[at..]).ok_or("inode block has bad xattrs")?;
+        let mut r = Reader(&b[at..]);
+        let xattrs = decode_xattrs(&mut r).ok_or("inode block has bad xattrs")?;
+        let mut extents = Vec::new();
+        if let Some(n) = r.u32() {
+            for _ in 0..n.min(MAX_EXTENTS as u32 * 2) {
+                let s = r.u64().ok_or("inode block has bad extents")?;
+                let e = r.u64().ok_or("inode block has bad extents")?;
+                extents.push((s, e));
+            }
+        }
         Ok(Some(Inode {
             ino,
             kind: Some(kind),
@@ -228,6 +277,7 @@ impl Inode {
             btime: g(field::BTIME),
             target,
             xattrs,
+            extents,
         }))
     }
 }
@@ -242,8 +292,7 @@ fn encode_xattrs(x: &[(Vec<u8>, Vec<u8>)], b: &mut Vec<u8>) {
     }
 }
 
-fn decode_xattrs(b: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut r = Reader(b);
+fn decode_xattrs(r: &mut Reader<'_>) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let n = r.u32()?;
     let mut out = Vec::new();
     for _ in 0..n {
@@ -340,6 +389,10 @@ pub enum Op {
         name: Vec<u8>,
         value: Option<Vec<u8>>,
     },
+    /// Inode block: blocks `[start, end)` may now hold data.
+    Extent { start: u64, end: u64 },
+    /// Inode block: blocks from `from` on hold no data (a truncate).
+    Trim { from: u64 },
 }
 
 /// Encode a patch (a list of steps applied in order) as block content for
@@ -391,6 +444,15 @@ pub fn encode_patch(ops: &[Op]) -> Vec<u8> {
                     None => b.push(0),
                 }
                 b.extend_from_slice(name);
+            }
+            Op::Extent { start, end } => {
+                b.push(8);
+                b.extend_from_slice(&start.to_le_bytes());
+                b.extend_from_slice(&end.to_le_bytes());
+            }
+            Op::Trim { from } => {
+                b.push(9);
+                b.extend_from_slice(&from.to_le_bytes());
             }
         }
     }
@@ -453,6 +515,11 @@ pub fn decode_patch(b: &[u8]) -> Option<Vec<Op>> {
                     value,
                 }
             }
+            8 => Op::Extent {
+                start: r.u64()?,
+                end: r.u64()?,
+            },
+            9 => Op::Trim { from: r.u64()? },
             _ => return None,
         };
         ops.push(op);
@@ -523,6 +590,17 @@ pub fn apply(block: &[u8], ops: &[Op]) -> Vec<u8> {
                 if entries.len() != before {
                     b = encode_bucket(&entries);
                 }
+            }
+            Op::Extent { .. } | Op::Trim { .. } => {
+                let Ok(Some(mut inode)) = Inode::decode(0, &b) else {
+                    continue;
+                };
+                match op {
+                    Op::Extent { start, end } => add_extent(&mut inode.extents, *start, *end),
+                    Op::Trim { from } => trim_extents(&mut inode.extents, *from),
+                    _ => {}
+                }
+                b = inode.encode();
             }
             Op::Xattr { name, value } => {
                 let Ok(Some(mut inode)) = Inode::decode(0, &b) else {
@@ -596,6 +674,8 @@ mod tests {
                 name: b"user.x".to_vec(),
                 value: Some(b"v".to_vec()),
             },
+            Op::Extent { start: 1, end: 5 },
+            Op::Trim { from: 3 },
         ];
         assert_eq!(decode_patch(&encode_patch(&ops)), Some(ops));
         let b = apply(
@@ -651,6 +731,7 @@ mod tests {
             size: 3,
             target: b"abc".to_vec(),
             xattrs: vec![(b"user.a".to_vec(), b"1".to_vec())],
+            extents: vec![(0, 2), (1 << 20, (1 << 20) + 1)],
             ..Inode::default()
         };
         let b = i.encode();
@@ -689,5 +770,30 @@ mod tests {
             let _ = decode_bucket(&junk);
             let _ = Inode::decode(1, &junk);
         }
+    }
+}
+
+#[cfg(test)]
+mod extent_tests {
+    use super::*;
+
+    #[test]
+    fn extents_merge_stay_a_superset_and_trim() {
+        let mut x = Vec::new();
+        add_extent(&mut x, 10, 12);
+        add_extent(&mut x, 0, 1);
+        add_extent(&mut x, 12, 15);
+        add_extent(&mut x, 1, 2);
+        assert_eq!(x, vec![(0, 2), (10, 15)]);
+        for i in 0..200u64 {
+            add_extent(&mut x, 100 + i * 10, 101 + i * 10);
+        }
+        assert!(x.len() <= MAX_EXTENTS);
+        for i in 0..200u64 {
+            let b = 100 + i * 10;
+            assert!(x.iter().any(|(s, e)| *s <= b && b < *e), "block {b} lost");
+        }
+        trim_extents(&mut x, 11);
+        assert_eq!(x, vec![(0, 2), (10, 11)]);
     }
 }

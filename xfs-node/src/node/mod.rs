@@ -51,12 +51,14 @@ fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The shards' storage role: the node's log (absent on a node without the manager role).
-pub struct LogStore<T: Transport> {
-    log: SharedLog<T>,
+/// The shards' storage role: the node's log (absent on a node without the manager role),
+/// shared by the node's shards.
+pub struct LogStore<S: FragmentStore> {
+    /// The log.
+    pub log: Arc<Mutex<Option<Log<S>>>>,
 }
 
-impl<T: Transport + Send> BlockStore<Vec<u8>> for LogStore<T> {
+impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
     fn read(&mut self, block: BlockId) -> Result<Vec<u8>, String> {
         let mut g = lock(&self.log);
         let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
@@ -205,7 +207,7 @@ impl Blocks for NodeBlocks {
 }
 
 fn shard_loop<T: Transport + Send>(
-    mut shard: Shard<T, Vec<u8>, LogStore<T>>,
+    mut shard: Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>,
     rx: Receiver<Cmd>,
     stop: Arc<AtomicBool>,
 ) {
