@@ -78,6 +78,13 @@ enum Cmd {
         /// First UDP port (node k uses port + 10 (k - 1) and up).
         #[arg(long, default_value_t = 7100)]
         port: u16,
+        /// The address every node binds (over rdma: the RoCE device's address).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Block devices for the nodes' storage, comma-separated, one per node (instead of
+        /// files under DIR).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<PathBuf>,
         /// Size of each node's storage file, MiB.
         #[arg(long, default_value_t = 256)]
         storage_mb: u64,
@@ -207,11 +214,14 @@ fn status_of(cfg: &Config, id: u16) -> Result<NodeStatus, String> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn up(
     nodes: usize,
     data: &Path,
     transport: &str,
     port: u16,
+    host: std::net::IpAddr,
+    devices: &[PathBuf],
     storage_mb: u64,
     timeout: u64,
 ) -> Result<(), String> {
@@ -238,7 +248,20 @@ fn up(
         }
         c
     } else {
-        let c = Config::local(nodes, &data, transport, port, storage_mb << 20);
+        let mut c = Config::local(nodes, &data, transport, port, storage_mb << 20);
+        if !devices.is_empty() && devices.len() != nodes {
+            return Err(format!(
+                "--devices names {} devices for {nodes} nodes: give one per node",
+                devices.len()
+            ));
+        }
+        for (i, n) in c.nodes.iter_mut().enumerate() {
+            n.host = host;
+            if let Some(d) = devices.get(i) {
+                n.storage = Some(d.clone());
+                n.storage_bytes = None;
+            }
+        }
         c.validate()?;
         std::fs::write(&cfg_path, c.to_toml())
             .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
@@ -485,13 +508,17 @@ fn run(cli: Cli) -> Result<(), String> {
             data,
             transport,
             port,
+            host,
+            devices,
             storage_mb,
             timeout,
         } => {
             if !matches!(transport.as_str(), "udp" | "rdma") {
                 return Err(format!("--transport {transport}: use udp or rdma"));
             }
-            up(nodes, &data, &transport, port, storage_mb, timeout)
+            up(
+                nodes, &data, &transport, port, host, &devices, storage_mb, timeout,
+            )
         }
         Cmd::Down { data } => down(&data),
         Cmd::Status { at, counters } => print_status(&at.load()?, counters),

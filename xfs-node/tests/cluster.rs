@@ -31,7 +31,8 @@ fn ok(args: &[&str]) -> String {
 
 fn data_dir(name: &str) -> PathBuf {
     // Not /tmp: the storage files are opened with O_DIRECT, which tmpfs refuses.
-    let d = PathBuf::from(format!("/var/tmp/xfs-test-{name}-{}", std::process::id()));
+    let base = std::env::var("XFS_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let d = PathBuf::from(format!("{base}/xfs-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
@@ -91,17 +92,24 @@ impl Drop for Guard {
 }
 
 fn up(data: &Path, nodes: usize, port: u16) -> Config {
-    let out = ok(&[
-        "up",
-        "--nodes",
-        &nodes.to_string(),
-        "--data",
-        data.to_str().unwrap(),
-        "--port",
-        &port.to_string(),
-        "--storage-mb",
-        "64",
-    ]);
+    up_with(data, nodes, port, &[])
+}
+
+fn up_with(data: &Path, nodes: usize, port: u16, extra: &[&str]) -> Config {
+    let mut args = vec![
+        "up".to_string(),
+        "--nodes".into(),
+        nodes.to_string(),
+        "--data".into(),
+        data.to_str().unwrap().into(),
+        "--port".into(),
+        port.to_string(),
+        "--storage-mb".into(),
+        "64".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = ok(&args);
     assert!(out.contains("ready"), "{out}");
     Config::load(&data.join("cluster.toml")).unwrap()
 }
@@ -478,4 +486,162 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
     assert_eq!(get(&data, 1, "/small"), small);
     let o = xfs(&["down", "--data", d]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
+
+/// Runs `ip` with `args`; panics with the install hint if it is missing.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("ip: {e}: install iproute2 (apt-get install iproute2) and run as root")
+        })
+        .success()
+}
+
+/// Three namespaces (one per node) on a bridge, removed when dropped.
+struct Hosts {
+    names: Vec<String>,
+    bridge: String,
+}
+
+impl Hosts {
+    fn new(n: usize, subnet: u8) -> Hosts {
+        let tag = std::process::id() % 10_000;
+        let bridge = format!("xbr{tag}");
+        let h = Hosts {
+            names: (1..=n).map(|k| format!("xfs{tag}n{k}")).collect(),
+            bridge: bridge.clone(),
+        };
+        assert!(
+            ip(&["link", "add", &bridge, "type", "bridge"]),
+            "cannot create a bridge: the namespace test needs root (CAP_NET_ADMIN)"
+        );
+        assert!(ip(&["link", "set", &bridge, "up"]));
+        for (k, ns) in h.names.iter().enumerate() {
+            let (a, b) = (format!("xv{tag}a{k}"), format!("xv{tag}b{k}"));
+            assert!(ip(&["netns", "add", ns]), "ip netns add {ns}");
+            assert!(ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]));
+            assert!(ip(&["link", "set", &a, "master", &bridge, "up"]));
+            assert!(ip(&["link", "set", &b, "netns", ns]));
+            let addr = format!("10.{subnet}.0.{}/24", k + 1);
+            assert!(ip(&["-n", ns, "addr", "add", &addr, "dev", &b]));
+            assert!(ip(&["-n", ns, "link", "set", &b, "up"]));
+            assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
+        }
+        h
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            ip(&["netns", "del", ns]);
+        }
+        ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// The same cluster with every node in its own network namespace (its own address),
+/// joined by veth pairs on a bridge: the test creates and removes them.
+#[test]
+fn three_hosts_in_network_namespaces_share_files() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = data_dir("netns");
+    std::fs::create_dir_all(&data).unwrap();
+    let hosts = Hosts::new(3, 77);
+    let mut cfg = Config::local(3, &data, "udp", 7100, 64 << 20);
+    for n in &mut cfg.nodes {
+        n.host = format!("10.77.0.{}", n.id).parse().unwrap();
+        n.port = 7100;
+    }
+    let cfg_path = data.join("cluster.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
+    let mut children = Vec::new();
+    for n in &cfg.nodes {
+        let log = std::fs::File::create(data.join(format!("node{}.log", n.id))).unwrap();
+        children.push(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &hosts.names[n.id as usize - 1],
+                    BIN,
+                    "serve",
+                    "--config",
+                ])
+                .arg(&cfg_path)
+                .args(["--node", &n.id.to_string()])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let _g = Guard {
+        data: data.clone(),
+        nodes: 0,
+        extra: children,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in &cfg.nodes {
+        while !Control::connect(&n.control)
+            .and_then(|mut c| c.call_ok(&Request::Status))
+            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not start: {}",
+                n.id,
+                std::fs::read_to_string(data.join(format!("node{}.log", n.id))).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let content = bytes(77, 700_000);
+    put(&data, 1, &content, "/across");
+    assert_eq!(get(&data, 2, "/across"), content);
+    let served = status(&cfg, 2).counter("forwards_served");
+    assert_eq!(get(&data, 3, "/across"), content);
+    assert!(
+        status(&cfg, 2).counter("forwards_served") > served,
+        "node 3's misses were not served by node 2"
+    );
+    assert!(status(&cfg, 3).counter("peer_reads") > 0);
+}
+
+/// `xfs-node up --transport rdma` on a verbs device (the SoftRoCE VM of
+/// `scripts/verbs-tests.sh`; skipped, saying so, where there is none).
+#[test]
+fn three_nodes_over_verbs_share_files_with_a_peer_read() {
+    let name = "three_nodes_over_verbs_share_files_with_a_peer_read";
+    if am_rdma::harness::skip_without_device(name) {
+        return;
+    }
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = data_dir("verbs");
+    let _g = Guard {
+        data: data.clone(),
+        nodes: 3,
+        extra: vec![],
+    };
+    let host = am_rdma::harness::test_ip().to_string();
+    let mut args = vec!["--transport", "rdma", "--host", &host];
+    // In the VM the shared file systems refuse O_DIRECT: the script gives loop devices.
+    let devices = std::env::var("XFS_TEST_DEVICES").unwrap_or_default();
+    if !devices.is_empty() {
+        args.extend(["--devices", &devices]);
+    }
+    let cfg = up_with(&data, 3, 17500, &args);
+    assert_eq!(cfg.cluster.transport, "rdma");
+    let content = bytes(9, 600_000);
+    put(&data, 1, &content, "/v");
+    assert_eq!(get(&data, 2, "/v"), content);
+    let served = status(&cfg, 2).counter("forwards_served");
+    assert_eq!(get(&data, 3, "/v"), content);
+    assert!(status(&cfg, 2).counter("forwards_served") > served);
+    assert!(status(&cfg, 3).counter("peer_reads") > 0);
+    ok(&["down", "--data", data.to_str().unwrap()]);
+    println!("VERBS-TEST-RAN {name}");
 }
