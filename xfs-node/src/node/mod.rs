@@ -110,6 +110,8 @@ enum Cmd {
 pub struct NodeBlocks {
     me: NodeId,
     shards: Vec<SyncSender<Cmd>>,
+    /// Wake each shard loop from its `wait` when a command is queued.
+    wake: Vec<Arc<dyn am_core::Notify>>,
     next: AtomicU64,
     statfs: Box<dyn Fn() -> Result<StatFs, Errno> + Send + Sync>,
 }
@@ -122,9 +124,10 @@ impl NodeBlocks {
     /// Sum the shards' counters.
     pub fn counters(&self) -> Vec<(String, u64)> {
         let mut sum: BTreeMap<String, u64> = BTreeMap::new();
-        for s in &self.shards {
+        for (s, w) in self.shards.iter().zip(&self.wake) {
             let (tx, rx) = mpsc::channel();
             if s.send(Cmd::Stats(tx)).is_ok() {
+                w.notify();
                 if let Ok(c) = rx.recv_timeout(Duration::from_secs(5)) {
                     for (k, v) in c {
                         *sum.entry(k).or_default() += v;
@@ -151,6 +154,7 @@ impl Blocks for NodeBlocks {
                 reply: (i, tx.clone()),
             };
             if self.shards[s].send(cmd).is_ok() {
+                self.wake[s].notify();
                 sent += 1;
             } else {
                 out[i] = Some(Err(Errno::EIO));
@@ -177,6 +181,7 @@ impl Blocks for NodeBlocks {
             reply: tx,
         };
         self.shards[0].send(cmd).map_err(|_| Errno::EIO)?;
+        self.wake[0].notify();
         match rx.recv_timeout(OP_TIMEOUT) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -441,6 +446,7 @@ impl Node {
             .collect();
         let log: SharedLog<M::T> = Arc::new(Mutex::new(None));
         let mut senders = Vec::new();
+        let mut wake = Vec::new();
         for s in 0..c.shards {
             let addr = me.shard_addr(s);
             let ep = endpoint(&mk, addr, tag, 1 << 16, "shard endpoint")?;
@@ -475,6 +481,7 @@ impl Node {
             }
             let (tx, rx) = mpsc::sync_channel(4096);
             senders.push(tx);
+            wake.push(shard.endpoint().transport().notifier());
             let st = stop.clone();
             threads.push(std::thread::spawn(move || shard_loop(shard, rx, st)));
         }
@@ -552,6 +559,7 @@ impl Node {
         let blocks = NodeBlocks {
             me: id,
             shards: senders,
+            wake,
             next: AtomicU64::new(1),
             statfs: Box::new(move || {
                 let bs = BLOCK as u64;

@@ -1,0 +1,425 @@
+//! `fs-bench`: the file system through the client API of a 3-node local cluster against
+//! the same operations on a local ext4 directory on the same disk, in the same run.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use am_udp::cli::{tool_main, Args};
+use xfs_node::node::config::Config;
+use xfs_node::node::control::{Control, FsOp, Request, Response};
+
+const HELP: &str = "\
+fs-bench: the cluster's client API against local ext4, same operations, same disk
+
+USAGE:
+  fs-bench [OPTIONS]
+
+Starts a 3-node local cluster with `xfs-node up` (storage files under --data), then, --runs
+times each: a large sequential write (1 MiB writes, then fsync), its read back through the
+writing node (warm) and through another node (cold there), and small files (create and
+write --files files of 1 KiB, then sync; stat each; unlink each), through node 1's client
+API; and the same on a directory of the local file system (--ext4, on the same disk).
+Prints one JSON line per phase and run, then medians and the ratio cluster / ext4.
+Stops the cluster at the end.
+
+OPTIONS:
+  --xfs-node PATH   the xfs-node binary (default: beside this one)
+  --data DIR        the cluster's data directory (default /var/tmp/fs-bench-cluster)
+  --ext4 DIR        the local directory (default /var/tmp/fs-bench-ext4)
+  --mb N            size of the large file, MiB (default 64)
+  --files N         small files (default 2000)
+  --runs N          runs (default 3)
+  -h, --help        this text
+";
+
+fn main() {
+    tool_main("fs-bench", HELP, run);
+}
+
+struct Cluster {
+    cfg: Config,
+}
+
+impl Cluster {
+    fn call(&self, node: u16, req: Request) -> Result<Response, String> {
+        let n = self.cfg.node(node).ok_or("no such node")?;
+        Control::connect(&n.control)?.call_ok(&req)
+    }
+    fn fs(&self, c: &mut Control, op: FsOp) -> Result<Response, String> {
+        c.call_ok(&Request::Fs(op))
+    }
+}
+
+fn ino(r: Response) -> Result<u64, String> {
+    match r {
+        Response::Attr(a) => Ok(a.ino),
+        Response::Ino(i) => Ok(i),
+        other => Err(format!("unexpected {other:?}")),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct Results {
+    rows: Vec<(String, String, f64, &'static str)>,
+}
+
+impl Results {
+    fn add(&mut self, system: &str, phase: &str, run: usize, value: f64, unit: &'static str) {
+        println!(
+            "{{\"system\":\"{system}\",\"phase\":\"{phase}\",\"run\":{run},\"value\":{value:.1},\"unit\":\"{unit}\"}}"
+        );
+        self.rows.push((system.into(), phase.into(), value, unit));
+    }
+    fn median(&self, system: &str, phase: &str) -> Option<(f64, &'static str)> {
+        let v: Vec<f64> = self
+            .rows
+            .iter()
+            .filter(|r| r.0 == system && r.1 == phase)
+            .map(|r| r.2)
+            .collect();
+        let unit = self.rows.iter().find(|r| r.0 == system && r.1 == phase)?.3;
+        (!v.is_empty()).then(|| (median(v), unit))
+    }
+}
+
+fn data(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = am_core::engine::splitmix(x);
+            x as u8
+        })
+        .collect()
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let xfs = args
+        .value("--xfs-node")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| exe.with_file_name("xfs-node"));
+    if !xfs.exists() {
+        return Err(format!(
+            "{} not found: build it (cargo build --release -p xfs-node) or give --xfs-node",
+            xfs.display()
+        ));
+    }
+    let dir = PathBuf::from(
+        args.value("--data")
+            .unwrap_or("/var/tmp/fs-bench-cluster".into()),
+    );
+    let ext4 = PathBuf::from(
+        args.value("--ext4")
+            .unwrap_or("/var/tmp/fs-bench-ext4".into()),
+    );
+    let mb: usize = args.parse("--mb", 64)?;
+    let files: usize = args.parse("--files", 2000)?;
+    let runs: usize = args.parse("--runs", 3)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&ext4);
+    std::fs::create_dir_all(&ext4).map_err(|e| format!("{}: {e}", ext4.display()))?;
+    let storage_mb = (mb * runs * 4 + 256).to_string();
+    eprintln!("fs-bench: starting a 3-node cluster in {}", dir.display());
+    let st = Command::new(&xfs)
+        .args([
+            "up",
+            "--nodes",
+            "3",
+            "--port",
+            "7900",
+            "--storage-mb",
+            &storage_mb,
+            "--data",
+        ])
+        .arg(&dir)
+        .status()
+        .map_err(|e| format!("{}: {e}", xfs.display()))?;
+    if !st.success() {
+        return Err("xfs-node up failed".into());
+    }
+    let cluster = Cluster {
+        cfg: Config::load(&dir.join("cluster.toml"))?,
+    };
+    let r = bench(&cluster, &ext4, mb, files, runs);
+    let _ = Command::new(&xfs)
+        .arg("down")
+        .arg("--data")
+        .arg(&dir)
+        .status();
+    let _ = std::fs::remove_dir_all(&ext4);
+    let res = r?;
+    println!("\nmedians of {runs} runs (cluster: 3 nodes on loopback, client API over node 1's control socket)");
+    println!(
+        "{:<28} {:>14} {:>14} {:>8}",
+        "phase", "cluster", "ext4", "ratio"
+    );
+    for phase in [
+        "seq write + fsync",
+        "seq read (warm)",
+        "seq read (other node)",
+        "create 1 KiB files",
+        "stat",
+        "unlink",
+    ] {
+        let ext4_phase = if phase == "seq read (other node)" {
+            "seq read (cold)"
+        } else {
+            phase
+        };
+        if let (Some((c, unit)), Some((e, _))) =
+            (res.median("cluster", phase), res.median("ext4", ext4_phase))
+        {
+            println!(
+                "{phase:<28} {c:>9.1} {unit:<4} {e:>9.1} {unit:<4} {:>7.2}x",
+                c / e
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bench(
+    c: &Cluster,
+    ext4: &Path,
+    mb: usize,
+    files: usize,
+    runs: usize,
+) -> Result<Results, String> {
+    let mut res = Results { rows: Vec::new() };
+    let chunk = data(1, 1 << 20);
+    let n1 = c.cfg.node(1).ok_or("node 1")?.control.clone();
+    let n2 = c.cfg.node(2).ok_or("node 2")?.control.clone();
+    let mut a = Control::connect(&n1)?;
+    let mut b = Control::connect(&n2)?;
+    let root = ino(c.fs(&mut a, FsOp::Root)?)?;
+    for run in 0..runs {
+        eprintln!("fs-bench: run {}/{runs}", run + 1);
+        // Cluster: large file.
+        let name = format!("big{run}").into_bytes();
+        let f = ino(c.fs(
+            &mut a,
+            FsOp::Create {
+                parent: root,
+                name: name.clone(),
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
+        )?)?;
+        let t = Instant::now();
+        for k in 0..mb {
+            c.fs(
+                &mut a,
+                FsOp::Write {
+                    ino: f,
+                    offset: (k << 20) as u64,
+                    data: chunk.clone(),
+                },
+            )?;
+        }
+        c.fs(&mut a, FsOp::Fsync { ino: f })?;
+        res.add(
+            "cluster",
+            "seq write + fsync",
+            run,
+            mb as f64 / t.elapsed().as_secs_f64(),
+            "MB/s",
+        );
+        for (who, phase) in [
+            (&mut a, "seq read (warm)"),
+            (&mut b, "seq read (other node)"),
+        ] {
+            let t = Instant::now();
+            for k in 0..mb {
+                match c.fs(
+                    who,
+                    FsOp::Read {
+                        ino: f,
+                        offset: (k << 20) as u64,
+                        len: 1 << 20,
+                    },
+                )? {
+                    Response::Data(d) if d.len() == 1 << 20 => {}
+                    other => {
+                        return Err(format!("short read: {:?}", std::mem::discriminant(&other)))
+                    }
+                }
+            }
+            res.add(
+                "cluster",
+                phase,
+                run,
+                mb as f64 / t.elapsed().as_secs_f64(),
+                "MB/s",
+            );
+        }
+        // Cluster: small files.
+        let dname = format!("small{run}").into_bytes();
+        let d = ino(c.fs(
+            &mut a,
+            FsOp::Mkdir {
+                parent: root,
+                name: dname,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+        )?)?;
+        let small = data(2, 1024);
+        let t = Instant::now();
+        let mut inos = Vec::with_capacity(files);
+        for i in 0..files {
+            let f = ino(c.fs(
+                &mut a,
+                FsOp::Create {
+                    parent: d,
+                    name: format!("f{i}").into_bytes(),
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                },
+            )?)?;
+            c.fs(
+                &mut a,
+                FsOp::Write {
+                    ino: f,
+                    offset: 0,
+                    data: small.clone(),
+                },
+            )?;
+            inos.push(f);
+        }
+        c.call(1, Request::Flush)?;
+        res.add(
+            "cluster",
+            "create 1 KiB files",
+            run,
+            files as f64 / t.elapsed().as_secs_f64(),
+            "op/s",
+        );
+        let t = Instant::now();
+        for i in 0..files {
+            c.fs(
+                &mut a,
+                FsOp::Lookup {
+                    parent: d,
+                    name: format!("f{i}").into_bytes(),
+                },
+            )?;
+        }
+        res.add(
+            "cluster",
+            "stat",
+            run,
+            files as f64 / t.elapsed().as_secs_f64(),
+            "op/s",
+        );
+        let t = Instant::now();
+        for i in 0..files {
+            c.fs(
+                &mut a,
+                FsOp::Unlink {
+                    parent: d,
+                    name: format!("f{i}").into_bytes(),
+                },
+            )?;
+        }
+        c.call(1, Request::Flush)?;
+        res.add(
+            "cluster",
+            "unlink",
+            run,
+            files as f64 / t.elapsed().as_secs_f64(),
+            "op/s",
+        );
+
+        // ext4: the same.
+        let p = ext4.join(format!("big{run}"));
+        let t = Instant::now();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .map_err(|e| e.to_string())?;
+        for _ in 0..mb {
+            file.write_all(&chunk).map_err(|e| e.to_string())?;
+        }
+        file.sync_all().map_err(|e| e.to_string())?;
+        res.add(
+            "ext4",
+            "seq write + fsync",
+            run,
+            mb as f64 / t.elapsed().as_secs_f64(),
+            "MB/s",
+        );
+        let mut buf = vec![0u8; 1 << 20];
+        for phase in ["seq read (warm)", "seq read (cold)"] {
+            if phase == "seq read (cold)" {
+                // Drop this file's pages: the next read goes to the disk.
+                // SAFETY: a valid descriptor; advice only.
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            }
+            file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+            let t = Instant::now();
+            for _ in 0..mb {
+                file.read_exact(&mut buf).map_err(|e| e.to_string())?;
+            }
+            res.add(
+                "ext4",
+                phase,
+                run,
+                mb as f64 / t.elapsed().as_secs_f64(),
+                "MB/s",
+            );
+        }
+        let sd = ext4.join(format!("small{run}"));
+        std::fs::create_dir_all(&sd).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        for i in 0..files {
+            std::fs::write(sd.join(format!("f{i}")), &small).map_err(|e| e.to_string())?;
+        }
+        // SAFETY: sync(2) takes no arguments.
+        unsafe { libc::sync() };
+        res.add(
+            "ext4",
+            "create 1 KiB files",
+            run,
+            files as f64 / t.elapsed().as_secs_f64(),
+            "op/s",
+        );
+        let t = Instant::now();
+        for i in 0..files {
+            std::fs::metadata(sd.join(format!("f{i}"))).map_err(|e| e.to_string())?;
+        }
+        res.add(
+            "ext4",
+            "stat",
+            run,
+            files as f64 / t.elapsed().as_secs_f64(),
+            "op/s",
+        );
+        let t = Instant::now();
+        for i in 0..files {
+            std::fs::remove_file(sd.join(format!("f{i}"))).map_err(|e| e.to_string())?;
+        }
+        // SAFETY: as above.
+        unsafe { libc::sync() };
+        res.add(
+            "ext4",
+            "unlink",
+            run,
+            files as f64 / t.elapsed().as_secs_f64(),
+            "op/s",
+        );
+    }
+    Ok(res)
+}
