@@ -1439,6 +1439,28 @@ impl ManagerShard {
         .map(|()| self.tidy(block))
     }
 
+    /// Client `peer` died: it caches nothing any more. Unlike [`Self::peer_restarted`]
+    /// its channel is kept (its messages still in flight may arrive), and a write waiting
+    /// for its acknowledgement keeps waiting for the one the driver answers in its stead.
+    pub fn peer_died(&mut self, peer: NodeId) {
+        for b in self.blocks.values_mut() {
+            let waited = b
+                .writing
+                .as_ref()
+                .is_some_and(|w| w.waiting.contains(&peer));
+            if !waited {
+                b.cachers.remove(&peer);
+            }
+            if b.owner == Some(peer) && b.writing.is_none() {
+                b.owner = None;
+            }
+            if b.last_reader == Some(peer) {
+                b.last_reader = None;
+            }
+        }
+        self.blocks.retain(|_, b| !b.is_empty());
+    }
+
     /// Client `peer` restarted with an empty cache: it holds no copy, its requests are
     /// gone, and its channel starts again at 0. Call it at a quiescent point (no write
     /// waiting for `peer`'s acknowledgement).

@@ -249,6 +249,8 @@ pub struct ShardCounters {
     pub protocol_errors: u64,
     /// Messages the AM layer returned as undeliverable (a dead peer).
     pub undeliverable: u64,
+    /// Of those, coherence messages answered for the dead peer (see `bounce`).
+    pub bounced: u64,
     /// Sends that waited in the outgoing queue because the endpoint was full.
     pub deferred_sends: u64,
     /// Messages sent to other nodes through the endpoint.
@@ -281,6 +283,7 @@ pub struct Completion<D> {
 
 type Inbox<D> = Arc<Mutex<VecDeque<(EndpointName, Msg<D>)>>>;
 type SyncInbox = Arc<Mutex<VecDeque<(EndpointName, [u64; 3], Vec<u8>)>>>;
+type Bounced = Arc<Mutex<VecDeque<(EndpointName, Vec<u64>, Vec<u8>)>>>;
 
 /// One shard loop of one node.
 pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
@@ -298,6 +301,7 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     sync_done: Vec<(OpId, Result<(), String>)>,
     bad: Arc<Mutex<u64>>,
     undeliverable: Arc<Mutex<u64>>,
+    bounced: Bounced,
     peers: BTreeMap<NodeId, u16>,
     names: BTreeMap<(std::net::SocketAddr, u32), NodeId>,
     /// Messages from this node to itself, and messages received but not yet handled.
@@ -360,8 +364,14 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             _ => *lock(&b) += 1,
         })?;
         let undeliverable = Arc::new(Mutex::new(0u64));
-        let u = undeliverable.clone();
-        endpoint.set_upcall(move |_, _| *lock(&u) += 1);
+        let bounced: Bounced = Arc::new(Mutex::new(VecDeque::new()));
+        let (u, bq) = (undeliverable.clone(), bounced.clone());
+        endpoint.set_upcall(move |_, m| {
+            *lock(&u) += 1;
+            if m.handler == COHERENCE_HANDLER {
+                lock(&bq).push_back((m.dest, m.args.clone(), m.payload.clone()));
+            }
+        });
         Ok(Shard {
             node: cfg.node,
             endpoint,
@@ -374,6 +384,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             sync_done: Vec::new(),
             bad,
             undeliverable,
+            bounced,
             peers: BTreeMap::new(),
             names: BTreeMap::new(),
             pending: VecDeque::new(),
@@ -591,6 +602,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// and send. Returns how much work it did.
     pub fn step(&mut self, budget: usize) -> Result<usize, TransportError> {
         let mut work = self.endpoint.poll(budget)?;
+        work += self.collect_bounced();
         self.collect_inbox();
         if !self.manual {
             while let Some(d) = self.pending.pop_front() {
@@ -743,11 +755,59 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 }
                 Err(_) => {
                     self.counters.undeliverable += 1;
-                    self.outgoing.pop_front();
+                    if let Some((to, msg)) = self.outgoing.pop_front() {
+                        self.bounce(to, msg);
+                    }
                 }
             }
         }
         sent
+    }
+
+    /// A message to `to` could not be delivered (the AM layer declared the peer dead):
+    /// answer for it where the protocol would otherwise wait forever. A revoke counts as
+    /// acknowledged (the dead client's copy died with it), a forwarded read fails over to
+    /// storage, and the dead node is dropped from every cacher list of this manager. What
+    /// the dead node alone held (its dirty blocks, the files it managed) is gone until it
+    /// restarts: requests for those fail at the caller's timeout.
+    fn bounce(&mut self, to: NodeId, msg: Msg<D>) {
+        self.counters.bounced += 1;
+        let answer = match msg {
+            Msg::Revoke { block, .. } => Some(Msg::RevokeAck { block }),
+            Msg::Forward {
+                block,
+                reader,
+                reader_seq,
+                ..
+            } => Some(Msg::ForwardFailed {
+                block,
+                reader,
+                reader_seq,
+            }),
+            _ => None,
+        };
+        if let Some(m) = answer {
+            self.pending.push_back(Delivery {
+                from: to,
+                to: self.node,
+                msg: m,
+            });
+        }
+        self.manager.peer_died(to);
+    }
+
+    fn collect_bounced(&mut self) -> usize {
+        let msgs: Vec<_> = lock(&self.bounced).drain(..).collect();
+        let n = msgs.len();
+        for (dest, args, payload) in msgs {
+            let Some(to) = self.names.get(&(dest.addr, dest.vnet)).copied() else {
+                continue;
+            };
+            if let Some(msg) = decode::<D>(&args, &payload) {
+                self.bounce(to, msg);
+            }
+        }
+        n
     }
 }
 

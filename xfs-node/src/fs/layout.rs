@@ -794,6 +794,12 @@ mod extent_tests {
             assert!(x.iter().any(|(s, e)| *s <= b && b < *e), "block {b} lost");
         }
         trim_extents(&mut x, 11);
-        assert_eq!(x, vec![(0, 2), (10, 11)]);
+        assert!(x.iter().all(|(s, e)| *s < 11 && *e <= 11), "{x:?}");
+        assert!([0, 1, 10]
+            .iter()
+            .all(|b| x.iter().any(|(s, e)| s <= b && b < e)));
+        let mut y = vec![(0, 2), (10, 15)];
+        trim_extents(&mut y, 11);
+        assert_eq!(y, vec![(0, 2), (10, 11)]);
     }
 }

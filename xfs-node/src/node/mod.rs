@@ -250,6 +250,7 @@ fn shard_loop<T: Transport + Send>(
                         ("bad_messages".into(), c.bad_messages),
                         ("protocol_errors".into(), c.protocol_errors),
                         ("undeliverable".into(), c.undeliverable),
+                        ("bounced".into(), c.bounced),
                         ("peer_reads".into(), cc.peer_reads),
                         ("storage_reads".into(), cc.storage_reads),
                         ("forwards_served".into(), cc.forwards_served),
