@@ -1,10 +1,12 @@
 //! `xfs-node`: the serverless file system node of DESIGN.md §4.
 //!
-//! Built so far: the per-block cache-coherence protocol as a pure state machine
-//! ([`coherence`]), checked by the `stateright` model in `tests/model/`, and the per-core
-//! shard loops that run it over Active Messages ([`shard`]), with a deterministic cluster
-//! simulation ([`sim`]). Storage (the striped log), the namespace and the `xfs-node` binary
-//! come with the storage and cluster issues.
+//! The per-block cache-coherence protocol as a pure state machine ([`coherence`]), checked
+//! by the `stateright` model in `tests/model/`, the per-core shard loops that run it over
+//! Active Messages ([`shard`]) with a block-level simulation ([`sim`]), the storage layer
+//! ([`storage`]: fragment stores, storage servers over AM, the striped log), the file
+//! system on top ([`fs`]: block layout, the client API, the whole-cluster simulation), and
+//! the node process with its config and control socket ([`node`]). `src/main.rs` is the
+//! `xfs-node` CLI. See docs/cluster.md.
 
 pub mod coherence;
 pub mod fs;
