@@ -300,6 +300,10 @@ pub enum Outcome<D> {
     Written,
     /// An update is applied; this was the content before it.
     Updated(D),
+    /// The block is held private and pinned; its content.
+    Acquired(D),
+    /// The block is no longer pinned.
+    Released,
     /// The block left the cache.
     Evicted,
     /// The block is durable on storage (or was not dirty).
@@ -317,6 +321,12 @@ pub enum UserOp<D> {
     /// block held private): the read-modify-write that metadata and partial writes need.
     /// Completes with [`Outcome::Updated`] carrying the content before the patch.
     Update(D),
+    /// Get the block private and keep it (a multi-block transaction: acquire blocks in
+    /// increasing id order, update them, release them): the manager's revokes and forwards
+    /// wait until [`UserOp::Release`]. Completes with [`Outcome::Acquired`] and the content.
+    Acquire,
+    /// Let an acquired block go (its deferred manager messages run).
+    Release,
     /// Drop the block from the cache.
     Evict,
     /// Write the block back to storage if it is dirty.
@@ -456,6 +466,8 @@ pub enum PendingOp<D> {
     Write(OpId, D),
     /// Waiting for `Grant` or exclusive `Data`; then the patch is applied to the content.
     Update(OpId, D),
+    /// Waiting for `Grant` or exclusive `Data`; then the block is pinned.
+    Acquire(OpId),
     /// Writing back / invalidating the kernel; `asked` once `EvictReq` is sent.
     Evict { op: OpId, asked: bool },
     /// Waiting for the write-back.
@@ -498,6 +510,9 @@ pub struct ClientBlock<D> {
     pub step: Option<Step>,
     /// Manager messages that wait for `step` (or, unsequenced, for data) to finish.
     pub deferred: VecDeque<Msg<D>>,
+    /// Held private by a multi-block transaction ([`UserOp::Acquire`]): revokes and
+    /// forwards wait in `deferred` until [`UserOp::Release`].
+    pub pinned: bool,
 }
 
 impl<D> Default for ClientBlock<D> {
@@ -508,6 +523,7 @@ impl<D> Default for ClientBlock<D> {
             op: None,
             step: None,
             deferred: VecDeque::new(),
+            pinned: false,
         }
     }
 }
@@ -542,6 +558,22 @@ impl<D> ClientBlock<D> {
         self.mode = Mode::Private { dirty: true };
         self.op = None;
         complete(out, op, block, Outcome::Updated(old));
+    }
+
+    /// Finish an acquire: the block is private (dirty if it was) and pinned.
+    fn acquired(&mut self, block: BlockId, op: OpId, out: &mut Vec<Output<D>>)
+    where
+        D: Clone,
+    {
+        if let Mode::Shared = self.mode {
+            self.mode = Mode::Private { dirty: false };
+        }
+        self.pinned = true;
+        self.op = None;
+        let d = self.data.clone();
+        if let Some(d) = d {
+            complete(out, op, block, Outcome::Acquired(d));
+        }
     }
 
     /// Write the (dirty) copy back to `storage`, then do `then`.
@@ -594,7 +626,11 @@ impl<D> ClientBlock<D> {
 
     /// Nothing in progress and nothing cached: the entry can go.
     fn is_empty(&self) -> bool {
-        self.data.is_none() && self.op.is_none() && self.step.is_none() && self.deferred.is_empty()
+        self.data.is_none()
+            && self.op.is_none()
+            && self.step.is_none()
+            && self.deferred.is_empty()
+            && !self.pinned
     }
 
     fn state_name(&self) -> &'static str {
@@ -604,6 +640,7 @@ impl<D> ClientBlock<D> {
             (Some(PendingOp::Read(_)), None) => "reading",
             (Some(PendingOp::Write(..)), None) => "writing",
             (Some(PendingOp::Update(..)), None) => "updating",
+            (Some(PendingOp::Acquire(_)), None) => "acquiring",
             (Some(PendingOp::Evict { .. }), None) => "evicting",
             (Some(PendingOp::Flush(_)), None) => "flushing",
             (None, None) => match self.state() {
@@ -761,11 +798,17 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             return Err(ProtocolError::Busy(block));
         }
         let missing = self.blocks.get(&block).is_none_or(|b| b.data.is_none());
-        if missing && matches!(user, UserOp::Read | UserOp::Write(_) | UserOp::Update(_)) {
+        if missing
+            && matches!(
+                user,
+                UserOp::Read | UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire
+            )
+        {
             self.make_room(block, out)?;
         }
         let manager = self.placement.manager(block);
         let storage = self.placement.storage(block);
+        let mut released = false;
         let b = self.blocks.entry(block).or_default();
         match user {
             UserOp::Read => match &b.data {
@@ -798,6 +841,25 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     });
                 }
             },
+            UserOp::Acquire => match (b.data.is_some(), b.mode) {
+                (true, Mode::Private { .. }) => b.acquired(block, op, out),
+                (has_data, _) => {
+                    b.op = Some(PendingOp::Acquire(op));
+                    out.push(Output::Send {
+                        to: manager,
+                        msg: Msg::WriteReq { block, has_data },
+                    });
+                }
+            },
+            UserOp::Release => {
+                b.pinned = false;
+                complete(out, op, block, Outcome::Released);
+                released = true;
+            }
+            UserOp::Evict if b.pinned => {
+                // A pinned block stays until its transaction releases it.
+                return Err(ProtocolError::Busy(block));
+            }
             UserOp::Evict => {
                 if b.data.is_none() {
                     complete(out, op, block, Outcome::Evicted);
@@ -814,6 +876,9 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                 _ => complete(out, op, block, Outcome::Flushed),
             },
         }
+        if released {
+            self.drain(block, out)?;
+        }
         self.tidy(block);
         Ok(())
     }
@@ -827,7 +892,9 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let victim = self
             .blocks
             .iter()
-            .find(|(id, b)| **id != block && b.data.is_some() && b.op.is_none() && b.step.is_none())
+            .find(|(id, b)| {
+                **id != block && b.data.is_some() && b.op.is_none() && b.step.is_none() && !b.pinned
+            })
             .map(|(id, _)| *id);
         if let Some(victim) = victim {
             self.counters.capacity_evictions += 1;
@@ -1017,7 +1084,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let block = m.block();
         let sequenced = self.config.sequenced;
         let b = self.blocks.entry(block).or_default();
-        let blocked = b.step.is_some() || !b.deferred.is_empty();
+        let blocked = b.step.is_some() || b.pinned || !b.deferred.is_empty();
         // The faulty, unsequenced protocol: a client waiting for data is "not ready" for
         // the manager's other messages and queues them (xFS, §3.3.2).
         let not_ready = !sequenced
@@ -1040,7 +1107,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             let Some(b) = self.blocks.get_mut(&block) else {
                 return Ok(());
             };
-            if b.step.is_some() {
+            if b.step.is_some() || b.pinned {
                 return Ok(());
             }
             let Some(front) = b.deferred.front() else {
@@ -1122,6 +1189,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                 Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
                     (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
                     (Some(PendingOp::Update(op, patch)), true) => b.updated(block, op, patch, out),
+                    (Some(PendingOp::Acquire(op)), true) => b.acquired(block, op, out),
                     (op, _) => {
                         b.op = op;
                         break 'rules Err(unexpected);
@@ -1166,6 +1234,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     (Some(PendingOp::Update(op, patch)), true) => {
                         b.data = Some(data);
                         b.updated(block, op, patch, out)
+                    }
+                    (Some(PendingOp::Acquire(op)), true) => {
+                        b.data = Some(data);
+                        b.mode = Mode::Private { dirty: false };
+                        b.acquired(block, op, out)
                     }
                     (op, _) => {
                         b.op = op;

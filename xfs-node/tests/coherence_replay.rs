@@ -47,6 +47,7 @@ fn a_checker_path_replays_through_the_shard_loops_message_for_message() {
         config: ProtocolConfig::default(),
         capacity: 0,
         updates: false,
+        txns: 0,
     };
     let checker = m
         .clone()
@@ -94,12 +95,17 @@ fn a_checker_path_replays_through_the_shard_loops_message_for_message() {
                     UserOp::Evict => (0, UserOp::Evict),
                     UserOp::Flush => (0, UserOp::Flush),
                     UserOp::Update(v) => (0, UserOp::Update(*v as u64)),
+                    UserOp::Acquire => (0, UserOp::Acquire),
+                    UserOp::Release => (0, UserOp::Release),
                 };
                 let s = &mut cluster.shards[at(&ids, *c)][0];
                 s.submit(id, *block, user);
                 s.step(16).expect("sim poll");
             }
             Action::KernelRead(..) => {}
+            Action::Txn(_) | Action::TxnNext(_) => {
+                unreachable!("the replayed model has no transactions")
+            }
             Action::Deliver(k) => {
                 let e = &w.net[*k];
                 match &e.payload {

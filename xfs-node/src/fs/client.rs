@@ -782,6 +782,10 @@ impl<B: Blocks> FsClient<B> {
                 return Err(Errno::ENOENT);
             }
         } else {
+            // Two buckets, perhaps managed by two nodes: insert, then remove (never in
+            // neither; for a moment in both). Holding both buckets at once (UserOp::Acquire)
+            // is what would make it atomic, but the model finds that pins deadlock through
+            // the reader's ordered channel (docs/cluster.md, "Rename").
             self.insert(dp, entry, true)?;
             self.remove(sp, sn, src.ino)?;
         }

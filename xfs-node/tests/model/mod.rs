@@ -66,6 +66,13 @@ pub enum Violation {
     },
     /// A state machine had no rule for an input.
     Protocol(String),
+    /// A transaction holding both blocks saw them differ: another transaction's update
+    /// of the two was seen half done.
+    Torn {
+        client: NodeId,
+        first: u8,
+        second: u8,
+    },
 }
 
 /// The whole system.
@@ -87,6 +94,10 @@ pub struct World {
     pub violation: Option<Violation>,
     /// The network keeps per (from, to) order.
     pub ordered: bool,
+    /// Per client, its transaction's progress: 0 none, 1 acquiring its first block, 2
+    /// holding it (the second is acquired once that block is idle here), 3 acquiring its
+    /// second.
+    pub txn: Vec<u8>,
 }
 
 /// A step of the model.
@@ -98,6 +109,10 @@ pub enum Action {
     Op(NodeId, BlockId, UserOp<u8>),
     /// A read served by the kernel's page cache.
     KernelRead(NodeId, BlockId),
+    /// A two-block transaction starts: acquire both blocks, add one to each, release.
+    Txn(NodeId),
+    /// The transaction goes on to acquire its second block.
+    TxnNext(NodeId),
 }
 
 /// The model's bounds and variant.
@@ -114,6 +129,9 @@ pub struct CoherenceModel {
     /// Clients also do atomic updates (`UserOp::Update(1)`: add one to the block): the
     /// content before each update must be the last completed write or update.
     pub updates: bool,
+    /// Two-block transactions instead of plain writes (blocks 0 and 1): 0 none, 1 every
+    /// client acquires in block order, 2 client 0 acquires in the reverse order.
+    pub txns: u8,
 }
 
 impl CoherenceModel {
@@ -192,6 +210,15 @@ impl CoherenceModel {
         }
     }
 
+    /// The order client `c`'s transactions acquire blocks 0 and 1 in.
+    fn txn_order(&self, c: NodeId) -> (BlockId, BlockId) {
+        if self.txns == 2 && c == 0 {
+            (1, 0)
+        } else {
+            (0, 1)
+        }
+    }
+
     fn complete(&self, w: &mut World, c: NodeId, op: u64, block: BlockId, outcome: Outcome<u8>) {
         match outcome {
             Outcome::Read(v) => {
@@ -209,6 +236,44 @@ impl CoherenceModel {
                 w.last_write[block as usize] = v;
                 w.kernels[c as usize].insert(block, v);
             }
+            Outcome::Acquired(v) => {
+                check_read(w, c, block, v);
+                let (first, second) = self.txn_order(c);
+                let mut outs = Vec::new();
+                let mut r = Ok(());
+                if w.txn[c as usize] == 1 {
+                    w.txn[c as usize] = 2;
+                } else {
+                    // Both held: they must agree, then both move on together.
+                    let cl = &w.clients[c as usize];
+                    let val = |b: BlockId| cl.blocks.get(&b).and_then(|x| x.data).unwrap_or(0);
+                    let (a, b) = (val(first), val(second));
+                    if a != b && w.violation.is_none() {
+                        w.violation = Some(Violation::Torn {
+                            client: c,
+                            first: a,
+                            second: b,
+                        });
+                    }
+                    w.txn[c as usize] = 0;
+                    for (blk, op) in [
+                        (first, UserOp::Update(1)),
+                        (second, UserOp::Update(1)),
+                        (first, UserOp::Release),
+                        (second, UserOp::Release),
+                    ] {
+                        if r.is_ok() {
+                            r = w.clients[c as usize].start(0, blk, op, &mut outs);
+                        }
+                    }
+                }
+                self.apply(w, Addr::Client(c), outs);
+                if let Err(e) = r {
+                    w.violation
+                        .get_or_insert(Violation::Protocol(e.to_string()));
+                }
+            }
+            Outcome::Released => {}
             Outcome::Evicted | Outcome::Flushed => {}
         }
     }
@@ -229,11 +294,11 @@ impl CoherenceModel {
                 .values()
                 .any(|b| b.op.is_some() || b.step.is_some() || !b.deferred.is_empty())
                 || c.channels.values().any(|ch| !ch.held.is_empty())
-        }) || w
-            .manager
-            .blocks
-            .values()
-            .any(|b| b.writing.is_some() || !b.queue.is_empty())
+        }) || w.txn.iter().any(|t| *t != 0)
+            || w.manager
+                .blocks
+                .values()
+                .any(|b| b.writing.is_some() || !b.queue.is_empty())
     }
 
     /// The canonical member of the state's symmetry class: the least renaming of clients.
@@ -293,10 +358,12 @@ fn rename(w: &World, p: &[usize]) -> World {
     let mut clients = w.clients.clone();
     let mut kernels = w.kernels.clone();
     let mut budget = w.budget.clone();
+    let mut txn = w.txn.clone();
     for i in 0..n {
         clients[p[i]] = w.clients[i].renamed(&f);
         kernels[p[i]] = w.kernels[i].clone();
         budget[p[i]] = w.budget[i];
+        txn[p[i]] = w.txn[i];
     }
     let mut net: Vec<Envelope> = w
         .net
@@ -327,6 +394,7 @@ fn rename(w: &World, p: &[usize]) -> World {
         next_value: w.next_value,
         violation: w.violation.clone(),
         ordered: w.ordered,
+        txn,
     }
 }
 
@@ -350,6 +418,7 @@ impl Model for CoherenceModel {
             next_value: 1,
             violation: None,
             ordered: self.ordered,
+            txn: vec![0; self.clients],
         }]
     }
 
@@ -363,10 +432,22 @@ impl Model for CoherenceModel {
             }
         }
         for c in 0..self.clients {
+            // A transaction under way goes on whatever the budget.
+            if w.txn[c] == 2 && w.clients[c].is_idle(self.txn_order(c as NodeId).1) {
+                actions.push(Action::TxnNext(c as NodeId));
+            }
             if w.budget[c] == 0 {
                 continue;
             }
             let client = &w.clients[c];
+            if self.txns > 0 && w.txn[c] == 0 && client.is_idle(0) && client.is_idle(1) {
+                actions.push(Action::Txn(c as NodeId));
+            }
+            if w.txn[c] != 0 {
+                // A transaction is one thread of the client: nothing else starts meanwhile
+                // (a real driver queues operations per block; the model starts them).
+                continue;
+            }
             for block in 0..self.blocks as BlockId {
                 if w.kernels[c].contains_key(&block) {
                     actions.push(Action::KernelRead(c as NodeId, block));
@@ -381,11 +462,14 @@ impl Model for CoherenceModel {
                 if !w.kernels[c].contains_key(&block) {
                     actions.push(Action::Op(c as NodeId, block, UserOp::Read));
                 }
-                actions.push(Action::Op(c as NodeId, block, UserOp::Write(w.next_value)));
+                if self.txns == 0 {
+                    actions.push(Action::Op(c as NodeId, block, UserOp::Write(w.next_value)));
+                }
                 if self.updates {
                     actions.push(Action::Op(c as NodeId, block, UserOp::Update(1)));
                 }
-                if cached {
+                let pinned = b.is_some_and(|b| b.pinned);
+                if cached && !pinned {
                     actions.push(Action::Op(c as NodeId, block, UserOp::Evict));
                 }
                 if dirty {
@@ -469,6 +553,27 @@ impl Model for CoherenceModel {
                         .get_or_insert(Violation::Protocol(e.to_string()));
                 }
             }
+            Action::Txn(c) => {
+                w.budget[c as usize] -= 1;
+                w.txn[c as usize] = 1;
+                let (first, _) = self.txn_order(c);
+                let r = w.clients[c as usize].start(0, first, UserOp::Acquire, &mut outs);
+                self.apply(&mut w, Addr::Client(c), outs);
+                if let Err(e) = r {
+                    w.violation
+                        .get_or_insert(Violation::Protocol(e.to_string()));
+                }
+            }
+            Action::TxnNext(c) => {
+                w.txn[c as usize] = 3;
+                let (_, second) = self.txn_order(c);
+                let r = w.clients[c as usize].start(0, second, UserOp::Acquire, &mut outs);
+                self.apply(&mut w, Addr::Client(c), outs);
+                if let Err(e) = r {
+                    w.violation
+                        .get_or_insert(Violation::Protocol(e.to_string()));
+                }
+            }
             Action::KernelRead(c, block) => {
                 w.budget[c as usize] -= 1;
                 let v = w.kernels[c as usize][&block];
@@ -494,6 +599,13 @@ impl Model for CoherenceModel {
                 w.net.iter().any(|e| {
                     matches!(e.from, Addr::Client(_))
                         && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
+                })
+            }),
+            Property::sometimes("txn: a revoke waits for a release", |_, w: &World| {
+                w.clients.iter().any(|c| {
+                    c.blocks.values().any(|b| {
+                        b.pinned && b.deferred.iter().any(|m| matches!(m, Msg::Revoke { .. }))
+                    })
                 })
             }),
             Property::sometimes("a revoke", |_, w: &World| {
