@@ -739,8 +739,9 @@ pub struct ClientShard<D> {
     pub capacity: usize,
     /// Per block state; absent means invalid and idle.
     pub blocks: BTreeMap<BlockId, ClientBlock<D>>,
-    /// Per manager: the ordered channel.
-    pub channels: BTreeMap<NodeId, Channel<D>>,
+    /// Per (manager, block): the ordered channel (sequence numbers are per client and
+    /// block, so a reply delayed for one block never holds back another block's messages).
+    pub channels: BTreeMap<(NodeId, BlockId), Channel<D>>,
     /// Blocks holding data (kept as they change: a miss checks it against `capacity`).
     cached: usize,
     /// Counters.
@@ -984,7 +985,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
     /// those blocks in flight); returns how many dirty copies were dropped (0 when every
     /// write was flushed first, which the cluster's restart procedure does).
     pub fn peer_restarted(&mut self, peer: NodeId) -> usize {
-        self.channels.remove(&peer);
+        self.channels.retain(|(m, _), _| *m != peer);
         let mut dirty = 0;
         let placement = &self.placement;
         let mut dropped = 0;
@@ -1032,7 +1033,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                 if self.config.sequenced {
                     let manager = self.placement.manager(block);
                     let seq = m.seq().unwrap_or_default();
-                    let ch = self.channels.entry(manager).or_default();
+                    let ch = self.channels.entry((manager, block)).or_default();
                     if seq != ch.next {
                         // Ahead of `next` (modulo 2^32: the numbers wrap) is early and held;
                         // behind it is a duplicate.
@@ -1054,7 +1055,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     ch.next = ch.next.wrapping_add(1);
                     self.in_order(m, out)?;
                     loop {
-                        let ch = self.channels.entry(manager).or_default();
+                        let ch = self.channels.entry((manager, block)).or_default();
                         let next = ch.next;
                         let Some(m) = ch.held.remove(&next) else {
                             break;
@@ -1412,8 +1413,8 @@ pub struct ManagerShard {
     pub clients: Vec<NodeId>,
     /// Per block state; absent means nobody caches it.
     pub blocks: BTreeMap<BlockId, ManagerBlock>,
-    /// Per client: the sequence number of the next message to it.
-    pub next_seq: BTreeMap<NodeId, u32>,
+    /// Per (client, block): the sequence number of the next message to it about the block.
+    pub next_seq: BTreeMap<(NodeId, BlockId), u32>,
     /// Counters.
     pub counters: ManagerCounters,
 }
@@ -1437,8 +1438,8 @@ impl ManagerShard {
         }
     }
 
-    fn seq(&mut self, client: NodeId) -> u32 {
-        let s = self.next_seq.entry(client).or_insert(0);
+    fn seq(&mut self, client: NodeId, block: BlockId) -> u32 {
+        let s = self.next_seq.entry((client, block)).or_insert(0);
         let v = *s;
         *s = s.wrapping_add(1);
         v
@@ -1538,7 +1539,7 @@ impl ManagerShard {
     /// gone, and its channel starts again at 0. Call it at a quiescent point (no write
     /// waiting for `peer`'s acknowledgement).
     pub fn peer_restarted(&mut self, peer: NodeId) {
-        self.next_seq.remove(&peer);
+        self.next_seq.retain(|(c, _), _| *c != peer);
         for b in self.blocks.values_mut() {
             b.cachers.remove(&peer);
             if b.owner == Some(peer) {
@@ -1594,7 +1595,7 @@ impl ManagerShard {
         let storage = self.placement.storage(block);
         match req {
             Request::Read => {
-                let reader_seq = self.seq(from);
+                let reader_seq = self.seq(from, block);
                 let b = self.blocks.entry(block).or_default();
                 b.recirculated = 0;
                 let last = b
@@ -1610,7 +1611,7 @@ impl ManagerShard {
                 match source {
                     Some(holder) => {
                         self.counters.forwards += 1;
-                        let seq = self.seq(holder);
+                        let seq = self.seq(holder, block);
                         out.push(Output::Send {
                             to: holder,
                             msg: Msg::Forward {
@@ -1653,7 +1654,7 @@ impl ManagerShard {
                     });
                     for h in holders {
                         self.counters.revokes += 1;
-                        let seq = self.seq(h);
+                        let seq = self.seq(h, block);
                         out.push(Output::Send {
                             to: h,
                             msg: Msg::Revoke { block, seq },
@@ -1688,9 +1689,9 @@ impl ManagerShard {
                 }
                 let handoff = handoff.map(|p| {
                     self.counters.handoffs += 1;
-                    (p, self.seq(p))
+                    (p, self.seq(p, block))
                 });
-                let seq = self.seq(from);
+                let seq = self.seq(from, block);
                 out.push(Output::Send {
                     to: from,
                     msg: Msg::EvictGrant {
@@ -1711,7 +1712,7 @@ impl ManagerShard {
         out: &mut Vec<Output<D>>,
     ) {
         let storage = self.placement.storage(block);
-        let seq = self.seq(writer);
+        let seq = self.seq(writer, block);
         let b = self.blocks.entry(block).or_default();
         let with_data = has_data && b.cachers.contains(&writer);
         b.cachers.clear();
@@ -1746,7 +1747,11 @@ impl ManagerShard {
     pub fn renamed(&self, f: &impl Fn(NodeId) -> NodeId) -> Self {
         let mut s = self.clone();
         s.clients = s.clients.iter().map(|c| f(*c)).collect();
-        s.next_seq = s.next_seq.iter().map(|(c, n)| (f(*c), *n)).collect();
+        s.next_seq = s
+            .next_seq
+            .iter()
+            .map(|((c, b), n)| ((f(*c), *b), *n))
+            .collect();
         for b in s.blocks.values_mut() {
             b.cachers = b.cachers.iter().map(|c| f(*c)).collect();
             b.owner = b.owner.map(f);
@@ -2054,7 +2059,7 @@ mod tests {
     fn sequence_numbers_wrap() {
         let mut c = client(1);
         let mut out = Vec::new();
-        c.channels.entry(M).or_default().next = u32::MAX;
+        c.channels.entry((M, 4)).or_default().next = u32::MAX;
         // Seq 0 comes after u32::MAX: early, held; u32::MAX then releases it.
         c.receive(M, Msg::Revoke { block: 4, seq: 0 }, &mut out)
             .unwrap();
@@ -2062,20 +2067,20 @@ mod tests {
         c.receive(
             M,
             Msg::Revoke {
-                block: 3,
+                block: 4,
                 seq: u32::MAX,
             },
             &mut out,
         )
         .unwrap();
         assert_eq!(sends(&mut out).len(), 2, "both revokes acknowledged");
-        assert_eq!(c.channels[&M].next, 1);
+        assert_eq!(c.channels[&(M, 4)].next, 1);
         // And u32::MAX again is now a duplicate.
         assert!(c
             .receive(
                 M,
                 Msg::Revoke {
-                    block: 3,
+                    block: 4,
                     seq: u32::MAX
                 },
                 &mut out

@@ -185,6 +185,9 @@ pub struct FsClient<B: Blocks> {
     dirty: Mutex<BTreeMap<u64, BTreeSet<BlockId>>>,
     /// Index numbers reserved (durably) and not handed out yet: `next..end`.
     alloc: Mutex<(u64, u64)>,
+    /// Blocks a transaction of this client holds (a pin is per node: two local
+    /// transactions on one block wait for each other here).
+    held: (Mutex<BTreeSet<BlockId>>, std::sync::Condvar),
 }
 
 /// Index numbers reserved per durable update of a node's allocator block.
@@ -229,6 +232,7 @@ impl<B: Blocks> FsClient<B> {
             map,
             dirty: Mutex::new(BTreeMap::new()),
             alloc: Mutex::new((0, 0)),
+            held: (Mutex::new(BTreeSet::new()), std::sync::Condvar::new()),
         }
     }
 
@@ -711,22 +715,25 @@ impl<B: Blocks> FsClient<B> {
                 if dst.kind == Kind::Dir && self.is_under(sp, dst.ino)? {
                     return Err(Errno::EINVAL);
                 }
-                self.insert(
-                    dp,
-                    Entry {
-                        name: dn.to_vec(),
-                        ..src.clone()
-                    },
-                    true,
-                )?;
-                self.insert(
-                    sp,
-                    Entry {
-                        name: sn.to_vec(),
-                        ..dst.clone()
-                    },
-                    true,
-                )?;
+                let (a, b) = (block_id(dp, bucket_of(dn)), block_id(sp, bucket_of(sn)));
+                self.holding(&[a, b], || {
+                    self.insert(
+                        dp,
+                        Entry {
+                            name: dn.to_vec(),
+                            ..src.clone()
+                        },
+                        true,
+                    )?;
+                    self.insert(
+                        sp,
+                        Entry {
+                            name: sn.to_vec(),
+                            ..dst.clone()
+                        },
+                        true,
+                    )
+                })?;
                 for (e, newp) in [(&src, dp), (&dst, sp)] {
                     let mut ops = vec![set(field::CTIME, now)];
                     if e.kind == Kind::Dir {
@@ -782,12 +789,16 @@ impl<B: Blocks> FsClient<B> {
                 return Err(Errno::ENOENT);
             }
         } else {
-            // Two buckets, perhaps managed by two nodes: insert, then remove (never in
-            // neither; for a moment in both). Holding both buckets at once (UserOp::Acquire)
-            // is what would make it atomic, but the model finds that pins deadlock through
-            // the reader's ordered channel (docs/cluster.md, "Rename").
-            self.insert(dp, entry, true)?;
-            self.remove(sp, sn, src.ino)?;
+            // Two buckets, perhaps managed by two nodes: held together (acquired in block
+            // order, so two renames cannot deadlock), so no other node sees the name in
+            // both directories or in neither.
+            let (a, b) = (block_id(dp, bucket_of(dn)), block_id(sp, bucket_of(sn)));
+            self.holding(&[a, b], || {
+                if !self.remove(sp, sn, src.ino)? {
+                    return Err(Errno::ENOENT);
+                }
+                self.insert(dp, entry, true).map(|_| ())
+            })?;
         }
         let mut ops = vec![set(field::CTIME, now)];
         if src.kind == Kind::Dir {
@@ -806,6 +817,64 @@ impl<B: Blocks> FsClient<B> {
             self.touch_dir(sp, -(replaced_dir as i64))?;
         }
         Ok(())
+    }
+
+    /// Run `f` with `blocks` acquired (private and pinned: other nodes' revokes and
+    /// forwarded reads for them wait), acquired in increasing block order, and released
+    /// afterwards whatever `f` returned. The coherence model checks that this is atomic and
+    /// deadlock-free (`two_block_transactions_are_atomic_and_deadlock_free`).
+    fn holding<R>(
+        &self,
+        blocks: &[BlockId],
+        f: impl FnOnce() -> Result<R, Errno>,
+    ) -> Result<R, Errno> {
+        let mut sorted = blocks.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        {
+            let (m, cv) = &self.held;
+            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+            while sorted.iter().any(|b| g.contains(b)) {
+                g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.extend(sorted.iter().copied());
+        }
+        let out = self.holding_inner(&sorted, f);
+        let (m, cv) = &self.held;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        for b in &sorted {
+            g.remove(b);
+        }
+        cv.notify_all();
+        out
+    }
+
+    fn holding_inner<R>(
+        &self,
+        sorted: &[BlockId],
+        f: impl FnOnce() -> Result<R, Errno>,
+    ) -> Result<R, Errno> {
+        let mut held = Vec::new();
+        let mut r = Ok(());
+        for b in sorted {
+            match one(self.blocks.run(vec![(*b, UserOp::Acquire)])) {
+                Ok(Outcome::Acquired(_)) => {
+                    self.note_dirty(*b);
+                    held.push(*b);
+                }
+                Ok(_) => r = Err(Errno::EIO),
+                Err(e) => r = Err(e),
+            }
+            if r.is_err() {
+                break;
+            }
+        }
+        let out = r.and_then(|_| f());
+        let release = held.iter().map(|b| (*b, UserOp::Release)).collect();
+        let released: Result<Vec<_>, Errno> = self.blocks.run(release).into_iter().collect();
+        let out = out?;
+        released?;
+        Ok(out)
     }
 
     /// `readdir`: every entry (without `.` and `..`), in a stable order.
