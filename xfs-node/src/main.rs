@@ -410,7 +410,7 @@ fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
                         s.storage_total_bytes >> 20
                     ),
                     if s.ready { "ready" } else { "starting" },
-                    if s.counter("log_servers_lost") > 0 {
+                    if s.counter("log_servers_down") > 0 {
                         ", log degraded (a storage server is down)"
                     } else {
                         ""

@@ -549,7 +549,50 @@ impl Node {
                         *lock(&log2) = Some(l);
                         ready2.store(true, Ordering::Relaxed);
                     }
-                    Err(e) => eprintln!("xfs-node {id}: cannot recover the log: {e}"),
+                    Err(e) => {
+                        eprintln!("xfs-node {id}: cannot recover the log: {e}");
+                        return;
+                    }
+                }
+                // A server marked down (or down at start) that answers again is attached
+                // and rebuilt: this log's fragments it misses are recomputed from the others.
+                while !stop2.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(2));
+                    let down = lock(&log2).as_ref().map(|l| l.down()).unwrap_or_default();
+                    for i in down {
+                        let Some((node, addr)) = addrs.get(i).copied() else {
+                            continue;
+                        };
+                        let Ok(ep) = endpoint(
+                            &*mk,
+                            SocketAddr::new(host, 0),
+                            tag,
+                            2 * STORE_DEPTH * frag,
+                            "log endpoint",
+                        ) else {
+                            continue;
+                        };
+                        let name = EndpointName { addr, vnet: 0 };
+                        let Ok(mut rs) =
+                            RemoteStore::connect(ep, name, Tag(tag), STORE_DEPTH, Box::new(|| {}))
+                        else {
+                            continue;
+                        };
+                        rs.set_timeout(Duration::from_secs(3));
+                        let mut g = lock(&log2);
+                        if let Some(l) = g.as_mut() {
+                            match l.rebuild(i, rs) {
+                                Ok(n) => eprintln!(
+                                    "xfs-node {id}: storage server of node {node} is back: \
+                                     rebuilt {n} fragments of this node's log on it"
+                                ),
+                                Err(e) => {
+                                    eprintln!("xfs-node {id}: rebuilding on node {node}: {e}");
+                                    l.take_store(i);
+                                }
+                            }
+                        }
+                    }
                 }
             }));
         } else {
@@ -594,6 +637,8 @@ impl Node {
                 ("log_degraded_reads".into(), k.degraded_reads),
                 ("log_checkpoints".into(), k.checkpoints),
                 ("log_servers_lost".into(), k.servers_lost),
+                ("log_rebuilt".into(), k.rebuilt),
+                ("log_servers_down".into(), l.down().len() as u64),
                 ("log_live_bytes".into(), live),
                 ("log_blocks".into(), l.imap().len() as u64),
             ])

@@ -361,6 +361,18 @@ impl<S: FragmentStore + Send> Log<S> {
         self.stores.get_mut(i).and_then(|s| s.as_mut())
     }
 
+    /// The stripe-group positions of the servers marked down.
+    pub fn down(&self) -> Vec<usize> {
+        (0..self.stores.len())
+            .filter(|i| self.stores[*i].is_none())
+            .collect()
+    }
+
+    /// The stripe group.
+    pub fn group(&self) -> &StripeGroup {
+        &self.group
+    }
+
     /// Take server i's store out (the server is gone): reads rebuild its fragments.
     pub fn take_store(&mut self, i: usize) -> Option<S> {
         self.stores.get_mut(i).and_then(|s| s.take())
@@ -859,22 +871,38 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// Put `store` in place of server i (a replacement) and rebuild every fragment it should
     /// hold, for every segment any other server of the group has (all writers).
-    pub fn rebuild(&mut self, i: usize, store: S) -> Result<u64, LogError> {
+    pub fn rebuild(&mut self, i: usize, mut store: S) -> Result<u64, LogError> {
         if i >= self.stores.len() {
             return Err(LogError::Config(format!(
                 "no server {i} in stripe group {}",
                 self.group.id
             )));
         }
+        // This writer's segments (other writers rebuild their own); the fragments the
+        // server still has (a restarted server keeps what it had) are not written again.
+        let lo = segment_number(self.writer, 0);
+        let hi = segment_number(self.writer, (1 << 40) - 1);
+        let have: std::collections::BTreeSet<FragmentId> = store.list()?.into_iter().collect();
         self.stores[i] = Some(store);
         let mut segments: std::collections::BTreeSet<u64> = Default::default();
         for (j, s) in self.stores.iter_mut().enumerate() {
             if j != i {
                 if let Some(s) = s {
-                    segments.extend(s.list()?.into_iter().map(|f| f.segment));
+                    segments.extend(
+                        s.list()?
+                            .into_iter()
+                            .map(|f| f.segment)
+                            .filter(|seg| (lo..=hi).contains(seg)),
+                    );
                 }
             }
         }
+        segments.retain(|seg| {
+            !have.contains(&FragmentId {
+                segment: *seg,
+                index: i as u16,
+            })
+        });
         let mut batch: Vec<(FragmentId, Vec<u8>)> = Vec::new();
         let mut done = 0;
         for seg in segments {
