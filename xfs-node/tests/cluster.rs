@@ -60,6 +60,24 @@ fn status(cfg: &Config, node: u16) -> NodeStatus {
     }
 }
 
+/// Wait (at most a minute) until nodes `ids`, started by the test, say they are ready.
+fn wait_ready(cfg: &Config, data: &Path, ids: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in ids {
+        while !Control::connect(&cfg.node(*id).unwrap().control)
+            .and_then(|mut c| c.call_ok(&Request::Status))
+            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not start: {}",
+                std::fs::read_to_string(data.join(format!("node{id}.log"))).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 fn pids(data: &Path, n: usize) -> Vec<i32> {
     (1..=n)
         .filter_map(|k| std::fs::read_to_string(data.join(format!("node{k}.pid"))).ok())
@@ -307,16 +325,7 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
         nodes: 0,
         extra: children,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for id in [1u16, 2] {
-        while !Control::connect(&cfg.node(id).unwrap().control)
-            .and_then(|mut c| c.call_ok(&Request::Status))
-            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
-        {
-            assert!(Instant::now() < deadline, "node {id} did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_ready(&cfg, &data, &[1, 2]);
     // The stream: fsynced files through node 1, one every few ms; node 5 dies after 1 s.
     let mut acked: Vec<(String, Vec<u8>, Instant)> = Vec::new();
     let start = Instant::now();
@@ -409,16 +418,7 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
     }
     g.extra.push(spawn(1));
     g.extra.push(spawn(2));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for id in [1u16, 2] {
-        while !Control::connect(&cfg.node(id).unwrap().control)
-            .and_then(|mut c| c.call_ok(&Request::Status))
-            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
-        {
-            assert!(Instant::now() < deadline, "node {id} did not restart");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_ready(&cfg, &data, &[1, 2]);
     for (path, content, _) in acked.iter().step_by(7) {
         assert_eq!(&get(&data, 2, path), content, "{path} after the rebuild");
     }
@@ -640,21 +640,7 @@ fn three_hosts_in_network_namespaces_share_files() {
         nodes: 0,
         extra: children,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for n in &cfg.nodes {
-        while !Control::connect(&n.control)
-            .and_then(|mut c| c.call_ok(&Request::Status))
-            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "node {} did not start: {}",
-                n.id,
-                std::fs::read_to_string(data.join(format!("node{}.log", n.id))).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    wait_ready(&cfg, &data, &[1, 2, 3]);
     let content = bytes(77, 700_000);
     put(&data, 1, &content, "/across");
     assert_eq!(get(&data, 2, "/across"), content);
