@@ -20,10 +20,10 @@ use xfs_node::node::{Node, Rdma, Udp};
     about = "A serverless distributed file system node (xFS over Active Messages)",
     long_about = "Run a cluster of xfs-node processes (client, manager and storage roles over \
                   Active Messages on UDP or RDMA verbs) and use it without a mount.\n\n\
-                  Start a local 3-node cluster:  xfs-node up --data /tmp/xfs\n\
-                  Store and fetch a file:        xfs-node put --data /tmp/xfs ./a.txt /a.txt\n\
-                  \x20                              xfs-node get --data /tmp/xfs --node 2 /a.txt ./b.txt\n\
-                  Stop it:                       xfs-node down --data /tmp/xfs"
+                  Start a local 3-node cluster:  xfs-node up --data /var/tmp/xfs\n\
+                  Store and fetch a file:        xfs-node put --data /var/tmp/xfs ./a.txt /a.txt\n\
+                  \x20                              xfs-node get --data /var/tmp/xfs --node 2 /a.txt ./b.txt\n\
+                  Stop it:                       xfs-node down --data /var/tmp/xfs"
 )]
 struct Cli {
     #[command(subcommand)]
