@@ -285,11 +285,10 @@ fn shard_loop<T: Transport + Send>(
         }
         if work == 0 {
             idle += 1;
-            if idle > 5000 {
-                // Long idle: sleep longer (a new operation waits at most 1 ms to start).
-                let _ = shard.wait(Duration::from_millis(1));
-            } else if idle > 64 {
-                let _ = shard.wait(Duration::from_micros(200));
+            if idle > 64 {
+                // A message, a timer of the endpoint, or a queued command (the transport's
+                // notifier) wakes it.
+                let _ = shard.wait(Duration::from_millis(50));
             } else {
                 std::thread::yield_now();
             }
@@ -426,7 +425,8 @@ impl Node {
                         last = Instant::now();
                     }
                     if server.step().unwrap_or(0) == 0 {
-                        std::thread::sleep(Duration::from_micros(100));
+                        // Woken by a request or a timer of the endpoint.
+                        let _ = server.wait(Duration::from_millis(50));
                     }
                 }
                 let _ = server.store().sync();
@@ -746,7 +746,7 @@ impl Node {
                     std::thread::spawn(move || node.connection(stream));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
+                    std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => return Err(format!("control socket: {e}")),
             }

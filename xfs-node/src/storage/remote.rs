@@ -169,6 +169,11 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
         (self.ep.name(), self.ep.tag())
     }
 
+    /// Block until a request arrives, a timer is due, or `timeout` passes.
+    pub fn wait(&mut self, timeout: Duration) -> Result<(), TransportError> {
+        self.ep.wait(Some(timeout))
+    }
+
     /// The store.
     pub fn store(&mut self) -> &mut S {
         &mut self.store
