@@ -74,8 +74,13 @@ pub enum Role {
 pub enum Msg<D> {
     /// Client → manager: read miss.
     ReadReq { block: BlockId },
-    /// Client → manager: acquire the write token; `has_data` when the client holds a copy.
-    WriteReq { block: BlockId, has_data: bool },
+    /// Client → manager: acquire the write token; `has_data` when the client holds a copy,
+    /// `whole` when it replaces the whole block (then it needs no data with the grant).
+    WriteReq {
+        block: BlockId,
+        has_data: bool,
+        whole: bool,
+    },
     /// Client → manager: the client drops its (clean, kernel-invalidated) copy.
     EvictReq { block: BlockId },
     /// Client → manager: the copy named by a `Revoke` is gone (written back if it was dirty).
@@ -185,7 +190,15 @@ impl<D> Msg<D> {
     pub fn map_data<E>(self, f: impl FnOnce(D) -> E) -> Msg<E> {
         match self {
             Msg::ReadReq { block } => Msg::ReadReq { block },
-            Msg::WriteReq { block, has_data } => Msg::WriteReq { block, has_data },
+            Msg::WriteReq {
+                block,
+                has_data,
+                whole,
+            } => Msg::WriteReq {
+                block,
+                has_data,
+                whole,
+            },
             Msg::EvictReq { block } => Msg::EvictReq { block },
             Msg::RevokeAck { block } => Msg::RevokeAck { block },
             Msg::ForwardFailed {
@@ -828,7 +841,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     b.op = Some(PendingOp::Write(op, value));
                     out.push(Output::Send {
                         to: manager,
-                        msg: Msg::WriteReq { block, has_data },
+                        msg: Msg::WriteReq {
+                            block,
+                            has_data,
+                            whole: true,
+                        },
                     });
                 }
             },
@@ -838,7 +855,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     b.op = Some(PendingOp::Update(op, patch));
                     out.push(Output::Send {
                         to: manager,
-                        msg: Msg::WriteReq { block, has_data },
+                        msg: Msg::WriteReq {
+                            block,
+                            has_data,
+                            whole: false,
+                        },
                     });
                 }
             },
@@ -848,7 +869,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     b.op = Some(PendingOp::Acquire(op));
                     out.push(Output::Send {
                         to: manager,
-                        msg: Msg::WriteReq { block, has_data },
+                        msg: Msg::WriteReq {
+                            block,
+                            has_data,
+                            whole: false,
+                        },
                     });
                 }
             },
@@ -1188,7 +1213,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     }
                 }
                 Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
-                    (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                    (Some(PendingOp::Write(op, value)), _) => b.written(block, op, value, out),
                     (Some(PendingOp::Update(op, patch)), true) => b.updated(block, op, patch, out),
                     (Some(PendingOp::Acquire(op)), true) => b.acquired(block, op, out),
                     (op, _) => {
@@ -1342,6 +1367,8 @@ pub struct WriteInProgress {
     pub writer: NodeId,
     /// The writer said it holds a copy.
     pub has_data: bool,
+    /// The writer replaces the whole block (a grant needs no data).
+    pub whole: bool,
     /// Holders whose acknowledgement is still due.
     pub waiting: BTreeSet<NodeId>,
 }
@@ -1351,8 +1378,8 @@ pub struct WriteInProgress {
 pub enum Request {
     /// Read miss.
     Read,
-    /// Write token.
-    Write { has_data: bool },
+    /// Write token (`whole`: the writer replaces the whole block).
+    Write { has_data: bool, whole: bool },
     /// Eviction.
     Evict,
 }
@@ -1455,9 +1482,9 @@ impl ManagerShard {
         let block = msg.block();
         match msg {
             Msg::ReadReq { .. } => self.request(block, from, Request::Read, out),
-            Msg::WriteReq { has_data, .. } => {
-                self.request(block, from, Request::Write { has_data }, out)
-            }
+            Msg::WriteReq {
+                has_data, whole, ..
+            } => self.request(block, from, Request::Write { has_data, whole }, out),
             Msg::EvictReq { .. } => self.request(block, from, Request::Evict, out),
             Msg::RevokeAck { .. } => {
                 let b = self.blocks.entry(block).or_default();
@@ -1484,7 +1511,7 @@ impl ManagerShard {
                         .writing
                         .take()
                         .unwrap_or_else(|| unreachable!("checked above"));
-                    self.grant(block, w.writer, w.has_data, out);
+                    self.grant(block, w.writer, w.has_data, w.whole, out);
                     self.run_queue(block, out);
                 }
                 Ok(())
@@ -1636,7 +1663,7 @@ impl ManagerShard {
                     }
                 }
             }
-            Request::Write { has_data } => {
+            Request::Write { has_data, whole } => {
                 let b = self.blocks.entry(block).or_default();
                 b.recirculated = 0;
                 let mut holders: BTreeSet<NodeId> =
@@ -1645,11 +1672,12 @@ impl ManagerShard {
                     holders.insert(o);
                 }
                 if holders.is_empty() {
-                    self.grant(block, from, has_data, out);
+                    self.grant(block, from, has_data, whole, out);
                 } else {
                     b.writing = Some(WriteInProgress {
                         writer: from,
                         has_data,
+                        whole,
                         waiting: holders.clone(),
                     });
                     for h in holders {
@@ -1709,12 +1737,15 @@ impl ManagerShard {
         block: BlockId,
         writer: NodeId,
         has_data: bool,
+        whole: bool,
         out: &mut Vec<Output<D>>,
     ) {
         let storage = self.placement.storage(block);
         let seq = self.seq(writer, block);
         let b = self.blocks.entry(block).or_default();
-        let with_data = has_data && b.cachers.contains(&writer);
+        // A whole-block write needs no data; otherwise the writer must still hold the
+        // current copy, or storage sends it.
+        let with_data = whole || (has_data && b.cachers.contains(&writer));
         b.cachers.clear();
         b.cachers.insert(writer);
         b.owner = Some(writer);

@@ -87,7 +87,11 @@ pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
     let pair = |a: u16, b: u32| ((a as u64) << 32) | b as u64;
     match msg {
         Msg::ReadReq { block } => [1, *block, 0, 0],
-        Msg::WriteReq { block, has_data } => [2, *block, *has_data as u64, 0],
+        Msg::WriteReq {
+            block,
+            has_data,
+            whole,
+        } => [2, *block, *has_data as u64, *whole as u64],
         Msg::EvictReq { block } => [3, *block, 0, 0],
         Msg::RevokeAck { block } => [4, *block, 0, 0],
         Msg::ForwardFailed {
@@ -167,6 +171,7 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
         2 if empty => Msg::WriteReq {
             block,
             has_data: flag(a)?,
+            whole: flag(b)?,
         },
         3 if empty => Msg::EvictReq { block },
         4 if empty => Msg::RevokeAck { block },
@@ -849,6 +854,7 @@ mod tests {
             Msg::WriteReq {
                 block: 7,
                 has_data: true,
+                whole: false,
             },
             Msg::EvictReq { block: 1 << 60 },
             Msg::RevokeAck { block: 0 },
