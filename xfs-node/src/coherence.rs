@@ -1809,8 +1809,29 @@ pub trait BlockStore<D> {
     /// Replace the block's content (durable once [`BlockStore::sync`] returns).
     fn write(&mut self, block: BlockId, data: D) -> Result<(), String>;
     /// Make every write so far durable.
-    fn sync(&mut self) -> Result<(), String> {
+    fn sync(&mut self) -> Result<(), SyncError> {
         Ok(())
+    }
+}
+
+/// Why a store could not make its writes durable: the errno a client's `fsync` returns
+/// (ENOSPC for a full device, EIO otherwise) and what failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SyncError {
+    /// The errno.
+    pub errno: i32,
+    /// What failed.
+    pub message: String,
+}
+
+impl SyncError {
+    /// An I/O error (EIO) with `message`.
+    pub fn io(message: impl Into<String>) -> SyncError {
+        SyncError {
+            errno: libc::EIO,
+            message: message.into(),
+        }
     }
 }
 

@@ -27,14 +27,15 @@ use am_core::{AmError, Endpoint, EndpointName, Msg as AmMsg, Tag, Transport, Tra
 
 use crate::coherence::{
     mix, BlockId, BlockStore, ClientShard, ManagerShard, Msg, NodeId, OpId, Outcome, Output, Patch,
-    Placement, ProtocolConfig, ProtocolError, Role, StorageShard, UserOp,
+    Placement, ProtocolConfig, ProtocolError, Role, StorageShard, SyncError, UserOp,
 };
 
 /// The AM handler index of coherence messages.
 pub const COHERENCE_HANDLER: u16 = 1;
 
 /// The AM handler index of log-sync requests and replies (`[0, op]` asks the receiving
-/// node to make its log durable; `[1, op, ok]` answers, with the error text as payload).
+/// node to make its log durable; `[1, op, errno]` answers, 0 for success, with the error
+/// text as payload).
 pub const SYNC_HANDLER: u16 = 4;
 
 /// The shard that owns `block` in a node of `shards` shards.
@@ -303,10 +304,12 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     inbox: Inbox<D>,
     sync_inbox: SyncInbox,
     sync_out: VecDeque<(NodeId, [u64; 3], Vec<u8>)>,
-    sync_done: Vec<(OpId, Result<(), String>)>,
+    sync_done: Vec<(OpId, Result<(), SyncError>)>,
     bad: Arc<Mutex<u64>>,
     undeliverable: Arc<Mutex<u64>>,
     bounced: Bounced,
+    /// Peers whose messages bounced and that have not been heard from since.
+    dead: std::collections::BTreeSet<NodeId>,
     peers: BTreeMap<NodeId, u16>,
     names: BTreeMap<(std::net::SocketAddr, u32), NodeId>,
     /// Messages from this node to itself, and messages received but not yet handled.
@@ -390,6 +393,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             bad,
             undeliverable,
             bounced,
+            dead: Default::default(),
             peers: BTreeMap::new(),
             names: BTreeMap::new(),
             pending: VecDeque::new(),
@@ -468,7 +472,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         } else {
             self.sync_done.push((
                 op,
-                Err(format!("node {node} is not connected to this shard")),
+                Err(SyncError::io(format!(
+                    "node {node} is not connected to this shard"
+                ))),
             ));
         }
     }
@@ -498,7 +504,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     }
 
     /// Take the finished log syncs.
-    pub fn take_sync_done(&mut self) -> Vec<(OpId, Result<(), String>)> {
+    pub fn take_sync_done(&mut self) -> Vec<(OpId, Result<(), SyncError>)> {
         std::mem::take(&mut self.sync_done)
     }
 
@@ -510,23 +516,28 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     fn handle_syncs(&mut self) -> usize {
         let msgs: Vec<_> = lock(&self.sync_inbox).drain(..).collect();
         let n = msgs.len();
-        for (name, [kind, op, ok], payload) in msgs {
+        for (name, [kind, op, errno], payload) in msgs {
             let Some(from) = self.names.get(&(name.addr, name.vnet)).copied() else {
                 self.counters.bad_messages += 1;
                 continue;
             };
             if kind == 0 {
-                let (ok, text) = match self.storage.store.sync() {
-                    Ok(()) => (1, Vec::new()),
-                    Err(e) => (0, e.into_bytes()),
+                let (errno, text) = match self.storage.store.sync() {
+                    Ok(()) => (0, Vec::new()),
+                    Err(e) => (e.errno.max(1) as u64, e.message.into_bytes()),
                 };
-                self.sync_out.push_back((from, [1, op, ok], text));
-            } else if ok == 1 {
+                self.sync_out.push_back((from, [1, op, errno], text));
+            } else if errno == 0 {
                 self.sync_done.push((op, Ok(())));
             } else {
-                let text = String::from_utf8_lossy(&payload).into_owned();
-                self.sync_done
-                    .push((op, Err(format!("node {from}: {text}"))));
+                let text = String::from_utf8_lossy(&payload);
+                self.sync_done.push((
+                    op,
+                    Err(SyncError {
+                        errno: errno as i32,
+                        message: format!("node {from}: {text}"),
+                    }),
+                ));
             }
         }
         while let Some((to, args, payload)) = self.sync_out.front() {
@@ -548,8 +559,10 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 Err(e) => {
                     let (to, args, _) = self.sync_out.pop_front().unwrap_or_default();
                     if args[0] == 0 {
-                        self.sync_done
-                            .push((args[1], Err(format!("node {to} unreachable: {e}"))));
+                        self.sync_done.push((
+                            args[1],
+                            Err(SyncError::io(format!("node {to} unreachable: {e}"))),
+                        ));
                     }
                 }
             }
@@ -591,12 +604,16 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     fn collect_inbox(&mut self) {
         let mut inbox = lock(&self.inbox);
         while let Some((name, msg)) = inbox.pop_front() {
-            match self.names.get(&(name.addr, name.vnet)) {
-                Some(from) => self.pending.push_back(Delivery {
-                    from: *from,
-                    to: self.node,
-                    msg,
-                }),
+            match self.names.get(&(name.addr, name.vnet)).copied() {
+                Some(from) => {
+                    // Heard from: alive (again).
+                    self.dead.remove(&from);
+                    self.pending.push_back(Delivery {
+                        from,
+                        to: self.node,
+                        msg,
+                    })
+                }
                 None => self.counters.bad_messages += 1,
             }
         }
@@ -798,7 +815,11 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 msg: m,
             });
         }
-        self.manager.peer_died(to);
+        // Forget its copies once per death, not once per bounced message (a walk over every
+        // block this manager knows).
+        if self.dead.insert(to) {
+            self.manager.peer_died(to);
+        }
     }
 
     fn collect_bounced(&mut self) -> usize {

@@ -10,10 +10,11 @@ use std::time::Duration;
 use am_core::sim::{Faults, SimNet, SimTransport};
 use am_core::{Config, Endpoint, Tag, Time};
 
+use crate::coherence::BlockStore;
 use crate::coherence::{
     BlockId, MemStore, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp,
 };
-use crate::shard::{connect_all, shard_of, Shard, ShardConfig};
+use crate::shard::{connect_all, shard_of, BlockData, Shard, ShardConfig};
 
 /// A simulated shard: values are `u64`s (write k stores a value unique to it).
 pub type SimShard = Shard<SimTransport, u64, MemStore<u64>>;
@@ -257,35 +258,12 @@ impl Cluster {
 
     /// Step every shard once; returns the work done.
     pub fn step(&mut self) -> usize {
-        let mut work = 0;
-        for node in self.shards.iter_mut() {
-            for s in node.iter_mut() {
-                // The simulated transport has no failure mode that poll reports.
-                work += s.step(256).unwrap_or(0);
-            }
-        }
-        work
+        step_shards(&mut self.shards)
     }
 
     /// Advance virtual time to the next delivery or timer; false if nothing is scheduled.
     pub fn advance(&mut self) -> bool {
-        let mut next = self.net.next_delivery();
-        for node in &self.shards {
-            for s in node {
-                if let Some(t) = s.endpoint().core().poll_timeout() {
-                    next = Some(next.map_or(t, |n| n.min(t)));
-                }
-            }
-        }
-        let now = self.net.now();
-        match next {
-            Some(t) => {
-                self.net
-                    .advance_to(if t > now { t } else { Time(now.0 + 1) });
-                true
-            }
-            None => false,
-        }
+        advance_time(&self.net, &self.shards)
     }
 
     /// Sum of the shards' and the network's counters.
@@ -310,6 +288,44 @@ impl Cluster {
         }
         t.reordered = self.net.counters().reordered;
         t
+    }
+}
+
+/// Step every shard of a simulated cluster (`shards[node][shard]`) once; the work done.
+pub fn step_shards<D: BlockData, S: BlockStore<D>>(
+    shards: &mut [Vec<Shard<SimTransport, D, S>>],
+) -> usize {
+    let mut work = 0;
+    for node in shards.iter_mut() {
+        for s in node.iter_mut() {
+            // The simulated transport has no failure mode that poll reports.
+            work += s.step(256).unwrap_or(0);
+        }
+    }
+    work
+}
+
+/// Advance `net`'s virtual time to its next delivery or the shards' next endpoint timer;
+/// false if nothing is scheduled.
+pub fn advance_time<D: BlockData, S: BlockStore<D>>(
+    net: &SimNet,
+    shards: &[Vec<Shard<SimTransport, D, S>>],
+) -> bool {
+    let mut next = net.next_delivery();
+    for node in shards {
+        for s in node {
+            if let Some(t) = s.endpoint().core().poll_timeout() {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+    }
+    let now = net.now();
+    match next {
+        Some(t) => {
+            net.advance_to(if t > now { t } else { Time(now.0 + 1) });
+            true
+        }
+        None => false,
     }
 }
 

@@ -37,16 +37,7 @@ fn data_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Random bytes from a seed.
-fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = am_core::engine::splitmix(x);
-            x as u8
-        })
-        .collect()
-}
+use xfs_node::fs::sim::pattern as bytes;
 
 fn status(cfg: &Config, node: u16) -> NodeStatus {
     let n = cfg.node(node).unwrap();
@@ -76,6 +67,19 @@ fn wait_ready(cfg: &Config, data: &Path, ids: &[u16]) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// A cluster test's start: the lock that runs them one at a time, a fresh data
+/// directory, and the guard that kills the `up` cluster's `nodes` and removes it.
+fn begin(name: &str, nodes: usize) -> (std::sync::MutexGuard<'static, ()>, PathBuf, Guard) {
+    let lock = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = data_dir(name);
+    let guard = Guard {
+        data: data.clone(),
+        nodes,
+        extra: vec![],
+    };
+    (lock, data, guard)
 }
 
 fn pids(data: &Path, n: usize) -> Vec<i32> {
@@ -164,13 +168,7 @@ fn get(data: &Path, node: u16, path: &str) -> Vec<u8> {
 
 #[test]
 fn three_nodes_share_files_and_serve_misses_from_each_others_caches() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let data = data_dir("share");
-    let _g = Guard {
-        data: data.clone(),
-        nodes: 3,
-        extra: vec![],
-    };
+    let (_s, data, _g) = begin("share", 3);
     let cfg = up(&data, 3, 17100);
     let content = bytes(1, 1_500_000);
     put(&data, 1, &content, "/big");
@@ -248,13 +246,7 @@ fn three_nodes_share_files_and_serve_misses_from_each_others_caches() {
 
 #[test]
 fn kill_9_of_every_node_loses_no_fsynced_file() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let data = data_dir("kill9");
-    let _g = Guard {
-        data: data.clone(),
-        nodes: 3,
-        extra: vec![],
-    };
+    let (_s, data, _g) = begin("kill9", 3);
     up(&data, 3, 17200);
     ok(&["mkdir", "--data", data.to_str().unwrap(), "/d"]);
     let sizes = [0usize, 1, 4095, 4096, 4097, 100_000, 2_000_000];
@@ -661,13 +653,7 @@ fn three_nodes_over_verbs_share_files_with_a_peer_read() {
     if am_rdma::harness::skip_without_device(name) {
         return;
     }
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let data = data_dir("verbs");
-    let _g = Guard {
-        data: data.clone(),
-        nodes: 3,
-        extra: vec![],
-    };
+    let (_s, data, _g) = begin("verbs", 3);
     let host = am_rdma::harness::test_ip().to_string();
     let mut args = vec!["--transport", "rdma", "--host", &host];
     // In the VM the shared file systems refuse O_DIRECT: the script gives loop devices.
@@ -692,13 +678,7 @@ fn three_nodes_over_verbs_share_files_with_a_peer_read() {
 /// the blocks the dead node had cached (its copies are written off when it does not answer).
 #[test]
 fn with_one_of_four_nodes_killed_the_others_files_stay_readable_and_writable() {
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let data = data_dir("four");
-    let _g = Guard {
-        data: data.clone(),
-        nodes: 4,
-        extra: vec![],
-    };
+    let (_s, data, _g) = begin("four", 4);
     let cfg = up(&data, 4, 17600);
     let mut files = Vec::new();
     for node in 1..=3u16 {

@@ -68,7 +68,7 @@ fn check_within(
     );
 }
 
-fn describe(path: Vec<(World, Option<model::Action>)>) -> String {
+fn describe(path: Trace) -> String {
     let mut s = String::new();
     for (i, (w, a)) in path.iter().enumerate() {
         if let Some(a) = a {
@@ -96,6 +96,22 @@ fn model(clients: usize, blocks: usize, ops: u8, ordered: bool, capacity: usize)
         updates: false,
         txns: 0,
     }
+}
+
+/// Breadth first (a shortest trace; no symmetry reduction) until a `no deadlock`
+/// violation: its path and the states explored, or `None` if there is none.
+/// A path of the model: each state and the action taken from it.
+type Trace = Vec<(World, Option<model::Action>)>;
+
+fn shortest_deadlock(m: CoherenceModel) -> Option<(Trace, usize)> {
+    let checker = m
+        .checker()
+        .threads(2)
+        .finish_when(HasDiscoveries::AnyOf(["no deadlock"].into_iter().collect()))
+        .spawn_bfs()
+        .join();
+    let path = checker.discovery("no deadlock")?;
+    Some((path.into_vec(), checker.unique_state_count()))
 }
 
 fn deep() -> bool {
@@ -176,16 +192,7 @@ fn three_clients_two_block_transactions() {
 fn transactions_acquiring_out_of_order_deadlock() {
     let mut m = model(2, 2, 1, false, 0);
     m.txns = 2;
-    let checker = m
-        .checker()
-        .threads(2)
-        .finish_when(HasDiscoveries::AnyOf(["no deadlock"].into_iter().collect()))
-        .spawn_bfs()
-        .join();
-    let path = checker
-        .discovery("no deadlock")
-        .expect("acquiring in opposite orders must deadlock");
-    let steps = path.into_vec();
+    let (steps, _) = shortest_deadlock(m).expect("acquiring in opposite orders must deadlock");
     let last = &steps.last().expect("a path has states").0;
     assert!(last.net.is_empty(), "a deadlock has nothing in flight");
     assert!(
@@ -242,20 +249,11 @@ fn without_sequence_numbers_the_checker_finds_the_figure_2_deadlock() {
     let mut m = model(3, 1, 2, false, 0);
     m.config.sequenced = false;
     // Breadth first, so the trace is a shortest one (no symmetry reduction there).
-    let checker = m
-        .checker()
-        .threads(2)
-        .finish_when(HasDiscoveries::AnyOf(["no deadlock"].into_iter().collect()))
-        .spawn_bfs()
-        .join();
-    let path = checker
-        .discovery("no deadlock")
+    let (steps, states) = shortest_deadlock(m)
         .expect("the checker must find the deadlock of the unsequenced protocol");
-    let steps = path.into_vec();
     let trace = describe(steps.clone());
     eprintln!(
-        "deadlock found after {} states in {:.1} s:\n{trace}",
-        checker.unique_state_count(),
+        "deadlock found after {states} states in {:.1} s:\n{trace}",
         t.elapsed().as_secs_f64()
     );
     // Its shape: some client got a Revoke while a Forward the manager sent it earlier was

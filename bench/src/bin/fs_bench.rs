@@ -77,6 +77,28 @@ impl Results {
         );
         self.rows.push((system.into(), phase.into(), value, unit));
     }
+    /// Run `f` and record `amount` per second of it.
+    fn timed(
+        &mut self,
+        system: &str,
+        phase: &str,
+        run: usize,
+        amount: usize,
+        unit: &'static str,
+        f: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), String> {
+        let t = Instant::now();
+        f()?;
+        self.add(
+            system,
+            phase,
+            run,
+            amount as f64 / t.elapsed().as_secs_f64(),
+            unit,
+        );
+        Ok(())
+    }
+
     fn median(&self, system: &str, phase: &str) -> Option<(f64, &'static str)> {
         let v: Vec<f64> = self
             .rows
@@ -89,15 +111,7 @@ impl Results {
     }
 }
 
-fn data(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = am_core::engine::splitmix(x);
-            x as u8
-        })
-        .collect()
-}
+use xfs_node::fs::sim::pattern as data;
 
 fn run(args: &Args) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -194,173 +208,125 @@ fn bench(
 ) -> Result<Results, String> {
     let mut res = Results { rows: Vec::new() };
     let chunk = data(1, 1 << 20);
+    let small = data(2, 1024);
     let n1 = c.cfg.node(1).ok_or("node 1")?.control.clone();
     let n2 = c.cfg.node(2).ok_or("node 2")?.control.clone();
     let mut a = Control::connect(&n1)?;
     let mut b = Control::connect(&n2)?;
     let root = ino(c.fs(&mut a, FsOp::Root)?)?;
+    let name = |i: usize| format!("f{i}").into_bytes();
+    let io = |e: std::io::Error| e.to_string();
     for run in 0..runs {
         eprintln!("fs-bench: run {}/{runs}", run + 1);
-        // Cluster: large file.
-        let name = format!("big{run}").into_bytes();
+        // Cluster: large file. One request, its offset moved along (no copy per write).
         let f = ino(c.fs(
             &mut a,
             FsOp::Create {
                 parent: root,
-                name: name.clone(),
+                name: format!("big{run}").into_bytes(),
                 mode: 0o644,
                 uid: 0,
                 gid: 0,
             },
         )?)?;
-        let t = Instant::now();
-        for k in 0..mb {
-            c.fs(
-                &mut a,
-                FsOp::Write {
-                    ino: f,
-                    offset: (k << 20) as u64,
-                    data: chunk.clone(),
-                },
-            )?;
-        }
-        c.fs(&mut a, FsOp::Fsync { ino: f })?;
-        res.add(
-            "cluster",
-            "seq write + fsync",
-            run,
-            mb as f64 / t.elapsed().as_secs_f64(),
-            "MB/s",
-        );
+        let mut write = Request::Fs(FsOp::Write {
+            ino: f,
+            offset: 0,
+            data: chunk.clone(),
+        });
+        res.timed("cluster", "seq write + fsync", run, mb, "MB/s", || {
+            for k in 0..mb {
+                if let Request::Fs(FsOp::Write { offset, .. }) = &mut write {
+                    *offset = (k << 20) as u64;
+                }
+                a.call_ok(&write)?;
+            }
+            c.fs(&mut a, FsOp::Fsync { ino: f }).map(drop)
+        })?;
         for (who, phase) in [
             (&mut a, "seq read (warm)"),
             (&mut b, "seq read (other node)"),
         ] {
-            let t = Instant::now();
-            for k in 0..mb {
-                match c.fs(
-                    who,
-                    FsOp::Read {
+            res.timed("cluster", phase, run, mb, "MB/s", || {
+                for k in 0..mb {
+                    let read = FsOp::Read {
                         ino: f,
                         offset: (k << 20) as u64,
                         len: 1 << 20,
-                    },
-                )? {
-                    Response::Data(d) if d.len() == 1 << 20 => {}
-                    other => {
-                        return Err(format!("short read: {:?}", std::mem::discriminant(&other)))
+                    };
+                    match c.fs(who, read)? {
+                        Response::Data(d) if d.len() == 1 << 20 => {}
+                        _ => return Err(format!("short read at MiB {k}")),
                     }
                 }
-            }
-            res.add(
-                "cluster",
-                phase,
-                run,
-                mb as f64 / t.elapsed().as_secs_f64(),
-                "MB/s",
-            );
+                Ok(())
+            })?;
         }
         // Cluster: small files.
-        let dname = format!("small{run}").into_bytes();
         let d = ino(c.fs(
             &mut a,
             FsOp::Mkdir {
                 parent: root,
-                name: dname,
+                name: format!("small{run}").into_bytes(),
                 mode: 0o755,
                 uid: 0,
                 gid: 0,
             },
         )?)?;
-        let small = data(2, 1024);
-        let t = Instant::now();
-        let mut inos = Vec::with_capacity(files);
-        for i in 0..files {
-            let f = ino(c.fs(
-                &mut a,
-                FsOp::Create {
+        res.timed("cluster", "create 1 KiB files", run, files, "op/s", || {
+            for i in 0..files {
+                let create = FsOp::Create {
                     parent: d,
-                    name: format!("f{i}").into_bytes(),
+                    name: name(i),
                     mode: 0o644,
                     uid: 0,
                     gid: 0,
-                },
-            )?)?;
-            c.fs(
-                &mut a,
-                FsOp::Write {
+                };
+                let f = ino(c.fs(&mut a, create)?)?;
+                let write = FsOp::Write {
                     ino: f,
                     offset: 0,
                     data: small.clone(),
-                },
-            )?;
-            inos.push(f);
-        }
-        c.call(1, Request::Flush)?;
-        res.add(
-            "cluster",
-            "create 1 KiB files",
-            run,
-            files as f64 / t.elapsed().as_secs_f64(),
-            "op/s",
-        );
-        let t = Instant::now();
-        for i in 0..files {
-            c.fs(
-                &mut a,
-                FsOp::Lookup {
+                };
+                c.fs(&mut a, write)?;
+            }
+            c.call(1, Request::Flush).map(drop)
+        })?;
+        res.timed("cluster", "stat", run, files, "op/s", || {
+            for i in 0..files {
+                let lookup = FsOp::Lookup {
                     parent: d,
-                    name: format!("f{i}").into_bytes(),
-                },
-            )?;
-        }
-        res.add(
-            "cluster",
-            "stat",
-            run,
-            files as f64 / t.elapsed().as_secs_f64(),
-            "op/s",
-        );
-        let t = Instant::now();
-        for i in 0..files {
-            c.fs(
-                &mut a,
-                FsOp::Unlink {
+                    name: name(i),
+                };
+                c.fs(&mut a, lookup)?;
+            }
+            Ok(())
+        })?;
+        res.timed("cluster", "unlink", run, files, "op/s", || {
+            for i in 0..files {
+                let unlink = FsOp::Unlink {
                     parent: d,
-                    name: format!("f{i}").into_bytes(),
-                },
-            )?;
-        }
-        c.call(1, Request::Flush)?;
-        res.add(
-            "cluster",
-            "unlink",
-            run,
-            files as f64 / t.elapsed().as_secs_f64(),
-            "op/s",
-        );
+                    name: name(i),
+                };
+                c.fs(&mut a, unlink)?;
+            }
+            c.call(1, Request::Flush).map(drop)
+        })?;
 
         // ext4: the same.
-        let p = ext4.join(format!("big{run}"));
-        let t = Instant::now();
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&p)
-            .map_err(|e| e.to_string())?;
-        for _ in 0..mb {
-            file.write_all(&chunk).map_err(|e| e.to_string())?;
-        }
-        file.sync_all().map_err(|e| e.to_string())?;
-        res.add(
-            "ext4",
-            "seq write + fsync",
-            run,
-            mb as f64 / t.elapsed().as_secs_f64(),
-            "MB/s",
-        );
+            .open(ext4.join(format!("big{run}")))
+            .map_err(io)?;
+        res.timed("ext4", "seq write + fsync", run, mb, "MB/s", || {
+            for _ in 0..mb {
+                file.write_all(&chunk).map_err(io)?;
+            }
+            file.sync_all().map_err(io)
+        })?;
         let mut buf = vec![0u8; 1 << 20];
         for phase in ["seq read (warm)", "seq read (cold)"] {
             if phase == "seq read (cold)" {
@@ -368,58 +334,39 @@ fn bench(
                 // SAFETY: a valid descriptor; advice only.
                 unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
             }
-            file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-            let t = Instant::now();
-            for _ in 0..mb {
-                file.read_exact(&mut buf).map_err(|e| e.to_string())?;
-            }
-            res.add(
-                "ext4",
-                phase,
-                run,
-                mb as f64 / t.elapsed().as_secs_f64(),
-                "MB/s",
-            );
+            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            res.timed("ext4", phase, run, mb, "MB/s", || {
+                for _ in 0..mb {
+                    file.read_exact(&mut buf).map_err(io)?;
+                }
+                Ok(())
+            })?;
         }
         let sd = ext4.join(format!("small{run}"));
-        std::fs::create_dir_all(&sd).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        for i in 0..files {
-            std::fs::write(sd.join(format!("f{i}")), &small).map_err(|e| e.to_string())?;
-        }
-        // SAFETY: sync(2) takes no arguments.
-        unsafe { libc::sync() };
-        res.add(
-            "ext4",
-            "create 1 KiB files",
-            run,
-            files as f64 / t.elapsed().as_secs_f64(),
-            "op/s",
-        );
-        let t = Instant::now();
-        for i in 0..files {
-            std::fs::metadata(sd.join(format!("f{i}"))).map_err(|e| e.to_string())?;
-        }
-        res.add(
-            "ext4",
-            "stat",
-            run,
-            files as f64 / t.elapsed().as_secs_f64(),
-            "op/s",
-        );
-        let t = Instant::now();
-        for i in 0..files {
-            std::fs::remove_file(sd.join(format!("f{i}"))).map_err(|e| e.to_string())?;
-        }
-        // SAFETY: as above.
-        unsafe { libc::sync() };
-        res.add(
-            "ext4",
-            "unlink",
-            run,
-            files as f64 / t.elapsed().as_secs_f64(),
-            "op/s",
-        );
+        std::fs::create_dir_all(&sd).map_err(io)?;
+        let path = |i: usize| sd.join(format!("f{i}"));
+        res.timed("ext4", "create 1 KiB files", run, files, "op/s", || {
+            for i in 0..files {
+                std::fs::write(path(i), &small).map_err(io)?;
+            }
+            // SAFETY: sync(2) takes no arguments.
+            unsafe { libc::sync() };
+            Ok(())
+        })?;
+        res.timed("ext4", "stat", run, files, "op/s", || {
+            for i in 0..files {
+                std::fs::metadata(path(i)).map_err(io)?;
+            }
+            Ok(())
+        })?;
+        res.timed("ext4", "unlink", run, files, "op/s", || {
+            for i in 0..files {
+                std::fs::remove_file(path(i)).map_err(io)?;
+            }
+            // SAFETY: as above.
+            unsafe { libc::sync() };
+            Ok(())
+        })?;
     }
     Ok(res)
 }

@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::layout::{
-    block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, Entry, Inode, Kind, Op,
-    BLOCK, DIR_BUCKETS, MAX_FILE, MAX_NAME,
+    apply, block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, Entry, Inode,
+    Kind, Op, BLOCK, DIR_BUCKETS, MAX_FILE, MAX_NAME,
 };
 use crate::coherence::{BlockId, NodeId, Outcome, UserOp};
 
@@ -197,6 +197,16 @@ fn one(r: Vec<Result<Outcome<Vec<u8>>, Errno>>) -> Result<Outcome<Vec<u8>>, Errn
     r.into_iter().next().unwrap_or(Err(Errno::EIO))
 }
 
+/// The inode in an inode block, if it is in use (`ENOENT` if never written, freed, or a
+/// file with no link left).
+fn live_inode(ino: u64, block: &[u8]) -> Result<Inode, Errno> {
+    match Inode::decode(ino, block) {
+        Ok(Some(i)) if i.nlink > 0 || i.kind == Some(Kind::Dir) => Ok(i),
+        Ok(_) => Err(Errno::ENOENT),
+        Err(_) => Err(Errno::EIO),
+    }
+}
+
 fn check_name(name: &[u8]) -> Result<(), Errno> {
     if name.len() > MAX_NAME {
         return Err(Errno::ENAMETOOLONG);
@@ -310,12 +320,7 @@ impl<B: Blocks> FsClient<B> {
 
     /// The inode of `ino` (`ENOENT` if there is none).
     pub fn inode(&self, ino: u64) -> Result<Inode, Errno> {
-        let b = self.read_block(inode_block(ino))?;
-        match Inode::decode(ino, &b) {
-            Ok(Some(i)) if i.nlink > 0 || i.kind == Some(Kind::Dir) => Ok(i),
-            Ok(_) => Err(Errno::ENOENT),
-            Err(_) => Err(Errno::EIO),
-        }
+        live_inode(ino, &self.read_block(inode_block(ino))?)
     }
 
     /// `getattr`.
@@ -483,19 +488,18 @@ impl<B: Blocks> FsClient<B> {
     /// Insert `entry` into `parent`; returns the entry it found under that name (and
     /// replaced, if `replace`), `ENOSPC` if the bucket is full.
     fn insert(&self, parent: u64, entry: Entry, replace: bool) -> Result<Option<Entry>, Errno> {
-        let name = entry.name.clone();
-        let ino = entry.ino;
-        let old = self.update(
-            block_id(parent, bucket_of(&name)),
-            &[Op::Insert { entry, replace }],
-        )?;
+        let ops = [Op::Insert {
+            entry: entry.clone(),
+            replace,
+        }];
+        let old = self.update(block_id(parent, bucket_of(&entry.name)), &ops)?;
         let before = decode_bucket(&old).ok_or(Errno::EIO)?;
-        let found = before.into_iter().find(|e| e.name == name);
-        if found.is_none() {
-            // Was it added, or was the bucket full?
-            if self.find(parent, &name)?.map(|e| e.ino) != Some(ino) {
-                return Err(Errno::ENOSPC);
-            }
+        let found = before.into_iter().find(|e| e.name == entry.name);
+        // The patch is a pure function of the old content: whether the entry went in (or
+        // the bucket was full) follows from it, with no second read.
+        if found.is_none() && !decode_bucket(&apply(&old, &ops)).is_some_and(|b| b.contains(&entry))
+        {
+            return Err(Errno::ENOSPC);
         }
         Ok(found)
     }
@@ -879,6 +883,16 @@ impl<B: Blocks> FsClient<B> {
 
     /// `readdir`: every entry (without `.` and `..`), in a stable order.
     pub fn readdir(&self, ino: u64) -> Result<Vec<Entry>, Errno> {
+        Ok(self
+            .readdir_plus(ino)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    /// `readdir` with every entry's inode (read anyway to leave out names whose inode died
+    /// in a crash: see `alloc_ino`).
+    pub fn readdir_plus(&self, ino: u64) -> Result<Vec<(Entry, Inode)>, Errno> {
         self.dir(ino)?;
         let ops = (0..DIR_BUCKETS)
             .map(|b| (block_id(ino, b), UserOp::Read))
@@ -890,17 +904,19 @@ impl<B: Blocks> FsClient<B> {
                 _ => return Err(Errno::EIO),
             }
         }
-        // Names whose inode died in a crash (see `alloc_ino`) are not listed.
         let inodes = all
             .iter()
             .map(|e| (inode_block(e.ino), UserOp::Read))
             .collect();
         let mut out = Vec::new();
         for (e, r) in all.into_iter().zip(self.blocks.run(inodes)) {
-            if let Outcome::Read(b) = r? {
-                if let Ok(Some(_)) = Inode::decode(e.ino, &b) {
-                    out.push(e);
-                }
+            let Outcome::Read(b) = r? else {
+                return Err(Errno::EIO);
+            };
+            match live_inode(e.ino, &b) {
+                Ok(i) => out.push((e, i)),
+                Err(Errno::ENOENT) => {}
+                Err(err) => return Err(err),
             }
         }
         Ok(out)

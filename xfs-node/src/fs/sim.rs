@@ -51,12 +51,17 @@ impl SimFrag {
     ) -> Result<R, StoreError> {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !s.up {
-            return Err(StoreError::Io {
-                path: "simulated storage server".into(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "lost"),
-            });
+            return Err(lost());
         }
         f(&mut s.store)
+    }
+}
+
+/// What a lost server's calls fail with (as a dead remote server's do).
+fn lost() -> StoreError {
+    StoreError::Io {
+        path: "simulated storage server".into(),
+        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "lost"),
     }
 }
 
@@ -80,15 +85,7 @@ impl FragmentStore for SimFrag {
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
         match self.with(|s| Ok(s.read(ids))) {
             Ok(r) => r,
-            Err(_) => ids
-                .iter()
-                .map(|_| {
-                    Err(StoreError::Io {
-                        path: "simulated storage server".into(),
-                        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "lost"),
-                    })
-                })
-                .collect(),
+            Err(_) => ids.iter().map(|_| Err(lost())).collect(),
         }
     }
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
@@ -166,33 +163,11 @@ pub struct World {
 
 impl World {
     fn step(&mut self) -> usize {
-        let mut work = 0;
-        for node in self.shards.iter_mut() {
-            for s in node.iter_mut() {
-                work += s.step(256).unwrap_or(0);
-            }
-        }
-        work
+        crate::sim::step_shards(&mut self.shards)
     }
 
     fn advance(&mut self) -> bool {
-        let mut next = self.net.next_delivery();
-        for node in &self.shards {
-            for s in node {
-                if let Some(t) = s.endpoint().core().poll_timeout() {
-                    next = Some(next.map_or(t, |n| n.min(t)));
-                }
-            }
-        }
-        let now = self.net.now();
-        match next {
-            Some(t) => {
-                self.net
-                    .advance_to(if t > now { t } else { am_core::Time(now.0 + 1) });
-                true
-            }
-            None => false,
-        }
+        crate::sim::advance_time(&self.net, &self.shards)
     }
 
     /// Run until nothing is queued or in flight.
@@ -280,13 +255,7 @@ impl Blocks for SimBlocks {
             let work = w.step();
             for (o, r) in w.shards[me][0].take_sync_done() {
                 if o == op {
-                    return r.map_err(|e| {
-                        if e.contains("ENOSPC") {
-                            Errno::ENOSPC
-                        } else {
-                            Errno::EIO
-                        }
-                    });
+                    return r.map_err(|e| Errno(e.errno));
                 }
             }
             if work == 0 && (!w.advance() || w.net.now().0 > limit) {
@@ -732,7 +701,8 @@ pub enum Answer {
     Names(Vec<Vec<u8>>),
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+/// `len` pseudo-random bytes from `seed` (the workloads' and tests' file contents).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed;
     (0..len)
         .map(|_| {
@@ -1072,14 +1042,9 @@ fn walk<B: Blocks>(c: &FsClient<B>) -> R<BTreeMap<String, (Kind, Vec<u8>)>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![(String::new(), c.root())];
     while let Some((path, ino)) = stack.pop() {
-        for e in c.readdir(ino)? {
+        // A name whose inode died with the crashed node is not listed.
+        for (e, i) in c.readdir_plus(ino)? {
             let p = format!("{path}/{}", String::from_utf8_lossy(&e.name));
-            let i = match c.inode(e.ino) {
-                Ok(i) => i,
-                // A name whose inode died with the crashed node: absent.
-                Err(Errno::ENOENT) => continue,
-                Err(err) => return Err(err),
-            };
             match e.kind {
                 Kind::Dir => {
                     out.insert(p.clone(), (Kind::Dir, Vec::new()));
@@ -1288,17 +1253,7 @@ fn check_after_crash(
     let c = sim.client(1);
     let tree = walk(c).map_err(|e| format!("walking the tree: {e}"))?;
     let listed: BTreeSet<&String> = tree.keys().collect();
-    let mut expected: BTreeSet<String> = BTreeSet::new();
-    let mut stack = vec![(String::new(), 0usize)];
-    while let Some((path, i)) = stack.pop() {
-        if let RNode::Dir { entries } = &now.inodes[i].node {
-            for (name, j) in entries {
-                let p = format!("{path}/{}", String::from_utf8_lossy(name));
-                expected.insert(p.clone());
-                stack.push((p, *j));
-            }
-        }
-    }
+    let expected: BTreeSet<String> = now.paths().into_iter().map(|(p, _)| p).collect();
     for p in &expected {
         if unsynced.contains_key(p) {
             continue;
@@ -1366,17 +1321,15 @@ fn check_after_crash(
 }
 
 impl Reference {
-    /// Every regular file's path.
-    fn files(&self) -> Vec<String> {
+    /// Every path in the tree and the inode it names, sorted by path.
+    fn paths(&self) -> Vec<(String, usize)> {
         let mut out = Vec::new();
         let mut stack = vec![(String::new(), 0usize)];
         while let Some((path, i)) = stack.pop() {
             if let RNode::Dir { entries } = &self.inodes[i].node {
                 for (name, j) in entries {
                     let q = format!("{path}/{}", String::from_utf8_lossy(name));
-                    if matches!(self.inodes[*j].node, RNode::File { .. }) {
-                        out.push(q.clone());
-                    }
+                    out.push((q.clone(), *j));
                     stack.push((q, *j));
                 }
             }
@@ -1385,25 +1338,25 @@ impl Reference {
         out
     }
 
+    /// Every regular file's path.
+    fn files(&self) -> Vec<String> {
+        self.paths()
+            .into_iter()
+            .filter(|(_, i)| matches!(self.inodes[*i].node, RNode::File { .. }))
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     /// Every path naming the same inode as `p` (itself included).
     fn aliases(&self, p: &str) -> Vec<String> {
         let Ok(target) = self.resolve(p) else {
             return vec![p.to_string()];
         };
-        let mut out = Vec::new();
-        let mut stack = vec![(String::new(), 0usize)];
-        while let Some((path, i)) = stack.pop() {
-            if let RNode::Dir { entries } = &self.inodes[i].node {
-                for (name, j) in entries {
-                    let q = format!("{path}/{}", String::from_utf8_lossy(name));
-                    if *j == target {
-                        out.push(q.clone());
-                    }
-                    stack.push((q, *j));
-                }
-            }
-        }
-        out
+        self.paths()
+            .into_iter()
+            .filter(|(_, i)| *i == target)
+            .map(|(p, _)| p)
+            .collect()
     }
 
     fn apply_ro(&self, op: &FsOpSim) -> R<Answer> {

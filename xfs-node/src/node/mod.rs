@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use am_core::{Endpoint, EndpointName, Tag, Transport};
 
 use crate::coherence::{
-    BlockId, BlockStore, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp,
+    BlockId, BlockStore, NodeId, OpId, Outcome, Placement, ProtocolConfig, SyncError, UserOp,
 };
 use crate::fs::client::{Blocks, Errno, FsClient, StatFs};
 use crate::fs::layout::{Entry, Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::shard::{shard_of, Shard, ShardConfig};
-use crate::storage::fragment::FragmentStore;
+use crate::storage::fragment::{FragmentStore, StoreError};
 use crate::storage::log::{Log, LogError};
 use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
 use crate::storage::uring::{UringOptions, UringStore};
@@ -71,23 +71,20 @@ impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
     fn write(&mut self, block: BlockId, data: Vec<u8>) -> Result<(), String> {
         let mut g = lock(&self.log);
         let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
-        match log.write(block, &data) {
-            Ok(()) => Ok(()),
-            // Sealing a full segment tried to write the queue out and failed (a full device,
-            // servers down): the segment stays queued and the block still goes in; the
-            // error comes back from the next fsync, which is where POSIX reports it.
-            Err(LogError::Store(_)) | Err(LogError::Unrecoverable { .. }) => {
-                log.write(block, &data).map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        }
+        log.write(block, &data).map_err(|e| e.to_string())
     }
-    fn sync(&mut self) -> Result<(), String> {
+    fn sync(&mut self) -> Result<(), SyncError> {
         let mut g = lock(&self.log);
-        match g.as_mut() {
-            Some(log) => log.fsync().map_err(|e| e.to_string()),
-            None => Ok(()),
-        }
+        let Some(log) = g.as_mut() else {
+            return Ok(());
+        };
+        log.fsync().map_err(|e| SyncError {
+            errno: match e {
+                LogError::Store(StoreError::NoSpace { .. }) => libc::ENOSPC,
+                _ => libc::EIO,
+            },
+            message: e.to_string(),
+        })
     }
 }
 
@@ -101,7 +98,7 @@ enum Cmd {
     Sync {
         op: OpId,
         node: NodeId,
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), SyncError>>,
     },
     Stats(Sender<Vec<(String, u64)>>),
 }
@@ -186,11 +183,7 @@ impl Blocks for NodeBlocks {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 eprintln!("xfs-node: fsync on node {node} failed: {e}");
-                if e.contains("ENOSPC") {
-                    Err(Errno::ENOSPC)
-                } else {
-                    Err(Errno::EIO)
-                }
+                Err(Errno(e.errno))
             }
             Err(_) => Err(Errno::EIO),
         }
@@ -217,7 +210,7 @@ fn shard_loop<T: Transport + Send>(
     stop: Arc<AtomicBool>,
 ) {
     let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
-    let mut syncs: BTreeMap<OpId, Sender<Result<(), String>>> = BTreeMap::new();
+    let mut syncs: BTreeMap<OpId, Sender<Result<(), SyncError>>> = BTreeMap::new();
     let mut idle = 0u32;
     let mut last_error: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -503,37 +496,38 @@ impl Node {
             let mk = Arc::new(mk);
             threads.push(std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(30);
-                let mut stores: Vec<Option<RemoteStore<M::T>>> = addrs.iter().map(|_| None).collect();
+                // A store client of the server at `addr`, on its own endpoint.
+                let connect = |addr: SocketAddr| -> Result<RemoteStore<M::T>, String> {
+                    let ep = endpoint(
+                        &*mk,
+                        SocketAddr::new(host, 0),
+                        tag,
+                        2 * STORE_DEPTH * frag,
+                        "log endpoint",
+                    )?;
+                    let name = EndpointName { addr, vnet: 0 };
+                    let mut rs =
+                        RemoteStore::connect(ep, name, Tag(tag), STORE_DEPTH, Box::new(|| {}))
+                            .map_err(|e| e.to_string())?;
+                    rs.set_timeout(Duration::from_secs(3));
+                    Ok(rs)
+                };
+                let mut stores: Vec<Option<RemoteStore<M::T>>> =
+                    addrs.iter().map(|_| None).collect();
                 loop {
                     for (i, (node, addr)) in addrs.iter().enumerate() {
                         if stores[i].is_some() {
                             continue;
                         }
-                        let ep = match endpoint(
-                            &*mk,
-                            SocketAddr::new(host, 0),
-                            tag,
-                            2 * STORE_DEPTH * frag,
-                            "log endpoint",
-                        ) {
-                            Ok(ep) => ep,
-                            Err(e) => {
-                                eprintln!("xfs-node {id}: {e}");
-                                continue;
+                        match connect(*addr) {
+                            Ok(rs) => stores[i] = Some(rs),
+                            Err(e) if Instant::now() > deadline => {
+                                eprintln!(
+                                    "xfs-node {id}: storage server of node {node} at {addr}: {e}"
+                                )
                             }
-                        };
-                        let name = EndpointName { addr: *addr, vnet: 0 };
-                        let mut rs = match RemoteStore::connect(ep, name, Tag(tag), STORE_DEPTH, Box::new(|| {})) {
-                            Ok(rs) => rs,
-                            Err(e) => {
-                                if Instant::now() > deadline {
-                                    eprintln!("xfs-node {id}: storage server of node {node} at {addr}: {e}");
-                                }
-                                continue;
-                            }
-                        };
-                        rs.set_timeout(Duration::from_secs(3));
-                        stores[i] = Some(rs);
+                            Err(_) => {}
+                        }
                     }
                     let up = stores.iter().filter(|s| s.is_some()).count();
                     if up == stores.len() || (Instant::now() > deadline && up >= g.data()) {
@@ -563,22 +557,9 @@ impl Node {
                         let Some((node, addr)) = addrs.get(i).copied() else {
                             continue;
                         };
-                        let Ok(ep) = endpoint(
-                            &*mk,
-                            SocketAddr::new(host, 0),
-                            tag,
-                            2 * STORE_DEPTH * frag,
-                            "log endpoint",
-                        ) else {
+                        let Ok(rs) = connect(addr) else {
                             continue;
                         };
-                        let name = EndpointName { addr, vnet: 0 };
-                        let Ok(mut rs) =
-                            RemoteStore::connect(ep, name, Tag(tag), STORE_DEPTH, Box::new(|| {}))
-                        else {
-                            continue;
-                        };
-                        rs.set_timeout(Duration::from_secs(3));
                         let mut g = lock(&log2);
                         if let Some(l) = g.as_mut() {
                             match l.rebuild(i, rs) {
@@ -883,12 +864,7 @@ impl Node {
                 i,
             )]);
         }
-        let mut out = Vec::new();
-        for e in c.readdir(i.ino)? {
-            if let Ok(a) = c.inode(e.ino) {
-                out.push((e, a));
-            }
-        }
+        let mut out = c.readdir_plus(i.ino)?;
         out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         Ok(out)
     }
@@ -951,15 +927,7 @@ impl Node {
                     c.fsync(ino)?;
                     Response::Ok
                 }
-                FsOp::Readdir { ino } => {
-                    let mut v = Vec::new();
-                    for e in c.readdir(ino)? {
-                        if let Ok(a) = c.inode(e.ino) {
-                            v.push((e, a));
-                        }
-                    }
-                    Response::Entries(v)
-                }
+                FsOp::Readdir { ino } => Response::Entries(c.readdir_plus(ino)?),
                 FsOp::Setattr { ino, attr } => Response::Attr(Box::new(c.setattr(ino, &attr)?)),
                 FsOp::Statfs => Response::StatFs(c.statfs()?),
                 FsOp::Getxattr { ino, name } => Response::Data(c.getxattr(ino, &name)?),
