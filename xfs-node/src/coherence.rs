@@ -790,6 +790,33 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             .is_none_or(|b| b.op.is_none() && b.step.is_none())
     }
 
+    /// A read of a block whose copy is being dropped from the kernel: served from the copy
+    /// at once (returns whether it was). The copy is still valid — the revoke or eviction
+    /// is not acknowledged until the kernel let go, so no other write can have completed —
+    /// and waiting would deadlock the FUSE front: the kernel's invalidation waits for the
+    /// page lock that the kernel's own read of that page holds while it waits for this read.
+    /// (The kernel drops what such a read brings in: the invalidation takes the page lock
+    /// after the read released it.)
+    pub fn read_while_invalidating(
+        &mut self,
+        op: OpId,
+        block: BlockId,
+        out: &mut Vec<Output<D>>,
+    ) -> bool {
+        match self.blocks.get(&block) {
+            Some(ClientBlock {
+                data: Some(d),
+                op: None,
+                step: Some(Step::KernelInvalidate { .. }),
+                ..
+            }) => {
+                complete(out, op, block, Outcome::Read(d.clone()));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Blocks holding data.
     pub fn cached(&self) -> usize {
         debug_assert_eq!(

@@ -42,23 +42,7 @@ struct Where {
 
 impl Where {
     fn load(&self) -> Result<Config, String> {
-        match (&self.data, &self.config) {
-            (Some(d), _) => {
-                let p = d.join("cluster.toml");
-                if !p.exists() {
-                    return Err(format!(
-                        "{} has no cluster.toml: start a cluster there with `xfs-node up --data {}`",
-                        d.display(),
-                        d.display()
-                    ));
-                }
-                Config::load(&p)
-            }
-            (None, Some(c)) => Config::load(c),
-            (None, None) => {
-                Err("say which cluster: --data DIR (a local cluster) or --config FILE".into())
-            }
-        }
+        Config::locate(self.data.as_deref(), self.config.as_deref())
     }
 }
 

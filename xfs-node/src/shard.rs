@@ -674,6 +674,37 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             return 0;
         }
         let mut started = 0;
+        // Reads of blocks whose kernel invalidation is in progress complete from the copy
+        // (see `ClientShard::read_while_invalidating`).
+        let busy: Vec<BlockId> = self
+            .waiting
+            .keys()
+            .copied()
+            .filter(|b| !self.client.is_idle(*b))
+            .collect();
+        if !busy.is_empty() {
+            for block in busy {
+                while let Some(q) = self.waiting.get_mut(&block) {
+                    let Some((op, UserOp::Read)) = q.front() else {
+                        break;
+                    };
+                    let op = *op;
+                    if !self
+                        .client
+                        .read_while_invalidating(op, block, &mut self.out)
+                    {
+                        break;
+                    }
+                    q.pop_front();
+                    if q.is_empty() {
+                        self.waiting.remove(&block);
+                    }
+                    self.counters.ops_started += 1;
+                    started += 1;
+                }
+            }
+            self.execute();
+        }
         let ready: Vec<BlockId> = self
             .waiting
             .keys()

@@ -323,9 +323,14 @@ impl<B: Blocks> FsClient<B> {
         live_inode(ino, &self.read_block(inode_block(ino))?)
     }
 
-    /// `getattr`.
+    /// `getattr`. Works on a file whose last name is gone (an open file the mount still
+    /// reads and writes), as do `setattr`, `read`, `write` and the xattr calls.
     pub fn getattr(&self, ino: u64) -> Result<Inode, Errno> {
-        self.inode(ino)
+        match Inode::decode(ino, &self.read_block(inode_block(ino))?) {
+            Ok(Some(i)) if i.kind.is_some() && (i.nlink > 0 || i.kind != Some(Kind::Dir)) => Ok(i),
+            Ok(_) => Err(Errno::ENOENT),
+            Err(_) => Err(Errno::EIO),
+        }
     }
 
     fn dir(&self, ino: u64) -> Result<Inode, Errno> {
@@ -425,7 +430,18 @@ impl<B: Blocks> FsClient<B> {
         target: &[u8],
     ) -> Result<Inode, Errno> {
         check_name(name)?;
-        self.dir(parent)?;
+        let p = self.dir(parent)?;
+        // A set-group-ID directory hands its group down (and, to directories, the bit).
+        let (mode, gid) = if p.mode & libc::S_ISGID != 0 {
+            let m = if kind == Kind::Dir {
+                mode | libc::S_ISGID
+            } else {
+                mode
+            };
+            (m, p.gid)
+        } else {
+            (mode, gid)
+        };
         if self.find_live(parent, name)?.is_some() {
             return Err(Errno::EEXIST);
         }
@@ -924,7 +940,7 @@ impl<B: Blocks> FsClient<B> {
 
     /// `setattr`.
     pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Inode, Errno> {
-        let i = self.inode(ino)?;
+        let i = self.getattr(ino)?;
         let now = self.blocks.now();
         let mut ops = Vec::new();
         if let Some(m) = a.mode {
@@ -963,7 +979,7 @@ impl<B: Blocks> FsClient<B> {
         }
         ops.push(set(field::CTIME, a.ctime.unwrap_or(now)));
         self.update(inode_block(ino), &ops)?;
-        self.inode(ino)
+        self.getattr(ino)
     }
 
     /// Zero what lies past `new` up to the old size (bytes past the size are always
@@ -1009,7 +1025,7 @@ impl<B: Blocks> FsClient<B> {
 
     /// `read`: up to `len` bytes at `offset` (short at the end of the file).
     pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        let i = self.inode(ino)?;
+        let i = self.getattr(ino)?;
         if i.kind == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }
@@ -1042,7 +1058,7 @@ impl<B: Blocks> FsClient<B> {
 
     /// `write`: all of `data` at `offset`; returns the bytes written.
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
-        let i = self.inode(ino)?;
+        let i = self.getattr(ino)?;
         if i.kind == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }
@@ -1136,7 +1152,7 @@ impl<B: Blocks> FsClient<B> {
 
     /// `getxattr`.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, Errno> {
-        let i = self.inode(ino)?;
+        let i = self.getattr(ino)?;
         i.xattrs
             .into_iter()
             .find(|(k, _)| k == name)
@@ -1147,7 +1163,7 @@ impl<B: Blocks> FsClient<B> {
     /// `listxattr`.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<Vec<u8>>, Errno> {
         Ok(self
-            .inode(ino)?
+            .getattr(ino)?
             .xattrs
             .into_iter()
             .map(|(k, _)| k)
@@ -1165,7 +1181,7 @@ impl<B: Blocks> FsClient<B> {
         if name.is_empty() || name.len() > 255 {
             return Err(Errno::ERANGE);
         }
-        let i = self.inode(ino)?;
+        let i = self.getattr(ino)?;
         let exists = i.xattrs.iter().any(|(k, _)| k == name);
         match mode {
             XattrMode::Create if exists => return Err(Errno::EEXIST),
@@ -1193,7 +1209,7 @@ impl<B: Blocks> FsClient<B> {
 
     /// `removexattr`.
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), Errno> {
-        let i = self.inode(ino)?;
+        let i = self.getattr(ino)?;
         if !i.xattrs.iter().any(|(k, _)| k == name) {
             return Err(Errno::ENODATA);
         }

@@ -154,6 +154,28 @@ pub struct Config {
 const ROLES: [&str; 3] = ["client", "manager", "storage"];
 
 impl Config {
+    /// The config of a local cluster's data directory (`data`, as given to `xfs-node up`)
+    /// or of a config file; errors say what to do.
+    pub fn locate(data: Option<&Path>, config: Option<&Path>) -> Result<Config, String> {
+        match (data, config) {
+            (Some(d), _) => {
+                let p = d.join("cluster.toml");
+                if !p.exists() {
+                    return Err(format!(
+                        "{} has no cluster.toml: start a cluster there with `xfs-node up --data {}`",
+                        d.display(),
+                        d.display()
+                    ));
+                }
+                Config::load(&p)
+            }
+            (None, Some(c)) => Config::load(c),
+            (None, None) => {
+                Err("say which cluster: --data DIR (a local cluster) or --config FILE".into())
+            }
+        }
+    }
+
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)

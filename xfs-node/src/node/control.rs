@@ -56,6 +56,13 @@ pub enum Request {
     Checkpoint,
     /// Exit (after `Flush` and `Checkpoint` on every node: `xfs-node down`).
     Shutdown,
+    /// The FUSE front attaches: from now on the node asks it, on this connection, to drop
+    /// the kernel's cached pages, attributes and names of blocks this node's client loses
+    /// ([`Response::Invalidate`]), and it answers each with [`Request::KernelDone`]; the
+    /// node acknowledges the revoke only then. One mount per node.
+    Subscribe,
+    /// The kernel dropped what it cached of these blocks.
+    KernelDone(Vec<u64>),
 }
 
 /// The client API by index number.
@@ -152,6 +159,14 @@ pub enum FsOp {
         name: Vec<u8>,
     },
     Root,
+    Mknod {
+        parent: u64,
+        name: Vec<u8>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u64,
+    },
 }
 
 /// A node's state, for `xfs-node status`.
@@ -198,7 +213,10 @@ impl NodeStatus {
 #[allow(missing_docs)]
 pub enum Response {
     Ok,
-    Err { errno: i32, message: String },
+    Err {
+        errno: i32,
+        message: String,
+    },
     Status(Box<NodeStatus>),
     Data(Vec<u8>),
     Attr(Box<Inode>),
@@ -207,6 +225,8 @@ pub enum Response {
     StatFs(StatFs),
     Count(u64),
     Ino(u64),
+    /// To a subscribed mount: drop what the kernel caches of these blocks.
+    Invalidate(Vec<u64>),
 }
 
 /// Write one frame.
@@ -260,6 +280,11 @@ impl Control {
             stream,
             path: path.display().to_string(),
         })
+    }
+
+    /// The underlying stream (the mount's invalidation stream reads and writes it).
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
     }
 
     /// Send a request and wait for the answer.

@@ -46,6 +46,11 @@ const STORE_DEPTH: usize = 16;
 type SharedLog<T> = Arc<Mutex<Option<Log<RemoteStore<T>>>>>;
 type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
 type LogControl = Box<dyn Fn(&str) -> Result<Vec<(String, u64)>, String> + Send + Sync>;
+/// The attached mount's queue of kernel invalidations (`None`: no mount; they complete at
+/// once).
+type MountLink = Arc<Mutex<Option<SyncSender<Vec<BlockId>>>>>;
+/// Invalidations a mount may have outstanding before the shards hold the rest back.
+const MOUNT_QUEUE: usize = 1024;
 
 fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -101,6 +106,8 @@ enum Cmd {
         reply: Sender<Result<(), SyncError>>,
     },
     Stats(Sender<Vec<(String, u64)>>),
+    /// The kernel dropped these blocks (the mount's answer to an invalidation).
+    KernelDone(Vec<BlockId>),
 }
 
 /// The node's [`Blocks`]: block operations queued to the shard loops.
@@ -116,6 +123,21 @@ pub struct NodeBlocks {
 impl NodeBlocks {
     fn op_id(&self) -> OpId {
         self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Report kernel invalidations done to the blocks' shards.
+    pub fn kernel_done(&self, blocks: Vec<BlockId>) {
+        let mut by: BTreeMap<usize, Vec<BlockId>> = BTreeMap::new();
+        for b in blocks {
+            by.entry(shard_of(b, self.shards.len()))
+                .or_default()
+                .push(b);
+        }
+        for (s, v) in by {
+            if self.shards[s].send(Cmd::KernelDone(v)).is_ok() {
+                self.wake[s].notify();
+            }
+        }
     }
 
     /// Sum the shards' counters.
@@ -208,7 +230,12 @@ fn shard_loop<T: Transport + Send>(
     mut shard: Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>,
     rx: Receiver<Cmd>,
     stop: Arc<AtomicBool>,
+    mount: MountLink,
 ) {
+    // Kernel invalidations go to the attached mount (if any) and complete when it answers.
+    shard.external_kernel = true;
+    let mut unsent: Vec<BlockId> = Vec::new();
+    let mut invalidations = 0u64;
     let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
     let mut syncs: BTreeMap<OpId, Sender<Result<(), SyncError>>> = BTreeMap::new();
     let mut idle = 0u32;
@@ -230,6 +257,11 @@ fn shard_loop<T: Transport + Send>(
                 Cmd::Sync { op, node, reply } => {
                     syncs.insert(op, reply);
                     shard.sync(op, node);
+                }
+                Cmd::KernelDone(blocks) => {
+                    for b in blocks {
+                        shard.kernel_done(b);
+                    }
                 }
                 Cmd::Stats(tx) => {
                     let c = shard.counters();
@@ -254,11 +286,34 @@ fn shard_loop<T: Transport + Send>(
                         ("cached_blocks".into(), shard.client.cached() as u64),
                         ("manager_forwards".into(), mc.forwards),
                         ("manager_fetches".into(), mc.fetches),
+                        ("kernel_invalidations".into(), invalidations),
                     ]);
                 }
             }
         }
         work += shard.step(256).unwrap_or(0);
+        let asked = shard.take_kernel_requests();
+        if !asked.is_empty() || !unsent.is_empty() {
+            work += asked.len();
+            unsent.extend(asked);
+            let link = lock(&mount).clone();
+            let done = match link {
+                Some(tx) => match tx.try_send(std::mem::take(&mut unsent)) {
+                    Ok(()) => Vec::new(),
+                    // The mount is behind: hold them back for the next turn.
+                    Err(mpsc::TrySendError::Full(v)) => {
+                        unsent = v;
+                        Vec::new()
+                    }
+                    Err(mpsc::TrySendError::Disconnected(v)) => v,
+                },
+                None => std::mem::take(&mut unsent),
+            };
+            invalidations += done.len() as u64;
+            for b in done {
+                shard.kernel_done(b);
+            }
+        }
         for c in shard.take_completions() {
             if let Some((i, tx)) = ops.remove(&c.op) {
                 let _ = tx.send((i, Ok(c.outcome)));
@@ -304,6 +359,7 @@ pub struct Node {
     threads: Vec<std::thread::JoinHandle<()>>,
     log: LogControl,
     ready: Arc<AtomicBool>,
+    mount: MountLink,
 }
 
 fn bind_err(what: &str, addr: SocketAddr, e: impl std::fmt::Display) -> String {
@@ -439,6 +495,7 @@ impl Node {
             .map(|n| n.id)
             .collect();
         let log: SharedLog<M::T> = Arc::new(Mutex::new(None));
+        let mount: MountLink = Arc::new(Mutex::new(None));
         let mut senders = Vec::new();
         let mut wake = Vec::new();
         for s in 0..c.shards {
@@ -477,7 +534,8 @@ impl Node {
             senders.push(tx);
             wake.push(shard.endpoint().transport().notifier());
             let st = stop.clone();
-            threads.push(std::thread::spawn(move || shard_loop(shard, rx, st)));
+            let ml = mount.clone();
+            threads.push(std::thread::spawn(move || shard_loop(shard, rx, st, ml)));
         }
 
         // The log, once the stripe group's servers answer (they may start after us).
@@ -632,6 +690,7 @@ impl Node {
             threads,
             log: log_status,
             ready,
+            mount,
         };
         Ok(node)
     }
@@ -752,6 +811,9 @@ impl Node {
                     return;
                 }
             };
+            if matches!(req, Request::Subscribe) {
+                return self.mount_stream(stream);
+            }
             let shutdown = matches!(req, Request::Shutdown);
             let resp = self.handle(req);
             let _ = control::send(&mut stream, &resp);
@@ -759,6 +821,79 @@ impl Node {
                 self.stop.store(true, Ordering::Relaxed);
                 return;
             }
+        }
+    }
+
+    /// A mount attached: send it the shards' kernel invalidations on `stream` and route its
+    /// answers back; when it goes away, whatever it had not answered completes (its kernel
+    /// cache went with it).
+    fn mount_stream(&self, mut stream: std::os::unix::net::UnixStream) {
+        let (tx, rx) = mpsc::sync_channel::<Vec<BlockId>>(MOUNT_QUEUE);
+        {
+            let mut g = lock(&self.mount);
+            if g.is_some() {
+                let _ = control::send(
+                    &mut stream,
+                    &Response::Err {
+                        errno: libc::EBUSY,
+                        message: format!("node {} already has a mount attached", self.id),
+                    },
+                );
+                return;
+            }
+            *g = Some(tx);
+        }
+        let _ = control::send(&mut stream, &Response::Ok);
+        let outstanding: Arc<Mutex<std::collections::BTreeSet<BlockId>>> = Arc::default();
+        let gone = Arc::new(AtomicBool::new(false));
+        let reader = stream.try_clone().ok().map(|mut r| {
+            let out = outstanding.clone();
+            let gone = gone.clone();
+            let client = self.client.clone();
+            std::thread::spawn(move || {
+                while let Ok(Some(Request::KernelDone(blocks))) = control::recv(&mut r) {
+                    {
+                        let mut o = lock(&out);
+                        for b in &blocks {
+                            o.remove(b);
+                        }
+                    }
+                    client.blocks.kernel_done(blocks);
+                }
+                gone.store(true, Ordering::Relaxed);
+            })
+        });
+        while reader.is_some()
+            && !gone.load(Ordering::Relaxed)
+            && !self.stop.load(Ordering::Relaxed)
+        {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(blocks) => {
+                    lock(&outstanding).extend(blocks.iter().copied());
+                    if control::send(&mut stream, &Response::Invalidate(blocks)).is_err() {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        *lock(&self.mount) = None;
+        // A shard that took the link just before may still queue one batch.
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        if let Some(r) = reader {
+            let _ = r.join();
+        }
+        // Queued and unanswered invalidations complete: no kernel caches them now.
+        let mut left: Vec<BlockId> = std::mem::take(&mut *lock(&outstanding))
+            .into_iter()
+            .collect();
+        while let Ok(v) = rx.try_recv() {
+            left.extend(v);
+        }
+        if !left.is_empty() {
+            self.client.blocks.kernel_done(left);
         }
     }
 
@@ -822,6 +957,10 @@ impl Node {
                 },
             },
             Request::Shutdown => Response::Ok,
+            Request::Subscribe | Request::KernelDone(_) => Response::Err {
+                errno: libc::EINVAL,
+                message: "Subscribe opens a connection of its own; KernelDone answers on it".into(),
+            },
         }
     }
 
@@ -874,6 +1013,27 @@ impl Node {
         let r: Result<Response, Errno> = (|| {
             Ok(match op {
                 FsOp::Root => Response::Ino(c.root()),
+                FsOp::Mknod {
+                    parent,
+                    name,
+                    mode,
+                    uid,
+                    gid,
+                    rdev,
+                } => Response::Attr(Box::new(c.make(
+                    parent,
+                    &name,
+                    if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+                        Kind::File
+                    } else {
+                        Kind::Special
+                    },
+                    mode,
+                    uid,
+                    gid,
+                    rdev,
+                    &[],
+                )?)),
                 FsOp::Lookup { parent, name } => Response::Attr(Box::new(c.lookup(parent, &name)?)),
                 FsOp::Getattr { ino } => Response::Attr(Box::new(c.getattr(ino)?)),
                 FsOp::Create {
