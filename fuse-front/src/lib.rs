@@ -1153,25 +1153,6 @@ pub fn invalidations(
     wait: Duration,
     stop: Arc<AtomicBool>,
 ) {
-    // Kernel calls run on workers: one that blocks (the kernel waits for this mount) holds
-    // up neither the stream nor the other invalidations.
-    let (jobs_tx, jobs_rx) = mpsc::channel::<(Vec<u64>, mpsc::Sender<()>)>();
-    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-    for _ in 0..4 {
-        let rx = jobs_rx.clone();
-        let n = notifier.clone();
-        let sh = shared.clone();
-        std::thread::spawn(move || loop {
-            let job = lock(&rx).recv();
-            let Ok((blocks, done)) = job else {
-                return;
-            };
-            for b in blocks {
-                invalidate(&n, &sh, b);
-            }
-            let _ = done.send(());
-        });
-    }
     let mut warned = false;
     while !stop.load(Ordering::Relaxed) {
         let mut c = match Control::connect(control) {
@@ -1187,53 +1168,122 @@ pub fn invalidations(
         };
         match c.call(&CtlRequest::Subscribe) {
             Ok(Response::Ok) => warned = false,
-            Ok(Response::Err { message, .. }) => {
-                eprintln!("xfsam-mount: {message}");
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
             other => {
                 eprintln!("xfsam-mount: subscribing to invalidations: {other:?}");
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         }
-        let Ok(mut r) = c.stream().try_clone() else {
+        let (Ok(r), Ok(w)) = (c.stream().try_clone(), c.stream().try_clone()) else {
             continue;
         };
-        let Ok(mut w) = c.stream().try_clone() else {
-            continue;
-        };
-        r.set_read_timeout(Some(Duration::from_millis(200))).ok();
-        while !stop.load(Ordering::Relaxed) {
-            let blocks = match control::recv::<Response>(&mut r) {
-                Ok(Some(Response::Invalidate(b))) => b,
-                Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    continue
-                }
-                Err(_) => break,
+        serve_stream(r, w, &notifier, &shared, wait, &stop);
+    }
+}
+
+/// Batches given to the kernel and not answered yet: id -> (deadline, blocks).
+type Pending = Mutex<HashMap<u64, (std::time::Instant, Vec<u64>)>>;
+
+/// One subscription: batches go to workers (a kernel call that blocks — the kernel waits
+/// for this mount — holds up neither the stream nor other batches); a worker answers its
+/// batch when the kernel returned, a watchdog answers it at its deadline, whichever is
+/// first (once).
+fn serve_stream(
+    mut r: std::os::unix::net::UnixStream,
+    w: std::os::unix::net::UnixStream,
+    notifier: &KernelChannel,
+    shared: &Arc<Shared>,
+    wait: Duration,
+    stop: &Arc<AtomicBool>,
+) {
+    let w = Arc::new(Mutex::new(w));
+    let pending: Arc<Pending> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let answer = {
+        let (w, pending) = (w.clone(), pending.clone());
+        move |id: u64| {
+            let Some((_, blocks)) = lock(&pending).remove(&id) else {
+                return false;
             };
-            shared
-                .stats
-                .invalidations
-                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
-            let (done_tx, done_rx) = mpsc::channel();
-            if jobs_tx.send((blocks.clone(), done_tx)).is_err() {
-                break;
+            let _ = control::send(&mut *lock(&w), &CtlRequest::KernelDone(blocks));
+            true
+        }
+    };
+    let (jobs_tx, jobs_rx) = mpsc::channel::<(u64, Vec<u64>)>();
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    let mut threads = Vec::new();
+    for _ in 0..4 {
+        let (rx, n, sh, answer) = (
+            jobs_rx.clone(),
+            notifier.clone(),
+            shared.clone(),
+            answer.clone(),
+        );
+        threads.push(std::thread::spawn(move || loop {
+            let job = lock(&rx).recv();
+            let Ok((id, blocks)) = job else {
+                return;
+            };
+            for b in blocks {
+                invalidate(&n, &sh, b);
             }
-            if done_rx.recv_timeout(wait).is_err() {
-                shared.stats.inval_late.fetch_add(1, Ordering::Relaxed);
+            answer(id);
+        }));
+    }
+    {
+        let (pending, done, sh, answer) = (
+            pending.clone(),
+            done.clone(),
+            shared.clone(),
+            answer.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(2));
+                let now = std::time::Instant::now();
+                let late: Vec<u64> = lock(&pending)
+                    .iter()
+                    .filter(|(_, (d, _))| *d <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in late {
+                    if answer(id) {
+                        sh.stats.inval_late.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
-            if control::send(&mut w, &CtlRequest::KernelDone(blocks)).is_err() {
-                break;
+        }));
+    }
+    r.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    let mut next = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let blocks = match control::recv::<Response>(&mut r) {
+            Ok(Some(Response::Invalidate(b))) => b,
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
             }
+            Err(_) => break,
+        };
+        shared
+            .stats
+            .invalidations
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        next += 1;
+        lock(&pending).insert(next, (std::time::Instant::now() + wait, blocks.clone()));
+        if jobs_tx.send((next, blocks)).is_err() {
+            break;
         }
     }
+    drop(jobs_tx);
+    done.store(true, Ordering::Relaxed);
+    let _ = lock(&w).shutdown(std::net::Shutdown::Both);
+    // Workers blocked in the kernel finish when it lets go; do not wait for them.
+    drop(threads);
 }
 
 /// Drop what the kernel caches of `block`.

@@ -75,8 +75,33 @@ enum Cmd {
         /// Seconds to wait for the cluster to become healthy.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Also mount the file system here through node 1 (runs `xfsam-mount`, found
+        /// beside this executable).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// With --mount: let every user use the mount (FUSE `allow_other`).
+        #[arg(long)]
+        allow_other: bool,
     },
-    /// Stop a local cluster cleanly (write back, fsync, checkpoint).
+    /// Mount the file system at DIR through a node (runs `xfsam-mount` in the background;
+    /// unmount with `fusermount3 -u DIR`, or `xfs-node down` stops everything).
+    Mount {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client serves the mount.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Let every user use the mount (FUSE `allow_other`).
+        #[arg(long)]
+        allow_other: bool,
+        /// Mount read-only.
+        #[arg(long)]
+        ro: bool,
+        /// Where to mount (an existing directory).
+        dir: PathBuf,
+    },
+    /// Unmount the cluster's mounts, then stop a local cluster cleanly (write back, fsync,
+    /// checkpoint).
     Down {
         /// The data directory given to `up`.
         #[arg(long)]
@@ -318,6 +343,138 @@ fn up(
     Ok(())
 }
 
+/// The state a running mount of node `id` keeps beside its control socket:
+/// (pid, mount point).
+fn mount_state(cfg: &Config, id: u16) -> Option<(i32, PathBuf)> {
+    let n = cfg.node(id)?;
+    let mut p = n.control.as_os_str().to_owned();
+    p.push(".mount");
+    let s = std::fs::read_to_string(PathBuf::from(p)).ok()?;
+    let mut pid = None;
+    let mut dir = None;
+    for l in s.lines() {
+        if let Some(v) = l.strip_prefix("pid ") {
+            pid = v.trim().parse().ok();
+        } else if let Some(v) = l.strip_prefix("mountpoint ") {
+            dir = Some(PathBuf::from(v));
+        }
+    }
+    Some((pid?, dir?))
+}
+
+/// Run `xfsam-mount` (beside this executable) for node `id` at `dir` and wait until it
+/// is mounted.
+fn mount_node(
+    cfg_path: &Path,
+    cfg: &Config,
+    id: u16,
+    dir: &Path,
+    allow_other: bool,
+    ro: bool,
+) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let node = cfg
+        .node(id)
+        .ok_or_else(|| format!("node {id} is not in the cluster"))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
+    let helper = exe.with_file_name("xfsam-mount");
+    if !helper.exists() {
+        return Err(format!(
+            "{} is missing: build the mount helper with `cargo build --release -p fuse-front` \
+             (it must sit beside xfs-node)",
+            helper.display()
+        ));
+    }
+    if let Some((pid, d)) = mount_state(cfg, id) {
+        if pid_alive(pid) {
+            return Err(format!(
+                "node {id} is mounted at {} already (pid {pid}); one mount per node",
+                d.display()
+            ));
+        }
+    }
+    let mut logp = node.control.as_os_str().to_owned();
+    logp.push(".mount.log");
+    let logp = PathBuf::from(logp);
+    let log = std::fs::File::create(&logp)
+        .map_err(|e| format!("cannot create {}: {e}", logp.display()))?;
+    let mut opts = Vec::new();
+    if allow_other {
+        opts.push("allow_other");
+    }
+    if ro {
+        opts.push("ro");
+    }
+    let mut cmd = Command::new(&helper);
+    cmd.arg("--config")
+        .arg(cfg_path)
+        .args(["--node", &id.to_string()]);
+    if !opts.is_empty() {
+        cmd.arg("-o").arg(opts.join(","));
+    }
+    let mut child = cmd
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for the shell does not unmount it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", helper.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((pid, _)) = mount_state(cfg, id) {
+            if pid == child.id() as i32 {
+                return Ok(());
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let log = std::fs::read_to_string(&logp).unwrap_or_default();
+            return Err(format!(
+                "mounting node {id} at {} failed ({st}):\n{log}",
+                dir.display()
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node {id}'s mount at {} did not come up within 20 s (see {})",
+                dir.display(),
+                logp.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Unmount every mount of the cluster's nodes and wait for their processes.
+fn unmount_all(cfg: &Config, problems: &mut Vec<String>) {
+    for n in &cfg.nodes {
+        let Some((pid, dir)) = mount_state(cfg, n.id) else {
+            continue;
+        };
+        if !pid_alive(pid) {
+            continue;
+        }
+        // SIGTERM: the mount unmounts itself (detaching it if files are open).
+        // SAFETY: a signal to the mount process this cluster started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if pid_alive(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            problems.push(format!(
+                "the mount at {} did not exit; killed",
+                dir.display()
+            ));
+        } else {
+            println!("unmounted {}", dir.display());
+        }
+    }
+}
+
 fn down(data: &Path) -> Result<(), String> {
     let cfg = Where {
         data: Some(data.to_path_buf()),
@@ -325,6 +482,7 @@ fn down(data: &Path) -> Result<(), String> {
     }
     .load()?;
     let mut problems = Vec::new();
+    unmount_all(&cfg, &mut problems);
     // Every client writes back first, then every log is checkpointed.
     for n in &cfg.nodes {
         if let Err(e) = control(&cfg, n.id).and_then(|mut c| c.call_ok(&Request::Flush)) {
@@ -496,13 +654,43 @@ fn run(cli: Cli) -> Result<(), String> {
             devices,
             storage_mb,
             timeout,
+            mount,
+            allow_other,
         } => {
             if !matches!(transport.as_str(), "udp" | "rdma") {
                 return Err(format!("--transport {transport}: use udp or rdma"));
             }
             up(
                 nodes, &data, &transport, port, host, &devices, storage_mb, timeout,
-            )
+            )?;
+            if let Some(dir) = mount {
+                let cfg_path = data.join("cluster.toml");
+                let cfg = Config::load(&cfg_path)?;
+                mount_node(&cfg_path, &cfg, 1, &dir, allow_other, false)?;
+                println!(
+                    "mounted at {} through node 1 (a second mount: xfs-node mount --data {} --node 2 DIR)",
+                    dir.display(),
+                    data.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Mount {
+            at,
+            node,
+            allow_other,
+            ro,
+            dir,
+        } => {
+            let cfg_path = match (&at.data, &at.config) {
+                (Some(d), _) => d.join("cluster.toml"),
+                (None, Some(c)) => c.clone(),
+                (None, None) => return Err("say which cluster: --data DIR or --config FILE".into()),
+            };
+            let cfg = at.load()?;
+            mount_node(&cfg_path, &cfg, node, &dir, allow_other, ro)?;
+            println!("mounted at {} through node {node}", dir.display());
+            Ok(())
         }
         Cmd::Down { data } => down(&data),
         Cmd::Status { at, counters } => print_status(&at.load()?, counters),

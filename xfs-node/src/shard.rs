@@ -263,6 +263,9 @@ pub struct ShardCounters {
     pub remote_sends: u64,
     /// Messages to this node itself (not through the network).
     pub local_sends: u64,
+    /// Reads served from a copy while the kernel was dropping it (each makes the kernel
+    /// invalidation go round once more).
+    pub reads_during_invalidation: u64,
 }
 
 /// One delivered protocol message, as the trace records it.
@@ -317,6 +320,9 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// Sends the endpoint had no room for, in order.
     outgoing: VecDeque<(NodeId, Msg<D>)>,
     kernel: VecDeque<BlockId>,
+    /// Blocks whose kernel invalidation served a read meanwhile: the kernel may have
+    /// cached that read after it dropped the pages, so it must drop them once more.
+    reread: std::collections::BTreeSet<BlockId>,
     waiting: BTreeMap<BlockId, VecDeque<(OpId, UserOp<D>)>>,
     completions: Vec<Completion<D>>,
     out: Vec<Output<D>>,
@@ -399,6 +405,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             pending: VecDeque::new(),
             outgoing: VecDeque::new(),
             kernel: VecDeque::new(),
+            reread: Default::default(),
             waiting: BTreeMap::new(),
             completions: Vec::new(),
             out: Vec::new(),
@@ -663,6 +670,12 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         if let Some(i) = self.kernel.iter().position(|b| *b == block) {
             self.kernel.remove(i);
         }
+        if self.reread.remove(&block) {
+            // A read served from the copy meanwhile may have reached the kernel's cache
+            // after the pages were dropped: drop them again (until a round serves none).
+            self.kernel.push_back(block);
+            return;
+        }
         let r = self.client.kernel_invalidated(block, &mut self.out);
         self.note(r);
         self.execute();
@@ -699,6 +712,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                     if q.is_empty() {
                         self.waiting.remove(&block);
                     }
+                    self.reread.insert(block);
+                    self.counters.reads_during_invalidation += 1;
                     self.counters.ops_started += 1;
                     started += 1;
                 }

@@ -190,6 +190,9 @@ pub struct FsClient<B: Blocks> {
     held: (Mutex<BTreeSet<BlockId>>, std::sync::Condvar),
 }
 
+/// Free space below which writes fail with `ENOSPC` (room for what is in flight).
+pub const FULL_MARGIN: u64 = 2 << 20;
+
 /// Index numbers reserved per durable update of a node's allocator block.
 pub const INO_BATCH: u64 = 1024;
 
@@ -1069,6 +1072,12 @@ impl<B: Blocks> FsClient<B> {
         if data.is_empty() {
             return Ok(0);
         }
+        // A full cluster refuses new data at once (a write-back that cannot be stored
+        // would only fail at the next fsync, after filling this node's memory).
+        let st = self.blocks.statfs()?;
+        if st.blocks > 0 && st.bfree * st.bsize < FULL_MARGIN {
+            return Err(Errno::ENOSPC);
+        }
         let bs = BLOCK as u64;
         let mut ops = Vec::new();
         let mut pos = offset;
@@ -1119,6 +1128,10 @@ impl<B: Blocks> FsClient<B> {
             .unwrap_or_default()
             .into_iter()
             .collect();
+        if blocks.is_empty() {
+            // Nothing of this client's since the last fsync: nothing to make durable.
+            return Ok(());
+        }
         let ops = blocks.iter().map(|b| (*b, UserOp::Flush)).collect();
         let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
         if let Err(e) = r.and_then(|_| self.blocks.sync(self.map.manager(ino))) {

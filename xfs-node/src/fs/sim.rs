@@ -363,6 +363,7 @@ impl FsSim {
                             configs[*id as usize - 1].clone(),
                             LogStore {
                                 log: logs[*id as usize - 1].clone(),
+                                full: Default::default(),
                             },
                         )
                         .unwrap_or_else(|e| unreachable!("handler slots are free: {e}"))
@@ -422,7 +423,13 @@ impl FsSim {
         let cfg = w.configs[i].clone();
         let log = w.logs[i].clone();
         for s in w.shards[i].iter_mut() {
-            s.restart(cfg.clone(), LogStore { log: log.clone() });
+            s.restart(
+                cfg.clone(),
+                LogStore {
+                    log: log.clone(),
+                    full: Default::default(),
+                },
+            );
         }
         let mut dirty = 0;
         for (j, n) in w.shards.iter_mut().enumerate() {

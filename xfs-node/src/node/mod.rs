@@ -61,6 +61,9 @@ fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
 pub struct LogStore<S: FragmentStore> {
     /// The log.
     pub log: Arc<Mutex<Option<Log<S>>>>,
+    /// Set while the log cannot write what it holds (its stores are full): the node's
+    /// `statfs` reports no free space, so writes fail with ENOSPC at once.
+    pub full: Arc<AtomicBool>,
 }
 
 impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
@@ -76,14 +79,18 @@ impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
     fn write(&mut self, block: BlockId, data: Vec<u8>) -> Result<(), String> {
         let mut g = lock(&self.log);
         let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
-        log.write(block, &data).map_err(|e| e.to_string())
+        let r = log.write(block, &data).map_err(|e| e.to_string());
+        self.full.store(log.is_full(), Ordering::Relaxed);
+        r
     }
     fn sync(&mut self) -> Result<(), SyncError> {
         let mut g = lock(&self.log);
         let Some(log) = g.as_mut() else {
             return Ok(());
         };
-        log.fsync().map_err(|e| SyncError {
+        let r = log.fsync();
+        self.full.store(log.is_full(), Ordering::Relaxed);
+        r.map_err(|e| SyncError {
             errno: match e {
                 LogError::Store(StoreError::NoSpace { .. }) => libc::ENOSPC,
                 _ => libc::EIO,
@@ -276,6 +283,10 @@ fn shard_loop<T: Transport + Send>(
                         ("protocol_errors".into(), c.protocol_errors),
                         ("undeliverable".into(), c.undeliverable),
                         ("bounced".into(), c.bounced),
+                        (
+                            "reads_during_invalidation".into(),
+                            c.reads_during_invalidation,
+                        ),
                         ("peer_reads".into(), cc.peer_reads),
                         ("storage_reads".into(), cc.storage_reads),
                         ("forwards_served".into(), cc.forwards_served),
@@ -495,6 +506,7 @@ impl Node {
             .map(|n| n.id)
             .collect();
         let log: SharedLog<M::T> = Arc::new(Mutex::new(None));
+        let log_full = Arc::new(AtomicBool::new(false));
         let mount: MountLink = Arc::new(Mutex::new(None));
         let mut senders = Vec::new();
         let mut wake = Vec::new();
@@ -513,7 +525,10 @@ impl Node {
                     clients: clients.clone(),
                     capacity: c.cache_blocks,
                 },
-                LogStore { log: log.clone() },
+                LogStore {
+                    log: log.clone(),
+                    full: log_full.clone(),
+                },
             )
             .map_err(|e| format!("shard {s}: {e}"))?;
             for n in &config.nodes {
@@ -648,7 +663,11 @@ impl Node {
                 let bs = BLOCK as u64;
                 let _ = &free;
                 let total = storage_total.load(Ordering::Relaxed);
-                let free = free.load(Ordering::Relaxed);
+                let free = if log_full.load(Ordering::Relaxed) {
+                    0
+                } else {
+                    free.load(Ordering::Relaxed)
+                };
                 Ok(StatFs {
                     bsize: bs,
                     blocks: total / bs,

@@ -245,6 +245,9 @@ pub struct Log<S: FragmentStore> {
     cursor: usize,
     // Sealed, not written yet; then written, not synced yet.
     queued: Vec<Sealed>,
+    /// The last write of the queue found the stores full: write-behind waits for the next
+    /// `fsync` (retrying at every seal would recompute the whole queue's parity each time).
+    full: bool,
     written: Vec<Sealed>,
     /// Durable locations.
     imap: BTreeMap<BlockId, LogAddress>,
@@ -333,12 +336,19 @@ impl<S: FragmentStore + Send> Log<S> {
             open_entries: Vec::new(),
             cursor: SUMMARY_BYTES,
             queued: Vec::new(),
+            full: false,
             written: Vec::new(),
             imap: BTreeMap::new(),
             live: BTreeMap::new(),
             last_data_segment: 0,
             counters: LogCounters::default(),
         })
+    }
+
+    /// Whether the last write of sealed segments found the stores full (cleared by a
+    /// write that fits).
+    pub fn is_full(&self) -> bool {
+        self.full
     }
 
     /// Counters.
@@ -461,7 +471,7 @@ impl<S: FragmentStore + Send> Log<S> {
             bytes,
             blocks,
         });
-        if self.queued.len() >= MAX_QUEUED_SEGMENTS {
+        if self.queued.len() >= MAX_QUEUED_SEGMENTS && !self.full {
             // Write-behind: a failure here (a full device, servers down) keeps the segments
             // queued and is reported by the next `fsync`, where a writer waits for it; the
             // append itself has succeeded.
@@ -520,7 +530,9 @@ impl<S: FragmentStore + Send> Log<S> {
                 .collect();
             store.write(&refs)
         });
-        self.settle(results, self.queued[0].segment)?;
+        let r = self.settle(results, self.queued[0].segment);
+        self.full = matches!(r, Err(LogError::Store(StoreError::NoSpace { .. })));
+        r?;
         self.counters.segments += self.queued.len() as u64;
         let q = std::mem::take(&mut self.queued);
         self.written.extend(q);

@@ -1,0 +1,750 @@
+//! Real mounts: `xfs-node up --mount` and `xfs-node mount` run the cluster's node processes
+//! and `xfsam-mount`, and the tests use the mounted directories with ordinary file calls,
+//! as any program would (root: FUSE mounts, network namespaces).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Each test starts a cluster and mounts: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const MOUNT_BIN: &str = env!("CARGO_BIN_EXE_xfsam-mount");
+
+fn xfs_bin() -> PathBuf {
+    let p = Path::new(MOUNT_BIN).with_file_name("xfs-node");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p xfs-node` (cargo test --workspace does)",
+        p.display()
+    );
+    p
+}
+
+fn xfs(args: &[&str]) -> Output {
+    Command::new(xfs_bin())
+        .args(args)
+        .output()
+        .expect("run xfs-node")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = xfs(args);
+    assert!(
+        o.status.success(),
+        "xfs-node {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A random-ish byte pattern (splitmix64 of the seed).
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn mounted(dir: &Path) -> bool {
+    let m = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let d = dir.to_string_lossy().to_string();
+    m.lines().any(|l| l.split(' ').nth(4) == Some(d.as_str()))
+}
+
+/// A test's cluster: data directory, mount points; dropping it unmounts, kills and
+/// removes everything, whatever the test did.
+struct Cluster {
+    data: PathBuf,
+    mounts: Vec<PathBuf>,
+    extra: Vec<Child>,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    fn dir(name: &str) -> (std::sync::MutexGuard<'static, ()>, PathBuf) {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // Not /tmp: the storage files are opened with O_DIRECT, which tmpfs refuses.
+        let base = std::env::var("XFS_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        let data = PathBuf::from(format!("{base}/xfsam-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data).unwrap();
+        (serial, data)
+    }
+
+    /// `xfs-node up --mount A` on loopback, then `xfs-node mount --node k` for the other
+    /// mounts: one mount per node for `mounts` nodes.
+    fn start(name: &str, port: u16, storage_mb: u64, mounts: usize) -> Cluster {
+        let (serial, data) = Cluster::dir(name);
+        let dirs: Vec<PathBuf> = (1..=mounts).map(|k| data.join(format!("m{k}"))).collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let c = Cluster {
+            data: data.clone(),
+            mounts: dirs.clone(),
+            extra: Vec::new(),
+            _serial: serial,
+        };
+        c.up(port, storage_mb);
+        c
+    }
+
+    fn data_arg(&self) -> &str {
+        self.data.to_str().unwrap()
+    }
+
+    fn up(&self, port: u16, storage_mb: u64) {
+        ok(&[
+            "up",
+            "--data",
+            self.data_arg(),
+            "--port",
+            &port.to_string(),
+            "--storage-mb",
+            &storage_mb.to_string(),
+            "--mount",
+            self.mounts[0].to_str().unwrap(),
+            "--allow-other",
+        ]);
+        for (k, d) in self.mounts.iter().enumerate().skip(1) {
+            ok(&[
+                "mount",
+                "--data",
+                self.data_arg(),
+                "--node",
+                &(k + 1).to_string(),
+                "--allow-other",
+                d.to_str().unwrap(),
+            ]);
+        }
+        for d in &self.mounts {
+            assert!(mounted(d), "{} is not mounted", d.display());
+        }
+    }
+
+    fn m(&self, k: usize) -> &Path {
+        &self.mounts[k]
+    }
+
+    /// A counter of mount `k` (its state file, refreshed every 100 ms).
+    fn counter(&self, k: usize, name: &str) -> u64 {
+        let s = std::fs::read_to_string(self.data.join(format!("node{}.sock.mount", k + 1)))
+            .unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Counters of mount `k` once they are fresh.
+    fn settled(&self, k: usize, name: &str) -> u64 {
+        std::thread::sleep(Duration::from_millis(350));
+        self.counter(k, name)
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        let mut v = Vec::new();
+        for k in 1..=self.mounts.len().max(3) {
+            for f in [format!("node{k}.pid"), format!("node{k}.sock.mount")] {
+                if let Ok(s) = std::fs::read_to_string(self.data.join(f)) {
+                    let s = s.lines().next().unwrap_or("").trim_start_matches("pid ");
+                    if let Ok(p) = s.trim().parse() {
+                        v.push(p);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    fn kill_all(&self) {
+        for p in self.pids() {
+            // SAFETY: signals to processes this test started.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        for d in &self.mounts {
+            let _ = Command::new("umount").arg("-l").arg(d).status();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        for c in &mut self.extra {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Assert two byte strings are equal, naming the first difference (not printing them).
+#[track_caller]
+fn same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: {} bytes where {} were expected; first difference at {at:?} ({:?} vs {:?})",
+            got.len(),
+            want.len(),
+            at.map(|i| got[i]),
+            at.map(|i| want[i])
+        );
+    }
+}
+
+fn read_all(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+/// Two mounts on two node processes: what one writes, truncates, renames, deletes and
+/// chmods is what the other sees next, with no sleep — by invalidation, with the kernel's
+/// caches on: a repeated read of an unchanged file does not reach the daemon.
+#[test]
+fn two_mounts_see_each_others_changes_at_once_with_the_kernel_cache_on() {
+    let c = Cluster::start("coherent", 18100, 256, 2);
+    let (a, b) = (c.m(0).to_path_buf(), c.m(1).to_path_buf());
+
+    // Written and closed on A, byte-exact on B.
+    let content = pattern(1, 1_000_000);
+    std::fs::write(a.join("f"), &content).unwrap();
+    same(&read_all(&b.join("f")), &content, "B's copy");
+
+    // Random writes and truncates from either side, each read back whole on the other.
+    let mut model = content.clone();
+    let fa = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.join("f"))
+        .unwrap();
+    let fb = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.join("f"))
+        .unwrap();
+    let mut rng = Rng(0x5eed);
+    let mut stale = 0;
+    for i in 0..300u64 {
+        let (w, r, rp) = if rng.below(2) == 0 {
+            (&fa, &fb, b.join("f"))
+        } else {
+            (&fb, &fa, a.join("f"))
+        };
+        if rng.below(10) == 0 {
+            let len = rng.below(1_500_000) as usize;
+            w.set_len(len as u64).unwrap();
+            model.resize(len, 0);
+        } else {
+            let off = rng.below(1_200_000) as usize;
+            let max = if rng.below(4) == 0 { 300_000 } else { 5_000 };
+            let len = 1 + rng.below(max) as usize;
+            let data = pattern(100 + i, len);
+            w.write_all_at(&data, off as u64).unwrap();
+            if model.len() < off + len {
+                model.resize(off + len, 0);
+            }
+            model[off..off + len].copy_from_slice(&data);
+        }
+        // The other side: its open handle and a fresh open by path.
+        assert_eq!(
+            r.metadata().unwrap().len(),
+            model.len() as u64,
+            "size at step {i}"
+        );
+        let mut got = vec![0u8; model.len()];
+        r.read_exact_at(&mut got, 0).unwrap();
+        if got != model {
+            stale += 1;
+        }
+        same(&read_all(&rp), &model, &format!("step {i}"));
+    }
+    assert_eq!(stale, 0, "stale reads through an open handle");
+
+    // Attributes: size, mtime and mode as the writer left them.
+    std::fs::write(a.join("g"), b"some bytes").unwrap();
+    let _ = std::fs::metadata(b.join("g")).unwrap();
+    std::fs::set_permissions(a.join("g"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(a.join("g"))
+        .unwrap()
+        .write_all(b" and more")
+        .unwrap();
+    let (ma, mb) = (
+        std::fs::metadata(a.join("g")).unwrap(),
+        std::fs::metadata(b.join("g")).unwrap(),
+    );
+    assert_eq!(mb.len(), ma.len());
+    assert_eq!(mb.mode(), ma.mode());
+    assert_eq!(mb.mode() & 0o7777, 0o640);
+    assert_eq!((mb.mtime(), mb.mtime_nsec()), (ma.mtime(), ma.mtime_nsec()));
+    // Hard links: the link count every name shows.
+    std::fs::hard_link(a.join("g"), a.join("g2")).unwrap();
+    assert_eq!(std::fs::metadata(b.join("g")).unwrap().nlink(), 2);
+
+    // Rename and delete: B sees them at once, after having looked the names up.
+    std::fs::create_dir(a.join("d")).unwrap();
+    std::fs::write(a.join("d/x"), b"x").unwrap();
+    assert_eq!(read_all(&b.join("d/x")), b"x");
+    std::fs::rename(a.join("d/x"), a.join("d/y")).unwrap();
+    assert!(!b.join("d/x").exists(), "B still sees the old name");
+    assert_eq!(read_all(&b.join("d/y")), b"x");
+    std::fs::remove_file(b.join("d/y")).unwrap();
+    assert!(!a.join("d/y").exists(), "A still sees the deleted file");
+    let names: Vec<_> = std::fs::read_dir(a.join("d")).unwrap().collect();
+    assert!(names.is_empty());
+
+    // The kernel's cache is on: a repeated read of an unchanged file on B reaches the
+    // daemon zero times.
+    std::fs::write(a.join("cached"), pattern(7, 200_000)).unwrap();
+    same(&read_all(&b.join("cached")), &pattern(7, 200_000), "cached");
+    let reads = c.settled(1, "reads");
+    for _ in 0..5 {
+        same(&read_all(&b.join("cached")), &pattern(7, 200_000), "cached");
+    }
+    assert_eq!(
+        c.settled(1, "reads"),
+        reads,
+        "a repeated read of an unchanged file reached the daemon"
+    );
+    // And a change still gets through, by invalidation.
+    std::fs::write(a.join("cached"), pattern(8, 200_000)).unwrap();
+    same(&read_all(&b.join("cached")), &pattern(8, 200_000), "cached");
+    let inval = c.settled(1, "invalidations");
+    assert!(inval > 0, "mount B had no invalidation");
+    eprintln!(
+        "mount B: {inval} invalidations, {} kernel calls, {} late",
+        c.counter(1, "kernel_calls"),
+        c.counter(1, "inval_late")
+    );
+}
+
+/// Readers on one mount racing a writer on the other never hang and never see a torn
+/// block; once the writer stops, the reader sees its last write.
+#[test]
+fn reads_racing_writes_on_another_mount_never_hang() {
+    let secs: u64 = std::env::var("XFS_RACE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let c = Cluster::start("race", 18200, 256, 2);
+    let (a, b) = (c.m(0).to_path_buf(), c.m(1).to_path_buf());
+    const PAGES: u64 = 64;
+    std::fs::write(a.join("r"), vec![0u8; (PAGES * 4096) as usize]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, p, path) = (stop.clone(), progress.clone(), a.join("r"));
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let mut rng = Rng(99);
+            let mut v = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                v = v.wrapping_add(1).max(1);
+                let page = rng.below(PAGES);
+                let n = 1 + rng.below(4);
+                let buf = vec![v; (n.min(PAGES - page) * 4096) as usize];
+                f.write_all_at(&buf, page * 4096).unwrap();
+                p.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for t in 0..2 {
+        let (stop, p, path) = (stop.clone(), progress.clone(), b.join("r"));
+        readers.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut f = std::fs::File::open(&path).unwrap();
+                let mut buf = Vec::new();
+                f.read_to_end(&mut buf).unwrap();
+                assert_eq!(buf.len() as u64, PAGES * 4096);
+                for (k, page) in buf.chunks(4096).enumerate() {
+                    assert!(
+                        page.iter().all(|x| *x == page[0]),
+                        "reader {t}: page {k} is torn"
+                    );
+                }
+                n += 1;
+                p.fetch_add(1, Ordering::Relaxed);
+            }
+            n
+        }));
+    }
+    // Watch for progress every few seconds: a hang fails the test instead of the run.
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut last = 0;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_secs(5));
+        let now = progress.load(Ordering::Relaxed);
+        assert!(now > last, "no read or write finished in 5 s: hung");
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(reads > 0);
+    let (rb, ra) = (read_all(&b.join("r")), read_all(&a.join("r")));
+    if rb != ra {
+        // Which cache is stale: the node's (through the CLI) or the kernel's?
+        let node2 = xfs(&["get", "--data", c.data_arg(), "--node", "2", "/r", "-"]).stdout;
+        let node1 = xfs(&["get", "--data", c.data_arg(), "--node", "1", "/r", "-"]).stdout;
+        eprintln!(
+            "node 2's client agrees with A: {}, node 1's client agrees with A: {}",
+            node2 == ra,
+            node1 == ra
+        );
+        eprintln!(
+            "mount B: {} invalidations, {} late, {} kernel calls; node 2:\n{}",
+            c.counter(1, "invalidations"),
+            c.counter(1, "inval_late"),
+            c.counter(1, "kernel_calls"),
+            ok(&["status", "--data", c.data_arg(), "--counters"])
+        );
+    }
+    same(&rb, &ra, "B after the writer stopped");
+    eprintln!(
+        "{reads} whole-file reads raced {} writes; mount B: {} invalidations, {} late",
+        progress.load(Ordering::Relaxed) - reads,
+        c.counter(1, "invalidations"),
+        c.counter(1, "inval_late")
+    );
+}
+
+/// Path -> (mode, size, content or link target): what `ls -lR` and `cat` show.
+fn tree(root: &Path) -> BTreeMap<String, (u32, u64, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
+            let body = if m.is_dir() {
+                stack.push(p.clone());
+                Vec::new()
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                read_all(&p)
+            };
+            out.insert(rel, (m.mode(), m.len(), body));
+        }
+    }
+    out
+}
+
+/// Every fsynced file is back, byte-exact, after `down` + `up` and after `kill -9` of every
+/// process + `up`; the tree lists the same.
+#[test]
+fn fsynced_files_survive_down_up_and_kill_9() {
+    let c = Cluster::start("recover", 18300, 128, 2);
+    let a = c.m(0).to_path_buf();
+    let mut rng = Rng(4242);
+    for d in 0..4 {
+        let dir = a.join(format!("dir{d}"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..6 {
+            let len = [0, 1, 4095, 4096, 70_000, 1 << 20][f];
+            let p = dir.join(format!("file{f}"));
+            let mut h = std::fs::File::create(&p).unwrap();
+            h.write_all(&pattern(rng.next(), len)).unwrap();
+            h.sync_all().unwrap();
+        }
+        std::os::unix::fs::symlink(format!("dir{d}/file1"), a.join(format!("link{d}"))).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::fs::File::open(&dir).unwrap().sync_all().unwrap();
+    }
+    // An overwrite with a shorter file, fsynced.
+    let mut h = std::fs::File::create(a.join("dir0/file5")).unwrap();
+    h.write_all(b"shorter").unwrap();
+    h.sync_all().unwrap();
+    std::fs::File::open(&a).unwrap().sync_all().unwrap();
+    let before = tree(&a);
+    assert_eq!(
+        tree(c.m(1)),
+        before,
+        "the second mount lists something else"
+    );
+
+    ok(&["down", "--data", c.data_arg()]);
+    assert!(!mounted(&a), "down left {} mounted", a.display());
+    c.up(18300, 128);
+    assert_eq!(tree(&a), before, "after down + up");
+
+    c.kill_all();
+    assert!(!mounted(&a));
+    c.up(18300, 128);
+    assert_eq!(tree(&a), before, "after kill -9 + up");
+    assert_eq!(tree(c.m(1)), before, "the second mount after kill -9 + up");
+}
+
+/// Bad input: unmounting with files open, a full cluster, a node killed under `cp`.
+#[test]
+fn open_files_a_full_cluster_and_a_killed_node_give_clean_errors() {
+    let c = Cluster::start("bad", 18400, 16, 2);
+    let (a, b) = (c.m(0).to_path_buf(), c.m(1).to_path_buf());
+
+    // fusermount3 -u with a file open: busy, and the mount keeps working.
+    std::fs::write(a.join("open"), b"still here").unwrap();
+    let mut held = std::fs::File::open(a.join("open")).unwrap();
+    let out = Command::new("fusermount3").arg("-u").arg(&a).output();
+    if let Ok(out) = out {
+        assert!(!out.status.success(), "unmounted under an open file");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("busy"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut s = String::new();
+    held.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here");
+
+    // A full cluster: ENOSPC reaches the writer (at the latest at fsync).
+    let mut f = std::fs::File::create(b.join("big")).unwrap();
+    let chunk = pattern(3, 1 << 20);
+    let mut err = None;
+    for _ in 0..200 {
+        if let Err(e) = f.write_all(&chunk) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.or_else(|| f.sync_all().err());
+    let err = err.expect("200 MiB fit in a 3 x 16 MiB cluster");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    std::fs::remove_file(b.join("big")).ok();
+
+    // Unmount with the file still open (`xfs-node down` detaches it): the holder gets an
+    // error, not a hang.
+    held.seek(SeekFrom::Start(0)).unwrap();
+    let t = Instant::now();
+    let _ = xfs(&["down", "--data", c.data_arg()]);
+    assert!(!mounted(&a));
+    let mut buf = Vec::new();
+    let r = held.read_to_end(&mut buf);
+    assert!(r.is_err() || buf == b"still here", "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+    drop(held);
+}
+
+/// A node killed under a running `cp`: the copy fails or is whole, never a silent short
+/// file, and nothing hangs.
+#[test]
+fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
+    let c = Cluster::start("killcp", 18500, 256, 2);
+    let a = c.m(0).to_path_buf();
+    let src = c.data.join("src.bin");
+    std::fs::write(&src, pattern(5, 40 << 20)).unwrap();
+    let t = Instant::now();
+    let mut cp = Command::new("cp")
+        .arg(&src)
+        .arg(a.join("copy"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let node1: i32 = std::fs::read_to_string(c.data.join("node1.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: a signal to the node this test started.
+    unsafe { libc::kill(node1, libc::SIGKILL) };
+    let mut status = None;
+    while t.elapsed() < Duration::from_secs(120) {
+        if let Some(s) = cp.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status.expect("cp hung after its node was killed");
+    let mut err = String::new();
+    cp.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    if status.success() {
+        // Whole, or not claimed: the mount's node is gone, so check the size it reports.
+        let len = std::fs::metadata(a.join("copy"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert_eq!(len, 40 << 20, "cp succeeded with a short file");
+    } else {
+        eprintln!("cp failed as it should: {}", err.trim());
+        assert!(!err.is_empty(), "cp failed silently");
+    }
+}
+
+struct Hosts {
+    names: Vec<String>,
+    bridge: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Hosts {
+    fn new(n: usize, subnet: u8) -> Hosts {
+        let tag = std::process::id() % 10_000;
+        let bridge = format!("fbr{tag}");
+        let h = Hosts {
+            names: (1..=n).map(|k| format!("fus{tag}n{k}")).collect(),
+            bridge: bridge.clone(),
+        };
+        assert!(
+            ip(&["link", "add", &bridge, "type", "bridge"]),
+            "cannot create a bridge: the namespace test needs root and iproute2"
+        );
+        assert!(ip(&["link", "set", &bridge, "up"]));
+        for (k, ns) in h.names.iter().enumerate() {
+            let (x, y) = (format!("fv{tag}a{k}"), format!("fv{tag}b{k}"));
+            assert!(ip(&["netns", "add", ns]), "ip netns add {ns}");
+            assert!(ip(&["link", "add", &x, "type", "veth", "peer", "name", &y]));
+            assert!(ip(&["link", "set", &x, "master", &bridge, "up"]));
+            assert!(ip(&["link", "set", &y, "netns", ns]));
+            let addr = format!("10.{subnet}.0.{}/24", k + 1);
+            assert!(ip(&["-n", ns, "addr", "add", &addr, "dev", &y]));
+            assert!(ip(&["-n", ns, "link", "set", &y, "up"]));
+            assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
+        }
+        h
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            ip(&["netns", "del", ns]);
+        }
+        ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// Three hosts (network namespaces on a bridge), one node and one mount each: a file
+/// written on one mount is read on the others. Nodes and mounts start with
+/// `nsenter --net` (not `ip netns exec`, whose private mount namespace would hide the
+/// mounts from the test).
+#[test]
+fn three_hosts_in_network_namespaces_each_with_a_mount() {
+    let (serial, data) = Cluster::dir("netns");
+    let hosts = Hosts::new(3, 78);
+    let mut cfg = xfs_node::node::config::Config::local(3, &data, "udp", 7300, 128 << 20);
+    for n in &mut cfg.nodes {
+        n.host = format!("10.78.0.{}", n.id).parse().unwrap();
+        n.port = 7300;
+    }
+    let cfg_path = data.join("cluster.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
+    let mut c = Cluster {
+        data: data.clone(),
+        mounts: (1..=3).map(|k| data.join(format!("m{k}"))).collect(),
+        extra: Vec::new(),
+        _serial: serial,
+    };
+    let net = |k: u16| format!("--net=/run/netns/{}", hosts.names[k as usize - 1]);
+    for n in &cfg.nodes {
+        let log = std::fs::File::create(data.join(format!("node{}.log", n.id))).unwrap();
+        c.extra.push(
+            Command::new("nsenter")
+                .arg(net(n.id))
+                .arg(xfs_bin())
+                .args(["serve", "--config"])
+                .arg(&cfg_path)
+                .args(["--node", &n.id.to_string()])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("nsenter (util-linux)"),
+        );
+    }
+    for n in &cfg.nodes {
+        let d = &c.mounts[n.id as usize - 1];
+        std::fs::create_dir_all(d).unwrap();
+        // The node's control socket is a file: reachable from any network namespace.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let o = loop {
+            let o = Command::new(xfs_bin())
+                .args(["status", "--config"])
+                .arg(&cfg_path)
+                .output()
+                .unwrap();
+            let s = String::from_utf8_lossy(&o.stdout).to_string();
+            if s.matches("ready").count() >= 3 || Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(o.matches("ready").count() >= 3, "cluster not ready: {o}");
+        let log = std::fs::File::create(data.join(format!("mount{}.log", n.id))).unwrap();
+        c.extra.push(
+            Command::new("nsenter")
+                .arg(net(n.id))
+                .arg(MOUNT_BIN)
+                .arg("--config")
+                .arg(&cfg_path)
+                .args(["--node", &n.id.to_string(), "-o", "allow_other"])
+                .arg(d)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !mounted(d) {
+            assert!(Instant::now() < deadline, "mount {} did not appear", n.id);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let content = pattern(78, 900_000);
+    std::fs::write(c.mounts[0].join("across"), &content).unwrap();
+    same(&read_all(&c.mounts[1].join("across")), &content, "host 2");
+    same(&read_all(&c.mounts[2].join("across")), &content, "host 3");
+    std::fs::write(c.mounts[2].join("across"), b"rewritten on host 3").unwrap();
+    assert_eq!(
+        read_all(&c.mounts[0].join("across")),
+        b"rewritten on host 3"
+    );
+    assert_eq!(
+        read_all(&c.mounts[1].join("across")),
+        b"rewritten on host 3"
+    );
+    for d in &c.mounts {
+        assert!(Command::new("umount").arg(d).status().unwrap().success());
+    }
+}
