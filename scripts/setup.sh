@@ -2,8 +2,11 @@
 # setup.sh - install what building and testing this project needs on Debian 12, when
 # missing: CMake and libclang (am-rdma's verbs bindings are generated and built with them;
 # no RDMA libraries are needed to build), nftables and iproute2 (the namespace tests),
-# DejaVu Sans (am-bench's plot) and losetup (the storage tests' loop devices, package
-# mount). Needs root for apt. Idempotent and quiet when all is there.
+# DejaVu Sans (am-bench's plot), losetup (the storage tests' loop devices, package
+# mount), fuse3 (fusermount3) and nsenter for the mount; with --tests also the POSIX
+# suites of scripts/posix-tests.sh: dbench (apt), pjdfstest and fsx (cargo install
+# --locked) and the user `tests` that pjdfstest switches to. Needs root. Idempotent and
+# quiet when all is there.
 set -euo pipefail
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
@@ -13,6 +16,11 @@ command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 command -v losetup >/dev/null 2>&1 || missing+=(mount)
+command -v nsenter >/dev/null 2>&1 || missing+=(util-linux)
+command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+tests=false
+[ "${1:-}" = --tests ] && tests=true
+$tests && { command -v dbench >/dev/null 2>&1 || missing+=(dbench); }
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "setup.sh: missing ${missing[*]}; run as root or: apt-get install -y ${missing[*]}" >&2
@@ -22,4 +30,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >&2
+fi
+$tests || exit 0
+for tool in pjdfstest fsx; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "setup.sh: cargo install --locked $tool" >&2
+        cargo install --locked -q "$tool" >&2
+    fi
+done
+if ! id tests >/dev/null 2>&1; then
+    # pjdfstest's second dummy user (the first is nobody/nogroup).
+    useradd -U -M -s /usr/sbin/nologin tests
 fi
