@@ -99,3 +99,72 @@ pub fn latency_png(rows: &[Row], path: &Path) -> Result<(), String> {
     root.present().map_err(|x| e(x.into()))?;
     Ok(())
 }
+
+/// Grouped bars: for each phase, each system's value relative to the baseline system
+/// (log scale, the baseline = 1), labelled with the phase names.
+pub fn ratio_bars_png(
+    phases: &[&str],
+    systems: &[String],
+    ratio: &dyn Fn(&str, &str) -> Option<f64>,
+    baseline: &str,
+    path: &Path,
+) -> Result<(), String> {
+    load_font()?;
+    let e = |e: Box<dyn std::error::Error>| format!("plot {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (1400, 650)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.into()))?;
+    let n = systems.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("file systems relative to {baseline} (median of runs; higher is better)"),
+            ("sans-serif", 22),
+        )
+        .margin(20)
+        .x_label_area_size(60)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..phases.len() as f64, (0.001f64..100f64).log_scale())
+        .map_err(|x| e(x.into()))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(phases.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.01 && i < phases.len() {
+                phases[i].to_string()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(format!("ratio to {baseline}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(x.into()))?;
+    for (k, s) in systems.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let bars: Vec<Rectangle<(f64, f64)>> = phases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let r = ratio(s, p)?.max(0.0011);
+                let x0 = i as f64 + 0.1 + 0.8 * k as f64 / n;
+                let x1 = x0 + 0.8 / n * 0.9;
+                Some(Rectangle::new([(x0, 0.001), (x1, r)], color.filled()))
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(|x| e(x.into()))?
+            .label(s.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|x| e(x.into()))?;
+    root.present().map_err(|x| e(x.into()))?;
+    Ok(())
+}

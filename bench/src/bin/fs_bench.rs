@@ -12,10 +12,26 @@ use xfs_node::node::config::Config;
 use xfs_node::node::control::{Control, FsOp, Request, Response};
 
 const HELP: &str = "\
-fs-bench: the cluster's client API against local ext4, same operations, same disk
+fs-bench: the file system against local ext4 (and others), same operations, same disk
 
 USAGE:
-  fs-bench [OPTIONS]
+  fs-bench [OPTIONS]             the cluster's client API against ext4 (below)
+  fs-bench --mounts [OPTIONS]    the mounted cluster against ext4, bindfs and GlusterFS
+
+--mounts: makes an ext4 file system on a loop device (under --work), starts a 3-node
+cluster with its storage files there and mounts it (`xfs-node up --mount`), a bindfs
+passthrough of that ext4, and GlusterFS volumes with bricks there (a single brick and a
+2+1 disperse volume, on 127.0.0.2; glusterd started by hand if it is not running); then,
+--runs times on each: fio sequential write (1 MiB blocks, --mb MiB, fsync at the end),
+sequential read of it after dropping the caches, 4 KiB random reads for --secs seconds
+(after dropping the caches), and --files small files (create 1 KiB each + syncfs, stat
+each, unlink each + syncfs). Prints JSON lines and the medians; writes fs-mounts.md,
+fs-mounts.json and fs-mounts.png (ratios to ext4) under --out. Root.
+  --systems LIST    default xfsam,ext4,bindfs,gluster,gluster-disperse
+  --mb N            fio file size, MiB (default 1024)
+  --secs N          random-read seconds (default 20)
+  --out DIR         where the reports go (default ./fs-mounts)
+  --work DIR        loop device image and mount points (default /var/tmp/fs-bench-mounts)
 
 Starts a 3-node local cluster with `xfs-node up` (storage files under --data), then, --runs
 times each: a large sequential write (1 MiB writes, then fsync), its read back through the
@@ -121,9 +137,13 @@ fn run(args: &Args) -> Result<(), String> {
         .unwrap_or_else(|| exe.with_file_name("xfs-node"));
     if !xfs.exists() {
         return Err(format!(
-            "{} not found: build it (cargo build --release -p xfs-node) or give --xfs-node",
+            "{} not found: build it (cargo build --release -p xfs-node -p fuse-front) or give \
+             --xfs-node",
             xfs.display()
         ));
+    }
+    if args.flag("--mounts") {
+        return bench::mounts::run(args, xfs);
     }
     let dir = PathBuf::from(
         args.value("--data")

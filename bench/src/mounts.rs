@@ -1,0 +1,400 @@
+//! `fs-bench --mounts`: the mounted 3-node cluster against local ext4 on the same loop
+//! device, a FUSE passthrough of that ext4 (`bindfs`) and GlusterFS on loopback (a single
+//! brick and a 2+1 disperse volume), with the same `fio` jobs and small-file loop, in the
+//! same run. Markdown, JSON and a PNG.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use am_udp::cli::Args;
+
+/// The phases, in report order: (name, unit).
+pub const PHASES: [(&str, &str); 6] = [
+    ("seq write 1M", "MiB/s"),
+    ("seq read 1M (cold)", "MiB/s"),
+    ("rand read 4K", "IOPS"),
+    ("create 1K files", "files/s"),
+    ("stat (warm)", "files/s"),
+    ("unlink", "files/s"),
+];
+
+fn sh(cmd: &str) -> Result<String, String> {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "`{cmd}` failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn drop_caches() {
+    let _ = sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+}
+
+/// One `fio` job on `dir`: bandwidth in MiB/s or IOPS.
+fn fio(dir: &Path, rw: &str, bs: &str, size_mb: usize, secs: Option<u64>) -> Result<f64, String> {
+    let mut cmd = format!(
+        "fio --name=j --directory={} --filename=fio.dat --rw={rw} --bs={bs} --size={size_mb}M \
+         --ioengine=psync --output-format=json",
+        dir.display()
+    );
+    if rw == "write" {
+        cmd.push_str(" --end_fsync=1");
+    }
+    if let Some(s) = secs {
+        cmd.push_str(&format!(" --time_based --runtime={s}"));
+    }
+    let out = sh(&cmd)?;
+    let start = out.find('{').ok_or("fio printed no JSON")?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let job = &v["jobs"][0];
+    let side = if rw.contains("write") { "write" } else { "read" };
+    if bs == "4k" {
+        job[side]["iops"].as_f64().ok_or("no iops".into())
+    } else {
+        job[side]["bw"]
+            .as_f64()
+            .map(|kib| kib / 1024.0)
+            .ok_or("no bw".into())
+    }
+}
+
+/// Small files: create (write 1 KiB, close) then syncfs; stat each (warm); unlink each
+/// then syncfs. Files per second each.
+fn small_files(dir: &Path, n: usize) -> Result<[f64; 3], String> {
+    let io = |e: std::io::Error| e.to_string();
+    let d = dir.join("small");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).map_err(io)?;
+    let body = vec![7u8; 1024];
+    let syncfs = || {
+        if let Ok(f) = std::fs::File::open(&d) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid descriptor.
+            unsafe { libc::syncfs(f.as_raw_fd()) };
+        }
+    };
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::write(d.join(format!("f{i}")), &body).map_err(io)?;
+    }
+    syncfs();
+    let create = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::metadata(d.join(format!("f{i}"))).map_err(io)?;
+    }
+    let stat = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::remove_file(d.join(format!("f{i}"))).map_err(io)?;
+    }
+    syncfs();
+    let unlink = n as f64 / t.elapsed().as_secs_f64();
+    Ok([create, stat, unlink])
+}
+
+/// A system under test: its name and mounted directory.
+struct System {
+    name: String,
+    dir: PathBuf,
+}
+
+/// Everything set up for the run; `teardown` undoes it.
+struct Setup {
+    base: PathBuf,
+    loopdev: Option<String>,
+    xfs: PathBuf,
+    cluster: Option<PathBuf>,
+    mounts: Vec<PathBuf>,
+    gluster: Vec<String>,
+}
+
+impl Setup {
+    fn teardown(&mut self) {
+        for v in self.gluster.drain(..) {
+            let _ = sh(&format!(
+                "echo y | gluster --mode=script volume stop {v} force; \
+                 gluster --mode=script volume delete {v}"
+            ));
+        }
+        // The cluster first: its storage files are on the loop device's file system.
+        if let Some(c) = self.cluster.take() {
+            let _ = Command::new(&self.xfs)
+                .args(["down", "--data"])
+                .arg(&c)
+                .stdout(Stdio::null())
+                .status();
+        }
+        for m in self.mounts.drain(..).rev() {
+            let _ = sh(&format!("umount -l {}", m.display()));
+        }
+        let root = self.base.join("disk");
+        let _ = sh(&format!("umount -l {}", root.display()));
+        if let Some(l) = self.loopdev.take() {
+            let _ = sh(&format!("losetup -d {l}"));
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, String> {
+    let base = s.base.clone();
+    std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
+    let img = base.join("disk.img");
+    sh(&format!("truncate -s {disk_gb}G {}", img.display()))?;
+    let l = sh(&format!("losetup -f --show {}", img.display()))?
+        .trim()
+        .to_string();
+    s.loopdev = Some(l.clone());
+    let root = base.join("disk");
+    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    sh(&format!(
+        "mkfs.ext4 -q -F {l} && mount {l} {}",
+        root.display()
+    ))?;
+    s.mounts.push(root.clone());
+    let mut out = Vec::new();
+    for w in wanted {
+        let dir = base.join(format!("m-{w}"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        match w.as_str() {
+            "xfsam" => {
+                let c = root.join("cluster");
+                let st = Command::new(&s.xfs)
+                    .args(["up", "--port", "7950", "--storage-mb"])
+                    .arg(((disk_gb * 1024 / 3) / 2).to_string())
+                    .arg("--data")
+                    .arg(&c)
+                    .arg("--mount")
+                    .arg(&dir)
+                    .stdout(Stdio::null())
+                    .status()
+                    .map_err(|e| e.to_string())?;
+                if !st.success() {
+                    return Err("xfs-node up --mount failed".into());
+                }
+                s.cluster = Some(c);
+                out.push(System {
+                    name: "xfsam (3 nodes)".into(),
+                    dir,
+                });
+            }
+            "ext4" => {
+                let d = root.join("ext4");
+                std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+                out.push(System {
+                    name: "ext4".into(),
+                    dir: d,
+                });
+            }
+            "bindfs" => {
+                if !have("bindfs") {
+                    return Err("bindfs is missing: apt-get install -y bindfs".into());
+                }
+                let src = root.join("bind-src");
+                std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
+                sh(&format!("bindfs {} {}", src.display(), dir.display()))?;
+                s.mounts.push(dir.clone());
+                out.push(System {
+                    name: "bindfs (FUSE passthrough)".into(),
+                    dir,
+                });
+            }
+            "gluster" | "gluster-disperse" => {
+                if !have("gluster") {
+                    return Err(
+                        "glusterfs is missing: apt-get install -y glusterfs-server".into(),
+                    );
+                }
+                if sh("gluster --mode=script volume list").is_err() {
+                    // No systemd here: start the daemon by hand.
+                    sh("glusterd")?;
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                let disperse = w == "gluster-disperse";
+                let v = if disperse { "fsbdisp" } else { "fsbone" };
+                let bricks: Vec<String> = (0..if disperse { 3 } else { 1 })
+                    .map(|k| format!("127.0.0.2:{}/brick-{v}-{k}", root.display()))
+                    .collect();
+                let layout = if disperse { "disperse 3 redundancy 1" } else { "" };
+                sh(&format!(
+                    "gluster --mode=script volume create {v} {layout} {} force && \
+                     gluster --mode=script volume start {v}",
+                    bricks.join(" ")
+                ))?;
+                s.gluster.push(v.to_string());
+                sh(&format!("mount -t glusterfs 127.0.0.2:/{v} {}", dir.display()))?;
+                s.mounts.push(dir.clone());
+                out.push(System {
+                    name: if disperse {
+                        "GlusterFS 2+1 disperse".into()
+                    } else {
+                        "GlusterFS 1 brick".into()
+                    },
+                    dir,
+                });
+            }
+            other => {
+                return Err(format!(
+                    "unknown system {other} (xfsam, ext4, bindfs, gluster, gluster-disperse)"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// `fs-bench --mounts`.
+pub fn run(args: &Args, xfs: PathBuf) -> Result<(), String> {
+    if !have("fio") {
+        return Err("fio is missing: apt-get install -y fio".into());
+    }
+    let wanted: Vec<String> = args
+        .value("--systems")
+        .unwrap_or("xfsam,ext4,bindfs,gluster,gluster-disperse".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mb: usize = args.parse("--mb", 1024)?;
+    let files: usize = args.parse("--files", 2000)?;
+    let runs: usize = args.parse("--runs", 3)?;
+    let secs: u64 = args.parse("--secs", 20)?;
+    let out = PathBuf::from(args.value("--out").unwrap_or("fs-mounts".into()));
+    let mut s = Setup {
+        base: PathBuf::from(
+            args.value("--work")
+                .unwrap_or("/var/tmp/fs-bench-mounts".into()),
+        ),
+        loopdev: None,
+        xfs,
+        cluster: None,
+        mounts: Vec::new(),
+        gluster: Vec::new(),
+    };
+    s.teardown();
+    let disk_gb = ((mb * 3 * 6) / 1024 + 4) as u64;
+    let r = setup(&mut s, &wanted, disk_gb).and_then(|systems| {
+        let mut rows: Vec<(String, &'static str, usize, f64)> = Vec::new();
+        for run in 0..runs {
+            for sys in &systems {
+                eprintln!("fs-bench: run {}/{runs}: {}", run + 1, sys.name);
+                let _ = std::fs::remove_file(sys.dir.join("fio.dat"));
+                let mut add = |phase: &'static str, v: f64| {
+                    println!(
+                        "{{\"system\":\"{}\",\"phase\":\"{phase}\",\"run\":{run},\"value\":{v:.1}}}",
+                        sys.name
+                    );
+                    rows.push((sys.name.clone(), phase, run, v));
+                };
+                add(PHASES[0].0, fio(&sys.dir, "write", "1M", mb, None)?);
+                drop_caches();
+                add(PHASES[1].0, fio(&sys.dir, "read", "1M", mb, None)?);
+                drop_caches();
+                add(PHASES[2].0, fio(&sys.dir, "randread", "4k", mb, Some(secs))?);
+                let _ = std::fs::remove_file(sys.dir.join("fio.dat"));
+                let [c, st, u] = small_files(&sys.dir, files)?;
+                add(PHASES[3].0, c);
+                add(PHASES[4].0, st);
+                add(PHASES[5].0, u);
+            }
+        }
+        Ok((systems, rows))
+    });
+    s.teardown();
+    let (systems, rows) = r?;
+    let med = |sys: &str, phase: &str| -> Option<f64> {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.0 == sys && r.1 == phase)
+            .map(|r| r.3)
+            .collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    let names: Vec<String> = systems.iter().map(|s| s.name.clone()).collect();
+    let mut md = format!(
+        "Medians of {runs} runs; {mb} MiB fio file, {files} small files, {secs} s of random \
+         reads; all on one loop device (ext4), same machine, same run.\n\n| phase | unit |"
+    );
+    for n in &names {
+        md.push_str(&format!(" {n} |"));
+    }
+    md.push_str("\n|---|---|");
+    md.push_str(&"---:|".repeat(names.len()));
+    md.push('\n');
+    for (p, unit) in PHASES {
+        md.push_str(&format!("| {p} | {unit} |"));
+        for n in &names {
+            match med(n, p) {
+                Some(v) => md.push_str(&format!(" {v:.0} |")),
+                None => md.push_str(" - |"),
+            }
+        }
+        md.push('\n');
+    }
+    // Ratios of the cluster against each other system.
+    let ours = names.iter().find(|n| n.starts_with("xfsam")).cloned();
+    if let Some(o) = &ours {
+        md.push_str(&format!("\nxfsam / other (same phase):\n\n| phase |"));
+        let others: Vec<&String> = names.iter().filter(|n| *n != o).collect();
+        for n in &others {
+            md.push_str(&format!(" vs {n} |"));
+        }
+        md.push_str("\n|---|");
+        md.push_str(&"---:|".repeat(others.len()));
+        md.push('\n');
+        for (p, _) in PHASES {
+            md.push_str(&format!("| {p} |"));
+            for n in &others {
+                match (med(o, p), med(n, p)) {
+                    (Some(a), Some(b)) if b > 0.0 => md.push_str(&format!(" {:.2}x |", a / b)),
+                    _ => md.push_str(" - |"),
+                }
+            }
+            md.push('\n');
+        }
+    }
+    println!("\n{md}");
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("fs-mounts.md"), &md).map_err(|e| e.to_string())?;
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::json!({"system": r.0, "phase": r.1, "run": r.2, "value": r.3}))
+        .collect();
+    std::fs::write(
+        out.join("fs-mounts.json"),
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let phases: Vec<&str> = PHASES.iter().map(|p| p.0).collect();
+    if names.iter().any(|n| n == "ext4") {
+        let ratio = |s: &str, p: &str| Some(med(s, p)? / med("ext4", p)?);
+        crate::plot::ratio_bars_png(&phases, &names, &ratio, "ext4", &out.join("fs-mounts.png"))?;
+    }
+    eprintln!("fs-bench: wrote {}/fs-mounts.{{md,json,png}}", out.display());
+    Ok(())
+}
