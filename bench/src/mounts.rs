@@ -66,7 +66,11 @@ fn fio(dir: &Path, rw: &str, bs: &str, size_mb: usize, secs: Option<u64>) -> Res
     let v: serde_json::Value =
         serde_json::from_str(&out[start..]).map_err(|e| format!("fio JSON: {e}"))?;
     let job = &v["jobs"][0];
-    let side = if rw.contains("write") { "write" } else { "read" };
+    let side = if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
     if bs == "4k" {
         job[side]["iops"].as_f64().ok_or("no iops".into())
     } else {
@@ -221,9 +225,7 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
             }
             "gluster" | "gluster-disperse" => {
                 if !have("gluster") {
-                    return Err(
-                        "glusterfs is missing: apt-get install -y glusterfs-server".into(),
-                    );
+                    return Err("glusterfs is missing: apt-get install -y glusterfs-server".into());
                 }
                 if sh("gluster --mode=script volume list").is_err() {
                     // No systemd here: start the daemon by hand.
@@ -235,14 +237,21 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
                 let bricks: Vec<String> = (0..if disperse { 3 } else { 1 })
                     .map(|k| format!("127.0.0.2:{}/brick-{v}-{k}", root.display()))
                     .collect();
-                let layout = if disperse { "disperse 3 redundancy 1" } else { "" };
+                let layout = if disperse {
+                    "disperse 3 redundancy 1"
+                } else {
+                    ""
+                };
                 sh(&format!(
                     "gluster --mode=script volume create {v} {layout} {} force && \
                      gluster --mode=script volume start {v}",
                     bricks.join(" ")
                 ))?;
                 s.gluster.push(v.to_string());
-                sh(&format!("mount -t glusterfs 127.0.0.2:/{v} {}", dir.display()))?;
+                sh(&format!(
+                    "mount -t glusterfs 127.0.0.2:/{v} {}",
+                    dir.display()
+                ))?;
                 s.mounts.push(dir.clone());
                 out.push(System {
                     name: if disperse {
@@ -359,7 +368,7 @@ pub fn run(args: &Args, xfs: PathBuf) -> Result<(), String> {
     // Ratios of the cluster against each other system.
     let ours = names.iter().find(|n| n.starts_with("xfsam")).cloned();
     if let Some(o) = &ours {
-        md.push_str(&format!("\nxfsam / other (same phase):\n\n| phase |"));
+        md.push_str("\nxfsam / other (same phase):\n\n| phase |");
         let others: Vec<&String> = names.iter().filter(|n| *n != o).collect();
         for n in &others {
             md.push_str(&format!(" vs {n} |"));
@@ -395,6 +404,9 @@ pub fn run(args: &Args, xfs: PathBuf) -> Result<(), String> {
         let ratio = |s: &str, p: &str| Some(med(s, p)? / med("ext4", p)?);
         crate::plot::ratio_bars_png(&phases, &names, &ratio, "ext4", &out.join("fs-mounts.png"))?;
     }
-    eprintln!("fs-bench: wrote {}/fs-mounts.{{md,json,png}}", out.display());
+    eprintln!(
+        "fs-bench: wrote {}/fs-mounts.{{md,json,png}}",
+        out.display()
+    );
     Ok(())
 }

@@ -96,6 +96,9 @@ impl Stats {
     }
 }
 
+/// Names given to the kernel, by (directory, bucket).
+type NamesByBucket = HashMap<(u64, u64), HashSet<Vec<u8>>>;
+
 /// What the front and its invalidation thread share.
 pub struct Shared {
     /// Counters.
@@ -104,7 +107,7 @@ pub struct Shared {
     root: u64,
     /// Names handed to the kernel, by (directory, bucket): what an invalidation of that
     /// bucket must drop.
-    names: Mutex<HashMap<(u64, u64), HashSet<Vec<u8>>>>,
+    names: Mutex<NamesByBucket>,
 }
 
 impl Shared {
@@ -1288,6 +1291,8 @@ fn serve_stream(
 
 /// Drop what the kernel caches of `block`.
 fn invalidate(n: &KernelChannel, sh: &Shared, block: u64) {
+    let advisory = block & control::ADVISORY != 0;
+    let block = block & !control::ADVISORY;
     let ino = ino_of(block);
     let bn = block & INODE_BLOCK;
     let fi = sh.fuse(ino);
@@ -1303,7 +1308,13 @@ fn invalidate(n: &KernelChannel, sh: &Shared, block: u64) {
         let _ = n.expire_entry(fi.0, &name);
         calls.fetch_add(1, Ordering::Relaxed);
     }
-    let _ = n.inval_inode(fi.0, (bn * BLOCK as u64) as i64, BLOCK as i64);
+    // An advisory block (the node's CLI changed the file) stands for all its pages.
+    let (off, len) = if advisory {
+        (0, 0)
+    } else {
+        ((bn * BLOCK as u64) as i64, BLOCK as i64)
+    };
+    let _ = n.inval_inode(fi.0, off, len);
     calls.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -1424,6 +1435,14 @@ pub fn mount_fuse(
     Ok(fd)
 }
 
+/// Where a mount of the node with control socket `control` keeps its state (pid, mount
+/// point, counters): beside the socket.
+pub fn state_path(control: &Path) -> PathBuf {
+    let mut s = control.as_os_str().to_owned();
+    s.push(".mount");
+    PathBuf::from(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1483,12 +1502,4 @@ mod tests {
             assert_eq!(swap(root, root), 1);
         }
     }
-}
-
-/// Where a mount of the node with control socket `control` keeps its state (pid, mount
-/// point, counters): beside the socket.
-pub fn state_path(control: &Path) -> PathBuf {
-    let mut s = control.as_os_str().to_owned();
-    s.push(".mount");
-    PathBuf::from(s)
 }

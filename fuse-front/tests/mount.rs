@@ -343,6 +343,24 @@ fn two_mounts_see_each_others_changes_at_once_with_the_kernel_cache_on() {
     same(&read_all(&b.join("cached")), &pattern(8, 200_000), "cached");
     let inval = c.settled(1, "invalidations");
     assert!(inval > 0, "mount B had no invalidation");
+
+    // The CLI through the mount's own node: its client loses no block, the node tells the
+    // mount (advisory invalidations).
+    let local = c.data.join("cli-put");
+    std::fs::write(&local, pattern(9, 50_000)).unwrap();
+    let d = c.data_arg();
+    let l = local.to_str().unwrap();
+    ok(&["put", "--data", d, "--node", "1", l, "/cached"]);
+    same(
+        &read_all(&a.join("cached")),
+        &pattern(9, 50_000),
+        "after a CLI put on node 1",
+    );
+    ok(&["rm", "--data", d, "--node", "1", "/cached"]);
+    assert!(
+        !a.join("cached").exists(),
+        "A still sees a file the CLI removed"
+    );
     eprintln!(
         "mount B: {inval} invalidations, {} kernel calls, {} late",
         c.counter(1, "kernel_calls"),
@@ -598,7 +616,11 @@ fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let status = status.expect("cp hung after its node was killed");
+    let Some(status) = status else {
+        let _ = cp.kill();
+        let _ = cp.wait();
+        panic!("cp hung after its node was killed");
+    };
     let mut err = String::new();
     cp.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     if status.success() {

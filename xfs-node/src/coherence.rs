@@ -795,8 +795,9 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
     /// is not acknowledged until the kernel let go, so no other write can have completed —
     /// and waiting would deadlock the FUSE front: the kernel's invalidation waits for the
     /// page lock that the kernel's own read of that page holds while it waits for this read.
-    /// (The kernel drops what such a read brings in: the invalidation takes the page lock
-    /// after the read released it.)
+    /// The kernel may cache what such a read returns after it dropped the pages: the shard
+    /// loop has the kernel drop the block once more before the revoke goes on
+    /// (`Shard::kernel_done`).
     pub fn read_while_invalidating(
         &mut self,
         op: OpId,

@@ -130,6 +130,65 @@ fn a_revoke_waits_for_an_external_kernel_invalidation() {
     assert_eq!(c.shards[1][0].client.state(5), BlockState::PrivateDirty);
 }
 
+/// A read of a block whose kernel invalidation is in progress is served from the copy
+/// (waiting would deadlock the FUSE front, whose kernel holds the page lock for that read),
+/// and the kernel is then asked to drop the block once more before the revoke is answered:
+/// the kernel may have cached that read after its first invalidation.
+#[test]
+fn a_read_during_a_kernel_invalidation_is_served_and_invalidated_again() {
+    use am_core::sim::Faults;
+    use xfs_node::coherence::{BlockState, Outcome, ProtocolConfig, UserOp};
+
+    let mut c = Cluster::new(3, 2, 1, Faults::none(), ProtocolConfig::default(), 0);
+    c.shards[0][0].external_kernel = true;
+    let run = |c: &mut Cluster, rounds: usize| {
+        for _ in 0..rounds {
+            if c.step() == 0 && !c.advance() {
+                break;
+            }
+        }
+    };
+    c.shards[1][0].submit(1, 5, UserOp::Write(7));
+    run(&mut c, 10_000);
+    assert_eq!(c.shards[1][0].take_completions().len(), 1);
+    c.shards[0][0].submit(2, 5, UserOp::Read);
+    run(&mut c, 10_000);
+    let r = c.shards[0][0].take_completions();
+    assert!(matches!(r[0].outcome, Outcome::Read(7)));
+    c.shards[1][0].submit(3, 5, UserOp::Write(8));
+    run(&mut c, 10_000);
+    assert_eq!(c.shards[0][0].take_kernel_requests(), vec![5]);
+    // A read meanwhile: served at once, from the copy the revoke has not taken yet.
+    c.shards[0][0].submit(4, 5, UserOp::Read);
+    run(&mut c, 10_000);
+    let r = c.shards[0][0].take_completions();
+    assert_eq!(r.len(), 1, "the read waited for the invalidation");
+    assert!(matches!(r[0].outcome, Outcome::Read(7)));
+    assert_eq!(c.shards[0][0].counters().reads_during_invalidation, 1);
+    // The first round's answer asks the kernel again; the write still waits.
+    c.shards[0][0].kernel_done(5);
+    run(&mut c, 10_000);
+    assert!(c.shards[1][0].take_completions().is_empty());
+    assert_eq!(
+        c.shards[0][0].take_kernel_requests(),
+        vec![5],
+        "no second round after a read served during the first"
+    );
+    c.shards[0][0].kernel_done(5);
+    run(&mut c, 10_000);
+    assert_eq!(c.shards[1][0].take_completions().len(), 1);
+    assert_eq!(c.shards[0][0].client.state(5), BlockState::Invalid);
+    // And the next read sees the new value.
+    c.shards[0][0].submit(5, 5, UserOp::Read);
+    run(&mut c, 10_000);
+    let r = c.shards[0][0].take_completions();
+    assert!(
+        matches!(r[0].outcome, Outcome::Read(8)),
+        "{:?}",
+        r[0].outcome
+    );
+}
+
 #[test]
 fn garbage_and_strangers_are_counted_and_dropped() {
     use am_core::sim::Faults;

@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 use crate::fs::client::{RenameMode, SetAttr, StatFs, XattrMode};
 use crate::fs::layout::{Entry, Inode};
 
+/// Set in a block id of [`Response::Invalidate`] for a change this node's client made for
+/// the CLI (`put`, `rm`, `mkdir`): no revoke waits for it, and an advisory data block
+/// stands for the whole file (or, of a directory, for its bucket's names).
+pub const ADVISORY: u64 = 1 << 63;
+
 /// Largest frame (a `put` of a file carries the whole file).
 pub const MAX_FRAME: usize = 1 << 30;
 

@@ -870,7 +870,8 @@ impl Node {
             let gone = gone.clone();
             let client = self.client.clone();
             std::thread::spawn(move || {
-                while let Ok(Some(Request::KernelDone(blocks))) = control::recv(&mut r) {
+                while let Ok(Some(Request::KernelDone(mut blocks))) = control::recv(&mut r) {
+                    blocks.retain(|b| b & control::ADVISORY == 0);
                     {
                         let mut o = lock(&out);
                         for b in &blocks {
@@ -888,7 +889,12 @@ impl Node {
         {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(blocks) => {
-                    lock(&outstanding).extend(blocks.iter().copied());
+                    lock(&outstanding).extend(
+                        blocks
+                            .iter()
+                            .copied()
+                            .filter(|b| b & control::ADVISORY == 0),
+                    );
                     if control::send(&mut stream, &Response::Invalidate(blocks)).is_err() {
                         break;
                     }
@@ -909,11 +915,34 @@ impl Node {
             .into_iter()
             .collect();
         while let Ok(v) = rx.try_recv() {
-            left.extend(v);
+            left.extend(v.into_iter().filter(|b| b & control::ADVISORY == 0));
         }
         if !left.is_empty() {
             self.client.blocks.kernel_done(left);
         }
+    }
+
+    /// Tell the attached mount (if any) that this node's client changed these blocks for
+    /// the CLI: its kernel did not see the change and no revoke will tell it.
+    fn advise(&self, blocks: &[BlockId]) {
+        if let Some(tx) = lock(&self.mount).as_ref() {
+            let _ = tx.try_send(blocks.iter().map(|b| b | control::ADVISORY).collect());
+        }
+    }
+
+    /// The blocks a CLI change of `name` in `parent` touched: the entry's bucket and the
+    /// parent's inode, and (`ino`) the file's inode and data.
+    fn advise_path(&self, parent: u64, name: &str, ino: Option<u64>) {
+        use crate::fs::layout::{block_id, bucket_of, inode_block};
+        let mut v = vec![
+            block_id(parent, bucket_of(name.as_bytes())),
+            inode_block(parent),
+        ];
+        if let Some(i) = ino {
+            v.push(inode_block(i));
+            v.push(block_id(i, 0));
+        }
+        self.advise(&v);
     }
 
     fn handle(&self, req: Request) -> Response {
@@ -942,10 +971,12 @@ impl Node {
                 Err(e) => err(e, &path),
             },
             Request::Rm { path } => match c.resolve_parent(&path).and_then(|(p, name)| {
-                match c.lookup(p.ino, name.as_bytes())?.kind {
+                let victim = c.lookup(p.ino, name.as_bytes())?;
+                match victim.kind {
                     Some(Kind::Dir) => c.rmdir(p.ino, name.as_bytes())?,
                     _ => c.unlink(p.ino, name.as_bytes())?,
                 }
+                self.advise_path(p.ino, name, Some(victim.ino));
                 c.fsync(p.ino)
             }) {
                 Ok(()) => Response::Ok,
@@ -953,7 +984,11 @@ impl Node {
             },
             Request::Mkdir { path } => match c
                 .resolve_parent(&path)
-                .and_then(|(p, name)| c.mkdir(p.ino, name.as_bytes(), 0o755, 0, 0).map(|_| p))
+                .and_then(|(p, name)| {
+                    c.mkdir(p.ino, name.as_bytes(), 0o755, 0, 0)?;
+                    self.advise_path(p.ino, name, None);
+                    Ok(p)
+                })
                 .and_then(|p| c.fsync(p.ino))
             {
                 Ok(()) => Response::Ok,
@@ -1004,6 +1039,7 @@ impl Node {
         for (k, chunk) in data.chunks(1 << 20).enumerate() {
             c.write(ino, (k << 20) as u64, chunk)?;
         }
+        self.advise_path(parent.ino, name, Some(ino));
         c.fsync(ino)?;
         c.fsync(parent.ino)
     }
