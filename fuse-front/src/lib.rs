@@ -311,6 +311,34 @@ impl Front {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A change with an empty answer (count it; refused on a read-only mount).
+    fn change(&self, op: FsOp, reply: ReplyEmpty) {
+        self.count();
+        match self.rofs() {
+            Ok(()) => self.empty(self.call(op), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// A new name for an inode in `parent` (count it; refused on a read-only mount).
+    fn made(&self, parent: u64, name: &[u8], op: FsOp, reply: ReplyEntry) {
+        self.count();
+        match self.rofs() {
+            Ok(()) => self.entry(parent, name, self.inode(op), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// An answer of bytes.
+    fn bytes(&self, op: FsOp, reply: ReplyData) {
+        self.count();
+        match self.call(op) {
+            Ok(Response::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn rofs(&self) -> Result<(), Errno> {
         if self.opts.read_only {
             Err(Errno::EROFS)
@@ -438,14 +466,12 @@ impl Filesystem for Front {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.count();
-        match self.call(FsOp::Readlink {
-            ino: self.shared.ours(ino),
-        }) {
-            Ok(Response::Data(d)) => reply.data(&d),
-            Ok(_) => reply.error(Errno::EIO),
-            Err(e) => reply.error(e),
-        }
+        self.bytes(
+            FsOp::Readlink {
+                ino: self.shared.ours(ino),
+            },
+            reply,
+        );
     }
 
     fn mknod(
@@ -458,20 +484,16 @@ impl Filesystem for Front {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.count();
-        if let Err(e) = self.rofs() {
-            return reply.error(e);
-        }
         let p = self.shared.ours(parent);
-        let r = self.inode(FsOp::Mknod {
+        let op = FsOp::Mknod {
             parent: p,
             name: name.as_bytes().to_vec(),
             mode,
             uid: req.uid(),
             gid: req.gid(),
             rdev: rdev as u64,
-        });
-        self.entry(p, name.as_bytes(), r, reply);
+        };
+        self.made(p, name.as_bytes(), op, reply);
     }
 
     fn mkdir(
@@ -483,43 +505,31 @@ impl Filesystem for Front {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.count();
-        if let Err(e) = self.rofs() {
-            return reply.error(e);
-        }
         let p = self.shared.ours(parent);
-        let r = self.inode(FsOp::Mkdir {
+        let op = FsOp::Mkdir {
             parent: p,
             name: name.as_bytes().to_vec(),
             mode,
             uid: req.uid(),
             gid: req.gid(),
-        });
-        self.entry(p, name.as_bytes(), r, reply);
+        };
+        self.made(p, name.as_bytes(), op, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.count();
-        if let Err(e) = self.rofs() {
-            return reply.error(e);
-        }
-        let r = self.call(FsOp::Unlink {
+        let op = FsOp::Unlink {
             parent: self.shared.ours(parent),
             name: name.as_bytes().to_vec(),
-        });
-        self.empty(r, reply);
+        };
+        self.change(op, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.count();
-        if let Err(e) = self.rofs() {
-            return reply.error(e);
-        }
-        let r = self.call(FsOp::Rmdir {
+        let op = FsOp::Rmdir {
             parent: self.shared.ours(parent),
             name: name.as_bytes().to_vec(),
-        });
-        self.empty(r, reply);
+        };
+        self.change(op, reply);
     }
 
     fn symlink(
@@ -530,19 +540,15 @@ impl Filesystem for Front {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.count();
-        if let Err(e) = self.rofs() {
-            return reply.error(e);
-        }
         let p = self.shared.ours(parent);
-        let r = self.inode(FsOp::Symlink {
+        let op = FsOp::Symlink {
             parent: p,
             name: link_name.as_bytes().to_vec(),
             target: target.as_os_str().as_bytes().to_vec(),
             uid: req.uid(),
             gid: req.gid(),
-        });
-        self.entry(p, link_name.as_bytes(), r, reply);
+        };
+        self.made(p, link_name.as_bytes(), op, reply);
     }
 
     fn rename(
@@ -590,17 +596,13 @@ impl Filesystem for Front {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.count();
-        if let Err(e) = self.rofs() {
-            return reply.error(e);
-        }
         let p = self.shared.ours(newparent);
-        let r = self.inode(FsOp::Link {
+        let op = FsOp::Link {
             ino: self.shared.ours(ino),
             parent: p,
             name: newname.as_bytes().to_vec(),
-        });
-        self.entry(p, newname.as_bytes(), r, reply);
+        };
+        self.made(p, newname.as_bytes(), op, reply);
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -893,15 +895,11 @@ impl Filesystem for Front {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.count();
-        if let Err(e) = self.rofs() {
-            return reply.error(e);
-        }
-        let r = self.call(FsOp::Removexattr {
+        let op = FsOp::Removexattr {
             ino: self.shared.ours(ino),
             name: name.as_bytes().to_vec(),
-        });
-        self.empty(r, reply);
+        };
+        self.change(op, reply);
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {

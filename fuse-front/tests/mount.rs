@@ -44,18 +44,7 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A random-ish byte pattern (splitmix64 of the seed).
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use xfs_node::fs::sim::pattern;
 
 struct Rng(u64);
 impl Rng {
@@ -635,55 +624,7 @@ fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
     }
 }
 
-struct Hosts {
-    names: Vec<String>,
-    bridge: String,
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-impl Hosts {
-    fn new(n: usize, subnet: u8) -> Hosts {
-        let tag = std::process::id() % 10_000;
-        let bridge = format!("fbr{tag}");
-        let h = Hosts {
-            names: (1..=n).map(|k| format!("fus{tag}n{k}")).collect(),
-            bridge: bridge.clone(),
-        };
-        assert!(
-            ip(&["link", "add", &bridge, "type", "bridge"]),
-            "cannot create a bridge: the namespace test needs root and iproute2"
-        );
-        assert!(ip(&["link", "set", &bridge, "up"]));
-        for (k, ns) in h.names.iter().enumerate() {
-            let (x, y) = (format!("fv{tag}a{k}"), format!("fv{tag}b{k}"));
-            assert!(ip(&["netns", "add", ns]), "ip netns add {ns}");
-            assert!(ip(&["link", "add", &x, "type", "veth", "peer", "name", &y]));
-            assert!(ip(&["link", "set", &x, "master", &bridge, "up"]));
-            assert!(ip(&["link", "set", &y, "netns", ns]));
-            let addr = format!("10.{subnet}.0.{}/24", k + 1);
-            assert!(ip(&["-n", ns, "addr", "add", &addr, "dev", &y]));
-            assert!(ip(&["-n", ns, "link", "set", &y, "up"]));
-            assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
-        }
-        h
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            ip(&["netns", "del", ns]);
-        }
-        ip(&["link", "del", &self.bridge]);
-    }
-}
+use xfs_node::netns::Hosts;
 
 /// Three hosts (network namespaces on a bridge), one node and one mount each: a file
 /// written on one mount is read on the others. Nodes and mounts start with
@@ -692,7 +633,7 @@ impl Drop for Hosts {
 #[test]
 fn three_hosts_in_network_namespaces_each_with_a_mount() {
     let (serial, data) = Cluster::dir("netns");
-    let hosts = Hosts::new(3, 78);
+    let hosts = Hosts::new("f", 3, 78);
     let mut cfg = xfs_node::node::config::Config::local(3, &data, "udp", 7300, 128 << 20);
     for n in &mut cfg.nodes {
         n.host = format!("10.78.0.{}", n.id).parse().unwrap();

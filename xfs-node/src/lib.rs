@@ -10,6 +10,7 @@
 
 pub mod coherence;
 pub mod fs;
+pub mod netns;
 pub mod node;
 pub mod shard;
 pub mod sim;

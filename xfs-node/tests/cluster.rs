@@ -536,60 +536,7 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
 
-/// Runs `ip` with `args`; panics with the install hint if it is missing.
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("ip: {e}: install iproute2 (apt-get install iproute2) and run as root")
-        })
-        .success()
-}
-
-/// Three namespaces (one per node) on a bridge, removed when dropped.
-struct Hosts {
-    names: Vec<String>,
-    bridge: String,
-}
-
-impl Hosts {
-    fn new(n: usize, subnet: u8) -> Hosts {
-        let tag = std::process::id() % 10_000;
-        let bridge = format!("xbr{tag}");
-        let h = Hosts {
-            names: (1..=n).map(|k| format!("xfs{tag}n{k}")).collect(),
-            bridge: bridge.clone(),
-        };
-        assert!(
-            ip(&["link", "add", &bridge, "type", "bridge"]),
-            "cannot create a bridge: the namespace test needs root (CAP_NET_ADMIN)"
-        );
-        assert!(ip(&["link", "set", &bridge, "up"]));
-        for (k, ns) in h.names.iter().enumerate() {
-            let (a, b) = (format!("xv{tag}a{k}"), format!("xv{tag}b{k}"));
-            assert!(ip(&["netns", "add", ns]), "ip netns add {ns}");
-            assert!(ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]));
-            assert!(ip(&["link", "set", &a, "master", &bridge, "up"]));
-            assert!(ip(&["link", "set", &b, "netns", ns]));
-            let addr = format!("10.{subnet}.0.{}/24", k + 1);
-            assert!(ip(&["-n", ns, "addr", "add", &addr, "dev", &b]));
-            assert!(ip(&["-n", ns, "link", "set", &b, "up"]));
-            assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
-        }
-        h
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            ip(&["netns", "del", ns]);
-        }
-        ip(&["link", "del", &self.bridge]);
-    }
-}
+use xfs_node::netns::Hosts;
 
 /// The same cluster with every node in its own network namespace (its own address),
 /// joined by veth pairs on a bridge: the test creates and removes them.
@@ -598,7 +545,7 @@ fn three_hosts_in_network_namespaces_share_files() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let data = data_dir("netns");
     std::fs::create_dir_all(&data).unwrap();
-    let hosts = Hosts::new(3, 77);
+    let hosts = Hosts::new("x", 3, 77);
     let mut cfg = Config::local(3, &data, "udp", 7100, 64 << 20);
     for n in &mut cfg.nodes {
         n.host = format!("10.77.0.{}", n.id).parse().unwrap();
