@@ -35,8 +35,11 @@ cleanup() {
 trap cleanup EXIT
 
 # fsx's mapped writes msync (fsync) every time; each fsync seals a segment, and there is
-# no cleaner yet: give the nodes room (files are sparse).
-"$X" up --data "$work/cluster" --port 7900 --storage-mb "${XFS_POSIX_STORAGE_MB:-4096}" \
+# no cleaner yet: give the nodes room (about 1.3 GB of log per 100,000 operations; the
+# storage files are sparse).
+ops=${XFS_FSX_OPS:-100000}
+storage=${XFS_POSIX_STORAGE_MB:-$((4096 * ((ops + 99999) / 100000)))}
+"$X" up --data "$work/cluster" --port 7900 --storage-mb "$storage" \
     --mount "$mnt" --allow-other
 
 t0=$SECONDS
@@ -60,7 +63,6 @@ if [ -n "$unexpected" ]; then
 fi
 
 t0=$SECONDS
-ops=${XFS_FSX_OPS:-100000}
 (cd "$work" && fsx -N "$ops" -S 1 -P "$work" "$mnt/fsx.dat") >"$work/fsx.out" 2>&1 || {
     tail -40 "$work/fsx.out" >&2
     echo "posix-tests: fsx failed" >&2
