@@ -108,6 +108,8 @@ pub struct Shared {
     /// Names handed to the kernel, by (directory, bucket): what an invalidation of that
     /// bucket must drop.
     names: Mutex<NamesByBucket>,
+    /// Index numbers handed to the kernel (dropped wholesale when the node's stream breaks).
+    inos: Mutex<HashSet<u64>>,
 }
 
 impl Shared {
@@ -207,6 +209,7 @@ impl Front {
                 stats: Stats::default(),
                 root,
                 names: Mutex::new(HashMap::new()),
+                inos: Mutex::new(HashSet::new()),
             }),
             pool: Mutex::new(vec![c]),
             dirs: Mutex::new(HashMap::new()),
@@ -264,6 +267,7 @@ impl Front {
     }
 
     fn attr(&self, i: &Inode) -> FileAttr {
+        lock(&self.shared.inos).insert(i.ino);
         let blocks: u64 = i
             .extents
             .iter()
@@ -1149,13 +1153,21 @@ pub fn seek(i: &Inode, offset: i64, whence: i32) -> Result<i64, Errno> {
 /// goes away and comes back.
 pub fn invalidations(
     control: &Path,
+    first: Control,
     notifier: KernelChannel,
     shared: Arc<Shared>,
     wait: Duration,
     stop: Arc<AtomicBool>,
 ) {
     let mut warned = false;
+    let mut first = Some(first);
     while !stop.load(Ordering::Relaxed) {
+        if let Some(c) = first.take() {
+            if let (Ok(r), Ok(w)) = (c.stream().try_clone(), c.stream().try_clone()) {
+                serve_stream(r, w, &notifier, &shared, wait, &stop);
+            }
+            continue;
+        }
         let mut c = match Control::connect(control) {
             Ok(c) => c,
             Err(e) => {
@@ -1175,10 +1187,39 @@ pub fn invalidations(
                 continue;
             }
         }
+        // The stream broke (the node restarted, or was unreachable): its client may have
+        // lost blocks without telling us. Drop everything the kernel caches.
+        forget_everything(&notifier, &shared);
         let (Ok(r), Ok(w)) = (c.stream().try_clone(), c.stream().try_clone()) else {
             continue;
         };
         serve_stream(r, w, &notifier, &shared, wait, &stop);
+    }
+}
+
+/// Subscribe to node's invalidations on a new connection (before mounting: a node takes
+/// one mount, and a mount without invalidations would not be coherent).
+pub fn subscribe(control: &Path) -> Result<Control, String> {
+    let mut c = Control::connect(control)?;
+    match c.call(&CtlRequest::Subscribe)? {
+        Response::Ok => Ok(c),
+        Response::Err { message, .. } => Err(message),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Drop the pages and attributes of every inode and expire every name handed to the
+/// kernel.
+fn forget_everything(n: &KernelChannel, sh: &Shared) {
+    let inos: Vec<u64> = lock(&sh.inos).iter().copied().collect();
+    for ino in inos {
+        let _ = n.inval_inode(sh.fuse(ino).0, 0, 0);
+    }
+    let names = std::mem::take(&mut *lock(&sh.names));
+    for ((dir, _), set) in names {
+        for name in set {
+            let _ = n.expire_entry(sh.fuse(dir).0, &name);
+        }
     }
 }
 

@@ -129,6 +129,10 @@ fn run(a: Args) -> Result<(), String> {
             }
         }
     }
+    // One mount per node: subscribe first (a mount without invalidations would not be
+    // coherent), then mount.
+    let stream =
+        fuse_front::subscribe(&node.control).map_err(|e| format!("node {}: {e}", a.node))?;
     let front = Front::new(Options {
         control: node.control.clone(),
         ttl: Duration::from_secs(a.ttl),
@@ -164,7 +168,7 @@ fn run(a: Args) -> Result<(), String> {
     {
         let (ctl, sh, st) = (node.control.clone(), shared.clone(), stop.clone());
         std::thread::spawn(move || {
-            fuse_front::invalidations(&ctl, notifier, sh, Duration::from_millis(20), st)
+            fuse_front::invalidations(&ctl, stream, notifier, sh, Duration::from_millis(20), st)
         });
     }
     let bg = session
