@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use am_udp::cli::Args;
 
+use crate::report::median;
+
 /// The phases, in report order: (name, unit).
 pub const PHASES: [(&str, &str); 6] = [
     ("seq write 1M", "MiB/s"),
@@ -270,11 +272,6 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
         }
     }
     Ok(out)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// `fs-bench --mounts`.

@@ -125,6 +125,12 @@ impl Row {
 /// mode, wait and size (rate: the raw one-at-a-time rate), and flags raw UDP latency rows
 /// more than 15% slower than sockperf in the same wait mode: then the baseline, not we,
 /// needs work.
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 pub fn add_ratios(rows: &mut [Row]) {
     let raws: Vec<Row> = rows
         .iter()

@@ -122,6 +122,12 @@ impl Shared {
         swap(ino.0, self.root)
     }
 
+    /// The kernel was given `ino` under `name` in `parent`.
+    fn hand_out(&self, parent: u64, name: &[u8], ino: u64) {
+        lock(&self.inos).insert(ino);
+        self.remember(parent, name);
+    }
+
     fn remember(&self, parent: u64, name: &[u8]) {
         lock(&self.names)
             .entry((parent, bucket_of(name)))
@@ -184,7 +190,7 @@ fn kind_type(k: Kind) -> FileType {
 }
 
 /// A directory listing taken at `opendir` (and again at offset 0).
-type Listing = Vec<(u64, FileType, Vec<u8>, Option<Inode>)>;
+type Listing = Arc<Vec<(u64, FileType, Vec<u8>, Option<Inode>)>>;
 
 /// The FUSE file system: one node's client.
 pub struct Front {
@@ -267,7 +273,6 @@ impl Front {
     }
 
     fn attr(&self, i: &Inode) -> FileAttr {
-        lock(&self.shared.inos).insert(i.ino);
         let blocks: u64 = i
             .extents
             .iter()
@@ -297,7 +302,7 @@ impl Front {
     fn entry(&self, parent: u64, name: &[u8], r: Result<Inode, Errno>, reply: ReplyEntry) {
         match r {
             Ok(i) => {
-                self.shared.remember(parent, name);
+                self.shared.hand_out(parent, name, i.ino);
                 reply.entry(&self.opts.ttl, &self.attr(&i), Generation(0));
             }
             Err(e) => reply.error(e),
@@ -360,7 +365,7 @@ impl Front {
         let Response::Entries(v) = self.call(FsOp::Readdir { ino })? else {
             return Err(Errno::EIO);
         };
-        let mut out: Listing = vec![
+        let mut out = vec![
             (ino, FileType::Directory, b".".to_vec(), None),
             (parent, FileType::Directory, b"..".to_vec(), None),
         ];
@@ -372,7 +377,7 @@ impl Front {
             };
             out.push((e, t, name, Some(i)));
         }
-        Ok(out)
+        Ok(Arc::new(out))
     }
 
     fn dir_listing(&self, ino: u64, fh: FileHandle, offset: u64) -> Result<Listing, Errno> {
@@ -380,6 +385,7 @@ impl Front {
             let l = self.listing(ino)?;
             lock(&self.dirs).insert(fh.0, l);
         }
+        // Shared, not copied: a large directory is read in many calls.
         Ok(lock(&self.dirs).get(&fh.0).cloned().unwrap_or_default())
     }
 
@@ -776,7 +782,7 @@ impl Filesystem for Front {
                 },
             };
             if i.is_some() {
-                self.shared.remember(dir, name);
+                self.shared.hand_out(dir, name, *e);
             }
             if reply.add(
                 self.shared.fuse(*e),
@@ -967,7 +973,7 @@ impl Filesystem for Front {
         }
         match r {
             Ok(i) => {
-                self.shared.remember(p, name);
+                self.shared.hand_out(p, name, i.ino);
                 reply.created(
                     &self.opts.ttl,
                     &self.attr(&i),
@@ -1378,16 +1384,28 @@ impl KernelChannel {
         KernelChannel { fd: Arc::new(fd) }
     }
 
-    fn send(&self, code: i32, body: &[u8]) -> std::io::Result<()> {
-        let len = (16 + body.len()) as u32;
-        let mut msg = Vec::with_capacity(len as usize);
-        msg.extend_from_slice(&len.to_le_bytes());
-        msg.extend_from_slice(&code.to_le_bytes());
-        msg.extend_from_slice(&0u64.to_le_bytes());
-        msg.extend_from_slice(body);
-        // SAFETY: writes `msg.len()` initialised bytes from a live buffer to an fd we own.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
-        if n < 0 {
+    /// One notification: the out header, then `parts`, in one `writev` (no copy).
+    fn send(&self, code: i32, parts: &[&[u8]]) -> std::io::Result<()> {
+        let len = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut head = [0u8; 16];
+        head[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        head[4..8].copy_from_slice(&code.to_le_bytes());
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 4];
+        for (v, p) in iov
+            .iter_mut()
+            .zip(std::iter::once(&head[..]).chain(parts.iter().copied()))
+        {
+            v.iov_base = p.as_ptr() as *mut libc::c_void;
+            v.iov_len = p.len();
+        }
+        let n = (parts.len() + 1).min(iov.len());
+        // SAFETY: `n` iovecs point into live buffers of the lengths given; the kernel only
+        // reads them.
+        let r = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        if r < 0 {
             let e = std::io::Error::last_os_error();
             // ENOENT: the kernel does not cache it (any more).
             if e.raw_os_error() == Some(libc::ENOENT) {
@@ -1401,22 +1419,20 @@ impl KernelChannel {
     /// Drop the attributes of `ino` and, for `offset >= 0`, its pages in
     /// `[offset, offset + len)` (`len <= 0`: to the end).
     pub fn inval_inode(&self, ino: u64, offset: i64, len: i64) -> std::io::Result<()> {
-        let mut b = Vec::with_capacity(24);
-        b.extend_from_slice(&ino.to_le_bytes());
-        b.extend_from_slice(&offset.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
-        self.send(FUSE_NOTIFY_INVAL_INODE, &b)
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&ino.to_le_bytes());
+        b[8..16].copy_from_slice(&offset.to_le_bytes());
+        b[16..].copy_from_slice(&len.to_le_bytes());
+        self.send(FUSE_NOTIFY_INVAL_INODE, &[&b])
     }
 
     /// Make the kernel look `name` in directory `parent` up again before it uses it.
     pub fn expire_entry(&self, parent: u64, name: &[u8]) -> std::io::Result<()> {
-        let mut b = Vec::with_capacity(17 + name.len());
-        b.extend_from_slice(&parent.to_le_bytes());
-        b.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        b.extend_from_slice(&FUSE_EXPIRE_ONLY.to_le_bytes());
-        b.extend_from_slice(name);
-        b.push(0);
-        self.send(FUSE_NOTIFY_INVAL_ENTRY, &b)
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&parent.to_le_bytes());
+        b[8..12].copy_from_slice(&(name.len() as u32).to_le_bytes());
+        b[12..].copy_from_slice(&FUSE_EXPIRE_ONLY.to_le_bytes());
+        self.send(FUSE_NOTIFY_INVAL_ENTRY, &[&b, name, &[0]])
     }
 }
 

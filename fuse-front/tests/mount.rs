@@ -27,21 +27,11 @@ fn xfs_bin() -> PathBuf {
 }
 
 fn xfs(args: &[&str]) -> Output {
-    Command::new(xfs_bin())
-        .args(args)
-        .output()
-        .expect("run xfs-node")
+    xfs_node::testing::run(&xfs_bin(), args)
 }
 
 fn ok(args: &[&str]) -> String {
-    let o = xfs(args);
-    assert!(
-        o.status.success(),
-        "xfs-node {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    xfs_node::testing::run_ok(&xfs_bin(), args)
 }
 
 use xfs_node::fs::sim::pattern;
@@ -626,7 +616,7 @@ fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
     }
 }
 
-use xfs_node::netns::Hosts;
+use xfs_node::testing::Hosts;
 
 /// Three hosts (network namespaces on a bridge), one node and one mount each: a file
 /// written on one mount is read on the others. Nodes and mounts start with

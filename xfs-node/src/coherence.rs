@@ -863,48 +863,33 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     });
                 }
             },
-            UserOp::Write(value) => match (b.data.is_some(), b.mode) {
-                (true, Mode::Private { .. }) => b.written(block, op, value, out),
-                (has_data, _) => {
-                    b.op = Some(PendingOp::Write(op, value));
-                    out.push(Output::Send {
-                        to: manager,
-                        msg: Msg::WriteReq {
-                            block,
-                            has_data,
-                            whole: true,
-                        },
-                    });
+            // Held private: at once; otherwise ask the manager (a whole-block write needs
+            // no old data).
+            UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire
+                if b.data.is_some() && matches!(b.mode, Mode::Private { .. }) =>
+            {
+                match user {
+                    UserOp::Write(value) => b.written(block, op, value, out),
+                    UserOp::Update(patch) => b.updated(block, op, patch, out),
+                    _ => b.acquired(block, op, out),
                 }
-            },
-            UserOp::Update(patch) => match (b.data.is_some(), b.mode) {
-                (true, Mode::Private { .. }) => b.updated(block, op, patch, out),
-                (has_data, _) => {
-                    b.op = Some(PendingOp::Update(op, patch));
-                    out.push(Output::Send {
-                        to: manager,
-                        msg: Msg::WriteReq {
-                            block,
-                            has_data,
-                            whole: false,
-                        },
-                    });
-                }
-            },
-            UserOp::Acquire => match (b.data.is_some(), b.mode) {
-                (true, Mode::Private { .. }) => b.acquired(block, op, out),
-                (has_data, _) => {
-                    b.op = Some(PendingOp::Acquire(op));
-                    out.push(Output::Send {
-                        to: manager,
-                        msg: Msg::WriteReq {
-                            block,
-                            has_data,
-                            whole: false,
-                        },
-                    });
-                }
-            },
+            }
+            UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire => {
+                let whole = matches!(user, UserOp::Write(_));
+                b.op = Some(match user {
+                    UserOp::Write(value) => PendingOp::Write(op, value),
+                    UserOp::Update(patch) => PendingOp::Update(op, patch),
+                    _ => PendingOp::Acquire(op),
+                });
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::WriteReq {
+                        block,
+                        has_data: b.data.is_some(),
+                        whole,
+                    },
+                });
+            }
             UserOp::Release => {
                 b.pinned = false;
                 complete(out, op, block, Outcome::Released);

@@ -10,8 +10,8 @@
 
 pub mod coherence;
 pub mod fs;
-pub mod netns;
 pub mod node;
 pub mod shard;
 pub mod sim;
 pub mod storage;
+pub mod testing;

@@ -267,6 +267,16 @@ impl Cluster {
     }
 
     /// Sum of the shards' and the network's counters.
+    /// Step and advance time until nothing is left to do (at most `rounds` rounds).
+    pub fn settle(&mut self, rounds: usize) {
+        for _ in 0..rounds {
+            if self.step() == 0 && !self.advance() {
+                break;
+            }
+        }
+    }
+
+    /// The cluster's totals.
     pub fn totals(&self) -> SimTotals {
         let mut t = SimTotals::default();
         for node in &self.shards {

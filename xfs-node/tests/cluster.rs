@@ -15,18 +15,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const BIN: &str = env!("CARGO_BIN_EXE_xfs-node");
 
 fn xfs(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run xfs-node")
+    xfs_node::testing::run(Path::new(BIN), args)
 }
 
 fn ok(args: &[&str]) -> String {
-    let o = xfs(args);
-    assert!(
-        o.status.success(),
-        "xfs-node {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    xfs_node::testing::run_ok(Path::new(BIN), args)
 }
 
 fn data_dir(name: &str) -> PathBuf {
@@ -299,19 +292,22 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
     cfg.validate().unwrap();
     let cfg_path = data.join("cluster.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
-    let mut children: Vec<Child> = Vec::new();
-    for id in [3u16, 4, 5, 1, 2] {
-        let log = std::fs::File::create(data.join(format!("node{id}.log"))).unwrap();
-        children.push(
-            Command::new(BIN)
-                .args(["serve", "--config", cfg_path.to_str().unwrap(), "--node"])
-                .arg(id.to_string())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-    }
+    // A node process (its log appended to: node 5 restarts below).
+    let spawn = |id: u16| {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(data.join(format!("node{id}.log")))
+            .unwrap();
+        Command::new(BIN)
+            .args(["serve", "--config", cfg_path.to_str().unwrap(), "--node"])
+            .arg(id.to_string())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let children: Vec<Child> = [3u16, 4, 5, 1, 2].into_iter().map(spawn).collect();
     let mut g = Guard {
         data: data.clone(),
         nodes: 0,
@@ -369,20 +365,6 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
             .collect::<Vec<_>>()
     );
     // Node 5 restarts: the logs re-attach it and rebuild what it missed.
-    let spawn = |id: u16| {
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(data.join(format!("node{id}.log")))
-            .unwrap();
-        Command::new(BIN)
-            .args(["serve", "--config", cfg_path.to_str().unwrap(), "--node"])
-            .arg(id.to_string())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    };
     g.extra.push(spawn(5));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -536,7 +518,7 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
 
-use xfs_node::netns::Hosts;
+use xfs_node::testing::Hosts;
 
 /// The same cluster with every node in its own network namespace (its own address),
 /// joined by veth pairs on a bridge: the test creates and removes them.

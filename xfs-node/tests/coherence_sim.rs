@@ -93,27 +93,28 @@ fn the_checker_rejects_a_planted_stale_read() {
     assert!(err.contains("stale read"), "{err}");
 }
 
+/// Two nodes of one shard each; node 0's kernel is "external" (the FUSE front's
+/// invalidation thread answers for it).
+fn external_kernel_pair() -> Cluster {
+    use am_core::sim::Faults;
+    use xfs_node::coherence::ProtocolConfig;
+    let mut c = Cluster::new(3, 2, 1, Faults::none(), ProtocolConfig::default(), 0);
+    c.shards[0][0].external_kernel = true;
+    c
+}
+
 #[test]
 fn a_revoke_waits_for_an_external_kernel_invalidation() {
-    use am_core::sim::Faults;
-    use xfs_node::coherence::{BlockState, ProtocolConfig, UserOp};
+    use xfs_node::coherence::{BlockState, UserOp};
 
     // Two nodes, one shard each; node 0 reads block 5, its kernel is "external" (the FUSE
     // front's notifier thread); node 1 then writes the block.
-    let mut c = Cluster::new(3, 2, 1, Faults::none(), ProtocolConfig::default(), 0);
-    c.shards[0][0].external_kernel = true;
-    let run = |c: &mut Cluster, rounds: usize| {
-        for _ in 0..rounds {
-            if c.step() == 0 && !c.advance() {
-                break;
-            }
-        }
-    };
+    let mut c = external_kernel_pair();
     c.shards[0][0].submit(1, 5, UserOp::Read);
-    run(&mut c, 10_000);
+    c.settle(10_000);
     assert_eq!(c.shards[0][0].take_completions().len(), 1);
     c.shards[1][0].submit(2, 5, UserOp::Write(42));
-    run(&mut c, 10_000);
+    c.settle(10_000);
     // The write waits: node 0 was revoked but its kernel has not dropped the pages.
     assert!(
         c.shards[1][0].take_completions().is_empty(),
@@ -123,7 +124,7 @@ fn a_revoke_waits_for_an_external_kernel_invalidation() {
     assert_eq!(asked, vec![5]);
     assert_eq!(c.shards[0][0].client.state(5), BlockState::ReadShared);
     c.shards[0][0].kernel_done(5);
-    run(&mut c, 10_000);
+    c.settle(10_000);
     let done = c.shards[1][0].take_completions();
     assert_eq!(done.len(), 1, "the write completes once the kernel let go");
     assert_eq!(c.shards[0][0].client.state(5), BlockState::Invalid);
@@ -136,38 +137,29 @@ fn a_revoke_waits_for_an_external_kernel_invalidation() {
 /// the kernel may have cached that read after its first invalidation.
 #[test]
 fn a_read_during_a_kernel_invalidation_is_served_and_invalidated_again() {
-    use am_core::sim::Faults;
-    use xfs_node::coherence::{BlockState, Outcome, ProtocolConfig, UserOp};
+    use xfs_node::coherence::{BlockState, Outcome, UserOp};
 
-    let mut c = Cluster::new(3, 2, 1, Faults::none(), ProtocolConfig::default(), 0);
-    c.shards[0][0].external_kernel = true;
-    let run = |c: &mut Cluster, rounds: usize| {
-        for _ in 0..rounds {
-            if c.step() == 0 && !c.advance() {
-                break;
-            }
-        }
-    };
+    let mut c = external_kernel_pair();
     c.shards[1][0].submit(1, 5, UserOp::Write(7));
-    run(&mut c, 10_000);
+    c.settle(10_000);
     assert_eq!(c.shards[1][0].take_completions().len(), 1);
     c.shards[0][0].submit(2, 5, UserOp::Read);
-    run(&mut c, 10_000);
+    c.settle(10_000);
     let r = c.shards[0][0].take_completions();
     assert!(matches!(r[0].outcome, Outcome::Read(7)));
     c.shards[1][0].submit(3, 5, UserOp::Write(8));
-    run(&mut c, 10_000);
+    c.settle(10_000);
     assert_eq!(c.shards[0][0].take_kernel_requests(), vec![5]);
     // A read meanwhile: served at once, from the copy the revoke has not taken yet.
     c.shards[0][0].submit(4, 5, UserOp::Read);
-    run(&mut c, 10_000);
+    c.settle(10_000);
     let r = c.shards[0][0].take_completions();
     assert_eq!(r.len(), 1, "the read waited for the invalidation");
     assert!(matches!(r[0].outcome, Outcome::Read(7)));
     assert_eq!(c.shards[0][0].counters().reads_during_invalidation, 1);
     // The first round's answer asks the kernel again; the write still waits.
     c.shards[0][0].kernel_done(5);
-    run(&mut c, 10_000);
+    c.settle(10_000);
     assert!(c.shards[1][0].take_completions().is_empty());
     assert_eq!(
         c.shards[0][0].take_kernel_requests(),
@@ -175,12 +167,12 @@ fn a_read_during_a_kernel_invalidation_is_served_and_invalidated_again() {
         "no second round after a read served during the first"
     );
     c.shards[0][0].kernel_done(5);
-    run(&mut c, 10_000);
+    c.settle(10_000);
     assert_eq!(c.shards[1][0].take_completions().len(), 1);
     assert_eq!(c.shards[0][0].client.state(5), BlockState::Invalid);
     // And the next read sees the new value.
     c.shards[0][0].submit(5, 5, UserOp::Read);
-    run(&mut c, 10_000);
+    c.settle(10_000);
     let r = c.shards[0][0].take_completions();
     assert!(
         matches!(r[0].outcome, Outcome::Read(8)),
@@ -236,11 +228,7 @@ fn garbage_and_strangers_are_counted_and_dropped() {
     // The shard still works.
     c.shards[0][0].submit(1, 5, UserOp::Write(9));
     c.shards[1][0].submit(2, 5, UserOp::Read);
-    for _ in 0..10_000 {
-        if c.step() == 0 && !c.advance() {
-            break;
-        }
-    }
+    c.settle(10_000);
     assert_eq!(c.shards[0][0].take_completions().len(), 1);
     let read = c.shards[1][0].take_completions();
     assert_eq!(read.len(), 1);

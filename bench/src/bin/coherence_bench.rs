@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use am_udp::cli::{tool_main, Args};
 use bench::coherence::{loops, pure, Throughput};
+use bench::report::median;
 
 const HELP: &str = "\
 coherence-bench: events per second of the coherence protocol
@@ -28,11 +29,6 @@ OPTIONS:
   --quick           --runs 3 --seconds 0.5 --ops 300000
   -h, --help        this text
 ";
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() {
     tool_main("coherence-bench", HELP, run);

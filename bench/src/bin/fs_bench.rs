@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use am_udp::cli::{tool_main, Args};
+use bench::report::median;
 use xfs_node::node::config::Config;
 use xfs_node::node::control::{Control, FsOp, Request, Response};
 
@@ -75,11 +76,6 @@ fn ino(r: Response) -> Result<u64, String> {
         Response::Ino(i) => Ok(i),
         other => Err(format!("unexpected {other:?}")),
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 struct Results {

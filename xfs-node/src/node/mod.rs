@@ -307,8 +307,10 @@ fn shard_loop<T: Transport + Send>(
         if !asked.is_empty() || !unsent.is_empty() {
             work += asked.len();
             unsent.extend(asked);
-            let link = lock(&mount).clone();
-            let done = match link {
+            // Sent under the lock: once the mount's stream clears the link, no batch can
+            // still be on its way into the old queue.
+            let link = lock(&mount);
+            let done = match link.as_ref() {
                 Some(tx) => match tx.try_send(std::mem::take(&mut unsent)) {
                     Ok(()) => Vec::new(),
                     // The mount is behind: hold them back for the next turn.
@@ -320,6 +322,7 @@ fn shard_loop<T: Transport + Send>(
                 },
                 None => std::mem::take(&mut unsent),
             };
+            drop(link);
             invalidations += done.len() as u64;
             for b in done {
                 shard.kernel_done(b);
@@ -904,8 +907,6 @@ impl Node {
             }
         }
         *lock(&self.mount) = None;
-        // A shard that took the link just before may still queue one batch.
-        std::thread::sleep(Duration::from_millis(100));
         let _ = stream.shutdown(std::net::Shutdown::Both);
         if let Some(r) = reader {
             let _ = r.join();

@@ -268,10 +268,7 @@ impl CoherenceModel {
                     }
                 }
                 self.apply(w, Addr::Client(c), outs);
-                if let Err(e) = r {
-                    w.violation
-                        .get_or_insert(Violation::Protocol(e.to_string()));
-                }
+                note(w, r);
             }
             Outcome::Released => {}
             Outcome::Evicted | Outcome::Flushed => {}
@@ -313,6 +310,14 @@ impl CoherenceModel {
             }
         });
         best.unwrap_or_else(|| w.clone())
+    }
+}
+
+/// A state machine's refusal of an input is a violation (the first one is kept).
+fn note(w: &mut World, r: Result<(), xfs_node::coherence::ProtocolError>) {
+    if let Err(e) = r {
+        w.violation
+            .get_or_insert(Violation::Protocol(e.to_string()));
     }
 }
 
@@ -532,10 +537,7 @@ impl Model for CoherenceModel {
                     }
                     (to, p) => unreachable!("{p:?} to {to:?}"),
                 };
-                if let Err(e) = result {
-                    w.violation
-                        .get_or_insert(Violation::Protocol(e.to_string()));
-                }
+                note(&mut w, result);
             }
             Action::Op(c, block, op) => {
                 w.budget[c as usize] -= 1;
@@ -548,10 +550,7 @@ impl Model for CoherenceModel {
                 };
                 let r = w.clients[c as usize].start(id, block, op, &mut outs);
                 self.apply(&mut w, Addr::Client(c), outs);
-                if let Err(e) = r {
-                    w.violation
-                        .get_or_insert(Violation::Protocol(e.to_string()));
-                }
+                note(&mut w, r);
             }
             Action::Txn(c) => {
                 w.budget[c as usize] -= 1;
@@ -559,20 +558,14 @@ impl Model for CoherenceModel {
                 let (first, _) = self.txn_order(c);
                 let r = w.clients[c as usize].start(0, first, UserOp::Acquire, &mut outs);
                 self.apply(&mut w, Addr::Client(c), outs);
-                if let Err(e) = r {
-                    w.violation
-                        .get_or_insert(Violation::Protocol(e.to_string()));
-                }
+                note(&mut w, r);
             }
             Action::TxnNext(c) => {
                 w.txn[c as usize] = 3;
                 let (_, second) = self.txn_order(c);
                 let r = w.clients[c as usize].start(0, second, UserOp::Acquire, &mut outs);
                 self.apply(&mut w, Addr::Client(c), outs);
-                if let Err(e) = r {
-                    w.violation
-                        .get_or_insert(Violation::Protocol(e.to_string()));
-                }
+                note(&mut w, r);
             }
             Action::KernelRead(c, block) => {
                 w.budget[c as usize] -= 1;

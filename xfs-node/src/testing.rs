@@ -1,7 +1,31 @@
-//! Test support: hosts as network namespaces on a bridge (root, iproute2), for the
-//! cluster and mount tests that run nodes on separate addresses.
+//! Test support for the tests that run real processes (the cluster tests here, the mount
+//! tests of `fuse-front`): running the CLI, and hosts as network namespaces on a bridge
+//! (root, iproute2) for nodes on separate addresses.
 
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+/// Run `bin` with `args`.
+pub fn run(bin: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+}
+
+/// Run `bin` with `args`, assert that it succeeded (printing its output if not), and
+/// return its standard output.
+pub fn run_ok(bin: &Path, args: &[&str]) -> String {
+    let o = run(bin, args);
+    assert!(
+        o.status.success(),
+        "{} {args:?} failed:\n{}{}",
+        bin.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
 
 /// Runs `ip` with `args`; panics with the install hint if it is missing.
 pub fn ip(args: &[&str]) -> bool {
