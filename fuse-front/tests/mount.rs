@@ -140,10 +140,20 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    /// Counters of mount `k` once they are fresh.
+    /// A counter of mount `k` once it has stopped moving: the same in two snapshots of its
+    /// state file 300 ms apart (it is rewritten every 100 ms; a loaded machine may delay
+    /// that, and requests the kernel issued in the background may still be finishing).
     fn settled(&self, k: usize, name: &str) -> u64 {
-        std::thread::sleep(Duration::from_millis(350));
-        self.counter(k, name)
+        let mut last = self.counter(k, name);
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.counter(k, name);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
     }
 
     fn pids(&self) -> Vec<i32> {
