@@ -30,8 +30,9 @@ use crate::coherence::{BlockId, NodeId};
 
 /// Bytes reserved for the segment summary at the start of every segment.
 pub const SUMMARY_BYTES: usize = 4096;
-const SUMMARY_MAGIC: u64 = 0x5846_5353_4547_3031; // "XFSSEG01"
-const SUMMARY_HEAD: usize = 48;
+const SUMMARY_MAGIC_V1: u64 = 0x5846_5353_4547_3031; // "XFSSEG01": no seal time
+const SUMMARY_MAGIC: u64 = 0x5846_5353_4547_3032; // "XFSSEG02"
+const SUMMARY_HEAD: usize = 56;
 const ENTRY_BYTES: usize = 16;
 /// Entries one summary holds.
 pub const MAX_ENTRIES: usize = (SUMMARY_BYTES - SUMMARY_HEAD) / ENTRY_BYTES;
@@ -151,14 +152,50 @@ pub struct LogCounters {
     pub undecodable: u64,
     /// Servers marked down after a device or network error.
     pub servers_lost: u64,
+    /// Blocks the cleaner moved to new segments.
+    pub relocated: u64,
+    /// Bytes the cleaner moved.
+    pub relocated_bytes: u64,
+    /// Cleaner copies discarded because a writer wrote the block meanwhile (writer wins).
+    pub writer_wins: u64,
+    /// Segments freed (fragments deleted on every server): dead data segments covered by
+    /// a checkpoint, and checkpoints older than the newest.
+    pub freed: u64,
 }
+
+/// What the log knows of one of its durable segments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SegInfo {
+    kind: u8,
+    time: u64,
+}
+
+/// A data segment's entry in the writer's segment-usage table (its *s-file*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentUsage {
+    /// Segment number.
+    pub segment: u64,
+    /// Bytes of blocks in it that are still the newest version.
+    pub live: u64,
+    /// When it was sealed (the log's clock, milliseconds).
+    pub time: u64,
+}
+
+/// Segment kinds (in the summary).
+const DATA: u8 = 0;
+/// A checkpoint part holding imap entries.
+const IMAP: u8 = 1;
+/// A checkpoint part holding the writer's segment-usage table (its *s-file*).
+const USAGE: u8 = 2;
 
 /// A decoded segment summary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Summary {
     segment: u64,
-    /// 0: data, 1: checkpoint.
+    /// [`DATA`], [`IMAP`] or [`USAGE`].
     kind: u8,
+    /// When the segment was sealed (the log's clock, milliseconds).
+    time: u64,
     /// Checkpoints: part index and count, and the last segment the imap covers.
     part: u32,
     parts: u32,
@@ -179,13 +216,14 @@ impl Summary {
         out[28..36].copy_from_slice(&self.upto.to_le_bytes());
         out[36..40].copy_from_slice(&self.payload.to_le_bytes());
         out[40..42].copy_from_slice(&(self.entries.len() as u16).to_le_bytes());
+        out[48..56].copy_from_slice(&self.time.to_le_bytes());
         for (i, (b, off, len)) in self.entries.iter().enumerate() {
             let at = SUMMARY_HEAD + i * ENTRY_BYTES;
             out[at..at + 8].copy_from_slice(&b.to_le_bytes());
             out[at + 8..at + 12].copy_from_slice(&off.to_le_bytes());
             out[at + 12..at + 16].copy_from_slice(&len.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&out[..44]) ^ crc32c::crc32c(&out[SUMMARY_HEAD..SUMMARY_BYTES]);
+        let crc = crc32c::crc32c(&out[..44]) ^ crc32c::crc32c(&out[48..SUMMARY_BYTES]);
         out[44..48].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -195,26 +233,30 @@ impl Summary {
         }
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
-        if u64_at(0) != SUMMARY_MAGIC {
-            return None;
-        }
-        let crc = crc32c::crc32c(&b[..44]) ^ crc32c::crc32c(&b[SUMMARY_HEAD..SUMMARY_BYTES]);
+        // Version 1 (before seal times) is still read: its entries start at byte 48.
+        let head = match u64_at(0) {
+            SUMMARY_MAGIC => SUMMARY_HEAD,
+            SUMMARY_MAGIC_V1 => 48,
+            _ => return None,
+        };
+        let crc = crc32c::crc32c(&b[..44]) ^ crc32c::crc32c(&b[48..SUMMARY_BYTES]);
         if crc != u32_at(44) {
             return None;
         }
         let n = u16::from_le_bytes([b[40], b[41]]) as usize;
-        if n > MAX_ENTRIES {
+        if n > (SUMMARY_BYTES - head) / ENTRY_BYTES {
             return None;
         }
         let entries = (0..n)
             .map(|i| {
-                let at = SUMMARY_HEAD + i * ENTRY_BYTES;
+                let at = head + i * ENTRY_BYTES;
                 (u64_at(at), u32_at(at + 8), u32_at(at + 12))
             })
             .collect();
         Some(Summary {
             segment: u64_at(8),
             kind: b[16],
+            time: if head == SUMMARY_HEAD { u64_at(48) } else { 0 },
             part: u32_at(20),
             parts: u32_at(24),
             upto: u64_at(28),
@@ -227,6 +269,8 @@ impl Summary {
 /// A segment sealed and waiting to be written: its bytes, and the addresses of its blocks.
 struct Sealed {
     segment: u64,
+    kind: u8,
+    time: u64,
     bytes: Vec<u8>,
     blocks: Vec<(BlockId, LogAddress)>,
 }
@@ -255,6 +299,20 @@ pub struct Log<S: FragmentStore> {
     live: BTreeMap<u64, u64>,
     last_data_segment: u64,
     counters: LogCounters,
+    /// The clock segments are stamped with (milliseconds).
+    clock: Box<dyn Fn() -> u64 + Send>,
+    /// Every durable segment of this writer (data segments' live bytes are in `live`).
+    segs: BTreeMap<u64, SegInfo>,
+    /// The newest complete checkpoint: its segments, and the last data segment it covers.
+    checkpoint_segs: Vec<u64>,
+    checkpoint_upto: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Run `f` on every store that is up, in parallel (one scoped thread each when there are
@@ -287,6 +345,76 @@ fn parallel<S: FragmentStore + Send>(
             })
             .collect()
     })
+}
+
+/// The fragments of `segment` up to `upto` (exclusive): the `data` fragments, plus the
+/// parity ones when `upto` reaches past them. Reads servers in order (skipping `skip`,
+/// which just failed) only until it has `data` intact fragments, decodes the missing
+/// data fragments from parity, and recomputes parity only if asked for.
+fn reconstruct<S: FragmentStore>(
+    stores: &mut [Option<S>],
+    group: &StripeGroup,
+    fragment_bytes: usize,
+    segment: u64,
+    skip: Option<usize>,
+    upto: usize,
+) -> Result<Vec<Vec<u8>>, LogError> {
+    let n = group.servers.len();
+    let k = group.data();
+    let m = group.parity;
+    let mut have: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    for j in 0..n {
+        if have.len() == k {
+            break;
+        }
+        if Some(j) == skip {
+            continue;
+        }
+        if let Some(s) = stores[j].as_mut() {
+            let id = FragmentId {
+                segment,
+                index: j as u16,
+            };
+            if let Ok(d) = s.read(&[id]).remove(0) {
+                if d.len() == fragment_bytes {
+                    have.insert(j, d);
+                }
+            }
+        }
+    }
+    if have.len() < k {
+        return Err(LogError::Unrecoverable {
+            segment,
+            have: have.len(),
+            need: k,
+            why: "too many fragments missing or corrupt".into(),
+        });
+    }
+    if (0..k).any(|j| !have.contains_key(&j)) {
+        let original = have
+            .iter()
+            .filter(|(j, _)| **j < k)
+            .map(|(j, d)| (*j, d.as_slice()));
+        let recovery = have
+            .iter()
+            .filter(|(j, _)| **j >= k)
+            .map(|(j, d)| (*j - k, d.as_slice()));
+        let restored = reed_solomon_simd::decode(k, m, original, recovery)
+            .map_err(|e| LogError::Config(format!("segment {segment}: parity decode: {e}")))?;
+        have.extend(restored);
+    }
+    let mut all: Vec<Vec<u8>> = (0..k).filter_map(|j| have.remove(&j)).collect();
+    if upto > k {
+        let parity = parity(group, &all)?;
+        all.extend(parity);
+    }
+    Ok(all)
+}
+
+/// The parity fragments of a segment's data fragments.
+fn parity<T: AsRef<[u8]>>(group: &StripeGroup, data: &[T]) -> Result<Vec<Vec<u8>>, LogError> {
+    reed_solomon_simd::encode(group.data(), group.parity, data)
+        .map_err(|e| LogError::Config(format!("parity: {e}")))
 }
 
 fn segment_number(writer: NodeId, seq: u64) -> u64 {
@@ -342,7 +470,17 @@ impl<S: FragmentStore + Send> Log<S> {
             live: BTreeMap::new(),
             last_data_segment: 0,
             counters: LogCounters::default(),
+            clock: Box::new(wall_clock_ms),
+            segs: BTreeMap::new(),
+            checkpoint_segs: Vec::new(),
+            checkpoint_upto: 0,
         })
+    }
+
+    /// Stamp segments with `clock` (milliseconds) instead of the wall clock (a simulation's
+    /// virtual time).
+    pub fn set_clock(&mut self, clock: Box<dyn Fn() -> u64 + Send>) {
+        self.clock = clock;
     }
 
     /// Whether the last write of sealed segments found the stores full (cleared by a
@@ -425,15 +563,17 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// Seal the open segment (if it has anything) and queue its fragments.
     fn seal(&mut self, kind: u8, part: u32, parts: u32, upto: u64) -> Result<(), LogError> {
-        if kind == 0 && self.open_entries.is_empty() {
+        if kind == DATA && self.open_entries.is_empty() {
             return Ok(());
         }
         let segment = self.current_segment();
         self.next_seq += 1;
+        let time = (self.clock)();
         let entries = std::mem::take(&mut self.open_entries);
         let summary = Summary {
             segment,
             kind,
+            time,
             part,
             parts,
             upto,
@@ -468,6 +608,8 @@ impl<S: FragmentStore + Send> Log<S> {
         }
         self.queued.push(Sealed {
             segment,
+            kind,
+            time,
             bytes,
             blocks,
         });
@@ -490,8 +632,7 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// The parity fragments of a segment's data fragments.
     fn parity<T: AsRef<[u8]>>(&self, data: &[T]) -> Result<Vec<Vec<u8>>, LogError> {
-        reed_solomon_simd::encode(self.group.data(), self.group.parity, data)
-            .map_err(|e| LogError::Config(format!("parity: {e}")))
+        parity(&self.group, data)
     }
 
     /// Write the queued segments: one batch per server, all in flight together.
@@ -556,6 +697,13 @@ impl<S: FragmentStore + Send> Log<S> {
         let results = parallel(&mut self.stores, |_, s| s.sync());
         self.settle(results, segment)?;
         for sealed in std::mem::take(&mut self.written) {
+            self.segs.insert(
+                sealed.segment,
+                SegInfo {
+                    kind: sealed.kind,
+                    time: sealed.time,
+                },
+            );
             for (block, addr) in sealed.blocks {
                 self.set_address(block, addr);
             }
@@ -600,8 +748,15 @@ impl<S: FragmentStore + Send> Log<S> {
         Ok(())
     }
 
+    /// The block's newest durable address is `addr`; a zero length is a deletion (a
+    /// truncated or removed block: it leaves the imap, and reads find it absent).
     fn set_address(&mut self, block: BlockId, addr: LogAddress) {
-        if let Some(old) = self.imap.insert(block, addr) {
+        let old = if addr.len == 0 {
+            self.imap.remove(&block)
+        } else {
+            self.imap.insert(block, addr)
+        };
+        if let Some(old) = old {
             if let Some(l) = self.live.get_mut(&old.segment) {
                 *l = l.saturating_sub(old.len as u64);
                 if *l == 0 {
@@ -609,7 +764,9 @@ impl<S: FragmentStore + Send> Log<S> {
                 }
             }
         }
-        *self.live.entry(addr.segment).or_insert(0) += addr.len as u64;
+        if addr.len > 0 {
+            *self.live.entry(addr.segment).or_insert(0) += addr.len as u64;
+        }
     }
 
     /// Read a block: the newest version written by this log (synced or not).
@@ -682,104 +839,219 @@ impl<S: FragmentStore + Send> Log<S> {
         Ok(data)
     }
 
-    /// The fragments of `segment` up to `upto` (exclusive): the `data` fragments, plus the
-    /// parity ones when `upto` reaches past them. Reads servers in order (skipping `skip`,
-    /// which just failed) only until it has `data` intact fragments, decodes the missing
-    /// data fragments from parity, and recomputes parity only if asked for.
+    /// The fragments of `segment` up to `upto` (exclusive): see [`reconstruct`].
     fn reconstruct(
         &mut self,
         segment: u64,
         skip: Option<usize>,
         upto: usize,
     ) -> Result<Vec<Vec<u8>>, LogError> {
-        let n = self.group.servers.len();
-        let k = self.group.data();
-        let m = self.group.parity;
-        let mut have: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
-        for j in 0..n {
-            if have.len() == k {
-                break;
-            }
-            if Some(j) == skip {
-                continue;
-            }
-            if let Some(s) = self.stores[j].as_mut() {
-                let id = FragmentId {
-                    segment,
-                    index: j as u16,
-                };
-                if let Ok(d) = s.read(&[id]).remove(0) {
-                    if d.len() == self.fragment_bytes {
-                        have.insert(j, d);
-                    }
-                }
-            }
-        }
-        if have.len() < k {
-            return Err(LogError::Unrecoverable {
-                segment,
-                have: have.len(),
-                need: k,
-                why: "too many fragments missing or corrupt".into(),
-            });
-        }
-        if (0..k).any(|j| !have.contains_key(&j)) {
-            let original = have
-                .iter()
-                .filter(|(j, _)| **j < k)
-                .map(|(j, d)| (*j, d.as_slice()));
-            let recovery = have
-                .iter()
-                .filter(|(j, _)| **j >= k)
-                .map(|(j, d)| (*j - k, d.as_slice()));
-            let restored = reed_solomon_simd::decode(k, m, original, recovery)
-                .map_err(|e| LogError::Config(format!("segment {segment}: parity decode: {e}")))?;
-            have.extend(restored);
-        }
-        let mut all: Vec<Vec<u8>> = (0..k).filter_map(|j| have.remove(&j)).collect();
-        if upto > k {
-            let parity = self.parity(&all)?;
-            all.extend(parity);
-        }
-        Ok(all)
+        reconstruct(
+            &mut self.stores,
+            &self.group,
+            self.fragment_bytes,
+            segment,
+            skip,
+            upto,
+        )
     }
 
-    /// Write the imap into the log (after an fsync): recovery starts from the newest
-    /// complete checkpoint.
+    /// Write a checkpoint (after an fsync): the imap, then the segment-usage table (the
+    /// writer's *s-file*: live bytes and seal time of each data segment), as consecutive
+    /// checkpoint segments. Recovery starts from the newest complete checkpoint. Then free
+    /// what the checkpoint made unnecessary (see [`Log::free_reclaimable`]).
     pub fn checkpoint(&mut self) -> Result<(), LogError> {
         self.fsync()?;
         let upto = self.last_data_segment;
-        let per_segment = (self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES;
-        let entries: Vec<(BlockId, LogAddress)> = self.imap.iter().map(|(b, a)| (*b, *a)).collect();
-        let parts = entries.len().div_ceil(per_segment).max(1) as u32;
-        for (p, chunk) in entries.chunks(per_segment.max(1)).enumerate() {
-            self.write_imap_part(p as u32, parts, upto, chunk)?;
-        }
-        if entries.is_empty() {
-            self.write_imap_part(0, 1, upto, &[])?;
+        let per = ((self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES).max(1);
+        let entry = |a: u64, b: u64, c: u32, d: u32| {
+            let mut e = [0u8; IMAP_ENTRY_BYTES];
+            e[..8].copy_from_slice(&a.to_le_bytes());
+            e[8..16].copy_from_slice(&b.to_le_bytes());
+            e[16..20].copy_from_slice(&c.to_le_bytes());
+            e[20..24].copy_from_slice(&d.to_le_bytes());
+            e
+        };
+        let imap: Vec<[u8; IMAP_ENTRY_BYTES]> = self
+            .imap
+            .iter()
+            .map(|(b, a)| entry(*b, a.segment, a.offset, a.len))
+            .collect();
+        // Usage entries: segment, live bytes, seal time (as two u32 halves).
+        let usage: Vec<[u8; IMAP_ENTRY_BYTES]> = self
+            .usage()
+            .into_iter()
+            .map(|u| entry(u.segment, u.live, u.time as u32, (u.time >> 32) as u32))
+            .collect();
+        let imap_parts = imap.len().div_ceil(per).max(1);
+        let parts = (imap_parts + usage.len().div_ceil(per).max(1)) as u32;
+        let first = self.current_segment();
+        let mut part = 0u32;
+        for (kind, entries) in [(IMAP, &imap), (USAGE, &usage)] {
+            if entries.is_empty() {
+                self.write_part(kind, part, parts, upto, &[])?;
+                part += 1;
+            }
+            for chunk in entries.chunks(per) {
+                self.write_part(kind, part, parts, upto, chunk)?;
+                part += 1;
+            }
         }
         self.fsync()?;
+        self.checkpoint_segs = (first..first + parts as u64).collect();
+        self.checkpoint_upto = upto;
         self.counters.checkpoints += 1;
+        self.free_reclaimable();
         Ok(())
     }
 
-    fn write_imap_part(
+    fn write_part(
         &mut self,
+        kind: u8,
         part: u32,
         parts: u32,
         upto: u64,
-        chunk: &[(BlockId, LogAddress)],
+        chunk: &[[u8; IMAP_ENTRY_BYTES]],
     ) -> Result<(), LogError> {
         let mut at = SUMMARY_BYTES;
-        for (b, a) in chunk {
-            self.open[at..at + 8].copy_from_slice(&b.to_le_bytes());
-            self.open[at + 8..at + 16].copy_from_slice(&a.segment.to_le_bytes());
-            self.open[at + 16..at + 20].copy_from_slice(&a.offset.to_le_bytes());
-            self.open[at + 20..at + 24].copy_from_slice(&a.len.to_le_bytes());
+        for e in chunk {
+            self.open[at..at + IMAP_ENTRY_BYTES].copy_from_slice(e);
             at += IMAP_ENTRY_BYTES;
         }
         self.cursor = at;
-        self.seal(1, part, parts, upto)
+        self.seal(kind, part, parts, upto)
+    }
+
+    /// Free (delete on every server that is up) the segments recovery will never read:
+    /// data segments the newest checkpoint covers that hold no live block, and older
+    /// checkpoints. A dead data segment newer than the checkpoint is kept: roll-forward
+    /// may need a deletion it records. Returns how many were freed.
+    pub fn free_reclaimable(&mut self) -> u64 {
+        let Some(newest) = self.checkpoint_segs.first().copied() else {
+            return 0;
+        };
+        let upto = self.checkpoint_upto;
+        let dead: Vec<u64> = self
+            .segs
+            .iter()
+            .filter(|(s, i)| {
+                if i.kind == DATA {
+                    **s <= upto && !self.live.contains_key(*s)
+                } else {
+                    **s < newest
+                }
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        if dead.is_empty() {
+            return 0;
+        }
+        let n = self.group.servers.len();
+        let ids: Vec<FragmentId> = dead
+            .iter()
+            .flat_map(|s| {
+                (0..n).map(move |i| FragmentId {
+                    segment: *s,
+                    index: i as u16,
+                })
+            })
+            .collect();
+        // A server that fails here keeps the fragments; they are found again (and freed)
+        // after a restart, since recovery lists what the servers hold.
+        let _ = parallel(&mut self.stores, |_, st| st.delete(&ids));
+        for s in &dead {
+            self.segs.remove(s);
+        }
+        self.counters.freed += dead.len() as u64;
+        dead.len() as u64
+    }
+
+    /// The segment-usage table (s-file): every durable data segment of this writer.
+    pub fn usage(&self) -> Vec<SegmentUsage> {
+        self.segs
+            .iter()
+            .filter(|(_, i)| i.kind == DATA)
+            .map(|(s, i)| SegmentUsage {
+                segment: *s,
+                live: self.live.get(s).copied().unwrap_or(0),
+                time: i.time,
+            })
+            .collect()
+    }
+
+    /// Segments this writer holds on the servers (durable, written, queued).
+    pub fn held_segments(&self) -> usize {
+        self.segs.len() + self.written.len() + self.queued.len()
+    }
+
+    /// Bytes of blocks a data segment holds at most.
+    pub fn segment_payload(&self) -> u64 {
+        (self.open.len() - SUMMARY_BYTES) as u64
+    }
+
+    /// The current time of the log's clock.
+    pub fn now(&self) -> u64 {
+        (self.clock)()
+    }
+
+    /// Free segments of the stripe group: the fewest free slots of any server that is up.
+    pub fn free_segments(&mut self) -> u64 {
+        self.stores
+            .iter_mut()
+            .flatten()
+            .filter_map(|s| s.free_slots().ok())
+            .min()
+            .unwrap_or(0) as u64
+    }
+
+    /// The blocks whose newest durable version lies in `segment` (what the cleaner must
+    /// move to empty it).
+    pub fn live_in(&self, segment: u64) -> Vec<(BlockId, LogAddress)> {
+        if !self.live.contains_key(&segment) {
+            return Vec::new();
+        }
+        self.imap
+            .iter()
+            .filter(|(_, a)| a.segment == segment)
+            .map(|(b, a)| (*b, *a))
+            .collect()
+    }
+
+    /// Whether a version of `block` newer than the durable one is on its way (appended,
+    /// not yet synced).
+    fn pending(&self, block: BlockId) -> bool {
+        self.open_entries.iter().any(|(b, _, _)| *b == block)
+            || self
+                .queued
+                .iter()
+                .chain(self.written.iter())
+                .any(|s| s.blocks.iter().any(|(b, _)| *b == block))
+    }
+
+    /// The cleaner's copy of `block`, read from `from`: appended (durable at the next
+    /// fsync, which moves the imap) only if `from` is still the block's newest version.
+    /// If a writer wrote the block since the cleaner read it, the writer wins: the copy is
+    /// discarded (counted in [`LogCounters::writer_wins`]). Returns whether it was moved.
+    pub fn relocate(
+        &mut self,
+        block: BlockId,
+        from: LogAddress,
+        data: &[u8],
+    ) -> Result<bool, LogError> {
+        if self.pending(block) || self.imap.get(&block) != Some(&from) {
+            self.counters.writer_wins += 1;
+            return Ok(false);
+        }
+        self.write(block, data)?;
+        self.counters.relocated += 1;
+        self.counters.relocated_bytes += data.len() as u64;
+        Ok(true)
+    }
+
+    /// A reader of this log's segments over its own stores (the cleaner reads without
+    /// holding the log).
+    pub fn reader(&self, stores: Vec<Option<S>>) -> Result<SegmentReader<S>, LogError> {
+        SegmentReader::new(self.group.clone(), stores)
     }
 
     /// Rebuild this writer's state from the stores: the newest complete checkpoint, then the
@@ -824,17 +1096,18 @@ impl<S: FragmentStore + Send> Log<S> {
         // The newest checkpoint whose parts are all there.
         let mut start_after = 0u64;
         let mut best: Option<(u64, Vec<u64>)> = None;
+        let is_checkpoint = |k: u8| k == IMAP || k == USAGE;
         for (seg, (s, _)) in decoded.iter().rev() {
-            if s.kind != 1 || s.part + 1 != s.parts {
+            if !is_checkpoint(s.kind) || s.part + 1 != s.parts {
                 continue;
             }
             // Its parts are the `parts` checkpoint segments ending here.
             let first = seg - (s.parts as u64 - 1);
             let ids: Vec<u64> = (first..=*seg).collect();
             let complete = ids.iter().enumerate().all(|(p, id)| {
-                decoded
-                    .get(id)
-                    .is_some_and(|(x, _)| x.kind == 1 && x.part == p as u32 && x.parts == s.parts)
+                decoded.get(id).is_some_and(|(x, _)| {
+                    is_checkpoint(x.kind) && x.part == p as u32 && x.parts == s.parts
+                })
             });
             if complete {
                 start_after = s.upto;
@@ -842,10 +1115,25 @@ impl<S: FragmentStore + Send> Log<S> {
                 break;
             }
         }
+        let mut times: BTreeMap<u64, u64> = BTreeMap::new();
         if let Some((_, ids)) = &best {
             for id in ids {
                 let (s, bytes) = &decoded[id];
                 let n = s.payload as usize / IMAP_ENTRY_BYTES;
+                if s.kind == USAGE {
+                    // The s-file: seal times of the segments it covers (live bytes are
+                    // recomputed from the imap below).
+                    for e in 0..n {
+                        let at = SUMMARY_BYTES + e * IMAP_ENTRY_BYTES;
+                        let seg =
+                            u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
+                        let t = u64::from_le_bytes(
+                            bytes[at + 16..at + 24].try_into().unwrap_or([0; 8]),
+                        );
+                        times.insert(seg, t);
+                    }
+                    continue;
+                }
                 for e in 0..n {
                     let at = SUMMARY_BYTES + e * IMAP_ENTRY_BYTES;
                     let u64_at =
@@ -861,9 +1149,32 @@ impl<S: FragmentStore + Send> Log<S> {
                 }
             }
         }
+        // Every segment this writer has on the servers, for freeing and the cleaner (an
+        // undecodable one counts as a dead data segment: freed once a checkpoint covers it).
+        for seg in &segments {
+            let info = match decoded.get(seg) {
+                Some((s, _)) => SegInfo {
+                    kind: s.kind,
+                    time: if s.time == 0 {
+                        times.get(seg).copied().unwrap_or(0)
+                    } else {
+                        s.time
+                    },
+                },
+                None => SegInfo {
+                    kind: DATA,
+                    time: 0,
+                },
+            };
+            log.segs.insert(*seg, info);
+        }
+        if let Some((_, ids)) = best {
+            log.checkpoint_segs = ids;
+            log.checkpoint_upto = start_after;
+        }
         // Roll forward.
         for (seg, (s, _)) in decoded.range(start_after + 1..) {
-            if s.kind == 0 {
+            if s.kind == DATA {
                 for (b, off, len) in &s.entries {
                     log.set_address(
                         *b,
@@ -954,5 +1265,80 @@ impl<S: FragmentStore + Send> Log<S> {
         }
         batch.clear();
         Ok(n)
+    }
+}
+
+/// Reads whole segments of a stripe group over its own stores: the cleaner reads the
+/// segments it empties without holding the writer's log, so writers go on meanwhile.
+pub struct SegmentReader<S: FragmentStore> {
+    group: StripeGroup,
+    stores: Vec<Option<S>>,
+    fragment_bytes: usize,
+}
+
+impl<S: FragmentStore> SegmentReader<S> {
+    /// A reader over `stores` (server i's store at i, `None` for a server that is down).
+    pub fn new(group: StripeGroup, stores: Vec<Option<S>>) -> Result<SegmentReader<S>, LogError> {
+        if stores.len() != group.servers.len() {
+            return Err(LogError::Config(format!(
+                "stripe group {} has {} servers but {} stores were given",
+                group.id,
+                group.servers.len(),
+                stores.len()
+            )));
+        }
+        let fragment_bytes = stores
+            .iter()
+            .flatten()
+            .map(|s| s.fragment_bytes())
+            .min()
+            .ok_or_else(|| LogError::Config("no store of the stripe group is up".into()))?;
+        Ok(SegmentReader {
+            group,
+            stores,
+            fragment_bytes,
+        })
+    }
+
+    /// The bytes at each of `wanted` (addresses in `segment`), after checking the
+    /// segment's summary lists each of them: one read of the segment (rebuilt from parity
+    /// if a server is down or a fragment corrupt).
+    pub fn blocks(
+        &mut self,
+        segment: u64,
+        wanted: &[(BlockId, LogAddress)],
+    ) -> Result<Vec<Vec<u8>>, LogError> {
+        let frags = reconstruct(
+            &mut self.stores,
+            &self.group,
+            self.fragment_bytes,
+            segment,
+            None,
+            0,
+        )?;
+        let bytes = frags.concat();
+        let bad = |why: String| LogError::Unrecoverable {
+            segment,
+            have: 0,
+            need: 1,
+            why,
+        };
+        let summary = Summary::decode(&bytes)
+            .filter(|s| s.segment == segment && s.kind == DATA)
+            .ok_or_else(|| bad("its summary does not decode".into()))?;
+        wanted
+            .iter()
+            .map(|(b, a)| {
+                let listed = summary
+                    .entries
+                    .iter()
+                    .any(|(x, off, len)| x == b && *off == a.offset && *len == a.len);
+                let end = (a.offset + a.len) as usize;
+                if !listed || end > bytes.len() {
+                    return Err(bad(format!("block {b} at {a:?} is not in its summary")));
+                }
+                Ok(bytes[a.offset as usize..end].to_vec())
+            })
+            .collect()
     }
 }
