@@ -199,6 +199,11 @@ pub struct Front {
     pool: Mutex<Vec<Control>>,
     dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
+    /// Open files (our index numbers) and how many times each is open.
+    open: Mutex<HashMap<u64, u32>>,
+    /// Open files whose last name may have gone while they were open: their blocks are
+    /// kept until the last close, which asks the node to reclaim them.
+    orphans: Mutex<HashSet<u64>>,
 }
 
 impl Front {
@@ -220,6 +225,8 @@ impl Front {
             pool: Mutex::new(vec![c]),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashSet::new()),
         })
     }
 
@@ -330,6 +337,17 @@ impl Front {
     }
 
     /// A new name for an inode in `parent` (count it; refused on a read-only mount).
+    /// The open files, now marked as possible orphans (a name is about to go).
+    fn open_files(&self) -> Vec<u64> {
+        let open: Vec<u64> = lock(&self.open).keys().copied().collect();
+        lock(&self.orphans).extend(open.iter().copied());
+        open
+    }
+
+    fn opened(&self, ino: u64) {
+        *lock(&self.open).entry(ino).or_insert(0) += 1;
+    }
+
     fn made(&self, parent: u64, name: &[u8], op: FsOp, reply: ReplyEntry) {
         self.count();
         match self.rofs() {
@@ -530,6 +548,7 @@ impl Filesystem for Front {
         let op = FsOp::Unlink {
             parent: self.shared.ours(parent),
             name: name.as_bytes().to_vec(),
+            open: self.open_files(),
         };
         self.change(op, reply);
     }
@@ -591,6 +610,7 @@ impl Filesystem for Front {
             dp,
             dn: newname.as_bytes().to_vec(),
             mode,
+            open: self.open_files(),
         });
         if r.is_ok() {
             self.shared.remember(dp, newname.as_bytes());
@@ -615,8 +635,9 @@ impl Filesystem for Front {
         self.made(p, newname.as_bytes(), op, reply);
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count();
+        self.opened(self.shared.ours(ino));
         // The page cache stays valid across opens: invalidations keep it coherent.
         reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
@@ -798,6 +819,39 @@ impl Filesystem for Front {
         reply.ok();
     }
 
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.count();
+        let ino = self.shared.ours(ino);
+        let last = {
+            let mut open = lock(&self.open);
+            match open.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    open.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last && lock(&self.orphans).remove(&ino) {
+            // Its last name may be gone: the node frees it if so.
+            let _ = self.call(FsOp::Reclaim { ino });
+        }
+        reply.ok();
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -974,6 +1028,7 @@ impl Filesystem for Front {
         match r {
             Ok(i) => {
                 self.shared.hand_out(p, name, i.ino);
+                self.opened(i.ino);
                 reply.created(
                     &self.opts.ttl,
                     &self.attr(&i),

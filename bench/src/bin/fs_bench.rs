@@ -323,6 +323,7 @@ fn bench(
                 let unlink = FsOp::Unlink {
                     parent: d,
                     name: name(i),
+                    open: Vec::new(),
                 };
                 c.fs(&mut a, unlink)?;
             }

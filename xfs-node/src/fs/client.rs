@@ -586,9 +586,12 @@ impl<B: Blocks> FsClient<B> {
         Ok(i.target)
     }
 
-    fn drop_link(&self, ino: u64, by: u64) -> Result<(), Errno> {
+    /// Take `by` links from `ino`; when none is left, free its blocks, unless it is in
+    /// `open` (a mount still has it open: it frees it with [`FsClient::reclaim`] at the
+    /// last close).
+    fn drop_link(&self, ino: u64, by: u64, open: &[u64]) -> Result<(), Errno> {
         let now = self.blocks.now();
-        self.update(
+        let old = self.update(
             inode_block(ino),
             &[
                 Op::Add {
@@ -598,7 +601,39 @@ impl<B: Blocks> FsClient<B> {
                 set(field::CTIME, now),
             ],
         )?;
+        if let Ok(Some(i)) = Inode::decode(ino, &old) {
+            if i.nlink <= by as u32 && !open.contains(&ino) {
+                self.free_inode(&i)?;
+            }
+        }
         Ok(())
+    }
+
+    /// Free a file whose last name is gone and that is no longer open: its blocks become
+    /// deletions in its manager's log (the cleaner reclaims their space). Returns whether
+    /// it was freed (false: it still has a name, or it is gone already).
+    pub fn reclaim(&self, ino: u64) -> Result<bool, Errno> {
+        match Inode::decode(ino, &self.read_block(inode_block(ino))?) {
+            Ok(Some(i)) if i.kind.is_some() && i.nlink == 0 => {
+                self.free_inode(&i)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Write every block `i` may hold (data or directory buckets) and its inode block
+    /// empty.
+    fn free_inode(&self, i: &Inode) -> Result<(), Errno> {
+        if i.kind == Some(Kind::Dir) {
+            let ops = (0..DIR_BUCKETS)
+                .map(|b| (block_id(i.ino, b), UserOp::Write(Vec::new())))
+                .collect();
+            self.run_writes(ops)?;
+        } else {
+            self.truncate_blocks(i, 0)?;
+        }
+        self.run_writes(vec![(inode_block(i.ino), UserOp::Write(Vec::new()))])
     }
 
     fn touch_dir(&self, dir: u64, nlink_delta: i64) -> Result<(), Errno> {
@@ -614,8 +649,14 @@ impl<B: Blocks> FsClient<B> {
         Ok(())
     }
 
-    /// `unlink` a non-directory.
+    /// `unlink` a non-directory (freed if that was its last name).
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
+        self.unlink_keeping(parent, name, &[])
+    }
+
+    /// `unlink`, keeping the file's blocks if it is one of `open` (see
+    /// [`FsClient::reclaim`]).
+    pub fn unlink_keeping(&self, parent: u64, name: &[u8], open: &[u64]) -> Result<(), Errno> {
         check_name(name)?;
         self.dir(parent)?;
         let e = self.find_live(parent, name)?.ok_or(Errno::ENOENT)?;
@@ -625,7 +666,7 @@ impl<B: Blocks> FsClient<B> {
         if !self.remove(parent, name, e.ino)? {
             return Err(Errno::ENOENT);
         }
-        self.drop_link(e.ino, 1)?;
+        self.drop_link(e.ino, 1, open)?;
         self.touch_dir(parent, 0)
     }
 
@@ -649,7 +690,7 @@ impl<B: Blocks> FsClient<B> {
         if !self.remove(parent, name, e.ino)? {
             return Err(Errno::ENOENT);
         }
-        self.drop_link(e.ino, 2)?;
+        self.drop_link(e.ino, 2, &[])?;
         self.touch_dir(parent, -1)
     }
 
@@ -684,7 +725,7 @@ impl<B: Blocks> FsClient<B> {
             kind: i.kind.unwrap_or(Kind::File),
         };
         if self.insert(parent, entry, false)?.is_some() {
-            self.drop_link(ino, 1)?;
+            self.drop_link(ino, 1, &[ino])?;
             return Err(Errno::EEXIST);
         }
         self.touch_dir(parent, 0)?;
@@ -717,6 +758,20 @@ impl<B: Blocks> FsClient<B> {
         dp: u64,
         dn: &[u8],
         mode: RenameMode,
+    ) -> Result<(), Errno> {
+        self.rename_keeping(sp, sn, dp, dn, mode, &[])
+    }
+
+    /// `rename`; a replaced file that is one of `open` keeps its blocks (see
+    /// [`FsClient::reclaim`]).
+    pub fn rename_keeping(
+        &self,
+        sp: u64,
+        sn: &[u8],
+        dp: u64,
+        dn: &[u8],
+        mode: RenameMode,
+        open: &[u64],
     ) -> Result<(), Errno> {
         check_name(sn)?;
         check_name(dn)?;
@@ -830,7 +885,7 @@ impl<B: Blocks> FsClient<B> {
         self.update(inode_block(src.ino), &ops)?;
         let replaced_dir = dst.as_ref().is_some_and(|d| d.kind == Kind::Dir);
         if let Some(d) = &dst {
-            self.drop_link(d.ino, if d.kind == Kind::Dir { 2 } else { 1 })?;
+            self.drop_link(d.ino, if d.kind == Kind::Dir { 2 } else { 1 }, open)?;
         }
         if sp != dp {
             let moved = (src.kind == Kind::Dir) as i64;

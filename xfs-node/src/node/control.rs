@@ -95,9 +95,16 @@ pub enum FsOp {
         uid: u32,
         gid: u32,
     },
+    /// `open`: files a mount has open (kept until their last close if this was their
+    /// last name; then [`FsOp::Reclaim`]).
     Unlink {
         parent: u64,
         name: Vec<u8>,
+        open: Vec<u64>,
+    },
+    /// Free a file with no name left (a mount closed it for the last time).
+    Reclaim {
+        ino: u64,
     },
     Rmdir {
         parent: u64,
@@ -109,6 +116,7 @@ pub enum FsOp {
         dp: u64,
         dn: Vec<u8>,
         mode: RenameMode,
+        open: Vec<u64>,
     },
     Link {
         ino: u64,

@@ -1106,8 +1106,12 @@ impl Node {
                     uid,
                     gid,
                 } => Response::Attr(Box::new(c.mkdir(parent, &name, mode, uid, gid)?)),
-                FsOp::Unlink { parent, name } => {
-                    c.unlink(parent, &name)?;
+                FsOp::Unlink { parent, name, open } => {
+                    c.unlink_keeping(parent, &name, &open)?;
+                    Response::Ok
+                }
+                FsOp::Reclaim { ino } => {
+                    c.reclaim(ino)?;
                     Response::Ok
                 }
                 FsOp::Rmdir { parent, name } => {
@@ -1120,8 +1124,9 @@ impl Node {
                     dp,
                     dn,
                     mode,
+                    open,
                 } => {
-                    c.rename(sp, &sn, dp, &dn, mode)?;
+                    c.rename_keeping(sp, &sn, dp, &dn, mode, &open)?;
                     Response::Ok
                 }
                 FsOp::Link { ino, parent, name } => {

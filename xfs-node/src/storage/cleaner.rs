@@ -1,0 +1,518 @@
+//! The distributed log cleaner (DESIGN.md §4, Storage; Sprite LFS's cost-benefit policy,
+//! xFS's distributed cleaner with s-files and optimistic moves).
+//!
+//! Two sides, both sans-IO:
+//!
+//! * the **writer** side runs where a log is (the blocks' manager, which owns that log's
+//!   imap): it reports its segment-usage table ([`Command::Usage`]), empties a segment
+//!   ([`Command::Clean`]: the live blocks are found from the imap, read from the stripe
+//!   group *without holding the log*, then appended again, each only if it is still the
+//!   newest version: a writer that wrote the block meanwhile wins and the cleaner's copy is
+//!   discarded), and finishes a round ([`Command::Finish`]: a checkpoint, after which the
+//!   emptied segments are freed on every server);
+//! * the **leader** of a stripe group ([`Leader`]) asks every writer of the group for its
+//!   usage, decides whether to clean (free segments below the low-water mark, until the
+//!   high-water mark; or the group has been idle), chooses segments by cost-benefit
+//!   (`(1 - u) * age / (1 + u)`), sends the cleans, and paces itself so that cleaning takes
+//!   at most its share of the time. The leader keeps no state that matters: a new leader
+//!   (after a crash) starts from the writers' usage tables, where a half-cleaned segment is
+//!   simply a segment with fewer live bytes.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::fragment::FragmentStore;
+use super::log::{Log, LogAddress, SegmentReader, SegmentUsage};
+use crate::coherence::{BlockId, NodeId};
+
+/// When and how hard to clean.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CleanerConfig {
+    /// Start cleaning when free segments fall below this fraction of the group's segments.
+    pub low_water: f64,
+    /// Stop cleaning once free segments reach this fraction.
+    pub high_water: f64,
+    /// The share of time the cleaner may take (it sleeps the rest): foreground IO keeps
+    /// the remaining `1 - share` of the stripe group's bandwidth.
+    pub share: f64,
+    /// Segments per round (then every writer touched checkpoints and frees).
+    pub batch: usize,
+    /// Never clean a segment with more than this fraction live (moving it frees little).
+    pub max_utilisation: f64,
+    /// A group with no new segment for this long (milliseconds) is idle: the cleaner then
+    /// cleans segments at most `idle_utilisation` live even above the low-water mark.
+    pub idle_ms: u64,
+    /// See `idle_ms`.
+    pub idle_utilisation: f64,
+}
+
+impl Default for CleanerConfig {
+    fn default() -> Self {
+        CleanerConfig {
+            low_water: 0.25,
+            high_water: 0.4,
+            share: 0.3,
+            batch: 8,
+            max_utilisation: 0.95,
+            idle_ms: 10_000,
+            idle_utilisation: 0.5,
+        }
+    }
+}
+
+impl CleanerConfig {
+    /// Check the values; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let frac = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("cleaner.{name} = {v}: must be between 0 and 1"))
+            }
+        };
+        frac("low_water", self.low_water)?;
+        frac("high_water", self.high_water)?;
+        frac("max_utilisation", self.max_utilisation)?;
+        frac("idle_utilisation", self.idle_utilisation)?;
+        if self.high_water < self.low_water {
+            return Err(format!(
+                "cleaner.high_water = {} is below low_water = {}: it must be at least as high",
+                self.high_water, self.low_water
+            ));
+        }
+        if !(self.share > 0.0 && self.share <= 1.0) {
+            return Err(format!(
+                "cleaner.share = {}: must be above 0 and at most 1",
+                self.share
+            ));
+        }
+        if self.batch == 0 {
+            return Err("cleaner.batch = 0: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// How long to rest after cleaning work that took `work`.
+    pub fn pause(&self, work: Duration) -> Duration {
+        work.mul_f64((1.0 - self.share) / self.share)
+    }
+}
+
+/// Sprite LFS's cost-benefit score of a segment `u` live and `age` old: the space it frees
+/// times how long that space is likely to stay free, over the cost of reading it and
+/// writing its live part.
+pub fn cost_benefit(u: f64, age: u64) -> f64 {
+    (1.0 - u) * (age as f64 + 1.0) / (1.0 + u)
+}
+
+/// A writer's report to the leader.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WriterUsage {
+    /// The writer.
+    pub writer: NodeId,
+    /// Bytes of blocks a segment holds at most.
+    pub payload: u64,
+    /// Free segments of the group as this writer's stores see them.
+    pub free_segments: u64,
+    /// Segments this writer holds.
+    pub held: u64,
+    /// Segments this writer has written since it started (activity).
+    pub written: u64,
+    /// Live bytes in its data segments.
+    pub live: u64,
+    /// Bytes its data segments hold that are dead (what cleaning can free).
+    pub dead: u64,
+    /// The writer's clock (milliseconds).
+    pub now: u64,
+    /// Its best cleaning candidates (by cost-benefit), at most the limit asked for.
+    pub candidates: Vec<SegmentUsage>,
+}
+
+/// What cleaning one segment did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanStats {
+    /// Blocks moved.
+    pub moved: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Blocks a writer wrote meanwhile (the cleaner's copy was discarded).
+    pub discarded: u64,
+}
+
+/// The leader's requests to a writer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// The usage table's summary and up to `limit` candidates.
+    Usage {
+        /// Candidates wanted.
+        limit: u32,
+    },
+    /// Move the live blocks of `segment` to new segments.
+    Clean {
+        /// The segment.
+        segment: u64,
+    },
+    /// Checkpoint, then free the segments that are dead.
+    Finish,
+}
+
+/// A writer's answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// To `Usage`.
+    Usage(WriterUsage),
+    /// To `Clean`.
+    Cleaned(CleanStats),
+    /// To `Finish`: segments freed.
+    Finished(u64),
+    /// Something failed (names what).
+    Error(String),
+}
+
+fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writer side: the usage summary of `log` with its `limit` best candidates.
+pub fn writer_usage<S: FragmentStore + Send>(
+    log: &mut Log<S>,
+    writer: NodeId,
+    limit: usize,
+) -> WriterUsage {
+    let now = log.now();
+    let payload = log.segment_payload();
+    let usage = log.usage();
+    let live: u64 = usage.iter().map(|u| u.live).sum();
+    let dead = usage.len() as u64 * payload - live.min(usage.len() as u64 * payload);
+    let mut scored: Vec<(f64, SegmentUsage)> = usage
+        .into_iter()
+        .map(|u| {
+            let util = u.live as f64 / payload.max(1) as f64;
+            (cost_benefit(util, now.saturating_sub(u.time)), u)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.segment.cmp(&b.1.segment)));
+    WriterUsage {
+        writer,
+        payload,
+        free_segments: log.free_segments(),
+        held: log.held_segments() as u64,
+        written: log.counters().segments,
+        live,
+        dead,
+        now,
+        candidates: scored.into_iter().take(limit).map(|(_, u)| u).collect(),
+    }
+}
+
+/// Writer side: empty `segment`. The live blocks are taken from the imap (under the log's
+/// lock), read through `reader` (without it: writers go on), `between` is called (a test
+/// forces a writer in here), and each block is appended again only if it is still the
+/// newest version.
+pub fn clean_segment<S: FragmentStore + Send>(
+    log: &Mutex<Option<Log<S>>>,
+    reader: &mut SegmentReader<S>,
+    segment: u64,
+    between: &mut dyn FnMut(&[(BlockId, LogAddress)]),
+) -> Result<CleanStats, String> {
+    let live = lock(log)
+        .as_ref()
+        .ok_or("this node has no log")?
+        .live_in(segment);
+    let mut stats = CleanStats::default();
+    if live.is_empty() {
+        return Ok(stats);
+    }
+    let data = reader
+        .blocks(segment, &live)
+        .map_err(|e| format!("reading segment {segment:#x}: {e}"))?;
+    between(&live);
+    let mut g = lock(log);
+    let l = g.as_mut().ok_or("this node has no log")?;
+    for ((block, from), bytes) in live.iter().zip(data) {
+        if l.relocate(*block, *from, &bytes)
+            .map_err(|e| format!("moving block {block:#x}: {e}"))?
+        {
+            stats.moved += 1;
+            stats.bytes += bytes.len() as u64;
+        } else {
+            stats.discarded += 1;
+        }
+    }
+    Ok(stats)
+}
+
+/// Writer side: make the moves durable (a checkpoint), then free what is dead.
+pub fn finish<S: FragmentStore + Send>(log: &Mutex<Option<Log<S>>>) -> Result<u64, String> {
+    let mut g = lock(log);
+    let l = g.as_mut().ok_or("this node has no log")?;
+    let before = l.counters().freed;
+    l.checkpoint().map_err(|e| format!("checkpoint: {e}"))?;
+    Ok(l.counters().freed - before)
+}
+
+/// Writer side: run one encoded [`Command`] and encode the [`Reply`].
+pub fn serve<S: FragmentStore + Send>(
+    log: &Mutex<Option<Log<S>>>,
+    reader: &Mutex<Option<SegmentReader<S>>>,
+    writer: NodeId,
+    request: &[u8],
+) -> Vec<u8> {
+    let reply = match bincode::deserialize::<Command>(request) {
+        Err(e) => Reply::Error(format!("bad cleaner command: {e}")),
+        Ok(cmd) => run(log, reader, writer, &cmd),
+    };
+    bincode::serialize(&reply).unwrap_or_default()
+}
+
+/// Writer side: run one [`Command`].
+pub fn run<S: FragmentStore + Send>(
+    log: &Mutex<Option<Log<S>>>,
+    reader: &Mutex<Option<SegmentReader<S>>>,
+    writer: NodeId,
+    cmd: &Command,
+) -> Reply {
+    let r = match cmd {
+        Command::Usage { limit } => match lock(log).as_mut() {
+            Some(l) => Ok(Reply::Usage(writer_usage(l, writer, *limit as usize))),
+            None => Err("this node has no log (yet)".to_string()),
+        },
+        Command::Clean { segment } => match lock(reader).as_mut() {
+            Some(r) => clean_segment(log, r, *segment, &mut |_| {}).map(Reply::Cleaned),
+            None => Err("this node's segment reader is not connected (yet)".to_string()),
+        },
+        Command::Finish => finish(log).map(Reply::Finished),
+    };
+    r.unwrap_or_else(Reply::Error)
+}
+
+/// The first of `candidates` (config order) that is alive: the stripe group's leader.
+pub fn leader_of(candidates: &[NodeId], mut alive: impl FnMut(NodeId) -> bool) -> Option<NodeId> {
+    candidates.iter().copied().find(|c| alive(*c))
+}
+
+/// How the leader reaches the writers of its group.
+pub trait Group {
+    /// Run `cmd` on `writer`.
+    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, String>;
+}
+
+/// What the leader is doing and has done (for `xfs-node status`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CleanerStatus {
+    /// `idle`, `cleaning (low on space)`, `cleaning (group idle)`.
+    pub state: String,
+    /// Free segments of the group at the last look.
+    pub free_segments: u64,
+    /// Segments of the group (free + held by its writers).
+    pub total_segments: u64,
+    /// Bytes a segment holds.
+    pub segment_payload: u64,
+    /// Live bytes of the group's writers.
+    pub live_bytes: u64,
+    /// Dead bytes in their data segments (what cleaning can free).
+    pub cleanable_bytes: u64,
+    /// Writers that answered at the last look.
+    pub writers: u64,
+    /// Rounds that cleaned something.
+    pub rounds: u64,
+    /// Segments cleaned.
+    pub segments_cleaned: u64,
+    /// Blocks moved.
+    pub blocks_moved: u64,
+    /// Bytes moved.
+    pub bytes_moved: u64,
+    /// Copies discarded because a writer won.
+    pub discarded: u64,
+    /// Segments freed.
+    pub freed: u64,
+    /// The current round: segments done of chosen.
+    pub progress: (u64, u64),
+    /// The last error (a writer that did not answer, a failed move).
+    pub last_error: String,
+}
+
+/// A stripe group's cleaner leader.
+pub struct Leader {
+    cfg: CleanerConfig,
+    cleaning: bool,
+    last_written: u64,
+    last_activity: u64,
+    /// What it is doing.
+    pub status: CleanerStatus,
+}
+
+impl Leader {
+    /// A leader with `cfg` (validated by the caller).
+    pub fn new(cfg: CleanerConfig) -> Leader {
+        Leader {
+            cfg,
+            cleaning: false,
+            last_written: 0,
+            last_activity: 0,
+            status: CleanerStatus {
+                state: "idle".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CleanerConfig {
+        &self.cfg
+    }
+
+    /// Look at the group and clean one batch if needed: `now` in milliseconds, `pace` is
+    /// called after each segment with the time it took (the driver sleeps, a simulation
+    /// does not). Returns the segments cleaned (0: nothing to do).
+    pub fn round(
+        &mut self,
+        group: &mut dyn Group,
+        writers: &[NodeId],
+        now: u64,
+        pace: &mut dyn FnMut(Duration),
+    ) -> u64 {
+        let mut usages = Vec::new();
+        for w in writers {
+            match group.call(*w, &Command::Usage { limit: 64 }) {
+                Ok(Reply::Usage(u)) => usages.push(u),
+                Ok(Reply::Error(e)) | Err(e) => {
+                    self.status.last_error = format!("node {w}: {e}");
+                }
+                Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
+            }
+        }
+        if usages.is_empty() {
+            self.status.state = "idle (no writer answers)".into();
+            return 0;
+        }
+        let free = usages.iter().map(|u| u.free_segments).min().unwrap_or(0);
+        let total = free + usages.iter().map(|u| u.held).sum::<u64>();
+        let written: u64 = usages.iter().map(|u| u.written).sum();
+        if written != self.last_written || self.last_activity == 0 {
+            self.last_written = written;
+            self.last_activity = now.max(1);
+        }
+        self.status.free_segments = free;
+        self.status.total_segments = total;
+        self.status.segment_payload = usages[0].payload;
+        self.status.live_bytes = usages.iter().map(|u| u.live).sum();
+        self.status.cleanable_bytes = usages.iter().map(|u| u.dead).sum();
+        self.status.writers = usages.len() as u64;
+        let frac = free as f64 / total.max(1) as f64;
+        if frac < self.cfg.low_water {
+            self.cleaning = true;
+        } else if frac >= self.cfg.high_water {
+            self.cleaning = false;
+        }
+        let idle = now.saturating_sub(self.last_activity) >= self.cfg.idle_ms;
+        let limit = if self.cleaning {
+            self.cfg.max_utilisation
+        } else if idle {
+            self.cfg.idle_utilisation
+        } else {
+            self.status.state = "idle".into();
+            return 0;
+        };
+        let mut scored: Vec<(f64, NodeId, u64)> = Vec::new();
+        for u in &usages {
+            for c in &u.candidates {
+                let util = c.live as f64 / u.payload.max(1) as f64;
+                if util <= limit {
+                    let age = u.now.saturating_sub(c.time);
+                    scored.push((cost_benefit(util, age), u.writer, c.segment));
+                }
+            }
+        }
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
+        scored.truncate(self.cfg.batch);
+        if scored.is_empty() {
+            self.status.state = "idle (nothing cleanable)".into();
+            return 0;
+        }
+        self.status.state = if self.cleaning {
+            "cleaning (low on space)".into()
+        } else {
+            "cleaning (group idle)".into()
+        };
+        self.status.progress = (0, scored.len() as u64);
+        let mut touched: Vec<NodeId> = Vec::new();
+        let mut cleaned = 0;
+        for (_, w, segment) in &scored {
+            let t = Instant::now();
+            match group.call(*w, &Command::Clean { segment: *segment }) {
+                Ok(Reply::Cleaned(s)) => {
+                    cleaned += 1;
+                    self.status.segments_cleaned += 1;
+                    self.status.blocks_moved += s.moved;
+                    self.status.bytes_moved += s.bytes;
+                    self.status.discarded += s.discarded;
+                }
+                Ok(Reply::Error(e)) | Err(e) => {
+                    self.status.last_error = format!("node {w}, segment {segment:#x}: {e}")
+                }
+                Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
+            }
+            if !touched.contains(w) {
+                touched.push(*w);
+            }
+            self.status.progress.0 += 1;
+            pace(t.elapsed());
+        }
+        for w in touched {
+            let t = Instant::now();
+            match group.call(w, &Command::Finish) {
+                Ok(Reply::Finished(n)) => self.status.freed += n,
+                Ok(Reply::Error(e)) | Err(e) => self.status.last_error = format!("node {w}: {e}"),
+                Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
+            }
+            pace(t.elapsed());
+        }
+        self.status.rounds += 1;
+        cleaned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_benefit_prefers_emptier_and_older_segments() {
+        assert!(cost_benefit(0.2, 1000) > cost_benefit(0.5, 1000));
+        assert!(cost_benefit(0.5, 10_000) > cost_benefit(0.5, 100));
+        // An old segment three quarters live beats a fresh one half live (Sprite's point:
+        // cold segments are worth cleaning at a higher utilisation).
+        assert!(cost_benefit(0.75, 100_000) > cost_benefit(0.5, 1_000));
+        assert_eq!(cost_benefit(1.0, 5), 0.0);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let mut c = CleanerConfig::default();
+        assert!(c.validate().is_ok());
+        c.high_water = 0.1;
+        assert!(c.validate().unwrap_err().contains("high_water"));
+        let c = CleanerConfig {
+            share: 0.0,
+            ..CleanerConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("share"));
+        let pause = CleanerConfig {
+            share: 0.25,
+            ..CleanerConfig::default()
+        }
+        .pause(Duration::from_millis(10));
+        assert_eq!(pause, Duration::from_millis(30));
+    }
+
+    #[test]
+    fn the_first_live_candidate_leads() {
+        assert_eq!(leader_of(&[3, 1, 2], |_| true), Some(3));
+        assert_eq!(leader_of(&[3, 1, 2], |n| n != 3), Some(1));
+        assert_eq!(leader_of(&[3], |_| false), None);
+    }
+}
