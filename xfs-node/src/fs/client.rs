@@ -190,7 +190,8 @@ pub struct FsClient<B: Blocks> {
     held: (Mutex<BTreeSet<BlockId>>, std::sync::Condvar),
 }
 
-/// Free space below which writes fail with `ENOSPC` (room for what is in flight).
+/// Free space below which writes fail with `ENOSPC` (room for what is in flight; on a
+/// small cluster a sixteenth of its size, if that is less).
 pub const FULL_MARGIN: u64 = 2 << 20;
 
 /// Index numbers reserved per durable update of a node's allocator block.
@@ -633,7 +634,21 @@ impl<B: Blocks> FsClient<B> {
         } else {
             self.truncate_blocks(i, 0)?;
         }
-        self.run_writes(vec![(inode_block(i.ino), UserOp::Write(Vec::new()))])
+        self.run_writes(vec![(inode_block(i.ino), UserOp::Write(Vec::new()))])?;
+        // Write the deletions back now (durable with the manager's next log sync), so the
+        // space is the cleaner's at once rather than when the cache evicts them.
+        let blocks: Vec<BlockId> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&i.ino)
+            .map(|d| d.iter().copied().collect())
+            .unwrap_or_default();
+        let ops = blocks.into_iter().map(|b| (b, UserOp::Flush)).collect();
+        for r in self.blocks.run(ops) {
+            r?;
+        }
+        Ok(())
     }
 
     fn touch_dir(&self, dir: u64, nlink_delta: i64) -> Result<(), Errno> {
@@ -1130,7 +1145,7 @@ impl<B: Blocks> FsClient<B> {
         // A full cluster refuses new data at once (a write-back that cannot be stored
         // would only fail at the next fsync, after filling this node's memory).
         let st = self.blocks.statfs()?;
-        if st.blocks > 0 && st.bfree * st.bsize < FULL_MARGIN {
+        if st.blocks > 0 && st.bfree * st.bsize < FULL_MARGIN.min(st.blocks * st.bsize / 16) {
             return Err(Errno::ENOSPC);
         }
         let bs = BLOCK as u64;
@@ -1198,17 +1213,28 @@ impl<B: Blocks> FsClient<B> {
         Ok(())
     }
 
-    /// `fsync` every file this client wrote.
+    /// `fsync` every file this client wrote: every dirty block written back, then one
+    /// log sync per manager involved (not one per file: each sync seals a segment).
     pub fn sync_all(&self) -> Result<(), Errno> {
-        let inos: Vec<u64> = self
-            .dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let managers: BTreeSet<NodeId> = dirty.keys().map(|i| self.map.manager(*i)).collect();
+        let ops = dirty
+            .values()
+            .flatten()
+            .map(|b| (*b, UserOp::Flush))
             .collect();
-        for ino in inos {
-            self.fsync(ino)?;
+        let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
+        let r = r.and_then(|_| managers.into_iter().try_for_each(|m| self.blocks.sync(m)));
+        if let Err(e) = r {
+            // Keep them for the next fsync.
+            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            for (ino, blocks) in dirty {
+                d.entry(ino).or_default().extend(blocks);
+            }
+            return Err(e);
         }
         Ok(())
     }

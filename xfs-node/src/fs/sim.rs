@@ -119,6 +119,8 @@ pub struct FsSimConfig {
     pub lose_server_at: Option<usize>,
     /// Crash and restart a node at this operation (None: never).
     pub crash_at: Option<usize>,
+    /// Fragment slots per storage server (the device's size).
+    pub server_slots: usize,
 }
 
 impl Default for FsSimConfig {
@@ -139,6 +141,7 @@ impl Default for FsSimConfig {
             },
             lose_server_at: Some(60),
             crash_at: Some(90),
+            server_slots: 100_000,
         }
     }
 }
@@ -151,8 +154,12 @@ pub struct World {
     pub shards: Vec<Vec<FsShard>>,
     /// Storage servers.
     pub servers: Vec<Arc<Mutex<SimServer>>>,
-    logs: Vec<SharedLog>,
-    group: StripeGroup,
+    /// Each node's log.
+    pub logs: Vec<SharedLog>,
+    /// The stripe group.
+    pub group: StripeGroup,
+    /// The logs' clock (milliseconds of the workload's choosing; segments' ages).
+    pub clock: Arc<std::sync::atomic::AtomicU64>,
     configs: Vec<ShardConfig>,
     next_op: OpId,
     /// Virtual time limit per block-operation batch (then EIO: a stuck protocol).
@@ -266,16 +273,23 @@ impl Blocks for SimBlocks {
     }
 
     fn statfs(&self) -> Result<StatFs, Errno> {
+        // A segment per free slot of the fullest server, `data` fragments of payload each.
         let w = self.world.borrow();
-        let mut free = 0;
+        let data = w.group.data();
+        let mut free = usize::MAX;
+        let mut total = 0;
         for s in &w.servers {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            free += s.store.free_slots().unwrap_or(0) * s.store.fragment_bytes();
+            if s.up {
+                free = free.min(s.store.free_slots().unwrap_or(0));
+                total = total.max(s.store.slots());
+            }
         }
+        let bytes = |slots: usize| (slots.min(1 << 40) * data * FRAGMENT) as u64;
         Ok(StatFs {
             bsize: BLOCK as u64,
-            blocks: 0,
-            bfree: free as u64 / BLOCK as u64,
+            blocks: bytes(total) / BLOCK as u64,
+            bfree: bytes(free) / BLOCK as u64,
             namelen: 255,
         })
     }
@@ -298,7 +312,13 @@ pub struct FsSim {
     map: ManagerMap,
 }
 
-const FRAGMENT: usize = 16 * 1024;
+/// Fragment size of the simulated servers.
+pub const FRAGMENT: usize = 16 * 1024;
+
+fn sim_clock(c: &Arc<std::sync::atomic::AtomicU64>) -> Box<dyn Fn() -> u64 + Send> {
+    let c = c.clone();
+    Box::new(move || c.load(std::sync::atomic::Ordering::Relaxed))
+}
 
 impl FsSim {
     /// A fresh cluster.
@@ -314,7 +334,7 @@ impl FsSim {
         let servers: Vec<Arc<Mutex<SimServer>>> = (0..cfg.servers)
             .map(|_| {
                 Arc::new(Mutex::new(SimServer {
-                    store: MemFragmentStore::new(100_000, FRAGMENT),
+                    store: MemFragmentStore::new(cfg.server_slots, FRAGMENT),
                     up: true,
                 }))
             })
@@ -324,12 +344,14 @@ impl FsSim {
             servers: (100..100 + cfg.servers as NodeId).collect(),
             parity: 1,
         };
+        let clock = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let logs: Vec<SharedLog> = ids
             .iter()
             .map(|id| {
                 let stores = servers.iter().map(|s| Some(SimFrag(s.clone()))).collect();
-                let log = Log::new(*id, group.clone(), stores)
+                let mut log = Log::new(*id, group.clone(), stores)
                     .unwrap_or_else(|e| unreachable!("a valid stripe group: {e}"));
+                log.set_clock(sim_clock(&clock));
                 Arc::new(Mutex::new(Some(log)))
             })
             .collect();
@@ -378,6 +400,7 @@ impl FsSim {
             servers,
             logs,
             group,
+            clock,
             configs,
             next_op: 1,
             op_time_limit: Duration::from_secs(20),
@@ -417,8 +440,9 @@ impl FsSim {
         // The log, with what it had not synced, dies with the process.
         *w.logs[i].lock().unwrap_or_else(|e| e.into_inner()) = None;
         let stores = w.servers.iter().map(|s| Some(SimFrag(s.clone()))).collect();
-        let log = Log::recover(node, w.group.clone(), stores)
+        let mut log = Log::recover(node, w.group.clone(), stores)
             .map_err(|e| format!("node {node} cannot recover its log: {e}"))?;
+        log.set_clock(sim_clock(&w.clock));
         *w.logs[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
         let cfg = w.configs[i].clone();
         let log = w.logs[i].clone();

@@ -329,6 +329,11 @@ impl MemFragmentStore {
         }
     }
 
+    /// Slots in all (the device's size in fragments).
+    pub fn slots(&self) -> usize {
+        self.durable.len()
+    }
+
     fn slot(&self, s: usize) -> Option<&MemSlot> {
         match self.volatile.get(&s) {
             Some(v) => v.as_ref(),

@@ -183,16 +183,17 @@ pub struct SegmentUsage {
 
 /// Segment kinds (in the summary).
 const DATA: u8 = 0;
-/// A checkpoint part holding imap entries.
-const IMAP: u8 = 1;
-/// A checkpoint part holding the writer's segment-usage table (its *s-file*).
-const USAGE: u8 = 2;
+/// A checkpoint part: imap entries, then entries of the writer's segment-usage table (its
+/// *s-file*), marked by [`USAGE_ENTRY`] in their first word.
+const CHECKPOINT: u8 = 1;
+/// Marks an s-file entry in a checkpoint (block ids never have the top bit set).
+const USAGE_ENTRY: u64 = 1 << 63;
 
 /// A decoded segment summary.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Summary {
     segment: u64,
-    /// [`DATA`], [`IMAP`] or [`USAGE`].
+    /// [`DATA`] or [`CHECKPOINT`].
     kind: u8,
     /// When the segment was sealed (the log's clock, milliseconds).
     time: u64,
@@ -877,25 +878,23 @@ impl<S: FragmentStore + Send> Log<S> {
             .iter()
             .map(|(b, a)| entry(*b, a.segment, a.offset, a.len))
             .collect();
-        // Usage entries: segment, live bytes, seal time (as two u32 halves).
-        let usage: Vec<[u8; IMAP_ENTRY_BYTES]> = self
-            .usage()
-            .into_iter()
-            .map(|u| entry(u.segment, u.live, u.time as u32, (u.time >> 32) as u32))
-            .collect();
-        let imap_parts = imap.len().div_ceil(per).max(1);
-        let parts = (imap_parts + usage.len().div_ceil(per).max(1)) as u32;
+        // Then the s-file: segment (marked), live bytes, seal time (as two u32 halves).
+        let mut entries = imap;
+        entries.extend(self.usage().into_iter().map(|u| {
+            entry(
+                u.segment | USAGE_ENTRY,
+                u.live,
+                u.time as u32,
+                (u.time >> 32) as u32,
+            )
+        }));
+        let parts = entries.len().div_ceil(per).max(1) as u32;
         let first = self.current_segment();
-        let mut part = 0u32;
-        for (kind, entries) in [(IMAP, &imap), (USAGE, &usage)] {
-            if entries.is_empty() {
-                self.write_part(kind, part, parts, upto, &[])?;
-                part += 1;
-            }
-            for chunk in entries.chunks(per) {
-                self.write_part(kind, part, parts, upto, chunk)?;
-                part += 1;
-            }
+        if entries.is_empty() {
+            self.write_part(CHECKPOINT, 0, 1, upto, &[])?;
+        }
+        for (part, chunk) in entries.chunks(per).enumerate() {
+            self.write_part(CHECKPOINT, part as u32, parts, upto, chunk)?;
         }
         self.fsync()?;
         self.checkpoint_segs = (first..first + parts as u64).collect();
@@ -958,7 +957,10 @@ impl<S: FragmentStore + Send> Log<S> {
             .collect();
         // A server that fails here keeps the fragments; they are found again (and freed)
         // after a restart, since recovery lists what the servers hold.
-        let _ = parallel(&mut self.stores, |_, st| st.delete(&ids));
+        // (A store reuses a freed slot after its next sync.)
+        let _ = parallel(&mut self.stores, |_, st| {
+            st.delete(&ids).and_then(|_| st.sync())
+        });
         for s in &dead {
             self.segs.remove(s);
         }
@@ -977,6 +979,11 @@ impl<S: FragmentStore + Send> Log<S> {
                 time: i.time,
             })
             .collect()
+    }
+
+    /// Whether `segment` is one of this writer's durable segments (not freed).
+    pub fn has_segment(&self, segment: u64) -> bool {
+        self.segs.contains_key(&segment)
     }
 
     /// Segments this writer holds on the servers (durable, written, queued).
@@ -1096,7 +1103,7 @@ impl<S: FragmentStore + Send> Log<S> {
         // The newest checkpoint whose parts are all there.
         let mut start_after = 0u64;
         let mut best: Option<(u64, Vec<u64>)> = None;
-        let is_checkpoint = |k: u8| k == IMAP || k == USAGE;
+        let is_checkpoint = |k: u8| k == CHECKPOINT;
         for (seg, (s, _)) in decoded.iter().rev() {
             if !is_checkpoint(s.kind) || s.part + 1 != s.parts {
                 continue;
@@ -1120,26 +1127,18 @@ impl<S: FragmentStore + Send> Log<S> {
             for id in ids {
                 let (s, bytes) = &decoded[id];
                 let n = s.payload as usize / IMAP_ENTRY_BYTES;
-                if s.kind == USAGE {
-                    // The s-file: seal times of the segments it covers (live bytes are
-                    // recomputed from the imap below).
-                    for e in 0..n {
-                        let at = SUMMARY_BYTES + e * IMAP_ENTRY_BYTES;
-                        let seg =
-                            u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
-                        let t = u64::from_le_bytes(
-                            bytes[at + 16..at + 24].try_into().unwrap_or([0; 8]),
-                        );
-                        times.insert(seg, t);
-                    }
-                    continue;
-                }
                 for e in 0..n {
                     let at = SUMMARY_BYTES + e * IMAP_ENTRY_BYTES;
                     let u64_at =
                         |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
                     let u32_at =
                         |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap_or([0; 4]));
+                    if u64_at(at) & USAGE_ENTRY != 0 {
+                        // The s-file: seal times of the segments it covers (live bytes
+                        // are recomputed from the imap).
+                        times.insert(u64_at(at) & !USAGE_ENTRY, u64_at(at + 16));
+                        continue;
+                    }
                     let addr = LogAddress {
                         segment: u64_at(at + 8),
                         offset: u32_at(at + 16),
