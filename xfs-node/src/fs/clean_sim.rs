@@ -310,7 +310,7 @@ pub fn run(seed: u64, cfg: &CleanSimConfig) -> Result<CleanSimReport, String> {
                 "op {k}: written {} free segments {free_segs} live {live} leader {leader}: {:?}",
                 report.written, l.status
             );
-            if k % 100 == 0 {
+            if k.is_multiple_of(100) {
                 eprintln!("live per index number: {:?}", live_breakdown(&sim));
             }
         }

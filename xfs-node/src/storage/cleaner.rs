@@ -208,6 +208,9 @@ pub fn writer_usage<S: FragmentStore + Send>(
     }
 }
 
+/// Called between the cleaner's read of a segment and its moves, with the blocks read.
+pub type Between<'a> = dyn FnMut(&[(BlockId, LogAddress)]) + 'a;
+
 /// Writer side: empty `segment`. The live blocks are taken from the imap (under the log's
 /// lock), read through `reader` (without it: writers go on), `between` is called (a test
 /// forces a writer in here), and each block is appended again only if it is still the
@@ -216,7 +219,7 @@ pub fn clean_segment<S: FragmentStore + Send>(
     log: &Mutex<Option<Log<S>>>,
     reader: &mut SegmentReader<S>,
     segment: u64,
-    between: &mut dyn FnMut(&[(BlockId, LogAddress)]),
+    between: &mut Between<'_>,
 ) -> Result<CleanStats, String> {
     let live = lock(log)
         .as_ref()

@@ -360,18 +360,17 @@ fn reconstruct<S: FragmentStore>(
     skip: Option<usize>,
     upto: usize,
 ) -> Result<Vec<Vec<u8>>, LogError> {
-    let n = group.servers.len();
     let k = group.data();
     let m = group.parity;
     let mut have: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
-    for j in 0..n {
+    for (j, store) in stores.iter_mut().enumerate() {
         if have.len() == k {
             break;
         }
         if Some(j) == skip {
             continue;
         }
-        if let Some(s) = stores[j].as_mut() {
+        if let Some(s) = store.as_mut() {
             let id = FragmentId {
                 segment,
                 index: j as u16,
