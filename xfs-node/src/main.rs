@@ -535,10 +535,12 @@ fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
         "node", "pid", "address", "roles", "managers", "storage used"
     );
     let mut down_nodes = Vec::new();
+    let mut statuses = Vec::new();
     for n in &cfg.nodes {
         let managed = map.entries.iter().filter(|e| **e == n.id).count();
         match status_of(cfg, n.id) {
             Ok(s) => {
+                statuses.push(s.clone());
                 println!(
                     "{:<5} {:<8} {:<22} {:<24} {:>9} {:>14}  {}{}",
                     n.id,
@@ -601,6 +603,45 @@ fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
                 format!(", DEGRADED (down: {lost:?})")
             }
         );
+        let led = statuses.iter().find_map(|s| {
+            s.cleaners
+                .iter()
+                .find(|(id, l, st)| *id == g.id && *l == Some(s.node) && st.is_some())
+                .and_then(|(_, _, st)| st.clone().map(|st| (s.node, st)))
+        });
+        match led {
+            Some((leader, s)) => {
+                let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                println!(
+                    "  space: {:.1} MiB free of {:.1} MiB ({} of {} segments), {:.1} MiB live, {:.1} MiB cleanable",
+                    mib(s.free_segments * s.segment_payload),
+                    mib(s.total_segments * s.segment_payload),
+                    s.free_segments,
+                    s.total_segments,
+                    mib(s.live_bytes),
+                    mib(s.cleanable_bytes)
+                );
+                println!(
+                    "  cleaner: led by node {leader}, {}{}; {} segments cleaned, {:.1} MiB moved, {} copies discarded (writer won), {} segments freed{}",
+                    s.state,
+                    if s.state.starts_with("cleaning") {
+                        format!(" (round: {} of {} segments)", s.progress.0, s.progress.1)
+                    } else {
+                        String::new()
+                    },
+                    s.segments_cleaned,
+                    mib(s.bytes_moved),
+                    s.discarded,
+                    s.freed,
+                    if s.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; last error: {}", s.last_error)
+                    }
+                );
+            }
+            None => println!("  cleaner: no leader has reported yet"),
+        }
     }
     Ok(())
 }

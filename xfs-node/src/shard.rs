@@ -308,6 +308,7 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     sync_inbox: SyncInbox,
     sync_out: VecDeque<(NodeId, [u64; 3], Vec<u8>)>,
     sync_done: Vec<(OpId, Result<(), SyncError>)>,
+    call_done: Vec<(OpId, Result<Vec<u8>, String>)>,
     bad: Arc<Mutex<u64>>,
     undeliverable: Arc<Mutex<u64>>,
     bounced: Bounced,
@@ -372,7 +373,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         let sync_inbox: SyncInbox = Arc::new(Mutex::new(VecDeque::new()));
         let (si, b) = (sync_inbox.clone(), bad.clone());
         endpoint.register(SYNC_HANDLER, move |_, m| match m.args {
-            [k, op, ok, ..] if *k <= 1 => {
+            [k, op, ok, ..] if *k <= 3 => {
                 lock(&si).push_back((m.source, [*k, *op, *ok], m.payload.to_vec()))
             }
             _ => *lock(&b) += 1,
@@ -396,6 +397,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             sync_inbox,
             sync_out: VecDeque::new(),
             sync_done: Vec::new(),
+            call_done: Vec::new(),
             bad,
             undeliverable,
             bounced,
@@ -486,6 +488,27 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         }
     }
 
+    /// Send a store command (see [`BlockStore::command`]) to node `node`'s store; the
+    /// answer comes from [`Shard::take_call_done`] with `op`.
+    pub fn call(&mut self, op: OpId, node: NodeId, request: Vec<u8>) {
+        if node == self.node {
+            let r = self.storage.store.command(&request);
+            self.call_done.push((op, r));
+        } else if self.peers.contains_key(&node) {
+            self.sync_out.push_back((node, [2, op, 0], request));
+        } else {
+            self.call_done.push((
+                op,
+                Err(format!("node {node} is not connected to this shard")),
+            ));
+        }
+    }
+
+    /// Take the answers to [`Shard::call`].
+    pub fn take_call_done(&mut self) -> Vec<(OpId, Result<Vec<u8>, String>)> {
+        std::mem::take(&mut self.call_done)
+    }
+
     /// This node restarted: its client and manager state machines start empty, its queues
     /// are dropped (the endpoint and its peers stay), its store is `store`.
     pub fn restart(&mut self, cfg: ShardConfig, store: S) {
@@ -498,6 +521,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.outgoing.clear();
         self.sync_out.clear();
         self.sync_done.clear();
+        self.call_done.clear();
         self.kernel.clear();
         self.waiting.clear();
         self.completions.clear();
@@ -528,7 +552,23 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 self.counters.bad_messages += 1;
                 continue;
             };
-            if kind == 0 {
+            if kind == 2 {
+                let (status, bytes) = match self.storage.store.command(&payload) {
+                    Ok(b) => (0, b),
+                    Err(e) => (1, e.into_bytes()),
+                };
+                self.sync_out.push_back((from, [3, op, status], bytes));
+            } else if kind == 3 {
+                let r = if errno == 0 {
+                    Ok(payload)
+                } else {
+                    Err(format!(
+                        "node {from}: {}",
+                        String::from_utf8_lossy(&payload)
+                    ))
+                };
+                self.call_done.push((op, r));
+            } else if kind == 0 {
                 let (errno, text) = match self.storage.store.sync() {
                     Ok(()) => (0, Vec::new()),
                     Err(e) => (e.errno.max(1) as u64, e.message.into_bytes()),
@@ -565,7 +605,10 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 Err(AmError::WouldBlock) => break,
                 Err(e) => {
                     let (to, args, _) = self.sync_out.pop_front().unwrap_or_default();
-                    if args[0] == 0 {
+                    if args[0] == 2 {
+                        self.call_done
+                            .push((args[1], Err(format!("node {to} unreachable: {e}"))));
+                    } else if args[0] == 0 {
                         self.sync_done.push((
                             args[1],
                             Err(SyncError::io(format!("node {to} unreachable: {e}"))),

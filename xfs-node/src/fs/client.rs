@@ -131,6 +131,12 @@ pub trait Blocks {
     fn now(&self) -> u64;
     /// This node.
     fn me(&self) -> NodeId;
+    /// The cluster is (nearly) full: wait a while for the log cleaner to free space.
+    /// `attempt` counts the waits of this write so far. Returns whether to look again
+    /// (the default: no waiting, fail at once).
+    fn wait_for_space(&self, _attempt: u32) -> bool {
+        false
+    }
 }
 
 /// Attribute changes (`None`: unchanged).
@@ -1144,9 +1150,17 @@ impl<B: Blocks> FsClient<B> {
         }
         // A full cluster refuses new data at once (a write-back that cannot be stored
         // would only fail at the next fsync, after filling this node's memory).
-        let st = self.blocks.statfs()?;
-        if st.blocks > 0 && st.bfree * st.bsize < FULL_MARGIN.min(st.blocks * st.bsize / 16) {
-            return Err(Errno::ENOSPC);
+        // A writer waits for the cleaner before it gives up.
+        let mut attempt = 0;
+        loop {
+            let st = self.blocks.statfs()?;
+            if st.blocks == 0 || st.bfree * st.bsize >= FULL_MARGIN.min(st.blocks * st.bsize / 16) {
+                break;
+            }
+            if !self.blocks.wait_for_space(attempt) {
+                return Err(Errno::ENOSPC);
+            }
+            attempt += 1;
         }
         let bs = BLOCK as u64;
         let mut ops = Vec::new();

@@ -138,7 +138,7 @@ pub struct GroupSection {
 }
 
 /// The whole file.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Cluster settings.
@@ -149,6 +149,10 @@ pub struct Config {
     pub manager_map: MapSection,
     /// Stripe groups.
     pub stripe_groups: Vec<GroupSection>,
+    /// The log cleaner (`[cleaner]`, optional: defaults in
+    /// [`crate::storage::cleaner::CleanerConfig`]).
+    #[serde(default)]
+    pub cleaner: crate::storage::cleaner::CleanerConfig,
 }
 
 const ROLES: [&str; 3] = ["client", "manager", "storage"];
@@ -197,6 +201,9 @@ impl Config {
 
     /// Check everything a node relies on; the error names what to fix.
     pub fn validate(&self) -> Result<(), String> {
+        self.cleaner
+            .validate()
+            .map_err(|e| format!("[cleaner] {e}"))?;
         let c = &self.cluster;
         if !matches!(c.transport.as_str(), "udp" | "rdma") {
             return Err(format!(
@@ -352,6 +359,7 @@ impl Config {
                 servers: ids.clone(),
                 parity: usize::from(n > 1),
             }],
+            cleaner: Default::default(),
         }
     }
 }

@@ -209,6 +209,13 @@ pub struct NodeStatus {
     pub storage_total_bytes: u64,
     /// The last protocol or storage error, if any.
     pub last_error: Option<String>,
+    /// The stripe groups this node may lead the cleaner of: group id, the leader it
+    /// sees, and the cleaner's state if it leads.
+    pub cleaners: Vec<(
+        u32,
+        Option<u16>,
+        Option<crate::storage::cleaner::CleanerStatus>,
+    )>,
 }
 
 impl NodeStatus {

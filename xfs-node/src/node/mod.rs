@@ -32,8 +32,9 @@ use crate::coherence::{
 use crate::fs::client::{Blocks, Errno, FsClient, StatFs};
 use crate::fs::layout::{Entry, Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::shard::{shard_of, Shard, ShardConfig};
+use crate::storage::cleaner::{self, CleanerStatus};
 use crate::storage::fragment::{FragmentStore, StoreError};
-use crate::storage::log::{Log, LogError};
+use crate::storage::log::{Log, LogError, SegmentReader};
 use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
 use crate::storage::uring::{UringOptions, UringStore};
 use config::Config;
@@ -44,6 +45,7 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 const STORE_DEPTH: usize = 16;
 
 type SharedLog<T> = Arc<Mutex<Option<Log<RemoteStore<T>>>>>;
+type SharedReader<T> = Arc<Mutex<Option<SegmentReader<RemoteStore<T>>>>>;
 type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
 type LogControl = Box<dyn Fn(&str) -> Result<Vec<(String, u64)>, String> + Send + Sync>;
 /// The attached mount's queue of kernel invalidations (`None`: no mount; they complete at
@@ -64,6 +66,10 @@ pub struct LogStore<S: FragmentStore> {
     /// Set while the log cannot write what it holds (its stores are full): the node's
     /// `statfs` reports no free space, so writes fail with ENOSPC at once.
     pub full: Arc<AtomicBool>,
+    /// This node.
+    pub node: NodeId,
+    /// The cleaner's reader of this log's segments (its own store connections).
+    pub reader: Arc<Mutex<Option<SegmentReader<S>>>>,
 }
 
 impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
@@ -98,6 +104,13 @@ impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
             message: e.to_string(),
         })
     }
+    fn command(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
+        let r = cleaner::serve(&self.log, &self.reader, self.node, request);
+        if let Some(l) = lock(&self.log).as_ref() {
+            self.full.store(l.is_full(), Ordering::Relaxed);
+        }
+        Ok(r)
+    }
 }
 
 enum Cmd {
@@ -111,6 +124,13 @@ enum Cmd {
         op: OpId,
         node: NodeId,
         reply: Sender<Result<(), SyncError>>,
+    },
+    /// A store command to node `node` (the cleaner's).
+    Call {
+        op: OpId,
+        node: NodeId,
+        request: Vec<u8>,
+        reply: Sender<Result<Vec<u8>, String>>,
     },
     Stats(Sender<Vec<(String, u64)>>),
     /// The kernel dropped these blocks (the mount's answer to an invalidation).
@@ -145,6 +165,28 @@ impl NodeBlocks {
                 self.wake[s].notify();
             }
         }
+    }
+
+    /// Run a store command on node `node` (through shard 0), waiting up to `timeout`.
+    pub fn call(
+        &self,
+        node: NodeId,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let (tx, rx) = mpsc::channel();
+        let cmd = Cmd::Call {
+            op: self.op_id(),
+            node,
+            request,
+            reply: tx,
+        };
+        self.shards[0]
+            .send(cmd)
+            .map_err(|_| "the shard loop has stopped".to_string())?;
+        self.wake[0].notify();
+        rx.recv_timeout(timeout)
+            .map_err(|_| format!("node {node} did not answer within {timeout:?}"))?
     }
 
     /// Sum the shards' counters.
@@ -231,6 +273,16 @@ impl Blocks for NodeBlocks {
     fn me(&self) -> NodeId {
         self.me
     }
+
+    fn wait_for_space(&self, attempt: u32) -> bool {
+        // The cleaner's leader looks at the group every 200 ms; a writer waits for it up
+        // to 30 s in all (then ENOSPC: the space is live, or the cleaner cannot run).
+        if attempt >= 600 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        true
+    }
 }
 
 fn shard_loop<T: Transport + Send>(
@@ -245,6 +297,8 @@ fn shard_loop<T: Transport + Send>(
     let mut invalidations = 0u64;
     let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
     let mut syncs: BTreeMap<OpId, Sender<Result<(), SyncError>>> = BTreeMap::new();
+    // Store commands in flight (dropped unanswered after two minutes: a dead peer).
+    let mut calls: BTreeMap<OpId, (Instant, Sender<Result<Vec<u8>, String>>)> = BTreeMap::new();
     let mut idle = 0u32;
     let mut last_error: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -264,6 +318,16 @@ fn shard_loop<T: Transport + Send>(
                 Cmd::Sync { op, node, reply } => {
                     syncs.insert(op, reply);
                     shard.sync(op, node);
+                }
+                Cmd::Call {
+                    op,
+                    node,
+                    request,
+                    reply,
+                } => {
+                    calls.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(120));
+                    calls.insert(op, (Instant::now(), reply));
+                    shard.call(op, node, request);
                 }
                 Cmd::KernelDone(blocks) => {
                     for b in blocks {
@@ -338,6 +402,11 @@ fn shard_loop<T: Transport + Send>(
                 let _ = tx.send(r);
             }
         }
+        for (op, r) in shard.take_call_done() {
+            if let Some((_, tx)) = calls.remove(&op) {
+                let _ = tx.send(r);
+            }
+        }
         if let Some(e) = shard.last_error() {
             let e = e.to_string();
             if last_error.as_ref() != Some(&e) {
@@ -374,6 +443,110 @@ pub struct Node {
     log: LogControl,
     ready: Arc<AtomicBool>,
     mount: MountLink,
+    cleaners: Cleaners,
+}
+
+/// Per stripe group this node may lead: the leader it sees and, if it leads, the state.
+type Cleaners = Arc<Mutex<BTreeMap<u32, (Option<NodeId>, Option<CleanerStatus>)>>>;
+
+/// The leader's link to the writers of its group: cleaner commands over the shards.
+struct NodeGroup<'a> {
+    blocks: &'a NodeBlocks,
+}
+
+impl cleaner::Group for NodeGroup<'_> {
+    fn call(&mut self, writer: NodeId, cmd: &cleaner::Command) -> Result<cleaner::Reply, String> {
+        let request = bincode::serialize(cmd).map_err(|e| e.to_string())?;
+        let answer = self
+            .blocks
+            .call(writer, request, Duration::from_secs(120))?;
+        bincode::deserialize(&answer).map_err(|e| format!("node {writer}: bad answer: {e}"))
+    }
+}
+
+/// The cleaner of stripe group `group` on a node that may lead it: the first of
+/// `candidates` (the group's servers, in config order) that answers leads; it looks at
+/// the group every second and cleans when its policy says so.
+#[allow(clippy::too_many_arguments)]
+fn cleaner_loop(
+    id: NodeId,
+    group: u32,
+    candidates: Vec<NodeId>,
+    writers: Vec<NodeId>,
+    cfg: cleaner::CleanerConfig,
+    client: Arc<FsClient<NodeBlocks>>,
+    ready: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    cleaners: Cleaners,
+) {
+    let mut leader: Option<cleaner::Leader> = None;
+    let nap = |stop: &AtomicBool, d: Duration| {
+        let end = Instant::now() + d;
+        while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50).min(d));
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if !ready.load(Ordering::Relaxed) {
+            nap(&stop, Duration::from_millis(200));
+            continue;
+        }
+        let ping = bincode::serialize(&cleaner::Command::Usage { limit: 0 }).unwrap_or_default();
+        let lead = cleaner::leader_of(&candidates, |n| {
+            n == id
+                || client
+                    .blocks
+                    .call(n, ping.clone(), Duration::from_secs(3))
+                    .is_ok()
+        });
+        if lead != Some(id) {
+            leader = None;
+            lock(&cleaners).insert(group, (lead, None));
+            nap(&stop, Duration::from_secs(1));
+            continue;
+        }
+        let l = leader.get_or_insert_with(|| {
+            eprintln!("xfs-node {id}: leading the cleaner of stripe group {group}");
+            cleaner::Leader::new(cfg.clone())
+        });
+        let before = l.status.clone();
+        let cleaned = l.round(
+            &mut NodeGroup {
+                blocks: &client.blocks,
+            },
+            &writers,
+            crate::storage::log::wall_clock_ms(),
+            &mut |work| nap(&stop, l_pause(&cfg, work)),
+        );
+        let s = &l.status;
+        if cleaned > 0 {
+            eprintln!(
+                "xfs-node {id}: cleaner of stripe group {group}: {} segments cleaned ({} blocks, \
+                 {} KiB moved, {} discarded), {} freed; {}/{} segments free",
+                s.segments_cleaned - before.segments_cleaned,
+                s.blocks_moved - before.blocks_moved,
+                (s.bytes_moved - before.bytes_moved) >> 10,
+                s.discarded - before.discarded,
+                s.freed - before.freed,
+                s.free_segments,
+                s.total_segments
+            );
+        }
+        if !s.last_error.is_empty() && s.last_error != before.last_error {
+            eprintln!(
+                "xfs-node {id}: cleaner of stripe group {group}: {}",
+                s.last_error
+            );
+        }
+        lock(&cleaners).insert(group, (Some(id), Some(s.clone())));
+        if cleaned == 0 {
+            nap(&stop, Duration::from_millis(200));
+        }
+    }
+}
+
+fn l_pause(cfg: &cleaner::CleanerConfig, work: Duration) -> Duration {
+    cfg.pause(work)
 }
 
 fn bind_err(what: &str, addr: SocketAddr, e: impl std::fmt::Display) -> String {
@@ -439,7 +612,8 @@ impl Node {
         let ready = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let frag = c.fragment_bytes;
-        let servers = config.nodes.len().max(1);
+        // Each node's log and its cleaner's reader are clients of every storage server.
+        let servers = 2 * config.nodes.len().max(1);
 
         // Storage server.
         let storage_total = Arc::new(AtomicU64::new(0));
@@ -509,6 +683,7 @@ impl Node {
             .map(|n| n.id)
             .collect();
         let log: SharedLog<M::T> = Arc::new(Mutex::new(None));
+        let reader: SharedReader<M::T> = Arc::new(Mutex::new(None));
         let log_full = Arc::new(AtomicBool::new(false));
         let mount: MountLink = Arc::new(Mutex::new(None));
         let mut senders = Vec::new();
@@ -531,6 +706,8 @@ impl Node {
                 LogStore {
                     log: log.clone(),
                     full: log_full.clone(),
+                    node: id,
+                    reader: reader.clone(),
                 },
             )
             .map_err(|e| format!("shard {s}: {e}"))?;
@@ -567,6 +744,7 @@ impl Node {
                 .collect();
             let host = me.host;
             let log2 = log.clone();
+            let reader2 = reader.clone();
             let ready2 = ready.clone();
             let stop2 = stop.clone();
             let mk = Arc::new(mk);
@@ -614,9 +792,13 @@ impl Node {
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
+                let group = g.clone();
                 match Log::recover(id, g, stores) {
                     Ok(l) => {
                         *lock(&log2) = Some(l);
+                        // The cleaner reads segments over connections of its own.
+                        let rs = addrs.iter().map(|(_, a)| connect(*a).ok()).collect();
+                        *lock(&reader2) = SegmentReader::new(group, rs).ok();
                         ready2.store(true, Ordering::Relaxed);
                     }
                     Err(e) => {
@@ -628,6 +810,26 @@ impl Node {
                 // and rebuilt: this log's fragments it misses are recomputed from the others.
                 while !stop2.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_secs(2));
+                    // The cleaner's connections too (a reader store that died, or was
+                    // never connected, is replaced once its server answers).
+                    for (i, (_, addr)) in addrs.iter().enumerate() {
+                        let dead = lock(&reader2)
+                            .as_mut()
+                            .and_then(|r| {
+                                r.store_slot(i)
+                                    .map(|s| s.as_ref().is_none_or(|s| s.is_dead()))
+                            })
+                            .unwrap_or(false);
+                        if dead {
+                            if let Ok(rs) = connect(*addr) {
+                                if let Some(slot) =
+                                    lock(&reader2).as_mut().and_then(|r| r.store_slot(i))
+                                {
+                                    *slot = Some(rs);
+                                }
+                            }
+                        }
+                    }
                     let down = lock(&log2).as_ref().map(|l| l.down()).unwrap_or_default();
                     for i in down {
                         let Some((node, addr)) = addrs.get(i).copied() else {
@@ -680,6 +882,35 @@ impl Node {
             }),
         };
         let client = Arc::new(FsClient::new(blocks, config.manager_map()));
+        // A cleaner for each stripe group this node serves (its leader is the first
+        // server of the group that answers).
+        let cleaners: Cleaners = Default::default();
+        {
+            let groups = config.stripe_group_map();
+            let n = groups.groups.len();
+            for (gi, g) in groups.groups.iter().enumerate() {
+                if !g.servers.contains(&id) {
+                    continue;
+                }
+                let writers: Vec<NodeId> = config
+                    .nodes
+                    .iter()
+                    .filter(|x| x.has("manager") && (x.id as usize - 1) % n == gi)
+                    .map(|x| x.id)
+                    .collect();
+                let (gid, servers) = (g.id, g.servers.clone());
+                let (cfg, c, r, s, cl) = (
+                    config.cleaner.clone(),
+                    client.clone(),
+                    ready.clone(),
+                    stop.clone(),
+                    cleaners.clone(),
+                );
+                threads.push(std::thread::spawn(move || {
+                    cleaner_loop(id, gid, servers, writers, cfg, c, r, s, cl)
+                }));
+            }
+        }
         let log3 = log.clone();
         let log_status: LogControl = Box::new(move |what: &str| {
             let mut g = lock(&log3);
@@ -713,6 +944,7 @@ impl Node {
             log: log_status,
             ready,
             mount,
+            cleaners,
         };
         Ok(node)
     }
@@ -764,6 +996,10 @@ impl Node {
             storage_total_bytes: st.blocks * st.bsize,
             last_error: None,
             counters,
+            cleaners: lock(&self.cleaners)
+                .iter()
+                .map(|(g, (l, s))| (*g, *l, s.clone()))
+                .collect(),
         }
     }
 

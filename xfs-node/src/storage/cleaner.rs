@@ -442,6 +442,13 @@ impl Leader {
             "cleaning (group idle)".into()
         };
         self.status.progress = (0, scored.len() as u64);
+        // Below half the low-water mark writers are waiting for space: no pacing.
+        let urgent = frac < self.cfg.low_water / 2.0;
+        let mut pace = |d: Duration| {
+            if !urgent {
+                pace(d)
+            }
+        };
         let mut touched: Vec<NodeId> = Vec::new();
         let mut cleaned = 0;
         for (_, w, segment) in &scored {

@@ -1298,6 +1298,11 @@ impl<S: FragmentStore> SegmentReader<S> {
         })
     }
 
+    /// Server i's store (to replace one that died).
+    pub fn store_slot(&mut self, i: usize) -> Option<&mut Option<S>> {
+        self.stores.get_mut(i)
+    }
+
     /// The bytes at each of `wanted` (addresses in `segment`), after checking the
     /// segment's summary lists each of them: one read of the segment (rebuilt from parity
     /// if a server is down or a fragment corrupt).
