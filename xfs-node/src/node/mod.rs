@@ -45,6 +45,7 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 const STORE_DEPTH: usize = 16;
 
 type SharedLog<T> = Arc<Mutex<Option<Log<RemoteStore<T>>>>>;
+type CallReply = Sender<Result<Vec<u8>, String>>;
 type SharedReader<T> = Arc<Mutex<Option<SegmentReader<RemoteStore<T>>>>>;
 type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
 type LogControl = Box<dyn Fn(&str) -> Result<Vec<(String, u64)>, String> + Send + Sync>;
@@ -298,7 +299,7 @@ fn shard_loop<T: Transport + Send>(
     let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
     let mut syncs: BTreeMap<OpId, Sender<Result<(), SyncError>>> = BTreeMap::new();
     // Store commands in flight (dropped unanswered after two minutes: a dead peer).
-    let mut calls: BTreeMap<OpId, (Instant, Sender<Result<Vec<u8>, String>>)> = BTreeMap::new();
+    let mut calls: BTreeMap<OpId, (Instant, CallReply)> = BTreeMap::new();
     let mut idle = 0u32;
     let mut last_error: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -516,7 +517,7 @@ fn cleaner_loop(
             },
             &writers,
             crate::storage::log::wall_clock_ms(),
-            &mut |work| nap(&stop, l_pause(&cfg, work)),
+            &mut |work| nap(&stop, cfg.pause(work)),
         );
         let s = &l.status;
         if cleaned > 0 {
@@ -543,10 +544,6 @@ fn cleaner_loop(
             nap(&stop, Duration::from_millis(200));
         }
     }
-}
-
-fn l_pause(cfg: &cleaner::CleanerConfig, work: Duration) -> Duration {
-    cfg.pause(work)
 }
 
 fn bind_err(what: &str, addr: SocketAddr, e: impl std::fmt::Display) -> String {
