@@ -419,7 +419,7 @@ fn crash_mid_clean(
     let (seg, live) = {
         let mut g = lock(&log);
         let l = g.as_mut().ok_or("no log")?;
-        let usage = cleaner::writer_usage(l, node, 1000);
+        let usage = cleaner::writer_usage(l, node, 1000, Default::default());
         usage
             .candidates
             .iter()
@@ -441,7 +441,7 @@ fn crash_mid_clean(
                 return Err(format!("block {b:#x} was not moved"));
             }
         }
-        l.fsync().map_err(|e| e.to_string())?;
+        l.flush_copies().map_err(|e| e.to_string())?;
         if l.live_in(seg).len() != live.len() - half {
             return Err("half of the segment should still be live in it".into());
         }

@@ -1218,13 +1218,25 @@ impl<B: Blocks> FsClient<B> {
         }
         let ops = blocks.iter().map(|b| (*b, UserOp::Flush)).collect();
         let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
-        if let Err(e) = r.and_then(|_| self.blocks.sync(self.map.manager(ino))) {
+        if let Err(e) = r.and_then(|_| self.sync_waiting(self.map.manager(ino))) {
             // Keep them for the next fsync.
             let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
             d.entry(ino).or_default().extend(blocks);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Make node `node`'s log durable; a full stripe group is given time for its cleaner
+    /// (see [`Blocks::wait_for_space`]) before ENOSPC is returned.
+    fn sync_waiting(&self, node: NodeId) -> Result<(), Errno> {
+        let mut attempt = 0;
+        loop {
+            match self.blocks.sync(node) {
+                Err(Errno::ENOSPC) if self.blocks.wait_for_space(attempt) => attempt += 1,
+                r => return r,
+            }
+        }
     }
 
     /// `fsync` every file this client wrote: every dirty block written back, then one
@@ -1241,7 +1253,7 @@ impl<B: Blocks> FsClient<B> {
             .map(|b| (*b, UserOp::Flush))
             .collect();
         let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
-        let r = r.and_then(|_| managers.into_iter().try_for_each(|m| self.blocks.sync(m)));
+        let r = r.and_then(|_| managers.into_iter().try_for_each(|m| self.sync_waiting(m)));
         if let Err(e) = r {
             // Keep them for the next fsync.
             let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());

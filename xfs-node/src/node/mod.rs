@@ -492,7 +492,11 @@ fn cleaner_loop(
             nap(&stop, Duration::from_millis(200));
             continue;
         }
-        let ping = bincode::serialize(&cleaner::Command::Usage { limit: 0 }).unwrap_or_default();
+        let ping = bincode::serialize(&cleaner::Command::Usage {
+            limit: 0,
+            policy: Default::default(),
+        })
+        .unwrap_or_default();
         let lead = cleaner::leader_of(&candidates, |n| {
             n == id
                 || client

@@ -27,6 +27,17 @@ use super::fragment::FragmentStore;
 use super::log::{Log, LogAddress, SegmentReader, SegmentUsage};
 use crate::coherence::{BlockId, NodeId};
 
+/// How the leader picks segments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Sprite LFS's cost-benefit: `(1 - u) * age / (1 + u)`.
+    #[default]
+    CostBenefit,
+    /// The least utilised first (the baseline Sprite compared against).
+    Greedy,
+}
+
 /// When and how hard to clean.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,6 +58,8 @@ pub struct CleanerConfig {
     pub idle_ms: u64,
     /// See `idle_ms`.
     pub idle_utilisation: f64,
+    /// `cost-benefit` (default) or `greedy`.
+    pub policy: Policy,
 }
 
 impl Default for CleanerConfig {
@@ -59,6 +72,7 @@ impl Default for CleanerConfig {
             max_utilisation: 0.95,
             idle_ms: 10_000,
             idle_utilisation: 0.5,
+            policy: Policy::CostBenefit,
         }
     }
 }
@@ -108,6 +122,14 @@ pub fn cost_benefit(u: f64, age: u64) -> f64 {
     (1.0 - u) * (age as f64 + 1.0) / (1.0 + u)
 }
 
+/// A segment's score under `policy` (higher: clean first).
+pub fn score(policy: Policy, u: f64, age: u64) -> f64 {
+    match policy {
+        Policy::CostBenefit => cost_benefit(u, age),
+        Policy::Greedy => 1.0 - u,
+    }
+}
+
 /// A writer's report to the leader.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WriterUsage {
@@ -149,6 +171,8 @@ pub enum Command {
     Usage {
         /// Candidates wanted.
         limit: u32,
+        /// Ranked by this policy.
+        policy: Policy,
     },
     /// Move the live blocks of `segment` to new segments.
     Clean {
@@ -181,6 +205,7 @@ pub fn writer_usage<S: FragmentStore + Send>(
     log: &mut Log<S>,
     writer: NodeId,
     limit: usize,
+    policy: Policy,
 ) -> WriterUsage {
     let now = log.now();
     let payload = log.segment_payload();
@@ -191,7 +216,7 @@ pub fn writer_usage<S: FragmentStore + Send>(
         .into_iter()
         .map(|u| {
             let util = u.live as f64 / payload.max(1) as f64;
-            (cost_benefit(util, now.saturating_sub(u.time)), u)
+            (score(policy, util, now.saturating_sub(u.time)), u)
         })
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.segment.cmp(&b.1.segment)));
@@ -279,8 +304,13 @@ pub fn run<S: FragmentStore + Send>(
     cmd: &Command,
 ) -> Reply {
     let r = match cmd {
-        Command::Usage { limit } => match lock(log).as_mut() {
-            Some(l) => Ok(Reply::Usage(writer_usage(l, writer, *limit as usize))),
+        Command::Usage { limit, policy } => match lock(log).as_mut() {
+            Some(l) => Ok(Reply::Usage(writer_usage(
+                l,
+                writer,
+                *limit as usize,
+                *policy,
+            ))),
             None => Err("this node has no log (yet)".to_string()),
         },
         Command::Clean { segment } => match lock(reader).as_mut() {
@@ -380,7 +410,11 @@ impl Leader {
     ) -> u64 {
         let mut usages = Vec::new();
         for w in writers {
-            match group.call(*w, &Command::Usage { limit: 64 }) {
+            let cmd = Command::Usage {
+                limit: 64,
+                policy: self.cfg.policy,
+            };
+            match group.call(*w, &cmd) {
                 Ok(Reply::Usage(u)) => usages.push(u),
                 Ok(Reply::Error(e)) | Err(e) => {
                     self.status.last_error = format!("node {w}: {e}");
@@ -426,7 +460,7 @@ impl Leader {
                 let util = c.live as f64 / u.payload.max(1) as f64;
                 if util <= limit {
                     let age = u.now.saturating_sub(c.time);
-                    scored.push((cost_benefit(util, age), u.writer, c.segment));
+                    scored.push((score(self.cfg.policy, util, age), u.writer, c.segment));
                 }
             }
         }

@@ -37,6 +37,8 @@ const ENTRY_BYTES: usize = 16;
 /// Entries one summary holds.
 pub const MAX_ENTRIES: usize = (SUMMARY_BYTES - SUMMARY_HEAD) / ENTRY_BYTES;
 const IMAP_ENTRY_BYTES: usize = 24;
+/// Segments of copies the cleaner may need in one round (kept free for it).
+pub const CLEANER_RESERVE: usize = 8;
 /// Queued sealed segments before the log writes them out by itself.
 pub const MAX_QUEUED_SEGMENTS: usize = 64;
 
@@ -287,6 +289,11 @@ pub struct Log<S: FragmentStore> {
     // The open segment.
     open: Vec<u8>,
     open_entries: Vec<(BlockId, u32, u32)>,
+    /// The cleaner's lane: its own open segment (swapped in while it appends) and its
+    /// sealed segments, written ahead of waiting data and from the reserve, so cleaning
+    /// goes on when the stripe group is full.
+    copy: (Vec<u8>, Vec<(BlockId, u32, u32)>, usize),
+    copies: Vec<Sealed>,
     cursor: usize,
     // Sealed, not written yet; then written, not synced yet.
     queued: Vec<Sealed>,
@@ -298,8 +305,13 @@ pub struct Log<S: FragmentStore> {
     imap: BTreeMap<BlockId, LogAddress>,
     /// Live bytes per segment (segments with none are absent).
     live: BTreeMap<u64, u64>,
+    /// The newest data segment that is durable (and in the imap).
     last_data_segment: u64,
     counters: LogCounters,
+    /// Free segments of the stripe group as last seen, less what was written since (the
+    /// stores are asked again when it runs low, and every few writes).
+    free_hint: usize,
+    writes_since_look: u32,
     /// The clock segments are stamped with (milliseconds).
     clock: Box<dyn Fn() -> u64 + Send>,
     /// Every durable segment of this writer (data segments' live bytes are in `live`).
@@ -462,6 +474,8 @@ impl<S: FragmentStore + Send> Log<S> {
             next_seq: 1,
             open: vec![0; data * fragment_bytes],
             open_entries: Vec::new(),
+            copy: (vec![0; data * fragment_bytes], Vec::new(), SUMMARY_BYTES),
+            copies: Vec::new(),
             cursor: SUMMARY_BYTES,
             queued: Vec::new(),
             full: false,
@@ -470,6 +484,8 @@ impl<S: FragmentStore + Send> Log<S> {
             live: BTreeMap::new(),
             last_data_segment: 0,
             counters: LogCounters::default(),
+            free_hint: 0,
+            writes_since_look: u32::MAX,
             clock: Box::new(wall_clock_ms),
             segs: BTreeMap::new(),
             checkpoint_segs: Vec::new(),
@@ -603,9 +619,6 @@ impl<S: FragmentStore + Send> Log<S> {
                 )
             })
             .collect();
-        if kind == 0 {
-            self.last_data_segment = segment;
-        }
         self.queued.push(Sealed {
             segment,
             kind,
@@ -637,8 +650,36 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// Write the queued segments: one batch per server, all in flight together.
     fn write_queued(&mut self) -> Result<(), LogError> {
-        if self.queued.is_empty() {
+        self.write_range(0, false)
+    }
+
+    /// Free segments kept for the cleaner (its copies of a round's live blocks and the
+    /// checkpoint through which it frees space): data writes stop short of them.
+    fn reserve(&self) -> usize {
+        let per = (self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES;
+        (self.imap.len() + self.segs.len()).div_ceil(per.max(1)) + 2 + CLEANER_RESERVE
+    }
+
+    /// Write `queued[from..]`. Data writes (`use_reserve` false) fail with ENOSPC rather
+    /// than take the last [`Log::reserve`] free segments.
+    fn write_range(&mut self, from: usize, use_reserve: bool) -> Result<(), LogError> {
+        if self.queued.len() <= from {
             return Ok(());
+        }
+        let batch = self.queued.len() - from;
+        if !use_reserve {
+            let need = self.reserve() + batch;
+            if self.free_hint < need + 64 || self.writes_since_look >= 16 {
+                self.free_segments();
+            }
+            self.writes_since_look = self.writes_since_look.saturating_add(1);
+            if self.free_hint < need {
+                self.full = true;
+                return Err(LogError::Store(StoreError::NoSpace {
+                    free: self.free_hint,
+                    needed: need,
+                }));
+            }
         }
         let n = self.group.servers.len();
         let up = self.stores.iter().filter(|s| s.is_some()).count();
@@ -651,7 +692,7 @@ impl<S: FragmentStore + Send> Log<S> {
             });
         }
         let mut per_server: Vec<Vec<(FragmentId, Vec<u8>)>> = vec![Vec::new(); n];
-        for s in &self.queued {
+        for s in &self.queued[from..] {
             for (i, frag) in self.fragments(&s.bytes)?.into_iter().enumerate() {
                 per_server[i].push((
                     FragmentId {
@@ -671,12 +712,39 @@ impl<S: FragmentStore + Send> Log<S> {
                 .collect();
             store.write(&refs)
         });
-        let r = self.settle(results, self.queued[0].segment);
-        self.full = matches!(r, Err(LogError::Store(StoreError::NoSpace { .. })));
+        let r = self.settle(results, self.queued[from].segment);
+        if !use_reserve {
+            self.full = matches!(r, Err(LogError::Store(StoreError::NoSpace { .. })));
+        }
         r?;
-        self.counters.segments += self.queued.len() as u64;
-        let q = std::mem::take(&mut self.queued);
+        self.counters.segments += batch as u64;
+        self.free_hint = self.free_hint.saturating_sub(batch);
+        let q = self.queued.split_off(from);
         self.written.extend(q);
+        Ok(())
+    }
+
+    /// Sync every server, then apply what was written: the imap, live bytes, the table
+    /// of segments.
+    fn sync_written(&mut self) -> Result<(), LogError> {
+        let segment = self.written.first().map_or(0, |w| w.segment);
+        let results = parallel(&mut self.stores, |_, s| s.sync());
+        self.settle(results, segment)?;
+        for sealed in std::mem::take(&mut self.written) {
+            self.segs.insert(
+                sealed.segment,
+                SegInfo {
+                    kind: sealed.kind,
+                    time: sealed.time,
+                },
+            );
+            if sealed.kind == DATA {
+                self.last_data_segment = self.last_data_segment.max(sealed.segment);
+            }
+            for (block, addr) in sealed.blocks {
+                self.set_address(block, addr);
+            }
+        }
         Ok(())
     }
 
@@ -693,22 +761,7 @@ impl<S: FragmentStore + Send> Log<S> {
     pub fn fsync(&mut self) -> Result<(), LogError> {
         self.seal(0, 0, 0, 0)?;
         self.write_queued()?;
-        let segment = self.written.first().map_or(0, |w| w.segment);
-        let results = parallel(&mut self.stores, |_, s| s.sync());
-        self.settle(results, segment)?;
-        for sealed in std::mem::take(&mut self.written) {
-            self.segs.insert(
-                sealed.segment,
-                SegInfo {
-                    kind: sealed.kind,
-                    time: sealed.time,
-                },
-            );
-            for (block, addr) in sealed.blocks {
-                self.set_address(block, addr);
-            }
-        }
-        Ok(())
+        self.sync_written()
     }
 
     /// Judge a round of store calls: a server that failed with a device or network error
@@ -860,9 +913,28 @@ impl<S: FragmentStore + Send> Log<S> {
     /// writer's *s-file*: live bytes and seal time of each data segment), as consecutive
     /// checkpoint segments. Recovery starts from the newest complete checkpoint. Then free
     /// what the checkpoint made unnecessary (see [`Log::free_reclaimable`]).
+    ///
+    /// When the stores are too full for the data waiting to be written, the checkpoint is
+    /// still written (from the reserve) with what is durable, ahead of that data: this is
+    /// how the cleaner frees space on a full stripe group.
     pub fn checkpoint(&mut self) -> Result<(), LogError> {
-        self.fsync()?;
-        let upto = self.last_data_segment;
+        match self.fsync() {
+            Ok(()) | Err(LogError::Store(StoreError::NoSpace { .. })) => {}
+            Err(e) => return Err(e),
+        }
+        self.flush_copies()?;
+        // Everything up to `upto` is durable: a data segment still waiting (the stores
+        // were full) may be older than a durable copy of the cleaner's.
+        let waiting = self
+            .queued
+            .iter()
+            .chain(self.written.iter())
+            .filter(|s| s.kind == DATA)
+            .map(|s| s.segment)
+            .min();
+        let upto = waiting.map_or(self.last_data_segment, |w| {
+            self.last_data_segment.min(w.saturating_sub(1))
+        });
         let per = ((self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES).max(1);
         let entry = |a: u64, b: u64, c: u32, d: u32| {
             let mut e = [0u8; IMAP_ENTRY_BYTES];
@@ -895,7 +967,15 @@ impl<S: FragmentStore + Send> Log<S> {
         for (part, chunk) in entries.chunks(per).enumerate() {
             self.write_part(CHECKPOINT, part as u32, parts, upto, chunk)?;
         }
-        self.fsync()?;
+        // Only the checkpoint's segments (data still waiting keeps its place in the queue;
+        // it is newer than `upto`, so recovery rolls it forward once it is written).
+        let from = self
+            .queued
+            .iter()
+            .position(|s| s.kind == CHECKPOINT)
+            .unwrap_or(self.queued.len());
+        self.write_range(from, true)?;
+        self.sync_written()?;
         self.checkpoint_segs = (first..first + parts as u64).collect();
         self.checkpoint_upto = upto;
         self.counters.checkpoints += 1;
@@ -963,6 +1043,7 @@ impl<S: FragmentStore + Send> Log<S> {
         for s in &dead {
             self.segs.remove(s);
         }
+        self.free_hint += dead.len();
         self.counters.freed += dead.len() as u64;
         dead.len() as u64
     }
@@ -1002,12 +1083,16 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// Free segments of the stripe group: the fewest free slots of any server that is up.
     pub fn free_segments(&mut self) -> u64 {
-        self.stores
+        let free = self
+            .stores
             .iter_mut()
             .flatten()
             .filter_map(|s| s.free_slots().ok())
             .min()
-            .unwrap_or(0) as u64
+            .unwrap_or(0);
+        self.free_hint = free;
+        self.writes_since_look = 0;
+        free as u64
     }
 
     /// The blocks whose newest durable version lies in `segment` (what the cleaner must
@@ -1024,14 +1109,56 @@ impl<S: FragmentStore + Send> Log<S> {
     }
 
     /// Whether a version of `block` newer than the durable one is on its way (appended,
-    /// not yet synced).
+    /// not yet synced; a writer's or a cleaner's copy).
     fn pending(&self, block: BlockId) -> bool {
-        self.open_entries.iter().any(|(b, _, _)| *b == block)
+        self.open_entries
+            .iter()
+            .chain(self.copy.1.iter())
+            .any(|(b, _, _)| *b == block)
             || self
                 .queued
                 .iter()
                 .chain(self.written.iter())
+                .chain(self.copies.iter())
                 .any(|s| s.blocks.iter().any(|(b, _)| *b == block))
+    }
+
+    /// Run `f` with the cleaner's open segment in place of the writers'; what it seals
+    /// goes to the cleaner's queue.
+    fn in_copy_lane<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let lane = |l: &mut Self| {
+            std::mem::swap(&mut l.open, &mut l.copy.0);
+            std::mem::swap(&mut l.open_entries, &mut l.copy.1);
+            std::mem::swap(&mut l.cursor, &mut l.copy.2);
+        };
+        lane(self);
+        let n = self.queued.len();
+        // No write-behind of the writers' queue from in here.
+        let full = std::mem::replace(&mut self.full, true);
+        let r = f(self);
+        self.full = full;
+        let sealed = self.queued.split_off(n);
+        self.copies.extend(sealed);
+        lane(self);
+        r
+    }
+
+    /// Write the cleaner's copies (ahead of waiting data, from the reserve) and sync:
+    /// the imap then points at them.
+    pub fn flush_copies(&mut self) -> Result<(), LogError> {
+        self.in_copy_lane(|l| l.seal(DATA, 0, 0, 0))?;
+        if self.copies.is_empty() {
+            return Ok(());
+        }
+        let from = self.queued.len();
+        let copies = std::mem::take(&mut self.copies);
+        self.queued.extend(copies);
+        if let Err(e) = self.write_range(from, true) {
+            let back = self.queued.split_off(from);
+            self.copies = back;
+            return Err(e);
+        }
+        self.sync_written()
     }
 
     /// The cleaner's copy of `block`, read from `from`: appended (durable at the next
@@ -1048,7 +1175,7 @@ impl<S: FragmentStore + Send> Log<S> {
             self.counters.writer_wins += 1;
             return Ok(false);
         }
-        self.write(block, data)?;
+        self.in_copy_lane(|l| l.write(block, data))?;
         self.counters.relocated += 1;
         self.counters.relocated_bytes += data.len() as u64;
         Ok(true)

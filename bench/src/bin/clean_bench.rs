@@ -1,0 +1,361 @@
+//! `clean-bench`: write amplification and foreground throughput of the log cleaner under a
+//! hot/cold workload at several disk utilisations, cost-benefit against greedy, and
+//! against the same writes on an empty device (no cleaning) as the throughput baseline.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use am_udp::cli::{tool_main, Args};
+use bench::report::median;
+use xfs_node::coherence::NodeId;
+use xfs_node::storage::cleaner::{self, CleanerConfig, Command, Group, Leader, Policy, Reply};
+use xfs_node::storage::fragment::{FragmentId, FragmentStore, StoreError};
+use xfs_node::storage::log::{Log, SegmentReader, StripeGroup, SUMMARY_BYTES};
+use xfs_node::storage::uring::{UringOptions, UringStore};
+
+const HELP: &str = "\
+clean-bench: the log cleaner's write amplification and foreground throughput
+
+USAGE:
+  clean-bench [OPTIONS]
+
+One log striped over three io_uring stores (2 data + 1 parity, files in --dir), a cleaner
+leader on its own thread, and a writer that first fills --util of the capacity with 4 KiB
+blocks, then overwrites them (90% of the writes to 10% of the blocks) until it has written
+--times the capacity, fsyncing every 64 blocks. Each utilisation runs with the
+cost-benefit and the greedy policy, and once more on devices large enough that the cleaner
+never runs (the throughput baseline). Medians of --runs runs.
+
+OPTIONS:
+  --dir DIR        where the device files go (not tmpfs: O_DIRECT) [/var/tmp]
+  --mb N           size of each device file, MiB [48]
+  --util LIST      disk utilisations, comma-separated [0.5,0.75,0.9]
+  --times X        overwrite phase writes X times the capacity [2]
+  --runs N         runs per configuration [3]
+  --share X        the cleaner's share of the time [0.3]
+  --out DIR        write clean-bench.{md,json} there [bench/results]
+  -h, --help       this text
+";
+
+fn main() {
+    tool_main("clean-bench", HELP, run);
+}
+
+/// A store shared by the log and the cleaner's reader (one device, one slot index).
+#[derive(Clone)]
+struct Shared(Arc<Mutex<UringStore>>);
+
+impl FragmentStore for Shared {
+    fn fragment_bytes(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fragment_bytes()
+    }
+    fn free_slots(&mut self) -> Result<usize, StoreError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .free_slots()
+    }
+    fn write(&mut self, f: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(f)
+    }
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).sync()
+    }
+    fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).read(ids)
+    }
+    fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).delete(ids)
+    }
+    fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).list()
+    }
+}
+
+type SharedLog = Arc<Mutex<Option<Log<Shared>>>>;
+
+struct Local {
+    log: SharedLog,
+    reader: Mutex<Option<SegmentReader<Shared>>>,
+}
+
+impl Group for &Local {
+    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, String> {
+        Ok(cleaner::run(&self.log, &self.reader, writer, cmd))
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Outcome {
+    util: f64,
+    policy: String,
+    user_mib_s: f64,
+    write_amplification: f64,
+    segments_cleaned: u64,
+    cleaned_utilisation: f64,
+    enospc: bool,
+}
+
+fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One run: fill `util` of the capacity, then overwrite `times` the capacity, hot/cold.
+fn one(
+    dir: &str,
+    mb: u64,
+    util: f64,
+    times: f64,
+    cfg: Option<CleanerConfig>,
+    seed: u64,
+) -> Result<Outcome, String> {
+    let stores: Vec<Shared> = (0..3)
+        .map(|i| {
+            let path = format!("{dir}/clean-bench-{}-{i}.img", std::process::id());
+            let _ = std::fs::remove_file(&path);
+            let s = UringStore::open(
+                &path,
+                UringOptions {
+                    fragment_bytes: 64 * 1024,
+                    depth: 16,
+                    create_bytes: Some(mb << 20),
+                },
+            );
+            let _ = std::fs::remove_file(&path); // the open file stays until dropped
+            s.map(|s| Shared(Arc::new(Mutex::new(s))))
+                .map_err(|e| format!("{path}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let group = StripeGroup {
+        id: 0,
+        servers: vec![1, 2, 3],
+        parity: 1,
+    };
+    let log = Log::new(1, group.clone(), stores.iter().cloned().map(Some).collect())
+        .map_err(|e| e.to_string())?;
+    let slots = lock(&stores[0].0).slots() as u64;
+    let payload = (2 * 64 * 1024 - SUMMARY_BYTES) as u64;
+    // Capacity in blocks: the baseline run uses the same numbers of blocks as the run
+    // with cleaning at this utilisation, on devices 8x larger.
+    let capacity_blocks = slots * (payload / 4096);
+    let local = Arc::new(Local {
+        log: Arc::new(Mutex::new(Some(log))),
+        reader: Mutex::new(
+            SegmentReader::new(group, stores.iter().cloned().map(Some).collect()).ok(),
+        ),
+    });
+    let blocks = ((capacity_blocks as f64) * util) as u64;
+    let scale = if cfg.is_none() { 8 } else { 1 };
+    let live_blocks = blocks / scale;
+    let total = (capacity_blocks as f64 * times) as u64 / scale;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clock = Arc::new(AtomicU64::new(0));
+    {
+        let c = clock.clone();
+        if let Some(l) = lock(&local.log).as_mut() {
+            l.set_clock(Box::new(move || c.load(Ordering::Relaxed)));
+        }
+    }
+    let policy = cfg.as_ref().map(|c| c.policy);
+    let cleaner_thread = cfg.map(|cfg| {
+        let (local, stop, clock) = (local.clone(), stop.clone(), clock.clone());
+        std::thread::spawn(move || {
+            let mut leader = Leader::new(cfg.clone());
+            while !stop.load(Ordering::Relaxed) {
+                let now = clock.load(Ordering::Relaxed);
+                let n = leader.round(&mut &*local, &[1], now, &mut |d| {
+                    std::thread::sleep(cfg.pause(d))
+                });
+                if n == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            leader.status
+        })
+    });
+    let mut x = seed | 1;
+    let mut rnd = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let block = vec![0x5au8; 4096];
+    let mut enospc = false;
+    let write = |b: u64| -> Result<(), String> {
+        let mut g = lock(&local.log);
+        let l = g.as_mut().ok_or("no log")?;
+        l.write(b, &block).map_err(|e| e.to_string())
+    };
+    // Fill, sequentially.
+    for b in 0..live_blocks {
+        write(b)?;
+        if b % 64 == 63 {
+            lock(&local.log)
+                .as_mut()
+                .ok_or("no log")?
+                .fsync()
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    if let Some(l) = lock(&local.log).as_mut() {
+        l.checkpoint().map_err(|e| e.to_string())?;
+    }
+    // Overwrite, hot/cold: 90% of the writes to the first 10% of the blocks.
+    let hot = (live_blocks / 10).max(1);
+    let t = Instant::now();
+    let mut done = 0u64;
+    while done < total {
+        let b = if rnd(10) < 9 {
+            rnd(hot)
+        } else {
+            hot + rnd(live_blocks - hot)
+        };
+        write(b)?;
+        done += 1;
+        if done % 64 == 0 {
+            clock.store(done, Ordering::Relaxed);
+            // A full device: wait for the cleaner (up to 30 s), as the node's writers do.
+            let mut waited = 0;
+            loop {
+                let r = lock(&local.log).as_mut().ok_or("no log")?.fsync();
+                match r {
+                    Ok(()) => break,
+                    Err(e) if e.to_string().contains("ENOSPC") && waited < 3000 => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        waited += 1;
+                    }
+                    Err(e) => {
+                        enospc = e.to_string().contains("ENOSPC");
+                        if !enospc {
+                            return Err(e.to_string());
+                        }
+                        break;
+                    }
+                }
+            }
+            if enospc {
+                break;
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let status = cleaner_thread.map(|h| h.join().unwrap_or_default());
+    let (moved, cleaned, moved_blocks) = status.as_ref().map_or((0, 0, 0), |s| {
+        (s.bytes_moved, s.segments_cleaned, s.blocks_moved)
+    });
+    let user = done * 4096;
+    Ok(Outcome {
+        util,
+        policy: match policy {
+            None => "none (empty device)".into(),
+            Some(Policy::CostBenefit) => "cost-benefit".into(),
+            Some(Policy::Greedy) => "greedy".into(),
+        },
+        user_mib_s: user as f64 / secs / (1 << 20) as f64,
+        write_amplification: (user + moved) as f64 / user as f64,
+        segments_cleaned: cleaned,
+        cleaned_utilisation: if cleaned == 0 {
+            0.0
+        } else {
+            (moved_blocks * 4096) as f64 / (cleaned * payload) as f64
+        },
+        enospc,
+    })
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let dir = args.value("--dir").unwrap_or_else(|| "/var/tmp".into());
+    let mb: u64 = args.parse("--mb", 48)?;
+    let times: f64 = args.parse("--times", 2.0)?;
+    let runs: usize = args.parse("--runs", 3)?;
+    let share: f64 = args.parse("--share", 0.3)?;
+    let out = args
+        .value("--out")
+        .unwrap_or_else(|| "bench/results".into());
+    let utils: Vec<f64> = args
+        .value("--util")
+        .unwrap_or_else(|| "0.5,0.75,0.9".into())
+        .split(',')
+        .map(|u| {
+            u.trim()
+                .parse::<f64>()
+                .map_err(|e| format!("--util {u}: {e}"))
+                .and_then(|u| {
+                    if (0.05..=0.95).contains(&u) {
+                        Ok(u)
+                    } else {
+                        Err(format!("--util {u}: use values between 0.05 and 0.95"))
+                    }
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut table = Vec::new();
+    let mut all = Vec::new();
+    for util in &utils {
+        let mut rows: Vec<(String, Vec<Outcome>)> = Vec::new();
+        for policy in [None, Some(Policy::CostBenefit), Some(Policy::Greedy)] {
+            let mut v = Vec::new();
+            for r in 0..runs {
+                let cfg = policy.map(|p| CleanerConfig {
+                    policy: p,
+                    share,
+                    idle_ms: u64::MAX,
+                    ..CleanerConfig::default()
+                });
+                // The baseline: the same blocks on devices 8x larger (no cleaning).
+                let o = one(
+                    &dir,
+                    if policy.is_none() { mb * 8 } else { mb },
+                    *util,
+                    times,
+                    cfg,
+                    7 + r as u64,
+                )?;
+                eprintln!(
+                    "util {util}: {}: {:.1} MiB/s, write amplification {:.2}, {} segments cleaned{}",
+                    o.policy,
+                    o.user_mib_s,
+                    o.write_amplification,
+                    o.segments_cleaned,
+                    if o.enospc { ", ENOSPC" } else { "" }
+                );
+                v.push(o);
+            }
+            rows.push((v[0].policy.clone(), v));
+        }
+        let base = median(rows[0].1.iter().map(|o| o.user_mib_s).collect());
+        for (name, v) in &rows {
+            let mibs = median(v.iter().map(|o| o.user_mib_s).collect());
+            let wa = median(v.iter().map(|o| o.write_amplification).collect());
+            let cu = median(v.iter().map(|o| o.cleaned_utilisation).collect());
+            let cleaned = median(v.iter().map(|o| o.segments_cleaned as f64).collect());
+            let enospc = v.iter().filter(|o| o.enospc).count();
+            table.push(format!(
+                "| {:.0}% | {name} | {mibs:.1} | {:.2}x | {wa:.2} | {cleaned:.0} | {:.0}% | {enospc} |",
+                util * 100.0,
+                mibs / base,
+                cu * 100.0
+            ));
+        }
+        all.extend(rows.into_iter().flat_map(|(_, v)| v));
+    }
+    let md = format!(
+        "| utilisation | policy | foreground MiB/s | vs empty device | write amplification | segments cleaned | cleaned segments' utilisation | runs with ENOSPC |\n|---|---|---:|---:|---:|---:|---:|---:|\n{}\n",
+        table.join("\n")
+    );
+    println!("{md}");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{out}: {e}"))?;
+    std::fs::write(format!("{out}/clean-bench.md"), &md).map_err(|e| e.to_string())?;
+    std::fs::write(
+        format!("{out}/clean-bench.json"),
+        serde_json::to_string_pretty(&all).unwrap_or_default(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
