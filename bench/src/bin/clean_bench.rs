@@ -217,7 +217,7 @@ fn one(
         };
         write(b)?;
         done += 1;
-        if done % 64 == 0 {
+        if done.is_multiple_of(64) {
             clock.store(done, Ordering::Relaxed);
             // A full device: wait for the cleaner (up to 30 s), as the node's writers do.
             let mut waited = 0;
