@@ -23,7 +23,7 @@ USAGE:
 One log striped over three io_uring stores (2 data + 1 parity, files in --dir), a cleaner
 leader on its own thread, and a writer that first fills --util of the capacity with 4 KiB
 blocks, then overwrites them (90% of the writes to 10% of the blocks) until it has written
---times the capacity, fsyncing every 64 blocks. Each utilisation runs with the
+--times the capacity, fsyncing every two segments' worth of blocks. Each utilisation runs with the
 cost-benefit and the greedy policy, and once more on devices large enough that the cleaner
 never runs (the throughput baseline). Medians of --runs runs.
 
@@ -165,6 +165,7 @@ fn one(
         let (local, stop, clock) = (local.clone(), stop.clone(), clock.clone());
         std::thread::spawn(move || {
             let mut leader = Leader::new(cfg.clone());
+            let mut traced = Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 let now = clock.load(Ordering::Relaxed);
                 let n = leader.round(&mut &*local, &[1], now, &mut |d| {
@@ -172,6 +173,16 @@ fn one(
                 });
                 if n == 0 {
                     std::thread::sleep(Duration::from_millis(2));
+                }
+                if std::env::var_os("CLEAN_BENCH_TRACE").is_some()
+                    && traced.elapsed() > Duration::from_secs(1)
+                {
+                    traced = Instant::now();
+                    let d = lock(&local.log)
+                        .as_ref()
+                        .map(|l| l.describe())
+                        .unwrap_or_default();
+                    eprintln!("{:?}\n  {d}", leader.status);
                 }
             }
             leader.status
@@ -186,6 +197,9 @@ fn one(
     };
     let block = vec![0x5au8; 4096];
     let mut enospc = false;
+    // fsync every two segments' worth of blocks (a partial segment per fsync would waste
+    // space that is not the cleaner's to win back).
+    let sync_every = 2 * (payload / 4096);
     let write = |b: u64| -> Result<(), String> {
         let mut g = lock(&local.log);
         let l = g.as_mut().ok_or("no log")?;
@@ -194,7 +208,7 @@ fn one(
     // Fill, sequentially.
     for b in 0..live_blocks {
         write(b)?;
-        if b % 64 == 63 {
+        if b % sync_every == sync_every - 1 {
             lock(&local.log)
                 .as_mut()
                 .ok_or("no log")?
@@ -217,7 +231,7 @@ fn one(
         };
         write(b)?;
         done += 1;
-        if done.is_multiple_of(64) {
+        if done.is_multiple_of(sync_every) {
             clock.store(done, Ordering::Relaxed);
             // A full device: wait for the cleaner (up to 30 s), as the node's writers do.
             let mut waited = 0;

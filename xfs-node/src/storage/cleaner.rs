@@ -209,7 +209,13 @@ pub fn writer_usage<S: FragmentStore + Send>(
 ) -> WriterUsage {
     let now = log.now();
     let payload = log.segment_payload();
-    let usage = log.usage();
+    // Only segments a checkpoint can cover now can be freed by cleaning them.
+    let upto = log.durable_upto();
+    let usage: Vec<SegmentUsage> = log
+        .usage()
+        .into_iter()
+        .filter(|u| u.segment <= upto)
+        .collect();
     let live: u64 = usage.iter().map(|u| u.live).sum();
     let dead = usage.len() as u64 * payload - live.min(usage.len() as u64 * payload);
     let mut scored: Vec<(f64, SegmentUsage)> = usage
@@ -254,6 +260,16 @@ pub fn clean_segment<S: FragmentStore + Send>(
     if live.is_empty() {
         return Ok(stats);
     }
+    let bytes: u64 = live.iter().map(|(_, a)| a.len as u64).sum();
+    if !lock(log)
+        .as_mut()
+        .ok_or("this node has no log")?
+        .room_for_copies(segment, bytes)
+    {
+        return Err(format!(
+            "no room for the copies of segment {segment:#x} now: free space first"
+        ));
+    }
     let data = reader
         .blocks(segment, &live)
         .map_err(|e| format!("reading segment {segment:#x}: {e}"))?;
@@ -273,12 +289,28 @@ pub fn clean_segment<S: FragmentStore + Send>(
     Ok(stats)
 }
 
-/// Writer side: make the moves durable (a checkpoint), then free what is dead.
+/// Writer side: make the moves durable, free the emptied segments the newest checkpoint
+/// covers (recovery rolls forward to the copies), and write a new checkpoint when the
+/// dead segments it would let free outnumber what it costs.
 pub fn finish<S: FragmentStore + Send>(log: &Mutex<Option<Log<S>>>) -> Result<u64, String> {
     let mut g = lock(log);
     let l = g.as_mut().ok_or("this node has no log")?;
     let before = l.counters().freed;
-    l.checkpoint().map_err(|e| format!("checkpoint: {e}"))?;
+    let r = l
+        .flush_copies()
+        .map_err(|e| format!("writing the copies: {e}"));
+    l.free_reclaimable();
+    r?;
+    // Data the writers could not write (the stores were full) holds back what a
+    // checkpoint covers: it goes out now if the reserve allows.
+    l.flush_waiting()
+        .map_err(|e| format!("writing waiting data: {e}"))?;
+    if l.dead_beyond_checkpoint() >= l.checkpoint_cost() {
+        let r = l.checkpoint();
+        // What the last good checkpoint covers can be freed even if this one failed.
+        l.free_reclaimable();
+        r.map_err(|e| format!("checkpoint: {e}"))?;
+    }
     Ok(l.counters().freed - before)
 }
 
@@ -371,6 +403,9 @@ pub struct CleanerStatus {
 /// A stripe group's cleaner leader.
 pub struct Leader {
     cfg: CleanerConfig,
+    /// Segments whose live blocks all had newer versions waiting to be written (nothing
+    /// to move, nothing freed until those land): skipped until the round noted.
+    skip: std::collections::BTreeMap<(NodeId, u64), u64>,
     cleaning: bool,
     last_written: u64,
     last_activity: u64,
@@ -383,6 +418,7 @@ impl Leader {
     pub fn new(cfg: CleanerConfig) -> Leader {
         Leader {
             cfg,
+            skip: Default::default(),
             cleaning: false,
             last_written: 0,
             last_activity: 0,
@@ -454,9 +490,14 @@ impl Leader {
             self.status.state = "idle".into();
             return 0;
         };
+        let round = self.status.rounds;
+        self.skip.retain(|_, until| *until > round);
         let mut scored: Vec<(f64, NodeId, u64)> = Vec::new();
         for u in &usages {
             for c in &u.candidates {
+                if self.skip.contains_key(&(u.writer, c.segment)) {
+                    continue;
+                }
                 let util = c.live as f64 / u.payload.max(1) as f64;
                 if util <= limit {
                     let age = u.now.saturating_sub(c.time);
@@ -467,7 +508,17 @@ impl Leader {
         scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
         scored.truncate(self.cfg.batch);
         if scored.is_empty() {
-            self.status.state = "idle (nothing cleanable)".into();
+            if self.cleaning {
+                // Nothing to move: the writers' waiting data may be what holds space.
+                for u in &usages {
+                    if let Ok(Reply::Finished(n)) = group.call(u.writer, &Command::Finish) {
+                        self.status.freed += n;
+                    }
+                }
+                self.status.state = "cleaning (nothing cleanable: waiting for writes)".into();
+            } else {
+                self.status.state = "idle (nothing cleanable)".into();
+            }
             return 0;
         }
         self.status.state = if self.cleaning {
@@ -489,6 +540,9 @@ impl Leader {
             let t = Instant::now();
             match group.call(*w, &Command::Clean { segment: *segment }) {
                 Ok(Reply::Cleaned(s)) => {
+                    if s.moved == 0 && s.discarded > 0 {
+                        self.skip.insert((*w, *segment), round + 20);
+                    }
                     cleaned += 1;
                     self.status.segments_cleaned += 1;
                     self.status.blocks_moved += s.moved;

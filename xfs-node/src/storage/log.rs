@@ -923,18 +923,7 @@ impl<S: FragmentStore + Send> Log<S> {
             Err(e) => return Err(e),
         }
         self.flush_copies()?;
-        // Everything up to `upto` is durable: a data segment still waiting (the stores
-        // were full) may be older than a durable copy of the cleaner's.
-        let waiting = self
-            .queued
-            .iter()
-            .chain(self.written.iter())
-            .filter(|s| s.kind == DATA)
-            .map(|s| s.segment)
-            .min();
-        let upto = waiting.map_or(self.last_data_segment, |w| {
-            self.last_data_segment.min(w.saturating_sub(1))
-        });
+        let upto = self.durable_upto();
         let per = ((self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES).max(1);
         let entry = |a: u64, b: u64, c: u32, d: u32| {
             let mut e = [0u8; IMAP_ENTRY_BYTES];
@@ -1048,6 +1037,22 @@ impl<S: FragmentStore + Send> Log<S> {
         dead.len() as u64
     }
 
+    /// The newest data segment up to which every data segment is durable: a data segment
+    /// still waiting (the stores were full) may be older than a durable copy of the
+    /// cleaner's. A checkpoint covers up to here, so only segments up to here can be freed.
+    pub fn durable_upto(&self) -> u64 {
+        let waiting = self
+            .queued
+            .iter()
+            .chain(self.written.iter())
+            .filter(|s| s.kind == DATA)
+            .map(|s| s.segment)
+            .min();
+        waiting.map_or(self.last_data_segment, |w| {
+            self.last_data_segment.min(w.saturating_sub(1))
+        })
+    }
+
     /// The segment-usage table (s-file): every durable data segment of this writer.
     pub fn usage(&self) -> Vec<SegmentUsage> {
         self.segs
@@ -1141,6 +1146,74 @@ impl<S: FragmentStore + Send> Log<S> {
         self.copies.extend(sealed);
         lane(self);
         r
+    }
+
+    /// Write data that waits because the stores were full, from the reserve if what is
+    /// left still holds a checkpoint: the cleaner calls this when it has nothing left it
+    /// can free before that data is durable.
+    pub fn flush_waiting(&mut self) -> Result<(), LogError> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let need = self.queued.len() + self.checkpoint_cost() + 1;
+        if (self.free_segments() as usize) < need {
+            return Ok(());
+        }
+        self.write_range(0, true)?;
+        self.full = false;
+        self.sync_written()
+    }
+
+    /// Segments a checkpoint would cost now.
+    pub fn checkpoint_cost(&self) -> usize {
+        self.reserve() - CLEANER_RESERVE - 2
+    }
+
+    /// Dead data segments a new checkpoint would let [`Log::free_reclaimable`] free (the
+    /// newest checkpoint does not cover them yet).
+    pub fn dead_beyond_checkpoint(&self) -> usize {
+        let upto = self.durable_upto();
+        if upto <= self.checkpoint_upto {
+            return 0;
+        }
+        self.segs
+            .range(self.checkpoint_upto + 1..=upto)
+            .filter(|(s, i)| i.kind == DATA && !self.live.contains_key(*s))
+            .count()
+    }
+
+    /// Where the log stands (for tracing): durable and checkpointed positions, queues,
+    /// free segments as last seen.
+    pub fn describe(&self) -> String {
+        format!(
+            "last data {:#x}, durable upto {:#x}, checkpoint upto {:#x} ({} segs), queued {}, written {}, copies {}, free hint {}, segments {}, full {}, live segments {}",
+            self.last_data_segment,
+            self.durable_upto(),
+            self.checkpoint_upto,
+            self.checkpoint_segs.len(),
+            self.queued.len(),
+            self.written.len(),
+            self.copies.len(),
+            self.free_hint,
+            self.segs.len(),
+            self.full,
+            self.live.len()
+        )
+    }
+
+    /// Whether the stripe group has room for `bytes` more of the cleaner's copies of
+    /// `segment`'s blocks, and for the checkpoint needed to free it unless the newest
+    /// checkpoint covers it already (the stores are asked).
+    pub fn room_for_copies(&mut self, segment: u64, bytes: u64) -> bool {
+        let payload = self.segment_payload();
+        let pending: u64 = self.copies.len() as u64 * payload + self.copy.2 as u64;
+        let copies = (pending + bytes).div_ceil(payload) as usize + 1;
+        let checkpoint = if segment <= self.checkpoint_upto {
+            0
+        } else {
+            self.checkpoint_cost() + 1
+        };
+        self.free_segments() as usize >= copies + checkpoint
     }
 
     /// Write the cleaner's copies (ahead of waiting data, from the reserve) and sync:
