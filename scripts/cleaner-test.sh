@@ -74,7 +74,17 @@ status=$("$X" status --data "$DATA")
 echo "$status" | grep -E "^  (space|cleaner)"
 cleaned=$(echo "$status" | sed -n 's/.* \([0-9]*\) segments cleaned.*/\1/p')
 [ "${cleaned:-0}" -gt 0 ] || fail "the cleaner cleaned nothing"
-"$X" down --data "$DATA" >/dev/null
+# The leader (node 1, first in the stripe group) dies: node 2 takes over.
+pid1=$(echo "$status" | awk '$1 == "1" {print $2}')
+kill -9 "$pid1"
+for _ in $(seq 1 40); do
+    "$X" status --data "$DATA" 2>/dev/null | grep -q "cleaner: led by node 2" && break
+    sleep 0.5
+done
+"$X" status --data "$DATA" | grep -E "^  cleaner" | grep -q "led by node 2" \
+    || fail "node 2 did not take the cleaner over after node 1 died"
+echo "node 1 killed: node 2 leads the cleaner"
+"$X" down --data "$DATA" >/dev/null 2>&1 || true   # node 1 is dead already
 "$X" up --data "$DATA" --storage-mb "$MB" --port "$PORT" >/dev/null
 verify "after down and up"
 echo "PASS: $((written >> 20)) MiB (${TIMES}x the capacity) written, overwritten and deleted; $(ls "$MIRROR" | wc -l) files read back equal, also after a restart"

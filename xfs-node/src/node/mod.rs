@@ -458,9 +458,13 @@ struct NodeGroup<'a> {
 impl cleaner::Group for NodeGroup<'_> {
     fn call(&mut self, writer: NodeId, cmd: &cleaner::Command) -> Result<cleaner::Reply, String> {
         let request = bincode::serialize(cmd).map_err(|e| e.to_string())?;
-        let answer = self
-            .blocks
-            .call(writer, request, Duration::from_secs(120))?;
+        // A usage query is quick (a dead writer is skipped after 3 s); cleaning and
+        // checkpointing take their time.
+        let timeout = match cmd {
+            cleaner::Command::Usage { .. } => Duration::from_secs(3),
+            _ => Duration::from_secs(120),
+        };
+        let answer = self.blocks.call(writer, request, timeout)?;
         bincode::deserialize(&answer).map_err(|e| format!("node {writer}: bad answer: {e}"))
     }
 }
@@ -512,7 +516,9 @@ fn cleaner_loop(
         }
         let l = leader.get_or_insert_with(|| {
             eprintln!("xfs-node {id}: leading the cleaner of stripe group {group}");
-            cleaner::Leader::new(cfg.clone())
+            let l = cleaner::Leader::new(cfg.clone());
+            lock(&cleaners).insert(group, (Some(id), Some(l.status.clone())));
+            l
         });
         let before = l.status.clone();
         let cleaned = l.round(
