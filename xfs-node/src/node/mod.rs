@@ -277,8 +277,8 @@ impl Blocks for NodeBlocks {
 
     fn wait_for_space(&self, attempt: u32) -> bool {
         // The cleaner's leader looks at the group every 200 ms; a writer waits for it up
-        // to 30 s in all (then ENOSPC: the space is live, or the cleaner cannot run).
-        if attempt >= 600 {
+        // to 10 s in all (then ENOSPC: the space is live, or the cleaner cannot run).
+        if attempt >= 200 {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -305,7 +305,10 @@ pub fn finish<S: FragmentStore + Send>(log: &Mutex<Option<Log<S>>>) -> Result<u6
     // checkpoint covers: it goes out now if the reserve allows.
     l.flush_waiting()
         .map_err(|e| format!("writing waiting data: {e}"))?;
-    if l.dead_beyond_checkpoint() >= l.checkpoint_cost() {
+    // A checkpoint pays when it frees more than it costs, or when so many segments lie
+    // beyond the newest one that cleaning them would need one each time.
+    let (beyond, dead) = l.beyond_checkpoint();
+    if dead >= l.checkpoint_cost() || beyond >= 4 * l.checkpoint_cost() {
         let r = l.checkpoint();
         // What the last good checkpoint covers can be freed even if this one failed.
         l.free_reclaimable();
@@ -403,8 +406,8 @@ pub struct CleanerStatus {
 /// A stripe group's cleaner leader.
 pub struct Leader {
     cfg: CleanerConfig,
-    /// Segments whose live blocks all had newer versions waiting to be written (nothing
-    /// to move, nothing freed until those land): skipped until the round noted.
+    /// Segments cleaned in the last rounds (not chosen again until the round noted: one
+    /// that is still there waits for a checkpoint or for newer versions to land).
     skip: std::collections::BTreeMap<(NodeId, u64), u64>,
     cleaning: bool,
     last_written: u64,
@@ -540,9 +543,10 @@ impl Leader {
             let t = Instant::now();
             match group.call(*w, &Command::Clean { segment: *segment }) {
                 Ok(Reply::Cleaned(s)) => {
-                    if s.moved == 0 && s.discarded > 0 {
-                        self.skip.insert((*w, *segment), round + 20);
-                    }
+                    // A cleaned segment is freed by the finish (or soon after, once a
+                    // checkpoint covers it); one that shows up again meanwhile had live
+                    // blocks with newer versions still waiting: not chosen again soon.
+                    self.skip.insert((*w, *segment), round + 20);
                     cleaned += 1;
                     self.status.segments_cleaned += 1;
                     self.status.blocks_moved += s.moved;

@@ -1155,12 +1155,17 @@ impl<S: FragmentStore + Send> Log<S> {
         if self.queued.is_empty() {
             return Ok(());
         }
-        let need = self.queued.len() + self.checkpoint_cost() + 1;
-        if (self.free_segments() as usize) < need {
+        // As many of the oldest as fit (deletions among them free space once durable).
+        let room = (self.free_segments() as usize).saturating_sub(self.checkpoint_cost() + 1);
+        let n = room.min(self.queued.len());
+        if n == 0 {
             return Ok(());
         }
-        self.write_range(0, true)?;
-        self.full = false;
+        let rest = self.queued.split_off(n);
+        let r = self.write_range(0, true);
+        self.queued.extend(rest);
+        r?;
+        self.full = !self.queued.is_empty();
         self.sync_written()
     }
 
@@ -1169,17 +1174,23 @@ impl<S: FragmentStore + Send> Log<S> {
         self.reserve() - CLEANER_RESERVE - 2
     }
 
-    /// Dead data segments a new checkpoint would let [`Log::free_reclaimable`] free (the
-    /// newest checkpoint does not cover them yet).
-    pub fn dead_beyond_checkpoint(&self) -> usize {
+    /// Data segments a new checkpoint would cover that the newest does not: all of them,
+    /// and the dead ones ([`Log::free_reclaimable`] would free those).
+    pub fn beyond_checkpoint(&self) -> (usize, usize) {
         let upto = self.durable_upto();
         if upto <= self.checkpoint_upto {
-            return 0;
+            return (0, 0);
         }
-        self.segs
+        let data = self
+            .segs
             .range(self.checkpoint_upto + 1..=upto)
-            .filter(|(s, i)| i.kind == DATA && !self.live.contains_key(*s))
-            .count()
+            .filter(|(_, i)| i.kind == DATA);
+        let (mut all, mut dead) = (0, 0);
+        for (s, _) in data {
+            all += 1;
+            dead += usize::from(!self.live.contains_key(s));
+        }
+        (all, dead)
     }
 
     /// Where the log stands (for tracing): durable and checkpointed positions, queues,
