@@ -340,8 +340,6 @@ pub fn run(seed: u64, cfg: &CleanSimConfig) -> Result<CleanSimReport, String> {
             sim: &sim,
             readers: &readers,
         };
-        let leader = cleaner::leader_of(&all, |_| true).unwrap_or(1);
-        let _ = leader;
         if last.round(&mut group, &all, k as u64 + 1_000_000, &mut |_| {}) == 0 {
             break;
         }
@@ -369,7 +367,8 @@ pub fn run(seed: u64, cfg: &CleanSimConfig) -> Result<CleanSimReport, String> {
         eprintln!("live per index number: {:?}", live_breakdown(&sim));
         for l in &sim.world.borrow().logs {
             if let Some(l) = lock(l).as_ref() {
-                let u: Vec<u64> = l.usage().iter().map(|u| u.live * 100 / 45056).collect();
+                let p = l.segment_payload();
+                let u: Vec<u64> = l.usage().iter().map(|u| u.live * 100 / p).collect();
                 eprintln!("held {} usage% {u:?}", l.held_segments());
             }
         }

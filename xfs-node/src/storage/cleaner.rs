@@ -611,6 +611,117 @@ mod tests {
         assert_eq!(pause, Duration::from_millis(30));
     }
 
+    /// Writers that answer from tables; records the commands.
+    struct Fake {
+        usage: Vec<WriterUsage>,
+        dead: Vec<NodeId>,
+        log: Vec<(NodeId, Command)>,
+    }
+
+    impl Group for Fake {
+        fn call(&mut self, w: NodeId, cmd: &Command) -> Result<Reply, String> {
+            if self.dead.contains(&w) {
+                return Err("did not answer".into());
+            }
+            self.log.push((w, cmd.clone()));
+            Ok(match cmd {
+                Command::Usage { .. } => Reply::Usage(
+                    self.usage
+                        .iter()
+                        .find(|u| u.writer == w)
+                        .cloned()
+                        .unwrap_or_default(),
+                ),
+                Command::Clean { .. } => Reply::Cleaned(CleanStats {
+                    moved: 1,
+                    bytes: 4096,
+                    discarded: 0,
+                }),
+                Command::Finish => Reply::Finished(1),
+            })
+        }
+    }
+
+    fn writer(w: NodeId, free: u64, held: u64, segs: &[(u64, u64, u64)]) -> WriterUsage {
+        WriterUsage {
+            writer: w,
+            payload: 1000,
+            free_segments: free,
+            held,
+            written: 1,
+            now: 100,
+            candidates: segs
+                .iter()
+                .map(|(s, live, time)| SegmentUsage {
+                    segment: *s,
+                    live: *live,
+                    time: *time,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_leader_cleans_below_low_water_best_first_and_paces() {
+        let mut g = Fake {
+            // 20 free of 110: below the low-water mark (25%), not below half of it.
+            usage: vec![
+                writer(1, 20, 50, &[(11, 900, 90), (12, 100, 90), (13, 960, 0)]),
+                writer(2, 25, 40, &[(21, 500, 0)]),
+            ],
+            dead: vec![3],
+            log: Vec::new(),
+        };
+        let mut leader = Leader::new(CleanerConfig {
+            batch: 2,
+            ..CleanerConfig::default()
+        });
+        let mut paced = 0;
+        let n = leader.round(&mut g, &[1, 2, 3], 100, &mut |_| paced += 1);
+        assert_eq!(n, 2);
+        let cleans: Vec<(NodeId, u64)> = g
+            .log
+            .iter()
+            .filter_map(|(w, c)| match c {
+                Command::Clean { segment } => Some((*w, *segment)),
+                _ => None,
+            })
+            .collect();
+        // Cost-benefit: 21 (half live but old) before 12 (10% live, young), and both
+        // before 11 (90% live); 13 is over max_utilisation.
+        assert_eq!(cleans, vec![(2, 21), (1, 12)]);
+        let finishes = g.log.iter().filter(|(_, c)| *c == Command::Finish).count();
+        assert_eq!(finishes, 2, "each writer touched finishes");
+        assert_eq!(paced, 4, "paced after every command");
+        assert!(leader.status.last_error.contains("node 3"));
+        assert_eq!(
+            (leader.status.free_segments, leader.status.total_segments),
+            (20, 110)
+        );
+        // A segment just cleaned is not chosen again at once.
+        g.log.clear();
+        leader.round(&mut g, &[1, 2], 101, &mut |_| {});
+        assert!(!g.log.contains(&(1, Command::Clean { segment: 12 })));
+    }
+
+    #[test]
+    fn no_cleaning_above_high_water_and_no_pacing_when_urgent() {
+        let mut g = Fake {
+            usage: vec![writer(1, 50, 50, &[(11, 100, 0)])],
+            dead: vec![],
+            log: Vec::new(),
+        };
+        let mut leader = Leader::new(CleanerConfig::default());
+        assert_eq!(leader.round(&mut g, &[1], 100, &mut |_| {}), 0);
+        assert_eq!(leader.status.state, "idle");
+        // 5 free of 100: below half the low-water mark; writers wait, no pacing.
+        g.usage = vec![writer(1, 5, 95, &[(11, 100, 0)])];
+        let mut paced = 0;
+        assert_eq!(leader.round(&mut g, &[1], 100, &mut |_| paced += 1), 1);
+        assert_eq!(paced, 0);
+    }
+
     #[test]
     fn the_first_live_candidate_leads() {
         assert_eq!(leader_of(&[3, 1, 2], |_| true), Some(3));

@@ -423,6 +423,28 @@ fn reconstruct<S: FragmentStore>(
     Ok(all)
 }
 
+/// Check there is one store per server of `group`; the fragment size (the smallest of
+/// the stores that are up).
+fn fragment_bytes_of<S: FragmentStore>(
+    group: &StripeGroup,
+    stores: &[Option<S>],
+) -> Result<usize, LogError> {
+    if stores.len() != group.servers.len() {
+        return Err(LogError::Config(format!(
+            "stripe group {} has {} servers but {} stores were given",
+            group.id,
+            group.servers.len(),
+            stores.len()
+        )));
+    }
+    stores
+        .iter()
+        .flatten()
+        .map(|s| s.fragment_bytes())
+        .min()
+        .ok_or_else(|| LogError::Config("no store of the stripe group is up".into()))
+}
+
 /// The parity fragments of a segment's data fragments.
 fn parity<T: AsRef<[u8]>>(group: &StripeGroup, data: &[T]) -> Result<Vec<Vec<u8>>, LogError> {
     reed_solomon_simd::encode(group.data(), group.parity, data)
@@ -446,20 +468,7 @@ impl<S: FragmentStore + Send> Log<S> {
         }
         .validate()
         .map_err(LogError::Config)?;
-        if stores.len() != group.servers.len() {
-            return Err(LogError::Config(format!(
-                "stripe group {} has {} servers but {} stores were given",
-                group.id,
-                group.servers.len(),
-                stores.len()
-            )));
-        }
-        let fragment_bytes = stores
-            .iter()
-            .flatten()
-            .map(|s| s.fragment_bytes())
-            .min()
-            .ok_or_else(|| LogError::Config("no store of the stripe group is up".into()))?;
+        let fragment_bytes = fragment_bytes_of(&group, &stores)?;
         if fragment_bytes < SUMMARY_BYTES || fragment_bytes % 64 != 0 {
             return Err(LogError::Config(format!(
                 "fragment size {fragment_bytes} must be a multiple of 64 and at least {SUMMARY_BYTES}"
@@ -1488,20 +1497,7 @@ pub struct SegmentReader<S: FragmentStore> {
 impl<S: FragmentStore> SegmentReader<S> {
     /// A reader over `stores` (server i's store at i, `None` for a server that is down).
     pub fn new(group: StripeGroup, stores: Vec<Option<S>>) -> Result<SegmentReader<S>, LogError> {
-        if stores.len() != group.servers.len() {
-            return Err(LogError::Config(format!(
-                "stripe group {} has {} servers but {} stores were given",
-                group.id,
-                group.servers.len(),
-                stores.len()
-            )));
-        }
-        let fragment_bytes = stores
-            .iter()
-            .flatten()
-            .map(|s| s.fragment_bytes())
-            .min()
-            .ok_or_else(|| LogError::Config("no store of the stripe group is up".into()))?;
+        let fragment_bytes = fragment_bytes_of(&group, &stores)?;
         Ok(SegmentReader {
             group,
             stores,
