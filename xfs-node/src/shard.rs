@@ -339,6 +339,12 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// [`Shard::take_kernel_requests`] and reports each with [`Shard::kernel_done`]. Until
     /// then the revoke or eviction behind it waits; the rest of the shard runs on.
     pub external_kernel: bool,
+    /// When true, store commands ([`Shard::call`], and those peers send) are not run on
+    /// this loop: whoever drives it takes them with [`Shard::take_commands`], runs them
+    /// elsewhere (the cleaner's moves read segments and write checkpoints) and reports
+    /// each with [`Shard::command_done`].
+    pub external_commands: bool,
+    commands: Vec<(NodeId, OpId, Vec<u8>)>,
     last_error: Option<ProtocolError>,
     counters: ShardCounters,
 }
@@ -415,6 +421,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             trace: None,
             manual: false,
             external_kernel: false,
+            external_commands: false,
+            commands: Vec::new(),
             last_error: None,
             counters: ShardCounters::default(),
         })
@@ -491,7 +499,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// Send a store command (see [`BlockStore::command`]) to node `node`'s store; the
     /// answer comes from [`Shard::take_call_done`] with `op`.
     pub fn call(&mut self, op: OpId, node: NodeId, request: Vec<u8>) {
-        if node == self.node {
+        if node == self.node && self.external_commands {
+            self.commands.push((node, op, request));
+        } else if node == self.node {
             let r = self.storage.store.command(&request);
             self.call_done.push((op, r));
         } else if self.peers.contains_key(&node) {
@@ -502,6 +512,25 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 Err(format!("node {node} is not connected to this shard")),
             ));
         }
+    }
+
+    /// Take the store commands to run (external commands mode): (from, op, request).
+    pub fn take_commands(&mut self) -> Vec<(NodeId, OpId, Vec<u8>)> {
+        std::mem::take(&mut self.commands)
+    }
+
+    /// A store command from `from` finished: answer it (to this node's caller, or to the
+    /// peer that sent it).
+    pub fn command_done(&mut self, from: NodeId, op: OpId, r: Result<Vec<u8>, String>) {
+        if from == self.node {
+            self.call_done.push((op, r));
+            return;
+        }
+        let (status, bytes) = match r {
+            Ok(b) => (0, b),
+            Err(e) => (1, e.into_bytes()),
+        };
+        self.sync_out.push_back((from, [3, op, status], bytes));
     }
 
     /// Take the answers to [`Shard::call`].
@@ -522,6 +551,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.sync_out.clear();
         self.sync_done.clear();
         self.call_done.clear();
+        self.commands.clear();
         self.kernel.clear();
         self.waiting.clear();
         self.completions.clear();
@@ -553,11 +583,12 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 continue;
             };
             if kind == 2 {
-                let (status, bytes) = match self.storage.store.command(&payload) {
-                    Ok(b) => (0, b),
-                    Err(e) => (1, e.into_bytes()),
-                };
-                self.sync_out.push_back((from, [3, op, status], bytes));
+                if self.external_commands {
+                    self.commands.push((from, op, payload));
+                } else {
+                    let r = self.storage.store.command(&payload);
+                    self.command_done(from, op, r);
+                }
             } else if kind == 3 {
                 let r = if errno == 0 {
                     Ok(payload)

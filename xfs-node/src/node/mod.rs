@@ -133,6 +133,12 @@ enum Cmd {
         request: Vec<u8>,
         reply: Sender<Result<Vec<u8>, String>>,
     },
+    /// A store command from `from` ran (on the node's command thread).
+    CommandDone {
+        from: NodeId,
+        op: OpId,
+        result: Result<Vec<u8>, String>,
+    },
     Stats(Sender<Vec<(String, u64)>>),
     /// The kernel dropped these blocks (the mount's answer to an invalidation).
     KernelDone(Vec<BlockId>),
@@ -291,9 +297,11 @@ fn shard_loop<T: Transport + Send>(
     rx: Receiver<Cmd>,
     stop: Arc<AtomicBool>,
     mount: MountLink,
+    commands: Option<SyncSender<(NodeId, OpId, Vec<u8>)>>,
 ) {
     // Kernel invalidations go to the attached mount (if any) and complete when it answers.
     shard.external_kernel = true;
+    shard.external_commands = commands.is_some();
     let mut unsent: Vec<BlockId> = Vec::new();
     let mut invalidations = 0u64;
     let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
@@ -330,6 +338,7 @@ fn shard_loop<T: Transport + Send>(
                     calls.insert(op, (Instant::now(), reply));
                     shard.call(op, node, request);
                 }
+                Cmd::CommandDone { from, op, result } => shard.command_done(from, op, result),
                 Cmd::KernelDone(blocks) => {
                     for b in blocks {
                         shard.kernel_done(b);
@@ -368,6 +377,18 @@ fn shard_loop<T: Transport + Send>(
             }
         }
         work += shard.step(256).unwrap_or(0);
+        if let Some(tx) = &commands {
+            for (from, op, request) in shard.take_commands() {
+                work += 1;
+                if let Err(e) = tx.try_send((from, op, request)) {
+                    let why = match e {
+                        mpsc::TrySendError::Full(_) => "busy: too many commands queued",
+                        mpsc::TrySendError::Disconnected(_) => "the command thread has stopped",
+                    };
+                    shard.command_done(from, op, Err(why.into()));
+                }
+            }
+        }
         let asked = shard.take_kernel_requests();
         if !asked.is_empty() || !unsent.is_empty() {
             work += asked.len();
@@ -691,6 +712,7 @@ impl Node {
             .collect();
         let log: SharedLog<M::T> = Arc::new(Mutex::new(None));
         let reader: SharedReader<M::T> = Arc::new(Mutex::new(None));
+        let (command_tx, command_rx) = mpsc::sync_channel::<(NodeId, OpId, Vec<u8>)>(64);
         let log_full = Arc::new(AtomicBool::new(false));
         let mount: MountLink = Arc::new(Mutex::new(None));
         let mut senders = Vec::new();
@@ -737,7 +759,44 @@ impl Node {
             wake.push(shard.endpoint().transport().notifier());
             let st = stop.clone();
             let ml = mount.clone();
-            threads.push(std::thread::spawn(move || shard_loop(shard, rx, st, ml)));
+            // Shard 0 hands store commands (the cleaner's) to the command thread.
+            let cmds = (s == 0).then(|| command_tx.clone());
+            threads.push(std::thread::spawn(move || {
+                shard_loop(shard, rx, st, ml, cmds)
+            }));
+        }
+        // The command thread: the cleaner's moves and checkpoints, off the shard loops.
+        {
+            let (tx0, wake0, log, reader, full, st) = (
+                senders[0].clone(),
+                wake[0].clone(),
+                log.clone(),
+                reader.clone(),
+                log_full.clone(),
+                stop.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    let Ok((from, op, request)) =
+                        command_rx.recv_timeout(Duration::from_millis(200))
+                    else {
+                        continue;
+                    };
+                    let reply = cleaner::serve(&log, &reader, id, &request);
+                    if let Some(l) = lock(&log).as_ref() {
+                        full.store(l.is_full(), Ordering::Relaxed);
+                    }
+                    let done = Cmd::CommandDone {
+                        from,
+                        op,
+                        result: Ok(reply),
+                    };
+                    if tx0.send(done).is_err() {
+                        return;
+                    }
+                    wake0.notify();
+                }
+            }));
         }
 
         // The log, once the stripe group's servers answer (they may start after us).
