@@ -336,18 +336,25 @@ impl Front {
         }
     }
 
-    /// A new name for an inode in `parent` (count it; refused on a read-only mount).
-    /// The open files, now marked as possible orphans (a name is about to go).
+    /// The files open on this mount (their blocks outlive their last name).
     fn open_files(&self) -> Vec<u64> {
-        let open: Vec<u64> = lock(&self.open).keys().copied().collect();
-        lock(&self.orphans).extend(open.iter().copied());
-        open
+        lock(&self.open).keys().copied().collect()
+    }
+
+    /// The answer to an unlink or rename: the node names the open file whose last name
+    /// went (freed at its last close here).
+    fn orphaned(&self, r: Result<Response, Errno>) -> Result<Response, Errno> {
+        if let Ok(Response::Ino(ino)) = &r {
+            lock(&self.orphans).insert(*ino);
+        }
+        r
     }
 
     fn opened(&self, ino: u64) {
         *lock(&self.open).entry(ino).or_insert(0) += 1;
     }
 
+    /// A new name for an inode in `parent` (count it; refused on a read-only mount).
     fn made(&self, parent: u64, name: &[u8], op: FsOp, reply: ReplyEntry) {
         self.count();
         match self.rofs() {
@@ -550,7 +557,11 @@ impl Filesystem for Front {
             name: name.as_bytes().to_vec(),
             open: self.open_files(),
         };
-        self.change(op, reply);
+        self.count();
+        match self.rofs() {
+            Ok(()) => self.empty(self.orphaned(self.call(op)), reply),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -612,6 +623,7 @@ impl Filesystem for Front {
             mode,
             open: self.open_files(),
         });
+        let r = self.orphaned(r);
         if r.is_ok() {
             self.shared.remember(dp, newname.as_bytes());
         }
@@ -846,7 +858,8 @@ impl Filesystem for Front {
             }
         };
         if last && lock(&self.orphans).remove(&ino) {
-            // Its last name may be gone: the node frees it if so.
+            // Its last name went while it was open: the node frees it now (unless a
+            // name was added since).
             let _ = self.call(FsOp::Reclaim { ino });
         }
         reply.ok();

@@ -531,6 +531,29 @@ fn open_files_a_full_cluster_and_a_killed_node_give_clean_errors() {
     let c = Cluster::start("bad", 18400, 16, 2);
     let (a, b) = (c.m(0).to_path_buf(), c.m(1).to_path_buf());
 
+    // A file unlinked while open keeps its data until the last close (the node frees it
+    // then), and a file renamed over while open too.
+    let body = pattern(9, 3 * 4096 + 100);
+    for how in ["unlink", "rename"] {
+        let p = a.join(format!("orphan-{how}"));
+        std::fs::write(&p, &body).unwrap();
+        let mut f = std::fs::File::open(&p).unwrap();
+        if how == "unlink" {
+            std::fs::remove_file(&p).unwrap();
+        } else {
+            std::fs::write(a.join("other"), b"x").unwrap();
+            std::fs::rename(a.join("other"), &p).unwrap();
+        }
+        // Not from the page cache: from the cluster.
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        same(&got, &body, &format!("{how}: the open file"));
+        drop(f);
+    }
+    assert!(!a.join("orphan-unlink").exists());
+    assert_eq!(std::fs::read(a.join("orphan-rename")).unwrap(), b"x");
+
     // fusermount3 -u with a file open: busy, and the mount keeps working.
     std::fs::write(a.join("open"), b"still here").unwrap();
     let mut held = std::fs::File::open(a.join("open")).unwrap();

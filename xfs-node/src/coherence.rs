@@ -1825,11 +1825,6 @@ pub trait BlockStore<D> {
     fn sync(&mut self) -> Result<(), SyncError> {
         Ok(())
     }
-    /// Run a command of the store's own (the log cleaner's requests to a writer); the
-    /// encoded answer.
-    fn command(&mut self, _request: &[u8]) -> Result<Vec<u8>, String> {
-        Err("this store runs no commands".into())
-    }
 }
 
 /// Why a store could not make its writes durable: the errno a client's `fsync` returns

@@ -38,6 +38,9 @@ pub const COHERENCE_HANDLER: u16 = 1;
 /// text as payload).
 pub const SYNC_HANDLER: u16 = 4;
 
+/// What a shard that takes no store commands answers them.
+const NO_COMMANDS: &str = "this node runs no store commands";
+
 /// The shard that owns `block` in a node of `shards` shards.
 pub fn shard_of(block: BlockId, shards: usize) -> usize {
     ((mix(block) >> 40) % shards.max(1) as u64) as usize
@@ -339,10 +342,10 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// [`Shard::take_kernel_requests`] and reports each with [`Shard::kernel_done`]. Until
     /// then the revoke or eviction behind it waits; the rest of the shard runs on.
     pub external_kernel: bool,
-    /// When true, store commands ([`Shard::call`], and those peers send) are not run on
-    /// this loop: whoever drives it takes them with [`Shard::take_commands`], runs them
-    /// elsewhere (the cleaner's moves read segments and write checkpoints) and reports
-    /// each with [`Shard::command_done`].
+    /// When true, store commands ([`Shard::call`] to this node, and those peers send) are
+    /// taken by whoever drives the loop with [`Shard::take_commands`], run elsewhere (the
+    /// cleaner's moves read segments and write checkpoints: never on this loop) and
+    /// reported with [`Shard::command_done`]; when false they are refused.
     pub external_commands: bool,
     commands: Vec<(NodeId, OpId, Vec<u8>)>,
     last_error: Option<ProtocolError>,
@@ -496,14 +499,13 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         }
     }
 
-    /// Send a store command (see [`BlockStore::command`]) to node `node`'s store; the
+    /// Send a store command (the log cleaner's, see `storage::cleaner`) to node `node`; the
     /// answer comes from [`Shard::take_call_done`] with `op`.
     pub fn call(&mut self, op: OpId, node: NodeId, request: Vec<u8>) {
         if node == self.node && self.external_commands {
             self.commands.push((node, op, request));
         } else if node == self.node {
-            let r = self.storage.store.command(&request);
-            self.call_done.push((op, r));
+            self.call_done.push((op, Err(NO_COMMANDS.into())));
         } else if self.peers.contains_key(&node) {
             self.sync_out.push_back((node, [2, op, 0], request));
         } else {
@@ -586,8 +588,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 if self.external_commands {
                     self.commands.push((from, op, payload));
                 } else {
-                    let r = self.storage.store.command(&payload);
-                    self.command_done(from, op, r);
+                    self.command_done(from, op, Err(NO_COMMANDS.into()));
                 }
             } else if kind == 3 {
                 let r = if errno == 0 {

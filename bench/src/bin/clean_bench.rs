@@ -10,7 +10,7 @@ use am_udp::cli::{tool_main, Args};
 use bench::report::median;
 use xfs_node::coherence::NodeId;
 use xfs_node::storage::cleaner::{self, CleanerConfig, Command, Group, Leader, Policy, Reply};
-use xfs_node::storage::fragment::{FragmentId, FragmentStore, StoreError};
+use xfs_node::storage::fragment::SharedStore;
 use xfs_node::storage::log::{Log, SegmentReader, StripeGroup, SUMMARY_BYTES};
 use xfs_node::storage::uring::{UringOptions, UringStore};
 
@@ -42,39 +42,7 @@ fn main() {
     tool_main("clean-bench", HELP, run);
 }
 
-/// A store shared by the log and the cleaner's reader (one device, one slot index).
-#[derive(Clone)]
-struct Shared(Arc<Mutex<UringStore>>);
-
-impl FragmentStore for Shared {
-    fn fragment_bytes(&self) -> usize {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .fragment_bytes()
-    }
-    fn free_slots(&mut self) -> Result<usize, StoreError> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .free_slots()
-    }
-    fn write(&mut self, f: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(f)
-    }
-    fn sync(&mut self) -> Result<(), StoreError> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).sync()
-    }
-    fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).read(ids)
-    }
-    fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).delete(ids)
-    }
-    fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).list()
-    }
-}
+type Shared = SharedStore<UringStore>;
 
 type SharedLog = Arc<Mutex<Option<Log<Shared>>>>;
 
@@ -126,7 +94,7 @@ fn one(
                 },
             );
             let _ = std::fs::remove_file(&path); // the open file stays until dropped
-            s.map(|s| Shared(Arc::new(Mutex::new(s))))
+            s.map(|s| SharedStore(Arc::new(Mutex::new(s))))
                 .map_err(|e| format!("{path}: {e}"))
         })
         .collect::<Result<_, _>>()?;

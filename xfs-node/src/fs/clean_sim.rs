@@ -22,6 +22,7 @@ use super::sim::{apply_fs, pattern, Answer, FsOpSim, FsSim, FsSimConfig, Referen
 use crate::coherence::NodeId;
 use crate::sim::Rng;
 use crate::storage::cleaner::{self, CleanerConfig, Command, Group, Leader, Reply};
+use crate::storage::fragment::FragmentStore;
 use crate::storage::log::{SegmentReader, SUMMARY_BYTES};
 
 /// What to run.
@@ -146,10 +147,8 @@ fn space(sim: &FsSim) -> (u64, u64, u64, u64) {
     let mut free = u64::MAX;
     let mut slots = 0;
     for s in &w.servers {
-        let s = lock(s);
-        let mut st = s.store.clone();
-        free = free
-            .min(crate::storage::fragment::FragmentStore::free_slots(&mut st).unwrap_or(0) as u64);
+        let mut s = lock(s);
+        free = free.min(s.store.free_slots().unwrap_or(0) as u64);
         slots = slots.max(s.store.slots() as u64);
     }
     let live = w

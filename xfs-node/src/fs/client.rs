@@ -596,7 +596,8 @@ impl<B: Blocks> FsClient<B> {
     /// Take `by` links from `ino`; when none is left, free its blocks, unless it is in
     /// `open` (a mount still has it open: it frees it with [`FsClient::reclaim`] at the
     /// last close).
-    fn drop_link(&self, ino: u64, by: u64, open: &[u64]) -> Result<(), Errno> {
+    /// Returns `ino` if it was kept that way.
+    fn drop_link(&self, ino: u64, by: u64, open: &[u64]) -> Result<Option<u64>, Errno> {
         let now = self.blocks.now();
         let old = self.update(
             inode_block(ino),
@@ -609,11 +610,14 @@ impl<B: Blocks> FsClient<B> {
             ],
         )?;
         if let Ok(Some(i)) = Inode::decode(ino, &old) {
-            if i.nlink <= by as u32 && !open.contains(&ino) {
+            if i.nlink <= by as u32 {
+                if open.contains(&ino) {
+                    return Ok(Some(ino));
+                }
                 self.free_inode(&i)?;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Free a file whose last name is gone and that is no longer open: its blocks become
@@ -672,12 +676,17 @@ impl<B: Blocks> FsClient<B> {
 
     /// `unlink` a non-directory (freed if that was its last name).
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), Errno> {
-        self.unlink_keeping(parent, name, &[])
+        self.unlink_keeping(parent, name, &[]).map(drop)
     }
 
     /// `unlink`, keeping the file's blocks if it is one of `open` (see
-    /// [`FsClient::reclaim`]).
-    pub fn unlink_keeping(&self, parent: u64, name: &[u8], open: &[u64]) -> Result<(), Errno> {
+    /// [`FsClient::reclaim`]); returns the file if it was kept without a name.
+    pub fn unlink_keeping(
+        &self,
+        parent: u64,
+        name: &[u8],
+        open: &[u64],
+    ) -> Result<Option<u64>, Errno> {
         check_name(name)?;
         self.dir(parent)?;
         let e = self.find_live(parent, name)?.ok_or(Errno::ENOENT)?;
@@ -687,8 +696,9 @@ impl<B: Blocks> FsClient<B> {
         if !self.remove(parent, name, e.ino)? {
             return Err(Errno::ENOENT);
         }
-        self.drop_link(e.ino, 1, open)?;
-        self.touch_dir(parent, 0)
+        let kept = self.drop_link(e.ino, 1, open)?;
+        self.touch_dir(parent, 0)?;
+        Ok(kept)
     }
 
     /// `rmdir`.
@@ -746,7 +756,7 @@ impl<B: Blocks> FsClient<B> {
             kind: i.kind.unwrap_or(Kind::File),
         };
         if self.insert(parent, entry, false)?.is_some() {
-            self.drop_link(ino, 1, &[ino])?;
+            self.drop_link(ino, 1, &[])?;
             return Err(Errno::EEXIST);
         }
         self.touch_dir(parent, 0)?;
@@ -780,11 +790,11 @@ impl<B: Blocks> FsClient<B> {
         dn: &[u8],
         mode: RenameMode,
     ) -> Result<(), Errno> {
-        self.rename_keeping(sp, sn, dp, dn, mode, &[])
+        self.rename_keeping(sp, sn, dp, dn, mode, &[]).map(drop)
     }
 
     /// `rename`; a replaced file that is one of `open` keeps its blocks (see
-    /// [`FsClient::reclaim`]).
+    /// [`FsClient::reclaim`]) and is returned.
     pub fn rename_keeping(
         &self,
         sp: u64,
@@ -793,7 +803,7 @@ impl<B: Blocks> FsClient<B> {
         dn: &[u8],
         mode: RenameMode,
         open: &[u64],
-    ) -> Result<(), Errno> {
+    ) -> Result<Option<u64>, Errno> {
         check_name(sn)?;
         check_name(dn)?;
         self.dir(sp)?;
@@ -801,7 +811,7 @@ impl<B: Blocks> FsClient<B> {
         let src = self.find_live(sp, sn)?.ok_or(Errno::ENOENT)?;
         let dst = self.find_live(dp, dn)?;
         if sp == dp && sn == dn {
-            return Ok(());
+            return Ok(None);
         }
         if src.kind == Kind::Dir && self.is_under(dp, src.ino)? {
             return Err(Errno::EINVAL);
@@ -848,14 +858,14 @@ impl<B: Blocks> FsClient<B> {
                 } else {
                     self.touch_dir(sp, 0)?;
                 }
-                return Ok(());
+                return Ok(None);
             }
             _ => {}
         }
         if let Some(d) = &dst {
             if d.ino == src.ino {
                 // Two names of one file: POSIX says do nothing.
-                return Ok(());
+                return Ok(None);
             }
             match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
                 (true, false) => return Err(Errno::ENOTDIR),
@@ -905,8 +915,9 @@ impl<B: Blocks> FsClient<B> {
         }
         self.update(inode_block(src.ino), &ops)?;
         let replaced_dir = dst.as_ref().is_some_and(|d| d.kind == Kind::Dir);
+        let mut kept = None;
         if let Some(d) = &dst {
-            self.drop_link(d.ino, if d.kind == Kind::Dir { 2 } else { 1 }, open)?;
+            kept = self.drop_link(d.ino, if d.kind == Kind::Dir { 2 } else { 1 }, open)?;
         }
         if sp != dp {
             let moved = (src.kind == Kind::Dir) as i64;
@@ -915,7 +926,7 @@ impl<B: Blocks> FsClient<B> {
         } else {
             self.touch_dir(sp, -(replaced_dir as i64))?;
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// Run `f` with `blocks` acquired (private and pinned: other nodes' revokes and

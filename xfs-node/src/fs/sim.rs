@@ -386,8 +386,6 @@ impl FsSim {
                             LogStore {
                                 log: logs[*id as usize - 1].clone(),
                                 full: Default::default(),
-                                node: *id,
-                                reader: Default::default(),
                             },
                         )
                         .unwrap_or_else(|e| unreachable!("handler slots are free: {e}"))
@@ -454,8 +452,6 @@ impl FsSim {
                 LogStore {
                     log: log.clone(),
                     full: Default::default(),
-                    node,
-                    reader: Default::default(),
                 },
             );
         }

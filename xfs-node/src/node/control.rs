@@ -96,7 +96,8 @@ pub enum FsOp {
         gid: u32,
     },
     /// `open`: files a mount has open (kept until their last close if this was their
-    /// last name; then [`FsOp::Reclaim`]).
+    /// last name: the answer is then `Ino` of the file, and the mount sends
+    /// [`FsOp::Reclaim`] at its last close).
     Unlink {
         parent: u64,
         name: Vec<u8>,

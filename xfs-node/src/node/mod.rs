@@ -67,10 +67,6 @@ pub struct LogStore<S: FragmentStore> {
     /// Set while the log cannot write what it holds (its stores are full): the node's
     /// `statfs` reports no free space, so writes fail with ENOSPC at once.
     pub full: Arc<AtomicBool>,
-    /// This node.
-    pub node: NodeId,
-    /// The cleaner's reader of this log's segments (its own store connections).
-    pub reader: Arc<Mutex<Option<SegmentReader<S>>>>,
 }
 
 impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
@@ -104,13 +100,6 @@ impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
             },
             message: e.to_string(),
         })
-    }
-    fn command(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
-        let r = cleaner::serve(&self.log, &self.reader, self.node, request);
-        if let Some(l) = lock(&self.log).as_ref() {
-            self.full.store(l.is_full(), Ordering::Relaxed);
-        }
-        Ok(r)
     }
 }
 
@@ -468,6 +457,11 @@ pub struct Node {
     cleaners: Cleaners,
 }
 
+/// The answer to an unlink or rename: the open file whose last name went, if any.
+fn kept(ino: Option<u64>) -> Response {
+    ino.map_or(Response::Ok, Response::Ino)
+}
+
 /// Per stripe group this node may lead: the leader it sees and, if it leads, the state.
 type Cleaners = Arc<Mutex<BTreeMap<u32, (Option<NodeId>, Option<CleanerStatus>)>>>;
 
@@ -482,7 +476,7 @@ impl cleaner::Group for NodeGroup<'_> {
         // A usage query is quick (a dead writer is skipped after 3 s); cleaning and
         // checkpointing take their time.
         let timeout = match cmd {
-            cleaner::Command::Usage { .. } => Duration::from_secs(3),
+            cleaner::Command::Usage { .. } | cleaner::Command::Ping => Duration::from_secs(3),
             _ => Duration::from_secs(120),
         };
         let answer = self.blocks.call(writer, request, timeout)?;
@@ -506,6 +500,7 @@ fn cleaner_loop(
     cleaners: Cleaners,
 ) {
     let mut leader: Option<cleaner::Leader> = None;
+    let ping = bincode::serialize(&cleaner::Command::Ping).unwrap_or_default();
     let nap = |stop: &AtomicBool, d: Duration| {
         let end = Instant::now() + d;
         while Instant::now() < end && !stop.load(Ordering::Relaxed) {
@@ -517,11 +512,6 @@ fn cleaner_loop(
             nap(&stop, Duration::from_millis(200));
             continue;
         }
-        let ping = bincode::serialize(&cleaner::Command::Usage {
-            limit: 0,
-            policy: Default::default(),
-        })
-        .unwrap_or_default();
         let lead = cleaner::leader_of(&candidates, |n| {
             n == id
                 || client
@@ -735,8 +725,6 @@ impl Node {
                 LogStore {
                     log: log.clone(),
                     full: log_full.clone(),
-                    node: id,
-                    reader: reader.clone(),
                 },
             )
             .map_err(|e| format!("shard {s}: {e}"))?;
@@ -1409,8 +1397,7 @@ impl Node {
                     gid,
                 } => Response::Attr(Box::new(c.mkdir(parent, &name, mode, uid, gid)?)),
                 FsOp::Unlink { parent, name, open } => {
-                    c.unlink_keeping(parent, &name, &open)?;
-                    Response::Ok
+                    kept(c.unlink_keeping(parent, &name, &open)?)
                 }
                 FsOp::Reclaim { ino } => {
                     c.reclaim(ino)?;
@@ -1427,10 +1414,7 @@ impl Node {
                     dn,
                     mode,
                     open,
-                } => {
-                    c.rename_keeping(sp, &sn, dp, &dn, mode, &open)?;
-                    Response::Ok
-                }
+                } => kept(c.rename_keeping(sp, &sn, dp, &dn, mode, &open)?),
                 FsOp::Link { ino, parent, name } => {
                     Response::Attr(Box::new(c.link(ino, parent, &name)?))
                 }

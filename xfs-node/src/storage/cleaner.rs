@@ -181,6 +181,8 @@ pub enum Command {
     },
     /// Checkpoint, then free the segments that are dead.
     Finish,
+    /// Are you there? (The leader's candidates ask the ones before them.)
+    Ping,
 }
 
 /// A writer's answers.
@@ -192,6 +194,8 @@ pub enum Reply {
     Cleaned(CleanStats),
     /// To `Finish`: segments freed.
     Finished(u64),
+    /// To `Ping`.
+    Here,
     /// Something failed (names what).
     Error(String),
 }
@@ -353,6 +357,7 @@ pub fn run<S: FragmentStore + Send>(
             None => Err("this node's segment reader is not connected (yet)".to_string()),
         },
         Command::Finish => finish(log).map(Reply::Finished),
+        Command::Ping => Ok(Reply::Here),
     };
     r.unwrap_or_else(Reply::Error)
 }
@@ -638,6 +643,7 @@ mod tests {
                     discarded: 0,
                 }),
                 Command::Finish => Reply::Finished(1),
+                Command::Ping => Reply::Here,
             })
         }
     }

@@ -483,3 +483,43 @@ impl FragmentStore for MemFragmentStore {
         Ok(self.index.map.keys().copied().collect())
     }
 }
+
+/// One store shared by several users (a log and the cleaner's segment reader in one
+/// process): every call takes the lock.
+pub struct SharedStore<S>(pub std::sync::Arc<std::sync::Mutex<S>>);
+
+impl<S> Clone for SharedStore<S> {
+    fn clone(&self) -> Self {
+        SharedStore(self.0.clone())
+    }
+}
+
+impl<S: FragmentStore> SharedStore<S> {
+    fn with<R>(&self, f: impl FnOnce(&mut S) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl<S: FragmentStore> FragmentStore for SharedStore<S> {
+    fn fragment_bytes(&self) -> usize {
+        self.with(|s| s.fragment_bytes())
+    }
+    fn free_slots(&mut self) -> Result<usize, StoreError> {
+        self.with(|s| s.free_slots())
+    }
+    fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
+        self.with(|s| s.write(fragments))
+    }
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.with(|s| s.sync())
+    }
+    fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
+        self.with(|s| s.read(ids))
+    }
+    fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
+        self.with(|s| s.delete(ids))
+    }
+    fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
+        self.with(|s| s.list())
+    }
+}

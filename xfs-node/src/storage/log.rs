@@ -665,8 +665,7 @@ impl<S: FragmentStore + Send> Log<S> {
     /// Free segments kept for the cleaner (its copies of a round's live blocks and the
     /// checkpoint through which it frees space): data writes stop short of them.
     fn reserve(&self) -> usize {
-        let per = (self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES;
-        (self.imap.len() + self.segs.len()).div_ceil(per.max(1)) + 2 + CLEANER_RESERVE
+        self.checkpoint_cost() + 2 + CLEANER_RESERVE
     }
 
     /// Write `queued[from..]`. Data writes (`use_reserve` false) fail with ENOSPC rather
@@ -1180,7 +1179,10 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// Segments a checkpoint would cost now.
     pub fn checkpoint_cost(&self) -> usize {
-        self.reserve() - CLEANER_RESERVE - 2
+        // The imap and the usage table, `per` entries a segment (an upper bound: the
+        // table holds data segments only).
+        let per = (self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES;
+        (self.imap.len() + self.segs.len()).div_ceil(per.max(1))
     }
 
     /// Data segments a new checkpoint would cover that the newest does not: all of them,
