@@ -6,7 +6,8 @@
 //! * [`Fabric::Rings`]: a `net_ring` port per node (`rte_eth_from_rings`), all in this
 //!   process; [`RingSwitch`] moves frames from each port's Tx ring to the Rx ring of the
 //!   port owning the destination MAC (broadcasts to all), as an Ethernet switch would.
-//! * [`Fabric::Queues`]: one queue pair per node of one port (a `net_memif` client port);
+//! * [`Fabric::Queues`]: a queue pair per live endpoint of one port (a `net_memif` client
+//!   port; a node takes its last queue again when free, else another free one);
 //!   another process switches between the queues (`examples/dpdk_peer.rs switch`), so
 //!   every frame crosses to that process and back over memif.
 //!
@@ -40,6 +41,8 @@ pub struct RingSwitch {
     pub switched: u64,
     /// Frames dropped (to a dead or unknown MAC, or a full ring).
     pub dropped: u64,
+    /// When set, a copy of every frame switched is kept here.
+    pub tap: Option<Vec<Vec<u8>>>,
 }
 
 impl RingSwitch {
@@ -52,6 +55,7 @@ impl RingSwitch {
             out: Vec::new(),
             switched: 0,
             dropped: 0,
+            tap: None,
         }
     }
 
@@ -91,6 +95,9 @@ impl RingSwitch {
             for m in frames {
                 moved += 1;
                 let d = m.data();
+                if let Some(t) = self.tap.as_mut() {
+                    t.push(d.to_vec());
+                }
                 if d.len() < 6 {
                     self.dropped += 1;
                     continue;
@@ -209,9 +216,17 @@ impl DpdkHarness {
                     .and_then(|q| DpdkTransport::new(q, info, cfg))
             }
             (Fabric::Queues(p), _) => {
+                // The node's last queue if free (the switch still sends its MAC there),
+                // else any free one (the switch learns the MAC's new queue from its
+                // first frame).
                 let info = p.info().clone();
-                p.take_queue(index as u16)
-                    .and_then(|q| DpdkTransport::new(q, info, cfg))
+                let n = p.queues() as usize;
+                let q = (0..n)
+                    .map(|k| ((index + k) % n) as u16)
+                    .find_map(|q| p.take_queue(q).ok())
+                    .unwrap_or_else(|| panic!("all {n} queues of the port are in use"));
+                self.nodes[i].index = q.id() as usize;
+                DpdkTransport::new(q, info, cfg)
             }
             (Fabric::Rings(_), None) => unreachable!("ring nodes have a port"),
         };
@@ -274,6 +289,14 @@ impl DpdkHarness {
         }
     }
 
+    /// The ring switch (ring fabric only).
+    pub fn switch(&mut self) -> Option<&mut RingSwitch> {
+        match &mut self.fabric {
+            Fabric::Rings(sw) => Some(sw),
+            Fabric::Queues(_) => None,
+        }
+    }
+
     fn pump(&mut self) -> usize {
         match &mut self.fabric {
             Fabric::Rings(sw) => sw.step(),
@@ -290,15 +313,7 @@ impl DpdkHarness {
                 let index = sw.plug(mac_for(ip), rx, tx);
                 (Some(port), index)
             }
-            Fabric::Queues(p) => {
-                assert!(
-                    i < p.queues() as usize,
-                    "the port has {} queues: no room for endpoint {}",
-                    p.queues(),
-                    i + 1
-                );
-                (None, i)
-            }
+            Fabric::Queues(p) => (None, i % p.queues() as usize),
         };
         self.nodes.push(Node { ip, port, index });
         i

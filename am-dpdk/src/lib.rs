@@ -139,6 +139,8 @@ pub struct DpdkStats {
     pub sleeps: u64,
     /// Wake-ups by an Rx interrupt.
     pub interrupts: u64,
+    /// Times a memif client restarted its port to reconnect.
+    pub relinks: u64,
 }
 
 impl DpdkStats {
@@ -216,6 +218,10 @@ pub struct DpdkTransport {
     stats: DpdkStats,
     /// The last `wait` slept without finding anything: the next one sleeps at once.
     idle: bool,
+    /// When the link was last checked (memif clients reconnect when it is down).
+    link_checked: Instant,
+    /// The port has this one queue and is a memif client that must reconnect by itself.
+    relink: bool,
 }
 
 /// A locally administered unicast MAC made from an IPv4 address (02:00:a.b.c.d).
@@ -226,10 +232,27 @@ pub fn mac_for(ip: Ipv4Addr) -> Mac {
 
 impl DpdkTransport {
     /// Opens the device `spec` (see [`Port::open`]) with one queue pair and drives it.
+    /// A `net_memif` client opened here reconnects by itself when its server restarts
+    /// (DPDK's memif client connects only when its port starts: the transport restarts
+    /// the port when it finds the link down, at most every 500 ms).
     pub fn open(spec: &str, cfg: DpdkConfig) -> Result<DpdkTransport, DpdkError> {
         let mut port = Port::open(spec, &PortSpec::default())?;
         let q = port.take_queue(0)?;
-        DpdkTransport::new(q, port.info().clone(), cfg)
+        let mut t = DpdkTransport::new(q, port.info().clone(), cfg)?;
+        t.relink = t.info.driver == "net_memif" && spec.contains("role=client");
+        Ok(t)
+    }
+
+    /// A memif client whose link went down restarts its port (see [`DpdkTransport::open`]).
+    fn check_link(&mut self) {
+        if !self.relink || self.link_checked.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.link_checked = Instant::now();
+        if self.queue.stopped() || !self.queue.link_up() {
+            self.stats.relinks += 1;
+            let _ = self.queue.restart_port();
+        }
     }
 
     /// Drives `queue` of the port described by `info`.
@@ -287,6 +310,8 @@ impl DpdkTransport {
             ip_id: 0,
             stats: DpdkStats::default(),
             idle: false,
+            link_checked: Instant::now(),
+            relink: false,
             cfg,
         })
     }
@@ -620,6 +645,7 @@ impl Transport for DpdkTransport {
     }
 
     fn send_batch(&mut self, batch: &[Transmit]) -> Result<usize, TransportError> {
+        self.check_link();
         // Frames the port did not take last time go first; while they wait, nothing new.
         if !self.flush() {
             return Ok(0);
@@ -704,6 +730,7 @@ impl Transport for DpdkTransport {
     }
 
     fn wait(&mut self, timeout: Option<Duration>, mask: EventMask) -> Result<(), TransportError> {
+        self.check_link();
         self.flush();
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
@@ -747,11 +774,7 @@ impl Transport for DpdkTransport {
             return Ok(());
         }
         self.sleep(left.min(self.cfg.sleep), mask)?;
-        if mask.network && self.fill_rx() > 0 {
-            self.idle = false;
-        } else {
-            self.idle = true;
-        }
+        self.idle = !(mask.network && self.fill_rx() > 0);
         Ok(())
     }
 

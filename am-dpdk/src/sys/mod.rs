@@ -679,6 +679,7 @@ impl Port {
             )));
         }
         Ok(Queue {
+            stopped: false,
             taken: t.clone(),
             rx_desc: self.rx_desc,
             port: self.id,
@@ -720,6 +721,7 @@ impl MbufPool {
 
 /// One Rx/Tx queue pair of a port and its mbuf pool; owned by one thread.
 pub struct Queue {
+    stopped: bool,
     taken: Arc<AtomicBool>,
     rx_desc: u16,
     port: u16,
@@ -731,6 +733,9 @@ pub struct Queue {
 impl Queue {
     /// Receives up to `max` packets into `out`; returns how many.
     pub fn rx_burst(&mut self, out: &mut Vec<Mbuf>, max: usize) -> usize {
+        if self.stopped {
+            return 0;
+        }
         let max = max.min(u16::MAX as usize);
         out.reserve(max);
         // SAFETY: started port, our own queue (one owner: &mut self), room for `max`
@@ -750,6 +755,9 @@ impl Queue {
     /// Transmits from the front of `pkts`; returns how many the port took (removed from
     /// `pkts`; the rest stay for a later try).
     pub fn tx_burst(&mut self, pkts: &mut Vec<Mbuf>) -> usize {
+        if self.stopped {
+            return 0;
+        }
         let len = pkts.len().min(u16::MAX as usize);
         // SAFETY: started port, our own queue; Mbuf is a transparent mbuf pointer so the
         // Vec is an array of them; the PMD takes ownership of the first n, forgotten here.
@@ -797,6 +805,44 @@ impl Queue {
             }
         };
         r == 0
+    }
+
+    /// Whether the port's link is up.
+    pub fn link_up(&self) -> bool {
+        let mut link = ffi::rte_eth_link::default();
+        // SAFETY: started port, valid out-struct.
+        let r = unsafe { ffi::rte_eth_link_get_nowait(self.port, &mut link) };
+        r == 0 && link.link_status() == 1
+    }
+
+    /// Stops and starts the port again (its queues and pools stay): a `net_memif` client
+    /// connects only when its port starts, so after its server restarted this is how it
+    /// reconnects. Only for a port with this one queue: others' queues would stop too.
+    /// Until it starts again, bursts on the queue do nothing (DPDK must not be asked to
+    /// poll a stopped port).
+    pub fn restart_port(&mut self) -> Result<(), DpdkError> {
+        // SAFETY: a configured port; the caller owns its only queue, so nobody else polls
+        // it while it is stopped.
+        unsafe {
+            if !self.stopped {
+                let r = ffi::rte_eth_dev_stop(self.port);
+                if r != 0 {
+                    return Err(call_err("rte_eth_dev_stop", r));
+                }
+                self.stopped = true;
+            }
+            let r = ffi::rte_eth_dev_start(self.port);
+            if r != 0 {
+                return Err(call_err("rte_eth_dev_start", r));
+            }
+        }
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// True while a [`Queue::restart_port`] has not started the port again.
+    pub fn stopped(&self) -> bool {
+        self.stopped
     }
 
     /// Receive descriptors of the queue.

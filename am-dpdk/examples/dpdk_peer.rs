@@ -1,0 +1,231 @@
+//! The other process of the two-process DPDK tests: an Active Messages server on a DPDK
+//! device, or a frame switch between the queues of a `net_memif` port.
+//!
+//! ```text
+//! dpdk_peer server --dev net_memif0,role=server,socket=/tmp/am.sock --bind 10.0.0.1:7000
+//! dpdk_peer switch --dev net_memif0,role=server,socket=/tmp/am.sock --queues 12
+//! ```
+//! `--help` prints all options.
+
+use am_core::{Config, Endpoint, Msg, Tag};
+use am_dpdk::frame::{Mac, BROADCAST};
+use am_dpdk::sys::{Mbuf, MbufPool, Port, PortSpec};
+use am_dpdk::{DpdkConfig, DpdkTransport};
+use am_udp::cli::{tool_main, Args};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+const HELP: &str = "\
+dpdk_peer: the second process of am-dpdk's tests
+
+USAGE:
+  dpdk_peer server --dev SPEC --bind IP:PORT [--tag N] [--segment-mib N] [--busy-poll]
+      an AM endpoint: handler 1 echoes a request (args and payload), 2 takes a one-way
+      message, 3 answers a bulk request with the length and FNV-1a hash of the bytes
+  dpdk_peer switch --dev SPEC --queues N
+      a learning Ethernet switch between the N queue pairs of the device: each queue is
+      one node of the other process (am_dpdk::harness::Fabric::Queues)
+
+OPTIONS:
+  --dev SPEC       a DPDK virtual device, NAME[,ARGS]: net_memif0,role=server,socket=PATH
+  --seconds N      exit after N seconds (default 600); it also exits when its parent does
+  --mac MAC        server: the MAC to use (default: made from the address)
+  --log-handled    server: print `handled SEQ` for each one-way message (handler 2)
+
+Prints `ready` (switch) or `listening ADDR tag N` (server) once the port is started.
+";
+
+fn main() {
+    tool_main("dpdk_peer", HELP, |args| {
+        match args.0.first().map(String::as_str) {
+            Some("server") => server(args),
+            Some("switch") => switch(args),
+            _ => Err("say server or switch; see --help".into()),
+        }
+    });
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Exits when the time is up or the parent is gone (the test that started us died).
+struct Lifetime {
+    until: Instant,
+    parent: libc::pid_t,
+    checked: Instant,
+}
+
+impl Lifetime {
+    fn new(args: &Args) -> Result<Lifetime, String> {
+        Ok(Lifetime {
+            until: Instant::now() + Duration::from_secs(args.parse("--seconds", 600u64)?),
+            // SAFETY: getppid has no preconditions.
+            parent: unsafe { libc::getppid() },
+            checked: Instant::now(),
+        })
+    }
+    fn over(&mut self) -> bool {
+        let now = Instant::now();
+        if now - self.checked < Duration::from_millis(100) {
+            return false;
+        }
+        self.checked = now;
+        // SAFETY: getppid has no preconditions.
+        now >= self.until || unsafe { libc::getppid() } != self.parent
+    }
+}
+
+fn dev(args: &Args) -> Result<String, String> {
+    args.value("--dev")
+        .ok_or("--dev SPEC is required; see --help".into())
+}
+
+fn parse_mac(s: &str) -> Result<Mac, String> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("--mac {s}: use aa:bb:cc:dd:ee:ff"))?;
+    v.try_into().map_err(|_| format!("--mac {s}: six bytes"))
+}
+
+fn server(args: &Args) -> Result<(), String> {
+    let bind: SocketAddrV4 = args
+        .value("--bind")
+        .ok_or("--bind IP:PORT is required")?
+        .parse()
+        .map_err(|e| format!("--bind: {e}"))?;
+    let mut cfg = DpdkConfig::new(bind);
+    cfg.busy_poll = args.flag("--busy-poll");
+    cfg.mac = Some(match args.value("--mac") {
+        Some(m) => parse_mac(&m)?,
+        None => am_dpdk::mac_for(*bind.ip()),
+    });
+    let t = DpdkTransport::open(&dev(args)?, cfg).map_err(|e| e.to_string())?;
+    let cfg = Config {
+        tag: Tag(args.parse("--tag", 7u64)?),
+        segment_bytes: args.parse("--segment-mib", 64usize)? << 20,
+        ..Config::default()
+    };
+    let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
+    ep.register(1, |ctx, mut m| {
+        if let Some(t) = m.token.take() {
+            let slices = [m.payload];
+            let msg = if m.payload.is_empty() {
+                Msg::small(1, m.args)
+            } else {
+                Msg::medium(1, m.args, &slices)
+            };
+            let _ = ctx.reply(t, msg);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let log = args.flag("--log-handled");
+    ep.register(2, move |_, m| {
+        if log {
+            // One write per message, before the message is acknowledged.
+            let line = format!("handled {}\n", m.args.first().copied().unwrap_or(0));
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.flush();
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    ep.register(3, |ctx, mut m| {
+        let (off, len) = m.bulk.unwrap_or((0, 0));
+        let h = fnv(&ctx.segment()[off as usize..off as usize + len]);
+        if let Some(t) = m.token.take() {
+            let _ = ctx.reply(t, Msg::small(3, &[len as u64, h]));
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    println!("listening {} tag {}", ep.name().addr, ep.tag().0);
+    let _ = std::io::stdout().flush();
+    let mut life = Lifetime::new(args)?;
+    while !life.over() {
+        ep.poll(256).map_err(|e| e.to_string())?;
+        ep.wait(Some(Duration::from_millis(50)))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn switch(args: &Args) -> Result<(), String> {
+    let queues: u16 = args.parse("--queues", 12u16)?;
+    let spec = PortSpec {
+        queues,
+        mbufs: 2047,
+        ..PortSpec::default()
+    };
+    let mut port = Port::open(&dev(args)?, &spec).map_err(|e| e.to_string())?;
+    let mut qs = (0..queues)
+        .map(|q| port.take_queue(q))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let pool = MbufPool::new(4095).map_err(|e| e.to_string())?;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut life = Lifetime::new(args)?;
+    let mut table: HashMap<Mac, usize> = HashMap::new();
+    let mut rx: Vec<Mbuf> = Vec::new();
+    let mut out: Vec<Vec<Mbuf>> = (0..queues).map(|_| Vec::new()).collect();
+    let (mut idle, mut dropped) = (0u32, 0u64);
+    while !life.over() {
+        let mut moved = 0;
+        for i in 0..qs.len() {
+            rx.clear();
+            moved += qs[i].rx_burst(&mut rx, 64);
+            for m in rx.drain(..) {
+                let d = m.data();
+                if d.len() < 14 {
+                    continue;
+                }
+                let mut dst = [0u8; 6];
+                let mut src = [0u8; 6];
+                dst.copy_from_slice(&d[..6]);
+                src.copy_from_slice(&d[6..12]);
+                table.insert(src, i);
+                match table.get(&dst) {
+                    Some(&j) if dst != BROADCAST && j != i => out[j].push(m),
+                    Some(_) if dst != BROADCAST => {}
+                    _ => {
+                        // Broadcast or unknown: flood to every other queue.
+                        for (j, o) in out.iter_mut().enumerate() {
+                            if j != i {
+                                if let Some(c) = pool.frame(m.data()) {
+                                    o.push(c);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            if !o.is_empty() {
+                qs[j].tx_burst(o);
+                // A queue whose node is gone (not polling) fills up: drop what it refused.
+                dropped += o.len() as u64;
+                o.clear();
+            }
+        }
+        if moved == 0 {
+            idle += 1;
+            if idle > 1000 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        } else {
+            idle = 0;
+        }
+    }
+    eprintln!("dpdk_peer switch: exiting, {dropped} frames dropped");
+    Ok(())
+}
