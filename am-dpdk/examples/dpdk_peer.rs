@@ -180,9 +180,9 @@ fn switch(args: &Args) -> Result<(), String> {
     let (mut idle, mut dropped) = (0u32, 0u64);
     while !life.over() {
         let mut moved = 0;
-        for i in 0..qs.len() {
+        for (i, q) in qs.iter_mut().enumerate() {
             rx.clear();
-            moved += qs[i].rx_burst(&mut rx, 64);
+            moved += q.rx_burst(&mut rx, 64);
             for m in rx.drain(..) {
                 let d = m.data();
                 if d.len() < 14 {

@@ -125,6 +125,9 @@ fn fnv(bytes: &[u8]) -> u64 {
     h
 }
 
+/// A reply: handler, arguments, payload.
+type Reply = (u16, Vec<u64>, Vec<u8>);
+
 #[test]
 fn two_processes_over_memif() {
     let dir = std::env::temp_dir().join(format!("am-dpdk-memif-{}", std::process::id()));
@@ -217,7 +220,7 @@ fn server_process(dir: &std::path::Path) {
         },
     );
     a.map(0, EndpointName { addr, vnet: 0 }, Tag(7)).unwrap();
-    let replies: Arc<Mutex<Vec<(u16, Vec<u64>, Vec<u8>)>>> = Arc::default();
+    let replies: Arc<Mutex<Vec<Reply>>> = Arc::default();
     for hix in [1u16, 3] {
         let r = replies.clone();
         a.register(hix, move |_, m| {
