@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # setup.sh - install what building and testing this project needs on Debian 12, when
 # missing: CMake and libclang (am-rdma's verbs bindings are generated and built with them;
-# no RDMA libraries are needed to build), nftables and iproute2 (the namespace tests),
+# no RDMA libraries are needed to build), DPDK 22.11 (libdpdk-dev, dpdk-dev, pkg-config:
+# am-dpdk), nftables, iproute2 and ethtool (the namespace tests),
 # DejaVu Sans (am-bench's plot), losetup (the storage tests' loop devices, package
 # mount), fuse3 (fusermount3) and nsenter for the mount; with --tests also the POSIX
 # suites of scripts/posix-tests.sh: dbench (apt), pjdfstest and fsx (cargo install
@@ -12,6 +13,13 @@ missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 dpkg-query -W -f='${db:Status-Status}' libclang-dev 2>/dev/null | grep -qx installed \
     || missing+=(libclang-dev)
+# DPDK 22.11 for am-dpdk (headers and pkg-config file; dpdk-dev adds dpdk-testpmd);
+# without it am-dpdk builds a stand-in and its tests fail naming these packages.
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+for p in libdpdk-dev dpdk-dev; do
+    dpkg-query -W -f='${db:Status-Status}' $p 2>/dev/null | grep -qx installed || missing+=($p)
+done
+command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)

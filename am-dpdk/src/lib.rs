@@ -36,7 +36,13 @@
 
 pub mod frame;
 pub mod harness;
+/// The DPDK binding; without `libdpdk` at build time, a stand-in whose every attempt to
+/// start DPDK fails with [`DpdkError::Missing`] naming what to install.
+#[cfg_attr(am_dpdk_missing, path = "sys/missing.rs")]
 pub mod sys;
+
+/// Whether this build has DPDK (`libdpdk-dev` was found when it was compiled).
+pub const AVAILABLE: bool = !cfg!(am_dpdk_missing);
 
 use am_core::{Capabilities, EventMask, Notify, Time, Transmit, Transport, TransportError};
 use frame::{Arp, Bad, Mac, Parsed, UdpAddrs, ARP_REPLY, ARP_REQUEST, BROADCAST};
@@ -324,6 +330,11 @@ impl DpdkTransport {
     /// The MAC this transport uses.
     pub fn mac(&self) -> Mac {
         self.mac
+    }
+
+    /// Whether the port's link is up (a memif peer connected).
+    pub fn link_up(&self) -> bool {
+        self.queue.link_up()
     }
 
     /// The port it runs on.

@@ -26,7 +26,10 @@ fn sh(cmd: &str) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -84,7 +87,11 @@ impl Veth {
     }
 
     fn dropped(&self) -> u64 {
-        let text = sh(&format!("ip netns exec {} nft list table inet amdpdk", self.ns)).unwrap_or_default();
+        let text = sh(&format!(
+            "ip netns exec {} nft list table inet amdpdk",
+            self.ns
+        ))
+        .unwrap_or_default();
         let words: Vec<&str> = text.split_whitespace().collect();
         words
             .windows(2)
@@ -143,7 +150,10 @@ fn dpdk_and_kernel_udp_talk_through_a_lossy_veth() {
     drop(veth);
     let (retransmits, frames) = result.unwrap_or_else(|e| std::panic::resume_unwind(e));
     assert!(dropped > 0, "nft dropped nothing");
-    assert!(retransmits > 0, "no retransmissions despite {dropped} drops");
+    assert!(
+        retransmits > 0,
+        "no retransmissions despite {dropped} drops"
+    );
     eprintln!("nft dropped {dropped}, retransmissions {retransmits}, dpdk frames {frames}");
 }
 
@@ -161,10 +171,29 @@ fn exchange(veth: &Veth) -> (u64, u64) {
     assert_eq!(t.port_info().driver, "net_af_packet");
     let mut d = Endpoint::new(t, cfg(0xd));
     let sock = bind_in_netns(&veth.ns, "10.78.0.2:7001".parse().unwrap()).unwrap();
-    let mut k = Endpoint::new(UdpTransport::from_socket(sock, UdpConfig::default()).unwrap(), cfg(0xe));
+    let mut k = Endpoint::new(
+        UdpTransport::from_socket(sock, UdpConfig::default()).unwrap(),
+        cfg(0xe),
+    );
     let (nd, td, nk, tk) = (d.name(), d.tag(), k.name(), k.tag());
-    d.map(0, EndpointName { addr: nk.addr, vnet: 0 }, tk).unwrap();
-    k.map(0, EndpointName { addr: nd.addr, vnet: 0 }, td).unwrap();
+    d.map(
+        0,
+        EndpointName {
+            addr: nk.addr,
+            vnet: 0,
+        },
+        tk,
+    )
+    .unwrap();
+    k.map(
+        0,
+        EndpointName {
+            addr: nd.addr,
+            vnet: 0,
+        },
+        td,
+    )
+    .unwrap();
     let at_d = record(&mut d);
     let at_k = record(&mut k);
 
@@ -173,7 +202,10 @@ fn exchange(veth: &Veth) -> (u64, u64) {
     assert!(send_one(&mut k, 0));
     let t0 = Instant::now();
     while d.transport().stats().arp_replies == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "no ARP request from the kernel answered");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no ARP request from the kernel answered"
+        );
         k.poll(256).unwrap();
         d.poll(256).unwrap();
         d.wait(Some(Duration::from_micros(200))).unwrap();
@@ -186,8 +218,10 @@ fn exchange(veth: &Veth) -> (u64, u64) {
     let bulk_k = random_bytes(12, 4 << 20);
     d.segment_mut()[..bulk_d.len()].copy_from_slice(&bulk_d);
     k.segment_mut()[..bulk_k.len()].copy_from_slice(&bulk_k);
-    d.send(0, Msg::bulk(3, &[0], &[(0, bulk_d.len())], 8 << 20)).unwrap();
-    k.send(0, Msg::bulk(3, &[0], &[(0, bulk_k.len())], 8 << 20)).unwrap();
+    d.send(0, Msg::bulk(3, &[0], &[(0, bulk_d.len())], 8 << 20))
+        .unwrap();
+    k.send(0, Msg::bulk(3, &[0], &[(0, bulk_k.len())], 8 << 20))
+        .unwrap();
     let (mut sent_d, mut sent_k) = (0u64, 1u64);
     let deadline = Instant::now() + Duration::from_secs(60);
     let full = |s: &Seen| s.lock().unwrap().len() as u64 >= n + 1;
@@ -217,13 +251,21 @@ fn exchange(veth: &Veth) -> (u64, u64) {
         let v = seen.lock().unwrap().clone();
         let stream: Vec<&(u16, Vec<u64>, Vec<u8>)> = v.iter().filter(|x| x.0 != 3).collect();
         let seqs: Vec<u64> = stream.iter().map(|x| x.1[0]).collect();
-        assert_eq!(seqs, (0..n).collect::<Vec<_>>(), "at {name}: exactly once, in order");
+        assert_eq!(
+            seqs,
+            (0..n).collect::<Vec<_>>(),
+            "at {name}: exactly once, in order"
+        );
         for x in &stream {
             let i = x.1[0];
             if i % 2 == 0 {
                 assert_eq!(x.1, vec![i, i * 3], "small {i} at {name}");
             } else {
-                assert_eq!(x.2, random_bytes(i, 100 + (i as usize * 37) % 3000), "medium {i} at {name}");
+                assert_eq!(
+                    x.2,
+                    random_bytes(i, 100 + (i as usize * 37) % 3000),
+                    "medium {i} at {name}"
+                );
             }
         }
         let bulks: Vec<_> = v.iter().filter(|x| x.0 == 3).collect();
@@ -232,7 +274,10 @@ fn exchange(veth: &Veth) -> (u64, u64) {
     }
     let ds = d.transport().stats().clone();
     eprintln!("dpdk driver: {ds:?}");
-    assert!(ds.arp_replies > 0, "the kernel asked for our MAC and got it");
+    assert!(
+        ds.arp_replies > 0,
+        "the kernel asked for our MAC and got it"
+    );
     assert!(ds.arp_learned > 0, "we learned the kernel's MAC by ARP");
     // The kernel's IPv6 chatter (router and neighbour solicitations) is foreign; every
     // other frame parsed: no checksum, length or header complaint.

@@ -9,6 +9,7 @@
 pub mod am_side;
 pub mod cases;
 pub mod coherence;
+pub mod dpdk_raw;
 pub mod mounts;
 pub mod peers;
 pub mod plot;

@@ -3,11 +3,13 @@
 
 use am_core::sim::{Faults, SimNet};
 use am_core::{Endpoint, EndpointName, Tag};
+use am_dpdk::{DpdkConfig, DpdkTransport};
 use am_rdma::{RdmaConfig, RdmaTransport};
 use am_udp::cli::{tool_main, Args};
 use am_udp::{UdpConfig, UdpTransport};
 use bench::am_side::{self, AmClient};
 use bench::cases::{bandwidth_cases, latency_cases, Case, Wait};
+use bench::dpdk_raw;
 use bench::raw::{self, RawClient};
 use bench::report::{add_ratios, markdown, Row};
 use std::io::{BufRead, BufReader, Write};
@@ -23,21 +25,27 @@ am-bench: Active Messages microbenchmarks against raw UDP in the same run
 USAGE:
   am-bench [local] [OPTIONS]         start servers as child processes on loopback and
                                      measure (the default)
-  am-bench server --system am|raw [--transport udp|rdma] [--wait poll|block] [--bind ADDR]
-                 [--mtu N]           serve one system; prints `listening ADDR`
+  am-bench server --system am|raw [--transport udp|rdma|dpdk] [--wait poll|block]
+                 [--bind ADDR] [--mtu N] [--dev SPEC]
+                                     serve one system; prints `listening ADDR` (dpdk: on
+                                     the DPDK device SPEC, e.g. net_memif0,role=server,
+                                     socket=PATH; --bind IP:PORT is its address)
   am-bench client --system am|raw --server ADDR [OPTIONS]
                                      measure a server started elsewhere
 
 OPTIONS:
-  --mode latency|bandwidth|rate|all  what to measure (default all)
+  --mode latency|bandwidth|rate|all  what to measure (default all; a comma list runs several)
   --wait poll|block|both             busy-polling, sleeping in epoll, or both (default both)
-  --transport udp|sim|rdma|all       udp: over am-udp; sim: the engine alone over the
+  --transport udp|sim|rdma|dpdk|all  udp: over am-udp; sim: the engine alone over the
                                      in-process simulator (no syscalls); rdma: over
                                      am-rdma on verbs, beside perftest's ib_send_lat on
                                      the same device (needs a device whose netdev has
                                      $AM_RDMA_ADDR, default 10.99.0.1: run it in the
-                                     SoftRoCE VM, bench/run-verbs.sh) (default all =
-                                     udp,sim)
+                                     SoftRoCE VM, bench/run-verbs.sh); dpdk: over
+                                     am-dpdk on net_memif between two processes, beside a
+                                     raw DPDK ping-pong (same bindings, no AM) over memif
+                                     in the same run (default all = udp,sim; a comma
+                                     list runs several, e.g. dpdk,udp)
   --quick                            fewer sizes and samples: under a minute
   --iters N                          latency samples per row (default 20000; quick 2000)
   --warmup N                         round trips discarded first (default 2000; quick 200)
@@ -77,22 +85,39 @@ struct Opts {
 
 fn opts(args: &Args) -> Result<Opts, String> {
     let quick = args.flag("--quick");
-    let modes = match args.value("--mode").as_deref().unwrap_or("all") {
-        "all" => vec!["latency".into(), "bandwidth".into(), "rate".into()],
-        m @ ("latency" | "bandwidth" | "rate") => vec![m.to_string()],
-        m => return Err(format!("--mode {m}: use latency, bandwidth, rate or all")),
-    };
+    let mut modes: Vec<String> = Vec::new();
+    for m in args.value("--mode").as_deref().unwrap_or("all").split(',') {
+        match m {
+            "all" => modes.extend(["latency".into(), "bandwidth".into(), "rate".into()]),
+            "latency" | "bandwidth" | "rate" => modes.push(m.to_string()),
+            m => {
+                return Err(format!(
+                    "--mode {m}: use latency, bandwidth, rate or all (or a comma list)"
+                ))
+            }
+        }
+    }
     let waits = match args.value("--wait").as_deref().unwrap_or("both") {
         "both" => vec![Wait::Poll, Wait::Block],
         w => vec![Wait::parse(w).ok_or(format!("--wait {w}: use poll, block or both"))?],
     };
-    let transports = match args.value("--transport").as_deref().unwrap_or("all") {
-        "all" => vec!["udp".into(), "sim".into()],
-        "udp" => vec!["udp".into()],
-        "sim" => vec!["sim".into()],
-        "rdma" => vec!["rdma".into()],
-        t => return Err(format!("--transport {t}: use udp, sim, rdma or all")),
-    };
+    let mut transports: Vec<String> = Vec::new();
+    for t in args
+        .value("--transport")
+        .as_deref()
+        .unwrap_or("all")
+        .split(',')
+    {
+        match t {
+            "all" => transports.extend(["udp".into(), "sim".into()]),
+            "udp" | "sim" | "rdma" | "dpdk" => transports.push(t.to_string()),
+            t => {
+                return Err(format!(
+                    "--transport {t}: use udp, sim, rdma, dpdk or all (or a comma list)"
+                ))
+            }
+        }
+    }
     Ok(Opts {
         modes,
         waits,
@@ -134,6 +159,9 @@ fn server(args: &Args) -> Result<(), String> {
     let bind: SocketAddr = args.parse("--bind", "127.0.0.1:0".parse().map_err(|_| "addr")?)?;
     let stop = AtomicBool::new(false);
     let rdma = args.value("--transport").as_deref() == Some("rdma");
+    if args.value("--transport").as_deref() == Some("dpdk") {
+        return dpdk_server(args, wait, &stop);
+    }
     match args.value("--system").as_deref() {
         Some("am") if rdma => {
             let cfg = RdmaConfig {
@@ -168,6 +196,40 @@ fn server(args: &Args) -> Result<(), String> {
             );
             let _ = std::io::stdout().flush();
             raw::serve(sock, wait, &stop).map_err(|e| e.to_string())
+        }
+        _ => Err("--system am|raw is required; see --help".into()),
+    }
+}
+
+/// `am-bench server --transport dpdk`: the AM server or the raw reflector on `--dev`.
+fn dpdk_server(args: &Args, wait: Wait, stop: &AtomicBool) -> Result<(), String> {
+    let dev = args
+        .value("--dev")
+        .ok_or("--transport dpdk needs --dev SPEC")?;
+    let bind: std::net::SocketAddrV4 = args
+        .value("--bind")
+        .ok_or("--transport dpdk needs --bind IP:PORT")?
+        .parse()
+        .map_err(|e| format!("--bind: {e}"))?;
+    match args.value("--system").as_deref() {
+        Some("am") => {
+            let mut cfg = DpdkConfig::new(bind);
+            cfg.busy_poll = wait == Wait::Poll;
+            cfg.mac = Some(am_dpdk::mac_for(*bind.ip()));
+            let t = DpdkTransport::open(&dev, cfg).map_err(|e| format!("dpdk transport: {e}"))?;
+            let mut ep = Endpoint::try_new(t, am_side::config(am_side::SERVER_TAG))
+                .map_err(|e| e.to_string())?;
+            am_side::make_server(&mut ep).map_err(|e| e.to_string())?;
+            println!("listening {}", ep.name().addr);
+            let _ = std::io::stdout().flush();
+            am_side::serve(&mut ep, wait, stop)
+        }
+        Some("raw") => {
+            let (_port, mut q) = dpdk_raw::open(&dev)?;
+            println!("listening {bind}");
+            let _ = std::io::stdout().flush();
+            dpdk_raw::serve(&mut q, stop);
+            Ok(())
         }
         _ => Err("--system am|raw is required; see --help".into()),
     }
@@ -367,7 +429,7 @@ struct ServerProcess(Child, SocketAddr);
 
 impl ServerProcess {
     fn start(system: &str, wait: Wait, mtu: usize, gro: bool) -> Result<ServerProcess, String> {
-        ServerProcess::start_on(system, "udp", "127.0.0.1:0", wait, mtu, gro)
+        ServerProcess::start_on(system, "udp", "127.0.0.1:0", wait, mtu, gro, &[])
     }
 
     fn start_on(
@@ -377,6 +439,7 @@ impl ServerProcess {
         wait: Wait,
         mtu: usize,
         gro: bool,
+        extra: &[&str],
     ) -> Result<ServerProcess, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
@@ -394,6 +457,7 @@ impl ServerProcess {
                 &mtu.to_string(),
             ])
             .args(gro.then_some("--gro"))
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the server process: {e}"))?;
@@ -475,6 +539,9 @@ fn local(args: &Args) -> Result<(), String> {
     if o.transports.iter().any(|t| t == "rdma") {
         rows.extend(measure_rdma(&o)?);
     }
+    if o.transports.iter().any(|t| t == "dpdk") {
+        rows.extend(measure_dpdk(&o)?);
+    }
     if o.transports.iter().any(|t| t == "sim") {
         progress("am over the simulator (engine cost alone)");
         rows.extend(measure_am(&mut sim_client()?, "sim", Wait::Poll, &o)?);
@@ -491,6 +558,122 @@ fn local(args: &Args) -> Result<(), String> {
     finish(args, rows)
 }
 
+/// Raw DPDK ping-pong and rate over net_memif between two processes, then AM over
+/// am-dpdk on net_memif for each wait mode, in this one run.
+fn measure_dpdk(o: &Opts) -> Result<Vec<Row>, String> {
+    if !am_dpdk::AVAILABLE {
+        return Err(format!(
+            "--transport dpdk: this build has no DPDK: {}",
+            am_dpdk::INSTALL_HINT
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("am-bench-dpdk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let r = measure_dpdk_in(o, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn measure_dpdk_in(o: &Opts, dir: &std::path::Path) -> Result<Vec<Row>, String> {
+    let server: std::net::SocketAddrV4 = "10.3.0.1:9000".parse().map_err(|_| "addr")?;
+    let me: std::net::SocketAddrV4 = "10.3.0.2:9000".parse().map_err(|_| "addr")?;
+    let mut rows = Vec::new();
+    let devs = |k: usize| {
+        let sock = dir.join(format!("memif{k}.sock"));
+        (
+            format!("net_memif{k},role=server,socket={}", sock.display()),
+            format!("net_memif{k},role=client,socket={}", sock.display()),
+        )
+    };
+    // The floor: raw frames reflected by the other process (it busy-polls).
+    let (sdev, cdev) = devs(0);
+    let bind = server.to_string();
+    let srv = ServerProcess::start_on(
+        "raw",
+        "dpdk",
+        &bind,
+        Wait::Poll,
+        o.mtu,
+        false,
+        &["--dev", &sdev],
+    )?;
+    let (port, q) = dpdk_raw::open(&cdev)?;
+    dpdk_raw::wait_link(&port, Duration::from_secs(15))?;
+    progress(&format!(
+        "raw DPDK reflector on {} ({})",
+        port.info().name,
+        port.info().driver
+    ));
+    let mut c = dpdk_raw::RawDpdkClient::new(q, me, server);
+    if o.modes.iter().any(|m| m == "latency") {
+        let mut done = Vec::new();
+        for case in latency_cases(o.quick)
+            .into_iter()
+            .filter(|c| c.size <= o.max_size)
+        {
+            let size = case.size.max(1);
+            if size > o.mtu - 28 || done.contains(&size) {
+                continue;
+            }
+            done.push(size);
+            let (w, n) = iters_for(case, o);
+            let h = c.latency(size, w, n)?;
+            let mut rc = case;
+            rc.size = size;
+            let mut row = Row::latency("raw-dpdk", "dpdk", Wait::Poll, rc, &h);
+            row.note = "one frame each way, net_memif".into();
+            progress(&format!(
+                "raw dpdk latency {size} B: p50 {:.2} us",
+                row.p50_us.unwrap_or(0.0)
+            ));
+            rows.push(row);
+        }
+    }
+    if o.modes.iter().any(|m| m == "rate") {
+        let dur = Duration::from_millis(if o.quick { 500 } else { 2000 });
+        let (n, secs) = c.rate(o.outstanding as usize, dur)?;
+        let mut row = Row::throughput(
+            "raw-dpdk",
+            "dpdk",
+            "rate",
+            Wait::Poll,
+            Case::SMALL0,
+            n,
+            0,
+            secs,
+        );
+        row.note = format!("{} frames in flight", o.outstanding);
+        progress(&format!("raw dpdk rate: {:.0} frames/s", row.msgs_per_s));
+        rows.push(row);
+    }
+    drop(c);
+    drop(srv);
+    for (k, &wait) in o.waits.iter().enumerate() {
+        let (sdev, cdev) = devs(k + 1);
+        let srv =
+            ServerProcess::start_on("am", "dpdk", &bind, wait, o.mtu, false, &["--dev", &sdev])?;
+        let mut cfg = DpdkConfig::new(me);
+        cfg.busy_poll = wait == Wait::Poll;
+        cfg.mac = Some(am_dpdk::mac_for(*me.ip()));
+        let t = DpdkTransport::open(&cdev, cfg).map_err(|e| format!("dpdk transport: {e}"))?;
+        let start = Instant::now();
+        while !t.link_up() {
+            if start.elapsed() > Duration::from_secs(15) {
+                return Err("the memif link to the AM server did not come up in 15 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        progress(&format!("am dpdk server at {} ({})", srv.1, wait.name()));
+        rows.extend(measure_am(
+            &mut am_client_on(t, srv.1, wait)?,
+            "dpdk",
+            wait,
+            o,
+        )?);
+    }
+    Ok(rows)
+}
+
 /// AM over verbs, then `ib_send_lat` on the same device, for each wait mode.
 fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
     if let Some(why) = am_rdma::harness::unavailable() {
@@ -503,7 +686,7 @@ fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
     let bind = format!("{ip}:0");
     let mut rows = Vec::new();
     for (i, &wait) in o.waits.iter().enumerate() {
-        let server = ServerProcess::start_on("am", "rdma", &bind, wait, o.mtu, false)?;
+        let server = ServerProcess::start_on("am", "rdma", &bind, wait, o.mtu, false, &[])?;
         progress(&format!("am rdma server at {} ({})", server.1, wait.name()));
         let mut c = am_rdma_client(server.1, wait)?;
         let (dev, gid) = {

@@ -179,10 +179,40 @@ pub fn add_ratios(rows: &mut [Row]) {
             None => r.note = "no ib_send_lat row of this size".into(),
         }
     }
+    let raw_dpdk: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.system == "raw-dpdk")
+        .cloned()
+        .collect();
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.system == "am" && r.transport == "dpdk")
+    {
+        // Over DPDK the baseline is the raw frame ping-pong (or rate, same window) on the
+        // same kind of device in the same run; it busy-polls, so both waits compare to it.
+        let base = raw_dpdk.iter().find(|b| {
+            b.mode == r.mode && (r.mode == "rate" || b.size_bytes == r.size_bytes.max(1))
+        });
+        match base {
+            Some(b) if r.mode == "latency" => {
+                if let (Some(x), Some(y)) = (r.p50_us, b.p50_us) {
+                    r.vs_raw = Some(x / y);
+                    r.note = "vs raw DPDK frame round trip, net_memif".into();
+                }
+            }
+            Some(b) => {
+                r.vs_raw = Some(r.msgs_per_s / b.msgs_per_s.max(1e-9));
+                r.note = "vs raw DPDK frames echoed, same window".into();
+            }
+            None => r.note = "no raw DPDK baseline of this shape".into(),
+        }
+    }
     for r in rows.iter_mut().filter(|r| {
         r.system != "raw-udp"
+            && r.system != "raw-dpdk"
             && r.transport != "sim"
             && r.transport != "rdma"
+            && r.transport != "dpdk"
             && r.system != "ib_send_lat"
     }) {
         let base = raws.iter().find(|b| {
