@@ -128,7 +128,7 @@ fn record<T: Transport>(ep: &mut Endpoint<T>) -> Seen {
 
 /// Message `i` of the stream: small (even) or medium (odd); false when the queue is full.
 fn send_one<T: Transport>(ep: &mut Endpoint<T>, i: u64) -> bool {
-    let r = if i % 2 == 0 {
+    let r = if i.is_multiple_of(2) {
         ep.send(0, Msg::small(1, &[i, i * 3]))
     } else {
         let payload = random_bytes(i, 100 + (i as usize * 37) % 3000);
@@ -224,7 +224,7 @@ fn exchange(veth: &Veth) -> (u64, u64) {
         .unwrap();
     let (mut sent_d, mut sent_k) = (0u64, 1u64);
     let deadline = Instant::now() + Duration::from_secs(60);
-    let full = |s: &Seen| s.lock().unwrap().len() as u64 >= n + 1;
+    let full = |s: &Seen| s.lock().unwrap().len() as u64 > n;
     while !(full(&at_d) && full(&at_k)) {
         assert!(
             Instant::now() < deadline,
@@ -258,7 +258,7 @@ fn exchange(veth: &Veth) -> (u64, u64) {
         );
         for x in &stream {
             let i = x.1[0];
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 assert_eq!(x.1, vec![i, i * 3], "small {i} at {name}");
             } else {
                 assert_eq!(
