@@ -224,6 +224,8 @@ pub struct DpdkTransport {
     stats: DpdkStats,
     /// The last `wait` slept without finding anything: the next one sleeps at once.
     idle: bool,
+    /// The Rx interrupt's epoll set, where the port has Rx interrupts.
+    sleeper: Option<sys::RxSleeper>,
     /// When the link was last checked (memif clients reconnect when it is down).
     link_checked: Instant,
     /// The port has this one queue and is a memif client that must reconnect by itself.
@@ -299,7 +301,10 @@ impl DpdkTransport {
             .iter()
             .map(|&(ip, m)| (ip, (m, true)))
             .collect();
+        let mut queue = queue;
+        let sleeper = queue.rx_sleeper(fd.as_raw_fd())?;
         Ok(DpdkTransport {
+            sleeper,
             tx: Vec::with_capacity(cfg.burst * 2),
             rx: Vec::with_capacity(cfg.burst),
             queue,
@@ -570,65 +575,71 @@ impl DpdkTransport {
         }
     }
 
-    /// Sleeps up to `d` on the eventfd and the Rx interrupt fd (when armed).
+    /// Drains the cross-thread eventfd.
+    fn drain_waker(&mut self) {
+        self.waker.flag.store(false, Ordering::Release);
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our own non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.waker.fd.as_raw_fd(),
+                &mut v as *mut u64 as *mut libc::c_void,
+                8,
+            );
+        }
+    }
+
+    /// Sleeps up to `d` on the cross-thread eventfd (the port has no Rx interrupts).
     fn sleep(&mut self, d: Duration, mask: EventMask) -> Result<(), TransportError> {
-        let intr = if mask.network {
-            self.queue.rx_interrupt_fd()
-        } else {
-            None
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd: if mask.handle {
-                    self.waker.fd.as_raw_fd()
-                } else {
-                    -1
-                },
-                events: libc::POLLIN,
-                revents: 0,
+        let mut fds = [libc::pollfd {
+            fd: if mask.handle {
+                self.waker.fd.as_raw_fd()
+            } else {
+                -1
             },
-            libc::pollfd {
-                fd: intr.unwrap_or(-1),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+            events: libc::POLLIN,
+            revents: 0,
+        }];
         let ts = libc::timespec {
             tv_sec: d.as_secs() as libc::time_t,
             tv_nsec: d.subsec_nanos() as libc::c_long,
         };
         self.stats.sleeps += 1;
-        // SAFETY: two valid pollfds (fd -1 is ignored), a valid timespec, no signal mask.
-        let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+        // SAFETY: one valid pollfd (fd -1 is ignored), a valid timespec, no signal mask.
+        let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 1, &ts, std::ptr::null()) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(TransportError::Io(format!("ppoll: {e}")));
             }
         }
-        if fds[1].revents & libc::POLLIN != 0 {
-            self.stats.interrupts += 1;
-            let mut v: u64 = 0;
-            // SAFETY: the interrupt fd is readable (an eventfd): read its counter into a
-            // live u64 without blocking.
-            unsafe {
-                libc::read(fds[1].fd, &mut v as *mut u64 as *mut libc::c_void, 8);
-            }
-        }
         if fds[0].revents & libc::POLLIN != 0 {
-            self.waker.take();
-            self.waker.flag.store(false, Ordering::Release);
-            let mut v: u64 = 0;
-            // SAFETY: as above, our own eventfd.
-            unsafe {
-                libc::read(
-                    self.waker.fd.as_raw_fd(),
-                    &mut v as *mut u64 as *mut libc::c_void,
-                    8,
-                );
-            }
+            self.drain_waker();
         }
         Ok(())
+    }
+
+    /// Sleeps on the Rx interrupt and the eventfd: arm, look at the queue once more (a
+    /// frame may have come before arming), sleep, disarm.
+    fn sleep_interrupt(&mut self, d: Duration) {
+        self.queue.rx_interrupt(true);
+        if self.fill_rx() > 0 || self.waker.take() {
+            self.queue.rx_interrupt(false);
+            return;
+        }
+        let ms = d.as_micros().div_ceil(1000).min(1000) as i32;
+        self.stats.sleeps += 1;
+        let (rx, wake) = match self.sleeper.as_mut() {
+            Some(s) => s.sleep(ms),
+            None => (false, false),
+        };
+        self.queue.rx_interrupt(false);
+        if rx {
+            self.stats.interrupts += 1;
+        }
+        if wake {
+            self.drain_waker();
+        }
     }
 }
 
@@ -756,19 +767,12 @@ impl Transport for DpdkTransport {
             self.spin_poll(deadline.unwrap_or(far));
             return Ok(());
         }
-        if self.info.rx_interrupts && mask.network {
-            // Arm, look once more (a frame may have come before arming), then sleep.
-            self.queue.rx_interrupt(true);
-            if self.fill_rx() > 0 || self.waker.take() {
-                self.queue.rx_interrupt(false);
-                return Ok(());
-            }
+        if self.sleeper.is_some() && mask.network {
             let d = deadline.map_or(Duration::from_secs(1), |d| {
                 d.saturating_duration_since(start)
             });
-            let r = self.sleep(d.min(Duration::from_secs(1)), mask);
-            self.queue.rx_interrupt(false);
-            return r;
+            self.sleep_interrupt(d);
+            return Ok(());
         }
         // Spin a little after traffic (a reply often comes within microseconds), then sleep
         // in short steps, polling the queue between them.

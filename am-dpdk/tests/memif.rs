@@ -130,15 +130,23 @@ type Reply = (u16, Vec<u64>, Vec<u8>);
 
 #[test]
 fn two_processes_over_memif() {
-    let dir = std::env::temp_dir().join(format!("am-dpdk-memif-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir(std::env::temp_dir().join(format!("am-dpdk-memif-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
     let t0 = Instant::now();
-    suite_through_a_switch_process(&dir);
+    suite_through_a_switch_process(&dir.0);
     eprintln!("suite through the switch process: {:?}", t0.elapsed());
     let t1 = Instant::now();
-    server_process(&dir);
+    server_process(&dir.0);
     eprintln!("server process: {:?}", t1.elapsed());
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The memif sockets' folder, removed however the test ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn suite_through_a_switch_process(dir: &std::path::Path) {

@@ -106,6 +106,16 @@ impl Port {
     }
 }
 
+/// An Rx interrupt sleeper (none exist without DPDK).
+pub struct RxSleeper(Never);
+
+impl RxSleeper {
+    /// Unreachable.
+    pub fn sleep(&mut self, _timeout_ms: i32) -> (bool, bool) {
+        match self.0 {}
+    }
+}
+
 /// A pool (none can be made without DPDK).
 pub struct MbufPool(Never);
 
@@ -141,7 +151,11 @@ impl Queue {
         match self.0 {}
     }
     /// Unreachable.
-    pub fn rx_interrupt_fd(&self) -> Option<RawFd> {
+    pub fn has_rx_interrupts(&self) -> bool {
+        match self.0 {}
+    }
+    /// Unreachable.
+    pub fn rx_sleeper(&mut self, _wake_fd: RawFd) -> Result<Option<RxSleeper>, DpdkError> {
         match self.0 {}
     }
     /// Unreachable.

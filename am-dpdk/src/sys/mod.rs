@@ -40,7 +40,7 @@ mod ffi {
 }
 
 use std::ffi::{CStr, CString};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -619,6 +619,38 @@ impl Drop for Queue {
     }
 }
 
+/// Sleeps until a queue's Rx interrupt or a wake-up fd fires (see [`Queue::rx_sleeper`]).
+pub struct RxSleeper {
+    epoll: OwnedFd,
+    wake_fd: RawFd,
+    _wake: Box<ffi::rte_epoll_event>,
+}
+
+// SAFETY: the epoll set and the event record are used only by the owner of the queue.
+unsafe impl Send for RxSleeper {}
+
+impl RxSleeper {
+    /// Sleeps up to `timeout_ms`; returns (an Rx interrupt came, the wake fd fired).
+    pub fn sleep(&mut self, timeout_ms: i32) -> (bool, bool) {
+        let mut evs = [
+            ffi::rte_epoll_event::default(),
+            ffi::rte_epoll_event::default(),
+        ];
+        // SAFETY: our epoll set, room for two events.
+        let n =
+            unsafe { ffi::rte_epoll_wait(self.epoll.as_raw_fd(), evs.as_mut_ptr(), 2, timeout_ms) };
+        let (mut rx, mut wake) = (false, false);
+        for e in evs.iter().take(n.max(0) as usize) {
+            if e.fd == self.wake_fd {
+                wake = true;
+            } else {
+                rx = true;
+            }
+        }
+        (rx, wake)
+    }
+}
+
 /// A pool of mbufs of its own (for frames made outside any queue: a test switch's copies).
 pub struct MbufPool(Pool);
 
@@ -704,9 +736,49 @@ impl Queue {
         usize::try_from(n).ok()
     }
 
-    /// The fd that becomes readable on an Rx interrupt (only when the port has them).
-    pub fn rx_interrupt_fd(&self) -> Option<RawFd> {
-        self.intr_fd
+    /// Whether the port gives this queue Rx interrupts.
+    pub fn has_rx_interrupts(&self) -> bool {
+        self.intr_fd.is_some()
+    }
+
+    /// An epoll set holding this queue's Rx interrupt and `wake_fd` (an eventfd another
+    /// thread writes), for [`RxSleeper::sleep`]; `None` when the port has no Rx interrupts.
+    /// DPDK's own epoll wrapper reads (clears) the interrupt fd as its kind needs.
+    pub fn rx_sleeper(&mut self, wake_fd: RawFd) -> Result<Option<RxSleeper>, DpdkError> {
+        if self.intr_fd.is_none() {
+            return Ok(None);
+        }
+        // SAFETY: plain syscall; the fd is owned at once.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(DpdkError::Invalid(format!(
+                "epoll_create1: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: a fresh fd we own.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        // SAFETY: started port with Rx interrupts; DPDK adds the queue's interrupt fd to our
+        // epoll set with an event record of its own (kept in the port's interrupt handle).
+        let r = unsafe {
+            ffi::rte_eth_dev_rx_intr_ctl_q(self.port, self.queue, epfd, 1, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(call_err("rte_eth_dev_rx_intr_ctl_q(ADD)", r));
+        }
+        let mut wake = Box::new(ffi::rte_epoll_event::default());
+        wake.epdata.event = libc::EPOLLIN as u32;
+        // SAFETY: valid epoll fd and wake fd; DPDK keeps a pointer to `wake` in the epoll
+        // set, and the box lives in the returned RxSleeper as long as the set does.
+        let r = unsafe { ffi::rte_epoll_ctl(epfd, libc::EPOLL_CTL_ADD, wake_fd, &mut *wake) };
+        if r != 0 {
+            return Err(call_err("rte_epoll_ctl(ADD wake fd)", r));
+        }
+        Ok(Some(RxSleeper {
+            epoll,
+            wake_fd,
+            _wake: wake,
+        }))
     }
 
     /// Arms (`true`) or disarms the Rx interrupt of this queue.

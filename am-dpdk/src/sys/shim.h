@@ -9,6 +9,7 @@
 #include <rte_ring.h>
 #include <rte_eth_ring.h>
 #include <rte_bus_vdev.h>
+#include <rte_epoll.h>
 
 int am_shim_errno(void);
 uint16_t am_shim_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
