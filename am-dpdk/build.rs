@@ -71,6 +71,7 @@ fn main() {
         .allowlist_function("rte_eal_cleanup")
         .allowlist_function("rte_strerror")
         .allowlist_function("rte_socket_id")
+        .allowlist_function("rte_get_tsc_hz")
         .allowlist_function("rte_pktmbuf_pool_create")
         .allowlist_function("rte_eth_dev_configure")
         .allowlist_function("rte_eth_rx_queue_setup")

@@ -130,12 +130,20 @@ fn ip(b: &[u8], at: usize) -> Ipv4Addr {
 /// The ones' complement sum of `bytes` (big-endian 16-bit words, an odd byte padded),
 /// folded, added to `start`.
 fn sum16(start: u32, bytes: &[u8]) -> u32 {
+    // 32-bit big-endian words summed in 64 bits, folded at the end: the same ones'
+    // complement sum as 16-bit words (RFC 1071), about twice as fast. A frame has at most
+    // a few hundred words, far from overflowing.
     let mut s = start as u64;
-    let mut chunks = bytes.chunks_exact(2);
+    let mut chunks = bytes.chunks_exact(8);
     for c in &mut chunks {
+        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        s += (w >> 32) + (w & 0xffff_ffff);
+    }
+    let mut rest = chunks.remainder().chunks_exact(2);
+    for c in &mut rest {
         s += u16::from_be_bytes([c[0], c[1]]) as u64;
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest.remainder() {
         s += (*last as u64) << 8;
     }
     while s >> 16 != 0 {
@@ -464,7 +472,28 @@ mod tests {
         assert_eq!(parse(&b[..30], None, true), Err(Bad::BadArp));
     }
 
+    /// The ones' complement sum 16 bits at a time, as RFC 1071 writes it.
+    fn sum16_reference(bytes: &[u8]) -> u32 {
+        let mut s: u64 = 0;
+        for c in bytes.chunks(2) {
+            s += if c.len() == 2 {
+                u16::from_be_bytes([c[0], c[1]]) as u64
+            } else {
+                (c[0] as u64) << 8
+            };
+        }
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u32
+    }
+
     proptest! {
+        #[test]
+        fn fast_sum_is_the_rfc_1071_sum(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            prop_assert_eq!(sum16(0, &bytes), sum16_reference(&bytes));
+        }
+
         // Any bytes: a verdict, never a panic, and a UDP payload always inside the frame.
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {

@@ -219,6 +219,9 @@ pub struct DpdkTransport {
     rx: Vec<Mbuf>,
     waker: Arc<Waker>,
     origin: Instant,
+    clock: Option<sys::TscClock>,
+    /// The last neighbour looked up (most traffic goes to one peer at a time).
+    last_neighbour: Option<(Ipv4Addr, Mac)>,
     seed: u64,
     ip_id: u16,
     stats: DpdkStats,
@@ -317,6 +320,8 @@ impl DpdkTransport {
                 flag: AtomicBool::new(false),
             }),
             origin: Instant::now(),
+            clock: sys::TscClock::new(),
+            last_neighbour: None,
             seed: h.finish(),
             ip_id: 0,
             stats: DpdkStats::default(),
@@ -447,6 +452,7 @@ impl DpdkTransport {
             Some(&(_, true)) => return,
             Some(&(m, false)) if m == mac => {}
             _ => {
+                self.last_neighbour = None;
                 self.neighbours.insert(ip, (mac, false));
                 self.stats.arp_learned += 1;
             }
@@ -659,7 +665,10 @@ impl Transport for DpdkTransport {
     }
 
     fn now(&self) -> Time {
-        Time(self.origin.elapsed().as_nanos() as u64 + 1)
+        match &self.clock {
+            Some(c) => Time(c.ns() + 1),
+            None => Time(self.origin.elapsed().as_nanos() as u64 + 1),
+        }
     }
 
     fn seed(&self) -> u64 {
@@ -683,8 +692,13 @@ impl Transport for DpdkTransport {
                     continue;
                 }
             };
-            match self.neighbours.get(to.ip()) {
-                Some(&(mac, _)) => {
+            let known = match self.last_neighbour {
+                Some((ip, mac)) if ip == *to.ip() => Some(mac),
+                _ => self.neighbours.get(to.ip()).map(|n| n.0),
+            };
+            match known {
+                Some(mac) => {
+                    self.last_neighbour = Some((*to.ip(), mac));
                     if !self.queue_udp(mac, to, &t.bytes) {
                         break;
                     }

@@ -16,6 +16,21 @@ pub fn eal_init(_opts: &EalOptions) -> Result<(), DpdkError> {
     Err(DpdkError::Missing)
 }
 
+/// The TSC clock (never available without DPDK).
+#[derive(Clone, Copy, Debug)]
+pub struct TscClock(Never);
+
+impl TscClock {
+    /// `None`: no EAL to calibrate it.
+    pub fn new() -> Option<TscClock> {
+        None
+    }
+    /// Unreachable.
+    pub fn ns(&self) -> u64 {
+        match self.0 {}
+    }
+}
+
 /// A packet buffer (none exist without DPDK).
 pub struct Mbuf(Never);
 
