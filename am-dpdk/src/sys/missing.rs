@@ -8,7 +8,7 @@ use std::os::fd::RawFd;
 include!("common.rs");
 
 /// No value: the types below cannot be made without DPDK.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Never {}
 
 /// Always fails: DPDK is not in this build.
