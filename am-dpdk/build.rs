@@ -14,6 +14,7 @@ fn main() {
     println!("cargo::rerun-if-changed=src/sys/shim.c");
     println!("cargo::rerun-if-changed=src/sys/shim.h");
     println!("cargo::rerun-if-env-changed=PKG_CONFIG_PATH");
+    println!("cargo::rerun-if-env-changed=PKG_CONFIG_LIBDIR");
     let lib = match pkg_config::Config::new()
         .atleast_version("22.11")
         .cargo_metadata(false)

@@ -2,7 +2,9 @@
 //! device, or a frame switch between the queues of a `net_memif` port.
 //!
 //! ```text
+//! dpdk_peer demo
 //! dpdk_peer server --dev net_memif0,role=server,socket=/tmp/am.sock --bind 10.0.0.1:7000
+//! dpdk_peer client --dev net_memif0,role=client,socket=/tmp/am.sock --bind 10.0.0.2:7000 --server 10.0.0.1:7000
 //! dpdk_peer switch --dev net_memif0,role=server,socket=/tmp/am.sock --queues 12
 //! ```
 //! `--help` prints all options.
@@ -15,12 +17,18 @@ use am_udp::cli::{tool_main, Args};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddrV4;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const HELP: &str = "\
 dpdk_peer: the second process of am-dpdk's tests
 
 USAGE:
+  dpdk_peer demo
+      start a server process on net_memif, run the client against it (small, medium and
+      a 64 MiB bulk, each verified, then 10000 round trips), stop
+  dpdk_peer client --dev SPEC --bind IP:PORT --server IP:PORT [--count N] [--busy-poll]
+      verify small, medium and bulk exchanges with a server, then time N round trips
   dpdk_peer server --dev SPEC --bind IP:PORT [--tag N] [--segment-mib N] [--busy-poll]
       an AM endpoint: handler 1 echoes a request (args and payload), 2 takes a one-way
       message, 3 answers a bulk request with the length and FNV-1a hash of the bytes
@@ -42,7 +50,9 @@ fn main() {
         match args.0.first().map(String::as_str) {
             Some("server") => server(args),
             Some("switch") => switch(args),
-            _ => Err("say server or switch; see --help".into()),
+            Some("client") => client(args),
+            Some("demo") => demo(args),
+            _ => Err("say demo, client, server or switch; see --help".into()),
         }
     });
 }
@@ -154,6 +164,165 @@ fn server(args: &Args) -> Result<(), String> {
         ep.poll(256).map_err(|e| e.to_string())?;
         ep.wait(Some(Duration::from_millis(50)))
             .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn demo(args: &Args) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("dpdk-peer-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let sock = dir.join("memif.sock");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(exe)
+        .args(["server", "--busy-poll", "--bind", "10.0.0.1:7000", "--dev"])
+        .arg(format!("net_memif0,role=server,socket={}", sock.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the server process: {e}"))?;
+    let line = child
+        .stdout
+        .take()
+        .and_then(|o| std::io::BufRead::lines(std::io::BufReader::new(o)).next())
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    println!("server process {}: {line}", child.id());
+    let dev = format!("net_memif0,role=client,socket={}", sock.display());
+    let mut a = vec![
+        "client",
+        "--dev",
+        &dev,
+        "--bind",
+        "10.0.0.2:7000",
+        "--server",
+        "10.0.0.1:7000",
+        "--busy-poll",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    a.extend([
+        "--count".into(),
+        args.parse("--count", 10000u64)?.to_string(),
+    ]);
+    let r = client(&Args(a));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn client(args: &Args) -> Result<(), String> {
+    let bind: SocketAddrV4 = args
+        .value("--bind")
+        .ok_or("--bind IP:PORT is required")?
+        .parse()
+        .map_err(|e| format!("--bind: {e}"))?;
+    let server: SocketAddrV4 = args
+        .value("--server")
+        .ok_or("--server IP:PORT is required")?
+        .parse()
+        .map_err(|e| format!("--server: {e}"))?;
+    let count: u64 = args.parse("--count", 10000u64)?;
+    let mut cfg = DpdkConfig::new(bind);
+    cfg.busy_poll = args.flag("--busy-poll");
+    cfg.mac = Some(am_dpdk::mac_for(*bind.ip()));
+    let t = DpdkTransport::open(&dev(args)?, cfg).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    while !t.link_up() {
+        if start.elapsed() > Duration::from_secs(15) {
+            return Err("the link did not come up in 15 s: is the server running?".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("port {} ({}) up", t.port_info().name, t.port_info().driver);
+    let mut ep = Endpoint::try_new(
+        t,
+        Config {
+            tag: Tag(1),
+            segment_bytes: (64 << 20) + (1 << 20),
+            ..Config::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    ep.map(
+        0,
+        am_core::EndpointName {
+            addr: std::net::SocketAddr::V4(server),
+            vnet: 0,
+        },
+        Tag(args.parse("--server-tag", 7u64)?),
+    )
+    .map_err(|e| e.to_string())?;
+    let got: Arc<Mutex<Vec<(Vec<u64>, Vec<u8>)>>> = Arc::default();
+    for h in [1u16, 3] {
+        let g = got.clone();
+        ep.register(h, move |_, m| {
+            if let Ok(mut v) = g.lock() {
+                v.push((m.args.to_vec(), m.payload.to_vec()));
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    let failed: Arc<Mutex<Option<String>>> = Arc::default();
+    let f = failed.clone();
+    ep.set_upcall(move |_, u| {
+        if let Ok(mut g) = f.lock() {
+            g.get_or_insert(format!("{} (to {})", u.code, u.dest));
+        }
+    });
+    let wait_for = |ep: &mut Endpoint<DpdkTransport>, n: usize| -> Result<(), String> {
+        let t0 = Instant::now();
+        while got.lock().map(|v| v.len()).unwrap_or(0) < n {
+            ep.poll(256).map_err(|e| e.to_string())?;
+            if let Some(e) = failed.lock().ok().and_then(|g| g.clone()) {
+                return Err(format!("a message came back: {e}"));
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                return Err("no answer in 30 s".into());
+            }
+        }
+        Ok(())
+    };
+    ep.request(0, Msg::small(1, &[1, 2, 3]))
+        .map_err(|e| e.to_string())?;
+    wait_for(&mut ep, 1)?;
+    let medium: Vec<u8> = (0..6000u32).map(|i| (i * 7) as u8).collect();
+    ep.request(0, Msg::medium(1, &[4], &[&medium]))
+        .map_err(|e| e.to_string())?;
+    wait_for(&mut ep, 2)?;
+    let bulk: Vec<u8> = (0..64u32 << 20).map(|i| (i ^ (i >> 11)) as u8).collect();
+    ep.segment_mut()[..bulk.len()].copy_from_slice(&bulk);
+    let t0 = Instant::now();
+    ep.request(0, Msg::bulk(3, &[], &[(0, bulk.len())], 0))
+        .map_err(|e| e.to_string())?;
+    wait_for(&mut ep, 3)?;
+    let bulk_time = t0.elapsed();
+    let v = got.lock().map(|v| v.clone()).unwrap_or_default();
+    let ok = v[0] == (vec![1, 2, 3], vec![])
+        && v[1] == (vec![4], medium)
+        && v[2].0 == vec![bulk.len() as u64, fnv(&bulk)];
+    if !ok {
+        return Err("an answer differs from what was sent".into());
+    }
+    println!(
+        "small ok, medium ok, bulk 64 MiB ok ({:.0} MB/s)",
+        bulk.len() as f64 / bulk_time.as_secs_f64() / 1e6
+    );
+    let mut rtts = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let t0 = Instant::now();
+        ep.request(0, Msg::small(1, &[i]))
+            .map_err(|e| e.to_string())?;
+        wait_for(&mut ep, 4 + i as usize)?;
+        rtts.push(t0.elapsed().as_nanos() as u64);
+    }
+    rtts.sort_unstable();
+    if let (Some(&p50), Some(&p99)) = (rtts.get(rtts.len() / 2), rtts.get(rtts.len() * 99 / 100)) {
+        println!(
+            "{count} round trips: p50 {:.2} us, p99 {:.2} us",
+            p50 as f64 / 1000.0,
+            p99 as f64 / 1000.0
+        );
     }
     Ok(())
 }
