@@ -211,6 +211,9 @@ fn demo(args: &Args) -> Result<(), String> {
     r
 }
 
+/// An answer: its arguments and payload.
+type Answer = (Vec<u64>, Vec<u8>);
+
 fn client(args: &Args) -> Result<(), String> {
     let bind: SocketAddrV4 = args
         .value("--bind")
@@ -253,7 +256,7 @@ fn client(args: &Args) -> Result<(), String> {
         Tag(args.parse("--server-tag", 7u64)?),
     )
     .map_err(|e| e.to_string())?;
-    let got: Arc<Mutex<Vec<(Vec<u64>, Vec<u8>)>>> = Arc::default();
+    let got: Arc<Mutex<Vec<Answer>>> = Arc::default();
     for h in [1u16, 3] {
         let g = got.clone();
         ep.register(h, move |_, m| {
