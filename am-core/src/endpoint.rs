@@ -345,10 +345,22 @@ impl<T: Transport> Endpoint<T> {
         // What the application queued since the last poll leaves before we look for input
         // (a request should not wait behind a receive system call).
         self.transmit()?;
-        let core = &mut self.core;
-        work += self
-            .transport
-            .recv_batch(budget, &mut |from, bytes| core.handle_datagram(from, bytes))?;
+        // Handlers of mediums that arrive whole and in order run while the transport still
+        // holds the datagram (an mbuf, a registered buffer): their payload is not copied.
+        let (core, handlers, upcall, bulk_free) = (
+            &mut self.core,
+            &mut self.handlers,
+            &mut self.upcall,
+            &mut self.bulk_free,
+        );
+        let mut inline_work = 0;
+        work += self.transport.recv_batch(budget, &mut |from, bytes| {
+            core.handle_datagram_inline(from, bytes);
+            if core.take_inline_queued() {
+                inline_work += dispatch(core, handlers, upcall, bulk_free, Some(bytes));
+            }
+        })?;
+        work += inline_work;
         let core = &mut self.core;
         self.transport
             .take_failed(&mut |addr| core.peer_failed(addr));
@@ -403,71 +415,13 @@ impl<T: Transport> Endpoint<T> {
     }
 
     fn dispatch(&mut self) -> usize {
-        let mut n = 0;
-        while let Some(ev) = self.core.next_event() {
-            n += 1;
-            match ev {
-                Event::Deliver(d) => {
-                    let idx = d.handler as usize;
-                    let Some(mut h) = self.handlers.get_mut(idx).and_then(Option::take) else {
-                        continue;
-                    };
-                    let mut ctx = Ctx {
-                        core: &mut self.core,
-                        in_reply: d.kind == MsgKind::Reply,
-                    };
-                    let source = EndpointName {
-                        addr: d.from,
-                        vnet: ctx.core.cfg.vnet,
-                    };
-                    h(
-                        &mut ctx,
-                        Incoming {
-                            source,
-                            kind: d.kind,
-                            handler: d.handler,
-                            args: &d.args[..d.nargs],
-                            payload: &d.payload,
-                            bulk: d.bulk,
-                            token: d.token,
-                            request: d.request,
-                        },
-                    );
-                    if let Some(slot) = self.handlers.get_mut(idx) {
-                        if slot.is_none() {
-                            *slot = Some(h);
-                        }
-                    }
-                }
-                Event::Upcall(u) => {
-                    if let Some(mut f) = self.upcall.take() {
-                        f(
-                            &mut Ctx {
-                                core: &mut self.core,
-                                in_reply: false,
-                            },
-                            u,
-                        );
-                        if self.upcall.is_none() {
-                            self.upcall = Some(f);
-                        }
-                    }
-                }
-                Event::GatherDone(f, results) => f(
-                    &mut Ctx {
-                        core: &mut self.core,
-                        in_reply: false,
-                    },
-                    results,
-                ),
-                Event::BulkFree(id) => {
-                    if let Some(f) = self.bulk_free.as_mut() {
-                        f(id);
-                    }
-                }
-            }
-        }
-        n
+        dispatch(
+            &mut self.core,
+            &mut self.handlers,
+            &mut self.upcall,
+            &mut self.bulk_free,
+            None,
+        )
     }
 
     fn transmit(&mut self) -> Result<(), TransportError> {
@@ -512,4 +466,88 @@ impl<T: Transport> Endpoint<T> {
     pub fn close(&mut self) {
         self.core.close();
     }
+}
+
+/// Runs the queued events: handlers, upcalls, gather completions, bulk-free callbacks.
+/// `current` is the datagram being received, where inline payloads lie.
+fn dispatch(
+    core: &mut Core,
+    handlers: &mut [Option<Handler>],
+    upcall: &mut Option<Upcall>,
+    bulk_free: &mut Option<BulkFree>,
+    current: Option<&[u8]>,
+) -> usize {
+    let mut n = 0;
+    while let Some(ev) = core.next_event() {
+        n += 1;
+        match ev {
+            Event::Deliver(d) => {
+                let idx = d.handler as usize;
+                let Some(mut h) = handlers.get_mut(idx).and_then(Option::take) else {
+                    continue;
+                };
+                // An inline payload lies in the datagram being received.
+                let payload: &[u8] = match d.inline {
+                    Some((off, len)) => {
+                        debug_assert!(current.is_some(), "inline delivery outside receive");
+                        current.and_then(|b| b.get(off..off + len)).unwrap_or(&[])
+                    }
+                    None => &d.payload,
+                };
+                let mut ctx = Ctx {
+                    core,
+                    in_reply: d.kind == MsgKind::Reply,
+                };
+                let source = EndpointName {
+                    addr: d.from,
+                    vnet: ctx.core.cfg.vnet,
+                };
+                h(
+                    &mut ctx,
+                    Incoming {
+                        source,
+                        kind: d.kind,
+                        handler: d.handler,
+                        args: &d.args[..d.nargs],
+                        payload,
+                        bulk: d.bulk,
+                        token: d.token,
+                        request: d.request,
+                    },
+                );
+                if let Some(slot) = handlers.get_mut(idx) {
+                    if slot.is_none() {
+                        *slot = Some(h);
+                    }
+                }
+            }
+            Event::Upcall(u) => {
+                if let Some(mut f) = upcall.take() {
+                    f(
+                        &mut Ctx {
+                            core,
+                            in_reply: false,
+                        },
+                        u,
+                    );
+                    if upcall.is_none() {
+                        *upcall = Some(f);
+                    }
+                }
+            }
+            Event::GatherDone(f, results) => f(
+                &mut Ctx {
+                    core,
+                    in_reply: false,
+                },
+                results,
+            ),
+            Event::BulkFree(id) => {
+                if let Some(f) = bulk_free.as_mut() {
+                    f(id);
+                }
+            }
+        }
+    }
+    n
 }

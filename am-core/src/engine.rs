@@ -55,6 +55,10 @@ pub(crate) struct Delivery {
     pub args: [u64; MAX_ARGS],
     pub nargs: usize,
     pub payload: Vec<u8>,
+    /// The payload was not copied: it is `(offset, len)` of the datagram being received,
+    /// and the endpoint runs the handler before that datagram's buffer is given back
+    /// (see [`Core::handle_datagram_inline`]). `payload` is empty then.
+    pub inline: Option<(usize, usize)>,
     pub bulk: Option<(u64, usize)>,
     pub token: Option<ReplyToken>,
     pub request: Option<RequestId>,
@@ -106,6 +110,8 @@ struct Reassembly {
     verdict: Result<(), ErrorCode>,
     buf: Vec<u8>,
     received: usize,
+    /// The payload left in the datagram being received (`Delivery::inline`).
+    inline: Option<(usize, usize)>,
 }
 
 struct Peer {
@@ -238,6 +244,13 @@ pub struct Core {
     pool: Vec<Vec<u8>>,
     /// The receive window advertised by the last flush.
     last_window: u32,
+    /// While `handle_datagram_inline` runs: the address and length of its datagram.
+    inline_datagram: Option<(usize, usize)>,
+    /// The frame being processed is the datagram just received (not one from the reorder
+    /// buffer), so its payload may stay where it is.
+    frame_direct: bool,
+    /// An inline delivery was queued: the endpoint must dispatch before the datagram goes.
+    inline_queued: bool,
 }
 
 impl Core {
@@ -281,6 +294,9 @@ impl Core {
             flush_needed: false,
             pool: Vec::new(),
             last_window: MAX_WINDOW,
+            inline_datagram: None,
+            frame_direct: false,
+            inline_queued: false,
         }
     }
 
@@ -668,6 +684,22 @@ impl Core {
     // Input.
 
     /// Handles one received datagram. Bad input is counted and dropped.
+    /// As [`Core::handle_datagram`], but a medium message that arrives whole and in order
+    /// is not copied: its delivery names its payload's place in `bytes`, and
+    /// [`Core::take_inline_queued`] says so. The caller must then run every queued event
+    /// before `bytes` goes away (the endpoint does, inside the transport's receive call, so
+    /// a handler reads the transport's buffer: an mbuf, a registered receive buffer).
+    pub(crate) fn handle_datagram_inline(&mut self, from: SocketAddr, bytes: &[u8]) {
+        self.inline_datagram = Some((bytes.as_ptr() as usize, bytes.len()));
+        self.handle_datagram(from, bytes);
+        self.inline_datagram = None;
+    }
+
+    /// Whether an inline delivery was queued since the last call (and clears it).
+    pub(crate) fn take_inline_queued(&mut self) -> bool {
+        std::mem::take(&mut self.inline_queued)
+    }
+
     pub fn handle_datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
         self.flush_needed = true;
         self.stats.packets_received += 1;
@@ -980,7 +1012,9 @@ impl Core {
             return;
         }
         p.rx_next += 1;
+        self.frame_direct = true;
         self.process_frame(from, frame);
+        self.frame_direct = false;
         loop {
             let Some(p) = self.peers.get_mut(&from) else {
                 return;
@@ -1085,7 +1119,34 @@ impl Core {
                     verdict,
                     buf: Vec::new(),
                     received: 0,
+                    inline: None,
                 };
+                // A medium that arrives whole, in order, for a handler (not a gather, not
+                // a bounce) stays in the datagram: no copy.
+                if keep
+                    && hdr.class == Class::Medium
+                    && r.verdict.is_ok()
+                    && payload.len() == hdr.total_len as usize
+                    && matches!(
+                        hdr.kind,
+                        MsgKind::Oneway | MsgKind::Request | MsgKind::Reply
+                    )
+                    && !(hdr.kind == MsgKind::Reply
+                        && self
+                            .requests
+                            .get(&hdr.req_id)
+                            .is_none_or(|q| q.gather.is_some()))
+                {
+                    if let (true, Some((base, len))) = (self.frame_direct, self.inline_datagram) {
+                        let off = (payload.as_ptr() as usize).wrapping_sub(base);
+                        if off.checked_add(payload.len()).is_some_and(|e| e <= len) {
+                            r.inline = Some((off, payload.len()));
+                            r.received = payload.len();
+                            self.finish_or_park(from, r);
+                            return;
+                        }
+                    }
+                }
                 if keep && hdr.class == Class::Medium {
                     r.buf.reserve_exact(hdr.total_len as usize);
                 }
@@ -1155,8 +1216,12 @@ impl Core {
             token,
             verdict,
             buf,
+            inline,
             ..
         } = r;
+        if inline.is_some() {
+            self.inline_queued = true;
+        }
         let vnet = self.cfg.vnet;
         if let Err(code) = verdict {
             match code {
@@ -1201,6 +1266,7 @@ impl Core {
                     args,
                     nargs: hdr.nargs as usize,
                     payload: buf,
+                    inline,
                     bulk,
                     token,
                     request: None,
@@ -1230,6 +1296,7 @@ impl Core {
                         args,
                         nargs: hdr.nargs as usize,
                         payload: buf,
+                        inline,
                         bulk,
                         token: None,
                         request: Some(RequestId(hdr.req_id)),

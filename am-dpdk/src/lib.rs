@@ -18,8 +18,9 @@
 //! * **Bad frames** (not IPv4/ARP, not UDP, another address or port, truncated, bad
 //!   checksums, fragments, multi-segment) are counted in [`DpdkStats`] by reason and
 //!   dropped; they never reach the engine.
-//! * **Zero copy on receive**: the engine reads each datagram straight from the mbuf (a
-//!   medium handler sees the mbuf's bytes); the mbuf is freed after the burst.
+//! * **Zero copy on receive**: the engine reads each datagram straight from the mbuf, and
+//!   the handler of a medium that arrives whole and in order reads the mbuf's bytes (the
+//!   endpoint runs it inside `recv_batch`); the mbufs are freed after the burst.
 //! * **Bursts**: receive and transmit in bursts of [`DpdkConfig::burst`]; a transmit the
 //!   port does not take at once stays queued here (bounded) and goes first next time.
 //! * **`wait`**: with Rx interrupts (ports that offer them, `net_tap` and most NICs) it
