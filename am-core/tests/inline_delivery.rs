@@ -54,6 +54,7 @@ impl Transport for Probe {
 }
 
 type Got = Arc<Mutex<Vec<(u64, Vec<u8>, bool)>>>;
+type Replies = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
 
 #[test]
 fn whole_mediums_are_handed_over_in_place() {
@@ -99,7 +100,7 @@ fn whole_mediums_are_handed_over_in_place() {
         }
     })
     .unwrap();
-    let replies: Arc<Mutex<Vec<(u64, Vec<u8>)>>> = Arc::default();
+    let replies: Replies = Arc::default();
     let r = replies.clone();
     a.register(2, move |_, m| {
         r.lock().unwrap().push((m.args[0], m.payload.to_vec()))
