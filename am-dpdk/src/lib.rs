@@ -35,6 +35,8 @@
 //! fast path. Which queue a frame arrives on is the port's business (RSS or flow rules on
 //! a NIC); a transport drops datagrams for another UDP port (`wrong_port`).
 
+#![deny(unsafe_code)]
+
 pub mod frame;
 pub mod harness;
 /// The DPDK binding; without `libdpdk` at build time, a stand-in whose every attempt to
@@ -50,7 +52,6 @@ use frame::{Arp, Bad, Mac, Parsed, UdpAddrs, ARP_REPLY, ARP_REQUEST, BROADCAST};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -164,39 +165,24 @@ impl DpdkStats {
 /// Wakes `wait` from another thread: a flag the spinning loop reads and an eventfd the
 /// sleeping one polls.
 struct Waker {
-    fd: OwnedFd,
+    fd: sys::EventFd,
     flag: AtomicBool,
 }
 
 impl Notify for Waker {
     fn notify(&self) {
         self.flag.store(true, Ordering::Release);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        unsafe {
-            libc::write(
-                self.fd.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            );
-        }
+        self.fd.signal();
     }
 }
 
 impl Waker {
+    /// Whether a wake-up came (and clears it).
     fn take(&self) -> bool {
         if !self.flag.swap(false, Ordering::AcqRel) {
             return false;
         }
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                &mut v as *mut u64 as *mut libc::c_void,
-                8,
-            );
-        }
+        self.fd.drain();
         true
     }
 }
@@ -276,16 +262,7 @@ impl DpdkTransport {
                 2048 - frame::ETH_LEN
             )));
         }
-        // SAFETY: plain syscall; the fd is owned at once.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(DpdkError::Invalid(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: a fresh fd we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = sys::EventFd::new()?;
         let mac = match cfg.mac {
             Some(m) => m,
             None if info.mac != [0; 6] => info.mac,
@@ -306,7 +283,7 @@ impl DpdkTransport {
             .map(|&(ip, m)| (ip, (m, true)))
             .collect();
         let mut queue = queue;
-        let sleeper = queue.rx_sleeper(fd.as_raw_fd())?;
+        let sleeper = queue.rx_sleeper(fd.raw())?;
         Ok(DpdkTransport {
             sleeper,
             tx: Vec::with_capacity(cfg.burst * 2),
@@ -585,42 +562,18 @@ impl DpdkTransport {
     /// Drains the cross-thread eventfd.
     fn drain_waker(&mut self) {
         self.waker.flag.store(false, Ordering::Release);
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from our own non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.waker.fd.as_raw_fd(),
-                &mut v as *mut u64 as *mut libc::c_void,
-                8,
-            );
-        }
+        self.waker.fd.drain();
     }
 
     /// Sleeps up to `d` on the cross-thread eventfd (the port has no Rx interrupts).
     fn sleep(&mut self, d: Duration, mask: EventMask) -> Result<(), TransportError> {
-        let mut fds = [libc::pollfd {
-            fd: if mask.handle {
-                self.waker.fd.as_raw_fd()
-            } else {
-                -1
-            },
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        let ts = libc::timespec {
-            tv_sec: d.as_secs() as libc::time_t,
-            tv_nsec: d.subsec_nanos() as libc::c_long,
-        };
         self.stats.sleeps += 1;
-        // SAFETY: one valid pollfd (fd -1 is ignored), a valid timespec, no signal mask.
-        let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 1, &ts, std::ptr::null()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(TransportError::Io(format!("ppoll: {e}")));
-            }
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
+        let woken = self
+            .waker
+            .fd
+            .sleep(d, mask.handle)
+            .map_err(|e| TransportError::Io(format!("ppoll: {e}")))?;
+        if woken {
             self.drain_waker();
         }
         Ok(())

@@ -94,3 +94,68 @@ pub struct PortInfo {
     pub rx_interrupts: bool,
 }
 
+
+/// A non-blocking eventfd: how another thread wakes a sleeping transport. (Plain Linux,
+/// no DPDK; here so that every `unsafe` of the crate is in this module.)
+pub struct EventFd(std::os::fd::OwnedFd);
+
+impl EventFd {
+    /// A new eventfd (non-blocking, close-on-exec).
+    pub fn new() -> Result<EventFd, DpdkError> {
+        // SAFETY: plain syscall; the fd is owned at once.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(DpdkError::Invalid(format!(
+                "eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: a fresh fd nobody else owns.
+        Ok(EventFd(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        }))
+    }
+    /// The fd (for an epoll set).
+    pub fn raw(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+    /// Adds one to the counter: the fd becomes readable.
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe {
+            libc::write(self.raw(), &one as *const u64 as *const libc::c_void, 8);
+        }
+    }
+    /// Clears the counter (non-blocking: nothing to read is fine).
+    pub fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe {
+            libc::read(self.raw(), &mut v as *mut u64 as *mut libc::c_void, 8);
+        }
+    }
+    /// Sleeps up to `d` until the fd is readable (`watch`), or just for `d` when not
+    /// watching; returns whether it became readable. Interrupted by a signal: returns
+    /// early, not an error.
+    pub fn sleep(&self, d: std::time::Duration, watch: bool) -> Result<bool, std::io::Error> {
+        let mut fds = [libc::pollfd {
+            fd: if watch { self.raw() } else { -1 },
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ts = libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: one valid pollfd (fd -1 is ignored), a valid timespec, no signal mask.
+        let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 1, &ts, std::ptr::null()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(fds[0].revents & libc::POLLIN != 0)
+    }
+}

@@ -3,6 +3,8 @@
 //! port and making a pool fail with [`DpdkError::Missing`] naming the packages to install.
 //! Every other type holds an uninhabited value, so none of its methods can be reached.
 
+#![allow(unsafe_code)]
+
 use std::os::fd::RawFd;
 
 include!("common.rs");
