@@ -119,3 +119,47 @@ fn udp_and_sim_rows_with_raw_ratios() {
     let sim = find("am", "sim", "latency");
     assert!(!sim.is_empty() && sim.iter().all(|r| r["vs_raw"].is_null()));
 }
+
+#[test]
+fn dpdk_rows_against_raw_dpdk_in_the_same_run() {
+    // Two processes over net_memif (root; DPDK installed: the error names the packages).
+    let rows = run(&[
+        "--transport",
+        "dpdk",
+        "--quick",
+        "--wait",
+        "poll",
+        "--mode",
+        "latency,rate",
+        "--iters",
+        "300",
+        "--warmup",
+        "30",
+        "--max-size",
+        "1024",
+    ]);
+    let rows = rows.as_array().unwrap();
+    let find = |system: &str, mode: &str| {
+        rows.iter()
+            .filter(|r| r["system"] == system && r["transport"] == "dpdk" && r["mode"] == mode)
+            .collect::<Vec<_>>()
+    };
+    let raw = find("raw-dpdk", "latency");
+    let am = find("am", "latency");
+    assert!(
+        raw.len() >= 2 && am.len() >= 3,
+        "{} {}",
+        raw.len(),
+        am.len()
+    );
+    for r in &am {
+        let ratio = r["vs_raw"].as_f64().expect("a ratio against raw DPDK");
+        assert!(ratio > 0.5, "AM cannot beat raw frames by 2x: {r}");
+        assert!(r["note"].as_str().unwrap().contains("raw DPDK"));
+    }
+    let raw_rate = find("raw-dpdk", "rate");
+    let am_rate = find("am", "rate");
+    assert_eq!((raw_rate.len(), am_rate.len()), (1, 1));
+    assert!(raw_rate[0]["msgs_per_s"].as_f64().unwrap() > 1000.0);
+    assert!(am_rate[0]["vs_raw"].as_f64().unwrap() > 0.0);
+}
