@@ -57,15 +57,6 @@ fn main() {
     });
 }
 
-fn fnv(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// Exits when the time is up or the parent is gone (the test that started us died).
 struct Lifetime {
     until: Instant,
@@ -126,37 +117,8 @@ fn server(args: &Args) -> Result<(), String> {
         ..Config::default()
     };
     let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
-    ep.register(1, |ctx, mut m| {
-        if let Some(t) = m.token.take() {
-            let slices = [m.payload];
-            let msg = if m.payload.is_empty() {
-                Msg::small(1, m.args)
-            } else {
-                Msg::medium(1, m.args, &slices)
-            };
-            let _ = ctx.reply(t, msg);
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    let log = args.flag("--log-handled");
-    ep.register(2, move |_, m| {
-        if log {
-            // One write per message, before the message is acknowledged.
-            let line = format!("handled {}\n", m.args.first().copied().unwrap_or(0));
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(line.as_bytes());
-            let _ = out.flush();
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    ep.register(3, |ctx, mut m| {
-        let (off, len) = m.bulk.unwrap_or((0, 0));
-        let h = fnv(&ctx.segment()[off as usize..off as usize + len]);
-        if let Some(t) = m.token.take() {
-            let _ = ctx.reply(t, Msg::small(3, &[len as u64, h]));
-        }
-    })
-    .map_err(|e| e.to_string())?;
+    am_udp::harness::pingpong_handlers(&mut ep, args.flag("--log-handled"))
+        .map_err(|e| e.to_string())?;
     println!("listening {} tag {}", ep.name().addr, ep.tag().0);
     let _ = std::io::stdout().flush();
     let mut life = Lifetime::new(args)?;
@@ -303,7 +265,7 @@ fn client(args: &Args) -> Result<(), String> {
     let v = got.lock().map(|v| v.clone()).unwrap_or_default();
     let ok = v[0] == (vec![1, 2, 3], vec![])
         && v[1] == (vec![4], medium)
-        && v[2].0 == vec![bulk.len() as u64, fnv(&bulk)];
+        && v[2].0 == vec![bulk.len() as u64, am_udp::harness::fnv(&bulk)];
     if !ok {
         return Err("an answer differs from what was sent".into());
     }

@@ -9,11 +9,10 @@ use am_core::{Config, Endpoint, EndpointName, ErrorCode, Msg, Tag, Undeliverable
 use am_dpdk::harness::{DpdkHarness, Fabric};
 use am_dpdk::sys::{Port, PortSpec};
 use am_dpdk::{DpdkConfig, DpdkTransport};
+use am_udp::harness::{fnv, PeerProcess};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,54 +29,8 @@ fn peer_exe() -> PathBuf {
     p
 }
 
-struct Peer {
-    child: Child,
-    first: String,
-    handled: Arc<Mutex<Vec<u64>>>,
-}
-
-impl Peer {
-    fn start(args: &[&str]) -> Peer {
-        let mut child = Command::new(peer_exe())
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn dpdk_peer");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines
-            .next()
-            .unwrap_or_else(|| panic!("dpdk_peer {args:?} said nothing"))
-            .unwrap();
-        let handled = Arc::new(Mutex::new(Vec::new()));
-        let h = handled.clone();
-        std::thread::spawn(move || {
-            for l in lines.map_while(Result::ok) {
-                if let Some(n) = l.strip_prefix("handled ") {
-                    h.lock().unwrap().push(n.parse().unwrap());
-                }
-            }
-        });
-        Peer {
-            child,
-            first,
-            handled,
-        }
-    }
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_peer(args: &[&str]) -> PeerProcess {
+    PeerProcess::start(&peer_exe(), args)
 }
 
 fn wait_link(port_up: impl Fn() -> bool, what: &str) {
@@ -116,15 +69,6 @@ fn run_until(
     }
 }
 
-fn fnv(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// A reply: handler, arguments, payload.
 type Reply = (u16, Vec<u64>, Vec<u8>);
 
@@ -152,7 +96,7 @@ impl Drop for TempDir {
 fn suite_through_a_switch_process(dir: &std::path::Path) {
     let sock = dir.join("switch.sock");
     let queues = 12;
-    let sw = Peer::start(&[
+    let sw = start_peer(&[
         "switch",
         "--dev",
         &format!("net_memif0,role=server,socket={}", sock.display()),
@@ -194,7 +138,7 @@ fn server_process(dir: &std::path::Path) {
     let sock = dir.join("server.sock");
     let server_dev = format!("net_memif1,role=server,socket={}", sock.display());
     let start_server = || {
-        Peer::start(&[
+        start_peer(&[
             "server",
             "--dev",
             &server_dev,
@@ -206,12 +150,7 @@ fn server_process(dir: &std::path::Path) {
         ])
     };
     let server = start_server();
-    let addr: SocketAddr = server
-        .first
-        .split_whitespace()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("bad first line {:?}", server.first));
+    let addr: SocketAddr = server.addr();
     let t = DpdkTransport::open(
         &format!("net_memif1,role=client,socket={}", sock.display()),
         DpdkConfig::new("10.1.0.2:7000".parse().unwrap()),

@@ -125,15 +125,6 @@ fn demo(args: &Args) -> Result<(), String> {
     result
 }
 
-fn fnv(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
 /// Opens the transport `--transport` names at `bind` and runs the command on it.
 fn run(args: &Args) -> Result<(), String> {
     let is_server = args.0[0] == "server";
@@ -194,38 +185,9 @@ fn server<T: Transport>(args: &Args, t: T) -> Result<(), String> {
         protocol_version: args.parse("--protocol-version", am_core::PROTOCOL_VERSION)?,
         ..Config::default()
     };
-    let log = args.flag("--log-handled");
     let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
-    ep.register(1, |ctx, mut m| {
-        if let Some(t) = m.token.take() {
-            let slices = [m.payload];
-            let msg = if m.payload.is_empty() {
-                Msg::small(1, m.args)
-            } else {
-                Msg::medium(1, m.args, &slices)
-            };
-            let _ = ctx.reply(t, msg);
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    ep.register(2, move |_, m| {
-        if log {
-            // One write per message, before the message is acknowledged.
-            let line = format!("handled {}\n", m.args.first().copied().unwrap_or(0));
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(line.as_bytes());
-            let _ = out.flush();
-        }
-    })
-    .map_err(|e| e.to_string())?;
-    ep.register(3, |ctx, mut m| {
-        let (off, len) = m.bulk.unwrap_or((0, 0));
-        let h = fnv(&ctx.segment()[off as usize..off as usize + len]);
-        if let Some(t) = m.token.take() {
-            let _ = ctx.reply(t, Msg::small(3, &[len as u64, h]));
-        }
-    })
-    .map_err(|e| e.to_string())?;
+    am_udp::harness::pingpong_handlers(&mut ep, args.flag("--log-handled"))
+        .map_err(|e| e.to_string())?;
     println!("listening {} tag {}", ep.name().addr, ep.tag().0);
     let _ = std::io::stdout().flush();
     loop {
@@ -340,7 +302,7 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
             for (i, b) in ep.segment_mut()[..n].iter_mut().enumerate() {
                 *b = (i % 251) as u8;
             }
-            let want = fnv(&ep.segment()[..n]);
+            let want = am_udp::harness::fnv(&ep.segment()[..n]);
             let (a, _) = round(&mut ep, Msg::bulk(3, &[], &[(0, n)], 0))?;
             check(a == vec![n as u64, want], "bulk hash")?;
             println!("bulk ok");

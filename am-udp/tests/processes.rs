@@ -6,12 +6,12 @@
 use am_core::{Config, Endpoint, EndpointName, ErrorCode, Msg, Tag, Transport, Undeliverable};
 use am_rdma::harness::{skip_without_device, test_ip};
 use am_rdma::{RdmaConfig, RdmaTransport};
+use am_udp::harness::PeerProcess;
 use am_udp::{UdpConfig, UdpTransport};
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,9 @@ fn pingpong() -> PathBuf {
     p
 }
 
+/// The pingpong server process (its first line is `listening ADDR tag N`).
 struct Server {
-    child: Child,
+    peer: PeerProcess,
     addr: SocketAddr,
     handled: Arc<Mutex<Vec<u64>>>,
 }
@@ -100,48 +101,17 @@ impl<T: Transport> Net<T> {
 
 impl Server {
     fn start(transport: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(pingpong())
-            .args(["server", "--transport", transport])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn pingpong server");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("server said nothing").unwrap();
-        let addr = first
-            .split_whitespace()
-            .nth(1)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("bad first line {first:?}"));
-        let handled = Arc::new(Mutex::new(Vec::new()));
-        let h = handled.clone();
-        std::thread::spawn(move || {
-            for l in lines.map_while(Result::ok) {
-                if let Some(n) = l.strip_prefix("handled ") {
-                    h.lock().unwrap().push(n.parse().unwrap());
-                }
-            }
-        });
+        let mut args = vec!["server", "--transport", transport];
+        args.extend_from_slice(extra);
+        let peer = PeerProcess::start(&pingpong(), &args);
         Server {
-            child,
-            addr,
-            handled,
+            addr: peer.addr(),
+            handled: peer.handled.clone(),
+            peer,
         }
     }
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.peer.signal(sig);
     }
 }
 
