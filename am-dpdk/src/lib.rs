@@ -217,7 +217,7 @@ pub struct DpdkTransport {
     /// The Rx interrupt's epoll set, where the port has Rx interrupts.
     sleeper: Option<sys::RxSleeper>,
     /// When the link was last checked (memif clients reconnect when it is down).
-    link_checked: Instant,
+    link_checked: Time,
     /// The port has this one queue and is a memif client that must reconnect by itself.
     relink: bool,
 }
@@ -243,10 +243,12 @@ impl DpdkTransport {
 
     /// A memif client whose link went down restarts its port (see [`DpdkTransport::open`]).
     fn check_link(&mut self) {
-        if !self.relink || self.link_checked.elapsed() < Duration::from_millis(500) {
+        // The transport's own clock (the TSC): this runs on every send and wait.
+        let now = self.now();
+        if !self.relink || now.since_ns(self.link_checked) < 500_000_000 {
             return;
         }
-        self.link_checked = Instant::now();
+        self.link_checked = now;
         if self.queue.stopped() || !self.queue.link_up() {
             self.stats.relinks += 1;
             let _ = self.queue.restart_port();
@@ -304,7 +306,7 @@ impl DpdkTransport {
             ip_id: 0,
             stats: DpdkStats::default(),
             idle: false,
-            link_checked: Instant::now(),
+            link_checked: Time(0),
             relink: false,
             cfg,
         })
