@@ -199,7 +199,12 @@ fn client(args: &Args) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    println!("port {} ({}) up", t.port_info().name, t.port_info().driver);
+    println!(
+        "port {} ({}) up, wait: {}",
+        t.port_info().name,
+        t.port_info().driver,
+        t.wait_mode()
+    );
     let mut ep = Endpoint::try_new(
         t,
         Config {

@@ -322,6 +322,19 @@ impl DpdkTransport {
         self.mac
     }
 
+    /// How `wait` sleeps on this port: `"busy-poll"` ([`DpdkConfig::busy_poll`]),
+    /// `"rx-interrupts"` (the port has Rx interrupts) or `"spin-then-sleep"` (it has none:
+    /// a bounded spin after traffic, then short sleeps).
+    pub fn wait_mode(&self) -> &'static str {
+        if self.cfg.busy_poll {
+            "busy-poll"
+        } else if self.sleeper.is_some() {
+            "rx-interrupts"
+        } else {
+            "spin-then-sleep"
+        }
+    }
+
     /// Whether the port's link is up (a memif peer connected).
     pub fn link_up(&self) -> bool {
         self.queue.link_up()

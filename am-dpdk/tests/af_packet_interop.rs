@@ -169,6 +169,11 @@ fn exchange(veth: &Veth) -> (u64, u64) {
     )
     .unwrap();
     assert_eq!(t.port_info().driver, "net_af_packet");
+    assert_eq!(
+        t.wait_mode(),
+        "spin-then-sleep",
+        "af_packet has no Rx interrupts"
+    );
     let mut d = Endpoint::new(t, cfg(0xd));
     let sock = bind_in_netns(&veth.ns, "10.78.0.2:7001".parse().unwrap()).unwrap();
     let mut k = Endpoint::new(

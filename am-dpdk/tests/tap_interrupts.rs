@@ -49,6 +49,7 @@ fn wait_sleeps_on_rx_interrupts() {
     .unwrap();
     assert_eq!(t.port_info().driver, "net_tap");
     assert!(t.port_info().rx_interrupts, "net_tap offers Rx interrupts");
+    assert_eq!(t.wait_mode(), "rx-interrupts");
     let _ = Command::new("sysctl")
         .args(["-qw", &format!("net.ipv6.conf.{iface}.disable_ipv6=1")])
         .output();
