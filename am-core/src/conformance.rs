@@ -47,6 +47,35 @@ pub trait Harness {
     }
 }
 
+/// Polls `eps` until `done()` holds or `limit` passes, running `pump` (another source of
+/// work, such as a test switch moving frames; `&mut || 0` for none) before each round and
+/// sleeping `idle` after a round that found no work; returns whether `done()` held. The
+/// body of most harnesses' [`Harness::run`].
+pub fn poll_until<T: Transport>(
+    eps: &mut [&mut Endpoint<T>],
+    limit: Duration,
+    done: &mut dyn FnMut() -> bool,
+    pump: &mut dyn FnMut() -> usize,
+    idle: Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut work = pump();
+        for ep in eps.iter_mut() {
+            work += ep.poll(256).unwrap_or(0);
+        }
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        if work == 0 {
+            std::thread::sleep(idle);
+        }
+    }
+}
+
 /// A check's failure, with what was expected.
 pub type CheckResult = Result<(), String>;
 

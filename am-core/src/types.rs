@@ -168,3 +168,29 @@ pub struct Stats {
     /// Connections torn down because the peer was unreachable or restarted.
     pub connection_failures: u64,
 }
+
+impl Stats {
+    /// Adds every counter of `o` to this one (totals over several endpoints).
+    pub fn add(&mut self, o: &Stats) {
+        self.packets_sent += o.packets_sent;
+        self.packets_received += o.packets_received;
+        self.bytes_sent += o.bytes_sent;
+        self.retransmits += o.retransmits;
+        self.bytes_retransmitted += o.bytes_retransmitted;
+        self.duplicates_dropped += o.duplicates_dropped;
+        self.reordered += o.reordered;
+        self.malformed_dropped += o.malformed_dropped;
+        self.stale_dropped += o.stale_dropped;
+        self.window_dropped += o.window_dropped;
+        self.bad_tag_dropped += o.bad_tag_dropped;
+        self.messages_rejected += o.messages_rejected;
+        self.messages_handled += o.messages_handled;
+        self.replies_handled += o.replies_handled;
+        self.requests_sent += o.requests_sent;
+        self.replies_sent += o.replies_sent;
+        self.delegations += o.delegations;
+        self.upcalls += o.upcalls;
+        self.handshakes += o.handshakes;
+        self.connection_failures += o.connection_failures;
+    }
+}

@@ -39,7 +39,7 @@ USAGE:
 OPTIONS:
   --dev SPEC       a DPDK virtual device, NAME[,ARGS]: net_memif0,role=server,socket=PATH
   --seconds N      exit after N seconds (default 600); it also exits when its parent does
-  --mac MAC        server: the MAC to use (default: made from the address)
+  --mac MAC        server, client: the MAC to use (default: made from the address)
   --log-handled    server: print `handled SEQ` for each one-way message (handler 2)
 
 Prints `ready` (switch) or `listening ADDR tag N` (server) once the port is started.
@@ -98,19 +98,29 @@ fn parse_mac(s: &str) -> Result<Mac, String> {
     v.try_into().map_err(|_| format!("--mac {s}: six bytes"))
 }
 
-fn server(args: &Args) -> Result<(), String> {
-    let bind: SocketAddrV4 = args
-        .value("--bind")
-        .ok_or("--bind IP:PORT is required")?
+/// The IPv4 address and port after `name` (required).
+fn v4_arg(args: &Args, name: &str) -> Result<SocketAddrV4, String> {
+    args.value(name)
+        .ok_or(format!("{name} IP:PORT is required; see --help"))?
         .parse()
-        .map_err(|e| format!("--bind: {e}"))?;
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+/// The transport of `server` and `client`: `--dev` at `--bind`, `--mac` or one made from
+/// the address, `--busy-poll`.
+fn open_transport(args: &Args) -> Result<DpdkTransport, String> {
+    let bind = v4_arg(args, "--bind")?;
     let mut cfg = DpdkConfig::new(bind);
     cfg.busy_poll = args.flag("--busy-poll");
     cfg.mac = Some(match args.value("--mac") {
         Some(m) => parse_mac(&m)?,
         None => am_dpdk::mac_for(*bind.ip()),
     });
-    let t = DpdkTransport::open(&dev(args)?, cfg).map_err(|e| e.to_string())?;
+    DpdkTransport::open(&dev(args)?, cfg).map_err(|e| e.to_string())
+}
+
+fn server(args: &Args) -> Result<(), String> {
+    let t = open_transport(args)?;
     let cfg = Config {
         tag: Tag(args.parse("--tag", 7u64)?),
         segment_bytes: args.parse("--segment-mib", 64usize)? << 20,
@@ -177,21 +187,9 @@ fn demo(args: &Args) -> Result<(), String> {
 type Answer = (Vec<u64>, Vec<u8>);
 
 fn client(args: &Args) -> Result<(), String> {
-    let bind: SocketAddrV4 = args
-        .value("--bind")
-        .ok_or("--bind IP:PORT is required")?
-        .parse()
-        .map_err(|e| format!("--bind: {e}"))?;
-    let server: SocketAddrV4 = args
-        .value("--server")
-        .ok_or("--server IP:PORT is required")?
-        .parse()
-        .map_err(|e| format!("--server: {e}"))?;
+    let server = v4_arg(args, "--server")?;
     let count: u64 = args.parse("--count", 10000u64)?;
-    let mut cfg = DpdkConfig::new(bind);
-    cfg.busy_poll = args.flag("--busy-poll");
-    cfg.mac = Some(am_dpdk::mac_for(*bind.ip()));
-    let t = DpdkTransport::open(&dev(args)?, cfg).map_err(|e| e.to_string())?;
+    let t = open_transport(args)?;
     let start = Instant::now();
     while !t.link_up() {
         if start.elapsed() > Duration::from_secs(15) {

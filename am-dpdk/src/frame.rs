@@ -58,21 +58,6 @@ pub enum Bad {
     BadArp,
 }
 
-impl Bad {
-    /// Every reason, for counters.
-    pub const ALL: [Bad; 9] = [
-        Bad::Runt,
-        Bad::Foreign,
-        Bad::BadIpHeader,
-        Bad::BadIpChecksum,
-        Bad::Fragment,
-        Bad::NotUdp,
-        Bad::Truncated,
-        Bad::BadUdpChecksum,
-        Bad::BadArp,
-    ];
-}
-
 /// An ARP packet (IPv4 over Ethernet).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Arp {

@@ -22,7 +22,7 @@
 use crate::frame::{Mac, BROADCAST};
 use crate::sys::{Mbuf, MbufPool, Port, PortSpec, Ring};
 use crate::{mac_for, DpdkConfig, DpdkStats, DpdkTransport};
-use am_core::conformance::Harness;
+use am_core::conformance::{poll_until, Harness};
 use am_core::{Config, Endpoint, Stats, Time};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -244,12 +244,7 @@ impl DpdkHarness {
     pub fn total_stats(&self) -> Stats {
         let mut t = Stats::default();
         for (s, _) in self.seen.values() {
-            t.retransmits += s.retransmits;
-            t.messages_handled += s.messages_handled;
-            t.packets_sent += s.packets_sent;
-            t.packets_received += s.packets_received;
-            t.bytes_sent += s.bytes_sent;
-            t.malformed_dropped += s.malformed_dropped;
+            t.add(s);
         }
         t
     }
@@ -294,13 +289,6 @@ impl DpdkHarness {
         match &mut self.fabric {
             Fabric::Rings(sw) => Some(sw),
             Fabric::Queues(_) => None,
-        }
-    }
-
-    fn pump(&mut self) -> usize {
-        match &mut self.fabric {
-            Fabric::Rings(sw) => sw.step(),
-            Fabric::Queues(_) => 0,
         }
     }
 
@@ -361,23 +349,12 @@ impl Harness for DpdkHarness {
         limit: Duration,
         done: &mut dyn FnMut() -> bool,
     ) -> bool {
-        let deadline = Instant::now() + limit;
-        let ok = loop {
-            let mut work = self.pump();
-            for ep in eps.iter_mut() {
-                work += ep.poll(256).unwrap_or(0);
-            }
-            work += self.pump();
-            if done() {
-                break true;
-            }
-            if Instant::now() >= deadline {
-                break false;
-            }
-            if work == 0 {
-                std::thread::sleep(Duration::from_micros(20));
-            }
+        let fabric = &mut self.fabric;
+        let mut pump = || match fabric {
+            Fabric::Rings(sw) => sw.step(),
+            Fabric::Queues(_) => 0,
         };
+        let ok = poll_until(eps, limit, done, &mut pump, Duration::from_micros(20));
         for ep in eps.iter() {
             self.record(ep);
         }

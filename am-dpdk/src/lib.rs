@@ -151,17 +151,6 @@ pub struct DpdkStats {
     pub relinks: u64,
 }
 
-impl DpdkStats {
-    /// Dropped frames of every kind together.
-    pub fn dropped(&self) -> u64 {
-        self.bad.values().sum::<u64>()
-            + self.not_our_mac
-            + self.not_our_address
-            + self.wrong_port
-            + self.segmented
-    }
-}
-
 /// Wakes `wait` from another thread: a flag the spinning loop reads and an eventfd the
 /// sleeping one polls.
 struct Waker {
@@ -218,8 +207,6 @@ pub struct DpdkTransport {
     sleeper: Option<sys::RxSleeper>,
     /// When the link was last checked (memif clients reconnect when it is down).
     link_checked: Time,
-    /// The port has this one queue and is a memif client that must reconnect by itself.
-    relink: bool,
 }
 
 /// A locally administered unicast MAC made from an IPv4 address (02:00:a.b.c.d).
@@ -230,22 +217,22 @@ pub fn mac_for(ip: Ipv4Addr) -> Mac {
 
 impl DpdkTransport {
     /// Opens the device `spec` (see [`Port::open`]) with one queue pair and drives it.
-    /// A `net_memif` client opened here reconnects by itself when its server restarts
-    /// (DPDK's memif client connects only when its port starts: the transport restarts
-    /// the port when it finds the link down, at most every 500 ms).
     pub fn open(spec: &str, cfg: DpdkConfig) -> Result<DpdkTransport, DpdkError> {
         let mut port = Port::open(spec, &PortSpec::default())?;
         let q = port.take_queue(0)?;
-        let mut t = DpdkTransport::new(q, port.info().clone(), cfg)?;
-        t.relink = t.info.driver == "net_memif" && spec.contains("role=client");
-        Ok(t)
+        DpdkTransport::new(q, port.info().clone(), cfg)
     }
 
-    /// A memif client whose link went down restarts its port (see [`DpdkTransport::open`]).
+    /// A port that must be restarted when its link is down (a one-queue memif client,
+    /// [`PortInfo::restart_on_link_down`]) is, at most every 500 ms: so it reconnects
+    /// when its server restarts.
     fn check_link(&mut self) {
+        if !self.info.restart_on_link_down {
+            return;
+        }
         // The transport's own clock (the TSC): this runs on every send and wait.
         let now = self.now();
-        if !self.relink || now.since_ns(self.link_checked) < 500_000_000 {
+        if now.since_ns(self.link_checked) < 500_000_000 {
             return;
         }
         self.link_checked = now;
@@ -307,7 +294,6 @@ impl DpdkTransport {
             stats: DpdkStats::default(),
             idle: false,
             link_checked: Time(0),
-            relink: false,
             cfg,
         })
     }
@@ -345,29 +331,29 @@ impl DpdkTransport {
         &self.info
     }
 
-    /// The neighbour known for `ip`, if any.
-    pub fn neighbour(&self, ip: Ipv4Addr) -> Option<Mac> {
-        self.neighbours.get(&ip).map(|n| n.0)
-    }
-
     fn max_datagram(&self) -> usize {
         self.cfg.mtu - frame::IPV4_LEN - frame::UDP_LEN
     }
 
-    /// Builds a frame in a fresh mbuf with `fill` and queues it for transmission; false
-    /// when the pool is empty.
-    fn queue_frame(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> Option<usize>) -> bool {
+    /// Builds a frame of at most `len` bytes in a fresh mbuf with `fill` and queues it for
+    /// transmission, asking the port for the IPv4 header checksum when `ip_offload`; false
+    /// when the pool is empty (a frame that cannot be built is counted and dropped).
+    fn queue_frame(
+        &mut self,
+        len: usize,
+        ip_offload: bool,
+        fill: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) -> bool {
         let Some(mut m) = self.queue.alloc() else {
             self.stats.pool_empty += 1;
             return false;
         };
-        let Some(buf) = m.append(len.max(frame::MIN_FRAME)) else {
+        if m.append(len.max(frame::MIN_FRAME)).and_then(fill).is_none() {
             self.stats.unsendable += 1;
             return true;
-        };
-        if fill(buf).is_none() {
-            self.stats.unsendable += 1;
-            return true;
+        }
+        if ip_offload {
+            m.offload_ipv4_checksum(frame::ETH_LEN as u16, frame::IPV4_LEN as u16);
         }
         self.tx.push(m);
         true
@@ -383,28 +369,13 @@ impl DpdkTransport {
         self.ip_id = self.ip_id.wrapping_add(1);
         let id = self.ip_id;
         let offload = self.info.tx_ipv4_checksum;
-        let len = frame::HEADERS + payload.len();
-        let Some(mut m) = self.queue.alloc() else {
-            self.stats.pool_empty += 1;
-            return false;
-        };
-        let ok = match m.append(len.max(frame::MIN_FRAME)) {
-            Some(buf) => frame::write_udp(buf, &a, id, payload, !offload, true).is_some(),
-            None => false,
-        };
-        if !ok {
-            self.stats.unsendable += 1;
-            return true;
-        }
-        if offload {
-            m.offload_ipv4_checksum(frame::ETH_LEN as u16, frame::IPV4_LEN as u16);
-        }
-        self.tx.push(m);
-        true
+        self.queue_frame(frame::HEADERS + payload.len(), offload, |b| {
+            frame::write_udp(b, &a, id, payload, !offload, true)
+        })
     }
 
     fn queue_arp(&mut self, arp: Arp) {
-        if self.queue_frame(frame::ARP_FRAME, |b| frame::write_arp(b, &arp)) {
+        if self.queue_frame(frame::ARP_FRAME, false, |b| frame::write_arp(b, &arp)) {
             match arp.op {
                 ARP_REQUEST => self.stats.arp_requests += 1,
                 _ => self.stats.arp_replies += 1,
@@ -531,35 +502,6 @@ impl DpdkTransport {
             }
         }
         self.rx.len()
-    }
-
-    /// Feeds raw frames to the receive path as if the port had received them (tests of
-    /// malformed input use a ring port's Rx ring instead; this is for frames built in
-    /// memory): every frame is checked exactly as a received one.
-    pub fn receive_frames(
-        &mut self,
-        frames: &[&[u8]],
-        deliver: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) -> Result<usize, DpdkError> {
-        let mut n = 0;
-        for f in frames {
-            let Some(mut m) = self.queue.alloc() else {
-                return Err(DpdkError::Invalid("mbuf pool empty".into()));
-            };
-            let Some(b) = m.append(f.len()) else {
-                return Err(DpdkError::Invalid(format!(
-                    "a {}-byte frame does not fit an mbuf",
-                    f.len()
-                )));
-            };
-            b.copy_from_slice(f);
-            if let Some((from, d)) = self.classify(&m) {
-                deliver(from, d);
-                n += 1;
-            }
-        }
-        self.flush();
-        Ok(n)
     }
 
     fn spin_poll(&mut self, until: Instant) -> bool {

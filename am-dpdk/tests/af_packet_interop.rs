@@ -9,36 +9,12 @@
 //! package when one is missing.
 
 use am_core::conformance::random_bytes;
-use am_core::{Config, Endpoint, EndpointName, Msg, Tag, Transport};
+use am_core::{Config, Endpoint, Msg, Tag, Transport};
 use am_dpdk::{DpdkConfig, DpdkTransport};
-use am_udp::harness::bind_in_netns;
+use am_udp::harness::{bind_in_netns, need, nft_drop_udp, nft_dropped, sh};
 use am_udp::{UdpConfig, UdpTransport};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn sh(cmd: &str) -> Result<String, String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{cmd}` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn need(tool: &str, package: &str) {
-    assert!(
-        sh(&format!("command -v {tool}")).is_ok(),
-        "`{tool}` is missing: install it with `apt-get install -y {package}` (as root)"
-    );
-}
 
 /// A namespace holding one end of a veth pair; the other end stays here for DPDK.
 struct Veth {
@@ -74,30 +50,12 @@ impl Veth {
         for s in &steps {
             sh(s).unwrap_or_else(|e| panic!("{e} (network namespaces need root)"));
         }
-        for cmd in [
-            "add table inet amdpdk".to_string(),
-            "add chain inet amdpdk input { type filter hook input priority 0 ; policy accept ; }".to_string(),
-            "add chain inet amdpdk output { type filter hook output priority 0 ; policy accept ; }".to_string(),
-            format!("add rule inet amdpdk input meta l4proto udp numgen random mod 100 < {loss} counter drop"),
-            format!("add rule inet amdpdk output meta l4proto udp numgen random mod 100 < {loss} counter drop"),
-        ] {
-            sh(&format!("ip netns exec {ns} nft '{cmd}'")).unwrap();
-        }
+        nft_drop_udp(ns, "amdpdk", loss, &["input", "output"]).unwrap();
         v
     }
 
     fn dropped(&self) -> u64 {
-        let text = sh(&format!(
-            "ip netns exec {} nft list table inet amdpdk",
-            self.ns
-        ))
-        .unwrap_or_default();
-        let words: Vec<&str> = text.split_whitespace().collect();
-        words
-            .windows(2)
-            .filter(|w| w[0] == "packets")
-            .filter_map(|w| w[1].parse::<u64>().ok())
-            .sum()
+        nft_dropped(&self.ns, "amdpdk")
     }
 }
 
@@ -180,25 +138,8 @@ fn exchange(veth: &Veth) -> (u64, u64) {
         UdpTransport::from_socket(sock, UdpConfig::default()).unwrap(),
         cfg(0xe),
     );
-    let (nd, td, nk, tk) = (d.name(), d.tag(), k.name(), k.tag());
-    d.map(
-        0,
-        EndpointName {
-            addr: nk.addr,
-            vnet: 0,
-        },
-        tk,
-    )
-    .unwrap();
-    k.map(
-        0,
-        EndpointName {
-            addr: nd.addr,
-            vnet: 0,
-        },
-        td,
-    )
-    .unwrap();
+    d.map(0, k.name(), k.tag()).unwrap();
+    k.map(0, d.name(), d.tag()).unwrap();
     let at_d = record(&mut d);
     let at_k = record(&mut k);
 

@@ -3,21 +3,20 @@
 //! the queue's interrupt (counted), and an idle `wait` costs next to no CPU. One test per
 //! process: EAL starts once. Needs root and `ip` (iproute2).
 
-use am_core::{Config, Endpoint, EndpointName, Msg, Tag};
+use am_core::{Config, Endpoint, Msg, Tag};
 use am_dpdk::{DpdkConfig, DpdkTransport};
+use am_udp::harness::sh;
 use am_udp::{UdpConfig, UdpTransport};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {} (needs root and iproute2: apt-get install -y iproute2)",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs `cmd`, failing the test with what it said (root and iproute2 are needed).
+fn run(cmd: &str) {
+    if let Err(e) = sh(cmd) {
+        panic!("{e} (needs root and iproute2: apt-get install -y iproute2)");
+    }
 }
 
 fn cpu_time() -> Duration {
@@ -53,7 +52,7 @@ fn wait_sleeps_on_rx_interrupts() {
     let _ = Command::new("sysctl")
         .args(["-qw", &format!("net.ipv6.conf.{iface}.disable_ipv6=1")])
         .output();
-    sh(&format!(
+    run(&format!(
         "ip addr add 10.79.0.2/24 dev {iface} && ip link set {iface} up"
     ));
 
@@ -72,25 +71,8 @@ fn wait_sleeps_on_rx_interrupts() {
             ..Config::default()
         },
     );
-    let (nd, td, nk, tk) = (d.name(), d.tag(), k.name(), k.tag());
-    d.map(
-        0,
-        EndpointName {
-            addr: nk.addr,
-            vnet: 0,
-        },
-        tk,
-    )
-    .unwrap();
-    k.map(
-        0,
-        EndpointName {
-            addr: nd.addr,
-            vnet: 0,
-        },
-        td,
-    )
-    .unwrap();
+    d.map(0, k.name(), k.tag()).unwrap();
+    k.map(0, d.name(), d.tag()).unwrap();
     // The DPDK side echoes requests; the kernel side counts replies.
     d.register(1, |ctx, mut m| {
         if let Some(t) = m.token.take() {

@@ -6,7 +6,7 @@
 //! the `Harness` trait makes endpoints infallibly and a test cannot go on without them.
 
 use crate::{UdpConfig, UdpTransport};
-use am_core::conformance::Harness;
+use am_core::conformance::{poll_until, Harness};
 use am_core::{Config, Endpoint, Stats, Time};
 use std::collections::BTreeMap;
 use std::io;
@@ -114,14 +114,7 @@ impl UdpHarness {
     pub fn total_stats(&self) -> Stats {
         let mut t = Stats::default();
         for s in self.seen.values() {
-            t.retransmits += s.retransmits;
-            t.duplicates_dropped += s.duplicates_dropped;
-            t.reordered += s.reordered;
-            t.messages_handled += s.messages_handled;
-            t.packets_sent += s.packets_sent;
-            t.packets_received += s.packets_received;
-            t.bytes_retransmitted += s.bytes_retransmitted;
-            t.bytes_sent += s.bytes_sent;
+            t.add(s);
         }
         t
     }
@@ -156,22 +149,7 @@ impl Harness for UdpHarness {
         limit: Duration,
         done: &mut dyn FnMut() -> bool,
     ) -> bool {
-        let deadline = Instant::now() + limit;
-        let ok = loop {
-            let mut work = 0;
-            for ep in eps.iter_mut() {
-                work += ep.poll(256).unwrap_or(0);
-            }
-            if done() {
-                break true;
-            }
-            if Instant::now() >= deadline {
-                break false;
-            }
-            if work == 0 {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        };
+        let ok = poll_until(eps, limit, done, &mut || 0, Duration::from_micros(50));
         for ep in eps.iter() {
             self.record(ep);
         }
@@ -311,4 +289,96 @@ impl Drop for PeerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `cmd` with `sh -c`: its stdout, or an error naming the command and what it said.
+pub fn sh(cmd: &str) -> Result<String, String> {
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "`{cmd}` failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Fails the test, naming the package to install, when `tool` is not on the PATH.
+pub fn need(tool: &str, package: &str) {
+    assert!(
+        sh(&format!("command -v {tool}")).is_ok(),
+        "`{tool}` is missing: install it with `apt-get install -y {package}` (as root)"
+    );
+}
+
+/// In network namespace `ns`, an nft table `table` dropping `percent`% of UDP datagrams at
+/// each hook of `hooks` (`input`, `output`), counting what it drops.
+pub fn nft_drop_udp(ns: &str, table: &str, percent: u32, hooks: &[&str]) -> Result<(), String> {
+    sh(&format!("ip netns exec {ns} nft 'add table inet {table}'"))?;
+    for hook in hooks {
+        sh(&format!(
+            "ip netns exec {ns} nft 'add chain inet {table} {hook} {{ type filter hook {hook} priority 0 ; policy accept ; }}'"
+        ))?;
+        sh(&format!(
+            "ip netns exec {ns} nft 'add rule inet {table} {hook} meta l4proto udp numgen random mod 100 < {percent} counter drop'"
+        ))?;
+    }
+    Ok(())
+}
+
+/// Datagrams the rules of [`nft_drop_udp`] dropped so far (0 when the table is gone).
+pub fn nft_dropped(ns: &str, table: &str) -> u64 {
+    let text = sh(&format!("ip netns exec {ns} nft list table inet {table}")).unwrap_or_default();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == "packets")
+        .filter_map(|w| w[1].parse::<u64>().ok())
+        .sum()
+}
+
+/// Checks a stream of one-way messages `0..total` (sequence number in the first argument)
+/// cut by killing its receiver at `killed_at`: each was handled at most once (`handled`,
+/// in the receiver's log) or returned to the sender's upcall as `Unreachable` within
+/// `bound` of the kill (`returned`, with when), never both, none lost; the returns come
+/// in order. Returns how many were handled and how many returned.
+pub fn check_cut_stream(
+    handled: &[u64],
+    returned: &[(am_core::Undeliverable, Instant)],
+    total: u64,
+    killed_at: Instant,
+    bound: Duration,
+) -> (usize, usize) {
+    let hs: std::collections::BTreeSet<u64> = handled.iter().copied().collect();
+    assert_eq!(hs.len(), handled.len(), "a message was handled twice");
+    let mut rs = std::collections::BTreeSet::new();
+    for (u, at) in returned {
+        assert_eq!(u.code, am_core::ErrorCode::Unreachable);
+        assert!(rs.insert(u.args[0]), "message {} returned twice", u.args[0]);
+        assert!(
+            !hs.contains(&u.args[0]),
+            "message {} both handled and returned",
+            u.args[0]
+        );
+        let after = at.saturating_duration_since(killed_at);
+        assert!(
+            after <= bound,
+            "returned {after:?} after the kill (bound {bound:?})"
+        );
+    }
+    assert_eq!(
+        hs.len() + rs.len(),
+        total as usize,
+        "a message was neither handled nor returned"
+    );
+    assert!(
+        returned.windows(2).all(|w| w[0].0.args[0] < w[1].0.args[0]),
+        "upcalls out of order"
+    );
+    (hs.len(), rs.len())
 }

@@ -2,7 +2,7 @@
 //! joined by a veth pair with an nft rule dropping 5% of the datagrams.
 
 use am_core::conformance::run_suite;
-use am_udp::harness::{Site, UdpHarness};
+use am_udp::harness::{need, nft_drop_udp, nft_dropped, sh, Site, UdpHarness};
 use std::process::Command;
 
 #[test]
@@ -32,35 +32,6 @@ fn suite_over_ipv4_loopback_with_gro() {
 fn suite_over_ipv6_loopback() {
     let mut h = UdpHarness::new(vec![Site::Local("::1".parse().unwrap())]);
     run_suite(&mut h).unwrap();
-}
-
-fn sh(cmd: &str) -> Result<(), String> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{cmd}` failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn need(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{tool}` is missing: install it with `apt-get install -y {package}` (as root)"
-    );
 }
 
 /// Two namespaces joined by a veth pair; removed on drop.
@@ -94,31 +65,13 @@ impl Namespaces {
             sh(s).unwrap_or_else(|e| panic!("{e} (network namespaces need root)"));
         }
         for n in [a, b] {
-            for cmd in [
-                "add table inet amtest".to_string(),
-                "add chain inet amtest input { type filter hook input priority 0 ; policy accept ; }"
-                    .to_string(),
-                format!("add rule inet amtest input meta l4proto udp numgen random mod 100 < {loss_percent} counter drop"),
-            ] {
-                sh(&format!("ip netns exec {n} nft '{cmd}'")).unwrap();
-            }
+            nft_drop_udp(n, "amtest", loss_percent, &["input"]).unwrap();
         }
         ns
     }
 
     fn dropped(&self, ns: &str) -> u64 {
-        let out = Command::new("ip")
-            .args([
-                "netns", "exec", ns, "nft", "list", "table", "inet", "amtest",
-            ])
-            .output()
-            .expect("nft list");
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        nft_dropped(ns, "amtest")
     }
 }
 

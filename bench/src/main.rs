@@ -304,33 +304,55 @@ fn measure_am<T: am_core::Transport + 'static>(
     Ok(rows)
 }
 
+/// Latency rows of a raw baseline `(system, transport, wait)`: one per distinct size of
+/// the latency cases (at least 1 byte, at most `max_one`: one datagram or frame each way),
+/// each measured by `measure(size, warmup, iters)`.
+fn raw_latency_rows(
+    o: &Opts,
+    (system, transport, wait): (&str, &str, Wait),
+    max_one: usize,
+    note: &str,
+    mut measure: impl FnMut(usize, usize, usize) -> Result<hdrhistogram::Histogram<u64>, String>,
+) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    let mut done = Vec::new();
+    for case in latency_cases(o.quick)
+        .into_iter()
+        .filter(|c| c.size <= o.max_size)
+    {
+        let size = case.size.max(1);
+        if size > max_one || done.contains(&size) {
+            continue;
+        }
+        done.push(size);
+        let (w, n) = iters_for(case, o);
+        let h = measure(size, w, n)?;
+        let mut rc = case;
+        rc.size = size;
+        let mut row = Row::latency(system, transport, wait, rc, &h);
+        row.note = note.into();
+        progress(&format!(
+            "{system} {} latency {size} B: p50 {:.2} us",
+            wait.name(),
+            row.p50_us.unwrap_or(0.0)
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, String> {
     let mut c = RawClient::new(server, wait).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     let e = |e: std::io::Error| e.to_string();
     if o.modes.iter().any(|m| m == "latency") {
-        let mut done = Vec::new();
-        for case in latency_cases(o.quick)
-            .into_iter()
-            .filter(|c| c.size <= o.max_size)
-        {
-            let size = case.size.max(1);
-            if size > raw::MAX_DATAGRAM || done.contains(&size) {
-                continue;
-            }
-            done.push(size);
-            let (w, n) = iters_for(case, o);
-            let h = c.latency(size, w, n).map_err(e)?;
-            let mut rc = case;
-            rc.size = size;
-            let row = Row::latency("raw-udp", "udp", wait, rc, &h);
-            progress(&format!(
-                "raw {} latency {size} B: p50 {:.1} us",
-                wait.name(),
-                row.p50_us.unwrap_or(0.0)
-            ));
-            rows.push(row);
-        }
+        rows.extend(raw_latency_rows(
+            o,
+            ("raw-udp", "udp", wait),
+            raw::MAX_DATAGRAM,
+            "",
+            |size, w, n| c.latency(size, w, n).map_err(e),
+        )?);
     }
     if o.modes.iter().any(|m| m == "bandwidth") {
         let chunk_max = o.mtu - 28;
@@ -606,28 +628,13 @@ fn measure_dpdk_in(o: &Opts, dir: &std::path::Path) -> Result<Vec<Row>, String> 
     ));
     let mut c = dpdk_raw::RawDpdkClient::new(q, me, server);
     if o.modes.iter().any(|m| m == "latency") {
-        let mut done = Vec::new();
-        for case in latency_cases(o.quick)
-            .into_iter()
-            .filter(|c| c.size <= o.max_size)
-        {
-            let size = case.size.max(1);
-            if size > o.mtu - 28 || done.contains(&size) {
-                continue;
-            }
-            done.push(size);
-            let (w, n) = iters_for(case, o);
-            let h = c.latency(size, w, n)?;
-            let mut rc = case;
-            rc.size = size;
-            let mut row = Row::latency("raw-dpdk", "dpdk", Wait::Poll, rc, &h);
-            row.note = "one frame each way, net_memif".into();
-            progress(&format!(
-                "raw dpdk latency {size} B: p50 {:.2} us",
-                row.p50_us.unwrap_or(0.0)
-            ));
-            rows.push(row);
-        }
+        rows.extend(raw_latency_rows(
+            o,
+            ("raw-dpdk", "dpdk", Wait::Poll),
+            o.mtu - 28,
+            "one frame each way, net_memif",
+            |size, w, n| c.latency(size, w, n),
+        )?);
     }
     if o.modes.iter().any(|m| m == "rate") {
         let dur = Duration::from_millis(if o.quick { 500 } else { 2000 });

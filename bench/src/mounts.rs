@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use am_udp::cli::Args;
+use am_udp::harness::sh;
 
 use crate::report::median;
 
@@ -20,22 +21,6 @@ pub const PHASES: [(&str, &str); 6] = [
     ("stat (warm)", "files/s"),
     ("unlink", "files/s"),
 ];
-
-fn sh(cmd: &str) -> Result<String, String> {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if !o.status.success() {
-        return Err(format!(
-            "`{cmd}` failed: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
 
 fn have(tool: &str) -> bool {
     Command::new("sh")

@@ -92,6 +92,10 @@ pub struct PortInfo {
     pub rx_ipv4_checksum: bool,
     /// Rx interrupts are on (each queue has an fd to sleep on).
     pub rx_interrupts: bool,
+    /// The owner of its one queue restarts the port when the link is down: a `net_memif`
+    /// client connects only when its port starts, so this is how it reconnects after its
+    /// server restarted ([`Queue::restart_port`]).
+    pub restart_on_link_down: bool,
 }
 
 

@@ -79,14 +79,6 @@ impl Ring {
     pub fn dequeue(&self, _out: &mut Vec<Mbuf>, _max: usize) -> usize {
         match self.0 {}
     }
-    /// Unreachable.
-    pub fn len(&self) -> usize {
-        match self.0 {}
-    }
-    /// Unreachable.
-    pub fn is_empty(&self) -> bool {
-        match self.0 {}
-    }
 }
 
 /// A port (none can be opened without DPDK).
@@ -164,10 +156,6 @@ impl Queue {
         match self.0 {}
     }
     /// Unreachable.
-    pub fn rx_pending(&self) -> Option<usize> {
-        match self.0 {}
-    }
-    /// Unreachable.
     pub fn has_rx_interrupts(&self) -> bool {
         match self.0 {}
     }
@@ -197,10 +185,6 @@ impl Queue {
     }
     /// Unreachable.
     pub fn id(&self) -> u16 {
-        match self.0 {}
-    }
-    /// Unreachable.
-    pub fn port(&self) -> u16 {
         match self.0 {}
     }
 }

@@ -355,15 +355,6 @@ impl Ring {
             n
         }
     }
-    /// Mbufs in the ring.
-    pub fn len(&self) -> usize {
-        // SAFETY: valid ring.
-        unsafe { ffi::am_shim_ring_count(self.0.as_ptr()) as usize }
-    }
-    /// True when the ring is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A started ethdev. Queues are taken from it one by one.
@@ -409,7 +400,10 @@ impl Port {
                 ));
             }
         }
-        Self::start(id, ps)
+        let mut port = Self::start(id, ps)?;
+        port.info.restart_on_link_down =
+            port.info.driver == "net_memif" && args.contains("role=client") && ps.queues == 1;
+        Ok(port)
     }
 
     /// A port over two new rings (the ring PMD's `rte_eth_from_rings`): what it transmits
@@ -592,6 +586,7 @@ impl Port {
                 tx_ipv4_checksum,
                 rx_ipv4_checksum,
                 rx_interrupts,
+                restart_on_link_down: false,
             },
             pools,
             intr_fds: if rx_interrupts {
@@ -772,13 +767,6 @@ impl Queue {
         NonNull::new(unsafe { ffi::am_shim_alloc(self.pool.0.as_ptr()) }).map(Mbuf)
     }
 
-    /// Packets waiting in the Rx queue, where the port can count them.
-    pub fn rx_pending(&self) -> Option<usize> {
-        // SAFETY: started port, valid queue id.
-        let n = unsafe { ffi::am_shim_rx_queue_count(self.port, self.queue) };
-        usize::try_from(n).ok()
-    }
-
     /// Whether the port gives this queue Rx interrupts.
     pub fn has_rx_interrupts(&self) -> bool {
         self.intr_fd.is_some()
@@ -886,10 +874,5 @@ impl Queue {
     /// The queue's number on its port.
     pub fn id(&self) -> u16 {
         self.queue
-    }
-
-    /// The port's id.
-    pub fn port(&self) -> u16 {
-        self.port
     }
 }

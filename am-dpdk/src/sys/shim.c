@@ -13,11 +13,6 @@ uint16_t am_shim_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts,
     return rte_eth_tx_burst(port, queue, pkts, n);
 }
 
-int am_shim_rx_queue_count(uint16_t port, uint16_t queue)
-{
-    return rte_eth_rx_queue_count(port, queue);
-}
-
 struct rte_mbuf *am_shim_alloc(struct rte_mempool *pool) { return rte_pktmbuf_alloc(pool); }
 
 void am_shim_free(struct rte_mbuf *m) { rte_pktmbuf_free(m); }

@@ -14,7 +14,6 @@
 int am_shim_errno(void);
 uint16_t am_shim_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
 uint16_t am_shim_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
-int am_shim_rx_queue_count(uint16_t port, uint16_t queue);
 struct rte_mbuf *am_shim_alloc(struct rte_mempool *pool);
 void am_shim_free(struct rte_mbuf *m);
 void am_shim_free_bulk(struct rte_mbuf **pkts, unsigned int n);
