@@ -4,7 +4,7 @@
 //! (every message handled once or returned by the upcall, within the bound), and a
 //! restarted server reached again. One test per process: EAL starts once.
 
-use am_core::conformance::{random_bytes, run_suite};
+use am_core::conformance::{poll_until, random_bytes, run_suite};
 use am_core::{Config, Endpoint, EndpointName, Msg, Tag, Undeliverable};
 use am_dpdk::harness::{DpdkHarness, Fabric};
 use am_dpdk::sys::{Port, PortSpec};
@@ -48,24 +48,7 @@ fn run_until(
     limit: Duration,
     mut done: impl FnMut() -> bool,
 ) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        let mut work = 0;
-        for e in eps.iter_mut() {
-            work += e.poll(256).unwrap();
-        }
-        if done() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        if work == 0 {
-            for e in eps.iter_mut() {
-                e.wait(Some(Duration::from_micros(200))).unwrap();
-            }
-        }
-    }
+    poll_until(eps, limit, &mut done, &mut || 0, Duration::from_micros(200))
 }
 
 /// A reply: handler, arguments, payload.

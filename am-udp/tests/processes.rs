@@ -3,6 +3,7 @@
 //! (the `_over_verbs` tests need a verbs device: they run in the SoftRoCE VM, see
 //! `scripts/verbs-tests.sh`, and say they were skipped elsewhere).
 
+use am_core::conformance::poll_until;
 use am_core::{Config, Endpoint, EndpointName, ErrorCode, Msg, Tag, Transport, Undeliverable};
 use am_rdma::harness::{skip_without_device, test_ip};
 use am_rdma::{RdmaConfig, RdmaTransport};
@@ -128,22 +129,7 @@ fn run_until<T: Transport>(
     limit: Duration,
     mut done: impl FnMut() -> bool,
 ) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        let mut work = 0;
-        for e in eps.iter_mut() {
-            work += e.poll(256).unwrap();
-        }
-        if done() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        if work == 0 {
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
+    poll_until(eps, limit, &mut done, &mut || 0, Duration::from_micros(100))
 }
 
 #[test]
