@@ -786,6 +786,24 @@ impl Core {
         self.outbox.push_back(Transmit { to, bytes, bulk });
     }
 
+    /// The transport moved data towards `addr` (`Transport::take_progress`): the peer's
+    /// unreachable clock restarts, as if it had acknowledged.
+    pub fn peer_progressed(&mut self, addr: SocketAddr) {
+        let now = self.now;
+        match self.peers.get_mut(&addr) {
+            Some(p) if p.state == SendState::Open => p.last_progress = now,
+            Some(p) => {
+                if let SendState::Connecting { last_hello, .. } = p.state {
+                    p.state = SendState::Connecting {
+                        since: now,
+                        last_hello,
+                    };
+                }
+            }
+            None => {}
+        }
+    }
+
     /// The transport lost the path to `addr` (a queue pair error, or a connection replaced
     /// because the peer restarted): what was sent on it may be lost, so every message sent
     /// and not acknowledged returns through the upcall as `Unreachable`. Queued messages

@@ -107,6 +107,10 @@ struct Inner {
     last_at: HashMap<(SocketAddr, SocketAddr), u64>,
     /// Per transport, peers whose path it reports failed (`Transport::take_failed`).
     failed: HashMap<SocketAddr, Vec<SocketAddr>>,
+    /// Datagrams in flight per (from, to): on a reliable network a path with datagrams
+    /// moving on it reports progress (`Transport::take_progress`), as an RDMA queue pair's
+    /// send completions do while a long WRITE crosses.
+    moving: HashMap<(SocketAddr, SocketAddr), u64>,
 }
 
 impl Inner {
@@ -123,6 +127,7 @@ impl Inner {
         self.order += 1;
         let o = self.order;
         self.heap.push(Reverse((at, o)));
+        *self.moving.entry((from, to)).or_default() += 1;
         self.flights.insert(
             o,
             InFlight {
@@ -134,6 +139,14 @@ impl Inner {
             },
         );
     }
+    fn landed(&mut self, from: SocketAddr, to: SocketAddr) {
+        if let Some(n) = self.moving.get_mut(&(from, to)) {
+            *n -= 1;
+            if *n == 0 {
+                self.moving.remove(&(from, to));
+            }
+        }
+    }
     fn deliver_due(&mut self) {
         while let Some(Reverse((at, o))) = self.heap.peek().copied() {
             if at > self.now {
@@ -142,6 +155,7 @@ impl Inner {
             self.heap.pop();
             if let Some(f) = self.flights.remove(&o) {
                 debug_assert!(f.at == at && f.order == o);
+                self.landed(f.from, f.to);
                 if self.down.contains(&f.to) || self.cut.contains(&(f.from, f.to)) {
                     self.counters.partitioned += 1;
                     continue;
@@ -178,6 +192,7 @@ impl SimNet {
             next_host: 1,
             last_at: HashMap::new(),
             failed: HashMap::new(),
+            moving: HashMap::new(),
         })))
     }
 
@@ -245,7 +260,9 @@ impl SimNet {
             .map(|(&o, _)| o)
             .collect();
         for o in lost {
-            i.flights.remove(&o);
+            if let Some(f) = i.flights.remove(&o) {
+                i.landed(f.from, f.to);
+            }
             i.counters.partitioned += 1;
         }
         i.failed.entry(a).or_default().push(b);
@@ -396,6 +413,25 @@ impl Transport for SimTransport {
         };
         for a in list.unwrap_or_default() {
             failed(a);
+        }
+    }
+    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr)) {
+        let moving: Vec<SocketAddr> = {
+            let i = self.net.0.borrow();
+            if !i.faults.reliable || i.down.contains(&self.addr) {
+                return;
+            }
+            // A path that is cut, or leads to a dead host, moves nothing.
+            i.moving
+                .keys()
+                .filter(|&&(from, to)| {
+                    from == self.addr && !i.down.contains(&to) && !i.cut.contains(&(from, to))
+                })
+                .map(|&(_, to)| to)
+                .collect()
+        };
+        for to in moving {
+            progressed(to);
         }
     }
 }

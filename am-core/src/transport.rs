@@ -151,4 +151,13 @@ pub trait Transport {
     fn take_failed(&mut self, failed: &mut dyn FnMut(SocketAddr)) {
         let _ = failed;
     }
+    /// Peers towards which a [`Capabilities::reliable`] transport made progress since the
+    /// last call (a send completed: the peer's device took the data), though the peer's
+    /// engine has not acknowledged it yet. The engine counts this as life: a bulk that
+    /// takes longer than [`crate::Config::unreachable_timeout`] to cross a slow or loaded
+    /// link is not declared unreachable while it moves. Transports that leave
+    /// reliability to the engine keep the default (report nothing).
+    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr)) {
+        let _ = progressed;
+    }
 }

@@ -491,3 +491,78 @@ fn pair_logging_handler_1(net: &SimNet) -> (SimEp, SimEp, Arc<Mutex<Vec<u64>>>) 
         .unwrap();
     (a, b, got)
 }
+
+/// A reliable transport whose round trip (3 s) is longer than the unreachable timeout (2 s),
+/// as a 64 MiB RDMA WRITE on a slow or loaded link is: while the transport reports progress
+/// (`Transport::take_progress`, here datagrams moving on the path) the peer is not declared
+/// unreachable, and the message is handled once and acknowledged. When the path is cut the
+/// progress stops, and the message comes back as `Unreachable` within the timeout.
+#[test]
+fn a_slow_reliable_path_that_makes_progress_is_not_declared_unreachable() {
+    let slow = Faults {
+        delay: Duration::from_millis(1500),
+        ..Faults::reliable()
+    };
+    let net = SimNet::new(7, slow);
+    let (mut a, mut b, got) = pair_logging_handler_1(&net);
+    let ups = Arc::new(Mutex::new(Vec::new()));
+    let u = ups.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push((x.args[0], x.code)));
+    let mut h = SimHarness {
+        net: net.clone(),
+        config: Config::default(),
+        bulk: 0,
+    };
+    // Open the connection first (its handshake is a round trip too).
+    a.send(0, Msg::small(1, &[0])).unwrap();
+    let opened = h.run(&mut [&mut a, &mut b], Duration::from_secs(20), &mut || {
+        !got.lock().unwrap().is_empty() || !ups.lock().unwrap().is_empty()
+    });
+    assert!(
+        opened,
+        "nothing arrived or came back in 20 s of virtual time"
+    );
+    for i in 1..=20u64 {
+        a.send(0, Msg::small(1, &[i])).unwrap();
+    }
+    let t0 = net.now();
+    let done = h.run(&mut [&mut a, &mut b], Duration::from_secs(20), &mut || {
+        got.lock().unwrap().len() == 21
+    });
+    assert!(done, "handled: {:?}", got.lock().unwrap());
+    // Let the acknowledgements come back (another 1.5 s one way).
+    h.run(&mut [&mut a, &mut b], Duration::from_secs(4), &mut || false);
+    assert!(
+        net.now().since_ns(t0) > 3_000_000_000,
+        "the round trip must outlast the 2 s unreachable timeout for this test to mean anything"
+    );
+    assert_eq!(*got.lock().unwrap(), (0..=20).collect::<Vec<u64>>());
+    assert_eq!(
+        *ups.lock().unwrap(),
+        vec![],
+        "a path that made progress was declared unreachable"
+    );
+    assert_eq!(a.stats().connection_failures, 0);
+
+    // Cut the path with a message in flight: nothing moves, and it comes back.
+    a.send(0, Msg::small(1, &[99])).unwrap();
+    h.run(&mut [&mut a, &mut b], Duration::from_millis(1), &mut || {
+        false
+    });
+    net.partition(a.name().addr, b.name().addr, true);
+    let t1 = net.now();
+    let back = h.run(&mut [&mut a, &mut b], Duration::from_secs(20), &mut || {
+        !ups.lock().unwrap().is_empty()
+    });
+    assert!(back, "a message on a cut path was never returned");
+    assert_eq!(
+        *ups.lock().unwrap(),
+        vec![(99, am_core::ErrorCode::Unreachable)]
+    );
+    let waited = net.now().since_ns(t1);
+    assert!(
+        (2_000_000_000..2_100_000_000).contains(&waited),
+        "returned after {waited} ns of virtual time, not at the 2 s unreachable timeout"
+    );
+    assert!(!got.lock().unwrap().contains(&99));
+}

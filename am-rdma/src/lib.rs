@@ -18,11 +18,17 @@
 //!   (`Capabilities::max_window`, half the posted receives less room for control, since a
 //!   bulk header's WRITE with immediate takes a receive too) and the engine never
 //!   advertises more.
-//! - **Bulk as RDMA WRITE with immediate** into the receiver's registered segment. The AM
-//!   header (handler, arguments, tag, sequence) goes first as a SEND marked "bulk header";
-//!   the receiving transport parks it and hands it to the engine when the immediate
-//!   completion of the WRITE that follows it arrives, so the handler runs on the immediate
-//!   completion, after the last byte. The sender learns its buffer is free from the
+//! - **Bulk as RDMA WRITEs ending in one WRITE with immediate** into the receiver's
+//!   registered segment. The AM header (handler, arguments, tag, sequence) goes first as a
+//!   SEND marked "bulk header"; the data follows in WRITEs of at most
+//!   [`WRITE_CHUNK_BYTES`], posted as send-queue slots free up, the last one with
+//!   immediate data. The receiving transport parks the header and hands it to the engine
+//!   when that immediate completion arrives (RC places the WRITEs of a queue pair in
+//!   order), so the handler runs after the last byte. Each WRITE's completion is
+//!   progress, reported to the engine ([`Transport::take_progress`]): a bulk that takes
+//!   longer than the engine's unreachable timeout to cross a slow or loaded link is not
+//!   declared lost while it moves, and one that stops moving is returned as `Unreachable`
+//!   that long after its last completion. The sender learns its buffer is free from the
 //!   engine's acknowledgement (the bulk-free callback).
 //! - **Keys only after a tag check**: a sender asks for the segment's rkey by presenting the
 //!   tag its message carries; the receiver grants it only when the tag is its endpoint's.
@@ -47,8 +53,7 @@ pub mod harness;
 pub mod verbs;
 
 use am_core::{
-    BulkWrite, Capabilities, EventMask, Notify, SegmentMemory, Time, Transmit, Transport,
-    TransportError,
+    Capabilities, EventMask, Notify, SegmentMemory, Time, Transmit, Transport, TransportError,
 };
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::VecDeque;
@@ -58,6 +63,17 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use verbs::{Device, ForeignRegion, OwnedRegion, Qp, RemoteQp, Wc};
+
+/// Largest RDMA WRITE a bulk is cut into. Its completion is the sender's evidence that the
+/// bulk moves: at 1 MiB a link must be slower than 0.5 MB/s (a 2 s unreachable timeout)
+/// before a moving bulk looks stalled, and a 64 MiB bulk costs 64 work requests.
+pub const WRITE_CHUNK_BYTES: usize = 1 << 20;
+/// A bulk's WRITEs in flight at once per peer. Four chunks (4 MiB) cover the
+/// bandwidth-delay product of any RDMA link (100 Gb/s x 300 us), and bound what one post
+/// costs the event loop where the device does its work inside the system call (rxe moves
+/// the data in `ibv_post_send`): the loop gets back to its timers and other peers between
+/// chunks.
+pub const WRITE_WINDOW: u32 = 4;
 
 /// How long a send may wait for its completion before the peer is probed over UDP.
 pub const PROBE_AFTER: Duration = Duration::from_millis(50);
@@ -112,10 +128,14 @@ pub struct RdmaStats {
     pub sends_posted: u64,
     /// Of those, inline.
     pub sends_inline: u64,
-    /// RDMA WRITE with immediate work requests posted.
+    /// RDMA WRITE with immediate work requests posted (one per bulk: its last chunk).
     pub writes_imm_posted: u64,
-    /// Bytes moved by them.
+    /// Plain RDMA WRITE work requests posted (the chunks of a bulk before its last).
+    pub writes_posted: u64,
+    /// Bytes moved by WRITEs of either kind.
     pub bytes_written: u64,
+    /// Send work requests (SENDs and WRITEs) that completed successfully.
+    pub sends_completed: u64,
     /// Receives completed carrying a SEND.
     pub recvs: u64,
     /// Receives completed by a WRITE with immediate (bulk arrivals).
@@ -254,6 +274,62 @@ struct Peer {
     parked: VecDeque<Vec<u8>>,
     imm_send: u32,
     imm_recv: u32,
+    /// The bulk whose WRITEs are being posted; nothing else goes to this peer meanwhile.
+    writing: Option<BulkCursor>,
+    /// A send completed since the engine last asked (`Transport::take_progress`).
+    progressed: bool,
+    /// The bulk's WRITEs posted and not completed (at most `WRITE_WINDOW`).
+    writes_in_flight: u32,
+}
+
+/// Where a bulk's WRITEs stand: what of its source ranges is still to be posted, and where
+/// it lands. Cuts the ranges into chunks of at most `WRITE_CHUNK_BYTES` and `MAX_SGE`
+/// scatter entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct BulkCursor {
+    src: Vec<(usize, usize)>,
+    /// Index into `src` and offset inside that range of the next byte to post.
+    range: usize,
+    at: usize,
+    rkey: u32,
+    /// Remote address of the next byte.
+    raddr: u64,
+}
+
+impl BulkCursor {
+    fn new(src: &[(usize, usize)], rkey: u32, raddr: u64) -> BulkCursor {
+        BulkCursor {
+            src: src.iter().copied().filter(|r| r.1 > 0).collect(),
+            range: 0,
+            at: 0,
+            rkey,
+            raddr,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.range >= self.src.len()
+    }
+
+    /// The next chunk: its scatter list, remote address, and whether it is the last.
+    fn next_chunk(&mut self, max_bytes: usize) -> (Vec<(usize, usize)>, u64, bool) {
+        let raddr = self.raddr;
+        let mut sges = Vec::new();
+        let mut room = max_bytes;
+        while room > 0 && sges.len() < verbs::MAX_SGE && !self.done() {
+            let (off, len) = self.src[self.range];
+            let take = (len - self.at).min(room);
+            sges.push((off + self.at, take));
+            room -= take;
+            self.at += take;
+            if self.at == len {
+                self.range += 1;
+                self.at = 0;
+            }
+        }
+        self.raddr += (max_bytes - room) as u64;
+        (sges, raddr, self.done())
+    }
 }
 
 /// The RDMA verbs transport.
@@ -275,6 +351,8 @@ pub struct RdmaTransport {
     tag: u64,
     wcs: Vec<Wc>,
     failed: Vec<SocketAddr>,
+    /// Peers with a send completed since the engine last asked (at most one entry each).
+    progressed: Vec<SocketAddr>,
     /// The UDP socket may have datagrams (epoll said so); otherwise it is read every
     /// `UDP_EVERY` polls, sparing a system call per poll.
     udp_ready: bool,
@@ -297,6 +375,8 @@ fn io(what: &str, e: impl std::fmt::Display) -> TransportError {
 }
 
 const SEND_BIT: u64 = 1 << 31;
+/// Marks a send work request that is one of a bulk's WRITEs.
+const WRITE_BIT: u64 = 1 << 30;
 /// Posted receives kept for acknowledgements and key exchanges, outside the window.
 const RECV_SLACK: u32 = 64;
 
@@ -374,6 +454,7 @@ impl RdmaTransport {
             tag: 0,
             wcs: Vec::with_capacity(64),
             failed: Vec::new(),
+            progressed: Vec::new(),
             udp_ready: true,
             polls: 0,
             last_probe_check: 0,
@@ -444,6 +525,9 @@ impl RdmaTransport {
                 parked: VecDeque::new(),
                 imm_send: 0,
                 imm_recv: 0,
+                writing: None,
+                progressed: false,
+                writes_in_flight: 0,
             },
         );
         self.by_id.insert(id, to);
@@ -642,6 +726,16 @@ impl RdmaTransport {
             if p.remote.is_none() || !p.control.is_empty() {
                 return Ok(());
             }
+            if p.writing.is_some() {
+                self.post_writes(addr)?;
+                if self.peers.get(&addr).is_some_and(|p| p.writing.is_some()) {
+                    return Ok(());
+                }
+                continue;
+            }
+            let Some(p) = self.peers.get_mut(&addr) else {
+                return Ok(());
+            };
             let Some(t) = p.pending.pop_front() else {
                 return Ok(());
             };
@@ -699,19 +793,21 @@ impl RdmaTransport {
                 if !self.post_send(addr, prefix::BULK, &t.bytes)? {
                     return Ok(false);
                 }
-                self.post_write(addr, b, rkey, base)?;
+                if self.segment.is_none() {
+                    return Err(io::Error::other("bulk before the segment was registered"));
+                }
+                if let Some(p) = self.peers.get_mut(&addr) {
+                    p.writing = Some(BulkCursor::new(&b.src, rkey, base + b.dst_offset));
+                }
+                self.post_writes(addr)?;
                 Ok(true)
             }
         }
     }
 
-    fn post_write(
-        &mut self,
-        addr: SocketAddr,
-        b: &BulkWrite,
-        rkey: u32,
-        base: u64,
-    ) -> io::Result<()> {
+    /// Posts the WRITEs of the bulk in progress towards `addr` while send slots allow;
+    /// the last carries the immediate that releases the receiver's parked header.
+    fn post_writes(&mut self, addr: SocketAddr) -> io::Result<()> {
         let depth = self.cfg.send_depth;
         let Some(seg) = self.segment.as_ref() else {
             return Err(io::Error::other("bulk before the segment was registered"));
@@ -719,15 +815,31 @@ impl RdmaTransport {
         let Some(p) = self.peers.get_mut(&addr) else {
             return Ok(());
         };
-        let idx = (p.posted % depth as u64) as usize;
-        let wr_id = ((p.id as u64) << 32) | SEND_BIT | idx as u64;
-        let imm = p.imm_send;
-        p.qp.post_write_imm(wr_id, seg, &b.src, rkey, base + b.dst_offset, imm)?;
-        p.imm_send = p.imm_send.wrapping_add(1);
-        p.outstanding += 1;
-        p.posted += 1;
-        self.stats.writes_imm_posted += 1;
-        self.stats.bytes_written += b.len as u64;
+        while p.outstanding < depth && p.writes_in_flight < WRITE_WINDOW {
+            let Some(cur) = p.writing.as_mut() else {
+                break;
+            };
+            let (src, raddr, last) = cur.next_chunk(WRITE_CHUNK_BYTES);
+            let rkey = cur.rkey;
+            let idx = (p.posted % depth as u64) as usize;
+            let wr_id = ((p.id as u64) << 32) | SEND_BIT | WRITE_BIT | idx as u64;
+            let imm = last.then_some(p.imm_send);
+            p.qp.post_write(wr_id, seg, &src, rkey, raddr, imm)?;
+            if p.outstanding == 0 {
+                p.stalled_since = Some(verbs::coarse_now_ns());
+            }
+            p.outstanding += 1;
+            p.writes_in_flight += 1;
+            p.posted += 1;
+            self.stats.bytes_written += src.iter().map(|r| r.1 as u64).sum::<u64>();
+            if last {
+                p.imm_send = p.imm_send.wrapping_add(1);
+                p.writing = None;
+                self.stats.writes_imm_posted += 1;
+            } else {
+                self.stats.writes_posted += 1;
+            }
+        }
         Ok(())
     }
 
@@ -819,9 +931,19 @@ impl RdmaTransport {
             if wc.wr_id & SEND_BIT != 0 {
                 if let Some(p) = self.peers.get_mut(&addr) {
                     p.outstanding = p.outstanding.saturating_sub(1);
+                    if wc.wr_id & WRITE_BIT != 0 {
+                        p.writes_in_flight = p.writes_in_flight.saturating_sub(1);
+                    }
                     p.stalled_since = (p.outstanding > 0).then(verbs::coarse_now_ns);
-                    // A freed send slot lets waiting datagrams go.
-                    let waiting = !(p.pending.is_empty() && p.control.is_empty());
+                    if wc.status == 0 {
+                        if !std::mem::replace(&mut p.progressed, true) {
+                            self.progressed.push(addr);
+                        }
+                        self.stats.sends_completed += 1;
+                    }
+                    // A freed send slot lets waiting datagrams and WRITEs go.
+                    let waiting =
+                        !(p.pending.is_empty() && p.control.is_empty() && p.writing.is_none());
                     if waiting && !flush.contains(&addr) {
                         flush.push(addr);
                     }
@@ -1035,6 +1157,15 @@ impl Transport for RdmaTransport {
         }
     }
 
+    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr)) {
+        for a in self.progressed.drain(..) {
+            if let Some(p) = self.peers.get_mut(&a) {
+                p.progressed = false;
+                progressed(a);
+            }
+        }
+    }
+
     fn send_batch(&mut self, batch: &[Transmit]) -> Result<usize, TransportError> {
         let mut taken = 0;
         for t in batch {
@@ -1058,7 +1189,10 @@ impl Transport for RdmaTransport {
                 taken += 1;
                 continue;
             };
-            let direct = p.remote.is_some() && p.pending.is_empty() && p.control.is_empty();
+            let direct = p.remote.is_some()
+                && p.pending.is_empty()
+                && p.control.is_empty()
+                && p.writing.is_none();
             if direct {
                 match self.try_send(t.to, t) {
                     Ok(true) => {
@@ -1213,6 +1347,52 @@ mod tests {
                 .collect();
             if let Some(m) = oob::Msg::decode(&g) {
                 assert!((oob::REQ..=oob::PROBE).contains(&m.kind));
+            }
+        }
+    }
+
+    /// A bulk's ranges cut into chunks: every byte once, in order, at the right remote
+    /// address, no chunk over the byte or scatter-entry limit, the last one flagged.
+    #[test]
+    fn a_bulk_is_cut_into_bounded_chunks_covering_every_byte_once() {
+        let cases: Vec<(Vec<(usize, usize)>, usize)> = vec![
+            (vec![(0, 64 << 20)], 1 << 20),
+            (vec![(0, 32 << 20), ((32 << 20) + 4096, 32 << 20)], 1 << 20),
+            (vec![(0, 10), (100, 0), (200, 7), (300, 25)], 8),
+            (vec![(5, 3)], 1 << 20),
+            ((0..40).map(|i| (i * 100, 3)).collect(), 1000),
+        ];
+        for (src, chunk) in cases {
+            let total: usize = src.iter().map(|r| r.1).sum();
+            let mut cur = BulkCursor::new(&src, 9, 1 << 40);
+            let mut placed = Vec::new();
+            let mut next_raddr = 1u64 << 40;
+            let mut chunks = 0;
+            loop {
+                let (sges, raddr, last) = cur.next_chunk(chunk);
+                chunks += 1;
+                assert_eq!(
+                    raddr, next_raddr,
+                    "{src:?}: chunk {chunks} lands at the wrong place"
+                );
+                let len: usize = sges.iter().map(|r| r.1).sum();
+                assert!(len > 0 && len <= chunk, "{src:?}: chunk of {len} bytes");
+                assert!(sges.len() <= verbs::MAX_SGE);
+                next_raddr += len as u64;
+                for (off, n) in sges {
+                    placed.extend(off..off + n);
+                }
+                if last {
+                    break;
+                }
+                assert!(chunks < 100_000);
+            }
+            let want: Vec<usize> = src.iter().flat_map(|&(o, n)| o..o + n).collect();
+            assert_eq!(placed, want, "{src:?}");
+            assert_eq!(next_raddr - (1 << 40), total as u64);
+            assert!(cur.done());
+            if src == vec![(0, 64 << 20)] {
+                assert_eq!(chunks, 64);
             }
         }
     }

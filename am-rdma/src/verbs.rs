@@ -506,11 +506,19 @@ pub struct Qp {
     qp: BasicQueuePair,
 }
 
-/// Timeout exponent: 4.096 us x 2^14 = 67 ms per try; with `RETRY_CNT` 6 a peer that stops
-/// acknowledging surfaces as a retry-exceeded completion after about 0.5 s on real NICs.
-pub const QP_TIMEOUT: u8 = 14;
-/// Transport retries.
-pub const RETRY_CNT: u8 = 6;
+/// Local ACK timeout exponent: 4.096 us x 2^16 = 268 ms per try. With [`RETRY_CNT`] 7 a
+/// peer that stops acknowledging surfaces as a retry-exceeded completion after 8 tries,
+/// about 2.1 s, in step with the engine's 2 s unreachable timeout (which, with the WRITE
+/// completions reported as progress, catches the same peer from above). The timeout only
+/// paces recovery from a lost tail packet (a gap is NAKed and resent at once) and must
+/// exceed the worst queueing delay of the fabric: a spurious timeout resends everything
+/// unacknowledged, up to a window of packets, so on a loaded switch or an emulated device
+/// (rxe under TCG, where a 64 MiB bulk takes seconds) a short timeout turns load into
+/// retransmission storms. Before: 14 (67 ms) and 6 retries (0.5 s), which left no room for
+/// a loaded fabric; rdma_cm's and NCCL's defaults are longer still (~1 s and ~4 s per try).
+pub const QP_TIMEOUT: u8 = 16;
+/// Transport retries (the most the field holds; 7 is not "for ever" here, only for RNR).
+pub const RETRY_CNT: u8 = 7;
 /// Receiver-not-ready retries: below 7 (7 retries for ever).
 pub const RNR_RETRY: u8 = 6;
 /// Minimum RNR NAK timer code (14 = 1.28 ms).
@@ -641,16 +649,17 @@ impl Qp {
         self.post_one(&mut wr)
     }
 
-    /// Posts a signalled RDMA WRITE with immediate of `src` ranges of `seg` to
-    /// `raddr` under `rkey`.
-    pub fn post_write_imm(
+    /// Posts a signalled RDMA WRITE of `src` ranges of `seg` to `raddr` under `rkey`; with
+    /// `imm`, a WRITE with immediate (it consumes a receive at the peer and completes
+    /// there).
+    pub fn post_write(
         &mut self,
         wr_id: u64,
         seg: &ForeignRegion,
         src: &[(usize, usize)],
         rkey: u32,
         raddr: u64,
-        imm: u32,
+        imm: Option<u32>,
     ) -> io::Result<()> {
         let mut sges = [ibv_sge {
             addr: 0,
@@ -669,11 +678,22 @@ impl Qp {
                 .ok_or_else(|| io::Error::other("bulk source outside the segment"))?;
             n += 1;
         }
-        let mut wr = send_wr(wr_id, WAKE);
-        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        // A plain WRITE completes only here: signalled, without the solicited bit (that
+        // wakes the peer, and only a WRITE with immediate gives it a completion).
+        let flags = match imm {
+            Some(_) => WAKE,
+            None => ibv_send_flags::IBV_SEND_SIGNALED.0,
+        };
+        let mut wr = send_wr(wr_id, flags);
+        wr.opcode = match imm {
+            Some(imm) => {
+                wr.imm_data_invalidated_rkey_union.imm_data = imm;
+                ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
+            }
+            None => ibv_wr_opcode::IBV_WR_RDMA_WRITE,
+        };
         wr.sg_list = sges.as_mut_ptr();
         wr.num_sge = n as i32;
-        wr.imm_data_invalidated_rkey_union.imm_data = imm;
         wr.wr.rdma = rdma_t {
             remote_addr: raddr,
             rkey,
