@@ -790,7 +790,14 @@ impl Node {
         // The log, once the stripe group's servers answer (they may start after us).
         if me.has("manager") {
             let groups = config.stripe_group_map();
-            let g = groups.groups[(id as usize - 1) % groups.groups.len()].clone();
+            let gi = (id as usize - 1) % groups.groups.len();
+            let g = groups.groups[gi].clone();
+            // The managers whose logs share this group's stores (as the cleaner counts them).
+            let writers = config
+                .nodes
+                .iter()
+                .filter(|x| x.has("manager") && (x.id as usize - 1) % groups.groups.len() == gi)
+                .count();
             let addrs: Vec<(NodeId, SocketAddr)> = g
                 .servers
                 .iter()
@@ -848,7 +855,8 @@ impl Node {
                 }
                 let group = g.clone();
                 match Log::recover(id, g, stores) {
-                    Ok(l) => {
+                    Ok(mut l) => {
+                        l.set_writers(writers);
                         *lock(&log2) = Some(l);
                         // The cleaner reads segments over connections of its own.
                         let rs = addrs.iter().map(|(_, a)| connect(*a).ok()).collect();
@@ -1290,17 +1298,19 @@ impl Node {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e, "flush"),
             },
-            Request::Checkpoint => match c
-                .sync_all()
-                .map_err(|e| e.to_string())
-                .and_then(|_| self.sync_log(true))
-            {
-                Ok(()) => Response::Ok,
-                Err(e) => Response::Err {
-                    errno: libc::EIO,
-                    message: format!("checkpoint: {e}"),
-                },
-            },
+            Request::Checkpoint => {
+                // What the cache cannot write (the stores are full) is not acknowledged;
+                // what is durable is checkpointed all the same (the log keeps room for it).
+                let flushed = c.sync_all();
+                match (self.sync_log(true), flushed) {
+                    (Ok(()), Ok(())) => Response::Ok,
+                    (Ok(()), Err(e)) => err(e, "flush (checkpoint written)"),
+                    (Err(e), _) => Response::Err {
+                        errno: libc::EIO,
+                        message: format!("checkpoint: {e}"),
+                    },
+                }
+            }
             Request::Shutdown => Response::Ok,
             Request::Subscribe | Request::KernelDone(_) => Response::Err {
                 errno: libc::EINVAL,
@@ -1327,11 +1337,22 @@ impl Node {
             Err(Errno::ENOENT) => c.create(parent.ino, name.as_bytes(), 0o644, 0, 0)?.ino,
             Err(e) => return Err(e),
         };
-        for (k, chunk) in data.chunks(1 << 20).enumerate() {
-            c.write(ino, (k << 20) as u64, chunk)?;
+        let written = data
+            .chunks(1 << 20)
+            .enumerate()
+            .try_for_each(|(k, chunk)| c.write(ino, (k << 20) as u64, chunk).map(drop))
+            .and_then(|_| {
+                self.advise_path(parent.ino, name, Some(ino));
+                c.fsync(ino)
+            });
+        if let Err(e) = written {
+            // A put that failed (a full cluster) leaves no partial file behind: its blocks
+            // become deletions, its waiting data is dropped, and its space is the cleaner's.
+            if c.unlink(parent.ino, name.as_bytes()).is_ok() {
+                let _ = c.fsync(ino).and_then(|_| c.fsync(parent.ino));
+            }
+            return Err(e);
         }
-        self.advise_path(parent.ino, name, Some(ino));
-        c.fsync(ino)?;
         c.fsync(parent.ino)
     }
 

@@ -163,6 +163,9 @@ pub struct LogCounters {
     /// Segments freed (fragments deleted on every server): dead data segments covered by
     /// a checkpoint, and checkpoints older than the newest.
     pub freed: u64,
+    /// Queued segments (refused by full stores, never written) dropped because every
+    /// block in them was overwritten or deleted since: a refused write keeps no space.
+    pub superseded_dropped: u64,
 }
 
 /// What the log knows of one of its durable segments.
@@ -319,6 +322,9 @@ pub struct Log<S: FragmentStore> {
     /// The newest complete checkpoint: its segments, and the last data segment it covers.
     checkpoint_segs: Vec<u64>,
     checkpoint_upto: u64,
+    /// Writers whose logs share this stripe group's stores (each keeps a checkpoint's
+    /// room in the shared free space): see [`Log::set_writers`].
+    writers: usize,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -499,7 +505,15 @@ impl<S: FragmentStore + Send> Log<S> {
             segs: BTreeMap::new(),
             checkpoint_segs: Vec::new(),
             checkpoint_upto: 0,
+            writers: 1,
         })
+    }
+
+    /// How many writers' logs share this stripe group's stores (default 1). The free
+    /// space is shared, so each writer's data writes stop while what is left is what
+    /// `writers` checkpoints of this log's size and the cleaner need.
+    pub fn set_writers(&mut self, writers: usize) {
+        self.writers = writers.max(1);
     }
 
     /// Stamp segments with `clock` (milliseconds) instead of the wall clock (a simulation's
@@ -663,20 +677,101 @@ impl<S: FragmentStore + Send> Log<S> {
     }
 
     /// Free segments kept for the cleaner (its copies of a round's live blocks and the
-    /// checkpoint through which it frees space): data writes stop short of them.
-    fn reserve(&self) -> usize {
-        self.checkpoint_cost() + 2 + CLEANER_RESERVE
+    /// checkpoint through which it frees space), once `segments` more segments holding `entries` more blocks are
+    /// durable: their imap entries and usage-table rows grow the next checkpoint. One
+    /// checkpoint (and two segments of slack) per writer sharing the stores, and the
+    /// cleaner's copies.
+    fn reserve_after(&self, entries: usize, segments: usize) -> usize {
+        self.writers * (self.checkpoint_cost_after(entries, segments) + 2) + CLEANER_RESERVE
+    }
+
+    /// Room a batch that frees more than it adds may not go below: every writer's
+    /// checkpoint (through which its deletions free space), without the cleaner's copies.
+    fn freeing_floor(&self, entries: usize, segments: usize) -> usize {
+        self.writers * (self.checkpoint_cost_after(entries, segments) + 2)
+    }
+
+    /// Imap entries `queued[from..]` adds once durable: blocks it writes that the imap
+    /// does not hold yet (a deletion or an overwrite adds none).
+    fn imap_growth(&self, from: usize) -> usize {
+        let mut last = std::collections::BTreeMap::new();
+        for s in &self.queued[from..] {
+            for (b, a) in &s.blocks {
+                last.insert(*b, a.len);
+            }
+        }
+        last.iter()
+            .filter(|(b, len)| **len > 0 && !self.imap.contains_key(b))
+            .count()
+    }
+
+    /// Bytes that `queued[from..]` would make dead (the durable versions it overwrites or
+    /// deletes) less the bytes it adds: positive for a batch of deletions.
+    fn net_freed(&self, from: usize) -> i64 {
+        let mut freed = 0i64;
+        let mut seen = std::collections::BTreeSet::new();
+        for s in self.queued[from..].iter().rev() {
+            for (b, a) in s.blocks.iter().rev() {
+                if !seen.insert(*b) {
+                    continue; // a later version in the batch counts instead
+                }
+                freed -= a.len as i64;
+                freed += self.imap.get(b).map_or(0, |o| o.len as i64);
+            }
+        }
+        freed
+    }
+
+    /// Drop queued data segments (refused by full stores, never written) all of whose
+    /// blocks have a newer version queued or appended since: what a deleted or rewritten
+    /// file had waiting keeps no space. Returns how many were dropped.
+    fn drop_superseded(&mut self) -> usize {
+        let mut newer: std::collections::BTreeSet<BlockId> =
+            self.open_entries.iter().map(|(b, _, _)| *b).collect();
+        let mut keep = vec![true; self.queued.len()];
+        for (i, s) in self.queued.iter().enumerate().rev() {
+            if s.kind == DATA
+                && !s.blocks.is_empty()
+                && s.blocks.iter().all(|(b, _)| newer.contains(b))
+            {
+                keep[i] = false;
+                continue;
+            }
+            newer.extend(s.blocks.iter().map(|(b, _)| *b));
+        }
+        let before = self.queued.len();
+        let mut k = keep.into_iter();
+        self.queued.retain(|_| k.next().unwrap_or(true));
+        let dropped = before - self.queued.len();
+        self.counters.superseded_dropped += dropped as u64;
+        dropped
     }
 
     /// Write `queued[from..]`. Data writes (`use_reserve` false) fail with ENOSPC rather
-    /// than take the last [`Log::reserve`] free segments.
+    /// than take the last free segments kept by [`Log::reserve_after`].
     fn write_range(&mut self, from: usize, use_reserve: bool) -> Result<(), LogError> {
         if self.queued.len() <= from {
             return Ok(());
         }
+        if !use_reserve
+            && self.full
+            && from == 0
+            && self.drop_superseded() > 0
+            && self.queued.is_empty()
+        {
+            return Ok(());
+        }
         let batch = self.queued.len() - from;
         if !use_reserve {
-            let need = self.reserve() + batch;
+            let entries = self.imap_growth(from);
+            // A batch that frees more than it adds (deletions: `rm` on a full cluster) may
+            // use the cleaner's share; data never takes the checkpoints' room.
+            let floor = if self.net_freed(from) > 0 {
+                self.freeing_floor(entries, batch)
+            } else {
+                self.reserve_after(entries, batch)
+            };
+            let need = floor + batch;
             if self.free_hint < need + 64 || self.writes_since_look >= 16 {
                 self.free_segments();
             }
@@ -768,8 +863,50 @@ impl<S: FragmentStore + Send> Log<S> {
     /// stay queued, to be retried.
     pub fn fsync(&mut self) -> Result<(), LogError> {
         self.seal(0, 0, 0, 0)?;
-        self.write_queued()?;
+        match self.write_queued() {
+            Err(LogError::Store(StoreError::NoSpace { .. })) if self.net_freed(0) > 0 => {
+                self.drain_freeing()?
+            }
+            r => r?,
+        }
         self.sync_written()
+    }
+
+    /// Write a batch that frees more than it adds (the deletions of a large file on a full
+    /// stripe group need a summary entry a block: more segments than are free) in rounds:
+    /// as many of its oldest segments as fit above this writer's checkpoint room, made
+    /// durable, then a checkpoint, which frees the data segments they emptied; until the
+    /// batch is written or a round frees nothing.
+    fn drain_freeing(&mut self) -> Result<(), LogError> {
+        loop {
+            let floor = self.checkpoint_cost_after(self.imap_growth(0), self.queued.len())
+                + 2 * self.writers;
+            let room = (self.free_segments() as usize).saturating_sub(floor);
+            let n = room.min(self.queued.len());
+            if n == 0 {
+                return Err(LogError::Store(StoreError::NoSpace {
+                    free: self.free_hint,
+                    needed: floor + 1,
+                }));
+            }
+            let rest = self.queued.split_off(n);
+            let r = self.write_range(0, true);
+            self.queued.extend(rest);
+            r?;
+            self.sync_written()?;
+            let freed = self.counters.freed;
+            self.write_checkpoint()?;
+            if self.queued.is_empty() {
+                self.full = false;
+                return Ok(());
+            }
+            if self.counters.freed == freed {
+                return Err(LogError::Store(StoreError::NoSpace {
+                    free: self.free_hint,
+                    needed: floor + self.queued.len(),
+                }));
+            }
+        }
     }
 
     /// Judge a round of store calls: a server that failed with a device or network error
@@ -930,6 +1067,11 @@ impl<S: FragmentStore + Send> Log<S> {
             Ok(()) | Err(LogError::Store(StoreError::NoSpace { .. })) => {}
             Err(e) => return Err(e),
         }
+        self.write_checkpoint()
+    }
+
+    /// The checkpoint itself, of what is durable now (see [`Log::checkpoint`]).
+    fn write_checkpoint(&mut self) -> Result<(), LogError> {
         self.flush_copies()?;
         let upto = self.durable_upto();
         let per = ((self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES).max(1);
@@ -1164,7 +1306,8 @@ impl<S: FragmentStore + Send> Log<S> {
             return Ok(());
         }
         // As many of the oldest as fit (deletions among them free space once durable).
-        let room = (self.free_segments() as usize).saturating_sub(self.checkpoint_cost() + 1);
+        let floor = self.freeing_floor(self.imap_growth(0), self.queued.len());
+        let room = (self.free_segments() as usize).saturating_sub(floor);
         let n = room.min(self.queued.len());
         if n == 0 {
             return Ok(());
@@ -1179,10 +1322,17 @@ impl<S: FragmentStore + Send> Log<S> {
 
     /// Segments a checkpoint would cost now.
     pub fn checkpoint_cost(&self) -> usize {
-        // The imap and the usage table, `per` entries a segment (an upper bound: the
-        // table holds data segments only).
+        self.checkpoint_cost_after(0, 0)
+    }
+
+    /// Segments a checkpoint would cost with `entries` more imap entries and `segments`
+    /// more data segments: the imap and the usage table, `per` entries a segment (an upper
+    /// bound: the table holds data segments only, and an entry may replace one).
+    fn checkpoint_cost_after(&self, entries: usize, segments: usize) -> usize {
         let per = (self.open.len() - SUMMARY_BYTES) / IMAP_ENTRY_BYTES;
-        (self.imap.len() + self.segs.len()).div_ceil(per.max(1))
+        (self.imap.len() + entries + self.segs.len() + segments)
+            .div_ceil(per.max(1))
+            .max(1)
     }
 
     /// Data segments a new checkpoint would cover that the newest does not: all of them,
