@@ -651,3 +651,98 @@ fn with_one_of_four_nodes_killed_the_others_files_stay_readable_and_writable() {
         "nothing was sent to the dead node: the test did not test it"
     );
 }
+
+/// Puts `content` at `path` through `node`; Err with the tool's message if it failed.
+fn try_put(data: &Path, node: u16, content: &[u8], path: &str) -> Result<(), String> {
+    let local = data.join(format!("local-put-{node}"));
+    std::fs::write(&local, content).unwrap();
+    let d = data.to_str().unwrap();
+    let o = xfs(&[
+        "put",
+        "--data",
+        d,
+        "--node",
+        &node.to_string(),
+        local.to_str().unwrap(),
+        path,
+    ]);
+    let _ = std::fs::remove_file(&local);
+    match o.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+    }
+}
+
+/// Issue 30's sequence on real processes (scaled to 3 x 64 MiB, 2+1 parity): a put too
+/// large for what is left fails with ENOSPC and leaves nothing behind; the cluster is then
+/// filled with acknowledged files until a put is refused; `down` on the full cluster exits
+/// 0; after the restart, and again after a kill -9 of every node while full, every
+/// acknowledged file is byte-exact; deleting files frees their space for a new put.
+#[test]
+fn a_full_cluster_keeps_every_acknowledged_file_across_down_kill_9_and_frees_refused_space() {
+    let (_s, data, _g) = begin("full", 3);
+    let d = data.to_str().unwrap().to_string();
+    up(&data, 3, 17600);
+    let a = bytes(30, 40_000_000);
+    put(&data, 1, &a, "/a");
+    // Too large: refused, and none of it stays (no name, no space).
+    let big = bytes(31, 150_000_000);
+    let e = try_put(&data, 1, &big, "/big").expect_err("a 150 MB put fit in 118 MiB");
+    drop(big);
+    assert!(e.contains("No space left on device"), "{e}");
+    let ls = ok(&["ls", "--data", &d, "/"]);
+    assert!(!ls.contains("big"), "the refused file is still there: {ls}");
+    // The space it took is back: a 40 MB file fits beside /a.
+    let b = bytes(32, 40_000_000);
+    put(&data, 2, &b, "/b");
+    let mut files = vec![("/a".to_string(), a), ("/b".to_string(), b)];
+    // Fill the rest with acknowledged 4 MB files until one is refused.
+    let mut refused = 0;
+    for i in 0..40u64 {
+        let path = format!("/f{i}");
+        let content = bytes(100 + i, 4_000_000);
+        match try_put(&data, (i % 3 + 1) as u16, &content, &path) {
+            Ok(()) => files.push((path, content)),
+            Err(e) => {
+                assert!(e.contains("No space left on device"), "{path}: {e}");
+                refused += 1;
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, 1, "40 x 4 MB more fit in a 118 MiB cluster already holding 80 MB");
+    let status = ok(&["status", "--data", &d]);
+    println!("full: {} files acknowledged\n{status}", files.len());
+    let check = |files: &[(String, Vec<u8>)], when: &str| {
+        for (i, (path, content)) in files.iter().enumerate() {
+            let node = (i % 3 + 1) as u16;
+            assert!(get(&data, node, path) == *content, "{path} {when}");
+        }
+    };
+    check(&files, "on the full cluster");
+    // A clean stop of the full cluster succeeds (its checkpoint had room kept for it).
+    let o = xfs(&["down", "--data", &d]);
+    assert!(
+        o.status.success(),
+        "down on a full cluster failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    up(&data, 3, 17600);
+    check(&files, "after down and up while full");
+    for p in pids(&data, 3) {
+        kill9(p);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    up(&data, 3, 17600);
+    check(&files, "after kill -9 of every node while full");
+    // Deleting frees the space: a new 30 MB put succeeds.
+    for (path, _) in files.drain(2..) {
+        ok(&["rm", "--data", &d, &path]);
+    }
+    let c = bytes(33, 30_000_000);
+    put(&data, 3, &c, "/c");
+    files.push(("/c".to_string(), c));
+    check(&files, "after deleting and a new put");
+    ok(&["down", "--data", &d]);
+}
