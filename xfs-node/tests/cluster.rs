@@ -710,7 +710,10 @@ fn a_full_cluster_keeps_every_acknowledged_file_across_down_kill_9_and_frees_ref
             }
         }
     }
-    assert_eq!(refused, 1, "40 x 4 MB more fit in a 118 MiB cluster already holding 80 MB");
+    assert_eq!(
+        refused, 1,
+        "40 x 4 MB more fit in a 118 MiB cluster already holding 80 MB"
+    );
     let status = ok(&["status", "--data", &d]);
     println!("full: {} files acknowledged\n{status}", files.len());
     let check = |files: &[(String, Vec<u8>)], when: &str| {
