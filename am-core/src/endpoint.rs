@@ -361,16 +361,16 @@ impl<T: Transport> Endpoint<T> {
             }
         })?;
         work += inline_work;
-        // Sending and receiving may have taken a while (a verbs post on rxe moves the data
-        // inside the system call): what the transport reports, and the timers, are judged
-        // at the time it is now, not at the start of the poll.
-        let now = self.transport.now();
-        self.core.set_now(now);
         let core = &mut self.core;
         self.transport
             .take_failed(&mut |addr| core.peer_failed(addr));
+        // Progress is stamped with the time it is reported, not the start of the poll:
+        // sending and receiving may have taken a while (a verbs post on rxe moves the data
+        // inside the system call), and a stale stamp would let the next poll's timers give
+        // up on a peer that was just seen moving. The timers below still run at `now`.
+        let reported = self.transport.now();
         self.transport
-            .take_progress(&mut |addr| core.peer_progressed(addr));
+            .take_progress(&mut |addr| core.peer_progressed(addr, reported));
         if self.core.poll_timeout().is_some_and(|t| t <= now) {
             self.core.handle_timeout(now);
         }

@@ -786,12 +786,12 @@ impl Core {
         self.outbox.push_back(Transmit { to, bytes, bulk });
     }
 
-    /// The transport moved data towards `addr` (`Transport::take_progress`): the peer's
-    /// unreachable clock restarts, as if it had acknowledged.
-    pub fn peer_progressed(&mut self, addr: SocketAddr) {
-        let now = self.now;
+    /// The transport moved data towards `addr` (`Transport::take_progress`) at time `at`:
+    /// the peer's unreachable clock restarts there, as if it had acknowledged.
+    pub fn peer_progressed(&mut self, addr: SocketAddr, at: Time) {
+        let now = self.now.max(at);
         match self.peers.get_mut(&addr) {
-            Some(p) if p.state == SendState::Open => p.last_progress = now,
+            Some(p) if p.state == SendState::Open => p.last_progress = p.last_progress.max(now),
             Some(p) => {
                 if let SendState::Connecting { last_hello, .. } = p.state {
                     p.state = SendState::Connecting {

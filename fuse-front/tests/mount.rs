@@ -570,6 +570,27 @@ fn open_files_a_full_cluster_and_a_killed_node_give_clean_errors() {
     held.read_to_string(&mut s).unwrap();
     assert_eq!(s, "still here");
 
+    // `df` on the mount and `xfs-node status` agree on what fits (both from the node's
+    // log: free segments less the reserve), before and after the cluster fills.
+    let agree = |when: &str| -> u64 {
+        let status = ok(&["status", "--data", c.data_arg()]);
+        let fits = status
+            .lines()
+            .find_map(|l| l.split_once("; ")?.1.split_once(" MiB fits new data"))
+            .map(|(v, _)| v)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{when}: no 'fits' in the status:\n{status}"));
+        let df = df_free_bytes(&b) as f64 / (1 << 20) as f64;
+        // Two nodes' logs, read a moment apart: within a segment or two of each other.
+        assert!(
+            (fits - df).abs() <= 1.0,
+            "{when}: status says {fits} MiB fits, df on the mount {df:.1} MiB\n{status}"
+        );
+        df as u64
+    };
+    let empty = agree("on the empty cluster");
+    assert!(empty > 0, "nothing fits on an empty cluster");
+
     // A full cluster: ENOSPC reaches the writer (at the latest at fsync).
     let mut f = std::fs::File::create(b.join("big")).unwrap();
     let chunk = pattern(3, 1 << 20);
@@ -583,6 +604,8 @@ fn open_files_a_full_cluster_and_a_killed_node_give_clean_errors() {
     let err = err.or_else(|| f.sync_all().err());
     let err = err.expect("200 MiB fit in a 3 x 16 MiB cluster");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let full = agree("on the full cluster");
+    assert!(full < 2, "{full} MiB still fit after ENOSPC");
     drop(f);
     std::fs::remove_file(b.join("big")).ok();
 
@@ -742,4 +765,22 @@ fn three_hosts_in_network_namespaces_each_with_a_mount() {
     for d in &c.mounts {
         assert!(Command::new("umount").arg(d).status().unwrap().success());
     }
+}
+
+/// Free bytes `df` shows for the file system at `p` (statvfs: available blocks x fragment).
+fn df_free_bytes(p: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs is a plain C struct (all-zero is valid); the path is NUL-terminated
+    // and `s` outlives the call.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    assert_eq!(
+        r,
+        0,
+        "statvfs {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    s.f_bavail as u64 * s.f_frsize as u64
 }

@@ -612,14 +612,26 @@ fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
         match led {
             Some((leader, s)) => {
                 let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                // What new data may take: the least any of the group's nodes reports (its
+                // statfs, which `df` on a mount through it shows): the free segments less
+                // the checkpoints' and the cleaner's reserve.
+                let fits = statuses
+                    .iter()
+                    .filter(|n| g.servers.contains(&n.node) && n.storage_total_bytes > 0)
+                    .map(|n| n.storage_total_bytes.saturating_sub(n.storage_used_bytes))
+                    .min();
                 println!(
-                    "  space: {:.1} MiB free of {:.1} MiB ({} of {} segments), {:.1} MiB live, {:.1} MiB cleanable",
+                    "  space: {:.1} MiB free of {:.1} MiB ({} of {} segments), {:.1} MiB live, {:.1} MiB cleanable{}",
                     mib(s.free_segments * s.segment_payload),
                     mib(s.total_segments * s.segment_payload),
                     s.free_segments,
                     s.total_segments,
                     mib(s.live_bytes),
-                    mib(s.cleanable_bytes)
+                    mib(s.cleanable_bytes),
+                    fits.map_or(String::new(), |f| format!(
+                        "; {:.1} MiB fits new data (as df reports, the rest is reserve)",
+                        mib(f)
+                    ))
                 );
                 println!(
                     "  cleaner: led by node {leader}, {}{}; {} segments cleaned, {:.1} MiB moved, {} copies discarded (writer won), {} segments freed{}",

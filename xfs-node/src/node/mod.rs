@@ -34,7 +34,7 @@ use crate::fs::layout::{Entry, Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::shard::{shard_of, Shard, ShardConfig};
 use crate::storage::cleaner::{self, CleanerStatus};
 use crate::storage::fragment::{FragmentStore, StoreError};
-use crate::storage::log::{Log, LogError, SegmentReader};
+use crate::storage::log::{Log, LogError, SegmentReader, SUMMARY_BYTES};
 use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
 use crate::storage::uring::{UringOptions, UringStore};
 use config::Config;
@@ -704,6 +704,8 @@ impl Node {
         let reader: SharedReader<M::T> = Arc::new(Mutex::new(None));
         let (command_tx, command_rx) = mpsc::sync_channel::<(NodeId, OpId, Vec<u8>)>(64);
         let log_full = Arc::new(AtomicBool::new(false));
+        // Bytes of new data this node's log can take now (u64::MAX: no log yet).
+        let log_room = Arc::new(AtomicU64::new(u64::MAX));
         let mount: MountLink = Arc::new(Mutex::new(None));
         let mut senders = Vec::new();
         let mut wake = Vec::new();
@@ -805,6 +807,7 @@ impl Node {
                 .collect();
             let host = me.host;
             let log2 = log.clone();
+            let room2 = log_room.clone();
             let reader2 = reader.clone();
             let ready2 = ready.clone();
             let stop2 = stop.clone();
@@ -857,6 +860,7 @@ impl Node {
                 match Log::recover(id, g, stores) {
                     Ok(mut l) => {
                         l.set_writers(writers);
+                        l.set_room_gauge(room2);
                         *lock(&log2) = Some(l);
                         // The cleaner reads segments over connections of its own.
                         let rs = addrs.iter().map(|(_, a)| connect(*a).ok()).collect();
@@ -921,19 +925,32 @@ impl Node {
         }
 
         let free = storage_free.clone();
+        let room = log_room.clone();
+        let data_frags = {
+            let groups = config.stripe_group_map();
+            groups.groups[(id as usize - 1) % groups.groups.len()].data()
+        };
         let blocks = NodeBlocks {
             me: id,
             shards: senders,
             wake,
             next: AtomicU64::new(1),
             statfs: Box::new(move || {
+                // In bytes of file data: a segment takes a slot on every server of the
+                // group and carries `data` fragments less its summary. Free is what new
+                // data may take: the log's room (free segments less the checkpoints' and
+                // the cleaner's reserve), which `xfs-node status` shows too.
                 let bs = BLOCK as u64;
-                let _ = &free;
-                let total = storage_total.load(Ordering::Relaxed);
+                let slot_data = (data_frags * frag).saturating_sub(SUMMARY_BYTES) as u64;
+                let total = storage_total.load(Ordering::Relaxed) / frag as u64 * slot_data;
+                let raw_free = free.load(Ordering::Relaxed) / frag as u64 * slot_data;
                 let free = if log_full.load(Ordering::Relaxed) {
                     0
                 } else {
-                    free.load(Ordering::Relaxed)
+                    match room.load(Ordering::Relaxed) {
+                        u64::MAX => raw_free,
+                        r => r.min(raw_free),
+                    }
                 };
                 Ok(StatFs {
                     bsize: bs,

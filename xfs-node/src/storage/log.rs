@@ -325,6 +325,9 @@ pub struct Log<S: FragmentStore> {
     /// Writers whose logs share this stripe group's stores (each keeps a checkpoint's
     /// room in the shared free space): see [`Log::set_writers`].
     writers: usize,
+    /// Where the log publishes the bytes of new data that fit now (see
+    /// [`Log::set_room_gauge`]).
+    room: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -506,6 +509,7 @@ impl<S: FragmentStore + Send> Log<S> {
             checkpoint_segs: Vec::new(),
             checkpoint_upto: 0,
             writers: 1,
+            room: None,
         })
     }
 
@@ -514,6 +518,25 @@ impl<S: FragmentStore + Send> Log<S> {
     /// `writers` checkpoints of this log's size and the cleaner need.
     pub fn set_writers(&mut self, writers: usize) {
         self.writers = writers.max(1);
+    }
+
+    /// Publish into `gauge`, whenever the log looks at the stores, how many bytes of new
+    /// data fit: the free segments less the reserve, times a segment's payload. What
+    /// `statfs` (`df` on a mount) and `xfs-node status` report as free.
+    pub fn set_room_gauge(&mut self, gauge: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.room = Some(gauge);
+        self.publish_room();
+    }
+
+    /// Bytes of new data that fit now (as last seen): see [`Log::set_room_gauge`].
+    pub fn data_room(&self) -> u64 {
+        self.free_hint.saturating_sub(self.reserve_after(0, 0)) as u64 * self.segment_payload()
+    }
+
+    fn publish_room(&self) {
+        if let Some(g) = &self.room {
+            g.store(self.data_room(), std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Stamp segments with `clock` (milliseconds) instead of the wall clock (a simulation's
@@ -1247,6 +1270,7 @@ impl<S: FragmentStore + Send> Log<S> {
             .unwrap_or(0);
         self.free_hint = free;
         self.writes_since_look = 0;
+        self.publish_room();
         free as u64
     }
 
