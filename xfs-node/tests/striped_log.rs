@@ -379,3 +379,36 @@ fn deleting_everything_on_a_full_log_of_tiny_blocks_frees_the_space() {
         );
     }
 }
+
+/// A block the log cannot rebuild (two of three servers gone) is reported by name: the
+/// inode and the byte range of the file it holds; the read fails, nothing panics.
+#[test]
+fn an_unreadable_block_is_named_by_inode_and_offset() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+    use xfs_node::coherence::BlockStore;
+    use xfs_node::fs::layout::block_id;
+    use xfs_node::node::LogStore;
+    let stores = (0..3)
+        .map(|_| Some(MemFragmentStore::new(64, 16 * 1024)))
+        .collect();
+    let mut log = Log::new(1, group(3, 1), stores).unwrap();
+    let b = block_id(77, 3);
+    log.write(b, &block_data(b, 1)).unwrap();
+    log.fsync().unwrap();
+    let mut ls = LogStore {
+        log: Arc::new(Mutex::new(Some(log))),
+        full: Arc::new(AtomicBool::new(false)),
+    };
+    assert_eq!(ls.read(b).unwrap(), block_data(b, 1));
+    {
+        let mut g = ls.log.lock().unwrap();
+        let l = g.as_mut().unwrap();
+        l.take_store(0);
+        l.take_store(1);
+    }
+    let e = ls
+        .read(b)
+        .expect_err("a block read back with two of three servers gone");
+    assert!(e.contains("inode 77, bytes 12288..16384"), "{e}");
+}

@@ -59,6 +59,22 @@ fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What a block is, for an error message: the inode and the byte range of the file (or the
+/// directory bucket) it holds, or the inode's own block.
+pub fn block_name(block: BlockId) -> String {
+    let ino = crate::fs::layout::ino_of(block);
+    let n = block & crate::fs::layout::INODE_BLOCK;
+    if n == crate::fs::layout::INODE_BLOCK {
+        format!("inode {ino} (its inode block)")
+    } else {
+        let at = n * BLOCK as u64;
+        format!(
+            "inode {ino}, bytes {at}..{} (block {n}; a directory's bucket {n})",
+            at + BLOCK as u64
+        )
+    }
+}
+
 /// The shards' storage role: the node's log (absent on a node without the manager role),
 /// shared by the node's shards.
 pub struct LogStore<S: FragmentStore> {
@@ -76,7 +92,13 @@ impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
         match log.read(block) {
             Ok(d) => Ok(d),
             Err(LogError::NotFound(_)) => Ok(Vec::new()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                // Named, so that an operator knows which file lost what (the read that
+                // needs it fails with EIO; the file's other blocks still read).
+                let m = format!("{}: {e}", block_name(block));
+                eprintln!("xfs-node: cannot read {m}");
+                Err(m)
+            }
         }
     }
     fn write(&mut self, block: BlockId, data: Vec<u8>) -> Result<(), String> {
