@@ -380,8 +380,9 @@ fn deleting_everything_on_a_full_log_of_tiny_blocks_frees_the_space() {
     }
 }
 
-/// A block the log cannot rebuild (two of three servers gone) is reported by name: the
-/// inode and the byte range of the file it holds; the read fails, nothing panics.
+/// A block the log cannot rebuild (two of the three fragments of its segment lost) is
+/// reported by name: the inode and the byte range of the file it holds; the read fails,
+/// nothing panics, and the file's block in another segment still reads.
 #[test]
 fn an_unreadable_block_is_named_by_inode_and_offset() {
     use std::sync::atomic::AtomicBool;
@@ -393,22 +394,37 @@ fn an_unreadable_block_is_named_by_inode_and_offset() {
         .map(|_| Some(MemFragmentStore::new(64, 16 * 1024)))
         .collect();
     let mut log = Log::new(1, group(3, 1), stores).unwrap();
-    let b = block_id(77, 3);
-    log.write(b, &block_data(b, 1)).unwrap();
+    let (lost, kept) = (block_id(77, 3), block_id(77, 4));
+    log.write(lost, &block_data(lost, 1)).unwrap();
     log.fsync().unwrap();
+    log.write(kept, &block_data(kept, 1)).unwrap();
+    log.fsync().unwrap();
+    let seg = log.imap()[&lost].segment;
+    assert_ne!(
+        seg,
+        log.imap()[&kept].segment,
+        "the two blocks must be in two segments"
+    );
+    for i in 0..2 {
+        let s = log.store_mut(i).unwrap();
+        s.delete(&[FragmentId {
+            segment: seg,
+            index: i as u16,
+        }])
+        .unwrap();
+        s.sync().unwrap();
+    }
     let mut ls = LogStore {
         log: Arc::new(Mutex::new(Some(log))),
         full: Arc::new(AtomicBool::new(false)),
     };
-    assert_eq!(ls.read(b).unwrap(), block_data(b, 1));
-    {
-        let mut g = ls.log.lock().unwrap();
-        let l = g.as_mut().unwrap();
-        l.take_store(0);
-        l.take_store(1);
-    }
     let e = ls
-        .read(b)
-        .expect_err("a block read back with two of three servers gone");
+        .read(lost)
+        .expect_err("a block read back with two of its three fragments gone");
     assert!(e.contains("inode 77, bytes 12288..16384"), "{e}");
+    assert_eq!(
+        ls.read(kept).unwrap(),
+        block_data(kept, 1),
+        "the file's other block"
+    );
 }
