@@ -629,7 +629,8 @@ fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
     let c = Cluster::start("killcp", 18500, 256, 2);
     let a = c.m(0).to_path_buf();
     let src = c.data.join("src.bin");
-    std::fs::write(&src, pattern(5, 40 << 20)).unwrap();
+    const LEN: u64 = 200 << 20;
+    std::fs::write(&src, pattern(5, LEN as usize)).unwrap();
     let t = Instant::now();
     let mut cp = Command::new("cp")
         .arg(&src)
@@ -637,7 +638,24 @@ fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The kill must land mid-copy (a fixed sleep let a fast copy finish first, and the
+    // test then judged a whole copy through a dead mount): once 8 MiB are through.
+    let through = || std::fs::metadata(a.join("copy")).map_or(0, |m| m.len());
+    while through() < 8 << 20 {
+        assert!(
+            cp.try_wait().unwrap().is_none(),
+            "cp ended before 8 MiB of {LEN} bytes were through"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "cp never got 8 MiB through"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        cp.try_wait().unwrap().is_none(),
+        "cp of {LEN} bytes ended before the kill: nothing would be tested"
+    );
     let node1: i32 = std::fs::read_to_string(c.data.join("node1.pid"))
         .unwrap()
         .trim()
@@ -662,10 +680,11 @@ fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
     cp.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     if status.success() {
         // Whole, or not claimed: the mount's node is gone, so check the size it reports.
-        let len = std::fs::metadata(a.join("copy"))
-            .map(|m| m.len())
-            .unwrap_or(0);
-        assert_eq!(len, 40 << 20, "cp succeeded with a short file");
+        let len = std::fs::metadata(a.join("copy")).map(|m| m.len());
+        assert!(
+            matches!(len, Ok(LEN)),
+            "cp succeeded although its node was killed mid-copy: the copy is {len:?}, not {LEN} bytes"
+        );
     } else {
         eprintln!("cp failed as it should: {}", err.trim());
         assert!(!err.is_empty(), "cp failed silently");
