@@ -786,19 +786,28 @@ impl<S: FragmentStore + Send> Log<S> {
         }
         let batch = self.queued.len() - from;
         if !use_reserve {
-            let entries = self.imap_growth(from);
-            // A batch that frees more than it adds (deletions: `rm` on a full cluster) may
-            // use the cleaner's share; data never takes the checkpoints' room.
-            let floor = if self.net_freed(from) > 0 {
-                self.freeing_floor(entries, batch)
-            } else {
-                self.reserve_after(entries, batch)
-            };
-            let need = floor + batch;
-            if self.free_hint < need + 64 || self.writes_since_look >= 16 {
+            // An upper bound first (every entry a new imap entry; O(segments)); only near
+            // full is the exact need worked out from the blocks.
+            let all: usize = self.queued[from..].iter().map(|s| s.blocks.len()).sum();
+            let upper = self.reserve_after(all, batch) + batch;
+            if self.free_hint < upper + 64 || self.writes_since_look >= 16 {
                 self.free_segments();
             }
             self.writes_since_look = self.writes_since_look.saturating_add(1);
+            let need = if self.free_hint >= upper {
+                upper
+            } else {
+                let entries = self.imap_growth(from);
+                // A batch that frees more than it adds (deletions: `rm` on a full
+                // cluster) may use the cleaner's share; data never takes the checkpoints'
+                // room.
+                let floor = if self.net_freed(from) > 0 {
+                    self.freeing_floor(entries, batch)
+                } else {
+                    self.reserve_after(entries, batch)
+                };
+                floor + batch
+            };
             if self.free_hint < need {
                 self.full = true;
                 return Err(LogError::Store(StoreError::NoSpace {
