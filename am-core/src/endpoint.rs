@@ -368,9 +368,8 @@ impl<T: Transport> Endpoint<T> {
         // sending and receiving may have taken a while (a verbs post on rxe moves the data
         // inside the system call), and a stale stamp would let the next poll's timers give
         // up on a peer that was just seen moving. The timers below still run at `now`.
-        let reported = self.transport.now();
         self.transport
-            .take_progress(&mut |addr| core.peer_progressed(addr, reported));
+            .take_progress(&mut |addr, at| core.peer_progressed(addr, at));
         if self.core.poll_timeout().is_some_and(|t| t <= now) {
             self.core.handle_timeout(now);
         }

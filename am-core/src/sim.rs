@@ -415,7 +415,7 @@ impl Transport for SimTransport {
             failed(a);
         }
     }
-    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr)) {
+    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr, Time)) {
         let moving: Vec<SocketAddr> = {
             let i = self.net.0.borrow();
             if !i.faults.reliable || i.down.contains(&self.addr) {
@@ -430,8 +430,9 @@ impl Transport for SimTransport {
                 .map(|&(_, to)| to)
                 .collect()
         };
+        let now = self.net.now();
         for to in moving {
-            progressed(to);
+            progressed(to, now);
         }
     }
 }

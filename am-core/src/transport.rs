@@ -153,11 +153,12 @@ pub trait Transport {
     }
     /// Peers towards which a [`Capabilities::reliable`] transport made progress since the
     /// last call (a send completed: the peer's device took the data), though the peer's
-    /// engine has not acknowledged it yet. The engine counts this as life: a bulk that
+    /// engine has not acknowledged it yet, with the transport's time of the report (read
+    /// only when there is something to report). The engine counts this as life: a bulk that
     /// takes longer than [`crate::Config::unreachable_timeout`] to cross a slow or loaded
     /// link is not declared unreachable while it moves. Transports that leave
     /// reliability to the engine keep the default (report nothing).
-    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr)) {
+    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr, Time)) {
         let _ = progressed;
     }
 }

@@ -393,15 +393,7 @@ fn a_failed_connection_returns_what_was_in_flight_and_reopens_for_the_rest() {
                 ..Faults::reliable()
             },
         );
-        let (mut a, mut b, got) = pair_logging_handler_1(&net);
-        let ups = Arc::new(Mutex::new(Vec::new()));
-        let u = ups.clone();
-        a.set_upcall(move |_, x| u.lock().unwrap().push((x.args[0], x.code)));
-        let mut h = SimHarness {
-            net: net.clone(),
-            config: Config::default(),
-            bulk: 0,
-        };
+        let (mut a, mut b, got, ups, mut h) = pair_with_upcalls(&net);
         // More than the window (256): the rest waits in the queue.
         for i in 0..400u64 {
             a.send(0, Msg::small(1, &[i])).unwrap();
@@ -466,6 +458,22 @@ fn a_failed_connection_returns_what_was_in_flight_and_reopens_for_the_rest() {
 }
 
 type SimEp = Endpoint<am_core::sim::SimTransport>;
+type Upcalls = Arc<Mutex<Vec<(u64, am_core::ErrorCode)>>>;
+
+/// [`pair_logging_handler_1`], A's upcalls logged (first argument, code), and a harness
+/// over `net`.
+fn pair_with_upcalls(net: &SimNet) -> (SimEp, SimEp, Arc<Mutex<Vec<u64>>>, Upcalls, SimHarness) {
+    let (mut a, b, got) = pair_logging_handler_1(net);
+    let ups: Upcalls = Arc::default();
+    let u = ups.clone();
+    a.set_upcall(move |_, x| u.lock().unwrap().push((x.args[0], x.code)));
+    let h = SimHarness {
+        net: net.clone(),
+        config: Config::default(),
+        bulk: 0,
+    };
+    (a, b, got, ups, h)
+}
 
 /// Endpoints A (tag 1) and B (tag 2) on `net`, B at A's index 0; B's handler 1 logs its
 /// first argument.
@@ -504,15 +512,7 @@ fn a_slow_reliable_path_that_makes_progress_is_not_declared_unreachable() {
         ..Faults::reliable()
     };
     let net = SimNet::new(7, slow);
-    let (mut a, mut b, got) = pair_logging_handler_1(&net);
-    let ups = Arc::new(Mutex::new(Vec::new()));
-    let u = ups.clone();
-    a.set_upcall(move |_, x| u.lock().unwrap().push((x.args[0], x.code)));
-    let mut h = SimHarness {
-        net: net.clone(),
-        config: Config::default(),
-        bulk: 0,
-    };
+    let (mut a, mut b, got, ups, mut h) = pair_with_upcalls(&net);
     // Open the connection first (its handshake is a round trip too).
     a.send(0, Msg::small(1, &[0])).unwrap();
     let opened = h.run(&mut [&mut a, &mut b], Duration::from_secs(20), &mut || {

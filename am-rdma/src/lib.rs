@@ -793,9 +793,7 @@ impl RdmaTransport {
                 if !self.post_send(addr, prefix::BULK, &t.bytes)? {
                     return Ok(false);
                 }
-                if self.segment.is_none() {
-                    return Err(io::Error::other("bulk before the segment was registered"));
-                }
+                // (post_writes fails at once if no segment was registered.)
                 if let Some(p) = self.peers.get_mut(&addr) {
                     p.writing = Some(BulkCursor::new(&b.src, rkey, base + b.dst_offset));
                 }
@@ -1157,11 +1155,15 @@ impl Transport for RdmaTransport {
         }
     }
 
-    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr)) {
+    fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr, Time)) {
+        if self.progressed.is_empty() {
+            return;
+        }
+        let now = Time(self.clock.now_ns());
         for a in self.progressed.drain(..) {
             if let Some(p) = self.peers.get_mut(&a) {
                 p.progressed = false;
-                progressed(a);
+                progressed(a, now);
             }
         }
     }

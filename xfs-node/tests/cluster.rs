@@ -130,18 +130,9 @@ fn up_with(data: &Path, nodes: usize, port: u16, extra: &[&str]) -> Config {
 }
 
 fn put(data: &Path, node: u16, content: &[u8], path: &str) {
-    let local = data.join(format!("local-put-{node}"));
-    std::fs::write(&local, content).unwrap();
-    let d = data.to_str().unwrap();
-    ok(&[
-        "put",
-        "--data",
-        d,
-        "--node",
-        &node.to_string(),
-        local.to_str().unwrap(),
-        path,
-    ]);
+    if let Err(e) = try_put(data, node, content, path) {
+        panic!("put {path} through node {node} failed: {e}");
+    }
 }
 
 fn get(data: &Path, node: u16, path: &str) -> Vec<u8> {
