@@ -172,6 +172,34 @@ enum Cmd {
         /// Path in the cluster.
         path: String,
     },
+    /// Rename a file or directory in the cluster (replacing a file at TO), durably.
+    Mv {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client to use.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Path in the cluster.
+        from: String,
+        /// New path.
+        to: String,
+    },
+    /// Check the cluster: the name space (names pointing at free inodes, link counts,
+    /// directories with two names, renames a crash interrupted, orphaned inodes) through
+    /// one node, and every node's log (imap entries outside its segments, unreadable
+    /// fragments, wrong parity). Exit status: 0 clean, 1 problems found and all repaired,
+    /// 4 problems left (without --repair, or that the repair could not fix).
+    Fsck {
+        #[command(flatten)]
+        at: Where,
+        /// The node whose client checks the name space.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+        /// Fix what is found (run it on a quiet cluster: a file being created at the same
+        /// moment looks like an orphan).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Create a directory in the cluster.
     Mkdir {
         #[command(flatten)]
@@ -801,10 +829,93 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Rm { at, node, path } => control(&at.load()?, node)?
             .call_ok(&Request::Rm { path })
             .map(|_| ()),
+        Cmd::Mv { at, node, from, to } => control(&at.load()?, node)?
+            .call_ok(&Request::Rename { from, to })
+            .map(|_| ()),
+        Cmd::Fsck { at, node, repair } => fsck(&at.load()?, node, repair),
         Cmd::Mkdir { at, node, path } => control(&at.load()?, node)?
             .call_ok(&Request::Mkdir { path })
             .map(|_| ()),
     }
+}
+
+/// `xfs-node fsck`: the name space through `node`, every node's log; exits 0, 1 or 4.
+fn fsck(cfg: &Config, node: u16, repair: bool) -> Result<(), String> {
+    if cfg.node(node).is_none() {
+        return Err(format!("node {node} is not in the cluster"));
+    }
+    let (mut found, mut left) = (0usize, 0usize);
+    let mut ids: Vec<u16> = cfg.nodes.iter().map(|n| n.id).collect();
+    // The name space first (its repairs write to the logs the log checks then read).
+    ids.sort_by_key(|i| *i != node);
+    for id in ids {
+        let req = Request::Fsck {
+            repair,
+            namespace: id == node,
+        };
+        let r = match control(cfg, id).and_then(|mut c| c.call_ok(&req)) {
+            Ok(Response::Fsck(r)) => r,
+            Ok(other) => return Err(format!("node {id}: unexpected answer {other:?}")),
+            Err(e) => {
+                println!("node {id}: not checked: {e}");
+                left += 1;
+                continue;
+            }
+        };
+        if let Some(ns) = &r.namespace {
+            println!(
+                "name space (through node {id}): {} directories, {} names, {} inodes in use: {} problem(s)",
+                ns.directories,
+                ns.names,
+                ns.inodes,
+                ns.problems.len()
+            );
+            for p in &ns.problems {
+                println!("  {p}");
+            }
+            found += ns.problems.len();
+            if repair {
+                for p in &ns.remaining {
+                    println!("  still wrong after the repair: {p}");
+                }
+                left += ns.remaining.len();
+            } else {
+                left += ns.problems.len();
+            }
+        }
+        match &r.log {
+            Some(k) => {
+                println!(
+                    "log of node {id}: {} imap entries, {} segments checked: {} problem(s)",
+                    k.imap_entries,
+                    k.segments,
+                    r.log_problems.len()
+                );
+                for p in &r.log_problems {
+                    println!("  {p}");
+                }
+                found += r.log_problems.len();
+                left += r
+                    .log_problems
+                    .iter()
+                    .filter(|p| !p.ends_with("(repaired: rewritten from the others)"))
+                    .count();
+            }
+            None => println!("node {id}: keeps no log"),
+        }
+    }
+    let verdict = match (found, left) {
+        (0, 0) => "clean",
+        (_, 0) => "every problem repaired",
+        _ if repair => "problems remain",
+        _ => "problems found (run with --repair to fix them)",
+    };
+    println!("fsck: {found} problem(s) found, {left} left: {verdict}");
+    std::process::exit(match (found, left) {
+        (0, 0) => 0,
+        (_, 0) => 1,
+        _ => 4,
+    })
 }
 
 fn main() -> ExitCode {

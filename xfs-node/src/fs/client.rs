@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::layout::{
-    apply, block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, Entry, Inode,
-    Kind, Op, BLOCK, DIR_BUCKETS, MAX_FILE, MAX_NAME,
+    apply, block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, name_hash, Entry,
+    Inode, Kind, Op, RenameIntent, BLOCK, DIR_BUCKETS, MAX_FILE, MAX_NAME,
 };
 use crate::coherence::{BlockId, NodeId, Outcome, UserOp};
 
@@ -137,7 +137,16 @@ pub trait Blocks {
     fn wait_for_space(&self, _attempt: u32) -> bool {
         false
     }
+    /// A named point in an operation where a test may stop this node dead (the crash
+    /// tests: the simulation's blocks fail from there on; a node started with
+    /// `XFS_FAILPOINTS=name` aborts there). `Err` ends the operation. Default: pass.
+    fn failpoint(&self, _name: &str) -> Result<(), Errno> {
+        Ok(())
+    }
 }
+
+/// The failpoint between the two directory-bucket write-backs of a two-bucket rename.
+pub const FAILPOINT_RENAME_BETWEEN_BUCKETS: &str = "rename-between-buckets";
 
 /// Attribute changes (`None`: unchanged).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -182,13 +191,23 @@ pub enum XattrMode {
     Replace,
 }
 
+/// One file's blocks written since its last fsync.
+#[derive(Default)]
+struct Dirty {
+    /// When the first of them was written (ns).
+    since: u64,
+    blocks: BTreeSet<BlockId>,
+}
+
 /// A file system client over `B`.
 pub struct FsClient<B: Blocks> {
     /// The block operations.
     pub blocks: B,
     map: ManagerMap,
-    /// Blocks this client wrote since their file's last fsync.
-    dirty: Mutex<BTreeMap<u64, BTreeSet<BlockId>>>,
+    /// Blocks this client wrote since their file's last fsync, per file, with the time
+    /// (ns, [`Blocks::now`]) the oldest of them was first written: the periodic
+    /// write-back ([`FsClient::write_back_older_than`]) goes by it.
+    dirty: Mutex<BTreeMap<u64, Dirty>>,
     /// Index numbers reserved (durably) and not handed out yet: `next..end`.
     alloc: Mutex<(u64, u64)>,
     /// Blocks a transaction of this client holds (a pin is per node: two local
@@ -266,14 +285,14 @@ impl<B: Blocks> FsClient<B> {
         self.map.root()
     }
 
-    fn read_block(&self, block: BlockId) -> Result<Vec<u8>, Errno> {
+    pub(super) fn read_block(&self, block: BlockId) -> Result<Vec<u8>, Errno> {
         match one(self.blocks.run(vec![(block, UserOp::Read)]))? {
             Outcome::Read(d) => Ok(d),
             _ => Err(Errno::EIO),
         }
     }
 
-    fn update(&self, block: BlockId, ops: &[Op]) -> Result<Vec<u8>, Errno> {
+    pub(super) fn update(&self, block: BlockId, ops: &[Op]) -> Result<Vec<u8>, Errno> {
         self.note_dirty(block);
         match one(self
             .blocks
@@ -285,12 +304,20 @@ impl<B: Blocks> FsClient<B> {
     }
 
     fn note_dirty(&self, block: BlockId) {
-        let ino = super::layout::ino_of(block);
-        self.dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(ino)
-            .or_default()
+        self.note_dirty_under(super::layout::ino_of(block), block);
+    }
+
+    /// Count `block` among `owner`'s dirty blocks (an fsync of `owner` writes it back): a
+    /// new name's inode goes with its directory's fsync, so a durable name never names an
+    /// inode a crash lost.
+    fn note_dirty_under(&self, ino: u64, block: BlockId) {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        d.entry(ino)
+            .or_insert_with(|| Dirty {
+                since: self.blocks.now(),
+                blocks: BTreeSet::new(),
+            })
+            .blocks
             .insert(block);
     }
 
@@ -482,6 +509,7 @@ impl<B: Blocks> FsClient<B> {
             target: target.to_vec(),
             xattrs: Vec::new(),
             extents: Vec::new(),
+            rename: None,
         };
         if inode.encode().len() > super::layout::MAX_INODE {
             return Err(Errno::ENAMETOOLONG);
@@ -500,6 +528,7 @@ impl<B: Blocks> FsClient<B> {
             })?;
             Err(Errno::EEXIST)
         })?;
+        self.note_dirty_under(parent, inode_block(ino));
         let mut ops = vec![set(field::MTIME, now), set(field::CTIME, now)];
         if kind == Kind::Dir {
             ops.push(Op::Add {
@@ -513,7 +542,12 @@ impl<B: Blocks> FsClient<B> {
 
     /// Insert `entry` into `parent`; returns the entry it found under that name (and
     /// replaced, if `replace`), `ENOSPC` if the bucket is full.
-    fn insert(&self, parent: u64, entry: Entry, replace: bool) -> Result<Option<Entry>, Errno> {
+    pub(super) fn insert(
+        &self,
+        parent: u64,
+        entry: Entry,
+        replace: bool,
+    ) -> Result<Option<Entry>, Errno> {
         let ops = [Op::Insert {
             entry: entry.clone(),
             replace,
@@ -530,7 +564,7 @@ impl<B: Blocks> FsClient<B> {
         Ok(found)
     }
 
-    fn remove(&self, parent: u64, name: &[u8], ino: u64) -> Result<bool, Errno> {
+    pub(super) fn remove(&self, parent: u64, name: &[u8], ino: u64) -> Result<bool, Errno> {
         let old = self.update(
             block_id(parent, bucket_of(name)),
             &[Op::Remove {
@@ -652,7 +686,7 @@ impl<B: Blocks> FsClient<B> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&i.ino)
-            .map(|d| d.iter().copied().collect())
+            .map(|d| d.blocks.iter().copied().collect())
             .unwrap_or_default();
         let ops = blocks.into_iter().map(|b| (b, UserOp::Flush)).collect();
         for r in self.blocks.run(ops) {
@@ -718,10 +752,15 @@ impl<B: Blocks> FsClient<B> {
         if !self.readdir(e.ino)?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
+        // A stale name left by a rename that a crash interrupted (the directory's parent
+        // field names the other directory): only the name goes.
+        let stale = self.inode(e.ino)?.parent != parent;
         if !self.remove(parent, name, e.ino)? {
             return Err(Errno::ENOENT);
         }
-        self.drop_link(e.ino, 2, &[])?;
+        if !stale {
+            self.drop_link(e.ino, 2, &[])?;
+        }
         self.touch_dir(parent, -1)
     }
 
@@ -759,6 +798,7 @@ impl<B: Blocks> FsClient<B> {
             self.drop_link(ino, 1, &[])?;
             return Err(Errno::EEXIST);
         }
+        self.note_dirty_under(parent, inode_block(ino));
         self.touch_dir(parent, 0)?;
         self.inode(ino)
     }
@@ -898,16 +938,7 @@ impl<B: Blocks> FsClient<B> {
                 return Err(Errno::ENOENT);
             }
         } else {
-            // Two buckets, perhaps managed by two nodes: held together (acquired in block
-            // order, so two renames cannot deadlock), so no other node sees the name in
-            // both directories or in neither.
-            let (a, b) = (block_id(dp, bucket_of(dn)), block_id(sp, bucket_of(sn)));
-            self.holding(&[a, b], || {
-                if !self.remove(sp, sn, src.ino)? {
-                    return Err(Errno::ENOENT);
-                }
-                self.insert(dp, entry, true).map(|_| ())
-            })?;
+            self.rename_two_buckets(&src, sp, sn, dp, dn, entry)?;
         }
         let mut ops = vec![set(field::CTIME, now)];
         if src.kind == Kind::Dir {
@@ -927,6 +958,108 @@ impl<B: Blocks> FsClient<B> {
             self.touch_dir(sp, -(replaced_dir as i64))?;
         }
         Ok(kept)
+    }
+
+    /// A rename whose two names are in two buckets, perhaps managed by two nodes, made
+    /// crash-safe (each bucket is written back on its own, so a crash can leave either
+    /// one's change durable without the other's):
+    /// 1. the inode records the rename ([`RenameIntent`]) and, for a non-directory, one
+    ///    link more (a directory's parent field is set to the target instead), and is made
+    ///    durable before either bucket changes;
+    /// 2. the buckets change held together (acquired in block order, so two renames cannot
+    ///    deadlock): no other node sees the name in both directories or in neither;
+    /// 3. the target's bucket is made durable, then the source's: a crash between leaves
+    ///    two names of a file that counts two links (unlinking either keeps the other), or
+    ///    of a directory whose parent field names the real one; never no name;
+    /// 4. the intent and the extra link go (not waited for: until durable, a crash leaves
+    ///    one link too many, which `xfs-node fsck` corrects).
+    fn rename_two_buckets(
+        &self,
+        src: &Entry,
+        sp: u64,
+        sn: &[u8],
+        dp: u64,
+        dn: &[u8],
+        entry: Entry,
+    ) -> Result<(), Errno> {
+        let node = inode_block(src.ino);
+        let is_dir = src.kind == Kind::Dir;
+        let intent = RenameIntent {
+            from_dir: sp,
+            from_name: name_hash(sn),
+            to_dir: dp,
+            to_name: name_hash(dn),
+        };
+        let mut ops = RenameIntent::patch(Some(&intent));
+        if is_dir {
+            ops.push(set(field::PARENT, dp));
+        } else {
+            ops.push(Op::Add {
+                offset: field::NLINK,
+                delta: 1,
+            });
+        }
+        let undo = |ops: &mut Vec<Op>| {
+            if is_dir {
+                ops.push(set(field::PARENT, sp));
+            } else {
+                ops.push(Op::Add {
+                    offset: field::NLINK,
+                    delta: u64::MAX, // -1
+                });
+            }
+        };
+        self.update(node, &ops)?;
+        if let Err(e) = self.durable(&[node], self.map.manager(src.ino)) {
+            let mut ops = RenameIntent::patch(None);
+            undo(&mut ops);
+            let _ = self.update(node, &ops);
+            return Err(e);
+        }
+        let (a, b) = (block_id(dp, bucket_of(dn)), block_id(sp, bucket_of(sn)));
+        let moved = self.holding(&[a, b], || {
+            if !self.remove(sp, sn, src.ino)? {
+                return Err(Errno::ENOENT);
+            }
+            self.insert(dp, entry, true).map(|_| ())
+        });
+        if let Err(e) = moved {
+            // Nothing moved (the source went meanwhile, or the target bucket is full).
+            let mut ops = RenameIntent::patch(None);
+            undo(&mut ops);
+            let _ = self.update(node, &ops);
+            return Err(e);
+        }
+        let durable = self
+            .durable(&[a], self.map.manager(dp))
+            .and_then(|_| self.blocks.failpoint(FAILPOINT_RENAME_BETWEEN_BUCKETS))
+            .and_then(|_| self.durable(&[b], self.map.manager(sp)));
+        match durable {
+            Ok(()) => {
+                let mut ops = RenameIntent::patch(None);
+                if !is_dir {
+                    undo(&mut ops);
+                }
+                self.update(node, &ops)?;
+            }
+            // The rename is done (both buckets changed, and in the cache); not durable yet,
+            // so the intent and the extra link stay, for fsck: a safe state.
+            Err(e) => eprintln!(
+                "xfs-node: rename of inode {}: directory write-back failed ({e}); its \
+                 rename intent stays until `xfs-node fsck --repair`",
+                src.ino
+            ),
+        }
+        Ok(())
+    }
+
+    /// Write `blocks` back and make `manager`'s log durable.
+    fn durable(&self, blocks: &[BlockId], manager: NodeId) -> Result<(), Errno> {
+        let ops = blocks.iter().map(|b| (*b, UserOp::Flush)).collect();
+        for r in self.blocks.run(ops) {
+            r?;
+        }
+        self.sync_waiting(manager)
     }
 
     /// Run `f` with `blocks` acquired (private and pinned: other nodes' revokes and
@@ -1215,27 +1348,7 @@ impl<B: Blocks> FsClient<B> {
     /// `fsync`: once it returns, every block this client wrote to `ino` (data and inode)
     /// is durable on the stripe group of the file's manager's log.
     pub fn fsync(&self, ino: u64) -> Result<(), Errno> {
-        let blocks: Vec<BlockId> = self
-            .dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ino)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        if blocks.is_empty() {
-            // Nothing of this client's since the last fsync: nothing to make durable.
-            return Ok(());
-        }
-        let ops = blocks.iter().map(|b| (*b, UserOp::Flush)).collect();
-        let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
-        if let Err(e) = r.and_then(|_| self.sync_waiting(self.map.manager(ino))) {
-            // Keep them for the next fsync.
-            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-            d.entry(ino).or_default().extend(blocks);
-            return Err(e);
-        }
-        Ok(())
+        self.write_back(|i, _| i == ino).map(drop)
     }
 
     /// Make node `node`'s log durable; a full stripe group is given time for its cleaner
@@ -1253,27 +1366,62 @@ impl<B: Blocks> FsClient<B> {
     /// `fsync` every file this client wrote: every dirty block written back, then one
     /// log sync per manager involved (not one per file: each sync seals a segment).
     pub fn sync_all(&self) -> Result<(), Errno> {
-        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()));
-        if dirty.is_empty() {
-            return Ok(());
+        self.write_back(|_, _| true).map(drop)
+    }
+
+    /// The periodic write-back: every file whose oldest unsynced block was written at
+    /// least `age_ns` ago is made durable as by `fsync` (what the kernel's dirty-page
+    /// write-back does for a local file system). Returns how many files it synced.
+    pub fn write_back_older_than(&self, age_ns: u64) -> Result<usize, Errno> {
+        let cutoff = self.blocks.now().saturating_sub(age_ns);
+        self.write_back(|_, since| since <= cutoff)
+    }
+
+    /// Write back the dirty blocks of the files `pick(ino, since)` selects, then sync each
+    /// of their managers' logs once; on failure they stay dirty for the next try.
+    fn write_back(&self, pick: impl Fn(u64, u64) -> bool) -> Result<usize, Errno> {
+        let taken: BTreeMap<u64, Dirty> = {
+            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            let inos: Vec<u64> = d
+                .iter()
+                .filter(|(i, x)| pick(**i, x.since))
+                .map(|(i, _)| *i)
+                .collect();
+            inos.into_iter()
+                .filter_map(|i| d.remove(&i).map(|x| (i, x)))
+                .collect()
+        };
+        if taken.is_empty() {
+            // Nothing of this client's since the last sync: nothing to make durable.
+            return Ok(0);
         }
-        let managers: BTreeSet<NodeId> = dirty.keys().map(|i| self.map.manager(*i)).collect();
-        let ops = dirty
+        // The logs the blocks go to (a directory's dirty set holds its new names' inodes).
+        let managers: BTreeSet<NodeId> = taken
             .values()
-            .flatten()
+            .flat_map(|x| x.blocks.iter())
+            .map(|b| self.map.manager(super::layout::ino_of(*b)))
+            .collect();
+        let ops = taken
+            .values()
+            .flat_map(|x| x.blocks.iter())
             .map(|b| (*b, UserOp::Flush))
             .collect();
         let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
         let r = r.and_then(|_| managers.into_iter().try_for_each(|m| self.sync_waiting(m)));
         if let Err(e) = r {
-            // Keep them for the next fsync.
+            // Keep them for the next try (merged with what was written meanwhile).
             let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-            for (ino, blocks) in dirty {
-                d.entry(ino).or_default().extend(blocks);
+            for (ino, x) in taken {
+                let e = d.entry(ino).or_insert_with(|| Dirty {
+                    since: x.since,
+                    blocks: BTreeSet::new(),
+                });
+                e.since = e.since.min(x.since);
+                e.blocks.extend(x.blocks);
             }
             return Err(e);
         }
-        Ok(())
+        Ok(taken.len())
     }
 
     /// `statfs`.

@@ -49,13 +49,7 @@ pub fn ino_of(block: BlockId) -> u64 {
 
 /// The bucket a name hashes to.
 pub fn bucket_of(name: &[u8]) -> u64 {
-    // FNV-1a: stable across nodes and versions.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h % DIR_BUCKETS
+    name_hash(name) % DIR_BUCKETS
 }
 
 /// File types, as stored.
@@ -111,6 +105,63 @@ pub mod field {
     pub const PARENT: u32 = 80;
     /// Birth time.
     pub const BTIME: u32 = 88;
+    /// A rename in flight ([`super::RenameIntent`]): the source directory plus one (0: none).
+    pub const RENAME_FROM: u32 = 96;
+    /// Its source name's [`super::name_hash`].
+    pub const RENAME_FROM_NAME: u32 = 104;
+    /// Its target directory.
+    pub const RENAME_TO: u32 = 112;
+    /// Its target name's hash.
+    pub const RENAME_TO_NAME: u32 = 120;
+}
+
+/// A rename in flight, recorded in the renamed inode (durable) before either directory
+/// bucket changes and cleared once both are durable: after a crash between the two, the
+/// inode says which of its names is the stale one (`xfs-node fsck` removes it), and its
+/// link count was raised by one for the duration, so unlinking either name cannot free
+/// the inode the other still names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RenameIntent {
+    /// The source directory.
+    pub from_dir: u64,
+    /// [`name_hash`] of the source name.
+    pub from_name: u64,
+    /// The target directory.
+    pub to_dir: u64,
+    /// [`name_hash`] of the target name.
+    pub to_name: u64,
+}
+
+impl RenameIntent {
+    /// The patch that records it (`Some`) or clears it (`None`) in an inode block.
+    pub fn patch(intent: Option<&RenameIntent>) -> Vec<Op> {
+        let v = intent.map_or([0; 4], |r| {
+            [r.from_dir + 1, r.from_name, r.to_dir, r.to_name]
+        });
+        [
+            field::RENAME_FROM,
+            field::RENAME_FROM_NAME,
+            field::RENAME_TO,
+            field::RENAME_TO_NAME,
+        ]
+        .iter()
+        .zip(v)
+        .map(|(f, v)| Op::Splice {
+            offset: *f,
+            bytes: v.to_le_bytes().to_vec(),
+        })
+        .collect()
+    }
+}
+
+/// A 64-bit hash of a directory entry's name (FNV-1a, stable across nodes and versions).
+pub fn name_hash(name: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
 }
 
 const INODE_MAGIC: u64 = 0x584e_4f44_0000_0000; // "XNOD" << 32
@@ -152,6 +203,9 @@ pub struct Inode {
     /// Block ranges `[start, end)` that may hold data (a superset, merged, at most
     /// [`MAX_EXTENTS`]): a truncate clears only these, and holes are found without reads.
     pub extents: Vec<(u64, u64)>,
+    /// A rename of this inode that was in flight (see [`RenameIntent`]).
+    #[serde(default)]
+    pub rename: Option<RenameIntent>,
 }
 
 /// Most extents an inode keeps (beyond, the closest two merge: still a superset).
@@ -211,6 +265,12 @@ impl Inode {
         put(&mut b, field::RDEV, self.rdev);
         put(&mut b, field::PARENT, self.parent);
         put(&mut b, field::BTIME, self.btime);
+        if let Some(r) = &self.rename {
+            put(&mut b, field::RENAME_FROM, r.from_dir + 1);
+            put(&mut b, field::RENAME_FROM_NAME, r.from_name);
+            put(&mut b, field::RENAME_TO, r.to_dir);
+            put(&mut b, field::RENAME_TO_NAME, r.to_name);
+        }
         b.extend_from_slice(&(self.target.len() as u32).to_le_bytes());
         b.extend_from_slice(&self.target);
         encode_xattrs(&self.xattrs, &mut b);
@@ -278,6 +338,12 @@ impl Inode {
             target,
             xattrs,
             extents,
+            rename: (g(field::RENAME_FROM) != 0).then(|| RenameIntent {
+                from_dir: g(field::RENAME_FROM) - 1,
+                from_name: g(field::RENAME_FROM_NAME),
+                to_dir: g(field::RENAME_TO),
+                to_name: g(field::RENAME_TO_NAME),
+            }),
         }))
     }
 }
@@ -736,6 +802,17 @@ mod tests {
         };
         let b = i.encode();
         assert_eq!(Inode::decode(7, &b).unwrap(), Some(i.clone()));
+        // A rename intent round-trips, and its patch records and clears it.
+        let r = RenameIntent {
+            from_dir: 0,
+            from_name: name_hash(b"a"),
+            to_dir: 5,
+            to_name: name_hash(b"b"),
+        };
+        let with = b.patched(&encode_patch(&RenameIntent::patch(Some(&r))));
+        assert_eq!(Inode::decode(7, &with).unwrap().unwrap().rename, Some(r));
+        let without = with.patched(&encode_patch(&RenameIntent::patch(None)));
+        assert_eq!(Inode::decode(7, &without).unwrap(), Some(i.clone()));
         let b = b.patched(&encode_patch(&[
             Op::Add {
                 offset: field::NLINK,

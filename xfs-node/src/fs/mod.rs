@@ -3,5 +3,6 @@
 
 pub mod clean_sim;
 pub mod client;
+pub mod fsck;
 pub mod layout;
 pub mod sim;

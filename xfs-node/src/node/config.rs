@@ -8,6 +8,7 @@
 //! shards = 2             # shard loops (cores) per node
 //! n_chance = 2           # N-chance forwarding of last copies
 //! cache_blocks = 16384   # blocks each shard caches (4 KiB each)
+//! write_back_secs = 30   # a file written and not fsynced is made durable within this
 //!
 //! [[nodes]]
 //! id = 1
@@ -60,6 +61,15 @@ pub struct ClusterSection {
     /// Fragment size on the storage servers, bytes.
     #[serde(default = "default_fragment")]
     pub fragment_bytes: usize,
+    /// The periodic write-back: a file's blocks written and not fsynced are made durable
+    /// once the oldest of them is this old (seconds; the kernel's dirty-page write-back
+    /// is about 30 s for a local file system).
+    #[serde(default = "default_write_back_secs")]
+    pub write_back_secs: u64,
+}
+
+fn default_write_back_secs() -> u64 {
+    30
 }
 
 fn default_transport() -> String {
@@ -220,6 +230,13 @@ impl Config {
                 c.fragment_bytes
             ));
         }
+        if c.write_back_secs == 0 || c.write_back_secs > 86_400 {
+            return Err(format!(
+                "[cluster] write_back_secs = {}: use 1 to 86400 (unsynced writes are made \
+                 durable within this many seconds)",
+                c.write_back_secs
+            ));
+        }
         if self.nodes.is_empty() {
             return Err("no [[nodes]]: give at least one".into());
         }
@@ -337,6 +354,7 @@ impl Config {
                 n_chance: 2,
                 cache_blocks: 16384,
                 fragment_bytes: 64 * 1024,
+                write_back_secs: default_write_back_secs(),
             },
             nodes: ids
                 .iter()

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::coherence::NodeId;
 use crate::fs::client::{RenameMode, SetAttr, StatFs, XattrMode};
 use crate::fs::layout::{Entry, Inode};
 
@@ -52,6 +53,22 @@ pub enum Request {
     Mkdir {
         /// Absolute path.
         path: String,
+    },
+    /// Rename `from` to `to` (replacing a file there), then fsync both directories.
+    Rename {
+        /// Absolute path.
+        from: String,
+        /// Absolute path.
+        to: String,
+    },
+    /// Check this node's log (imap entries, fragments, parity) and, with `namespace`,
+    /// the whole name space through this node's client; with `repair`, fix what is found
+    /// ([`crate::fs::fsck`]).
+    Fsck {
+        /// Fix what is found.
+        repair: bool,
+        /// Also check the name space (one node does, for the cluster).
+        namespace: bool,
     },
     /// One client-API call.
     Fs(FsOp),
@@ -248,6 +265,21 @@ pub enum Response {
     Ino(u64),
     /// To a subscribed mount: drop what the kernel caches of these blocks.
     Invalidate(Vec<u64>),
+    /// What [`Request::Fsck`] found.
+    Fsck(Box<FsckResult>),
+}
+
+/// One node's answer to [`Request::Fsck`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FsckResult {
+    /// The node.
+    pub node: NodeId,
+    /// The name space's check, if asked for.
+    pub namespace: Option<crate::fs::fsck::FsckReport>,
+    /// What the log check looked at (none if the node keeps no log).
+    pub log: Option<crate::storage::log::LogCheck>,
+    /// The log's problems.
+    pub log_problems: Vec<String>,
 }
 
 /// Write one frame.

@@ -34,7 +34,7 @@ use crate::fs::layout::{Entry, Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::shard::{shard_of, Shard, ShardConfig};
 use crate::storage::cleaner::{self, CleanerStatus};
 use crate::storage::fragment::{FragmentStore, StoreError};
-use crate::storage::log::{Log, LogError, SegmentReader, SUMMARY_BYTES};
+use crate::storage::log::{Log, LogCheck, LogError, SegmentReader, SUMMARY_BYTES};
 use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
 use crate::storage::uring::{UringOptions, UringStore};
 use config::Config;
@@ -49,6 +49,8 @@ type CallReply = Sender<Result<Vec<u8>, String>>;
 type SharedReader<T> = Arc<Mutex<Option<SegmentReader<RemoteStore<T>>>>>;
 type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
 type LogControl = Box<dyn Fn(&str) -> Result<Vec<(String, u64)>, String> + Send + Sync>;
+/// The log's fsck ([`Log::check`]; `None`: this node keeps no log).
+type LogCheckFn = Box<dyn Fn(bool) -> Option<(LogCheck, Vec<String>)> + Send + Sync>;
 /// The attached mount's queue of kernel invalidations (`None`: no mount; they complete at
 /// once).
 type MountLink = Arc<Mutex<Option<SyncSender<Vec<BlockId>>>>>;
@@ -301,6 +303,22 @@ impl Blocks for NodeBlocks {
         std::thread::sleep(Duration::from_millis(50));
         true
     }
+
+    fn failpoint(&self, name: &str) -> Result<(), Errno> {
+        // `XFS_FAILPOINTS=a,b`: the node dies (abort, as a power cut would stop it) at
+        // each named point; read once. For the crash tests and `xfs-node fsck`'s demo.
+        static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+        let points = POINTS.get_or_init(|| {
+            std::env::var("XFS_FAILPOINTS")
+                .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
+                .unwrap_or_default()
+        });
+        if points.iter().any(|p| p == name) {
+            eprintln!("xfs-node: failpoint {name} (XFS_FAILPOINTS): dying here");
+            std::process::abort();
+        }
+        Ok(())
+    }
 }
 
 fn shard_loop<T: Transport + Send>(
@@ -477,6 +495,9 @@ pub struct Node {
     ready: Arc<AtomicBool>,
     mount: MountLink,
     cleaners: Cleaners,
+    /// Files the periodic write-back made durable.
+    periodic: Arc<AtomicU64>,
+    log_check: LogCheckFn,
 }
 
 /// The answer to an unlink or rename: the open file whose last name went, if any.
@@ -509,6 +530,34 @@ impl cleaner::Group for NodeGroup<'_> {
 /// The cleaner of stripe group `group` on a node that may lead it: the first of
 /// `candidates` (the group's servers, in config order) that answers leads; it looks at
 /// the group every second and cleans when its policy says so.
+/// Every tenth of `age`, make durable the files whose oldest unsynced write is `age`
+/// old; `synced` counts the files so written back (`periodic_write_backs` in the status).
+fn write_back_loop(
+    client: Arc<FsClient<NodeBlocks>>,
+    age: Duration,
+    ready: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    synced: Arc<AtomicU64>,
+) {
+    let tick = (age / 10).max(Duration::from_millis(100));
+    let mut next = Instant::now() + tick;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() < next || !ready.load(Ordering::Relaxed) {
+            continue;
+        }
+        next = Instant::now() + tick;
+        match client.write_back_older_than(age.as_nanos() as u64) {
+            Ok(n) => {
+                synced.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                eprintln!("xfs-node: periodic write-back: {e} (the blocks stay dirty; retried)")
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn cleaner_loop(
     id: NodeId,
@@ -1012,6 +1061,24 @@ impl Node {
                 }));
             }
         }
+        // The periodic write-back: what was written and not fsynced is durable within
+        // `write_back_secs` and a tenth (checked ten times per period).
+        let periodic = Arc::new(AtomicU64::new(0));
+        {
+            let (c, r, st, n) = (
+                client.clone(),
+                ready.clone(),
+                stop.clone(),
+                periodic.clone(),
+            );
+            let age = Duration::from_secs(config.cluster.write_back_secs);
+            threads.push(std::thread::spawn(move || {
+                write_back_loop(c, age, r, st, n)
+            }));
+        }
+        let log4 = log.clone();
+        let log_check: LogCheckFn =
+            Box::new(move |repair| lock(&log4).as_mut().map(|l| l.check(repair)));
         let log3 = log.clone();
         let log_status: LogControl = Box::new(move |what: &str| {
             let mut g = lock(&log3);
@@ -1046,6 +1113,8 @@ impl Node {
             ready,
             mount,
             cleaners,
+            periodic,
+            log_check,
         };
         Ok(node)
     }
@@ -1083,6 +1152,10 @@ impl Node {
         let me = self.config.node(self.id);
         let mut counters = self.client.blocks.counters();
         counters.extend((self.log)("").unwrap_or_default());
+        counters.push((
+            "periodic_write_backs".into(),
+            self.periodic.load(Ordering::Relaxed),
+        ));
         let st = self.client.statfs().unwrap_or_default();
         NodeStatus {
             node: self.id,
@@ -1332,6 +1405,45 @@ impl Node {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e, &path),
             },
+            Request::Rename { from, to } => match c.resolve_parent(&from).and_then(|(sp, sn)| {
+                let (dp, dn) = c.resolve_parent(&to)?;
+                let moved = c.lookup(sp.ino, sn.as_bytes())?.ino;
+                c.rename(
+                    sp.ino,
+                    sn.as_bytes(),
+                    dp.ino,
+                    dn.as_bytes(),
+                    crate::fs::client::RenameMode::Replace,
+                )?;
+                self.advise_path(sp.ino, sn, Some(moved));
+                self.advise_path(dp.ino, dn, Some(moved));
+                c.fsync(moved)?;
+                c.fsync(sp.ino)?;
+                c.fsync(dp.ino)
+            }) {
+                Ok(()) => Response::Ok,
+                Err(e) => err(e, &format!("{from} -> {to}")),
+            },
+            Request::Fsck { repair, namespace } => {
+                let ns = if namespace {
+                    match crate::fs::fsck::fsck(c, repair) {
+                        Ok(r) => Some(r),
+                        Err(e) => return err(e, "fsck of the name space"),
+                    }
+                } else {
+                    None
+                };
+                let (log, log_problems) = match (self.log_check)(repair) {
+                    Some((k, p)) => (Some(k), p),
+                    None => (None, Vec::new()),
+                };
+                Response::Fsck(Box::new(control::FsckResult {
+                    node: self.id,
+                    namespace: ns,
+                    log,
+                    log_problems,
+                }))
+            }
             Request::Fs(op) => self.fs(op),
             Request::Flush => match c.sync_all() {
                 Ok(()) => Response::Ok,

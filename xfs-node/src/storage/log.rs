@@ -23,7 +23,7 @@
 //! Segment numbers carry the writer (`writer << 40 | sequence`) so that the logs of many
 //! clients share the stripe group's stores.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::fragment::{FragmentId, FragmentStore, StoreError};
 use crate::coherence::{BlockId, NodeId};
@@ -452,6 +452,17 @@ fn fragment_bytes_of<S: FragmentStore>(
         .map(|s| s.fragment_bytes())
         .min()
         .ok_or_else(|| LogError::Config("no store of the stripe group is up".into()))
+}
+
+/// What [`Log::check`] looked at.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogCheck {
+    /// Imap entries checked.
+    pub imap_entries: u64,
+    /// Durable segments whose fragments and parity were checked.
+    pub segments: u64,
+    /// Fragments rewritten.
+    pub repaired: u64,
 }
 
 /// The parity fragments of a segment's data fragments.
@@ -1246,6 +1257,99 @@ impl<S: FragmentStore + Send> Log<S> {
                 time: i.time,
             })
             .collect()
+    }
+
+    /// `fsck` of this log: every imap entry lies in a segment the log holds (durable,
+    /// written, queued or open), and every durable segment's fragments read back intact
+    /// (their checksums) with parity equal to what its data fragments give. With
+    /// `repair`, a corrupt, missing or wrong fragment is rewritten from the others (the
+    /// segment must still decode); an imap entry outside every segment cannot be repaired
+    /// (its block is lost) and is reported. Returns the problems found, each one ending in
+    /// what was done.
+    pub fn check(&mut self, repair: bool) -> (LogCheck, Vec<String>) {
+        let mut problems = Vec::new();
+        let mut held: BTreeSet<u64> = self.segs.keys().copied().collect();
+        held.extend(self.queued.iter().map(|s| s.segment));
+        held.extend(self.written.iter().map(|s| s.segment));
+        held.insert(self.current_segment());
+        let mut k = LogCheck::default();
+        for (block, a) in &self.imap {
+            k.imap_entries += 1;
+            if !held.contains(&a.segment) {
+                problems.push(format!(
+                    "log of node {}: {} is mapped to segment {:x}, which the log does not hold (the block is lost)",
+                    self.writer,
+                    crate::node::block_name(*block),
+                    a.segment
+                ));
+            }
+        }
+        let n = self.group.servers.len();
+        let segments: Vec<u64> = self.segs.keys().copied().collect();
+        for segment in segments {
+            k.segments += 1;
+            let mut frags: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
+            for (i, store) in self.stores.iter_mut().enumerate() {
+                let id = FragmentId {
+                    segment,
+                    index: i as u16,
+                };
+                frags.push(match store.as_mut() {
+                    None => None,
+                    Some(st) => st.read(&[id]).remove(0).ok(),
+                });
+            }
+            let data = self.group.data();
+            let bad: Vec<usize> = if frags[..data].iter().all(|f| f.is_some()) {
+                let d: Vec<&Vec<u8>> = frags[..data].iter().flatten().collect();
+                match parity(&self.group, &d) {
+                    Ok(p) => (data..n)
+                        .filter(|j| frags[*j].as_ref() != Some(&p[*j - data]))
+                        .collect(),
+                    Err(_) => (0..n).collect(),
+                }
+            } else {
+                (0..n).filter(|j| frags[*j].is_none()).collect()
+            };
+            for j in bad {
+                if self.stores[j].is_none() {
+                    continue; // a server that is down: the log's own rebuild's business
+                }
+                let what = if frags[j].is_none() {
+                    "unreadable or missing"
+                } else {
+                    "not the parity of the data fragments"
+                };
+                let id = FragmentId {
+                    segment,
+                    index: j as u16,
+                };
+                let fixed = repair
+                    && self
+                        .reconstruct(segment, Some(j), n)
+                        .ok()
+                        .and_then(|all| {
+                            let st = self.stores[j].as_mut()?;
+                            st.write(&[(id, &all[j])]).ok()?;
+                            st.sync().ok()
+                        })
+                        .is_some();
+                if fixed {
+                    k.repaired += 1;
+                }
+                problems.push(format!(
+                    "log of node {}: segment {segment:x} fragment {j} (server {}) is {what}{}",
+                    self.writer,
+                    self.group.servers[j],
+                    match (repair, fixed) {
+                        (false, _) => "",
+                        (true, true) => " (repaired: rewritten from the others)",
+                        (true, false) => " (NOT repaired: the segment does not decode)",
+                    }
+                ));
+            }
+        }
+        (k, problems)
     }
 
     /// Whether `segment` is one of this writer's durable segments (not freed).
