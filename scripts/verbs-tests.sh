@@ -75,6 +75,8 @@ for t in "${expected[@]}"; do
         result="DID NOT RUN" missing=$((missing + 1))
     fi
     echo "[verbs-tests]   $result  $t"
+    # The line scripts/test.sh counts.
+    if [ "$result" = ok ]; then echo "check: verbs $t: ok"; else echo "check: verbs $t: FAILED ($result)"; fi
 done
 binaries=$(grep -c '^VERBS-BINARY ' "$LOG" || true)
 echo "[verbs-tests] ${#expected[@]} expected: $passed passed, $failed failed, $missing did not run;" \
