@@ -305,14 +305,15 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
         extra: children,
     };
     wait_ready(&cfg, &data, &[1, 2]);
-    // The stream: fsynced files through node 1, one every few ms; node 5 dies after 1 s.
+    // The stream: fsynced files through node 1, each put acknowledged before the next;
+    // node 5 dies after the first BEFORE, AFTER more follow (counts, not a clock: every
+    // fsync seals a segment, so the number of writes is bounded).
+    const BEFORE: u64 = 30;
+    const AFTER: u64 = 90;
     let mut acked: Vec<(String, Vec<u8>, Instant)> = Vec::new();
-    let start = Instant::now();
     let mut killed: Option<Instant> = None;
-    let mut i = 0u64;
-    // Every fsync seals a segment (no cleaner yet): a bounded number of writes.
-    while start.elapsed() < Duration::from_secs(8) && i < 600 {
-        if killed.is_none() && start.elapsed() > Duration::from_secs(1) {
+    for i in 0..BEFORE + AFTER {
+        if i == BEFORE {
             // Node 5 is the third child started.
             let c = &mut g.extra[2];
             c.kill().unwrap();
@@ -323,24 +324,32 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
         let content = bytes(1000 + i, 20_000 + (i as usize * 997) % 50_000);
         put(&data, 1, &content, &path);
         acked.push((path, content, Instant::now()));
-        i += 1;
     }
     let killed = killed.unwrap();
-    // Writes kept being acknowledged: no gap of 5 s after the kill.
+    // Every write after the kill was acknowledged (put fails the test otherwise). The
+    // longest wait for one is printed; the bound is only against a write path that hangs
+    // on the dead server (a loaded 2-core box stalls for seconds: very generous).
+    let after: Vec<Instant> = acked
+        .iter()
+        .map(|(_, _, t)| *t)
+        .filter(|t| *t > killed)
+        .collect();
+    assert_eq!(
+        after.len() as u64,
+        AFTER,
+        "writes acknowledged after the kill"
+    );
     let mut last = killed;
-    for (_, _, t) in acked.iter().filter(|(_, _, t)| *t > killed) {
-        assert!(
-            t.duration_since(last) < Duration::from_secs(5),
-            "no write acknowledged for {:?} after the kill",
-            t.duration_since(last)
-        );
+    let mut longest = Duration::ZERO;
+    for t in &after {
+        longest = longest.max(t.duration_since(last));
         last = *t;
     }
-    let after = acked.iter().filter(|(_, _, t)| *t > killed).count();
     assert!(
-        after >= 3,
-        "only {after} writes acknowledged after the kill"
+        longest < Duration::from_secs(120),
+        "no write acknowledged for {longest:?} after the kill"
     );
+    let after = after.len();
     // Every acknowledged byte reads back through the other client (degraded: from parity).
     for (path, content, _) in &acked {
         assert_eq!(&get(&data, 2, path), content, "{path}");
@@ -348,16 +357,17 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
     let s1 = status(&cfg, 1);
     assert!(s1.counter("log_servers_lost") >= 1, "{:?}", s1.counters);
     eprintln!(
-        "{} writes acknowledged, {after} after the kill; node 1 log: {:?}",
+        "{} writes acknowledged, {after} after the kill (the longest wait {longest:?}); node 1 log: {:?}",
         acked.len(),
         s1.counters
             .iter()
             .filter(|(k, _)| k.starts_with("log_"))
             .collect::<Vec<_>>()
     );
-    // Node 5 restarts: the logs re-attach it and rebuild what it missed.
+    // Node 5 restarts: the logs re-attach it and rebuild what it missed (the deadline is
+    // only against a hang).
     g.extra.push(spawn(5));
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let (s1, s2) = (status(&cfg, 1), status(&cfg, 2));
         if [&s1, &s2]
@@ -413,7 +423,8 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
         extra: vec![],
     };
     let d = data.to_str().unwrap();
-    let secs = Duration::from_secs(20);
+    // Each error comes at once (or after `--wait 2`): the bound is only against a hang.
+    let secs = Duration::from_secs(120);
     // Malformed configs name what to fix.
     let good = Config::local(3, &data, "udp", 17400, 8 << 20).to_toml();
     let bad = data.join("bad.toml");
@@ -458,18 +469,46 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
         "too few storage servers",
         secs,
     );
-    // A full device: ENOSPC from put, earlier files still readable.
-    let cfg = up(&data, 3, 17400);
+    // A full device: ENOSPC from put, earlier files still readable. The cluster has its
+    // own data directory and small devices on purpose: 3 x 8 MiB, 2 data + 1 parity, so
+    // at most 16 MiB of data, and the file is 24 MiB (nothing left by the steps above).
+    let full = data.join("full");
+    let _gf = Guard {
+        data: full.clone(),
+        nodes: 3,
+        extra: vec![],
+    };
+    let f = full.to_str().unwrap();
+    let storage_mb = 8;
+    let out = ok(&[
+        "up",
+        "--nodes",
+        "3",
+        "--data",
+        f,
+        "--port",
+        "17400",
+        "--storage-mb",
+        &storage_mb.to_string(),
+    ]);
+    assert!(out.contains("ready"), "{out}");
+    let cfg = Config::load(&full.join("cluster.toml")).unwrap();
+    for n in &cfg.nodes {
+        let image = std::fs::metadata(n.storage.as_ref().unwrap())
+            .unwrap()
+            .len();
+        assert_eq!(image, storage_mb << 20, "node {}'s device", n.id);
+    }
     let small = bytes(5, 50_000);
-    put(&data, 1, &small, "/small");
+    put(&full, 1, &small, "/small");
     let big = data.join("big");
     std::fs::write(&big, bytes(6, 24 << 20)).unwrap();
     fails_with(
-        &["put", "--data", d, big.to_str().unwrap(), "/big"],
+        &["put", "--data", f, big.to_str().unwrap(), "/big"],
         "No space left on device",
-        Duration::from_secs(60),
+        Duration::from_secs(300),
     );
-    assert_eq!(get(&data, 2, "/small"), small);
+    assert_eq!(get(&full, 2, "/small"), small);
     // A peer with another config version is not let in.
     let mut v2 = cfg.clone();
     v2.cluster.version = 2;
@@ -500,12 +539,12 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
         s.write_all(&[9, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
             .unwrap();
         let mut buf = Vec::new();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let _ = s.read_to_end(&mut buf);
         assert!(!buf.is_empty(), "no answer to a bad request");
     }
-    assert_eq!(get(&data, 1, "/small"), small);
-    let o = xfs(&["down", "--data", d]);
+    assert_eq!(get(&full, 1, "/small"), small);
+    let o = xfs(&["down", "--data", f]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
 
@@ -739,4 +778,57 @@ fn a_full_cluster_keeps_every_acknowledged_file_across_down_kill_9_and_frees_ref
     files.push(("/c".to_string(), c));
     check(&files, "after deleting and a new put");
     ok(&["down", "--data", &d]);
+}
+
+/// A node that dies between the two directory write-backs of a cross-directory rename
+/// (`XFS_FAILPOINTS=rename-between-buckets` aborts it there) leaves both names of the file,
+/// counting two links: removing one name keeps the other readable (before, the link count
+/// was one low and the unlink freed the inode the other name still held). `xfs-node fsck`
+/// reports the interrupted rename (exit 4), `--repair` fixes it (exit 1), and a second
+/// check is clean (exit 0).
+#[test]
+fn a_rename_cut_between_its_two_buckets_keeps_the_file_and_fsck_repairs_it() {
+    let (_s, data, _g) = begin("rename-crash", 3);
+    let d = data.to_str().unwrap();
+    let o = Command::new(BIN)
+        .env("XFS_FAILPOINTS", "rename-between-buckets")
+        .args(["up", "--data", d, "--port", "17700", "--storage-mb", "64"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&["mkdir", "--data", d, "/a"]);
+    ok(&["mkdir", "--data", d, "/b"]);
+    let content = bytes(77, 10_000);
+    put(&data, 1, &content, "/a/f");
+    let mv = xfs(&["mv", "--data", d, "--node", "1", "/a/f", "/b/g"]);
+    assert!(!mv.status.success(), "the failpoint did not stop node 1");
+    let log = std::fs::read_to_string(data.join("node1.log")).unwrap_or_default();
+    assert!(log.contains("failpoint rename-between-buckets"), "{log}");
+    // The survivors stop cleanly; the cluster comes back without the failpoint.
+    let _ = xfs(&["down", "--data", d]);
+    up(&data, 3, 17700);
+    assert_eq!(get(&data, 2, "/a/f"), content, "the source name after the crash");
+    assert_eq!(get(&data, 3, "/b/g"), content, "the target name after the crash");
+    let ls = ok(&["ls", "--data", d, "--node", "2", "/b"]);
+    assert!(ls.contains("  2 "), "two names, two links: {ls}");
+    // Removing one name keeps the other.
+    ok(&["rm", "--data", d, "--node", "2", "/a/f"]);
+    assert_eq!(get(&data, 3, "/b/g"), content, "the other name after rm");
+    let check = xfs(&["fsck", "--data", d]);
+    let out = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(4), "{out}");
+    assert!(
+        out.contains("a rename to /b/g was interrupted after it took effect"),
+        "{out}"
+    );
+    let repair = xfs(&["fsck", "--data", d, "--repair"]);
+    let out = String::from_utf8_lossy(&repair.stdout).into_owned();
+    assert_eq!(repair.status.code(), Some(1), "{out}");
+    assert!(out.contains("intent cleared") && out.contains("0 left"), "{out}");
+    let again = xfs(&["fsck", "--data", d]);
+    let out = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert_eq!(again.status.code(), Some(0), "{out}");
+    assert!(out.contains("fsck: 0 problem(s) found, 0 left: clean"), "{out}");
+    assert_eq!(get(&data, 1, "/b/g"), content);
+    ok(&["down", "--data", d]);
 }
