@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use xfs_node::node::config::Config;
-use xfs_node::node::control::{Control, NodeStatus, Request, Response};
+use xfs_node::node::control::{Control, FsOp, NodeStatus, Request, Response};
 
 /// The cluster tests start several processes each: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -807,8 +807,16 @@ fn a_rename_cut_between_its_two_buckets_keeps_the_file_and_fsck_repairs_it() {
     // The survivors stop cleanly; the cluster comes back without the failpoint.
     let _ = xfs(&["down", "--data", d]);
     up(&data, 3, 17700);
-    assert_eq!(get(&data, 2, "/a/f"), content, "the source name after the crash");
-    assert_eq!(get(&data, 3, "/b/g"), content, "the target name after the crash");
+    assert_eq!(
+        get(&data, 2, "/a/f"),
+        content,
+        "the source name after the crash"
+    );
+    assert_eq!(
+        get(&data, 3, "/b/g"),
+        content,
+        "the target name after the crash"
+    );
     let ls = ok(&["ls", "--data", d, "--node", "2", "/b"]);
     assert!(ls.contains("  2 "), "two names, two links: {ls}");
     // Removing one name keeps the other.
@@ -824,11 +832,73 @@ fn a_rename_cut_between_its_two_buckets_keeps_the_file_and_fsck_repairs_it() {
     let repair = xfs(&["fsck", "--data", d, "--repair"]);
     let out = String::from_utf8_lossy(&repair.stdout).into_owned();
     assert_eq!(repair.status.code(), Some(1), "{out}");
-    assert!(out.contains("intent cleared") && out.contains("0 left"), "{out}");
+    assert!(
+        out.contains("intent cleared") && out.contains("0 left"),
+        "{out}"
+    );
     let again = xfs(&["fsck", "--data", d]);
     let out = String::from_utf8_lossy(&again.stdout).into_owned();
     assert_eq!(again.status.code(), Some(0), "{out}");
-    assert!(out.contains("fsck: 0 problem(s) found, 0 left: clean"), "{out}");
+    assert!(
+        out.contains("fsck: 0 problem(s) found, 0 left: clean"),
+        "{out}"
+    );
     assert_eq!(get(&data, 1, "/b/g"), content);
     ok(&["down", "--data", d]);
+}
+
+/// The periodic write-back: a file written through the client API and never fsynced is
+/// durable 35 s later (`write_back_secs` defaults to 30), so kill -9 of every node then
+/// loses none of it.
+#[test]
+fn a_file_written_without_fsync_survives_kill_9_35_s_later() {
+    let (_s, data, _g) = begin("write-back", 3);
+    let cfg = up(&data, 3, 17800);
+    assert_eq!(cfg.cluster.write_back_secs, 30);
+    let root = cfg.manager_map.entries.len() as u64;
+    let mut c = Control::connect(&cfg.node(1).unwrap().control).unwrap();
+    let ino = match c
+        .call_ok(&Request::Fs(FsOp::Create {
+            parent: root,
+            name: b"unsynced".to_vec(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }))
+        .unwrap()
+    {
+        Response::Attr(i) => i.ino,
+        r => panic!("{r:?}"),
+    };
+    let content = bytes(35, 300_000);
+    for (k, chunk) in content.chunks(64 << 10).enumerate() {
+        c.call_ok(&Request::Fs(FsOp::Write {
+            ino,
+            offset: (k << 16) as u64,
+            data: chunk.to_vec(),
+        }))
+        .unwrap();
+    }
+    drop(c);
+    std::thread::sleep(Duration::from_secs(35));
+    let periodic = status(&cfg, 1)
+        .counters
+        .iter()
+        .find(|(k, _)| k == "periodic_write_backs")
+        .map(|(_, v)| *v);
+    assert!(
+        periodic.is_some_and(|n| n >= 1),
+        "periodic_write_backs {periodic:?}"
+    );
+    for p in pids(&data, 3) {
+        kill9(p);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    up(&data, 3, 17800);
+    assert_eq!(
+        get(&data, 2, "/unsynced"),
+        content,
+        "the unsynced file after kill -9"
+    );
+    ok(&["down", "--data", data.to_str().unwrap()]);
 }
