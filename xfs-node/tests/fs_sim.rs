@@ -61,3 +61,53 @@ fn every_answer_matches_a_single_posix_file_system() {
     assert!(total.errors_matched > 0, "no errno was compared");
     assert!(total.unsynced_lost + total.unsynced_survived > 0);
 }
+
+/// The crash check reads whole files: one fsynced block past 4 GiB lost at the crash (the
+/// planted fault, `FsSimConfig::plant_lost_block_past`) fails the run, and the error names
+/// the file and the block. The run stops one operation after the crash, so nothing but the
+/// crash check can see the loss.
+#[test]
+fn a_lost_fsynced_block_past_4_gib_is_caught_by_the_crash_check() {
+    let cfg = FsSimConfig {
+        ops: 91,
+        crash_at: Some(90),
+        plant_lost_block_past: Some(4 << 30),
+        ..FsSimConfig::default()
+    };
+    let mut planted = 0;
+    for seed in 1..=100u64 {
+        match run(seed, &cfg) {
+            Err(e) if e.contains("nothing to plant") => continue,
+            Ok(r) => panic!(
+                "seed {seed}: the planted loss {:?} went unnoticed by the crash check",
+                r.planted
+            ),
+            Err(e) => {
+                // The plant's note: "[planted: <path> lost block <b>]".
+                let note = e
+                    .split("[planted: ")
+                    .nth(1)
+                    .and_then(|s| s.split(']').next())
+                    .unwrap_or_else(|| panic!("seed {seed} failed with no loss planted: {e}"));
+                let (path, block) = note
+                    .split_once(" lost block ")
+                    .unwrap_or_else(|| panic!("seed {seed}: a bad plant note {note:?}"));
+                let block: u64 = block.parse().expect("the planted block's number");
+                assert!(
+                    block * 4096 >= 4 << 30,
+                    "seed {seed}: planted below 4 GiB: {e}"
+                );
+                assert!(
+                    e.contains("crashed: ") && e.contains(&format!("{path}: block {block} ")),
+                    "seed {seed}: the crash check did not name {path} block {block}: {e}"
+                );
+                eprintln!("seed {seed}: caught: {e}");
+                planted += 1;
+                if planted == 2 {
+                    return;
+                }
+            }
+        }
+    }
+    panic!("only {planted} of seeds 1..=100 had an fsynced block past 4 GiB to lose (want 2)");
+}

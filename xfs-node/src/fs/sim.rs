@@ -24,7 +24,7 @@ use am_core::sim::{Faults, SimNet, SimTransport};
 use am_core::{Config, Endpoint, Tag};
 
 use super::client::{Blocks, Errno, FsClient, ManagerMap, RenameMode, SetAttr, StatFs, XattrMode};
-use super::layout::{Kind, BLOCK, INDEX_SHIFT};
+use super::layout::{Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::coherence::{BlockId, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp};
 use crate::node::LogStore;
 use crate::shard::{connect_all, shard_of, Shard, ShardConfig};
@@ -121,6 +121,11 @@ pub struct FsSimConfig {
     pub crash_at: Option<usize>,
     /// Fragment slots per storage server (the device's size).
     pub server_slots: usize,
+    /// A planted fault, to show the crash checker catches it: at the crash, one fsynced
+    /// block at or past this byte offset of a file the victim did not touch (the first
+    /// such, by path, of a file with one name) is overwritten with zeros through node 1's
+    /// client before the check, as if the cluster had lost it. None: nothing planted.
+    pub plant_lost_block_past: Option<u64>,
 }
 
 impl Default for FsSimConfig {
@@ -142,6 +147,7 @@ impl Default for FsSimConfig {
             lose_server_at: Some(60),
             crash_at: Some(90),
             server_slots: 100_000,
+            plant_lost_block_past: None,
         }
     }
 }
@@ -506,6 +512,9 @@ struct RInode {
 #[derive(Clone, Debug)]
 pub struct Reference {
     inodes: Vec<RInode>,
+    /// Inode → every block any version of it ever held (the crash check reads these
+    /// back: where the file has a hole now, it must read as zeros).
+    held: BTreeMap<usize, BTreeSet<u64>>,
 }
 
 impl Default for Reference {
@@ -534,6 +543,7 @@ impl Reference {
                 nlink: 2,
                 xattrs: BTreeMap::new(),
             }],
+            held: BTreeMap::new(),
         }
     }
 
@@ -646,6 +656,11 @@ impl Reference {
     }
 
     fn file_write(&mut self, i: usize, off: u64, data: &[u8]) -> R<usize> {
+        if let (RNode::File { .. }, false) = (&self.inodes[i].node, data.is_empty()) {
+            let bs = BLOCK as u64;
+            let last = (off + data.len() as u64 - 1) / bs;
+            self.held.entry(i).or_default().extend(off / bs..=last);
+        }
         match &mut self.inodes[i].node {
             RNode::File { blocks, size } => {
                 for (k, byte) in data.iter().enumerate() {
@@ -1066,6 +1081,8 @@ pub struct FsSimReport {
     pub unsynced_survived: usize,
     /// Unsynced blocks lost.
     pub unsynced_lost: usize,
+    /// The loss planted by [`FsSimConfig::plant_lost_block_past`]: the path and block.
+    pub planted: Option<(String, u64)>,
 }
 
 /// Read the whole tree through `c` (for the crash check): path → (kind, content).
@@ -1137,7 +1154,6 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
     // fsync while the others fsync; then it crashes.
     let victim = 1 + (rng.below(nodes as u64) as NodeId);
     let window = cfg.crash_at.map(|c| c.saturating_sub(8));
-    let mut snapshot: Option<Reference> = None;
     let mut unsynced: Unsynced = BTreeMap::new();
     for k in 0..cfg.ops {
         if cfg.lose_server_at == Some(k) {
@@ -1152,7 +1168,6 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
                     .sync_all()
                     .map_err(|e| fail(format!("sync_all on node {n}: {e}")))?;
             }
-            snapshot = Some(reference.clone());
         }
         if cfg.crash_at == Some(k) {
             for n in (1..=nodes).filter(|n| *n != victim) {
@@ -1162,11 +1177,17 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
             }
             sim.crash_and_restart(victim).map_err(&fail)?;
             report.crashed = true;
-            let before = snapshot.take().unwrap_or_default();
-            check_after_crash(&sim, &before, &reference, &unsynced, &mut report)
-                .map_err(|e| fail(format!("after node {victim} crashed: {e}")))?;
-            // What survived is the new truth.
-            reference = adopt(&sim, &before, &reference, &unsynced).map_err(&fail)?;
+            if let Some(past) = cfg.plant_lost_block_past {
+                report.planted =
+                    Some(plant_lost_block(&sim, &reference, &unsynced, past).map_err(&fail)?);
+            }
+            let planted = report.planted.as_ref().map_or(String::new(), |(p, b)| {
+                format!(" [planted: {p} lost block {b}]")
+            });
+            let checked = check_after_crash(&sim, &reference, &unsynced, &mut report)
+                .map_err(|e| fail(format!("after node {victim} crashed: {e}{planted}")))?;
+            // What survived (and was checked) is the new truth.
+            reference = adopt(&reference, &checked).map_err(&fail)?;
             unsynced.clear();
         }
         let in_window = window.is_some_and(|w| k >= w) && cfg.crash_at.is_some_and(|c| k < c);
@@ -1271,16 +1292,117 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
     Ok(report)
 }
 
+/// The crash check's verdict on each of the victim's unsynced paths, all [`adopt`] takes:
+/// None (the file is gone), or its size and the blocks the check read and accepted (those
+/// not all zeros, zero-padded to a block).
+type Checked = BTreeMap<String, Option<(u64, BTreeMap<u64, Vec<u8>>)>>;
+
+/// Most blocks of one file the crash check reads (this workload's files have a few dozen
+/// worth reading; a file past it is an error, not a partial check).
+const MAX_CHECKED_BLOCKS: u64 = 1 << 16;
+
+/// A file's blocks in the reference: block number → its bytes (a whole block).
+type RBlocks = BTreeMap<u64, Vec<u8>>;
+
+/// `v`'s regular file at `p`: its inode, size and blocks.
+fn ref_file<'a>(v: &'a Reference, p: &str) -> Option<(usize, u64, &'a RBlocks)> {
+    let i = v.resolve(p).ok()?;
+    match &v.inodes[i].node {
+        RNode::File { blocks, size } => Some((i, *size, blocks)),
+        _ => None,
+    }
+}
+
+/// What a reader sees of block `b` of a file of `size` bytes holding `blocks` (a block
+/// absent is zeros).
+fn visible(blocks: &BTreeMap<u64, Vec<u8>>, size: u64, b: u64) -> Vec<u8> {
+    let bs = BLOCK as u64;
+    let len = size.saturating_sub(b * bs).min(bs) as usize;
+    blocks
+        .get(&b)
+        .map_or_else(|| vec![0; len], |d| d[..len].to_vec())
+}
+
+/// Add the blocks of `v`'s file at `p` the crash check reads: every block it holds and
+/// their neighbours (holes there read as zeros), every block it ever held, its first and
+/// its last.
+fn blocks_worth_reading(v: &Reference, p: &str, out: &mut BTreeSet<u64>) {
+    if let Some((i, size, blocks)) = ref_file(v, p) {
+        for b in blocks.keys() {
+            out.extend([b.saturating_sub(1), *b, b + 1]);
+        }
+        out.extend(v.held.get(&i).into_iter().flatten().copied());
+        out.insert(0);
+        out.insert(size.saturating_sub(1) / BLOCK as u64);
+    }
+}
+
+/// `which`, with every block the cluster's inode says may hold data (its extents), less
+/// the blocks past its size (a reader sees nothing there).
+fn with_extents(p: &str, mut which: BTreeSet<u64>, i: &Inode) -> Result<BTreeSet<u64>, String> {
+    let end = i.size.div_ceil(BLOCK as u64);
+    let mut n = 0;
+    for (s, e) in &i.extents {
+        let e = (*e).min(end);
+        n += e.saturating_sub(*s);
+        if n > MAX_CHECKED_BLOCKS {
+            return Err(format!(
+                "{p}: its extents {:?} cover more than {MAX_CHECKED_BLOCKS} blocks below its \
+                 size {}: too many for the crash check to read (raise MAX_CHECKED_BLOCKS)",
+                i.extents, i.size
+            ));
+        }
+        which.extend(*s..e);
+    }
+    which.retain(|b| *b < end);
+    Ok(which)
+}
+
+/// Read blocks `which` of file `ino` through `c`, one read per run of consecutive blocks:
+/// block → the bytes read (short at the end of the file).
+fn read_blocks<B: Blocks>(
+    c: &FsClient<B>,
+    ino: u64,
+    which: &BTreeSet<u64>,
+) -> R<BTreeMap<u64, Vec<u8>>> {
+    let bs = BLOCK as u64;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for b in which {
+        match runs.last_mut() {
+            Some(r) if r.1 == *b && r.1 - r.0 < 256 => r.1 += 1,
+            _ => runs.push((*b, b + 1)),
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (s, e) in runs {
+        let d = c.read(ino, s * bs, ((e - s) * bs) as usize)?;
+        for b in s..e {
+            let from = ((b - s) * bs) as usize;
+            let to = d.len().min(from + BLOCK);
+            out.insert(b, d.get(from..to).unwrap_or_default().to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// A block's bytes, briefly.
+fn brief_block(d: &[u8]) -> String {
+    brief(&Ok(Answer::Data(d.to_vec())))
+}
+
 /// After the crash: every path the victim did not touch since the snapshot is exactly as
-/// the reference says; every path it touched is, block by block, either as it was at the
-/// snapshot or as one of the victim's unsynced operations left it.
+/// the reference says (kind, size, and every block worth reading: see
+/// [`blocks_worth_reading`] and [`with_extents`]); every path it touched is a file of one
+/// of the sizes its versions had (the snapshot's, or one of the victim's unsynced
+/// operations'), each block read equal to that block in one of the versions, or gone if a
+/// version had no such file. Returns what it checked of the touched paths, for [`adopt`].
 fn check_after_crash(
     sim: &FsSim,
-    _before: &Reference,
     now: &Reference,
     unsynced: &Unsynced,
     report: &mut FsSimReport,
-) -> Result<(), String> {
+) -> Result<Checked, String> {
+    let bs = BLOCK as u64;
     let c = sim.client(1);
     let tree = walk(c).map_err(|e| format!("walking the tree: {e}"))?;
     let listed: BTreeSet<&String> = tree.keys().collect();
@@ -1289,13 +1411,52 @@ fn check_after_crash(
         if unsynced.contains_key(p) {
             continue;
         }
-        if !listed.contains(p) {
+        let Some((kind, content)) = tree.get(p) else {
             return Err(format!("{p} is gone"));
-        }
-        let want = now.apply_ro(&FsOpSim::Read(p.clone(), 0, 64 << 10));
-        let got = apply_fs(c, &FsOpSim::Read(p.clone(), 0, 64 << 10));
-        if want != got && !matches!(want, Err(Errno::EISDIR)) {
-            return Err(format!("{p}: read {}, want {}", brief(&got), brief(&want)));
+        };
+        let i = now
+            .resolve(p)
+            .map_err(|e| format!("{p}: the reference lists it and cannot resolve it: {e}"))?;
+        match &now.inodes[i].node {
+            RNode::Dir { .. } => {
+                if *kind != Kind::Dir {
+                    return Err(format!("{p} is a {kind:?}, want a directory"));
+                }
+            }
+            RNode::Symlink { target } => {
+                if *kind != Kind::Symlink || content != target {
+                    return Err(format!(
+                        "{p} is a {kind:?} ({:?}), want a symlink to {:?}",
+                        String::from_utf8_lossy(content),
+                        String::from_utf8_lossy(target)
+                    ));
+                }
+            }
+            RNode::File { blocks, size } => {
+                if *kind != Kind::File {
+                    return Err(format!("{p} is a {kind:?}, want a file"));
+                }
+                let got = c.resolve(p).map_err(|e| format!("{p}: {e}"))?;
+                if got.size != *size {
+                    return Err(format!("{p}: size {}, want {size}", got.size));
+                }
+                let mut which = BTreeSet::new();
+                blocks_worth_reading(now, p, &mut which);
+                let which = with_extents(p, which, &got)?;
+                let data =
+                    read_blocks(c, got.ino, &which).map_err(|e| format!("{p}: reading: {e}"))?;
+                for (b, d) in &data {
+                    let want = visible(blocks, *size, *b);
+                    if *d != want {
+                        return Err(format!(
+                            "{p}: block {b} (bytes {}..) reads {}, want {}",
+                            b * bs,
+                            brief_block(d),
+                            brief_block(&want)
+                        ));
+                    }
+                }
+            }
         }
     }
     for p in listed {
@@ -1303,7 +1464,8 @@ fn check_after_crash(
             return Err(format!("{p} appeared"));
         }
     }
-    // Unsynced files: each block is the snapshot's or one of the later versions.
+    // Unsynced files: the size one of the versions', each block one of the versions'.
+    let mut checked = Checked::new();
     for (p, (start, ops)) in unsynced {
         let mut versions: Vec<Reference> = vec![start.clone()];
         let mut r = start.clone();
@@ -1311,44 +1473,118 @@ fn check_after_crash(
             let _ = r.apply(op);
             versions.push(r.clone());
         }
+        let files: Vec<(u64, &BTreeMap<u64, Vec<u8>>)> = versions
+            .iter()
+            .filter_map(|v| ref_file(v, p).map(|(_, s, b)| (s, b)))
+            .collect();
         let got = match c.resolve(p) {
-            Ok(i) => c
-                .read(i.ino, 0, 64 << 10)
-                .map_err(|e| format!("{p}: {e}"))?,
-            Err(Errno::ENOENT) => {
+            Ok(i) => i,
+            Err(Errno::ENOENT) if files.len() < versions.len() => {
                 report.unsynced_lost += 1;
+                checked.insert(p.clone(), None);
                 continue;
+            }
+            Err(Errno::ENOENT) => {
+                return Err(format!(
+                    "{p} is gone, though every version of it (the fsynced one too) is a file"
+                ))
             }
             Err(e) => return Err(format!("{p}: {e}")),
         };
-        for (b, chunk) in got.chunks(BLOCK).enumerate() {
-            let off = (b * BLOCK) as u64;
-            // Each block is written back whole: compare with each version's block
-            // (the size comes from the inode block, which may be of another version).
-            let ok = chunk.iter().all(|x| *x == 0)
-                || versions.iter().any(|v| {
-                    v.resolve(p).is_ok_and(|i| match &v.inodes[i].node {
-                        RNode::File { blocks, .. } => {
-                            let zero = vec![0u8; BLOCK];
-                            let raw = blocks.get(&(off / BLOCK as u64)).unwrap_or(&zero);
-                            raw[..chunk.len()] == *chunk
-                        }
-                        _ => false,
-                    })
-                });
+        if got.kind != Some(Kind::File) {
+            return Err(format!("{p} is a {:?}, want a file", got.kind));
+        }
+        let sizes: Vec<u64> = files.iter().map(|(s, _)| *s).collect();
+        if !sizes.contains(&got.size) {
+            return Err(format!(
+                "{p}: size {}, none of its versions' sizes {sizes:?}",
+                got.size
+            ));
+        }
+        let mut which = BTreeSet::new();
+        for v in &versions {
+            blocks_worth_reading(v, p, &mut which);
+        }
+        which.insert(got.size.saturating_sub(1) / bs);
+        let which = with_extents(p, which, &got)?;
+        let data = read_blocks(c, got.ino, &which).map_err(|e| format!("{p}: reading: {e}"))?;
+        let zero = vec![0u8; BLOCK];
+        let last = files.last().filter(|_| ref_file(&r, p).is_some());
+        let mut as_last = last.is_some_and(|(s, _)| *s == got.size);
+        let mut kept = BTreeMap::new();
+        for (b, d) in &data {
+            // Each block is written back whole, the inode block on its own: each block
+            // is that block of one of the versions (its tail past the size unseen).
+            let ok = files
+                .iter()
+                .any(|(_, blocks)| blocks.get(b).unwrap_or(&zero)[..d.len()] == **d);
             if !ok {
-                return Err(format!("{p}: block {b} is none of the versions written"));
+                return Err(format!(
+                    "{p}: block {b} (bytes {}..) reads {}, which is none of the {} versions \
+                     written (the last: {})",
+                    b * bs,
+                    brief_block(d),
+                    files.len(),
+                    last.map_or("none".into(), |(s, blocks)| brief_block(&visible(
+                        blocks, *s, *b
+                    )))
+                ));
+            }
+            as_last &=
+                last.is_some_and(|(_, blocks)| blocks.get(b).unwrap_or(&zero)[..d.len()] == **d);
+            if d.iter().any(|x| *x != 0) {
+                let mut full = d.clone();
+                full.resize(BLOCK, 0);
+                kept.insert(*b, full);
             }
         }
-        if versions.last().is_some_and(|v| {
-            v.apply_ro(&FsOpSim::Read(p.clone(), 0, 64 << 10)) == Ok(Answer::Data(got.clone()))
-        }) {
+        checked.insert(p.clone(), Some((got.size, kept)));
+        if as_last {
             report.unsynced_survived += 1;
         } else {
             report.unsynced_lost += 1;
         }
     }
-    Ok(())
+    Ok(checked)
+}
+
+/// Plant the loss [`FsSimConfig::plant_lost_block_past`] asks for: through node 1's client,
+/// zero the first block (by path, then block) at or past byte `past` that holds data, in a
+/// file of one name that `now` has and the victim did not touch (fsynced); its path and
+/// block.
+fn plant_lost_block(
+    sim: &FsSim,
+    now: &Reference,
+    unsynced: &Unsynced,
+    past: u64,
+) -> Result<(String, u64), String> {
+    let bs = BLOCK as u64;
+    for p in now.files() {
+        if unsynced.contains_key(&p) {
+            continue;
+        }
+        let Some((i, size, blocks)) = ref_file(now, &p) else {
+            continue;
+        };
+        if now.inodes[i].nlink != 1 {
+            continue;
+        }
+        for (b, d) in blocks.range(past.div_ceil(bs)..) {
+            let len = size.saturating_sub(b * bs).min(bs) as usize;
+            if d[..len].iter().all(|x| *x == 0) {
+                continue;
+            }
+            let c = sim.client(1);
+            let lose = |e: Errno| format!("planting the loss of block {b} of {p}: {e}");
+            let ino = c.resolve(&p).map_err(lose)?.ino;
+            c.write(ino, b * bs, &vec![0; len]).map_err(lose)?;
+            return Ok((p, *b));
+        }
+    }
+    Err(format!(
+        "nothing to plant: no fsynced block at or past byte {past} in a file of one name \
+         the victim did not touch (choose another seed)"
+    ))
 }
 
 impl Reference {
@@ -1389,26 +1625,16 @@ impl Reference {
             .map(|(p, _)| p)
             .collect()
     }
-
-    fn apply_ro(&self, op: &FsOpSim) -> R<Answer> {
-        self.clone().apply(op)
-    }
 }
 
 /// The reference after the crash: the one before it, with the victim's unsynced files
-/// replaced by what the cluster has (already checked to be allowed).
-fn adopt(
-    sim: &FsSim,
-    _before: &Reference,
-    now: &Reference,
-    unsynced: &Unsynced,
-) -> Result<Reference, String> {
+/// replaced by what the crash check read of them and accepted (`checked`), nothing else.
+fn adopt(now: &Reference, checked: &Checked) -> Result<Reference, String> {
     let mut r = now.clone();
-    let c = sim.client(1);
-    for (p, (start, ops)) in unsynced {
+    for (p, what) in checked {
         let exists_ref = r.resolve(p).is_ok();
-        match c.resolve(p) {
-            Ok(i) => {
+        match what {
+            Some((size, blocks)) => {
                 if !exists_ref {
                     r.make(
                         p,
@@ -1420,43 +1646,13 @@ fn adopt(
                     .map_err(|e| format!("adopting {p}: {e}"))?;
                 }
                 let ri = r.resolve(p).map_err(|e| format!("adopting {p}: {e}"))?;
-                // Content: read what the cluster has, in the ranges the reference knows.
-                let size = i.size;
-                let mut blocks = BTreeMap::new();
-                // Blocks any version had (a lost truncate leaves the older ones).
-                let blocks_of = |v: &Reference| -> BTreeSet<u64> {
-                    v.resolve(p)
-                        .ok()
-                        .and_then(|i| match &v.inodes[i].node {
-                            RNode::File { blocks, .. } => Some(blocks.keys().copied().collect()),
-                            _ => None,
-                        })
-                        .unwrap_or_default()
+                r.held.entry(ri).or_default().extend(blocks.keys());
+                r.inodes[ri].node = RNode::File {
+                    blocks: blocks.clone(),
+                    size: *size,
                 };
-                let mut known = blocks_of(&r);
-                let mut v = start.clone();
-                known.extend(blocks_of(&v));
-                for op in ops {
-                    let _ = v.apply(op);
-                    known.extend(blocks_of(&v));
-                }
-                let extra: BTreeSet<u64> = (0..size.min(64 << 10).div_ceil(BLOCK as u64)).collect();
-                for b in known.union(&extra) {
-                    if b * (BLOCK as u64) >= size {
-                        continue;
-                    }
-                    let d = c
-                        .read(i.ino, b * BLOCK as u64, BLOCK)
-                        .map_err(|e| format!("adopting {p}: {e}"))?;
-                    let mut full = d;
-                    full.resize(BLOCK, 0);
-                    if full.iter().any(|x| *x != 0) {
-                        blocks.insert(*b, full);
-                    }
-                }
-                r.inodes[ri].node = RNode::File { blocks, size };
             }
-            Err(Errno::ENOENT) => {
+            None => {
                 if exists_ref {
                     let (d, name) = r.parent(p).map_err(|e| format!("adopting {p}: {e}"))?;
                     if let Some(i) = r.entries(d).remove(name) {
@@ -1464,7 +1660,6 @@ fn adopt(
                     }
                 }
             }
-            Err(e) => return Err(format!("adopting {p}: {e}")),
         }
     }
     Ok(r)
