@@ -6,8 +6,9 @@
 # DejaVu Sans (am-bench's plot), losetup (the storage tests' loop devices, package
 # mount), fuse3 (fusermount3) and nsenter for the mount; with --tests also the POSIX
 # suites of scripts/posix-tests.sh: dbench (apt), pjdfstest and fsx (cargo install
-# --locked) and the user `tests` that pjdfstest switches to. Needs root. Idempotent and
-# quiet when all is there.
+# --locked, the versions pinned below: reinstalled when another version is found) and the
+# user `tests` that pjdfstest switches to. Needs root. Idempotent and quiet when all is
+# there.
 set -euo pipefail
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
@@ -40,10 +41,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >&2
 fi
 $tests || exit 0
+# The versions scripts/posix-tests.sh's expected counts are for (it reads them here):
+# change one only together with those counts.
+PJDFSTEST_VERSION=0.2.2
+FSX_VERSION=0.3.2
 for tool in pjdfstest fsx; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "setup.sh: cargo install --locked $tool" >&2
-        cargo install --locked -q "$tool" >&2
+    case $tool in pjdfstest) want=$PJDFSTEST_VERSION ;; fsx) want=$FSX_VERSION ;; esac
+    have=$("$tool" --version 2>/dev/null | awk 'NR == 1 {print $2}' || true)
+    if [ "$have" != "$want" ]; then
+        echo "setup.sh: cargo install --locked --force $tool --version $want (found: ${have:-none})" >&2
+        cargo install --locked --force -q "$tool" --version "$want" >&2
     fi
 done
 if ! id tests >/dev/null 2>&1; then
