@@ -21,6 +21,31 @@ fn endpoint(tag: u64, segment: usize) -> Endpoint<UdpTransport> {
     )
 }
 
+/// How long a wait for something the endpoint must do by itself may take, or how long a
+/// transfer may go without an acknowledgement, before a test calls it a hang. Only a hang
+/// guard: no pass depends on being faster than this, and a loaded 2-core machine cannot
+/// come near it; what happened is checked by counting events.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Polls `ep` until `done` holds; fails naming `what` if that takes `HANG_GUARD` (a hang).
+fn pump_until(
+    ep: &mut Endpoint<UdpTransport>,
+    what: &str,
+    mut done: impl FnMut(&Endpoint<UdpTransport>) -> bool,
+) {
+    let start = Instant::now();
+    while !done(ep) {
+        assert!(
+            start.elapsed() < HANG_GUARD,
+            "{what}: not after {HANG_GUARD:?} of polling (a hang); {:?}",
+            ep.stats()
+        );
+        ep.poll(64).unwrap();
+        ep.wait(Some(Duration::from_millis(1))).unwrap();
+    }
+}
+
+/// Polls for `d`: lets a peer finish what it does by itself (no check depends on it).
 fn pump(ep: &mut Endpoint<UdpTransport>, d: Duration) {
     let end = Instant::now() + d;
     while Instant::now() < end {
@@ -68,7 +93,7 @@ fn forged_wrong_tag_datagram_never_runs_a_handler_and_is_counted() {
         .unwrap();
     let forger = UdpSocket::bind("127.0.0.1:0").unwrap();
     forger
-        .set_read_timeout(Some(Duration::from_secs(2)))
+        .set_read_timeout(Some(Duration::from_millis(1)))
         .unwrap();
     let to = b.name().addr;
 
@@ -76,7 +101,9 @@ fn forged_wrong_tag_datagram_never_runs_a_handler_and_is_counted() {
     forger
         .send_to(b"\x00garbage that is no packet", to)
         .unwrap();
-    pump(&mut b, Duration::from_millis(50));
+    pump_until(&mut b, "the garbage datagram counted", |b| {
+        b.stats().malformed_dropped >= 1
+    });
     assert_eq!(b.stats().malformed_dropped, 1);
 
     // A real handshake from a plain socket.
@@ -97,9 +124,27 @@ fn forged_wrong_tag_datagram_never_runs_a_handler_and_is_counted() {
         },
     );
     forger.send_to(&hello, to).unwrap();
-    pump(&mut b, Duration::from_millis(50));
     let mut buf = [0u8; 2048];
-    let (n, _) = forger.recv_from(&mut buf).unwrap();
+    let start = Instant::now();
+    let n = loop {
+        b.poll(64).unwrap();
+        match forger.recv_from(&mut buf) {
+            Ok((n, _)) => break n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                assert!(
+                    start.elapsed() < HANG_GUARD,
+                    "no HELLO_ACK after {HANG_GUARD:?} (a hang); {:?}",
+                    b.stats()
+                );
+            }
+            Err(e) => panic!("receiving the HELLO_ACK: {e}"),
+        }
+    };
     let b_inc = match wire::parse_packet(&buf[..n]).unwrap() {
         Packet::Hello { common, .. } => common.src_inc,
         p => panic!("expected HELLO_ACK, got {p:?}"),
@@ -108,7 +153,9 @@ fn forged_wrong_tag_datagram_never_runs_a_handler_and_is_counted() {
 
     // Wrong tag: dropped, counted, no handler.
     forger.send_to(&forged_data(b_inc, 1, 0xbad), to).unwrap();
-    pump(&mut b, Duration::from_millis(50));
+    pump_until(&mut b, "the forged message dropped", |b| {
+        b.stats().bad_tag_dropped >= 1
+    });
     assert!(
         ran.lock().unwrap().is_empty(),
         "a forged message ran a handler"
@@ -117,7 +164,9 @@ fn forged_wrong_tag_datagram_never_runs_a_handler_and_is_counted() {
 
     // The same forged path with the right tag does reach the handler: the test is real.
     forger.send_to(&forged_data(b_inc, 2, 0xfeed), to).unwrap();
-    pump(&mut b, Duration::from_millis(50));
+    pump_until(&mut b, "the rightly tagged message handled", |_| {
+        !ran.lock().unwrap().is_empty()
+    });
     assert_eq!(*ran.lock().unwrap(), vec![2]);
     assert_eq!(b.stats().bad_tag_dropped, 1);
 }
@@ -149,9 +198,11 @@ fn an_idle_endpoint_sleeps_and_wakes_on_a_message_and_on_a_handle_send() {
     let stop = Arc::new(AtomicBool::new(false));
     let idle_cpu = Arc::new(Mutex::new(None));
     let (s, ic) = (stop.clone(), idle_cpu.clone());
+    let (started_tx, started) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
         let start = Instant::now();
         let cpu0 = thread_cpu();
+        started_tx.send(start).unwrap();
         while !s.load(Ordering::SeqCst) {
             b.wait(None).unwrap();
             b.poll(64).unwrap();
@@ -160,15 +211,21 @@ fn an_idle_endpoint_sleeps_and_wakes_on_a_message_and_on_a_handle_send() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(5100));
-    // Wake it with a message.
+    // Idle for over 5 s counted from the thread's own start (a thread that starts late on
+    // a loaded machine must still have idled that long before the first wake-up).
+    let start = started.recv().unwrap();
+    std::thread::sleep(
+        (start + Duration::from_millis(5100)).saturating_duration_since(Instant::now()),
+    );
+    // Wake it with a message. B sleeps in `wait(None)`: only the arrival can end it, so
+    // any time under the hang guard shows the wake-up.
     let t0 = Instant::now();
     a.send(0, Msg::small(1, &[77])).unwrap();
     while got_b.load(Ordering::SeqCst) != 77 {
         a.poll(64).unwrap();
         assert!(
-            t0.elapsed() < Duration::from_secs(1),
-            "a message did not wake the endpoint"
+            t0.elapsed() < HANG_GUARD,
+            "a message did not wake the endpoint in {HANG_GUARD:?}"
         );
         std::thread::sleep(Duration::from_micros(100));
     }
@@ -184,8 +241,8 @@ fn an_idle_endpoint_sleeps_and_wakes_on_a_message_and_on_a_handle_send() {
     while got_c.load(Ordering::SeqCst) != 88 {
         c.poll(64).unwrap();
         assert!(
-            t1.elapsed() < Duration::from_secs(1),
-            "a handle send did not wake the endpoint"
+            t1.elapsed() < HANG_GUARD,
+            "a handle send did not wake the endpoint in {HANG_GUARD:?}"
         );
         std::thread::sleep(Duration::from_micros(100));
     }
@@ -235,10 +292,19 @@ fn bulk_to_one_receiver(senders: usize, size: usize) -> (u64, u64) {
             )
             .unwrap();
             let start = Instant::now();
+            // Stuck is no acknowledgement for HANG_GUARD, however long the whole takes.
+            let (mut acks, mut since) = (tx.stats().packets_received, Instant::now());
             while !freed.load(Ordering::SeqCst) {
                 tx.poll(256).unwrap();
                 tx.wait(Some(Duration::from_millis(5))).unwrap();
-                assert!(start.elapsed() < Duration::from_secs(60), "bulk send stuck");
+                if tx.stats().packets_received != acks {
+                    (acks, since) = (tx.stats().packets_received, Instant::now());
+                }
+                assert!(
+                    since.elapsed() < HANG_GUARD,
+                    "bulk send stuck: nothing received for {HANG_GUARD:?}; {:?}",
+                    tx.stats()
+                );
             }
             let s = tx.stats();
             let u = tx.transport().stats();
@@ -255,8 +321,10 @@ fn bulk_to_one_receiver(senders: usize, size: usize) -> (u64, u64) {
         sent += s;
         retx += r;
     }
+    // Every sender's bulk was acknowledged, so it was handled: this waits only for the
+    // handler's log (the hang guard is only that; the check is the equality below).
     let start = Instant::now();
-    while landed.lock().unwrap().len() < senders && start.elapsed() < Duration::from_secs(5) {
+    while landed.lock().unwrap().len() < senders && start.elapsed() < HANG_GUARD {
         std::thread::sleep(Duration::from_millis(1));
     }
     stop.store(true, Ordering::SeqCst);
@@ -298,7 +366,11 @@ fn the_event_mask_chooses_what_wakes_wait_and_other_fds_join_the_epoll_set() {
     // Open the connection first.
     a.send(0, Msg::small(1, &[0])).unwrap();
     let t0 = Instant::now();
-    while b.stats().messages_handled < 1 && t0.elapsed() < Duration::from_secs(5) {
+    while b.stats().messages_handled < 1 {
+        assert!(
+            t0.elapsed() < HANG_GUARD,
+            "the first message was not handled in {HANG_GUARD:?}"
+        );
         a.poll(16).unwrap();
         b.poll(16).unwrap();
     }
@@ -311,17 +383,23 @@ fn the_event_mask_chooses_what_wakes_wait_and_other_fds_join_the_epoll_set() {
     });
     a.send(0, Msg::small(1, &[1])).unwrap();
     a.poll(16).unwrap();
+    // (A lower bound on a sleep: load only makes it longer, so it cannot fail for that.)
     let t0 = Instant::now();
     b.wait(Some(Duration::from_millis(300))).unwrap();
     assert!(
         t0.elapsed() >= Duration::from_millis(290),
         "a masked source woke wait"
     );
-    // Unmasked, the pending datagram wakes it at once.
+    // Unmasked, the pending datagram wakes it at once: a wait that ran to its timeout
+    // (HANG_GUARD) did not see it; no load delays a ready wake-up by half that.
     b.set_event_mask(am_core::EventMask::default());
     let t0 = Instant::now();
-    b.wait(Some(Duration::from_secs(5))).unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(1));
+    b.wait(Some(HANG_GUARD)).unwrap();
+    assert!(
+        t0.elapsed() < HANG_GUARD / 2,
+        "the pending datagram did not end the wait: it ran {:?} (its timeout)",
+        t0.elapsed()
+    );
     b.poll(16).unwrap();
     assert_eq!(b.stats().messages_handled, 2);
     // Let its delayed acknowledgement go out, so no timer is left to wake it.
@@ -338,18 +416,28 @@ fn the_event_mask_chooses_what_wakes_wait_and_other_fds_join_the_epoll_set() {
     let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
     assert!(efd >= 0);
     b.transport().add_source(efd).unwrap();
+    // The wait must end after the write (not before: it slept) and because of it (not at
+    // its timeout, HANG_GUARD).
+    let written = Arc::new(AtomicBool::new(false));
+    let w = written.clone();
     let writer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
+        w.store(true, Ordering::SeqCst);
         let one: u64 = 1;
         unsafe { libc::write(efd, &one as *const u64 as *const libc::c_void, 8) };
     });
     let t0 = Instant::now();
-    b.wait(Some(Duration::from_secs(5))).unwrap();
+    b.wait(Some(HANG_GUARD)).unwrap();
     let waited = t0.elapsed();
+    let after_write = written.load(Ordering::SeqCst);
     writer.join().unwrap();
     assert!(
-        waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
-        "{waited:?}"
+        after_write,
+        "wait returned before the eventfd was written ({waited:?})"
+    );
+    assert!(
+        waited < HANG_GUARD / 2,
+        "the eventfd did not end the wait: it ran {waited:?} (its timeout)"
     );
     b.transport().remove_source(efd).unwrap();
     unsafe { libc::close(efd) };
@@ -383,11 +471,20 @@ fn gro_coalesced_receives_are_split_back_into_datagrams() {
     })
     .unwrap();
     tx.send(0, Msg::bulk(3, &[], &[(0, 8 << 20)], 0)).unwrap();
-    let start = Instant::now();
+    // Stuck is nothing received by either side for HANG_GUARD, however long the whole takes.
+    let moved = |tx: &Endpoint<UdpTransport>, rx: &Endpoint<UdpTransport>| {
+        tx.stats().packets_received + rx.stats().packets_received
+    };
+    let (mut last, mut since) = (moved(&tx, &rx), Instant::now());
     while ok.lock().unwrap().is_none() {
+        if moved(&tx, &rx) != last {
+            (last, since) = (moved(&tx, &rx), Instant::now());
+        }
         assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "bulk did not land"
+            since.elapsed() < HANG_GUARD,
+            "bulk did not land: nothing received for {HANG_GUARD:?}; {:?} {:?}",
+            tx.stats(),
+            rx.stats()
         );
         tx.poll(256).unwrap();
         rx.poll(256).unwrap();
