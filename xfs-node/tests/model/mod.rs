@@ -578,59 +578,121 @@ impl Model for CoherenceModel {
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
-            Property::always("no violation", |_, w: &World| w.violation.is_none()),
-            Property::always("one writer or many readers", |_, w: &World| {
-                one_writer_or_readers(w)
-            }),
-            Property::always("no deadlock", |m: &CoherenceModel, w: &World| {
-                let mut a = Vec::new();
-                m.actions(w, &mut a);
-                !a.is_empty() || !Self::pending(w) || w.violation.is_some()
-            }),
-            Property::sometimes("a read served by a peer", |_, w: &World| {
-                w.net.iter().any(|e| {
-                    matches!(e.from, Addr::Client(_))
-                        && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
-                })
-            }),
-            Property::sometimes("txn: a revoke waits for a release", |_, w: &World| {
-                w.clients.iter().any(|c| {
-                    c.blocks.values().any(|b| {
-                        b.pinned && b.deferred.iter().any(|m| matches!(m, Msg::Revoke { .. }))
-                    })
-                })
-            }),
-            Property::sometimes("a revoke", |_, w: &World| {
-                w.net
-                    .iter()
-                    .any(|e| matches!(e.payload, Payload::Proto(Msg::Revoke { .. })))
-            }),
-            Property::sometimes("an eviction forwarded", |_, w: &World| {
-                w.net
-                    .iter()
-                    .any(|e| matches!(e.payload, Payload::Proto(Msg::Handoff { .. })))
-            }),
-            Property::sometimes("a write-back before a forward", |_, w: &World| {
-                w.clients.iter().any(|c| {
-                    c.blocks.values().any(|b| {
-                        matches!(
-                            b.step,
-                            Some(xfs_node::coherence::Step::WriteBack(
-                                xfs_node::coherence::AfterWriteBack::Forward(..)
-                            ))
-                        )
-                    })
-                })
-            }),
-            Property::sometimes("a revoke overtakes a forward", |_, w: &World| {
-                revoke_overtook_forward(w)
-            }),
-            Property::sometimes("a peer-served read races a revoke", |_, w: &World| {
-                peer_read_races_revoke(w)
-            }),
-        ]
+        properties()
     }
+}
+
+/// What a model of the protocol is built on: [`CoherenceModel`] itself, or it with other
+/// bounds ([`Budgeted`]).
+pub trait Base {
+    fn base(&self) -> &CoherenceModel;
+}
+
+impl Base for CoherenceModel {
+    fn base(&self) -> &CoherenceModel {
+        self
+    }
+}
+
+/// [`CoherenceModel`] with an operation budget of its own per client (`budgets[i]` for
+/// client i, instead of `ops_per_client` each): the bounds between one and two operations
+/// each (three clients with two each can be far too many states to exhaust).
+#[derive(Clone, Debug)]
+pub struct Budgeted {
+    pub model: CoherenceModel,
+    pub budgets: Vec<u8>,
+}
+
+impl Base for Budgeted {
+    fn base(&self) -> &CoherenceModel {
+        &self.model
+    }
+}
+
+impl Model for Budgeted {
+    type State = World;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<World> {
+        assert_eq!(
+            self.budgets.len(),
+            self.model.clients,
+            "one budget per client"
+        );
+        let mut states = self.model.init_states();
+        for w in &mut states {
+            w.budget = self.budgets.clone();
+        }
+        states
+    }
+
+    fn actions(&self, w: &World, actions: &mut Vec<Action>) {
+        self.model.actions(w, actions)
+    }
+
+    fn next_state(&self, last: &World, action: Action) -> Option<World> {
+        self.model.next_state(last, action)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        properties()
+    }
+}
+
+/// The properties every model of the protocol is checked for.
+fn properties<M: Model<State = World, Action = Action> + Base>() -> Vec<Property<M>> {
+    vec![
+        Property::always("no violation", |_, w: &World| w.violation.is_none()),
+        Property::always("one writer or many readers", |_, w: &World| {
+            one_writer_or_readers(w)
+        }),
+        Property::always("no deadlock", |m: &M, w: &World| {
+            let mut a = Vec::new();
+            m.base().actions(w, &mut a);
+            !a.is_empty() || !CoherenceModel::pending(w) || w.violation.is_some()
+        }),
+        Property::sometimes("a read served by a peer", |_, w: &World| {
+            w.net.iter().any(|e| {
+                matches!(e.from, Addr::Client(_))
+                    && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
+            })
+        }),
+        Property::sometimes("txn: a revoke waits for a release", |_, w: &World| {
+            w.clients.iter().any(|c| {
+                c.blocks
+                    .values()
+                    .any(|b| b.pinned && b.deferred.iter().any(|m| matches!(m, Msg::Revoke { .. })))
+            })
+        }),
+        Property::sometimes("a revoke", |_, w: &World| {
+            w.net
+                .iter()
+                .any(|e| matches!(e.payload, Payload::Proto(Msg::Revoke { .. })))
+        }),
+        Property::sometimes("an eviction forwarded", |_, w: &World| {
+            w.net
+                .iter()
+                .any(|e| matches!(e.payload, Payload::Proto(Msg::Handoff { .. })))
+        }),
+        Property::sometimes("a write-back before a forward", |_, w: &World| {
+            w.clients.iter().any(|c| {
+                c.blocks.values().any(|b| {
+                    matches!(
+                        b.step,
+                        Some(xfs_node::coherence::Step::WriteBack(
+                            xfs_node::coherence::AfterWriteBack::Forward(..)
+                        ))
+                    )
+                })
+            })
+        }),
+        Property::sometimes("a revoke overtakes a forward", |_, w: &World| {
+            revoke_overtook_forward(w)
+        }),
+        Property::sometimes("a peer-served read races a revoke", |_, w: &World| {
+            peer_read_races_revoke(w)
+        }),
+    ]
 }
 
 /// Some client holds an early revoke while a message to it that `earlier` matches is still
