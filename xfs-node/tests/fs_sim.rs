@@ -111,3 +111,90 @@ fn a_lost_fsynced_block_past_4_gib_is_caught_by_the_crash_check() {
     }
     panic!("only {planted} of seeds 1..=100 had an fsynced block past 4 GiB to lose (want 2)");
 }
+
+/// A node that dies between the two directory write-backs of a cross-directory rename (the
+/// failpoint `rename-between-buckets`, armed in the simulation) leaves both names of the
+/// file after its restart, counting two links; removing one name keeps the other readable,
+/// and `fsck` reports the interrupted rename, repairs it and then checks clean. The
+/// directories and the file are managed by three different nodes, over the lossy network.
+#[test]
+fn a_rename_cut_between_its_two_buckets_keeps_the_file_and_fsck_repairs_it() {
+    use xfs_node::fs::client::{RenameMode, FAILPOINT_RENAME_BETWEEN_BUCKETS};
+    use xfs_node::fs::fsck::fsck;
+    use xfs_node::fs::sim::{pattern, FsSim};
+
+    let mut sim = FsSim::new(21, &FsSimConfig::default());
+    let root = sim.client(1).root();
+    sim.client(1).format().expect("format");
+    let a = sim
+        .client(2)
+        .mkdir(root, b"a", 0o755, 0, 0)
+        .expect("mkdir /a");
+    let b = sim
+        .client(3)
+        .mkdir(root, b"b", 0o755, 0, 0)
+        .expect("mkdir /b");
+    let f = sim
+        .client(1)
+        .create(a.ino, b"f", 0o644, 0, 0)
+        .expect("create /a/f");
+    let content = pattern(77, 10_000);
+    assert_eq!(sim.client(1).write(f.ino, 0, &content), Ok(content.len()));
+    for n in 1..=3 {
+        sim.client(n).sync_all().expect("sync_all");
+    }
+
+    sim.arm_failpoint(1, FAILPOINT_RENAME_BETWEEN_BUCKETS);
+    // The target bucket is durable when node 1 dies; the source bucket is not.
+    let _ = sim
+        .client(1)
+        .rename(a.ino, b"f", b.ino, b"g", RenameMode::Replace);
+    assert!(
+        sim.world.borrow().dead.contains(&1),
+        "the rename never reached the failpoint between its two buckets"
+    );
+    sim.crash_and_restart(1).expect("restart node 1");
+
+    let (c2, c3) = (sim.client(2), sim.client(3));
+    let src = c2
+        .lookup(a.ino, b"f")
+        .expect("the source name after the crash");
+    let dst = c3
+        .lookup(b.ino, b"g")
+        .expect("the target name after the crash");
+    assert_eq!(src.ino, f.ino);
+    assert_eq!(dst.ino, f.ino);
+    assert_eq!(
+        c2.getattr(f.ino).expect("getattr").nlink,
+        2,
+        "two names must count two links"
+    );
+    assert_eq!(c3.read(f.ino, 0, 20_000).expect("read"), content);
+
+    // Removing one name keeps the other (with the link count one low, this freed the file).
+    c2.unlink(a.ino, b"f").expect("unlink /a/f");
+    let dst = c3
+        .lookup(b.ino, b"g")
+        .expect("/b/g after the other name went");
+    assert_eq!(dst.nlink, 1);
+    assert_eq!(c3.read(dst.ino, 0, 20_000).expect("read /b/g"), content);
+
+    let found = fsck(c2, false).expect("fsck");
+    assert!(
+        found.problems.iter().any(|p| p.contains("interrupted")),
+        "fsck did not report the interrupted rename: {found:?}"
+    );
+    let repaired = fsck(c2, true).expect("fsck --repair");
+    assert!(
+        !repaired.problems.is_empty() && repaired.remaining.is_empty(),
+        "{repaired:?}"
+    );
+    let clean = fsck(sim.client(1), false).expect("fsck after the repair");
+    assert!(clean.problems.is_empty(), "{clean:?}");
+    assert_eq!(
+        sim.client(1)
+            .read(dst.ino, 0, 20_000)
+            .expect("read /b/g from node 1"),
+        content
+    );
+}

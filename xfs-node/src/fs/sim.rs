@@ -172,6 +172,11 @@ pub struct World {
     pub op_time_limit: Duration,
     /// Operations that hit the time limit.
     pub stuck: u64,
+    /// Armed failpoints ([`Blocks::failpoint`]): the node dies when it reaches one.
+    pub failpoints: BTreeSet<(NodeId, String)>,
+    /// Nodes that died at a failpoint: every block operation of theirs fails until
+    /// [`FsSim::crash_and_restart`].
+    pub dead: BTreeSet<NodeId>,
 }
 
 impl World {
@@ -223,6 +228,9 @@ impl Blocks for SimBlocks {
     fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
         let mut w = self.world.borrow_mut();
         let n = ops.len();
+        if w.dead.contains(&self.node) {
+            return vec![Err(Errno::EIO); n];
+        }
         let mut out: Vec<Option<Result<Outcome<Vec<u8>>, Errno>>> = vec![None; n];
         let mut ids = BTreeMap::new();
         let shards = w.shards[0].len();
@@ -259,6 +267,9 @@ impl Blocks for SimBlocks {
 
     fn sync(&self, node: NodeId) -> Result<(), Errno> {
         let mut w = self.world.borrow_mut();
+        if w.dead.contains(&self.node) {
+            return Err(Errno::EIO);
+        }
         let op = w.next_op;
         w.next_op += 1;
         let me = self.node as usize - 1;
@@ -306,6 +317,15 @@ impl Blocks for SimBlocks {
 
     fn me(&self) -> NodeId {
         self.node
+    }
+
+    fn failpoint(&self, name: &str) -> Result<(), Errno> {
+        let mut w = self.world.borrow_mut();
+        if w.failpoints.remove(&(self.node, name.to_string())) {
+            w.dead.insert(self.node);
+            return Err(Errno::EIO);
+        }
+        Ok(())
     }
 }
 
@@ -411,6 +431,8 @@ impl FsSim {
             next_op: 1,
             op_time_limit: Duration::from_secs(20),
             stuck: 0,
+            failpoints: BTreeSet::new(),
+            dead: BTreeSet::new(),
         }));
         let clients = ids
             .iter()
@@ -431,6 +453,17 @@ impl FsSim {
         }
     }
 
+    /// Arm failpoint `name` (e.g. [`super::client::FAILPOINT_RENAME_BETWEEN_BUCKETS`]) on
+    /// `node`: when its client reaches it, the node dies there (every later block operation
+    /// of its fails with EIO) until [`FsSim::crash_and_restart`]. Whether it fired:
+    /// [`World::dead`].
+    pub fn arm_failpoint(&self, node: NodeId, name: &str) {
+        self.world
+            .borrow_mut()
+            .failpoints
+            .insert((node, name.to_string()));
+    }
+
     /// Node `node`'s client.
     pub fn client(&self, node: NodeId) -> &FsClient<SimBlocks> {
         &self.clients[node as usize - 1]
@@ -441,6 +474,7 @@ impl FsSim {
     /// quiescent point (the network is drained first); the other nodes forget it.
     pub fn crash_and_restart(&mut self, node: NodeId) -> Result<(), String> {
         let mut w = self.world.borrow_mut();
+        w.dead.remove(&node);
         w.settle();
         let i = node as usize - 1;
         // The log, with what it had not synced, dies with the process.
