@@ -21,7 +21,7 @@ esac
 FILTER=${1:-}
 
 echo "[verbs-tests] building the test binaries" >&2
-json=$(cargo test -p am-rdma -p am-udp -p xfs-node --no-run --message-format=json 2>/dev/null)
+json=$(cargo test -p am-rdma -p am-testkit -p xfs-node --no-run --message-format=json 2>/dev/null)
 exe_of() {
     # The executable of test target $1 (from cargo's JSON messages), relative to the checkout.
     local e

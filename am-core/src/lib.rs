@@ -9,12 +9,10 @@
 //! * [`Transport`]: what a driver provides (`am-udp`, `am-rdma`), with [`Capabilities`]
 //!   saying what it does itself.
 //! * [`sim`]: a deterministic simulated network with seeded faults.
-//! * [`conformance`]: the behaviour suite every transport must pass.
 //!
 //! See DESIGN.md §3 for the semantics.
 
 pub mod api;
-pub mod conformance;
 pub mod endpoint;
 pub mod engine;
 pub mod error;

@@ -1,8 +1,8 @@
 //! The conformance suite over the simulated network: perfect, reliable-transport mode, and
 //! lossy (10% loss, duplication and reordering) over many seeds.
 
-use am_core::conformance::{run_suite, SimHarness};
 use am_core::sim::Faults;
+use am_testkit::conformance::{run_suite, SimHarness};
 
 fn seeds() -> u64 {
     std::env::var("AM_SIM_SEEDS")
@@ -55,7 +55,7 @@ fn one_mib_bulk_over_a_lossy_network() {
     for seed in 0..20 {
         let mut h = SimHarness::new(10_000 + seed, Faults::lossy(0.10));
         h.bulk = 1 << 20;
-        if let Err(e) = am_core::conformance::check_classes(&mut h) {
+        if let Err(e) = am_testkit::conformance::check_classes(&mut h) {
             panic!("seed {} failed: {e}", 10_000 + seed);
         }
     }

@@ -2,10 +2,10 @@
 //! lossy streams are exactly-once and in order, runs replay from their seed, and random or
 //! mutated packets never panic and are counted.
 
-use am_core::conformance::{check_order, run_suite, Harness, SimHarness};
 use am_core::engine::Core;
 use am_core::sim::{Faults, SimNet};
 use am_core::{Capabilities, Config, Endpoint, Msg, Tag, Time};
+use am_testkit::conformance::{check_order, run_suite, Harness, SimHarness};
 use proptest::prelude::*;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

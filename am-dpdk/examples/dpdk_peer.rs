@@ -13,7 +13,7 @@ use am_core::{Config, Endpoint, Msg, Tag};
 use am_dpdk::frame::{Mac, BROADCAST};
 use am_dpdk::sys::{Mbuf, MbufPool, Port, PortSpec};
 use am_dpdk::{DpdkConfig, DpdkTransport};
-use am_udp::cli::{tool_main, Args};
+use am_testkit::cli::{tool_main, Args};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddrV4;
@@ -34,7 +34,7 @@ USAGE:
       message, 3 answers a bulk request with the length and FNV-1a hash of the bytes
   dpdk_peer switch --dev SPEC --queues N
       a learning Ethernet switch between the N queue pairs of the device: each queue is
-      one node of the other process (am_dpdk::harness::Fabric::Queues)
+      one node of the other process (am_testkit::dpdk::Fabric::Queues)
 
 OPTIONS:
   --dev SPEC       a DPDK virtual device, NAME[,ARGS]: net_memif0,role=server,socket=PATH
@@ -127,7 +127,7 @@ fn server(args: &Args) -> Result<(), String> {
         ..Config::default()
     };
     let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
-    am_udp::harness::pingpong_handlers(&mut ep, args.flag("--log-handled"))
+    am_testkit::peer::pingpong_handlers(&mut ep, args.flag("--log-handled"))
         .map_err(|e| e.to_string())?;
     println!("listening {} tag {}", ep.name().addr, ep.tag().0);
     let _ = std::io::stdout().flush();
@@ -268,7 +268,7 @@ fn client(args: &Args) -> Result<(), String> {
     let v = got.lock().map(|v| v.clone()).unwrap_or_default();
     let ok = v[0] == (vec![1, 2, 3], vec![])
         && v[1] == (vec![4], medium)
-        && v[2].0 == vec![bulk.len() as u64, am_udp::harness::fnv(&bulk)];
+        && v[2].0 == vec![bulk.len() as u64, am_testkit::peer::fnv(&bulk)];
     if !ok {
         return Err("an answer differs from what was sent".into());
     }

@@ -38,7 +38,6 @@
 #![deny(unsafe_code)]
 
 pub mod frame;
-pub mod harness;
 /// The DPDK binding; without `libdpdk` at build time, a stand-in whose every attempt to
 /// start DPDK fails with [`DpdkError::Missing`] naming what to install.
 #[cfg_attr(am_dpdk_missing, path = "sys/missing.rs")]

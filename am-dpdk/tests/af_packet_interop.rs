@@ -8,10 +8,11 @@
 //! Needs root, `ip` (iproute2), `nft` (nftables) and `ethtool`: the test fails naming the
 //! package when one is missing.
 
-use am_core::conformance::random_bytes;
 use am_core::{Config, Endpoint, Msg, Tag, Transport};
 use am_dpdk::{DpdkConfig, DpdkTransport};
-use am_udp::harness::{bind_in_netns, need, nft_drop_udp, nft_dropped, sh};
+use am_testkit::conformance::random_bytes;
+use am_testkit::shell::{need, nft_drop_udp, nft_dropped, sh};
+use am_testkit::udp::bind_in_netns;
 use am_udp::{UdpConfig, UdpTransport};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -2,11 +2,11 @@
 //! port's Rx ring, as if from the wire) are counted by reason and dropped: none reaches a
 //! handler, nothing panics, and the endpoint goes on working. One test per process.
 
-use am_core::conformance::{random_bytes, Harness};
 use am_core::{Msg, Tag};
 use am_dpdk::frame::{self, Bad, UdpAddrs};
-use am_dpdk::harness::DpdkHarness;
 use am_dpdk::mac_for;
+use am_testkit::conformance::{random_bytes, Harness};
+use am_testkit::dpdk::DpdkHarness;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -4,12 +4,12 @@
 //! (every message handled once or returned by the upcall, within the bound), and a
 //! restarted server reached again. One test per process: EAL starts once.
 
-use am_core::conformance::{poll_until, random_bytes, run_suite};
 use am_core::{Config, Endpoint, EndpointName, Msg, Tag, Undeliverable};
-use am_dpdk::harness::{DpdkHarness, Fabric};
 use am_dpdk::sys::{Port, PortSpec};
 use am_dpdk::{DpdkConfig, DpdkTransport};
-use am_udp::harness::{check_cut_stream, fnv, PeerProcess};
+use am_testkit::conformance::{poll_until, random_bytes, run_suite};
+use am_testkit::dpdk::{DpdkHarness, Fabric};
+use am_testkit::peer::{check_cut_stream, fnv, PeerProcess};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -2,8 +2,8 @@
 //! destination MAC, with a 64 MiB bulk message checked byte for byte. One test per
 //! process: EAL starts once.
 
-use am_core::conformance::run_suite;
-use am_dpdk::harness::DpdkHarness;
+use am_testkit::conformance::run_suite;
+use am_testkit::dpdk::DpdkHarness;
 
 #[test]
 fn suite_over_net_ring() {

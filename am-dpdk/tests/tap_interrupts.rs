@@ -5,7 +5,7 @@
 
 use am_core::{Config, Endpoint, Msg, Tag};
 use am_dpdk::{DpdkConfig, DpdkTransport};
-use am_udp::harness::sh;
+use am_testkit::shell::sh;
 use am_udp::{UdpConfig, UdpTransport};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -48,7 +48,6 @@
 
 #![deny(unsafe_code)]
 
-pub mod harness;
 #[allow(unsafe_code)]
 pub mod verbs;
 

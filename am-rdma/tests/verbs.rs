@@ -3,10 +3,10 @@
 //! SoftRoCE VM (`bash scripts/verbs-tests.sh`), where `AM_RDMA_REQUIRE=1` makes a missing
 //! device a failure; elsewhere they say they were skipped.
 
-use am_core::conformance::{run_suite, Harness};
 use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Undeliverable};
-use am_rdma::harness::{skip_without_device, RdmaHarness};
 use am_rdma::RdmaTransport;
+use am_testkit::conformance::{run_suite, Harness};
+use am_testkit::rdma::{skip_without_device, RdmaHarness};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +18,7 @@ use std::time::Duration;
 const HANG_GUARD: Duration = Duration::from_secs(60);
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    am_core::conformance::random_bytes(seed, len)
+    am_testkit::conformance::random_bytes(seed, len)
 }
 
 /// rxe0's hardware counters (whatever this kernel exposes), by name.
@@ -259,7 +259,7 @@ fn garbage_on_the_connection_socket_is_counted_and_harmless() {
     let mut h = RdmaHarness::new(1 << 20);
     let (mut a, mut b, got) = pair_logging(&mut h, 1);
     // Random datagrams of every length up to 119 bytes.
-    let sock = std::net::UdpSocket::bind((am_rdma::harness::test_ip(), 0)).unwrap();
+    let sock = std::net::UdpSocket::bind((am_testkit::rdma::test_ip(), 0)).unwrap();
     let mut x = 0x1234_5678_9abc_def1u64;
     for n in 0..300usize {
         let bytes: Vec<u8> = (0..n % 120)

@@ -7,9 +7,6 @@
 //! fragmentation to the path MTU, pacing and retransmission are the engine's, because UDP
 //! provides none of them (its [`Capabilities`] say so).
 
-pub mod cli;
-pub mod harness;
-
 use am_core::{Capabilities, EventMask, Notify, Time, Transmit, Transport, TransportError};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::hash::{BuildHasher, Hasher};

@@ -252,7 +252,7 @@ fn an_idle_endpoint_sleeps_and_wakes_on_a_message_and_on_a_handle_send() {
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    am_core::conformance::random_bytes(seed, len)
+    am_testkit::conformance::random_bytes(seed, len)
 }
 
 /// Sends `size` bytes from each of `senders` endpoints (own threads) to one receiver;

@@ -1,8 +1,9 @@
 //! The conformance suite over real UDP: IPv4 and IPv6 loopback, and two network namespaces
 //! joined by a veth pair with an nft rule dropping 5% of the datagrams.
 
-use am_core::conformance::run_suite;
-use am_udp::harness::{need, nft_drop_udp, nft_dropped, sh, Site, UdpHarness};
+use am_testkit::conformance::run_suite;
+use am_testkit::shell::{need, nft_drop_udp, nft_dropped, sh};
+use am_testkit::udp::{Site, UdpHarness};
 use std::process::Command;
 
 #[test]

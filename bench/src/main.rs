@@ -5,7 +5,7 @@ use am_core::sim::{Faults, SimNet};
 use am_core::{Endpoint, EndpointName, Tag};
 use am_dpdk::{DpdkConfig, DpdkTransport};
 use am_rdma::{RdmaConfig, RdmaTransport};
-use am_udp::cli::{tool_main, Args};
+use am_testkit::cli::{tool_main, Args};
 use am_udp::{UdpConfig, UdpTransport};
 use bench::am_side::{self, AmClient};
 use bench::cases::{bandwidth_cases, latency_cases, Case, Wait};
@@ -683,13 +683,13 @@ fn measure_dpdk_in(o: &Opts, dir: &std::path::Path) -> Result<Vec<Row>, String> 
 
 /// AM over verbs, then `ib_send_lat` on the same device, for each wait mode.
 fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
-    if let Some(why) = am_rdma::harness::unavailable() {
+    if let Some(why) = am_testkit::rdma::unavailable() {
         return Err(format!(
             "--transport rdma: {why}; without RDMA hardware, benchmark in the SoftRoCE VM: \
              `bash bench/run-verbs.sh`"
         ));
     }
-    let ip = am_rdma::harness::test_ip();
+    let ip = am_testkit::rdma::test_ip();
     let bind = format!("{ip}:0");
     let mut rows = Vec::new();
     for (i, &wait) in o.waits.iter().enumerate() {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use am_udp::cli::Args;
-use am_udp::harness::sh;
+use am_testkit::cli::Args;
+use am_testkit::shell::sh;
 
 use crate::report::median;
 

@@ -53,7 +53,7 @@ fn help_names_the_modes() {
 
 #[test]
 fn rdma_without_a_device_says_what_to_run_and_peers_are_not_silently_skipped() {
-    if am_rdma::harness::unavailable().is_none() {
+    if am_testkit::rdma::unavailable().is_none() {
         eprintln!("a verbs device is present: the no-device message is not checked here");
     } else {
         let out = Command::new(env!("CARGO_BIN_EXE_am-bench"))

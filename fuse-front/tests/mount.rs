@@ -27,11 +27,11 @@ fn xfs_bin() -> PathBuf {
 }
 
 fn xfs(args: &[&str]) -> Output {
-    xfs_node::testing::run(&xfs_bin(), args)
+    am_testkit::cluster::run(&xfs_bin(), args)
 }
 
 fn ok(args: &[&str]) -> String {
-    xfs_node::testing::run_ok(&xfs_bin(), args)
+    am_testkit::cluster::run_ok(&xfs_bin(), args)
 }
 
 use xfs_node::fs::sim::pattern;
@@ -1108,7 +1108,7 @@ fn a_node_killed_under_cp_never_leaves_a_silent_short_file() {
     }
 }
 
-use xfs_node::testing::Hosts;
+use am_testkit::cluster::Hosts;
 
 /// Three hosts (network namespaces on a bridge), one node and one mount each: a file
 /// written on one mount is read on the others. Nodes and mounts start with

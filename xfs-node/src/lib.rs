@@ -14,4 +14,10 @@ pub mod node;
 pub mod shard;
 pub mod sim;
 pub mod storage;
-pub mod testing;
+
+/// Locks `m`; a poisoned mutex (a thread panicked holding it) still yields its data: every
+/// critical section in this crate leaves the data whole at each step, and one panicking
+/// thread must not take the node's other threads down with it.
+pub(crate) fn lock<X>(m: &std::sync::Mutex<X>) -> std::sync::MutexGuard<'_, X> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -15,11 +15,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const BIN: &str = env!("CARGO_BIN_EXE_xfs-node");
 
 fn xfs(args: &[&str]) -> Output {
-    xfs_node::testing::run(Path::new(BIN), args)
+    am_testkit::cluster::run(Path::new(BIN), args)
 }
 
 fn ok(args: &[&str]) -> String {
-    xfs_node::testing::run_ok(Path::new(BIN), args)
+    am_testkit::cluster::run_ok(Path::new(BIN), args)
 }
 
 fn data_dir(name: &str) -> PathBuf {
@@ -548,7 +548,7 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
 
-use xfs_node::testing::Hosts;
+use am_testkit::cluster::Hosts;
 
 /// The same cluster with every node in its own network namespace (its own address),
 /// joined by veth pairs on a bridge: the test creates and removes them.
@@ -609,11 +609,11 @@ fn three_hosts_in_network_namespaces_share_files() {
 #[test]
 fn three_nodes_over_verbs_share_files_with_a_peer_read() {
     let name = "three_nodes_over_verbs_share_files_with_a_peer_read";
-    if am_rdma::harness::skip_without_device(name) {
+    if am_testkit::rdma::skip_without_device(name) {
         return;
     }
     let (_s, data, _g) = begin("verbs", 3);
-    let host = am_rdma::harness::test_ip().to_string();
+    let host = am_testkit::rdma::test_ip().to_string();
     let mut args = vec!["--transport", "rdma", "--host", &host];
     // In the VM the shared file systems refuse O_DIRECT: the script gives loop devices.
     let devices = std::env::var("XFS_TEST_DEVICES").unwrap_or_default();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use am_udp::cli::{tool_main, Args};
+use am_testkit::cli::{tool_main, Args};
 use bench::report::median;
 use xfs_node::coherence::NodeId;
 use xfs_node::storage::cleaner::{self, CleanerConfig, Command, Group, Leader, Policy, Reply};

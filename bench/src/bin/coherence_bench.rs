@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use am_udp::cli::{tool_main, Args};
+use am_testkit::cli::{tool_main, Args};
 use bench::coherence::{loops, pure, Throughput};
 use bench::report::median;
 

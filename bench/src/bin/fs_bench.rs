@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use am_udp::cli::{tool_main, Args};
+use am_testkit::cli::{tool_main, Args};
 use bench::report::median;
 use xfs_node::node::config::Config;
 use xfs_node::node::control::{Control, FsOp, Request, Response};

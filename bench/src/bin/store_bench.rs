@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use am_udp::cli::{tool_main, Args};
+use am_testkit::cli::{tool_main, Args};
 use xfs_node::storage::fragment::{FragmentId, FragmentStore};
 use xfs_node::storage::uring::{UringOptions, UringStore};
 

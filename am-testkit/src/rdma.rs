@@ -2,9 +2,9 @@
 //! address of the RDMA device's netdev (`AM_RDMA_ADDR`, default `10.99.0.1`, the SoftRoCE
 //! VM's `dummy0`).
 
-use crate::{RdmaConfig, RdmaTransport};
-use am_core::conformance::Harness;
+use crate::conformance::Harness;
 use am_core::{Config, Endpoint, Time};
+use am_rdma::{RdmaConfig, RdmaTransport};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ pub fn test_ip() -> IpAddr {
 
 /// Why verbs tests cannot run here, or `None` when a device with `test_ip()` is present.
 pub fn unavailable() -> Option<String> {
-    let names = crate::verbs::device_names();
+    let names = am_rdma::verbs::device_names();
     if names.is_empty() {
         return Some(
             "no RDMA verbs device (they run in the SoftRoCE VM: `bash scripts/verbs-tests.sh`)"

@@ -5,15 +5,14 @@
 //! failure with a description; each check asserts exact outcomes (exactly once, in order,
 //! byte-exact, within a time bound).
 //!
-//! This module is test code shipped in the library so every transport crate can run it:
-//! set-up steps that cannot fail on a correct harness (`register`, `map`, a poisoned log
+//! Set-up steps that cannot fail on a correct harness (`register`, `map`, a poisoned log
 //! mutex) `unwrap`; behaviour is reported as `Err`, never by panicking.
 
-use crate::api::{GatherResult, Msg, MsgId, Undeliverable};
-use crate::endpoint::Endpoint;
-use crate::error::{AmError, ErrorCode};
-use crate::transport::Transport;
-use crate::types::{Config, EndpointName, Tag, Time};
+use am_core::api::{GatherResult, Msg, MsgId, Undeliverable};
+use am_core::endpoint::Endpoint;
+use am_core::error::{AmError, ErrorCode};
+use am_core::transport::Transport;
+use am_core::types::{Config, EndpointName, Tag, Time};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -722,7 +721,7 @@ pub fn check_dead_peer_and_restart<H: Harness>(h: &mut H) -> CheckResult {
 pub fn check_version<H: Harness>(h: &mut H) -> CheckResult {
     let (mut a, _) = pair(h);
     let mut cfg = h.base_config();
-    cfg.protocol_version = crate::types::PROTOCOL_VERSION + 98;
+    cfg.protocol_version = am_core::types::PROTOCOL_VERSION + 98;
     cfg.tag = Tag(5);
     let mut old = h.endpoint(cfg);
     old.register(1, |_, _| {}).unwrap();
@@ -741,15 +740,15 @@ pub fn check_version<H: Harness>(h: &mut H) -> CheckResult {
         format!("{} upcalls for the refused message", v.len())
     })?;
     let want = ErrorCode::VersionMismatch {
-        local: crate::types::PROTOCOL_VERSION,
-        remote: crate::types::PROTOCOL_VERSION + 98,
+        local: am_core::types::PROTOCOL_VERSION,
+        remote: am_core::types::PROTOCOL_VERSION + 98,
     };
     ensure(v[0].code == want, || {
         format!("refusal was {:?}, expected {want:?}", v[0].code)
     })?;
     let text = v[0].code.to_string();
     ensure(
-        text.contains(&format!("version {}", crate::types::PROTOCOL_VERSION))
+        text.contains(&format!("version {}", am_core::types::PROTOCOL_VERSION))
             && text.contains("version 99"),
         || format!("the refusal does not name both versions: {text}"),
     )?;
@@ -765,7 +764,7 @@ pub fn check_would_block<H: Harness>(h: &mut H) -> CheckResult {
     let (mut a, b) = pair(h);
     let body = vec![1u8; 1000];
     let mut sent = 0usize;
-    let cap = a.core().config().send_queue_messages + crate::engine::MAX_WINDOW as usize * 8;
+    let cap = a.core().config().send_queue_messages + am_core::engine::MAX_WINDOW as usize * 8;
     loop {
         match a.send(0, Msg::medium(1, &[sent as u64], &[&body])) {
             Ok(_) => sent += 1,
@@ -780,7 +779,7 @@ pub fn check_would_block<H: Harness>(h: &mut H) -> CheckResult {
             return Err(format!("{sent} sends to a stalled receiver never blocked"));
         }
     }
-    let pool = crate::engine::POOL_BUFFERS * (a.transport().capabilities().max_datagram + 64);
+    let pool = am_core::engine::POOL_BUFFERS * (a.transport().capabilities().max_datagram + 64);
     let bound = a.core().memory_bound_per_peer() + pool;
     let used = a.memory_in_use();
     ensure(used <= bound, || {
@@ -808,7 +807,7 @@ pub fn check_rejections<H: Harness>(h: &mut H) -> CheckResult {
     let r = ran.clone();
     b.register(1, move |_, m| r.lock().unwrap().push(m.handler))
         .unwrap();
-    let held: Arc<Mutex<Option<crate::ReplyToken>>> = Arc::default();
+    let held: Arc<Mutex<Option<am_core::ReplyToken>>> = Arc::default();
     let hd = held.clone();
     b.register(2, move |_, mut m| *hd.lock().unwrap() = m.token.take())
         .unwrap();
@@ -898,7 +897,7 @@ pub fn run_suite<H: Harness>(h: &mut H) -> CheckResult {
 /// A [`Harness`] over the simulated network.
 pub struct SimHarness {
     /// The network.
-    pub net: crate::sim::SimNet,
+    pub net: am_core::sim::SimNet,
     /// Base configuration.
     pub config: Config,
     /// Bulk size for the classes check.
@@ -907,9 +906,9 @@ pub struct SimHarness {
 
 impl SimHarness {
     /// A harness on a network seeded with `seed`.
-    pub fn new(seed: u64, faults: crate::sim::Faults) -> SimHarness {
+    pub fn new(seed: u64, faults: am_core::sim::Faults) -> SimHarness {
         SimHarness {
-            net: crate::sim::SimNet::new(seed, faults),
+            net: am_core::sim::SimNet::new(seed, faults),
             config: Config {
                 segment_bytes: 2 << 20,
                 ..Config::default()
@@ -920,7 +919,7 @@ impl SimHarness {
 }
 
 impl Harness for SimHarness {
-    type T = crate::sim::SimTransport;
+    type T = am_core::sim::SimTransport;
     fn base_config(&self) -> Config {
         self.config.clone()
     }

@@ -9,7 +9,7 @@
 
 use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Transport, Undeliverable};
 use am_rdma::{RdmaConfig, RdmaTransport};
-use am_udp::cli::Args;
+use am_testkit::cli::Args;
 use am_udp::{UdpConfig, UdpTransport};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -186,7 +186,7 @@ fn server<T: Transport>(args: &Args, t: T) -> Result<(), String> {
         ..Config::default()
     };
     let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
-    am_udp::harness::pingpong_handlers(&mut ep, args.flag("--log-handled"))
+    am_testkit::peer::pingpong_handlers(&mut ep, args.flag("--log-handled"))
         .map_err(|e| e.to_string())?;
     println!("listening {} tag {}", ep.name().addr, ep.tag().0);
     let _ = std::io::stdout().flush();
@@ -302,7 +302,7 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
             for (i, b) in ep.segment_mut()[..n].iter_mut().enumerate() {
                 *b = (i % 251) as u8;
             }
-            let want = am_udp::harness::fnv(&ep.segment()[..n]);
+            let want = am_testkit::peer::fnv(&ep.segment()[..n]);
             let (a, _) = round(&mut ep, Msg::bulk(3, &[], &[(0, n)], 0))?;
             check(a == vec![n as u64, want], "bulk hash")?;
             println!("bulk ok");

@@ -3,11 +3,11 @@
 //! (the `_over_verbs` tests need a verbs device: they run in the SoftRoCE VM, see
 //! `scripts/verbs-tests.sh`, and say they were skipped elsewhere).
 
-use am_core::conformance::poll_until;
 use am_core::{Config, Endpoint, EndpointName, ErrorCode, Msg, Tag, Transport, Undeliverable};
-use am_rdma::harness::{skip_without_device, test_ip};
 use am_rdma::{RdmaConfig, RdmaTransport};
-use am_udp::harness::{check_cut_stream, PeerProcess};
+use am_testkit::conformance::poll_until;
+use am_testkit::peer::{check_cut_stream, PeerProcess};
+use am_testkit::rdma::{skip_without_device, test_ip};
 use am_udp::{UdpConfig, UdpTransport};
 use std::net::SocketAddr;
 use std::path::PathBuf;

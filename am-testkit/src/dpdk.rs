@@ -19,11 +19,11 @@
 //! Test code shipped in the library; set-up failures panic with the DPDK error because
 //! the `Harness` trait makes endpoints infallibly.
 
-use crate::frame::{Mac, BROADCAST};
-use crate::sys::{Mbuf, MbufPool, Port, PortSpec, Ring};
-use crate::{mac_for, DpdkConfig, DpdkStats, DpdkTransport};
-use am_core::conformance::{poll_until, Harness};
+use crate::conformance::{poll_until, Harness};
 use am_core::{Config, Endpoint, Stats, Time};
+use am_dpdk::frame::{Mac, BROADCAST};
+use am_dpdk::sys::{Mbuf, MbufPool, Port, PortSpec, Ring};
+use am_dpdk::{mac_for, DpdkConfig, DpdkStats, DpdkTransport};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
