@@ -1812,7 +1812,7 @@ impl ManagerShard {
     }
 }
 
-/// Block storage as the storage role sees it: the node's log plugs in here (`fs::LogStore`);
+/// Block storage as the storage role sees it: the node's log plugs in here (`node::LogStore`);
 /// the simulation and the model use [`MemStore`]. Errors are strings naming what failed:
 /// the storage role counts them and sends no reply (the requester times out with EIO),
 /// never a made-up content.

@@ -389,7 +389,7 @@ fn an_unreadable_block_is_named_by_inode_and_offset() {
     use std::sync::{Arc, Mutex};
     use xfs_node::coherence::BlockStore;
     use xfs_node::fs::layout::block_id;
-    use xfs_node::node::LogStore;
+    use xfs_node::storage::block_store::LogStore;
     let stores = (0..3)
         .map(|_| Some(MemFragmentStore::new(64, 16 * 1024)))
         .collect();

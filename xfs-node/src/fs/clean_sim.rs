@@ -13,6 +13,7 @@
 //! The leader reaches the writers' logs directly (in the node it goes over Active
 //! Messages, `docs/cleaner.md`); the writer side is the same code ([`cleaner::run`]).
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -133,10 +134,6 @@ fn readers(sim: &FsSim) -> Vec<Mutex<Option<SegmentReader<SimFrag>>>> {
             Mutex::new(SegmentReader::new(w.group.clone(), stores).ok())
         })
         .collect()
-}
-
-fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Capacity, free and live bytes of the group (segment payload x slots, x free slots).

@@ -880,3 +880,19 @@ mod extent_tests {
         assert_eq!(y, vec![(0, 2), (10, 11)]);
     }
 }
+
+/// What a block is, for an error message: the inode and the byte range of the file (or the
+/// directory bucket) it holds, or the inode's own block.
+pub fn block_name(block: BlockId) -> String {
+    let ino = ino_of(block);
+    let n = block & INODE_BLOCK;
+    if n == INODE_BLOCK {
+        format!("inode {ino} (its inode block)")
+    } else {
+        let at = n * BLOCK as u64;
+        format!(
+            "inode {ino}, bytes {at}..{} (block {n}; a directory's bucket {n})",
+            at + BLOCK as u64
+        )
+    }
+}

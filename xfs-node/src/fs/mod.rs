@@ -1,5 +1,6 @@
 //! The file system on top of the coherence protocol: block layout and patches
-//! ([`layout`]), and the client API ([`client`]).
+//! ([`layout`]), the client API ([`client`]), the name-space check and repair ([`fsck`]),
+//! and the whole-cluster simulations ([`sim`], [`clean_sim`]).
 
 pub mod clean_sim;
 pub mod client;

@@ -26,9 +26,9 @@ use am_core::{Config, Endpoint, Tag};
 use super::client::{Blocks, Errno, FsClient, ManagerMap, RenameMode, SetAttr, StatFs, XattrMode};
 use super::layout::{Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::coherence::{BlockId, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp};
-use crate::node::LogStore;
 use crate::shard::{connect_all, shard_of, Shard, ShardConfig};
 use crate::sim::Rng;
+use crate::storage::block_store::LogStore;
 use crate::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
 use crate::storage::log::{Log, StripeGroup};
 

@@ -1,4 +1,4 @@
-//! The control socket: how the CLI (and benchmarks, and later the mount) use a node's
+//! The control socket: how the CLI, the benchmarks and the mount (`xfsam-mount`) use a node's
 //! client. A Unix stream socket; each request and response is a little-endian u32 length
 //! and a `bincode` body. One connection serves its requests in order; open several for
 //! parallelism. A request that does not parse gets an error response, never a crash.

@@ -4,8 +4,10 @@
 //! A node runs N [`Shard`]s, one single-threaded loop per core. A block belongs to shard
 //! [`shard_of`]`(block, N)` on every node, so shard s of one node only ever talks to shard s
 //! of the others. Each shard owns one AM endpoint and the client, manager and storage state
-//! of its blocks; nothing is shared between shards (no locks: a shard is `Send`, moved into
-//! its thread, and driven only by [`Shard::step`]).
+//! of its blocks; no protocol state is shared between shards (a shard is `Send`, moved into
+//! its thread, and driven only by [`Shard::step`]). Today the node's storage is shared:
+//! every shard's storage role calls the node's one log through a mutex (`node::LogStore`),
+//! inside the loop (docs/architecture.md).
 //!
 //! The loop: poll the endpoint (its handler only decodes and queues), then feed the queued
 //! messages, finished kernel invalidations and waiting user operations to the state
@@ -19,9 +21,14 @@
 //! does not decode, or comes from an endpoint that is not a known node, is counted in
 //! [`ShardCounters::bad_messages`] and dropped.
 
+pub mod queue;
+pub mod run;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
+
+use crate::lock;
 
 use am_core::{AmError, Endpoint, EndpointName, Msg as AmMsg, Tag, Transport, TransportError};
 
@@ -978,12 +985,6 @@ pub fn connect_all<T: Transport, D: BlockData, S: BlockStore<D>>(
         }
     }
     Ok(())
-}
-
-fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
-    // A handler never panics while holding the lock, so poisoning cannot happen; recover
-    // the data anyway rather than propagate a panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //!   (after a crash) starts from the writers' usage tables, where a half-cleaned segment is
 //!   simply a segment with fewer live bytes.
 
+use crate::lock;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -198,10 +199,6 @@ pub enum Reply {
     Here,
     /// Something failed (names what).
     Error(String),
-}
-
-fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writer side: the usage summary of `log` with its `limit` best candidates.

@@ -1279,7 +1279,7 @@ impl<S: FragmentStore + Send> Log<S> {
                 problems.push(format!(
                     "log of node {}: {} is mapped to segment {:x}, which the log does not hold (the block is lost)",
                     self.writer,
-                    crate::node::block_name(*block),
+                    crate::fs::layout::block_name(*block),
                     a.segment
                 ));
             }

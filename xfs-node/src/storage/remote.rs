@@ -15,6 +15,7 @@
 //! [`CLIENT_HANDLER`], status 0 for success, else a [`StoreError`] kind. A server that does
 //! not answer makes the client's call fail with [`StoreError::Io`] naming it.
 
+use crate::lock;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -120,10 +121,6 @@ pub struct StorageServer<T: Transport, S: FragmentStore> {
     pub served: u64,
     /// Requests refused: a put outside its sender's window, or from a client without one.
     pub bad_requests: u64,
-}
-
-fn lock<X>(m: &Mutex<X>) -> std::sync::MutexGuard<'_, X> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<T: Transport, S: FragmentStore> StorageServer<T, S> {

@@ -1,0 +1,218 @@
+//! The shard loops' queues: the commands other threads of the node send a shard loop
+//! ([`Cmd`], over a bounded `sync_channel`, with a wake-up of the loop's `wait`), and the
+//! client's [`Blocks`] over them ([`NodeBlocks`]: each block operation goes to the shard
+//! that owns the block). The loop that takes them: [`super::run::shard_loop`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::coherence::{BlockId, NodeId, OpId, Outcome, SyncError, UserOp};
+use crate::fs::client::{Blocks, Errno, StatFs};
+use crate::node::OP_TIMEOUT;
+use crate::shard::shard_of;
+
+/// Where a store command's answer goes.
+pub(crate) type CallReply = Sender<Result<Vec<u8>, String>>;
+/// Where a block operation's outcome goes: its index in the caller's batch, and the
+/// batch's channel.
+pub(crate) type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
+/// The attached mount's queue of kernel invalidations (`None`: no mount; they complete at
+/// once).
+pub(crate) type MountLink = Arc<Mutex<Option<SyncSender<Vec<BlockId>>>>>;
+
+pub(crate) enum Cmd {
+    Op {
+        op: OpId,
+        block: BlockId,
+        user: UserOp<Vec<u8>>,
+        reply: OpReply,
+    },
+    Sync {
+        op: OpId,
+        node: NodeId,
+        reply: Sender<Result<(), SyncError>>,
+    },
+    /// A store command to node `node` (the cleaner's).
+    Call {
+        op: OpId,
+        node: NodeId,
+        request: Vec<u8>,
+        reply: Sender<Result<Vec<u8>, String>>,
+    },
+    /// A store command from `from` ran (on the node's command thread).
+    CommandDone {
+        from: NodeId,
+        op: OpId,
+        result: Result<Vec<u8>, String>,
+    },
+    Stats(Sender<Vec<(String, u64)>>),
+    /// The kernel dropped these blocks (the mount's answer to an invalidation).
+    KernelDone(Vec<BlockId>),
+}
+
+/// The node's [`Blocks`]: block operations queued to the shard loops.
+pub struct NodeBlocks {
+    pub(crate) me: NodeId,
+    pub(crate) shards: Vec<SyncSender<Cmd>>,
+    /// Wake each shard loop from its `wait` when a command is queued.
+    pub(crate) wake: Vec<Arc<dyn am_core::Notify>>,
+    pub(crate) next: AtomicU64,
+    pub(crate) statfs: Box<dyn Fn() -> Result<StatFs, Errno> + Send + Sync>,
+}
+
+impl NodeBlocks {
+    fn op_id(&self) -> OpId {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Report kernel invalidations done to the blocks' shards.
+    pub fn kernel_done(&self, blocks: Vec<BlockId>) {
+        let mut by: BTreeMap<usize, Vec<BlockId>> = BTreeMap::new();
+        for b in blocks {
+            by.entry(shard_of(b, self.shards.len()))
+                .or_default()
+                .push(b);
+        }
+        for (s, v) in by {
+            if self.shards[s].send(Cmd::KernelDone(v)).is_ok() {
+                self.wake[s].notify();
+            }
+        }
+    }
+
+    /// Run a store command on node `node` (through shard 0), waiting up to `timeout`.
+    pub fn call(
+        &self,
+        node: NodeId,
+        request: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        let (tx, rx) = mpsc::channel();
+        let cmd = Cmd::Call {
+            op: self.op_id(),
+            node,
+            request,
+            reply: tx,
+        };
+        self.shards[0]
+            .send(cmd)
+            .map_err(|_| "the shard loop has stopped".to_string())?;
+        self.wake[0].notify();
+        rx.recv_timeout(timeout)
+            .map_err(|_| format!("node {node} did not answer within {timeout:?}"))?
+    }
+
+    /// Sum the shards' counters.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let mut sum: BTreeMap<String, u64> = BTreeMap::new();
+        for (s, w) in self.shards.iter().zip(&self.wake) {
+            let (tx, rx) = mpsc::channel();
+            if s.send(Cmd::Stats(tx)).is_ok() {
+                w.notify();
+                if let Ok(c) = rx.recv_timeout(Duration::from_secs(5)) {
+                    for (k, v) in c {
+                        *sum.entry(k).or_default() += v;
+                    }
+                }
+            }
+        }
+        sum.into_iter().collect()
+    }
+}
+
+impl Blocks for NodeBlocks {
+    fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
+        let n = ops.len();
+        let (tx, rx) = mpsc::channel();
+        let mut out: Vec<Option<Result<Outcome<Vec<u8>>, Errno>>> = vec![None; n];
+        let mut sent = 0;
+        for (i, (block, user)) in ops.into_iter().enumerate() {
+            let s = shard_of(block, self.shards.len());
+            let cmd = Cmd::Op {
+                op: self.op_id(),
+                block,
+                user,
+                reply: (i, tx.clone()),
+            };
+            if self.shards[s].send(cmd).is_ok() {
+                self.wake[s].notify();
+                sent += 1;
+            } else {
+                out[i] = Some(Err(Errno::EIO));
+            }
+        }
+        let deadline = Instant::now() + OP_TIMEOUT;
+        for _ in 0..sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((i, r)) => out[i] = Some(r),
+                Err(_) => break,
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(Errno::EIO)))
+            .collect()
+    }
+
+    fn sync(&self, node: NodeId) -> Result<(), Errno> {
+        let (tx, rx) = mpsc::channel();
+        let cmd = Cmd::Sync {
+            op: self.op_id(),
+            node,
+            reply: tx,
+        };
+        self.shards[0].send(cmd).map_err(|_| Errno::EIO)?;
+        self.wake[0].notify();
+        match rx.recv_timeout(OP_TIMEOUT) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                eprintln!("xfs-node: fsync on node {node} failed: {e}");
+                Err(Errno(e.errno))
+            }
+            Err(_) => Err(Errno::EIO),
+        }
+    }
+
+    fn statfs(&self) -> Result<StatFs, Errno> {
+        (self.statfs)()
+    }
+
+    fn now(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn wait_for_space(&self, attempt: u32) -> bool {
+        // The cleaner's leader looks at the group every 200 ms; a writer waits for it up
+        // to 10 s in all (then ENOSPC: the space is live, or the cleaner cannot run).
+        if attempt >= 200 {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        true
+    }
+
+    fn failpoint(&self, name: &str) -> Result<(), Errno> {
+        // `XFS_FAILPOINTS=a,b`: the node dies (abort, as a power cut would stop it) at
+        // each named point; read once. For the crash tests and `xfs-node fsck`'s demo.
+        static POINTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+        let points = POINTS.get_or_init(|| {
+            std::env::var("XFS_FAILPOINTS")
+                .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
+                .unwrap_or_default()
+        });
+        if points.iter().any(|p| p == name) {
+            eprintln!("xfs-node: failpoint {name} (XFS_FAILPOINTS): dying here");
+            std::process::abort();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! The shard loop: the thread that drives one [`Shard`] (its AM endpoint and the
+//! coherence state of its blocks), taking the node's commands ([`Cmd`]) from its queue,
+//! sending kernel invalidations to the attached mount, and sleeping in the endpoint's
+//! `wait` when idle.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use am_core::Transport;
+
+use super::queue::{CallReply, Cmd, MountLink, OpReply};
+use super::Shard;
+use crate::coherence::{BlockId, NodeId, OpId, SyncError};
+use crate::lock;
+use crate::storage::block_store::LogStore;
+use crate::storage::remote::RemoteStore;
+
+pub(crate) fn shard_loop<T: Transport + Send>(
+    mut shard: Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>,
+    rx: Receiver<Cmd>,
+    stop: Arc<AtomicBool>,
+    mount: MountLink,
+    commands: Option<SyncSender<(NodeId, OpId, Vec<u8>)>>,
+) {
+    // Kernel invalidations go to the attached mount (if any) and complete when it answers.
+    shard.external_kernel = true;
+    shard.external_commands = commands.is_some();
+    let mut unsent: Vec<BlockId> = Vec::new();
+    let mut invalidations = 0u64;
+    let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
+    let mut syncs: BTreeMap<OpId, Sender<Result<(), SyncError>>> = BTreeMap::new();
+    // Store commands in flight (dropped unanswered after two minutes: a dead peer).
+    let mut calls: BTreeMap<OpId, (Instant, CallReply)> = BTreeMap::new();
+    let mut idle = 0u32;
+    let mut last_error: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let mut work = 0;
+        while let Ok(cmd) = rx.try_recv() {
+            work += 1;
+            match cmd {
+                Cmd::Op {
+                    op,
+                    block,
+                    user,
+                    reply,
+                } => {
+                    ops.insert(op, reply);
+                    shard.submit(op, block, user);
+                }
+                Cmd::Sync { op, node, reply } => {
+                    syncs.insert(op, reply);
+                    shard.sync(op, node);
+                }
+                Cmd::Call {
+                    op,
+                    node,
+                    request,
+                    reply,
+                } => {
+                    calls.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(120));
+                    calls.insert(op, (Instant::now(), reply));
+                    shard.call(op, node, request);
+                }
+                Cmd::CommandDone { from, op, result } => shard.command_done(from, op, result),
+                Cmd::KernelDone(blocks) => {
+                    for b in blocks {
+                        shard.kernel_done(b);
+                    }
+                }
+                Cmd::Stats(tx) => {
+                    let c = shard.counters();
+                    let cc = shard.client.counters;
+                    let mc = shard.manager.counters;
+                    let _ = tx.send(vec![
+                        ("messages".into(), c.messages),
+                        ("remote_sends".into(), c.remote_sends),
+                        ("local_sends".into(), c.local_sends),
+                        ("ops_completed".into(), c.ops_completed),
+                        ("bad_messages".into(), c.bad_messages),
+                        ("protocol_errors".into(), c.protocol_errors),
+                        ("undeliverable".into(), c.undeliverable),
+                        ("bounced".into(), c.bounced),
+                        (
+                            "reads_during_invalidation".into(),
+                            c.reads_during_invalidation,
+                        ),
+                        ("peer_reads".into(), cc.peer_reads),
+                        ("storage_reads".into(), cc.storage_reads),
+                        ("forwards_served".into(), cc.forwards_served),
+                        ("revokes".into(), cc.revokes),
+                        ("handoffs_sent".into(), cc.handoffs_sent),
+                        ("handoffs_taken".into(), cc.handoffs_taken),
+                        ("capacity_evictions".into(), cc.capacity_evictions),
+                        ("cached_blocks".into(), shard.client.cached() as u64),
+                        ("manager_forwards".into(), mc.forwards),
+                        ("manager_fetches".into(), mc.fetches),
+                        ("kernel_invalidations".into(), invalidations),
+                    ]);
+                }
+            }
+        }
+        work += shard.step(256).unwrap_or(0);
+        if let Some(tx) = &commands {
+            for (from, op, request) in shard.take_commands() {
+                work += 1;
+                if let Err(e) = tx.try_send((from, op, request)) {
+                    let why = match e {
+                        mpsc::TrySendError::Full(_) => "busy: too many commands queued",
+                        mpsc::TrySendError::Disconnected(_) => "the command thread has stopped",
+                    };
+                    shard.command_done(from, op, Err(why.into()));
+                }
+            }
+        }
+        let asked = shard.take_kernel_requests();
+        if !asked.is_empty() || !unsent.is_empty() {
+            work += asked.len();
+            unsent.extend(asked);
+            // Sent under the lock: once the mount's stream clears the link, no batch can
+            // still be on its way into the old queue.
+            let link = lock(&mount);
+            let done = match link.as_ref() {
+                Some(tx) => match tx.try_send(std::mem::take(&mut unsent)) {
+                    Ok(()) => Vec::new(),
+                    // The mount is behind: hold them back for the next turn.
+                    Err(mpsc::TrySendError::Full(v)) => {
+                        unsent = v;
+                        Vec::new()
+                    }
+                    Err(mpsc::TrySendError::Disconnected(v)) => v,
+                },
+                None => std::mem::take(&mut unsent),
+            };
+            drop(link);
+            invalidations += done.len() as u64;
+            for b in done {
+                shard.kernel_done(b);
+            }
+        }
+        for c in shard.take_completions() {
+            if let Some((i, tx)) = ops.remove(&c.op) {
+                let _ = tx.send((i, Ok(c.outcome)));
+            }
+        }
+        for (op, r) in shard.take_sync_done() {
+            if let Some(tx) = syncs.remove(&op) {
+                let _ = tx.send(r);
+            }
+        }
+        for (op, r) in shard.take_call_done() {
+            if let Some((_, tx)) = calls.remove(&op) {
+                let _ = tx.send(r);
+            }
+        }
+        if let Some(e) = shard.last_error() {
+            let e = e.to_string();
+            if last_error.as_ref() != Some(&e) {
+                eprintln!("xfs-node: shard: {e}");
+                last_error = Some(e);
+            }
+        }
+        if work == 0 {
+            idle += 1;
+            if idle > 64 {
+                // A message, a timer of the endpoint, or a queued command (the transport's
+                // notifier) wakes it.
+                let _ = shard.wait(Duration::from_millis(50));
+            } else {
+                std::thread::yield_now();
+            }
+        } else {
+            idle = 0;
+        }
+    }
+}
