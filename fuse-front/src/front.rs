@@ -1,0 +1,245 @@
+//! The mount's handle on its node: [`Front`], its pooled control-socket connections and the
+//! helpers the FUSE operations share (errors, counters, directory listings).
+
+use super::*;
+
+/// A directory listing taken at `opendir` (and again at offset 0).
+pub(crate) type Listing = Arc<Vec<(u64, FileType, Vec<u8>, Option<Inode>)>>;
+
+/// The FUSE file system: one node's client.
+pub struct Front {
+    pub(crate) opts: Options,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) pool: Mutex<Vec<Control>>,
+    pub(crate) dirs: Mutex<HashMap<u64, Listing>>,
+    pub(crate) next_fh: AtomicU64,
+    /// Open files (our index numbers) and how many times each is open.
+    pub(crate) open: Mutex<HashMap<u64, u32>>,
+    /// Open files whose last name may have gone while they were open: their blocks are
+    /// kept until the last close, which asks the node to reclaim them.
+    pub(crate) orphans: Mutex<HashSet<u64>>,
+}
+
+impl Front {
+    /// Connect to the node at `opts.control`.
+    pub fn new(opts: Options) -> Result<Front, String> {
+        let mut c = Control::connect(&opts.control)?;
+        let root = match c.call_ok(&CtlRequest::Fs(FsOp::Root))? {
+            Response::Ino(r) => r,
+            other => return Err(format!("unexpected answer {other:?}")),
+        };
+        Ok(Front {
+            opts,
+            shared: Arc::new(Shared {
+                stats: Stats::default(),
+                root,
+                names: Mutex::new(HashMap::new()),
+                inos: Mutex::new(HashSet::new()),
+            }),
+            pool: Mutex::new(vec![c]),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            open: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// What the invalidation thread needs.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    pub(crate) fn call(&self, op: FsOp) -> Result<Response, Errno> {
+        let conn = lock(&self.pool).pop();
+        let mut c = match conn {
+            Some(c) => c,
+            None => Control::connect(&self.opts.control).map_err(|e| {
+                self.node_error(&e);
+                Errno::EIO
+            })?,
+        };
+        match c.call(&CtlRequest::Fs(op)) {
+            Ok(Response::Err { errno: e, .. }) => {
+                lock(&self.pool).push(c);
+                Err(errno(e))
+            }
+            Ok(r) => {
+                lock(&self.pool).push(c);
+                Ok(r)
+            }
+            Err(e) => {
+                self.node_error(&e);
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    pub(crate) fn node_error(&self, e: &str) {
+        if self
+            .shared
+            .stats
+            .node_errors
+            .fetch_add(1, Ordering::Relaxed)
+            < 10
+        {
+            eprintln!("xfsam-mount: the node does not answer: {e}");
+        }
+    }
+
+    pub(crate) fn inode(&self, op: FsOp) -> Result<Inode, Errno> {
+        match self.call(op)? {
+            Response::Attr(i) => Ok(*i),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    pub(crate) fn attr(&self, i: &Inode) -> FileAttr {
+        let blocks: u64 = i
+            .extents
+            .iter()
+            .map(|(s, e)| e - s)
+            .sum::<u64>()
+            .min(i.size.div_ceil(BLOCK as u64))
+            * (BLOCK as u64 / 512);
+        FileAttr {
+            ino: self.shared.fuse(i.ino),
+            size: i.size,
+            blocks,
+            atime: time(i.atime),
+            mtime: time(i.mtime),
+            ctime: time(i.ctime),
+            crtime: time(i.btime),
+            kind: file_type(i),
+            perm: (i.mode & 0o7777) as u16,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev as u32,
+            blksize: BLOCK as u32,
+            flags: 0,
+        }
+    }
+
+    pub(crate) fn entry(
+        &self,
+        parent: u64,
+        name: &[u8],
+        r: Result<Inode, Errno>,
+        reply: ReplyEntry,
+    ) {
+        match r {
+            Ok(i) => {
+                self.shared.hand_out(parent, name, i.ino);
+                reply.entry(&self.opts.ttl, &self.attr(&i), Generation(0));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    pub(crate) fn empty(&self, r: Result<Response, Errno>, reply: ReplyEmpty) {
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    pub(crate) fn count(&self) {
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A change with an empty answer (count it; refused on a read-only mount).
+    pub(crate) fn change(&self, op: FsOp, reply: ReplyEmpty) {
+        self.count();
+        match self.rofs() {
+            Ok(()) => self.empty(self.call(op), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// The files open on this mount (their blocks outlive their last name).
+    pub(crate) fn open_files(&self) -> Vec<u64> {
+        lock(&self.open).keys().copied().collect()
+    }
+
+    /// The answer to an unlink or rename: the node names the open file whose last name
+    /// went (freed at its last close here).
+    pub(crate) fn orphaned(&self, r: Result<Response, Errno>) -> Result<Response, Errno> {
+        if let Ok(Response::Ino(ino)) = &r {
+            lock(&self.orphans).insert(*ino);
+        }
+        r
+    }
+
+    pub(crate) fn opened(&self, ino: u64) {
+        *lock(&self.open).entry(ino).or_insert(0) += 1;
+    }
+
+    /// A new name for an inode in `parent` (count it; refused on a read-only mount).
+    pub(crate) fn made(&self, parent: u64, name: &[u8], op: FsOp, reply: ReplyEntry) {
+        self.count();
+        match self.rofs() {
+            Ok(()) => self.entry(parent, name, self.inode(op), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// An answer of bytes.
+    pub(crate) fn bytes(&self, op: FsOp, reply: ReplyData) {
+        self.count();
+        match self.call(op) {
+            Ok(Response::Data(d)) => reply.data(&d),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    pub(crate) fn rofs(&self) -> Result<(), Errno> {
+        if self.opts.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn listing(&self, ino: u64) -> Result<Listing, Errno> {
+        let me = self.inode(FsOp::Getattr { ino })?;
+        if me.kind != Some(Kind::Dir) {
+            return Err(Errno::ENOTDIR);
+        }
+        let parent = if me.parent == 0 { ino } else { me.parent };
+        let Response::Entries(v) = self.call(FsOp::Readdir { ino })? else {
+            return Err(Errno::EIO);
+        };
+        let mut out = vec![
+            (ino, FileType::Directory, b".".to_vec(), None),
+            (parent, FileType::Directory, b"..".to_vec(), None),
+        ];
+        for (Entry { name, ino: e, kind }, i) in v {
+            let t = if kind == Kind::Special {
+                file_type(&i)
+            } else {
+                kind_type(kind)
+            };
+            out.push((e, t, name, Some(i)));
+        }
+        Ok(Arc::new(out))
+    }
+
+    pub(crate) fn dir_listing(
+        &self,
+        ino: u64,
+        fh: FileHandle,
+        offset: u64,
+    ) -> Result<Listing, Errno> {
+        if offset == 0 || !lock(&self.dirs).contains_key(&fh.0) {
+            let l = self.listing(ino)?;
+            lock(&self.dirs).insert(fh.0, l);
+        }
+        // Shared, not copied: a large directory is read in many calls.
+        Ok(lock(&self.dirs).get(&fh.0).cloned().unwrap_or_default())
+    }
+
+    pub(crate) fn set(&self, ino: u64, a: SetAttr) -> Result<Inode, Errno> {
+        self.inode(FsOp::Setattr { ino, attr: a })
+    }
+}

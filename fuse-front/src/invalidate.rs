@@ -1,0 +1,214 @@
+//! The invalidation service: the node's stream of blocks this mount's client lost, turned
+//! into kernel invalidations off the FUSE threads and answered when the kernel returns (or
+//! after `inval_wait`, counted late).
+
+use super::*;
+
+/// The invalidation thread: subscribe to the node's invalidations and carry each to the
+/// kernel (see the module docs). Returns when `stop` is set; reconnects when the node
+/// goes away and comes back.
+pub fn invalidations(
+    control: &Path,
+    first: Control,
+    notifier: KernelChannel,
+    shared: Arc<Shared>,
+    wait: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let mut warned = false;
+    let mut first = Some(first);
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(c) = first.take() {
+            if let (Ok(r), Ok(w)) = (c.stream().try_clone(), c.stream().try_clone()) {
+                serve_stream(r, w, &notifier, &shared, wait, &stop);
+            }
+            continue;
+        }
+        let mut c = match Control::connect(control) {
+            Ok(c) => c,
+            Err(e) => {
+                if !warned {
+                    eprintln!("xfsam-mount: invalidation stream: {e} (retrying)");
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        match c.call(&CtlRequest::Subscribe) {
+            Ok(Response::Ok) => warned = false,
+            other => {
+                eprintln!("xfsam-mount: subscribing to invalidations: {other:?}");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        }
+        // The stream broke (the node restarted, or was unreachable): its client may have
+        // lost blocks without telling us. Drop everything the kernel caches.
+        forget_everything(&notifier, &shared);
+        let (Ok(r), Ok(w)) = (c.stream().try_clone(), c.stream().try_clone()) else {
+            continue;
+        };
+        serve_stream(r, w, &notifier, &shared, wait, &stop);
+    }
+}
+
+/// Subscribe to node's invalidations on a new connection (before mounting: a node takes
+/// one mount, and a mount without invalidations would not be coherent).
+pub fn subscribe(control: &Path) -> Result<Control, String> {
+    let mut c = Control::connect(control)?;
+    match c.call(&CtlRequest::Subscribe)? {
+        Response::Ok => Ok(c),
+        Response::Err { message, .. } => Err(message),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Drop the pages and attributes of every inode and expire every name handed to the
+/// kernel.
+pub(crate) fn forget_everything(n: &KernelChannel, sh: &Shared) {
+    let inos: Vec<u64> = lock(&sh.inos).iter().copied().collect();
+    for ino in inos {
+        let _ = n.inval_inode(sh.fuse(ino).0, 0, 0);
+    }
+    let names = std::mem::take(&mut *lock(&sh.names));
+    for ((dir, _), set) in names {
+        for name in set {
+            let _ = n.expire_entry(sh.fuse(dir).0, &name);
+        }
+    }
+}
+
+/// Batches given to the kernel and not answered yet: id -> (deadline, blocks).
+pub(crate) type Pending = Mutex<HashMap<u64, (std::time::Instant, Vec<u64>)>>;
+
+/// One subscription: batches go to workers (a kernel call that blocks — the kernel waits
+/// for this mount — holds up neither the stream nor other batches); a worker answers its
+/// batch when the kernel returned, a watchdog answers it at its deadline, whichever is
+/// first (once).
+pub(crate) fn serve_stream(
+    mut r: std::os::unix::net::UnixStream,
+    w: std::os::unix::net::UnixStream,
+    notifier: &KernelChannel,
+    shared: &Arc<Shared>,
+    wait: Duration,
+    stop: &Arc<AtomicBool>,
+) {
+    let w = Arc::new(Mutex::new(w));
+    let pending: Arc<Pending> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let answer = {
+        let (w, pending) = (w.clone(), pending.clone());
+        move |id: u64| {
+            let Some((_, blocks)) = lock(&pending).remove(&id) else {
+                return false;
+            };
+            let _ = control::send(&mut *lock(&w), &CtlRequest::KernelDone(blocks));
+            true
+        }
+    };
+    let (jobs_tx, jobs_rx) = mpsc::channel::<(u64, Vec<u64>)>();
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    let mut threads = Vec::new();
+    for _ in 0..4 {
+        let (rx, n, sh, answer) = (
+            jobs_rx.clone(),
+            notifier.clone(),
+            shared.clone(),
+            answer.clone(),
+        );
+        threads.push(std::thread::spawn(move || loop {
+            let job = lock(&rx).recv();
+            let Ok((id, blocks)) = job else {
+                return;
+            };
+            for b in blocks {
+                invalidate(&n, &sh, b);
+            }
+            answer(id);
+        }));
+    }
+    {
+        let (pending, done, sh, answer) = (
+            pending.clone(),
+            done.clone(),
+            shared.clone(),
+            answer.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(2));
+                let now = std::time::Instant::now();
+                let late: Vec<u64> = lock(&pending)
+                    .iter()
+                    .filter(|(_, (d, _))| *d <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in late {
+                    if answer(id) {
+                        sh.stats.inval_late.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    r.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    let mut next = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let blocks = match control::recv::<Response>(&mut r) {
+            Ok(Some(Response::Invalidate(b))) => b,
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => break,
+        };
+        shared
+            .stats
+            .invalidations
+            .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        next += 1;
+        lock(&pending).insert(next, (std::time::Instant::now() + wait, blocks.clone()));
+        if jobs_tx.send((next, blocks)).is_err() {
+            break;
+        }
+    }
+    drop(jobs_tx);
+    done.store(true, Ordering::Relaxed);
+    let _ = lock(&w).shutdown(std::net::Shutdown::Both);
+    // Workers blocked in the kernel finish when it lets go; do not wait for them.
+    drop(threads);
+}
+
+/// Drop what the kernel caches of `block`.
+pub(crate) fn invalidate(n: &KernelChannel, sh: &Shared, block: u64) {
+    let advisory = block & control::ADVISORY != 0;
+    let block = block & !control::ADVISORY;
+    let ino = ino_of(block);
+    let bn = block & INODE_BLOCK;
+    let fi = sh.fuse(ino);
+    let calls = &sh.stats.kernel_calls;
+    if bn == INODE_BLOCK {
+        // Attributes only (a negative offset leaves the pages).
+        let _ = n.inval_inode(fi.0, -1, 0);
+        calls.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let names = lock(&sh.names).remove(&(ino, bn));
+    for name in names.into_iter().flatten() {
+        let _ = n.expire_entry(fi.0, &name);
+        calls.fetch_add(1, Ordering::Relaxed);
+    }
+    // An advisory block (the node's CLI changed the file) stands for all its pages.
+    let (off, len) = if advisory {
+        (0, 0)
+    } else {
+        ((bn * BLOCK as u64) as i64, BLOCK as i64)
+    };
+    let _ = n.inval_inode(fi.0, off, len);
+    calls.fetch_add(1, Ordering::Relaxed);
+}
