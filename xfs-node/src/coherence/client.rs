@@ -1,0 +1,903 @@
+//! The client's machine: per block its state, pending user operation and local step
+//! ([`ClientBlock`]), the channels from each manager, and [`ClientShard`].
+
+use super::*;
+
+/// A client's mode for a block it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Read-Shared.
+    Shared,
+    /// Private: Private-Clean or (dirty) Private-Dirty.
+    Private { dirty: bool },
+}
+
+/// The four stable states of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockState {
+    /// No copy.
+    Invalid,
+    /// Read-Shared.
+    ReadShared,
+    /// Private-Clean.
+    PrivateClean,
+    /// Private-Dirty.
+    PrivateDirty,
+}
+
+/// A user operation waiting for the protocol.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PendingOp<D> {
+    /// Waiting for `Data`.
+    Read(OpId),
+    /// Waiting for `Grant` or exclusive `Data`; then the block becomes `value`.
+    Write(OpId, D),
+    /// Waiting for `Grant` or exclusive `Data`; then the patch is applied to the content.
+    Update(OpId, D),
+    /// Waiting for `Grant` or exclusive `Data`; then the block is pinned.
+    Acquire(OpId),
+    /// Writing back / invalidating the kernel; `asked` once `EvictReq` is sent.
+    Evict { op: OpId, asked: bool },
+    /// Waiting for the write-back.
+    Flush(OpId),
+}
+
+/// What to do once a write-back is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AfterWriteBack {
+    /// Send the block to this reader (reader, its seq) and keep a shared copy.
+    Forward(NodeId, u32),
+    /// Continue a revoke (invalidate the kernel, acknowledge).
+    Revoke,
+    /// Continue an eviction.
+    Evict,
+    /// Complete a flush.
+    Flush,
+}
+
+/// A local step that blocks the block's manager messages until it finishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Step {
+    /// Waiting for `WriteBackAck`.
+    WriteBack(AfterWriteBack),
+    /// Waiting for the kernel's invalidation; `revoke` acknowledges one, else it is an
+    /// eviction's.
+    KernelInvalidate { revoke: bool },
+}
+
+/// A client's state for one block.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientBlock<D> {
+    /// The cached copy.
+    pub data: Option<D>,
+    /// Shared or private (meaningful while `data` is some).
+    pub mode: Mode,
+    /// The user operation in progress.
+    pub op: Option<PendingOp<D>>,
+    /// The local step in progress.
+    pub step: Option<Step>,
+    /// Manager messages that wait for `step` (or, unsequenced, for data) to finish.
+    pub deferred: VecDeque<Msg<D>>,
+    /// Held private by a multi-block transaction ([`UserOp::Acquire`]): revokes and
+    /// forwards wait in `deferred` until [`UserOp::Release`].
+    pub pinned: bool,
+}
+
+impl<D> Default for ClientBlock<D> {
+    fn default() -> Self {
+        ClientBlock {
+            data: None,
+            mode: Mode::Shared,
+            op: None,
+            step: None,
+            deferred: VecDeque::new(),
+            pinned: false,
+        }
+    }
+}
+
+impl<D> ClientBlock<D> {
+    /// The stable state this block is in.
+    pub fn state(&self) -> BlockState {
+        match (&self.data, self.mode) {
+            (None, _) => BlockState::Invalid,
+            (Some(_), Mode::Shared) => BlockState::ReadShared,
+            (Some(_), Mode::Private { dirty: false }) => BlockState::PrivateClean,
+            (Some(_), Mode::Private { dirty: true }) => BlockState::PrivateDirty,
+        }
+    }
+
+    /// Finish a write: the block holds `value`, private-dirty, and operation `op` is done.
+    fn written(&mut self, block: BlockId, op: OpId, value: D, out: &mut Vec<Output<D>>) {
+        self.data = Some(value);
+        self.mode = Mode::Private { dirty: true };
+        self.op = None;
+        complete(out, op, block, Outcome::Written);
+    }
+
+    /// Finish an update: apply `patch` to the (current, private) content; operation `op`
+    /// is done and reports the content before the patch.
+    fn updated(&mut self, block: BlockId, op: OpId, patch: D, out: &mut Vec<Output<D>>)
+    where
+        D: Patch,
+    {
+        let old = self.data.take().unwrap_or_default();
+        self.data = Some(old.patched(&patch));
+        self.mode = Mode::Private { dirty: true };
+        self.op = None;
+        complete(out, op, block, Outcome::Updated(old));
+    }
+
+    /// Finish an acquire: the block is private (dirty if it was) and pinned.
+    fn acquired(&mut self, block: BlockId, op: OpId, out: &mut Vec<Output<D>>)
+    where
+        D: Clone,
+    {
+        if let Mode::Shared = self.mode {
+            self.mode = Mode::Private { dirty: false };
+        }
+        self.pinned = true;
+        self.op = None;
+        let d = self.data.clone();
+        if let Some(d) = d {
+            complete(out, op, block, Outcome::Acquired(d));
+        }
+    }
+
+    /// Write the (dirty) copy back to `storage`, then do `then`.
+    fn write_back(
+        &mut self,
+        block: BlockId,
+        storage: NodeId,
+        then: AfterWriteBack,
+        out: &mut Vec<Output<D>>,
+    ) where
+        D: Clone,
+    {
+        if let Some(d) = &self.data {
+            out.push(Output::Send {
+                to: storage,
+                msg: Msg::WriteBack {
+                    block,
+                    data: d.clone(),
+                },
+            });
+        }
+        self.step = Some(Step::WriteBack(then));
+    }
+
+    /// Send the (clean) copy to `reader` as the reply the manager delegated (`reader_seq`),
+    /// keeping a shared copy.
+    fn send_copy(
+        &mut self,
+        block: BlockId,
+        reader: NodeId,
+        reader_seq: u32,
+        out: &mut Vec<Output<D>>,
+    ) where
+        D: Clone,
+    {
+        if let Some(d) = &self.data {
+            out.push(Output::Send {
+                to: reader,
+                msg: Msg::Data {
+                    block,
+                    seq: reader_seq,
+                    data: d.clone(),
+                    exclusive: false,
+                    from_cache: true,
+                },
+            });
+        }
+        self.mode = Mode::Shared;
+    }
+
+    /// Nothing in progress and nothing cached: the entry can go.
+    fn is_empty(&self) -> bool {
+        self.data.is_none()
+            && self.op.is_none()
+            && self.step.is_none()
+            && self.deferred.is_empty()
+            && !self.pinned
+    }
+
+    fn state_name(&self) -> &'static str {
+        match (&self.op, &self.step) {
+            (_, Some(Step::WriteBack(_))) => "writing-back",
+            (_, Some(Step::KernelInvalidate { .. })) => "invalidating-kernel",
+            (Some(PendingOp::Read(_)), None) => "reading",
+            (Some(PendingOp::Write(..)), None) => "writing",
+            (Some(PendingOp::Update(..)), None) => "updating",
+            (Some(PendingOp::Acquire(_)), None) => "acquiring",
+            (Some(PendingOp::Evict { .. }), None) => "evicting",
+            (Some(PendingOp::Flush(_)), None) => "flushing",
+            (None, None) => match self.state() {
+                BlockState::Invalid => "invalid",
+                BlockState::ReadShared => "read-shared",
+                BlockState::PrivateClean => "private-clean",
+                BlockState::PrivateDirty => "private-dirty",
+            },
+        }
+    }
+}
+
+/// One manager → client channel: the next expected sequence number and what came early.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Channel<D> {
+    /// The next sequence number to handle.
+    pub next: u32,
+    /// Messages that overtook an earlier one.
+    pub held: BTreeMap<u32, Msg<D>>,
+}
+
+impl<D> Default for Channel<D> {
+    fn default() -> Self {
+        Channel {
+            next: 0,
+            held: BTreeMap::new(),
+        }
+    }
+}
+
+/// Counters a client shard keeps (for tests, the simulation and `status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientCounters {
+    /// Reads answered by a peer's cache (the data came from another client).
+    pub peer_reads: u64,
+    /// Reads answered by storage.
+    pub storage_reads: u64,
+    /// Revokes handled.
+    pub revokes: u64,
+    /// Forwards served to peers.
+    pub forwards_served: u64,
+    /// Forwards that found no copy here.
+    pub forwards_failed: u64,
+    /// Write-backs done before forwarding a dirty block.
+    pub writebacks_before_forward: u64,
+    /// Last copies handed to a peer on eviction.
+    pub handoffs_sent: u64,
+    /// Handed-off copies taken in.
+    pub handoffs_taken: u64,
+    /// Handed-off copies dropped because the block was busy here.
+    pub handoffs_dropped: u64,
+    /// Manager messages that arrived before an earlier one (held for order).
+    pub reordered: u64,
+    /// Of those, revokes: a revoke that overtook an earlier forward or delegated reply.
+    pub revokes_held: u64,
+    /// Evictions started because the cache was full.
+    pub capacity_evictions: u64,
+}
+
+/// The client side of one shard: every block of the shard this client touches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientShard<D> {
+    /// This client's node.
+    pub me: NodeId,
+    /// Protocol variant.
+    pub config: ProtocolConfig,
+    /// Managers and storage servers.
+    pub placement: Placement,
+    /// Most blocks cached before a miss evicts one (0: unbounded).
+    pub capacity: usize,
+    /// Per block state; absent means invalid and idle.
+    pub blocks: BTreeMap<BlockId, ClientBlock<D>>,
+    /// Per (manager, block): the ordered channel (sequence numbers are per client and
+    /// block, so a reply delayed for one block never holds back another block's messages).
+    pub channels: BTreeMap<(NodeId, BlockId), Channel<D>>,
+    /// Blocks holding data (kept as they change: a miss checks it against `capacity`).
+    cached: usize,
+    /// Counters.
+    pub counters: ClientCounters,
+}
+
+impl<D: Clone + Debug + Patch> ClientShard<D> {
+    /// An empty cache for client `me`.
+    pub fn new(me: NodeId, config: ProtocolConfig, placement: Placement, capacity: usize) -> Self {
+        ClientShard {
+            me,
+            config,
+            placement,
+            capacity,
+            blocks: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            cached: 0,
+            counters: ClientCounters::default(),
+        }
+    }
+
+    /// The block's stable state.
+    pub fn state(&self, block: BlockId) -> BlockState {
+        self.blocks
+            .get(&block)
+            .map_or(BlockState::Invalid, |b| b.state())
+    }
+
+    /// Whether a user operation may start on `block` now.
+    pub fn is_idle(&self, block: BlockId) -> bool {
+        self.blocks
+            .get(&block)
+            .is_none_or(|b| b.op.is_none() && b.step.is_none())
+    }
+
+    /// A read of a block whose copy is being dropped from the kernel: served from the copy
+    /// at once (returns whether it was). The copy is still valid — the revoke or eviction
+    /// is not acknowledged until the kernel let go, so no other write can have completed —
+    /// and waiting would deadlock the FUSE front: the kernel's invalidation waits for the
+    /// page lock that the kernel's own read of that page holds while it waits for this read.
+    /// The kernel may cache what such a read returns after it dropped the pages: the shard
+    /// loop has the kernel drop the block once more before the revoke goes on
+    /// (`Shard::kernel_done`).
+    pub fn read_while_invalidating(
+        &mut self,
+        op: OpId,
+        block: BlockId,
+        out: &mut Vec<Output<D>>,
+    ) -> bool {
+        match self.blocks.get(&block) {
+            Some(ClientBlock {
+                data: Some(d),
+                op: None,
+                step: Some(Step::KernelInvalidate { .. }),
+                ..
+            }) => {
+                complete(out, op, block, Outcome::Read(d.clone()));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Blocks holding data.
+    pub fn cached(&self) -> usize {
+        debug_assert_eq!(
+            self.cached,
+            self.blocks.values().filter(|b| b.data.is_some()).count()
+        );
+        self.cached
+    }
+
+    /// Start a user operation. Errors with [`ProtocolError::Busy`] if the block has one (the
+    /// driver queues user operations per block).
+    pub fn start(
+        &mut self,
+        op: OpId,
+        block: BlockId,
+        user: UserOp<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        if !self.is_idle(block) {
+            return Err(ProtocolError::Busy(block));
+        }
+        let missing = self.blocks.get(&block).is_none_or(|b| b.data.is_none());
+        if missing
+            && matches!(
+                user,
+                UserOp::Read | UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire
+            )
+        {
+            self.make_room(block, out)?;
+        }
+        let manager = self.placement.manager(block);
+        let storage = self.placement.storage(block);
+        let mut released = false;
+        let b = self.blocks.entry(block).or_default();
+        match user {
+            UserOp::Read => match &b.data {
+                Some(d) => complete(out, op, block, Outcome::Read(d.clone())),
+                None => {
+                    b.op = Some(PendingOp::Read(op));
+                    out.push(Output::Send {
+                        to: manager,
+                        msg: Msg::ReadReq { block },
+                    });
+                }
+            },
+            // Held private: at once; otherwise ask the manager (a whole-block write needs
+            // no old data).
+            UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire
+                if b.data.is_some() && matches!(b.mode, Mode::Private { .. }) =>
+            {
+                match user {
+                    UserOp::Write(value) => b.written(block, op, value, out),
+                    UserOp::Update(patch) => b.updated(block, op, patch, out),
+                    _ => b.acquired(block, op, out),
+                }
+            }
+            UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire => {
+                let whole = matches!(user, UserOp::Write(_));
+                b.op = Some(match user {
+                    UserOp::Write(value) => PendingOp::Write(op, value),
+                    UserOp::Update(patch) => PendingOp::Update(op, patch),
+                    _ => PendingOp::Acquire(op),
+                });
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::WriteReq {
+                        block,
+                        has_data: b.data.is_some(),
+                        whole,
+                    },
+                });
+            }
+            UserOp::Release => {
+                b.pinned = false;
+                complete(out, op, block, Outcome::Released);
+                released = true;
+            }
+            UserOp::Evict if b.pinned => {
+                // A pinned block stays until its transaction releases it.
+                return Err(ProtocolError::Busy(block));
+            }
+            UserOp::Evict => {
+                if b.data.is_none() {
+                    complete(out, op, block, Outcome::Evicted);
+                } else {
+                    b.op = Some(PendingOp::Evict { op, asked: false });
+                    Self::continue_evict(block, b, storage, out);
+                }
+            }
+            UserOp::Flush => match (&b.data, b.mode) {
+                (Some(_), Mode::Private { dirty: true }) => {
+                    b.op = Some(PendingOp::Flush(op));
+                    b.write_back(block, storage, AfterWriteBack::Flush, out);
+                }
+                _ => complete(out, op, block, Outcome::Flushed),
+            },
+        }
+        if released {
+            self.drain(block, out)?;
+        }
+        self.tidy(block);
+        Ok(())
+    }
+
+    /// A miss on `block` needs a slot: if the cache is full, evict the lowest idle cached
+    /// block (an eviction the shard chooses, with no user operation behind it).
+    fn make_room(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        if self.capacity == 0 || self.cached() < self.capacity {
+            return Ok(());
+        }
+        let victim = self
+            .blocks
+            .iter()
+            .find(|(id, b)| {
+                **id != block && b.data.is_some() && b.op.is_none() && b.step.is_none() && !b.pinned
+            })
+            .map(|(id, _)| *id);
+        if let Some(victim) = victim {
+            self.counters.capacity_evictions += 1;
+            let storage = self.placement.storage(victim);
+            if let Some(b) = self.blocks.get_mut(&victim) {
+                b.op = Some(PendingOp::Evict {
+                    op: OpId::MAX,
+                    asked: false,
+                });
+                Self::continue_evict(victim, b, storage, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Advance an eviction: write back if dirty, then invalidate the kernel, then ask.
+    fn continue_evict(
+        block: BlockId,
+        b: &mut ClientBlock<D>,
+        storage: NodeId,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let Some(PendingOp::Evict { asked, .. }) = &mut b.op else {
+            return;
+        };
+        if *asked || b.step.is_some() {
+            return;
+        }
+        match (&b.data, b.mode) {
+            (Some(_), Mode::Private { dirty: true }) => {
+                b.write_back(block, storage, AfterWriteBack::Evict, out);
+            }
+            _ => {
+                b.step = Some(Step::KernelInvalidate { revoke: false });
+                out.push(Output::InvalidateKernel { block });
+            }
+        }
+    }
+
+    /// The kernel has dropped its cached pages of `block`.
+    pub fn kernel_invalidated(
+        &mut self,
+        block: BlockId,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let manager = self.placement.manager(block);
+        let b = self.blocks.entry(block).or_default();
+        match b.step {
+            Some(Step::KernelInvalidate { revoke: true }) => {
+                b.step = None;
+                if b.data.take().is_some() {
+                    self.cached -= 1;
+                }
+                b.mode = Mode::Shared;
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::RevokeAck { block },
+                });
+            }
+            Some(Step::KernelInvalidate { revoke: false }) => {
+                b.step = None;
+                if let Some(PendingOp::Evict { asked, .. }) = &mut b.op {
+                    *asked = true;
+                }
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::EvictReq { block },
+                });
+            }
+            _ => {
+                let state = b.state_name();
+                return Err(ProtocolError::Unexpected {
+                    block,
+                    msg: "KernelInvalidated",
+                    state,
+                });
+            }
+        }
+        self.drain(block, out)?;
+        self.tidy(block);
+        Ok(())
+    }
+
+    /// Node `peer` restarted with empty state (a crash, then recovery from its log):
+    /// forget its channel and drop the copies of the blocks it manages, whose cacher
+    /// lists died with it. Call it at a quiescent point (no operation of this shard on
+    /// those blocks in flight); returns how many dirty copies were dropped (0 when every
+    /// write was flushed first, which the cluster's restart procedure does).
+    pub fn peer_restarted(&mut self, peer: NodeId) -> usize {
+        self.channels.retain(|(m, _), _| *m != peer);
+        let mut dirty = 0;
+        let placement = &self.placement;
+        let mut dropped = 0;
+        self.blocks.retain(|block, b| {
+            if placement.manager(*block) != peer || b.op.is_some() || b.step.is_some() {
+                return true;
+            }
+            if b.data.is_some() {
+                dropped += 1;
+                if b.mode == (Mode::Private { dirty: true }) {
+                    dirty += 1;
+                }
+            }
+            false
+        });
+        self.cached -= dropped;
+        dirty
+    }
+
+    /// A message for this client's role, from node `from`.
+    pub fn receive(
+        &mut self,
+        from: NodeId,
+        msg: Msg<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let block = msg.block();
+        if let Msg::Data {
+            exclusive: false,
+            from_cache,
+            ..
+        } = msg
+        {
+            if from_cache {
+                self.counters.peer_reads += 1;
+            } else {
+                self.counters.storage_reads += 1;
+            }
+        }
+        match msg {
+            Msg::WriteBackAck { .. } => {
+                self.write_back_done(block, out)?;
+            }
+            m if m.seq().is_some() => {
+                if self.config.sequenced {
+                    let manager = self.placement.manager(block);
+                    let seq = m.seq().unwrap_or_default();
+                    let ch = self.channels.entry((manager, block)).or_default();
+                    if seq != ch.next {
+                        // Ahead of `next` (modulo 2^32: the numbers wrap) is early and held;
+                        // behind it is a duplicate.
+                        let early = seq.wrapping_sub(ch.next) < 1 << 31;
+                        if !early || ch.held.len() >= MAX_HELD || ch.held.contains_key(&seq) {
+                            return Err(ProtocolError::BadSequence {
+                                from,
+                                seq,
+                                expected: ch.next,
+                            });
+                        }
+                        if matches!(m, Msg::Revoke { .. }) {
+                            self.counters.revokes_held += 1;
+                        }
+                        ch.held.insert(seq, m);
+                        self.counters.reordered += 1;
+                        return Ok(());
+                    }
+                    ch.next = ch.next.wrapping_add(1);
+                    self.in_order(m, out)?;
+                    loop {
+                        let ch = self.channels.entry((manager, block)).or_default();
+                        let next = ch.next;
+                        let Some(m) = ch.held.remove(&next) else {
+                            break;
+                        };
+                        ch.next = ch.next.wrapping_add(1);
+                        self.in_order(m, out)?;
+                    }
+                } else {
+                    self.in_order(m, out)?;
+                }
+            }
+            m => {
+                return Err(ProtocolError::Unexpected {
+                    block,
+                    msg: msg_name(&m),
+                    state: "client",
+                })
+            }
+        }
+        self.tidy(block);
+        Ok(())
+    }
+
+    /// A manager message (or a reply delegated by the manager) in the manager's order: handle
+    /// it, or defer it behind the block's step.
+    fn in_order(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        let block = m.block();
+        let sequenced = self.config.sequenced;
+        let b = self.blocks.entry(block).or_default();
+        let blocked = b.step.is_some() || b.pinned || !b.deferred.is_empty();
+        // The faulty, unsequenced protocol: a client waiting for data is "not ready" for
+        // the manager's other messages and queues them (xFS, §3.3.2).
+        let not_ready = !sequenced
+            && b.data.is_none()
+            && matches!(b.op, Some(PendingOp::Read(_)))
+            && matches!(m, Msg::Forward { .. } | Msg::Revoke { .. });
+        let data_bypass = !sequenced && matches!(m, Msg::Data { .. } | Msg::Handoff { .. });
+        if (blocked && !data_bypass) || not_ready {
+            b.deferred.push_back(m);
+            return Ok(());
+        }
+        self.dispatch(m, out)?;
+        self.drain(block, out)
+    }
+
+    /// Handle deferred messages while the block is not blocked.
+    fn drain(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        loop {
+            let sequenced = self.config.sequenced;
+            let Some(b) = self.blocks.get_mut(&block) else {
+                return Ok(());
+            };
+            if b.step.is_some() || b.pinned {
+                return Ok(());
+            }
+            let Some(front) = b.deferred.front() else {
+                return Ok(());
+            };
+            let not_ready = !sequenced
+                && b.data.is_none()
+                && matches!(b.op, Some(PendingOp::Read(_)))
+                && matches!(front, Msg::Forward { .. } | Msg::Revoke { .. });
+            if not_ready {
+                return Ok(());
+            }
+            let Some(m) = b.deferred.pop_front() else {
+                return Ok(());
+            };
+            self.dispatch(m, out)?;
+        }
+    }
+
+    /// Apply one manager message to a block that is not blocked.
+    fn dispatch(&mut self, m: Msg<D>, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        let block = m.block();
+        let manager = self.placement.manager(block);
+        let storage = self.placement.storage(block);
+        let b = self.blocks.entry(block).or_default();
+        let had = b.data.is_some();
+        let unexpected = ProtocolError::Unexpected {
+            block,
+            msg: msg_name(&m),
+            state: b.state_name(),
+        };
+        let result = 'rules: {
+            match m {
+                Msg::Forward {
+                    reader, reader_seq, ..
+                } => match (&b.data, b.mode) {
+                    (None, _) => {
+                        self.counters.forwards_failed += 1;
+                        out.push(Output::Send {
+                            to: manager,
+                            msg: Msg::ForwardFailed {
+                                block,
+                                reader,
+                                reader_seq,
+                            },
+                        });
+                    }
+                    (Some(_), Mode::Private { dirty: true }) => {
+                        // The reliability rule: durable on storage before it leaves this client.
+                        self.counters.writebacks_before_forward += 1;
+                        b.write_back(
+                            block,
+                            storage,
+                            AfterWriteBack::Forward(reader, reader_seq),
+                            out,
+                        );
+                    }
+                    (Some(_), _) => {
+                        self.counters.forwards_served += 1;
+                        b.send_copy(block, reader, reader_seq, out);
+                    }
+                },
+                Msg::Revoke { .. } => {
+                    self.counters.revokes += 1;
+                    match (&b.data, b.mode) {
+                        (None, _) => out.push(Output::Send {
+                            to: manager,
+                            msg: Msg::RevokeAck { block },
+                        }),
+                        (Some(_), Mode::Private { dirty: true }) => {
+                            b.write_back(block, storage, AfterWriteBack::Revoke, out);
+                        }
+                        (Some(_), _) => {
+                            b.step = Some(Step::KernelInvalidate { revoke: true });
+                            out.push(Output::InvalidateKernel { block });
+                        }
+                    }
+                }
+                Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
+                    (Some(PendingOp::Write(op, value)), _) => b.written(block, op, value, out),
+                    (Some(PendingOp::Update(op, patch)), true) => b.updated(block, op, patch, out),
+                    (Some(PendingOp::Acquire(op)), true) => b.acquired(block, op, out),
+                    (op, _) => {
+                        b.op = op;
+                        break 'rules Err(unexpected);
+                    }
+                },
+                Msg::EvictGrant { handoff, .. } => match &b.op {
+                    Some(PendingOp::Evict { op, asked: true }) => {
+                        let op = *op;
+                        if handoff.is_some() && b.data.is_none() {
+                            // The manager reserved a sequence number on the peer's channel for a copy
+                            // this client no longer holds: report it, it would stall that channel.
+                            break 'rules Err(unexpected);
+                        }
+                        if let (Some((peer, seq)), Some(d)) = (handoff, b.data.take()) {
+                            self.counters.handoffs_sent += 1;
+                            out.push(Output::Send {
+                                to: peer,
+                                msg: Msg::Handoff {
+                                    block,
+                                    seq,
+                                    data: d,
+                                },
+                            });
+                        }
+                        b.data = None;
+                        b.mode = Mode::Shared;
+                        b.op = None;
+                        complete(out, op, block, Outcome::Evicted);
+                    }
+                    _ => break 'rules Err(unexpected),
+                },
+                // A copy handed off to this client may already be here: the reply replaces it.
+                Msg::Data {
+                    data, exclusive, ..
+                } => match (b.op.take(), exclusive) {
+                    (Some(PendingOp::Read(op)), false) => {
+                        b.data = Some(data.clone());
+                        b.mode = Mode::Shared;
+                        complete(out, op, block, Outcome::Read(data));
+                    }
+                    (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
+                    (Some(PendingOp::Update(op, patch)), true) => {
+                        b.data = Some(data);
+                        b.updated(block, op, patch, out)
+                    }
+                    (Some(PendingOp::Acquire(op)), true) => {
+                        b.data = Some(data);
+                        b.mode = Mode::Private { dirty: false };
+                        b.acquired(block, op, out)
+                    }
+                    (op, _) => {
+                        b.op = op;
+                        break 'rules Err(unexpected);
+                    }
+                },
+                // The manager now counts this client as a cacher: take the copy whatever the
+                // block is doing (a pending read or write still waits for its own reply).
+                Msg::Handoff { data, .. } => {
+                    if b.data.is_none() {
+                        self.counters.handoffs_taken += 1;
+                        b.data = Some(data);
+                        b.mode = Mode::Shared;
+                    } else {
+                        self.counters.handoffs_dropped += 1;
+                    }
+                }
+                _ => break 'rules Err(unexpected),
+            }
+            Ok(())
+        };
+        // The cached-block count follows the copy (no second lookup).
+        match (had, b.data.is_some()) {
+            (false, true) => self.cached += 1,
+            (true, false) => self.cached -= 1,
+            _ => {}
+        }
+        result
+    }
+
+    /// Storage acknowledged a write-back.
+    fn write_back_done(
+        &mut self,
+        block: BlockId,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let storage = self.placement.storage(block);
+        let b = self.blocks.entry(block).or_default();
+        let Some(Step::WriteBack(after)) = b.step else {
+            return Err(ProtocolError::Unexpected {
+                block,
+                msg: "WriteBackAck",
+                state: b.state_name(),
+            });
+        };
+        b.step = None;
+        b.mode = Mode::Private { dirty: false };
+        match after {
+            AfterWriteBack::Forward(reader, reader_seq) => {
+                self.counters.forwards_served += 1;
+                b.send_copy(block, reader, reader_seq, out);
+            }
+            AfterWriteBack::Revoke => {
+                b.step = Some(Step::KernelInvalidate { revoke: true });
+                out.push(Output::InvalidateKernel { block });
+            }
+            AfterWriteBack::Evict => Self::continue_evict(block, b, storage, out),
+            AfterWriteBack::Flush => {
+                if let Some(PendingOp::Flush(op)) = b.op.take() {
+                    complete(out, op, block, Outcome::Flushed);
+                }
+            }
+        }
+        self.drain(block, out)?;
+        self.tidy(block);
+        Ok(())
+    }
+
+    fn tidy(&mut self, block: BlockId) {
+        if self.blocks.get(&block).is_some_and(|b| b.is_empty()) {
+            self.blocks.remove(&block);
+        }
+    }
+
+    /// The shard with every node id passed through `f` (symmetry reduction in the model).
+    pub fn renamed(&self, f: &impl Fn(NodeId) -> NodeId) -> Self {
+        let mut s = self.clone();
+        s.me = f(s.me);
+        for b in s.blocks.values_mut() {
+            if let Some(Step::WriteBack(AfterWriteBack::Forward(r, _))) = &mut b.step {
+                *r = f(*r);
+            }
+            for m in b.deferred.iter_mut() {
+                *m = m.renamed(f);
+            }
+        }
+        for ch in s.channels.values_mut() {
+            for m in ch.held.values_mut() {
+                *m = m.renamed(f);
+            }
+        }
+        s
+    }
+}

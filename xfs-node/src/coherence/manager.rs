@@ -1,0 +1,443 @@
+//! The manager's machine: per block the cachers, the owner, a write in progress and the
+//! queue of requests it cannot serve yet ([`ManagerShard`]).
+
+use super::*;
+
+/// A write waiting for revoke acknowledgements.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WriteInProgress {
+    /// The writer.
+    pub writer: NodeId,
+    /// The writer said it holds a copy.
+    pub has_data: bool,
+    /// The writer replaces the whole block (a grant needs no data).
+    pub whole: bool,
+    /// Holders whose acknowledgement is still due.
+    pub waiting: BTreeSet<NodeId>,
+}
+
+/// A request the manager cannot serve yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Request {
+    /// Read miss.
+    Read,
+    /// Write token (`whole`: the writer replaces the whole block).
+    Write { has_data: bool, whole: bool },
+    /// Eviction.
+    Evict,
+}
+
+/// The manager's state for one block.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManagerBlock {
+    /// Clients holding (or being sent) a copy.
+    pub cachers: BTreeSet<NodeId>,
+    /// The client holding the write token.
+    pub owner: Option<NodeId>,
+    /// The write in progress.
+    pub writing: Option<WriteInProgress>,
+    /// Requests waiting for the write in progress.
+    pub queue: VecDeque<(NodeId, Request)>,
+    /// N-chance: times the last copy was handed on without being used.
+    pub recirculated: u8,
+    /// The client that read the block last: the preferred source of the next read (the
+    /// copy most likely still cached, and not the writer's node again and again).
+    pub last_reader: Option<NodeId>,
+}
+
+impl ManagerBlock {
+    fn is_empty(&self) -> bool {
+        self.cachers.is_empty()
+            && self.owner.is_none()
+            && self.writing.is_none()
+            && self.queue.is_empty()
+            && self.recirculated == 0
+    }
+}
+
+/// Counters a manager shard keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManagerCounters {
+    /// Reads delegated to a caching client.
+    pub forwards: u64,
+    /// Reads and writes served by storage.
+    pub fetches: u64,
+    /// Revokes sent.
+    pub revokes: u64,
+    /// Requests queued behind a write.
+    pub queued: u64,
+    /// Handoffs (N-chance) ordered.
+    pub handoffs: u64,
+}
+
+/// The manager side of one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManagerShard {
+    /// This manager's node.
+    pub me: NodeId,
+    /// Protocol variant.
+    pub config: ProtocolConfig,
+    /// Managers and storage servers.
+    pub placement: Placement,
+    /// Every client (candidates for N-chance handoffs).
+    pub clients: Vec<NodeId>,
+    /// Per block state; absent means nobody caches it.
+    pub blocks: BTreeMap<BlockId, ManagerBlock>,
+    /// Per (client, block): the sequence number of the next message to it about the block.
+    pub next_seq: BTreeMap<(NodeId, BlockId), u32>,
+    /// Counters.
+    pub counters: ManagerCounters,
+}
+
+impl ManagerShard {
+    /// A manager with no state.
+    pub fn new(
+        me: NodeId,
+        config: ProtocolConfig,
+        placement: Placement,
+        clients: Vec<NodeId>,
+    ) -> Self {
+        ManagerShard {
+            me,
+            config,
+            placement,
+            clients,
+            blocks: BTreeMap::new(),
+            next_seq: BTreeMap::new(),
+            counters: ManagerCounters::default(),
+        }
+    }
+
+    fn seq(&mut self, client: NodeId, block: BlockId) -> u32 {
+        let s = self.next_seq.entry((client, block)).or_insert(0);
+        let v = *s;
+        *s = s.wrapping_add(1);
+        v
+    }
+
+    /// A message for the manager role, from client `from`.
+    pub fn receive<D: Clone>(
+        &mut self,
+        from: NodeId,
+        msg: Msg<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let block = msg.block();
+        match msg {
+            Msg::ReadReq { .. } => self.request(block, from, Request::Read, out),
+            Msg::WriteReq {
+                has_data, whole, ..
+            } => self.request(block, from, Request::Write { has_data, whole }, out),
+            Msg::EvictReq { .. } => self.request(block, from, Request::Evict, out),
+            Msg::RevokeAck { .. } => {
+                let b = self.blocks.entry(block).or_default();
+                let Some(w) = &mut b.writing else {
+                    return Err(ProtocolError::Unexpected {
+                        block,
+                        msg: "RevokeAck",
+                        state: "manager-idle",
+                    });
+                };
+                if !w.waiting.remove(&from) {
+                    return Err(ProtocolError::Unexpected {
+                        block,
+                        msg: "RevokeAck",
+                        state: "manager-not-waiting-for-sender",
+                    });
+                }
+                b.cachers.remove(&from);
+                if b.owner == Some(from) {
+                    b.owner = None;
+                }
+                if w.waiting.is_empty() {
+                    let w = b
+                        .writing
+                        .take()
+                        .unwrap_or_else(|| unreachable!("checked above"));
+                    self.grant(block, w.writer, w.has_data, w.whole, out);
+                    self.run_queue(block, out);
+                }
+                Ok(())
+            }
+            Msg::ForwardFailed {
+                reader, reader_seq, ..
+            } => {
+                self.counters.fetches += 1;
+                out.push(Output::Send {
+                    to: self.placement.storage(block),
+                    msg: Msg::Fetch {
+                        block,
+                        to: reader,
+                        seq: reader_seq,
+                        exclusive: false,
+                    },
+                });
+                Ok(())
+            }
+            other => Err(ProtocolError::Unexpected {
+                block,
+                msg: msg_name(&other),
+                state: "manager",
+            }),
+        }
+        .map(|()| self.tidy(block))
+    }
+
+    /// Client `peer` died: it caches nothing any more. Unlike [`Self::peer_restarted`]
+    /// its channel is kept (its messages still in flight may arrive), and a write waiting
+    /// for its acknowledgement keeps waiting for the one the driver answers in its stead.
+    pub fn peer_died(&mut self, peer: NodeId) {
+        for b in self.blocks.values_mut() {
+            let waited = b
+                .writing
+                .as_ref()
+                .is_some_and(|w| w.waiting.contains(&peer));
+            if !waited {
+                b.cachers.remove(&peer);
+            }
+            if b.owner == Some(peer) && b.writing.is_none() {
+                b.owner = None;
+            }
+            if b.last_reader == Some(peer) {
+                b.last_reader = None;
+            }
+        }
+        self.blocks.retain(|_, b| !b.is_empty());
+    }
+
+    /// Client `peer` restarted with an empty cache: it holds no copy, its requests are
+    /// gone, and its channel starts again at 0. Call it at a quiescent point (no write
+    /// waiting for `peer`'s acknowledgement).
+    pub fn peer_restarted(&mut self, peer: NodeId) {
+        self.next_seq.retain(|(c, _), _| *c != peer);
+        for b in self.blocks.values_mut() {
+            b.cachers.remove(&peer);
+            if b.owner == Some(peer) {
+                b.owner = None;
+            }
+            if b.last_reader == Some(peer) {
+                b.last_reader = None;
+            }
+            b.queue.retain(|(c, _)| *c != peer);
+        }
+        self.blocks.retain(|_, b| !b.is_empty());
+    }
+
+    fn request<D: Clone>(
+        &mut self,
+        block: BlockId,
+        from: NodeId,
+        req: Request,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let b = self.blocks.entry(block).or_default();
+        if b.writing.is_some() || !b.queue.is_empty() {
+            self.counters.queued += 1;
+            b.queue.push_back((from, req));
+            return Ok(());
+        }
+        self.serve(block, from, req, out);
+        Ok(())
+    }
+
+    fn run_queue<D: Clone>(&mut self, block: BlockId, out: &mut Vec<Output<D>>) {
+        loop {
+            let Some(b) = self.blocks.get_mut(&block) else {
+                return;
+            };
+            if b.writing.is_some() {
+                return;
+            }
+            let Some((from, req)) = b.queue.pop_front() else {
+                return;
+            };
+            self.serve(block, from, req, out);
+        }
+    }
+
+    fn serve<D: Clone>(
+        &mut self,
+        block: BlockId,
+        from: NodeId,
+        req: Request,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let storage = self.placement.storage(block);
+        match req {
+            Request::Read => {
+                let reader_seq = self.seq(from, block);
+                let b = self.blocks.entry(block).or_default();
+                b.recirculated = 0;
+                let last = b
+                    .last_reader
+                    .filter(|r| *r != from && b.cachers.contains(r));
+                let source = match b.owner {
+                    Some(o) if o != from => Some(o),
+                    _ => last.or_else(|| b.cachers.iter().copied().find(|c| *c != from)),
+                };
+                b.owner = None;
+                b.last_reader = Some(from);
+                b.cachers.insert(from);
+                match source {
+                    Some(holder) => {
+                        self.counters.forwards += 1;
+                        let seq = self.seq(holder, block);
+                        out.push(Output::Send {
+                            to: holder,
+                            msg: Msg::Forward {
+                                block,
+                                seq,
+                                reader: from,
+                                reader_seq,
+                            },
+                        });
+                    }
+                    None => {
+                        self.counters.fetches += 1;
+                        out.push(Output::Send {
+                            to: storage,
+                            msg: Msg::Fetch {
+                                block,
+                                to: from,
+                                seq: reader_seq,
+                                exclusive: false,
+                            },
+                        });
+                    }
+                }
+            }
+            Request::Write { has_data, whole } => {
+                let b = self.blocks.entry(block).or_default();
+                b.recirculated = 0;
+                let mut holders: BTreeSet<NodeId> =
+                    b.cachers.iter().copied().filter(|c| *c != from).collect();
+                if let Some(o) = b.owner.filter(|o| *o != from) {
+                    holders.insert(o);
+                }
+                if holders.is_empty() {
+                    self.grant(block, from, has_data, whole, out);
+                } else {
+                    b.writing = Some(WriteInProgress {
+                        writer: from,
+                        has_data,
+                        whole,
+                        waiting: holders.clone(),
+                    });
+                    for h in holders {
+                        self.counters.revokes += 1;
+                        let seq = self.seq(h, block);
+                        out.push(Output::Send {
+                            to: h,
+                            msg: Msg::Revoke { block, seq },
+                        });
+                    }
+                }
+            }
+            Request::Evict => {
+                let n_chance = self.config.n_chance;
+                let b = self.blocks.entry(block).or_default();
+                let was_cacher = b.cachers.remove(&from);
+                if b.owner == Some(from) {
+                    b.owner = None;
+                }
+                let mut handoff = None;
+                if was_cacher
+                    && b.cachers.is_empty()
+                    && b.owner.is_none()
+                    && b.recirculated < n_chance
+                {
+                    // The next client after the evicting one, round the ring.
+                    let n = self.clients.len();
+                    let at = self.clients.iter().position(|c| *c == from).unwrap_or(0);
+                    let peer = (1..n)
+                        .map(|i| self.clients[(at + i) % n])
+                        .find(|c| *c != from);
+                    if let Some(peer) = peer {
+                        b.recirculated += 1;
+                        b.cachers.insert(peer);
+                        handoff = Some(peer);
+                    }
+                }
+                let handoff = handoff.map(|p| {
+                    self.counters.handoffs += 1;
+                    (p, self.seq(p, block))
+                });
+                let seq = self.seq(from, block);
+                out.push(Output::Send {
+                    to: from,
+                    msg: Msg::EvictGrant {
+                        block,
+                        seq,
+                        handoff,
+                    },
+                });
+            }
+        }
+    }
+
+    fn grant<D: Clone>(
+        &mut self,
+        block: BlockId,
+        writer: NodeId,
+        has_data: bool,
+        whole: bool,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let storage = self.placement.storage(block);
+        let seq = self.seq(writer, block);
+        let b = self.blocks.entry(block).or_default();
+        // A whole-block write needs no data; otherwise the writer must still hold the
+        // current copy, or storage sends it.
+        let with_data = whole || (has_data && b.cachers.contains(&writer));
+        b.cachers.clear();
+        b.cachers.insert(writer);
+        b.owner = Some(writer);
+        if with_data {
+            out.push(Output::Send {
+                to: writer,
+                msg: Msg::Grant { block, seq },
+            });
+        } else {
+            self.counters.fetches += 1;
+            out.push(Output::Send {
+                to: storage,
+                msg: Msg::Fetch {
+                    block,
+                    to: writer,
+                    seq,
+                    exclusive: true,
+                },
+            });
+        }
+    }
+
+    fn tidy(&mut self, block: BlockId) {
+        if self.blocks.get(&block).is_some_and(|b| b.is_empty()) {
+            self.blocks.remove(&block);
+        }
+    }
+
+    /// The shard with every node id passed through `f` (symmetry reduction in the model).
+    pub fn renamed(&self, f: &impl Fn(NodeId) -> NodeId) -> Self {
+        let mut s = self.clone();
+        s.clients = s.clients.iter().map(|c| f(*c)).collect();
+        s.next_seq = s
+            .next_seq
+            .iter()
+            .map(|((c, b), n)| ((f(*c), *b), *n))
+            .collect();
+        for b in s.blocks.values_mut() {
+            b.cachers = b.cachers.iter().map(|c| f(*c)).collect();
+            b.owner = b.owner.map(f);
+            b.last_reader = b.last_reader.map(f);
+            if let Some(w) = &mut b.writing {
+                w.writer = f(w.writer);
+                w.waiting = w.waiting.iter().map(|c| f(*c)).collect();
+            }
+            for (c, _) in b.queue.iter_mut() {
+                *c = f(*c);
+            }
+        }
+        s
+    }
+}

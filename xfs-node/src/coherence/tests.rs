@@ -1,0 +1,263 @@
+//! Unit tests of the three machines driven together.
+
+use super::*;
+
+const M: NodeId = 10;
+const S: NodeId = 11;
+
+fn placement() -> Placement {
+    Placement {
+        managers: vec![M],
+        storages: vec![S],
+        index_shift: None,
+    }
+}
+
+fn client(me: NodeId) -> ClientShard<u64> {
+    ClientShard::new(me, ProtocolConfig::default(), placement(), 0)
+}
+
+fn sends(out: &mut Vec<Output<u64>>) -> Vec<(NodeId, Msg<u64>)> {
+    out.drain(..)
+        .filter_map(|o| match o {
+            Output::Send { to, msg } => Some((to, msg)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_read_miss_is_served_by_storage_then_by_the_caching_peer() {
+    let mut m = ManagerShard::new(M, ProtocolConfig::default(), placement(), vec![1, 2]);
+    let mut out = Vec::new();
+    m.receive::<u64>(1, Msg::ReadReq { block: 9 }, &mut out)
+        .unwrap();
+    assert_eq!(
+        sends(&mut out),
+        vec![(
+            S,
+            Msg::Fetch {
+                block: 9,
+                to: 1,
+                seq: 0,
+                exclusive: false
+            }
+        )]
+    );
+    m.receive::<u64>(2, Msg::ReadReq { block: 9 }, &mut out)
+        .unwrap();
+    assert_eq!(
+        sends(&mut out),
+        vec![(
+            1,
+            Msg::Forward {
+                block: 9,
+                seq: 1,
+                reader: 2,
+                reader_seq: 0
+            }
+        )]
+    );
+    assert_eq!(m.blocks[&9].cachers, [1, 2].into_iter().collect());
+}
+
+#[test]
+fn a_dirty_owner_writes_back_before_it_forwards() {
+    let mut c = client(1);
+    let mut out = Vec::new();
+    c.start(1, 4, UserOp::Write(7), &mut out).unwrap();
+    c.receive(
+        S,
+        Msg::Data {
+            block: 4,
+            seq: 0,
+            data: 0,
+            exclusive: true,
+            from_cache: false,
+        },
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(c.state(4), BlockState::PrivateDirty);
+    out.clear();
+    c.receive(
+        M,
+        Msg::Forward {
+            block: 4,
+            seq: 1,
+            reader: 2,
+            reader_seq: 5,
+        },
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(
+        sends(&mut out),
+        vec![(S, Msg::WriteBack { block: 4, data: 7 })]
+    );
+    c.receive(S, Msg::WriteBackAck { block: 4 }, &mut out)
+        .unwrap();
+    assert_eq!(
+        sends(&mut out),
+        vec![(
+            2,
+            Msg::Data {
+                block: 4,
+                seq: 5,
+                data: 7,
+                exclusive: false,
+                from_cache: true,
+            }
+        )]
+    );
+    assert_eq!(c.state(4), BlockState::ReadShared);
+}
+
+#[test]
+fn a_revoke_that_overtakes_the_reply_waits_for_it() {
+    let mut c = client(1);
+    let mut out = Vec::new();
+    c.start(1, 4, UserOp::Read, &mut out).unwrap();
+    out.clear();
+    // The manager's revoke (seq 1) arrives before the peer's data (seq 0).
+    c.receive(M, Msg::Revoke { block: 4, seq: 1 }, &mut out)
+        .unwrap();
+    assert!(out.is_empty());
+    assert_eq!(c.counters.revokes_held, 1);
+    c.receive(
+        2,
+        Msg::Data {
+            block: 4,
+            seq: 0,
+            data: 3,
+            exclusive: false,
+            from_cache: false,
+        },
+        &mut out,
+    )
+    .unwrap();
+    // The read completes with the data, then the revoke invalidates the kernel.
+    assert!(out.contains(&Output::Complete {
+        op: 1,
+        block: 4,
+        outcome: Outcome::Read(3)
+    }));
+    assert!(out.contains(&Output::InvalidateKernel { block: 4 }));
+    out.clear();
+    c.kernel_invalidated(4, &mut out).unwrap();
+    assert_eq!(sends(&mut out), vec![(M, Msg::RevokeAck { block: 4 })]);
+    assert_eq!(c.state(4), BlockState::Invalid);
+}
+
+#[test]
+fn inputs_without_a_rule_are_errors_not_panics() {
+    let mut c = client(1);
+    let mut out = Vec::new();
+    let e = c
+        .receive(M, Msg::Grant { block: 4, seq: 0 }, &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(e, ProtocolError::Unexpected { msg: "Grant", .. }),
+        "{e}"
+    );
+    assert!(c
+        .receive(S, Msg::WriteBackAck { block: 4 }, &mut out)
+        .is_err());
+    assert!(c.kernel_invalidated(4, &mut out).is_err());
+    // A replayed sequence number.
+    let e = c
+        .receive(M, Msg::Revoke { block: 4, seq: 0 }, &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ProtocolError::BadSequence {
+                seq: 0,
+                expected: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Messages for another role.
+    assert!(c.receive(M, Msg::ReadReq { block: 4 }, &mut out).is_err());
+    let mut m = ManagerShard::new(M, ProtocolConfig::default(), placement(), vec![1]);
+    assert!(m
+        .receive::<u64>(1, Msg::RevokeAck { block: 4 }, &mut out)
+        .is_err());
+    assert!(m
+        .receive::<u64>(1, Msg::Revoke { block: 4, seq: 0 }, &mut out)
+        .is_err());
+    // An operation on a busy block.
+    c.start(2, 6, UserOp::Read, &mut out).unwrap();
+    assert_eq!(
+        c.start(3, 6, UserOp::Read, &mut out),
+        Err(ProtocolError::Busy(6))
+    );
+}
+
+#[test]
+fn sequence_numbers_wrap() {
+    let mut c = client(1);
+    let mut out = Vec::new();
+    c.channels.entry((M, 4)).or_default().next = u32::MAX;
+    // Seq 0 comes after u32::MAX: early, held; u32::MAX then releases it.
+    c.receive(M, Msg::Revoke { block: 4, seq: 0 }, &mut out)
+        .unwrap();
+    assert!(out.is_empty());
+    c.receive(
+        M,
+        Msg::Revoke {
+            block: 4,
+            seq: u32::MAX,
+        },
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(sends(&mut out).len(), 2, "both revokes acknowledged");
+    assert_eq!(c.channels[&(M, 4)].next, 1);
+    // And u32::MAX again is now a duplicate.
+    assert!(c
+        .receive(
+            M,
+            Msg::Revoke {
+                block: 4,
+                seq: u32::MAX
+            },
+            &mut out
+        )
+        .is_err());
+}
+
+#[test]
+fn a_forward_to_a_client_without_a_copy_falls_back_to_storage() {
+    let mut c = client(1);
+    let mut out = Vec::new();
+    let fwd = Msg::Forward {
+        block: 4,
+        seq: 0,
+        reader: 2,
+        reader_seq: 7,
+    };
+    c.receive(M, fwd, &mut out).unwrap();
+    let failed = Msg::ForwardFailed {
+        block: 4,
+        reader: 2,
+        reader_seq: 7,
+    };
+    assert_eq!(sends(&mut out), vec![(M, failed.clone())]);
+    let mut m = ManagerShard::new(M, ProtocolConfig::default(), placement(), vec![1, 2]);
+    m.receive::<u64>(1, failed, &mut out).unwrap();
+    assert_eq!(
+        sends(&mut out),
+        vec![(
+            S,
+            Msg::Fetch {
+                block: 4,
+                to: 2,
+                seq: 7,
+                exclusive: false
+            }
+        )]
+    );
+}
