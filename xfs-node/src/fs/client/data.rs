@@ -1,0 +1,274 @@
+//! File data and attributes: reads, writes, truncation, setattr, fsync and the periodic
+//! write-back of dirty files, statfs.
+
+use super::*;
+
+impl<B: Blocks> FsClient<B> {
+    /// `setattr`.
+    pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Inode, Errno> {
+        let i = self.getattr(ino)?;
+        let now = self.blocks.now();
+        let mut ops = Vec::new();
+        if let Some(m) = a.mode {
+            ops.push(set(field::MODE, ((i.mode & !0o7777) | (m & 0o7777)) as u64));
+        }
+        if let Some(u) = a.uid {
+            ops.push(set(field::UID, u as u64));
+        }
+        if let Some(g) = a.gid {
+            ops.push(set(field::GID, g as u64));
+        }
+        if let Some(t) = a.atime {
+            ops.push(set(field::ATIME, t));
+        }
+        if let Some(t) = a.mtime {
+            ops.push(set(field::MTIME, t));
+        }
+        if let Some(size) = a.size {
+            if i.kind == Some(Kind::Dir) {
+                return Err(Errno::EISDIR);
+            }
+            if i.kind != Some(Kind::File) {
+                return Err(Errno::EINVAL);
+            }
+            if size > MAX_FILE {
+                return Err(Errno::EFBIG);
+            }
+            self.truncate_blocks(&i, size)?;
+            ops.push(set(field::SIZE, size));
+            ops.push(Op::Trim {
+                from: size.div_ceil(BLOCK as u64),
+            });
+            if a.mtime.is_none() {
+                ops.push(set(field::MTIME, now));
+            }
+        }
+        ops.push(set(field::CTIME, a.ctime.unwrap_or(now)));
+        self.update(inode_block(ino), &ops)?;
+        self.getattr(ino)
+    }
+
+    /// Zero what lies past `new` up to the old size (bytes past the size are always
+    /// zero); only the blocks the inode's extents say may hold data.
+    pub(super) fn truncate_blocks(&self, i: &Inode, new: u64) -> Result<(), Errno> {
+        let (ino, old) = (i.ino, i.size);
+        if new >= old {
+            return Ok(());
+        }
+        let bs = BLOCK as u64;
+        let first_whole = new.div_ceil(bs);
+        let end = old.div_ceil(bs);
+        let may_hold = |b: u64| i.extents.iter().any(|(s, e)| *s <= b && b < *e);
+        let mut ops: Vec<(BlockId, UserOp<Vec<u8>>)> = Vec::new();
+        if !new.is_multiple_of(bs) && may_hold(new / bs) {
+            ops.push((
+                block_id(ino, new / bs),
+                UserOp::Update(encode_patch(&[Op::Resize {
+                    len: (new % bs) as u32,
+                }])),
+            ));
+        }
+        for (s, e) in &i.extents {
+            for b in (*s).max(first_whole)..(*e).min(end) {
+                ops.push((block_id(ino, b), UserOp::Write(Vec::new())));
+                if ops.len() >= 1024 {
+                    self.run_writes(std::mem::take(&mut ops))?;
+                }
+            }
+        }
+        self.run_writes(ops)
+    }
+
+    pub(super) fn run_writes(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Result<(), Errno> {
+        for (b, _) in &ops {
+            self.note_dirty(*b);
+        }
+        for r in self.blocks.run(ops) {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// `read`: up to `len` bytes at `offset` (short at the end of the file).
+    pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let i = self.getattr(ino)?;
+        if i.kind == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        if offset >= i.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + len as u64).min(i.size);
+        let bs = BLOCK as u64;
+        let blocks: Vec<u64> = (offset / bs..end.div_ceil(bs)).collect();
+        let ops = blocks
+            .iter()
+            .map(|b| (block_id(ino, *b), UserOp::Read))
+            .collect();
+        let mut out = vec![0u8; (end - offset) as usize];
+        for (b, r) in blocks.iter().zip(self.blocks.run(ops)) {
+            let Outcome::Read(data) = r? else {
+                return Err(Errno::EIO);
+            };
+            let bstart = b * bs;
+            let from = offset.max(bstart);
+            let to = end.min(bstart + bs);
+            for pos in from..to {
+                if let Some(v) = data.get((pos - bstart) as usize) {
+                    out[(pos - offset) as usize] = *v;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `write`: all of `data` at `offset`; returns the bytes written.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+        let i = self.getattr(ino)?;
+        if i.kind == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        if end > MAX_FILE {
+            return Err(Errno::EFBIG);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        // A full cluster refuses new data at once (a write-back that cannot be stored
+        // would only fail at the next fsync, after filling this node's memory).
+        // A writer waits for the cleaner before it gives up.
+        let mut attempt = 0;
+        loop {
+            let st = self.blocks.statfs()?;
+            if st.blocks == 0 || st.bfree * st.bsize >= FULL_MARGIN.min(st.blocks * st.bsize / 16) {
+                break;
+            }
+            if !self.blocks.wait_for_space(attempt) {
+                return Err(Errno::ENOSPC);
+            }
+            attempt += 1;
+        }
+        let bs = BLOCK as u64;
+        let mut ops = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / bs;
+            let bstart = b * bs;
+            let to = end.min(bstart + bs);
+            let chunk = data[(pos - offset) as usize..(to - offset) as usize].to_vec();
+            let op = if pos == bstart && to == bstart + bs {
+                UserOp::Write(chunk)
+            } else {
+                UserOp::Update(encode_patch(&[Op::Splice {
+                    offset: (pos - bstart) as u32,
+                    bytes: chunk,
+                }]))
+            };
+            ops.push((block_id(ino, b), op));
+            pos = to;
+        }
+        self.run_writes(ops)?;
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Max {
+                    offset: field::SIZE,
+                    value: end,
+                },
+                set(field::MTIME, now),
+                set(field::CTIME, now),
+                Op::Extent {
+                    start: offset / bs,
+                    end: end.div_ceil(bs),
+                },
+            ],
+        )?;
+        Ok(data.len())
+    }
+
+    /// `fsync`: once it returns, every block this client wrote to `ino` (data and inode)
+    /// is durable on the stripe group of the file's manager's log.
+    pub fn fsync(&self, ino: u64) -> Result<(), Errno> {
+        self.write_back(|i, _| i == ino).map(drop)
+    }
+
+    /// Make node `node`'s log durable; a full stripe group is given time for its cleaner
+    /// (see [`Blocks::wait_for_space`]) before ENOSPC is returned.
+    pub(super) fn sync_waiting(&self, node: NodeId) -> Result<(), Errno> {
+        let mut attempt = 0;
+        loop {
+            match self.blocks.sync(node) {
+                Err(Errno::ENOSPC) if self.blocks.wait_for_space(attempt) => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// `fsync` every file this client wrote: every dirty block written back, then one
+    /// log sync per manager involved (not one per file: each sync seals a segment).
+    pub fn sync_all(&self) -> Result<(), Errno> {
+        self.write_back(|_, _| true).map(drop)
+    }
+
+    /// The periodic write-back: every file whose oldest unsynced block was written at
+    /// least `age_ns` ago is made durable as by `fsync` (what the kernel's dirty-page
+    /// write-back does for a local file system). Returns how many files it synced.
+    pub fn write_back_older_than(&self, age_ns: u64) -> Result<usize, Errno> {
+        let cutoff = self.blocks.now().saturating_sub(age_ns);
+        self.write_back(|_, since| since <= cutoff)
+    }
+
+    /// Write back the dirty blocks of the files `pick(ino, since)` selects, then sync each
+    /// of their managers' logs once; on failure they stay dirty for the next try.
+    pub(super) fn write_back(&self, pick: impl Fn(u64, u64) -> bool) -> Result<usize, Errno> {
+        let taken: BTreeMap<u64, Dirty> = {
+            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            let inos: Vec<u64> = d
+                .iter()
+                .filter(|(i, x)| pick(**i, x.since))
+                .map(|(i, _)| *i)
+                .collect();
+            inos.into_iter()
+                .filter_map(|i| d.remove(&i).map(|x| (i, x)))
+                .collect()
+        };
+        if taken.is_empty() {
+            // Nothing of this client's since the last sync: nothing to make durable.
+            return Ok(0);
+        }
+        // The logs the blocks go to (a directory's dirty set holds its new names' inodes).
+        let managers: BTreeSet<NodeId> = taken
+            .values()
+            .flat_map(|x| x.blocks.iter())
+            .map(|b| self.map.manager(crate::fs::layout::ino_of(*b)))
+            .collect();
+        let ops = taken
+            .values()
+            .flat_map(|x| x.blocks.iter())
+            .map(|b| (*b, UserOp::Flush))
+            .collect();
+        let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
+        let r = r.and_then(|_| managers.into_iter().try_for_each(|m| self.sync_waiting(m)));
+        if let Err(e) = r {
+            // Keep them for the next try (merged with what was written meanwhile).
+            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            for (ino, x) in taken {
+                let e = d.entry(ino).or_insert_with(|| Dirty {
+                    since: x.since,
+                    blocks: BTreeSet::new(),
+                });
+                e.since = e.since.min(x.since);
+                e.blocks.extend(x.blocks);
+            }
+            return Err(e);
+        }
+        Ok(taken.len())
+    }
+
+    /// `statfs`.
+    pub fn statfs(&self) -> Result<StatFs, Errno> {
+        self.blocks.statfs()
+    }
+}
