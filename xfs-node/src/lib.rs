@@ -12,6 +12,7 @@ pub mod coherence;
 pub mod fs;
 pub mod node;
 pub mod shard;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod storage;
 
