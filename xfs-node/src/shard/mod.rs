@@ -40,10 +40,38 @@ use crate::coherence::{
 /// The AM handler index of coherence messages.
 pub const COHERENCE_HANDLER: u16 = 1;
 
-/// The AM handler index of log-sync requests and replies (`[0, op]` asks the receiving
-/// node to make its log durable; `[1, op, errno]` answers, 0 for success, with the error
-/// text as payload).
+/// The AM handler index of log-sync requests and store commands between nodes, and their
+/// answers: `[kind, op, status]` ([`SyncKind`]), a payload where the kind has one.
 pub const SYNC_HANDLER: u16 = 4;
+
+/// What a message to [`SYNC_HANDLER`] is: its first argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum SyncKind {
+    /// `[SyncRequest, op, 0]`: make your log durable.
+    SyncRequest = 0,
+    /// `[SyncReply, op, errno]`: done (errno 0), or failed with the error text as payload.
+    SyncReply = 1,
+    /// `[CommandRequest, op, 0]`: run the store command in the payload (the cleaner's).
+    CommandRequest = 2,
+    /// `[CommandReply, op, status]`: its answer (status 0) or error text (status 1) as
+    /// payload.
+    CommandReply = 3,
+}
+
+impl SyncKind {
+    /// The kind a message's first argument names, if any.
+    pub fn from_wire(v: u64) -> Option<SyncKind> {
+        [
+            SyncKind::SyncRequest,
+            SyncKind::SyncReply,
+            SyncKind::CommandRequest,
+            SyncKind::CommandReply,
+        ]
+        .into_iter()
+        .find(|k| *k as u64 == v)
+    }
+}
 
 /// What a shard that takes no store commands answers them.
 const NO_COMMANDS: &str = "this node runs no store commands";
@@ -194,7 +222,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         let sync_inbox: SyncInbox = Arc::new(Mutex::new(VecDeque::new()));
         let (si, b) = (sync_inbox.clone(), bad.clone());
         endpoint.register(SYNC_HANDLER, move |_, m| match m.args {
-            [k, op, ok, ..] if *k <= 3 => {
+            [k, op, ok, ..] if SyncKind::from_wire(*k).is_some() => {
                 lock(&si).push_back((m.source, [*k, *op, *ok], m.payload.to_vec()))
             }
             _ => *lock(&b) += 1,
@@ -300,7 +328,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             let r = self.storage.store.sync();
             self.sync_done.push((op, r));
         } else if self.peers.contains_key(&node) {
-            self.sync_out.push_back((node, [0, op, 0], Vec::new()));
+            self.sync_out
+                .push_back((node, [SyncKind::SyncRequest as u64, op, 0], Vec::new()));
         } else {
             self.sync_done.push((
                 op,
@@ -319,7 +348,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         } else if node == self.node {
             self.call_done.push((op, Err(NO_COMMANDS.into())));
         } else if self.peers.contains_key(&node) {
-            self.sync_out.push_back((node, [2, op, 0], request));
+            self.sync_out
+                .push_back((node, [SyncKind::CommandRequest as u64, op, 0], request));
         } else {
             self.call_done.push((
                 op,
@@ -344,7 +374,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             Ok(b) => (0, b),
             Err(e) => (1, e.into_bytes()),
         };
-        self.sync_out.push_back((from, [3, op, status], bytes));
+        self.sync_out
+            .push_back((from, [SyncKind::CommandReply as u64, op, status], bytes));
     }
 
     /// Take the answers to [`Shard::call`].
@@ -396,13 +427,17 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 self.counters.bad_messages += 1;
                 continue;
             };
-            if kind == 2 {
+            let Some(kind) = SyncKind::from_wire(kind) else {
+                self.counters.bad_messages += 1;
+                continue;
+            };
+            if kind == SyncKind::CommandRequest {
                 if self.external_commands {
                     self.commands.push((from, op, payload));
                 } else {
                     self.command_done(from, op, Err(NO_COMMANDS.into()));
                 }
-            } else if kind == 3 {
+            } else if kind == SyncKind::CommandReply {
                 let r = if errno == 0 {
                     Ok(payload)
                 } else {
@@ -412,12 +447,13 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                     ))
                 };
                 self.call_done.push((op, r));
-            } else if kind == 0 {
+            } else if kind == SyncKind::SyncRequest {
                 let (errno, text) = match self.storage.store.sync() {
                     Ok(()) => (0, Vec::new()),
                     Err(e) => (e.errno.max(1) as u64, e.message.into_bytes()),
                 };
-                self.sync_out.push_back((from, [1, op, errno], text));
+                self.sync_out
+                    .push_back((from, [SyncKind::SyncReply as u64, op, errno], text));
             } else if errno == 0 {
                 self.sync_done.push((op, Ok(())));
             } else {
@@ -449,10 +485,10 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 Err(AmError::WouldBlock) => break,
                 Err(e) => {
                     let (to, args, _) = self.sync_out.pop_front().unwrap_or_default();
-                    if args[0] == 2 {
+                    if args[0] == SyncKind::CommandRequest as u64 {
                         self.call_done
                             .push((args[1], Err(format!("node {to} unreachable: {e}"))));
-                    } else if args[0] == 0 {
+                    } else if args[0] == SyncKind::SyncRequest as u64 {
                         self.sync_done.push((
                             args[1],
                             Err(SyncError::io(format!("node {to} unreachable: {e}"))),

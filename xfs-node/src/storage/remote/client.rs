@@ -1,0 +1,345 @@
+//! The client side: [`RemoteStore`], itself a [`FragmentStore`], so a log stripes over
+//! remote servers as over local stores.
+
+use super::proto::*;
+use super::*;
+
+/// A reply as the client's handler queues it.
+#[derive(Debug)]
+struct Reply {
+    args: Vec<u64>,
+    payload: Vec<u8>,
+    failed: bool,
+}
+
+/// A fragment store on a remote storage server, over AM.
+pub struct RemoteStore<T: Transport> {
+    ep: Endpoint<T>,
+    server: String,
+    base: u64,
+    frag: usize,
+    depth: usize,
+    replies: Arc<Mutex<VecDeque<Reply>>>,
+    /// Called while waiting for replies (the simulation steps the server and the clock).
+    pump: Box<dyn FnMut() + Send>,
+    timeout: Duration,
+    /// The server stopped answering: every call fails at once (no second timeout per
+    /// call: degraded reads go straight to parity).
+    dead: bool,
+}
+
+impl<T: Transport> RemoteStore<T> {
+    /// Connect to the server `name`/`tag` over `ep` (whose segment must hold `2 * depth`
+    /// fragments), with up to `depth` requests outstanding. `pump` runs while waiting
+    /// (a no-op over a real network, where the server runs on its own).
+    pub fn connect(
+        mut ep: Endpoint<T>,
+        name: EndpointName,
+        tag: Tag,
+        depth: usize,
+        pump: Box<dyn FnMut() + Send>,
+    ) -> Result<RemoteStore<T>, StoreError> {
+        let server = name.addr.to_string();
+        ep.map(0, name, tag)
+            .map_err(|e| StoreError::Config(e.to_string()))?;
+        let replies: Arc<Mutex<VecDeque<Reply>>> = Arc::new(Mutex::new(VecDeque::new()));
+        let r = replies.clone();
+        ep.register(CLIENT_HANDLER, move |ctx, m| {
+            let payload = match m.bulk {
+                Some((off, len)) => ctx
+                    .segment()
+                    .get(off as usize..off as usize + len)
+                    .map(|d| d.to_vec())
+                    .unwrap_or_default(),
+                None => m.payload.to_vec(),
+            };
+            lock(&r).push_back(Reply {
+                args: m.args.to_vec(),
+                payload,
+                failed: false,
+            });
+        })
+        .map_err(|e| StoreError::Config(e.to_string()))?;
+        let r = replies.clone();
+        ep.set_upcall(move |_, u| {
+            lock(&r).push_back(Reply {
+                args: u.args.clone(),
+                payload: Vec::new(),
+                failed: true,
+            })
+        });
+        let mut s = RemoteStore {
+            ep,
+            server,
+            base: 0,
+            frag: 0,
+            depth,
+            replies,
+            pump,
+            timeout: Duration::from_secs(10),
+            dead: false,
+        };
+        let r = s.call(
+            &[Op::Hello as u64, depth as u64],
+            FragmentId {
+                segment: 0,
+                index: 0,
+            },
+        )?;
+        if r.args.first() != Some(&0) {
+            return Err(StoreError::Config(format!(
+                "storage server {} has no room for another client at depth {depth} (it allows {})",
+                s.server,
+                r.args.get(3).copied().unwrap_or(0)
+            )));
+        }
+        s.base = r.args[1];
+        s.frag = r.args[2] as usize;
+        if s.ep.segment().len() < 2 * depth * s.frag {
+            return Err(StoreError::Config(format!(
+                "the client's AM segment has {} bytes, {} needed: raise Config::segment_bytes",
+                s.ep.segment().len(),
+                2 * depth * s.frag
+            )));
+        }
+        Ok(s)
+    }
+
+    /// How long a call waits for the server before it fails (default 10 s).
+    pub fn set_timeout(&mut self, t: Duration) {
+        self.timeout = t;
+    }
+
+    fn unreachable(&self) -> StoreError {
+        StoreError::Io {
+            path: format!("storage server {}", self.server),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer (dead or partitioned)",
+            ),
+        }
+    }
+
+    /// Whether the server stopped answering.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    /// Wait for the next reply.
+    fn next_reply(&mut self) -> Result<Reply, StoreError> {
+        if self.dead {
+            return Err(self.unreachable());
+        }
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some(r) = lock(&self.replies).pop_front() {
+                if r.failed {
+                    self.dead = true;
+                    return Err(self.unreachable());
+                }
+                return Ok(r);
+            }
+            let work = self.ep.poll(256).map_err(|e| StoreError::Io {
+                path: format!("storage server {}", self.server),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            (self.pump)();
+            if work == 0 {
+                if Instant::now() > deadline {
+                    self.dead = true;
+                    return Err(self.unreachable());
+                }
+                let _ = self.ep.wait(Some(Duration::from_micros(200)));
+            }
+        }
+    }
+
+    /// Send a request, retrying while the endpoint is full.
+    fn send(&mut self, msg: AmMsg<'_>) -> Result<(), StoreError> {
+        if self.dead {
+            return Err(self.unreachable());
+        }
+        loop {
+            match self.ep.request(0, msg) {
+                Ok(_) => return Ok(()),
+                Err(AmError::WouldBlock) => {
+                    let _ = self.ep.poll(256);
+                    (self.pump)();
+                }
+                Err(e) => return Err(StoreError::Config(format!("storage request: {e}"))),
+            }
+        }
+    }
+
+    fn call(&mut self, args: &[u64], id: FragmentId) -> Result<Reply, StoreError> {
+        self.send(AmMsg::small(SERVER_HANDLER, args))?;
+        let r = self.next_reply()?;
+        match r.args.first() {
+            Some(0) => Ok(r),
+            Some(s) if args[0] != Op::Hello as u64 => {
+                Err(Status::from_wire(*s).error(id, &self.server))
+            }
+            _ => Ok(r),
+        }
+    }
+}
+
+impl<T: Transport> FragmentStore for RemoteStore<T> {
+    fn fragment_bytes(&self) -> usize {
+        self.frag
+    }
+
+    fn free_slots(&mut self) -> Result<usize, StoreError> {
+        let r = self.call(
+            &[Op::Stat as u64],
+            FragmentId {
+                segment: 0,
+                index: 0,
+            },
+        )?;
+        Ok(r.args.get(1).copied().unwrap_or(0) as usize)
+    }
+
+    fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
+        check_sizes(fragments, self.frag)?;
+        // All or nothing on space, as the trait says (checked first; another client may
+        // still take the room in between, then some fragments of the batch are written).
+        let free = self.free_slots()?;
+        if free < fragments.len() {
+            return Err(StoreError::NoSpace {
+                free,
+                needed: fragments.len(),
+            });
+        }
+        let mut free_k: Vec<usize> = (0..self.depth).rev().collect();
+        let (mut next, mut outstanding) = (0, 0);
+        let mut first_err: Option<StoreError> = None;
+        while next < fragments.len() || outstanding > 0 {
+            while next < fragments.len() && first_err.is_none() {
+                let Some(k) = free_k.pop() else { break };
+                let (id, data) = fragments[next];
+                let at = k * self.frag;
+                self.ep.segment_mut()[at..at + data.len()].copy_from_slice(data);
+                let args = [Op::Put as u64, id.segment, id.index as u64, k as u64];
+                let src = [(at, data.len())];
+                let dst = self.base + at as u64;
+                self.send(AmMsg::bulk(SERVER_HANDLER, &args, &src, dst))?;
+                next += 1;
+                outstanding += 1;
+            }
+            if outstanding == 0 {
+                break;
+            }
+            let r = self.next_reply()?;
+            outstanding -= 1;
+            let k = r.args.get(1).copied().unwrap_or(0) as usize;
+            free_k.push(k.min(self.depth - 1));
+            if r.args.first() != Some(&0) && first_err.is_none() {
+                let id = fragments.get(next.saturating_sub(1)).map_or(
+                    FragmentId {
+                        segment: 0,
+                        index: 0,
+                    },
+                    |f| f.0,
+                );
+                first_err = Some(Status::from_wire(r.args[0]).error(id, &self.server));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn sync(&mut self) -> Result<(), StoreError> {
+        self.call(
+            &[Op::Sync as u64],
+            FragmentId {
+                segment: 0,
+                index: 0,
+            },
+        )
+        .map(|_| ())
+    }
+
+    fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
+        let mut out: Vec<Option<Result<Vec<u8>, StoreError>>> = ids.iter().map(|_| None).collect();
+        let mut slot_of: Vec<Option<usize>> = vec![None; self.depth];
+        let mut free_k: Vec<usize> = (0..self.depth).rev().collect();
+        let (mut next, mut outstanding) = (0, 0);
+        while next < ids.len() || outstanding > 0 {
+            while next < ids.len() {
+                let Some(k) = free_k.pop() else { break };
+                let id = ids[next];
+                if let Err(e) = self.send(AmMsg::small(
+                    SERVER_HANDLER,
+                    &[Op::Get as u64, id.segment, id.index as u64, k as u64],
+                )) {
+                    out[next] = Some(Err(e));
+                    free_k.push(k);
+                    next += 1;
+                    continue;
+                }
+                slot_of[k] = Some(next);
+                next += 1;
+                outstanding += 1;
+            }
+            if outstanding == 0 {
+                break;
+            }
+            match self.next_reply() {
+                Ok(r) => {
+                    outstanding -= 1;
+                    let k = r.args.get(1).copied().unwrap_or(0) as usize;
+                    let Some(i) = slot_of.get_mut(k).and_then(|s| s.take()) else {
+                        continue;
+                    };
+                    free_k.push(k);
+                    out[i] = Some(match r.args.first() {
+                        Some(0) => Ok(r.payload),
+                        Some(s) => Err(Status::from_wire(*s).error(ids[i], &self.server)),
+                        None => Err(Status::Refused.error(ids[i], &self.server)),
+                    });
+                }
+                Err(_) => break,
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(self.unreachable())))
+            .collect()
+    }
+
+    fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(LIST_PAGE) {
+            let bytes = encode_ids(chunk);
+            let slices = [bytes.as_slice()];
+            self.send(AmMsg::medium(SERVER_HANDLER, &[Op::Delete as u64], &slices))?;
+            let r = self.next_reply()?;
+            if r.args.first() != Some(&0) {
+                return Err(Status::from_wire(r.args[0]).error(chunk[0], &self.server));
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
+        let mut all = Vec::new();
+        let mut after: Option<FragmentId> = None;
+        loop {
+            let args = match after {
+                Some(a) => [Op::List as u64, a.segment, a.index as u64, 1],
+                None => [Op::List as u64, 0, 0, 0],
+            };
+            let r = self.call(
+                &args,
+                FragmentId {
+                    segment: 0,
+                    index: 0,
+                },
+            )?;
+            let page: Vec<FragmentId> = decode_ids(&r.payload);
+            after = page.last().copied();
+            all.extend(page);
+            if r.args.get(2) != Some(&1) || after.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+}
