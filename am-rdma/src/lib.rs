@@ -177,40 +177,40 @@ const TOKEN_EVENTFD: u64 = 3;
 /// Transport prefixes of a SEND.
 mod prefix {
     /// An engine datagram: deliver.
-    pub const DATA: u8 = 0;
+    pub(crate) const DATA: u8 = 0;
     /// A bulk header: deliver when the next WRITE with immediate completes.
-    pub const BULK: u8 = 1;
+    pub(crate) const BULK: u8 = 1;
     /// A key request: tag (8 bytes).
-    pub const ASK: u8 = 2;
+    pub(crate) const ASK: u8 = 2;
     /// A key answer: ok (1), tag (8), rkey (4), addr (8), len (8).
-    pub const GRANT: u8 = 3;
+    pub(crate) const GRANT: u8 = 3;
 }
 
 /// Out-of-band connection datagrams (UDP).
 mod oob {
-    pub const MAGIC: u32 = 0x414d_5243; // "AMRC"
-    pub const VERSION: u8 = 1;
-    pub const REQ: u8 = 1;
-    pub const REP: u8 = 2;
-    pub const PROBE: u8 = 3;
-    pub const LEN: usize = 52;
+    pub(crate) const MAGIC: u32 = 0x414d_5243; // "AMRC"
+    pub(crate) const VERSION: u8 = 1;
+    pub(crate) const REQ: u8 = 1;
+    pub(crate) const REP: u8 = 2;
+    pub(crate) const PROBE: u8 = 3;
+    pub(crate) const LEN: usize = 52;
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct Msg {
-        pub kind: u8,
-        pub qpn: u32,
-        pub psn: u32,
-        pub lid: u16,
-        pub gid: [u8; 16],
+    pub(crate) struct Msg {
+        pub(crate) kind: u8,
+        pub(crate) qpn: u32,
+        pub(crate) psn: u32,
+        pub(crate) lid: u16,
+        pub(crate) gid: [u8; 16],
         /// The sender's connection nonce.
-        pub nonce: u64,
+        pub(crate) nonce: u64,
         /// REP: the nonce of the request answered; PROBE: the nonce the sender believes
         /// the receiver's connection has.
-        pub echo: u64,
+        pub(crate) echo: u64,
     }
 
     impl Msg {
-        pub fn encode(&self) -> [u8; LEN] {
+        pub(crate) fn encode(&self) -> [u8; LEN] {
             let mut b = [0u8; LEN];
             b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
             b[4] = VERSION;
@@ -224,7 +224,7 @@ mod oob {
             b
         }
 
-        pub fn decode(b: &[u8]) -> Option<Msg> {
+        pub(crate) fn decode(b: &[u8]) -> Option<Msg> {
             if b.len() != LEN
                 || u32::from_le_bytes(b[0..4].try_into().ok()?) != MAGIC
                 || b[4] != VERSION

@@ -121,16 +121,16 @@ impl Row {
     }
 }
 
-/// Fills `vs_raw` for every row (ours and the peers') that has a raw-udp row of the same
-/// mode, wait and size (rate: the raw one-at-a-time rate), and flags raw UDP latency rows
-/// more than 15% slower than sockperf in the same wait mode: then the baseline, not we,
-/// needs work.
 /// The median of `v` (the upper one of an even count); `v` must not be empty.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
+/// Fills `vs_raw` for every row (ours and the peers') that has a raw-udp row of the same
+/// mode, wait and size (rate: the raw one-at-a-time rate), and flags raw UDP latency rows
+/// more than 15% slower than sockperf in the same wait mode: then the baseline, not we,
+/// needs work.
 pub fn add_ratios(rows: &mut [Row]) {
     let raws: Vec<Row> = rows
         .iter()

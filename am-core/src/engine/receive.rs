@@ -5,7 +5,6 @@
 use super::*;
 
 impl Core {
-    /// Handles one received datagram. Bad input is counted and dropped.
     /// As [`Core::handle_datagram`], but a medium message that arrives whole and in order
     /// is not copied: its delivery names its payload's place in `bytes`, and
     /// [`Core::take_inline_queued`] says so. The caller must then run every queued event
@@ -22,6 +21,7 @@ impl Core {
         std::mem::take(&mut self.inline_queued)
     }
 
+    /// Handles one received datagram. Bad input is counted and dropped.
     pub fn handle_datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
         self.flush_needed = true;
         self.stats.packets_received += 1;

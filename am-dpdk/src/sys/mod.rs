@@ -32,6 +32,8 @@
     non_camel_case_types,
     non_snake_case,
     dead_code,
+    missing_docs,
+    unreachable_pub,
     unnecessary_transmutes,
     clippy::all
 )]

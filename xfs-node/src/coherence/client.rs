@@ -9,7 +9,10 @@ pub enum Mode {
     /// Read-Shared.
     Shared,
     /// Private: Private-Clean or (dirty) Private-Dirty.
-    Private { dirty: bool },
+    Private {
+        /// Whether the copy holds writes storage does not have yet.
+        dirty: bool,
+    },
 }
 
 /// The four stable states of the protocol.
@@ -37,7 +40,12 @@ pub enum PendingOp<D> {
     /// Waiting for `Grant` or exclusive `Data`; then the block is pinned.
     Acquire(OpId),
     /// Writing back / invalidating the kernel; `asked` once `EvictReq` is sent.
-    Evict { op: OpId, asked: bool },
+    Evict {
+        /// The user operation (or eviction) this is for.
+        op: OpId,
+        /// Whether `EvictReq` was sent.
+        asked: bool,
+    },
     /// Waiting for the write-back.
     Flush(OpId),
 }
@@ -62,7 +70,10 @@ pub enum Step {
     WriteBack(AfterWriteBack),
     /// Waiting for the kernel's invalidation; `revoke` acknowledges one, else it is an
     /// eviction's.
-    KernelInvalidate { revoke: bool },
+    KernelInvalidate {
+        /// Whether a `Revoke` waits for it (else an eviction does).
+        revoke: bool,
+    },
 }
 
 /// A client's state for one block.

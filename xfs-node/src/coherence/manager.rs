@@ -22,7 +22,12 @@ pub enum Request {
     /// Read miss.
     Read,
     /// Write token (`whole`: the writer replaces the whole block).
-    Write { has_data: bool, whole: bool },
+    Write {
+        /// Whether the writer holds a copy.
+        has_data: bool,
+        /// Whether the writer replaces the whole block.
+        whole: bool,
+    },
     /// Eviction.
     Evict,
 }

@@ -86,64 +86,120 @@ pub enum Role {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Msg<D> {
     /// Client → manager: read miss.
-    ReadReq { block: BlockId },
+    ReadReq {
+        /// The block.
+        block: BlockId,
+    },
     /// Client → manager: acquire the write token; `has_data` when the client holds a copy,
     /// `whole` when it replaces the whole block (then it needs no data with the grant).
     WriteReq {
+        /// The block.
         block: BlockId,
+        /// Whether the client holds a copy.
         has_data: bool,
+        /// Whether the client replaces the whole block (no data needed with the grant).
         whole: bool,
     },
     /// Client → manager: the client drops its (clean, kernel-invalidated) copy.
-    EvictReq { block: BlockId },
+    EvictReq {
+        /// The block.
+        block: BlockId,
+    },
     /// Client → manager: the copy named by a `Revoke` is gone (written back if it was dirty).
-    RevokeAck { block: BlockId },
+    RevokeAck {
+        /// The block.
+        block: BlockId,
+    },
     /// Client → manager: a `Forward` found no copy here; serve `reader` from storage.
     ForwardFailed {
+        /// The block.
         block: BlockId,
+        /// The client the forward was for.
         reader: NodeId,
+        /// The sequence number reserved for the reply on the reader's channel.
         reader_seq: u32,
     },
     /// Manager → client: send your copy to `reader` (a delegated reply, `reader_seq` on the
     /// reader's channel); an owner becomes a reader.
     Forward {
+        /// The block.
         block: BlockId,
+        /// The manager's sequence number of this message on the receiving client's channel.
         seq: u32,
+        /// Where to send the copy.
         reader: NodeId,
+        /// The sequence number reserved for the reply on the reader's channel.
         reader_seq: u32,
     },
     /// Manager → client: drop your copy (write back first if dirty) and acknowledge.
-    Revoke { block: BlockId, seq: u32 },
+    Revoke {
+        /// The block.
+        block: BlockId,
+        /// The manager's sequence number of this message on the receiving client's channel.
+        seq: u32,
+    },
     /// Manager → client: your write may proceed on the copy you hold.
-    Grant { block: BlockId, seq: u32 },
+    Grant {
+        /// The block.
+        block: BlockId,
+        /// The manager's sequence number of this message on the receiving client's channel.
+        seq: u32,
+    },
     /// Manager → client: eviction accepted; hand the copy to `handoff` (peer, its seq).
     EvictGrant {
+        /// The block.
         block: BlockId,
+        /// The manager's sequence number of this message on the receiving client's channel.
         seq: u32,
+        /// The peer to hand the last copy to, with the sequence number reserved on its channel.
         handoff: Option<(NodeId, u32)>,
     },
     /// Manager → storage: send the block to `to` (a delegated reply, `seq` on its channel).
     Fetch {
+        /// The block.
         block: BlockId,
+        /// The client to send the block to.
         to: NodeId,
+        /// The sequence number reserved for the reply on that client's channel.
         seq: u32,
+        /// Whether the reply grants the write token.
         exclusive: bool,
     },
     /// Peer or storage → client: the block's data, the reply to a read (or, `exclusive`, a
     /// write) request; `from_cache` when a peer's cache sent it (cooperative caching).
     Data {
+        /// The block.
         block: BlockId,
+        /// The sequence number the manager reserved for this reply on the receiver's channel.
         seq: u32,
+        /// The block's content.
         data: D,
+        /// Whether this grants the write token.
         exclusive: bool,
+        /// Whether a peer's cache sent it (cooperative caching).
         from_cache: bool,
     },
     /// Evicting client → peer: the last cached copy, N-chance forwarding.
-    Handoff { block: BlockId, seq: u32, data: D },
+    Handoff {
+        /// The block.
+        block: BlockId,
+        /// The sequence number reserved for it on the peer's channel.
+        seq: u32,
+        /// The block's content.
+        data: D,
+    },
     /// Client → storage: write the block.
-    WriteBack { block: BlockId, data: D },
+    WriteBack {
+        /// The block.
+        block: BlockId,
+        /// The block's content.
+        data: D,
+    },
     /// Storage → client: the write-back is durable.
-    WriteBackAck { block: BlockId },
+    WriteBackAck {
+        /// The block.
+        block: BlockId,
+    },
 }
 
 impl<D> Msg<D> {
@@ -305,14 +361,25 @@ impl<D> Msg<D> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output<D> {
     /// Send `msg` to node `to` (to the role [`Msg::role`] names).
-    Send { to: NodeId, msg: Msg<D> },
+    Send {
+        /// The node to send to.
+        to: NodeId,
+        /// The message.
+        msg: Msg<D>,
+    },
     /// Drop the kernel's cached pages of `block`, then call
     /// [`ClientShard::kernel_invalidated`] (from wherever the invalidation ran).
-    InvalidateKernel { block: BlockId },
+    InvalidateKernel {
+        /// The block.
+        block: BlockId,
+    },
     /// A user operation finished (evictions the shard starts for room are not reported).
     Complete {
+        /// The operation.
         op: OpId,
+        /// The block.
         block: BlockId,
+        /// How it ended.
         outcome: Outcome<D>,
     },
 }
@@ -366,15 +433,21 @@ pub enum ProtocolError {
     /// No rule handles this message in this state.
     #[error("no rule for {msg} on block {block} in state {state}")]
     Unexpected {
+        /// The block.
         block: BlockId,
+        /// The message's name.
         msg: &'static str,
+        /// The block's state's name.
         state: &'static str,
     },
     /// A sequence number that was already used, or too far ahead.
     #[error("sequence number {seq} from node {from} out of window (expected {expected})")]
     BadSequence {
+        /// The sending node.
         from: NodeId,
+        /// The sequence number it sent.
         seq: u32,
+        /// The sequence number expected next.
         expected: u32,
     },
     /// The storage role's store failed (no reply was sent).

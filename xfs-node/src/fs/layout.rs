@@ -438,27 +438,65 @@ impl<'a> Reader<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Write `bytes` at `offset`, growing the block with zeros if needed.
-    Splice { offset: u32, bytes: Vec<u8> },
+    Splice {
+        /// Byte offset in the block.
+        offset: u32,
+        /// The bytes to write.
+        bytes: Vec<u8>,
+    },
     /// Cut or zero-extend the block to `len` bytes.
-    Resize { len: u32 },
+    Resize {
+        /// The block's new length in bytes.
+        len: u32,
+    },
     /// The u64 field at `offset` becomes the larger of itself and `value`.
-    Max { offset: u32, value: u64 },
+    Max {
+        /// Byte offset of the u64 field.
+        offset: u32,
+        /// The value to compare with.
+        value: u64,
+    },
     /// Add `delta` (wrapping) to the u64 field at `offset`.
-    Add { offset: u32, delta: u64 },
+    Add {
+        /// Byte offset of the u64 field.
+        offset: u32,
+        /// What to add.
+        delta: u64,
+    },
     /// Directory bucket: add an entry; if the name exists, replace it only if `replace`.
     /// A full bucket is left unchanged.
-    Insert { entry: Entry, replace: bool },
+    Insert {
+        /// The entry.
+        entry: Entry,
+        /// Whether an entry of the same name is replaced.
+        replace: bool,
+    },
     /// Directory bucket: remove the entry `name` if it names `ino` (any, if 0).
-    Remove { name: Vec<u8>, ino: u64 },
+    Remove {
+        /// The entry's name.
+        name: Vec<u8>,
+        /// The inode it must name (0: any).
+        ino: u64,
+    },
     /// Inode block: set (`Some`) or remove (`None`) an extended attribute.
     Xattr {
+        /// The attribute's name.
         name: Vec<u8>,
+        /// Its value (`None`: remove it).
         value: Option<Vec<u8>>,
     },
     /// Inode block: blocks `[start, end)` may now hold data.
-    Extent { start: u64, end: u64 },
+    Extent {
+        /// First block.
+        start: u64,
+        /// One past the last block.
+        end: u64,
+    },
     /// Inode block: blocks from `from` on hold no data (a truncate).
-    Trim { from: u64 },
+    Trim {
+        /// First block that holds no data.
+        from: u64,
+    },
 }
 
 /// Encode a patch (a list of steps applied in order) as block content for

@@ -41,21 +41,38 @@ pub struct FragmentId {
 pub enum StoreError {
     /// No free slot: the device is full (clean or add space).
     #[error("no space left for fragments (ENOSPC): {free} free slots, {needed} needed")]
-    NoSpace { free: usize, needed: usize },
+    NoSpace {
+        /// Free slots.
+        free: usize,
+        /// Slots needed.
+        needed: usize,
+    },
     /// A fragment larger than a slot.
     #[error("fragment of {len} bytes exceeds the store's fragment size of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The fragment's length in bytes.
+        len: usize,
+        /// The store's fragment size in bytes.
+        max: usize,
+    },
     /// The fragment is not in the store.
     #[error("fragment {0:?} not found")]
     NotFound(FragmentId),
     /// The fragment failed its checksum (torn write or flipped bits): rebuild it from parity.
     #[error("fragment {id:?} is corrupt: {why}")]
-    Corrupt { id: FragmentId, why: &'static str },
+    Corrupt {
+        /// The fragment.
+        id: FragmentId,
+        /// What failed.
+        why: &'static str,
+    },
     /// The device failed.
     #[error("device error on {path}: {source}")]
     Io {
+        /// The device or file.
         path: String,
         #[source]
+        /// The OS error.
         source: std::io::Error,
     },
     /// The device is not usable as configured.

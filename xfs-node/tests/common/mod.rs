@@ -6,14 +6,14 @@ use std::process::Command;
 
 /// A loop device over a file in /var/tmp (not /tmp: tmpfs refuses O_DIRECT), with direct
 /// IO, detached and removed when dropped. Needs root and `losetup`; fails with the hint.
-pub struct LoopDevice {
+pub(crate) struct LoopDevice {
     /// The device, e.g. /dev/loop3.
-    pub dev: String,
+    pub(crate) dev: String,
     file: PathBuf,
 }
 
 impl LoopDevice {
-    pub fn new(name: &str, bytes: u64) -> LoopDevice {
+    pub(crate) fn new(name: &str, bytes: u64) -> LoopDevice {
         let file = PathBuf::from(format!(
             "/var/tmp/xfs-node-{name}-{}.img",
             std::process::id()

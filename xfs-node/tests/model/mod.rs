@@ -18,13 +18,13 @@ use xfs_node::coherence::{
 };
 
 /// The manager's node id in the model.
-pub const MANAGER: NodeId = 100;
+pub(crate) const MANAGER: NodeId = 100;
 /// The storage server's node id in the model.
-pub const STORAGE: NodeId = 101;
+pub(crate) const STORAGE: NodeId = 101;
 
 /// An address on the model's network: a protocol role or a client's kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Addr {
+pub(crate) enum Addr {
     /// Client i's cache.
     Client(NodeId),
     /// Client i's kernel page cache.
@@ -37,7 +37,7 @@ pub enum Addr {
 
 /// What travels.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Payload {
+pub(crate) enum Payload {
     /// A protocol message.
     Proto(Msg<u8>),
     /// Client → its kernel: drop the block's pages.
@@ -48,15 +48,15 @@ pub enum Payload {
 
 /// A message in flight.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Envelope {
-    pub from: Addr,
-    pub to: Addr,
-    pub payload: Payload,
+pub(crate) struct Envelope {
+    pub(crate) from: Addr,
+    pub(crate) to: Addr,
+    pub(crate) payload: Payload,
 }
 
 /// What went wrong (kept in the state; a property checks it stays `None`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Violation {
+pub(crate) enum Violation {
     /// A read returned something other than the last completed write.
     StaleRead {
         client: NodeId,
@@ -77,32 +77,32 @@ pub enum Violation {
 
 /// The whole system.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct World {
-    pub manager: ManagerShard,
-    pub storage: StorageShard<MemStore<u8>>,
-    pub clients: Vec<ClientShard<u8>>,
+pub(crate) struct World {
+    pub(crate) manager: ManagerShard,
+    pub(crate) storage: StorageShard<MemStore<u8>>,
+    pub(crate) clients: Vec<ClientShard<u8>>,
     /// Client i's kernel page cache.
-    pub kernels: Vec<BTreeMap<BlockId, u8>>,
+    pub(crate) kernels: Vec<BTreeMap<BlockId, u8>>,
     /// Operations each client may still start.
-    pub budget: Vec<u8>,
+    pub(crate) budget: Vec<u8>,
     /// Messages in flight (kept sorted; in the ordered network, stably by (from, to)).
-    pub net: Vec<Envelope>,
+    pub(crate) net: Vec<Envelope>,
     /// Per block, the value of the last completed write.
-    pub last_write: Vec<u8>,
+    pub(crate) last_write: Vec<u8>,
     /// The value the next write stores.
-    pub next_value: u8,
-    pub violation: Option<Violation>,
+    pub(crate) next_value: u8,
+    pub(crate) violation: Option<Violation>,
     /// The network keeps per (from, to) order.
-    pub ordered: bool,
+    pub(crate) ordered: bool,
     /// Per client, its transaction's progress: 0 none, 1 acquiring its first block, 2
     /// holding it (the second is acquired once that block is idle here), 3 acquiring its
     /// second.
-    pub txn: Vec<u8>,
+    pub(crate) txn: Vec<u8>,
 }
 
 /// A step of the model.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Action {
+pub(crate) enum Action {
     /// Deliver the message at this index of `net`.
     Deliver(usize),
     /// A user operation at a client.
@@ -117,25 +117,25 @@ pub enum Action {
 
 /// The model's bounds and variant.
 #[derive(Clone, Debug)]
-pub struct CoherenceModel {
-    pub clients: usize,
-    pub blocks: usize,
-    pub ops_per_client: u8,
+pub(crate) struct CoherenceModel {
+    pub(crate) clients: usize,
+    pub(crate) blocks: usize,
+    pub(crate) ops_per_client: u8,
     /// Per (from, to) FIFO delivery instead of any order.
-    pub ordered: bool,
-    pub config: ProtocolConfig,
+    pub(crate) ordered: bool,
+    pub(crate) config: ProtocolConfig,
     /// Blocks a client caches before a miss evicts one (0: unbounded).
-    pub capacity: usize,
+    pub(crate) capacity: usize,
     /// Clients also do atomic updates (`UserOp::Update(1)`: add one to the block): the
     /// content before each update must be the last completed write or update.
-    pub updates: bool,
+    pub(crate) updates: bool,
     /// Two-block transactions instead of plain writes (blocks 0 and 1): 0 none, 1 every
     /// client acquires in block order, 2 client 0 acquires in the reverse order.
-    pub txns: u8,
+    pub(crate) txns: u8,
 }
 
 impl CoherenceModel {
-    pub fn placement() -> Placement {
+    pub(crate) fn placement() -> Placement {
         Placement {
             managers: vec![MANAGER],
             storages: vec![STORAGE],
@@ -285,7 +285,7 @@ impl CoherenceModel {
 
     /// Whether anything is waiting: a user operation, a local step, a deferred or held
     /// message, a write at the manager or a queued request.
-    pub fn pending(w: &World) -> bool {
+    pub(crate) fn pending(w: &World) -> bool {
         w.clients.iter().any(|c| {
             c.blocks
                 .values()
@@ -299,7 +299,7 @@ impl CoherenceModel {
     }
 
     /// The canonical member of the state's symmetry class: the least renaming of clients.
-    pub fn representative(w: &World) -> World {
+    pub(crate) fn representative(w: &World) -> World {
         let n = w.clients.len();
         let mut best: Option<World> = None;
         let mut perm: Vec<usize> = (0..n).collect();
@@ -584,7 +584,7 @@ impl Model for CoherenceModel {
 
 /// What a model of the protocol is built on: [`CoherenceModel`] itself, or it with other
 /// bounds ([`Budgeted`]).
-pub trait Base {
+pub(crate) trait Base {
     fn base(&self) -> &CoherenceModel;
 }
 
@@ -598,9 +598,9 @@ impl Base for CoherenceModel {
 /// client i, instead of `ops_per_client` each): the bounds between one and two operations
 /// each (three clients with two each can be far too many states to exhaust).
 #[derive(Clone, Debug)]
-pub struct Budgeted {
-    pub model: CoherenceModel,
-    pub budgets: Vec<u8>,
+pub(crate) struct Budgeted {
+    pub(crate) model: CoherenceModel,
+    pub(crate) budgets: Vec<u8>,
 }
 
 impl Base for Budgeted {
@@ -710,7 +710,7 @@ fn revoke_held_while(w: &World, earlier: impl Fn(&Envelope) -> bool) -> bool {
 
 /// A client holds an early revoke while the forward before it is still in flight (the
 /// race of the xFS paper's Figure 2, handled by the sequence numbers).
-pub fn revoke_overtook_forward(w: &World) -> bool {
+pub(crate) fn revoke_overtook_forward(w: &World) -> bool {
     revoke_held_while(w, |e| {
         matches!(e.payload, Payload::Proto(Msg::Forward { .. }))
     })
@@ -718,7 +718,7 @@ pub fn revoke_overtook_forward(w: &World) -> bool {
 
 /// A client holds an early revoke while the data a peer is sending it (the reply its read
 /// was forwarded for) is still in flight.
-pub fn peer_read_races_revoke(w: &World) -> bool {
+pub(crate) fn peer_read_races_revoke(w: &World) -> bool {
     revoke_held_while(w, |e| {
         matches!(e.from, Addr::Client(_)) && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
     })
@@ -728,7 +728,7 @@ pub fn peer_read_races_revoke(w: &World) -> bool {
 /// a copy of it. A copy kept by a client whose eviction request is sent is not a reader: user
 /// operations wait for the eviction, and the manager forwards nothing to it any more (it only
 /// serves the forwards the manager sent before it took the request).
-pub fn one_writer_or_readers(w: &World) -> bool {
+pub(crate) fn one_writer_or_readers(w: &World) -> bool {
     let reader = |i: usize, block: &BlockId| {
         w.clients[i].blocks.get(block).is_some_and(|b| {
             b.data.is_some()

@@ -126,9 +126,13 @@ pub enum LogError {
     /// Not enough servers to write or read a segment.
     #[error("segment {segment}: only {have} of the {need} fragments needed are available ({why})")]
     Unrecoverable {
+        /// The segment.
         segment: u64,
+        /// Fragments available.
         have: usize,
+        /// Fragments needed.
         need: usize,
+        /// Why the others are missing.
         why: String,
     },
     /// The block was never written (or not yet recovered).
@@ -136,7 +140,12 @@ pub enum LogError {
     NotFound(BlockId),
     /// A block larger than a fragment.
     #[error("block of {len} bytes exceeds the fragment size of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The block's length in bytes.
+        len: usize,
+        /// The fragment size in bytes.
+        max: usize,
+    },
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
