@@ -174,6 +174,7 @@ impl<T: Transport> Endpoint<T> {
         // endpoint drops its transport before its core (field order), so it outlives the
         // transport; the RDMA device writes only ranges a message is being placed in,
         // which the endpoint reads only after the message's handler is called.
+        #[allow(unsafe_code)]
         let segment = unsafe { SegmentMemory::new(core.segment.as_mut_ptr(), core.segment.len()) };
         let failed = transport.attach(cfg.tag.0, segment).err();
         let mut handlers = Vec::with_capacity(cfg.handlers);

@@ -11,6 +11,11 @@
 //! * [`sim`]: a deterministic simulated network with seeded faults.
 //!
 //! See DESIGN.md §3 for the semantics.
+//!
+//! `unsafe` is denied but for the segment's description handed to a transport
+//! ([`transport::SegmentMemory::new`] and its one caller).
+
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod endpoint;

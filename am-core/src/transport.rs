@@ -97,6 +97,7 @@ impl SegmentMemory {
     /// the transport this is given to (`Endpoint` keeps its segment in a buffer it never
     /// resizes and drops its transport first). Others may write into it concurrently only
     /// as the transport's device does: while the endpoint does not read that range.
+    #[allow(unsafe_code)]
     pub unsafe fn new(ptr: *mut u8, len: usize) -> SegmentMemory {
         SegmentMemory { ptr, len }
     }

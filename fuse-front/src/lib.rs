@@ -22,7 +22,10 @@
 //! The parts: the operations (`ops.rs`) over the mount's handle on its node ([`Front`],
 //! `front.rs`); attributes in the kernel's terms (`attr.rs`); the names given to the kernel
 //! ([`Shared`], `names.rs`); the invalidation service (`invalidate.rs`) and the kernel's
-//! notify channel ([`KernelChannel`], `kernel.rs`); the raw mount (`mount.rs`).
+//! notify channel ([`KernelChannel`], `kernel.rs`); the raw mount (`mount.rs`). `unsafe` is
+//! denied but in those two (`writev` on /dev/fuse; `mount(2)`).
+
+#![deny(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -47,7 +50,9 @@ use xfs_node::node::control::{self, Control, FsOp, Request as CtlRequest, Respon
 mod attr;
 mod front;
 mod invalidate;
+#[allow(unsafe_code)]
 mod kernel;
+#[allow(unsafe_code)]
 mod mount;
 mod names;
 mod ops;

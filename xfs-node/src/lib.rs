@@ -7,10 +7,16 @@
 //! system on top ([`fs`]: block layout, the client API, the whole-cluster simulation), and
 //! the node process with its config and control socket ([`node`]). `src/main.rs` is the
 //! `xfs-node` CLI. See docs/cluster.md.
+//!
+//! `unsafe` is denied here except in the io_uring store ([`storage::uring`]) and the few
+//! process-level system calls of [`os`].
+
+#![deny(unsafe_code)]
 
 pub mod coherence;
 pub mod fs;
 pub mod node;
+pub mod os;
 pub mod shard;
 #[cfg(feature = "sim")]
 pub mod sim;

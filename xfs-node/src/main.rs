@@ -1,9 +1,11 @@
 //! `xfs-node`: run and use a serverless xFS-style cluster.
 
+#![deny(unsafe_code)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -223,8 +225,7 @@ fn control(cfg: &Config, node: u16) -> Result<Control, String> {
 }
 
 fn pid_alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let exists = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+    let exists = xfs_node::os::process_exists(pid);
     // A killed node whose parent (`up`, gone) was not reaped yet is a zombie: dead.
     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -484,15 +485,13 @@ fn unmount_all(cfg: &Config, problems: &mut Vec<String>) {
             continue;
         }
         // SIGTERM: the mount unmounts itself (detaching it if files are open).
-        // SAFETY: a signal to the mount process this cluster started.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let _ = xfs_node::os::send_signal(pid, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while pid_alive(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         if pid_alive(pid) {
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = xfs_node::os::send_signal(pid, libc::SIGKILL);
             problems.push(format!(
                 "the mount at {} did not exit; killed",
                 dir.display()
@@ -534,8 +533,7 @@ fn down(data: &Path) -> Result<(), String> {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if pid_alive(pid) {
-                // SAFETY: sending a signal to a process we started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = xfs_node::os::send_signal(pid, libc::SIGKILL);
                 problems.push(format!("node {} did not exit; killed", n.id));
             }
             let _ = std::fs::remove_file(data.join(format!("node{}.pid", n.id)));
@@ -686,12 +684,6 @@ fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
     Ok(())
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
     let cfg = Config::load(config)?;
     let node = match cfg.cluster.transport.as_str() {
@@ -700,16 +692,12 @@ fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
     };
     node.wait_ready(Duration::from_secs(wait))?;
     eprintln!("xfs-node {id}: ready");
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    let stop = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM]);
     let node = Arc::new(node);
     let n2 = node.clone();
     let server = std::thread::spawn(move || n2.serve());
     while !server.is_finished() {
-        if STOP.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) {
             eprintln!("xfs-node {id}: signal: writing back and checkpointing");
             let _ = node.client.sync_all();
             let _ = node.sync_log(true);
@@ -921,10 +909,7 @@ fn fsck(cfg: &Config, node: u16, repair: bool) -> Result<(), String> {
 fn main() -> ExitCode {
     // Output into a closed pipe (`xfs-node status | head`) ends the program quietly, as
     // for other Unix tools, rather than a panic in println!.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    xfs_node::os::default_sigpipe();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

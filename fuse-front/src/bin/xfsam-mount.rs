@@ -1,6 +1,8 @@
 //! `xfsam-mount`: mount the file system of an `xfs-node` cluster through one of its nodes.
 //! (Named so as not to be taken for Linux's local XFS; the mount shows as `fuse.xfsam`.)
 
+#![deny(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,12 +49,6 @@ struct Args {
     mountpoint: PathBuf,
 }
 
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    SIGNALLED.store(true, Ordering::Relaxed);
-}
-
 /// Whether `dir` is a mount point now.
 fn is_mounted(dir: &Path) -> bool {
     let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -64,19 +60,13 @@ fn is_mounted(dir: &Path) -> bool {
 }
 
 fn unmount(dir: &Path) {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: plain syscalls on a NUL-terminated path.
-    unsafe {
-        if libc::umount2(c.as_ptr(), 0) != 0 {
-            // Files are open: detach it (they see errors once this process is gone).
-            eprintln!(
-                "xfsam-mount: {} is busy (open files); detaching it",
-                dir.display()
-            );
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-        }
+    if xfs_node::os::unmount(dir, 0).is_err() {
+        // Files are open: detach it (they see errors once this process is gone).
+        eprintln!(
+            "xfsam-mount: {} is busy (open files); detaching it",
+            dir.display()
+        );
+        let _ = xfs_node::os::unmount(dir, libc::MNT_DETACH);
     }
 }
 
@@ -182,12 +172,7 @@ fn run(a: Args) -> Result<(), String> {
             ended.store(true, Ordering::Relaxed);
         });
     }
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::signal(s, on_signal as *const () as libc::sighandler_t);
-        }
-    }
+    let signalled = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     let state = fuse_front::state_path(&node.control);
     eprintln!(
         "xfsam-mount: node {} mounted at {} (pid {})",
@@ -197,7 +182,7 @@ fn run(a: Args) -> Result<(), String> {
     );
     let mut last = String::new();
     while !ended.load(Ordering::Relaxed) {
-        if SIGNALLED.load(Ordering::Relaxed) {
+        if signalled.load(Ordering::Relaxed) {
             unmount(&mp);
             for _ in 0..40 {
                 if ended.load(Ordering::Relaxed) {
