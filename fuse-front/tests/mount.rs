@@ -1118,7 +1118,13 @@ use am_testkit::cluster::Hosts;
 fn three_hosts_in_network_namespaces_each_with_a_mount() {
     let (serial, data) = Cluster::dir("netns");
     let hosts = Hosts::new("f", 3, 78);
-    let mut cfg = xfs_node::node::config::Config::local(3, &data, "udp", 7300, 128 << 20);
+    let mut cfg = xfs_node::node::config::Config::local(
+        3,
+        &data,
+        xfs_node::node::config::TransportKind::Udp,
+        7300,
+        128 << 20,
+    );
     for n in &mut cfg.nodes {
         n.host = format!("10.78.0.{}", n.id).parse().unwrap();
         n.port = 7300;

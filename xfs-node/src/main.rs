@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use xfs_node::fs::layout::Kind;
 use xfs_node::node::config::Config;
+use xfs_node::node::config::TransportKind;
 use xfs_node::node::control::{Control, NodeStatus, Request, Response};
-use xfs_node::node::{Node, Rdma, Udp};
+use xfs_node::node::{MakeTransport, Node};
 
 #[derive(Parser)]
 #[command(
@@ -58,9 +59,9 @@ enum Cmd {
         /// Data directory (config, storage files, sockets, logs).
         #[arg(long)]
         data: PathBuf,
-        /// Transport: udp or rdma.
-        #[arg(long, default_value = "udp")]
-        transport: String,
+        /// The network the nodes talk over.
+        #[arg(long, value_enum, default_value_t = TransportKind::Udp)]
+        transport: TransportKind,
         /// First UDP port (node k uses port + 10 (k - 1) and up).
         #[arg(long, default_value_t = 7100)]
         port: u16,
@@ -256,7 +257,7 @@ fn status_of(cfg: &Config, id: u16) -> Result<NodeStatus, String> {
 fn up(
     nodes: usize,
     data: &Path,
-    transport: &str,
+    transport: TransportKind,
     port: u16,
     host: std::net::IpAddr,
     devices: &[PathBuf],
@@ -686,9 +687,9 @@ fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
 
 fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
     let cfg = Config::load(config)?;
-    let node = match cfg.cluster.transport.as_str() {
-        "rdma" => Node::start(cfg, id, Rdma)?,
-        _ => Node::start(cfg, id, Udp)?,
+    let node = match cfg.cluster.transport {
+        TransportKind::Rdma => Node::start(cfg, id, Rdma)?,
+        TransportKind::Udp => Node::start(cfg, id, Udp)?,
     };
     node.wait_ready(Duration::from_secs(wait))?;
     eprintln!("xfs-node {id}: ready");
@@ -726,11 +727,8 @@ fn run(cli: Cli) -> Result<(), String> {
             mount,
             allow_other,
         } => {
-            if !matches!(transport.as_str(), "udp" | "rdma") {
-                return Err(format!("--transport {transport}: use udp or rdma"));
-            }
             up(
-                nodes, &data, &transport, port, host, &devices, storage_mb, timeout,
+                nodes, &data, transport, port, host, &devices, storage_mb, timeout,
             )?;
             if let Some(dir) = mount {
                 let cfg_path = data.join("cluster.toml");
@@ -916,5 +914,24 @@ fn main() -> ExitCode {
             eprintln!("xfs-node: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// UDP over kernel sockets.
+struct Udp;
+impl MakeTransport for Udp {
+    type T = am_udp::UdpTransport;
+    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, String> {
+        am_udp::UdpTransport::bind(addr, am_udp::UdpConfig::default()).map_err(|e| e.to_string())
+    }
+}
+
+/// RDMA verbs (RoCE or InfiniBand).
+struct Rdma;
+impl MakeTransport for Rdma {
+    type T = am_rdma::RdmaTransport;
+    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, String> {
+        am_rdma::RdmaTransport::bind(addr, am_rdma::RdmaConfig::default())
+            .map_err(|e| e.to_string())
     }
 }

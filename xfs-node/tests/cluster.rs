@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use xfs_node::node::config::Config;
+use xfs_node::node::config::{Config, TransportKind};
 use xfs_node::node::control::{Control, FsOp, NodeStatus, Request, Response};
 
 /// The cluster tests start several processes each: one at a time.
@@ -267,7 +267,7 @@ fn a_storage_server_killed_during_a_write_stream_loses_nothing() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let data = data_dir("storage-kill");
     std::fs::create_dir_all(&data).unwrap();
-    let mut cfg = Config::local(5, &data, "udp", 17300, 256 << 20);
+    let mut cfg = Config::local(5, &data, TransportKind::Udp, 17300, 256 << 20);
     for n in &mut cfg.nodes {
         if n.id <= 2 {
             n.roles = vec!["client".into(), "manager".into()];
@@ -426,7 +426,7 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
     // Each error comes at once (or after `--wait 2`): the bound is only against a hang.
     let secs = Duration::from_secs(120);
     // Malformed configs name what to fix.
-    let good = Config::local(3, &data, "udp", 17400, 8 << 20).to_toml();
+    let good = Config::local(3, &data, TransportKind::Udp, 17400, 8 << 20).to_toml();
     let bad = data.join("bad.toml");
     for (text, want) in [
         (
@@ -558,7 +558,7 @@ fn three_hosts_in_network_namespaces_share_files() {
     let data = data_dir("netns");
     std::fs::create_dir_all(&data).unwrap();
     let hosts = Hosts::new("x", 3, 77);
-    let mut cfg = Config::local(3, &data, "udp", 7100, 64 << 20);
+    let mut cfg = Config::local(3, &data, TransportKind::Udp, 7100, 64 << 20);
     for n in &mut cfg.nodes {
         n.host = format!("10.77.0.{}", n.id).parse().unwrap();
         n.port = 7100;
@@ -621,7 +621,7 @@ fn three_nodes_over_verbs_share_files_with_a_peer_read() {
         args.extend(["--devices", &devices]);
     }
     let cfg = up_with(&data, 3, 17500, &args);
-    assert_eq!(cfg.cluster.transport, "rdma");
+    assert_eq!(cfg.cluster.transport, TransportKind::Rdma);
     let content = bytes(9, 600_000);
     put(&data, 1, &content, "/v");
     assert_eq!(get(&data, 2, "/v"), content);

@@ -20,7 +20,7 @@ mod control_server;
 mod start;
 mod transport;
 
-pub use transport::{MakeTransport, Rdma, Udp};
+pub use transport::MakeTransport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

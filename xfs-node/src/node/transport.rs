@@ -1,5 +1,6 @@
-//! The transport a node's endpoints run on, chosen by the binary ([`MakeTransport`]:
-//! [`Udp`], [`Rdma`]), and binding an endpoint on it.
+//! The transport a node's endpoints run on: the binary (`xfs-node serve`) picks it by
+//! `[cluster] transport` ([`super::config::TransportKind`]) and hands the node a
+//! [`MakeTransport`] for it; the library names no transport. Binding an endpoint on it.
 
 use super::*;
 
@@ -13,25 +14,6 @@ pub trait MakeTransport: Send + Sync + 'static {
     type T: Transport + Send + 'static;
     /// Bind one at `addr` (port 0: any).
     fn bind(&self, addr: SocketAddr) -> Result<Self::T, String>;
-}
-
-/// UDP.
-pub struct Udp;
-impl MakeTransport for Udp {
-    type T = am_udp::UdpTransport;
-    fn bind(&self, addr: SocketAddr) -> Result<Self::T, String> {
-        am_udp::UdpTransport::bind(addr, am_udp::UdpConfig::default()).map_err(|e| e.to_string())
-    }
-}
-
-/// RDMA verbs (RoCE).
-pub struct Rdma;
-impl MakeTransport for Rdma {
-    type T = am_rdma::RdmaTransport;
-    fn bind(&self, addr: SocketAddr) -> Result<Self::T, String> {
-        am_rdma::RdmaTransport::bind(addr, am_rdma::RdmaConfig::default())
-            .map_err(|e| e.to_string())
-    }
 }
 
 pub(super) fn endpoint<M: MakeTransport>(
