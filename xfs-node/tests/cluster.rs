@@ -450,7 +450,7 @@ fn bad_input_gets_clear_errors_not_panics_or_hangs() {
     fails_with(&["up", "--nodes", "0", "--data", d], "--nodes 0", secs);
     fails_with(
         &["up", "--data", d, "--transport", "tcp"],
-        "use udp or rdma",
+        "possible values: udp, rdma",
         secs,
     );
     // A node whose peers are not there: a clear error once its wait is over.
