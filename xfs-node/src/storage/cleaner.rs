@@ -1,7 +1,10 @@
 //! The distributed log cleaner (DESIGN.md §4, Storage; Sprite LFS's cost-benefit policy,
 //! xFS's distributed cleaner with s-files and optimistic moves).
 //!
-//! Two sides, both sans-IO:
+//! Two sides. Neither does network IO itself: the writer side works on a [`Log`] it is
+//! handed, the leader calls the writers through a [`Group`]. They are not sans-IO in the
+//! strict sense: the leader reads the clock (`Instant::now`) to pace itself, and the writer
+//! side reads segments through the log's stores:
 //!
 //! * the **writer** side runs where a log is (the blocks' manager, which owns that log's
 //!   imap): it reports its segment-usage table ([`Command::Usage`]), empties a segment
