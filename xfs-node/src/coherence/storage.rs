@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// Block storage as the storage role sees it: the node's log plugs in here (`node::LogStore`);
+/// Block storage as the storage role sees it: the node's log plugs in here
+/// (`storage::block_store::LogStore`);
 /// the simulation and the model use [`MemStore`]. Errors are strings naming what failed:
 /// the storage role counts them and sends no reply (the requester times out with EIO),
 /// never a made-up content.

@@ -6,8 +6,8 @@
 //! of the others. Each shard owns one AM endpoint and the client, manager and storage state
 //! of its blocks; no protocol state is shared between shards (a shard is `Send`, moved into
 //! its thread, and driven only by [`Shard::step`]). Today the node's storage is shared:
-//! every shard's storage role calls the node's one log through a mutex (`node::LogStore`),
-//! inside the loop (docs/architecture.md).
+//! every shard's storage role calls the node's one log through a mutex
+//! (`storage::block_store::LogStore`), inside the loop (docs/architecture.md).
 //!
 //! The loop: poll the endpoint (its handler only decodes and queues), then feed the queued
 //! messages, finished kernel invalidations and waiting user operations to the state
