@@ -153,7 +153,7 @@ pub struct DpdkStats {
 /// Wakes `wait` from another thread: a flag the spinning loop reads and an eventfd the
 /// sleeping one polls.
 struct Waker {
-    fd: sys::EventFd,
+    fd: am_os::EventFd,
     flag: AtomicBool,
 }
 
@@ -250,7 +250,7 @@ impl DpdkTransport {
                 2048 - frame::ETH_LEN
             )));
         }
-        let fd = sys::EventFd::new()?;
+        let fd = am_os::EventFd::new().map_err(|e| DpdkError::Invalid(format!("eventfd: {e}")))?;
         let mac = match cfg.mac {
             Some(m) => m,
             None if info.mac != [0; 6] => info.mac,
@@ -271,7 +271,7 @@ impl DpdkTransport {
             .map(|&(ip, m)| (ip, (m, true)))
             .collect();
         let mut queue = queue;
-        let sleeper = queue.rx_sleeper(fd.raw())?;
+        let sleeper = queue.rx_sleeper(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
         Ok(DpdkTransport {
             sleeper,
             tx: Vec::with_capacity(cfg.burst * 2),
@@ -527,7 +527,7 @@ impl DpdkTransport {
         let woken = self
             .waker
             .fd
-            .sleep(d, mask.handle)
+            .wait_readable(d, mask.handle)
             .map_err(|e| TransportError::Io(format!("ppoll: {e}")))?;
         if woken {
             self.drain_waker();

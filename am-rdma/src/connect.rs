@@ -30,7 +30,7 @@ impl RdmaTransport {
         }
         self.nonce_ctr += 1;
         let nonce = mix(self.seed ^ self.nonce_ctr).max(1);
-        let now = verbs::coarse_now_ns();
+        let now = am_os::tsc::coarse_now_ns();
         self.peers.insert(
             to,
             Peer {

@@ -33,7 +33,7 @@ impl RdmaTransport {
             p.qp.post_send(wr_id, &p.ring, off, body.len() + 1)?;
         }
         if p.outstanding == 0 {
-            p.stalled_since = Some(verbs::coarse_now_ns());
+            p.stalled_since = Some(coarse_now_ns());
         }
         p.outstanding += 1;
         p.posted += 1;
@@ -151,7 +151,7 @@ impl RdmaTransport {
             let imm = last.then_some(p.imm_send);
             p.qp.post_write(wr_id, seg, &src, rkey, raddr, imm)?;
             if p.outstanding == 0 {
-                p.stalled_since = Some(verbs::coarse_now_ns());
+                p.stalled_since = Some(coarse_now_ns());
             }
             p.outstanding += 1;
             p.writes_in_flight += 1;
@@ -246,29 +246,7 @@ impl RdmaTransport {
                 continue; // a completion of a torn-down queue pair
             };
             if wc.wr_id & SEND_BIT != 0 {
-                if let Some(p) = self.peers.get_mut(&addr) {
-                    p.outstanding = p.outstanding.saturating_sub(1);
-                    if wc.wr_id & WRITE_BIT != 0 {
-                        p.writes_in_flight = p.writes_in_flight.saturating_sub(1);
-                    }
-                    p.stalled_since = (p.outstanding > 0).then(verbs::coarse_now_ns);
-                    if wc.status == 0 {
-                        if !std::mem::replace(&mut p.progressed, true) {
-                            self.progressed.push(addr);
-                        }
-                        self.stats.sends_completed += 1;
-                    }
-                    // A freed send slot lets waiting datagrams and WRITEs go.
-                    let waiting =
-                        !(p.pending.is_empty() && p.control.is_empty() && p.writing.is_none());
-                    if waiting && !flush.contains(&addr) {
-                        flush.push(addr);
-                    }
-                }
-                if wc.status != 0 {
-                    self.stats.error_completions += 1;
-                    self.fail_peer(addr);
-                }
+                self.on_send_completion(wc, addr, &mut flush);
                 continue;
             }
             if wc.status != 0 {
@@ -277,62 +255,18 @@ impl RdmaTransport {
                 continue;
             }
             let slot_idx = (wc.wr_id & 0xffff_ffff) as usize;
-            let slot = self.slot;
             if wc.opcode == verbs::opcode::RECV_RDMA_WITH_IMM {
-                self.stats.writes_imm_received += 1;
-                let hdr = self.peers.get_mut(&addr).and_then(|p| {
-                    let expect = p.imm_recv;
-                    p.imm_recv = p.imm_recv.wrapping_add(1);
-                    p.parked.pop_front().filter(|_| wc.imm == expect)
-                });
-                match hdr {
+                match self.on_write_with_imm(wc, addr) {
                     Some(h) => {
                         deliver(addr, &h);
                         delivered += 1;
                     }
-                    None => {
-                        // A WRITE with immediate without its header, or out of step: the
-                        // peer broke the protocol, and a datagram is lost. Tear the
-                        // connection down so the engine returns what it had sent and
-                        // re-opens, rather than stall on the gap.
-                        self.stats.malformed += 1;
-                        self.fail_peer(addr);
-                        continue;
-                    }
+                    None => continue, // the connection was torn down
                 }
             } else {
-                self.stats.recvs += 1;
-                let len = wc.byte_len as usize;
-                let mut control = None;
-                match self.peers.get_mut(&addr) {
-                    Some(p) if len >= 1 && len <= slot => {
-                        let b = &p.recv.bytes()[slot_idx * slot..slot_idx * slot + len];
-                        match b[0] {
-                            prefix::DATA => {
-                                // Straight from the receive slot: it is reposted below,
-                                // after the engine has taken the datagram.
-                                deliver(addr, &b[1..]);
-                                delivered += 1;
-                            }
-                            prefix::BULK => {
-                                let h = b[1..].to_vec();
-                                p.parked.push_back(h);
-                            }
-                            other => control = Some((other, b[1..].to_vec())),
-                        }
-                    }
-                    _ => self.stats.malformed += 1,
-                }
-                if let Some((pfx, body)) = control {
-                    self.on_control(addr, &body, pfx);
-                }
+                delivered += self.on_recv(addr, slot_idx, wc.byte_len as usize, deliver);
             }
-            if let Some(p) = self.peers.get_mut(&addr) {
-                let wr_id = ((p.id as u64) << 32) | slot_idx as u64;
-                if p.qp.post_recv(wr_id, &p.recv, slot_idx, slot).is_err() {
-                    self.fail_peer(addr);
-                }
-            }
+            self.repost_recv(addr, slot_idx);
         }
         self.wcs = wcs;
         self.wcs.clear();
@@ -344,9 +278,109 @@ impl RdmaTransport {
         delivered
     }
 
+    /// A SEND or WRITE of ours completed: its ring slot is free; a peer with datagrams or
+    /// WRITEs waiting for one goes into `flush`. An error completion fails the peer.
+    fn on_send_completion(
+        &mut self,
+        wc: &verbs::Wc,
+        addr: SocketAddr,
+        flush: &mut Vec<SocketAddr>,
+    ) {
+        if let Some(p) = self.peers.get_mut(&addr) {
+            p.outstanding = p.outstanding.saturating_sub(1);
+            if wc.wr_id & WRITE_BIT != 0 {
+                p.writes_in_flight = p.writes_in_flight.saturating_sub(1);
+            }
+            p.stalled_since = (p.outstanding > 0).then(coarse_now_ns);
+            if wc.status == 0 {
+                if !std::mem::replace(&mut p.progressed, true) {
+                    self.progressed.push(addr);
+                }
+                self.stats.sends_completed += 1;
+            }
+            let waiting = !(p.pending.is_empty() && p.control.is_empty() && p.writing.is_none());
+            if waiting && !flush.contains(&addr) {
+                flush.push(addr);
+            }
+        }
+        if wc.status != 0 {
+            self.stats.error_completions += 1;
+            self.fail_peer(addr);
+        }
+    }
+
+    /// A WRITE with immediate landed: returns the bulk header parked for it, or `None`
+    /// (the connection torn down) when there is none or it is out of step.
+    fn on_write_with_imm(&mut self, wc: &verbs::Wc, addr: SocketAddr) -> Option<Vec<u8>> {
+        self.stats.writes_imm_received += 1;
+        let hdr = self.peers.get_mut(&addr).and_then(|p| {
+            let expect = p.imm_recv;
+            p.imm_recv = p.imm_recv.wrapping_add(1);
+            p.parked.pop_front().filter(|_| wc.imm == expect)
+        });
+        if hdr.is_none() {
+            // A WRITE with immediate without its header, or out of step: the peer broke
+            // the protocol, and a datagram is lost. Tear the connection down so the engine
+            // returns what it had sent and re-opens, rather than stall on the gap.
+            self.stats.malformed += 1;
+            self.fail_peer(addr);
+        }
+        hdr
+    }
+
+    /// A SEND of `len` bytes arrived in receive slot `slot_idx`: a datagram is delivered
+    /// straight from the slot (returns 1), a bulk header parked for its WRITE, a control
+    /// message handled.
+    fn on_recv(
+        &mut self,
+        addr: SocketAddr,
+        slot_idx: usize,
+        len: usize,
+        deliver: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> usize {
+        self.stats.recvs += 1;
+        let slot = self.slot;
+        let mut delivered = 0;
+        let mut control = None;
+        match self.peers.get_mut(&addr) {
+            Some(p) if len >= 1 && len <= slot => {
+                let b = &p.recv.bytes()[slot_idx * slot..slot_idx * slot + len];
+                match b[0] {
+                    prefix::DATA => {
+                        // Straight from the receive slot: it is reposted after the engine
+                        // has taken the datagram.
+                        deliver(addr, &b[1..]);
+                        delivered = 1;
+                    }
+                    prefix::BULK => {
+                        let h = b[1..].to_vec();
+                        p.parked.push_back(h);
+                    }
+                    other => control = Some((other, b[1..].to_vec())),
+                }
+            }
+            _ => self.stats.malformed += 1,
+        }
+        if let Some((pfx, body)) = control {
+            self.on_control(addr, &body, pfx);
+        }
+        delivered
+    }
+
+    /// Gives receive slot `slot_idx` back to the peer's queue pair.
+    fn repost_recv(&mut self, addr: SocketAddr, slot_idx: usize) {
+        let slot = self.slot;
+        if let Some(p) = self.peers.get_mut(&addr) {
+            let wr_id = ((p.id as u64) << 32) | slot_idx as u64;
+            if p.qp.post_recv(wr_id, &p.recv, slot_idx, slot).is_err() {
+                self.fail_peer(addr);
+            }
+        }
+    }
+
     pub(super) fn probe_stalled(&mut self) {
         // Runs on every batch: look at the peers at most every PROBE_CHECK, not per poll.
-        let now = verbs::coarse_now_ns();
+        let now = coarse_now_ns();
         if now.saturating_sub(self.last_probe_check) < PROBE_CHECK.as_nanos() as u64 {
             return;
         }
@@ -386,15 +420,16 @@ impl RdmaTransport {
         n.map_err(|e| io("poll the completion queue", e))
     }
 
-    pub(super) fn note_events(&mut self, toks: &[u64]) {
-        if toks.contains(&TOKEN_EVENTFD) {
-            let _ = verbs::fd::read8(self.eventfd.0.as_raw_fd());
-        }
-        if toks.contains(&TOKEN_CQ) {
-            self.dev.drain_events();
-        }
-        if toks.contains(&TOKEN_UDP) {
-            self.udp_ready = true;
+    pub(super) fn note_events(&mut self, evs: &EpollEvents) {
+        for t in evs.tokens() {
+            match t {
+                TOKEN_EVENTFD => {
+                    self.eventfd.0.drain();
+                }
+                TOKEN_CQ => self.dev.drain_events(),
+                TOKEN_UDP => self.udp_ready = true,
+                _ => {}
+            }
         }
     }
 
@@ -405,7 +440,7 @@ impl RdmaTransport {
         timeout: Option<Duration>,
         mask: EventMask,
     ) -> Result<(), TransportError> {
-        let deadline = timeout.map(|t| verbs::coarse_now_ns() + t.as_nanos() as u64);
+        let deadline = timeout.map(|t| coarse_now_ns() + t.as_nanos() as u64);
         let mut turn = 0u32;
         loop {
             if mask.network && self.poll_cq_stash()? > 0 {
@@ -413,17 +448,19 @@ impl RdmaTransport {
             }
             turn = turn.wrapping_add(1);
             if turn.is_multiple_of(256) {
-                let toks = verbs::fd::epoll_wait(self.epoll.as_raw_fd(), 0)
+                let mut evs = EpollEvents::default();
+                self.epoll
+                    .wait(&mut evs, 0)
                     .map_err(|e| io("epoll_wait", e))?;
-                self.note_events(&toks);
-                let woken = toks.iter().any(|&t| match t {
+                self.note_events(&evs);
+                let woken = evs.tokens().any(|t| match t {
                     TOKEN_EVENTFD => mask.handle,
                     _ => mask.network,
                 });
                 if woken {
                     return Ok(());
                 }
-                if deadline.is_some_and(|d| verbs::coarse_now_ns() >= d) {
+                if deadline.is_some_and(|d| coarse_now_ns() >= d) {
                     return Ok(());
                 }
             }

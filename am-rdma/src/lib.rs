@@ -54,11 +54,13 @@ pub mod verbs;
 use am_core::{
     Capabilities, EventMask, Notify, SegmentMemory, Time, Transmit, Transport, TransportError,
 };
+use am_os::tsc::{coarse_now_ns, TscClock};
+use am_os::{Epoll, EpollEvents, EventFd};
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use verbs::{Device, ForeignRegion, OwnedRegion, Qp, RemoteQp, Wc};
@@ -161,12 +163,12 @@ pub struct RdmaStats {
     pub dropped: u64,
 }
 
-struct EventFd(OwnedFd);
+/// The transport's eventfd, as the engine's cross-thread wake-up.
+struct Waker(EventFd);
 
-impl Notify for EventFd {
+impl Notify for Waker {
     fn notify(&self) {
-        let one: u64 = 1;
-        let _ = verbs::fd::write(self.0.as_raw_fd(), &one.to_ne_bytes());
+        self.0.signal();
     }
 }
 
@@ -261,7 +263,7 @@ struct Peer {
     nonce: u64,
     psn: u32,
     remote: Option<(RemoteQp, u64)>,
-    /// Coarse-clock times (ns), see [`verbs::coarse_now_ns`].
+    /// Coarse-clock times (ns), see [`coarse_now_ns`].
     last_req: u64,
     control: VecDeque<Vec<u8>>,
     pending: VecDeque<Transmit>,
@@ -341,9 +343,9 @@ pub struct RdmaTransport {
     dev: Device,
     sock: UdpSocket,
     addr: SocketAddr,
-    epoll: OwnedFd,
-    eventfd: Arc<EventFd>,
-    clock: verbs::FastClock,
+    epoll: Epoll,
+    eventfd: Arc<Waker>,
+    clock: TscClock,
     seed: u64,
     next_id: u32,
     nonce_ctr: u64,
@@ -427,11 +429,11 @@ impl RdmaTransport {
         let addr = sock.local_addr()?;
         let cqe = (cfg.max_peers as u32) * (cfg.recv_depth + cfg.send_depth) + 64;
         let dev = Device::open(cfg.device.as_deref(), addr.ip(), cqe)?;
-        let epoll = verbs::fd::epoll()?;
-        let efd = verbs::fd::eventfd()?;
-        verbs::fd::epoll_add(epoll.as_raw_fd(), dev.channel_fd(), TOKEN_CQ)?;
-        verbs::fd::epoll_add(epoll.as_raw_fd(), sock.as_raw_fd(), TOKEN_UDP)?;
-        verbs::fd::epoll_add(epoll.as_raw_fd(), efd.as_raw_fd(), TOKEN_EVENTFD)?;
+        let epoll = Epoll::new()?;
+        let efd = EventFd::new()?;
+        epoll.add(dev.channel_fd(), TOKEN_CQ)?;
+        epoll.add(sock.as_raw_fd(), TOKEN_UDP)?;
+        epoll.add(efd.as_raw_fd(), TOKEN_EVENTFD)?;
         let t0 = Instant::now();
         let seed = mix((std::process::id() as u64) << 32
             ^ addr.port() as u64
@@ -449,8 +451,8 @@ impl RdmaTransport {
             sock,
             addr,
             epoll,
-            eventfd: Arc::new(EventFd(efd)),
-            clock: verbs::FastClock::new(),
+            eventfd: Arc::new(Waker(efd)),
+            clock: TscClock::new(),
             seed,
             next_id: 1,
             nonce_ctr: 0,
@@ -546,7 +548,7 @@ impl Transport for RdmaTransport {
                     continue;
                 }
                 if let Some(p) = self.peers.get_mut(&t.to) {
-                    p.last_req = verbs::coarse_now_ns();
+                    p.last_req = coarse_now_ns();
                 }
                 self.oob(t.to, oob::REQ, 0);
             }
@@ -654,16 +656,18 @@ impl Transport for RdmaTransport {
                     .div_ceil(1000)
                     .min(i32::MAX as u128) as i32,
             };
-            let toks = verbs::fd::epoll_wait(self.epoll.as_raw_fd(), ms)
+            let mut evs = EpollEvents::default();
+            self.epoll
+                .wait(&mut evs, ms)
                 .map_err(|e| io("epoll_wait", e))?;
-            self.note_events(&toks);
+            self.note_events(&evs);
             // Only the sources in `mask` wake the caller (the others are noted and handled
             // at the next poll); the deadline always does.
-            let woken = toks.iter().any(|&t| match t {
+            let woken = evs.tokens().any(|t| match t {
                 TOKEN_EVENTFD => mask.handle,
                 _ => mask.network,
             });
-            if woken || toks.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
+            if woken || evs.is_empty() || deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(());
             }
             // A masked source fired: re-arm (its event was consumed) and sleep on.

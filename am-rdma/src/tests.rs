@@ -99,7 +99,7 @@ fn the_gid_of_an_ipv4_address_is_v4_mapped() {
 
 #[test]
 fn the_fast_clock_is_monotonic_and_tracks_real_time() {
-    let c = verbs::FastClock::new();
+    let c = am_os::tsc::TscClock::new();
     let t0 = c.now_ns();
     let mut last = t0;
     for _ in 0..100_000 {

@@ -42,7 +42,7 @@ mod ffi {
 }
 
 use std::ffi::{CStr, CString};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -162,28 +162,14 @@ impl TscClock {
             return None;
         }
         Some(TscClock {
-            t0: rdtsc(),
+            t0: am_os::tsc::rdtsc(),
             mult: (1_000_000_000u128 << 32) / hz as u128,
         })
     }
     /// Nanoseconds since the clock was made.
     pub fn ns(&self) -> u64 {
-        ((rdtsc().wrapping_sub(self.t0) as u128 * self.mult) >> 32) as u64
+        ((am_os::tsc::rdtsc().wrapping_sub(self.t0) as u128 * self.mult) >> 32) as u64
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn rdtsc() -> u64 {
-    // SAFETY: RDTSC has no preconditions on x86_64.
-    #[allow(unused_unsafe)]
-    unsafe {
-        std::arch::x86_64::_rdtsc()
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn rdtsc() -> u64 {
-    0
 }
 
 /// One packet buffer, owned; freed when dropped.
@@ -450,6 +436,57 @@ impl Port {
         if ps.queues == 0 {
             return Err(DpdkError::Invalid("a port needs at least one queue".into()));
         }
+        let (info, driver) = Self::device_info(id)?;
+        if ps.queues > info.max_rx_queues.min(info.max_tx_queues) {
+            return Err(DpdkError::Invalid(format!(
+                "port {id} ({driver}) has at most {} queue pairs, {} asked",
+                info.max_rx_queues.min(info.max_tx_queues),
+                ps.queues
+            )));
+        }
+        let tx_ipv4_checksum = info.tx_offload_capa & TX_OFFLOAD_IPV4_CKSUM != 0;
+        let rx_ipv4_checksum = info.rx_offload_capa & RX_OFFLOAD_IPV4_CKSUM != 0;
+        let rx_interrupts = Self::configure(id, ps, &info, &driver)?;
+        let pools = Self::setup_queues(id, ps)?;
+        // SAFETY: configured port with its queues set up.
+        let r = unsafe { ffi::rte_eth_dev_start(id) };
+        if r != 0 {
+            return Err(call_err(
+                format!("rte_eth_dev_start(port {id}, {driver})"),
+                r,
+            ));
+        }
+        // Promiscuous so frames to our own (configured) MAC arrive on every PMD; we filter
+        // by MAC ourselves. Not every PMD has it: ignore a refusal.
+        // SAFETY: started port.
+        let _ = unsafe { ffi::rte_eth_promiscuous_enable(id) };
+        let mut mac = ffi::rte_ether_addr::default();
+        // SAFETY: valid port, valid out-struct.
+        let _ = unsafe { ffi::rte_eth_macaddr_get(id, &mut mac) };
+        let intr_fds = Self::rx_interrupt_fds(id, ps.queues, rx_interrupts);
+        let rx_interrupts = intr_fds.iter().all(|f| f.is_some());
+        Ok(Port {
+            id,
+            info: PortInfo {
+                name: Self::name_of(id),
+                driver,
+                mac: mac.addr_bytes,
+                tx_ipv4_checksum,
+                rx_ipv4_checksum,
+                rx_interrupts,
+                restart_on_link_down: false,
+            },
+            pools,
+            intr_fds,
+            taken: (0..ps.queues)
+                .map(|_| Arc::new(AtomicBool::new(false)))
+                .collect(),
+            rx_desc: ps.rx_desc,
+        })
+    }
+
+    /// The device's capabilities and its driver's name.
+    fn device_info(id: u16) -> Result<(ffi::rte_eth_dev_info, String), DpdkError> {
         let mut info = ffi::rte_eth_dev_info::default();
         // SAFETY: valid port id (just found or made), valid out-struct.
         let r = unsafe { ffi::rte_eth_dev_info_get(id, &mut info) };
@@ -464,26 +501,27 @@ impl Port {
                 .to_string_lossy()
                 .into_owned()
         };
-        if ps.queues > info.max_rx_queues.min(info.max_tx_queues) {
-            return Err(DpdkError::Invalid(format!(
-                "port {id} ({driver}) has at most {} queue pairs, {} asked",
-                info.max_rx_queues.min(info.max_tx_queues),
-                ps.queues
-            )));
-        }
+        Ok((info, driver))
+    }
+
+    /// Configures the port's queue pairs and offloads; returns whether it took Rx
+    /// interrupts.
+    fn configure(
+        id: u16,
+        ps: &PortSpec,
+        info: &ffi::rte_eth_dev_info,
+        driver: &str,
+    ) -> Result<bool, DpdkError> {
         let mut conf = ffi::rte_eth_conf::default();
-        let tx_ipv4_checksum = info.tx_offload_capa & TX_OFFLOAD_IPV4_CKSUM != 0;
-        let rx_ipv4_checksum = info.rx_offload_capa & RX_OFFLOAD_IPV4_CKSUM != 0;
-        if tx_ipv4_checksum {
+        if info.tx_offload_capa & TX_OFFLOAD_IPV4_CKSUM != 0 {
             conf.txmode.offloads |= TX_OFFLOAD_IPV4_CKSUM;
         }
-        if rx_ipv4_checksum {
+        if info.rx_offload_capa & RX_OFFLOAD_IPV4_CKSUM != 0 {
             conf.rxmode.offloads |= RX_OFFLOAD_IPV4_CKSUM;
         }
         // Rx interrupts where the PMD takes them: configure with them, else without. The
         // virtual devices used here have none (ring, memif, af_packet, null, af_xdp: EAL
         // only logs an error when asked), so they are not asked.
-        let mut rx_interrupts = false;
         let no_interrupts = [
             "net_ring",
             "net_memif",
@@ -491,23 +529,27 @@ impl Port {
             "net_null",
             "net_af_xdp",
         ];
-        if ps.rx_interrupts && !no_interrupts.contains(&driver.as_str()) {
+        if ps.rx_interrupts && !no_interrupts.contains(&driver) {
             conf.intr_conf.set_rxq(1);
             // SAFETY: valid port and conf.
-            rx_interrupts =
-                unsafe { ffi::rte_eth_dev_configure(id, ps.queues, ps.queues, &conf) } == 0;
-        }
-        if !rx_interrupts {
-            conf.intr_conf.set_rxq(0);
-            // SAFETY: valid port and conf.
-            let r = unsafe { ffi::rte_eth_dev_configure(id, ps.queues, ps.queues, &conf) };
-            if r != 0 {
-                return Err(call_err(
-                    format!("rte_eth_dev_configure(port {id}, {driver})"),
-                    r,
-                ));
+            if unsafe { ffi::rte_eth_dev_configure(id, ps.queues, ps.queues, &conf) } == 0 {
+                return Ok(true);
             }
         }
+        conf.intr_conf.set_rxq(0);
+        // SAFETY: valid port and conf.
+        let r = unsafe { ffi::rte_eth_dev_configure(id, ps.queues, ps.queues, &conf) };
+        if r != 0 {
+            return Err(call_err(
+                format!("rte_eth_dev_configure(port {id}, {driver})"),
+                r,
+            ));
+        }
+        Ok(false)
+    }
+
+    /// Sets up each queue pair, with a mempool of its own for the Rx side.
+    fn setup_queues(id: u16, ps: &PortSpec) -> Result<Vec<Pool>, DpdkError> {
         // SAFETY: EAL started.
         let socket = unsafe { ffi::rte_socket_id() };
         let mut pools = Vec::new();
@@ -542,65 +584,40 @@ impl Port {
             }
             pools.push(pool);
         }
-        // SAFETY: configured port with its queues set up.
-        let r = unsafe { ffi::rte_eth_dev_start(id) };
-        if r != 0 {
-            return Err(call_err(
-                format!("rte_eth_dev_start(port {id}, {driver})"),
-                r,
-            ));
-        }
-        // Promiscuous so frames to our own (configured) MAC arrive on every PMD; we filter
-        // by MAC ourselves. Not every PMD has it: ignore a refusal.
-        // SAFETY: started port.
-        let _ = unsafe { ffi::rte_eth_promiscuous_enable(id) };
-        let mut mac = ffi::rte_ether_addr::default();
-        // SAFETY: valid port, valid out-struct.
-        let _ = unsafe { ffi::rte_eth_macaddr_get(id, &mut mac) };
-        let mut intr_fds = Vec::new();
-        for q in 0..ps.queues {
-            let fd = if rx_interrupts {
+        Ok(pools)
+    }
+
+    /// Each queue's Rx interrupt fd; all `None` unless every queue has one.
+    fn rx_interrupt_fds(id: u16, queues: u16, rx_interrupts: bool) -> Vec<Option<RawFd>> {
+        let fds: Vec<Option<RawFd>> = (0..queues)
+            .map(|q| {
+                if !rx_interrupts {
+                    return None;
+                }
                 // SAFETY: started port with Rx interrupts configured.
                 let fd = unsafe { ffi::rte_eth_dev_rx_intr_ctl_q_get_fd(id, q) };
                 (fd >= 0).then_some(fd)
-            } else {
-                None
-            };
-            intr_fds.push(fd);
+            })
+            .collect();
+        if fds.iter().all(|f| f.is_some()) {
+            fds
+        } else {
+            vec![None; queues as usize]
         }
-        let rx_interrupts = rx_interrupts && intr_fds.iter().all(|f| f.is_some());
+    }
+
+    /// The port's device name (`port<id>` where DPDK has none).
+    fn name_of(id: u16) -> String {
         let mut name_buf = [0 as libc::c_char; 64];
         // SAFETY: valid port and a 64-byte buffer (RTE_ETH_NAME_MAX_LEN).
-        let name = if unsafe { ffi::rte_eth_dev_get_name_by_port(id, name_buf.as_mut_ptr()) } == 0 {
+        if unsafe { ffi::rte_eth_dev_get_name_by_port(id, name_buf.as_mut_ptr()) } == 0 {
             // SAFETY: DPDK wrote a NUL-terminated name into the buffer.
             unsafe { CStr::from_ptr(name_buf.as_ptr()) }
                 .to_string_lossy()
                 .into_owned()
         } else {
             format!("port{id}")
-        };
-        Ok(Port {
-            id,
-            info: PortInfo {
-                name,
-                driver,
-                mac: mac.addr_bytes,
-                tx_ipv4_checksum,
-                rx_ipv4_checksum,
-                rx_interrupts,
-                restart_on_link_down: false,
-            },
-            pools,
-            intr_fds: if rx_interrupts {
-                intr_fds
-            } else {
-                vec![None; ps.queues as usize]
-            },
-            taken: (0..ps.queues)
-                .map(|_| Arc::new(AtomicBool::new(false)))
-                .collect(),
-            rx_desc: ps.rx_desc,
-        })
+        }
     }
 
     /// The port's id.
@@ -661,7 +678,7 @@ impl Drop for Queue {
 
 /// Sleeps until a queue's Rx interrupt or a wake-up fd fires (see [`Queue::rx_sleeper`]).
 pub struct RxSleeper {
-    epoll: OwnedFd,
+    epoll: am_os::Epoll,
     wake_fd: RawFd,
     _wake: Box<ffi::rte_epoll_event>,
 }
@@ -781,16 +798,9 @@ impl Queue {
         if self.intr_fd.is_none() {
             return Ok(None);
         }
-        // SAFETY: plain syscall; the fd is owned at once.
-        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epfd < 0 {
-            return Err(DpdkError::Invalid(format!(
-                "epoll_create1: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: a fresh fd we own.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let epoll =
+            am_os::Epoll::new().map_err(|e| DpdkError::Invalid(format!("epoll_create1: {e}")))?;
+        let epfd = epoll.as_raw_fd();
         // SAFETY: started port with Rx interrupts; DPDK adds the queue's interrupt fd to our
         // epoll set with an event record of its own (kept in the port's interrupt handle).
         let r = unsafe {
