@@ -2,7 +2,7 @@
 //! handle. It is owned by one event loop (`Send`, not `Sync`).
 
 use crate::api::{GatherResult, Incoming, Msg, MsgId, ReplyToken, RequestId, Undeliverable};
-use crate::engine::{Core, Event};
+use crate::engine::{Core, Delivery, Event};
 use crate::error::{AmError, ErrorCode, TransportError};
 use crate::transport::{EventMask, Notify, SegmentMemory, Transport};
 use crate::types::{Config, EndpointName, Stats, Tag, MAX_ARGS};
@@ -488,46 +488,7 @@ fn dispatch(
     while let Some(ev) = core.next_event() {
         n += 1;
         match ev {
-            Event::Deliver(d) => {
-                let idx = d.handler as usize;
-                let Some(mut h) = handlers.get_mut(idx).and_then(Option::take) else {
-                    continue;
-                };
-                // An inline payload lies in the datagram being received.
-                let payload: &[u8] = match d.inline {
-                    Some((off, len)) => {
-                        debug_assert!(current.is_some(), "inline delivery outside receive");
-                        current.and_then(|b| b.get(off..off + len)).unwrap_or(&[])
-                    }
-                    None => &d.payload,
-                };
-                let mut ctx = Ctx {
-                    core,
-                    in_reply: d.kind == MsgKind::Reply,
-                };
-                let source = EndpointName {
-                    addr: d.from,
-                    vnet: ctx.core.cfg.vnet,
-                };
-                h(
-                    &mut ctx,
-                    Incoming {
-                        source,
-                        kind: d.kind,
-                        handler: d.handler,
-                        args: &d.args[..d.nargs],
-                        payload,
-                        bulk: d.bulk,
-                        token: d.token,
-                        request: d.request,
-                    },
-                );
-                if let Some(slot) = handlers.get_mut(idx) {
-                    if slot.is_none() {
-                        *slot = Some(h);
-                    }
-                }
-            }
+            Event::Deliver(mut d) => deliver(core, handlers, &mut d, current),
             Event::Upcall(u) => {
                 if let Some(mut f) = upcall.take() {
                     f(
@@ -557,4 +518,53 @@ fn dispatch(
         }
     }
     n
+}
+
+/// Runs the handler of a delivered message (none if its slot is empty). The handler is
+/// taken out of its slot while it runs and put back unless the slot was filled meanwhile.
+#[inline]
+fn deliver(
+    core: &mut Core,
+    handlers: &mut [Option<Handler>],
+    d: &mut Delivery,
+    current: Option<&[u8]>,
+) {
+    let idx = d.handler as usize;
+    let Some(mut h) = handlers.get_mut(idx).and_then(Option::take) else {
+        return;
+    };
+    // An inline payload lies in the datagram being received.
+    let payload: &[u8] = match d.inline {
+        Some((off, len)) => {
+            debug_assert!(current.is_some(), "inline delivery outside receive");
+            current.and_then(|b| b.get(off..off + len)).unwrap_or(&[])
+        }
+        None => &d.payload,
+    };
+    let mut ctx = Ctx {
+        core,
+        in_reply: d.kind == MsgKind::Reply,
+    };
+    let source = EndpointName {
+        addr: d.from,
+        vnet: ctx.core.cfg.vnet,
+    };
+    h(
+        &mut ctx,
+        Incoming {
+            source,
+            kind: d.kind,
+            handler: d.handler,
+            args: &d.args[..d.nargs],
+            payload,
+            bulk: d.bulk,
+            token: d.token.take(),
+            request: d.request,
+        },
+    );
+    if let Some(slot) = handlers.get_mut(idx) {
+        if slot.is_none() {
+            *slot = Some(h);
+        }
+    }
 }

@@ -22,11 +22,14 @@ pub struct Front {
 
 impl Front {
     /// Connect to the node at `opts.control`.
-    pub fn new(opts: Options) -> Result<Front, String> {
-        let mut c = Control::connect(&opts.control)?;
-        let root = match c.call_ok(&CtlRequest::Fs(FsOp::Root))? {
+    pub fn new(opts: Options) -> Result<Front, FrontError> {
+        let mut c = Control::connect(&opts.control).map_err(FrontError::node)?;
+        let root = match c
+            .call_ok(&CtlRequest::Fs(FsOp::Root))
+            .map_err(FrontError::node)?
+        {
             Response::Ino(r) => r,
-            other => return Err(format!("unexpected answer {other:?}")),
+            other => return Err(FrontError::Unexpected(Box::new(other))),
         };
         Ok(Front {
             opts,
@@ -74,7 +77,7 @@ impl Front {
         }
     }
 
-    pub(crate) fn node_error(&self, e: &str) {
+    pub(crate) fn node_error(&self, e: &dyn std::fmt::Display) {
         if self
             .shared
             .stats

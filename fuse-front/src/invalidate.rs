@@ -2,6 +2,9 @@
 //! into kernel invalidations off the FUSE threads and answered when the kernel returns (or
 //! after `inval_wait`, counted late).
 
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+
 use super::*;
 
 /// The invalidation thread: subscribe to the node's invalidations and carry each to the
@@ -55,12 +58,12 @@ pub fn invalidations(
 
 /// Subscribe to node's invalidations on a new connection (before mounting: a node takes
 /// one mount, and a mount without invalidations would not be coherent).
-pub fn subscribe(control: &Path) -> Result<Control, String> {
-    let mut c = Control::connect(control)?;
-    match c.call(&CtlRequest::Subscribe)? {
+pub fn subscribe(control: &Path) -> Result<Control, FrontError> {
+    let mut c = Control::connect(control).map_err(FrontError::node)?;
+    match c.call(&CtlRequest::Subscribe).map_err(FrontError::node)? {
         Response::Ok => Ok(c),
-        Response::Err { message, .. } => Err(message),
-        other => Err(format!("unexpected answer {other:?}")),
+        Response::Err { message, .. } => Err(FrontError::Node(message)),
+        other => Err(FrontError::Unexpected(Box::new(other))),
     }
 }
 
@@ -82,13 +85,16 @@ pub(crate) fn forget_everything(n: &KernelChannel, sh: &Shared) {
 /// Batches given to the kernel and not answered yet: id -> (deadline, blocks).
 pub(crate) type Pending = Mutex<HashMap<u64, (std::time::Instant, Vec<u64>)>>;
 
+/// A batch of blocks to carry to the kernel, with its id.
+type Job = (u64, Vec<u64>);
+
 /// One subscription: batches go to workers (a kernel call that blocks — the kernel waits
 /// for this mount — holds up neither the stream nor other batches); a worker answers its
 /// batch when the kernel returned, a watchdog answers it at its deadline, whichever is
 /// first (once).
 pub(crate) fn serve_stream(
-    mut r: std::os::unix::net::UnixStream,
-    w: std::os::unix::net::UnixStream,
+    mut r: UnixStream,
+    w: UnixStream,
     notifier: &KernelChannel,
     shared: &Arc<Shared>,
     wait: Duration,
@@ -97,22 +103,55 @@ pub(crate) fn serve_stream(
     let w = Arc::new(Mutex::new(w));
     let pending: Arc<Pending> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
-    let answer = {
-        let (w, pending) = (w.clone(), pending.clone());
-        move |id: u64| {
-            let Some((_, blocks)) = lock(&pending).remove(&id) else {
-                return false;
-            };
-            let _ = control::send(&mut *lock(&w), &CtlRequest::KernelDone(blocks));
-            true
-        }
+    let answer = Answer {
+        w: w.clone(),
+        pending: pending.clone(),
     };
-    let (jobs_tx, jobs_rx) = mpsc::channel::<(u64, Vec<u64>)>();
-    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+    let mut threads = spawn_workers(jobs_rx, notifier, shared, &answer);
+    threads.push(spawn_watchdog(done.clone(), shared.clone(), answer));
+    read_batches(&mut r, &pending, &jobs_tx, shared, wait, stop);
+    drop(jobs_tx);
+    done.store(true, Ordering::Relaxed);
+    let _ = lock(&w).shutdown(std::net::Shutdown::Both);
+    // Workers blocked in the kernel finish when it lets go; do not wait for them.
+    drop(threads);
+}
+
+/// Answers the node for a batch, once: whoever comes first, the worker that carried it
+/// to the kernel or the watchdog at its deadline.
+#[derive(Clone)]
+struct Answer {
+    /// The stream's writing half.
+    w: Arc<Mutex<UnixStream>>,
+    pending: Arc<Pending>,
+}
+
+impl Answer {
+    /// Sends `KernelDone` for batch `id` unless it was answered already; says whether
+    /// it did.
+    fn answer(&self, id: u64) -> bool {
+        let Some((_, blocks)) = lock(&self.pending).remove(&id) else {
+            return false;
+        };
+        let _ = control::send(&mut *lock(&self.w), &CtlRequest::KernelDone(blocks));
+        true
+    }
+}
+
+/// Four workers that take batches from `jobs`, carry each block to the kernel and answer
+/// the batch; they end when the sending half of `jobs` is dropped.
+fn spawn_workers(
+    jobs: mpsc::Receiver<Job>,
+    notifier: &KernelChannel,
+    shared: &Arc<Shared>,
+    answer: &Answer,
+) -> Vec<JoinHandle<()>> {
+    let jobs = Arc::new(Mutex::new(jobs));
     let mut threads = Vec::new();
     for _ in 0..4 {
         let (rx, n, sh, answer) = (
-            jobs_rx.clone(),
+            jobs.clone(),
             notifier.clone(),
             shared.clone(),
             answer.clone(),
@@ -125,37 +164,49 @@ pub(crate) fn serve_stream(
             for b in blocks {
                 invalidate(&n, &sh, b);
             }
-            answer(id);
+            answer.answer(id);
         }));
     }
-    {
-        let (pending, done, sh, answer) = (
-            pending.clone(),
-            done.clone(),
-            shared.clone(),
-            answer.clone(),
-        );
-        threads.push(std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(2));
-                let now = std::time::Instant::now();
-                let late: Vec<u64> = lock(&pending)
-                    .iter()
-                    .filter(|(_, (d, _))| *d <= now)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in late {
-                    if answer(id) {
-                        sh.stats.inval_late.fetch_add(1, Ordering::Relaxed);
-                    }
+    threads
+}
+
+/// The watchdog: every 2 ms, answers the batches whose deadline passed (counted in
+/// `inval_late`), until `done` is set.
+fn spawn_watchdog(done: Arc<AtomicBool>, sh: Arc<Shared>, answer: Answer) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(2));
+            let now = std::time::Instant::now();
+            let late: Vec<u64> = lock(&answer.pending)
+                .iter()
+                .filter(|(_, (d, _))| *d <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in late {
+                if answer.answer(id) {
+                    sh.stats.inval_late.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        }));
-    }
+        }
+    })
+}
+
+/// Reads the node's batches of invalidations from `r` and hands each to the workers, with
+/// its deadline (`wait` from now) in `pending`. Returns when `stop` is set or the stream
+/// ends or fails.
+fn read_batches(
+    r: &mut UnixStream,
+    pending: &Pending,
+    jobs: &mpsc::Sender<Job>,
+    shared: &Shared,
+    wait: Duration,
+    stop: &AtomicBool,
+) {
+    // Wake up now and then to look at `stop`.
     r.set_read_timeout(Some(Duration::from_millis(200))).ok();
     let mut next = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let blocks = match control::recv::<Response>(&mut r) {
+        let blocks = match control::recv::<Response>(r) {
             Ok(Some(Response::Invalidate(b))) => b,
             Ok(Some(_)) => continue,
             Ok(None) => break,
@@ -172,16 +223,11 @@ pub(crate) fn serve_stream(
             .invalidations
             .fetch_add(blocks.len() as u64, Ordering::Relaxed);
         next += 1;
-        lock(&pending).insert(next, (std::time::Instant::now() + wait, blocks.clone()));
-        if jobs_tx.send((next, blocks)).is_err() {
+        lock(pending).insert(next, (std::time::Instant::now() + wait, blocks.clone()));
+        if jobs.send((next, blocks)).is_err() {
             break;
         }
     }
-    drop(jobs_tx);
-    done.store(true, Ordering::Relaxed);
-    let _ = lock(&w).shutdown(std::net::Shutdown::Both);
-    // Workers blocked in the kernel finish when it lets go; do not wait for them.
-    drop(threads);
 }
 
 /// Drop what the kernel caches of `block`.

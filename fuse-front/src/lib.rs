@@ -22,8 +22,9 @@
 //! The parts: the operations (`ops.rs`) over the mount's handle on its node ([`Front`],
 //! `front.rs`); attributes in the kernel's terms (`attr.rs`); the names given to the kernel
 //! ([`Shared`], `names.rs`); the invalidation service (`invalidate.rs`) and the kernel's
-//! notify channel ([`KernelChannel`], `kernel.rs`); the raw mount (`mount.rs`). `unsafe` is
-//! denied but in those two (`writev` on /dev/fuse; `mount(2)`).
+//! notify channel ([`KernelChannel`], `kernel.rs`); the raw mount (`mount.rs`); the errors
+//! of mounting and of reaching the node ([`FrontError`], `error.rs`). `unsafe` is denied but
+//! in `kernel.rs` and `mount.rs` (`writev` on /dev/fuse; `mount(2)`).
 
 #![deny(unsafe_code)]
 
@@ -48,6 +49,7 @@ use xfs_node::fs::layout::{bucket_of, ino_of, Entry, Inode, Kind, BLOCK, INODE_B
 use xfs_node::node::control::{self, Control, FsOp, Request as CtlRequest, Response};
 
 mod attr;
+mod error;
 mod front;
 mod invalidate;
 #[allow(unsafe_code)]
@@ -59,6 +61,7 @@ mod ops;
 
 use attr::*;
 pub use attr::{may_access, seek};
+pub use error::FrontError;
 pub use front::Front;
 pub use invalidate::{invalidations, subscribe};
 pub use kernel::KernelChannel;

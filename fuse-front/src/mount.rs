@@ -9,12 +9,12 @@ pub fn mount_fuse(
     fsname: &str,
     allow_other: bool,
     read_only: bool,
-) -> Result<OwnedFd, String> {
+) -> Result<OwnedFd, FrontError> {
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
-        .map_err(|e| format!("cannot open /dev/fuse: {e} (load the fuse module: modprobe fuse)"))?;
+        .map_err(FrontError::OpenDevice)?;
     let fd: OwnedFd = dev.into();
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -25,7 +25,7 @@ pub fn mount_fuse(
     if allow_other {
         data.push_str(",allow_other");
     }
-    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| "a NUL byte in a mount argument");
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(|_| FrontError::NulInArgument);
     let src = c(fsname.as_bytes())?;
     let target = c(mountpoint.as_os_str().as_bytes())?;
     let fstype = c(b"fuse.xfsam")?;
@@ -42,16 +42,10 @@ pub fn mount_fuse(
         )
     };
     if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        let hint = match e.raw_os_error() {
-            Some(libc::EPERM) => " (mounting needs root)",
-            Some(libc::EBUSY) => " (something is mounted there already)",
-            _ => "",
-        };
-        return Err(format!(
-            "cannot mount at {}: {e}{hint}",
-            mountpoint.display()
-        ));
+        return Err(FrontError::Mount {
+            mountpoint: mountpoint.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(fd)
 }

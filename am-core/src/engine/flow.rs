@@ -1,6 +1,7 @@
 //! Flow control and transmission: the advertised window, credits per peer, and turning
 //! queued messages into packets in the outbox.
 
+use super::peer::common_header;
 use super::*;
 
 impl Core {
@@ -58,19 +59,10 @@ impl Core {
             let Some(p) = self.peers.get_mut(&addr) else {
                 return;
             };
-            if p.state != SendState::Open
-                || p.queue.is_empty()
-                || p.in_flight() >= p.remote_window as u64
-            {
+            if !p.may_send() {
                 break;
             }
-            let common = Common {
-                version: self.cfg.protocol_version,
-                kind: wire::kind::DATA,
-                vnet: self.cfg.vnet,
-                src_inc: self.inc,
-                dst_inc: p.remote_inc,
-            };
+            let common = common_header(&self.cfg, self.inc, wire::kind::DATA, p.remote_inc);
             let seq = p.next_seq;
             if p.acked == p.next_seq {
                 // Nothing was in flight: the unreachable clock starts now.
@@ -79,109 +71,40 @@ impl Core {
             let mut b = pool_take(&mut self.pool, max_dgram);
             wire::put_data_header(&mut b, &common, seq, p.rx_next, window);
             let Some(m) = p.queue.front_mut() else { break };
-            let room;
-            if !m.first_sent {
-                wire::put_first(
-                    &mut b,
-                    &m.hdr,
-                    &m.args[..m.hdr.nargs as usize],
-                    m.token.as_ref(),
-                );
-                m.first_sent = true;
-                room = max_dgram.saturating_sub(b.len()).max(64);
-            } else {
-                wire::put_cont(&mut b, m.sent as u32);
-                room = max_dgram.saturating_sub(b.len()).max(64);
-            }
-            let placed = placement && m.hdr.class == Class::Bulk && m.hdr.kind != MsgKind::Bounce;
-            let take = if placed {
-                0
-            } else {
-                room.min(m.total() - m.sent)
-            };
-            let bulk = placed.then(|| BulkWrite {
-                tag: m.hdr.dst_tag,
-                src: m.bulk_src.clone(),
-                dst_offset: m.hdr.bulk_off,
-                len: m.total(),
-            });
-            if placed {
-                m.sent = m.total();
-            }
-            match m.hdr.class {
-                Class::Bulk if m.hdr.kind != MsgKind::Bounce => {
-                    copy_ranges(&self.segment, &m.bulk_src, m.sent, take, &mut b)
-                }
-                _ => b.extend_from_slice(&m.payload[m.sent..m.sent + take]),
-            }
-            m.sent += take;
+            let bulk = m.put_fragment(&mut b, &self.segment, max_dgram, placement);
             let done = m.sent >= m.total();
-            p.next_seq += 1;
-            if p.rx_buf.is_empty() {
-                // The data carries the acknowledgement. With a gap, a standalone ACK with
-                // its selective bitmap must still go, so the sender can repair the gap.
-                p.ack_needed = false;
-                p.ack_now = false;
-                p.rx_since_ack = 0;
-            }
-            if done {
-                if let Some(mut m) = p.queue.pop_front() {
-                    m.last_seq = seq;
-                    if m.hdr.class != Class::Bulk {
-                        m.bulk_src = Vec::new();
-                    }
-                    p.inflight.push_back(m);
-                }
-            }
+            p.data_sent(seq, done);
             if !reliable {
-                p.unacked.push_back(SentPkt {
-                    seq,
-                    bytes: {
-                        let mut copy = pool_take(&mut self.pool, b.len());
-                        copy.extend_from_slice(&b);
-                        copy
-                    },
-                    sent_at: now,
-                    retx: 0,
-                    sacked: false,
-                });
-                if p.rto_at.is_none() {
-                    p.rto_at = Some(Time(now.0 + p.rto_ns(&self.cfg)));
-                }
+                p.keep_unacked(seq, &b, now, &mut self.pool, &self.cfg);
             }
             self.push_packet_with(addr, b, bulk);
         }
+        self.send_ack_if_due(addr, window, now);
+    }
+
+    /// Sends a standalone acknowledgement (with its selective bitmap) to `addr` if one is
+    /// owed and due: at once, or at the delayed-acknowledgement deadline.
+    #[inline]
+    fn send_ack_if_due(&mut self, addr: SocketAddr, window: u32, now: Time) {
         let Some(p) = self.peers.get_mut(&addr) else {
             return;
         };
-        if p.ack_needed && p.rx_valid && (p.ack_now || now >= p.ack_deadline) {
-            p.ack_needed = false;
-            p.ack_now = false;
-            p.rx_since_ack = 0;
-            let mut sack = [0u64; wire::SACK_WORDS];
-            let base = p.rx_next + 1;
-            for (&s, _) in p.rx_buf.range(base..base + MAX_WINDOW as u64) {
-                let d = (s - base) as usize;
-                sack[d / 64] |= 1u64 << (d % 64);
-            }
-            let mut b = pool_take(&mut self.pool, 72);
-            wire::encode_packet(
-                &mut b,
-                &Packet::Ack {
-                    common: Common {
-                        version: self.cfg.protocol_version,
-                        kind: wire::kind::ACK,
-                        vnet: self.cfg.vnet,
-                        src_inc: self.inc,
-                        dst_inc: p.remote_inc,
-                    },
-                    ack: p.rx_next,
-                    window,
-                    sack,
-                },
-            );
-            self.push_packet(addr, b);
+        if !(p.ack_needed && p.rx_valid && (p.ack_now || now >= p.ack_deadline)) {
+            return;
         }
+        p.ack_sent();
+        let sack = p.sack_bitmap();
+        let mut b = pool_take(&mut self.pool, 72);
+        wire::encode_packet(
+            &mut b,
+            &Packet::Ack {
+                common: common_header(&self.cfg, self.inc, wire::kind::ACK, p.remote_inc),
+                ack: p.rx_next,
+                window,
+                sack,
+            },
+        );
+        self.push_packet(addr, b);
     }
 
     /// Drops the first `n` datagrams of the outbox (the transport took them) and keeps
@@ -196,5 +119,135 @@ impl Core {
     /// Datagrams waiting for the transport, oldest first.
     pub fn outbox(&mut self) -> &mut VecDeque<Transmit> {
         &mut self.outbox
+    }
+}
+
+impl Peer {
+    /// Whether a DATA packet may go now: the connection is open, a message is queued and
+    /// the peer's window has room.
+    #[inline]
+    fn may_send(&self) -> bool {
+        self.state == SendState::Open
+            && !self.queue.is_empty()
+            && self.in_flight() < self.remote_window as u64
+    }
+
+    /// Records that DATA packet `seq` went, carrying the front message's fragment (its last
+    /// if `done`, which moves the message to `inflight`).
+    #[inline]
+    fn data_sent(&mut self, seq: u64, done: bool) {
+        self.next_seq += 1;
+        if self.rx_buf.is_empty() {
+            // The data carries the acknowledgement. With a gap, a standalone ACK with
+            // its selective bitmap must still go, so the sender can repair the gap.
+            self.ack_sent();
+        }
+        if done {
+            if let Some(mut m) = self.queue.pop_front() {
+                m.last_seq = seq;
+                if m.hdr.class != Class::Bulk {
+                    m.bulk_src = Vec::new();
+                }
+                self.inflight.push_back(m);
+            }
+        }
+    }
+
+    /// Keeps a copy of DATA packet `seq` (in a buffer from `pool`) until it is
+    /// acknowledged, and starts the retransmission timer if it is not running.
+    #[inline]
+    fn keep_unacked(
+        &mut self,
+        seq: u64,
+        bytes: &[u8],
+        now: Time,
+        pool: &mut Vec<Vec<u8>>,
+        cfg: &Config,
+    ) {
+        let mut copy = pool_take(pool, bytes.len());
+        copy.extend_from_slice(bytes);
+        self.unacked.push_back(SentPkt {
+            seq,
+            bytes: copy,
+            sent_at: now,
+            retx: 0,
+            sacked: false,
+        });
+        if self.rto_at.is_none() {
+            self.rto_at = Some(Time(now.0 + self.rto_ns(cfg)));
+        }
+    }
+
+    /// An acknowledgement left (standalone, or carried by data): none is owed now.
+    #[inline]
+    fn ack_sent(&mut self) {
+        self.ack_needed = false;
+        self.ack_now = false;
+        self.rx_since_ack = 0;
+    }
+
+    /// The selective-acknowledgement bitmap: bit `d` is set if packet `rx_next + 1 + d`
+    /// is in the reorder buffer.
+    #[inline]
+    fn sack_bitmap(&self) -> [u64; wire::SACK_WORDS] {
+        let mut sack = [0u64; wire::SACK_WORDS];
+        let base = self.rx_next + 1;
+        for (&s, _) in self.rx_buf.range(base..base + MAX_WINDOW as u64) {
+            let d = (s - base) as usize;
+            sack[d / 64] |= 1u64 << (d % 64);
+        }
+        sack
+    }
+}
+
+impl OutMsg {
+    /// Appends this message's next fragment to `b`, a DATA packet with its header written:
+    /// the message header (first fragment) or the fragment's offset, then as much of the
+    /// payload as fits in `max_dgram`. A bulk message that the transport places
+    /// (`placement`) is sent whole here without its data; the returned [`BulkWrite`] tells
+    /// the transport what to place.
+    #[inline]
+    fn put_fragment(
+        &mut self,
+        b: &mut Vec<u8>,
+        segment: &[u8],
+        max_dgram: usize,
+        placement: bool,
+    ) -> Option<BulkWrite> {
+        if !self.first_sent {
+            wire::put_first(
+                b,
+                &self.hdr,
+                &self.args[..self.hdr.nargs as usize],
+                self.token.as_ref(),
+            );
+            self.first_sent = true;
+        } else {
+            wire::put_cont(b, self.sent as u32);
+        }
+        let room = max_dgram.saturating_sub(b.len()).max(64);
+        let placed = placement && self.hdr.class == Class::Bulk && self.hdr.kind != MsgKind::Bounce;
+        let take = if placed {
+            0
+        } else {
+            room.min(self.total() - self.sent)
+        };
+        let bulk = placed.then(|| BulkWrite {
+            tag: self.hdr.dst_tag,
+            src: self.bulk_src.clone(),
+            dst_offset: self.hdr.bulk_off,
+            len: self.total(),
+        });
+        if placed {
+            self.sent = self.total();
+        }
+        match self.hdr.class {
+            Class::Bulk if self.hdr.kind != MsgKind::Bounce => {
+                copy_ranges(segment, &self.bulk_src, self.sent, take, b)
+            }
+            _ => b.extend_from_slice(&self.payload[self.sent..self.sent + take]),
+        }
+        self.sent += take;
+        bulk
     }
 }

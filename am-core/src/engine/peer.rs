@@ -5,13 +5,7 @@ use super::*;
 
 impl Core {
     pub(super) fn common(&self, kind: u8, dst_inc: u64) -> Common {
-        Common {
-            version: self.cfg.protocol_version,
-            kind,
-            vnet: self.cfg.vnet,
-            src_inc: self.inc,
-            dst_inc,
-        }
+        common_header(&self.cfg, self.inc, kind, dst_inc)
     }
 
     /// The transport moved data towards `addr` (`Transport::take_progress`) at time `at`:
@@ -190,5 +184,18 @@ impl Core {
                 .peers
                 .get(&from)
                 .is_some_and(|p| p.remote_inc == common.src_inc && p.rx_valid)
+    }
+}
+
+/// The common header of a packet of `kind` from the endpoint with `cfg` and incarnation
+/// `inc` ([`Core::common`], for where a peer is borrowed from the engine).
+#[inline]
+pub(super) fn common_header(cfg: &Config, inc: u64, kind: u8, dst_inc: u64) -> Common {
+    Common {
+        version: cfg.protocol_version,
+        kind,
+        vnet: cfg.vnet,
+        src_inc: inc,
+        dst_inc,
     }
 }

@@ -99,17 +99,7 @@ impl Core {
     ) {
         if !self.conn_matches(from, &common) {
             self.stats.stale_dropped += 1;
-            if common.src_inc != 0 {
-                let mut b = Vec::with_capacity(32);
-                wire::encode_packet(
-                    &mut b,
-                    &Packet::Reset {
-                        common: self.common(wire::kind::RESET, common.src_inc),
-                        echo: common.dst_inc,
-                    },
-                );
-                self.push_packet(from, b);
-            }
+            self.reset_stale(from, &common);
             return;
         }
         self.on_ack(from, ack, window, None);
@@ -121,23 +111,7 @@ impl Core {
         let Some(p) = self.peers.get_mut(&from) else {
             return;
         };
-        if !p.ack_needed {
-            p.ack_needed = true;
-            p.ack_deadline = now.plus(ack_delay);
-        }
-        p.last_rx = now;
-        if seq != p.rx_next || !p.rx_buf.is_empty() {
-            // Duplicates, gaps, packets beyond the window and a packet that fills a gap
-            // are answered at once, so a sender in recovery learns quickly.
-            p.ack_now = true;
-        } else {
-            p.rx_since_ack += 1;
-            // With a small window (many active peers) half of it must not wait for the
-            // delayed acknowledgement, or the sender stalls.
-            if p.rx_since_ack >= ACK_EVERY.min((window_now / 2).max(1)) {
-                p.ack_now = true;
-            }
-        }
+        p.data_received(seq, now, ack_delay, window_now);
         if seq < p.rx_next {
             self.stats.duplicates_dropped += 1;
             if dedup_off {
@@ -163,6 +137,29 @@ impl Core {
         self.frame_direct = true;
         self.process_frame(from, frame);
         self.frame_direct = false;
+        self.process_reordered(from);
+    }
+
+    /// Answers DATA on a connection this endpoint does not have (see `conn_matches`) with a
+    /// RESET that names the incarnation the sender addressed: the sender fails its
+    /// connection if that is still the one it has.
+    fn reset_stale(&mut self, from: SocketAddr, common: &Common) {
+        if common.src_inc != 0 {
+            let mut b = Vec::with_capacity(32);
+            wire::encode_packet(
+                &mut b,
+                &Packet::Reset {
+                    common: self.common(wire::kind::RESET, common.src_inc),
+                    echo: common.dst_inc,
+                },
+            );
+            self.push_packet(from, b);
+        }
+    }
+
+    /// Processes the frames of the reorder buffer that are now in order.
+    #[inline]
+    fn process_reordered(&mut self, from: SocketAddr) {
         loop {
             let Some(p) = self.peers.get_mut(&from) else {
                 return;
@@ -245,90 +242,118 @@ impl Core {
                 args,
                 token,
                 payload,
-            } => {
-                let abandoned = self
-                    .peers
-                    .get_mut(&from)
-                    .and_then(|p| p.reasm.take())
-                    .is_some();
-                if abandoned {
-                    self.stats.malformed_dropped += 1;
-                }
-                let verdict = self.verdict(&hdr);
-                let keep = match hdr.class {
-                    Class::Medium => (hdr.total_len as usize) <= self.cfg.max_medium_bytes,
-                    Class::Bulk => verdict.is_ok() && hdr.kind != MsgKind::Bounce,
-                    Class::Small => false,
-                };
-                let mut r = Reassembly {
-                    hdr,
-                    args,
-                    token,
-                    verdict,
-                    buf: Vec::new(),
-                    received: 0,
-                    inline: None,
-                };
-                // A medium that arrives whole, in order, for a handler (not a gather, not
-                // a bounce) stays in the datagram: no copy.
-                if keep
-                    && hdr.class == Class::Medium
-                    && r.verdict.is_ok()
-                    && payload.len() == hdr.total_len as usize
-                    && matches!(
-                        hdr.kind,
-                        MsgKind::Oneway | MsgKind::Request | MsgKind::Reply
-                    )
-                    && !(hdr.kind == MsgKind::Reply
-                        && self
-                            .requests
-                            .get(&hdr.req_id)
-                            .is_none_or(|q| q.gather.is_some()))
-                {
-                    if let (true, Some((base, len))) = (self.frame_direct, self.inline_datagram) {
-                        let off = (payload.as_ptr() as usize).wrapping_sub(base);
-                        if off.checked_add(payload.len()).is_some_and(|e| e <= len) {
-                            r.inline = Some((off, payload.len()));
-                            r.received = payload.len();
-                            self.finish_or_park(from, r);
-                            return;
-                        }
-                    }
-                }
-                if keep && hdr.class == Class::Medium {
-                    r.buf.reserve_exact(hdr.total_len as usize);
-                }
-                if self.caps.bulk_placement
-                    && hdr.class == Class::Bulk
-                    && hdr.kind != MsgKind::Bounce
-                {
-                    // The transport placed the data (or, for a refused tag or range, the
-                    // sender's transport sent the header alone): no fragments follow.
-                    r.received = hdr.total_len as usize;
-                }
-                self.absorb(&mut r, payload, keep);
-                self.finish_or_park(from, r);
-            }
-            Frame::Cont { frag_off, payload } => {
-                let Some(mut r) = self.peers.get_mut(&from).and_then(|p| p.reasm.take()) else {
-                    self.stats.malformed_dropped += 1;
-                    return;
-                };
-                if frag_off as usize != r.received
-                    || r.received + payload.len() > r.hdr.total_len as usize
-                {
-                    self.stats.malformed_dropped += 1;
-                    return;
-                }
-                let keep = match r.hdr.class {
-                    Class::Medium => (r.hdr.total_len as usize) <= self.cfg.max_medium_bytes,
-                    Class::Bulk => r.verdict.is_ok() && r.hdr.kind != MsgKind::Bounce,
-                    Class::Small => false,
-                };
-                self.absorb(&mut r, payload, keep);
-                self.finish_or_park(from, r);
-            }
+            } => self.on_first_fragment(from, hdr, args, token, payload),
+            Frame::Cont { frag_off, payload } => self.on_cont_fragment(from, frag_off, payload),
         }
+    }
+
+    /// A message's first fragment: starts its reassembly (abandoning one left unfinished),
+    /// or delivers it from the datagram if it came whole and may stay there.
+    #[inline]
+    fn on_first_fragment(
+        &mut self,
+        from: SocketAddr,
+        hdr: MsgHeader,
+        args: [u64; MAX_ARGS],
+        token: Option<TokenWire>,
+        payload: &[u8],
+    ) {
+        let abandoned = self
+            .peers
+            .get_mut(&from)
+            .and_then(|p| p.reasm.take())
+            .is_some();
+        if abandoned {
+            self.stats.malformed_dropped += 1;
+        }
+        let verdict = self.verdict(&hdr);
+        let mut r = Reassembly {
+            hdr,
+            args,
+            token,
+            verdict,
+            buf: Vec::new(),
+            received: 0,
+            inline: None,
+        };
+        let keep = self.keeps_payload(&r);
+        if let Some((off, len)) = self.inline_place(&r, keep, payload) {
+            r.inline = Some((off, len));
+            r.received = len;
+            self.finish_or_park(from, r);
+            return;
+        }
+        if keep && hdr.class == Class::Medium {
+            r.buf.reserve_exact(hdr.total_len as usize);
+        }
+        if self.caps.bulk_placement && hdr.class == Class::Bulk && hdr.kind != MsgKind::Bounce {
+            // The transport placed the data (or, for a refused tag or range, the
+            // sender's transport sent the header alone): no fragments follow.
+            r.received = hdr.total_len as usize;
+        }
+        self.absorb(&mut r, payload, keep);
+        self.finish_or_park(from, r);
+    }
+
+    /// A later fragment: added to the message being reassembled if it is the next one;
+    /// otherwise the reassembly is dropped.
+    #[inline]
+    fn on_cont_fragment(&mut self, from: SocketAddr, frag_off: u32, payload: &[u8]) {
+        let Some(mut r) = self.peers.get_mut(&from).and_then(|p| p.reasm.take()) else {
+            self.stats.malformed_dropped += 1;
+            return;
+        };
+        if frag_off as usize != r.received || r.received + payload.len() > r.hdr.total_len as usize
+        {
+            self.stats.malformed_dropped += 1;
+            return;
+        }
+        let keep = self.keeps_payload(&r);
+        self.absorb(&mut r, payload, keep);
+        self.finish_or_park(from, r);
+    }
+
+    /// Whether the message's payload is kept: a medium's if within the size limit (also
+    /// when rejected: it goes back in the bounce), a bulk message's (into the segment) only
+    /// if accepted.
+    #[inline]
+    fn keeps_payload(&self, r: &Reassembly) -> bool {
+        match r.hdr.class {
+            Class::Medium => (r.hdr.total_len as usize) <= self.cfg.max_medium_bytes,
+            Class::Bulk => r.verdict.is_ok() && r.hdr.kind != MsgKind::Bounce,
+            Class::Small => false,
+        }
+    }
+
+    /// Where `payload` (the whole of the message of `r`) lies in the datagram being
+    /// received, if the message is delivered from there. A medium that arrives whole, in
+    /// order, for a handler (not a gather, not a bounce) stays in the datagram: no copy.
+    #[inline]
+    fn inline_place(&self, r: &Reassembly, keep: bool, payload: &[u8]) -> Option<(usize, usize)> {
+        let hdr = &r.hdr;
+        let eligible = keep
+            && hdr.class == Class::Medium
+            && r.verdict.is_ok()
+            && payload.len() == hdr.total_len as usize
+            && matches!(
+                hdr.kind,
+                MsgKind::Oneway | MsgKind::Request | MsgKind::Reply
+            )
+            && !(hdr.kind == MsgKind::Reply
+                && self
+                    .requests
+                    .get(&hdr.req_id)
+                    .is_none_or(|q| q.gather.is_some()));
+        if !eligible {
+            return None;
+        }
+        let (true, Some((base, len))) = (self.frame_direct, self.inline_datagram) else {
+            return None;
+        };
+        let off = (payload.as_ptr() as usize).wrapping_sub(base);
+        off.checked_add(payload.len())
+            .is_some_and(|e| e <= len)
+            .then_some((off, payload.len()))
     }
 
     pub(super) fn absorb(&mut self, r: &mut Reassembly, payload: &[u8], keep: bool) {
@@ -358,118 +383,156 @@ impl Core {
     }
 
     pub(super) fn complete(&mut self, from: SocketAddr, r: Reassembly) {
-        let Reassembly {
-            hdr,
-            args,
-            token,
-            verdict,
-            buf,
-            inline,
-            ..
-        } = r;
-        if inline.is_some() {
+        if r.inline.is_some() {
             self.inline_queued = true;
         }
-        let vnet = self.cfg.vnet;
-        if let Err(code) = verdict {
+        if let Err(code) = r.verdict {
             match code {
                 ErrorCode::BadTag => self.stats.bad_tag_dropped += 1,
                 _ => self.stats.messages_rejected += 1,
             }
-            if hdr.kind == MsgKind::Bounce {
+            if r.hdr.kind == MsgKind::Bounce {
                 return; // never bounce a bounce
             }
-            self.bounce(from, &hdr, &args, token, buf, code);
+            self.bounce(from, &r.hdr, &r.args, r.token, r.buf, code);
             return;
         }
-        let bulk = (hdr.class == Class::Bulk).then_some((hdr.bulk_off, hdr.total_len as usize));
-        let source = EndpointName { addr: from, vnet };
-        match hdr.kind {
-            MsgKind::Oneway | MsgKind::Request => {
-                let token = if hdr.kind == MsgKind::Request {
-                    Some(match token {
-                        Some(t) => ReplyToken {
-                            addr: t.addr,
-                            vnet,
-                            tag: t.tag,
-                            req_id: t.req_id,
-                            inc: t.inc,
-                        },
-                        None => ReplyToken {
-                            addr: from,
-                            vnet,
-                            tag: hdr.src_tag,
-                            req_id: hdr.req_id,
-                            inc: self.peers.get(&from).map_or(0, |p| p.remote_inc),
-                        },
-                    })
-                } else {
-                    None
-                };
-                self.stats.messages_handled += 1;
-                self.events.push_back(Event::Deliver(Delivery {
-                    from,
-                    kind: hdr.kind,
-                    handler: hdr.handler,
-                    args,
-                    nargs: hdr.nargs as usize,
-                    payload: buf,
-                    inline,
-                    bulk,
-                    token,
-                    request: None,
-                }));
-            }
-            MsgKind::Reply => {
-                let Some(req) = self.requests.remove(&hdr.req_id) else {
-                    return;
-                };
-                self.deadlines.remove(&(req.deadline, hdr.req_id));
-                self.stats.replies_handled += 1;
-                match req.gather {
-                    Some((gid, slot)) => self.gather_fill(
-                        gid,
-                        slot,
-                        Ok(GatherReply {
-                            source,
-                            args: args[..hdr.nargs as usize].to_vec(),
-                            payload: buf,
-                            bulk,
-                        }),
-                    ),
-                    None => self.events.push_back(Event::Deliver(Delivery {
-                        from,
-                        kind: MsgKind::Reply,
-                        handler: hdr.handler,
-                        args,
-                        nargs: hdr.nargs as usize,
-                        payload: buf,
-                        inline,
-                        bulk,
-                        token: None,
-                        request: Some(RequestId(hdr.req_id)),
-                    })),
-                }
-            }
-            MsgKind::Bounce => {
-                let code = ErrorCode::from_wire(hdr.code).unwrap_or(ErrorCode::Unreachable);
-                let u = Undeliverable {
-                    code,
-                    dest: source,
-                    msg_id: MsgId(hdr.msg_id),
-                    kind: hdr.orig_kind,
-                    handler: hdr.handler,
+        match r.hdr.kind {
+            MsgKind::Oneway | MsgKind::Request => self.deliver_to_handler(from, r),
+            MsgKind::Reply => self.deliver_reply(from, r),
+            MsgKind::Bounce => self.return_bounced(from, r),
+        }
+    }
+
+    /// Queues a one-way message or a request for its handler; a request with the token to
+    /// reply with.
+    #[inline]
+    fn deliver_to_handler(&mut self, from: SocketAddr, r: Reassembly) {
+        let Reassembly {
+            hdr,
+            args,
+            token,
+            buf,
+            inline,
+            ..
+        } = r;
+        let token = (hdr.kind == MsgKind::Request).then(|| self.reply_token(from, &hdr, token));
+        self.stats.messages_handled += 1;
+        self.events.push_back(Event::Deliver(Delivery {
+            from,
+            kind: hdr.kind,
+            handler: hdr.handler,
+            args,
+            nargs: hdr.nargs as usize,
+            payload: buf,
+            inline,
+            bulk: bulk_place(&hdr),
+            token,
+            request: None,
+        }));
+    }
+
+    /// The token a request's handler replies with: the original requester's if the request
+    /// was delegated (it carries that token), else the sender's.
+    #[inline]
+    fn reply_token(
+        &self,
+        from: SocketAddr,
+        hdr: &MsgHeader,
+        token: Option<TokenWire>,
+    ) -> ReplyToken {
+        let vnet = self.cfg.vnet;
+        match token {
+            Some(t) => ReplyToken {
+                addr: t.addr,
+                vnet,
+                tag: t.tag,
+                req_id: t.req_id,
+                inc: t.inc,
+            },
+            None => ReplyToken {
+                addr: from,
+                vnet,
+                tag: hdr.src_tag,
+                req_id: hdr.req_id,
+                inc: self.peers.get(&from).map_or(0, |p| p.remote_inc),
+            },
+        }
+    }
+
+    /// Ends a request with its reply: into its gather's slot, or queued for the reply
+    /// handler. Dropped if the request ended while the reply was reassembled (its deadline
+    /// passed, or its connection failed).
+    #[inline]
+    fn deliver_reply(&mut self, from: SocketAddr, r: Reassembly) {
+        let Reassembly {
+            hdr,
+            args,
+            buf,
+            inline,
+            ..
+        } = r;
+        let Some(req) = self.requests.remove(&hdr.req_id) else {
+            return;
+        };
+        self.deadlines.remove(&(req.deadline, hdr.req_id));
+        self.stats.replies_handled += 1;
+        let bulk = bulk_place(&hdr);
+        match req.gather {
+            Some((gid, slot)) => self.gather_fill(
+                gid,
+                slot,
+                Ok(GatherReply {
+                    source: EndpointName {
+                        addr: from,
+                        vnet: self.cfg.vnet,
+                    },
                     args: args[..hdr.nargs as usize].to_vec(),
                     payload: buf,
-                    bulk: (hdr.class == Class::Bulk)
-                        .then_some((hdr.bulk_off, hdr.orig_len as usize)),
-                    request: (hdr.orig_kind == MsgKind::Request && token.is_none())
-                        .then_some(RequestId(hdr.req_id)),
-                    delegated_for: token.map(|t| EndpointName { addr: t.addr, vnet }),
-                };
-                self.upcall(u);
-            }
+                    bulk,
+                }),
+            ),
+            None => self.events.push_back(Event::Deliver(Delivery {
+                from,
+                kind: MsgKind::Reply,
+                handler: hdr.handler,
+                args,
+                nargs: hdr.nargs as usize,
+                payload: buf,
+                inline,
+                bulk,
+                token: None,
+                request: Some(RequestId(hdr.req_id)),
+            })),
         }
+    }
+
+    /// A message of ours came back undeliverable: to its request's gather or the upcall.
+    #[inline]
+    fn return_bounced(&mut self, from: SocketAddr, r: Reassembly) {
+        let Reassembly {
+            hdr,
+            args,
+            token,
+            buf,
+            ..
+        } = r;
+        let vnet = self.cfg.vnet;
+        let code = ErrorCode::from_wire(hdr.code).unwrap_or(ErrorCode::Unreachable);
+        let u = Undeliverable {
+            code,
+            dest: EndpointName { addr: from, vnet },
+            msg_id: MsgId(hdr.msg_id),
+            kind: hdr.orig_kind,
+            handler: hdr.handler,
+            args: args[..hdr.nargs as usize].to_vec(),
+            payload: buf,
+            bulk: (hdr.class == Class::Bulk).then_some((hdr.bulk_off, hdr.orig_len as usize)),
+            request: (hdr.orig_kind == MsgKind::Request && token.is_none())
+                .then_some(RequestId(hdr.req_id)),
+            delegated_for: token.map(|t| EndpointName { addr: t.addr, vnet }),
+        };
+        self.upcall(u);
     }
 
     /// Sends an undeliverable message back to its sender.
@@ -525,5 +588,36 @@ impl Core {
             last_seq: 0,
         };
         p.queue.push_back(m);
+    }
+}
+
+/// Where a bulk message's data lies in our segment: `(offset, len)`.
+#[inline]
+fn bulk_place(hdr: &MsgHeader) -> Option<(u64, usize)> {
+    (hdr.class == Class::Bulk).then_some((hdr.bulk_off, hdr.total_len as usize))
+}
+
+impl Peer {
+    /// Records that DATA `seq` arrived at `now`: an acknowledgement is owed, in this flush
+    /// or within `ack_delay`. `window` is the receive window last advertised.
+    #[inline]
+    fn data_received(&mut self, seq: u64, now: Time, ack_delay: std::time::Duration, window: u32) {
+        if !self.ack_needed {
+            self.ack_needed = true;
+            self.ack_deadline = now.plus(ack_delay);
+        }
+        self.last_rx = now;
+        if seq != self.rx_next || !self.rx_buf.is_empty() {
+            // Duplicates, gaps, packets beyond the window and a packet that fills a gap
+            // are answered at once, so a sender in recovery learns quickly.
+            self.ack_now = true;
+        } else {
+            self.rx_since_ack += 1;
+            // With a small window (many active peers) half of it must not wait for the
+            // delayed acknowledgement, or the sender stalls.
+            if self.rx_since_ack >= ACK_EVERY.min((window / 2).max(1)) {
+                self.ack_now = true;
+            }
+        }
     }
 }

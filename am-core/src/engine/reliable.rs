@@ -84,93 +84,39 @@ impl Core {
         from: SocketAddr,
         ack: u64,
         window: u32,
-        sack: Option<&[u64; 4]>,
+        sack: Option<&[u64; wire::SACK_WORDS]>,
     ) {
         let now = self.now;
         let reliable = self.caps.reliable;
-        let mut freed = Vec::new();
-        {
-            let Some(p) = self.peers.get_mut(&from) else {
-                return;
-            };
-            if p.state != SendState::Open {
-                return;
-            }
-            if ack > p.next_seq {
-                self.stats.malformed_dropped += 1;
-                return;
-            }
-            p.remote_window = window.clamp(1, MAX_WINDOW);
-            if ack > p.acked {
-                let mut sample = None;
-                while p.unacked.front().is_some_and(|s| s.seq < ack) {
-                    if let Some(s) = p.unacked.pop_front() {
-                        if s.retx == 0 {
-                            sample = Some(now.since_ns(s.sent_at));
-                        }
-                        pool_give(&mut self.pool, s.bytes);
-                    }
-                }
-                if let Some(rtt) = sample {
-                    if p.srtt_ns == 0 {
-                        p.srtt_ns = rtt;
-                        p.rttvar_ns = rtt / 2;
-                    } else {
-                        let err = p.srtt_ns.abs_diff(rtt);
-                        p.rttvar_ns = (3 * p.rttvar_ns + err) / 4;
-                        p.srtt_ns = (7 * p.srtt_ns + rtt) / 8;
-                    }
-                }
-                p.acked = ack;
-                p.backoff = 0;
-                p.last_progress = now;
-                p.rto_at = (!p.unacked.is_empty()).then(|| Time(now.0 + p.rto_ns(&self.cfg)));
-                while p.inflight.front().is_some_and(|m| m.last_seq < ack) {
-                    if let Some(m) = p.inflight.pop_front() {
-                        if m.hdr.class == Class::Bulk && m.hdr.kind != MsgKind::Bounce {
-                            freed.push(MsgId(m.id));
-                        }
-                    }
-                }
-            }
-            if let (Some(sack), false) = (sack, reliable) {
-                let base = ack + 1;
-                let mut highest = 0u64;
-                for s in p.unacked.iter_mut() {
-                    let Some(d) = s.seq.checked_sub(base) else {
-                        continue;
-                    };
-                    let d = d as usize;
-                    if d < 256 && sack[d / 64] & (1u64 << (d % 64)) != 0 {
-                        s.sacked = true;
-                        highest = highest.max(s.seq);
-                    }
-                }
-                // Fast retransmission: a packet three or more below a selectively
-                // acknowledged one is lost; resend it once now, later only after a full
-                // retransmission timeout.
-                let rto = p.rto_ns(&self.cfg);
-                let mut resend = Vec::new();
-                for s in p.unacked.iter_mut() {
-                    if s.seq + 3 <= highest
-                        && !s.sacked
-                        && (s.retx == 0 || now.since_ns(s.sent_at) >= rto)
-                    {
-                        s.sent_at = now;
-                        s.retx += 1;
-                        resend.push(s.bytes.clone());
-                    }
-                }
-                let addr = p.addr;
-                for b in resend {
-                    self.stats.retransmits += 1;
-                    self.stats.bytes_retransmitted += b.len() as u64;
-                    self.push_packet(addr, b);
-                }
-            }
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if p.state != SendState::Open {
+            return;
         }
-        for id in freed {
-            self.events.push_back(Event::BulkFree(id));
+        if ack > p.next_seq {
+            self.stats.malformed_dropped += 1;
+            return;
+        }
+        p.remote_window = window.clamp(1, MAX_WINDOW);
+        if ack > p.acked {
+            p.take_cumulative_ack(ack, now, &self.cfg, &mut self.pool, &mut self.events);
+        }
+        if let (Some(sack), false) = (sack, reliable) {
+            let highest = p.mark_sacked(ack, sack);
+            let resend = p.fast_retransmits(highest, now, &self.cfg);
+            let addr = p.addr;
+            self.retransmit(addr, resend);
+        }
+    }
+
+    /// Counts and queues retransmitted packets to `addr`.
+    #[inline]
+    fn retransmit(&mut self, addr: SocketAddr, packets: impl IntoIterator<Item = Vec<u8>>) {
+        for b in packets {
+            self.stats.retransmits += 1;
+            self.stats.bytes_retransmitted += b.len() as u64;
+            self.push_packet(addr, b);
         }
     }
 
@@ -209,7 +155,17 @@ impl Core {
         self.flush_needed = true;
         self.set_now(now);
         let now = self.now;
-        // Request deadlines.
+        self.expire_requests(now);
+        let unreachable_ns = self.cfg.unreachable_timeout.as_nanos() as u64;
+        let mut cursor = self.peers.keys().next().copied();
+        while let Some(addr) = cursor {
+            cursor = self.next_peer_after(addr);
+            self.peer_timers(addr, now, unreachable_ns);
+        }
+    }
+
+    /// Ends the requests whose deadline passed by `now` with `Unreachable`.
+    fn expire_requests(&mut self, now: Time) {
         while let Some(&(t, rid)) = self.deadlines.iter().next() {
             if t > now {
                 break;
@@ -231,75 +187,171 @@ impl Core {
                 self.upcall(u);
             }
         }
-        let unreachable_ns = self.cfg.unreachable_timeout.as_nanos() as u64;
-        let mut cursor = self.peers.keys().next().copied();
-        while let Some(addr) = cursor {
-            cursor = self.next_peer_after(addr);
-            let Some(p) = self.peers.get_mut(&addr) else {
-                continue;
-            };
-            match p.state {
-                SendState::Connecting { since, last_hello } => {
-                    if now.since_ns(since) >= unreachable_ns {
-                        self.fail_all(addr, ErrorCode::Unreachable);
-                    } else if now.since_ns(last_hello) >= p.rto_ns(&self.cfg) {
-                        p.state = SendState::Connecting {
-                            since,
-                            last_hello: now,
-                        };
-                        p.backoff += 1;
-                        let (inc, next) = (p.remote_inc, p.next_seq);
-                        self.send_hello(addr, wire::kind::HELLO, inc, next);
-                    }
+    }
+
+    /// Runs the timers of the connection to `addr`: the handshake's retries, the
+    /// retransmission timeout, and giving up on a peer that made no progress for
+    /// `unreachable_ns`.
+    fn peer_timers(&mut self, addr: SocketAddr, now: Time, unreachable_ns: u64) {
+        let Some(p) = self.peers.get_mut(&addr) else {
+            return;
+        };
+        match p.state {
+            SendState::Connecting { since, last_hello } => {
+                if now.since_ns(since) >= unreachable_ns {
+                    self.fail_all(addr, ErrorCode::Unreachable);
+                } else if now.since_ns(last_hello) >= p.rto_ns(&self.cfg) {
+                    p.state = SendState::Connecting {
+                        since,
+                        last_hello: now,
+                    };
+                    p.backoff += 1;
+                    let (inc, next) = (p.remote_inc, p.next_seq);
+                    self.send_hello(addr, wire::kind::HELLO, inc, next);
                 }
-                SendState::Open => {
-                    if p.unacked.is_empty() && p.inflight.is_empty() {
-                        continue;
-                    }
-                    if now.since_ns(p.last_progress) >= unreachable_ns {
-                        self.fail_all(addr, ErrorCode::Unreachable);
-                        continue;
-                    }
-                    if self.caps.reliable {
-                        continue;
-                    }
-                    if p.rto_at.is_some_and(|t| t <= now) {
-                        // Resend only the oldest packet that waited a full timeout (the
-                        // timeout may be spurious); holes below selectively acknowledged
-                        // packets are resent by fast retransmission in `on_ack`.
-                        let rto = p.rto_ns(&self.cfg);
-                        let mut resend = Vec::new();
-                        if let Some(s) = p
-                            .unacked
-                            .iter_mut()
-                            .find(|s| !s.sacked && now.since_ns(s.sent_at) >= rto)
-                        {
-                            s.sent_at = now;
-                            s.retx += 1;
-                            resend.push(s.bytes.clone());
-                        }
-                        p.backoff += 1;
-                        p.rto_at = Some(Time(now.0 + p.rto_ns(&self.cfg)));
-                        for b in resend {
-                            self.stats.retransmits += 1;
-                            self.stats.bytes_retransmitted += b.len() as u64;
-                            self.push_packet(addr, b);
-                        }
-                    }
-                }
-                SendState::Idle => {}
             }
+            SendState::Open => {
+                if p.unacked.is_empty() && p.inflight.is_empty() {
+                    return;
+                }
+                if now.since_ns(p.last_progress) >= unreachable_ns {
+                    self.fail_all(addr, ErrorCode::Unreachable);
+                    return;
+                }
+                if self.caps.reliable {
+                    return;
+                }
+                if p.rto_at.is_some_and(|t| t <= now) {
+                    let resend = p.retransmission_timeout(now, &self.cfg);
+                    self.retransmit(addr, resend);
+                }
+            }
+            SendState::Idle => {}
         }
     }
 
     // ------------------------------------------------------------------------------------
-    // Output.
+    // Walking the peers.
 
+    /// The peer after `addr` in address order (so that `flush` and `handle_timeout` walk
+    /// the peers without allocating, while they change them).
     pub(super) fn next_peer_after(&self, addr: SocketAddr) -> Option<SocketAddr> {
         use std::ops::Bound::{Excluded, Unbounded};
         self.peers
             .range((Excluded(addr), Unbounded))
             .next()
             .map(|(a, _)| *a)
+    }
+}
+
+impl Peer {
+    /// Takes an acknowledgement of every packet below `ack` (above what was acknowledged):
+    /// frees them (their buffers go back to `pool`), samples the round-trip time, restarts
+    /// the timers, and retires the messages now wholly acknowledged (a bulk message's
+    /// source ranges may be reused: a `BulkFree` event).
+    #[inline]
+    fn take_cumulative_ack(
+        &mut self,
+        ack: u64,
+        now: Time,
+        cfg: &Config,
+        pool: &mut Vec<Vec<u8>>,
+        events: &mut VecDeque<Event>,
+    ) {
+        let mut sample = None;
+        while self.unacked.front().is_some_and(|s| s.seq < ack) {
+            if let Some(s) = self.unacked.pop_front() {
+                if s.retx == 0 {
+                    sample = Some(now.since_ns(s.sent_at));
+                }
+                pool_give(pool, s.bytes);
+            }
+        }
+        if let Some(rtt) = sample {
+            self.sample_rtt(rtt);
+        }
+        self.acked = ack;
+        self.backoff = 0;
+        self.last_progress = now;
+        self.rto_at = (!self.unacked.is_empty()).then(|| Time(now.0 + self.rto_ns(cfg)));
+        while self.inflight.front().is_some_and(|m| m.last_seq < ack) {
+            if let Some(m) = self.inflight.pop_front() {
+                if m.hdr.class == Class::Bulk && m.hdr.kind != MsgKind::Bounce {
+                    events.push_back(Event::BulkFree(MsgId(m.id)));
+                }
+            }
+        }
+    }
+
+    /// Folds a round-trip sample (of a packet sent once) into the smoothed round-trip time
+    /// and its variation.
+    #[inline]
+    fn sample_rtt(&mut self, rtt: u64) {
+        if self.srtt_ns == 0 {
+            self.srtt_ns = rtt;
+            self.rttvar_ns = rtt / 2;
+        } else {
+            let err = self.srtt_ns.abs_diff(rtt);
+            self.rttvar_ns = (3 * self.rttvar_ns + err) / 4;
+            self.srtt_ns = (7 * self.srtt_ns + rtt) / 8;
+        }
+    }
+
+    /// Marks the unacknowledged packets that `sack` (bit `d`: packet `ack + 1 + d`)
+    /// acknowledges selectively; returns the highest of them (0 if none).
+    #[inline]
+    fn mark_sacked(&mut self, ack: u64, sack: &[u64; wire::SACK_WORDS]) -> u64 {
+        let base = ack + 1;
+        let mut highest = 0u64;
+        for s in self.unacked.iter_mut() {
+            let Some(d) = s.seq.checked_sub(base) else {
+                continue;
+            };
+            let d = d as usize;
+            if d < MAX_WINDOW as usize && sack[d / 64] & (1u64 << (d % 64)) != 0 {
+                s.sacked = true;
+                highest = highest.max(s.seq);
+            }
+        }
+        highest
+    }
+
+    /// Fast retransmission: a packet three or more below the `highest` selectively
+    /// acknowledged one is lost; it is resent once now, later only after a full
+    /// retransmission timeout. Returns the packets to resend.
+    #[inline]
+    fn fast_retransmits(&mut self, highest: u64, now: Time, cfg: &Config) -> Vec<Vec<u8>> {
+        let rto = self.rto_ns(cfg);
+        let mut resend = Vec::new();
+        for s in self.unacked.iter_mut() {
+            if s.seq + 3 <= highest && !s.sacked && (s.retx == 0 || now.since_ns(s.sent_at) >= rto)
+            {
+                s.sent_at = now;
+                s.retx += 1;
+                resend.push(s.bytes.clone());
+            }
+        }
+        resend
+    }
+
+    /// The retransmission timer expired: backs it off and restarts it, and returns the
+    /// packet to resend, if any. Only the oldest packet that waited a full timeout is
+    /// resent (the timeout may be spurious); holes below selectively acknowledged packets
+    /// are resent by fast retransmission in `on_ack`.
+    fn retransmission_timeout(&mut self, now: Time, cfg: &Config) -> Option<Vec<u8>> {
+        let rto = self.rto_ns(cfg);
+        let mut resend = None;
+        if let Some(s) = self
+            .unacked
+            .iter_mut()
+            .find(|s| !s.sacked && now.since_ns(s.sent_at) >= rto)
+        {
+            s.sent_at = now;
+            s.retx += 1;
+            resend = Some(s.bytes.clone());
+        }
+        self.backoff += 1;
+        self.rto_at = Some(Time(now.0 + self.rto_ns(cfg)));
+        resend
     }
 }

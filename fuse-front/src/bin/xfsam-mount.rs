@@ -3,6 +3,7 @@
 
 #![deny(unsafe_code)]
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,7 +72,7 @@ fn unmount(dir: &Path) {
 }
 
 fn run(a: Args) -> Result<(), String> {
-    let cfg = Config::locate(a.data.as_deref(), a.config.as_deref())?;
+    let cfg = Config::locate(a.data.as_deref(), a.config.as_deref()).map_err(|e| e.to_string())?;
     let node = cfg.node(a.node).ok_or_else(|| {
         format!(
             "node {} is not in the cluster (nodes: {:?})",
@@ -79,46 +80,9 @@ fn run(a: Args) -> Result<(), String> {
             cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
         )
     })?;
-    let md = std::fs::metadata(&a.mountpoint).map_err(|e| {
-        format!(
-            "mount point {}: {e} (create it first: mkdir -p {})",
-            a.mountpoint.display(),
-            a.mountpoint.display()
-        )
-    })?;
-    if !md.is_dir() {
-        return Err(format!(
-            "mount point {} is not a directory",
-            a.mountpoint.display()
-        ));
-    }
-    let mp = a
-        .mountpoint
-        .canonicalize()
-        .map_err(|e| format!("{}: {e}", a.mountpoint.display()))?;
-    if is_mounted(&mp) {
-        return Err(format!(
-            "{} is busy: something is mounted there already (unmount it: fusermount3 -u {})",
-            mp.display(),
-            mp.display()
-        ));
-    }
-    let (mut allow_other, mut ro) = (false, false);
-    let mut fsname = format!("xfsam:{}/node{}", cfg.cluster.name, a.node);
-    for o in &a.options {
-        match o.as_str() {
-            "" => {}
-            "allow_other" => allow_other = true,
-            "ro" => ro = true,
-            "rw" => ro = false,
-            o if o.starts_with("fsname=") => fsname = o["fsname=".len()..].to_string(),
-            o => {
-                return Err(format!(
-                    "unknown mount option {o:?} (known: allow_other, ro, rw, fsname=NAME)"
-                ))
-            }
-        }
-    }
+    let mp = mount_point(&a.mountpoint)?;
+    let fsname = format!("xfsam:{}/node{}", cfg.cluster.name, a.node);
+    let opts = MountOptions::parse(&a.options, fsname)?;
     // One mount per node: subscribe first (a mount without invalidations would not be
     // coherent), then mount.
     let stream =
@@ -127,33 +91,17 @@ fn run(a: Args) -> Result<(), String> {
         control: node.control.clone(),
         ttl: Duration::from_secs(a.ttl),
         inval_wait: Duration::from_millis(20),
-        read_only: ro,
-    })?;
+        read_only: opts.read_only,
+    })
+    .map_err(|e| e.to_string())?;
     let shared = front.shared();
-    let fd = fuse_front::mount_fuse(&mp, &fsname, allow_other, ro)?;
+    let fd = fuse_front::mount_fuse(&mp, &opts.fsname, opts.allow_other, opts.read_only)
+        .map_err(|e| e.to_string())?;
     let notifier = fd
         .try_clone()
         .map(fuse_front::KernelChannel::new)
         .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
-    let acl = if allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    let mut fc = FuseConfig::default();
-    fc.acl = acl;
-    fc.n_threads = Some(a.threads.max(1));
-    fc.clone_fd = true;
-    let session = match Session::from_fd(front, fd, acl, fc) {
-        Ok(s) => s,
-        Err(e) => {
-            unmount(&mp);
-            return Err(format!(
-                "the FUSE session at {} did not start: {e}",
-                mp.display()
-            ));
-        }
-    };
+    let session = new_session(front, fd, &mp, opts.allow_other, a.threads)?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let (ctl, sh, st) = (node.control.clone(), shared.clone(), stop.clone());
@@ -161,6 +109,107 @@ fn run(a: Args) -> Result<(), String> {
             fuse_front::invalidations(&ctl, stream, notifier, sh, Duration::from_millis(20), st)
         });
     }
+    let ended = spawn_session(session)?;
+    let signalled = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    let state = fuse_front::state_path(&node.control);
+    eprintln!(
+        "xfsam-mount: node {} mounted at {} (pid {})",
+        a.node,
+        mp.display(),
+        std::process::id()
+    );
+    serve_until_unmounted(&mp, &ended, signalled, &shared.stats, &state);
+    stop.store(true, Ordering::Relaxed);
+    let _ = std::fs::remove_file(&state);
+    eprintln!("xfsam-mount: {} unmounted", mp.display());
+    Ok(())
+}
+
+/// The mount point `dir`, made canonical: an existing directory with nothing mounted on it.
+fn mount_point(dir: &Path) -> Result<PathBuf, String> {
+    let md = std::fs::metadata(dir).map_err(|e| {
+        format!(
+            "mount point {}: {e} (create it first: mkdir -p {})",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    if !md.is_dir() {
+        return Err(format!("mount point {} is not a directory", dir.display()));
+    }
+    let mp = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    if is_mounted(&mp) {
+        return Err(format!(
+            "{} is busy: something is mounted there already (unmount it: fusermount3 -u {})",
+            mp.display(),
+            mp.display()
+        ));
+    }
+    Ok(mp)
+}
+
+/// What `-o` asked for.
+struct MountOptions {
+    allow_other: bool,
+    read_only: bool,
+    fsname: String,
+}
+
+impl MountOptions {
+    /// Parses the `-o` options (`fsname` unless one is given).
+    fn parse(options: &[String], fsname: String) -> Result<MountOptions, String> {
+        let mut o = MountOptions {
+            allow_other: false,
+            read_only: false,
+            fsname,
+        };
+        for opt in options {
+            match opt.as_str() {
+                "" => {}
+                "allow_other" => o.allow_other = true,
+                "ro" => o.read_only = true,
+                "rw" => o.read_only = false,
+                s if s.starts_with("fsname=") => o.fsname = s["fsname=".len()..].to_string(),
+                s => {
+                    return Err(format!(
+                        "unknown mount option {s:?} (known: allow_other, ro, rw, fsname=NAME)"
+                    ))
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// A FUSE session of `front` on `fd` (mounted at `mp`, which is unmounted if the session
+/// does not start).
+fn new_session(
+    front: Front,
+    fd: OwnedFd,
+    mp: &Path,
+    allow_other: bool,
+    threads: usize,
+) -> Result<Session<Front>, String> {
+    let acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    let mut fc = FuseConfig::default();
+    fc.acl = acl;
+    fc.n_threads = Some(threads.max(1));
+    fc.clone_fd = true;
+    Session::from_fd(front, fd, acl, fc).map_err(|e| {
+        unmount(mp);
+        format!("the FUSE session at {} did not start: {e}", mp.display())
+    })
+}
+
+/// Runs `session` in the background; the flag it returns is set when the session ends
+/// (the file system was unmounted).
+fn spawn_session(session: Session<Front>) -> Result<Arc<AtomicBool>, String> {
     let bg = session
         .spawn()
         .map_err(|e| format!("cannot start the FUSE session: {e}"))?;
@@ -172,18 +221,22 @@ fn run(a: Args) -> Result<(), String> {
             ended.store(true, Ordering::Relaxed);
         });
     }
-    let signalled = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
-    let state = fuse_front::state_path(&node.control);
-    eprintln!(
-        "xfsam-mount: node {} mounted at {} (pid {})",
-        a.node,
-        mp.display(),
-        std::process::id()
-    );
+    Ok(ended)
+}
+
+/// Waits until the session has `ended`, keeping the state file at `state` (pid, mount
+/// point, counters) up to date. When `signalled`, unmounts `mp` and waits up to 2 s more.
+fn serve_until_unmounted(
+    mp: &Path,
+    ended: &AtomicBool,
+    signalled: &AtomicBool,
+    stats: &fuse_front::Stats,
+    state: &Path,
+) {
     let mut last = String::new();
     while !ended.load(Ordering::Relaxed) {
         if signalled.load(Ordering::Relaxed) {
-            unmount(&mp);
+            unmount(mp);
             for _ in 0..40 {
                 if ended.load(Ordering::Relaxed) {
                     break;
@@ -196,21 +249,23 @@ fn run(a: Args) -> Result<(), String> {
             "pid {}\nmountpoint {}\n{}",
             std::process::id(),
             mp.display(),
-            shared.stats.render()
+            stats.render()
         );
         if now != last {
-            let tmp = state.with_extension("mount.tmp");
-            if std::fs::write(&tmp, &now).is_ok() {
-                let _ = std::fs::rename(&tmp, &state);
-            }
+            write_state(state, &now);
             last = now;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = std::fs::remove_file(&state);
-    eprintln!("xfsam-mount: {} unmounted", mp.display());
-    Ok(())
+}
+
+/// Replaces the state file at `state` with `text` (written beside it, then renamed, so a
+/// reader never sees half of it).
+fn write_state(state: &Path, text: &str) {
+    let tmp = state.with_extension("mount.tmp");
+    if std::fs::write(&tmp, text).is_ok() {
+        let _ = std::fs::rename(&tmp, state);
+    }
 }
 
 fn main() -> ExitCode {
