@@ -45,7 +45,7 @@ struct Where {
 
 impl Where {
     fn load(&self) -> Result<Config, String> {
-        Config::locate(self.data.as_deref(), self.config.as_deref())
+        Config::locate(self.data.as_deref(), self.config.as_deref()).map_err(|e| e.to_string())
     }
 }
 
@@ -222,7 +222,12 @@ fn control(cfg: &Config, node: u16) -> Result<Control, String> {
             cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
         )
     })?;
-    Control::connect(&n.control)
+    Control::connect(&n.control).map_err(|e| e.to_string())
+}
+
+/// Send `req` to node `node` and wait for its answer (an error answer is an `Err`).
+fn call(cfg: &Config, node: u16, req: &Request) -> Result<Response, String> {
+    control(cfg, node)?.call_ok(req).map_err(|e| e.to_string())
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -247,7 +252,10 @@ fn read_pid(data: &Path, id: u16) -> Option<i32> {
 }
 
 fn status_of(cfg: &Config, id: u16) -> Result<NodeStatus, String> {
-    match control(cfg, id)?.call_ok(&Request::Status)? {
+    match control(cfg, id)?
+        .call_ok(&Request::Status)
+        .map_err(|e| e.to_string())?
+    {
         Response::Status(s) => Ok(*s),
         other => Err(format!("unexpected answer {other:?}")),
     }
@@ -273,7 +281,7 @@ fn up(
         .map_err(|e| format!("{}: {e}", data.display()))?;
     let cfg_path = data.join("cluster.toml");
     let cfg = if cfg_path.exists() {
-        let c = Config::load(&cfg_path)?;
+        let c = Config::load(&cfg_path).map_err(|e| e.to_string())?;
         if c.nodes.len() != nodes || c.cluster.transport != transport {
             return Err(format!(
                 "{} holds a cluster of {} nodes over {}: restart it with --nodes {} --transport {}, \
@@ -301,7 +309,7 @@ fn up(
                 n.storage_bytes = None;
             }
         }
-        c.validate()?;
+        c.validate().map_err(|e| e.to_string())?;
         std::fs::write(&cfg_path, c.to_toml())
             .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
         c
@@ -513,17 +521,17 @@ fn down(data: &Path) -> Result<(), String> {
     unmount_all(&cfg, &mut problems);
     // Every client writes back first, then every log is checkpointed.
     for n in &cfg.nodes {
-        if let Err(e) = control(&cfg, n.id).and_then(|mut c| c.call_ok(&Request::Flush)) {
+        if let Err(e) = call(&cfg, n.id, &Request::Flush) {
             problems.push(format!("node {}: {e}", n.id));
         }
     }
     for n in &cfg.nodes {
-        if let Err(e) = control(&cfg, n.id).and_then(|mut c| c.call_ok(&Request::Checkpoint)) {
+        if let Err(e) = call(&cfg, n.id, &Request::Checkpoint) {
             problems.push(format!("node {}: {e}", n.id));
         }
     }
     for n in &cfg.nodes {
-        if let Err(e) = control(&cfg, n.id).and_then(|mut c| c.call_ok(&Request::Shutdown)) {
+        if let Err(e) = call(&cfg, n.id, &Request::Shutdown) {
             problems.push(format!("node {}: {e}", n.id));
         }
     }
@@ -686,12 +694,14 @@ fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
 }
 
 fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
-    let cfg = Config::load(config)?;
+    let cfg = Config::load(config).map_err(|e| e.to_string())?;
     let node = match cfg.cluster.transport {
-        TransportKind::Rdma => Node::start(cfg, id, Rdma)?,
-        TransportKind::Udp => Node::start(cfg, id, Udp)?,
-    };
-    node.wait_ready(Duration::from_secs(wait))?;
+        TransportKind::Rdma => Node::start(cfg, id, Rdma),
+        TransportKind::Udp => Node::start(cfg, id, Udp),
+    }
+    .map_err(|e| e.to_string())?;
+    node.wait_ready(Duration::from_secs(wait))
+        .map_err(|e| e.to_string())?;
     eprintln!("xfs-node {id}: ready");
     let stop = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM]);
     let node = Arc::new(node);
@@ -707,7 +717,10 @@ fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     if server.is_finished() {
-        server.join().map_err(|_| "control thread panicked")??;
+        server
+            .join()
+            .map_err(|_| "control thread panicked")?
+            .map_err(|e| e.to_string())?;
     }
     eprintln!("xfs-node {id}: stopped");
     std::process::exit(0);
@@ -732,7 +745,7 @@ fn run(cli: Cli) -> Result<(), String> {
             )?;
             if let Some(dir) = mount {
                 let cfg_path = data.join("cluster.toml");
-                let cfg = Config::load(&cfg_path)?;
+                let cfg = Config::load(&cfg_path).map_err(|e| e.to_string())?;
                 mount_node(&cfg_path, &cfg, 1, &dir, allow_other, false)?;
                 println!(
                     "mounted at {} through node 1 (a second mount: xfs-node mount --data {} --node 2 DIR)",
@@ -770,7 +783,9 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             let data = std::fs::read(&local)
                 .map_err(|e| format!("cannot read {}: {e}", local.display()))?;
-            control(&at.load()?, node)?.call_ok(&Request::Put { path, data })?;
+            control(&at.load()?, node)?
+                .call_ok(&Request::Put { path, data })
+                .map_err(|e| e.to_string())?;
             Ok(())
         }
         Cmd::Get {
@@ -778,7 +793,10 @@ fn run(cli: Cli) -> Result<(), String> {
             node,
             path,
             local,
-        } => match control(&at.load()?, node)?.call_ok(&Request::Get { path })? {
+        } => match control(&at.load()?, node)?
+            .call_ok(&Request::Get { path })
+            .map_err(|e| e.to_string())?
+        {
             Response::Data(d) => {
                 if local.as_os_str() == "-" {
                     std::io::stdout().write_all(&d).map_err(|e| e.to_string())
@@ -790,7 +808,10 @@ fn run(cli: Cli) -> Result<(), String> {
             other => Err(format!("unexpected answer {other:?}")),
         },
         Cmd::Ls { at, node, path } => {
-            match control(&at.load()?, node)?.call_ok(&Request::Ls { path })? {
+            match control(&at.load()?, node)?
+                .call_ok(&Request::Ls { path })
+                .map_err(|e| e.to_string())?
+            {
                 Response::Entries(v) => {
                     for (e, a) in v {
                         let t = match e.kind {
@@ -814,14 +835,17 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Rm { at, node, path } => control(&at.load()?, node)?
             .call_ok(&Request::Rm { path })
-            .map(|_| ()),
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
         Cmd::Mv { at, node, from, to } => control(&at.load()?, node)?
             .call_ok(&Request::Rename { from, to })
-            .map(|_| ()),
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
         Cmd::Fsck { at, node, repair } => fsck(&at.load()?, node, repair),
         Cmd::Mkdir { at, node, path } => control(&at.load()?, node)?
             .call_ok(&Request::Mkdir { path })
-            .map(|_| ()),
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -839,7 +863,7 @@ fn fsck(cfg: &Config, node: u16, repair: bool) -> Result<(), String> {
             repair,
             namespace: id == node,
         };
-        let r = match control(cfg, id).and_then(|mut c| c.call_ok(&req)) {
+        let r = match call(cfg, id, &req) {
             Ok(Response::Fsck(r)) => r,
             Ok(other) => return Err(format!("node {id}: unexpected answer {other:?}")),
             Err(e) => {
@@ -921,8 +945,9 @@ fn main() -> ExitCode {
 struct Udp;
 impl MakeTransport for Udp {
     type T = am_udp::UdpTransport;
-    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, String> {
-        am_udp::UdpTransport::bind(addr, am_udp::UdpConfig::default()).map_err(|e| e.to_string())
+    type Error = am_udp::UdpError;
+    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, Self::Error> {
+        am_udp::UdpTransport::bind(addr, am_udp::UdpConfig::default())
     }
 }
 
@@ -930,8 +955,8 @@ impl MakeTransport for Udp {
 struct Rdma;
 impl MakeTransport for Rdma {
     type T = am_rdma::RdmaTransport;
-    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, String> {
+    type Error = std::io::Error;
+    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, Self::Error> {
         am_rdma::RdmaTransport::bind(addr, am_rdma::RdmaConfig::default())
-            .map_err(|e| e.to_string())
     }
 }

@@ -189,12 +189,16 @@ fn the_stripe_group_map_is_validated() {
         version: 1,
         groups: vec![group(4, 1), group(3, 1)],
     };
-    assert!(dup.validate().unwrap_err().contains("twice"));
+    assert!(dup.validate().unwrap_err().to_string().contains("twice"));
     let no_parity = StripeGroupMap {
         version: 1,
         groups: vec![group(4, 0)],
     };
-    assert!(no_parity.validate().unwrap_err().contains("parity"));
+    assert!(no_parity
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("parity"));
     assert!(
         Log::new(1, group(4, 1), vec![Some(mem(0))]).is_err(),
         "store count must match"
@@ -421,7 +425,10 @@ fn an_unreadable_block_is_named_by_inode_and_offset() {
     let e = ls
         .read(lost)
         .expect_err("a block read back with two of its three fragments gone");
-    assert!(e.contains("inode 77, bytes 12288..16384"), "{e}");
+    assert!(
+        e.to_string().contains("inode 77, bytes 12288..16384"),
+        "{e}"
+    );
     assert_eq!(
         ls.read(kept).unwrap(),
         block_data(kept, 1),

@@ -5,14 +5,16 @@ use super::*;
 
 /// Block storage as the storage role sees it: the node's log plugs in here
 /// (`storage::block_store::LogStore`);
-/// the simulation and the model use [`MemStore`]. Errors are strings naming what failed:
-/// the storage role counts them and sends no reply (the requester times out with EIO),
-/// never a made-up content.
+/// the simulation and the model use [`MemStore`]. Errors name what failed: the storage
+/// role counts them ([`ProtocolError::Storage`], with the error's text) and sends no reply
+/// (the requester times out with EIO), never a made-up content.
 pub trait BlockStore<D> {
+    /// What a read or a write reports when it fails.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// The block's current content (the default value if it was never written).
-    fn read(&mut self, block: BlockId) -> Result<D, String>;
+    fn read(&mut self, block: BlockId) -> Result<D, Self::Error>;
     /// Replace the block's content (durable once [`BlockStore::sync`] returns).
-    fn write(&mut self, block: BlockId, data: D) -> Result<(), String>;
+    fn write(&mut self, block: BlockId, data: D) -> Result<(), Self::Error>;
     /// Make every write so far durable.
     fn sync(&mut self) -> Result<(), SyncError> {
         Ok(())
@@ -48,10 +50,11 @@ pub struct MemStore<D> {
 }
 
 impl<D: Clone + Default> BlockStore<D> for MemStore<D> {
-    fn read(&mut self, block: BlockId) -> Result<D, String> {
+    type Error = std::convert::Infallible;
+    fn read(&mut self, block: BlockId) -> Result<D, Self::Error> {
         Ok(self.blocks.get(&block).cloned().unwrap_or_default())
     }
-    fn write(&mut self, block: BlockId, data: D) -> Result<(), String> {
+    fn write(&mut self, block: BlockId, data: D) -> Result<(), Self::Error> {
         self.blocks.insert(block, data);
         Ok(())
     }
@@ -82,7 +85,10 @@ impl<S> StorageShard<S> {
                 seq,
                 exclusive,
             } => {
-                let data = self.store.read(block).map_err(ProtocolError::Storage)?;
+                let data = self
+                    .store
+                    .read(block)
+                    .map_err(|e| ProtocolError::Storage(e.to_string()))?;
                 out.push(Output::Send {
                     to,
                     msg: Msg::Data {
@@ -98,7 +104,7 @@ impl<S> StorageShard<S> {
             Msg::WriteBack { block, data } => {
                 self.store
                     .write(block, data)
-                    .map_err(ProtocolError::Storage)?;
+                    .map_err(|e| ProtocolError::Storage(e.to_string()))?;
                 out.push(Output::Send {
                     to: from,
                     msg: Msg::WriteBackAck { block },

@@ -44,46 +44,116 @@ impl BlockData for Vec<u8> {
     }
 }
 
+/// A coherence message's kind: the first AM argument of its encoding ([`encode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+#[allow(missing_docs)]
+pub enum MsgKind {
+    ReadReq = 1,
+    WriteReq = 2,
+    EvictReq = 3,
+    RevokeAck = 4,
+    ForwardFailed = 5,
+    Forward = 6,
+    Revoke = 7,
+    Grant = 8,
+    EvictGrant = 9,
+    Fetch = 10,
+    Data = 11,
+    Handoff = 12,
+    WriteBack = 13,
+    WriteBackAck = 14,
+}
+
+impl MsgKind {
+    /// The kind a message's first argument names, if any.
+    pub fn from_wire(v: u64) -> Option<MsgKind> {
+        [
+            MsgKind::ReadReq,
+            MsgKind::WriteReq,
+            MsgKind::EvictReq,
+            MsgKind::RevokeAck,
+            MsgKind::ForwardFailed,
+            MsgKind::Forward,
+            MsgKind::Revoke,
+            MsgKind::Grant,
+            MsgKind::EvictGrant,
+            MsgKind::Fetch,
+            MsgKind::Data,
+            MsgKind::Handoff,
+            MsgKind::WriteBack,
+            MsgKind::WriteBackAck,
+        ]
+        .into_iter()
+        .find(|k| *k as u64 == v)
+    }
+}
+
 /// Encode a protocol message as AM arguments plus an optional payload.
 pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
     payload.clear();
     let pair = |a: u16, b: u32| ((a as u64) << 32) | b as u64;
     match msg {
-        Msg::ReadReq { block } => [1, *block, 0, 0],
+        Msg::ReadReq { block } => [MsgKind::ReadReq as u64, *block, 0, 0],
         Msg::WriteReq {
             block,
             has_data,
             whole,
-        } => [2, *block, *has_data as u64, *whole as u64],
-        Msg::EvictReq { block } => [3, *block, 0, 0],
-        Msg::RevokeAck { block } => [4, *block, 0, 0],
+        } => [
+            MsgKind::WriteReq as u64,
+            *block,
+            *has_data as u64,
+            *whole as u64,
+        ],
+        Msg::EvictReq { block } => [MsgKind::EvictReq as u64, *block, 0, 0],
+        Msg::RevokeAck { block } => [MsgKind::RevokeAck as u64, *block, 0, 0],
         Msg::ForwardFailed {
             block,
             reader,
             reader_seq,
-        } => [5, *block, pair(*reader, *reader_seq), 0],
+        } => [
+            MsgKind::ForwardFailed as u64,
+            *block,
+            pair(*reader, *reader_seq),
+            0,
+        ],
         Msg::Forward {
             block,
             seq,
             reader,
             reader_seq,
-        } => [6, *block, *seq as u64, pair(*reader, *reader_seq)],
-        Msg::Revoke { block, seq } => [7, *block, *seq as u64, 0],
-        Msg::Grant { block, seq } => [8, *block, *seq as u64, 0],
+        } => [
+            MsgKind::Forward as u64,
+            *block,
+            *seq as u64,
+            pair(*reader, *reader_seq),
+        ],
+        Msg::Revoke { block, seq } => [MsgKind::Revoke as u64, *block, *seq as u64, 0],
+        Msg::Grant { block, seq } => [MsgKind::Grant as u64, *block, *seq as u64, 0],
         Msg::EvictGrant {
             block,
             seq,
             handoff,
         } => match handoff {
-            Some((p, s)) => [9, *block, *seq as u64, (1 << 63) | pair(*p, *s)],
-            None => [9, *block, *seq as u64, 0],
+            Some((p, s)) => [
+                MsgKind::EvictGrant as u64,
+                *block,
+                *seq as u64,
+                (1 << 63) | pair(*p, *s),
+            ],
+            None => [MsgKind::EvictGrant as u64, *block, *seq as u64, 0],
         },
         Msg::Fetch {
             block,
             to,
             seq,
             exclusive,
-        } => [10, *block, pair(*to, *seq), *exclusive as u64],
+        } => [
+            MsgKind::Fetch as u64,
+            *block,
+            pair(*to, *seq),
+            *exclusive as u64,
+        ],
         Msg::Data {
             block,
             seq,
@@ -93,7 +163,7 @@ pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
         } => {
             data.encode(payload);
             [
-                11,
+                MsgKind::Data as u64,
                 *block,
                 *seq as u64,
                 *exclusive as u64 | (*from_cache as u64) << 1,
@@ -101,13 +171,13 @@ pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
         }
         Msg::Handoff { block, seq, data } => {
             data.encode(payload);
-            [12, *block, *seq as u64, 0]
+            [MsgKind::Handoff as u64, *block, *seq as u64, 0]
         }
         Msg::WriteBack { block, data } => {
             data.encode(payload);
-            [13, *block, 0, 0]
+            [MsgKind::WriteBack as u64, *block, 0, 0]
         }
-        Msg::WriteBackAck { block } => [14, *block, 0, 0],
+        Msg::WriteBackAck { block } => [MsgKind::WriteBackAck as u64, *block, 0, 0],
     }
 }
 
@@ -129,16 +199,16 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
         _ => None,
     };
     let empty = payload.is_empty();
-    Some(match kind {
-        1 if empty => Msg::ReadReq { block },
-        2 if empty => Msg::WriteReq {
+    Some(match MsgKind::from_wire(kind)? {
+        MsgKind::ReadReq if empty => Msg::ReadReq { block },
+        MsgKind::WriteReq if empty => Msg::WriteReq {
             block,
             has_data: flag(a)?,
             whole: flag(b)?,
         },
-        3 if empty => Msg::EvictReq { block },
-        4 if empty => Msg::RevokeAck { block },
-        5 if empty => {
+        MsgKind::EvictReq if empty => Msg::EvictReq { block },
+        MsgKind::RevokeAck if empty => Msg::RevokeAck { block },
+        MsgKind::ForwardFailed if empty => {
             let (reader, reader_seq) = unpair(a)?;
             Msg::ForwardFailed {
                 block,
@@ -146,7 +216,7 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
                 reader_seq,
             }
         }
-        6 if empty => {
+        MsgKind::Forward if empty => {
             let (reader, reader_seq) = unpair(b)?;
             Msg::Forward {
                 block,
@@ -155,15 +225,15 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
                 reader_seq,
             }
         }
-        7 if empty => Msg::Revoke {
+        MsgKind::Revoke if empty => Msg::Revoke {
             block,
             seq: seq(a)?,
         },
-        8 if empty => Msg::Grant {
+        MsgKind::Grant if empty => Msg::Grant {
             block,
             seq: seq(a)?,
         },
-        9 if empty => Msg::EvictGrant {
+        MsgKind::EvictGrant if empty => Msg::EvictGrant {
             block,
             seq: seq(a)?,
             handoff: match b {
@@ -172,7 +242,7 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
                 _ => return None,
             },
         },
-        10 if empty => {
+        MsgKind::Fetch if empty => {
             let (to, s) = unpair(a)?;
             Msg::Fetch {
                 block,
@@ -181,23 +251,24 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
                 exclusive: flag(b)?,
             }
         }
-        11 if b <= 3 => Msg::Data {
+        MsgKind::Data if b <= 3 => Msg::Data {
             block,
             seq: seq(a)?,
             data: D::decode(payload)?,
             exclusive: b & 1 != 0,
             from_cache: b & 2 != 0,
         },
-        12 => Msg::Handoff {
+        MsgKind::Handoff => Msg::Handoff {
             block,
             seq: seq(a)?,
             data: D::decode(payload)?,
         },
-        13 => Msg::WriteBack {
+        MsgKind::WriteBack => Msg::WriteBack {
             block,
             data: D::decode(payload)?,
         },
-        14 if empty => Msg::WriteBackAck { block },
+        MsgKind::WriteBackAck if empty => Msg::WriteBackAck { block },
+        // A known kind whose arguments or payload do not fit it.
         _ => return None,
     })
 }

@@ -22,7 +22,7 @@ use super::layout::BLOCK;
 use super::sim::{apply_fs, pattern, Answer, FsOpSim, FsSim, FsSimConfig, Reference, SimFrag};
 use crate::coherence::NodeId;
 use crate::sim::Rng;
-use crate::storage::cleaner::{self, CleanerConfig, Command, Group, Leader, Reply};
+use crate::storage::cleaner::{self, CleanerConfig, Command, Group, GroupError, Leader, Reply};
 use crate::storage::fragment::FragmentStore;
 use crate::storage::log::{SegmentReader, SUMMARY_BYTES};
 
@@ -109,7 +109,7 @@ struct SimGroup<'a> {
 }
 
 impl Group for SimGroup<'_> {
-    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, String> {
+    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, GroupError> {
         let log = self
             .sim
             .world
@@ -117,11 +117,11 @@ impl Group for SimGroup<'_> {
             .logs
             .get(writer as usize - 1)
             .cloned()
-            .ok_or_else(|| format!("no node {writer}"))?;
+            .ok_or(GroupError::NoWriter(writer))?;
         let reader = self
             .readers
             .get(writer as usize - 1)
-            .ok_or_else(|| format!("no node {writer}"))?;
+            .ok_or(GroupError::NoWriter(writer))?;
         Ok(cleaner::run(&log, reader, writer, cmd))
     }
 }
@@ -544,12 +544,13 @@ pub fn writer_wins(seed: u64) -> Result<(u64, u64, bool), String> {
                     raced += 1;
                 }
             }
-        })?
+        })
+        .map_err(|e| e.to_string())?
     };
     if raced != 1 {
         return Err("the writer did not run between the cleaner's read and its move".into());
     }
-    cleaner::finish(&log)?;
+    cleaner::finish(&log).map_err(|e| e.to_string())?;
     let freed = lock(&log).as_ref().is_some_and(|l| !l.has_segment(seg));
     let mut want = original.clone();
     want[..BLOCK].copy_from_slice(&newer);

@@ -35,8 +35,114 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::coherence::NodeId;
-use crate::fs::client::ManagerMap;
-use crate::storage::log::{StripeGroup, StripeGroupMap};
+use crate::fs::client::{ManagerMap, ManagerMapError};
+use crate::storage::cleaner::CleanerConfigError;
+use crate::storage::log::{StripeGroup, StripeGroupError, StripeGroupMap};
+
+/// Why a configuration cannot be used ([`Config::locate`], [`Config::load`],
+/// [`Config::parse`], [`Config::validate`]); each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--data DIR` names a directory without a cluster.
+    #[error(
+        "{} has no cluster.toml: start a cluster there with `xfs-node up --data {}`",
+        dir.display(),
+        dir.display()
+    )]
+    NoClusterToml {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Neither `--data` nor `--config` was given.
+    #[error("say which cluster: --data DIR (a local cluster) or --config FILE")]
+    NoCluster,
+    /// The file cannot be read.
+    #[error("cannot read the config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's content is not a good configuration.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        #[source]
+        source: Box<ConfigError>,
+    },
+    /// Not TOML, or not the configuration's fields.
+    #[error("bad config: {0}")]
+    Toml(#[source] toml::de::Error),
+    /// A `[cleaner]` value.
+    #[error("[cleaner] {0}")]
+    Cleaner(#[from] CleanerConfigError),
+    /// `[cluster] shards`.
+    #[error("[cluster] shards = {0}: use 1 to 64")]
+    Shards(usize),
+    /// `[cluster] fragment_bytes`.
+    #[error("[cluster] fragment_bytes = {0}: use a multiple of 4096, at least 8192")]
+    FragmentBytes(usize),
+    /// `[cluster] write_back_secs`.
+    #[error(
+        "[cluster] write_back_secs = {0}: use 1 to 86400 (unsynced writes are made durable \
+         within this many seconds)"
+    )]
+    WriteBackSecs(u64),
+    /// No `[[nodes]]`.
+    #[error("no [[nodes]]: give at least one")]
+    NoNodes,
+    /// A node with id 0.
+    #[error("[[nodes]] id = 0: node ids start at 1")]
+    NodeIdZero,
+    /// Two nodes with one id.
+    #[error("[[nodes]] id = {0} appears twice")]
+    DuplicateNode(NodeId),
+    /// A role that does not exist.
+    #[error("node {node}: unknown role {role:?} (roles are client, manager, storage)")]
+    UnknownRole {
+        /// The node.
+        node: NodeId,
+        /// The role.
+        role: String,
+    },
+    /// A storage node without a device.
+    #[error("node {0} has the storage role but no `storage = \"FILE or DEVICE\"`")]
+    NoStorage(NodeId),
+    /// A port too high for the node's shards.
+    #[error("node {node}: port {port} leaves no room for {shards} shards")]
+    Port {
+        /// The node.
+        node: NodeId,
+        /// Its port.
+        port: u16,
+        /// The shards per node.
+        shards: usize,
+    },
+    /// The manager map.
+    #[error(transparent)]
+    ManagerMap(#[from] ManagerMapError),
+    /// The manager map names a node without the manager role.
+    #[error("the manager map names node {0}, which has no manager role")]
+    NotAManager(NodeId),
+    /// The stripe groups.
+    #[error(transparent)]
+    StripeGroups(#[from] StripeGroupError),
+    /// No `[[stripe_groups]]`.
+    #[error("no [[stripe_groups]]: give one")]
+    NoStripeGroups,
+    /// A stripe group names a node without the storage role.
+    #[error("stripe group {group} names node {node}, which has no storage role")]
+    NotAStorageNode {
+        /// The group.
+        group: u32,
+        /// The node.
+        node: NodeId,
+    },
+}
 
 /// Cluster-wide settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -187,36 +293,35 @@ const ROLES: [&str; 3] = ["client", "manager", "storage"];
 impl Config {
     /// The config of a local cluster's data directory (`data`, as given to `xfs-node up`)
     /// or of a config file; errors say what to do.
-    pub fn locate(data: Option<&Path>, config: Option<&Path>) -> Result<Config, String> {
+    pub fn locate(data: Option<&Path>, config: Option<&Path>) -> Result<Config, ConfigError> {
         match (data, config) {
             (Some(d), _) => {
                 let p = d.join("cluster.toml");
                 if !p.exists() {
-                    return Err(format!(
-                        "{} has no cluster.toml: start a cluster there with `xfs-node up --data {}`",
-                        d.display(),
-                        d.display()
-                    ));
+                    return Err(ConfigError::NoClusterToml { dir: d.to_owned() });
                 }
                 Config::load(&p)
             }
             (None, Some(c)) => Config::load(c),
-            (None, None) => {
-                Err("say which cluster: --data DIR (a local cluster) or --config FILE".into())
-            }
+            (None, None) => Err(ConfigError::NoCluster),
         }
     }
 
     /// Read and check a configuration file.
-    pub fn load(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the config {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|e| ConfigError::InFile {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
     }
 
     /// Parse and check.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e| format!("bad config: {e}"))?;
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(ConfigError::Toml)?;
         c.validate()?;
         Ok(c)
     }
@@ -227,79 +332,66 @@ impl Config {
     }
 
     /// Check everything a node relies on; the error names what to fix.
-    pub fn validate(&self) -> Result<(), String> {
-        self.cleaner
-            .validate()
-            .map_err(|e| format!("[cleaner] {e}"))?;
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.cleaner.validate()?;
         let c = &self.cluster;
         if c.shards == 0 || c.shards > 64 {
-            return Err(format!("[cluster] shards = {}: use 1 to 64", c.shards));
+            return Err(ConfigError::Shards(c.shards));
         }
         if c.fragment_bytes < 8192 || !c.fragment_bytes.is_multiple_of(4096) {
-            return Err(format!(
-                "[cluster] fragment_bytes = {}: use a multiple of 4096, at least 8192",
-                c.fragment_bytes
-            ));
+            return Err(ConfigError::FragmentBytes(c.fragment_bytes));
         }
         if c.write_back_secs == 0 || c.write_back_secs > 86_400 {
-            return Err(format!(
-                "[cluster] write_back_secs = {}: use 1 to 86400 (unsynced writes are made \
-                 durable within this many seconds)",
-                c.write_back_secs
-            ));
+            return Err(ConfigError::WriteBackSecs(c.write_back_secs));
         }
         if self.nodes.is_empty() {
-            return Err("no [[nodes]]: give at least one".into());
+            return Err(ConfigError::NoNodes);
         }
         let mut ids = Vec::new();
         for n in &self.nodes {
             if n.id == 0 {
-                return Err("[[nodes]] id = 0: node ids start at 1".into());
+                return Err(ConfigError::NodeIdZero);
             }
             if ids.contains(&n.id) {
-                return Err(format!("[[nodes]] id = {} appears twice", n.id));
+                return Err(ConfigError::DuplicateNode(n.id));
             }
             ids.push(n.id);
             if let Some(r) = n.roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
-                return Err(format!(
-                    "node {}: unknown role {r:?} (roles are client, manager, storage)",
-                    n.id
-                ));
+                return Err(ConfigError::UnknownRole {
+                    node: n.id,
+                    role: r.clone(),
+                });
             }
             if n.has("storage") && n.storage.is_none() {
-                return Err(format!(
-                    "node {} has the storage role but no `storage = \"FILE or DEVICE\"`",
-                    n.id
-                ));
+                return Err(ConfigError::NoStorage(n.id));
             }
             if n.port as usize + c.shards > 65535 {
-                return Err(format!(
-                    "node {}: port {} leaves no room for {} shards",
-                    n.id, n.port, c.shards
-                ));
+                return Err(ConfigError::Port {
+                    node: n.id,
+                    port: n.port,
+                    shards: c.shards,
+                });
             }
         }
         let map = self.manager_map();
         map.validate(&ids)?;
         for e in &map.entries {
             if !self.node(*e).is_some_and(|n| n.has("manager")) {
-                return Err(format!(
-                    "the manager map names node {e}, which has no manager role"
-                ));
+                return Err(ConfigError::NotAManager(*e));
             }
         }
         let groups = self.stripe_group_map();
         groups.validate()?;
         if groups.groups.is_empty() {
-            return Err("no [[stripe_groups]]: give one".into());
+            return Err(ConfigError::NoStripeGroups);
         }
         for g in &groups.groups {
             for s in &g.servers {
                 if !self.node(*s).is_some_and(|n| n.has("storage")) {
-                    return Err(format!(
-                        "stripe group {} names node {s}, which has no storage role",
-                        g.id
-                    ));
+                    return Err(ConfigError::NotAStorageNode {
+                        group: g.id,
+                        node: *s,
+                    });
                 }
             }
         }
@@ -423,8 +515,70 @@ mod tests {
             ),
         ];
         for (text, want) in cases {
-            let e = Config::parse(&text).unwrap_err();
+            let e = Config::parse(&text).unwrap_err().to_string();
             assert!(e.contains(want), "{want}: {e}");
+        }
+        let twice = good.replacen("id = 2", "id = 1", 1);
+        assert!(matches!(
+            Config::parse(&twice),
+            Err(ConfigError::DuplicateNode(1))
+        ));
+    }
+
+    /// The typed errors read as the text errors they replaced (scripts and people grep
+    /// them).
+    #[test]
+    fn error_texts_keep_their_wording() {
+        let cases: Vec<(ConfigError, &str)> = vec![
+            (
+                ConfigError::NoClusterToml { dir: "/d".into() },
+                "/d has no cluster.toml: start a cluster there with `xfs-node up --data /d`",
+            ),
+            (
+                ConfigError::NoCluster,
+                "say which cluster: --data DIR (a local cluster) or --config FILE",
+            ),
+            (
+                ConfigError::InFile {
+                    path: "/c.toml".into(),
+                    source: Box::new(ConfigError::NoNodes),
+                },
+                "/c.toml: no [[nodes]]: give at least one",
+            ),
+            (ConfigError::Shards(0), "[cluster] shards = 0: use 1 to 64"),
+            (
+                ConfigError::WriteBackSecs(0),
+                "[cluster] write_back_secs = 0: use 1 to 86400 (unsynced writes are made \
+                 durable within this many seconds)",
+            ),
+            (
+                ConfigError::NoStorage(2),
+                "node 2 has the storage role but no `storage = \"FILE or DEVICE\"`",
+            ),
+            (
+                ConfigError::Cleaner(CleanerConfigError::NoBatch),
+                "[cleaner] cleaner.batch = 0: must be at least 1",
+            ),
+            (
+                ConfigError::ManagerMap(ManagerMapError::UnknownNode(9)),
+                "the manager map names node 9, which is not in [[nodes]]",
+            ),
+            (
+                ConfigError::StripeGroups(StripeGroupError::Shape {
+                    group: 0,
+                    servers: 3,
+                    parity: 3,
+                }),
+                "stripe group 0: 3 servers with 3 parity: need at least 1 data and 1 parity \
+                 fragment, at most 255 in all",
+            ),
+            (
+                ConfigError::NotAStorageNode { group: 0, node: 4 },
+                "stripe group 0 names node 4, which has no storage role",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
         }
     }
 }

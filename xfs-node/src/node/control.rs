@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -312,26 +312,75 @@ pub fn recv<T: for<'de> Deserialize<'de>>(s: &mut impl Read) -> std::io::Result<
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// Why a call on a node's control socket failed ([`Control`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket does not answer: the node is not running (or another path was given).
+    #[error(
+        "cannot reach the node's control socket {}: {source} (is the node running? \
+         start it with `xfs-node up` or `xfs-node serve`)",
+        path.display()
+    )]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sending the request or reading the answer failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node closed the connection before it answered.
+    #[error("{}: the node closed the connection", path.display())]
+    Closed {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The node answered with an error ([`Response::Err`]; [`Control::call_ok`]).
+    #[error("{message}")]
+    Node {
+        /// The errno the node reports.
+        errno: i32,
+        /// What failed.
+        message: String,
+    },
+}
+
+impl ControlError {
+    /// The errno of an error answer ([`ControlError::Node`]); `None` when the node did not
+    /// answer.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            ControlError::Node { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
 /// A connection to a node's control socket.
 pub struct Control {
     stream: UnixStream,
-    path: String,
+    path: PathBuf,
 }
 
 impl Control {
     /// Connect to the socket at `path`.
-    pub fn connect(path: &Path) -> Result<Control, String> {
-        let stream = UnixStream::connect(path).map_err(|e| {
-            format!(
-                "cannot reach the node's control socket {}: {e} (is the node running? \
-                 start it with `xfs-node up` or `xfs-node serve`)",
-                path.display()
-            )
+    pub fn connect(path: &Path) -> Result<Control, ControlError> {
+        let stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+            path: path.to_owned(),
+            source,
         })?;
         stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
         Ok(Control {
             stream,
-            path: path.display().to_string(),
+            path: path.to_owned(),
         })
     }
 
@@ -341,19 +390,25 @@ impl Control {
     }
 
     /// Send a request and wait for the answer.
-    pub fn call(&mut self, req: &Request) -> Result<Response, String> {
-        send(&mut self.stream, req).map_err(|e| format!("{}: {e}", self.path))?;
+    pub fn call(&mut self, req: &Request) -> Result<Response, ControlError> {
+        let io = |source| ControlError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        send(&mut self.stream, req).map_err(io)?;
         match recv(&mut self.stream) {
             Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(format!("{}: the node closed the connection", self.path)),
-            Err(e) => Err(format!("{}: {e}", self.path)),
+            Ok(None) => Err(ControlError::Closed {
+                path: self.path.clone(),
+            }),
+            Err(e) => Err(io(e)),
         }
     }
 
-    /// Call, turning an error response into `Err`.
-    pub fn call_ok(&mut self, req: &Request) -> Result<Response, String> {
+    /// Call, turning an error response into `Err` ([`ControlError::Node`]).
+    pub fn call_ok(&mut self, req: &Request) -> Result<Response, ControlError> {
         match self.call(req)? {
-            Response::Err { message, .. } => Err(message),
+            Response::Err { errno, message } => Err(ControlError::Node { errno, message }),
             r => Ok(r),
         }
     }

@@ -7,18 +7,20 @@ use super::*;
 impl Node {
     /// Serve the control socket at the configured path until a `Shutdown` request or
     /// `stop` is set; a background thread makes the log durable every few seconds.
-    pub fn serve(self: Arc<Self>) -> Result<(), String> {
+    pub fn serve(self: Arc<Self>) -> Result<(), ServeError> {
         let path = self
             .config
             .node(self.id)
             .map(|n| n.control.clone())
-            .ok_or("no control path")?;
+            .ok_or(ServeError::NoControlPath(self.id))?;
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).ok();
         }
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| format!("cannot create the control socket {}: {e}", path.display()))?;
+        let listener = UnixListener::bind(&path).map_err(|source| ServeError::Bind {
+            path: path.clone(),
+            source,
+        })?;
         listener.set_nonblocking(true).ok();
         let bg = self.clone();
         std::thread::spawn(move || {
@@ -43,7 +45,7 @@ impl Node {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => return Err(format!("control socket: {e}")),
+                Err(e) => return Err(ServeError::Accept(e)),
             }
         }
         let _ = std::fs::remove_file(&path);

@@ -17,9 +17,11 @@ mod cli_ops;
 pub mod config;
 pub mod control;
 mod control_server;
+mod error;
 mod start;
 mod transport;
 
+pub use error::{ServeError, StartError};
 pub use transport::MakeTransport;
 
 use std::collections::BTreeMap;
@@ -43,7 +45,7 @@ use crate::shard::{Shard, ShardConfig};
 use crate::storage::block_store::LogStore;
 use crate::storage::cleaner::{self, CleanerStatus};
 use crate::storage::fragment::FragmentStore;
-use crate::storage::log::{Log, LogCheck, SegmentReader, SUMMARY_BYTES};
+use crate::storage::log::{Log, LogCheck, LogError, SegmentReader, SUMMARY_BYTES};
 use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
 use crate::storage::uring::{UringOptions, UringStore};
 use config::Config;
@@ -55,7 +57,7 @@ const STORE_DEPTH: usize = 16;
 
 type SharedLog<T> = Arc<Mutex<Option<Log<RemoteStore<T>>>>>;
 type SharedReader<T> = Arc<Mutex<Option<SegmentReader<RemoteStore<T>>>>>;
-type LogControl = Box<dyn Fn(&str) -> Result<Vec<(String, u64)>, String> + Send + Sync>;
+type LogControl = Box<dyn Fn(&str) -> Result<Vec<(String, u64)>, LogError> + Send + Sync>;
 /// The log's fsck ([`Log::check`]; `None`: this node keeps no log).
 type LogCheckFn = Box<dyn Fn(bool) -> Option<(LogCheck, Vec<String>)> + Send + Sync>;
 /// Per stripe group this node may lead: the leader it sees and, if it leads, the state.
@@ -90,24 +92,25 @@ impl Node {
     }
 
     /// Wait for the log, then create the root if this node manages it and it is missing.
-    pub fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), StartError> {
         let deadline = Instant::now() + timeout;
         while !self.is_ready() {
             if Instant::now() > deadline {
-                return Err(format!(
-                    "node {}: too few storage servers of its stripe group answered within {:?} \
-                     to recover its log: check that they run and that every node uses the same \
-                     cluster config (name {:?}, version {})",
-                    self.id, timeout, self.config.cluster.name, self.config.cluster.version
-                ));
+                return Err(StartError::NotReady {
+                    node: self.id,
+                    timeout,
+                    cluster: self.config.cluster.name.clone(),
+                    version: self.config.cluster.version,
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let map = self.client.map();
         if map.manager(map.root()) == self.id {
-            self.client
-                .format()
-                .map_err(|e| format!("node {}: cannot create the root directory: {e}", self.id))?;
+            self.client.format().map_err(|source| StartError::Root {
+                node: self.id,
+                source,
+            })?;
         }
         Ok(())
     }
@@ -143,7 +146,7 @@ impl Node {
     }
 
     /// Make the log durable (`checkpoint`: and write a checkpoint).
-    pub fn sync_log(&self, checkpoint: bool) -> Result<(), String> {
+    pub fn sync_log(&self, checkpoint: bool) -> Result<(), LogError> {
         (self.log)(if checkpoint { "checkpoint" } else { "fsync" }).map(|_| ())
     }
 

@@ -10,8 +10,12 @@ struct NodeGroup<'a> {
 }
 
 impl cleaner::Group for NodeGroup<'_> {
-    fn call(&mut self, writer: NodeId, cmd: &cleaner::Command) -> Result<cleaner::Reply, String> {
-        let request = bincode::serialize(cmd).map_err(|e| e.to_string())?;
+    fn call(
+        &mut self,
+        writer: NodeId,
+        cmd: &cleaner::Command,
+    ) -> Result<cleaner::Reply, cleaner::GroupError> {
+        let request = bincode::serialize(cmd).map_err(cleaner::GroupError::Encode)?;
         // A usage query is quick (a dead writer is skipped after 3 s); cleaning and
         // checkpointing take their time.
         let timeout = match cmd {
@@ -19,7 +23,8 @@ impl cleaner::Group for NodeGroup<'_> {
             _ => Duration::from_secs(120),
         };
         let answer = self.blocks.call(writer, request, timeout)?;
-        bincode::deserialize(&answer).map_err(|e| format!("node {writer}: bad answer: {e}"))
+        bincode::deserialize(&answer)
+            .map_err(|source| cleaner::GroupError::BadAnswer { writer, source })
     }
 }
 
@@ -137,11 +142,8 @@ fn cleaner_loop(
 impl Node {
     /// Start node `id` of `config` with transport `mk`; returns once every part runs (the
     /// log may still wait for storage servers: see [`Node::is_ready`]).
-    pub fn start<M: MakeTransport>(config: Config, id: NodeId, mk: M) -> Result<Node, String> {
-        let me = config
-            .node(id)
-            .ok_or_else(|| format!("node {id} is not in the config's [[nodes]]"))?
-            .clone();
+    pub fn start<M: MakeTransport>(config: Config, id: NodeId, mk: M) -> Result<Node, StartError> {
+        let me = config.node(id).ok_or(StartError::NotInConfig(id))?.clone();
         let c = &config.cluster;
         let tag = config.tag();
         let stop = Arc::new(AtomicBool::new(false));
@@ -155,7 +157,7 @@ impl Node {
         let storage_total = Arc::new(AtomicU64::new(0));
         let storage_free = Arc::new(AtomicU64::new(0));
         if me.has("storage") {
-            let path = me.storage.clone().ok_or("no storage path")?;
+            let path = me.storage.clone().ok_or(StartError::NoStoragePath(id))?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).ok();
             }
@@ -167,7 +169,10 @@ impl Node {
                     create_bytes: me.storage_bytes,
                 },
             )
-            .map_err(|e| format!("storage {}: {e}", path.display()))?;
+            .map_err(|source| StartError::Storage {
+                path: path.clone(),
+                source,
+            })?;
             storage_total.store((store.slots() * frag) as u64, Ordering::Relaxed);
             let addr = me.storage_addr(c.shards);
             let ep = endpoint(
@@ -185,7 +190,7 @@ impl Node {
                     depth: STORE_DEPTH,
                 },
             )
-            .map_err(|e| format!("storage server: {e}"))?;
+            .map_err(StartError::StorageServer)?;
             let s = stop.clone();
             let free = storage_free.clone();
             threads.push(std::thread::spawn(move || {
@@ -247,7 +252,7 @@ impl Node {
                     full: log_full.clone(),
                 },
             )
-            .map_err(|e| format!("shard {s}: {e}"))?;
+            .map_err(|source| StartError::Shard { shard: s, source })?;
             for n in &config.nodes {
                 if n.id != id {
                     shard
@@ -259,7 +264,7 @@ impl Node {
                             },
                             Tag(tag),
                         )
-                        .map_err(|e| format!("shard {s}: {e}"))?;
+                        .map_err(|source| StartError::Shard { shard: s, source })?;
                 }
             }
             let (tx, rx) = mpsc::sync_channel(4096);
@@ -333,7 +338,7 @@ impl Node {
             threads.push(std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(30);
                 // A store client of the server at `addr`, on its own endpoint.
-                let connect = |addr: SocketAddr| -> Result<RemoteStore<M::T>, String> {
+                let connect = |addr: SocketAddr| -> Result<RemoteStore<M::T>, StartError> {
                     let ep = endpoint(
                         &*mk,
                         SocketAddr::new(host, 0),
@@ -344,7 +349,7 @@ impl Node {
                     let name = EndpointName { addr, vnet: 0 };
                     let mut rs =
                         RemoteStore::connect(ep, name, Tag(tag), STORE_DEPTH, Box::new(|| {}))
-                            .map_err(|e| e.to_string())?;
+                            .map_err(StartError::Connect)?;
                     rs.set_timeout(Duration::from_secs(3));
                     Ok(rs)
                 };
@@ -533,8 +538,8 @@ impl Node {
                 return Ok(Vec::new());
             };
             match what {
-                "checkpoint" => l.checkpoint().map_err(|e| e.to_string())?,
-                "fsync" => l.fsync().map_err(|e| e.to_string())?,
+                "checkpoint" => l.checkpoint()?,
+                "fsync" => l.fsync()?,
                 _ => {}
             }
             let k = l.counters();

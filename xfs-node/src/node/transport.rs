@@ -4,16 +4,14 @@
 
 use super::*;
 
-pub(super) fn bind_err(what: &str, addr: SocketAddr, e: impl std::fmt::Display) -> String {
-    format!("cannot bind the {what} at {addr}: {e} (is another node running on that port?)")
-}
-
 /// Make the transport of the configured kind.
 pub trait MakeTransport: Send + Sync + 'static {
     /// The transport type.
     type T: Transport + Send + 'static;
+    /// What [`MakeTransport::bind`] reports when it fails.
+    type Error: std::error::Error + Send + Sync + 'static;
     /// Bind one at `addr` (port 0: any).
-    fn bind(&self, addr: SocketAddr) -> Result<Self::T, String>;
+    fn bind(&self, addr: SocketAddr) -> Result<Self::T, Self::Error>;
 }
 
 pub(super) fn endpoint<M: MakeTransport>(
@@ -21,9 +19,13 @@ pub(super) fn endpoint<M: MakeTransport>(
     addr: SocketAddr,
     tag: u64,
     segment_bytes: usize,
-    what: &str,
-) -> Result<Endpoint<M::T>, String> {
-    let t = mk.bind(addr).map_err(|e| bind_err(what, addr, e))?;
+    what: &'static str,
+) -> Result<Endpoint<M::T>, StartError> {
+    let t = mk.bind(addr).map_err(|e| StartError::Bind {
+        what,
+        addr,
+        source: Box::new(e),
+    })?;
     Ok(Endpoint::new(
         t,
         am_core::Config {

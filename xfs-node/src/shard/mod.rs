@@ -54,9 +54,75 @@ pub enum SyncKind {
     SyncReply = 1,
     /// `[CommandRequest, op, 0]`: run the store command in the payload (the cleaner's).
     CommandRequest = 2,
-    /// `[CommandReply, op, status]`: its answer (status 0) or error text (status 1) as
+    /// `[CommandReply, op, status]` ([`CommandStatus`]): its answer or error text as
     /// payload.
     CommandReply = 3,
+}
+
+/// The status of a [`SyncKind::CommandReply`]: its third argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum CommandStatus {
+    /// The command ran; the payload is its answer.
+    Ok = 0,
+    /// It failed; the payload is the error text.
+    Failed = 1,
+}
+
+impl CommandStatus {
+    /// The status a reply's third argument names (any value but `Ok`'s reads as `Failed`).
+    pub fn from_wire(v: u64) -> CommandStatus {
+        if v == CommandStatus::Ok as u64 {
+            CommandStatus::Ok
+        } else {
+            CommandStatus::Failed
+        }
+    }
+}
+
+/// Why a store command ([`Shard::call`], `NodeBlocks::call`) got no answer, or failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The node the command went to takes no store commands.
+    #[error("this node runs no store commands")]
+    NoCommands,
+    /// The node is not a peer of this shard.
+    #[error("node {0} is not connected to this shard")]
+    NotConnected(NodeId),
+    /// The send to the node failed.
+    #[error("node {node} unreachable: {source}")]
+    Unreachable {
+        /// The node.
+        node: NodeId,
+        /// Why the send failed.
+        #[source]
+        source: AmError,
+    },
+    /// The node ran the command and it failed (its error text, from the wire).
+    #[error("node {node}: {message}")]
+    Remote {
+        /// The node.
+        node: NodeId,
+        /// What it reported.
+        message: String,
+    },
+    /// Too many commands are queued for the command thread.
+    #[error("busy: too many commands queued")]
+    Busy,
+    /// The node's command thread has stopped.
+    #[error("the command thread has stopped")]
+    CommandThreadStopped,
+    /// The shard loop has stopped (the node is stopping).
+    #[error("the shard loop has stopped")]
+    Stopped,
+    /// No answer in time.
+    #[error("node {node} did not answer within {timeout:?}")]
+    Timeout {
+        /// The node.
+        node: NodeId,
+        /// How long the caller waited.
+        timeout: std::time::Duration,
+    },
 }
 
 impl SyncKind {
@@ -72,9 +138,6 @@ impl SyncKind {
         .find(|k| *k as u64 == v)
     }
 }
-
-/// What a shard that takes no store commands answers them.
-const NO_COMMANDS: &str = "this node runs no store commands";
 
 /// The shard that owns `block` in a node of `shards` shards.
 pub fn shard_of(block: BlockId, shards: usize) -> usize {
@@ -151,7 +214,7 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     sync_inbox: SyncInbox,
     sync_out: VecDeque<(NodeId, [u64; 3], Vec<u8>)>,
     sync_done: Vec<(OpId, Result<(), SyncError>)>,
-    call_done: Vec<(OpId, Result<Vec<u8>, String>)>,
+    call_done: Vec<(OpId, Result<Vec<u8>, CommandError>)>,
     bad: Arc<Mutex<u64>>,
     undeliverable: Arc<Mutex<u64>>,
     bounced: Bounced,
@@ -346,15 +409,13 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         if node == self.node && self.external_commands {
             self.commands.push((node, op, request));
         } else if node == self.node {
-            self.call_done.push((op, Err(NO_COMMANDS.into())));
+            self.call_done.push((op, Err(CommandError::NoCommands)));
         } else if self.peers.contains_key(&node) {
             self.sync_out
                 .push_back((node, [SyncKind::CommandRequest as u64, op, 0], request));
         } else {
-            self.call_done.push((
-                op,
-                Err(format!("node {node} is not connected to this shard")),
-            ));
+            self.call_done
+                .push((op, Err(CommandError::NotConnected(node))));
         }
     }
 
@@ -365,21 +426,24 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
 
     /// A store command from `from` finished: answer it (to this node's caller, or to the
     /// peer that sent it).
-    pub fn command_done(&mut self, from: NodeId, op: OpId, r: Result<Vec<u8>, String>) {
+    pub fn command_done(&mut self, from: NodeId, op: OpId, r: Result<Vec<u8>, CommandError>) {
         if from == self.node {
             self.call_done.push((op, r));
             return;
         }
         let (status, bytes) = match r {
-            Ok(b) => (0, b),
-            Err(e) => (1, e.into_bytes()),
+            Ok(b) => (CommandStatus::Ok, b),
+            Err(e) => (CommandStatus::Failed, e.to_string().into_bytes()),
         };
-        self.sync_out
-            .push_back((from, [SyncKind::CommandReply as u64, op, status], bytes));
+        self.sync_out.push_back((
+            from,
+            [SyncKind::CommandReply as u64, op, status as u64],
+            bytes,
+        ));
     }
 
     /// Take the answers to [`Shard::call`].
-    pub fn take_call_done(&mut self) -> Vec<(OpId, Result<Vec<u8>, String>)> {
+    pub fn take_call_done(&mut self) -> Vec<(OpId, Result<Vec<u8>, CommandError>)> {
         std::mem::take(&mut self.call_done)
     }
 
@@ -435,16 +499,15 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 if self.external_commands {
                     self.commands.push((from, op, payload));
                 } else {
-                    self.command_done(from, op, Err(NO_COMMANDS.into()));
+                    self.command_done(from, op, Err(CommandError::NoCommands));
                 }
             } else if kind == SyncKind::CommandReply {
-                let r = if errno == 0 {
-                    Ok(payload)
-                } else {
-                    Err(format!(
-                        "node {from}: {}",
-                        String::from_utf8_lossy(&payload)
-                    ))
+                let r = match CommandStatus::from_wire(errno) {
+                    CommandStatus::Ok => Ok(payload),
+                    CommandStatus::Failed => Err(CommandError::Remote {
+                        node: from,
+                        message: String::from_utf8_lossy(&payload).into_owned(),
+                    }),
                 };
                 self.call_done.push((op, r));
             } else if kind == SyncKind::SyncRequest {
@@ -485,14 +548,20 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 Err(AmError::WouldBlock) => break,
                 Err(e) => {
                     let (to, args, _) = self.sync_out.pop_front().unwrap_or_default();
-                    if args[0] == SyncKind::CommandRequest as u64 {
-                        self.call_done
-                            .push((args[1], Err(format!("node {to} unreachable: {e}"))));
-                    } else if args[0] == SyncKind::SyncRequest as u64 {
-                        self.sync_done.push((
+                    match SyncKind::from_wire(args[0]) {
+                        Some(SyncKind::CommandRequest) => self.call_done.push((
+                            args[1],
+                            Err(CommandError::Unreachable {
+                                node: to,
+                                source: e,
+                            }),
+                        )),
+                        Some(SyncKind::SyncRequest) => self.sync_done.push((
                             args[1],
                             Err(SyncError::io(format!("node {to} unreachable: {e}"))),
-                        ));
+                        )),
+                        // A reply that cannot be sent: the peer times out.
+                        _ => {}
                     }
                 }
             }

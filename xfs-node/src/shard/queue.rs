@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use crate::coherence::{BlockId, NodeId, OpId, Outcome, SyncError, UserOp};
 use crate::fs::client::{Blocks, Errno, StatFs};
 use crate::node::OP_TIMEOUT;
-use crate::shard::shard_of;
+use crate::shard::{shard_of, CommandError};
 
 /// Where a store command's answer goes.
-pub(crate) type CallReply = Sender<Result<Vec<u8>, String>>;
+pub(crate) type CallReply = Sender<Result<Vec<u8>, CommandError>>;
 /// Where a block operation's outcome goes: its index in the caller's batch, and the
 /// batch's channel.
 pub(crate) type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
@@ -40,13 +40,13 @@ pub(crate) enum Cmd {
         op: OpId,
         node: NodeId,
         request: Vec<u8>,
-        reply: Sender<Result<Vec<u8>, String>>,
+        reply: CallReply,
     },
     /// A store command from `from` ran (on the node's command thread).
     CommandDone {
         from: NodeId,
         op: OpId,
-        result: Result<Vec<u8>, String>,
+        result: Result<Vec<u8>, CommandError>,
     },
     Stats(Sender<Vec<(String, u64)>>),
     /// The kernel dropped these blocks (the mount's answer to an invalidation).
@@ -89,7 +89,7 @@ impl NodeBlocks {
         node: NodeId,
         request: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, CommandError> {
         let (tx, rx) = mpsc::channel();
         let cmd = Cmd::Call {
             op: self.op_id(),
@@ -99,10 +99,10 @@ impl NodeBlocks {
         };
         self.shards[0]
             .send(cmd)
-            .map_err(|_| "the shard loop has stopped".to_string())?;
+            .map_err(|_| CommandError::Stopped)?;
         self.wake[0].notify();
         rx.recv_timeout(timeout)
-            .map_err(|_| format!("node {node} did not answer within {timeout:?}"))?
+            .map_err(|_| CommandError::Timeout { node, timeout })?
     }
 
     /// Sum the shards' counters.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use am_core::Transport;
 
 use super::queue::{CallReply, Cmd, MountLink, OpReply};
-use super::Shard;
+use super::{CommandError, Shard};
 use crate::coherence::{BlockId, NodeId, OpId, SyncError};
 use crate::lock;
 use crate::storage::block_store::LogStore;
@@ -108,10 +108,10 @@ pub(crate) fn shard_loop<T: Transport + Send>(
                 work += 1;
                 if let Err(e) = tx.try_send((from, op, request)) {
                     let why = match e {
-                        mpsc::TrySendError::Full(_) => "busy: too many commands queued",
-                        mpsc::TrySendError::Disconnected(_) => "the command thread has stopped",
+                        mpsc::TrySendError::Full(_) => CommandError::Busy,
+                        mpsc::TrySendError::Disconnected(_) => CommandError::CommandThreadStopped,
                     };
-                    shard.command_done(from, op, Err(why.into()));
+                    shard.command_done(from, op, Err(why));
                 }
             }
         }

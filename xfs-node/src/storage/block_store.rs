@@ -21,26 +21,48 @@ pub struct LogStore<S: FragmentStore> {
     pub full: Arc<AtomicBool>,
 }
 
+/// Why [`LogStore`] could not read or write a block.
+#[derive(Debug, thiserror::Error)]
+pub enum LogStoreError {
+    /// The node keeps no log.
+    #[error("this node has no log (no manager role)")]
+    NoLog,
+    /// The log could not read the block: named by file and byte range
+    /// ([`block_name`]), so that an operator knows which file lost what.
+    #[error("{}: {source}", block_name(*block))]
+    Read {
+        /// The block.
+        block: BlockId,
+        /// What failed.
+        #[source]
+        source: LogError,
+    },
+    /// The log could not take the block.
+    #[error(transparent)]
+    Write(LogError),
+}
+
 impl<S: FragmentStore + Send> BlockStore<Vec<u8>> for LogStore<S> {
-    fn read(&mut self, block: BlockId) -> Result<Vec<u8>, String> {
+    type Error = LogStoreError;
+    fn read(&mut self, block: BlockId) -> Result<Vec<u8>, LogStoreError> {
         let mut g = lock(&self.log);
-        let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
+        let log = g.as_mut().ok_or(LogStoreError::NoLog)?;
         match log.read(block) {
             Ok(d) => Ok(d),
             Err(LogError::NotFound(_)) => Ok(Vec::new()),
-            Err(e) => {
+            Err(source) => {
                 // Named, so that an operator knows which file lost what (the read that
                 // needs it fails with EIO; the file's other blocks still read).
-                let m = format!("{}: {e}", block_name(block));
-                eprintln!("xfs-node: cannot read {m}");
-                Err(m)
+                let e = LogStoreError::Read { block, source };
+                eprintln!("xfs-node: cannot read {e}");
+                Err(e)
             }
         }
     }
-    fn write(&mut self, block: BlockId, data: Vec<u8>) -> Result<(), String> {
+    fn write(&mut self, block: BlockId, data: Vec<u8>) -> Result<(), LogStoreError> {
         let mut g = lock(&self.log);
-        let log = g.as_mut().ok_or("this node has no log (no manager role)")?;
-        let r = log.write(block, &data).map_err(|e| e.to_string());
+        let log = g.as_mut().ok_or(LogStoreError::NoLog)?;
+        let r = log.write(block, &data).map_err(LogStoreError::Write);
         self.full.store(log.is_full(), Ordering::Relaxed);
         r
     }

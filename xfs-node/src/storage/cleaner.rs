@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::fragment::FragmentStore;
-use super::log::{Log, LogAddress, SegmentReader, SegmentUsage};
+use super::log::{Log, LogAddress, LogError, SegmentReader, SegmentUsage};
 use crate::coherence::{BlockId, NodeId};
+use crate::shard::CommandError;
 
 /// How the leader picks segments.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,12 +84,12 @@ impl Default for CleanerConfig {
 
 impl CleanerConfig {
     /// Check the values; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        let frac = |name: &str, v: f64| {
-            if (0.0..=1.0).contains(&v) {
+    pub fn validate(&self) -> Result<(), CleanerConfigError> {
+        let frac = |field: &'static str, value: f64| {
+            if (0.0..=1.0).contains(&value) {
                 Ok(())
             } else {
-                Err(format!("cleaner.{name} = {v}: must be between 0 and 1"))
+                Err(CleanerConfigError::NotAFraction { field, value })
             }
         };
         frac("low_water", self.low_water)?;
@@ -96,19 +97,16 @@ impl CleanerConfig {
         frac("max_utilisation", self.max_utilisation)?;
         frac("idle_utilisation", self.idle_utilisation)?;
         if self.high_water < self.low_water {
-            return Err(format!(
-                "cleaner.high_water = {} is below low_water = {}: it must be at least as high",
-                self.high_water, self.low_water
-            ));
+            return Err(CleanerConfigError::HighBelowLow {
+                high: self.high_water,
+                low: self.low_water,
+            });
         }
         if !(self.share > 0.0 && self.share <= 1.0) {
-            return Err(format!(
-                "cleaner.share = {}: must be above 0 and at most 1",
-                self.share
-            ));
+            return Err(CleanerConfigError::Share(self.share));
         }
         if self.batch == 0 {
-            return Err("cleaner.batch = 0: must be at least 1".into());
+            return Err(CleanerConfigError::NoBatch);
         }
         Ok(())
     }
@@ -117,6 +115,104 @@ impl CleanerConfig {
     pub fn pause(&self, work: Duration) -> Duration {
         work.mul_f64((1.0 - self.share) / self.share)
     }
+}
+
+/// A `[cleaner]` value out of range ([`CleanerConfig::validate`]); names the field.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CleanerConfigError {
+    /// A fraction outside 0..=1.
+    #[error("cleaner.{field} = {value}: must be between 0 and 1")]
+    NotAFraction {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// `high_water` below `low_water`.
+    #[error("cleaner.high_water = {high} is below low_water = {low}: it must be at least as high")]
+    HighBelowLow {
+        /// `high_water`.
+        high: f64,
+        /// `low_water`.
+        low: f64,
+    },
+    /// `share` not in (0, 1].
+    #[error("cleaner.share = {0}: must be above 0 and at most 1")]
+    Share(f64),
+    /// `batch = 0`.
+    #[error("cleaner.batch = 0: must be at least 1")]
+    NoBatch,
+}
+
+/// Why a writer could not run a cleaner command ([`clean_segment`], [`finish`], [`run`]);
+/// the leader reports it ([`CleanerStatus::last_error`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CleanError {
+    /// The node keeps no log (no manager role).
+    #[error("this node has no log")]
+    NoLog,
+    /// The node's log is not recovered yet (or it keeps none).
+    #[error("this node has no log (yet)")]
+    NoLogYet,
+    /// The node's segment reader has not connected to the stripe group yet.
+    #[error("this node's segment reader is not connected (yet)")]
+    NoReader,
+    /// The log cannot take the copies of the segment now.
+    #[error("no room for the copies of segment {segment:#x} now: free space first")]
+    NoRoom {
+        /// The segment.
+        segment: u64,
+    },
+    /// Reading the segment's live blocks failed.
+    #[error("reading segment {segment:#x}: {source}")]
+    Read {
+        /// The segment.
+        segment: u64,
+        /// What failed.
+        #[source]
+        source: LogError,
+    },
+    /// Appending a block's copy failed.
+    #[error("moving block {block:#x}: {source}")]
+    Move {
+        /// The block.
+        block: BlockId,
+        /// What failed.
+        #[source]
+        source: LogError,
+    },
+    /// Writing the copies out failed.
+    #[error("writing the copies: {0}")]
+    WriteCopies(#[source] LogError),
+    /// Writing the data that waited for space failed.
+    #[error("writing waiting data: {0}")]
+    WriteWaiting(#[source] LogError),
+    /// The checkpoint after the moves failed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[source] LogError),
+}
+
+/// Why the leader's call to a writer ([`Group::call`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The command could not be encoded.
+    #[error("{0}")]
+    Encode(#[source] bincode::Error),
+    /// The command did not reach the writer, or its answer did not come back.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The writer's answer does not decode.
+    #[error("node {writer}: bad answer: {source}")]
+    BadAnswer {
+        /// The writer.
+        writer: NodeId,
+        /// Why it does not decode.
+        #[source]
+        source: bincode::Error,
+    },
+    /// No such writer in the group.
+    #[error("no node {0}")]
+    NoWriter(NodeId),
 }
 
 /// Sprite LFS's cost-benefit score of a segment `u` live and `age` old: the space it frees
@@ -255,10 +351,10 @@ pub fn clean_segment<S: FragmentStore + Send>(
     reader: &mut SegmentReader<S>,
     segment: u64,
     between: &mut Between<'_>,
-) -> Result<CleanStats, String> {
+) -> Result<CleanStats, CleanError> {
     let live = lock(log)
         .as_ref()
-        .ok_or("this node has no log")?
+        .ok_or(CleanError::NoLog)?
         .live_in(segment);
     let mut stats = CleanStats::default();
     if live.is_empty() {
@@ -267,22 +363,23 @@ pub fn clean_segment<S: FragmentStore + Send>(
     let bytes: u64 = live.iter().map(|(_, a)| a.len as u64).sum();
     if !lock(log)
         .as_mut()
-        .ok_or("this node has no log")?
+        .ok_or(CleanError::NoLog)?
         .room_for_copies(segment, bytes)
     {
-        return Err(format!(
-            "no room for the copies of segment {segment:#x} now: free space first"
-        ));
+        return Err(CleanError::NoRoom { segment });
     }
     let data = reader
         .blocks(segment, &live)
-        .map_err(|e| format!("reading segment {segment:#x}: {e}"))?;
+        .map_err(|source| CleanError::Read { segment, source })?;
     between(&live);
     let mut g = lock(log);
-    let l = g.as_mut().ok_or("this node has no log")?;
+    let l = g.as_mut().ok_or(CleanError::NoLog)?;
     for ((block, from), bytes) in live.iter().zip(data) {
         if l.relocate(*block, *from, &bytes)
-            .map_err(|e| format!("moving block {block:#x}: {e}"))?
+            .map_err(|source| CleanError::Move {
+                block: *block,
+                source,
+            })?
         {
             stats.moved += 1;
             stats.bytes += bytes.len() as u64;
@@ -296,19 +393,16 @@ pub fn clean_segment<S: FragmentStore + Send>(
 /// Writer side: make the moves durable, free the emptied segments the newest checkpoint
 /// covers (recovery rolls forward to the copies), and write a new checkpoint when the
 /// dead segments it would let free outnumber what it costs.
-pub fn finish<S: FragmentStore + Send>(log: &Mutex<Option<Log<S>>>) -> Result<u64, String> {
+pub fn finish<S: FragmentStore + Send>(log: &Mutex<Option<Log<S>>>) -> Result<u64, CleanError> {
     let mut g = lock(log);
-    let l = g.as_mut().ok_or("this node has no log")?;
+    let l = g.as_mut().ok_or(CleanError::NoLog)?;
     let before = l.counters().freed;
-    let r = l
-        .flush_copies()
-        .map_err(|e| format!("writing the copies: {e}"));
+    let r = l.flush_copies().map_err(CleanError::WriteCopies);
     l.free_reclaimable();
     r?;
     // Data the writers could not write (the stores were full) holds back what a
     // checkpoint covers: it goes out now if the reserve allows.
-    l.flush_waiting()
-        .map_err(|e| format!("writing waiting data: {e}"))?;
+    l.flush_waiting().map_err(CleanError::WriteWaiting)?;
     // A checkpoint pays when it frees more than it costs, or when so many segments lie
     // beyond the newest one that cleaning them would need one each time.
     let (beyond, dead) = l.beyond_checkpoint();
@@ -316,7 +410,7 @@ pub fn finish<S: FragmentStore + Send>(log: &Mutex<Option<Log<S>>>) -> Result<u6
         let r = l.checkpoint();
         // What the last good checkpoint covers can be freed even if this one failed.
         l.free_reclaimable();
-        r.map_err(|e| format!("checkpoint: {e}"))?;
+        r.map_err(CleanError::Checkpoint)?;
     }
     Ok(l.counters().freed - before)
 }
@@ -350,16 +444,16 @@ pub fn run<S: FragmentStore + Send>(
                 *limit as usize,
                 *policy,
             ))),
-            None => Err("this node has no log (yet)".to_string()),
+            None => Err(CleanError::NoLogYet),
         },
         Command::Clean { segment } => match lock(reader).as_mut() {
             Some(r) => clean_segment(log, r, *segment, &mut |_| {}).map(Reply::Cleaned),
-            None => Err("this node's segment reader is not connected (yet)".to_string()),
+            None => Err(CleanError::NoReader),
         },
         Command::Finish => finish(log).map(Reply::Finished),
         Command::Ping => Ok(Reply::Here),
     };
-    r.unwrap_or_else(Reply::Error)
+    r.unwrap_or_else(|e| Reply::Error(e.to_string()))
 }
 
 /// The first of `candidates` (config order) that is alive: the stripe group's leader.
@@ -370,7 +464,7 @@ pub fn leader_of(candidates: &[NodeId], mut alive: impl FnMut(NodeId) -> bool) -
 /// How the leader reaches the writers of its group.
 pub trait Group {
     /// Run `cmd` on `writer`.
-    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, String>;
+    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, GroupError>;
 }
 
 /// What the leader is doing and has done (for `xfs-node status`).
@@ -460,9 +554,8 @@ impl Leader {
             };
             match group.call(*w, &cmd) {
                 Ok(Reply::Usage(u)) => usages.push(u),
-                Ok(Reply::Error(e)) | Err(e) => {
-                    self.status.last_error = format!("node {w}: {e}");
-                }
+                Ok(Reply::Error(e)) => self.status.last_error = format!("node {w}: {e}"),
+                Err(e) => self.status.last_error = format!("node {w}: {e}"),
                 Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
             }
         }
@@ -558,9 +651,10 @@ impl Leader {
                     self.status.bytes_moved += s.bytes;
                     self.status.discarded += s.discarded;
                 }
-                Ok(Reply::Error(e)) | Err(e) => {
+                Ok(Reply::Error(e)) => {
                     self.status.last_error = format!("node {w}, segment {segment:#x}: {e}")
                 }
+                Err(e) => self.status.last_error = format!("node {w}, segment {segment:#x}: {e}"),
                 Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
             }
             if !touched.contains(w) {
@@ -573,7 +667,8 @@ impl Leader {
             let t = Instant::now();
             match group.call(w, &Command::Finish) {
                 Ok(Reply::Finished(n)) => self.status.freed += n,
-                Ok(Reply::Error(e)) | Err(e) => self.status.last_error = format!("node {w}: {e}"),
+                Ok(Reply::Error(e)) => self.status.last_error = format!("node {w}: {e}"),
+                Err(e) => self.status.last_error = format!("node {w}: {e}"),
                 Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
             }
             pace(t.elapsed());
@@ -602,12 +697,12 @@ mod tests {
         let mut c = CleanerConfig::default();
         assert!(c.validate().is_ok());
         c.high_water = 0.1;
-        assert!(c.validate().unwrap_err().contains("high_water"));
+        assert!(c.validate().unwrap_err().to_string().contains("high_water"));
         let c = CleanerConfig {
             share: 0.0,
             ..CleanerConfig::default()
         };
-        assert!(c.validate().unwrap_err().contains("share"));
+        assert!(c.validate().unwrap_err().to_string().contains("share"));
         let pause = CleanerConfig {
             share: 0.25,
             ..CleanerConfig::default()
@@ -624,9 +719,13 @@ mod tests {
     }
 
     impl Group for Fake {
-        fn call(&mut self, w: NodeId, cmd: &Command) -> Result<Reply, String> {
+        fn call(&mut self, w: NodeId, cmd: &Command) -> Result<Reply, GroupError> {
             if self.dead.contains(&w) {
-                return Err("did not answer".into());
+                return Err(CommandError::Timeout {
+                    node: w,
+                    timeout: Duration::from_secs(3),
+                }
+                .into());
             }
             self.log.push((w, cmd.clone()));
             Ok(match cmd {

@@ -97,17 +97,26 @@ impl ManagerMap {
         self.entries.len() as u64
     }
     /// Check the map: not empty, every node named is in `nodes`.
-    pub fn validate(&self, nodes: &[NodeId]) -> Result<(), String> {
+    pub fn validate(&self, nodes: &[NodeId]) -> Result<(), ManagerMapError> {
         if self.entries.is_empty() {
-            return Err("the manager map has no entries: give [manager_map] entries".into());
+            return Err(ManagerMapError::Empty);
         }
         if let Some(n) = self.entries.iter().find(|n| !nodes.contains(n)) {
-            return Err(format!(
-                "the manager map names node {n}, which is not in [[nodes]]"
-            ));
+            return Err(ManagerMapError::UnknownNode(*n));
         }
         Ok(())
     }
+}
+
+/// Why a [`ManagerMap`] is not usable ([`ManagerMap::validate`]); names what to fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManagerMapError {
+    /// The map has no entries.
+    #[error("the manager map has no entries: give [manager_map] entries")]
+    Empty,
+    /// The map names a node that is not in the cluster.
+    #[error("the manager map names node {0}, which is not in [[nodes]]")]
+    UnknownNode(NodeId),
 }
 
 /// File-system totals, as `statfs` reports them.

@@ -78,23 +78,22 @@ pub struct StripeGroupMap {
 impl StripeGroupMap {
     /// Check the map: unique group ids, each group with distinct servers, at least one data
     /// and one parity fragment, and at most 255 fragments (Reed-Solomon's limit here).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), StripeGroupError> {
         let mut ids = std::collections::BTreeSet::new();
         for g in &self.groups {
             if !ids.insert(g.id) {
-                return Err(format!("stripe group {} appears twice", g.id));
+                return Err(StripeGroupError::Duplicate(g.id));
             }
             let distinct: std::collections::BTreeSet<_> = g.servers.iter().collect();
             if distinct.len() != g.servers.len() {
-                return Err(format!("stripe group {} names a server twice", g.id));
+                return Err(StripeGroupError::ServerTwice(g.id));
             }
             if g.parity == 0 || g.data() == 0 || g.servers.len() > 255 {
-                return Err(format!(
-                    "stripe group {}: {} servers with {} parity: need at least 1 data and 1 parity fragment, at most 255 in all",
-                    g.id,
-                    g.servers.len(),
-                    g.parity
-                ));
+                return Err(StripeGroupError::Shape {
+                    group: g.id,
+                    servers: g.servers.len(),
+                    parity: g.parity,
+                });
             }
         }
         Ok(())
@@ -104,6 +103,29 @@ impl StripeGroupMap {
     pub fn group(&self, id: u32) -> Option<&StripeGroup> {
         self.groups.iter().find(|g| g.id == id)
     }
+}
+
+/// Why a [`StripeGroupMap`] is not usable ([`StripeGroupMap::validate`]); names what to fix.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StripeGroupError {
+    /// Two groups have the same id.
+    #[error("stripe group {0} appears twice")]
+    Duplicate(u32),
+    /// A group names one server twice.
+    #[error("stripe group {0} names a server twice")]
+    ServerTwice(u32),
+    /// A group without a data or a parity fragment, or with more than 255 fragments.
+    #[error(
+        "stripe group {group}: {servers} servers with {parity} parity: need at least 1 data and 1 parity fragment, at most 255 in all"
+    )]
+    Shape {
+        /// The group.
+        group: u32,
+        /// Its servers.
+        servers: usize,
+        /// Its parity fragments.
+        parity: usize,
+    },
 }
 
 /// Where a block is in the log.
@@ -146,6 +168,9 @@ pub enum LogError {
         /// The fragment size in bytes.
         max: usize,
     },
+    /// A stripe group that is not usable.
+    #[error(transparent)]
+    Group(#[from] StripeGroupError),
     /// Bad configuration.
     #[error("{0}")]
     Config(String),
@@ -185,7 +210,7 @@ pub struct LogCounters {
 /// What the log knows of one of its durable segments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct SegInfo {
-    kind: u8,
+    kind: SegmentKind,
     time: u64,
 }
 
@@ -200,11 +225,25 @@ pub struct SegmentUsage {
     pub time: u64,
 }
 
-/// Segment kinds (in the summary).
-const DATA: u8 = 0;
-/// A checkpoint part: imap entries, then entries of the writer's segment-usage table (its
-/// *s-file*), marked by [`USAGE_ENTRY`] in their first word.
-const CHECKPOINT: u8 = 1;
+/// A segment's kind: byte 16 of its summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum SegmentKind {
+    /// Blocks, listed in the summary's entries.
+    Data = 0,
+    /// A checkpoint part: imap entries, then entries of the writer's segment-usage table
+    /// (its *s-file*), marked by [`USAGE_ENTRY`] in their first word.
+    Checkpoint = 1,
+}
+
+impl SegmentKind {
+    /// The kind a summary's byte names, if any.
+    fn from_wire(v: u8) -> Option<SegmentKind> {
+        [SegmentKind::Data, SegmentKind::Checkpoint]
+            .into_iter()
+            .find(|k| *k as u8 == v)
+    }
+}
 /// Marks an s-file entry in a checkpoint (block ids never have the top bit set).
 const USAGE_ENTRY: u64 = 1 << 63;
 
@@ -212,8 +251,7 @@ const USAGE_ENTRY: u64 = 1 << 63;
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Summary {
     segment: u64,
-    /// [`DATA`] or [`CHECKPOINT`].
-    kind: u8,
+    kind: SegmentKind,
     /// When the segment was sealed (the log's clock, milliseconds).
     time: u64,
     /// Checkpoints: part index and count, and the last segment the imap covers.
@@ -230,7 +268,7 @@ impl Summary {
         out[..SUMMARY_BYTES].fill(0);
         out[0..8].copy_from_slice(&SUMMARY_MAGIC.to_le_bytes());
         out[8..16].copy_from_slice(&self.segment.to_le_bytes());
-        out[16] = self.kind;
+        out[16] = self.kind as u8;
         out[20..24].copy_from_slice(&self.part.to_le_bytes());
         out[24..28].copy_from_slice(&self.parts.to_le_bytes());
         out[28..36].copy_from_slice(&self.upto.to_le_bytes());
@@ -275,7 +313,7 @@ impl Summary {
             .collect();
         Some(Summary {
             segment: u64_at(8),
-            kind: b[16],
+            kind: SegmentKind::from_wire(b[16])?,
             time: if head == SUMMARY_HEAD { u64_at(48) } else { 0 },
             part: u32_at(20),
             parts: u32_at(24),
@@ -289,7 +327,7 @@ impl Summary {
 /// A segment sealed and waiting to be written: its bytes, and the addresses of its blocks.
 struct Sealed {
     segment: u64,
-    kind: u8,
+    kind: SegmentKind,
     time: u64,
     bytes: Vec<u8>,
     blocks: Vec<(BlockId, LogAddress)>,
@@ -500,8 +538,7 @@ impl<S: FragmentStore + Send> Log<S> {
             version: 0,
             groups: vec![group.clone()],
         }
-        .validate()
-        .map_err(LogError::Config)?;
+        .validate()?;
         let fragment_bytes = fragment_bytes_of(&group, &stores)?;
         if fragment_bytes < SUMMARY_BYTES || fragment_bytes % 64 != 0 {
             return Err(LogError::Config(format!(
@@ -696,7 +733,7 @@ impl<S: FragmentStore> SegmentReader<S> {
             why,
         };
         let summary = Summary::decode(&bytes)
-            .filter(|s| s.segment == segment && s.kind == DATA)
+            .filter(|s| s.segment == segment && s.kind == SegmentKind::Data)
             .ok_or_else(|| bad("its summary does not decode".into()))?;
         wanted
             .iter()

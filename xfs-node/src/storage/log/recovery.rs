@@ -52,17 +52,17 @@ impl<S: FragmentStore + Send> Log<S> {
         let parts = entries.len().div_ceil(per).max(1) as u32;
         let first = self.current_segment();
         if entries.is_empty() {
-            self.write_part(CHECKPOINT, 0, 1, upto, &[])?;
+            self.write_part(SegmentKind::Checkpoint, 0, 1, upto, &[])?;
         }
         for (part, chunk) in entries.chunks(per).enumerate() {
-            self.write_part(CHECKPOINT, part as u32, parts, upto, chunk)?;
+            self.write_part(SegmentKind::Checkpoint, part as u32, parts, upto, chunk)?;
         }
         // Only the checkpoint's segments (data still waiting keeps its place in the queue;
         // it is newer than `upto`, so recovery rolls it forward once it is written).
         let from = self
             .queued
             .iter()
-            .position(|s| s.kind == CHECKPOINT)
+            .position(|s| s.kind == SegmentKind::Checkpoint)
             .unwrap_or(self.queued.len());
         self.write_range(from, true)?;
         self.sync_written()?;
@@ -75,7 +75,7 @@ impl<S: FragmentStore + Send> Log<S> {
 
     pub(super) fn write_part(
         &mut self,
-        kind: u8,
+        kind: SegmentKind,
         part: u32,
         parts: u32,
         upto: u64,
@@ -98,7 +98,7 @@ impl<S: FragmentStore + Send> Log<S> {
             .queued
             .iter()
             .chain(self.written.iter())
-            .filter(|s| s.kind == DATA)
+            .filter(|s| s.kind == SegmentKind::Data)
             .map(|s| s.segment)
             .min();
         waiting.map_or(self.last_data_segment, |w| {
@@ -148,7 +148,7 @@ impl<S: FragmentStore + Send> Log<S> {
         // The newest checkpoint whose parts are all there.
         let mut start_after = 0u64;
         let mut best: Option<(u64, Vec<u64>)> = None;
-        let is_checkpoint = |k: u8| k == CHECKPOINT;
+        let is_checkpoint = |k: SegmentKind| k == SegmentKind::Checkpoint;
         for (seg, (s, _)) in decoded.iter().rev() {
             if !is_checkpoint(s.kind) || s.part + 1 != s.parts {
                 continue;
@@ -206,7 +206,7 @@ impl<S: FragmentStore + Send> Log<S> {
                     },
                 },
                 None => SegInfo {
-                    kind: DATA,
+                    kind: SegmentKind::Data,
                     time: 0,
                 },
             };
@@ -218,7 +218,7 @@ impl<S: FragmentStore + Send> Log<S> {
         }
         // Roll forward.
         for (seg, (s, _)) in decoded.range(start_after + 1..) {
-            if s.kind == DATA {
+            if s.kind == SegmentKind::Data {
                 for (b, off, len) in &s.entries {
                     log.set_address(
                         *b,

@@ -18,7 +18,7 @@ impl<S: FragmentStore + Send> Log<S> {
             .segs
             .iter()
             .filter(|(s, i)| {
-                if i.kind == DATA {
+                if i.kind == SegmentKind::Data {
                     **s <= upto && !self.live.contains_key(*s)
                 } else {
                     **s < newest
@@ -57,7 +57,7 @@ impl<S: FragmentStore + Send> Log<S> {
     pub fn usage(&self) -> Vec<SegmentUsage> {
         self.segs
             .iter()
-            .filter(|(_, i)| i.kind == DATA)
+            .filter(|(_, i)| i.kind == SegmentKind::Data)
             .map(|(s, i)| SegmentUsage {
                 segment: *s,
                 live: self.live.get(s).copied().unwrap_or(0),
@@ -284,7 +284,7 @@ impl<S: FragmentStore + Send> Log<S> {
         let data = self
             .segs
             .range(self.checkpoint_upto + 1..=upto)
-            .filter(|(_, i)| i.kind == DATA);
+            .filter(|(_, i)| i.kind == SegmentKind::Data);
         let (mut all, mut dead) = (0, 0);
         for (s, _) in data {
             all += 1;
@@ -311,7 +311,7 @@ impl<S: FragmentStore + Send> Log<S> {
     /// Write the cleaner's copies (ahead of waiting data, from the reserve) and sync:
     /// the imap then points at them.
     pub fn flush_copies(&mut self) -> Result<(), LogError> {
-        self.in_copy_lane(|l| l.seal(DATA, 0, 0, 0))?;
+        self.in_copy_lane(|l| l.seal(SegmentKind::Data, 0, 0, 0))?;
         if self.copies.is_empty() {
             return Ok(());
         }

@@ -20,7 +20,7 @@ impl<S: FragmentStore + Send> Log<S> {
             at = at.div_ceil(f) * f;
         }
         if at + data.len() > self.open.len() || self.open_entries.len() == MAX_ENTRIES {
-            self.seal(0, 0, 0, 0)?;
+            self.seal(SegmentKind::Data, 0, 0, 0)?;
             at = SUMMARY_BYTES;
         }
         self.open[at..at + data.len()].copy_from_slice(data);
@@ -33,12 +33,12 @@ impl<S: FragmentStore + Send> Log<S> {
     /// Seal the open segment (if it has anything) and queue its fragments.
     pub(super) fn seal(
         &mut self,
-        kind: u8,
+        kind: SegmentKind,
         part: u32,
         parts: u32,
         upto: u64,
     ) -> Result<(), LogError> {
-        if kind == DATA && self.open_entries.is_empty() {
+        if kind == SegmentKind::Data && self.open_entries.is_empty() {
             return Ok(());
         }
         let segment = self.current_segment();
@@ -53,7 +53,7 @@ impl<S: FragmentStore + Send> Log<S> {
             parts,
             upto,
             payload: (self.cursor - SUMMARY_BYTES) as u32,
-            entries: if kind == 0 {
+            entries: if kind == SegmentKind::Data {
                 entries.clone()
             } else {
                 Vec::new()
@@ -166,7 +166,7 @@ impl<S: FragmentStore + Send> Log<S> {
             self.open_entries.iter().map(|(b, _, _)| *b).collect();
         let mut keep = vec![true; self.queued.len()];
         for (i, s) in self.queued.iter().enumerate().rev() {
-            if s.kind == DATA
+            if s.kind == SegmentKind::Data
                 && !s.blocks.is_empty()
                 && s.blocks.iter().all(|(b, _)| newer.contains(b))
             {
@@ -286,7 +286,7 @@ impl<S: FragmentStore + Send> Log<S> {
                     time: sealed.time,
                 },
             );
-            if sealed.kind == DATA {
+            if sealed.kind == SegmentKind::Data {
                 self.last_data_segment = self.last_data_segment.max(sealed.segment);
             }
             for (block, addr) in sealed.blocks {
@@ -299,7 +299,7 @@ impl<S: FragmentStore + Send> Log<S> {
     /// Start writing everything appended so far (seal the open segment, write the queue)
     /// without waiting for durability: write-behind, ahead of an `fsync`.
     pub fn write_behind(&mut self) -> Result<(), LogError> {
-        self.seal(0, 0, 0, 0)?;
+        self.seal(SegmentKind::Data, 0, 0, 0)?;
         self.write_queued()
     }
 
@@ -307,7 +307,7 @@ impl<S: FragmentStore + Send> Log<S> {
     /// server, then update the imap. On an error nothing is acknowledged and the blocks
     /// stay queued, to be retried.
     pub fn fsync(&mut self) -> Result<(), LogError> {
-        self.seal(0, 0, 0, 0)?;
+        self.seal(SegmentKind::Data, 0, 0, 0)?;
         match self.write_queued() {
             Err(LogError::Store(StoreError::NoSpace { .. })) if self.net_freed(0) > 0 => {
                 self.drain_freeing()?
