@@ -13,48 +13,127 @@ use am_core::{Config, Endpoint, Msg, Tag};
 use am_dpdk::frame::{Mac, BROADCAST};
 use am_dpdk::sys::{Mbuf, MbufPool, Port, PortSpec};
 use am_dpdk::{DpdkConfig, DpdkTransport};
-use am_testkit::cli::{tool_main, Args};
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, Parser, Subcommand};
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const HELP: &str = "\
-dpdk_peer: the second process of am-dpdk's tests
+/// dpdk_peer: the second process of am-dpdk's tests
+#[derive(Parser)]
+#[command(
+    name = "dpdk_peer",
+    after_help = "A device (--dev) is a DPDK virtual device, NAME[,ARGS]: \
+                  net_memif0,role=server,socket=PATH.\n\
+                  Prints `ready` (switch) or `listening ADDR tag N` (server) once the port is \
+                  started."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-USAGE:
-  dpdk_peer demo
-      start a server process on net_memif, run the client against it (small, medium and
-      a 64 MiB bulk, each verified, then 10000 round trips), stop
-  dpdk_peer client --dev SPEC --bind IP:PORT --server IP:PORT [--count N] [--busy-poll]
-      verify small, medium and bulk exchanges with a server, then time N round trips
-  dpdk_peer server --dev SPEC --bind IP:PORT [--tag N] [--segment-mib N] [--busy-poll]
-      an AM endpoint: handler 1 echoes a request (args and payload), 2 takes a one-way
-      message, 3 answers a bulk request with the length and FNV-1a hash of the bytes
-  dpdk_peer switch --dev SPEC --queues N
-      a learning Ethernet switch between the N queue pairs of the device: each queue is
-      one node of the other process (am_testkit::dpdk::Fabric::Queues)
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a server process on net_memif, run the client against it (small, medium and a
+    /// 64 MiB bulk, each verified, then 10000 round trips), stop
+    Demo {
+        /// Round trips to time
+        #[arg(long, value_name = "N", default_value_t = 10000)]
+        count: u64,
+    },
+    /// Verify small, medium and bulk exchanges with a server, then time N round trips
+    Client(ClientArgs),
+    /// An AM endpoint: handler 1 echoes a request (args and payload), 2 takes a one-way
+    /// message, 3 answers a bulk request with the length and FNV-1a hash of the bytes
+    Server(ServerArgs),
+    /// A learning Ethernet switch between the N queue pairs of the device: each queue is
+    /// one node of the other process (am_testkit::dpdk::Fabric::Queues)
+    Switch(SwitchArgs),
+}
 
-OPTIONS:
-  --dev SPEC       a DPDK virtual device, NAME[,ARGS]: net_memif0,role=server,socket=PATH
-  --seconds N      exit after N seconds (default 600); it also exits when its parent does
-  --mac MAC        server, client: the MAC to use (default: made from the address)
-  --log-handled    server: print `handled SEQ` for each one-way message (handler 2)
+/// The DPDK device of a command.
+#[derive(Args)]
+struct Dev {
+    /// A DPDK virtual device, NAME[,ARGS]: net_memif0,role=server,socket=PATH
+    #[arg(long, value_name = "SPEC")]
+    dev: String,
+}
 
-Prints `ready` (switch) or `listening ADDR tag N` (server) once the port is started.
-";
+/// The endpoint options of `server` and `client`.
+#[derive(Args)]
+struct PeerArgs {
+    #[command(flatten)]
+    dev: Dev,
+    /// This endpoint's IPv4 address and UDP port
+    #[arg(long, value_name = "IP:PORT")]
+    bind: SocketAddrV4,
+    /// The MAC to use (default: made from the address), aa:bb:cc:dd:ee:ff
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: Option<Mac>,
+    /// Spin while waiting instead of sleeping (lowest latency, a core busy)
+    #[arg(long)]
+    busy_poll: bool,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    ep: PeerArgs,
+    /// This endpoint's tag, the capability clients must present
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    tag: u64,
+    /// Bulk segment size in MiB
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    segment_mib: usize,
+    /// Print `handled SEQ` for each one-way message (handler 2)
+    #[arg(long)]
+    log_handled: bool,
+    /// Exit after N seconds; it also exits when its parent does
+    #[arg(long, value_name = "N", default_value_t = 600)]
+    seconds: u64,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    ep: PeerArgs,
+    /// The server's IPv4 address and UDP port
+    #[arg(long, value_name = "IP:PORT")]
+    server: SocketAddrV4,
+    /// The server's tag
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    server_tag: u64,
+    /// Round trips to time
+    #[arg(long, value_name = "N", default_value_t = 10000)]
+    count: u64,
+}
+
+#[derive(Args)]
+struct SwitchArgs {
+    #[command(flatten)]
+    dev: Dev,
+    /// Queue pairs of the device, one per node of the other process
+    #[arg(long, value_name = "N", default_value_t = 12)]
+    queues: u16,
+    /// Exit after N seconds; it also exits when its parent does
+    #[arg(long, value_name = "N", default_value_t = 600)]
+    seconds: u64,
+}
 
 fn main() {
-    tool_main("dpdk_peer", HELP, |args| {
-        match args.0.first().map(String::as_str) {
-            Some("server") => server(args),
-            Some("switch") => switch(args),
-            Some("client") => client(args),
-            Some("demo") => demo(args),
-            _ => Err("say demo, client, server or switch; see --help".into()),
-        }
-    });
+    let r = match Cli::parse().command {
+        Cmd::Server(a) => server(&a),
+        Cmd::Switch(a) => switch(&a),
+        Cmd::Client(a) => client(&a),
+        Cmd::Demo { count } => demo(count),
+    };
+    if let Err(e) = r {
+        eprintln!("dpdk_peer: {e}");
+        std::process::exit(2);
+    }
 }
 
 /// Exits when the time is up or the parent is gone (the test that started us died).
@@ -65,13 +144,13 @@ struct Lifetime {
 }
 
 impl Lifetime {
-    fn new(args: &Args) -> Result<Lifetime, String> {
-        Ok(Lifetime {
-            until: Instant::now() + Duration::from_secs(args.parse("--seconds", 600u64)?),
+    fn new(seconds: u64) -> Lifetime {
+        Lifetime {
+            until: Instant::now() + Duration::from_secs(seconds),
             // SAFETY: getppid has no preconditions.
             parent: unsafe { libc::getppid() },
             checked: Instant::now(),
-        })
+        }
     }
     fn over(&mut self) -> bool {
         let now = Instant::now();
@@ -84,73 +163,54 @@ impl Lifetime {
     }
 }
 
-fn dev(args: &Args) -> Result<String, String> {
-    args.value("--dev")
-        .ok_or("--dev SPEC is required; see --help".into())
-}
-
-fn parse_mac(s: &str) -> Result<Mac, String> {
+fn parse_mac(s: &str) -> Result<Mac> {
     let v: Vec<u8> = s
         .split(':')
         .map(|x| u8::from_str_radix(x, 16))
         .collect::<Result<_, _>>()
-        .map_err(|_| format!("--mac {s}: use aa:bb:cc:dd:ee:ff"))?;
-    v.try_into().map_err(|_| format!("--mac {s}: six bytes"))
-}
-
-/// The IPv4 address and port after `name` (required).
-fn v4_arg(args: &Args, name: &str) -> Result<SocketAddrV4, String> {
-    args.value(name)
-        .ok_or(format!("{name} IP:PORT is required; see --help"))?
-        .parse()
-        .map_err(|e| format!("{name}: {e}"))
+        .map_err(|_| anyhow!("--mac {s}: use aa:bb:cc:dd:ee:ff"))?;
+    v.try_into().map_err(|_| anyhow!("--mac {s}: six bytes"))
 }
 
 /// The transport of `server` and `client`: `--dev` at `--bind`, `--mac` or one made from
 /// the address, `--busy-poll`.
-fn open_transport(args: &Args) -> Result<DpdkTransport, String> {
-    let bind = v4_arg(args, "--bind")?;
-    let mut cfg = DpdkConfig::new(bind);
-    cfg.busy_poll = args.flag("--busy-poll");
-    cfg.mac = Some(match args.value("--mac") {
-        Some(m) => parse_mac(&m)?,
-        None => am_dpdk::mac_for(*bind.ip()),
-    });
-    DpdkTransport::open(&dev(args)?, cfg).map_err(|e| e.to_string())
+fn open_transport(a: &PeerArgs) -> Result<DpdkTransport> {
+    let mut cfg = DpdkConfig::new(a.bind);
+    cfg.busy_poll = a.busy_poll;
+    cfg.mac = Some(a.mac.unwrap_or_else(|| am_dpdk::mac_for(*a.bind.ip())));
+    Ok(DpdkTransport::open(&a.dev.dev, cfg)?)
 }
 
-fn server(args: &Args) -> Result<(), String> {
-    let t = open_transport(args)?;
+fn server(a: &ServerArgs) -> Result<()> {
+    let t = open_transport(&a.ep)?;
     let cfg = Config {
-        tag: Tag(args.parse("--tag", 7u64)?),
-        segment_bytes: args.parse("--segment-mib", 64usize)? << 20,
+        tag: Tag(a.tag),
+        segment_bytes: a.segment_mib << 20,
         ..Config::default()
     };
-    let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
-    am_testkit::peer::pingpong_handlers(&mut ep, args.flag("--log-handled"))
-        .map_err(|e| e.to_string())?;
+    let mut ep = Endpoint::try_new(t, cfg)?;
+    am_testkit::peer::pingpong_handlers(&mut ep, a.log_handled)?;
     println!("listening {} tag {}", ep.name().addr, ep.tag().0);
     let _ = std::io::stdout().flush();
-    let mut life = Lifetime::new(args)?;
+    let mut life = Lifetime::new(a.seconds);
     while !life.over() {
-        ep.poll(256).map_err(|e| e.to_string())?;
-        ep.wait(Some(Duration::from_millis(50)))
-            .map_err(|e| e.to_string())?;
+        ep.poll(256)?;
+        ep.wait(Some(Duration::from_millis(50)))?;
     }
     Ok(())
 }
 
-fn demo(args: &Args) -> Result<(), String> {
+fn demo(count: u64) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("dpdk-peer-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| anyhow!("create {}: {e}", dir.display()))?;
     let sock = dir.join("memif.sock");
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
         .args(["server", "--busy-poll", "--bind", "10.0.0.1:7000", "--dev"])
         .arg(format!("net_memif0,role=server,socket={}", sock.display()))
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start the server process: {e}"))?;
+        .map_err(|e| anyhow!("cannot start the server process: {e}"))?;
     let line = child
         .stdout
         .take()
@@ -159,7 +219,9 @@ fn demo(args: &Args) -> Result<(), String> {
         .unwrap_or_default();
     println!("server process {}: {line}", child.id());
     let dev = format!("net_memif0,role=client,socket={}", sock.display());
-    let mut a = vec![
+    let count = count.to_string();
+    let r = Cli::try_parse_from([
+        "dpdk_peer",
         "client",
         "--dev",
         &dev,
@@ -168,15 +230,14 @@ fn demo(args: &Args) -> Result<(), String> {
         "--server",
         "10.0.0.1:7000",
         "--busy-poll",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
-    a.extend([
-        "--count".into(),
-        args.parse("--count", 10000u64)?.to_string(),
-    ]);
-    let r = client(&Args(a));
+        "--count",
+        &count,
+    ])
+    .map_err(anyhow::Error::from)
+    .and_then(|cli| match cli.command {
+        Cmd::Client(a) => client(&a),
+        _ => bail!("not the client"),
+    });
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
@@ -186,14 +247,13 @@ fn demo(args: &Args) -> Result<(), String> {
 /// An answer: its arguments and payload.
 type Answer = (Vec<u64>, Vec<u8>);
 
-fn client(args: &Args) -> Result<(), String> {
-    let server = v4_arg(args, "--server")?;
-    let count: u64 = args.parse("--count", 10000u64)?;
-    let t = open_transport(args)?;
+fn client(a: &ClientArgs) -> Result<()> {
+    let (server, count) = (a.server, a.count);
+    let t = open_transport(&a.ep)?;
     let start = Instant::now();
     while !t.link_up() {
         if start.elapsed() > Duration::from_secs(15) {
-            return Err("the link did not come up in 15 s: is the server running?".into());
+            bail!("the link did not come up in 15 s: is the server running?");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -210,17 +270,15 @@ fn client(args: &Args) -> Result<(), String> {
             segment_bytes: (64 << 20) + (1 << 20),
             ..Config::default()
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     ep.map(
         0,
         am_core::EndpointName {
             addr: std::net::SocketAddr::V4(server),
             vnet: 0,
         },
-        Tag(args.parse("--server-tag", 7u64)?),
-    )
-    .map_err(|e| e.to_string())?;
+        Tag(a.server_tag),
+    )?;
     let got: Arc<Mutex<Vec<Answer>>> = Arc::default();
     for h in [1u16, 3] {
         let g = got.clone();
@@ -228,8 +286,7 @@ fn client(args: &Args) -> Result<(), String> {
             if let Ok(mut v) = g.lock() {
                 v.push((m.args.to_vec(), m.payload.to_vec()));
             }
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
     }
     let failed: Arc<Mutex<Option<String>>> = Arc::default();
     let f = failed.clone();
@@ -238,31 +295,28 @@ fn client(args: &Args) -> Result<(), String> {
             g.get_or_insert(format!("{} (to {})", u.code, u.dest));
         }
     });
-    let wait_for = |ep: &mut Endpoint<DpdkTransport>, n: usize| -> Result<(), String> {
+    let wait_for = |ep: &mut Endpoint<DpdkTransport>, n: usize| -> Result<()> {
         let t0 = Instant::now();
         while got.lock().map(|v| v.len()).unwrap_or(0) < n {
-            ep.poll(256).map_err(|e| e.to_string())?;
+            ep.poll(256)?;
             if let Some(e) = failed.lock().ok().and_then(|g| g.clone()) {
-                return Err(format!("a message came back: {e}"));
+                bail!("a message came back: {e}");
             }
             if t0.elapsed() > Duration::from_secs(30) {
-                return Err("no answer in 30 s".into());
+                bail!("no answer in 30 s");
             }
         }
         Ok(())
     };
-    ep.request(0, Msg::small(1, &[1, 2, 3]))
-        .map_err(|e| e.to_string())?;
+    ep.request(0, Msg::small(1, &[1, 2, 3]))?;
     wait_for(&mut ep, 1)?;
     let medium: Vec<u8> = (0..6000u32).map(|i| (i * 7) as u8).collect();
-    ep.request(0, Msg::medium(1, &[4], &[&medium]))
-        .map_err(|e| e.to_string())?;
+    ep.request(0, Msg::medium(1, &[4], &[&medium]))?;
     wait_for(&mut ep, 2)?;
     let bulk: Vec<u8> = (0..64u32 << 20).map(|i| (i ^ (i >> 11)) as u8).collect();
     ep.segment_mut()[..bulk.len()].copy_from_slice(&bulk);
     let t0 = Instant::now();
-    ep.request(0, Msg::bulk(3, &[], &[(0, bulk.len())], 0))
-        .map_err(|e| e.to_string())?;
+    ep.request(0, Msg::bulk(3, &[], &[(0, bulk.len())], 0))?;
     wait_for(&mut ep, 3)?;
     let bulk_time = t0.elapsed();
     let v = got.lock().map(|v| v.clone()).unwrap_or_default();
@@ -270,7 +324,7 @@ fn client(args: &Args) -> Result<(), String> {
         && v[1] == (vec![4], medium)
         && v[2].0 == vec![bulk.len() as u64, am_testkit::peer::fnv(&bulk)];
     if !ok {
-        return Err("an answer differs from what was sent".into());
+        bail!("an answer differs from what was sent");
     }
     println!(
         "small ok, medium ok, bulk 64 MiB ok ({:.0} MB/s)",
@@ -279,8 +333,7 @@ fn client(args: &Args) -> Result<(), String> {
     let mut rtts = Vec::with_capacity(count as usize);
     for i in 0..count {
         let t0 = Instant::now();
-        ep.request(0, Msg::small(1, &[i]))
-            .map_err(|e| e.to_string())?;
+        ep.request(0, Msg::small(1, &[i]))?;
         wait_for(&mut ep, 4 + i as usize)?;
         rtts.push(t0.elapsed().as_nanos() as u64);
     }
@@ -295,22 +348,21 @@ fn client(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn switch(args: &Args) -> Result<(), String> {
-    let queues: u16 = args.parse("--queues", 12u16)?;
+fn switch(a: &SwitchArgs) -> Result<()> {
+    let queues = a.queues;
     let spec = PortSpec {
         queues,
         mbufs: 2047,
         ..PortSpec::default()
     };
-    let mut port = Port::open(&dev(args)?, &spec).map_err(|e| e.to_string())?;
+    let mut port = Port::open(&a.dev.dev, &spec)?;
     let mut qs = (0..queues)
         .map(|q| port.take_queue(q))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let pool = MbufPool::new(4095).map_err(|e| e.to_string())?;
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool = MbufPool::new(4095)?;
     println!("ready");
     let _ = std::io::stdout().flush();
-    let mut life = Lifetime::new(args)?;
+    let mut life = Lifetime::new(a.seconds);
     let mut table: HashMap<Mac, usize> = HashMap::new();
     let mut rx: Vec<Mbuf> = Vec::new();
     let mut out: Vec<Vec<Mbuf>> = (0..queues).map(|_| Vec::new()).collect();

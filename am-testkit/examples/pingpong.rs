@@ -9,65 +9,143 @@
 
 use am_core::{Config, Endpoint, ErrorCode, Msg, Tag, Transport, Undeliverable};
 use am_rdma::{RdmaConfig, RdmaTransport};
-use am_testkit::cli::Args;
 use am_udp::{UdpConfig, UdpTransport};
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const HELP: &str = "\
-pingpong: Active Messages ping-pong over UDP or RDMA verbs
+/// pingpong: Active Messages ping-pong over UDP or RDMA verbs
+#[derive(Parser)]
+#[command(
+    name = "pingpong",
+    after_help = "Exit status: 0 when every exchange was verified, 1 on a mismatch or error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
 
-USAGE:
-  pingpong demo [--transport rdma]     start a server process (UDP: on loopback; RDMA: on
-                                       $AM_RDMA_ADDR, default 10.99.0.1), run the client
-                                       against it (every class, then 1000 round trips), stop
-  pingpong server [OPTIONS]
-  pingpong client --server ADDR [OPTIONS]
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a server process (UDP: on loopback; RDMA: on $AM_RDMA_ADDR, default
+    /// 10.99.0.1), run the client against it (every class, then 1000 round trips), stop
+    Demo {
+        /// UDP sockets or RDMA verbs
+        #[arg(long, value_enum, default_value_t = Kind::Udp)]
+        transport: Kind,
+    },
+    /// An AM endpoint: handler 1 echoes a request (args and payload) back; 2 takes a
+    /// one-way message; 3 answers a bulk request with the length and FNV-1a hash of the
+    /// bytes that landed
+    Server(ServerArgs),
+    /// Exchanges with a server: round trips with latency percentiles, or every class
+    /// verified
+    Client(ClientArgs),
+}
 
-COMMON OPTIONS:
-  --transport udp|rdma     UDP sockets (default) or RDMA verbs (reliable-connected queue
-                           pairs; bind to an address of the RDMA device's netdev, e.g. the
-                           SoftRoCE VM's 10.99.0.1; AM_RDMA_DEVICE picks the device)
+/// The transport of a command.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    /// UDP sockets
+    Udp,
+    /// RDMA verbs (reliable-connected queue pairs; bind to an address of the RDMA
+    /// device's netdev, e.g. the SoftRoCE VM's 10.99.0.1; AM_RDMA_DEVICE picks the device)
+    Rdma,
+}
 
-SERVER OPTIONS:
-  --bind ADDR              address to listen on (default 127.0.0.1:7700; port 0 picks one)
-  --tag N                  this endpoint's tag, the capability clients must present (default 7)
-  --vnet N                 virtual network (default 0)
-  --segment-mib N          bulk segment size in MiB (default 64)
-  --log-handled            print `handled SEQ` for each one-way message (handler 2)
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Udp => "udp",
+            Kind::Rdma => "rdma",
+        }
+    }
+}
 
-  Handlers: 1 echoes a request (args and payload) back; 2 takes a one-way message;
-  3 answers a bulk request with the length and FNV-1a hash of the bytes that landed.
+/// The options of `server` and `client`.
+#[derive(Args)]
+struct Common {
+    /// UDP sockets or RDMA verbs
+    #[arg(long, value_enum, default_value_t = Kind::Udp)]
+    transport: Kind,
+    /// Spin instead of sleeping while waiting
+    #[arg(long)]
+    busy_poll: bool,
+}
 
-CLIENT OPTIONS:
-  --server ADDR            the server's address (required)
-  --server-tag N           the server's tag (default 7)
-  --bind ADDR              local address (default: UDP any address of the server's family;
-                           RDMA the server's IP; any port)
-  --vnet N                 virtual network (default 0)
-  --mode ping|all          ping: round trips with latency percentiles (default);
-                           all: small, medium and bulk exchanges, each verified
-  --count N                round trips for ping (default 1000)
-  --size BYTES             medium payload for ping; 0 sends small messages (default 0)
-  --busy-poll              spin instead of sleeping while waiting
+#[derive(Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Address to listen on (port 0 picks one)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700")]
+    bind: SocketAddr,
+    /// This endpoint's tag, the capability clients must present
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    tag: u64,
+    /// Virtual network
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    vnet: u32,
+    /// Bulk segment size in MiB
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    segment_mib: usize,
+    /// The wire protocol version this endpoint speaks (the tests give another to see it
+    /// refused)
+    #[arg(long, value_name = "N", default_value_t = am_core::PROTOCOL_VERSION)]
+    protocol_version: u8,
+    /// Print `handled SEQ` for each one-way message (handler 2)
+    #[arg(long)]
+    log_handled: bool,
+}
 
-Exit status: 0 when every exchange was verified, 1 on a mismatch or error.
-";
+#[derive(Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The server's address
+    #[arg(long, value_name = "ADDR")]
+    server: SocketAddr,
+    /// The server's tag
+    #[arg(long, value_name = "N", default_value_t = 7)]
+    server_tag: u64,
+    /// Local address (default: UDP any address of the server's family; RDMA the server's
+    /// IP; any port)
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+    /// Virtual network
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    vnet: u32,
+    /// What to exchange
+    #[arg(long, value_enum, default_value_t = Mode::Ping)]
+    mode: Mode,
+    /// Round trips for ping
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    count: usize,
+    /// Medium payload for ping; 0 sends small messages
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    size: usize,
+}
+
+/// What the client exchanges.
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    /// Round trips with latency percentiles
+    Ping,
+    /// Small, medium and bulk exchanges, each verified
+    All,
+}
 
 fn main() {
-    let args = Args::from_env();
-    if args.flag("--help") || args.flag("-h") || args.0.is_empty() {
-        print!("{HELP}");
-        return;
-    }
-    let r = match args.0[0].as_str() {
-        "demo" => demo(&args),
-        "server" | "client" => run(&args),
-        other => Err(format!(
-            "unknown command {other:?}; use `server` or `client` (see --help)"
-        )),
+    let r = match Cli::parse().command {
+        None => {
+            // No command: the help, as before.
+            let _ = Cli::command().print_help();
+            return;
+        }
+        Some(cmd) => run(cmd),
     };
     if let Err(e) = r {
         eprintln!("pingpong: {e}");
@@ -75,23 +153,30 @@ fn main() {
     }
 }
 
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Demo { transport } => demo(transport),
+        Cmd::Server(a) => run_server(&a),
+        Cmd::Client(a) => run_client(&a),
+    }
+}
+
 /// Runs a server as a second process on loopback and the client against it.
-fn demo(args: &Args) -> Result<(), String> {
+fn demo(transport: Kind) -> Result<()> {
     use std::io::BufRead;
-    let transport = args.value("--transport").unwrap_or_else(|| "udp".into());
-    let bind = match transport.as_str() {
-        "rdma" => format!(
+    let bind = match transport {
+        Kind::Rdma => format!(
             "{}:0",
             std::env::var("AM_RDMA_ADDR").unwrap_or_else(|_| "10.99.0.1".into())
         ),
-        _ => "127.0.0.1:0".into(),
+        Kind::Udp => "127.0.0.1:0".into(),
     };
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(&exe)
-        .args(["server", "--transport", &transport, "--bind", &bind])
+        .args(["server", "--transport", transport.name(), "--bind", &bind])
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start the server process: {e}"))?;
+        .map_err(|e| anyhow!("cannot start the server process: {e}"))?;
     let first = child
         .stdout
         .take()
@@ -109,13 +194,18 @@ fn demo(args: &Args) -> Result<(), String> {
         let mut a = vec![
             "client".to_string(),
             "--transport".into(),
-            transport.clone(),
+            transport.name().into(),
             "--server".into(),
             addr.clone(),
         ];
         a.extend(extra.iter().map(|s| s.to_string()));
         println!("$ pingpong {}", a.join(" "));
-        result = run(&Args(a));
+        result = Cli::try_parse_from(std::iter::once("pingpong".to_string()).chain(a))
+            .map_err(anyhow::Error::from)
+            .and_then(|cli| match cli.command {
+                Some(cmd) => run(cmd),
+                None => Ok(()),
+            });
         if result.is_err() {
             break;
         }
@@ -125,83 +215,77 @@ fn demo(args: &Args) -> Result<(), String> {
     result
 }
 
-/// Opens the transport `--transport` names at `bind` and runs the command on it.
-fn run(args: &Args) -> Result<(), String> {
-    let is_server = args.0[0] == "server";
-    let rdma = match args.value("--transport").as_deref().unwrap_or("udp") {
-        "udp" => false,
-        "rdma" => true,
-        t => return Err(format!("--transport {t:?}: use udp or rdma")),
-    };
-    let busy_poll = args.flag("--busy-poll");
-    let bind: SocketAddr = if is_server {
-        args.parse("--bind", "127.0.0.1:7700".parse().unwrap())?
-    } else {
-        let server = server_addr(args)?;
-        let default = match (rdma, server.is_ipv4()) {
-            (true, _) => SocketAddr::new(server.ip(), 0),
-            (false, true) => "0.0.0.0:0".parse().unwrap(),
-            (false, false) => "[::]:0".parse().unwrap(),
-        };
-        args.parse("--bind", default)?
-    };
+/// Opens the transport `--transport` names at `--bind` and serves on it.
+fn run_server(a: &ServerArgs) -> Result<()> {
+    let busy_poll = a.common.busy_poll;
+    match a.common.transport {
+        Kind::Rdma => {
+            let cfg = RdmaConfig {
+                busy_poll,
+                ..RdmaConfig::default()
+            };
+            let t = RdmaTransport::bind(a.bind, cfg).map_err(|e| anyhow!("rdma transport: {e}"))?;
+            server(a, t)
+        }
+        Kind::Udp => {
+            let cfg = UdpConfig {
+                busy_poll,
+                ..UdpConfig::default()
+            };
+            server(a, UdpTransport::bind(a.bind, cfg)?)
+        }
+    }
+}
+
+/// Opens the transport `--transport` names at `--bind` (or the default for the server's
+/// address) and runs the client on it.
+fn run_client(a: &ClientArgs) -> Result<()> {
+    let busy_poll = a.common.busy_poll;
+    let rdma = a.common.transport == Kind::Rdma;
+    let bind = a.bind.unwrap_or_else(|| match (rdma, a.server) {
+        (true, s) => SocketAddr::new(s.ip(), 0),
+        (false, SocketAddr::V4(_)) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        (false, SocketAddr::V6(_)) => SocketAddr::from(([0u16; 8], 0)),
+    });
     if rdma {
         let cfg = RdmaConfig {
             busy_poll,
             ..RdmaConfig::default()
         };
-        let t = RdmaTransport::bind(bind, cfg).map_err(|e| format!("rdma transport: {e}"))?;
-        if is_server {
-            server(args, t)
-        } else {
-            client(args, t)
-        }
+        let t = RdmaTransport::bind(bind, cfg).map_err(|e| anyhow!("rdma transport: {e}"))?;
+        client(a, t)
     } else {
         let cfg = UdpConfig {
             busy_poll,
             ..UdpConfig::default()
         };
-        let t = UdpTransport::bind(bind, cfg).map_err(|e| e.to_string())?;
-        if is_server {
-            server(args, t)
-        } else {
-            client(args, t)
-        }
+        client(a, UdpTransport::bind(bind, cfg)?)
     }
 }
 
-fn server_addr(args: &Args) -> Result<SocketAddr, String> {
-    args.value("--server")
-        .ok_or("--server ADDR is required; see --help")?
-        .parse()
-        .map_err(|e| format!("--server: {e}"))
-}
-
-fn server<T: Transport>(args: &Args, t: T) -> Result<(), String> {
+fn server<T: Transport>(a: &ServerArgs, t: T) -> Result<()> {
     let cfg = Config {
-        tag: Tag(args.parse("--tag", 7u64)?),
-        vnet: args.parse("--vnet", 0u32)?,
-        segment_bytes: args.parse("--segment-mib", 64usize)? << 20,
-        protocol_version: args.parse("--protocol-version", am_core::PROTOCOL_VERSION)?,
+        tag: Tag(a.tag),
+        vnet: a.vnet,
+        segment_bytes: a.segment_mib << 20,
+        protocol_version: a.protocol_version,
         ..Config::default()
     };
-    let mut ep = Endpoint::try_new(t, cfg).map_err(|e| e.to_string())?;
-    am_testkit::peer::pingpong_handlers(&mut ep, args.flag("--log-handled"))
-        .map_err(|e| e.to_string())?;
+    let mut ep = Endpoint::try_new(t, cfg)?;
+    am_testkit::peer::pingpong_handlers(&mut ep, a.log_handled)?;
     println!("listening {} tag {}", ep.name().addr, ep.tag().0);
     let _ = std::io::stdout().flush();
     loop {
-        ep.poll(256).map_err(|e| e.to_string())?;
-        ep.wait(Some(Duration::from_secs(1)))
-            .map_err(|e| e.to_string())?;
+        ep.poll(256)?;
+        ep.wait(Some(Duration::from_secs(1)))?;
     }
 }
 
 type Shared<T> = Arc<Mutex<T>>;
 
-fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
-    let server = server_addr(args)?;
-    let vnet = args.parse("--vnet", 0u32)?;
+fn client<T: Transport>(a: &ClientArgs, t: T) -> Result<()> {
+    let server = a.server;
+    let vnet = a.vnet;
     let mut ep = Endpoint::try_new(
         t,
         Config {
@@ -210,14 +294,12 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
             segment_bytes: 4 << 20,
             ..Config::default()
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     ep.map(
         0,
         am_core::EndpointName { addr: server, vnet },
-        Tag(args.parse("--server-tag", 7u64)?),
-    )
-    .map_err(|e| e.to_string())?;
+        Tag(a.server_tag),
+    )?;
     let replies: Shared<Vec<(Vec<u64>, Vec<u8>)>> = Arc::default();
     for h in [1u16, 3] {
         let r = replies.clone();
@@ -225,37 +307,34 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
             r.lock()
                 .unwrap()
                 .push((m.args.to_vec(), m.payload.to_vec()));
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
     }
     let errors: Shared<Vec<Undeliverable>> = Arc::default();
     let e2 = errors.clone();
     ep.set_upcall(move |_, u| e2.lock().unwrap().push(u));
 
-    let round = |ep: &mut Endpoint<T>, msg: Msg<'_>| -> Result<(Vec<u64>, Vec<u8>), String> {
+    let round = |ep: &mut Endpoint<T>, msg: Msg<'_>| -> Result<(Vec<u64>, Vec<u8>)> {
         replies.lock().unwrap().clear();
-        ep.request(0, msg).map_err(|e| e.to_string())?;
+        ep.request(0, msg)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            ep.poll(64).map_err(|e| e.to_string())?;
+            ep.poll(64)?;
             if let Some(r) = replies.lock().unwrap().pop() {
                 return Ok(r);
             }
             if let Some(u) = errors.lock().unwrap().pop() {
-                return Err(format!("request failed: {} ({:?})", u.code, u.code));
+                bail!("request failed: {} ({:?})", u.code, u.code);
             }
             if Instant::now() > deadline {
-                return Err("no reply within 10 s".into());
+                bail!("no reply within 10 s");
             }
-            ep.wait(Some(Duration::from_millis(100)))
-                .map_err(|e| e.to_string())?;
+            ep.wait(Some(Duration::from_millis(100)))?;
         }
     };
 
-    match args.value("--mode").as_deref().unwrap_or("ping") {
-        "ping" => {
-            let count: usize = args.parse("--count", 1000)?;
-            let size: usize = args.parse("--size", 0)?;
+    match a.mode {
+        Mode::Ping => {
+            let (count, size) = (a.count, a.size);
             let body = vec![0xabu8; size];
             let slices = [&body[..]];
             let mut lat = Vec::with_capacity(count);
@@ -269,7 +348,7 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
                 };
                 let (a, p) = round(&mut ep, msg)?;
                 if a != vec![i] || p != body {
-                    return Err(format!("echo {i} came back wrong"));
+                    bail!("echo {i} came back wrong");
                 }
                 if i >= 10 {
                     lat.push(t0.elapsed().as_nanos() as u64);
@@ -285,7 +364,7 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
                 pct(0.999)
             );
         }
-        "all" => {
+        Mode::All => {
             let (a, _) = round(&mut ep, Msg::small(1, &[]))?;
             check(a.is_empty(), "small with 0 arguments")?;
             let eight: Vec<u64> = (1..=8).collect();
@@ -307,20 +386,19 @@ fn client<T: Transport>(args: &Args, t: T) -> Result<(), String> {
             check(a == vec![n as u64, want], "bulk hash")?;
             println!("bulk ok");
         }
-        m => return Err(format!("unknown mode {m:?}; use ping or all")),
     }
     if let Some(u) = errors.lock().unwrap().first() {
         if u.code != ErrorCode::Unreachable {
-            return Err(format!("error upcall: {}", u.code));
+            bail!("error upcall: {}", u.code);
         }
     }
     Ok(())
 }
 
-fn check(ok: bool, what: &str) -> Result<(), String> {
+fn check(ok: bool, what: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{what}: reply did not match"))
+        bail!("{what}: reply did not match")
     }
 }

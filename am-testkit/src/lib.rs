@@ -9,10 +9,10 @@
 //! * [`peer`]: the ping-pong server's handlers (`examples/pingpong.rs`, am-dpdk's
 //!   `dpdk_peer`), peer processes, the check of a stream cut by a kill;
 //! * [`shell`]: commands, required tools, `nft` drop rules;
-//! * [`cluster`]: running the `xfs-node` CLI, hosts as network namespaces on a bridge;
-//! * [`cli`]: the small flag parser of the benchmarks and examples.
+//! * [`cluster`]: running the `xfs-node` CLI, hosts as network namespaces on a bridge.
+//!
+//! The benchmarks and examples parse their flags with clap (derive).
 
-pub mod cli;
 pub mod cluster;
 pub mod conformance;
 pub mod dpdk;

@@ -1,19 +1,21 @@
 //! Shell helpers for tests that set up the host: commands, required tools, `nft` drop
 //! rules in network namespaces.
 
+use anyhow::{anyhow, bail};
+
 /// Runs `cmd` with `sh -c`: its stdout, or an error naming the command and what it said.
-pub fn sh(cmd: &str) -> Result<String, String> {
+pub fn sh(cmd: &str) -> anyhow::Result<String> {
     let o = std::process::Command::new("sh")
         .arg("-c")
         .arg(cmd)
         .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
+        .map_err(|e| anyhow!("{cmd}: {e}"))?;
     if !o.status.success() {
-        return Err(format!(
+        bail!(
             "`{cmd}` failed: {}{}",
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
-        ));
+        );
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }
@@ -28,7 +30,7 @@ pub fn need(tool: &str, package: &str) {
 
 /// In network namespace `ns`, an nft table `table` dropping `percent`% of UDP datagrams at
 /// each hook of `hooks` (`input`, `output`), counting what it drops.
-pub fn nft_drop_udp(ns: &str, table: &str, percent: u32, hooks: &[&str]) -> Result<(), String> {
+pub fn nft_drop_udp(ns: &str, table: &str, percent: u32, hooks: &[&str]) -> anyhow::Result<()> {
     sh(&format!("ip netns exec {ns} nft 'add table inet {table}'"))?;
     for hook in hooks {
         sh(&format!(

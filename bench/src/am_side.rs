@@ -2,6 +2,7 @@
 
 use crate::cases::{Case, Class, Wait};
 use am_core::{AmError, Config, Endpoint, Msg, Tag, Transport};
+use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,16 +62,11 @@ pub fn make_server<T: Transport>(ep: &mut Endpoint<T>) -> Result<(), AmError> {
 }
 
 /// Runs a server endpoint until `stop`.
-pub fn serve<T: Transport>(
-    ep: &mut Endpoint<T>,
-    wait: Wait,
-    stop: &AtomicBool,
-) -> Result<(), String> {
+pub fn serve<T: Transport>(ep: &mut Endpoint<T>, wait: Wait, stop: &AtomicBool) -> Result<()> {
     while !stop.load(Ordering::Relaxed) {
-        let n = ep.poll(256).map_err(|e| e.to_string())?;
+        let n = ep.poll(256)?;
         if n == 0 && wait == Wait::Block {
-            ep.wait(Some(Duration::from_millis(100)))
-                .map_err(|e| e.to_string())?;
+            ep.wait(Some(Duration::from_millis(100)))?;
         }
     }
     Ok(())
@@ -140,17 +136,17 @@ impl<T: Transport> AmClient<T> {
         })
     }
 
-    fn check_failed(&self) -> Result<(), String> {
+    fn check_failed(&self) -> Result<()> {
         if !self.state.any_failed.load(Ordering::Relaxed) {
             return Ok(());
         }
         match self.state.failed.lock().ok().and_then(|g| g.clone()) {
-            Some(e) => Err(format!("a message came back: {e}")),
+            Some(e) => Err(anyhow!("a message came back: {e}")),
             None => Ok(()),
         }
     }
 
-    fn pump_until(&mut self, mut done: impl FnMut(&State) -> bool) -> Result<(), String> {
+    fn pump_until(&mut self, mut done: impl FnMut(&State) -> bool) -> Result<()> {
         let start = Instant::now();
         let mut turn = 0u32;
         while !done(&self.state) {
@@ -160,9 +156,7 @@ impl<T: Transport> AmClient<T> {
             // The clock is looked at now and then: where it is slow to read (an emulated
             // HPET) it would otherwise dominate the loop.
             if turn.is_multiple_of(1024) && start.elapsed() > GIVE_UP {
-                return Err(format!(
-                    "no progress for {GIVE_UP:?}: is the server running?"
-                ));
+                bail!("no progress for {GIVE_UP:?}: is the server running?");
             }
         }
         Ok(())
@@ -192,19 +186,13 @@ impl<T: Transport> AmClient<T> {
     }
 
     /// Round trips of `case` (the server echoes the same class and size).
-    pub fn latency(
-        &mut self,
-        case: Case,
-        warmup: usize,
-        iters: usize,
-    ) -> Result<Histogram<u64>, String> {
+    pub fn latency(&mut self, case: Case, warmup: usize, iters: usize) -> Result<Histogram<u64>> {
         let body = vec![0x5au8; case.size.min(64 << 10)];
-        let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+        let mut h = Histogram::<u64>::new(3)?;
         for i in 0..warmup + iters {
             let before = self.state.replies.load(Ordering::Relaxed);
             let t0 = Instant::now();
-            self.send(case, ECHO, true, &body)
-                .map_err(|e| e.to_string())?;
+            self.send(case, ECHO, true, &body)?;
             self.pump_until(|s| s.replies.load(Ordering::Relaxed) > before)?;
             if i >= warmup {
                 let _ = h.record(t0.elapsed().as_nanos() as u64);
@@ -216,7 +204,7 @@ impl<T: Transport> AmClient<T> {
     /// Streams one-way `case` messages totalling at least `total` bytes (or 1000
     /// messages for small ones); returns (messages, bytes) the server counted and seconds
     /// until its report arrived.
-    pub fn bandwidth(&mut self, case: Case, total: usize) -> Result<(u64, u64, f64), String> {
+    pub fn bandwidth(&mut self, case: Case, total: usize) -> Result<(u64, u64, f64)> {
         let body = vec![0xa5u8; case.size.min(64 << 10)];
         let count = total.div_ceil(case.size.max(1)).max(8);
         let start = Instant::now();
@@ -228,10 +216,10 @@ impl<T: Transport> AmClient<T> {
                     (self.pump)(&mut self.ep, self.wait);
                     self.check_failed()?;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
             if start.elapsed() > GIVE_UP * 3 {
-                return Err("bandwidth run did not finish".into());
+                bail!("bandwidth run did not finish");
             }
         }
         if let Ok(mut g) = self.state.report.lock() {
@@ -243,7 +231,7 @@ impl<T: Transport> AmClient<T> {
                 Err(AmError::WouldBlock) => {
                     (self.pump)(&mut self.ep, self.wait);
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
         self.pump_until(|s| s.report.lock().map(|g| g.is_some()).unwrap_or(true))?;
@@ -254,12 +242,12 @@ impl<T: Transport> AmClient<T> {
             .lock()
             .ok()
             .and_then(|g| *g)
-            .ok_or("no report")?;
+            .context("no report")?;
         Ok((msgs, bytes, secs))
     }
 
     /// Small requests with `outstanding` in flight for `dur`: (replies, seconds).
-    pub fn rate(&mut self, outstanding: u64, dur: Duration) -> Result<(u64, f64), String> {
+    pub fn rate(&mut self, outstanding: u64, dur: Duration) -> Result<(u64, f64)> {
         let base = self.state.replies.load(Ordering::Relaxed);
         let start = Instant::now();
         let mut sent = 0u64;
@@ -269,7 +257,7 @@ impl<T: Transport> AmClient<T> {
                 match self.send(Case::SMALL0, ECHO, true, &[]) {
                     Ok(()) => sent += 1,
                     Err(AmError::WouldBlock) => break,
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             (self.pump)(&mut self.ep, self.wait);

@@ -4,29 +4,30 @@
 //! of one frame, or keeps a window of frames in flight for the packet rate.
 
 use am_dpdk::frame::{self, UdpAddrs};
+use am_dpdk::mac_for;
 use am_dpdk::sys::{Mbuf, Port, PortSpec, Queue};
-use am_dpdk::{mac_for, DpdkError};
+use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Opens `dev` with one queue and waits up to 15 s for its link (a memif peer).
-pub fn open(dev: &str) -> Result<(Port, Queue), String> {
-    let mut port = Port::open(dev, &PortSpec::default()).map_err(|e: DpdkError| e.to_string())?;
-    let q = port.take_queue(0).map_err(|e| e.to_string())?;
+pub fn open(dev: &str) -> Result<(Port, Queue)> {
+    let mut port = Port::open(dev, &PortSpec::default())?;
+    let q = port.take_queue(0)?;
     Ok((port, q))
 }
 
 /// Waits until the port's link is up.
-pub fn wait_link(port: &Port, limit: Duration) -> Result<(), String> {
+pub fn wait_link(port: &Port, limit: Duration) -> Result<()> {
     let start = Instant::now();
     while !port.link_up() {
         if start.elapsed() > limit {
-            return Err(format!(
+            bail!(
                 "the link of {} did not come up in {limit:?}: is the server running?",
                 port.info().name
-            ));
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -95,12 +96,12 @@ impl RawDpdkClient {
     }
 
     /// Builds one frame of `payload` bytes in a fresh mbuf (as the AM driver does).
-    fn frame(&mut self, payload: &[u8]) -> Result<Mbuf, String> {
-        let mut m = self.q.alloc().ok_or("mbuf pool empty")?;
+    fn frame(&mut self, payload: &[u8]) -> Result<Mbuf> {
+        let mut m = self.q.alloc().context("mbuf pool empty")?;
         let buf = m
             .append((frame::HEADERS + payload.len()).max(frame::MIN_FRAME))
-            .ok_or("frame too large")?;
-        frame::write_udp(buf, &self.addrs, 0, payload, true, true).ok_or("frame")?;
+            .context("frame too large")?;
+        frame::write_udp(buf, &self.addrs, 0, payload, true, true).context("frame")?;
         Ok(m)
     }
 
@@ -112,14 +113,9 @@ impl RawDpdkClient {
     }
 
     /// Round trips of one frame carrying `size` bytes: a histogram in nanoseconds.
-    pub fn latency(
-        &mut self,
-        size: usize,
-        warmup: usize,
-        iters: usize,
-    ) -> Result<Histogram<u64>, String> {
+    pub fn latency(&mut self, size: usize, warmup: usize, iters: usize) -> Result<Histogram<u64>> {
         let payload = vec![0x5au8; size];
-        let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+        let mut h = Histogram::<u64>::new(3)?;
         for i in 0..warmup + iters {
             let t0 = Instant::now();
             let m = self.frame(&payload)?;
@@ -132,7 +128,7 @@ impl RawDpdkClient {
                 }
                 spins += 1;
                 if spins.is_multiple_of(1 << 20) && t0.elapsed() > Duration::from_secs(5) {
-                    return Err("the raw DPDK server does not answer".into());
+                    bail!("the raw DPDK server does not answer");
                 }
             }
             self.rx.clear();
@@ -145,7 +141,7 @@ impl RawDpdkClient {
 
     /// Frames echoed per second with `window` frames in flight, for `dur`:
     /// (frames, seconds).
-    pub fn rate(&mut self, window: usize, dur: Duration) -> Result<(u64, f64), String> {
+    pub fn rate(&mut self, window: usize, dur: Duration) -> Result<(u64, f64)> {
         let payload = [0u8; 8];
         let mut in_flight = 0usize;
         let mut done = 0u64;
@@ -159,7 +155,7 @@ impl RawDpdkClient {
                     break;
                 }
                 if last.elapsed() > Duration::from_secs(5) {
-                    return Err("the raw DPDK server stopped answering".into());
+                    bail!("the raw DPDK server stopped answering");
                 }
             }
             while in_flight < window {

@@ -5,13 +5,14 @@ use am_core::sim::{Faults, SimNet};
 use am_core::{Endpoint, EndpointName, Tag};
 use am_dpdk::{DpdkConfig, DpdkTransport};
 use am_rdma::{RdmaConfig, RdmaTransport};
-use am_testkit::cli::{tool_main, Args};
 use am_udp::{UdpConfig, UdpTransport};
+use anyhow::{anyhow, bail, Context, Result};
 use bench::am_side::{self, AmClient};
 use bench::cases::{bandwidth_cases, latency_cases, Case, Wait};
 use bench::dpdk_raw;
 use bench::raw::{self, RawClient};
 use bench::report::{add_ratios, markdown, Row};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -19,55 +20,209 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-const HELP: &str = "\
-am-bench: Active Messages microbenchmarks against raw UDP in the same run
-
-USAGE:
-  am-bench [local] [OPTIONS]         start servers as child processes on loopback and
-                                     measure (the default)
-  am-bench server --system am|raw [--transport udp|rdma|dpdk] [--wait poll|block]
-                 [--bind ADDR] [--mtu N] [--dev SPEC]
-                                     serve one system; prints `listening ADDR` (dpdk: on
-                                     the DPDK device SPEC, e.g. net_memif0,role=server,
-                                     socket=PATH; --bind IP:PORT is its address)
-  am-bench client --system am|raw --server ADDR [OPTIONS]
-                                     measure a server started elsewhere
-
-OPTIONS:
-  --mode latency|bandwidth|rate|all  what to measure (default all; a comma list runs several)
-  --wait poll|block|both             busy-polling, sleeping in epoll, or both (default both)
-  --transport udp|sim|rdma|dpdk|all  udp: over am-udp; sim: the engine alone over the
-                                     in-process simulator (no syscalls); rdma: over
-                                     am-rdma on verbs, beside perftest's ib_send_lat on
-                                     the same device (needs a device whose netdev has
-                                     $AM_RDMA_ADDR, default 10.99.0.1: run it in the
-                                     SoftRoCE VM, bench/run-verbs.sh); dpdk: over
-                                     am-dpdk on net_memif between two processes, beside a
-                                     raw DPDK ping-pong (same bindings, no AM) over memif
-                                     in the same run (default all = udp,sim; a comma
-                                     list runs several, e.g. dpdk,udp)
-  --quick                            fewer sizes and samples: under a minute
-  --iters N                          latency samples per row (default 20000; quick 2000)
-  --warmup N                         round trips discarded first (default 2000; quick 200)
-  --outstanding N                    requests in flight in rate mode (default 32)
-  --mtu N                            path MTU for am-udp (default 1500)
-  --gro                              let am-udp take GRO-coalesced receives (UDP_GRO):
-                                     more throughput, slower small round trips
-  --bw-mib N                         MiB streamed per bandwidth row (default 256; quick 64)
-  --max-size N                       skip messages larger than N bytes
-  --out DIR                          results folder (default bench/results): am-bench.json,
-                                     am-bench.md and latency.png
-  --json FILE                        JSON rows (default DIR/am-bench.json)
-  --no-peers                         skip the external peers (sockperf, ucx_perftest,
-                                     fi_pingpong, qperf); without it a missing or failing
-                                     peer is an error (install: apt-get install -y
-                                     sockperf ucx-utils libfabric-bin qperf)
-
+const ROWS: &str = "\
 Rows: {system, transport, mode, wait, size_bytes, p50_us, p99_us, msgs_per_s, mb_per_s, ...}
 with system `am`, `raw-udp` or a peer's name, mode `latency`, `bandwidth` or `rate`, wait `poll` or
 `block`. `vs raw UDP` is ours over raw UDP in the same mode and wait: latency lower is
-better, bandwidth and rate higher is better.
-";
+better, bandwidth and rate higher is better.";
+
+/// am-bench: Active Messages microbenchmarks against raw UDP in the same run
+///
+/// Without a command (or with `local`), starts servers as child processes on loopback and
+/// measures; `server` and `client` run the two sides on different machines.
+#[derive(Parser)]
+#[command(
+    name = "am-bench",
+    args_conflicts_with_subcommands = true,
+    args_override_self = true,
+    after_help = ROWS
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    local: LocalArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start servers as child processes on loopback and measure (the default)
+    #[command(after_help = ROWS)]
+    Local(LocalArgs),
+    /// Serve one system; prints `listening ADDR` (dpdk: on the DPDK device SPEC, e.g.
+    /// net_memif0,role=server,socket=PATH; --bind IP:PORT is its address)
+    Server(ServerArgs),
+    /// Measure a server started elsewhere
+    #[command(after_help = ROWS)]
+    Client(ClientArgs),
+}
+
+/// What to measure.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    /// Round-trip latency
+    Latency,
+    /// Streaming bandwidth
+    Bandwidth,
+    /// Small-message rate
+    Rate,
+    /// latency, bandwidth and rate
+    All,
+}
+
+/// How the sides wait.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WaitArg {
+    /// Busy-polling
+    Poll,
+    /// Sleeping in epoll
+    Block,
+    /// poll, then block
+    Both,
+}
+
+/// Where `am` runs.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    /// Over am-udp
+    Udp,
+    /// The engine alone over the in-process simulator (no syscalls)
+    Sim,
+    /// Over am-rdma on verbs, beside perftest's ib_send_lat on the same device (needs a
+    /// device whose netdev has $AM_RDMA_ADDR, default 10.99.0.1: run it in the SoftRoCE
+    /// VM, bench/run-verbs.sh)
+    Rdma,
+    /// Over am-dpdk on net_memif between two processes, beside a raw DPDK ping-pong (same
+    /// bindings, no AM) over memif in the same run
+    Dpdk,
+    /// udp,sim
+    All,
+}
+
+/// The system a server serves or a client measures.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SystemArg {
+    /// Active Messages
+    Am,
+    /// Raw UDP sockets (dpdk: raw frames reflected)
+    Raw,
+}
+
+/// The transport of `am-bench server`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ServerTransport {
+    /// am-udp (raw: a UDP socket)
+    Udp,
+    /// am-rdma on verbs
+    Rdma,
+    /// am-dpdk on the device --dev
+    Dpdk,
+}
+
+/// The options of the measuring commands (`local` and `client`).
+#[derive(Args)]
+struct OptsArgs {
+    /// What to measure (a comma list runs several)
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        value_delimiter = ',',
+        default_value = "all"
+    )]
+    mode: Vec<ModeArg>,
+    /// Busy-polling, sleeping in epoll, or both
+    #[arg(long, value_enum, default_value_t = WaitArg::Both)]
+    wait: WaitArg,
+    /// Where to run AM (a comma list runs several, e.g. dpdk,udp)
+    #[arg(
+        long,
+        value_enum,
+        value_name = "TRANSPORT",
+        value_delimiter = ',',
+        default_value = "all"
+    )]
+    transport: Vec<TransportArg>,
+    /// Fewer sizes and samples: under a minute
+    #[arg(long)]
+    quick: bool,
+    /// Latency samples per row [default: 20000; --quick 2000]
+    #[arg(long, value_name = "N")]
+    iters: Option<usize>,
+    /// Round trips discarded first [default: 2000; --quick 200]
+    #[arg(long, value_name = "N")]
+    warmup: Option<usize>,
+    /// Requests in flight in rate mode
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    outstanding: u64,
+    /// Path MTU for am-udp
+    #[arg(long, value_name = "N", default_value_t = 1500)]
+    mtu: usize,
+    /// Let am-udp take GRO-coalesced receives (UDP_GRO): more throughput, slower small
+    /// round trips
+    #[arg(long)]
+    gro: bool,
+    /// MiB streamed per bandwidth row [default: 256; --quick 64]
+    #[arg(long, value_name = "N")]
+    bw_mib: Option<usize>,
+    /// Skip messages larger than N bytes
+    #[arg(long, value_name = "N")]
+    max_size: Option<usize>,
+    /// Results folder: am-bench.json, am-bench.md and latency.png
+    #[arg(long, value_name = "DIR", default_value = "bench/results")]
+    out: PathBuf,
+    /// JSON rows [default: DIR/am-bench.json]
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    #[command(flatten)]
+    opts: OptsArgs,
+    /// Skip the external peers (sockperf, ucx_perftest, fi_pingpong, qperf); without it a
+    /// missing or failing peer is an error (install: apt-get install -y sockperf ucx-utils
+    /// libfabric-bin qperf)
+    #[arg(long)]
+    no_peers: bool,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The system the server serves
+    #[arg(long, value_enum)]
+    system: SystemArg,
+    /// The server's address
+    #[arg(long, value_name = "ADDR")]
+    server: SocketAddr,
+    #[command(flatten)]
+    opts: OptsArgs,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// The system to serve
+    #[arg(long, value_enum)]
+    system: SystemArg,
+    /// The transport
+    #[arg(long, value_enum, default_value_t = ServerTransport::Udp)]
+    transport: ServerTransport,
+    /// Busy-polling or sleeping in epoll
+    #[arg(long, value_parser = ["poll", "block"], default_value = "block")]
+    wait: String,
+    /// Address to listen on [default: 127.0.0.1:0; dpdk: required, IP:PORT]
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+    /// Path MTU for am-udp
+    #[arg(long, value_name = "N", default_value_t = 1500)]
+    mtu: usize,
+    /// Let am-udp take GRO-coalesced receives (UDP_GRO)
+    #[arg(long)]
+    gro: bool,
+    /// dpdk: the DPDK device, e.g. net_memif0,role=server,socket=PATH
+    #[arg(long, value_name = "SPEC")]
+    dev: Option<String>,
+}
 
 struct Opts {
     modes: Vec<String>,
@@ -83,66 +238,59 @@ struct Opts {
     gro: bool,
 }
 
-fn opts(args: &Args) -> Result<Opts, String> {
-    let quick = args.flag("--quick");
+fn opts(args: &OptsArgs) -> Opts {
+    let quick = args.quick;
     let mut modes: Vec<String> = Vec::new();
-    for m in args.value("--mode").as_deref().unwrap_or("all").split(',') {
+    for m in &args.mode {
         match m {
-            "all" => modes.extend(["latency".into(), "bandwidth".into(), "rate".into()]),
-            "latency" | "bandwidth" | "rate" => modes.push(m.to_string()),
-            m => {
-                return Err(format!(
-                    "--mode {m}: use latency, bandwidth, rate or all (or a comma list)"
-                ))
-            }
+            ModeArg::All => modes.extend(["latency".into(), "bandwidth".into(), "rate".into()]),
+            ModeArg::Latency => modes.push("latency".into()),
+            ModeArg::Bandwidth => modes.push("bandwidth".into()),
+            ModeArg::Rate => modes.push("rate".into()),
         }
     }
-    let waits = match args.value("--wait").as_deref().unwrap_or("both") {
-        "both" => vec![Wait::Poll, Wait::Block],
-        w => vec![Wait::parse(w).ok_or(format!("--wait {w}: use poll, block or both"))?],
+    let waits = match args.wait {
+        WaitArg::Both => vec![Wait::Poll, Wait::Block],
+        WaitArg::Poll => vec![Wait::Poll],
+        WaitArg::Block => vec![Wait::Block],
     };
     let mut transports: Vec<String> = Vec::new();
-    for t in args
-        .value("--transport")
-        .as_deref()
-        .unwrap_or("all")
-        .split(',')
-    {
+    for t in &args.transport {
         match t {
-            "all" => transports.extend(["udp".into(), "sim".into()]),
-            "udp" | "sim" | "rdma" | "dpdk" => transports.push(t.to_string()),
-            t => {
-                return Err(format!(
-                    "--transport {t}: use udp, sim, rdma, dpdk or all (or a comma list)"
-                ))
-            }
+            TransportArg::All => transports.extend(["udp".into(), "sim".into()]),
+            TransportArg::Udp => transports.push("udp".into()),
+            TransportArg::Sim => transports.push("sim".into()),
+            TransportArg::Rdma => transports.push("rdma".into()),
+            TransportArg::Dpdk => transports.push("dpdk".into()),
         }
     }
-    Ok(Opts {
+    Opts {
         modes,
         waits,
         transports,
         quick,
-        iters: args.parse("--iters", if quick { 2000 } else { 20000 })?,
-        warmup: args.parse("--warmup", if quick { 200 } else { 2000 })?,
-        outstanding: args.parse("--outstanding", 32)?,
-        mtu: args.parse("--mtu", 1500)?,
-        bw_mib: args.parse("--bw-mib", if quick { 64 } else { 256 })?,
-        max_size: args.parse("--max-size", usize::MAX)?,
-        gro: args.flag("--gro"),
-    })
+        iters: args.iters.unwrap_or(if quick { 2000 } else { 20000 }),
+        warmup: args.warmup.unwrap_or(if quick { 200 } else { 2000 }),
+        outstanding: args.outstanding,
+        mtu: args.mtu,
+        bw_mib: args.bw_mib.unwrap_or(if quick { 64 } else { 256 }),
+        max_size: args.max_size.unwrap_or(usize::MAX),
+        gro: args.gro,
+    }
 }
 
 fn main() {
-    tool_main("am-bench", HELP, |args| {
-        match args.0.first().map(String::as_str) {
-            Some("server") => server(args),
-            Some("client") => client(args),
-            Some("local") | None => local(args),
-            Some(s) if s.starts_with("--") => local(args),
-            Some(other) => Err(format!("unknown command {other:?}; see --help")),
-        }
-    });
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Some(Cmd::Server(a)) => server(&a),
+        Some(Cmd::Client(a)) => client(&a),
+        Some(Cmd::Local(a)) => local(&a),
+        None => local(&cli.local),
+    };
+    if let Err(e) = r {
+        eprintln!("am-bench: {e}");
+        std::process::exit(2);
+    }
 }
 
 fn udp_config(mtu: usize, gro: bool) -> UdpConfig {
@@ -153,85 +301,71 @@ fn udp_config(mtu: usize, gro: bool) -> UdpConfig {
     }
 }
 
-fn server(args: &Args) -> Result<(), String> {
-    let wait = Wait::parse(&args.value("--wait").unwrap_or("block".into()))
-        .ok_or("--wait: poll or block")?;
-    let bind: SocketAddr = args.parse("--bind", "127.0.0.1:0".parse().map_err(|_| "addr")?)?;
+fn server(args: &ServerArgs) -> Result<()> {
+    let wait = Wait::parse(&args.wait).context("--wait: poll or block")?;
     let stop = AtomicBool::new(false);
-    let rdma = args.value("--transport").as_deref() == Some("rdma");
-    if args.value("--transport").as_deref() == Some("dpdk") {
-        return dpdk_server(args, wait, &stop);
-    }
-    match args.value("--system").as_deref() {
-        Some("am") if rdma => {
+    let bind = args.bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+    match (args.transport, args.system) {
+        (ServerTransport::Dpdk, _) => dpdk_server(args, wait, &stop),
+        (ServerTransport::Rdma, SystemArg::Am) => {
             let cfg = RdmaConfig {
                 busy_poll: wait == Wait::Poll,
                 ..RdmaConfig::default()
             };
-            let t = RdmaTransport::bind(bind, cfg).map_err(|e| format!("rdma transport: {e}"))?;
-            let mut ep = Endpoint::try_new(t, am_side::config(am_side::SERVER_TAG))
-                .map_err(|e| e.to_string())?;
-            am_side::make_server(&mut ep).map_err(|e| e.to_string())?;
+            let t = RdmaTransport::bind(bind, cfg).map_err(|e| anyhow!("rdma transport: {e}"))?;
+            let mut ep = Endpoint::try_new(t, am_side::config(am_side::SERVER_TAG))?;
+            am_side::make_server(&mut ep)?;
             println!("listening {}", ep.name().addr);
             let _ = std::io::stdout().flush();
             am_side::serve(&mut ep, wait, &stop)
         }
-        Some("am") => {
-            let t = UdpTransport::bind(
-                bind,
-                udp_config(args.parse("--mtu", 1500)?, args.flag("--gro")),
-            )
-            .map_err(|e| e.to_string())?;
+        (ServerTransport::Udp, SystemArg::Am) => {
+            let t = UdpTransport::bind(bind, udp_config(args.mtu, args.gro))?;
             let mut ep = Endpoint::new(t, am_side::config(am_side::SERVER_TAG));
-            am_side::make_server(&mut ep).map_err(|e| e.to_string())?;
+            am_side::make_server(&mut ep)?;
             println!("listening {}", ep.name().addr);
             let _ = std::io::stdout().flush();
             am_side::serve(&mut ep, wait, &stop)
         }
-        Some("raw") => {
-            let sock = UdpSocket::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-            println!(
-                "listening {}",
-                sock.local_addr().map_err(|e| e.to_string())?
-            );
+        // The raw UDP server serves over the kernel whatever --transport says (udp or rdma).
+        (_, SystemArg::Raw) => {
+            let sock = UdpSocket::bind(bind).map_err(|e| anyhow!("bind {bind}: {e}"))?;
+            println!("listening {}", sock.local_addr()?);
             let _ = std::io::stdout().flush();
-            raw::serve(sock, wait, &stop).map_err(|e| e.to_string())
+            Ok(raw::serve(sock, wait, &stop)?)
         }
-        _ => Err("--system am|raw is required; see --help".into()),
     }
 }
 
 /// `am-bench server --transport dpdk`: the AM server or the raw reflector on `--dev`.
-fn dpdk_server(args: &Args, wait: Wait, stop: &AtomicBool) -> Result<(), String> {
+fn dpdk_server(args: &ServerArgs, wait: Wait, stop: &AtomicBool) -> Result<()> {
     let dev = args
-        .value("--dev")
-        .ok_or("--transport dpdk needs --dev SPEC")?;
-    let bind: std::net::SocketAddrV4 = args
-        .value("--bind")
-        .ok_or("--transport dpdk needs --bind IP:PORT")?
-        .parse()
-        .map_err(|e| format!("--bind: {e}"))?;
-    match args.value("--system").as_deref() {
-        Some("am") => {
+        .dev
+        .as_deref()
+        .context("--transport dpdk needs --dev SPEC")?;
+    let bind = match args.bind.context("--transport dpdk needs --bind IP:PORT")? {
+        SocketAddr::V4(a) => a,
+        other => bail!("--bind {other}: --transport dpdk needs an IPv4 address"),
+    };
+    match args.system {
+        SystemArg::Am => {
             let mut cfg = DpdkConfig::new(bind);
             cfg.busy_poll = wait == Wait::Poll;
             cfg.mac = Some(am_dpdk::mac_for(*bind.ip()));
-            let t = DpdkTransport::open(&dev, cfg).map_err(|e| format!("dpdk transport: {e}"))?;
-            let mut ep = Endpoint::try_new(t, am_side::config(am_side::SERVER_TAG))
-                .map_err(|e| e.to_string())?;
-            am_side::make_server(&mut ep).map_err(|e| e.to_string())?;
+            let t = DpdkTransport::open(dev, cfg).map_err(|e| anyhow!("dpdk transport: {e}"))?;
+            let mut ep = Endpoint::try_new(t, am_side::config(am_side::SERVER_TAG))?;
+            am_side::make_server(&mut ep)?;
             println!("listening {}", ep.name().addr);
             let _ = std::io::stdout().flush();
             am_side::serve(&mut ep, wait, stop)
         }
-        Some("raw") => {
-            let (_port, mut q) = dpdk_raw::open(&dev)?;
+        SystemArg::Raw => {
+            let (_port, mut q) = dpdk_raw::open(dev)?;
             println!("listening {bind}");
             let _ = std::io::stdout().flush();
             dpdk_raw::serve(&mut q, stop);
             Ok(())
         }
-        _ => Err("--system am|raw is required; see --help".into()),
     }
 }
 
@@ -254,7 +388,7 @@ fn measure_am<T: am_core::Transport + 'static>(
     transport: &str,
     wait: Wait,
     o: &Opts,
-) -> Result<Vec<Row>, String> {
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     if o.modes.iter().any(|m| m == "latency") {
         for case in latency_cases(o.quick)
@@ -312,8 +446,8 @@ fn raw_latency_rows(
     (system, transport, wait): (&str, &str, Wait),
     max_one: usize,
     note: &str,
-    mut measure: impl FnMut(usize, usize, usize) -> Result<hdrhistogram::Histogram<u64>, String>,
-) -> Result<Vec<Row>, String> {
+    mut measure: impl FnMut(usize, usize, usize) -> Result<hdrhistogram::Histogram<u64>>,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let mut done = Vec::new();
     for case in latency_cases(o.quick)
@@ -341,17 +475,16 @@ fn raw_latency_rows(
     Ok(rows)
 }
 
-fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, String> {
-    let mut c = RawClient::new(server, wait).map_err(|e| e.to_string())?;
+fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>> {
+    let mut c = RawClient::new(server, wait)?;
     let mut rows = Vec::new();
-    let e = |e: std::io::Error| e.to_string();
     if o.modes.iter().any(|m| m == "latency") {
         rows.extend(raw_latency_rows(
             o,
             ("raw-udp", "udp", wait),
             raw::MAX_DATAGRAM,
             "",
-            |size, w, n| c.latency(size, w, n).map_err(e),
+            |size, w, n| Ok(c.latency(size, w, n)?),
         )?);
     }
     if o.modes.iter().any(|m| m == "bandwidth") {
@@ -361,7 +494,7 @@ fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, Str
             .filter(|c| c.size <= o.max_size)
         {
             let chunk = case.size.min(chunk_max);
-            let (msgs, bytes, secs) = c.stream(chunk, bw_total(o)).map_err(e)?;
+            let (msgs, bytes, secs) = c.stream(chunk, bw_total(o))?;
             let mut row =
                 Row::throughput("raw-udp", "udp", "bandwidth", wait, case, msgs, bytes, secs);
             row.note = format!("{chunk}-byte datagrams, no flow control");
@@ -375,7 +508,7 @@ fn measure_raw(server: SocketAddr, wait: Wait, o: &Opts) -> Result<Vec<Row>, Str
     }
     if o.modes.iter().any(|m| m == "rate") {
         let dur = Duration::from_millis(if o.quick { 500 } else { 2000 });
-        let (n, secs) = c.rate(dur).map_err(e)?;
+        let (n, secs) = c.rate(dur)?;
         let mut row = Row::throughput("raw-udp", "udp", "rate", wait, Case::SMALL0, n, 0, secs);
         row.note = "one at a time".into();
         rows.push(row);
@@ -388,20 +521,19 @@ fn am_udp_client(
     wait: Wait,
     mtu: usize,
     gro: bool,
-) -> Result<AmClient<UdpTransport>, String> {
+) -> Result<AmClient<UdpTransport>> {
     let bind = if server.is_ipv4() {
-        "0.0.0.0:0"
+        SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
-        "[::]:0"
+        SocketAddr::from(([0u16; 8], 0))
     };
-    let t = UdpTransport::bind(bind.parse().map_err(|_| "addr")?, udp_config(mtu, gro))
-        .map_err(|e| e.to_string())?;
+    let t = UdpTransport::bind(bind, udp_config(mtu, gro))?;
     am_client_on(t, server, wait)
 }
 
-fn am_rdma_client(server: SocketAddr, wait: Wait) -> Result<AmClient<RdmaTransport>, String> {
+fn am_rdma_client(server: SocketAddr, wait: Wait) -> Result<AmClient<RdmaTransport>> {
     let t = RdmaTransport::bind(SocketAddr::new(server.ip(), 0), RdmaConfig::default())
-        .map_err(|e| format!("rdma transport: {e}"))?;
+        .map_err(|e| anyhow!("rdma transport: {e}"))?;
     am_client_on(t, server, wait)
 }
 
@@ -410,8 +542,8 @@ fn am_client_on<T: am_core::Transport + 'static>(
     t: T,
     server: SocketAddr,
     wait: Wait,
-) -> Result<AmClient<T>, String> {
-    let mut ep = Endpoint::try_new(t, am_side::config(Tag(1))).map_err(|e| e.to_string())?;
+) -> Result<AmClient<T>> {
+    let mut ep = Endpoint::try_new(t, am_side::config(Tag(1)))?;
     ep.map(
         0,
         EndpointName {
@@ -419,38 +551,32 @@ fn am_client_on<T: am_core::Transport + 'static>(
             vnet: 0,
         },
         am_side::SERVER_TAG,
-    )
-    .map_err(|e| e.to_string())?;
-    AmClient::new(ep, wait, am_side::real_pump()).map_err(|e| e.to_string())
+    )?;
+    AmClient::new(ep, wait, am_side::real_pump()).map_err(anyhow::Error::msg)
 }
 
-fn client(args: &Args) -> Result<(), String> {
-    let o = opts(args)?;
-    let server: SocketAddr = args
-        .value("--server")
-        .ok_or("--server ADDR is required")?
-        .parse()
-        .map_err(|e| format!("--server: {e}"))?;
+fn client(args: &ClientArgs) -> Result<()> {
+    let o = opts(&args.opts);
+    let server = args.server;
     let mut rows = Vec::new();
     for &wait in &o.waits {
-        match args.value("--system").as_deref() {
-            Some("am") => rows.extend(measure_am(
+        match args.system {
+            SystemArg::Am => rows.extend(measure_am(
                 &mut am_udp_client(server, wait, o.mtu, o.gro)?,
                 "udp",
                 wait,
                 &o,
             )?),
-            Some("raw") => rows.extend(measure_raw(server, wait, &o)?),
-            _ => return Err("--system am|raw is required".into()),
+            SystemArg::Raw => rows.extend(measure_raw(server, wait, &o)?),
         }
     }
-    finish(args, rows)
+    finish(&args.opts, rows)
 }
 
 struct ServerProcess(Child, SocketAddr);
 
 impl ServerProcess {
-    fn start(system: &str, wait: Wait, mtu: usize, gro: bool) -> Result<ServerProcess, String> {
+    fn start(system: &str, wait: Wait, mtu: usize, gro: bool) -> Result<ServerProcess> {
         ServerProcess::start_on(system, "udp", "127.0.0.1:0", wait, mtu, gro, &[])
     }
 
@@ -462,8 +588,8 @@ impl ServerProcess {
         mtu: usize,
         gro: bool,
         extra: &[&str],
-    ) -> Result<ServerProcess, String> {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    ) -> Result<ServerProcess> {
+        let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .args([
                 "server",
@@ -482,7 +608,7 @@ impl ServerProcess {
             .args(extra)
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start the server process: {e}"))?;
+            .map_err(|e| anyhow!("cannot start the server process: {e}"))?;
         let line = child
             .stdout
             .take()
@@ -492,7 +618,7 @@ impl ServerProcess {
         let addr = line
             .strip_prefix("listening ")
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| format!("server said {line:?}"))?;
+            .with_context(|| format!("server said {line:?}"))?;
         Ok(ServerProcess(child, addr))
     }
 }
@@ -504,7 +630,7 @@ impl Drop for ServerProcess {
     }
 }
 
-fn sim_client() -> Result<AmClient<am_core::sim::SimTransport>, String> {
+fn sim_client() -> Result<AmClient<am_core::sim::SimTransport>> {
     let net = SimNet::new(
         1,
         Faults {
@@ -513,10 +639,9 @@ fn sim_client() -> Result<AmClient<am_core::sim::SimTransport>, String> {
         },
     );
     let mut server = Endpoint::new(net.transport(), am_side::config(am_side::SERVER_TAG));
-    am_side::make_server(&mut server).map_err(|e| e.to_string())?;
+    am_side::make_server(&mut server)?;
     let mut ep = Endpoint::new(net.transport(), am_side::config(Tag(1)));
-    ep.map(0, server.name(), am_side::SERVER_TAG)
-        .map_err(|e| e.to_string())?;
+    ep.map(0, server.name(), am_side::SERVER_TAG)?;
     let pump: am_side::Pump<am_core::sim::SimTransport> = Box::new(move |ep, _| {
         let mut n = ep.poll(256).unwrap_or(0);
         n += server.poll(256).unwrap_or(0);
@@ -527,12 +652,12 @@ fn sim_client() -> Result<AmClient<am_core::sim::SimTransport>, String> {
         }
         n
     });
-    AmClient::new(ep, Wait::Poll, pump).map_err(|e| e.to_string())
+    AmClient::new(ep, Wait::Poll, pump).map_err(anyhow::Error::msg)
 }
 
-fn local(args: &Args) -> Result<(), String> {
-    let o = opts(args)?;
-    let peers = !args.flag("--no-peers");
+fn local(args: &LocalArgs) -> Result<()> {
+    let o = opts(&args.opts);
+    let peers = !args.no_peers;
     if peers {
         bench::peers::check_installed()?;
     }
@@ -577,28 +702,28 @@ fn local(args: &Args) -> Result<(), String> {
         rows.extend(bench::peers::run_all(sizes, &o.waits, o.quick, &progress)?);
     }
     progress(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
-    finish(args, rows)
+    finish(&args.opts, rows)
 }
 
 /// Raw DPDK ping-pong and rate over net_memif between two processes, then AM over
 /// am-dpdk on net_memif for each wait mode, in this one run.
-fn measure_dpdk(o: &Opts) -> Result<Vec<Row>, String> {
+fn measure_dpdk(o: &Opts) -> Result<Vec<Row>> {
     if !am_dpdk::AVAILABLE {
-        return Err(format!(
+        bail!(
             "--transport dpdk: this build has no DPDK: {}",
             am_dpdk::INSTALL_HINT
-        ));
+        );
     }
     let dir = std::env::temp_dir().join(format!("am-bench-dpdk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| anyhow!("create {}: {e}", dir.display()))?;
     let r = measure_dpdk_in(o, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     r
 }
 
-fn measure_dpdk_in(o: &Opts, dir: &std::path::Path) -> Result<Vec<Row>, String> {
-    let server: std::net::SocketAddrV4 = "10.3.0.1:9000".parse().map_err(|_| "addr")?;
-    let me: std::net::SocketAddrV4 = "10.3.0.2:9000".parse().map_err(|_| "addr")?;
+fn measure_dpdk_in(o: &Opts, dir: &std::path::Path) -> Result<Vec<Row>> {
+    let server = std::net::SocketAddrV4::new([10, 3, 0, 1].into(), 9000);
+    let me = std::net::SocketAddrV4::new([10, 3, 0, 2].into(), 9000);
     let mut rows = Vec::new();
     let devs = |k: usize| {
         let sock = dir.join(format!("memif{k}.sock"));
@@ -662,11 +787,11 @@ fn measure_dpdk_in(o: &Opts, dir: &std::path::Path) -> Result<Vec<Row>, String> 
         let mut cfg = DpdkConfig::new(me);
         cfg.busy_poll = wait == Wait::Poll;
         cfg.mac = Some(am_dpdk::mac_for(*me.ip()));
-        let t = DpdkTransport::open(&cdev, cfg).map_err(|e| format!("dpdk transport: {e}"))?;
+        let t = DpdkTransport::open(&cdev, cfg).map_err(|e| anyhow!("dpdk transport: {e}"))?;
         let start = Instant::now();
         while !t.link_up() {
             if start.elapsed() > Duration::from_secs(15) {
-                return Err("the memif link to the AM server did not come up in 15 s".into());
+                bail!("the memif link to the AM server did not come up in 15 s");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -682,12 +807,12 @@ fn measure_dpdk_in(o: &Opts, dir: &std::path::Path) -> Result<Vec<Row>, String> 
 }
 
 /// AM over verbs, then `ib_send_lat` on the same device, for each wait mode.
-fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
+fn measure_rdma(o: &Opts) -> Result<Vec<Row>> {
     if let Some(why) = am_testkit::rdma::unavailable() {
-        return Err(format!(
+        bail!(
             "--transport rdma: {why}; without RDMA hardware, benchmark in the SoftRoCE VM: \
              `bash bench/run-verbs.sh`"
-        ));
+        );
     }
     let ip = am_testkit::rdma::test_ip();
     let bind = format!("{ip}:0");
@@ -732,21 +857,18 @@ fn measure_rdma(o: &Opts) -> Result<Vec<Row>, String> {
     Ok(rows)
 }
 
-fn finish(args: &Args, mut rows: Vec<Row>) -> Result<(), String> {
+fn finish(args: &OptsArgs, mut rows: Vec<Row>) -> Result<()> {
     add_ratios(&mut rows);
-    let out: PathBuf = args.value("--out").unwrap_or("bench/results".into()).into();
-    std::fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
-    let json = args
-        .value("--json")
-        .map(PathBuf::from)
-        .unwrap_or(out.join("am-bench.json"));
-    let text = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
-    std::fs::write(&json, text).map_err(|e| format!("write {}: {e}", json.display()))?;
+    let out = &args.out;
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("create {}: {e}", out.display()))?;
+    let json = args.json.clone().unwrap_or(out.join("am-bench.json"));
+    let text = serde_json::to_string_pretty(&rows)?;
+    std::fs::write(&json, text).map_err(|e| anyhow!("write {}: {e}", json.display()))?;
     let md = markdown(&rows);
     let png = out.join("latency.png");
     bench::plot::latency_png(&rows, &png)?;
     let md_path = out.join("am-bench.md");
-    std::fs::write(&md_path, &md).map_err(|e| format!("write {}: {e}", md_path.display()))?;
+    std::fs::write(&md_path, &md).map_err(|e| anyhow!("write {}: {e}", md_path.display()))?;
     print!("{md}");
     progress(&format!(
         "wrote {}, {} and {}",

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use am_testkit::cli::Args;
 use am_testkit::shell::sh;
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::report::median;
 
@@ -36,7 +36,7 @@ fn drop_caches() {
 }
 
 /// One `fio` job on `dir`: bandwidth in MiB/s or IOPS.
-fn fio(dir: &Path, rw: &str, bs: &str, size_mb: usize, secs: Option<u64>) -> Result<f64, String> {
+fn fio(dir: &Path, rw: &str, bs: &str, size_mb: usize, secs: Option<u64>) -> Result<f64> {
     let mut cmd = format!(
         "fio --name=j --directory={} --filename=fio.dat --rw={rw} --bs={bs} --size={size_mb}M \
          --ioengine=psync --output-format=json",
@@ -49,9 +49,9 @@ fn fio(dir: &Path, rw: &str, bs: &str, size_mb: usize, secs: Option<u64>) -> Res
         cmd.push_str(&format!(" --time_based --runtime={s}"));
     }
     let out = sh(&cmd)?;
-    let start = out.find('{').ok_or("fio printed no JSON")?;
+    let start = out.find('{').context("fio printed no JSON")?;
     let v: serde_json::Value =
-        serde_json::from_str(&out[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+        serde_json::from_str(&out[start..]).map_err(|e| anyhow!("fio JSON: {e}"))?;
     let job = &v["jobs"][0];
     let side = if rw.contains("write") {
         "write"
@@ -59,22 +59,21 @@ fn fio(dir: &Path, rw: &str, bs: &str, size_mb: usize, secs: Option<u64>) -> Res
         "read"
     };
     if bs == "4k" {
-        job[side]["iops"].as_f64().ok_or("no iops".into())
+        job[side]["iops"].as_f64().context("no iops")
     } else {
         job[side]["bw"]
             .as_f64()
             .map(|kib| kib / 1024.0)
-            .ok_or("no bw".into())
+            .context("no bw")
     }
 }
 
 /// Small files: create (write 1 KiB, close) then syncfs; stat each (warm); unlink each
 /// then syncfs. Files per second each.
-fn small_files(dir: &Path, n: usize) -> Result<[f64; 3], String> {
-    let io = |e: std::io::Error| e.to_string();
+fn small_files(dir: &Path, n: usize) -> Result<[f64; 3]> {
     let d = dir.join("small");
     let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).map_err(io)?;
+    std::fs::create_dir_all(&d)?;
     let body = vec![7u8; 1024];
     let syncfs = || {
         if let Ok(f) = std::fs::File::open(&d) {
@@ -85,18 +84,18 @@ fn small_files(dir: &Path, n: usize) -> Result<[f64; 3], String> {
     };
     let t = Instant::now();
     for i in 0..n {
-        std::fs::write(d.join(format!("f{i}")), &body).map_err(io)?;
+        std::fs::write(d.join(format!("f{i}")), &body)?;
     }
     syncfs();
     let create = n as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     for i in 0..n {
-        std::fs::metadata(d.join(format!("f{i}"))).map_err(io)?;
+        std::fs::metadata(d.join(format!("f{i}")))?;
     }
     let stat = n as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     for i in 0..n {
-        std::fs::remove_file(d.join(format!("f{i}"))).map_err(io)?;
+        std::fs::remove_file(d.join(format!("f{i}")))?;
     }
     syncfs();
     let unlink = n as f64 / t.elapsed().as_secs_f64();
@@ -147,9 +146,9 @@ impl Setup {
     }
 }
 
-fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, String> {
+fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>> {
     let base = s.base.clone();
-    std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&base)?;
     let img = base.join("disk.img");
     sh(&format!("truncate -s {disk_gb}G {}", img.display()))?;
     let l = sh(&format!("losetup -f --show {}", img.display()))?
@@ -157,7 +156,7 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
         .to_string();
     s.loopdev = Some(l.clone());
     let root = base.join("disk");
-    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&root)?;
     sh(&format!(
         "mkfs.ext4 -q -F {l} && mount {l} {}",
         root.display()
@@ -166,7 +165,7 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
     let mut out = Vec::new();
     for w in wanted {
         let dir = base.join(format!("m-{w}"));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&dir)?;
         match w.as_str() {
             "xfsam" => {
                 let c = root.join("cluster");
@@ -178,10 +177,9 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
                     .arg("--mount")
                     .arg(&dir)
                     .stdout(Stdio::null())
-                    .status()
-                    .map_err(|e| e.to_string())?;
+                    .status()?;
                 if !st.success() {
-                    return Err("xfs-node up --mount failed".into());
+                    bail!("xfs-node up --mount failed");
                 }
                 s.cluster = Some(c);
                 out.push(System {
@@ -191,7 +189,7 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
             }
             "ext4" => {
                 let d = root.join("ext4");
-                std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(&d)?;
                 out.push(System {
                     name: "ext4".into(),
                     dir: d,
@@ -199,10 +197,10 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
             }
             "bindfs" => {
                 if !have("bindfs") {
-                    return Err("bindfs is missing: apt-get install -y bindfs".into());
+                    bail!("bindfs is missing: apt-get install -y bindfs");
                 }
                 let src = root.join("bind-src");
-                std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(&src)?;
                 sh(&format!("bindfs {} {}", src.display(), dir.display()))?;
                 s.mounts.push(dir.clone());
                 out.push(System {
@@ -212,7 +210,7 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
             }
             "gluster" | "gluster-disperse" => {
                 if !have("gluster") {
-                    return Err("glusterfs is missing: apt-get install -y glusterfs-server".into());
+                    bail!("glusterfs is missing: apt-get install -y glusterfs-server");
                 }
                 if sh("gluster --mode=script volume list").is_err() {
                     // No systemd here: start the daemon by hand.
@@ -250,37 +248,47 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>, 
                 });
             }
             other => {
-                return Err(format!(
-                    "unknown system {other} (xfsam, ext4, bindfs, gluster, gluster-disperse)"
-                ))
+                bail!("unknown system {other} (xfsam, ext4, bindfs, gluster, gluster-disperse)")
             }
         }
     }
     Ok(out)
 }
 
+/// What `fs-bench --mounts` measures, and where (its flags).
+pub struct Options {
+    /// The systems, comma-separated (`--systems`): xfsam, ext4, bindfs, gluster,
+    /// gluster-disperse.
+    pub systems: String,
+    /// fio file size, MiB (`--mb`).
+    pub mb: usize,
+    /// Small files (`--files`).
+    pub files: usize,
+    /// Runs on each system (`--runs`).
+    pub runs: usize,
+    /// Random-read seconds (`--secs`).
+    pub secs: u64,
+    /// Where the reports go (`--out`).
+    pub out: PathBuf,
+    /// Loop device image and mount points (`--work`).
+    pub work: PathBuf,
+}
+
 /// `fs-bench --mounts`.
-pub fn run(args: &Args, xfs: PathBuf) -> Result<(), String> {
+pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
     if !have("fio") {
-        return Err("fio is missing: apt-get install -y fio".into());
+        bail!("fio is missing: apt-get install -y fio");
     }
-    let wanted: Vec<String> = args
-        .value("--systems")
-        .unwrap_or("xfsam,ext4,bindfs,gluster,gluster-disperse".into())
+    let wanted: Vec<String> = o
+        .systems
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    let mb: usize = args.parse("--mb", 1024)?;
-    let files: usize = args.parse("--files", 2000)?;
-    let runs: usize = args.parse("--runs", 3)?;
-    let secs: u64 = args.parse("--secs", 20)?;
-    let out = PathBuf::from(args.value("--out").unwrap_or("fs-mounts".into()));
+    let (mb, files, runs, secs) = (o.mb, o.files, o.runs, o.secs);
+    let out = o.out.clone();
     let mut s = Setup {
-        base: PathBuf::from(
-            args.value("--work")
-                .unwrap_or("/var/tmp/fs-bench-mounts".into()),
-        ),
+        base: o.work.clone(),
         loopdev: None,
         xfs,
         cluster: None,
@@ -370,17 +378,16 @@ pub fn run(args: &Args, xfs: PathBuf) -> Result<(), String> {
         }
     }
     println!("\n{md}");
-    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-    std::fs::write(out.join("fs-mounts.md"), &md).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("fs-mounts.md"), &md)?;
     let json: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| serde_json::json!({"system": r.0, "phase": r.1, "run": r.2, "value": r.3}))
         .collect();
     std::fs::write(
         out.join("fs-mounts.json"),
-        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
+        serde_json::to_string_pretty(&json)?,
+    )?;
     let phases: Vec<&str> = PHASES.iter().map(|p| p.0).collect();
     if names.iter().any(|n| n == "ext4") {
         let ratio = |s: &str, p: &str| Some(med(s, p)? / med("ext4", p)?);

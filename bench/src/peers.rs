@@ -6,6 +6,7 @@
 
 use crate::cases::{Case, Class, Wait};
 use crate::report::Row;
+use anyhow::{anyhow, bail, Context, Result};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 pub const PACKAGES: &str = "sockperf ucx-utils libfabric-bin qperf";
 
 /// Checks that every peer tool is installed; the error names the packages.
-pub fn check_installed() -> Result<(), String> {
+pub fn check_installed() -> Result<()> {
     let missing: Vec<&str> = ["sockperf", "ucx_perftest", "fi_pingpong", "qperf"]
         .into_iter()
         .filter(|t| {
@@ -28,7 +29,7 @@ pub fn check_installed() -> Result<(), String> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
+        Err(anyhow!(
             "peer tools missing: {}; install them with `apt-get install -y {PACKAGES}` \
              (or `bash bench/run.sh`, which does), or pass --no-peers",
             missing.join(", ")
@@ -45,23 +46,18 @@ impl Drop for Server {
     }
 }
 
-fn server(cmd: &str, args: &[String], env: &[(&str, &str)]) -> Result<Server, String> {
+fn server(cmd: &str, args: &[String], env: &[(&str, &str)]) -> Result<Server> {
     let mut c = Command::new(cmd);
     c.args(args).stdout(Stdio::null()).stderr(Stdio::null());
     for (k, v) in env {
         c.env(k, v);
     }
-    let child = c.spawn().map_err(|e| format!("cannot start {cmd}: {e}"))?;
+    let child = c.spawn().map_err(|e| anyhow!("cannot start {cmd}: {e}"))?;
     std::thread::sleep(Duration::from_millis(400));
     Ok(Server(child))
 }
 
-fn client(
-    cmd: &str,
-    args: &[String],
-    env: &[(&str, &str)],
-    limit: Duration,
-) -> Result<String, String> {
+fn client(cmd: &str, args: &[String], env: &[(&str, &str)], limit: Duration) -> Result<String> {
     let mut c = Command::new("timeout");
     c.arg(limit.as_secs().max(1).to_string())
         .arg(cmd)
@@ -73,7 +69,7 @@ fn client(
         status,
         stdout,
         stderr,
-    } = c.output().map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    } = c.output().map_err(|e| anyhow!("cannot run {cmd}: {e}"))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&stdout),
@@ -82,7 +78,7 @@ fn client(
     if status.success() {
         Ok(text)
     } else {
-        Err(format!(
+        Err(anyhow!(
             "{cmd} {} failed ({status}): {}",
             args.join(" "),
             text.lines().last().unwrap_or("")
@@ -123,7 +119,7 @@ fn port(base: u16) -> u16 {
 }
 
 /// sockperf ping-pong (UDP), round trip (`--full-rtt`); `--nonblocked` busy-polls.
-pub fn sockperf(wait: Wait, size: usize, secs: u64) -> Result<Row, String> {
+pub fn sockperf(wait: Wait, size: usize, secs: u64) -> Result<Row> {
     let p = port(21000).to_string();
     let mut common = vec!["-i".to_string(), "127.0.0.1".into(), "-p".into(), p];
     if wait == Wait::Poll {
@@ -143,7 +139,7 @@ pub fn sockperf(wait: Wait, size: usize, secs: u64) -> Result<Row, String> {
     ]);
     let out = client("sockperf", &cargs, &[], Duration::from_secs(secs + 20))?;
     let p50 =
-        number_after(&out, "percentile 50.000 =").ok_or("sockperf: no median in its output")?;
+        number_after(&out, "percentile 50.000 =").context("sockperf: no median in its output")?;
     let p99 = number_after(&out, "percentile 99.000 =");
     let note = if size < 14 {
         "sockperf's smallest message is 14 B"
@@ -154,7 +150,7 @@ pub fn sockperf(wait: Wait, size: usize, secs: u64) -> Result<Row, String> {
 }
 
 /// ucx_perftest ucp_am_lat over TCP (UCX_TLS=tcp); UCX polls, and prints one-way latency.
-pub fn ucx(size: usize, iters: usize) -> Result<Row, String> {
+pub fn ucx(size: usize, iters: usize) -> Result<Row> {
     let p = port(22000).to_string();
     let env = [("UCX_TLS", "tcp")];
     let _s = server("ucx_perftest", &["-p".to_string(), p.clone()], &env)?;
@@ -174,12 +170,12 @@ pub fn ucx(size: usize, iters: usize) -> Result<Row, String> {
     let line = out
         .lines()
         .find(|l| l.trim_start().starts_with("Final:"))
-        .ok_or("ucx_perftest: no Final line")?;
+        .context("ucx_perftest: no Final line")?;
     let nums: Vec<f64> = line
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
-    let one_way = *nums.get(1).ok_or("ucx_perftest: no median")?;
+    let one_way = *nums.get(1).context("ucx_perftest: no median")?;
     Ok(row(
         "ucx_perftest",
         "tcp",
@@ -192,7 +188,7 @@ pub fn ucx(size: usize, iters: usize) -> Result<Row, String> {
 }
 
 /// fi_pingpong over a libfabric provider; prints one-way time per transfer (average).
-pub fn fi_pingpong(provider: &str, size: usize, iters: usize) -> Result<Row, String> {
+pub fn fi_pingpong(provider: &str, size: usize, iters: usize) -> Result<Row> {
     let p = port(23000).to_string();
     let mut common = vec![
         "-p".to_string(),
@@ -223,12 +219,12 @@ pub fn fi_pingpong(provider: &str, size: usize, iters: usize) -> Result<Row, Str
                 .and_then(|w| w.parse::<usize>().ok())
                 .is_some()
         })
-        .ok_or("fi_pingpong: no result line")?;
+        .context("fi_pingpong: no result line")?;
     let words: Vec<&str> = line.split_whitespace().collect();
     let per_xfer: f64 = words
         .get(6)
         .and_then(|w| w.parse().ok())
-        .ok_or("fi_pingpong: no usec/xfer")?;
+        .context("fi_pingpong: no usec/xfer")?;
     let name = if provider == "udp" {
         "fi_pingpong-udp"
     } else {
@@ -247,7 +243,7 @@ pub fn fi_pingpong(provider: &str, size: usize, iters: usize) -> Result<Row, Str
 }
 
 /// qperf udp_lat (blocking); prints one-way average latency.
-pub fn qperf(size: usize, secs: u64) -> Result<Row, String> {
+pub fn qperf(size: usize, secs: u64) -> Result<Row> {
     let p = port(24000).to_string();
     let _s = server("qperf", &["-lp".to_string(), p.clone()], &[])?;
     let args = vec![
@@ -261,7 +257,7 @@ pub fn qperf(size: usize, secs: u64) -> Result<Row, String> {
         "udp_lat".into(),
     ];
     let out = client("qperf", &args, &[], Duration::from_secs(secs + 20))?;
-    let v = number_after(&out, "latency").ok_or("qperf: no latency")?;
+    let v = number_after(&out, "latency").context("qperf: no latency")?;
     let us = if out.contains(" ms") {
         v * 1000.0
     } else if out.contains(" ns") {
@@ -288,11 +284,11 @@ pub fn run_all(
     waits: &[Wait],
     quick: bool,
     progress: &dyn Fn(&str),
-) -> Result<Vec<Row>, String> {
+) -> Result<Vec<Row>> {
     let secs = if quick { 1 } else { 3 };
     let iters = if quick { 5_000 } else { 20_000 };
     let mut rows = Vec::new();
-    type Job<'a> = (String, Box<dyn Fn(usize) -> Result<Row, String> + 'a>);
+    type Job<'a> = (String, Box<dyn Fn(usize) -> Result<Row> + 'a>);
     let mut jobs: Vec<Job<'_>> = Vec::new();
     for &w in waits {
         jobs.push((
@@ -330,12 +326,12 @@ pub fn run_all(
                 }
                 Err(e) => {
                     progress(&format!("{name} {s} B: {e}"));
-                    last_err = e;
+                    last_err = e.to_string();
                 }
             }
         }
         if ok == 0 {
-            return Err(format!("peer {name} could not be run: {last_err}"));
+            bail!("peer {name} could not be run: {last_err}");
         }
         progress(&format!(
             "{name}: {ok} of {} sizes in {:.1} s",

@@ -3,6 +3,7 @@
 
 use crate::cases::Wait;
 use crate::report::Row;
+use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use std::path::Path;
@@ -10,20 +11,20 @@ use std::path::Path;
 /// Where Debian's fonts-dejavu-core puts the font the plot's text uses.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-fn load_font() -> Result<(), String> {
+fn load_font() -> Result<()> {
     let bytes = std::fs::read(FONT).map_err(|e| {
-        format!("cannot read {FONT} ({e}): install it with `apt-get install -y fonts-dejavu-core`")
+        anyhow!("cannot read {FONT} ({e}): install it with `apt-get install -y fonts-dejavu-core`")
     })?;
     // The font lives for the rest of the process (plotters needs 'static bytes).
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| "cannot parse the font".to_string())
+        .map_err(|_| anyhow!("cannot parse the font"))
 }
 
 /// Draws p50 round-trip latency against size (up to 8 KiB) for each system, per wait mode.
-pub fn latency_png(rows: &[Row], path: &Path) -> Result<(), String> {
+pub fn latency_png(rows: &[Row], path: &Path) -> Result<()> {
     load_font()?;
-    let e = |e: Box<dyn std::error::Error>| format!("plot {}: {e}", path.display());
+    let e = |e: Box<dyn std::error::Error>| anyhow!("plot {}: {e}", path.display());
     let root = BitMapBackend::new(path, (1400, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(x.into()))?;
     let panels = root.split_evenly((1, 2));
@@ -108,9 +109,9 @@ pub fn ratio_bars_png(
     ratio: &dyn Fn(&str, &str) -> Option<f64>,
     baseline: &str,
     path: &Path,
-) -> Result<(), String> {
+) -> Result<()> {
     load_font()?;
-    let e = |e: Box<dyn std::error::Error>| format!("plot {}: {e}", path.display());
+    let e = |e: Box<dyn std::error::Error>| anyhow!("plot {}: {e}", path.display());
     let root = BitMapBackend::new(path, (1400, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(x.into()))?;
     let n = systems.len().max(1) as f64;

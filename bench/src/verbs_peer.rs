@@ -4,6 +4,7 @@
 
 use crate::cases::{Case, Wait};
 use crate::report::Row;
+use anyhow::{anyhow, Context, Result};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ pub fn ib_send_lat(
     size: usize,
     wait: Wait,
     iters: usize,
-) -> Result<Row, String> {
+) -> Result<Row> {
     let mut args = vec![
         "-d".to_string(),
         dev.into(),
@@ -39,12 +40,12 @@ pub fn ib_send_lat(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start ib_send_lat (apt-get install perftest): {e}"))?;
+        .map_err(|e| anyhow!("cannot start ib_send_lat (apt-get install perftest): {e}"))?;
     std::thread::sleep(Duration::from_millis(500));
     let out = Command::new("ib_send_lat").args(&args).arg(ip).output();
     let _ = server.kill();
     let _ = server.wait();
-    let out = out.map_err(|e| format!("ib_send_lat client: {e}"))?;
+    let out = out.map_err(|e| anyhow!("ib_send_lat client: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     // The result line: #bytes #iterations t_min t_max t_typical t_avg t_stdev p99 p99.9
     let line = text
@@ -53,7 +54,7 @@ pub fn ib_send_lat(
             let f: Vec<&str> = l.split_whitespace().collect();
             f.len() >= 9 && f[0].parse::<usize>().is_ok() && f[4].parse::<f64>().is_ok()
         })
-        .ok_or_else(|| {
+        .with_context(|| {
             format!(
                 "ib_send_lat printed no result: {text} {}",
                 String::from_utf8_lossy(&out.stderr)

@@ -6,40 +6,76 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use am_testkit::cli::{tool_main, Args};
+use anyhow::{anyhow, Context, Result};
 use bench::report::median;
+use clap::Parser;
 use xfs_node::coherence::NodeId;
-use xfs_node::storage::cleaner::{self, CleanerConfig, Command, Group, Leader, Policy, Reply};
+use xfs_node::storage::cleaner::{
+    self, CleanerConfig, Command, Group, GroupError, Leader, Policy, Reply,
+};
 use xfs_node::storage::fragment::SharedStore;
 use xfs_node::storage::log::{Log, SegmentReader, StripeGroup, SUMMARY_BYTES};
 use xfs_node::storage::uring::{UringOptions, UringStore};
 
-const HELP: &str = "\
-clean-bench: the log cleaner's write amplification and foreground throughput
+/// clean-bench: the log cleaner's write amplification and foreground throughput
+///
+/// One log striped over three io_uring stores (2 data + 1 parity, files in --dir), a cleaner
+/// leader on its own thread, and a writer that first fills --util of the capacity with 4 KiB
+/// blocks, then overwrites them (90% of the writes to 10% of the blocks) until it has
+/// written --times the capacity, fsyncing every two segments' worth of blocks. Each
+/// utilisation runs with the cost-benefit and the greedy policy, and once more on devices
+/// large enough that the cleaner never runs (the throughput baseline). Medians of --runs
+/// runs.
+#[derive(Parser)]
+#[command(name = "clean-bench")]
+struct Cli {
+    /// Where the device files go (not tmpfs: O_DIRECT)
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    dir: String,
+    /// Size of each device file, MiB
+    #[arg(long, value_name = "N", default_value_t = 48)]
+    mb: u64,
+    /// Disk utilisations, comma-separated, each between 0.05 and 0.95
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "0.5,0.75,0.9",
+        value_parser = utilisation
+    )]
+    util: Vec<f64>,
+    /// Overwrite phase writes X times the capacity
+    #[arg(long, value_name = "X", default_value_t = 2.0)]
+    times: f64,
+    /// Runs per configuration
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    runs: usize,
+    /// The cleaner's share of the time
+    #[arg(long, value_name = "X", default_value_t = 0.3)]
+    share: f64,
+    /// Write clean-bench.{md,json} there
+    #[arg(long, value_name = "DIR", default_value = "bench/results")]
+    out: String,
+}
 
-USAGE:
-  clean-bench [OPTIONS]
-
-One log striped over three io_uring stores (2 data + 1 parity, files in --dir), a cleaner
-leader on its own thread, and a writer that first fills --util of the capacity with 4 KiB
-blocks, then overwrites them (90% of the writes to 10% of the blocks) until it has written
---times the capacity, fsyncing every two segments' worth of blocks. Each utilisation runs with the
-cost-benefit and the greedy policy, and once more on devices large enough that the cleaner
-never runs (the throughput baseline). Medians of --runs runs.
-
-OPTIONS:
-  --dir DIR        where the device files go (not tmpfs: O_DIRECT) [/var/tmp]
-  --mb N           size of each device file, MiB [48]
-  --util LIST      disk utilisations, comma-separated [0.5,0.75,0.9]
-  --times X        overwrite phase writes X times the capacity [2]
-  --runs N         runs per configuration [3]
-  --share X        the cleaner's share of the time [0.3]
-  --out DIR        write clean-bench.{md,json} there [bench/results]
-  -h, --help       this text
-";
+/// One value of `--util`.
+fn utilisation(u: &str) -> Result<f64> {
+    let v = u
+        .trim()
+        .parse::<f64>()
+        .map_err(|e| anyhow!("--util {u}: {e}"))?;
+    if (0.05..=0.95).contains(&v) {
+        Ok(v)
+    } else {
+        Err(anyhow!("--util {v}: use values between 0.05 and 0.95"))
+    }
+}
 
 fn main() {
-    tool_main("clean-bench", HELP, run);
+    if let Err(e) = run(&Cli::parse()) {
+        eprintln!("clean-bench: {e}");
+        std::process::exit(2);
+    }
 }
 
 type Shared = SharedStore<UringStore>;
@@ -52,7 +88,7 @@ struct Local {
 }
 
 impl Group for &Local {
-    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, String> {
+    fn call(&mut self, writer: NodeId, cmd: &Command) -> Result<Reply, GroupError> {
         Ok(cleaner::run(&self.log, &self.reader, writer, cmd))
     }
 }
@@ -80,7 +116,7 @@ fn one(
     times: f64,
     cfg: Option<CleanerConfig>,
     seed: u64,
-) -> Result<Outcome, String> {
+) -> Result<Outcome> {
     let stores: Vec<Shared> = (0..3)
         .map(|i| {
             let path = format!("{dir}/clean-bench-{}-{i}.img", std::process::id());
@@ -95,7 +131,7 @@ fn one(
             );
             let _ = std::fs::remove_file(&path); // the open file stays until dropped
             s.map(|s| SharedStore(Arc::new(Mutex::new(s))))
-                .map_err(|e| format!("{path}: {e}"))
+                .map_err(|e| anyhow!("{path}: {e}"))
         })
         .collect::<Result<_, _>>()?;
     let group = StripeGroup {
@@ -103,8 +139,7 @@ fn one(
         servers: vec![1, 2, 3],
         parity: 1,
     };
-    let log = Log::new(1, group.clone(), stores.iter().cloned().map(Some).collect())
-        .map_err(|e| e.to_string())?;
+    let log = Log::new(1, group.clone(), stores.iter().cloned().map(Some).collect())?;
     let slots = lock(&stores[0].0).slots() as u64;
     let payload = (2 * 64 * 1024 - SUMMARY_BYTES) as u64;
     // Capacity in blocks: the baseline run uses the same numbers of blocks as the run
@@ -168,24 +203,20 @@ fn one(
     // fsync every two segments' worth of blocks (a partial segment per fsync would waste
     // space that is not the cleaner's to win back).
     let sync_every = 2 * (payload / 4096);
-    let write = |b: u64| -> Result<(), String> {
+    let write = |b: u64| -> Result<()> {
         let mut g = lock(&local.log);
-        let l = g.as_mut().ok_or("no log")?;
-        l.write(b, &block).map_err(|e| e.to_string())
+        let l = g.as_mut().context("no log")?;
+        Ok(l.write(b, &block)?)
     };
     // Fill, sequentially.
     for b in 0..live_blocks {
         write(b)?;
         if b % sync_every == sync_every - 1 {
-            lock(&local.log)
-                .as_mut()
-                .ok_or("no log")?
-                .fsync()
-                .map_err(|e| e.to_string())?;
+            lock(&local.log).as_mut().context("no log")?.fsync()?;
         }
     }
     if let Some(l) = lock(&local.log).as_mut() {
-        l.checkpoint().map_err(|e| e.to_string())?;
+        l.checkpoint()?;
     }
     // Overwrite, hot/cold: 90% of the writes to the first 10% of the blocks.
     let hot = (live_blocks / 10).max(1);
@@ -204,7 +235,7 @@ fn one(
             // A full device: wait for the cleaner (up to 30 s), as the node's writers do.
             let mut waited = 0;
             loop {
-                let r = lock(&local.log).as_mut().ok_or("no log")?.fsync();
+                let r = lock(&local.log).as_mut().context("no log")?.fsync();
                 match r {
                     Ok(()) => break,
                     Err(e) if e.to_string().contains("ENOSPC") && waited < 3000 => {
@@ -214,7 +245,7 @@ fn one(
                     Err(e) => {
                         enospc = e.to_string().contains("ENOSPC");
                         if !enospc {
-                            return Err(e.to_string());
+                            return Err(e.into());
                         }
                         break;
                     }
@@ -251,35 +282,13 @@ fn one(
     })
 }
 
-fn run(args: &Args) -> Result<(), String> {
-    let dir = args.value("--dir").unwrap_or_else(|| "/var/tmp".into());
-    let mb: u64 = args.parse("--mb", 48)?;
-    let times: f64 = args.parse("--times", 2.0)?;
-    let runs: usize = args.parse("--runs", 3)?;
-    let share: f64 = args.parse("--share", 0.3)?;
-    let out = args
-        .value("--out")
-        .unwrap_or_else(|| "bench/results".into());
-    let utils: Vec<f64> = args
-        .value("--util")
-        .unwrap_or_else(|| "0.5,0.75,0.9".into())
-        .split(',')
-        .map(|u| {
-            u.trim()
-                .parse::<f64>()
-                .map_err(|e| format!("--util {u}: {e}"))
-                .and_then(|u| {
-                    if (0.05..=0.95).contains(&u) {
-                        Ok(u)
-                    } else {
-                        Err(format!("--util {u}: use values between 0.05 and 0.95"))
-                    }
-                })
-        })
-        .collect::<Result<_, _>>()?;
+fn run(args: &Cli) -> Result<()> {
+    let (dir, out) = (&args.dir, &args.out);
+    let (mb, times, runs, share) = (args.mb, args.times, args.runs, args.share);
+    let utils = &args.util;
     let mut table = Vec::new();
     let mut all = Vec::new();
-    for util in &utils {
+    for util in utils {
         let mut rows: Vec<(String, Vec<Outcome>)> = Vec::new();
         for policy in [None, Some(Policy::CostBenefit), Some(Policy::Greedy)] {
             let mut v = Vec::new();
@@ -292,7 +301,7 @@ fn run(args: &Args) -> Result<(), String> {
                 });
                 // The baseline: the same blocks on devices 8x larger (no cleaning).
                 let o = one(
-                    &dir,
+                    dir,
                     if policy.is_none() { mb * 8 } else { mb },
                     *util,
                     times,
@@ -332,12 +341,11 @@ fn run(args: &Args) -> Result<(), String> {
         table.join("\n")
     );
     println!("{md}");
-    std::fs::create_dir_all(&out).map_err(|e| format!("{out}: {e}"))?;
-    std::fs::write(format!("{out}/clean-bench.md"), &md).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(out).map_err(|e| anyhow!("{out}: {e}"))?;
+    std::fs::write(format!("{out}/clean-bench.md"), &md)?;
     std::fs::write(
         format!("{out}/clean-bench.json"),
         serde_json::to_string_pretty(&all).unwrap_or_default(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(())
 }

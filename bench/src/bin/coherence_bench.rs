@@ -3,54 +3,63 @@
 
 use std::time::Duration;
 
-use am_testkit::cli::{tool_main, Args};
+use anyhow::{anyhow, bail, Result};
 use bench::coherence::{loops, pure, Throughput};
 use bench::report::median;
+use clap::Parser;
 
-const HELP: &str = "\
-coherence-bench: events per second of the coherence protocol
-
-USAGE:
-  coherence-bench [OPTIONS]
-
-Measures (1) the pure state machine on one thread (4 clients, a manager and a storage
-server exchanging messages through an in-memory queue) and (2) the per-core shard loops:
-two nodes with N shards each, every shard its own AM endpoint on UDP loopback, thread s
-running shard s of both nodes, busy-polling. An event is a protocol message handled or a
-user operation started. Each figure is the median of --runs runs; the scaling row divides
-N shards' events/s by 1 shard's, measured in the same run.
-
-OPTIONS:
-  --shards LIST     shard counts for the loops, comma separated (default 1,2)
-  --runs N          runs per configuration (default 5)
-  --seconds S       measured seconds per loop run (default 2)
-  --ops N           operations per pure state-machine run (default 2000000)
-  --json PATH       also write the results as JSON
-  --quick           --runs 3 --seconds 0.5 --ops 300000
-  -h, --help        this text
-";
-
-fn main() {
-    tool_main("coherence-bench", HELP, run);
+/// coherence-bench: events per second of the coherence protocol
+///
+/// Measures (1) the pure state machine on one thread (4 clients, a manager and a storage
+/// server exchanging messages through an in-memory queue) and (2) the per-core shard loops:
+/// two nodes with N shards each, every shard its own AM endpoint on UDP loopback, thread s
+/// running shard s of both nodes, busy-polling. An event is a protocol message handled or a
+/// user operation started. Each figure is the median of --runs runs; the scaling row divides
+/// N shards' events/s by 1 shard's, measured in the same run.
+#[derive(Parser)]
+#[command(name = "coherence-bench")]
+struct Cli {
+    /// Shard counts for the loops, comma separated
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "1,2",
+        value_parser = |s: &str| s.trim().parse::<usize>()
+    )]
+    shards: Vec<usize>,
+    /// Runs per configuration [default: 5; --quick 3]
+    #[arg(long, value_name = "N")]
+    runs: Option<usize>,
+    /// Measured seconds per loop run [default: 2; --quick 0.5]
+    #[arg(long, value_name = "S")]
+    seconds: Option<f64>,
+    /// Operations per pure state-machine run [default: 2000000; --quick 300000]
+    #[arg(long, value_name = "N")]
+    ops: Option<u64>,
+    /// Also write the results as JSON
+    #[arg(long, value_name = "PATH")]
+    json: Option<String>,
+    /// --runs 3 --seconds 0.5 --ops 300000
+    #[arg(long)]
+    quick: bool,
 }
 
-fn run(args: &Args) -> Result<(), String> {
-    let quick = args.flag("--quick");
-    let runs: usize = args.parse("--runs", if quick { 3 } else { 5 })?;
-    let seconds: f64 = args.parse("--seconds", if quick { 0.5 } else { 2.0 })?;
-    let ops: u64 = args.parse("--ops", if quick { 300_000 } else { 2_000_000 })?;
-    let shards: Vec<usize> = args
-        .value("--shards")
-        .unwrap_or_else(|| "1,2".into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<usize>()
-                .map_err(|e| format!("--shards {s}: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
+fn main() {
+    if let Err(e) = run(&Cli::parse()) {
+        eprintln!("coherence-bench: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run(args: &Cli) -> Result<()> {
+    let quick = args.quick;
+    let runs: usize = args.runs.unwrap_or(if quick { 3 } else { 5 });
+    let seconds: f64 = args.seconds.unwrap_or(if quick { 0.5 } else { 2.0 });
+    let ops: u64 = args.ops.unwrap_or(if quick { 300_000 } else { 2_000_000 });
+    let shards = &args.shards;
     if runs == 0 || shards.contains(&0) {
-        return Err("--runs and every --shards value must be at least 1".into());
+        bail!("--runs and every --shards value must be at least 1");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("coherence-bench: {cores} cores, {runs} runs per row");
@@ -68,7 +77,7 @@ fn run(args: &Args) -> Result<(), String> {
     let per_op = pure_last.map_or(0.0, |t: Throughput| t.events as f64 / t.ops.max(1) as f64);
 
     let mut rows = Vec::new();
-    for n in &shards {
+    for n in shards {
         eprintln!("shard loops, {n} shard(s) per node: {runs} runs of {seconds} s");
         let (mut v, mut net, mut opsv) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..runs {
@@ -78,7 +87,7 @@ fn run(args: &Args) -> Result<(), String> {
                 Duration::from_millis(300),
                 Duration::from_secs_f64(seconds),
             )
-            .map_err(|e| format!("shard loops with {n} shards: {e}"))?;
+            .map_err(|e| anyhow!("shard loops with {n} shards: {e}"))?;
             eprintln!(
                 "  run {}: {:.3} M events/s, {:.0} ops/s, {:.0} network messages/s",
                 r + 1,
@@ -112,7 +121,7 @@ fn run(args: &Args) -> Result<(), String> {
             eps / base
         );
     }
-    if let Some(path) = args.value("--json") {
+    if let Some(path) = &args.json {
         let json = serde_json::json!({
             "cores": cores,
             "runs": runs,
@@ -121,10 +130,10 @@ fn run(args: &Args) -> Result<(), String> {
             "loops": rows.iter().map(|(n, e, net, ops)| serde_json::json!({"shards": n, "events_per_s": e, "network_messages_per_s": net, "ops_per_s": ops, "vs_first": e / base})).collect::<Vec<_>>(),
         });
         std::fs::write(
-            &path,
+            path,
             serde_json::to_string_pretty(&json).unwrap_or_default(),
         )
-        .map_err(|e| format!("writing {path}: {e}"))?;
+        .map_err(|e| anyhow!("writing {path}: {e}"))?;
     }
     Ok(())
 }

@@ -7,53 +7,95 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use am_testkit::cli::{tool_main, Args};
+use anyhow::{anyhow, bail, Context, Result};
 use bench::report::median;
+use clap::Parser;
 use xfs_node::node::config::Config;
 use xfs_node::node::control::{Control, FsOp, Request, Response};
 
-const HELP: &str = "\
-fs-bench: the file system against local ext4 (and others), same operations, same disk
-
-USAGE:
-  fs-bench [OPTIONS]             the cluster's client API against ext4 (below)
-  fs-bench --mounts [OPTIONS]    the mounted cluster against ext4, bindfs and GlusterFS
-
---mounts: makes an ext4 file system on a loop device (under --work), starts a 3-node
-cluster with its storage files there and mounts it (`xfs-node up --mount`), a bindfs
-passthrough of that ext4, and GlusterFS volumes with bricks there (a single brick and a
-2+1 disperse volume, on 127.0.0.2; glusterd started by hand if it is not running); then,
---runs times on each: fio sequential write (1 MiB blocks, --mb MiB, fsync at the end),
-sequential read of it after dropping the caches, 4 KiB random reads for --secs seconds
-(after dropping the caches), and --files small files (create 1 KiB each + syncfs, stat
-each, unlink each + syncfs). Prints JSON lines and the medians; writes fs-mounts.md,
-fs-mounts.json and fs-mounts.png (ratios to ext4) under --out. Root.
-  --systems LIST    default xfsam,ext4,bindfs,gluster,gluster-disperse
-  --mb N            fio file size, MiB (default 1024)
-  --secs N          random-read seconds (default 20)
-  --out DIR         where the reports go (default ./fs-mounts)
-  --work DIR        loop device image and mount points (default /var/tmp/fs-bench-mounts)
-
-Starts a 3-node local cluster with `xfs-node up` (storage files under --data), then, --runs
-times each: a large sequential write (1 MiB writes, then fsync), its read back through the
-writing node (warm) and through another node (cold there), and small files (create and
-write --files files of 1 KiB, then sync; stat each; unlink each), through node 1's client
-API; and the same on a directory of the local file system (--ext4, on the same disk).
-Prints one JSON line per phase and run, then medians and the ratio cluster / ext4.
-Stops the cluster at the end.
-
-OPTIONS:
-  --xfs-node PATH   the xfs-node binary (default: beside this one)
-  --data DIR        the cluster's data directory (default /var/tmp/fs-bench-cluster)
-  --ext4 DIR        the local directory (default /var/tmp/fs-bench-ext4)
-  --mb N            size of the large file, MiB (default 64)
-  --files N         small files (default 2000)
-  --runs N          runs (default 3)
-  -h, --help        this text
-";
+/// fs-bench: the file system against local ext4 (and others), same operations, same disk
+///
+/// Starts a 3-node local cluster with `xfs-node up` (storage files under --data), then,
+/// --runs times each: a large sequential write (1 MiB writes, then fsync), its read back
+/// through the writing node (warm) and through another node (cold there), and small files
+/// (create and write --files files of 1 KiB, then sync; stat each; unlink each), through node
+/// 1's client API; and the same on a directory of the local file system (--ext4, on the same
+/// disk). Prints one JSON line per phase and run, then medians and the ratio cluster / ext4.
+/// Stops the cluster at the end.
+///
+/// --mounts: makes an ext4 file system on a loop device (under --work), starts a 3-node
+/// cluster with its storage files there and mounts it (`xfs-node up --mount`), a bindfs
+/// passthrough of that ext4, and GlusterFS volumes with bricks there (a single brick and a
+/// 2+1 disperse volume, on 127.0.0.2; glusterd started by hand if it is not running); then,
+/// --runs times on each: fio sequential write (1 MiB blocks, --mb MiB, fsync at the end),
+/// sequential read of it after dropping the caches, 4 KiB random reads for --secs seconds
+/// (after dropping the caches), and --files small files (create 1 KiB each + syncfs, stat
+/// each, unlink each + syncfs). Prints JSON lines and the medians; writes fs-mounts.md,
+/// fs-mounts.json and fs-mounts.png (ratios to ext4) under --out. Root.
+#[derive(Parser)]
+#[command(name = "fs-bench")]
+struct Cli {
+    /// The xfs-node binary (default: beside this one)
+    #[arg(long = "xfs-node", value_name = "PATH")]
+    xfs_node: Option<PathBuf>,
+    /// The cluster's data directory
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/fs-bench-cluster")]
+    data: PathBuf,
+    /// The local directory
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/fs-bench-ext4")]
+    ext4: PathBuf,
+    /// Size of the large file, MiB; with --mounts the fio file size [default: 64; --mounts
+    /// 1024]
+    #[arg(long, value_name = "N")]
+    mb: Option<usize>,
+    /// Small files
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    files: usize,
+    /// Runs
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    runs: usize,
+    /// The mounted cluster against ext4, bindfs and GlusterFS (see above)
+    #[arg(long)]
+    mounts: bool,
+    /// The systems, comma-separated
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "xfsam,ext4,bindfs,gluster,gluster-disperse",
+        help_heading = "--mounts options"
+    )]
+    systems: String,
+    /// Random-read seconds
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        help_heading = "--mounts options"
+    )]
+    secs: u64,
+    /// Where the reports go
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "fs-mounts",
+        help_heading = "--mounts options"
+    )]
+    out: PathBuf,
+    /// Loop device image and mount points
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/tmp/fs-bench-mounts",
+        help_heading = "--mounts options"
+    )]
+    work: PathBuf,
+}
 
 fn main() {
-    tool_main("fs-bench", HELP, run);
+    if let Err(e) = run(&Cli::parse()) {
+        eprintln!("fs-bench: {e}");
+        std::process::exit(2);
+    }
 }
 
 struct Cluster {
@@ -61,20 +103,20 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn call(&self, node: u16, req: Request) -> Result<Response, String> {
-        let n = self.cfg.node(node).ok_or("no such node")?;
-        Control::connect(&n.control)?.call_ok(&req)
+    fn call(&self, node: u16, req: Request) -> Result<Response> {
+        let n = self.cfg.node(node).context("no such node")?;
+        Ok(Control::connect(&n.control)?.call_ok(&req)?)
     }
-    fn fs(&self, c: &mut Control, op: FsOp) -> Result<Response, String> {
-        c.call_ok(&Request::Fs(op))
+    fn fs(&self, c: &mut Control, op: FsOp) -> Result<Response> {
+        Ok(c.call_ok(&Request::Fs(op))?)
     }
 }
 
-fn ino(r: Response) -> Result<u64, String> {
+fn ino(r: Response) -> Result<u64> {
     match r {
         Response::Attr(a) => Ok(a.ino),
         Response::Ino(i) => Ok(i),
-        other => Err(format!("unexpected {other:?}")),
+        other => Err(anyhow!("unexpected {other:?}")),
     }
 }
 
@@ -97,8 +139,8 @@ impl Results {
         run: usize,
         amount: usize,
         unit: &'static str,
-        f: impl FnOnce() -> Result<(), String>,
-    ) -> Result<(), String> {
+        f: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         let t = Instant::now();
         f()?;
         self.add(
@@ -125,36 +167,36 @@ impl Results {
 
 use xfs_node::fs::sim::pattern as data;
 
-fn run(args: &Args) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+fn run(args: &Cli) -> Result<()> {
+    let exe = std::env::current_exe()?;
     let xfs = args
-        .value("--xfs-node")
-        .map(PathBuf::from)
+        .xfs_node
+        .clone()
         .unwrap_or_else(|| exe.with_file_name("xfs-node"));
     if !xfs.exists() {
-        return Err(format!(
+        bail!(
             "{} not found: build it (cargo build --release -p xfs-node -p fuse-front) or give \
              --xfs-node",
             xfs.display()
-        ));
+        );
     }
-    if args.flag("--mounts") {
-        return bench::mounts::run(args, xfs);
+    if args.mounts {
+        let o = bench::mounts::Options {
+            systems: args.systems.clone(),
+            mb: args.mb.unwrap_or(1024),
+            files: args.files,
+            runs: args.runs,
+            secs: args.secs,
+            out: args.out.clone(),
+            work: args.work.clone(),
+        };
+        return bench::mounts::run(&o, xfs);
     }
-    let dir = PathBuf::from(
-        args.value("--data")
-            .unwrap_or("/var/tmp/fs-bench-cluster".into()),
-    );
-    let ext4 = PathBuf::from(
-        args.value("--ext4")
-            .unwrap_or("/var/tmp/fs-bench-ext4".into()),
-    );
-    let mb: usize = args.parse("--mb", 64)?;
-    let files: usize = args.parse("--files", 2000)?;
-    let runs: usize = args.parse("--runs", 3)?;
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&ext4);
-    std::fs::create_dir_all(&ext4).map_err(|e| format!("{}: {e}", ext4.display()))?;
+    let (dir, ext4) = (&args.data, &args.ext4);
+    let (mb, files, runs) = (args.mb.unwrap_or(64), args.files, args.runs);
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(ext4);
+    std::fs::create_dir_all(ext4).map_err(|e| anyhow!("{}: {e}", ext4.display()))?;
     let storage_mb = (mb * runs * 4 + 256).to_string();
     eprintln!("fs-bench: starting a 3-node cluster in {}", dir.display());
     let st = Command::new(&xfs)
@@ -168,22 +210,22 @@ fn run(args: &Args) -> Result<(), String> {
             &storage_mb,
             "--data",
         ])
-        .arg(&dir)
+        .arg(dir)
         .status()
-        .map_err(|e| format!("{}: {e}", xfs.display()))?;
+        .map_err(|e| anyhow!("{}: {e}", xfs.display()))?;
     if !st.success() {
-        return Err("xfs-node up failed".into());
+        bail!("xfs-node up failed");
     }
     let cluster = Cluster {
         cfg: Config::load(&dir.join("cluster.toml"))?,
     };
-    let r = bench(&cluster, &ext4, mb, files, runs);
+    let r = bench(&cluster, ext4, mb, files, runs);
     let _ = Command::new(&xfs)
         .arg("down")
         .arg("--data")
-        .arg(&dir)
+        .arg(dir)
         .status();
-    let _ = std::fs::remove_dir_all(&ext4);
+    let _ = std::fs::remove_dir_all(ext4);
     let res = r?;
     println!("\nmedians of {runs} runs (cluster: 3 nodes on loopback, client API over node 1's control socket)");
     println!(
@@ -215,23 +257,16 @@ fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn bench(
-    c: &Cluster,
-    ext4: &Path,
-    mb: usize,
-    files: usize,
-    runs: usize,
-) -> Result<Results, String> {
+fn bench(c: &Cluster, ext4: &Path, mb: usize, files: usize, runs: usize) -> Result<Results> {
     let mut res = Results { rows: Vec::new() };
     let chunk = data(1, 1 << 20);
     let small = data(2, 1024);
-    let n1 = c.cfg.node(1).ok_or("node 1")?.control.clone();
-    let n2 = c.cfg.node(2).ok_or("node 2")?.control.clone();
+    let n1 = c.cfg.node(1).context("node 1")?.control.clone();
+    let n2 = c.cfg.node(2).context("node 2")?.control.clone();
     let mut a = Control::connect(&n1)?;
     let mut b = Control::connect(&n2)?;
     let root = ino(c.fs(&mut a, FsOp::Root)?)?;
     let name = |i: usize| format!("f{i}").into_bytes();
-    let io = |e: std::io::Error| e.to_string();
     for run in 0..runs {
         eprintln!("fs-bench: run {}/{runs}", run + 1);
         // Cluster: large file. One request, its offset moved along (no copy per write).
@@ -272,7 +307,7 @@ fn bench(
                     };
                     match c.fs(who, read)? {
                         Response::Data(d) if d.len() == 1 << 20 => {}
-                        _ => return Err(format!("short read at MiB {k}")),
+                        _ => bail!("short read at MiB {k}"),
                     }
                 }
                 Ok(())
@@ -336,13 +371,12 @@ fn bench(
             .write(true)
             .create(true)
             .truncate(true)
-            .open(ext4.join(format!("big{run}")))
-            .map_err(io)?;
+            .open(ext4.join(format!("big{run}")))?;
         res.timed("ext4", "seq write + fsync", run, mb, "MB/s", || {
             for _ in 0..mb {
-                file.write_all(&chunk).map_err(io)?;
+                file.write_all(&chunk)?;
             }
-            file.sync_all().map_err(io)
+            Ok(file.sync_all()?)
         })?;
         let mut buf = vec![0u8; 1 << 20];
         for phase in ["seq read (warm)", "seq read (cold)"] {
@@ -351,20 +385,20 @@ fn bench(
                 // SAFETY: a valid descriptor; advice only.
                 unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
             }
-            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            file.seek(SeekFrom::Start(0))?;
             res.timed("ext4", phase, run, mb, "MB/s", || {
                 for _ in 0..mb {
-                    file.read_exact(&mut buf).map_err(io)?;
+                    file.read_exact(&mut buf)?;
                 }
                 Ok(())
             })?;
         }
         let sd = ext4.join(format!("small{run}"));
-        std::fs::create_dir_all(&sd).map_err(io)?;
+        std::fs::create_dir_all(&sd)?;
         let path = |i: usize| sd.join(format!("f{i}"));
         res.timed("ext4", "create 1 KiB files", run, files, "op/s", || {
             for i in 0..files {
-                std::fs::write(path(i), &small).map_err(io)?;
+                std::fs::write(path(i), &small)?;
             }
             // SAFETY: sync(2) takes no arguments.
             unsafe { libc::sync() };
@@ -372,13 +406,13 @@ fn bench(
         })?;
         res.timed("ext4", "stat", run, files, "op/s", || {
             for i in 0..files {
-                std::fs::metadata(path(i)).map_err(io)?;
+                std::fs::metadata(path(i))?;
             }
             Ok(())
         })?;
         res.timed("ext4", "unlink", run, files, "op/s", || {
             for i in 0..files {
-                std::fs::remove_file(path(i)).map_err(io)?;
+                std::fs::remove_file(path(i))?;
             }
             // SAFETY: as above.
             unsafe { libc::sync() };
