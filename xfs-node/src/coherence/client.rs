@@ -203,6 +203,255 @@ impl<D> ClientBlock<D> {
         self.mode = Mode::Shared;
     }
 
+    /// Start a read: served from the copy, or asked of `manager`.
+    #[inline]
+    fn start_read(&mut self, block: BlockId, op: OpId, manager: NodeId, out: &mut Vec<Output<D>>)
+    where
+        D: Clone,
+    {
+        match &self.data {
+            Some(d) => complete(out, op, block, Outcome::Read(d.clone())),
+            None => {
+                self.op = Some(PendingOp::Read(op));
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::ReadReq { block },
+                });
+            }
+        }
+    }
+
+    /// Start a write, update or acquire (`user`): held private, at once; otherwise ask
+    /// `manager` (a whole-block write needs no old data).
+    #[inline]
+    fn start_write(
+        &mut self,
+        block: BlockId,
+        op: OpId,
+        user: UserOp<D>,
+        manager: NodeId,
+        out: &mut Vec<Output<D>>,
+    ) where
+        D: Clone + Patch,
+    {
+        if self.data.is_some() && matches!(self.mode, Mode::Private { .. }) {
+            match user {
+                UserOp::Write(value) => self.written(block, op, value, out),
+                UserOp::Update(patch) => self.updated(block, op, patch, out),
+                _ => self.acquired(block, op, out),
+            }
+            return;
+        }
+        let whole = matches!(user, UserOp::Write(_));
+        self.op = Some(match user {
+            UserOp::Write(value) => PendingOp::Write(op, value),
+            UserOp::Update(patch) => PendingOp::Update(op, patch),
+            _ => PendingOp::Acquire(op),
+        });
+        out.push(Output::Send {
+            to: manager,
+            msg: Msg::WriteReq {
+                block,
+                has_data: self.data.is_some(),
+                whole,
+            },
+        });
+    }
+
+    /// Start a flush: a dirty copy is written back to `storage`; anything else is done.
+    #[inline]
+    fn start_flush(&mut self, block: BlockId, op: OpId, storage: NodeId, out: &mut Vec<Output<D>>)
+    where
+        D: Clone,
+    {
+        match (&self.data, self.mode) {
+            (Some(_), Mode::Private { dirty: true }) => {
+                self.op = Some(PendingOp::Flush(op));
+                self.write_back(block, storage, AfterWriteBack::Flush, out);
+            }
+            _ => complete(out, op, block, Outcome::Flushed),
+        }
+    }
+
+    /// `Forward` from `manager`: send the copy to the reader (`reader`, its seq), after a
+    /// write-back to `storage` if dirty; without a copy, tell the manager.
+    #[inline]
+    fn forwarded(
+        &mut self,
+        block: BlockId,
+        manager: NodeId,
+        storage: NodeId,
+        (reader, reader_seq): (NodeId, u32),
+        counters: &mut ClientCounters,
+        out: &mut Vec<Output<D>>,
+    ) where
+        D: Clone,
+    {
+        match (&self.data, self.mode) {
+            (None, _) => {
+                counters.forwards_failed += 1;
+                out.push(Output::Send {
+                    to: manager,
+                    msg: Msg::ForwardFailed {
+                        block,
+                        reader,
+                        reader_seq,
+                    },
+                });
+            }
+            (Some(_), Mode::Private { dirty: true }) => {
+                // The reliability rule: durable on storage before it leaves this client.
+                counters.writebacks_before_forward += 1;
+                self.write_back(
+                    block,
+                    storage,
+                    AfterWriteBack::Forward(reader, reader_seq),
+                    out,
+                );
+            }
+            (Some(_), _) => {
+                counters.forwards_served += 1;
+                self.send_copy(block, reader, reader_seq, out);
+            }
+        }
+    }
+
+    /// `Revoke` from `manager`: acknowledge at once without a copy; otherwise write back
+    /// to `storage` if dirty, then have the kernel drop the block.
+    #[inline]
+    fn revoked(
+        &mut self,
+        block: BlockId,
+        manager: NodeId,
+        storage: NodeId,
+        counters: &mut ClientCounters,
+        out: &mut Vec<Output<D>>,
+    ) where
+        D: Clone,
+    {
+        counters.revokes += 1;
+        match (&self.data, self.mode) {
+            (None, _) => out.push(Output::Send {
+                to: manager,
+                msg: Msg::RevokeAck { block },
+            }),
+            (Some(_), Mode::Private { dirty: true }) => {
+                self.write_back(block, storage, AfterWriteBack::Revoke, out);
+            }
+            (Some(_), _) => {
+                self.step = Some(Step::KernelInvalidate { revoke: true });
+                out.push(Output::InvalidateKernel { block });
+            }
+        }
+    }
+
+    /// `Grant`: finish the pending write, update or acquire. False if none waits for it.
+    #[inline]
+    fn granted(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> bool
+    where
+        D: Clone + Patch,
+    {
+        match (self.op.take(), self.data.is_some()) {
+            (Some(PendingOp::Write(op, value)), _) => self.written(block, op, value, out),
+            (Some(PendingOp::Update(op, patch)), true) => self.updated(block, op, patch, out),
+            (Some(PendingOp::Acquire(op)), true) => self.acquired(block, op, out),
+            (op, _) => {
+                self.op = op;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `EvictGrant`: drop the copy (handing it to the peer the manager chose, if any) and
+    /// finish the eviction. False if no eviction asked for it, or the manager chose a peer
+    /// for a copy this client no longer holds.
+    #[inline]
+    fn evict_granted(
+        &mut self,
+        block: BlockId,
+        handoff: Option<(NodeId, u32)>,
+        counters: &mut ClientCounters,
+        out: &mut Vec<Output<D>>,
+    ) -> bool {
+        let Some(PendingOp::Evict { op, asked: true }) = &self.op else {
+            return false;
+        };
+        let op = *op;
+        if handoff.is_some() && self.data.is_none() {
+            // The manager reserved a sequence number on the peer's channel for a copy
+            // this client no longer holds: report it, it would stall that channel.
+            return false;
+        }
+        if let (Some((peer, seq)), Some(d)) = (handoff, self.data.take()) {
+            counters.handoffs_sent += 1;
+            out.push(Output::Send {
+                to: peer,
+                msg: Msg::Handoff {
+                    block,
+                    seq,
+                    data: d,
+                },
+            });
+        }
+        self.data = None;
+        self.mode = Mode::Shared;
+        self.op = None;
+        complete(out, op, block, Outcome::Evicted);
+        true
+    }
+
+    /// `Data`: the copy the pending read, write, update or acquire waited for (replacing
+    /// a copy handed off here meanwhile). False if none waits for it.
+    #[inline]
+    fn data_arrived(
+        &mut self,
+        block: BlockId,
+        data: D,
+        exclusive: bool,
+        out: &mut Vec<Output<D>>,
+    ) -> bool
+    where
+        D: Clone + Patch,
+    {
+        match (self.op.take(), exclusive) {
+            (Some(PendingOp::Read(op)), false) => {
+                self.data = Some(data.clone());
+                self.mode = Mode::Shared;
+                complete(out, op, block, Outcome::Read(data));
+            }
+            (Some(PendingOp::Write(op, value)), true) => self.written(block, op, value, out),
+            (Some(PendingOp::Update(op, patch)), true) => {
+                self.data = Some(data);
+                self.updated(block, op, patch, out)
+            }
+            (Some(PendingOp::Acquire(op)), true) => {
+                self.data = Some(data);
+                self.mode = Mode::Private { dirty: false };
+                self.acquired(block, op, out)
+            }
+            (op, _) => {
+                self.op = op;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `Handoff`: the manager now counts this client as a cacher: take the copy whatever
+    /// the block is doing (a pending read or write still waits for its own reply), unless
+    /// it has one.
+    #[inline]
+    fn handed_off(&mut self, data: D, counters: &mut ClientCounters) {
+        if self.data.is_none() {
+            counters.handoffs_taken += 1;
+            self.data = Some(data);
+            self.mode = Mode::Shared;
+        } else {
+            counters.handoffs_dropped += 1;
+        }
+    }
+
     /// Nothing in progress and nothing cached: the entry can go.
     fn is_empty(&self) -> bool {
         self.data.is_none()
@@ -393,42 +642,9 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let mut released = false;
         let b = self.blocks.entry(block).or_default();
         match user {
-            UserOp::Read => match &b.data {
-                Some(d) => complete(out, op, block, Outcome::Read(d.clone())),
-                None => {
-                    b.op = Some(PendingOp::Read(op));
-                    out.push(Output::Send {
-                        to: manager,
-                        msg: Msg::ReadReq { block },
-                    });
-                }
-            },
-            // Held private: at once; otherwise ask the manager (a whole-block write needs
-            // no old data).
-            UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire
-                if b.data.is_some() && matches!(b.mode, Mode::Private { .. }) =>
-            {
-                match user {
-                    UserOp::Write(value) => b.written(block, op, value, out),
-                    UserOp::Update(patch) => b.updated(block, op, patch, out),
-                    _ => b.acquired(block, op, out),
-                }
-            }
+            UserOp::Read => b.start_read(block, op, manager, out),
             UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire => {
-                let whole = matches!(user, UserOp::Write(_));
-                b.op = Some(match user {
-                    UserOp::Write(value) => PendingOp::Write(op, value),
-                    UserOp::Update(patch) => PendingOp::Update(op, patch),
-                    _ => PendingOp::Acquire(op),
-                });
-                out.push(Output::Send {
-                    to: manager,
-                    msg: Msg::WriteReq {
-                        block,
-                        has_data: b.data.is_some(),
-                        whole,
-                    },
-                });
+                b.start_write(block, op, user, manager, out)
             }
             UserOp::Release => {
                 b.pinned = false;
@@ -447,13 +663,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     Self::continue_evict(block, b, storage, out);
                 }
             }
-            UserOp::Flush => match (&b.data, b.mode) {
-                (Some(_), Mode::Private { dirty: true }) => {
-                    b.op = Some(PendingOp::Flush(op));
-                    b.write_back(block, storage, AfterWriteBack::Flush, out);
-                }
-                _ => complete(out, op, block, Outcome::Flushed),
-            },
+            UserOp::Flush => b.start_flush(block, op, storage, out),
         }
         if released {
             self.drain(block, out)?;
@@ -718,126 +928,28 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             msg: msg_name(&m),
             state: b.state_name(),
         };
-        let result = 'rules: {
-            match m {
-                Msg::Forward {
-                    reader, reader_seq, ..
-                } => match (&b.data, b.mode) {
-                    (None, _) => {
-                        self.counters.forwards_failed += 1;
-                        out.push(Output::Send {
-                            to: manager,
-                            msg: Msg::ForwardFailed {
-                                block,
-                                reader,
-                                reader_seq,
-                            },
-                        });
-                    }
-                    (Some(_), Mode::Private { dirty: true }) => {
-                        // The reliability rule: durable on storage before it leaves this client.
-                        self.counters.writebacks_before_forward += 1;
-                        b.write_back(
-                            block,
-                            storage,
-                            AfterWriteBack::Forward(reader, reader_seq),
-                            out,
-                        );
-                    }
-                    (Some(_), _) => {
-                        self.counters.forwards_served += 1;
-                        b.send_copy(block, reader, reader_seq, out);
-                    }
-                },
-                Msg::Revoke { .. } => {
-                    self.counters.revokes += 1;
-                    match (&b.data, b.mode) {
-                        (None, _) => out.push(Output::Send {
-                            to: manager,
-                            msg: Msg::RevokeAck { block },
-                        }),
-                        (Some(_), Mode::Private { dirty: true }) => {
-                            b.write_back(block, storage, AfterWriteBack::Revoke, out);
-                        }
-                        (Some(_), _) => {
-                            b.step = Some(Step::KernelInvalidate { revoke: true });
-                            out.push(Output::InvalidateKernel { block });
-                        }
-                    }
-                }
-                Msg::Grant { .. } => match (b.op.take(), b.data.is_some()) {
-                    (Some(PendingOp::Write(op, value)), _) => b.written(block, op, value, out),
-                    (Some(PendingOp::Update(op, patch)), true) => b.updated(block, op, patch, out),
-                    (Some(PendingOp::Acquire(op)), true) => b.acquired(block, op, out),
-                    (op, _) => {
-                        b.op = op;
-                        break 'rules Err(unexpected);
-                    }
-                },
-                Msg::EvictGrant { handoff, .. } => match &b.op {
-                    Some(PendingOp::Evict { op, asked: true }) => {
-                        let op = *op;
-                        if handoff.is_some() && b.data.is_none() {
-                            // The manager reserved a sequence number on the peer's channel for a copy
-                            // this client no longer holds: report it, it would stall that channel.
-                            break 'rules Err(unexpected);
-                        }
-                        if let (Some((peer, seq)), Some(d)) = (handoff, b.data.take()) {
-                            self.counters.handoffs_sent += 1;
-                            out.push(Output::Send {
-                                to: peer,
-                                msg: Msg::Handoff {
-                                    block,
-                                    seq,
-                                    data: d,
-                                },
-                            });
-                        }
-                        b.data = None;
-                        b.mode = Mode::Shared;
-                        b.op = None;
-                        complete(out, op, block, Outcome::Evicted);
-                    }
-                    _ => break 'rules Err(unexpected),
-                },
-                // A copy handed off to this client may already be here: the reply replaces it.
-                Msg::Data {
-                    data, exclusive, ..
-                } => match (b.op.take(), exclusive) {
-                    (Some(PendingOp::Read(op)), false) => {
-                        b.data = Some(data.clone());
-                        b.mode = Mode::Shared;
-                        complete(out, op, block, Outcome::Read(data));
-                    }
-                    (Some(PendingOp::Write(op, value)), true) => b.written(block, op, value, out),
-                    (Some(PendingOp::Update(op, patch)), true) => {
-                        b.data = Some(data);
-                        b.updated(block, op, patch, out)
-                    }
-                    (Some(PendingOp::Acquire(op)), true) => {
-                        b.data = Some(data);
-                        b.mode = Mode::Private { dirty: false };
-                        b.acquired(block, op, out)
-                    }
-                    (op, _) => {
-                        b.op = op;
-                        break 'rules Err(unexpected);
-                    }
-                },
-                // The manager now counts this client as a cacher: take the copy whatever the
-                // block is doing (a pending read or write still waits for its own reply).
-                Msg::Handoff { data, .. } => {
-                    if b.data.is_none() {
-                        self.counters.handoffs_taken += 1;
-                        b.data = Some(data);
-                        b.mode = Mode::Shared;
-                    } else {
-                        self.counters.handoffs_dropped += 1;
-                    }
-                }
-                _ => break 'rules Err(unexpected),
+        let counters = &mut self.counters;
+        let expected = match m {
+            Msg::Forward {
+                reader, reader_seq, ..
+            } => {
+                b.forwarded(block, manager, storage, (reader, reader_seq), counters, out);
+                true
             }
-            Ok(())
+            Msg::Revoke { .. } => {
+                b.revoked(block, manager, storage, counters, out);
+                true
+            }
+            Msg::Grant { .. } => b.granted(block, out),
+            Msg::EvictGrant { handoff, .. } => b.evict_granted(block, handoff, counters, out),
+            Msg::Data {
+                data, exclusive, ..
+            } => b.data_arrived(block, data, exclusive, out),
+            Msg::Handoff { data, .. } => {
+                b.handed_off(data, counters);
+                true
+            }
+            _ => false,
         };
         // The cached-block count follows the copy (no second lookup).
         match (had, b.data.is_some()) {
@@ -845,7 +957,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             (true, false) => self.cached -= 1,
             _ => {}
         }
-        result
+        if expected {
+            Ok(())
+        } else {
+            Err(unexpected)
+        }
     }
 
     /// Storage acknowledged a write-back.

@@ -267,117 +267,137 @@ impl ManagerShard {
         req: Request,
         out: &mut Vec<Output<D>>,
     ) {
-        let storage = self.placement.storage(block);
         match req {
-            Request::Read => {
-                let reader_seq = self.seq(from, block);
-                let b = self.blocks.entry(block).or_default();
-                b.recirculated = 0;
-                let last = b
-                    .last_reader
-                    .filter(|r| *r != from && b.cachers.contains(r));
-                let source = match b.owner {
-                    Some(o) if o != from => Some(o),
-                    _ => last.or_else(|| b.cachers.iter().copied().find(|c| *c != from)),
-                };
-                b.owner = None;
-                b.last_reader = Some(from);
-                b.cachers.insert(from);
-                match source {
-                    Some(holder) => {
-                        self.counters.forwards += 1;
-                        let seq = self.seq(holder, block);
-                        out.push(Output::Send {
-                            to: holder,
-                            msg: Msg::Forward {
-                                block,
-                                seq,
-                                reader: from,
-                                reader_seq,
-                            },
-                        });
-                    }
-                    None => {
-                        self.counters.fetches += 1;
-                        out.push(Output::Send {
-                            to: storage,
-                            msg: Msg::Fetch {
-                                block,
-                                to: from,
-                                seq: reader_seq,
-                                exclusive: false,
-                            },
-                        });
-                    }
-                }
-            }
+            Request::Read => self.serve_read(block, from, out),
             Request::Write { has_data, whole } => {
-                let b = self.blocks.entry(block).or_default();
-                b.recirculated = 0;
-                let mut holders: BTreeSet<NodeId> =
-                    b.cachers.iter().copied().filter(|c| *c != from).collect();
-                if let Some(o) = b.owner.filter(|o| *o != from) {
-                    holders.insert(o);
-                }
-                if holders.is_empty() {
-                    self.grant(block, from, has_data, whole, out);
-                } else {
-                    b.writing = Some(WriteInProgress {
-                        writer: from,
-                        has_data,
-                        whole,
-                        waiting: holders.clone(),
-                    });
-                    for h in holders {
-                        self.counters.revokes += 1;
-                        let seq = self.seq(h, block);
-                        out.push(Output::Send {
-                            to: h,
-                            msg: Msg::Revoke { block, seq },
-                        });
-                    }
-                }
+                self.serve_write(block, from, has_data, whole, out)
             }
-            Request::Evict => {
-                let n_chance = self.config.n_chance;
-                let b = self.blocks.entry(block).or_default();
-                let was_cacher = b.cachers.remove(&from);
-                if b.owner == Some(from) {
-                    b.owner = None;
-                }
-                let mut handoff = None;
-                if was_cacher
-                    && b.cachers.is_empty()
-                    && b.owner.is_none()
-                    && b.recirculated < n_chance
-                {
-                    // The next client after the evicting one, round the ring.
-                    let n = self.clients.len();
-                    let at = self.clients.iter().position(|c| *c == from).unwrap_or(0);
-                    let peer = (1..n)
-                        .map(|i| self.clients[(at + i) % n])
-                        .find(|c| *c != from);
-                    if let Some(peer) = peer {
-                        b.recirculated += 1;
-                        b.cachers.insert(peer);
-                        handoff = Some(peer);
-                    }
-                }
-                let handoff = handoff.map(|p| {
-                    self.counters.handoffs += 1;
-                    (p, self.seq(p, block))
-                });
-                let seq = self.seq(from, block);
+            Request::Evict => self.serve_evict(block, from, out),
+        }
+    }
+
+    /// A read miss: delegated to a client holding a copy (the owner, else the last reader,
+    /// else any cacher), or fetched from storage.
+    #[inline]
+    fn serve_read<D: Clone>(&mut self, block: BlockId, from: NodeId, out: &mut Vec<Output<D>>) {
+        let storage = self.placement.storage(block);
+        let reader_seq = self.seq(from, block);
+        let b = self.blocks.entry(block).or_default();
+        b.recirculated = 0;
+        let last = b
+            .last_reader
+            .filter(|r| *r != from && b.cachers.contains(r));
+        let source = match b.owner {
+            Some(o) if o != from => Some(o),
+            _ => last.or_else(|| b.cachers.iter().copied().find(|c| *c != from)),
+        };
+        b.owner = None;
+        b.last_reader = Some(from);
+        b.cachers.insert(from);
+        match source {
+            Some(holder) => {
+                self.counters.forwards += 1;
+                let seq = self.seq(holder, block);
                 out.push(Output::Send {
-                    to: from,
-                    msg: Msg::EvictGrant {
+                    to: holder,
+                    msg: Msg::Forward {
                         block,
                         seq,
-                        handoff,
+                        reader: from,
+                        reader_seq,
+                    },
+                });
+            }
+            None => {
+                self.counters.fetches += 1;
+                out.push(Output::Send {
+                    to: storage,
+                    msg: Msg::Fetch {
+                        block,
+                        to: from,
+                        seq: reader_seq,
+                        exclusive: false,
                     },
                 });
             }
         }
+    }
+
+    /// A write: granted at once if nobody else holds the block, else every other holder
+    /// is revoked and the grant waits for their acknowledgements.
+    #[inline]
+    fn serve_write<D: Clone>(
+        &mut self,
+        block: BlockId,
+        from: NodeId,
+        has_data: bool,
+        whole: bool,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let b = self.blocks.entry(block).or_default();
+        b.recirculated = 0;
+        let mut holders: BTreeSet<NodeId> =
+            b.cachers.iter().copied().filter(|c| *c != from).collect();
+        if let Some(o) = b.owner.filter(|o| *o != from) {
+            holders.insert(o);
+        }
+        if holders.is_empty() {
+            self.grant(block, from, has_data, whole, out);
+            return;
+        }
+        b.writing = Some(WriteInProgress {
+            writer: from,
+            has_data,
+            whole,
+            waiting: holders.clone(),
+        });
+        for h in holders {
+            self.counters.revokes += 1;
+            let seq = self.seq(h, block);
+            out.push(Output::Send {
+                to: h,
+                msg: Msg::Revoke { block, seq },
+            });
+        }
+    }
+
+    /// An eviction: granted, and the last copy of a block not yet recirculated
+    /// `n_chance` times handed to the next client round the ring (N-chance).
+    #[inline]
+    fn serve_evict<D: Clone>(&mut self, block: BlockId, from: NodeId, out: &mut Vec<Output<D>>) {
+        let n_chance = self.config.n_chance;
+        let b = self.blocks.entry(block).or_default();
+        let was_cacher = b.cachers.remove(&from);
+        if b.owner == Some(from) {
+            b.owner = None;
+        }
+        let mut handoff = None;
+        if was_cacher && b.cachers.is_empty() && b.owner.is_none() && b.recirculated < n_chance {
+            // The next client after the evicting one, round the ring.
+            let n = self.clients.len();
+            let at = self.clients.iter().position(|c| *c == from).unwrap_or(0);
+            let peer = (1..n)
+                .map(|i| self.clients[(at + i) % n])
+                .find(|c| *c != from);
+            if let Some(peer) = peer {
+                b.recirculated += 1;
+                b.cachers.insert(peer);
+                handoff = Some(peer);
+            }
+        }
+        let handoff = handoff.map(|p| {
+            self.counters.handoffs += 1;
+            (p, self.seq(p, block))
+        });
+        let seq = self.seq(from, block);
+        out.push(Output::Send {
+            to: from,
+            msg: Msg::EvictGrant {
+                block,
+                seq,
+                handoff,
+            },
+        });
     }
 
     fn grant<D: Clone>(

@@ -12,10 +12,14 @@
 //!   sequence number of its next outgoing message.
 //! * [`StorageShard`]: serves fetches (delegated replies) and write-backs from a [`BlockStore`].
 //!
-//! Nothing here does IO or reads a clock: a driver feeds inputs ([`ClientShard::start`],
-//! [`ClientShard::receive`], [`ClientShard::kernel_invalidated`], [`ManagerShard::receive`],
-//! [`StorageShard::receive`]) and executes the [`Output`]s. The `stateright` model
-//! (`tests/model/`) and the shard loops ([`crate::shard`]) drive this same code.
+//! Nothing here reads a clock, and nothing does IO but the [`BlockStore`] the storage role
+//! is given: in a node that is the node's log (`storage::block_store::LogStore`), shared by
+//! every shard through one mutex, whose reads, writes and syncs do the striped log's
+//! network IO inside the call (docs/architecture.md). A driver feeds inputs
+//! ([`ClientShard::start`], [`ClientShard::receive`], [`ClientShard::kernel_invalidated`],
+//! [`ManagerShard::receive`], [`StorageShard::receive`]) and executes the [`Output`]s. The
+//! `stateright` model (`tests/model/`) and the shard loops ([`crate::shard`]) drive this
+//! same code.
 //!
 //! ## The protocol
 //!

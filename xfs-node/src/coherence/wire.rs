@@ -92,7 +92,6 @@ impl MsgKind {
 /// Encode a protocol message as AM arguments plus an optional payload.
 pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
     payload.clear();
-    let pair = |a: u16, b: u32| ((a as u64) << 32) | b as u64;
     match msg {
         Msg::ReadReq { block } => [MsgKind::ReadReq as u64, *block, 0, 0],
         Msg::WriteReq {
@@ -186,18 +185,6 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
     let [kind, block, a, b] = *args else {
         return None;
     };
-    let unpair = |v: u64| -> Option<(u16, u32)> {
-        if v >> 48 != 0 {
-            return None;
-        }
-        Some(((v >> 32) as u16, v as u32))
-    };
-    let seq = |v: u64| u32::try_from(v).ok();
-    let flag = |v: u64| match v {
-        0 => Some(false),
-        1 => Some(true),
-        _ => None,
-    };
     let empty = payload.is_empty();
     Some(match MsgKind::from_wire(kind)? {
         MsgKind::ReadReq if empty => Msg::ReadReq { block },
@@ -236,11 +223,7 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
         MsgKind::EvictGrant if empty => Msg::EvictGrant {
             block,
             seq: seq(a)?,
-            handoff: match b {
-                0 => None,
-                v if v >> 63 == 1 => Some(unpair(v & !(1 << 63))?),
-                _ => return None,
-            },
+            handoff: unpair_handoff(b)?,
         },
         MsgKind::Fetch if empty => {
             let (to, s) = unpair(a)?;
@@ -271,4 +254,46 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
         // A known kind whose arguments or payload do not fit it.
         _ => return None,
     })
+}
+
+/// A node and a sequence number in one argument (the node in bits 32..48).
+#[inline]
+fn pair(a: u16, b: u32) -> u64 {
+    ((a as u64) << 32) | b as u64
+}
+
+/// The node and number [`pair`] put in `v`; `None` if `v` is not such a pair.
+#[inline]
+fn unpair(v: u64) -> Option<(u16, u32)> {
+    if v >> 48 != 0 {
+        return None;
+    }
+    Some(((v >> 32) as u16, v as u32))
+}
+
+/// An `EvictGrant`'s handoff: 0 for none, else a [`pair`] with the top bit set; `None`
+/// if `v` is neither.
+#[inline]
+fn unpair_handoff(v: u64) -> Option<Option<(u16, u32)>> {
+    match v {
+        0 => Some(None),
+        v if v >> 63 == 1 => Some(Some(unpair(v & !(1 << 63))?)),
+        _ => None,
+    }
+}
+
+/// A sequence number; `None` if `v` does not fit one.
+#[inline]
+fn seq(v: u64) -> Option<u32> {
+    u32::try_from(v).ok()
+}
+
+/// A boolean flag (0 or 1); `None` for any other value.
+#[inline]
+fn flag(v: u64) -> Option<bool> {
+    match v {
+        0 => Some(false),
+        1 => Some(true),
+        _ => None,
+    }
 }

@@ -18,8 +18,30 @@ use crate::lock;
 use crate::storage::block_store::LogStore;
 use crate::storage::remote::RemoteStore;
 
+/// The shard a node runs: block data as bytes, stored in the node's log.
+type NodeShard<T> = Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>;
+
+/// The callers waiting for an answer of the shard, by operation.
+#[derive(Default)]
+struct Waiting {
+    ops: BTreeMap<OpId, OpReply>,
+    syncs: BTreeMap<OpId, Sender<Result<(), SyncError>>>,
+    /// Store commands in flight (those older than two minutes are dropped unanswered when
+    /// the next one comes: a dead peer).
+    calls: BTreeMap<OpId, (Instant, CallReply)>,
+}
+
+/// Kernel invalidations on their way to the attached mount.
+#[derive(Default)]
+struct KernelQueue {
+    /// Asked for, not yet taken by the mount (it was behind).
+    unsent: Vec<BlockId>,
+    /// Invalidations done so far (the `kernel_invalidations` counter).
+    done: u64,
+}
+
 pub(crate) fn shard_loop<T: Transport + Send>(
-    mut shard: Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>,
+    mut shard: NodeShard<T>,
     rx: Receiver<Cmd>,
     stop: Arc<AtomicBool>,
     mount: MountLink,
@@ -28,140 +50,23 @@ pub(crate) fn shard_loop<T: Transport + Send>(
     // Kernel invalidations go to the attached mount (if any) and complete when it answers.
     shard.external_kernel = true;
     shard.external_commands = commands.is_some();
-    let mut unsent: Vec<BlockId> = Vec::new();
-    let mut invalidations = 0u64;
-    let mut ops: BTreeMap<OpId, OpReply> = BTreeMap::new();
-    let mut syncs: BTreeMap<OpId, Sender<Result<(), SyncError>>> = BTreeMap::new();
-    // Store commands in flight (dropped unanswered after two minutes: a dead peer).
-    let mut calls: BTreeMap<OpId, (Instant, CallReply)> = BTreeMap::new();
+    let mut waiting = Waiting::default();
+    let mut kernel = KernelQueue::default();
     let mut idle = 0u32;
     let mut last_error: Option<String> = None;
     while !stop.load(Ordering::Relaxed) {
         let mut work = 0;
         while let Ok(cmd) = rx.try_recv() {
             work += 1;
-            match cmd {
-                Cmd::Op {
-                    op,
-                    block,
-                    user,
-                    reply,
-                } => {
-                    ops.insert(op, reply);
-                    shard.submit(op, block, user);
-                }
-                Cmd::Sync { op, node, reply } => {
-                    syncs.insert(op, reply);
-                    shard.sync(op, node);
-                }
-                Cmd::Call {
-                    op,
-                    node,
-                    request,
-                    reply,
-                } => {
-                    calls.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(120));
-                    calls.insert(op, (Instant::now(), reply));
-                    shard.call(op, node, request);
-                }
-                Cmd::CommandDone { from, op, result } => shard.command_done(from, op, result),
-                Cmd::KernelDone(blocks) => {
-                    for b in blocks {
-                        shard.kernel_done(b);
-                    }
-                }
-                Cmd::Stats(tx) => {
-                    let c = shard.counters();
-                    let cc = shard.client.counters;
-                    let mc = shard.manager.counters;
-                    let _ = tx.send(vec![
-                        ("messages".into(), c.messages),
-                        ("remote_sends".into(), c.remote_sends),
-                        ("local_sends".into(), c.local_sends),
-                        ("ops_completed".into(), c.ops_completed),
-                        ("bad_messages".into(), c.bad_messages),
-                        ("protocol_errors".into(), c.protocol_errors),
-                        ("undeliverable".into(), c.undeliverable),
-                        ("bounced".into(), c.bounced),
-                        (
-                            "reads_during_invalidation".into(),
-                            c.reads_during_invalidation,
-                        ),
-                        ("peer_reads".into(), cc.peer_reads),
-                        ("storage_reads".into(), cc.storage_reads),
-                        ("forwards_served".into(), cc.forwards_served),
-                        ("revokes".into(), cc.revokes),
-                        ("handoffs_sent".into(), cc.handoffs_sent),
-                        ("handoffs_taken".into(), cc.handoffs_taken),
-                        ("capacity_evictions".into(), cc.capacity_evictions),
-                        ("cached_blocks".into(), shard.client.cached() as u64),
-                        ("manager_forwards".into(), mc.forwards),
-                        ("manager_fetches".into(), mc.fetches),
-                        ("kernel_invalidations".into(), invalidations),
-                    ]);
-                }
-            }
+            take_cmd(&mut shard, cmd, &mut waiting, kernel.done);
         }
         work += shard.step(256).unwrap_or(0);
         if let Some(tx) = &commands {
-            for (from, op, request) in shard.take_commands() {
-                work += 1;
-                if let Err(e) = tx.try_send((from, op, request)) {
-                    let why = match e {
-                        mpsc::TrySendError::Full(_) => CommandError::Busy,
-                        mpsc::TrySendError::Disconnected(_) => CommandError::CommandThreadStopped,
-                    };
-                    shard.command_done(from, op, Err(why));
-                }
-            }
+            work += pass_commands(&mut shard, tx);
         }
-        let asked = shard.take_kernel_requests();
-        if !asked.is_empty() || !unsent.is_empty() {
-            work += asked.len();
-            unsent.extend(asked);
-            // Sent under the lock: once the mount's stream clears the link, no batch can
-            // still be on its way into the old queue.
-            let link = lock(&mount);
-            let done = match link.as_ref() {
-                Some(tx) => match tx.try_send(std::mem::take(&mut unsent)) {
-                    Ok(()) => Vec::new(),
-                    // The mount is behind: hold them back for the next turn.
-                    Err(mpsc::TrySendError::Full(v)) => {
-                        unsent = v;
-                        Vec::new()
-                    }
-                    Err(mpsc::TrySendError::Disconnected(v)) => v,
-                },
-                None => std::mem::take(&mut unsent),
-            };
-            drop(link);
-            invalidations += done.len() as u64;
-            for b in done {
-                shard.kernel_done(b);
-            }
-        }
-        for c in shard.take_completions() {
-            if let Some((i, tx)) = ops.remove(&c.op) {
-                let _ = tx.send((i, Ok(c.outcome)));
-            }
-        }
-        for (op, r) in shard.take_sync_done() {
-            if let Some(tx) = syncs.remove(&op) {
-                let _ = tx.send(r);
-            }
-        }
-        for (op, r) in shard.take_call_done() {
-            if let Some((_, tx)) = calls.remove(&op) {
-                let _ = tx.send(r);
-            }
-        }
-        if let Some(e) = shard.last_error() {
-            let e = e.to_string();
-            if last_error.as_ref() != Some(&e) {
-                eprintln!("xfs-node: shard: {e}");
-                last_error = Some(e);
-            }
-        }
+        work += kernel.send(&mut shard, &mount);
+        waiting.answer(&mut shard);
+        report_error(&shard, &mut last_error);
         if work == 0 {
             idle += 1;
             if idle > 64 {
@@ -173,6 +78,174 @@ pub(crate) fn shard_loop<T: Transport + Send>(
             }
         } else {
             idle = 0;
+        }
+    }
+}
+
+/// Hand one command from the node to the shard, noting where its answer goes.
+#[inline]
+fn take_cmd<T: Transport + Send>(
+    shard: &mut NodeShard<T>,
+    cmd: Cmd,
+    waiting: &mut Waiting,
+    invalidations: u64,
+) {
+    match cmd {
+        Cmd::Op {
+            op,
+            block,
+            user,
+            reply,
+        } => {
+            waiting.ops.insert(op, reply);
+            shard.submit(op, block, user);
+        }
+        Cmd::Sync { op, node, reply } => {
+            waiting.syncs.insert(op, reply);
+            shard.sync(op, node);
+        }
+        Cmd::Call {
+            op,
+            node,
+            request,
+            reply,
+        } => {
+            let calls = &mut waiting.calls;
+            calls.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(120));
+            calls.insert(op, (Instant::now(), reply));
+            shard.call(op, node, request);
+        }
+        Cmd::CommandDone { from, op, result } => shard.command_done(from, op, result),
+        Cmd::KernelDone(blocks) => {
+            for b in blocks {
+                shard.kernel_done(b);
+            }
+        }
+        Cmd::Stats(tx) => {
+            let _ = tx.send(stats(shard, invalidations));
+        }
+    }
+}
+
+/// The shard's counters, named, for `xfs-node status`.
+fn stats<T: Transport + Send>(shard: &NodeShard<T>, invalidations: u64) -> Vec<(String, u64)> {
+    let c = shard.counters();
+    let cc = shard.client.counters;
+    let mc = shard.manager.counters;
+    vec![
+        ("messages".into(), c.messages),
+        ("remote_sends".into(), c.remote_sends),
+        ("local_sends".into(), c.local_sends),
+        ("ops_completed".into(), c.ops_completed),
+        ("bad_messages".into(), c.bad_messages),
+        ("protocol_errors".into(), c.protocol_errors),
+        ("undeliverable".into(), c.undeliverable),
+        ("bounced".into(), c.bounced),
+        (
+            "reads_during_invalidation".into(),
+            c.reads_during_invalidation,
+        ),
+        ("peer_reads".into(), cc.peer_reads),
+        ("storage_reads".into(), cc.storage_reads),
+        ("forwards_served".into(), cc.forwards_served),
+        ("revokes".into(), cc.revokes),
+        ("handoffs_sent".into(), cc.handoffs_sent),
+        ("handoffs_taken".into(), cc.handoffs_taken),
+        ("capacity_evictions".into(), cc.capacity_evictions),
+        ("cached_blocks".into(), shard.client.cached() as u64),
+        ("manager_forwards".into(), mc.forwards),
+        ("manager_fetches".into(), mc.fetches),
+        ("kernel_invalidations".into(), invalidations),
+    ]
+}
+
+/// Pass the store commands peers sent to the command thread; one it cannot take is
+/// answered at once with the reason. Returns how many there were.
+#[inline]
+fn pass_commands<T: Transport + Send>(
+    shard: &mut NodeShard<T>,
+    tx: &SyncSender<(NodeId, OpId, Vec<u8>)>,
+) -> usize {
+    let mut work = 0;
+    for (from, op, request) in shard.take_commands() {
+        work += 1;
+        if let Err(e) = tx.try_send((from, op, request)) {
+            let why = match e {
+                mpsc::TrySendError::Full(_) => CommandError::Busy,
+                mpsc::TrySendError::Disconnected(_) => CommandError::CommandThreadStopped,
+            };
+            shard.command_done(from, op, Err(why));
+        }
+    }
+    work
+}
+
+impl KernelQueue {
+    /// Send the invalidations the shard asked for (and those held back) to the mount;
+    /// with no mount attached, or a mount gone, they are done at once. Returns how many
+    /// were asked for.
+    #[inline]
+    fn send<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>, mount: &MountLink) -> usize {
+        let asked = shard.take_kernel_requests();
+        if asked.is_empty() && self.unsent.is_empty() {
+            return 0;
+        }
+        let work = asked.len();
+        self.unsent.extend(asked);
+        // Sent under the lock: once the mount's stream clears the link, no batch can
+        // still be on its way into the old queue.
+        let link = lock(mount);
+        let done = match link.as_ref() {
+            Some(tx) => match tx.try_send(std::mem::take(&mut self.unsent)) {
+                Ok(()) => Vec::new(),
+                // The mount is behind: hold them back for the next turn.
+                Err(mpsc::TrySendError::Full(v)) => {
+                    self.unsent = v;
+                    Vec::new()
+                }
+                Err(mpsc::TrySendError::Disconnected(v)) => v,
+            },
+            None => std::mem::take(&mut self.unsent),
+        };
+        drop(link);
+        self.done += done.len() as u64;
+        for b in done {
+            shard.kernel_done(b);
+        }
+        work
+    }
+}
+
+impl Waiting {
+    /// Answer the callers whose operations, syncs and store commands the shard finished.
+    #[inline]
+    fn answer<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) {
+        for c in shard.take_completions() {
+            if let Some((i, tx)) = self.ops.remove(&c.op) {
+                let _ = tx.send((i, Ok(c.outcome)));
+            }
+        }
+        for (op, r) in shard.take_sync_done() {
+            if let Some(tx) = self.syncs.remove(&op) {
+                let _ = tx.send(r);
+            }
+        }
+        for (op, r) in shard.take_call_done() {
+            if let Some((_, tx)) = self.calls.remove(&op) {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+/// Print the shard's last protocol error once (again only when it changes).
+#[inline]
+fn report_error<T: Transport + Send>(shard: &NodeShard<T>, last_error: &mut Option<String>) {
+    if let Some(e) = shard.last_error() {
+        let e = e.to_string();
+        if last_error.as_ref() != Some(&e) {
+            eprintln!("xfs-node: shard: {e}");
+            *last_error = Some(e);
         }
     }
 }

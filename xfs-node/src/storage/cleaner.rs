@@ -537,8 +537,10 @@ impl Leader {
     }
 
     /// Look at the group and clean one batch if needed: `now` in milliseconds, `pace` is
-    /// called after each segment with the time it took (the driver sleeps, a simulation
-    /// does not). Returns the segments cleaned (0: nothing to do).
+    /// called after each segment and each writer's finish with the time it took (the
+    /// driver sleeps, a simulation does not), but not while writers wait for space (free
+    /// segments below half the low-water mark). Returns the segments cleaned (0: nothing
+    /// to do).
     pub fn round(
         &mut self,
         group: &mut dyn Group,
@@ -546,80 +548,21 @@ impl Leader {
         now: u64,
         pace: &mut dyn FnMut(Duration),
     ) -> u64 {
-        let mut usages = Vec::new();
-        for w in writers {
-            let cmd = Command::Usage {
-                limit: 64,
-                policy: self.cfg.policy,
-            };
-            match group.call(*w, &cmd) {
-                Ok(Reply::Usage(u)) => usages.push(u),
-                Ok(Reply::Error(e)) => self.status.last_error = format!("node {w}: {e}"),
-                Err(e) => self.status.last_error = format!("node {w}: {e}"),
-                Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
-            }
-        }
+        let usages = self.gather_usage(group, writers);
         if usages.is_empty() {
             self.status.state = "idle (no writer answers)".into();
             return 0;
         }
-        let free = usages.iter().map(|u| u.free_segments).min().unwrap_or(0);
-        let total = free + usages.iter().map(|u| u.held).sum::<u64>();
-        let written: u64 = usages.iter().map(|u| u.written).sum();
-        if written != self.last_written || self.last_activity == 0 {
-            self.last_written = written;
-            self.last_activity = now.max(1);
-        }
-        self.status.free_segments = free;
-        self.status.total_segments = total;
-        self.status.segment_payload = usages[0].payload;
-        self.status.live_bytes = usages.iter().map(|u| u.live).sum();
-        self.status.cleanable_bytes = usages.iter().map(|u| u.dead).sum();
-        self.status.writers = usages.len() as u64;
-        let frac = free as f64 / total.max(1) as f64;
-        if frac < self.cfg.low_water {
-            self.cleaning = true;
-        } else if frac >= self.cfg.high_water {
-            self.cleaning = false;
-        }
-        let idle = now.saturating_sub(self.last_activity) >= self.cfg.idle_ms;
-        let limit = if self.cleaning {
-            self.cfg.max_utilisation
-        } else if idle {
-            self.cfg.idle_utilisation
-        } else {
+        let frac = self.note_usage(&usages, now);
+        let Some(limit) = self.utilisation_limit(frac, now) else {
             self.status.state = "idle".into();
             return 0;
         };
         let round = self.status.rounds;
         self.skip.retain(|_, until| *until > round);
-        let mut scored: Vec<(f64, NodeId, u64)> = Vec::new();
-        for u in &usages {
-            for c in &u.candidates {
-                if self.skip.contains_key(&(u.writer, c.segment)) {
-                    continue;
-                }
-                let util = c.live as f64 / u.payload.max(1) as f64;
-                if util <= limit {
-                    let age = u.now.saturating_sub(c.time);
-                    scored.push((score(self.cfg.policy, util, age), u.writer, c.segment));
-                }
-            }
-        }
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
-        scored.truncate(self.cfg.batch);
+        let scored = self.choose(&usages, limit);
         if scored.is_empty() {
-            if self.cleaning {
-                // Nothing to move: the writers' waiting data may be what holds space.
-                for u in &usages {
-                    if let Ok(Reply::Finished(n)) = group.call(u.writer, &Command::Finish) {
-                        self.status.freed += n;
-                    }
-                }
-                self.status.state = "cleaning (nothing cleanable: waiting for writes)".into();
-            } else {
-                self.status.state = "idle (nothing cleanable)".into();
-            }
+            self.nothing_cleanable(group, &usages);
             return 0;
         }
         self.status.state = if self.cleaning {
@@ -635,9 +578,117 @@ impl Leader {
                 pace(d)
             }
         };
+        let (cleaned, touched) = self.clean(group, &scored, round, &mut pace);
+        self.finish_writers(group, touched, &mut pace);
+        self.status.rounds += 1;
+        cleaned
+    }
+
+    /// Ask every writer for its usage; the errors of those that do not answer are noted.
+    fn gather_usage(&mut self, group: &mut dyn Group, writers: &[NodeId]) -> Vec<WriterUsage> {
+        let mut usages = Vec::new();
+        for w in writers {
+            let cmd = Command::Usage {
+                limit: 64,
+                policy: self.cfg.policy,
+            };
+            match group.call(*w, &cmd) {
+                Ok(Reply::Usage(u)) => usages.push(u),
+                Ok(Reply::Error(e)) => self.status.last_error = format!("node {w}: {e}"),
+                Err(e) => self.status.last_error = format!("node {w}: {e}"),
+                Ok(other) => self.status.last_error = format!("node {w}: answered {other:?}"),
+            }
+        }
+        usages
+    }
+
+    /// Note the group's space and activity from the writers' usage (`usages` not empty);
+    /// returns the fraction of its segments that are free.
+    fn note_usage(&mut self, usages: &[WriterUsage], now: u64) -> f64 {
+        let free = usages.iter().map(|u| u.free_segments).min().unwrap_or(0);
+        let total = free + usages.iter().map(|u| u.held).sum::<u64>();
+        let written: u64 = usages.iter().map(|u| u.written).sum();
+        if written != self.last_written || self.last_activity == 0 {
+            self.last_written = written;
+            self.last_activity = now.max(1);
+        }
+        self.status.free_segments = free;
+        self.status.total_segments = total;
+        self.status.segment_payload = usages[0].payload;
+        self.status.live_bytes = usages.iter().map(|u| u.live).sum();
+        self.status.cleanable_bytes = usages.iter().map(|u| u.dead).sum();
+        self.status.writers = usages.len() as u64;
+        free as f64 / total.max(1) as f64
+    }
+
+    /// Whether to clean with `frac` of the segments free (low on space, between the
+    /// water marks, or the group idle): the most live a segment may be to be cleaned, or
+    /// `None` for no cleaning now.
+    fn utilisation_limit(&mut self, frac: f64, now: u64) -> Option<f64> {
+        if frac < self.cfg.low_water {
+            self.cleaning = true;
+        } else if frac >= self.cfg.high_water {
+            self.cleaning = false;
+        }
+        let idle = now.saturating_sub(self.last_activity) >= self.cfg.idle_ms;
+        if self.cleaning {
+            Some(self.cfg.max_utilisation)
+        } else if idle {
+            Some(self.cfg.idle_utilisation)
+        } else {
+            None
+        }
+    }
+
+    /// The segments to clean this round, best first: (score, writer, segment), at most
+    /// `batch`, none more than `limit` live and none cleaned in the last rounds.
+    fn choose(&self, usages: &[WriterUsage], limit: f64) -> Vec<(f64, NodeId, u64)> {
+        let mut scored: Vec<(f64, NodeId, u64)> = Vec::new();
+        for u in usages {
+            for c in &u.candidates {
+                if self.skip.contains_key(&(u.writer, c.segment)) {
+                    continue;
+                }
+                let util = c.live as f64 / u.payload.max(1) as f64;
+                if util <= limit {
+                    let age = u.now.saturating_sub(c.time);
+                    scored.push((score(self.cfg.policy, util, age), u.writer, c.segment));
+                }
+            }
+        }
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)));
+        scored.truncate(self.cfg.batch);
+        scored
+    }
+
+    /// No segment is worth cleaning: say so, and when low on space have every writer
+    /// finish a round anyway.
+    fn nothing_cleanable(&mut self, group: &mut dyn Group, usages: &[WriterUsage]) {
+        if self.cleaning {
+            // Nothing to move: the writers' waiting data may be what holds space.
+            for u in usages {
+                if let Ok(Reply::Finished(n)) = group.call(u.writer, &Command::Finish) {
+                    self.status.freed += n;
+                }
+            }
+            self.status.state = "cleaning (nothing cleanable: waiting for writes)".into();
+        } else {
+            self.status.state = "idle (nothing cleanable)".into();
+        }
+    }
+
+    /// Clean the `scored` segments one by one, pacing after each. Returns the segments
+    /// cleaned and the writers asked (each once, in the order first asked).
+    fn clean(
+        &mut self,
+        group: &mut dyn Group,
+        scored: &[(f64, NodeId, u64)],
+        round: u64,
+        pace: &mut dyn FnMut(Duration),
+    ) -> (u64, Vec<NodeId>) {
         let mut touched: Vec<NodeId> = Vec::new();
         let mut cleaned = 0;
-        for (_, w, segment) in &scored {
+        for (_, w, segment) in scored {
             let t = Instant::now();
             match group.call(*w, &Command::Clean { segment: *segment }) {
                 Ok(Reply::Cleaned(s)) => {
@@ -663,6 +714,16 @@ impl Leader {
             self.status.progress.0 += 1;
             pace(t.elapsed());
         }
+        (cleaned, touched)
+    }
+
+    /// Have each writer that cleaned finish the round (checkpoint, free), pacing after each.
+    fn finish_writers(
+        &mut self,
+        group: &mut dyn Group,
+        touched: Vec<NodeId>,
+        pace: &mut dyn FnMut(Duration),
+    ) {
         for w in touched {
             let t = Instant::now();
             match group.call(w, &Command::Finish) {
@@ -673,8 +734,6 @@ impl Leader {
             }
             pace(t.elapsed());
         }
-        self.status.rounds += 1;
-        cleaned
     }
 }
 

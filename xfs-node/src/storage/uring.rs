@@ -20,12 +20,12 @@
 //!    errors and the buffers are leaked rather than freed under the kernel.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 
 use super::fragment::{
     check_sizes, FragmentId, FragmentStore, Header, SlotIndex, StoreError, HEADER_BYTES,
@@ -148,55 +148,15 @@ impl UringStore {
     /// Open (and, with `create_bytes`, create) the store at `path`, scanning its slot
     /// headers to rebuild the index.
     pub fn open(path: impl AsRef<Path>, opts: UringOptions) -> Result<UringStore, StoreError> {
-        let path_s = path.as_ref().display().to_string();
+        let path = path.as_ref();
+        let path_s = path.display().to_string();
         let io = |source| StoreError::Io {
             path: path_s.clone(),
             source,
         };
-        if opts.fragment_bytes == 0 || !opts.fragment_bytes.is_multiple_of(ALIGN) {
-            return Err(StoreError::Config(format!(
-                "fragment_bytes {} must be a non-zero multiple of {ALIGN}",
-                opts.fragment_bytes
-            )));
-        }
-        if opts.depth == 0 || opts.depth > 4096 {
-            return Err(StoreError::Config(format!(
-                "depth {} must be 1..=4096",
-                opts.depth
-            )));
-        }
-        let exists = path.as_ref().exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(!exists && opts.create_bytes.is_some())
-            .custom_flags(libc::O_DIRECT)
-            .open(path.as_ref())
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EINVAL) => StoreError::Config(format!(
-                    "{path_s}: O_DIRECT refused (tmpfs and some file systems do not support it; use a block device or a file on ext4/xfs)"
-                )),
-                _ => io(e),
-            })?;
-        let meta = file.metadata().map_err(io)?;
-        if !exists {
-            if let Some(n) = opts.create_bytes {
-                file.set_len(n).map_err(io)?;
-            }
-        }
-        let bytes = if meta.file_type().is_block_device() {
-            let mut n: u64 = 0;
-            // BLKGETSIZE64: the device's size in bytes.
-            // SAFETY: the ioctl writes one u64 to the pointer, which is valid and aligned.
-            #[allow(unsafe_code)]
-            let r = unsafe { libc::ioctl(file.as_raw_fd(), 0x8008_1272, &mut n as *mut u64) };
-            if r != 0 {
-                return Err(io(std::io::Error::last_os_error()));
-            }
-            n
-        } else {
-            file.metadata().map_err(io)?.len()
-        };
+        check_options(&opts)?;
+        let (file, meta) = open_file(path, &path_s, &opts)?;
+        let bytes = device_bytes(&file, &meta).map_err(io)?;
         let slot_bytes = HEADER_BYTES + opts.fragment_bytes;
         let slots = (bytes / slot_bytes as u64) as usize;
         if slots == 0 {
@@ -251,6 +211,41 @@ impl UringStore {
         StoreError::Io {
             path: self.path.clone(),
             source,
+        }
+    }
+
+    /// An error if the store is poisoned (invariant 2): it must be reopened.
+    fn check_usable(&self) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Config(format!(
+                "{}: the store failed earlier and must be reopened",
+                self.path
+            )));
+        }
+        Ok(())
+    }
+
+    /// Submit what is queued and wait for `want` completions (again when a signal
+    /// interrupts the wait). A failure poisons the store: requests may be in flight.
+    fn submit_and_wait(&mut self, want: usize) -> Result<(), StoreError> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    self.poisoned = true;
+                    return Err(self.err(e));
+                }
+            }
+        }
+    }
+
+    /// Count `n` completed fragment writes or reads.
+    fn count_done(&mut self, write: bool, n: usize) {
+        if write {
+            self.stats.writes += n as u64;
+        } else {
+            self.stats.reads += n as u64;
         }
     }
 
@@ -352,26 +347,12 @@ impl UringStore {
 
     /// Submit `reqs` (reads, or writes when `write`) all at once and wait for every one.
     fn run(&mut self, reqs: &[Req], write: bool) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Config(format!(
-                "{}: the store failed earlier and must be reopened",
-                self.path
-            )));
-        }
+        self.check_usable()?;
         let fd = types::Fd(self.file.as_raw_fd());
         for (i, r) in reqs.iter().enumerate() {
             let buf = &self.bufs[r.buf];
             debug_assert!(r.len <= buf.len && r.len % ALIGN == 0);
-            let entry = if write {
-                opcode::WriteFixed::new(fd, buf.ptr, r.len as u32, r.buf as u16)
-                    .offset(r.offset)
-                    .build()
-            } else {
-                opcode::ReadFixed::new(fd, buf.ptr, r.len as u32, r.buf as u16)
-                    .offset(r.offset)
-                    .build()
-            }
-            .user_data(i as u64);
+            let entry = fixed_io(fd, buf, r.buf, r.offset, r.len, write).user_data(i as u64);
             // SAFETY: invariant 2: the entry points into a registered buffer of at least
             // `len` bytes, and we wait for its completion below before touching it.
             #[allow(unsafe_code)]
@@ -386,36 +367,16 @@ impl UringStore {
         let mut failure: Option<std::io::Error> = None;
         self.stats.max_in_flight = self.stats.max_in_flight.max(reqs.len());
         while done < reqs.len() {
-            if let Err(e) = self.ring.submit_and_wait(reqs.len() - done) {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                self.poisoned = true;
-                return Err(self.err(e));
-            }
+            self.submit_and_wait(reqs.len() - done)?;
             for cqe in self.ring.completion() {
                 done += 1;
-                let i = cqe.user_data() as usize;
-                let want = reqs.get(i).map_or(0, |r| r.len) as i32;
-                if cqe.result() < 0 {
-                    failure.get_or_insert(std::io::Error::from_raw_os_error(-cqe.result()));
-                } else if cqe.result() != want {
-                    failure.get_or_insert(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "short {} of {} of {want} bytes",
-                            if write { "write" } else { "read" },
-                            cqe.result()
-                        ),
-                    ));
+                let want = reqs.get(cqe.user_data() as usize).map_or(0, |r| r.len);
+                if let Err(e) = completed(cqe.result(), want, write) {
+                    failure.get_or_insert(e);
                 }
             }
         }
-        if write {
-            self.stats.writes += reqs.len() as u64;
-        } else {
-            self.stats.reads += reqs.len() as u64;
-        }
+        self.count_done(write, reqs.len());
         match failure {
             Some(e) => Err(self.err(e)),
             None => Ok(()),
@@ -456,12 +417,7 @@ impl UringStore {
         mut fill: impl FnMut(&mut [u8], usize) -> (u64, usize),
         mut done: impl FnMut(&[u8], usize),
     ) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Config(format!(
-                "{}: the store failed earlier and must be reopened",
-                self.path
-            )));
-        }
+        self.check_usable()?;
         let fd = types::Fd(self.file.as_raw_fd());
         let depth = self.bufs.len();
         let mut free: Vec<usize> = (0..depth).rev().collect();
@@ -475,16 +431,8 @@ impl UringStore {
                 let (offset, len) = fill(buf.bytes(), next);
                 debug_assert!(len <= buf.len && len % ALIGN == 0);
                 lens[k] = len;
-                let entry = if write {
-                    opcode::WriteFixed::new(fd, buf.ptr, len as u32, k as u16)
-                        .offset(offset)
-                        .build()
-                } else {
-                    opcode::ReadFixed::new(fd, buf.ptr, len as u32, k as u16)
-                        .offset(offset)
-                        .build()
-                }
-                .user_data(((next as u64) << 16) | k as u64);
+                let entry = fixed_io(fd, buf, k, offset, len, write)
+                    .user_data(((next as u64) << 16) | k as u64);
                 // SAFETY: invariant 2: the entry points into registered buffer k, of at
                 // least `len` bytes, which is not touched again until its completion.
                 #[allow(unsafe_code)]
@@ -501,13 +449,7 @@ impl UringStore {
             if in_flight == 0 {
                 break;
             }
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                self.poisoned = true;
-                return Err(self.err(e));
-            }
+            self.submit_and_wait(1)?;
             let cqes: Vec<(u64, i32)> = self
                 .ring
                 .completion()
@@ -516,23 +458,13 @@ impl UringStore {
             for (ud, res) in cqes {
                 let (i, k) = ((ud >> 16) as usize, (ud & 0xffff) as usize);
                 in_flight -= 1;
-                if res < 0 {
-                    failure.get_or_insert(std::io::Error::from_raw_os_error(-res));
-                } else if res as usize != lens[k] {
-                    failure.get_or_insert(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "short {} of {res} of {} bytes",
-                            if write { "write" } else { "read" },
-                            lens[k]
-                        ),
-                    ));
-                } else {
-                    done(&self.bufs[k].bytes()[..lens[k]], i);
-                    if write {
-                        self.stats.writes += 1;
-                    } else {
-                        self.stats.reads += 1;
+                match completed(res, lens[k], write) {
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                    Ok(()) => {
+                        done(&self.bufs[k].bytes()[..lens[k]], i);
+                        self.count_done(write, 1);
                     }
                 }
                 free.push(k);
@@ -586,12 +518,7 @@ impl FragmentStore for UringStore {
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
-        if self.poisoned {
-            return Err(StoreError::Config(format!(
-                "{}: the store failed earlier and must be reopened",
-                self.path
-            )));
-        }
+        self.check_usable()?;
         self.file.sync_data().map_err(|e| self.err(e))?;
         self.stats.syncs += 1;
         self.index.synced();
@@ -656,4 +583,111 @@ impl FragmentStore for UringStore {
     fn list(&mut self) -> Result<Vec<FragmentId>, StoreError> {
         Ok(self.index.map.keys().copied().collect())
     }
+}
+
+/// Check a store's options: the fragment size and the ring's depth.
+fn check_options(opts: &UringOptions) -> Result<(), StoreError> {
+    if opts.fragment_bytes == 0 || !opts.fragment_bytes.is_multiple_of(ALIGN) {
+        return Err(StoreError::Config(format!(
+            "fragment_bytes {} must be a non-zero multiple of {ALIGN}",
+            opts.fragment_bytes
+        )));
+    }
+    if opts.depth == 0 || opts.depth > 4096 {
+        return Err(StoreError::Config(format!(
+            "depth {} must be 1..=4096",
+            opts.depth
+        )));
+    }
+    Ok(())
+}
+
+/// Open the device or file at `path` (`path_s` for messages) with O_DIRECT; a file that
+/// does not exist is created with `opts.create_bytes` bytes, if given. Returns it with its
+/// metadata as opened.
+fn open_file(
+    path: &Path,
+    path_s: &str,
+    opts: &UringOptions,
+) -> Result<(File, Metadata), StoreError> {
+    let io = |source| StoreError::Io {
+        path: path_s.to_string(),
+        source,
+    };
+    let exists = path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!exists && opts.create_bytes.is_some())
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) => StoreError::Config(format!(
+                "{path_s}: O_DIRECT refused (tmpfs and some file systems do not support it; use a block device or a file on ext4/xfs)"
+            )),
+            _ => io(e),
+        })?;
+    let meta = file.metadata().map_err(io)?;
+    if !exists {
+        if let Some(n) = opts.create_bytes {
+            file.set_len(n).map_err(io)?;
+        }
+    }
+    Ok((file, meta))
+}
+
+/// The size in bytes of the open device or file (`meta`: its metadata as opened).
+fn device_bytes(file: &File, meta: &Metadata) -> Result<u64, std::io::Error> {
+    if meta.file_type().is_block_device() {
+        let mut n: u64 = 0;
+        // BLKGETSIZE64: the device's size in bytes.
+        // SAFETY: the ioctl writes one u64 to the pointer, which is valid and aligned.
+        #[allow(unsafe_code)]
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), 0x8008_1272, &mut n as *mut u64) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n)
+    } else {
+        Ok(file.metadata()?.len())
+    }
+}
+
+/// The submission entry of a read (or, with `write`, a write) of `len` bytes at device
+/// `offset` into (from) registered buffer `k`, `buf`.
+fn fixed_io(
+    fd: types::Fd,
+    buf: &AlignedBuf,
+    k: usize,
+    offset: u64,
+    len: usize,
+    write: bool,
+) -> squeue::Entry {
+    if write {
+        opcode::WriteFixed::new(fd, buf.ptr, len as u32, k as u16)
+            .offset(offset)
+            .build()
+    } else {
+        opcode::ReadFixed::new(fd, buf.ptr, len as u32, k as u16)
+            .offset(offset)
+            .build()
+    }
+}
+
+/// Whether a request of `want` bytes completed with `res` (bytes done, or `-errno`):
+/// the error if it failed or came short.
+fn completed(res: i32, want: usize, write: bool) -> Result<(), std::io::Error> {
+    if res < 0 {
+        return Err(std::io::Error::from_raw_os_error(-res));
+    }
+    if res as usize != want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "short {} of {res} of {want} bytes",
+                if write { "write" } else { "read" }
+            ),
+        ));
+    }
+    Ok(())
 }

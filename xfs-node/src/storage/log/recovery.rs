@@ -115,10 +115,34 @@ impl<S: FragmentStore + Send> Log<S> {
         stores: Vec<Option<S>>,
     ) -> Result<Log<S>, LogError> {
         let mut log = Log::new(writer, group, stores)?;
-        let lo = segment_number(writer, 0);
-        let hi = segment_number(writer, (1 << 40) - 1);
-        let mut segments: std::collections::BTreeSet<u64> = Default::default();
-        for s in log.stores.iter_mut().flatten() {
+        let segments = log.listed_segments();
+        // Decode every segment's bytes once (recovery reads the whole log of this writer).
+        let decoded = log.decode_segments(&segments);
+        let best = newest_checkpoint(&decoded);
+        let start_after = best.as_ref().map_or(0, |(_, upto)| *upto);
+        let times = match &best {
+            Some((ids, _)) => log.load_checkpoint(&decoded, ids),
+            None => BTreeMap::new(),
+        };
+        log.note_segments(&segments, &decoded, &times);
+        if let Some((ids, upto)) = best {
+            log.checkpoint_segs = ids;
+            log.checkpoint_upto = upto;
+        }
+        log.roll_forward(&decoded, start_after);
+        if let Some(max) = segments.iter().next_back() {
+            log.next_seq = (max & ((1 << 40) - 1)) + 1;
+        }
+        log.last_data_segment = log.last_data_segment.max(start_after);
+        Ok(log)
+    }
+
+    /// This writer's segments on the servers that answer.
+    fn listed_segments(&mut self) -> BTreeSet<u64> {
+        let lo = segment_number(self.writer, 0);
+        let hi = segment_number(self.writer, (1 << 40) - 1);
+        let mut segments = BTreeSet::new();
+        for s in self.stores.iter_mut().flatten() {
             // A server that cannot list is treated as down for recovery; parity covers it.
             if let Ok(list) = s.list() {
                 segments.extend(
@@ -128,74 +152,73 @@ impl<S: FragmentStore + Send> Log<S> {
                 );
             }
         }
-        // Decode every segment's bytes once (recovery reads the whole log of this writer).
-        let mut decoded: BTreeMap<u64, (Summary, Vec<u8>)> = BTreeMap::new();
-        for seg in &segments {
-            match log.reconstruct(*seg, None, 0) {
+        segments
+    }
+
+    /// Each segment's summary and bytes; one that does not decode is counted and left out.
+    fn decode_segments(&mut self, segments: &BTreeSet<u64>) -> BTreeMap<u64, (Summary, Vec<u8>)> {
+        let mut decoded = BTreeMap::new();
+        for seg in segments {
+            match self.reconstruct(*seg, None, 0) {
                 Ok(frags) => {
-                    let k = log.group.data();
+                    let k = self.group.data();
                     let bytes: Vec<u8> = frags[..k].concat();
                     match Summary::decode(&bytes) {
                         Some(s) if s.segment == *seg => {
                             decoded.insert(*seg, (s, bytes));
                         }
-                        _ => log.counters.undecodable += 1,
+                        _ => self.counters.undecodable += 1,
                     }
                 }
-                Err(_) => log.counters.undecodable += 1,
+                Err(_) => self.counters.undecodable += 1,
             }
         }
-        // The newest checkpoint whose parts are all there.
-        let mut start_after = 0u64;
-        let mut best: Option<(u64, Vec<u64>)> = None;
-        let is_checkpoint = |k: SegmentKind| k == SegmentKind::Checkpoint;
-        for (seg, (s, _)) in decoded.iter().rev() {
-            if !is_checkpoint(s.kind) || s.part + 1 != s.parts {
-                continue;
-            }
-            // Its parts are the `parts` checkpoint segments ending here.
-            let first = seg - (s.parts as u64 - 1);
-            let ids: Vec<u64> = (first..=*seg).collect();
-            let complete = ids.iter().enumerate().all(|(p, id)| {
-                decoded.get(id).is_some_and(|(x, _)| {
-                    is_checkpoint(x.kind) && x.part == p as u32 && x.parts == s.parts
-                })
-            });
-            if complete {
-                start_after = s.upto;
-                best = Some((*seg, ids));
-                break;
-            }
-        }
-        let mut times: BTreeMap<u64, u64> = BTreeMap::new();
-        if let Some((_, ids)) = &best {
-            for id in ids {
-                let (s, bytes) = &decoded[id];
-                let n = s.payload as usize / IMAP_ENTRY_BYTES;
-                for e in 0..n {
-                    let at = SUMMARY_BYTES + e * IMAP_ENTRY_BYTES;
-                    let u64_at =
-                        |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
-                    let u32_at =
-                        |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap_or([0; 4]));
-                    if u64_at(at) & USAGE_ENTRY != 0 {
-                        // The s-file: seal times of the segments it covers (live bytes
-                        // are recomputed from the imap).
-                        times.insert(u64_at(at) & !USAGE_ENTRY, u64_at(at + 16));
-                        continue;
-                    }
-                    let addr = LogAddress {
-                        segment: u64_at(at + 8),
-                        offset: u32_at(at + 16),
-                        len: u32_at(at + 20),
-                    };
-                    log.set_address(u64_at(at), addr);
+        decoded
+    }
+
+    /// Set the imap from a checkpoint's segments `ids`; returns the seal times its s-file
+    /// records, by segment.
+    fn load_checkpoint(
+        &mut self,
+        decoded: &BTreeMap<u64, (Summary, Vec<u8>)>,
+        ids: &[u64],
+    ) -> BTreeMap<u64, u64> {
+        let mut times = BTreeMap::new();
+        for id in ids {
+            let (s, bytes) = &decoded[id];
+            let n = s.payload as usize / IMAP_ENTRY_BYTES;
+            for e in 0..n {
+                let at = SUMMARY_BYTES + e * IMAP_ENTRY_BYTES;
+                let u64_at =
+                    |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
+                let u32_at =
+                    |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap_or([0; 4]));
+                if u64_at(at) & USAGE_ENTRY != 0 {
+                    // The s-file: seal times of the segments it covers (live bytes
+                    // are recomputed from the imap).
+                    times.insert(u64_at(at) & !USAGE_ENTRY, u64_at(at + 16));
+                    continue;
                 }
+                let addr = LogAddress {
+                    segment: u64_at(at + 8),
+                    offset: u32_at(at + 16),
+                    len: u32_at(at + 20),
+                };
+                self.set_address(u64_at(at), addr);
             }
         }
-        // Every segment this writer has on the servers, for freeing and the cleaner (an
-        // undecodable one counts as a dead data segment: freed once a checkpoint covers it).
-        for seg in &segments {
+        times
+    }
+
+    /// Every segment this writer has on the servers, for freeing and the cleaner (an
+    /// undecodable one counts as a dead data segment: freed once a checkpoint covers it).
+    fn note_segments(
+        &mut self,
+        segments: &BTreeSet<u64>,
+        decoded: &BTreeMap<u64, (Summary, Vec<u8>)>,
+        times: &BTreeMap<u64, u64>,
+    ) {
+        for seg in segments {
             let info = match decoded.get(seg) {
                 Some((s, _)) => SegInfo {
                     kind: s.kind,
@@ -210,17 +233,16 @@ impl<S: FragmentStore + Send> Log<S> {
                     time: 0,
                 },
             };
-            log.segs.insert(*seg, info);
+            self.segs.insert(*seg, info);
         }
-        if let Some((_, ids)) = best {
-            log.checkpoint_segs = ids;
-            log.checkpoint_upto = start_after;
-        }
-        // Roll forward.
+    }
+
+    /// Roll forward: the blocks of the data segments after `start_after`, in order.
+    fn roll_forward(&mut self, decoded: &BTreeMap<u64, (Summary, Vec<u8>)>, start_after: u64) {
         for (seg, (s, _)) in decoded.range(start_after + 1..) {
             if s.kind == SegmentKind::Data {
                 for (b, off, len) in &s.entries {
-                    log.set_address(
+                    self.set_address(
                         *b,
                         LogAddress {
                             segment: *seg,
@@ -229,14 +251,9 @@ impl<S: FragmentStore + Send> Log<S> {
                         },
                     );
                 }
-                log.last_data_segment = *seg;
+                self.last_data_segment = *seg;
             }
         }
-        if let Some(max) = segments.iter().next_back() {
-            log.next_seq = (max & ((1 << 40) - 1)) + 1;
-        }
-        log.last_data_segment = log.last_data_segment.max(start_after);
-        Ok(log)
     }
 
     /// Put `store` in place of server i (a replacement) and rebuild every fragment it should
@@ -310,4 +327,27 @@ impl<S: FragmentStore + Send> Log<S> {
         batch.clear();
         Ok(n)
     }
+}
+
+/// The newest checkpoint whose parts are all there: its segments, and the data segment
+/// it covers up to.
+fn newest_checkpoint(decoded: &BTreeMap<u64, (Summary, Vec<u8>)>) -> Option<(Vec<u64>, u64)> {
+    let is_checkpoint = |k: SegmentKind| k == SegmentKind::Checkpoint;
+    for (seg, (s, _)) in decoded.iter().rev() {
+        if !is_checkpoint(s.kind) || s.part + 1 != s.parts {
+            continue;
+        }
+        // Its parts are the `parts` checkpoint segments ending here.
+        let first = seg - (s.parts as u64 - 1);
+        let ids: Vec<u64> = (first..=*seg).collect();
+        let complete = ids.iter().enumerate().all(|(p, id)| {
+            decoded.get(id).is_some_and(|(x, _)| {
+                is_checkpoint(x.kind) && x.part == p as u32 && x.parts == s.parts
+            })
+        });
+        if complete {
+            return Some((ids, s.upto));
+        }
+    }
+    None
 }

@@ -75,50 +75,14 @@ impl<S: FragmentStore + Send> Log<S> {
     /// what was done.
     pub fn check(&mut self, repair: bool) -> (LogCheck, Vec<String>) {
         let mut problems = Vec::new();
-        let mut held: BTreeSet<u64> = self.segs.keys().copied().collect();
-        held.extend(self.queued.iter().map(|s| s.segment));
-        held.extend(self.written.iter().map(|s| s.segment));
-        held.insert(self.current_segment());
         let mut k = LogCheck::default();
-        for (block, a) in &self.imap {
-            k.imap_entries += 1;
-            if !held.contains(&a.segment) {
-                problems.push(format!(
-                    "log of node {}: {} is mapped to segment {:x}, which the log does not hold (the block is lost)",
-                    self.writer,
-                    crate::fs::layout::block_name(*block),
-                    a.segment
-                ));
-            }
-        }
+        self.check_imap(&mut k, &mut problems);
         let n = self.group.servers.len();
         let segments: Vec<u64> = self.segs.keys().copied().collect();
         for segment in segments {
             k.segments += 1;
-            let mut frags: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
-            for (i, store) in self.stores.iter_mut().enumerate() {
-                let id = FragmentId {
-                    segment,
-                    index: i as u16,
-                };
-                frags.push(match store.as_mut() {
-                    None => None,
-                    Some(st) => st.read(&[id]).remove(0).ok(),
-                });
-            }
-            let data = self.group.data();
-            let bad: Vec<usize> = if frags[..data].iter().all(|f| f.is_some()) {
-                let d: Vec<&Vec<u8>> = frags[..data].iter().flatten().collect();
-                match parity(&self.group, &d) {
-                    Ok(p) => (data..n)
-                        .filter(|j| frags[*j].as_ref() != Some(&p[*j - data]))
-                        .collect(),
-                    Err(_) => (0..n).collect(),
-                }
-            } else {
-                (0..n).filter(|j| frags[*j].is_none()).collect()
-            };
-            for j in bad {
+            let frags = self.read_fragments(segment);
+            for j in self.bad_fragments(&frags) {
                 if self.stores[j].is_none() {
                     continue; // a server that is down: the log's own rebuild's business
                 }
@@ -127,20 +91,7 @@ impl<S: FragmentStore + Send> Log<S> {
                 } else {
                     "not the parity of the data fragments"
                 };
-                let id = FragmentId {
-                    segment,
-                    index: j as u16,
-                };
-                let fixed = repair
-                    && self
-                        .reconstruct(segment, Some(j), n)
-                        .ok()
-                        .and_then(|all| {
-                            let st = self.stores[j].as_mut()?;
-                            st.write(&[(id, &all[j])]).ok()?;
-                            st.sync().ok()
-                        })
-                        .is_some();
+                let fixed = repair && self.rewrite_fragment(segment, j, n);
                 if fixed {
                     k.repaired += 1;
                 }
@@ -157,6 +108,78 @@ impl<S: FragmentStore + Send> Log<S> {
             }
         }
         (k, problems)
+    }
+
+    /// The imap half of [`Log::check`]: every entry lies in a segment the log holds.
+    fn check_imap(&self, k: &mut LogCheck, problems: &mut Vec<String>) {
+        let mut held: BTreeSet<u64> = self.segs.keys().copied().collect();
+        held.extend(self.queued.iter().map(|s| s.segment));
+        held.extend(self.written.iter().map(|s| s.segment));
+        held.insert(self.current_segment());
+        for (block, a) in &self.imap {
+            k.imap_entries += 1;
+            if !held.contains(&a.segment) {
+                problems.push(format!(
+                    "log of node {}: {} is mapped to segment {:x}, which the log does not hold (the block is lost)",
+                    self.writer,
+                    crate::fs::layout::block_name(*block),
+                    a.segment
+                ));
+            }
+        }
+    }
+
+    /// Every fragment of `segment`, by server: `None` where it cannot be read (or the
+    /// server is down).
+    fn read_fragments(&mut self, segment: u64) -> Vec<Option<Vec<u8>>> {
+        let mut frags: Vec<Option<Vec<u8>>> = Vec::with_capacity(self.group.servers.len());
+        for (i, store) in self.stores.iter_mut().enumerate() {
+            let id = FragmentId {
+                segment,
+                index: i as u16,
+            };
+            frags.push(match store.as_mut() {
+                None => None,
+                Some(st) => st.read(&[id]).remove(0).ok(),
+            });
+        }
+        frags
+    }
+
+    /// The fragments of a segment (`frags`, by server) that are wrong: the parity
+    /// fragments that do not match the data, when all data fragments are there (all of
+    /// them if parity cannot be computed), else the missing ones.
+    fn bad_fragments(&self, frags: &[Option<Vec<u8>>]) -> Vec<usize> {
+        let n = self.group.servers.len();
+        let data = self.group.data();
+        if frags[..data].iter().all(|f| f.is_some()) {
+            let d: Vec<&Vec<u8>> = frags[..data].iter().flatten().collect();
+            match parity(&self.group, &d) {
+                Ok(p) => (data..n)
+                    .filter(|j| frags[*j].as_ref() != Some(&p[*j - data]))
+                    .collect(),
+                Err(_) => (0..n).collect(),
+            }
+        } else {
+            (0..n).filter(|j| frags[*j].is_none()).collect()
+        }
+    }
+
+    /// Rewrite fragment `j` of `segment` from the others (reconstructing `n` fragments):
+    /// whether it was written and synced.
+    fn rewrite_fragment(&mut self, segment: u64, j: usize, n: usize) -> bool {
+        let id = FragmentId {
+            segment,
+            index: j as u16,
+        };
+        self.reconstruct(segment, Some(j), n)
+            .ok()
+            .and_then(|all| {
+                let st = self.stores[j].as_mut()?;
+                st.write(&[(id, &all[j])]).ok()?;
+                st.sync().ok()
+            })
+            .is_some()
     }
 
     /// Whether `segment` is one of this writer's durable segments (not freed).

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// One server's fragments of a batch of segments.
+type ServerBatch = Vec<(FragmentId, Vec<u8>)>;
+
 impl<S: FragmentStore + Send> Log<S> {
     /// Append a block (not durable until [`Log::fsync`]).
     pub fn write(&mut self, block: BlockId, data: &[u8]) -> Result<(), LogError> {
@@ -199,37 +202,8 @@ impl<S: FragmentStore + Send> Log<S> {
         }
         let batch = self.queued.len() - from;
         if !use_reserve {
-            // An upper bound first (every entry a new imap entry; O(segments)); only near
-            // full is the exact need worked out from the blocks.
-            let all: usize = self.queued[from..].iter().map(|s| s.blocks.len()).sum();
-            let upper = self.reserve_after(all, batch) + batch;
-            if self.free_hint < upper + 64 || self.writes_since_look >= 16 {
-                self.free_segments();
-            }
-            self.writes_since_look = self.writes_since_look.saturating_add(1);
-            let need = if self.free_hint >= upper {
-                upper
-            } else {
-                let entries = self.imap_growth(from);
-                // A batch that frees more than it adds (deletions: `rm` on a full
-                // cluster) may use the cleaner's share; data never takes the checkpoints'
-                // room.
-                let floor = if self.net_freed(from) > 0 {
-                    self.freeing_floor(entries, batch)
-                } else {
-                    self.reserve_after(entries, batch)
-                };
-                floor + batch
-            };
-            if self.free_hint < need {
-                self.full = true;
-                return Err(LogError::Store(StoreError::NoSpace {
-                    free: self.free_hint,
-                    needed: need,
-                }));
-            }
+            self.check_room(from, batch)?;
         }
-        let n = self.group.servers.len();
         let up = self.stores.iter().filter(|s| s.is_some()).count();
         if up < self.group.data() {
             return Err(LogError::Unrecoverable {
@@ -239,18 +213,7 @@ impl<S: FragmentStore + Send> Log<S> {
                 why: "too many servers of the stripe group are down to write".into(),
             });
         }
-        let mut per_server: Vec<Vec<(FragmentId, Vec<u8>)>> = vec![Vec::new(); n];
-        for s in &self.queued[from..] {
-            for (i, frag) in self.fragments(&s.bytes)?.into_iter().enumerate() {
-                per_server[i].push((
-                    FragmentId {
-                        segment: s.segment,
-                        index: i as u16,
-                    },
-                    frag,
-                ));
-            }
-        }
+        let per_server = self.stripe(from)?;
         // Every server at once, one thread each (a remote server's round trips, a local
         // device's queue): the segment is as slow as its slowest server, not their sum.
         let results = parallel(&mut self.stores, |i, store| {
@@ -270,6 +233,59 @@ impl<S: FragmentStore + Send> Log<S> {
         let q = self.queued.split_off(from);
         self.written.extend(q);
         Ok(())
+    }
+
+    /// ENOSPC (and the log marked full) unless the stores have room for the `batch` data
+    /// segments `queued[from..]` beyond the reserve (less, for a batch that frees more
+    /// than it adds).
+    fn check_room(&mut self, from: usize, batch: usize) -> Result<(), LogError> {
+        // An upper bound first (every entry a new imap entry; O(segments)); only near
+        // full is the exact need worked out from the blocks.
+        let all: usize = self.queued[from..].iter().map(|s| s.blocks.len()).sum();
+        let upper = self.reserve_after(all, batch) + batch;
+        if self.free_hint < upper + 64 || self.writes_since_look >= 16 {
+            self.free_segments();
+        }
+        self.writes_since_look = self.writes_since_look.saturating_add(1);
+        let need = if self.free_hint >= upper {
+            upper
+        } else {
+            let entries = self.imap_growth(from);
+            // A batch that frees more than it adds (deletions: `rm` on a full
+            // cluster) may use the cleaner's share; data never takes the checkpoints'
+            // room.
+            let floor = if self.net_freed(from) > 0 {
+                self.freeing_floor(entries, batch)
+            } else {
+                self.reserve_after(entries, batch)
+            };
+            floor + batch
+        };
+        if self.free_hint < need {
+            self.full = true;
+            return Err(LogError::Store(StoreError::NoSpace {
+                free: self.free_hint,
+                needed: need,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The fragments of `queued[from..]` (data, then parity), by server.
+    fn stripe(&self, from: usize) -> Result<Vec<ServerBatch>, LogError> {
+        let mut per_server: Vec<ServerBatch> = vec![Vec::new(); self.group.servers.len()];
+        for s in &self.queued[from..] {
+            for (i, frag) in self.fragments(&s.bytes)?.into_iter().enumerate() {
+                per_server[i].push((
+                    FragmentId {
+                        segment: s.segment,
+                        index: i as u16,
+                    },
+                    frag,
+                ));
+            }
+        }
+        Ok(per_server)
     }
 
     /// Sync every server, then apply what was written: the imap, live bytes, the table

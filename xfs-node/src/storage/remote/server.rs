@@ -129,173 +129,14 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
     }
 
     fn serve(&mut self, op: Option<Op>, group: Vec<Pending>) {
-        let id_of = |a: &[u64]| FragmentId {
-            segment: a.get(1).copied().unwrap_or(0),
-            index: a.get(2).copied().unwrap_or(0) as u16,
-        };
-        let client = |p: &Pending| {
-            let r = p.token.requester();
-            (r.addr, r.vnet)
-        };
         match op {
-            Some(Op::Hello) => {
-                for p in group {
-                    let key = client(&p);
-                    let window = match self.clients.get(&key) {
-                        Some((w, _)) => Some(*w),
-                        None => self.windows.iter().position(|w| w.is_none()),
-                    };
-                    let depth = p.args.get(1).copied().unwrap_or(0) as usize;
-                    match window {
-                        Some(w) if depth >= 1 && depth <= self.depth => {
-                            self.windows[w] = Some(key);
-                            self.clients.insert(key, (w, depth));
-                            let base = (w * self.depth * self.frag) as u64;
-                            self.reply(
-                                p.token,
-                                &[Status::Ok as u64, base, self.frag as u64, self.depth as u64],
-                            );
-                        }
-                        _ => self.reply(
-                            p.token,
-                            &[
-                                Status::Refused as u64,
-                                0,
-                                self.frag as u64,
-                                self.depth as u64,
-                            ],
-                        ),
-                    }
-                }
-            }
-            Some(Op::Put) => {
-                // A put must land in its sender's own window (the segment is shared by every
-                // client: one that writes elsewhere is refused, counted as a bad request).
-                let window = self.depth * self.frag;
-                let in_window =
-                    |p: &Pending, clients: &BTreeMap<(SocketAddr, u32), (usize, usize)>| {
-                        let r = p.token.requester();
-                        match (clients.get(&(r.addr, r.vnet)), p.landed) {
-                            (Some((w, _)), Some((off, len))) => {
-                                let start = (*w * window) as u64;
-                                off >= start && off + len as u64 <= start + window as u64
-                            }
-                            _ => false,
-                        }
-                    };
-                let ok: Vec<bool> = group.iter().map(|p| in_window(p, &self.clients)).collect();
-                self.bad_requests += ok.iter().filter(|o| !**o).count() as u64;
-                let status = {
-                    // Written straight from the segment (inside the window: checked above).
-                    let segment = self.ep.segment();
-                    let frags: Vec<(FragmentId, &[u8])> = group
-                        .iter()
-                        .zip(&ok)
-                        .filter(|(_, ok)| **ok)
-                        .filter_map(|(p, _)| {
-                            let (off, len) = p.landed?;
-                            Some((id_of(&p.args), &segment[off as usize..off as usize + len]))
-                        })
-                        .collect();
-                    match self.store.write(&frags) {
-                        Ok(()) => Status::Ok,
-                        Err(e) => Status::of(&e),
-                    }
-                };
-                for (p, ok) in group.into_iter().zip(ok) {
-                    let k = p.args.get(3).copied().unwrap_or(0);
-                    let s = if ok { status } else { Status::Refused };
-                    self.reply(p.token, &[s as u64, k]);
-                }
-            }
-            Some(Op::Sync) => {
-                for p in group {
-                    let s = self
-                        .store
-                        .sync()
-                        .err()
-                        .map_or(Status::Ok, |e| Status::of(&e));
-                    self.reply(p.token, &[s as u64]);
-                }
-            }
-            Some(Op::Get) => {
-                let ids: Vec<FragmentId> = group.iter().map(|p| id_of(&p.args)).collect();
-                let results = self.store.read(&ids);
-                for (p, r) in group.into_iter().zip(results) {
-                    let k = p.args.get(3).copied().unwrap_or(0) as usize;
-                    let Some((w, depth)) = self.clients.get(&client(&p)).copied() else {
-                        self.reply(p.token, &[Status::Refused as u64, k as u64, 0]);
-                        continue;
-                    };
-                    match r {
-                        Ok(d) if k < depth => {
-                            let at = (w * self.depth + k) * self.frag;
-                            self.ep.segment_mut()[at..at + d.len()].copy_from_slice(&d);
-                            let dst = ((depth + k) * self.frag) as u64;
-                            let src = [(at, d.len())];
-                            let args = [Status::Ok as u64, k as u64, d.len() as u64];
-                            let _ = self
-                                .ep
-                                .ctx()
-                                .reply(p.token, AmMsg::bulk(CLIENT_HANDLER, &args, &src, dst));
-                            self.served += 1;
-                        }
-                        Ok(_) => self.reply(p.token, &[Status::Refused as u64, k as u64, 0]),
-                        Err(e) => self.reply(p.token, &[Status::of(&e) as u64, k as u64, 0]),
-                    }
-                }
-            }
-            Some(Op::Delete) => {
-                for p in group {
-                    let ids: Vec<FragmentId> = decode_ids(&p.payload);
-                    let s = self
-                        .store
-                        .delete(&ids)
-                        .err()
-                        .map_or(Status::Ok, |e| Status::of(&e));
-                    self.reply(p.token, &[s as u64]);
-                }
-            }
-            Some(Op::Stat) => {
-                for p in group {
-                    match self.store.free_slots() {
-                        Ok(free) => {
-                            self.reply(p.token, &[Status::Ok as u64, free as u64, self.frag as u64])
-                        }
-                        Err(e) => {
-                            self.reply(p.token, &[Status::of(&e) as u64, 0, self.frag as u64])
-                        }
-                    }
-                }
-            }
-            Some(Op::List) => {
-                for p in group {
-                    let after = (p.args.get(3).copied() == Some(1)).then(|| id_of(&p.args));
-                    let all = match self.store.list() {
-                        Ok(all) => all,
-                        Err(e) => {
-                            self.reply(p.token, &[Status::of(&e) as u64, 0, 0]);
-                            continue;
-                        }
-                    };
-                    let page: Vec<FragmentId> = all
-                        .iter()
-                        .filter(|f| after.is_none_or(|a| **f > a))
-                        .take(LIST_PAGE)
-                        .copied()
-                        .collect();
-                    let more =
-                        all.iter().filter(|f| after.is_none_or(|a| **f > a)).count() > page.len();
-                    let bytes = encode_ids(&page);
-                    let args = [Status::Ok as u64, page.len() as u64, more as u64];
-                    let slices = [bytes.as_slice()];
-                    let _ = self
-                        .ep
-                        .ctx()
-                        .reply(p.token, AmMsg::medium(CLIENT_HANDLER, &args, &slices));
-                    self.served += 1;
-                }
-            }
+            Some(Op::Hello) => group.into_iter().for_each(|p| self.hello(p)),
+            Some(Op::Put) => self.put(group),
+            Some(Op::Sync) => group.into_iter().for_each(|p| self.sync(p)),
+            Some(Op::Get) => self.get(group),
+            Some(Op::Delete) => group.into_iter().for_each(|p| self.delete(p)),
+            Some(Op::Stat) => group.into_iter().for_each(|p| self.stat(p)),
+            Some(Op::List) => group.into_iter().for_each(|p| self.list(p)),
             None => {
                 for p in group {
                     self.reply(p.token, &[Status::Refused as u64]);
@@ -303,4 +144,172 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
             }
         }
     }
+
+    /// Give the client a window of the segment (its own again if it has one), or refuse.
+    fn hello(&mut self, p: Pending) {
+        let key = client_of(&p);
+        let window = match self.clients.get(&key) {
+            Some((w, _)) => Some(*w),
+            None => self.windows.iter().position(|w| w.is_none()),
+        };
+        let depth = p.args.get(1).copied().unwrap_or(0) as usize;
+        match window {
+            Some(w) if depth >= 1 && depth <= self.depth => {
+                self.windows[w] = Some(key);
+                self.clients.insert(key, (w, depth));
+                let base = (w * self.depth * self.frag) as u64;
+                self.reply(
+                    p.token,
+                    &[Status::Ok as u64, base, self.frag as u64, self.depth as u64],
+                );
+            }
+            _ => self.reply(
+                p.token,
+                &[
+                    Status::Refused as u64,
+                    0,
+                    self.frag as u64,
+                    self.depth as u64,
+                ],
+            ),
+        }
+    }
+
+    /// Whether a put landed inside its sender's own window.
+    fn in_window(&self, p: &Pending) -> bool {
+        let window = self.depth * self.frag;
+        match (self.clients.get(&client_of(p)), p.landed) {
+            (Some((w, _)), Some((off, len))) => {
+                let start = (*w * window) as u64;
+                off >= start && off + len as u64 <= start + window as u64
+            }
+            _ => false,
+        }
+    }
+
+    /// A run of puts: one store write of those that landed in their windows.
+    fn put(&mut self, group: Vec<Pending>) {
+        // A put must land in its sender's own window (the segment is shared by every
+        // client: one that writes elsewhere is refused, counted as a bad request).
+        let ok: Vec<bool> = group.iter().map(|p| self.in_window(p)).collect();
+        self.bad_requests += ok.iter().filter(|o| !**o).count() as u64;
+        let status = {
+            // Written straight from the segment (inside the window: checked above).
+            let segment = self.ep.segment();
+            let frags: Vec<(FragmentId, &[u8])> = group
+                .iter()
+                .zip(&ok)
+                .filter(|(_, ok)| **ok)
+                .filter_map(|(p, _)| {
+                    let (off, len) = p.landed?;
+                    Some((id_of(&p.args), &segment[off as usize..off as usize + len]))
+                })
+                .collect();
+            match self.store.write(&frags) {
+                Ok(()) => Status::Ok,
+                Err(e) => Status::of(&e),
+            }
+        };
+        for (p, ok) in group.into_iter().zip(ok) {
+            let k = p.args.get(3).copied().unwrap_or(0);
+            let s = if ok { status } else { Status::Refused };
+            self.reply(p.token, &[s as u64, k]);
+        }
+    }
+
+    fn sync(&mut self, p: Pending) {
+        let s = self
+            .store
+            .sync()
+            .err()
+            .map_or(Status::Ok, |e| Status::of(&e));
+        self.reply(p.token, &[s as u64]);
+    }
+
+    /// A run of gets: one store read, each fragment sent into its client's window.
+    fn get(&mut self, group: Vec<Pending>) {
+        let ids: Vec<FragmentId> = group.iter().map(|p| id_of(&p.args)).collect();
+        let results = self.store.read(&ids);
+        for (p, r) in group.into_iter().zip(results) {
+            let k = p.args.get(3).copied().unwrap_or(0) as usize;
+            let Some((w, depth)) = self.clients.get(&client_of(&p)).copied() else {
+                self.reply(p.token, &[Status::Refused as u64, k as u64, 0]);
+                continue;
+            };
+            match r {
+                Ok(d) if k < depth => {
+                    let at = (w * self.depth + k) * self.frag;
+                    self.ep.segment_mut()[at..at + d.len()].copy_from_slice(&d);
+                    let dst = ((depth + k) * self.frag) as u64;
+                    let src = [(at, d.len())];
+                    let args = [Status::Ok as u64, k as u64, d.len() as u64];
+                    let _ = self
+                        .ep
+                        .ctx()
+                        .reply(p.token, AmMsg::bulk(CLIENT_HANDLER, &args, &src, dst));
+                    self.served += 1;
+                }
+                Ok(_) => self.reply(p.token, &[Status::Refused as u64, k as u64, 0]),
+                Err(e) => self.reply(p.token, &[Status::of(&e) as u64, k as u64, 0]),
+            }
+        }
+    }
+
+    fn delete(&mut self, p: Pending) {
+        let ids: Vec<FragmentId> = decode_ids(&p.payload);
+        let s = self
+            .store
+            .delete(&ids)
+            .err()
+            .map_or(Status::Ok, |e| Status::of(&e));
+        self.reply(p.token, &[s as u64]);
+    }
+
+    fn stat(&mut self, p: Pending) {
+        match self.store.free_slots() {
+            Ok(free) => self.reply(p.token, &[Status::Ok as u64, free as u64, self.frag as u64]),
+            Err(e) => self.reply(p.token, &[Status::of(&e) as u64, 0, self.frag as u64]),
+        }
+    }
+
+    /// One page of the fragment list, after the id the request names (if it names one).
+    fn list(&mut self, p: Pending) {
+        let after = (p.args.get(3).copied() == Some(1)).then(|| id_of(&p.args));
+        let all = match self.store.list() {
+            Ok(all) => all,
+            Err(e) => {
+                self.reply(p.token, &[Status::of(&e) as u64, 0, 0]);
+                return;
+            }
+        };
+        let page: Vec<FragmentId> = all
+            .iter()
+            .filter(|f| after.is_none_or(|a| **f > a))
+            .take(LIST_PAGE)
+            .copied()
+            .collect();
+        let more = all.iter().filter(|f| after.is_none_or(|a| **f > a)).count() > page.len();
+        let bytes = encode_ids(&page);
+        let args = [Status::Ok as u64, page.len() as u64, more as u64];
+        let slices = [bytes.as_slice()];
+        let _ = self
+            .ep
+            .ctx()
+            .reply(p.token, AmMsg::medium(CLIENT_HANDLER, &args, &slices));
+        self.served += 1;
+    }
+}
+
+/// The fragment a request's arguments name: `[op, segment, index, ..]`.
+fn id_of(a: &[u64]) -> FragmentId {
+    FragmentId {
+        segment: a.get(1).copied().unwrap_or(0),
+        index: a.get(2).copied().unwrap_or(0) as u16,
+    }
+}
+
+/// Who sent a request: the key of its window.
+fn client_of(p: &Pending) -> (SocketAddr, u32) {
+    let r = p.token.requester();
+    (r.addr, r.vnet)
 }
