@@ -95,47 +95,113 @@ fn stored<B: Blocks>(c: &FsClient<B>, ino: u64) -> Result<Option<Inode>, Errno> 
     }
 }
 
+/// One check of the name space, repairing as it goes if `repair`.
 fn pass<B: Blocks>(c: &FsClient<B>, repair: bool, r: &mut FsckReport) -> Result<(), Errno> {
-    let root = c.root();
-    // Every name, by inode, from a walk of the tree.
-    let mut names: BTreeMap<u64, Vec<Name>> = BTreeMap::new();
-    let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();
-    let mut paths: BTreeMap<u64, String> = BTreeMap::from([(root, String::new())]);
-    let mut todo = vec![root];
-    let mut seen = BTreeSet::from([root]);
-    if let Some(i) = stored(c, root)? {
-        inodes.insert(root, i);
-    }
-    while let Some(dir) = todo.pop() {
-        r.directories += 1;
-        let dpath = paths.get(&dir).cloned().unwrap_or_default();
-        for e in raw_entries(c, dir)? {
-            r.names += 1;
-            let path = format!("{dpath}/{}", String::from_utf8_lossy(&e.name));
-            let Some(i) = stored(c, e.ino)? else {
-                r.problems
-                    .push(format!("{path}: names inode {}, which is free", e.ino));
-                if repair {
-                    c.remove(dir, &e.name, e.ino)?;
-                }
-                continue;
-            };
-            if i.kind == Some(Kind::Dir) && seen.insert(e.ino) {
-                paths.insert(e.ino, path.clone());
-                todo.push(e.ino);
-            }
-            inodes.insert(e.ino, i);
-            names.entry(e.ino).or_default().push(Name {
-                dir,
-                path,
-                entry: e,
-            });
-        }
-    }
+    let mut check = Check { c, repair, r };
+    let mut tree = check.walk()?;
     // Interrupted renames first: they decide which name is stale.
-    for (ino, i) in &inodes {
-        let Some(intent) = i.rename else { continue };
-        let list = names.entry(*ino).or_default();
+    check.renames(&mut tree)?;
+    check.directory_names(&mut tree)?;
+    check.link_counts(&tree)?;
+    let orphans = check.orphans(&tree.inodes)?;
+    check.r.inodes = (tree.inodes.len() + orphans.len()) as u64;
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    check.name_orphans(tree.root, orphans)
+}
+
+/// What a walk of the tree found: every live inode it names, and their names.
+struct Tree {
+    root: u64,
+    /// Every name, by inode.
+    names: BTreeMap<u64, Vec<Name>>,
+    /// The inodes named (and the root).
+    inodes: BTreeMap<u64, Inode>,
+}
+
+/// A pass of the check: the client it reads (and repairs) through, and its report.
+struct Check<'a, B: Blocks> {
+    c: &'a FsClient<B>,
+    repair: bool,
+    r: &'a mut FsckReport,
+}
+
+impl<B: Blocks> Check<'_, B> {
+    /// Walk every directory from the root; a name of a free inode is a problem (removed
+    /// in a repair).
+    fn walk(&mut self) -> Result<Tree, Errno> {
+        let c = self.c;
+        let root = c.root();
+        let mut names: BTreeMap<u64, Vec<Name>> = BTreeMap::new();
+        let mut inodes: BTreeMap<u64, Inode> = BTreeMap::new();
+        let mut paths: BTreeMap<u64, String> = BTreeMap::from([(root, String::new())]);
+        let mut todo = vec![root];
+        let mut seen = BTreeSet::from([root]);
+        if let Some(i) = stored(c, root)? {
+            inodes.insert(root, i);
+        }
+        while let Some(dir) = todo.pop() {
+            self.r.directories += 1;
+            let dpath = paths.get(&dir).cloned().unwrap_or_default();
+            for e in raw_entries(c, dir)? {
+                self.r.names += 1;
+                let path = format!("{dpath}/{}", String::from_utf8_lossy(&e.name));
+                let Some(i) = stored(c, e.ino)? else {
+                    self.r
+                        .problems
+                        .push(format!("{path}: names inode {}, which is free", e.ino));
+                    if self.repair {
+                        c.remove(dir, &e.name, e.ino)?;
+                    }
+                    continue;
+                };
+                if i.kind == Some(Kind::Dir) && seen.insert(e.ino) {
+                    paths.insert(e.ino, path.clone());
+                    todo.push(e.ino);
+                }
+                inodes.insert(e.ino, i);
+                names.entry(e.ino).or_default().push(Name {
+                    dir,
+                    path,
+                    entry: e,
+                });
+            }
+        }
+        Ok(Tree {
+            root,
+            names,
+            inodes,
+        })
+    }
+
+    /// Inodes that carry a [`RenameIntent`]: a crash interrupted their rename (a repair
+    /// removes the stale name if both remain, and clears the intent).
+    fn renames(&mut self, tree: &mut Tree) -> Result<(), Errno> {
+        for (ino, i) in &tree.inodes {
+            let Some(intent) = i.rename else { continue };
+            let list = tree.names.entry(*ino).or_default();
+            let what = self.interrupted_rename(*ino, &intent, list)?;
+            self.r
+                .problems
+                .push(msg_with_repair(what, self.repair, "intent cleared"));
+            if self.repair {
+                self.c
+                    .update(inode_block(*ino), &RenameIntent::patch(None))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What became of the rename of inode `ino` that `intent` records, given its names
+    /// `list`; a repair removes the source name if the target's exists too.
+    fn interrupted_rename(
+        &mut self,
+        ino: u64,
+        intent: &RenameIntent,
+        list: &mut Vec<Name>,
+    ) -> Result<String, Errno> {
+        let repair = self.repair;
         let is = |n: &Name, dir: u64, h: u64| n.dir == dir && name_hash(&n.entry.name) == h;
         let from = list
             .iter()
@@ -143,7 +209,7 @@ fn pass<B: Blocks>(c: &FsClient<B>, repair: bool, r: &mut FsckReport) -> Result<
         let to = list
             .iter()
             .position(|n| is(n, intent.to_dir, intent.to_name));
-        let what = match (from, to) {
+        Ok(match (from, to) {
             (Some(f), Some(t)) if f != t => {
                 let stale = list[f].path.clone();
                 let msg = format!(
@@ -153,7 +219,7 @@ fn pass<B: Blocks>(c: &FsClient<B>, repair: bool, r: &mut FsckReport) -> Result<
                 );
                 if repair {
                     let n = list.remove(f);
-                    c.remove(n.dir, &n.entry.name, *ino)?;
+                    self.c.remove(n.dir, &n.entry.name, ino)?;
                 }
                 msg
             }
@@ -166,173 +232,196 @@ fn pass<B: Blocks>(c: &FsClient<B>, repair: bool, r: &mut FsckReport) -> Result<
                 list[f].path
             ),
             (None, None) => format!("inode {ino}: a rename was interrupted and left no name"),
-        };
-        r.problems
-            .push(msg_with_repair(what, repair, "intent cleared"));
-        if repair {
-            c.update(inode_block(*ino), &RenameIntent::patch(None))?;
-        }
+        })
     }
-    // Directories: one name, in their parent; link counts.
-    let is_dir = |ino: &u64| inodes.get(ino).is_some_and(|i| i.kind == Some(Kind::Dir));
-    for (ino, i) in &inodes {
-        if i.kind != Some(Kind::Dir) || *ino == root {
-            continue;
-        }
-        let list = names.entry(*ino).or_default();
-        if list.len() > 1 {
-            let (keep, stale): (Vec<Name>, Vec<Name>) =
-                list.drain(..).partition(|n| n.dir == i.parent);
-            for n in &stale {
-                r.problems.push(msg_with_repair(
-                    format!(
-                        "{}: a second name of directory inode {ino}, whose parent is inode {}",
-                        n.path, i.parent
-                    ),
-                    repair,
-                    "name removed",
-                ));
-                if repair && !keep.is_empty() {
-                    c.remove(n.dir, &n.entry.name, *ino)?;
-                }
-            }
-            *list = if keep.is_empty() { stale } else { keep };
-        }
-        if let Some(n) = list.first() {
-            if n.dir != i.parent {
-                r.problems.push(msg_with_repair(
-                    format!(
-                        "{}: directory inode {ino} has parent field {}, but is in inode {}",
-                        n.path, i.parent, n.dir
-                    ),
-                    repair,
-                    "parent field set",
-                ));
-                if repair {
-                    c.update(inode_block(*ino), &[set(field::PARENT, n.dir)])?;
-                }
-            }
-        }
-    }
-    let mut subdirs: BTreeMap<u64, u64> = BTreeMap::new();
-    for (ino, list) in &names {
-        if is_dir(ino) {
-            for n in list {
-                *subdirs.entry(n.dir).or_default() += 1;
-            }
-        }
-    }
-    for (ino, i) in &inodes {
-        let (want, what) = if i.kind == Some(Kind::Dir) {
-            (
-                2 + subdirs.get(ino).copied().unwrap_or(0),
-                "2 + its subdirectories",
-            )
-        } else {
-            let n = names.get(ino).map_or(0, |l| l.len() as u64);
-            if n == 0 {
-                continue; // an orphan: below
-            }
-            (n, "its names")
-        };
-        if i.nlink as u64 != want {
-            let path = names
-                .get(ino)
-                .and_then(|l| l.first())
-                .map_or(String::from("/"), |n| n.path.clone());
-            r.problems.push(msg_with_repair(
-                format!(
-                    "{path}: inode {ino} has link count {}, but {what} make {want}",
-                    i.nlink
-                ),
-                repair,
-                "link count set",
-            ));
-            if repair {
-                c.update(inode_block(*ino), &[set(field::NLINK, want)])?;
-            }
-        }
-    }
-    // Orphans: every index number the allocators handed out that is in use and unnamed.
-    let map = c.map();
-    let m = map.entries.len() as u64;
-    let mut orphans = Vec::new();
-    let mut owners: BTreeSet<u64> = BTreeSet::new();
-    for node in &map.entries {
-        let entries = map.entries_of(*node);
-        let Some(first) = entries.first().copied() else {
-            continue;
-        };
-        if !owners.insert(first) {
-            continue;
-        }
-        let counter = c.read_block(block_id(first, 0))?;
-        let handed = counter
-            .get(..8)
-            .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])));
-        for k in 0..handed {
-            let ino = (k + 2) * m + entries[(k % entries.len() as u64) as usize];
-            if inodes.contains_key(&ino) {
+
+    /// A directory has one name, in the directory its parent field names (a repair
+    /// removes the other names and sets the parent field).
+    fn directory_names(&mut self, tree: &mut Tree) -> Result<(), Errno> {
+        let (c, repair) = (self.c, self.repair);
+        for (ino, i) in &tree.inodes {
+            if i.kind != Some(Kind::Dir) || *ino == tree.root {
                 continue;
             }
-            if let Some(i) = stored(c, ino)? {
-                orphans.push(i);
+            let list = tree.names.entry(*ino).or_default();
+            if list.len() > 1 {
+                let (keep, stale): (Vec<Name>, Vec<Name>) =
+                    list.drain(..).partition(|n| n.dir == i.parent);
+                for n in &stale {
+                    self.r.problems.push(msg_with_repair(
+                        format!(
+                            "{}: a second name of directory inode {ino}, whose parent is inode {}",
+                            n.path, i.parent
+                        ),
+                        repair,
+                        "name removed",
+                    ));
+                    if repair && !keep.is_empty() {
+                        c.remove(n.dir, &n.entry.name, *ino)?;
+                    }
+                }
+                *list = if keep.is_empty() { stale } else { keep };
+            }
+            if let Some(n) = list.first() {
+                if n.dir != i.parent {
+                    self.r.problems.push(msg_with_repair(
+                        format!(
+                            "{}: directory inode {ino} has parent field {}, but is in inode {}",
+                            n.path, i.parent, n.dir
+                        ),
+                        repair,
+                        "parent field set",
+                    ));
+                    if repair {
+                        c.update(inode_block(*ino), &[set(field::PARENT, n.dir)])?;
+                    }
+                }
             }
         }
+        Ok(())
     }
-    r.inodes = (inodes.len() + orphans.len()) as u64;
-    if orphans.is_empty() {
-        return Ok(());
-    }
-    let lost = if repair {
-        Some(match c.lookup(root, b"lost+found") {
-            Ok(i) => i.ino,
-            Err(Errno::ENOENT) => c.mkdir(root, b"lost+found", 0o700, 0, 0)?.ino,
-            Err(e) => return Err(e),
-        })
-    } else {
-        None
-    };
-    for i in orphans {
-        r.problems.push(msg_with_repair(
-            format!(
-                "inode {} ({:?}, {} bytes, link count {}) is in use but has no name",
-                i.ino,
-                i.kind.unwrap_or(Kind::File),
-                i.size,
-                i.nlink
-            ),
-            repair,
-            "named /lost+found/#<inode>",
-        ));
-        if let Some(lost) = lost {
-            let kind = i.kind.unwrap_or(Kind::File);
-            let name = format!("#{}", i.ino).into_bytes();
-            c.insert(
-                lost,
-                Entry {
-                    name,
-                    ino: i.ino,
-                    kind,
-                },
-                false,
-            )?;
-            let ops = if kind == Kind::Dir {
-                vec![set(field::PARENT, lost)]
+
+    /// A file's link count is its number of names; a directory's, 2 plus its
+    /// subdirectories (a repair sets it).
+    fn link_counts(&mut self, tree: &Tree) -> Result<(), Errno> {
+        let (names, inodes) = (&tree.names, &tree.inodes);
+        let is_dir = |ino: &u64| inodes.get(ino).is_some_and(|i| i.kind == Some(Kind::Dir));
+        let mut subdirs: BTreeMap<u64, u64> = BTreeMap::new();
+        for (ino, list) in names {
+            if is_dir(ino) {
+                for n in list {
+                    *subdirs.entry(n.dir).or_default() += 1;
+                }
+            }
+        }
+        for (ino, i) in inodes {
+            let (want, what) = if i.kind == Some(Kind::Dir) {
+                (
+                    2 + subdirs.get(ino).copied().unwrap_or(0),
+                    "2 + its subdirectories",
+                )
             } else {
-                vec![set(field::NLINK, 1)]
+                let n = names.get(ino).map_or(0, |l| l.len() as u64);
+                if n == 0 {
+                    continue; // an orphan: see `orphans`
+                }
+                (n, "its names")
             };
-            c.update(inode_block(i.ino), &ops)?;
-            if kind == Kind::Dir {
-                c.update(
-                    inode_block(lost),
-                    &[Op::Add {
-                        offset: field::NLINK,
-                        delta: 1,
-                    }],
-                )?;
+            if i.nlink as u64 != want {
+                let path = names
+                    .get(ino)
+                    .and_then(|l| l.first())
+                    .map_or(String::from("/"), |n| n.path.clone());
+                self.r.problems.push(msg_with_repair(
+                    format!(
+                        "{path}: inode {ino} has link count {}, but {what} make {want}",
+                        i.nlink
+                    ),
+                    self.repair,
+                    "link count set",
+                ));
+                if self.repair {
+                    self.c
+                        .update(inode_block(*ino), &[set(field::NLINK, want)])?;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Orphans: every index number the allocators handed out that is in use and unnamed
+    /// (not among `named`).
+    fn orphans(&self, named: &BTreeMap<u64, Inode>) -> Result<Vec<Inode>, Errno> {
+        let c = self.c;
+        let map = c.map();
+        let m = map.entries.len() as u64;
+        let mut orphans = Vec::new();
+        let mut owners: BTreeSet<u64> = BTreeSet::new();
+        for node in &map.entries {
+            let entries = map.entries_of(*node);
+            let Some(first) = entries.first().copied() else {
+                continue;
+            };
+            if !owners.insert(first) {
+                continue;
+            }
+            let counter = c.read_block(block_id(first, 0))?;
+            let handed = counter
+                .get(..8)
+                .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])));
+            for k in 0..handed {
+                let ino = (k + 2) * m + entries[(k % entries.len() as u64) as usize];
+                if named.contains_key(&ino) {
+                    continue;
+                }
+                if let Some(i) = stored(c, ino)? {
+                    orphans.push(i);
+                }
+            }
+        }
+        Ok(orphans)
+    }
+
+    /// Report the orphans; a repair names each `/lost+found/#<inode>` (made if missing).
+    fn name_orphans(&mut self, root: u64, orphans: Vec<Inode>) -> Result<(), Errno> {
+        let c = self.c;
+        let lost = if self.repair {
+            Some(match c.lookup(root, b"lost+found") {
+                Ok(i) => i.ino,
+                Err(Errno::ENOENT) => c.mkdir(root, b"lost+found", 0o700, 0, 0)?.ino,
+                Err(e) => return Err(e),
+            })
+        } else {
+            None
+        };
+        for i in orphans {
+            self.r.problems.push(msg_with_repair(
+                format!(
+                    "inode {} ({:?}, {} bytes, link count {}) is in use but has no name",
+                    i.ino,
+                    i.kind.unwrap_or(Kind::File),
+                    i.size,
+                    i.nlink
+                ),
+                self.repair,
+                "named /lost+found/#<inode>",
+            ));
+            if let Some(lost) = lost {
+                adopt(c, lost, &i)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Name orphan `i` `#<inode>` in directory `lost`: a file gets a link count of 1, a
+/// directory `lost` as its parent (and `lost` one link more).
+fn adopt<B: Blocks>(c: &FsClient<B>, lost: u64, i: &Inode) -> Result<(), Errno> {
+    let kind = i.kind.unwrap_or(Kind::File);
+    let name = format!("#{}", i.ino).into_bytes();
+    c.insert(
+        lost,
+        Entry {
+            name,
+            ino: i.ino,
+            kind,
+        },
+        false,
+    )?;
+    let ops = if kind == Kind::Dir {
+        vec![set(field::PARENT, lost)]
+    } else {
+        vec![set(field::NLINK, 1)]
+    };
+    c.update(inode_block(i.ino), &ops)?;
+    if kind == Kind::Dir {
+        c.update(
+            inode_block(lost),
+            &[Op::Add {
+                offset: field::NLINK,
+                delta: 1,
+            }],
+        )?;
     }
     Ok(())
 }

@@ -631,100 +631,121 @@ pub fn decode_patch(b: &[u8]) -> Option<Vec<Op>> {
     Some(ops)
 }
 
-/// Apply decoded steps to `block`; a step that does not fit the block (a bucket that would
-/// overflow, a field past the end of a block that is not an inode) leaves it unchanged.
+/// Apply decoded steps to `block`; a step that does not fit the block (a splice past the
+/// largest block, a resize past [`BLOCK`], a field outside the inode's fixed head, an entry
+/// in a bucket that would overflow, an xattr in an inode that would outgrow
+/// [`MAX_INODE`]) or does not apply to it (an entry step on a block that is not a bucket,
+/// an extent or xattr step on one that is not an inode) leaves it unchanged.
 pub fn apply(block: &[u8], ops: &[Op]) -> Vec<u8> {
     let mut b = block.to_vec();
     for op in ops {
         match op {
-            Op::Splice { offset, bytes } => {
-                let end = *offset as usize + bytes.len();
-                if end > MAX_INODE.max(BLOCK) {
-                    continue;
-                }
-                if b.len() < end {
-                    b.resize(end, 0);
-                }
-                b[*offset as usize..end].copy_from_slice(bytes);
-            }
+            Op::Splice { offset, bytes } => splice(&mut b, *offset as usize, bytes),
             Op::Resize { len } => {
                 if (*len as usize) <= BLOCK {
                     b.resize(*len as usize, 0);
                 }
             }
-            Op::Max { offset, value }
-            | Op::Add {
-                offset,
-                delta: value,
-            } => {
-                let o = *offset as usize;
-                if o + 8 > INODE_HEAD {
-                    continue;
-                }
-                if b.len() < INODE_HEAD {
-                    b.resize(INODE_HEAD, 0);
-                }
-                let cur = u64_at(&b, o);
-                let new = match op {
-                    Op::Max { .. } => cur.max(*value),
-                    _ => cur.wrapping_add(*value),
-                };
-                b[o..o + 8].copy_from_slice(&new.to_le_bytes());
+            Op::Max { offset, value } => {
+                update_field(&mut b, *offset as usize, |cur| cur.max(*value))
             }
-            Op::Insert { entry, replace } => {
-                let Some(mut entries) = decode_bucket(&b) else {
-                    continue;
-                };
-                match entries.iter().position(|e| e.name == entry.name) {
-                    Some(i) if *replace => entries[i] = entry.clone(),
-                    Some(_) => continue,
-                    None => entries.push(entry.clone()),
-                }
-                let nb = encode_bucket(&entries);
-                if nb.len() <= MAX_BUCKET {
-                    b = nb;
-                }
+            Op::Add { offset, delta } => {
+                update_field(&mut b, *offset as usize, |cur| cur.wrapping_add(*delta))
             }
-            Op::Remove { name, ino } => {
-                let Some(mut entries) = decode_bucket(&b) else {
-                    continue;
-                };
-                let before = entries.len();
-                entries.retain(|e| !(e.name == *name && (*ino == 0 || e.ino == *ino)));
-                if entries.len() != before {
-                    b = encode_bucket(&entries);
-                }
+            Op::Insert { entry, replace } => insert_entry(&mut b, entry, *replace),
+            Op::Remove { name, ino } => remove_entry(&mut b, name, *ino),
+            Op::Extent { start, end } => {
+                patch_inode(&mut b, |i| add_extent(&mut i.extents, *start, *end))
             }
-            Op::Extent { .. } | Op::Trim { .. } => {
-                let Ok(Some(mut inode)) = Inode::decode(0, &b) else {
-                    continue;
-                };
-                match op {
-                    Op::Extent { start, end } => add_extent(&mut inode.extents, *start, *end),
-                    Op::Trim { from } => trim_extents(&mut inode.extents, *from),
-                    _ => {}
-                }
-                b = inode.encode();
-            }
-            Op::Xattr { name, value } => {
-                let Ok(Some(mut inode)) = Inode::decode(0, &b) else {
-                    continue;
-                };
-                match value {
-                    Some(v) => match inode.xattrs.binary_search_by(|(k, _)| k.cmp(name)) {
-                        Ok(i) => inode.xattrs[i].1 = v.clone(),
-                        Err(i) => inode.xattrs.insert(i, (name.clone(), v.clone())),
-                    },
-                    None => inode.xattrs.retain(|(k, _)| k != name),
-                }
-                let nb = inode.encode();
-                if nb.len() <= MAX_INODE {
-                    b = nb;
-                }
-            }
+            Op::Trim { from } => patch_inode(&mut b, |i| trim_extents(&mut i.extents, *from)),
+            Op::Xattr { name, value } => set_xattr(&mut b, name, value.as_deref()),
         }
     }
     b
+}
+
+/// [`Op::Splice`]: `bytes` at `offset`, the block grown with zeros to hold them.
+fn splice(b: &mut Vec<u8>, offset: usize, bytes: &[u8]) {
+    let end = offset + bytes.len();
+    if end > MAX_INODE.max(BLOCK) {
+        return;
+    }
+    if b.len() < end {
+        b.resize(end, 0);
+    }
+    b[offset..end].copy_from_slice(bytes);
+}
+
+/// [`Op::Max`], [`Op::Add`]: the u64 field at `o` of the inode head becomes `f` of its
+/// value (a shorter block is grown to the head first).
+fn update_field(b: &mut Vec<u8>, o: usize, f: impl FnOnce(u64) -> u64) {
+    if o + 8 > INODE_HEAD {
+        return;
+    }
+    if b.len() < INODE_HEAD {
+        b.resize(INODE_HEAD, 0);
+    }
+    let new = f(u64_at(b, o));
+    b[o..o + 8].copy_from_slice(&new.to_le_bytes());
+}
+
+/// [`Op::Insert`]: add `entry` to the bucket (or, with `replace`, put it in place of the
+/// entry of its name).
+fn insert_entry(b: &mut Vec<u8>, entry: &Entry, replace: bool) {
+    let Some(mut entries) = decode_bucket(b) else {
+        return;
+    };
+    match entries.iter().position(|e| e.name == entry.name) {
+        Some(i) if replace => entries[i] = entry.clone(),
+        Some(_) => return,
+        None => entries.push(entry.clone()),
+    }
+    let nb = encode_bucket(&entries);
+    if nb.len() <= MAX_BUCKET {
+        *b = nb;
+    }
+}
+
+/// [`Op::Remove`]: take the entry `name` out of the bucket if it names `ino` (0: any).
+fn remove_entry(b: &mut Vec<u8>, name: &[u8], ino: u64) {
+    let Some(mut entries) = decode_bucket(b) else {
+        return;
+    };
+    let before = entries.len();
+    entries.retain(|e| !(e.name == name && (ino == 0 || e.ino == ino)));
+    if entries.len() != before {
+        *b = encode_bucket(&entries);
+    }
+}
+
+/// [`Op::Extent`], [`Op::Trim`]: change the decoded inode with `f`.
+fn patch_inode(b: &mut Vec<u8>, f: impl FnOnce(&mut Inode)) {
+    let Ok(Some(mut inode)) = Inode::decode(0, b) else {
+        return;
+    };
+    f(&mut inode);
+    *b = inode.encode();
+}
+
+/// [`Op::Xattr`]: set the inode's attribute `name` to `value` (`None`: remove it).
+fn set_xattr(b: &mut Vec<u8>, name: &[u8], value: Option<&[u8]>) {
+    let Ok(Some(mut inode)) = Inode::decode(0, b) else {
+        return;
+    };
+    match value {
+        Some(v) => match inode
+            .xattrs
+            .binary_search_by(|(k, _)| k.as_slice().cmp(name))
+        {
+            Ok(i) => inode.xattrs[i].1 = v.to_vec(),
+            Err(i) => inode.xattrs.insert(i, (name.to_vec(), v.to_vec())),
+        },
+        None => inode.xattrs.retain(|(k, _)| k != name),
+    }
+    let nb = inode.encode();
+    if nb.len() <= MAX_INODE {
+        *b = nb;
+    }
 }
 
 /// Block content patches itself with the patch language above; a patch that does not

@@ -65,109 +65,116 @@ impl Node {
         Ok(out)
     }
 
+    /// Run a file-system operation of the control socket (a mount's request).
     pub(super) fn fs(&self, op: FsOp) -> Response {
-        let c = &self.client;
-        let r: Result<Response, Errno> = (|| {
-            Ok(match op {
-                FsOp::Root => Response::Ino(c.root()),
-                FsOp::Mknod {
-                    parent,
-                    name,
-                    mode,
-                    uid,
-                    gid,
-                    rdev,
-                } => Response::Attr(Box::new(c.make(
-                    parent,
-                    &name,
-                    if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
-                        Kind::File
-                    } else {
-                        Kind::Special
-                    },
-                    mode,
-                    uid,
-                    gid,
-                    rdev,
-                    &[],
-                )?)),
-                FsOp::Lookup { parent, name } => Response::Attr(Box::new(c.lookup(parent, &name)?)),
-                FsOp::Getattr { ino } => Response::Attr(Box::new(c.getattr(ino)?)),
-                FsOp::Create {
-                    parent,
-                    name,
-                    mode,
-                    uid,
-                    gid,
-                } => Response::Attr(Box::new(c.create(parent, &name, mode, uid, gid)?)),
-                FsOp::Mkdir {
-                    parent,
-                    name,
-                    mode,
-                    uid,
-                    gid,
-                } => Response::Attr(Box::new(c.mkdir(parent, &name, mode, uid, gid)?)),
-                FsOp::Unlink { parent, name, open } => {
-                    kept(c.unlink_keeping(parent, &name, &open)?)
-                }
-                FsOp::Reclaim { ino } => {
-                    c.reclaim(ino)?;
-                    Response::Ok
-                }
-                FsOp::Rmdir { parent, name } => {
-                    c.rmdir(parent, &name)?;
-                    Response::Ok
-                }
-                FsOp::Rename {
-                    sp,
-                    sn,
-                    dp,
-                    dn,
-                    mode,
-                    open,
-                } => kept(c.rename_keeping(sp, &sn, dp, &dn, mode, &open)?),
-                FsOp::Link { ino, parent, name } => {
-                    Response::Attr(Box::new(c.link(ino, parent, &name)?))
-                }
-                FsOp::Symlink {
-                    parent,
-                    name,
-                    target,
-                    uid,
-                    gid,
-                } => Response::Attr(Box::new(c.symlink(parent, &name, &target, uid, gid)?)),
-                FsOp::Readlink { ino } => Response::Data(c.readlink(ino)?),
-                FsOp::Read { ino, offset, len } => Response::Data(c.read(ino, offset, len)?),
-                FsOp::Write { ino, offset, data } => {
-                    Response::Count(c.write(ino, offset, &data)? as u64)
-                }
-                FsOp::Fsync { ino } => {
-                    c.fsync(ino)?;
-                    Response::Ok
-                }
-                FsOp::Readdir { ino } => Response::Entries(c.readdir_plus(ino)?),
-                FsOp::Setattr { ino, attr } => Response::Attr(Box::new(c.setattr(ino, &attr)?)),
-                FsOp::Statfs => Response::StatFs(c.statfs()?),
-                FsOp::Getxattr { ino, name } => Response::Data(c.getxattr(ino, &name)?),
-                FsOp::Setxattr {
-                    ino,
-                    name,
-                    value,
-                    mode,
-                } => {
-                    c.setxattr(ino, &name, &value, mode)?;
-                    Response::Ok
-                }
-                FsOp::Listxattr { ino } => Response::Names(c.listxattr(ino)?),
-                FsOp::Removexattr { ino, name } => {
-                    c.removexattr(ino, &name)?;
-                    Response::Ok
-                }
-            })
-        })();
-        r.unwrap_or_else(|e| Response::Err {
+        self.fs_op(op).unwrap_or_else(|e| Response::Err {
             errno: e.0,
             message: e.to_string(),
         })
+    }
+
+    /// [`Node::fs`]: one short arm per operation, each a call of the client.
+    fn fs_op(&self, op: FsOp) -> Result<Response, Errno> {
+        let c = &self.client;
+        Ok(match op {
+            FsOp::Root => Response::Ino(c.root()),
+            FsOp::Mknod {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+                rdev,
+            } => Response::Attr(Box::new(c.make(
+                parent,
+                &name,
+                mknod_kind(mode),
+                mode,
+                uid,
+                gid,
+                rdev,
+                &[],
+            )?)),
+            FsOp::Lookup { parent, name } => Response::Attr(Box::new(c.lookup(parent, &name)?)),
+            FsOp::Getattr { ino } => Response::Attr(Box::new(c.getattr(ino)?)),
+            FsOp::Create {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+            } => Response::Attr(Box::new(c.create(parent, &name, mode, uid, gid)?)),
+            FsOp::Mkdir {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+            } => Response::Attr(Box::new(c.mkdir(parent, &name, mode, uid, gid)?)),
+            FsOp::Unlink { parent, name, open } => kept(c.unlink_keeping(parent, &name, &open)?),
+            FsOp::Reclaim { ino } => {
+                c.reclaim(ino)?;
+                Response::Ok
+            }
+            FsOp::Rmdir { parent, name } => {
+                c.rmdir(parent, &name)?;
+                Response::Ok
+            }
+            FsOp::Rename {
+                sp,
+                sn,
+                dp,
+                dn,
+                mode,
+                open,
+            } => kept(c.rename_keeping(sp, &sn, dp, &dn, mode, &open)?),
+            FsOp::Link { ino, parent, name } => {
+                Response::Attr(Box::new(c.link(ino, parent, &name)?))
+            }
+            FsOp::Symlink {
+                parent,
+                name,
+                target,
+                uid,
+                gid,
+            } => Response::Attr(Box::new(c.symlink(parent, &name, &target, uid, gid)?)),
+            FsOp::Readlink { ino } => Response::Data(c.readlink(ino)?),
+            FsOp::Read { ino, offset, len } => Response::Data(c.read(ino, offset, len)?),
+            FsOp::Write { ino, offset, data } => {
+                Response::Count(c.write(ino, offset, &data)? as u64)
+            }
+            FsOp::Fsync { ino } => {
+                c.fsync(ino)?;
+                Response::Ok
+            }
+            FsOp::Readdir { ino } => Response::Entries(c.readdir_plus(ino)?),
+            FsOp::Setattr { ino, attr } => Response::Attr(Box::new(c.setattr(ino, &attr)?)),
+            FsOp::Statfs => Response::StatFs(c.statfs()?),
+            FsOp::Getxattr { ino, name } => Response::Data(c.getxattr(ino, &name)?),
+            FsOp::Setxattr {
+                ino,
+                name,
+                value,
+                mode,
+            } => {
+                c.setxattr(ino, &name, &value, mode)?;
+                Response::Ok
+            }
+            FsOp::Listxattr { ino } => Response::Names(c.listxattr(ino)?),
+            FsOp::Removexattr { ino, name } => {
+                c.removexattr(ino, &name)?;
+                Response::Ok
+            }
+        })
+    }
+}
+
+/// What `mknod` with `mode` makes: a regular file (its type bits, or none) or a special
+/// file (the type bits kept in the mode).
+fn mknod_kind(mode: u32) -> Kind {
+    if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+        Kind::File
+    } else {
+        Kind::Special
     }
 }

@@ -183,22 +183,13 @@ impl Node {
 
     pub(super) fn handle(&self, req: Request) -> Response {
         let c = &self.client;
-        let err = |e: Errno, what: &str| Response::Err {
-            errno: e.0,
-            message: format!("{what}: {e}"),
-        };
         match req {
             Request::Status => Response::Status(Box::new(self.status())),
             Request::Put { path, data } => match self.put(&path, &data) {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e, &path),
             },
-            Request::Get { path } => match c.resolve(&path).and_then(|i| {
-                if i.kind == Some(Kind::Dir) {
-                    return Err(Errno::EISDIR);
-                }
-                c.read(i.ino, 0, i.size as usize)
-            }) {
+            Request::Get { path } => match self.get(&path) {
                 Ok(d) => Response::Data(d),
                 Err(e) => err(e, &path),
             },
@@ -206,92 +197,127 @@ impl Node {
                 Ok(v) => Response::Entries(v),
                 Err(e) => err(e, &path),
             },
-            Request::Rm { path } => match c.resolve_parent(&path).and_then(|(p, name)| {
-                let victim = c.lookup(p.ino, name.as_bytes())?;
-                match victim.kind {
-                    Some(Kind::Dir) => c.rmdir(p.ino, name.as_bytes())?,
-                    _ => c.unlink(p.ino, name.as_bytes())?,
-                }
-                self.advise_path(p.ino, name, Some(victim.ino));
-                c.fsync(p.ino)
-            }) {
+            Request::Rm { path } => match self.rm(&path) {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e, &path),
             },
-            Request::Mkdir { path } => match c
-                .resolve_parent(&path)
-                .and_then(|(p, name)| {
-                    c.mkdir(p.ino, name.as_bytes(), 0o755, 0, 0)?;
-                    self.advise_path(p.ino, name, None);
-                    Ok(p)
-                })
-                .and_then(|p| c.fsync(p.ino))
-            {
+            Request::Mkdir { path } => match self.mkdir(&path) {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e, &path),
             },
-            Request::Rename { from, to } => match c.resolve_parent(&from).and_then(|(sp, sn)| {
-                let (dp, dn) = c.resolve_parent(&to)?;
-                let moved = c.lookup(sp.ino, sn.as_bytes())?.ino;
-                c.rename(
-                    sp.ino,
-                    sn.as_bytes(),
-                    dp.ino,
-                    dn.as_bytes(),
-                    crate::fs::client::RenameMode::Replace,
-                )?;
-                self.advise_path(sp.ino, sn, Some(moved));
-                self.advise_path(dp.ino, dn, Some(moved));
-                c.fsync(moved)?;
-                c.fsync(sp.ino)?;
-                c.fsync(dp.ino)
-            }) {
+            Request::Rename { from, to } => match self.rename(&from, &to) {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e, &format!("{from} -> {to}")),
             },
-            Request::Fsck { repair, namespace } => {
-                let ns = if namespace {
-                    match crate::fs::fsck::fsck(c, repair) {
-                        Ok(r) => Some(r),
-                        Err(e) => return err(e, "fsck of the name space"),
-                    }
-                } else {
-                    None
-                };
-                let (log, log_problems) = match (self.log_check)(repair) {
-                    Some((k, p)) => (Some(k), p),
-                    None => (None, Vec::new()),
-                };
-                Response::Fsck(Box::new(control::FsckResult {
-                    node: self.id,
-                    namespace: ns,
-                    log,
-                    log_problems,
-                }))
-            }
+            Request::Fsck { repair, namespace } => self.fsck(repair, namespace),
             Request::Fs(op) => self.fs(op),
             Request::Flush => match c.sync_all() {
                 Ok(()) => Response::Ok,
                 Err(e) => err(e, "flush"),
             },
-            Request::Checkpoint => {
-                // What the cache cannot write (the stores are full) is not acknowledged;
-                // what is durable is checkpointed all the same (the log keeps room for it).
-                let flushed = c.sync_all();
-                match (self.sync_log(true), flushed) {
-                    (Ok(()), Ok(())) => Response::Ok,
-                    (Ok(()), Err(e)) => err(e, "flush (checkpoint written)"),
-                    (Err(e), _) => Response::Err {
-                        errno: libc::EIO,
-                        message: format!("checkpoint: {e}"),
-                    },
-                }
-            }
+            Request::Checkpoint => self.checkpoint(),
             Request::Shutdown => Response::Ok,
             Request::Subscribe | Request::KernelDone(_) => Response::Err {
                 errno: libc::EINVAL,
                 message: "Subscribe opens a connection of its own; KernelDone answers on it".into(),
             },
         }
+    }
+
+    /// `get`: the whole file at `path`.
+    fn get(&self, path: &str) -> Result<Vec<u8>, Errno> {
+        let c = &self.client;
+        let i = c.resolve(path)?;
+        if i.kind == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        c.read(i.ino, 0, i.size as usize)
+    }
+
+    /// `rm`: remove the file or empty directory at `path`, durably.
+    fn rm(&self, path: &str) -> Result<(), Errno> {
+        let c = &self.client;
+        let (p, name) = c.resolve_parent(path)?;
+        let victim = c.lookup(p.ino, name.as_bytes())?;
+        match victim.kind {
+            Some(Kind::Dir) => c.rmdir(p.ino, name.as_bytes())?,
+            _ => c.unlink(p.ino, name.as_bytes())?,
+        }
+        self.advise_path(p.ino, name, Some(victim.ino));
+        c.fsync(p.ino)
+    }
+
+    /// `mkdir`: make the directory `path`, durably.
+    fn mkdir(&self, path: &str) -> Result<(), Errno> {
+        let c = &self.client;
+        let (p, name) = c.resolve_parent(path)?;
+        c.mkdir(p.ino, name.as_bytes(), 0o755, 0, 0)?;
+        self.advise_path(p.ino, name, None);
+        c.fsync(p.ino)
+    }
+
+    /// `mv`: rename `from` to `to` (replacing a file there), durably.
+    fn rename(&self, from: &str, to: &str) -> Result<(), Errno> {
+        let c = &self.client;
+        let (sp, sn) = c.resolve_parent(from)?;
+        let (dp, dn) = c.resolve_parent(to)?;
+        let moved = c.lookup(sp.ino, sn.as_bytes())?.ino;
+        c.rename(
+            sp.ino,
+            sn.as_bytes(),
+            dp.ino,
+            dn.as_bytes(),
+            crate::fs::client::RenameMode::Replace,
+        )?;
+        self.advise_path(sp.ino, sn, Some(moved));
+        self.advise_path(dp.ino, dn, Some(moved));
+        c.fsync(moved)?;
+        c.fsync(sp.ino)?;
+        c.fsync(dp.ino)
+    }
+
+    /// `fsck`: the name space's (if `namespace`) and the log's checks.
+    fn fsck(&self, repair: bool, namespace: bool) -> Response {
+        let ns = if namespace {
+            match crate::fs::fsck::fsck(&self.client, repair) {
+                Ok(r) => Some(r),
+                Err(e) => return err(e, "fsck of the name space"),
+            }
+        } else {
+            None
+        };
+        let (log, log_problems) = match (self.log_check)(repair) {
+            Some((k, p)) => (Some(k), p),
+            None => (None, Vec::new()),
+        };
+        Response::Fsck(Box::new(control::FsckResult {
+            node: self.id,
+            namespace: ns,
+            log,
+            log_problems,
+        }))
+    }
+
+    /// Write back every dirty block, then checkpoint the log.
+    fn checkpoint(&self) -> Response {
+        // What the cache cannot write (the stores are full) is not acknowledged;
+        // what is durable is checkpointed all the same (the log keeps room for it).
+        let flushed = self.client.sync_all();
+        match (self.sync_log(true), flushed) {
+            (Ok(()), Ok(())) => Response::Ok,
+            (Ok(()), Err(e)) => err(e, "flush (checkpoint written)"),
+            (Err(e), _) => Response::Err {
+                errno: libc::EIO,
+                message: format!("checkpoint: {e}"),
+            },
+        }
+    }
+}
+
+/// The error answer to a request about `what`.
+fn err(e: Errno, what: &str) -> Response {
+    Response::Err {
+        errno: e.0,
+        message: format!("{what}: {e}"),
     }
 }

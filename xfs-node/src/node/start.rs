@@ -1,8 +1,14 @@
 //! Starting a node: its roles' threads (shard loops, command thread, storage server, log,
 //! cleaners, write-back) and the queues between them ([`Node::start`]).
 
+use std::net::IpAddr;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::thread::JoinHandle;
+
+use super::config::NodeSection;
 use super::transport::endpoint;
 use super::*;
+use crate::storage::log::StripeGroup;
 
 /// The leader's link to the writers of its group: cleaner commands over the shards.
 struct NodeGroup<'a> {
@@ -144,430 +150,633 @@ impl Node {
     /// log may still wait for storage servers: see [`Node::is_ready`]).
     pub fn start<M: MakeTransport>(config: Config, id: NodeId, mk: M) -> Result<Node, StartError> {
         let me = config.node(id).ok_or(StartError::NotInConfig(id))?.clone();
-        let c = &config.cluster;
-        let tag = config.tag();
-        let stop = Arc::new(AtomicBool::new(false));
-        let ready = Arc::new(AtomicBool::new(false));
+        let shared = Shared::<M::T>::new();
         let mut threads = Vec::new();
-        let frag = c.fragment_bytes;
-        // Each node's log and its cleaner's reader are clients of every storage server.
-        let servers = 2 * config.nodes.len().max(1);
-
-        // Storage server.
-        let storage_total = Arc::new(AtomicU64::new(0));
-        let storage_free = Arc::new(AtomicU64::new(0));
         if me.has("storage") {
-            let path = me.storage.clone().ok_or(StartError::NoStoragePath(id))?;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).ok();
-            }
-            let store = UringStore::open(
-                &path,
-                UringOptions {
-                    fragment_bytes: frag,
-                    depth: 64,
-                    create_bytes: me.storage_bytes,
-                },
-            )
-            .map_err(|source| StartError::Storage {
-                path: path.clone(),
-                source,
-            })?;
-            storage_total.store((store.slots() * frag) as u64, Ordering::Relaxed);
-            let addr = me.storage_addr(c.shards);
-            let ep = endpoint(
-                &mk,
-                addr,
-                tag,
-                servers * STORE_DEPTH * frag,
-                "storage server",
-            )?;
-            let mut server = StorageServer::new(
-                ep,
-                store,
-                ServerOptions {
-                    windows: servers,
-                    depth: STORE_DEPTH,
-                },
-            )
-            .map_err(StartError::StorageServer)?;
-            let s = stop.clone();
-            let free = storage_free.clone();
-            threads.push(std::thread::spawn(move || {
-                let mut last = Instant::now() - Duration::from_secs(10);
-                while !s.load(Ordering::Relaxed) {
-                    if last.elapsed() > Duration::from_millis(200) {
-                        if let Ok(f) = server.store().free_slots() {
-                            free.store((f * frag) as u64, Ordering::Relaxed);
-                        }
-                        last = Instant::now();
-                    }
-                    if server.step().unwrap_or(0) == 0 {
-                        // Woken by a request or a timer of the endpoint.
-                        let _ = server.wait(Duration::from_millis(50));
-                    }
-                }
-                let _ = server.store().sync();
-            }));
+            threads.push(spawn_storage_server(&config, &me, &mk, &shared)?);
         }
-
-        // Shards.
-        let placement = Placement {
-            managers: config.manager_map.entries.clone(),
-            storages: config.manager_map.entries.clone(),
-            index_shift: Some(INDEX_SHIFT),
-        };
-        let clients: Vec<NodeId> = config
-            .nodes
-            .iter()
-            .filter(|n| n.has("client"))
-            .map(|n| n.id)
-            .collect();
-        let log: SharedLog<M::T> = Arc::new(Mutex::new(None));
-        let reader: SharedReader<M::T> = Arc::new(Mutex::new(None));
-        let (command_tx, command_rx) = mpsc::sync_channel::<(NodeId, OpId, Vec<u8>)>(64);
-        let log_full = Arc::new(AtomicBool::new(false));
-        // Bytes of new data this node's log can take now (u64::MAX: no log yet).
-        let log_room = Arc::new(AtomicU64::new(u64::MAX));
-        let mount: MountLink = Arc::new(Mutex::new(None));
-        let mut senders = Vec::new();
-        let mut wake = Vec::new();
-        for s in 0..c.shards {
-            let addr = me.shard_addr(s);
-            let ep = endpoint(&mk, addr, tag, 1 << 16, "shard endpoint")?;
-            let mut shard = Shard::new(
-                ep,
-                ShardConfig {
-                    node: id,
-                    protocol: ProtocolConfig {
-                        sequenced: true,
-                        n_chance: c.n_chance,
-                    },
-                    placement: placement.clone(),
-                    clients: clients.clone(),
-                    capacity: c.cache_blocks,
-                },
-                LogStore {
-                    log: log.clone(),
-                    full: log_full.clone(),
-                },
-            )
-            .map_err(|source| StartError::Shard { shard: s, source })?;
-            for n in &config.nodes {
-                if n.id != id {
-                    shard
-                        .connect(
-                            n.id,
-                            EndpointName {
-                                addr: n.shard_addr(s),
-                                vnet: 0,
-                            },
-                            Tag(tag),
-                        )
-                        .map_err(|source| StartError::Shard { shard: s, source })?;
-                }
-            }
-            let (tx, rx) = mpsc::sync_channel(4096);
-            senders.push(tx);
-            wake.push(shard.endpoint().transport().notifier());
-            let st = stop.clone();
-            let ml = mount.clone();
-            // Shard 0 hands store commands (the cleaner's) to the command thread.
-            let cmds = (s == 0).then(|| command_tx.clone());
-            threads.push(std::thread::spawn(move || {
-                shard_loop(shard, rx, st, ml, cmds)
-            }));
-        }
-        // The command thread: the cleaner's moves and checkpoints, off the shard loops.
-        {
-            let (tx0, wake0, log, reader, full, st) = (
-                senders[0].clone(),
-                wake[0].clone(),
-                log.clone(),
-                reader.clone(),
-                log_full.clone(),
-                stop.clone(),
-            );
-            threads.push(std::thread::spawn(move || {
-                while !st.load(Ordering::Relaxed) {
-                    let Ok((from, op, request)) =
-                        command_rx.recv_timeout(Duration::from_millis(200))
-                    else {
-                        continue;
-                    };
-                    let reply = cleaner::serve(&log, &reader, id, &request);
-                    if let Some(l) = lock(&log).as_ref() {
-                        full.store(l.is_full(), Ordering::Relaxed);
-                    }
-                    let done = Cmd::CommandDone {
-                        from,
-                        op,
-                        result: Ok(reply),
-                    };
-                    if tx0.send(done).is_err() {
-                        return;
-                    }
-                    wake0.notify();
-                }
-            }));
-        }
-
-        // The log, once the stripe group's servers answer (they may start after us).
+        let (command_tx, command_rx) = mpsc::sync_channel::<StoreCommand>(64);
+        let (senders, wake) =
+            spawn_shard_loops(&config, &me, &mk, &shared, &command_tx, &mut threads)?;
+        threads.push(spawn_command_thread(
+            id,
+            senders[0].clone(),
+            wake[0].clone(),
+            &shared,
+            command_rx,
+        ));
         if me.has("manager") {
-            let groups = config.stripe_group_map();
-            let gi = (id as usize - 1) % groups.groups.len();
-            let g = groups.groups[gi].clone();
-            // The managers whose logs share this group's stores (as the cleaner counts them).
-            let writers = config
-                .nodes
-                .iter()
-                .filter(|x| x.has("manager") && (x.id as usize - 1) % groups.groups.len() == gi)
-                .count();
-            let addrs: Vec<(NodeId, SocketAddr)> = g
-                .servers
-                .iter()
-                .filter_map(|s| config.node(*s).map(|n| (*s, n.storage_addr(c.shards))))
-                .collect();
-            let host = me.host;
-            let log2 = log.clone();
-            let room2 = log_room.clone();
-            let reader2 = reader.clone();
-            let ready2 = ready.clone();
-            let stop2 = stop.clone();
-            let mk = Arc::new(mk);
-            threads.push(std::thread::spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                // A store client of the server at `addr`, on its own endpoint.
-                let connect = |addr: SocketAddr| -> Result<RemoteStore<M::T>, StartError> {
-                    let ep = endpoint(
-                        &*mk,
-                        SocketAddr::new(host, 0),
-                        tag,
-                        2 * STORE_DEPTH * frag,
-                        "log endpoint",
-                    )?;
-                    let name = EndpointName { addr, vnet: 0 };
-                    let mut rs =
-                        RemoteStore::connect(ep, name, Tag(tag), STORE_DEPTH, Box::new(|| {}))
-                            .map_err(StartError::Connect)?;
-                    rs.set_timeout(Duration::from_secs(3));
-                    Ok(rs)
-                };
-                let mut stores: Vec<Option<RemoteStore<M::T>>> =
-                    addrs.iter().map(|_| None).collect();
-                loop {
-                    for (i, (node, addr)) in addrs.iter().enumerate() {
-                        if stores[i].is_some() {
-                            continue;
-                        }
-                        match connect(*addr) {
-                            Ok(rs) => stores[i] = Some(rs),
-                            Err(e) if Instant::now() > deadline => {
-                                eprintln!(
-                                    "xfs-node {id}: storage server of node {node} at {addr}: {e}"
-                                )
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                    let up = stores.iter().filter(|s| s.is_some()).count();
-                    if up == stores.len() || (Instant::now() > deadline && up >= g.data()) {
-                        break;
-                    }
-                    if stop2.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                let group = g.clone();
-                match Log::recover(id, g, stores) {
-                    Ok(mut l) => {
-                        l.set_writers(writers);
-                        l.set_room_gauge(room2);
-                        *lock(&log2) = Some(l);
-                        // The cleaner reads segments over connections of its own.
-                        let rs = addrs.iter().map(|(_, a)| connect(*a).ok()).collect();
-                        *lock(&reader2) = SegmentReader::new(group, rs).ok();
-                        ready2.store(true, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("xfs-node {id}: cannot recover the log: {e}");
-                        return;
-                    }
-                }
-                // A server marked down (or down at start) that answers again is attached
-                // and rebuilt: this log's fragments it misses are recomputed from the others.
-                while !stop2.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_secs(2));
-                    // The cleaner's connections too (a reader store that died, or was
-                    // never connected, is replaced once its server answers).
-                    for (i, (_, addr)) in addrs.iter().enumerate() {
-                        let dead = lock(&reader2)
-                            .as_mut()
-                            .and_then(|r| {
-                                r.store_slot(i)
-                                    .map(|s| s.as_ref().is_none_or(|s| s.is_dead()))
-                            })
-                            .unwrap_or(false);
-                        if dead {
-                            if let Ok(rs) = connect(*addr) {
-                                if let Some(slot) =
-                                    lock(&reader2).as_mut().and_then(|r| r.store_slot(i))
-                                {
-                                    *slot = Some(rs);
-                                }
-                            }
-                        }
-                    }
-                    let down = lock(&log2).as_ref().map(|l| l.down()).unwrap_or_default();
-                    for i in down {
-                        let Some((node, addr)) = addrs.get(i).copied() else {
-                            continue;
-                        };
-                        let Ok(rs) = connect(addr) else {
-                            continue;
-                        };
-                        let mut g = lock(&log2);
-                        if let Some(l) = g.as_mut() {
-                            match l.rebuild(i, rs) {
-                                Ok(n) => eprintln!(
-                                    "xfs-node {id}: storage server of node {node} is back: \
-                                     rebuilt {n} fragments of this node's log on it"
-                                ),
-                                Err(e) => {
-                                    eprintln!("xfs-node {id}: rebuilding on node {node}: {e}");
-                                    l.take_store(i);
-                                }
-                            }
-                        }
-                    }
-                }
-            }));
+            threads.push(spawn_log_thread(&config, &me, mk, &shared));
         } else {
-            ready.store(true, Ordering::Relaxed);
+            shared.ready.store(true, Ordering::Relaxed);
         }
-
-        let free = storage_free.clone();
-        let room = log_room.clone();
-        let data_frags = {
-            let groups = config.stripe_group_map();
-            groups.groups[(id as usize - 1) % groups.groups.len()].data()
-        };
-        let blocks = NodeBlocks {
-            me: id,
-            shards: senders,
-            wake,
-            next: AtomicU64::new(1),
-            statfs: Box::new(move || {
-                // In bytes of file data: a segment takes a slot on every server of the
-                // group and carries `data` fragments less its summary. Free is what new
-                // data may take: the log's room (free segments less the checkpoints' and
-                // the cleaner's reserve), which `xfs-node status` shows too.
-                let bs = BLOCK as u64;
-                let slot_data = (data_frags * frag).saturating_sub(SUMMARY_BYTES) as u64;
-                let total = storage_total.load(Ordering::Relaxed) / frag as u64 * slot_data;
-                let raw_free = free.load(Ordering::Relaxed) / frag as u64 * slot_data;
-                let free = if log_full.load(Ordering::Relaxed) {
-                    0
-                } else {
-                    match room.load(Ordering::Relaxed) {
-                        u64::MAX => raw_free,
-                        r => r.min(raw_free),
-                    }
-                };
-                Ok(StatFs {
-                    bsize: bs,
-                    blocks: total / bs,
-                    bfree: free / bs,
-                    namelen: 255,
-                })
-            }),
-        };
+        let blocks = node_blocks(&config, id, senders, wake, &shared);
         let client = Arc::new(FsClient::new(blocks, config.manager_map()));
-        // A cleaner for each stripe group this node serves (its leader is the first
-        // server of the group that answers).
         let cleaners: Cleaners = Default::default();
-        {
-            let groups = config.stripe_group_map();
-            let n = groups.groups.len();
-            for (gi, g) in groups.groups.iter().enumerate() {
-                if !g.servers.contains(&id) {
-                    continue;
-                }
-                let writers: Vec<NodeId> = config
-                    .nodes
-                    .iter()
-                    .filter(|x| x.has("manager") && (x.id as usize - 1) % n == gi)
-                    .map(|x| x.id)
-                    .collect();
-                let (gid, servers) = (g.id, g.servers.clone());
-                let (cfg, c, r, s, cl) = (
-                    config.cleaner.clone(),
-                    client.clone(),
-                    ready.clone(),
-                    stop.clone(),
-                    cleaners.clone(),
-                );
-                threads.push(std::thread::spawn(move || {
-                    cleaner_loop(id, gid, servers, writers, cfg, c, r, s, cl)
-                }));
-            }
-        }
-        // The periodic write-back: what was written and not fsynced is durable within
-        // `write_back_secs` and a tenth (checked ten times per period).
+        spawn_cleaners(&config, id, &client, &shared, &cleaners, &mut threads);
         let periodic = Arc::new(AtomicU64::new(0));
-        {
-            let (c, r, st, n) = (
-                client.clone(),
-                ready.clone(),
-                stop.clone(),
-                periodic.clone(),
-            );
-            let age = Duration::from_secs(config.cluster.write_back_secs);
-            threads.push(std::thread::spawn(move || {
-                write_back_loop(c, age, r, st, n)
-            }));
-        }
-        let log4 = log.clone();
-        let log_check: LogCheckFn =
-            Box::new(move |repair| lock(&log4).as_mut().map(|l| l.check(repair)));
-        let log3 = log.clone();
-        let log_status: LogControl = Box::new(move |what: &str| {
-            let mut g = lock(&log3);
-            let Some(l) = g.as_mut() else {
-                return Ok(Vec::new());
-            };
-            match what {
-                "checkpoint" => l.checkpoint()?,
-                "fsync" => l.fsync()?,
-                _ => {}
-            }
-            let k = l.counters();
-            let live: u64 = l.live_bytes().values().sum();
-            Ok(vec![
-                ("log_segments".into(), k.segments),
-                ("log_degraded_reads".into(), k.degraded_reads),
-                ("log_checkpoints".into(), k.checkpoints),
-                ("log_servers_lost".into(), k.servers_lost),
-                ("log_rebuilt".into(), k.rebuilt),
-                ("log_servers_down".into(), l.down().len() as u64),
-                ("log_live_bytes".into(), live),
-                ("log_blocks".into(), l.imap().len() as u64),
-            ])
-        });
-        let node = Node {
+        threads.push(spawn_write_back(&config, &client, &shared, &periodic));
+        Ok(Node {
             config,
             id,
             client,
-            stop,
+            stop: shared.stop,
             threads,
-            log: log_status,
-            ready,
-            mount,
+            log: log_control(shared.log.clone()),
+            ready: shared.ready,
+            mount: shared.mount,
             cleaners,
             periodic,
-            log_check,
-        };
-        Ok(node)
+            log_check: log_check(shared.log),
+        })
     }
+}
+
+/// A store command for the command thread: from which node, its operation, the request.
+type StoreCommand = (NodeId, OpId, Vec<u8>);
+
+/// What the node's threads share (each thread gets clones of the parts it uses).
+struct Shared<T: Transport> {
+    /// Set to stop every thread.
+    stop: Arc<AtomicBool>,
+    /// Set once the log is recovered (at start on a node without the manager role).
+    ready: Arc<AtomicBool>,
+    /// This node's log, once recovered (manager role).
+    log: SharedLog<T>,
+    /// The cleaner's connections to the stripe group, for reading segments.
+    reader: SharedReader<T>,
+    /// Whether the log cannot write what it holds (its stores are full).
+    log_full: Arc<AtomicBool>,
+    /// Bytes of new data this node's log can take now (u64::MAX: no log yet).
+    log_room: Arc<AtomicU64>,
+    /// The storage server's capacity, bytes (0 without the storage role).
+    storage_total: Arc<AtomicU64>,
+    /// The storage server's free space, bytes, as it last looked.
+    storage_free: Arc<AtomicU64>,
+    /// The attached mount's queue of kernel invalidations.
+    mount: MountLink,
+}
+
+impl<T: Transport> Shared<T> {
+    fn new() -> Self {
+        Shared {
+            stop: Arc::new(AtomicBool::new(false)),
+            ready: Arc::new(AtomicBool::new(false)),
+            log: Arc::new(Mutex::new(None)),
+            reader: Arc::new(Mutex::new(None)),
+            log_full: Arc::new(AtomicBool::new(false)),
+            log_room: Arc::new(AtomicU64::new(u64::MAX)),
+            storage_total: Arc::new(AtomicU64::new(0)),
+            storage_free: Arc::new(AtomicU64::new(0)),
+            mount: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// The storage role: open the fragment store on the configured file or device and serve
+/// it on its own endpoint, in a thread of its own.
+fn spawn_storage_server<M: MakeTransport>(
+    config: &Config,
+    me: &NodeSection,
+    mk: &M,
+    shared: &Shared<M::T>,
+) -> Result<JoinHandle<()>, StartError> {
+    let frag = config.cluster.fragment_bytes;
+    // Each node's log and its cleaner's reader are clients of every storage server.
+    let clients = 2 * config.nodes.len().max(1);
+    let store = open_store(me, frag)?;
+    shared
+        .storage_total
+        .store((store.slots() * frag) as u64, Ordering::Relaxed);
+    let addr = me.storage_addr(config.cluster.shards);
+    let ep = endpoint(
+        mk,
+        addr,
+        config.tag(),
+        clients * STORE_DEPTH * frag,
+        "storage server",
+    )?;
+    let server = StorageServer::new(
+        ep,
+        store,
+        ServerOptions {
+            windows: clients,
+            depth: STORE_DEPTH,
+        },
+    )
+    .map_err(StartError::StorageServer)?;
+    let (stop, free) = (shared.stop.clone(), shared.storage_free.clone());
+    Ok(std::thread::spawn(move || {
+        storage_server_loop(server, frag, stop, free)
+    }))
+}
+
+/// The node's fragment store (io_uring, ring depth 64), its file created if missing.
+fn open_store(me: &NodeSection, frag: usize) -> Result<UringStore, StartError> {
+    let path = me.storage.clone().ok_or(StartError::NoStoragePath(me.id))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    UringStore::open(
+        &path,
+        UringOptions {
+            fragment_bytes: frag,
+            depth: 64,
+            create_bytes: me.storage_bytes,
+        },
+    )
+    .map_err(|source| StartError::Storage {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Serve store requests until `stop`; every 200 ms publish the free space into `free`.
+fn storage_server_loop<T: Transport>(
+    mut server: StorageServer<T, UringStore>,
+    frag: usize,
+    stop: Arc<AtomicBool>,
+    free: Arc<AtomicU64>,
+) {
+    let mut last = Instant::now() - Duration::from_secs(10);
+    while !stop.load(Ordering::Relaxed) {
+        if last.elapsed() > Duration::from_millis(200) {
+            if let Ok(f) = server.store().free_slots() {
+                free.store((f * frag) as u64, Ordering::Relaxed);
+            }
+            last = Instant::now();
+        }
+        if server.step().unwrap_or(0) == 0 {
+            // Woken by a request or a timer of the endpoint.
+            let _ = server.wait(Duration::from_millis(50));
+        }
+    }
+    let _ = server.store().sync();
+}
+
+/// Wakes a shard loop from its wait (when a command is queued for it).
+type Wake = Arc<dyn am_core::Notify>;
+
+/// A shard loop of this node, over the node's log.
+type NodeShard<T> = Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>;
+
+/// Make the shards, each connected to the same shard of the other nodes, and start a loop
+/// for each; returns each shard's command queue and wake-up.
+fn spawn_shard_loops<M: MakeTransport>(
+    config: &Config,
+    me: &NodeSection,
+    mk: &M,
+    shared: &Shared<M::T>,
+    command_tx: &SyncSender<StoreCommand>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<(Vec<SyncSender<Cmd>>, Vec<Wake>), StartError> {
+    let placement = Placement {
+        managers: config.manager_map.entries.clone(),
+        storages: config.manager_map.entries.clone(),
+        index_shift: Some(INDEX_SHIFT),
+    };
+    let clients: Vec<NodeId> = config
+        .nodes
+        .iter()
+        .filter(|n| n.has("client"))
+        .map(|n| n.id)
+        .collect();
+    let mut senders = Vec::new();
+    let mut wake = Vec::new();
+    for s in 0..config.cluster.shards {
+        let cfg = ShardConfig {
+            node: me.id,
+            protocol: ProtocolConfig {
+                sequenced: true,
+                n_chance: config.cluster.n_chance,
+            },
+            placement: placement.clone(),
+            clients: clients.clone(),
+            capacity: config.cluster.cache_blocks,
+        };
+        let shard = connected_shard(config, me, mk, s, cfg, shared)?;
+        let (tx, rx) = mpsc::sync_channel(4096);
+        senders.push(tx);
+        wake.push(shard.endpoint().transport().notifier());
+        let st = shared.stop.clone();
+        let ml = shared.mount.clone();
+        // Shard 0 hands store commands (the cleaner's) to the command thread.
+        let cmds = (s == 0).then(|| command_tx.clone());
+        threads.push(std::thread::spawn(move || {
+            shard_loop(shard, rx, st, ml, cmds)
+        }));
+    }
+    Ok((senders, wake))
+}
+
+/// Shard `s` of this node on its endpoint (port + s), connected to shard `s` of every
+/// other node.
+fn connected_shard<M: MakeTransport>(
+    config: &Config,
+    me: &NodeSection,
+    mk: &M,
+    s: usize,
+    cfg: ShardConfig,
+    shared: &Shared<M::T>,
+) -> Result<NodeShard<M::T>, StartError> {
+    let tag = config.tag();
+    let ep = endpoint(mk, me.shard_addr(s), tag, 1 << 16, "shard endpoint")?;
+    let store = LogStore {
+        log: shared.log.clone(),
+        full: shared.log_full.clone(),
+    };
+    let mut shard =
+        Shard::new(ep, cfg, store).map_err(|source| StartError::Shard { shard: s, source })?;
+    for n in &config.nodes {
+        if n.id != me.id {
+            let name = EndpointName {
+                addr: n.shard_addr(s),
+                vnet: 0,
+            };
+            shard
+                .connect(n.id, name, Tag(tag))
+                .map_err(|source| StartError::Shard { shard: s, source })?;
+        }
+    }
+    Ok(shard)
+}
+
+/// The command thread: runs the cleaner's store commands (moves and checkpoints) that
+/// shard 0 hands over, off the shard loops, and answers through shard 0's queue.
+fn spawn_command_thread<T: Transport + Send + 'static>(
+    id: NodeId,
+    shard0: SyncSender<Cmd>,
+    wake0: Wake,
+    shared: &Shared<T>,
+    commands: Receiver<StoreCommand>,
+) -> JoinHandle<()> {
+    let (log, reader, full, stop) = (
+        shared.log.clone(),
+        shared.reader.clone(),
+        shared.log_full.clone(),
+        shared.stop.clone(),
+    );
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((from, op, request)) = commands.recv_timeout(Duration::from_millis(200)) else {
+                continue;
+            };
+            let reply = cleaner::serve(&log, &reader, id, &request);
+            if let Some(l) = lock(&log).as_ref() {
+                full.store(l.is_full(), Ordering::Relaxed);
+            }
+            let done = Cmd::CommandDone {
+                from,
+                op,
+                result: Ok(reply),
+            };
+            if shard0.send(done).is_err() {
+                return;
+            }
+            wake0.notify();
+        }
+    })
+}
+
+/// The log thread (manager role): the log, once the stripe group's servers answer (they
+/// may start after us); see [`LogThread`].
+fn spawn_log_thread<M: MakeTransport>(
+    config: &Config,
+    me: &NodeSection,
+    mk: M,
+    shared: &Shared<M::T>,
+) -> JoinHandle<()> {
+    let id = me.id;
+    let groups = config.stripe_group_map();
+    let gi = (id as usize - 1) % groups.groups.len();
+    let group = groups.groups[gi].clone();
+    // The managers whose logs share this group's stores (as the cleaner counts them).
+    let writers = config
+        .nodes
+        .iter()
+        .filter(|x| x.has("manager") && (x.id as usize - 1) % groups.groups.len() == gi)
+        .count();
+    let addrs = group
+        .servers
+        .iter()
+        .filter_map(|s| {
+            config
+                .node(*s)
+                .map(|n| (*s, n.storage_addr(config.cluster.shards)))
+        })
+        .collect();
+    let thread = LogThread {
+        id,
+        mk,
+        host: me.host,
+        tag: config.tag(),
+        frag: config.cluster.fragment_bytes,
+        addrs,
+        log: shared.log.clone(),
+        reader: shared.reader.clone(),
+        room: shared.log_room.clone(),
+        ready: shared.ready.clone(),
+        stop: shared.stop.clone(),
+    };
+    std::thread::spawn(move || thread.run(group, writers))
+}
+
+/// The log thread's state: how it reaches the stripe group's storage servers, and what
+/// it shares with the node.
+struct LogThread<M: MakeTransport> {
+    id: NodeId,
+    mk: M,
+    /// This node's address (the store clients' endpoints bind it, any port).
+    host: IpAddr,
+    tag: u64,
+    frag: usize,
+    /// The stripe group's servers, in the group's order: node and storage server address.
+    addrs: Vec<(NodeId, SocketAddr)>,
+    log: SharedLog<M::T>,
+    reader: SharedReader<M::T>,
+    room: Arc<AtomicU64>,
+    ready: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<M: MakeTransport> LogThread<M> {
+    /// Connect, recover the log (then the node is ready), and keep the servers attached.
+    fn run(self, group: StripeGroup, writers: usize) {
+        let Some(stores) = self.connect_group(group.data()) else {
+            return;
+        };
+        if let Err(e) = self.recover(group, writers, stores) {
+            eprintln!("xfs-node {}: cannot recover the log: {e}", self.id);
+            return;
+        }
+        // A server marked down (or down at start) that answers again is attached
+        // and rebuilt: this log's fragments it misses are recomputed from the others.
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_secs(2));
+            self.replace_dead_readers();
+            self.rebuild_returned();
+        }
+    }
+
+    /// A store client of the server at `addr`, on its own endpoint.
+    fn connect(&self, addr: SocketAddr) -> Result<RemoteStore<M::T>, StartError> {
+        let ep = endpoint(
+            &self.mk,
+            SocketAddr::new(self.host, 0),
+            self.tag,
+            2 * STORE_DEPTH * self.frag,
+            "log endpoint",
+        )?;
+        let name = EndpointName { addr, vnet: 0 };
+        let mut rs = RemoteStore::connect(ep, name, Tag(self.tag), STORE_DEPTH, Box::new(|| {}))
+            .map_err(StartError::Connect)?;
+        rs.set_timeout(Duration::from_secs(3));
+        Ok(rs)
+    }
+
+    /// Store clients of the group's servers, retried every 100 ms until every server
+    /// answers or, after 30 s, `data` of them do (the others start down; their errors
+    /// are printed from then on). `None`: the node stopped first.
+    fn connect_group(&self, data: usize) -> Option<Vec<Option<RemoteStore<M::T>>>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut stores: Vec<Option<RemoteStore<M::T>>> = self.addrs.iter().map(|_| None).collect();
+        loop {
+            for (i, (node, addr)) in self.addrs.iter().enumerate() {
+                if stores[i].is_some() {
+                    continue;
+                }
+                match self.connect(*addr) {
+                    Ok(rs) => stores[i] = Some(rs),
+                    Err(e) if Instant::now() > deadline => {
+                        eprintln!(
+                            "xfs-node {}: storage server of node {node} at {addr}: {e}",
+                            self.id
+                        )
+                    }
+                    Err(_) => {}
+                }
+            }
+            let up = stores.iter().filter(|s| s.is_some()).count();
+            if up == stores.len() || (Instant::now() > deadline && up >= data) {
+                return Some(stores);
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Recover the log from `stores` and install it with the cleaner's segment reader;
+    /// then the node is ready.
+    fn recover(
+        &self,
+        group: StripeGroup,
+        writers: usize,
+        stores: Vec<Option<RemoteStore<M::T>>>,
+    ) -> Result<(), LogError> {
+        let mut l = Log::recover(self.id, group.clone(), stores)?;
+        l.set_writers(writers);
+        l.set_room_gauge(self.room.clone());
+        *lock(&self.log) = Some(l);
+        // The cleaner reads segments over connections of its own.
+        let rs = self
+            .addrs
+            .iter()
+            .map(|(_, a)| self.connect(*a).ok())
+            .collect();
+        *lock(&self.reader) = SegmentReader::new(group, rs).ok();
+        self.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The cleaner's connections: a reader store that died, or was never connected, is
+    /// replaced once its server answers.
+    fn replace_dead_readers(&self) {
+        for (i, (_, addr)) in self.addrs.iter().enumerate() {
+            let dead = lock(&self.reader)
+                .as_mut()
+                .and_then(|r| {
+                    r.store_slot(i)
+                        .map(|s| s.as_ref().is_none_or(|s| s.is_dead()))
+                })
+                .unwrap_or(false);
+            if dead {
+                if let Ok(rs) = self.connect(*addr) {
+                    if let Some(slot) = lock(&self.reader).as_mut().and_then(|r| r.store_slot(i)) {
+                        *slot = Some(rs);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each server the log has marked down that answers again: attach it and rebuild on it
+    /// this log's fragments it misses (a failed rebuild leaves it down).
+    fn rebuild_returned(&self) {
+        let id = self.id;
+        let down = lock(&self.log)
+            .as_ref()
+            .map(|l| l.down())
+            .unwrap_or_default();
+        for i in down {
+            let Some((node, addr)) = self.addrs.get(i).copied() else {
+                continue;
+            };
+            let Ok(rs) = self.connect(addr) else {
+                continue;
+            };
+            let mut g = lock(&self.log);
+            if let Some(l) = g.as_mut() {
+                match l.rebuild(i, rs) {
+                    Ok(n) => eprintln!(
+                        "xfs-node {id}: storage server of node {node} is back: \
+                         rebuilt {n} fragments of this node's log on it"
+                    ),
+                    Err(e) => {
+                        eprintln!("xfs-node {id}: rebuilding on node {node}: {e}");
+                        l.take_store(i);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client's block API: the shards' queues, and `statfs` from the space gauges.
+fn node_blocks<T: Transport>(
+    config: &Config,
+    id: NodeId,
+    shards: Vec<SyncSender<Cmd>>,
+    wake: Vec<Wake>,
+    shared: &Shared<T>,
+) -> NodeBlocks {
+    let frag = config.cluster.fragment_bytes;
+    let data_frags = {
+        let groups = config.stripe_group_map();
+        groups.groups[(id as usize - 1) % groups.groups.len()].data()
+    };
+    let (storage_total, free, log_full, room) = (
+        shared.storage_total.clone(),
+        shared.storage_free.clone(),
+        shared.log_full.clone(),
+        shared.log_room.clone(),
+    );
+    NodeBlocks {
+        me: id,
+        shards,
+        wake,
+        next: AtomicU64::new(1),
+        statfs: Box::new(move || {
+            // In bytes of file data: a segment takes a slot on every server of the
+            // group and carries `data` fragments less its summary. Free is what new
+            // data may take: the log's room (free segments less the checkpoints' and
+            // the cleaner's reserve), which `xfs-node status` shows too.
+            let bs = BLOCK as u64;
+            let slot_data = (data_frags * frag).saturating_sub(SUMMARY_BYTES) as u64;
+            let total = storage_total.load(Ordering::Relaxed) / frag as u64 * slot_data;
+            let raw_free = free.load(Ordering::Relaxed) / frag as u64 * slot_data;
+            let free = if log_full.load(Ordering::Relaxed) {
+                0
+            } else {
+                match room.load(Ordering::Relaxed) {
+                    u64::MAX => raw_free,
+                    r => r.min(raw_free),
+                }
+            };
+            Ok(StatFs {
+                bsize: bs,
+                blocks: total / bs,
+                bfree: free / bs,
+                namelen: 255,
+            })
+        }),
+    }
+}
+
+/// A cleaner for each stripe group this node serves (its leader is the first server of
+/// the group that answers).
+fn spawn_cleaners<T: Transport>(
+    config: &Config,
+    id: NodeId,
+    client: &Arc<FsClient<NodeBlocks>>,
+    shared: &Shared<T>,
+    cleaners: &Cleaners,
+    threads: &mut Vec<JoinHandle<()>>,
+) {
+    let groups = config.stripe_group_map();
+    let n = groups.groups.len();
+    for (gi, g) in groups.groups.iter().enumerate() {
+        if !g.servers.contains(&id) {
+            continue;
+        }
+        let writers: Vec<NodeId> = config
+            .nodes
+            .iter()
+            .filter(|x| x.has("manager") && (x.id as usize - 1) % n == gi)
+            .map(|x| x.id)
+            .collect();
+        let (gid, servers) = (g.id, g.servers.clone());
+        let (cfg, c, r, s, cl) = (
+            config.cleaner.clone(),
+            client.clone(),
+            shared.ready.clone(),
+            shared.stop.clone(),
+            cleaners.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            cleaner_loop(id, gid, servers, writers, cfg, c, r, s, cl)
+        }));
+    }
+}
+
+/// The periodic write-back: what was written and not fsynced is durable within
+/// `write_back_secs` and a tenth (checked ten times per period).
+fn spawn_write_back<T: Transport>(
+    config: &Config,
+    client: &Arc<FsClient<NodeBlocks>>,
+    shared: &Shared<T>,
+    periodic: &Arc<AtomicU64>,
+) -> JoinHandle<()> {
+    let (c, r, st, n) = (
+        client.clone(),
+        shared.ready.clone(),
+        shared.stop.clone(),
+        periodic.clone(),
+    );
+    let age = Duration::from_secs(config.cluster.write_back_secs);
+    std::thread::spawn(move || write_back_loop(c, age, r, st, n))
+}
+
+/// The log's fsck for the control socket ([`Log::check`]; `None`: no log).
+fn log_check<T: Transport + Send + 'static>(log: SharedLog<T>) -> LogCheckFn {
+    Box::new(move |repair| lock(&log).as_mut().map(|l| l.check(repair)))
+}
+
+/// The log's counters for the status, after a `"checkpoint"` or an `"fsync"` if asked
+/// (empty without a log).
+fn log_control<T: Transport + Send + 'static>(log: SharedLog<T>) -> LogControl {
+    Box::new(move |what: &str| {
+        let mut g = lock(&log);
+        let Some(l) = g.as_mut() else {
+            return Ok(Vec::new());
+        };
+        match what {
+            "checkpoint" => l.checkpoint()?,
+            "fsync" => l.fsync()?,
+            _ => {}
+        }
+        let k = l.counters();
+        let live: u64 = l.live_bytes().values().sum();
+        Ok(vec![
+            ("log_segments".into(), k.segments),
+            ("log_degraded_reads".into(), k.degraded_reads),
+            ("log_checkpoints".into(), k.checkpoints),
+            ("log_servers_lost".into(), k.servers_lost),
+            ("log_rebuilt".into(), k.rebuilt),
+            ("log_servers_down".into(), l.down().len() as u64),
+            ("log_live_bytes".into(), live),
+            ("log_blocks".into(), l.imap().len() as u64),
+        ])
+    })
 }

@@ -88,17 +88,7 @@ impl<B: Blocks> FsClient<B> {
     ) -> Result<Inode, Errno> {
         check_name(name)?;
         let p = self.dir(parent)?;
-        // A set-group-ID directory hands its group down (and, to directories, the bit).
-        let (mode, gid) = if p.mode & libc::S_ISGID != 0 {
-            let m = if kind == Kind::Dir {
-                mode | libc::S_ISGID
-            } else {
-                mode
-            };
-            (m, p.gid)
-        } else {
-            (mode, gid)
-        };
+        let (mode, gid) = inherit_set_group_id(&p, kind, mode, gid);
         if self.find_live(parent, name)?.is_some() {
             return Err(Errno::EEXIST);
         }
@@ -135,6 +125,21 @@ impl<B: Blocks> FsClient<B> {
             return Err(Errno::ENAMETOOLONG);
         }
         self.write_inode(&inode)?;
+        self.name_new_inode(parent, name, ino, kind, now)?;
+        Ok(inode)
+    }
+
+    /// Give the just-written inode `ino` its name in `parent` (EEXIST, and the inode
+    /// freed, if another took the name meanwhile), and update the parent's times (and,
+    /// for a directory, its link count).
+    fn name_new_inode(
+        &self,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+        kind: Kind,
+        now: u64,
+    ) -> Result<(), Errno> {
         let entry = Entry {
             name: name.to_vec(),
             ino,
@@ -157,7 +162,7 @@ impl<B: Blocks> FsClient<B> {
             });
         }
         self.update(inode_block(parent), &ops)?;
-        Ok(inode)
+        Ok(())
     }
 
     /// `create` a regular file.
@@ -460,5 +465,20 @@ impl<B: Blocks> FsClient<B> {
             return Err(Errno::EINVAL);
         }
         Ok((self.resolve(dir)?, name))
+    }
+}
+
+/// The mode and group of a new `kind` node in directory `p`: a set-group-ID directory
+/// hands its group down (and, to directories, the bit).
+fn inherit_set_group_id(p: &Inode, kind: Kind, mode: u32, gid: u32) -> (u32, u32) {
+    if p.mode & libc::S_ISGID != 0 {
+        let m = if kind == Kind::Dir {
+            mode | libc::S_ISGID
+        } else {
+            mode
+        };
+        (m, p.gid)
+    } else {
+        (mode, gid)
     }
 }

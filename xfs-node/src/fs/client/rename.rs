@@ -7,8 +7,10 @@ use super::*;
 impl<B: Blocks> FsClient<B> {
     /// `rename`, with the `RENAME_NOREPLACE` / `RENAME_EXCHANGE` variants.
     ///
-    /// Not atomic against a crash between its steps (insert at the target, then remove at
-    /// the source): a crash can leave both names; see docs/cluster.md.
+    /// Not atomic against a crash when the two names are in two buckets (each written
+    /// back on its own): a crash can leave both names. A plain rename records a
+    /// [`RenameIntent`] first, which `xfs-node fsck` resolves (see
+    /// [`FsClient::rename_two_buckets`]); an exchange records none.
     pub fn rename(
         &self,
         sp: u64,
@@ -48,43 +50,7 @@ impl<B: Blocks> FsClient<B> {
             RenameMode::NoReplace if dst.is_some() => return Err(Errno::EEXIST),
             RenameMode::Exchange => {
                 let dst = dst.ok_or(Errno::ENOENT)?;
-                if dst.kind == Kind::Dir && self.is_under(sp, dst.ino)? {
-                    return Err(Errno::EINVAL);
-                }
-                let (a, b) = (block_id(dp, bucket_of(dn)), block_id(sp, bucket_of(sn)));
-                self.holding(&[a, b], || {
-                    self.insert(
-                        dp,
-                        Entry {
-                            name: dn.to_vec(),
-                            ..src.clone()
-                        },
-                        true,
-                    )?;
-                    self.insert(
-                        sp,
-                        Entry {
-                            name: sn.to_vec(),
-                            ..dst.clone()
-                        },
-                        true,
-                    )
-                })?;
-                for (e, newp) in [(&src, dp), (&dst, sp)] {
-                    let mut ops = vec![set(field::CTIME, now)];
-                    if e.kind == Kind::Dir {
-                        ops.push(set(field::PARENT, newp));
-                    }
-                    self.update(inode_block(e.ino), &ops)?;
-                }
-                if sp != dp {
-                    let d = |k: Kind| if k == Kind::Dir { 1i64 } else { 0 };
-                    let delta = d(dst.kind) - d(src.kind);
-                    self.touch_dir(sp, delta)?;
-                    self.touch_dir(dp, -delta)?;
-                } else {
-                    self.touch_dir(sp, 0)?;
-                }
+                self.exchange(sp, sn, &src, dp, dn, &dst, now)?;
                 return Ok(None);
             }
             _ => {}
@@ -94,47 +60,133 @@ impl<B: Blocks> FsClient<B> {
                 // Two names of one file: POSIX says do nothing.
                 return Ok(None);
             }
-            match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
-                (true, false) => return Err(Errno::ENOTDIR),
-                (false, true) => return Err(Errno::EISDIR),
-                (true, true) if !self.readdir(d.ino)?.is_empty() => return Err(Errno::ENOTEMPTY),
-                _ => {}
-            }
+            self.check_replace(&src, d)?;
         }
         let entry = Entry {
             name: dn.to_vec(),
             ..src.clone()
         };
         if sp == dp && bucket_of(sn) == bucket_of(dn) {
-            // One bucket: one atomic update.
-            let old = self.update(
-                block_id(sp, bucket_of(sn)),
-                &[
-                    Op::Insert {
-                        entry,
-                        replace: true,
-                    },
-                    Op::Remove {
-                        name: sn.to_vec(),
-                        ino: src.ino,
-                    },
-                ],
-            )?;
-            let before = decode_bucket(&old).ok_or(Errno::EIO)?;
-            if !before.iter().any(|e| e.name == sn && e.ino == src.ino) {
-                return Err(Errno::ENOENT);
-            }
+            self.rename_in_bucket(&src, sp, sn, entry)?;
         } else {
             self.rename_two_buckets(&src, sp, sn, dp, dn, entry)?;
         }
+        self.after_move(&src, sp, dp, dst.as_ref(), now, open)
+    }
+
+    /// `RENAME_EXCHANGE`: `src` (named `sn` in `sp`) and `dst` (named `dn` in `dp`) swap
+    /// names, both buckets changed while held together.
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &self,
+        sp: u64,
+        sn: &[u8],
+        src: &Entry,
+        dp: u64,
+        dn: &[u8],
+        dst: &Entry,
+        now: u64,
+    ) -> Result<(), Errno> {
+        if dst.kind == Kind::Dir && self.is_under(sp, dst.ino)? {
+            return Err(Errno::EINVAL);
+        }
+        let (a, b) = (block_id(dp, bucket_of(dn)), block_id(sp, bucket_of(sn)));
+        self.holding(&[a, b], || {
+            self.insert(
+                dp,
+                Entry {
+                    name: dn.to_vec(),
+                    ..src.clone()
+                },
+                true,
+            )?;
+            self.insert(
+                sp,
+                Entry {
+                    name: sn.to_vec(),
+                    ..dst.clone()
+                },
+                true,
+            )
+        })?;
+        for (e, newp) in [(src, dp), (dst, sp)] {
+            let mut ops = vec![set(field::CTIME, now)];
+            if e.kind == Kind::Dir {
+                ops.push(set(field::PARENT, newp));
+            }
+            self.update(inode_block(e.ino), &ops)?;
+        }
+        if sp != dp {
+            let d = |k: Kind| if k == Kind::Dir { 1i64 } else { 0 };
+            let delta = d(dst.kind) - d(src.kind);
+            self.touch_dir(sp, delta)?;
+            self.touch_dir(dp, -delta)?;
+        } else {
+            self.touch_dir(sp, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `src` may replace `dst`: a directory only an empty directory, a
+    /// non-directory only a non-directory.
+    fn check_replace(&self, src: &Entry, dst: &Entry) -> Result<(), Errno> {
+        match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+            (true, false) => Err(Errno::ENOTDIR),
+            (false, true) => Err(Errno::EISDIR),
+            (true, true) if !self.readdir(dst.ino)?.is_empty() => Err(Errno::ENOTEMPTY),
+            _ => Ok(()),
+        }
+    }
+
+    /// A rename whose two names are in one bucket of directory `dir`: one atomic update
+    /// puts `entry` in and takes `src`'s name `sn` out.
+    fn rename_in_bucket(
+        &self,
+        src: &Entry,
+        dir: u64,
+        sn: &[u8],
+        entry: Entry,
+    ) -> Result<(), Errno> {
+        let old = self.update(
+            block_id(dir, bucket_of(sn)),
+            &[
+                Op::Insert {
+                    entry,
+                    replace: true,
+                },
+                Op::Remove {
+                    name: sn.to_vec(),
+                    ino: src.ino,
+                },
+            ],
+        )?;
+        let before = decode_bucket(&old).ok_or(Errno::EIO)?;
+        if !before.iter().any(|e| e.name == sn && e.ino == src.ino) {
+            return Err(Errno::ENOENT);
+        }
+        Ok(())
+    }
+
+    /// After `src` moved from directory `sp` to `dp`: its inode's change time (and a
+    /// directory's parent field), the replaced `dst`'s link dropped, the directories' times
+    /// and link counts. Returns the replaced file if it is one of `open` and kept.
+    fn after_move(
+        &self,
+        src: &Entry,
+        sp: u64,
+        dp: u64,
+        dst: Option<&Entry>,
+        now: u64,
+        open: &[u64],
+    ) -> Result<Option<u64>, Errno> {
         let mut ops = vec![set(field::CTIME, now)];
         if src.kind == Kind::Dir {
             ops.push(set(field::PARENT, dp));
         }
         self.update(inode_block(src.ino), &ops)?;
-        let replaced_dir = dst.as_ref().is_some_and(|d| d.kind == Kind::Dir);
+        let replaced_dir = dst.is_some_and(|d| d.kind == Kind::Dir);
         let mut kept = None;
-        if let Some(d) = &dst {
+        if let Some(d) = dst {
             kept = self.drop_link(d.ino, if d.kind == Kind::Dir { 2 } else { 1 }, open)?;
         }
         if sp != dp {
