@@ -6,6 +6,28 @@ use super::*;
 /// A directory listing taken at `opendir` (and again at offset 0).
 pub(crate) type Listing = Arc<Vec<(u64, FileType, Vec<u8>, Option<Inode>)>>;
 
+/// The file handle of a descriptor opened with `O_APPEND`: its reads and writes bypass
+/// the kernel's page cache (`FOPEN_DIRECT_IO`), because its writes land where the node
+/// says, not where the kernel would have put them. Every other descriptor is handle 0.
+pub(crate) const FH_DIRECT: FileHandle = FileHandle(1);
+
+/// The handle and open flags for a descriptor opened with `flags`: the page cache stays
+/// valid across opens (invalidations keep it coherent); an `O_APPEND` descriptor goes
+/// around it ([`FH_DIRECT`]).
+pub(crate) fn open_mode(flags: i32) -> (FileHandle, FopenFlags) {
+    if flags & libc::O_APPEND != 0 {
+        (
+            FH_DIRECT,
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_KEEP_CACHE,
+        )
+    } else {
+        (FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+}
+
+/// The kernel's page size, for invalidation ranges.
+const PAGE_BYTES: u64 = 4096;
+
 /// The FUSE file system: one node's client.
 pub struct Front {
     pub(crate) opts: Options,
@@ -38,6 +60,7 @@ impl Front {
                 root,
                 names: Mutex::new(HashMap::new()),
                 inos: Mutex::new(HashSet::new()),
+                kernel: std::sync::OnceLock::new(),
             }),
             pool: Mutex::new(vec![c]),
             dirs: Mutex::new(HashMap::new()),
@@ -171,6 +194,47 @@ impl Front {
             lock(&self.orphans).insert(*ino);
         }
         r
+    }
+
+    /// A write that must clear the file's set-user-ID and set-group-ID bits.
+    pub(crate) fn kill_suid_sgid(&self, ino: u64) {
+        if let Ok(i) = self.inode(FsOp::Getattr { ino }) {
+            if i.mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                let _ = self.set(
+                    ino,
+                    SetAttr {
+                        mode: Some(i.mode & !(libc::S_ISUID | libc::S_ISGID)),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+    }
+
+    /// Drop this kernel's attributes of `ino` and the pages it caches where `len` bytes
+    /// just landed at `at`: an append lands where the kernel did not put it, and a direct
+    /// write goes around the pages other descriptors cached. On a direct descriptor the
+    /// kernel holds no page lock while it waits for the write, so this happens before the
+    /// reply (the writer's next operation sees it). A cached descriptor (given `O_APPEND`
+    /// later, by `fcntl`) keeps its last page locked until the reply and also put the
+    /// bytes in its pages at its own offset: the whole file's pages are dropped from
+    /// another thread, once the write has returned.
+    pub(crate) fn drop_cached(&self, ino: INodeNo, at: u64, len: usize, direct: bool) {
+        let Some(k) = self.shared.kernel.get().cloned() else {
+            return;
+        };
+        self.shared
+            .stats
+            .kernel_calls
+            .fetch_add(1, Ordering::Relaxed);
+        if direct {
+            let start = at & !(PAGE_BYTES - 1);
+            let _ = k.inval_inode(ino.0, start as i64, (at + len as u64 - start) as i64);
+        } else {
+            std::thread::spawn(move || {
+                let _ = k.inval_inode(ino.0, 0, 0);
+            });
+        }
     }
 
     pub(crate) fn opened(&self, ino: u64) {

@@ -91,6 +91,8 @@ pub struct Stats {
     pub reads: AtomicU64,
     /// `write` requests.
     pub writes: AtomicU64,
+    /// Of those, appends (`O_APPEND`: placed at the coherent end by the node).
+    pub appends: AtomicU64,
     /// `lookup` requests.
     pub lookups: AtomicU64,
     /// `getattr` requests.
@@ -110,11 +112,12 @@ impl Stats {
     pub fn render(&self) -> String {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "requests {}\nreads {}\nwrites {}\nlookups {}\ngetattrs {}\ninvalidations {}\n\
+            "requests {}\nreads {}\nwrites {}\nappends {}\nlookups {}\ngetattrs {}\ninvalidations {}\n\
              kernel_calls {}\ninval_late {}\nnode_errors {}\n",
             v(&self.requests),
             v(&self.reads),
             v(&self.writes),
+            v(&self.appends),
             v(&self.lookups),
             v(&self.getattrs),
             v(&self.invalidations),

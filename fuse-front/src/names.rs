@@ -18,9 +18,17 @@ pub struct Shared {
     pub(crate) names: Mutex<NamesByBucket>,
     /// Index numbers handed to the kernel (dropped wholesale when the node's stream breaks).
     pub(crate) inos: Mutex<HashSet<u64>>,
+    /// The kernel's notify channel, once mounted: an append drops the pages its kernel
+    /// cached where the bytes really landed ([`Shared::set_kernel`]).
+    pub(crate) kernel: std::sync::OnceLock<KernelChannel>,
 }
 
 impl Shared {
+    /// Give the operations the kernel's notify channel (set once, after the mount).
+    pub fn set_kernel(&self, k: KernelChannel) {
+        let _ = self.kernel.set(k);
+    }
+
     /// FUSE's number for index number `ino` (the root and 1 trade places).
     pub(crate) fn fuse(&self, ino: u64) -> INodeNo {
         INodeNo(swap(ino, self.root))

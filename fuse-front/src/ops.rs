@@ -2,6 +2,7 @@
 //! socket).
 
 use super::*;
+use crate::front::{open_mode, FH_DIRECT};
 
 impl Filesystem for Front {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
@@ -224,11 +225,12 @@ impl Filesystem for Front {
         self.made(p, newname.as_bytes(), op, reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.count();
         self.opened(self.shared.ours(ino));
         // The page cache stays valid across opens: invalidations keep it coherent.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        let (fh, fopen) = open_mode(flags.0);
+        reply.opened(fh, fopen);
     }
 
     fn read(
@@ -259,11 +261,11 @@ impl Filesystem for Front {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -272,26 +274,41 @@ impl Filesystem for Front {
         if let Err(e) = self.rofs() {
             return reply.error(e);
         }
+        let fuse_ino = ino;
         let ino = self.shared.ours(ino);
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            if let Ok(i) = self.inode(FsOp::Getattr { ino }) {
-                if i.mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                    let _ = self.set(
-                        ino,
-                        SetAttr {
-                            mode: Some(i.mode & !(libc::S_ISUID | libc::S_ISGID)),
-                            ..Default::default()
-                        },
-                    );
+            self.kill_suid_sgid(ino);
+        }
+        let direct = fh == FH_DIRECT;
+        if flags.0 & libc::O_APPEND != 0 {
+            // At the coherent end, not at the offset this kernel chose from the size it
+            // cached (another node may have appended since).
+            self.shared.stats.appends.fetch_add(1, Ordering::Relaxed);
+            let n = data.len();
+            return match self.call(FsOp::Append {
+                ino,
+                data: data.to_vec(),
+            }) {
+                Ok(Response::Appended(at)) => {
+                    self.drop_cached(fuse_ino, at, n, direct);
+                    reply.written(n as u32)
                 }
-            }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            };
         }
         match self.call(FsOp::Write {
             ino,
             offset,
             data: data.to_vec(),
         }) {
-            Ok(Response::Count(n)) => reply.written(n as u32),
+            Ok(Response::Count(n)) => {
+                if direct {
+                    // A direct write left the pages other descriptors cached as they were.
+                    self.drop_cached(fuse_ino, offset, n as usize, true);
+                }
+                reply.written(n as u32)
+            }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(e),
         }
@@ -619,13 +636,8 @@ impl Filesystem for Front {
             Ok(i) => {
                 self.shared.hand_out(p, name, i.ino);
                 self.opened(i.ino);
-                reply.created(
-                    &self.opts.ttl,
-                    &self.attr(&i),
-                    Generation(0),
-                    FileHandle(0),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                )
+                let (fh, fopen) = open_mode(flags);
+                reply.created(&self.opts.ttl, &self.attr(&i), Generation(0), fh, fopen)
             }
             Err(e) => reply.error(e),
         }

@@ -101,6 +101,7 @@ fn run(a: Args) -> Result<(), String> {
         .try_clone()
         .map(fuse_front::KernelChannel::new)
         .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
+    shared.set_kernel(notifier.clone());
     let session = new_session(front, fd, &mp, opts.allow_other, a.threads)?;
     let stop = Arc::new(AtomicBool::new(false));
     {

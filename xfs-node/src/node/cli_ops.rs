@@ -143,6 +143,7 @@ impl Node {
             FsOp::Write { ino, offset, data } => {
                 Response::Count(c.write(ino, offset, &data)? as u64)
             }
+            FsOp::Append { ino, data } => Response::Appended(c.append(ino, &data)?),
             FsOp::Fsync { ino } => {
                 c.fsync(ino)?;
                 Response::Ok

@@ -161,6 +161,12 @@ pub enum FsOp {
         offset: u64,
         data: Vec<u8>,
     },
+    /// A write on a file opened with `O_APPEND`: at the file's coherent end, whatever
+    /// offset the kernel chose; answered with [`Response::Appended`].
+    Append {
+        ino: u64,
+        data: Vec<u8>,
+    },
     Fsync {
         ino: u64,
     },
@@ -267,6 +273,8 @@ pub enum Response {
     Invalidate(Vec<u64>),
     /// What [`Request::Fsck`] found.
     Fsck(Box<FsckResult>),
+    /// Where an [`FsOp::Append`] landed: its offset (it wrote all its bytes).
+    Appended(u64),
 }
 
 /// One node's answer to [`Request::Fsck`].

@@ -135,20 +135,100 @@ impl<B: Blocks> FsClient<B> {
         if data.is_empty() {
             return Ok(0);
         }
-        // A full cluster refuses new data at once (a write-back that cannot be stored
-        // would only fail at the next fsync, after filling this node's memory).
-        // A writer waits for the cleaner before it gives up.
+        self.wait_for_room()?;
+        self.write_blocks(ino, offset, data)?;
+        let now = self.blocks.now();
+        let bs = BLOCK as u64;
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Max {
+                    offset: field::SIZE,
+                    value: end,
+                },
+                set(field::MTIME, now),
+                set(field::CTIME, now),
+                Op::Extent {
+                    start: offset / bs,
+                    end: end.div_ceil(bs),
+                },
+            ],
+        )?;
+        Ok(data.len())
+    }
+
+    /// `write` on a file opened with `O_APPEND`: all of `data` at the file's coherent end,
+    /// as one unit, whatever size the writing kernel believes the file has; returns the
+    /// offset it landed at.
+    ///
+    /// The end is reserved first, by one atomic update of the inode block (an `Add` to its
+    /// size, applied where the block is held private, so the manager orders it with every
+    /// other node's appends and size changes); then the blocks may hold data (`Extent`);
+    /// then the bytes go into the reserved range, which no other append can touch. Until
+    /// they are in, a reader on another node may see the new size with zeros in the range
+    /// (as it may see a concurrent `write`'s blocks before its size).
+    pub fn append(&self, ino: u64, data: &[u8]) -> Result<u64, Errno> {
+        let i = self.getattr(ino)?;
+        if i.kind == Some(Kind::Dir) {
+            return Err(Errno::EISDIR);
+        }
+        let len = data.len() as u64;
+        if i.size.checked_add(len).is_none_or(|end| end > MAX_FILE) {
+            return Err(Errno::EFBIG);
+        }
+        if data.is_empty() {
+            return Ok(i.size);
+        }
+        self.wait_for_room()?;
+        let now = self.blocks.now();
+        let before = self.update(
+            inode_block(ino),
+            &[
+                Op::Add {
+                    offset: field::SIZE,
+                    delta: len,
+                },
+                set(field::MTIME, now),
+                set(field::CTIME, now),
+            ],
+        )?;
+        let offset = match Inode::decode(ino, &before) {
+            Ok(Some(i)) => i.size,
+            _ => return Err(Errno::EIO),
+        };
+        let bs = BLOCK as u64;
+        self.update(
+            inode_block(ino),
+            &[Op::Extent {
+                start: offset / bs,
+                end: (offset + len).div_ceil(bs),
+            }],
+        )?;
+        self.write_blocks(ino, offset, data)?;
+        Ok(offset)
+    }
+
+    /// A full cluster refuses new data at once (a write-back that cannot be stored would
+    /// only fail at the next fsync, after filling this node's memory). A writer waits for
+    /// the cleaner before it gives up.
+    fn wait_for_room(&self) -> Result<(), Errno> {
         let mut attempt = 0;
         loop {
             let st = self.blocks.statfs()?;
             if st.blocks == 0 || st.bfree * st.bsize >= FULL_MARGIN.min(st.blocks * st.bsize / 16) {
-                break;
+                return Ok(());
             }
             if !self.blocks.wait_for_space(attempt) {
                 return Err(Errno::ENOSPC);
             }
             attempt += 1;
         }
+    }
+
+    /// Write `data` at `offset` into the file's blocks: a whole block is replaced, a part
+    /// of one is spliced in (atomically, where the block is held private).
+    fn write_blocks(&self, ino: u64, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let end = offset + data.len() as u64;
         let bs = BLOCK as u64;
         let mut ops = Vec::new();
         let mut pos = offset;
@@ -168,24 +248,7 @@ impl<B: Blocks> FsClient<B> {
             ops.push((block_id(ino, b), op));
             pos = to;
         }
-        self.run_writes(ops)?;
-        let now = self.blocks.now();
-        self.update(
-            inode_block(ino),
-            &[
-                Op::Max {
-                    offset: field::SIZE,
-                    value: end,
-                },
-                set(field::MTIME, now),
-                set(field::CTIME, now),
-                Op::Extent {
-                    start: offset / bs,
-                    end: end.div_ceil(bs),
-                },
-            ],
-        )?;
-        Ok(data.len())
+        self.run_writes(ops)
     }
 
     /// `fsync`: once it returns, every block this client wrote to `ino` (data and inode)

@@ -227,6 +227,8 @@ pub enum FsOpSim {
     Mkdir(String),
     /// Write `len` bytes from `seed` at `off`.
     Write(String, u64, usize, u64),
+    /// Append `len` bytes from `seed` (a write with `O_APPEND`): at the file's end.
+    Append(String, usize, u64),
     /// Read.
     Read(String, u64, usize),
     /// Set the size.
@@ -262,6 +264,8 @@ pub enum Answer {
     Attr(Kind, u64, u32),
     /// Sorted names.
     Names(Vec<Vec<u8>>),
+    /// Where an append landed.
+    At(u64),
 }
 
 /// `len` pseudo-random bytes from `seed` (the workloads' and tests' file contents).
@@ -300,6 +304,16 @@ impl Reference {
                 let i = self.resolve(p)?;
                 self.file_write(i, *off, &pattern(*seed, *len))
                     .map(|_| Answer::Ok)
+            }
+            FsOpSim::Append(p, len, seed) => {
+                let i = self.resolve(p)?;
+                let at = match &self.inodes[i].node {
+                    RNode::File { size, .. } => *size,
+                    RNode::Dir { .. } => return Err(Errno::EISDIR),
+                    RNode::Symlink { .. } => return Err(Errno::EINVAL),
+                };
+                self.file_write(i, at, &pattern(*seed, *len))
+                    .map(|_| Answer::At(at))
             }
             FsOpSim::Read(p, off, len) => {
                 let i = self.resolve(p)?;
@@ -444,6 +458,13 @@ pub fn apply_fs<B: Blocks>(c: &FsClient<B>, op: &FsOpSim) -> R<Answer> {
             c.write(i.ino, *off, &pattern(*seed, *len))
                 .map(|_| Answer::Ok)
         }
+        FsOpSim::Append(p, len, seed) => {
+            let i = c.resolve(p)?;
+            if i.kind == Some(Kind::Symlink) {
+                return Err(Errno::EINVAL);
+            }
+            c.append(i.ino, &pattern(*seed, *len)).map(Answer::At)
+        }
         FsOpSim::Read(p, off, len) => {
             let i = c.resolve(p)?;
             if i.kind == Some(Kind::Symlink) {
@@ -531,9 +552,10 @@ pub fn random_op(rng: &mut Rng, data_only: bool, files: &[String]) -> FsOpSim {
         _ => rng.below(20_000),
     };
     if data_only {
-        return match rng.below(3) {
+        return match rng.below(4) {
             0 => FsOpSim::Create(path(rng)),
             1 => FsOpSim::Truncate(path(rng), rng.below(12_000)),
+            2 => FsOpSim::Append(path(rng), 1 + rng.below(9000) as usize, rng.next_u64()),
             _ => FsOpSim::Write(
                 path(rng),
                 off(rng),
@@ -545,12 +567,13 @@ pub fn random_op(rng: &mut Rng, data_only: bool, files: &[String]) -> FsOpSim {
     match rng.below(100) {
         0..=9 => FsOpSim::Create(path(rng)),
         10..=14 => FsOpSim::Mkdir(dir(rng)),
-        15..=32 => FsOpSim::Write(
+        15..=28 => FsOpSim::Write(
             path(rng),
             off(rng),
             1 + rng.below(9000) as usize,
             rng.next_u64(),
         ),
+        29..=32 => FsOpSim::Append(path(rng), 1 + rng.below(9000) as usize, rng.next_u64()),
         33..=50 => FsOpSim::Read(path(rng), off(rng), 1 + rng.below(12_000) as usize),
         51..=55 => FsOpSim::Truncate(path(rng), rng.below(12_000)),
         56..=61 => FsOpSim::Unlink(path(rng)),

@@ -157,6 +157,7 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
                 FsOpSim::Create(p)
                 | FsOpSim::Mkdir(p)
                 | FsOpSim::Write(p, ..)
+                | FsOpSim::Append(p, ..)
                 | FsOpSim::Read(p, ..)
                 | FsOpSim::Truncate(p, _)
                 | FsOpSim::Unlink(p)
@@ -194,6 +195,14 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
         if want.is_err() {
             report.errors_matched += 1;
         } else if in_window && node == victim {
+            // An append is the write it became (at the offset it landed at), for the crash
+            // check's block-by-block reasoning.
+            let op = match (&op, &want) {
+                (FsOpSim::Append(p, len, seed), Ok(Answer::At(at))) => {
+                    FsOpSim::Write(p.clone(), *at, *len, *seed)
+                }
+                _ => op,
+            };
             if let FsOpSim::Create(p) | FsOpSim::Write(p, ..) | FsOpSim::Truncate(p, _) = &op {
                 // Every name of the inode (hard links) is affected.
                 for alias in reference.aliases(p) {
