@@ -22,14 +22,22 @@ node 1's mount:
 and then through node 2's mount (`xfs-node mount --node 2`: another node's client):
   pjdfstest      the same checks
   fsx seed 1     XFS_FSX_OPS2 operations (a quarter of XFS_FSX_OPS: time)
+and through both mounts at once (fsx-mounts, fs-testkit: each operation through one of
+the two mounts, every read and size checked against a model after every operation):
+  fsx-mounts seed 1   XFS_FSX_MOUNTS_OPS operations with the fixed seed 1
+  fsx-mounts random   XFS_FSX_MOUNTS_OPS operations with a fresh random seed (printed;
+                      replay it with XFS_FSX_MOUNTS_SEED=<seed>)
+Each fsx-mounts must exit 0 and print its summary with exactly that many operations and
+0 mismatches.
 Each fsx must exit 0 and print 'All operations completed A-OK!'. pjdfstest and fsx must
 be the versions scripts/setup.sh pins. Every suite runs even if one fails; at the end one
 line per suite (result, counts, seconds) and 'N passed, N failed'; exit 1 if any failed
-(the outputs are then kept, the path is printed). About 6-7 minutes on 2 cores.
+(the outputs are then kept, the path is printed). About 12 minutes on 2 cores.
 
 Options:
   --only SUITES  run only these, comma-separated: pjdfstest, fsx, dbench (node 1's
-                 mount; fsx is both fsx runs), node2 (both passes through node 2);
+                 mount; fsx is both fsx runs), node2 (both passes through node 2),
+                 mounts (both fsx-mounts runs);
                  the others are listed as 'not run (--only)'
   --help         this text
 
@@ -37,6 +45,8 @@ Environment:
   XFS_FSX_OPS=100000         operations of each fsx through node 1
   XFS_FSX_OPS2=OPS/4         operations of the fsx through node 2
   XFS_FSX_SEED=<n>           the 'random' fsx's seed (replay a failed random run)
+  XFS_FSX_MOUNTS_OPS=100000  operations of each fsx-mounts run (1000000 for the deep run)
+  XFS_FSX_MOUNTS_SEED=<n>    the 'random' fsx-mounts run's seed
   XFS_DBENCH_SECS=20         dbench's run time
   XFS_POSIX_STORAGE_MB=<n>   each node's storage file (default from the fsx ops)
 Needs: pjdfstest, fsx, dbench, fusermount3 and the user `tests`
@@ -44,7 +54,7 @@ Needs: pjdfstest, fsx, dbench, fusermount3 and the user `tests`
 EOF
 }
 
-only=pjdfstest,fsx,dbench,node2
+only=pjdfstest,fsx,dbench,node2,mounts
 while [ $# -gt 0 ]; do
     case $1 in
     -h | --help) usage; exit 0 ;;
@@ -58,8 +68,8 @@ while [ $# -gt 0 ]; do
 done
 for s in ${only//,/ }; do
     case $s in
-    pjdfstest | fsx | dbench | node2) ;;
-    *) echo "posix-tests: --only: no suite '$s' (pjdfstest, fsx, dbench, node2)" >&2; exit 2 ;;
+    pjdfstest | fsx | dbench | node2 | mounts) ;;
+    *) echo "posix-tests: --only: no suite '$s' (pjdfstest, fsx, dbench, node2, mounts)" >&2; exit 2 ;;
     esac
 done
 selected() { [[ ",$only," == *",$1,"* ]]; }
@@ -131,8 +141,14 @@ seed=${XFS_FSX_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
 number XFS_FSX_SEED "$seed"
 dbench_secs=${XFS_DBENCH_SECS:-20}
 number XFS_DBENCH_SECS "$dbench_secs"
-cargo build --release -q -p xfs-node -p fuse-front
+mops=${XFS_FSX_MOUNTS_OPS:-100000}
+number XFS_FSX_MOUNTS_OPS "$mops"
+mseed=${XFS_FSX_MOUNTS_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+number XFS_FSX_MOUNTS_SEED "$mseed"
+[ "$mseed" != 0 ] || mseed=1 # fsx-mounts takes 0 as 'pick one'
+cargo build --release -q -p xfs-node -p fuse-front -p fs-testkit
 X=$root/target/release/xfs-node
+FSX_MOUNTS=$root/target/release/fsx-mounts
 work=$(mktemp -d /var/tmp/xfs-posix.XXXXXX)
 logs=$(mktemp -d /var/tmp/xfs-posix-logs.XXXXXX)
 chmod 755 "$work" # pjdfstest switches to other users: they must reach the mounts
@@ -152,11 +168,11 @@ trap cleanup EXIT
 # fsx's mapped writes msync (fsync) every time, and each fsync seals a segment: give the
 # nodes room for the log of every fsx run (about 1.3 GB per 100,000 operations before
 # cleaning; the storage files are sparse).
-all_ops=$((2 * ops + ops2))
+all_ops=$((2 * ops + ops2 + 2 * mops))
 storage=${XFS_POSIX_STORAGE_MB:-$((4096 * ((all_ops + 99999) / 100000)))}
 "$X" up --data "$work/cluster" --port 7900 --storage-mb "$storage" \
     --mount "$mnt" --allow-other
-if selected node2; then
+if selected node2 || selected mounts; then
     "$X" mount --data "$work/cluster" --node 2 --allow-other "$mnt2"
 fi
 
@@ -241,6 +257,31 @@ fsx_run() {
     fi
 }
 
+# fsx_mounts_run NAME FILE OPS SEED HOW-TO-REPLAY: fsx-mounts over node 1's and node 2's
+# mounts.
+fsx_mounts_run() {
+    local name=$1 file=$2 n=$3 s=$4 replay=$5 out="$logs/$2.out" t0=$SECONDS rc=0
+    local problems=()
+    "$FSX_MOUNTS" --ops "$n" --seed "$s" --file "$file" --progress-every 0 "$mnt" "$mnt2" \
+        >"$out" 2>&1 || rc=$?
+    local secs=$((SECONDS - t0))
+    [ "$rc" = 0 ] || problems+=("exit status $rc")
+    local summary
+    summary=$(grep -E "^fsx-mounts: seed $s: [0-9]+ operations, 0 mismatches " "$out" || true)
+    [[ $summary =~ ^fsx-mounts:\ seed\ $s:\ $n\ operations,\ 0\ mismatches ]] \
+        || problems+=("no summary line with $n operations and 0 mismatches (got: ${summary:-none})")
+    if [ ${#problems[@]} = 0 ]; then
+        record "$name" PASS "$secs" "${summary#fsx-mounts: }"
+    else
+        tail -40 "$out" >&2
+        local why
+        why=$(printf '%s; ' "${problems[@]}")
+        why=${why%; }
+        echo "posix-tests: $name FAILED: $why; seed $s, replay: $replay (output: $out)" >&2
+        record "$name" FAIL "$secs" "$why; seed $s; replay: $replay"
+    fi
+}
+
 # dbench_run NAME DIR
 dbench_run() {
     local name=$1 dir=$2 out="$logs/dbench.out" t0=$SECONDS rc=0 problems=()
@@ -297,6 +338,16 @@ if selected node2; then
 else
     not_run "pjdfstest (node 2)"
     not_run "fsx seed 1 (node 2)"
+fi
+if selected mounts; then
+    fsx_mounts_run "fsx-mounts seed 1" fsx-mounts-seed1.dat "$mops" 1 \
+        "XFS_FSX_MOUNTS_OPS=$mops bash scripts/posix-tests.sh --only mounts (the same seed 1)"
+    m_replay="XFS_FSX_MOUNTS_SEED=$mseed XFS_FSX_MOUNTS_OPS=$mops bash scripts/posix-tests.sh --only mounts"
+    echo "posix-tests: fsx-mounts random seed $mseed${XFS_FSX_MOUNTS_SEED:+ (from XFS_FSX_MOUNTS_SEED)}; replay: $m_replay"
+    fsx_mounts_run "fsx-mounts random" fsx-mounts-random.dat "$mops" "$mseed" "$m_replay"
+else
+    not_run "fsx-mounts seed 1"
+    not_run "fsx-mounts random"
 fi
 
 echo "posix-tests: results ($((SECONDS - t_all)) s in all)"

@@ -6,7 +6,13 @@ use crate::front::{open_mode, FH_DIRECT};
 
 impl Filesystem for Front {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let want = InitFlags::FUSE_ASYNC_READ
+        // FUSE_AUTO_INVAL_DATA: a read first refreshes attributes an invalidation made
+        // stale. Without it the kernel trusts the size it cached for any read inside that
+        // size, so after another node shrank the file a read here returned zeros past the
+        // new end (found by fsx-mounts). The price: a refresh that finds a new mtime (after
+        // a write, here or elsewhere) drops the file's cached pages.
+        let want = InitFlags::FUSE_AUTO_INVAL_DATA
+            | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
@@ -658,29 +664,22 @@ impl Filesystem for Front {
             return reply.error(e);
         }
         // Blocks are not reserved ahead (a log allocates at write-back): mode 0 extends
-        // the size, KEEP_SIZE has nothing to do, the rest is not supported.
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-            return reply.error(Errno::EOPNOTSUPP);
-        }
+        // the size, KEEP_SIZE alone has nothing to do, PUNCH_HOLE (with KEEP_SIZE, as
+        // Linux requires) zeroes the range; the other modes are not supported.
         let ino = self.shared.ours(ino);
-        let i = match self.inode(FsOp::Getattr { ino }) {
-            Ok(i) => i,
-            Err(e) => return reply.error(e),
-        };
         let end = offset.saturating_add(length);
-        if mode == 0 && end > i.size {
-            let r = self
-                .set(
-                    ino,
-                    SetAttr {
-                        size: Some(end),
-                        ..Default::default()
-                    },
-                )
-                .map(|_| Response::Ok);
-            return self.empty(r, reply);
-        }
-        reply.ok()
+        let op = match mode {
+            0 => FsOp::Extend { ino, end },
+            libc::FALLOC_FL_KEEP_SIZE => FsOp::Getattr { ino },
+            m if m == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE => FsOp::PunchHole {
+                ino,
+                offset,
+                len: length,
+            },
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        let r = self.call(op).map(|_| Response::Ok);
+        self.empty(r, reply)
     }
 
     fn lseek(

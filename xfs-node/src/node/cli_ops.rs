@@ -144,6 +144,14 @@ impl Node {
                 Response::Count(c.write(ino, offset, &data)? as u64)
             }
             FsOp::Append { ino, data } => Response::Appended(c.append(ino, &data)?),
+            FsOp::Extend { ino, end } => {
+                c.extend(ino, end)?;
+                Response::Ok
+            }
+            FsOp::PunchHole { ino, offset, len } => {
+                c.punch_hole(ino, offset, len)?;
+                Response::Ok
+            }
             FsOp::Fsync { ino } => {
                 c.fsync(ino)?;
                 Response::Ok

@@ -167,6 +167,17 @@ pub enum FsOp {
         ino: u64,
         data: Vec<u8>,
     },
+    /// `fallocate` without `KEEP_SIZE`: the size becomes at least `end`.
+    Extend {
+        ino: u64,
+        end: u64,
+    },
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: the range reads as zeros.
+    PunchHole {
+        ino: u64,
+        offset: u64,
+        len: u64,
+    },
     Fsync {
         ino: u64,
     },

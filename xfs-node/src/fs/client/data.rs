@@ -208,6 +208,84 @@ impl<B: Blocks> FsClient<B> {
         Ok(offset)
     }
 
+    /// `fallocate` without `KEEP_SIZE`: the size becomes at least `end` (blocks are not
+    /// reserved ahead: the log allocates at write-back). The larger size wins against any
+    /// other node's concurrent change, as one atomic update of the inode block.
+    pub fn extend(&self, ino: u64, end: u64) -> Result<(), Errno> {
+        let i = self.getattr(ino)?;
+        match i.kind {
+            Some(Kind::File) => {}
+            Some(Kind::Dir) => return Err(Errno::EISDIR),
+            _ => return Err(Errno::ENODEV),
+        }
+        if end > MAX_FILE {
+            return Err(Errno::EFBIG);
+        }
+        if end <= i.size {
+            return Ok(());
+        }
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[
+                Op::Max {
+                    offset: field::SIZE,
+                    value: end,
+                },
+                set(field::MTIME, now),
+                set(field::CTIME, now),
+            ],
+        )
+        .map(drop)
+    }
+
+    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: `[offset, offset + len)` reads as zeros; the
+    /// size stays. A whole block in the range becomes a hole (an empty block), a part of
+    /// one is zeroed in place; blocks that never held data are left alone.
+    pub fn punch_hole(&self, ino: u64, offset: u64, len: u64) -> Result<(), Errno> {
+        let i = self.getattr(ino)?;
+        match i.kind {
+            Some(Kind::File) => {}
+            Some(Kind::Dir) => return Err(Errno::EISDIR),
+            _ => return Err(Errno::ENODEV),
+        }
+        let end = offset.saturating_add(len).min(i.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let bs = BLOCK as u64;
+        let may_hold = |b: u64| i.extents.iter().any(|(s, e)| *s <= b && b < *e);
+        let mut ops: Vec<(BlockId, UserOp<Vec<u8>>)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / bs;
+            let bstart = b * bs;
+            let to = end.min(bstart + bs);
+            if may_hold(b) {
+                let op = if pos == bstart && to == bstart + bs {
+                    UserOp::Write(Vec::new())
+                } else {
+                    UserOp::Update(encode_patch(&[Op::Splice {
+                        offset: (pos - bstart) as u32,
+                        bytes: vec![0; (to - pos) as usize],
+                    }]))
+                };
+                ops.push((block_id(ino, b), op));
+                if ops.len() >= 1024 {
+                    self.run_writes(std::mem::take(&mut ops))?;
+                }
+            }
+            pos = to;
+        }
+        self.run_writes(ops)?;
+        let now = self.blocks.now();
+        self.update(
+            inode_block(ino),
+            &[set(field::MTIME, now), set(field::CTIME, now)],
+        )
+        .map(drop)
+    }
+
     /// A full cluster refuses new data at once (a write-back that cannot be stored would
     /// only fail at the next fsync, after filling this node's memory). A writer waits for
     /// the cleaner before it gives up.

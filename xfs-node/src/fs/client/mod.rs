@@ -58,6 +58,7 @@ impl Errno {
     pub const EMLINK: Errno = Errno(libc::EMLINK);
     pub const ENODATA: Errno = Errno(libc::ENODATA);
     pub const ERANGE: Errno = Errno(libc::ERANGE);
+    pub const ENODEV: Errno = Errno(libc::ENODEV);
     pub const EXDEV: Errno = Errno(libc::EXDEV);
     pub const EBUSY: Errno = Errno(libc::EBUSY);
 }
