@@ -1361,3 +1361,54 @@ fn appends_from_several_mounts_keep_every_record_once_and_whole() {
         "only {appends} appends reached the nodes"
     );
 }
+
+/// A write on one mount racing a truncate on another: every round ends as one machine
+/// would leave it — the write before the truncate (the file cut, and zeros past the cut
+/// when it grows again) or after it (the cut, a hole, then the written bytes) — never
+/// the written size with the bytes zeroed, nor old bytes reappearing past the cut.
+#[test]
+fn a_write_racing_a_truncate_on_another_mount_ends_as_on_one_machine() {
+    let c = Cluster::start("wtrunc", 18800, 256, 2);
+    let (a, b) = (c.m(0).join("f"), c.m(1).join("f"));
+    let base = pattern(7, 16384);
+    let mut outcomes = [0u32; 2];
+    for round in 0..150u64 {
+        std::fs::write(&a, &base).unwrap();
+        let new = pattern(1000 + round, 8192);
+        let fw = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        let ft = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let s2 = start.clone();
+        let n2 = new.clone();
+        let w = std::thread::spawn(move || {
+            s2.wait();
+            fw.write_all_at(&n2, 8192).unwrap();
+        });
+        start.wait();
+        ft.set_len(4096).unwrap();
+        w.join().unwrap();
+        let got = read_all(&b);
+        if got.len() == 4096 {
+            // The write came first; the cut must also have cleared what lay past it.
+            same(&got, &base[..4096], "the cut file");
+            ft.set_len(16384).unwrap();
+            let grown = read_all(&a);
+            same(&grown[4096..], &[0u8; 12288], "past the cut, grown again");
+            outcomes[0] += 1;
+        } else {
+            let mut want = base[..4096].to_vec();
+            want.resize(8192, 0);
+            want.extend_from_slice(&new);
+            same(
+                &got,
+                &want,
+                &format!("round {round}: the cut, a hole, the write"),
+            );
+            outcomes[1] += 1;
+        }
+    }
+    eprintln!(
+        "write first: {}, truncate first: {}",
+        outcomes[0], outcomes[1]
+    );
+}

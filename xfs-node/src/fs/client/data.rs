@@ -4,8 +4,19 @@
 use super::*;
 
 impl<B: Blocks> FsClient<B> {
-    /// `setattr`.
+    /// `setattr`. A size change holds the inode block (private and pinned) from the
+    /// size it starts from to the size it sets, so no other node's write or append
+    /// interleaves with the truncation (see [`FsClient::write`]).
     pub fn setattr(&self, ino: u64, a: &SetAttr) -> Result<Inode, Errno> {
+        if a.size.is_some() {
+            self.holding(&[inode_block(ino)], || self.setattr_now(ino, a))?;
+            return self.getattr(ino);
+        }
+        self.setattr_now(ino, a)?;
+        self.getattr(ino)
+    }
+
+    fn setattr_now(&self, ino: u64, a: &SetAttr) -> Result<(), Errno> {
         let i = self.getattr(ino)?;
         let now = self.blocks.now();
         let mut ops = Vec::new();
@@ -44,8 +55,7 @@ impl<B: Blocks> FsClient<B> {
             }
         }
         ops.push(set(field::CTIME, a.ctime.unwrap_or(now)));
-        self.update(inode_block(ino), &ops)?;
-        self.getattr(ino)
+        self.update(inode_block(ino), &ops).map(drop)
     }
 
     /// Zero what lies past `new` up to the old size (bytes past the size are always
@@ -123,89 +133,97 @@ impl<B: Blocks> FsClient<B> {
     }
 
     /// `write`: all of `data` at `offset`; returns the bytes written.
+    ///
+    /// The inode block is held (private and pinned: other nodes' changes to it wait) from
+    /// before the data blocks are written until the size covers them: a truncate or an
+    /// append on another node comes wholly before or wholly after, as on one machine
+    /// (without it, a truncate between the data and the size could zero the new bytes
+    /// and leave the size past them).
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
-        let i = self.getattr(ino)?;
-        if i.kind == Some(Kind::Dir) {
-            return Err(Errno::EISDIR);
-        }
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         if end > MAX_FILE {
             return Err(Errno::EFBIG);
         }
         if data.is_empty() {
-            return Ok(0);
+            return match self.getattr(ino)?.kind {
+                Some(Kind::Dir) => Err(Errno::EISDIR),
+                _ => Ok(0),
+            };
         }
         self.wait_for_room()?;
-        self.write_blocks(ino, offset, data)?;
-        let now = self.blocks.now();
-        let bs = BLOCK as u64;
-        self.update(
-            inode_block(ino),
-            &[
-                Op::Max {
-                    offset: field::SIZE,
-                    value: end,
-                },
-                set(field::MTIME, now),
-                set(field::CTIME, now),
-                Op::Extent {
-                    start: offset / bs,
-                    end: end.div_ceil(bs),
-                },
-            ],
-        )?;
-        Ok(data.len())
+        self.holding(&[inode_block(ino)], || {
+            if self.getattr(ino)?.kind == Some(Kind::Dir) {
+                return Err(Errno::EISDIR);
+            }
+            self.write_blocks(ino, offset, data)?;
+            let now = self.blocks.now();
+            let bs = BLOCK as u64;
+            self.update(
+                inode_block(ino),
+                &[
+                    Op::Max {
+                        offset: field::SIZE,
+                        value: end,
+                    },
+                    set(field::MTIME, now),
+                    set(field::CTIME, now),
+                    Op::Extent {
+                        start: offset / bs,
+                        end: end.div_ceil(bs),
+                    },
+                ],
+            )?;
+            Ok(data.len())
+        })
     }
 
     /// `write` on a file opened with `O_APPEND`: all of `data` at the file's coherent end,
     /// as one unit, whatever size the writing kernel believes the file has; returns the
     /// offset it landed at.
     ///
-    /// The end is reserved first, by one atomic update of the inode block (an `Add` to its
-    /// size, applied where the block is held private, so the manager orders it with every
-    /// other node's appends and size changes); then the blocks may hold data (`Extent`);
-    /// then the bytes go into the reserved range, which no other append can touch. Until
-    /// they are in, a reader on another node may see the new size with zeros in the range
-    /// (as it may see a concurrent `write`'s blocks before its size).
+    /// The inode block is held (private and pinned) while the end is read and moved (one
+    /// atomic `Add` to the size), the extent marked and the bytes written into the range:
+    /// another node's append, write or truncate comes wholly before or after, and no
+    /// reader sees the new size before the bytes.
     pub fn append(&self, ino: u64, data: &[u8]) -> Result<u64, Errno> {
-        let i = self.getattr(ino)?;
-        if i.kind == Some(Kind::Dir) {
-            return Err(Errno::EISDIR);
-        }
         let len = data.len() as u64;
-        if i.size.checked_add(len).is_none_or(|end| end > MAX_FILE) {
-            return Err(Errno::EFBIG);
-        }
         if data.is_empty() {
-            return Ok(i.size);
+            return self.getattr(ino).map(|i| i.size);
         }
         self.wait_for_room()?;
-        let now = self.blocks.now();
-        let before = self.update(
-            inode_block(ino),
-            &[
-                Op::Add {
-                    offset: field::SIZE,
-                    delta: len,
-                },
-                set(field::MTIME, now),
-                set(field::CTIME, now),
-            ],
-        )?;
-        let offset = match Inode::decode(ino, &before) {
-            Ok(Some(i)) => i.size,
-            _ => return Err(Errno::EIO),
-        };
-        let bs = BLOCK as u64;
-        self.update(
-            inode_block(ino),
-            &[Op::Extent {
-                start: offset / bs,
-                end: (offset + len).div_ceil(bs),
-            }],
-        )?;
-        self.write_blocks(ino, offset, data)?;
-        Ok(offset)
+        self.holding(&[inode_block(ino)], || {
+            let i = self.getattr(ino)?;
+            if i.kind == Some(Kind::Dir) {
+                return Err(Errno::EISDIR);
+            }
+            if i.size.checked_add(len).is_none_or(|end| end > MAX_FILE) {
+                return Err(Errno::EFBIG);
+            }
+            let now = self.blocks.now();
+            let bs = BLOCK as u64;
+            let before = self.update(
+                inode_block(ino),
+                &[
+                    Op::Add {
+                        offset: field::SIZE,
+                        delta: len,
+                    },
+                    set(field::MTIME, now),
+                    set(field::CTIME, now),
+                    Op::Extent {
+                        start: i.size / bs,
+                        end: (i.size + len).div_ceil(bs),
+                    },
+                ],
+            )?;
+            let offset = match Inode::decode(ino, &before) {
+                Ok(Some(b)) => b.size,
+                _ => return Err(Errno::EIO),
+            };
+            debug_assert_eq!(offset, i.size, "the size moved while the inode was held");
+            self.write_blocks(ino, offset, data)?;
+            Ok(offset)
+        })
     }
 
     /// `fallocate` without `KEEP_SIZE`: the size becomes at least `end` (blocks are not
@@ -243,6 +261,12 @@ impl<B: Blocks> FsClient<B> {
     /// size stays. A whole block in the range becomes a hole (an empty block), a part of
     /// one is zeroed in place; blocks that never held data are left alone.
     pub fn punch_hole(&self, ino: u64, offset: u64, len: u64) -> Result<(), Errno> {
+        self.holding(&[inode_block(ino)], || {
+            self.punch_hole_held(ino, offset, len)
+        })
+    }
+
+    fn punch_hole_held(&self, ino: u64, offset: u64, len: u64) -> Result<(), Errno> {
         let i = self.getattr(ino)?;
         match i.kind {
             Some(Kind::File) => {}
