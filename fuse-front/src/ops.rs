@@ -11,7 +11,11 @@ impl Filesystem for Front {
         // size, so after another node shrank the file a read here returned zeros past the
         // new end (found by fsx-mounts). The price: a refresh that finds a new mtime (after
         // a write, here or elsewhere) drops the file's cached pages.
+        // FUSE_DIRECT_IO_ALLOW_MMAP: an O_APPEND descriptor (direct I/O, see `open_mode`)
+        // can still be mapped shared; the kernel keeps the mapping coherent with its
+        // direct writes.
         let want = InitFlags::FUSE_AUTO_INVAL_DATA
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
             | InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_BIG_WRITES
             | InitFlags::FUSE_DO_READDIRPLUS
@@ -285,8 +289,13 @@ impl Filesystem for Front {
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             self.kill_suid_sgid(ino);
         }
-        let direct = fh == FH_DIRECT;
-        if flags.0 & libc::O_APPEND != 0 {
+        // A page the kernel writes back (`FUSE_WRITE_CACHE`: from a shared mapping) goes
+        // where the page is, whatever the descriptor it picked; its page is the source,
+        // so nothing here is dropped (the kernel waits for this write with the page under
+        // writeback: dropping it here would never return).
+        let writeback = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let direct = fh == FH_DIRECT && !writeback;
+        if flags.0 & libc::O_APPEND != 0 && !writeback {
             // At the coherent end, not at the offset this kernel chose from the size it
             // cached (another node may have appended since).
             self.shared.stats.appends.fetch_add(1, Ordering::Relaxed);

@@ -172,6 +172,25 @@ impl Cluster {
     }
 
     fn kill_all(&self) {
+        // Abort the mounts' FUSE connections first: a request stuck in the kernel (a
+        // deadlocked daemon thread cannot be killed while it is inside a system call on
+        // /dev/fuse) fails at once, so a broken mount fails its test instead of hanging
+        // it.
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none", "/sys/fs/fuse/connections"])
+            .stderr(Stdio::null())
+            .status();
+        for d in &self.mounts {
+            let d = d.to_string_lossy().to_string();
+            let dev = info.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (f.get(4) == Some(&d.as_str())).then(|| f[2].to_string())
+            });
+            if let Some(minor) = dev.and_then(|d| d.split(':').nth(1).map(str::to_string)) {
+                let _ = std::fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+            }
+        }
         for p in self.pids() {
             // SAFETY: signals to processes this test started.
             unsafe { libc::kill(p, libc::SIGKILL) };
@@ -1354,6 +1373,48 @@ fn appends_from_several_mounts_keep_every_record_once_and_whole() {
     }
     assert_eq!(next, [per_writer; 4], "records per writer");
     assert_eq!(all.len(), want_len, "the file's size");
+    // A descriptor opened O_RDWR | O_APPEND (direct I/O) mapped shared: a store and
+    // msync write the page back where it is (not at the end), and an append after it
+    // lands at the end. Run on a thread, so that a deadlock fails the test, not hangs it.
+    let p = c.m(0).join("mapped");
+    std::fs::write(&p, vec![b'x'; 8192]).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&p)
+            .unwrap();
+        // SAFETY: a shared mapping of the file's first 8 KiB (inside the file), unmapped
+        // before the thread ends; nothing else aliases it.
+        let ok = unsafe {
+            let m = libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(m, libc::MAP_FAILED, "mmap of an O_APPEND descriptor");
+            std::ptr::copy_nonoverlapping(b"hello".as_ptr(), m as *mut u8, 5);
+            let synced = libc::msync(m, 8192, libc::MS_SYNC) == 0;
+            libc::munmap(m, 8192);
+            synced
+        };
+        f.write_all(b"tail").unwrap();
+        let _ = tx.send((ok, read_all(&p)));
+    });
+    let (synced, got) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a store through a mapping of an O_APPEND descriptor hung");
+    assert!(synced, "msync failed");
+    let mut want = b"hello".to_vec();
+    want.resize(8192, b'x');
+    want.extend_from_slice(b"tail");
+    same(&got, &want, "the mapped store and the append after it");
+
     // Every append went through the node's append (not the kernel's offset).
     let appends: u64 = (0..3).map(|k| c.settled(k, "appends")).sum();
     assert!(
