@@ -226,16 +226,22 @@ impl<B: Blocks> FsClient<B> {
         })
     }
 
+    /// The inode of `ino` if it is a regular file; `EISDIR` for a directory, `ENODEV` for
+    /// anything else (what `fallocate(2)` answers).
+    fn regular_file(&self, ino: u64) -> Result<Inode, Errno> {
+        let i = self.getattr(ino)?;
+        match i.kind {
+            Some(Kind::File) => Ok(i),
+            Some(Kind::Dir) => Err(Errno::EISDIR),
+            _ => Err(Errno::ENODEV),
+        }
+    }
+
     /// `fallocate` without `KEEP_SIZE`: the size becomes at least `end` (blocks are not
     /// reserved ahead: the log allocates at write-back). The larger size wins against any
     /// other node's concurrent change, as one atomic update of the inode block.
     pub fn extend(&self, ino: u64, end: u64) -> Result<(), Errno> {
-        let i = self.getattr(ino)?;
-        match i.kind {
-            Some(Kind::File) => {}
-            Some(Kind::Dir) => return Err(Errno::EISDIR),
-            _ => return Err(Errno::ENODEV),
-        }
+        let i = self.regular_file(ino)?;
         if end > MAX_FILE {
             return Err(Errno::EFBIG);
         }
@@ -267,12 +273,7 @@ impl<B: Blocks> FsClient<B> {
     }
 
     fn punch_hole_held(&self, ino: u64, offset: u64, len: u64) -> Result<(), Errno> {
-        let i = self.getattr(ino)?;
-        match i.kind {
-            Some(Kind::File) => {}
-            Some(Kind::Dir) => return Err(Errno::EISDIR),
-            _ => return Err(Errno::ENODEV),
-        }
+        let i = self.regular_file(ino)?;
         let end = offset.saturating_add(len).min(i.size);
         if offset >= end {
             return Ok(());
