@@ -19,6 +19,7 @@ The log cleaner on a real cluster: 3 node processes on loopback with small stora
    read_bytes in /proc/PID/io: with no client traffic only the cleaner's moves read
    segments), and node 1 never logged the end of that round (its log prints one
    'N segments cleaned (' line per round that cleaned, just before it reports it).
+   Before the kill every file is read back (what the first restart recovered).
 3. Node 2 must take the cleaner over; the cluster is restarted and every file read back.
 
 Environment:
@@ -115,6 +116,7 @@ for kv in "share = 0.01" "idle_ms = 1000" "idle_utilisation = 0.95"; do
     grep -qx "$kv" "$cfg" || fail "cannot set cleaner.$kv in $cfg (has its [cleaner] section changed?)"
 done
 "$X" up --data "$DATA" --storage-mb "$MB" --port "$PORT" >/dev/null
+verify "after a restart"
 pid() { tr -d ' \n' <"$DATA/node$1.pid"; }
 pids=("$(pid 1)" "$(pid 2)" "$(pid 3)")
 # Bytes the three nodes have read from their storage files (O_DIRECT: real reads).

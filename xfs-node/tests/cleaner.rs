@@ -3,7 +3,7 @@
 //!
 //! Replay a failure: `XFS_CLEAN_SIM_SEED=<seed> cargo test -p xfs-node --test cleaner`.
 
-use xfs_node::fs::clean_sim::{self, CleanSimConfig};
+use xfs_node::fs::clean_sim::{self, CleanSimConfig, Race};
 use xfs_node::storage::cleaner::CleanerConfig;
 
 fn seeds(default: &[u64]) -> Vec<u64> {
@@ -51,9 +51,12 @@ fn five_times_the_capacity_with_a_crashed_cleaner_and_a_new_leader() {
 
 #[test]
 fn the_writer_wins_a_race_with_the_cleaner() {
-    for seed in seeds(&[7]) {
-        let (moved, discarded, freed) =
-            clean_sim::writer_wins(seed).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    for (seed, race) in seeds(&[7])
+        .into_iter()
+        .flat_map(|s| [(s, Race::BeforeMove), (s, Race::AfterMove)])
+    {
+        let (moved, discarded, freed) = clean_sim::writer_wins(seed, race)
+            .unwrap_or_else(|e| panic!("seed {seed}, {race:?}: {e}"));
         assert!(
             discarded >= 1,
             "the cleaner's copy of the raced block was kept"

@@ -292,7 +292,35 @@ pub fn run(seed: u64, cfg: &CleanSimConfig) -> Result<CleanSimReport, String> {
             sim: &sim,
             readers: &readers,
         };
-        l.round(&mut group, &all, k as u64, &mut |_| {});
+        // Writers go on while the round runs: after a segment's blocks are moved (their
+        // copies wait for the writer's finish), a block of some file is overwritten and
+        // fsynced, the cleaner's copy of it (if any) now older than the writer's version.
+        let mut raced: Option<String> = None;
+        l.round(&mut group, &all, k as u64, &mut |_| {
+            // Not on a nearly full group: a write there may rightly find no room
+            // (the reserve is the cleaner's), which the reference cannot tell.
+            let room = space(&sim).3 > 4 * cfg.cleaner.batch as u64;
+            if raced.is_some() || !room || rng.below(2) == 0 {
+                return;
+            }
+            let node = 1 + rng.below(nodes as u64) as NodeId;
+            let p = path(rng.below(cfg.files as u64) as usize);
+            let b = rng.below(cfg.file_blocks);
+            let ops = [
+                FsOpSim::Write(p.clone(), b * BLOCK as u64, BLOCK, rng.next_u64()),
+                FsOpSim::Fsync(p),
+            ];
+            for op in ops {
+                if let Err(e) = check(&sim, &mut reference, node, op) {
+                    raced = Some(format!("op {k}, inside a cleaning round: {e}"));
+                    return;
+                }
+            }
+            report.written += BLOCK as u64;
+        });
+        if let Some(e) = raced {
+            return Err(fail(e));
+        }
         if !l.status.last_error.is_empty() {
             return Err(fail(format!(
                 "op {k}: the cleaner led by node {leader}: {}",
@@ -497,11 +525,24 @@ fn short(a: &Result<Answer, Errno>) -> String {
     }
 }
 
+/// When the writer overwrites the block in [`writer_wins`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Race {
+    /// After the cleaner has read the block's segment, before it moves the blocks: the
+    /// move finds the block changed and discards its copy.
+    BeforeMove,
+    /// After the cleaner has moved the blocks (its copies wait in memory for the round's
+    /// end), before the round ends: the writer's version is durable in a data segment
+    /// sealed before the copies', so writing the copy out would put the old version back.
+    AfterMove,
+}
+
 /// The writer-wins race, forced: a file's block is overwritten (and fsynced) by a client
-/// after the cleaner has read the block's segment and before it moves the blocks. Returns
-/// (blocks moved, copies discarded, whether the segment was freed); the caller checks the
-/// file reads back with the writer's data, also after its manager crashed.
-pub fn writer_wins(seed: u64) -> Result<(u64, u64, bool), String> {
+/// while the cleaner empties the block's segment, at the moment `race` says. Returns
+/// (blocks moved, copies discarded, whether the segment was freed); the writer's version
+/// is checked here in the manager's log (no cache in between) and through the clients,
+/// also after the manager crashed and recovered.
+pub fn writer_wins(seed: u64, race: Race) -> Result<(u64, u64, bool), String> {
     let cfg = FsSimConfig {
         server_slots: 4096,
         lose_server_at: None,
@@ -532,26 +573,45 @@ pub fn writer_wins(seed: u64) -> Result<(u64, u64, bool), String> {
         .and_then(|l| l.imap().get(&block0).map(|a| a.segment))
         .ok_or("block 0 of /race is not in its manager's log")?;
     let newer = pattern(seed ^ 1, BLOCK);
+    let overwrite = |sim: &FsSim| {
+        let c = sim.client(2);
+        c.write(f.ino, 0, &newer).is_ok() && c.fsync(f.ino).is_ok()
+    };
     let mut raced = 0;
     let stats = {
         let mut reader = lock(&readers[manager as usize - 1]);
         let reader = reader.as_mut().ok_or("no reader")?;
         cleaner::clean_segment(&log, reader, seg, &mut |live| {
-            // The cleaner has read the segment: a writer overwrites block 0 now.
-            if live.iter().any(|(b, _)| *b == block0) {
-                let c = sim.client(2);
-                if c.write(f.ino, 0, &newer).is_ok() && c.fsync(f.ino).is_ok() {
-                    raced += 1;
-                }
+            if race == Race::BeforeMove && live.iter().any(|(b, _)| *b == block0) {
+                raced += usize::from(overwrite(&sim));
             }
         })
         .map_err(|e| e.to_string())?
     };
+    if race == Race::AfterMove {
+        raced += usize::from(overwrite(&sim));
+    }
     if raced != 1 {
-        return Err("the writer did not run between the cleaner's read and its move".into());
+        return Err(format!("the writer did not overwrite the block ({race:?})"));
     }
     cleaner::finish(&log).map_err(|e| e.to_string())?;
     let freed = lock(&log).as_ref().is_some_and(|l| !l.has_segment(seg));
+    // Copies discarded by the move (BeforeMove) or when the round's copies were written.
+    let discarded = lock(&log).as_ref().map_or(0, |l| l.counters().writer_wins);
+    let in_log = |what: &str| -> Result<(), String> {
+        let got = lock(&log)
+            .as_mut()
+            .ok_or("no log")?
+            .read(block0)
+            .map_err(|e| e.to_string())?;
+        if got != newer {
+            return Err(format!(
+                "{what}: the manager's log holds an older block 0 of /race"
+            ));
+        }
+        Ok(())
+    };
+    in_log("after the round")?;
     let mut want = original.clone();
     want[..BLOCK].copy_from_slice(&newer);
     for node in [1, 3] {
@@ -570,6 +630,7 @@ pub fn writer_wins(seed: u64) -> Result<(u64, u64, bool), String> {
         sim.client(n).sync_all().map_err(|e| e.to_string())?;
     }
     sim.crash_and_restart(manager)?;
+    in_log("after the manager's crash")?;
     let got = sim
         .client(1 + manager % 3)
         .read(f.ino, 0, 8 * BLOCK)
@@ -577,7 +638,7 @@ pub fn writer_wins(seed: u64) -> Result<(u64, u64, bool), String> {
     if got != want {
         return Err("after the manager's crash /race lost the writer's block".into());
     }
-    Ok((stats.moved, stats.discarded, freed))
+    Ok((stats.moved, discarded, freed))
 }
 
 /// Live blocks per index number and their bytes, over every log (for tracing).

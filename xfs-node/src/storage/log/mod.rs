@@ -349,6 +349,9 @@ pub struct Log<S: FragmentStore> {
     /// goes on when the stripe group is full.
     copy: (Vec<u8>, Vec<(BlockId, u32, u32)>, usize),
     copies: Vec<Sealed>,
+    /// Where each block the cleaner copied (in its lane or its sealed copies) was read
+    /// from: a copy is written out only if the imap still points there.
+    copied_from: BTreeMap<BlockId, LogAddress>,
     cursor: usize,
     // Sealed, not written yet; then written, not synced yet.
     queued: Vec<Sealed>,
@@ -556,6 +559,7 @@ impl<S: FragmentStore + Send> Log<S> {
             open_entries: Vec::new(),
             copy: (vec![0; data * fragment_bytes], Vec::new(), SUMMARY_BYTES),
             copies: Vec::new(),
+            copied_from: BTreeMap::new(),
             cursor: SUMMARY_BYTES,
             queued: Vec::new(),
             full: false,

@@ -335,7 +335,9 @@ impl<S: FragmentStore + Send> Log<S> {
     /// the imap then points at them.
     pub fn flush_copies(&mut self) -> Result<(), LogError> {
         self.in_copy_lane(|l| l.seal(SegmentKind::Data, 0, 0, 0))?;
+        self.drop_superseded_copies();
         if self.copies.is_empty() {
+            self.copied_from.clear();
             return Ok(());
         }
         let from = self.queued.len();
@@ -346,7 +348,64 @@ impl<S: FragmentStore + Send> Log<S> {
             self.copies = back;
             return Err(e);
         }
+        self.copied_from.clear();
         self.sync_written()
+    }
+
+    /// Take out of the cleaner's sealed copies every block a writer wrote or deleted after
+    /// the cleaner copied it: the imap no longer points where the copy was read from, or a
+    /// newer version is on its way. Such a copy, written out, would put the old version
+    /// back: at once (the imap follows each segment made durable) and at recovery (the
+    /// copy's segment, sealed later, rolls forward after the writer's). A segment left
+    /// with no block is not written at all. Returns how many copies were dropped (counted
+    /// as writer wins).
+    fn drop_superseded_copies(&mut self) -> u64 {
+        let mut copies = std::mem::take(&mut self.copies);
+        let mut dropped = 0;
+        for sealed in &mut copies {
+            let before = sealed.blocks.len();
+            sealed.blocks.retain(|(b, _)| {
+                self.copied_from
+                    .get(b)
+                    .is_some_and(|from| self.imap.get(b) == Some(from))
+                    && !self.written_since(*b)
+            });
+            if sealed.blocks.len() == before {
+                continue;
+            }
+            dropped += (before - sealed.blocks.len()) as u64;
+            // The summary names only the copies kept (the bytes of the others stay, dead).
+            match Summary::decode(&sealed.bytes) {
+                Some(mut summary) => {
+                    summary.entries = sealed
+                        .blocks
+                        .iter()
+                        .map(|(b, a)| (*b, a.offset, a.len))
+                        .collect();
+                    summary.encode(&mut sealed.bytes[..SUMMARY_BYTES]);
+                }
+                // Never (it was encoded at the seal); not writing the copies is safe.
+                None => {
+                    dropped += sealed.blocks.len() as u64;
+                    sealed.blocks.clear();
+                }
+            }
+        }
+        copies.retain(|s| !s.blocks.is_empty());
+        self.copies = copies;
+        self.counters.writer_wins += dropped;
+        dropped
+    }
+
+    /// Whether a writer has a version of `block` that is not durable yet (appended, sealed
+    /// or written, not synced): the writers' lane only, not the cleaner's.
+    fn written_since(&self, block: BlockId) -> bool {
+        self.open_entries.iter().any(|(b, _, _)| *b == block)
+            || self
+                .queued
+                .iter()
+                .chain(self.written.iter())
+                .any(|s| s.blocks.iter().any(|(b, _)| *b == block))
     }
 
     /// The cleaner's copy of `block`, read from `from`: appended (durable at the next
@@ -364,6 +423,7 @@ impl<S: FragmentStore + Send> Log<S> {
             return Ok(false);
         }
         self.in_copy_lane(|l| l.write(block, data))?;
+        self.copied_from.insert(block, from);
         self.counters.relocated += 1;
         self.counters.relocated_bytes += data.len() as u64;
         Ok(true)
