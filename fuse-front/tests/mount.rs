@@ -1436,7 +1436,6 @@ fn appends_from_several_mounts_keep_every_record_once_and_whole() {
 /// when it grows again) or after it (the cut, a hole, then the written bytes) — never
 /// the written size with the bytes zeroed, nor old bytes reappearing past the cut.
 #[test]
-#[ignore = "known failure (issue 29 left open): a plain write is not held across its data and its size, so a truncate on another node can fall between them; run with --ignored"]
 fn a_write_racing_a_truncate_on_another_mount_ends_as_on_one_machine() {
     let c = Cluster::start("wtrunc", 18800, 256, 2);
     let (a, b) = (c.m(0).join("f"), c.m(1).join("f"));

@@ -101,6 +101,11 @@ pub mod field {
     pub const CTIME: u32 = 64;
     /// Device number (special files).
     pub const RDEV: u32 = 72;
+    /// Regular files: how many truncations cut the file (the slot of [`RDEV`], which a
+    /// regular file has no use for). A write's size update is guarded by it
+    /// ([`super::Op::Guard`]): a truncation on another node between a write's data and its
+    /// size makes the write start again.
+    pub const TRUNCATIONS: u32 = RDEV;
     /// Parent directory (directories).
     pub const PARENT: u32 = 80;
     /// Birth time.
@@ -192,8 +197,11 @@ pub struct Inode {
     pub ctime: u64,
     /// Birth time.
     pub btime: u64,
-    /// Device number.
+    /// Device number (special files; 0 for regular files).
     pub rdev: u64,
+    /// Regular files: truncations that cut the file ([`field::TRUNCATIONS`]).
+    #[serde(default)]
+    pub truncations: u64,
     /// Parent (directories).
     pub parent: u64,
     /// Symlink target.
@@ -262,7 +270,12 @@ impl Inode {
         put(&mut b, field::ATIME, self.atime);
         put(&mut b, field::MTIME, self.mtime);
         put(&mut b, field::CTIME, self.ctime);
-        put(&mut b, field::RDEV, self.rdev);
+        // One slot, two uses: a regular file's truncation count, a device's number.
+        if self.kind == Some(Kind::File) {
+            put(&mut b, field::TRUNCATIONS, self.truncations);
+        } else {
+            put(&mut b, field::RDEV, self.rdev);
+        }
         put(&mut b, field::PARENT, self.parent);
         put(&mut b, field::BTIME, self.btime);
         if let Some(r) = &self.rename {
@@ -332,7 +345,16 @@ impl Inode {
             atime: g(field::ATIME),
             mtime: g(field::MTIME),
             ctime: g(field::CTIME),
-            rdev: g(field::RDEV),
+            rdev: if kind == Kind::File {
+                0
+            } else {
+                g(field::RDEV)
+            },
+            truncations: if kind == Kind::File {
+                g(field::TRUNCATIONS)
+            } else {
+                0
+            },
             parent: g(field::PARENT),
             btime: g(field::BTIME),
             target,
@@ -497,6 +519,14 @@ pub enum Op {
         /// First block that holds no data.
         from: u64,
     },
+    /// The steps after this one apply only if the u64 field at `offset` equals `value`
+    /// (a compare-and-set: the caller reads the old block back to see which happened).
+    Guard {
+        /// Byte offset of the u64 field.
+        offset: u32,
+        /// The value it must have.
+        value: u64,
+    },
 }
 
 /// Encode a patch (a list of steps applied in order) as block content for
@@ -557,6 +587,11 @@ pub fn encode_patch(ops: &[Op]) -> Vec<u8> {
             Op::Trim { from } => {
                 b.push(9);
                 b.extend_from_slice(&from.to_le_bytes());
+            }
+            Op::Guard { offset, value } => {
+                b.push(10);
+                b.extend_from_slice(&offset.to_le_bytes());
+                b.extend_from_slice(&value.to_le_bytes());
             }
         }
     }
@@ -624,6 +659,10 @@ pub fn decode_patch(b: &[u8]) -> Option<Vec<Op>> {
                 end: r.u64()?,
             },
             9 => Op::Trim { from: r.u64()? },
+            10 => Op::Guard {
+                offset: r.u32()?,
+                value: r.u64()?,
+            },
             _ => return None,
         };
         ops.push(op);
@@ -659,9 +698,26 @@ pub fn apply(block: &[u8], ops: &[Op]) -> Vec<u8> {
             }
             Op::Trim { from } => patch_inode(&mut b, |i| trim_extents(&mut i.extents, *from)),
             Op::Xattr { name, value } => set_xattr(&mut b, name, value.as_deref()),
+            Op::Guard { offset, value } => {
+                if field_value(&b, *offset as usize) != Some(*value) {
+                    break;
+                }
+            }
         }
     }
     b
+}
+
+/// The u64 field at `o` of an inode head; a block shorter than the head reads as zeros
+/// (as [`update_field`] grows it); `None` for a field outside the head.
+fn field_value(b: &[u8], o: usize) -> Option<u64> {
+    if o + 8 > INODE_HEAD {
+        return None;
+    }
+    Some(
+        b.get(o..o + 8)
+            .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8]))),
+    )
 }
 
 /// [`Op::Splice`]: `bytes` at `offset`, the block grown with zeros to hold them.
@@ -801,6 +857,10 @@ mod tests {
             },
             Op::Extent { start: 1, end: 5 },
             Op::Trim { from: 3 },
+            Op::Guard {
+                offset: field::TRUNCATIONS,
+                value: 2,
+            },
         ];
         assert_eq!(decode_patch(&encode_patch(&ops)), Some(ops));
         let b = apply(
@@ -812,6 +872,57 @@ mod tests {
         );
         assert_eq!(b, vec![0, 0, 1, 2]);
         assert_eq!(apply(&b, &[Op::Resize { len: 1 }]), vec![0]);
+    }
+
+    #[test]
+    fn a_guard_applies_the_steps_after_it_only_if_its_field_matches() {
+        let file = Inode {
+            ino: 3,
+            kind: Some(Kind::File),
+            mode: 0o100644,
+            nlink: 1,
+            size: 10,
+            truncations: 4,
+            ..Inode::default()
+        };
+        let b = file.encode();
+        let grow = |seen: u64| {
+            encode_patch(&[
+                Op::Guard {
+                    offset: field::TRUNCATIONS,
+                    value: seen,
+                },
+                Op::Max {
+                    offset: field::SIZE,
+                    value: 20,
+                },
+                Op::Extent { start: 0, end: 5 },
+            ])
+        };
+        let stale = b.patched(&grow(3));
+        assert_eq!(stale, b, "a stale guard changed the inode");
+        let j = Inode::decode(3, &b.patched(&grow(4))).unwrap().unwrap();
+        assert_eq!((j.size, j.extents.clone()), (20, vec![(0, 5)]));
+        // The extent step re-encodes the inode: the count survives it.
+        assert_eq!(j.truncations, 4);
+        // A truncation counts in the file's slot; a device keeps its number there.
+        let cut = b.patched(&encode_patch(&[Op::Add {
+            offset: field::TRUNCATIONS,
+            delta: 1,
+        }]));
+        assert_eq!(Inode::decode(3, &cut).unwrap().unwrap().truncations, 5);
+        let dev = Inode {
+            kind: Some(Kind::Special),
+            rdev: 0x0801,
+            truncations: 9,
+            ..file.clone()
+        };
+        let d = Inode::decode(3, &dev.encode()).unwrap().unwrap();
+        assert_eq!((d.rdev, d.truncations), (0x0801, 0));
+        let f = Inode::decode(3, &Inode { rdev: 7, ..file }.encode())
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.rdev, f.truncations), (0, 4));
     }
 
     #[test]

@@ -46,6 +46,13 @@ impl<B: Blocks> FsClient<B> {
                 return Err(Errno::EFBIG);
             }
             self.truncate_blocks(&i, size)?;
+            if size < i.size {
+                // A write on another node between its data and its size starts again.
+                ops.push(Op::Add {
+                    offset: field::TRUNCATIONS,
+                    delta: 1,
+                });
+            }
             ops.push(set(field::SIZE, size));
             ops.push(Op::Trim {
                 from: size.div_ceil(BLOCK as u64),
@@ -137,10 +144,11 @@ impl<B: Blocks> FsClient<B> {
     /// Not held across the data and the size (unlike `append` and a truncate): a hold on
     /// the inode block made every read on another node wait for the writer while the
     /// writer's revokes waited for that reader's kernel (late invalidations in
-    /// `reads_racing_writes_on_another_mount_never_hang`). So a truncate on another node
-    /// can still fall between this write's data blocks and its size, and leave the
-    /// written size with the bytes zeroed (known; see the ignored test
-    /// `a_write_racing_a_truncate_on_another_mount_ends_as_on_one_machine`).
+    /// `reads_racing_writes_on_another_mount_never_hang`). Instead the size update is
+    /// guarded by the file's truncation count read before the data: a truncation on
+    /// another node in between (which may have cut the bytes just written) fails the
+    /// guard, and the write starts again, after it, as on one machine. After
+    /// [`WRITE_TRIES`] such losses it holds the inode block (always progresses).
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, Errno> {
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         if end > MAX_FILE {
@@ -153,15 +161,42 @@ impl<B: Blocks> FsClient<B> {
             };
         }
         self.wait_for_room()?;
-        if self.getattr(ino)?.kind == Some(Kind::Dir) {
+        for _ in 0..WRITE_TRIES {
+            if self.write_guarded(ino, offset, data)? {
+                return Ok(data.len());
+            }
+            self.write_retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.holding(&[inode_block(ino)], || {
+            if self.write_guarded(ino, offset, data)? {
+                Ok(data.len())
+            } else {
+                Err(Errno::EIO) // never: no truncation runs while the inode is held
+            }
+        })
+    }
+
+    /// One try of [`FsClient::write`]: the data, then the size, the times and the extent
+    /// if no truncation came in between. Returns whether the size update applied.
+    fn write_guarded(&self, ino: u64, offset: u64, data: &[u8]) -> Result<bool, Errno> {
+        let i = self.getattr(ino)?;
+        if i.kind == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }
+        let end = offset + data.len() as u64;
         self.write_blocks(ino, offset, data)?;
         let now = self.blocks.now();
         let bs = BLOCK as u64;
-        self.update(
-            inode_block(ino),
-            &[
+        // Only a regular file counts truncations (the slot is a device's number else).
+        let file = i.kind == Some(Kind::File);
+        let guard = file.then_some(Op::Guard {
+            offset: field::TRUNCATIONS,
+            value: i.truncations,
+        });
+        let ops: Vec<Op> = guard
+            .into_iter()
+            .chain([
                 Op::Max {
                     offset: field::SIZE,
                     value: end,
@@ -172,9 +207,19 @@ impl<B: Blocks> FsClient<B> {
                     start: offset / bs,
                     end: end.div_ceil(bs),
                 },
-            ],
-        )?;
-        Ok(data.len())
+            ])
+            .collect();
+        let before = self.update(inode_block(ino), &ops)?;
+        if !file {
+            return Ok(true);
+        }
+        match Inode::decode(ino, &before) {
+            Ok(Some(b)) => Ok(b.truncations == i.truncations),
+            // Freed meanwhile (the last name removed and the file closed elsewhere): the
+            // update did nothing that matters; as on one machine, the bytes are gone.
+            Ok(None) => Ok(true),
+            Err(_) => Err(Errno::EIO),
+        }
     }
 
     /// `write` on a file opened with `O_APPEND`: all of `data` at the file's coherent end,

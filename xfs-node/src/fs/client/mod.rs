@@ -228,7 +228,14 @@ pub struct FsClient<B: Blocks> {
     /// Blocks a transaction of this client holds (a pin is per node: two local
     /// transactions on one block wait for each other here).
     held: (Mutex<BTreeSet<BlockId>>, std::sync::Condvar),
+    /// Writes that started again because a truncation came between their data and their
+    /// size ([`FsClient::write`]).
+    write_retries: std::sync::atomic::AtomicU64,
 }
+
+/// Tries of a write whose size update a truncation on another node defeated, before it
+/// holds the inode block ([`FsClient::write`]).
+pub const WRITE_TRIES: usize = 8;
 
 /// Free space below which writes fail with `ENOSPC` (room for what is in flight; on a
 /// small cluster a sixteenth of its size, if that is less).
@@ -287,7 +294,15 @@ impl<B: Blocks> FsClient<B> {
             dirty: Mutex::new(BTreeMap::new()),
             alloc: Mutex::new((0, 0)),
             held: (Mutex::new(BTreeSet::new()), std::sync::Condvar::new()),
+            write_retries: Default::default(),
         }
+    }
+
+    /// Writes that started again because a truncation on another node came between their
+    /// data and their size.
+    pub fn write_retries(&self) -> u64 {
+        self.write_retries
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The manager map.

@@ -115,6 +115,7 @@ impl<B: Blocks> FsClient<B> {
             ctime: now,
             btime: now,
             rdev,
+            truncations: 0,
             parent,
             target: target.to_vec(),
             xattrs: Vec::new(),
