@@ -402,7 +402,7 @@ impl<B: Blocks> FsClient<B> {
     /// `fsync`: once it returns, every block this client wrote to `ino` (data and inode)
     /// is durable on the stripe group of the file's manager's log.
     pub fn fsync(&self, ino: u64) -> Result<(), Errno> {
-        self.write_back(|i, _| i == ino).map(drop)
+        self.write_back(|i, _| i == ino, true).map(drop)
     }
 
     /// Make node `node`'s log durable; a full stripe group is given time for its cleaner
@@ -420,7 +420,7 @@ impl<B: Blocks> FsClient<B> {
     /// `fsync` every file this client wrote: every dirty block written back, then one
     /// log sync per manager involved (not one per file: each sync seals a segment).
     pub fn sync_all(&self) -> Result<(), Errno> {
-        self.write_back(|_, _| true).map(drop)
+        self.write_back(|_, _| true, true).map(drop)
     }
 
     /// The periodic write-back: every file whose oldest unsynced block was written at
@@ -428,26 +428,77 @@ impl<B: Blocks> FsClient<B> {
     /// write-back does for a local file system). Returns how many files it synced.
     pub fn write_back_older_than(&self, age_ns: u64) -> Result<usize, Errno> {
         let cutoff = self.blocks.now().saturating_sub(age_ns);
-        self.write_back(|_, since| since <= cutoff)
+        self.write_back(|_, since| since <= cutoff, false)
     }
 
     /// Write back the dirty blocks of the files `pick(ino, since)` selects, then sync each
     /// of their managers' logs once; on failure they stay dirty for the next try.
-    pub(super) fn write_back(&self, pick: impl Fn(u64, u64) -> bool) -> Result<usize, Errno> {
-        let taken: BTreeMap<u64, Dirty> = {
+    ///
+    /// With `wait` (an `fsync`, `sync_all`), it also waits for every write-back already in
+    /// flight that took blocks of a picked file (`pick(ino, 0)`), and fails with its error:
+    /// the blocks that write-back took are not in the dirty set any more, but they are not
+    /// durable until it ends. Returns how many files it took blocks of.
+    pub(super) fn write_back(
+        &self,
+        pick: impl Fn(u64, u64) -> bool,
+        wait: bool,
+    ) -> Result<usize, Errno> {
+        let flight = Arc::new(Flight::default());
+        let (taken, earlier) = {
             let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            let earlier: Vec<Arc<Flight>> = if wait {
+                flights
+                    .iter()
+                    .filter(|(i, _)| pick(**i, 0))
+                    .flat_map(|(_, f)| f.iter().cloned())
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let inos: Vec<u64> = d
                 .iter()
                 .filter(|(i, x)| pick(**i, x.since))
                 .map(|(i, _)| *i)
                 .collect();
-            inos.into_iter()
+            let taken: BTreeMap<u64, Dirty> = inos
+                .into_iter()
                 .filter_map(|i| d.remove(&i).map(|x| (i, x)))
-                .collect()
+                .collect();
+            for ino in taken.keys() {
+                flights.entry(*ino).or_default().push(flight.clone());
+            }
+            (taken, earlier)
         };
+        let r = self.write_back_taken(&taken);
+        {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            for ino in taken.keys() {
+                if let Some(f) = flights.get_mut(ino) {
+                    f.retain(|x| !Arc::ptr_eq(x, &flight));
+                    if f.is_empty() {
+                        flights.remove(ino);
+                    }
+                }
+            }
+        }
+        flight.end(r);
+        r?;
+        if !earlier.is_empty() {
+            self.write_back_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        for f in earlier {
+            f.wait()?;
+        }
+        Ok(taken.len())
+    }
+
+    /// Flush `taken` and sync the logs they go to; on failure, give the blocks back to the
+    /// dirty set (merged with what was written meanwhile).
+    fn write_back_taken(&self, taken: &BTreeMap<u64, Dirty>) -> Result<(), Errno> {
         if taken.is_empty() {
             // Nothing of this client's since the last sync: nothing to make durable.
-            return Ok(0);
+            return Ok(());
         }
         // The logs the blocks go to (a directory's dirty set holds its new names' inodes).
         let managers: BTreeSet<NodeId> = taken
@@ -463,19 +514,18 @@ impl<B: Blocks> FsClient<B> {
         let r: Result<Vec<_>, Errno> = self.blocks.run(ops).into_iter().collect();
         let r = r.and_then(|_| managers.into_iter().try_for_each(|m| self.sync_waiting(m)));
         if let Err(e) = r {
-            // Keep them for the next try (merged with what was written meanwhile).
             let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
             for (ino, x) in taken {
-                let e = d.entry(ino).or_insert_with(|| Dirty {
+                let e = d.entry(*ino).or_insert_with(|| Dirty {
                     since: x.since,
                     blocks: BTreeSet::new(),
                 });
                 e.since = e.since.min(x.since);
-                e.blocks.extend(x.blocks);
+                e.blocks.extend(x.blocks.iter().copied());
             }
             return Err(e);
         }
-        Ok(taken.len())
+        Ok(())
     }
 
     /// `statfs`.

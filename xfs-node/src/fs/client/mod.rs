@@ -17,7 +17,8 @@ mod rename;
 mod xattr;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use super::layout::{
     apply, block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, name_hash, Entry,
@@ -214,6 +215,32 @@ struct Dirty {
     blocks: BTreeSet<BlockId>,
 }
 
+/// One write-back in flight: the dirty blocks it took are on their way to durability,
+/// and its result is set when it ends (an `fsync` that finds the blocks taken waits for
+/// it: an empty dirty set does not mean durable).
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Result<(), Errno>>>,
+    ended: std::sync::Condvar,
+}
+
+impl Flight {
+    fn end(&self, r: Result<(), Errno>) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.ended.notify_all();
+    }
+
+    fn wait(&self) -> Result<(), Errno> {
+        let mut g = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = *g {
+                return r;
+            }
+            g = self.ended.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 /// A file system client over `B`.
 pub struct FsClient<B: Blocks> {
     /// The block operations.
@@ -223,6 +250,11 @@ pub struct FsClient<B: Blocks> {
     /// (ns, [`Blocks::now`]) the oldest of them was first written: the periodic
     /// write-back ([`FsClient::write_back_older_than`]) goes by it.
     dirty: Mutex<BTreeMap<u64, Dirty>>,
+    /// Write-backs in flight, by the files whose blocks they took (locked after `dirty`,
+    /// never before it).
+    flights: Mutex<BTreeMap<u64, Vec<std::sync::Arc<Flight>>>>,
+    /// Write-backs that waited for an earlier one of the same file to end.
+    write_back_waits: std::sync::atomic::AtomicU64,
     /// Index numbers reserved (durably) and not handed out yet: `next..end`.
     alloc: Mutex<(u64, u64)>,
     /// Blocks a transaction of this client holds (a pin is per node: two local
@@ -292,6 +324,8 @@ impl<B: Blocks> FsClient<B> {
             blocks,
             map,
             dirty: Mutex::new(BTreeMap::new()),
+            flights: Mutex::new(BTreeMap::new()),
+            write_back_waits: Default::default(),
             alloc: Mutex::new((0, 0)),
             held: (Mutex::new(BTreeSet::new()), std::sync::Condvar::new()),
             write_retries: Default::default(),
@@ -302,6 +336,13 @@ impl<B: Blocks> FsClient<B> {
     /// data and their size.
     pub fn write_retries(&self) -> u64 {
         self.write_retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `fsync`s (and `sync_all`s) that waited for an earlier write-back of the same file,
+    /// which had taken its dirty blocks, to end.
+    pub fn write_back_waits(&self) -> u64 {
+        self.write_back_waits
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

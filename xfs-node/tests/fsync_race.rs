@@ -1,0 +1,214 @@
+//! `fsync` means durable for every caller: a second `fsync` of a file whose dirty blocks
+//! a first one has taken (and not yet made durable) waits for the first, and gets its
+//! error. The client runs over an in-memory block store whose log sync the test holds
+//! at a gate, so the first `fsync` stops exactly between taking the blocks and their
+//! durability.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use xfs_node::coherence::{BlockId, NodeId, Outcome, Patch, UserOp};
+use xfs_node::fs::client::{Blocks, Errno, FsClient, ManagerMap, StatFs};
+
+/// Blocks in memory on one node; `sync` waits while the gate is shut and fails while
+/// `fail_sync` is set.
+#[derive(Default)]
+struct GatedBlocks {
+    blocks: Mutex<BTreeMap<BlockId, Vec<u8>>>,
+    clock: AtomicU64,
+    gate: (Mutex<bool>, Condvar),
+    /// Syncs that reached the gate.
+    at_gate: AtomicU64,
+    /// Syncs that passed it (the log is durable up to then).
+    synced: AtomicU64,
+    fail_sync: AtomicBool,
+}
+
+/// What the client holds: the shared blocks (the test keeps another handle).
+#[derive(Clone)]
+struct Gated(Arc<GatedBlocks>);
+
+impl std::ops::Deref for Gated {
+    type Target = GatedBlocks;
+    fn deref(&self) -> &GatedBlocks {
+        &self.0
+    }
+}
+
+impl GatedBlocks {
+    /// Shut the gate and count from zero.
+    fn shut(&self) {
+        *self.gate.0.lock().unwrap() = true;
+        self.at_gate.store(0, Ordering::SeqCst);
+        self.synced.store(0, Ordering::SeqCst);
+    }
+
+    fn open(&self) {
+        *self.gate.0.lock().unwrap() = false;
+        self.gate.1.notify_all();
+    }
+}
+
+impl Blocks for Gated {
+    fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
+        let mut m = self.blocks.lock().unwrap();
+        ops.into_iter()
+            .map(|(b, op)| {
+                let cur = m.get(&b).cloned().unwrap_or_default();
+                Ok(match op {
+                    UserOp::Read => Outcome::Read(cur),
+                    UserOp::Write(d) => {
+                        m.insert(b, d);
+                        Outcome::Written
+                    }
+                    UserOp::Update(p) => {
+                        m.insert(b, cur.patched(&p));
+                        Outcome::Updated(cur)
+                    }
+                    UserOp::Acquire => Outcome::Acquired(cur),
+                    UserOp::Release => Outcome::Released,
+                    UserOp::Evict => Outcome::Evicted,
+                    UserOp::Flush => Outcome::Flushed,
+                })
+            })
+            .collect()
+    }
+
+    fn sync(&self, _node: NodeId) -> Result<(), Errno> {
+        self.at_gate.fetch_add(1, Ordering::SeqCst);
+        let mut shut = self.gate.0.lock().unwrap();
+        while *shut {
+            shut = self.gate.1.wait(shut).unwrap();
+        }
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(Errno::EIO);
+        }
+        self.synced.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn statfs(&self) -> Result<StatFs, Errno> {
+        Ok(StatFs {
+            bsize: 4096,
+            blocks: 1 << 20,
+            bfree: 1 << 20,
+            namelen: 255,
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn me(&self) -> NodeId {
+        1
+    }
+}
+
+/// A client with one file `/f` written (its blocks the only dirty ones) and the gate shut.
+fn client_with_a_dirty_file() -> (Arc<FsClient<Gated>>, Arc<GatedBlocks>, u64) {
+    let blocks = Arc::new(GatedBlocks::default());
+    let c = Arc::new(FsClient::new(
+        Gated(blocks.clone()),
+        ManagerMap::even(&[1], 4),
+    ));
+    c.format().expect("format");
+    let root = c.resolve("/").expect("root").ino;
+    let f = c.create(root, b"f", 0o644, 0, 0).expect("create").ino;
+    c.sync_all().expect("sync the name");
+    c.write(f, 0, &[7u8; 10_000]).expect("write");
+    blocks.shut();
+    (c, blocks, f)
+}
+
+/// The result of a call on another thread, with the syncs that had passed the gate
+/// when it returned; and a flag set when it returned.
+type Call = (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<(Result<(), Errno>, u64)>,
+);
+
+fn spawn(
+    c: &Arc<FsClient<Gated>>,
+    blocks: &Arc<GatedBlocks>,
+    f: impl FnOnce(&FsClient<Gated>) -> Result<(), Errno> + Send + 'static,
+) -> Call {
+    let done = Arc::new(AtomicBool::new(false));
+    let (d, c, b) = (done.clone(), c.clone(), blocks.clone());
+    let h = std::thread::spawn(move || {
+        let r = f(&c);
+        let synced = b.synced.load(Ordering::SeqCst);
+        d.store(true, Ordering::SeqCst);
+        (r, synced)
+    });
+    (done, h)
+}
+
+/// Wait until `cond` holds (no time bound: the events are counted; polled each
+/// millisecond, so a wait that never ends shows as a hung test, not a busy core).
+fn until(cond: impl Fn() -> bool) {
+    while !cond() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn fsync_and_sync_all_wait_for_the_write_back_that_took_the_blocks() {
+    let (c, blocks, f) = client_with_a_dirty_file();
+    let first = spawn(&c, &blocks, move |c| c.fsync(f));
+    // The first fsync has taken the file's blocks and waits at the log sync.
+    until(|| blocks.at_gate.load(Ordering::SeqCst) == 1);
+    let second = spawn(&c, &blocks, move |c| c.fsync(f));
+    let all = spawn(&c, &blocks, |c| c.sync_all());
+    // Each either waits for the first (counted) or returns at once, wrongly "durable".
+    until(|| {
+        second.0.load(Ordering::SeqCst) || all.0.load(Ordering::SeqCst) || c.write_back_waits() == 2
+    });
+    assert!(
+        !second.0.load(Ordering::SeqCst),
+        "a second fsync returned while the first had not made the data durable"
+    );
+    assert!(
+        !all.0.load(Ordering::SeqCst),
+        "sync_all returned while an fsync had not made the data durable"
+    );
+    // Neither took anything: only the first reached the log sync.
+    assert_eq!(blocks.at_gate.load(Ordering::SeqCst), 1);
+    blocks.open();
+    for (what, call) in [("first", first), ("second", second), ("sync_all", all)] {
+        let (r, synced) = call.1.join().unwrap();
+        assert_eq!(r, Ok(()), "{what}");
+        assert!(synced >= 1, "{what} returned before the log sync");
+    }
+    assert_eq!(c.write_back_waits(), 2);
+}
+
+#[test]
+fn a_waiting_fsync_gets_the_error_of_the_write_back_it_waited_for() {
+    let (c, blocks, f) = client_with_a_dirty_file();
+    blocks.fail_sync.store(true, Ordering::SeqCst);
+    let first = spawn(&c, &blocks, move |c| c.fsync(f));
+    until(|| blocks.at_gate.load(Ordering::SeqCst) == 1);
+    let second = spawn(&c, &blocks, move |c| c.fsync(f));
+    until(|| second.0.load(Ordering::SeqCst) || c.write_back_waits() == 1);
+    assert!(
+        !second.0.load(Ordering::SeqCst),
+        "the second fsync did not wait"
+    );
+    blocks.open();
+    assert_eq!(first.1.join().unwrap().0, Err(Errno::EIO));
+    assert_eq!(
+        second.1.join().unwrap().0,
+        Err(Errno::EIO),
+        "the second fsync said durable after the write-back it waited for failed"
+    );
+    // The failed write-back gave the blocks back: the next fsync writes them.
+    blocks.fail_sync.store(false, Ordering::SeqCst);
+    assert_eq!(c.fsync(f), Ok(()));
+    assert_eq!(blocks.at_gate.load(Ordering::SeqCst), 2);
+    assert_eq!(blocks.synced.load(Ordering::SeqCst), 1);
+    // Nothing is left: the next fsync takes nothing and syncs nothing.
+    assert_eq!(c.fsync(f), Ok(()));
+    assert_eq!(blocks.at_gate.load(Ordering::SeqCst), 2);
+}
