@@ -1481,3 +1481,100 @@ fn a_write_racing_a_truncate_on_another_mount_ends_as_on_one_machine() {
         outcomes[0], outcomes[1]
     );
 }
+
+/// A half-done write is never visible: one process rewrites a small file in a loop
+/// (`open(O_TRUNC)`, write a line, close) while a reader on the same mount and one on
+/// another node's mount read it whole. Every read is what one machine could show: empty
+/// (between the truncate and the write) or one whole line the writer wrote, never a size
+/// with bytes that are not there yet (NULs) nor a line cut short.
+///
+/// Known failure (issue 23, item 7, open): about 0.5% of the same mount's reads and 1% of
+/// the other mount's return the line's length in NULs. The node's own read no longer
+/// mixes a size with blocks a truncate cleared (`FsClient::read` re-checks the truncation
+/// count); what is left is in the kernel's page cache (a short read's zero-filled page
+/// kept under a size that changed meanwhile is the suspect; dropping the inode's pages
+/// after every short read made it worse, 4-6%).
+#[test]
+#[ignore = "known failure (issue 23 item 7): NULs in ~1% of reads of a file rewritten with O_TRUNC; run with --ignored"]
+fn a_rewritten_file_never_shows_a_half_done_write() {
+    let rounds: u64 = std::env::var("XFS_REWRITE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500);
+    let c = Cluster::start("rewrite", 18700, 256, 2);
+    let (a, b) = (c.m(0).join("line"), c.m(1).join("line"));
+    // Line k: its number, then k % 61 letters: lengths change from round to round.
+    let line = |k: u64| format!("line {k} {}\n", "x".repeat((k % 61) as usize)).into_bytes();
+    std::fs::write(&a, line(0)).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (done, a) = (done.clone(), a.clone());
+        std::thread::spawn(move || {
+            for k in 1..=rounds {
+                std::fs::write(&a, line(k)).unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    /// What a reader saw: reads, empty ones, whole lines, and bad ones (the first named).
+    #[derive(Debug, Default)]
+    struct Seen {
+        reads: u64,
+        empty: u64,
+        whole: u64,
+        bad: u64,
+        first_bad: Option<String>,
+    }
+    let readers: Vec<_> = [("same mount", a.clone()), ("other mount", b.clone())]
+        .into_iter()
+        .map(|(what, path)| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut s = Seen::default();
+                // At least one read after the writer ends: the last line must be seen.
+                loop {
+                    let last = done.load(Ordering::SeqCst);
+                    let got = std::fs::read(&path).unwrap();
+                    s.reads += 1;
+                    let k = std::str::from_utf8(&got)
+                        .ok()
+                        .and_then(|t| t.strip_prefix("line "))
+                        .and_then(|t| t.split(' ').next())
+                        .and_then(|n| n.parse::<u64>().ok());
+                    match k {
+                        _ if got.is_empty() => s.empty += 1,
+                        Some(k) if got == line(k) => s.whole += 1,
+                        _ => {
+                            s.bad += 1;
+                            s.first_bad.get_or_insert_with(|| {
+                                format!(
+                                    "{what}, read {}: {} bytes, {} NULs: {:?}",
+                                    s.reads,
+                                    got.len(),
+                                    got.iter().filter(|x| **x == 0).count(),
+                                    String::from_utf8_lossy(&got)
+                                )
+                            });
+                        }
+                    }
+                    if last {
+                        break;
+                    }
+                }
+                (what, s)
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    let seen: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    for (what, s) in &seen {
+        eprintln!("{what}: {s:?}");
+    }
+    for (what, s) in &seen {
+        assert_eq!(s.bad, 0, "{what}: half-done writes seen: {s:?}");
+        assert!(s.whole > 0, "{what}: no whole line read: {s:?}");
+    }
+    // After the writer, both mounts read its last line.
+    same(&read_all(&a), &line(rounds), "the last line, same mount");
+    same(&read_all(&b), &line(rounds), "the last line, other mount");
+}

@@ -107,8 +107,36 @@ impl<B: Blocks> FsClient<B> {
     }
 
     /// `read`: up to `len` bytes at `offset` (short at the end of the file).
+    ///
+    /// The size and the blocks are read one after the other, not at once: a truncate on
+    /// any node in between may have cleared blocks inside the size read first, which
+    /// would come back as zeros that were never written (NULs under a stale size). So
+    /// the inode is read again after the blocks; if a truncation came in between (its
+    /// count moved), the read starts again, from the new size. After [`READ_TRIES`] such
+    /// losses it reads holding the inode block (no truncation runs meanwhile).
     pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        let i = self.getattr(ino)?;
+        let mut i = self.getattr(ino)?;
+        for _ in 0..READ_TRIES {
+            let out = self.read_within(&i, offset, len)?;
+            if i.kind != Some(Kind::File) {
+                return Ok(out);
+            }
+            let after = self.getattr(ino)?;
+            if after.truncations == i.truncations {
+                return Ok(out);
+            }
+            self.read_retries.fetch_add(1, Ordering::Relaxed);
+            i = after;
+        }
+        self.holding(&[inode_block(ino)], || {
+            let i = self.getattr(ino)?;
+            self.read_within(&i, offset, len)
+        })
+    }
+
+    /// The bytes of `[offset, offset + len)` that lie within `i.size`.
+    fn read_within(&self, i: &Inode, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let ino = i.ino;
         if i.kind == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }

@@ -263,11 +263,18 @@ pub struct FsClient<B: Blocks> {
     /// Writes that started again because a truncation came between their data and their
     /// size ([`FsClient::write`]).
     write_retries: std::sync::atomic::AtomicU64,
+    /// Reads that started again because a truncation came between the size they read
+    /// and their blocks ([`FsClient::read`]).
+    read_retries: std::sync::atomic::AtomicU64,
 }
 
 /// Tries of a write whose size update a truncation on another node defeated, before it
 /// holds the inode block ([`FsClient::write`]).
 pub const WRITE_TRIES: usize = 8;
+
+/// Tries of a read that a truncation on another node overtook, before it holds the
+/// inode block ([`FsClient::read`]).
+pub const READ_TRIES: usize = 8;
 
 /// Free space below which writes fail with `ENOSPC` (room for what is in flight; on a
 /// small cluster a sixteenth of its size, if that is less).
@@ -329,6 +336,7 @@ impl<B: Blocks> FsClient<B> {
             alloc: Mutex::new((0, 0)),
             held: (Mutex::new(BTreeSet::new()), std::sync::Condvar::new()),
             write_retries: Default::default(),
+            read_retries: Default::default(),
         }
     }
 
@@ -337,6 +345,12 @@ impl<B: Blocks> FsClient<B> {
     pub fn write_retries(&self) -> u64 {
         self.write_retries
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads that started again because a truncation came between the size they read
+    /// and their blocks.
+    pub fn read_retries(&self) -> u64 {
+        self.read_retries.load(Ordering::Relaxed)
     }
 
     /// `fsync`s (and `sync_all`s) that waited for an earlier write-back of the same file,

@@ -1,15 +1,19 @@
-//! `fsync` means durable for every caller: a second `fsync` of a file whose dirty blocks
-//! a first one has taken (and not yet made durable) waits for the first, and gets its
-//! error. The client runs over an in-memory block store whose log sync the test holds
-//! at a gate, so the first `fsync` stops exactly between taking the blocks and their
-//! durability.
+//! Races inside one node's file-system client, forced at gates of an in-memory block
+//! store (so each race happens every run, not by chance):
+//! * `fsync` means durable for every caller: a second `fsync` of a file whose dirty blocks
+//!   a first one has taken (and not yet made durable) waits for the first, and gets its
+//!   error (the log sync held at a gate: the first `fsync` stops exactly between taking
+//!   the blocks and their durability);
+//! * a read never returns a size with bytes a truncate cleared (the data-block reads held
+//!   at a gate while another caller truncates and rewrites the file).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use xfs_node::coherence::{BlockId, NodeId, Outcome, Patch, UserOp};
-use xfs_node::fs::client::{Blocks, Errno, FsClient, ManagerMap, StatFs};
+use xfs_node::fs::client::{Blocks, Errno, FsClient, ManagerMap, SetAttr, StatFs};
+use xfs_node::fs::layout::INODE_BLOCK;
 
 /// Blocks in memory on one node; `sync` waits while the gate is shut and fails while
 /// `fail_sync` is set.
@@ -23,6 +27,10 @@ struct GatedBlocks {
     /// Syncs that passed it (the log is durable up to then).
     synced: AtomicU64,
     fail_sync: AtomicBool,
+    /// While shut, reads of data blocks (not inode blocks) wait here.
+    read_gate: (Mutex<bool>, Condvar),
+    /// Data-block reads that reached the read gate while it was shut.
+    at_read_gate: AtomicU64,
 }
 
 /// What the client holds: the shared blocks (the test keeps another handle).
@@ -52,9 +60,18 @@ impl GatedBlocks {
 
 impl Blocks for Gated {
     fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
-        let mut m = self.blocks.lock().unwrap();
         ops.into_iter()
             .map(|(b, op)| {
+                if matches!(op, UserOp::Read) && b & INODE_BLOCK != INODE_BLOCK {
+                    let mut shut = self.read_gate.0.lock().unwrap();
+                    if *shut {
+                        self.at_read_gate.fetch_add(1, Ordering::SeqCst);
+                    }
+                    while *shut {
+                        shut = self.read_gate.1.wait(shut).unwrap();
+                    }
+                }
+                let mut m = self.blocks.lock().unwrap();
                 let cur = m.get(&b).cloned().unwrap_or_default();
                 Ok(match op {
                     UserOp::Read => Outcome::Read(cur),
@@ -211,4 +228,49 @@ fn a_waiting_fsync_gets_the_error_of_the_write_back_it_waited_for() {
     // Nothing is left: the next fsync takes nothing and syncs nothing.
     assert_eq!(c.fsync(f), Ok(()));
     assert_eq!(blocks.at_gate.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_read_overtaken_by_a_truncate_never_returns_cleared_bytes_under_the_old_size() {
+    let blocks = Arc::new(GatedBlocks::default());
+    let c = Arc::new(FsClient::new(
+        Gated(blocks.clone()),
+        ManagerMap::even(&[1], 4),
+    ));
+    c.format().expect("format");
+    let root = c.resolve("/").expect("root").ino;
+    let f = c.create(root, b"f", 0o644, 0, 0).expect("create").ino;
+    let old = vec![7u8; 3 * 4096];
+    c.write(f, 0, &old).expect("write");
+    // The reader has read the size (3 blocks) and waits to read the blocks.
+    *blocks.read_gate.0.lock().unwrap() = true;
+    let reader = {
+        let c = c.clone();
+        std::thread::spawn(move || c.read(f, 0, 3 * 4096))
+    };
+    until(|| blocks.at_read_gate.load(Ordering::SeqCst) >= 1);
+    // Meanwhile the file is cut to nothing and one short line written (O_TRUNC, write).
+    let cut = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    c.setattr(f, &cut).expect("truncate");
+    let new = vec![9u8; 100];
+    c.write(f, 0, &new).expect("rewrite");
+    *blocks.read_gate.0.lock().unwrap() = false;
+    blocks.read_gate.1.notify_all();
+    let got = reader.join().unwrap().expect("read");
+    // As on one machine: the old bytes (the read first) or the new ones (the truncate
+    // and the write first); never the old size over cleared blocks.
+    assert!(
+        got == old || got == new,
+        "the read returned {} bytes ({} zero): neither what was there before nor after",
+        got.len(),
+        got.iter().filter(|b| **b == 0).count()
+    );
+    assert_eq!(
+        got, new,
+        "the blocks were read after the truncate and the write"
+    );
+    assert!(c.read_retries() >= 1, "the read did not start again");
 }
