@@ -1488,12 +1488,13 @@ fn a_write_racing_a_truncate_on_another_mount_ends_as_on_one_machine() {
 /// (between the truncate and the write) or one whole line the writer wrote, never a size
 /// with bytes that are not there yet (NULs) nor a line cut short.
 ///
-/// Known failure (issue 23, item 7, open): about 0.5% of the same mount's reads and 1% of
-/// the other mount's return the line's length in NULs. The node's own read no longer
-/// mixes a size with blocks a truncate cleared (`FsClient::read` re-checks the truncation
-/// count); what is left is in the kernel's page cache (a short read's zero-filled page
-/// kept under a size that changed meanwhile is the suspect; dropping the inode's pages
-/// after every short read made it worse, 4-6%).
+/// Known failure (issue 23, item 7, open): about 1% of the same mount's reads and 2% of
+/// the other mount's return the line's length in NULs. The nodes no longer answer any
+/// read with NULs (counted by hand: 224 such answers from node 1 before `FsClient::read`
+/// checked local holds and the truncation count, 0 after); what is left is in the
+/// kernel's page cache (a short read's zero-filled page kept under a size that changed
+/// meanwhile is the suspect; dropping the inode's pages after every short read made it
+/// worse).
 #[test]
 #[ignore = "known failure (issue 23 item 7): NULs in ~1% of reads of a file rewritten with O_TRUNC; run with --ignored"]
 fn a_rewritten_file_never_shows_a_half_done_write() {

@@ -31,6 +31,10 @@ struct GatedBlocks {
     read_gate: (Mutex<bool>, Condvar),
     /// Data-block reads that reached the read gate while it was shut.
     at_read_gate: AtomicU64,
+    /// While shut, a block emptied (a truncate clearing it) waits here, after the clear.
+    clear_gate: (Mutex<bool>, Condvar),
+    /// Clears that reached the clear gate while it was shut.
+    at_clear_gate: AtomicU64,
 }
 
 /// What the client holds: the shared blocks (the test keeps another handle).
@@ -71,6 +75,7 @@ impl Blocks for Gated {
                         shut = self.read_gate.1.wait(shut).unwrap();
                     }
                 }
+                let clear = matches!(&op, UserOp::Write(d) if d.is_empty());
                 let mut m = self.blocks.lock().unwrap();
                 let cur = m.get(&b).cloned().unwrap_or_default();
                 Ok(match op {
@@ -87,6 +92,18 @@ impl Blocks for Gated {
                     UserOp::Release => Outcome::Released,
                     UserOp::Evict => Outcome::Evicted,
                     UserOp::Flush => Outcome::Flushed,
+                })
+                .inspect(|_| {
+                    drop(m);
+                    if clear {
+                        let mut shut = self.clear_gate.0.lock().unwrap();
+                        if *shut {
+                            self.at_clear_gate.fetch_add(1, Ordering::SeqCst);
+                        }
+                        while *shut {
+                            shut = self.clear_gate.1.wait(shut).unwrap();
+                        }
+                    }
                 })
             })
             .collect()
@@ -273,4 +290,56 @@ fn a_read_overtaken_by_a_truncate_never_returns_cleared_bytes_under_the_old_size
         "the blocks were read after the truncate and the write"
     );
     assert!(c.read_retries() >= 1, "the read did not start again");
+}
+
+#[test]
+fn a_read_waits_for_a_truncate_on_the_same_node_that_holds_the_inode() {
+    let blocks = Arc::new(GatedBlocks::default());
+    let c = Arc::new(FsClient::new(
+        Gated(blocks.clone()),
+        ManagerMap::even(&[1], 4),
+    ));
+    c.format().expect("format");
+    let root = c.resolve("/").expect("root").ino;
+    let f = c.create(root, b"f", 0o644, 0, 0).expect("create").ino;
+    c.write(f, 0, &[7u8; 3 * 4096]).expect("write");
+    // The truncate holds the inode, has cleared its first block, and waits there (its
+    // size update not done yet).
+    *blocks.clear_gate.0.lock().unwrap() = true;
+    let truncate = {
+        let c = c.clone();
+        let cut = SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        };
+        std::thread::spawn(move || c.setattr(f, &cut).map(drop))
+    };
+    until(|| blocks.at_clear_gate.load(Ordering::SeqCst) >= 1);
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (c, done) = (c.clone(), done.clone());
+        std::thread::spawn(move || {
+            let r = c.read(f, 0, 3 * 4096);
+            done.store(true, Ordering::SeqCst);
+            r
+        })
+    };
+    // The read waits for the hold (counted), or returns the old size over a cleared block.
+    until(|| done.load(Ordering::SeqCst) || c.hold_waits() >= 1);
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "a read returned while a truncate on its node was half done: {:?}",
+        reader
+            .join()
+            .unwrap()
+            .map(|d| (d.len(), d.iter().filter(|b| **b == 0).count()))
+    );
+    *blocks.clear_gate.0.lock().unwrap() = false;
+    blocks.clear_gate.1.notify_all();
+    truncate.join().unwrap().expect("truncate");
+    assert_eq!(
+        reader.join().unwrap(),
+        Ok(Vec::new()),
+        "the read came after the cut"
+    );
 }

@@ -115,23 +115,39 @@ impl<B: Blocks> FsClient<B> {
     /// count moved), the read starts again, from the new size. After [`READ_TRIES`] such
     /// losses it reads holding the inode block (no truncation runs meanwhile).
     pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
-        let mut i = self.getattr(ino)?;
         for _ in 0..READ_TRIES {
+            // A truncate on this node holds the inode without making this read wait (a
+            // local hold is not a remote revoke): none may start while the read runs.
+            let holds = self.holds_of(inode_block(ino));
+            let i = self.getattr(ino)?;
             let out = self.read_within(&i, offset, len)?;
             if i.kind != Some(Kind::File) {
                 return Ok(out);
             }
             let after = self.getattr(ino)?;
-            if after.truncations == i.truncations {
+            if after.truncations == i.truncations && self.holds_of(inode_block(ino)) == holds {
                 return Ok(out);
             }
             self.read_retries.fetch_add(1, Ordering::Relaxed);
-            i = after;
         }
         self.holding(&[inode_block(ino)], || {
             let i = self.getattr(ino)?;
             self.read_within(&i, offset, len)
         })
+    }
+
+    /// How many local holds of `block`'s slot have started, once no hold of `block` is
+    /// active (it waits for one to end).
+    fn holds_of(&self, block: BlockId) -> u64 {
+        let (m, cv) = &self.held;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        if g.active.contains(&block) {
+            self.hold_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        while g.active.contains(&block) {
+            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.started[Held::slot(block)]
     }
 
     /// The bytes of `[offset, offset + len)` that lie within `i.size`.

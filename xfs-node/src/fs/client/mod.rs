@@ -215,6 +215,25 @@ struct Dirty {
     blocks: BTreeSet<BlockId>,
 }
 
+/// The blocks local transactions hold ([`FsClient::holding`]), and how many holds started
+/// per slot of [`HOLD_SLOTS`] (blocks hashed): a read on this node checks that no hold of
+/// its inode started while it read (a local truncate does not make it wait otherwise).
+#[derive(Default)]
+pub(super) struct Held {
+    pub(super) active: BTreeSet<BlockId>,
+    pub(super) started: [u64; HOLD_SLOTS],
+}
+
+/// Slots of [`Held::started`] (a bound: two blocks may share one; a read then starts
+/// again for nothing, no more).
+pub(super) const HOLD_SLOTS: usize = 32;
+
+impl Held {
+    pub(super) fn slot(b: BlockId) -> usize {
+        (b.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 59) as usize % HOLD_SLOTS
+    }
+}
+
 /// One write-back in flight: the dirty blocks it took are on their way to durability,
 /// and its result is set when it ends (an `fsync` that finds the blocks taken waits for
 /// it: an empty dirty set does not mean durable).
@@ -259,13 +278,15 @@ pub struct FsClient<B: Blocks> {
     alloc: Mutex<(u64, u64)>,
     /// Blocks a transaction of this client holds (a pin is per node: two local
     /// transactions on one block wait for each other here).
-    held: (Mutex<BTreeSet<BlockId>>, std::sync::Condvar),
+    held: (Mutex<Held>, std::sync::Condvar),
     /// Writes that started again because a truncation came between their data and their
     /// size ([`FsClient::write`]).
     write_retries: std::sync::atomic::AtomicU64,
     /// Reads that started again because a truncation came between the size they read
     /// and their blocks ([`FsClient::read`]).
     read_retries: std::sync::atomic::AtomicU64,
+    /// Reads that waited for a local hold of their inode (a truncate on this node) to end.
+    hold_waits: std::sync::atomic::AtomicU64,
 }
 
 /// Tries of a write whose size update a truncation on another node defeated, before it
@@ -334,9 +355,10 @@ impl<B: Blocks> FsClient<B> {
             flights: Mutex::new(BTreeMap::new()),
             write_back_waits: Default::default(),
             alloc: Mutex::new((0, 0)),
-            held: (Mutex::new(BTreeSet::new()), std::sync::Condvar::new()),
+            held: (Mutex::new(Held::default()), std::sync::Condvar::new()),
             write_retries: Default::default(),
             read_retries: Default::default(),
+            hold_waits: Default::default(),
         }
     }
 
@@ -351,6 +373,12 @@ impl<B: Blocks> FsClient<B> {
     /// and their blocks.
     pub fn read_retries(&self) -> u64 {
         self.read_retries.load(Ordering::Relaxed)
+    }
+
+    /// Reads that waited for a local hold of their inode (a truncate, an append on this
+    /// node) to end.
+    pub fn hold_waits(&self) -> u64 {
+        self.hold_waits.load(Ordering::Relaxed)
     }
 
     /// `fsync`s (and `sync_all`s) that waited for an earlier write-back of the same file,

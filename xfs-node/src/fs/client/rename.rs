@@ -316,16 +316,19 @@ impl<B: Blocks> FsClient<B> {
         {
             let (m, cv) = &self.held;
             let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-            while sorted.iter().any(|b| g.contains(b)) {
+            while sorted.iter().any(|b| g.active.contains(b)) {
                 g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
             }
-            g.extend(sorted.iter().copied());
+            for b in &sorted {
+                g.active.insert(*b);
+                g.started[Held::slot(*b)] += 1;
+            }
         }
         let out = self.holding_inner(&sorted, f);
         let (m, cv) = &self.held;
         let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
         for b in &sorted {
-            g.remove(b);
+            g.active.remove(b);
         }
         cv.notify_all();
         out
