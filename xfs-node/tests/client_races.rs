@@ -140,8 +140,9 @@ impl Blocks for Gated {
     }
 }
 
-/// A client with one file `/f` written (its blocks the only dirty ones) and the gate shut.
-fn client_with_a_dirty_file() -> (Arc<FsClient<Gated>>, Arc<GatedBlocks>, u64) {
+/// A client over fresh gated blocks (gates open) with one file `/f` holding `data`, its
+/// name durable and its blocks the only dirty ones.
+fn client_with_file(data: &[u8]) -> (Arc<FsClient<Gated>>, Arc<GatedBlocks>, u64) {
     let blocks = Arc::new(GatedBlocks::default());
     let c = Arc::new(FsClient::new(
         Gated(blocks.clone()),
@@ -151,7 +152,13 @@ fn client_with_a_dirty_file() -> (Arc<FsClient<Gated>>, Arc<GatedBlocks>, u64) {
     let root = c.resolve("/").expect("root").ino;
     let f = c.create(root, b"f", 0o644, 0, 0).expect("create").ino;
     c.sync_all().expect("sync the name");
-    c.write(f, 0, &[7u8; 10_000]).expect("write");
+    c.write(f, 0, data).expect("write");
+    (c, blocks, f)
+}
+
+/// [`client_with_file`], and the log sync's gate shut.
+fn client_with_a_dirty_file() -> (Arc<FsClient<Gated>>, Arc<GatedBlocks>, u64) {
+    let (c, blocks, f) = client_with_file(&[7u8; 10_000]);
     blocks.shut();
     (c, blocks, f)
 }
@@ -249,16 +256,8 @@ fn a_waiting_fsync_gets_the_error_of_the_write_back_it_waited_for() {
 
 #[test]
 fn a_read_overtaken_by_a_truncate_never_returns_cleared_bytes_under_the_old_size() {
-    let blocks = Arc::new(GatedBlocks::default());
-    let c = Arc::new(FsClient::new(
-        Gated(blocks.clone()),
-        ManagerMap::even(&[1], 4),
-    ));
-    c.format().expect("format");
-    let root = c.resolve("/").expect("root").ino;
-    let f = c.create(root, b"f", 0o644, 0, 0).expect("create").ino;
     let old = vec![7u8; 3 * 4096];
-    c.write(f, 0, &old).expect("write");
+    let (c, blocks, f) = client_with_file(&old);
     // The reader has read the size (3 blocks) and waits to read the blocks.
     *blocks.read_gate.0.lock().unwrap() = true;
     let reader = {
@@ -294,15 +293,7 @@ fn a_read_overtaken_by_a_truncate_never_returns_cleared_bytes_under_the_old_size
 
 #[test]
 fn a_read_waits_for_a_truncate_on_the_same_node_that_holds_the_inode() {
-    let blocks = Arc::new(GatedBlocks::default());
-    let c = Arc::new(FsClient::new(
-        Gated(blocks.clone()),
-        ManagerMap::even(&[1], 4),
-    ));
-    c.format().expect("format");
-    let root = c.resolve("/").expect("root").ino;
-    let f = c.create(root, b"f", 0o644, 0, 0).expect("create").ino;
-    c.write(f, 0, &[7u8; 3 * 4096]).expect("write");
+    let (c, blocks, f) = client_with_file(&[7u8; 3 * 4096]);
     // The truncate holds the inode, has cleared its first block, and waits there (its
     // size update not done yet).
     *blocks.clear_gate.0.lock().unwrap() = true;
