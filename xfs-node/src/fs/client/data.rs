@@ -209,8 +209,7 @@ impl<B: Blocks> FsClient<B> {
             if self.write_guarded(ino, offset, data)? {
                 return Ok(data.len());
             }
-            self.write_retries
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.write_retries.fetch_add(1, Ordering::Relaxed);
         }
         self.holding(&[inode_block(ino)], || {
             if self.write_guarded(ino, offset, data)? {
@@ -240,18 +239,14 @@ impl<B: Blocks> FsClient<B> {
         });
         let ops: Vec<Op> = guard
             .into_iter()
-            .chain([
+            .chain(sized(
                 Op::Max {
                     offset: field::SIZE,
                     value: end,
                 },
-                set(field::MTIME, now),
-                set(field::CTIME, now),
-                Op::Extent {
-                    start: offset / bs,
-                    end: end.div_ceil(bs),
-                },
-            ])
+                now,
+                offset / bs..end.div_ceil(bs),
+            ))
             .collect();
         let before = self.update(inode_block(ino), &ops)?;
         if !file {
@@ -292,18 +287,14 @@ impl<B: Blocks> FsClient<B> {
             let bs = BLOCK as u64;
             let before = self.update(
                 inode_block(ino),
-                &[
+                &sized(
                     Op::Add {
                         offset: field::SIZE,
                         delta: len,
                     },
-                    set(field::MTIME, now),
-                    set(field::CTIME, now),
-                    Op::Extent {
-                        start: i.size / bs,
-                        end: (i.size + len).div_ceil(bs),
-                    },
-                ],
+                    now,
+                    i.size / bs..(i.size + len).div_ceil(bs),
+                ),
             )?;
             let offset = match Inode::decode(ino, &before) {
                 Ok(Some(b)) => b.size,
@@ -576,4 +567,18 @@ impl<B: Blocks> FsClient<B> {
     pub fn statfs(&self) -> Result<StatFs, Errno> {
         self.blocks.statfs()
     }
+}
+
+/// The inode steps of a write that lands data in `blocks`: `size` (a max or an add), the
+/// modification and change times `now`, and the blocks marked as holding data.
+fn sized(size: Op, now: u64, blocks: std::ops::Range<u64>) -> [Op; 4] {
+    [
+        size,
+        set(field::MTIME, now),
+        set(field::CTIME, now),
+        Op::Extent {
+            start: blocks.start,
+            end: blocks.end,
+        },
+    ]
 }

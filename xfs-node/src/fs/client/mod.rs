@@ -17,7 +17,7 @@ mod rename;
 mod xattr;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::layout::{
@@ -271,9 +271,9 @@ pub struct FsClient<B: Blocks> {
     dirty: Mutex<BTreeMap<u64, Dirty>>,
     /// Write-backs in flight, by the files whose blocks they took (locked after `dirty`,
     /// never before it).
-    flights: Mutex<BTreeMap<u64, Vec<std::sync::Arc<Flight>>>>,
+    flights: Mutex<BTreeMap<u64, Vec<Arc<Flight>>>>,
     /// Write-backs that waited for an earlier one of the same file to end.
-    write_back_waits: std::sync::atomic::AtomicU64,
+    write_back_waits: AtomicU64,
     /// Index numbers reserved (durably) and not handed out yet: `next..end`.
     alloc: Mutex<(u64, u64)>,
     /// Blocks a transaction of this client holds (a pin is per node: two local
@@ -281,12 +281,12 @@ pub struct FsClient<B: Blocks> {
     held: (Mutex<Held>, std::sync::Condvar),
     /// Writes that started again because a truncation came between their data and their
     /// size ([`FsClient::write`]).
-    write_retries: std::sync::atomic::AtomicU64,
+    write_retries: AtomicU64,
     /// Reads that started again because a truncation came between the size they read
     /// and their blocks ([`FsClient::read`]).
-    read_retries: std::sync::atomic::AtomicU64,
+    read_retries: AtomicU64,
     /// Reads that waited for a local hold of their inode (a truncate on this node) to end.
-    hold_waits: std::sync::atomic::AtomicU64,
+    hold_waits: AtomicU64,
 }
 
 /// Tries of a write whose size update a truncation on another node defeated, before it
@@ -365,8 +365,7 @@ impl<B: Blocks> FsClient<B> {
     /// Writes that started again because a truncation on another node came between their
     /// data and their size.
     pub fn write_retries(&self) -> u64 {
-        self.write_retries
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.write_retries.load(Ordering::Relaxed)
     }
 
     /// Reads that started again because a truncation came between the size they read
@@ -384,8 +383,7 @@ impl<B: Blocks> FsClient<B> {
     /// `fsync`s (and `sync_all`s) that waited for an earlier write-back of the same file,
     /// which had taken its dirty blocks, to end.
     pub fn write_back_waits(&self) -> u64 {
-        self.write_back_waits
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.write_back_waits.load(Ordering::Relaxed)
     }
 
     /// The manager map.
