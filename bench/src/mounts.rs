@@ -113,7 +113,7 @@ struct Setup {
     base: PathBuf,
     loopdev: Option<String>,
     xfs: PathBuf,
-    cluster: Option<PathBuf>,
+    clusters: Vec<PathBuf>,
     mounts: Vec<PathBuf>,
     gluster: Vec<String>,
 }
@@ -126,8 +126,8 @@ impl Setup {
                  gluster --mode=script volume delete {v}"
             ));
         }
-        // The cluster first: its storage files are on the loop device's file system.
-        if let Some(c) = self.cluster.take() {
+        // The clusters first: their storage files are on the loop device's file system.
+        for c in self.clusters.drain(..) {
             let _ = Command::new(&self.xfs)
                 .args(["down", "--data"])
                 .arg(&c)
@@ -146,7 +146,7 @@ impl Setup {
     }
 }
 
-fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>> {
+fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64, mb: usize) -> Result<Vec<System>> {
     let base = s.base.clone();
     std::fs::create_dir_all(&base)?;
     let img = base.join("disk.img");
@@ -167,23 +167,40 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>> 
         let dir = base.join(format!("m-{w}"));
         std::fs::create_dir_all(&dir)?;
         match w.as_str() {
-            "xfsam" => {
-                let c = root.join("cluster");
-                let st = Command::new(&s.xfs)
-                    .args(["up", "--port", "7950", "--storage-mb"])
-                    .arg(((disk_gb * 1024 / 3) / 2).to_string())
-                    .arg("--data")
-                    .arg(&c)
-                    .arg("--mount")
-                    .arg(&dir)
-                    .stdout(Stdio::null())
-                    .status()?;
-                if !st.success() {
-                    bail!("xfs-node up --mount failed");
+            "xfsam" | "xfsam-socket" => {
+                // Each cluster gets room for three fio files with parity and the
+                // cleaner's headroom.
+                let socket = w == "xfsam-socket";
+                let c = root.join(w);
+                let port = if socket { "8150" } else { "7950" };
+                let storage_mb = (3 * mb).max(256).to_string();
+                let mut up = Command::new(&s.xfs);
+                up.args(["up", "--port", port, "--storage-mb", &storage_mb, "--data"])
+                    .arg(&c);
+                if !socket {
+                    up.arg("--mount").arg(&dir);
                 }
-                s.cluster = Some(c);
+                if !up.stdout(Stdio::null()).status()?.success() {
+                    bail!("xfs-node up failed for {w}");
+                }
+                s.clusters.push(c.clone());
+                if socket {
+                    let st = Command::new(&s.xfs)
+                        .args(["mount", "--node", "1", "--data"])
+                        .arg(&c)
+                        .arg(&dir)
+                        .stdout(Stdio::null())
+                        .status()?;
+                    if !st.success() {
+                        bail!("xfs-node mount failed for {w}");
+                    }
+                }
                 out.push(System {
-                    name: "xfsam (3 nodes)".into(),
+                    name: if socket {
+                        "xfsam, mount over the control socket".into()
+                    } else {
+                        "xfsam (3 nodes)".into()
+                    },
                     dir,
                 });
             }
@@ -248,7 +265,7 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>> 
                 });
             }
             other => {
-                bail!("unknown system {other} (xfsam, ext4, bindfs, gluster, gluster-disperse)")
+                bail!("unknown system {other} (xfsam, xfsam-socket, ext4, bindfs, gluster, gluster-disperse)")
             }
         }
     }
@@ -257,8 +274,9 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64) -> Result<Vec<System>> 
 
 /// What `fs-bench --mounts` measures, and where (its flags).
 pub struct Options {
-    /// The systems, comma-separated (`--systems`): xfsam, ext4, bindfs, gluster,
-    /// gluster-disperse.
+    /// The systems, comma-separated (`--systems`): xfsam (node 1's mount served in its
+    /// process), xfsam-socket (a second cluster, mounted over node 1's control socket),
+    /// ext4, bindfs, gluster, gluster-disperse.
     pub systems: String,
     /// fio file size, MiB (`--mb`).
     pub mb: usize,
@@ -291,13 +309,15 @@ pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
         base: o.work.clone(),
         loopdev: None,
         xfs,
-        cluster: None,
+        clusters: Vec::new(),
         mounts: Vec::new(),
         gluster: Vec::new(),
     };
     s.teardown();
-    let disk_gb = ((mb * 3 * 6) / 1024 + 4) as u64;
-    let r = setup(&mut s, &wanted, disk_gb).and_then(|systems| {
+    // A fio file per system, and per cluster three nodes of 3 x `mb` (sparse).
+    let clusters = wanted.iter().filter(|w| w.starts_with("xfsam")).count();
+    let disk_gb = ((mb * (wanted.len() + 9 * clusters)) / 1024 + 4) as u64;
+    let r = setup(&mut s, &wanted, disk_gb, mb).and_then(|systems| {
         let mut rows: Vec<(String, &'static str, usize, f64)> = Vec::new();
         for run in 0..runs {
             for sys in &systems {

@@ -28,11 +28,61 @@ pub(crate) fn open_mode(flags: i32) -> (FileHandle, FopenFlags) {
 /// The kernel's page size, for invalidation ranges.
 const PAGE_BYTES: u64 = 4096;
 
+/// How the mount reaches its node's client.
+pub enum NodeLink {
+    /// The node runs in this process (`xfsam-mount --serve`): each FUSE request is a call
+    /// into its client API, no socket, no encoding.
+    Hosted(Arc<Node>),
+    /// The node is another process: requests go over its control socket (a pool of
+    /// connections, one per FUSE thread at most).
+    Socket {
+        /// The node's control socket.
+        control: PathBuf,
+        /// Idle connections.
+        pool: Mutex<Vec<Control>>,
+    },
+}
+
+impl NodeLink {
+    /// The node at control socket `control` (connected on first use).
+    pub fn socket(control: PathBuf) -> NodeLink {
+        NodeLink::Socket {
+            control,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Which link, for the mount's state file (`link hosted` or `link socket`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeLink::Hosted(_) => "hosted",
+            NodeLink::Socket { .. } => "socket",
+        }
+    }
+
+    /// Run `op` on the node's client: its answer, or why the node could not be asked.
+    fn call(&self, op: FsOp) -> Result<Response, ControlError> {
+        match self {
+            NodeLink::Hosted(node) => Ok(node.request(CtlRequest::Fs(op))),
+            NodeLink::Socket { control, pool } => {
+                let conn = lock(pool).pop();
+                let mut c = match conn {
+                    Some(c) => c,
+                    None => Control::connect(control)?,
+                };
+                let r = c.call(&CtlRequest::Fs(op))?;
+                lock(pool).push(c);
+                Ok(r)
+            }
+        }
+    }
+}
+
 /// The FUSE file system: one node's client.
 pub struct Front {
     pub(crate) opts: Options,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) pool: Mutex<Vec<Control>>,
+    pub(crate) link: NodeLink,
     pub(crate) dirs: Mutex<HashMap<u64, Listing>>,
     pub(crate) next_fh: AtomicU64,
     /// Open files (our index numbers) and how many times each is open.
@@ -43,14 +93,11 @@ pub struct Front {
 }
 
 impl Front {
-    /// Connect to the node at `opts.control`.
-    pub fn new(opts: Options) -> Result<Front, FrontError> {
-        let mut c = Control::connect(&opts.control).map_err(FrontError::node)?;
-        let root = match c
-            .call_ok(&CtlRequest::Fs(FsOp::Root))
-            .map_err(FrontError::node)?
-        {
+    /// The front of the node reached by `link`.
+    pub fn new(opts: Options, link: NodeLink) -> Result<Front, FrontError> {
+        let root = match link.call(FsOp::Root).map_err(FrontError::node)? {
             Response::Ino(r) => r,
+            Response::Err { message, .. } => return Err(FrontError::Node(message)),
             other => return Err(FrontError::Unexpected(Box::new(other))),
         };
         Ok(Front {
@@ -62,7 +109,7 @@ impl Front {
                 inos: Mutex::new(HashSet::new()),
                 kernel: std::sync::OnceLock::new(),
             }),
-            pool: Mutex::new(vec![c]),
+            link,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
@@ -75,24 +122,15 @@ impl Front {
         self.shared.clone()
     }
 
+    /// Which link the front uses (`hosted`, `socket`).
+    pub fn link_kind(&self) -> &'static str {
+        self.link.kind()
+    }
+
     pub(crate) fn call(&self, op: FsOp) -> Result<Response, Errno> {
-        let conn = lock(&self.pool).pop();
-        let mut c = match conn {
-            Some(c) => c,
-            None => Control::connect(&self.opts.control).map_err(|e| {
-                self.node_error(&e);
-                Errno::EIO
-            })?,
-        };
-        match c.call(&CtlRequest::Fs(op)) {
-            Ok(Response::Err { errno: e, .. }) => {
-                lock(&self.pool).push(c);
-                Err(errno(e))
-            }
-            Ok(r) => {
-                lock(&self.pool).push(c);
-                Ok(r)
-            }
+        match self.link.call(op) {
+            Ok(Response::Err { errno: e, .. }) => Err(errno(e)),
+            Ok(r) => Ok(r),
             Err(e) => {
                 self.node_error(&e);
                 Err(Errno::EIO)

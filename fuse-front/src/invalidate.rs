@@ -88,10 +88,37 @@ pub(crate) type Pending = Mutex<HashMap<u64, (std::time::Instant, Vec<u64>)>>;
 /// A batch of blocks to carry to the kernel, with its id.
 type Job = (u64, Vec<u64>);
 
-/// One subscription: batches go to workers (a kernel call that blocks — the kernel waits
-/// for this mount — holds up neither the stream nor other batches); a worker answers its
-/// batch when the kernel returned, a watchdog answers it at its deadline, whichever is
-/// first (once).
+/// One batch read from the node: blocks, nothing yet, or the end of the stream.
+pub(crate) enum Next {
+    Batch(Vec<u64>),
+    Idle,
+    End,
+}
+
+/// How the node is answered for a batch of blocks.
+type Send = Arc<dyn Fn(Vec<u64>) + std::marker::Send + Sync>;
+
+/// The invalidation thread of a mount whose node runs in this process: carry the batches
+/// of `attached` to the kernel and answer them (see the module docs) until `stop` is set.
+pub fn invalidations_hosted(
+    attached: MountAttachment,
+    notifier: KernelChannel,
+    shared: Arc<Shared>,
+    wait: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let answers: MountAnswers = attached.answers();
+    let mut next = || match attached.recv_timeout(Duration::from_millis(200)) {
+        Ok(b) => Next::Batch(b),
+        Err(mpsc::RecvTimeoutError::Timeout) => Next::Idle,
+        Err(mpsc::RecvTimeoutError::Disconnected) => Next::End,
+    };
+    let send: Send = Arc::new(move |blocks| answers.kernel_done(blocks));
+    serve_batches(&mut next, send, &notifier, &shared, wait, &stop);
+    // Dropping the attachment detaches the mount: what it had not answered completes.
+}
+
+/// One subscription over a socket: batches read from `r`, answered on `w`.
 pub(crate) fn serve_stream(
     mut r: UnixStream,
     w: UnixStream,
@@ -101,19 +128,54 @@ pub(crate) fn serve_stream(
     stop: &Arc<AtomicBool>,
 ) {
     let w = Arc::new(Mutex::new(w));
+    let send: Send = {
+        let w = w.clone();
+        Arc::new(move |blocks| {
+            let _ = control::send(&mut *lock(&w), &CtlRequest::KernelDone(blocks));
+        })
+    };
+    // Wake up now and then to look at `stop`.
+    r.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    let mut next = || match control::recv::<Response>(&mut r) {
+        Ok(Some(Response::Invalidate(b))) => Next::Batch(b),
+        Ok(Some(_)) => Next::Idle,
+        Ok(None) => Next::End,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            Next::Idle
+        }
+        Err(_) => Next::End,
+    };
+    serve_batches(&mut next, send, notifier, shared, wait, stop);
+    let _ = lock(&w).shutdown(std::net::Shutdown::Both);
+}
+
+/// Batches from `next` go to workers (a kernel call that blocks — the kernel waits for
+/// this mount — holds up neither the stream nor other batches); a worker answers its batch
+/// (`send`) when the kernel returned, a watchdog answers it at its deadline, whichever is
+/// first (once). Returns when `stop` is set or the stream ends.
+fn serve_batches(
+    next: &mut dyn FnMut() -> Next,
+    send: Send,
+    notifier: &KernelChannel,
+    shared: &Arc<Shared>,
+    wait: Duration,
+    stop: &Arc<AtomicBool>,
+) {
     let pending: Arc<Pending> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
     let answer = Answer {
-        w: w.clone(),
+        send,
         pending: pending.clone(),
     };
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
     let mut threads = spawn_workers(jobs_rx, notifier, shared, &answer);
     threads.push(spawn_watchdog(done.clone(), shared.clone(), answer));
-    read_batches(&mut r, &pending, &jobs_tx, shared, wait, stop);
+    read_batches(next, &pending, &jobs_tx, shared, wait, stop);
     drop(jobs_tx);
     done.store(true, Ordering::Relaxed);
-    let _ = lock(&w).shutdown(std::net::Shutdown::Both);
     // Workers blocked in the kernel finish when it lets go; do not wait for them.
     drop(threads);
 }
@@ -122,19 +184,19 @@ pub(crate) fn serve_stream(
 /// to the kernel or the watchdog at its deadline.
 #[derive(Clone)]
 struct Answer {
-    /// The stream's writing half.
-    w: Arc<Mutex<UnixStream>>,
+    /// How the node is told.
+    send: Send,
     pending: Arc<Pending>,
 }
 
 impl Answer {
-    /// Sends `KernelDone` for batch `id` unless it was answered already; says whether
+    /// Tells the node batch `id` is done unless it was answered already; says whether
     /// it did.
     fn answer(&self, id: u64) -> bool {
         let Some((_, blocks)) = lock(&self.pending).remove(&id) else {
             return false;
         };
-        let _ = control::send(&mut *lock(&self.w), &CtlRequest::KernelDone(blocks));
+        (self.send)(blocks);
         true
     }
 }
@@ -191,40 +253,31 @@ fn spawn_watchdog(done: Arc<AtomicBool>, sh: Arc<Shared>, answer: Answer) -> Joi
     })
 }
 
-/// Reads the node's batches of invalidations from `r` and hands each to the workers, with
-/// its deadline (`wait` from now) in `pending`. Returns when `stop` is set or the stream
-/// ends or fails.
+/// Reads the node's batches of invalidations from `next` and hands each to the workers,
+/// with its deadline (`wait` from now) in `pending`. Returns when `stop` is set or the
+/// stream ends.
 fn read_batches(
-    r: &mut UnixStream,
+    next: &mut dyn FnMut() -> Next,
     pending: &Pending,
     jobs: &mpsc::Sender<Job>,
     shared: &Shared,
     wait: Duration,
     stop: &AtomicBool,
 ) {
-    // Wake up now and then to look at `stop`.
-    r.set_read_timeout(Some(Duration::from_millis(200))).ok();
-    let mut next = 0u64;
+    let mut id = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let blocks = match control::recv::<Response>(r) {
-            Ok(Some(Response::Invalidate(b))) => b,
-            Ok(Some(_)) => continue,
-            Ok(None) => break,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                continue
-            }
-            Err(_) => break,
+        let blocks = match next() {
+            Next::Batch(b) => b,
+            Next::Idle => continue,
+            Next::End => break,
         };
         shared
             .stats
             .invalidations
             .fetch_add(blocks.len() as u64, Ordering::Relaxed);
-        next += 1;
-        lock(pending).insert(next, (std::time::Instant::now() + wait, blocks.clone()));
-        if jobs.send((next, blocks)).is_err() {
+        id += 1;
+        lock(pending).insert(id, (std::time::Instant::now() + wait, blocks.clone()));
+        if jobs.send((id, blocks)).is_err() {
             break;
         }
     }

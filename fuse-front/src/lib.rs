@@ -46,7 +46,8 @@ use fuser::{
 };
 use xfs_node::fs::client::{RenameMode, SetAttr, XattrMode};
 use xfs_node::fs::layout::{bucket_of, ino_of, Entry, Inode, Kind, BLOCK, INODE_BLOCK};
-use xfs_node::node::control::{self, Control, FsOp, Request as CtlRequest, Response};
+use xfs_node::node::control::{self, Control, ControlError, FsOp, Request as CtlRequest, Response};
+use xfs_node::node::{MountAnswers, MountAttachment, Node};
 
 mod attr;
 mod error;
@@ -62,17 +63,15 @@ mod ops;
 use attr::*;
 pub use attr::{may_access, seek};
 pub use error::FrontError;
-pub use front::Front;
-pub use invalidate::{invalidations, subscribe};
+pub use front::{Front, NodeLink};
+pub use invalidate::{invalidations, invalidations_hosted, subscribe};
 pub use kernel::KernelChannel;
-pub use mount::{mount_fuse, state_path};
+pub use mount::{abort_connection, connection_of, mount_fuse, state_path};
 pub use names::Shared;
 
 /// Mount settings.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The node's control socket.
-    pub control: PathBuf,
     /// How long the kernel may cache entries and attributes (invalidations keep them
     /// coherent; the timeout only bounds what a lost invalidation could leave).
     pub ttl: Duration,

@@ -57,3 +57,42 @@ pub fn state_path(control: &Path) -> PathBuf {
     s.push(".mount");
     PathBuf::from(s)
 }
+
+/// Where the kernel lists its FUSE connections (the `fusectl` file system).
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// The kernel's id of the FUSE connection mounted at `mountpoint` (ask only once the
+/// session serves requests: it stats the mount point).
+pub fn connection_of(mountpoint: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mountpoint)?.dev();
+    Ok(u64::from(libc::minor(dev)))
+}
+
+/// Abort FUSE connection `conn` ([`connection_of`]): every request on it fails at once and
+/// its session ends, even while a detached mount still has open files. Mounts `fusectl`
+/// first if it is not.
+pub fn abort_connection(conn: u64) -> std::io::Result<()> {
+    let abort = Path::new(FUSECTL).join(conn.to_string()).join("abort");
+    if !abort.exists() {
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let (src, target, fstype) = (c("fusectl"), c(FUSECTL), c("fusectl"));
+        // SAFETY: every pointer is a live NUL-terminated string; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                return Err(e);
+            }
+        }
+    }
+    std::fs::write(&abort, "1")
+}

@@ -156,6 +156,26 @@ impl Cluster {
         last
     }
 
+    /// Counter `name` of node `node`, from `xfs-node status --counters`.
+    fn node_counter(&self, node: u16, name: &str) -> u64 {
+        let out = ok(&["status", "--data", self.data_arg(), "--counters"]);
+        let mut current = None;
+        for l in out.lines() {
+            if let Some(id) = l
+                .split_whitespace()
+                .next()
+                .and_then(|w| w.parse::<u16>().ok())
+            {
+                current = Some(id);
+            } else if current == Some(node) {
+                if let Some(v) = l.trim().strip_prefix(&format!("{name} = ")) {
+                    return v.trim().parse().unwrap();
+                }
+            }
+        }
+        panic!("node {node} has no counter {name}:\n{out}");
+    }
+
     fn pids(&self) -> Vec<i32> {
         let mut v = Vec::new();
         for k in 1..=self.mounts.len().max(3) {
@@ -879,12 +899,24 @@ fn open_files_a_full_cluster_and_a_killed_node_give_clean_errors() {
     // `df` on the mount and `xfs-node status` agree on what fits (both from the node's
     // log: free segments less the reserve), before and after the cluster fills.
     let agree = |when: &str| -> u64 {
-        let status = ok(&["status", "--data", c.data_arg()]);
-        let fits = status
-            .lines()
-            .find_map(|l| l.split_once("; ")?.1.split_once(" MiB fits new data"))
-            .map(|(v, _)| v)
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        // The cleaner's leader reports the group's space once a second: wait for a report
+        // (a fresh `up` may not have one yet).
+        let fits_in = |status: &str| {
+            status
+                .lines()
+                .find_map(|l| l.split_once("; ")?.1.split_once(" MiB fits new data"))
+                .map(|(v, _)| v)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        let mut status = ok(&["status", "--data", c.data_arg()]);
+        for _ in 0..300 {
+            if fits_in(&status).is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            status = ok(&["status", "--data", c.data_arg()]);
+        }
+        let fits = fits_in(&status)
             .unwrap_or_else(|| panic!("{when}: no 'fits' in the status:\n{status}"));
         let df = df_free_bytes(&b) as f64 / (1 << 20) as f64;
         // Two nodes' logs, read a moment apart: within a segment or two of each other.
@@ -1578,4 +1610,105 @@ fn a_rewritten_file_never_shows_a_half_done_write() {
     // After the writer, both mounts read its last line.
     same(&read_all(&a), &line(rounds), "the last line, same mount");
     same(&read_all(&b), &line(rounds), "the last line, other mount");
+}
+
+/// `up --mount` serves node 1's mount in node 1's own process: its FUSE requests reach the
+/// client with no control-socket request (counted by the node: `socket_fs_requests`),
+/// while a mount of a running node (`xfs-node mount`) goes over that socket. Both see each
+/// other's writes, and `down` unmounts the hosted mount, then stops its node cleanly.
+#[test]
+fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket() {
+    let c = Cluster::start("hosted", 18900, 64, 2);
+    let state = |k: u16| {
+        std::fs::read_to_string(c.data.join(format!("node{k}.sock.mount"))).unwrap_or_default()
+    };
+    let node_pid = |k: u16| {
+        std::fs::read_to_string(c.data.join(format!("node{k}.pid")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert!(
+        state(1).contains("\nlink hosted\n"),
+        "mount 1:\n{}",
+        state(1)
+    );
+    assert!(
+        state(2).contains("\nlink socket\n"),
+        "mount 2:\n{}",
+        state(2)
+    );
+    assert!(
+        state(1).starts_with(&format!("pid {}\n", node_pid(1))),
+        "mount 1 is not node 1's process"
+    );
+    assert!(!state(2).starts_with(&format!("pid {}\n", node_pid(2))));
+
+    // Files made and read through each mount: only the socket mount's requests show in
+    // its node's count.
+    const FILES: usize = 50;
+    let before = [
+        c.node_counter(1, "socket_fs_requests"),
+        c.node_counter(2, "socket_fs_requests"),
+    ];
+    let asked = [c.settled(0, "requests"), c.settled(1, "requests")];
+    for k in 0..2 {
+        for i in 0..FILES {
+            std::fs::write(c.m(k).join(format!("f{k}-{i}")), format!("{k}/{i}")).unwrap();
+        }
+    }
+    for i in 0..FILES {
+        let on_other = std::fs::read_to_string(c.m(1).join(format!("f0-{i}"))).unwrap();
+        assert_eq!(
+            on_other,
+            format!("0/{i}"),
+            "mount 2 reads mount 1's file {i}"
+        );
+        let on_hosted = std::fs::read_to_string(c.m(0).join(format!("f1-{i}"))).unwrap();
+        assert_eq!(
+            on_hosted,
+            format!("1/{i}"),
+            "mount 1 reads mount 2's file {i}"
+        );
+    }
+    let served = [
+        c.settled(0, "requests") - asked[0],
+        c.settled(1, "requests") - asked[1],
+    ];
+    let over_socket = [
+        c.node_counter(1, "socket_fs_requests") - before[0],
+        c.node_counter(2, "socket_fs_requests") - before[1],
+    ];
+    eprintln!("FUSE requests {served:?}, of them over the control socket {over_socket:?}");
+    assert!(served[0] >= 2 * FILES as u64 && served[1] >= 2 * FILES as u64);
+    assert_eq!(
+        over_socket[0], 0,
+        "the hosted mount's {} requests went over node 1's socket",
+        served[0]
+    );
+    // Each file is at least a create and a write there, and a lookup and a read of the
+    // other mount's file (open, flush and release are answered by the mount itself).
+    assert!(
+        over_socket[1] >= 4 * FILES as u64,
+        "the socket mount's {} requests, but node 2 took only {} over its socket",
+        served[1],
+        over_socket[1]
+    );
+
+    // `down` unmounts both, writes back, checkpoints and stops every node; `up` brings
+    // the files back.
+    let down = xfs(&["down", "--data", c.data_arg()]);
+    assert!(
+        down.status.success(),
+        "down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(!mounted(c.m(0)) && !mounted(c.m(1)), "down left a mount");
+    c.up(18900, 64);
+    for k in 0..2 {
+        for i in 0..FILES {
+            let got = std::fs::read_to_string(c.m(1 - k).join(format!("f{k}-{i}"))).unwrap();
+            assert_eq!(got, format!("{k}/{i}"), "after down and up: f{k}-{i}");
+        }
+    }
 }

@@ -18,9 +18,9 @@ use xfs_node::fs::layout::Kind;
 use xfs_node::node::config::Config;
 use xfs_node::node::config::TransportKind;
 use xfs_node::node::control::{Control, Request, Response};
-use xfs_node::node::{MakeTransport, Node};
+use xfs_node::node::Node;
 
-use cli::local_cluster::{down, mount_node, up};
+use cli::local_cluster::{down, mount_node, up, HostedMount};
 use cli::status::print_status;
 
 #[derive(Parser)]
@@ -85,8 +85,8 @@ enum Cmd {
         /// Seconds to wait for the cluster to become healthy.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
-        /// Also mount the file system here through node 1 (runs `xfsam-mount`, found
-        /// beside this executable).
+        /// Also mount the file system here through node 1, served in node 1's own process
+        /// (node 1 runs as `xfsam-mount --serve`, found beside this executable).
         #[arg(long)]
         mount: Option<PathBuf>,
         /// With --mount: let every user use the mount (FUSE `allow_other`).
@@ -242,11 +242,7 @@ fn call(cfg: &Config, node: u16, req: &Request) -> Result<Response, String> {
 /// `Shutdown` request.
 fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
     let cfg = Config::load(config).map_err(|e| e.to_string())?;
-    let node = match cfg.cluster.transport {
-        TransportKind::Rdma => Node::start(cfg, id, Rdma),
-        TransportKind::Udp => Node::start(cfg, id, Udp),
-    }
-    .map_err(|e| e.to_string())?;
+    let node = Node::start_configured(cfg, id).map_err(|e| e.to_string())?;
     node.wait_ready(Duration::from_secs(wait))
         .map_err(|e| e.to_string())?;
     eprintln!("xfs-node {id}: ready");
@@ -259,8 +255,7 @@ fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
     while !server.is_finished() {
         if stop.load(Ordering::Relaxed) {
             eprintln!("xfs-node {id}: signal: writing back and checkpointing");
-            let _ = node.client.sync_all();
-            let _ = node.sync_log(true);
+            node.write_back_and_checkpoint();
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -289,13 +284,18 @@ fn run(cli: Cli) -> Result<(), String> {
             mount,
             allow_other,
         } => {
+            let mount = mount.map(|dir| HostedMount { dir, allow_other });
             up(
-                nodes, &data, transport, port, host, &devices, storage_mb, timeout,
-            )?;
-            match mount {
-                Some(dir) => mount_after_up(&data, &dir, allow_other),
-                None => Ok(()),
-            }
+                nodes,
+                &data,
+                transport,
+                port,
+                host,
+                &devices,
+                storage_mb,
+                timeout,
+                mount.as_ref(),
+            )
         }
         Cmd::Mount {
             at,
@@ -332,18 +332,6 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 /// `up --mount DIR`: mount the new cluster in `data` through node 1.
-fn mount_after_up(data: &Path, dir: &Path, allow_other: bool) -> Result<(), String> {
-    let cfg_path = data.join("cluster.toml");
-    let cfg = Config::load(&cfg_path).map_err(|e| e.to_string())?;
-    mount_node(&cfg_path, &cfg, 1, dir, allow_other, false)?;
-    println!(
-        "mounted at {} through node 1 (a second mount: xfs-node mount --data {} --node 2 DIR)",
-        dir.display(),
-        data.display()
-    );
-    Ok(())
-}
-
 /// `xfs-node mount`: mount the cluster `at` at `dir` through `node`.
 fn mount(at: &Where, node: u16, dir: &Path, allow_other: bool, ro: bool) -> Result<(), String> {
     let cfg_path = match (&at.data, &at.config) {
@@ -491,25 +479,5 @@ fn main() -> ExitCode {
             eprintln!("xfs-node: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// UDP over kernel sockets.
-struct Udp;
-impl MakeTransport for Udp {
-    type T = am_udp::UdpTransport;
-    type Error = am_udp::UdpError;
-    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, Self::Error> {
-        am_udp::UdpTransport::bind(addr, am_udp::UdpConfig::default())
-    }
-}
-
-/// RDMA verbs (RoCE or InfiniBand).
-struct Rdma;
-impl MakeTransport for Rdma {
-    type T = am_rdma::RdmaTransport;
-    type Error = std::io::Error;
-    fn bind(&self, addr: std::net::SocketAddr) -> Result<Self::T, Self::Error> {
-        am_rdma::RdmaTransport::bind(addr, am_rdma::RdmaConfig::default())
     }
 }

@@ -44,6 +44,29 @@ pub fn flag_on_signals(signals: &[i32]) -> &'static AtomicBool {
     &SIGNALLED
 }
 
+static UNMOUNT_ASKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_unmount_signal(_: libc::c_int) {
+    UNMOUNT_ASKED.store(true, Ordering::Relaxed);
+}
+
+/// The signal that asks a node which serves its mount in its own process
+/// (`xfsam-mount --serve`) to unmount and go on serving as a node (`xfs-node down` sends
+/// it before it stops the nodes).
+pub const UNMOUNT_SIGNAL: i32 = libc::SIGUSR1;
+
+/// Catch [`UNMOUNT_SIGNAL`]: it only sets the flag this returns.
+pub fn flag_on_unmount_signal() -> &'static AtomicBool {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(
+            UNMOUNT_SIGNAL,
+            on_unmount_signal as *const () as libc::sighandler_t,
+        );
+    }
+    &UNMOUNT_ASKED
+}
+
 /// Restore SIGPIPE's default (end quietly when the output pipe closes, as Unix tools do);
 /// call it first thing in `main`, before any thread starts.
 pub fn default_sigpipe() {

@@ -11,21 +11,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use fuse_front::{Front, Options};
+use fuse_front::{Front, NodeLink, Options};
 use fuser::{Config as FuseConfig, Session, SessionACL};
 use xfs_node::node::config::Config;
+use xfs_node::node::{MountAttachment, Node};
 
 #[derive(Parser)]
 #[command(
     name = "xfsam-mount",
     version,
     about = "Mount an xfs-node cluster's file system (FUSE) through one of its nodes",
-    long_about = "Mount the file system of a running xfs-node cluster at MOUNTPOINT through \
-                  node K's client. Runs in the foreground until unmounted (`fusermount3 -u \
-                  MOUNTPOINT`, `umount`, `xfs-node down`) or sent SIGINT/SIGTERM, which \
-                  unmount it.\n\n\
-                  Example:  xfsam-mount --data /var/tmp/xfs --node 2 /mnt/xfs2 &\n\
-                  `xfs-node up --mount DIR` and `xfs-node mount` run it for you."
+    long_about = "Mount the file system of an xfs-node cluster at MOUNTPOINT through node K's \
+                  client. Runs in the foreground until unmounted (`fusermount3 -u MOUNTPOINT`, \
+                  `umount`, `xfs-node down`) or sent SIGINT/SIGTERM, which unmount it.\n\n\
+                  Two ways to reach the node:\n\
+                  * --serve: this process runs node K itself (as `xfs-node serve` would) and \
+                  serves the mount from it in-process, with no socket between a FUSE request \
+                  and the node's client. Unmounting leaves the node running (its control \
+                  socket still answers); SIGINT/SIGTERM unmount, write back, checkpoint and \
+                  stop it; so does a `Shutdown` request (`xfs-node down`).\n\
+                  * without --serve: node K runs in another process and is reached over its \
+                  control socket (one more hop per request).\n\n\
+                  Examples:\n  xfsam-mount --serve --config cluster.toml --node 1 /mnt/xfs1 &\n  \
+                  xfsam-mount --data /var/tmp/xfs --node 2 /mnt/xfs2 &\n\
+                  `xfs-node up --mount DIR` (node 1 served in-process) and `xfs-node mount` \
+                  (a running node, over its socket) run it for you."
 )]
 struct Args {
     /// The local cluster's data directory (as given to `xfs-node up`).
@@ -46,6 +56,12 @@ struct Args {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Run node K in this process and serve the mount from it (no control-socket hop).
+    #[arg(long)]
+    serve: bool,
+    /// With --serve: seconds to wait for the stripe group's storage servers.
+    #[arg(long, default_value_t = 60, requires = "serve")]
+    wait: u64,
     /// Where to mount (an existing directory).
     mountpoint: PathBuf,
 }
@@ -71,29 +87,81 @@ fn unmount(dir: &Path) {
     }
 }
 
+/// The node this mount reaches: hosted in this process (with its control-socket server),
+/// or another process's.
+enum Reached {
+    Hosted {
+        node: Arc<Node>,
+        attached: MountAttachment,
+        server: std::thread::JoinHandle<Result<(), xfs_node::node::ServeError>>,
+    },
+    Socket {
+        control: PathBuf,
+        stream: xfs_node::node::control::Control,
+    },
+}
+
+/// Start node `id` of `cfg` here, wait until it is ready, serve its control socket and
+/// attach this mount to it.
+fn host_node(cfg: Config, id: u16, wait: u64) -> Result<Reached, String> {
+    let node = Node::start_configured(cfg, id).map_err(|e| e.to_string())?;
+    node.wait_ready(Duration::from_secs(wait))
+        .map_err(|e| e.to_string())?;
+    eprintln!("xfs-node {id}: ready (served in-process by xfsam-mount)");
+    let node = Arc::new(node);
+    let attached = node.attach_mount().map_err(|e| e.to_string())?;
+    let server = std::thread::spawn({
+        let node = node.clone();
+        move || node.serve()
+    });
+    Ok(Reached::Hosted {
+        node,
+        attached,
+        server,
+    })
+}
+
 fn run(a: Args) -> Result<(), String> {
     let cfg = Config::locate(a.data.as_deref(), a.config.as_deref()).map_err(|e| e.to_string())?;
-    let node = cfg.node(a.node).ok_or_else(|| {
-        format!(
-            "node {} is not in the cluster (nodes: {:?})",
-            a.node,
-            cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
-        )
-    })?;
+    let node_cfg = cfg
+        .node(a.node)
+        .ok_or_else(|| {
+            format!(
+                "node {} is not in the cluster (nodes: {:?})",
+                a.node,
+                cfg.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
+            )
+        })?
+        .clone();
     let mp = mount_point(&a.mountpoint)?;
     let fsname = format!("xfsam:{}/node{}", cfg.cluster.name, a.node);
     let opts = MountOptions::parse(&a.options, fsname)?;
-    // One mount per node: subscribe first (a mount without invalidations would not be
+    // One mount per node: attach first (a mount without invalidations would not be
     // coherent), then mount.
-    let stream =
-        fuse_front::subscribe(&node.control).map_err(|e| format!("node {}: {e}", a.node))?;
-    let front = Front::new(Options {
-        control: node.control.clone(),
-        ttl: Duration::from_secs(a.ttl),
-        inval_wait: Duration::from_millis(20),
-        read_only: opts.read_only,
-    })
+    let reached = if a.serve {
+        host_node(cfg, a.node, a.wait)?
+    } else {
+        let stream = fuse_front::subscribe(&node_cfg.control)
+            .map_err(|e| format!("node {}: {e}", a.node))?;
+        Reached::Socket {
+            control: node_cfg.control.clone(),
+            stream,
+        }
+    };
+    let link = match &reached {
+        Reached::Hosted { node, .. } => NodeLink::Hosted(node.clone()),
+        Reached::Socket { control, .. } => NodeLink::socket(control.clone()),
+    };
+    let front = Front::new(
+        Options {
+            ttl: Duration::from_secs(a.ttl),
+            inval_wait: Duration::from_millis(20),
+            read_only: opts.read_only,
+        },
+        link,
+    )
     .map_err(|e| e.to_string())?;
+    let link = front.link_kind();
     let shared = front.shared();
     let fd = fuse_front::mount_fuse(&mp, &opts.fsname, opts.allow_other, opts.read_only)
         .map_err(|e| e.to_string())?;
@@ -104,25 +172,73 @@ fn run(a: Args) -> Result<(), String> {
     shared.set_kernel(notifier.clone());
     let session = new_session(front, fd, &mp, opts.allow_other, a.threads)?;
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let (ctl, sh, st) = (node.control.clone(), shared.clone(), stop.clone());
-        std::thread::spawn(move || {
-            fuse_front::invalidations(&ctl, stream, notifier, sh, Duration::from_millis(20), st)
-        });
-    }
+    let (sh, st) = (shared.clone(), stop.clone());
+    let wait = Duration::from_millis(20);
+    let (hosted, server) = match reached {
+        Reached::Hosted {
+            node,
+            attached,
+            server,
+        } => {
+            std::thread::spawn(move || {
+                fuse_front::invalidations_hosted(attached, notifier, sh, wait, st)
+            });
+            (Some(node), Some(server))
+        }
+        Reached::Socket { control, stream } => {
+            std::thread::spawn(move || {
+                fuse_front::invalidations(&control, stream, notifier, sh, wait, st)
+            });
+            (None, None)
+        }
+    };
     let ended = spawn_session(session)?;
     let signalled = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
-    let state = fuse_front::state_path(&node.control);
+    let unmount_asked = xfs_node::os::flag_on_unmount_signal();
+    // Known once the session serves (the stat is a FUSE request): for aborting a detached
+    // mount whose files stay open.
+    let conn = fuse_front::connection_of(&mp).ok();
+    let state = fuse_front::state_path(&node_cfg.control);
     eprintln!(
-        "xfsam-mount: node {} mounted at {} (pid {})",
+        "xfsam-mount: node {} mounted at {} (pid {}, {link})",
         a.node,
         mp.display(),
         std::process::id()
     );
-    serve_until_unmounted(&mp, &ended, signalled, &shared.stats, &state);
+    let node_stopped = || server.as_ref().is_some_and(|s| s.is_finished());
+    serve_until_unmounted(
+        &mp,
+        &ended,
+        &|| {
+            signalled.load(Ordering::Relaxed)
+                || unmount_asked.load(Ordering::Relaxed)
+                || node_stopped()
+        },
+        &shared.stats,
+        &state,
+        link,
+        conn,
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = std::fs::remove_file(&state);
     eprintln!("xfsam-mount: {} unmounted", mp.display());
+    if let Some(node) = hosted {
+        // The node goes on serving its peers and its control socket until a signal or a
+        // `Shutdown` request.
+        while !signalled.load(Ordering::Relaxed) && !node_stopped() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if signalled.load(Ordering::Relaxed) {
+            eprintln!(
+                "xfs-node {}: signal: writing back and checkpointing",
+                a.node
+            );
+            node.write_back_and_checkpoint();
+        }
+        eprintln!("xfs-node {}: stopped", a.node);
+        // The node's threads do not end by themselves.
+        std::process::exit(0);
+    }
     Ok(())
 }
 
@@ -226,28 +342,47 @@ fn spawn_session(session: Session<Front>) -> Result<Arc<AtomicBool>, String> {
 }
 
 /// Waits until the session has `ended`, keeping the state file at `state` (pid, mount
-/// point, counters) up to date. When `signalled`, unmounts `mp` and waits up to 2 s more.
+/// point, link, counters) up to date. Once `unmount_now()`, unmounts `mp` and waits up to
+/// 2 s for the session to end; a detached mount (files still open) is then aborted
+/// (FUSE connection `conn`): its open files fail from then on.
 fn serve_until_unmounted(
     mp: &Path,
     ended: &AtomicBool,
-    signalled: &AtomicBool,
+    unmount_now: &dyn Fn() -> bool,
     stats: &fuse_front::Stats,
     state: &Path,
+    link: &str,
+    conn: Option<u64>,
 ) {
+    let wait_ended = || {
+        for _ in 0..40 {
+            if ended.load(Ordering::Relaxed) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
     let mut last = String::new();
     while !ended.load(Ordering::Relaxed) {
-        if signalled.load(Ordering::Relaxed) {
+        if unmount_now() {
             unmount(mp);
-            for _ in 0..40 {
-                if ended.load(Ordering::Relaxed) {
-                    break;
+            if !wait_ended() {
+                if let Some(c) = conn {
+                    eprintln!(
+                        "xfsam-mount: files stay open on {}: aborting it",
+                        mp.display()
+                    );
+                    if let Err(e) = fuse_front::abort_connection(c) {
+                        eprintln!("xfsam-mount: cannot abort FUSE connection {c}: {e}");
+                    }
+                    wait_ended();
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
             break;
         }
         let now = format!(
-            "pid {}\nmountpoint {}\n{}",
+            "pid {}\nmountpoint {}\nlink {link}\n{}",
             std::process::id(),
             mp.display(),
             stats.render()

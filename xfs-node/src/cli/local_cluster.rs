@@ -34,8 +34,19 @@ fn read_pid(data: &Path, id: u16) -> Option<i32> {
         .ok()
 }
 
+/// `up --mount`: node 1 runs as `xfsam-mount --serve`, its mount served in its process.
+pub(crate) struct HostedMount {
+    /// The mount point.
+    pub(crate) dir: PathBuf,
+    /// FUSE `allow_other`.
+    pub(crate) allow_other: bool,
+}
+
+/// The node `up --mount` hosts in the mount's process.
+const HOSTING_NODE: u16 = 1;
+
 /// `xfs-node up`: start (or restart) the local cluster in `data` and wait until every
-/// node is ready.
+/// node is ready (and, with `mount`, node 1's mount is up).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn up(
     nodes: usize,
@@ -46,7 +57,10 @@ pub(crate) fn up(
     devices: &[PathBuf],
     storage_mb: u64,
     timeout: u64,
+    mount: Option<&HostedMount>,
 ) -> Result<(), String> {
+    // Before anything starts: the mount's binary must be there.
+    let helper = mount.map(|_| mount_helper()).transpose()?;
     if nodes == 0 || nodes > 64 {
         return Err(format!("--nodes {nodes}: use 1 to 64"));
     }
@@ -66,14 +80,26 @@ pub(crate) fn up(
         c
     };
     check_not_running(&cfg, &data)?;
-    start_nodes(&cfg, &cfg_path, &data)?;
+    let hosted = helper.zip(mount);
+    start_nodes(&cfg, &cfg_path, &data, hosted)?;
     eprint!("waiting for {} nodes", cfg.nodes.len());
     let deadline = Instant::now() + Duration::from_secs(timeout);
     for n in &cfg.nodes {
         wait_ready(&cfg, &data, n.id, deadline, timeout)?;
     }
+    if let Some(m) = mount {
+        wait_hosted_mount(&cfg, &data, HOSTING_NODE, &m.dir)?;
+    }
     eprintln!(" up");
     print_status(&cfg, false)?;
+    if let Some(m) = mount {
+        println!(
+            "\nmounted at {} through node {HOSTING_NODE}, served in its process (a second \
+             mount: xfs-node mount --data {} --node 2 DIR)",
+            m.dir.display(),
+            data.display()
+        );
+    }
     println!(
         "\nUse it:   xfs-node put --data {d} LOCAL /PATH ; xfs-node get --data {d} --node 2 /PATH LOCAL\n\
          Stop it:  xfs-node down --data {d}",
@@ -145,16 +171,44 @@ fn check_not_running(cfg: &Config, data: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Run `xfs-node serve` for every node, its output in `nodeK.log`, its pid in `nodeK.pid`.
-fn start_nodes(cfg: &Config, cfg_path: &Path, data: &Path) -> Result<(), String> {
+/// Run `xfs-node serve` for every node, its output in `nodeK.log`, its pid in `nodeK.pid`;
+/// with `hosted` (the mount helper, the mount), node 1 runs as `xfsam-mount --serve` and
+/// mounts itself.
+fn start_nodes(
+    cfg: &Config,
+    cfg_path: &Path,
+    data: &Path,
+    hosted: Option<(PathBuf, &HostedMount)>,
+) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     for n in &cfg.nodes {
         let log = std::fs::File::create(data.join(format!("node{}.log", n.id)))
             .map_err(|e| format!("cannot create the node's log file: {e}"))?;
-        let child = Command::new(&exe)
-            .args(["serve", "--config"])
+        let mut cmd = match &hosted {
+            Some((helper, m)) if n.id == HOSTING_NODE => {
+                let mut c = Command::new(helper);
+                c.arg("--serve");
+                if m.allow_other {
+                    c.args(["-o", "allow_other"]);
+                }
+                // Its own process group: a Ctrl-C meant for the shell does not unmount it.
+                c.process_group(0);
+                c
+            }
+            _ => {
+                let mut c = Command::new(&exe);
+                c.arg("serve");
+                c
+            }
+        };
+        cmd.arg("--config")
             .arg(cfg_path)
-            .args(["--node", &n.id.to_string()])
+            .args(["--node", &n.id.to_string()]);
+        if let Some((_, m)) = hosted.as_ref().filter(|_| n.id == HOSTING_NODE) {
+            cmd.arg(&m.dir);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
@@ -218,6 +272,33 @@ fn mount_state(cfg: &Config, id: u16) -> Option<(i32, PathBuf)> {
         }
     }
     Some((pid?, dir?))
+}
+
+/// Wait (up to 20 s) until node `id`, which hosts its mount, reports it mounted at `dir`.
+fn wait_hosted_mount(cfg: &Config, data: &Path, id: u16, dir: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = || std::fs::read_to_string(data.join(format!("node{id}.log"))).unwrap_or_default();
+    loop {
+        let pid = read_pid(data, id);
+        if mount_state(cfg, id).is_some_and(|(p, _)| Some(p) == pid) {
+            return Ok(());
+        }
+        if !pid.is_some_and(pid_alive) {
+            return Err(format!(
+                "mounting node {id} at {} failed:\n{}",
+                dir.display(),
+                log()
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node {id}'s mount at {} did not come up within 20 s (see {}/node{id}.log)",
+                dir.display(),
+                data.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Run `xfsam-mount` (beside this executable) for node `id` at `dir` and wait until it
@@ -331,13 +412,18 @@ fn wait_mounted(
     }
 }
 
-/// Unmount every mount of the cluster's nodes and wait for their processes.
-fn unmount_all(cfg: &Config, problems: &mut Vec<String>) {
+/// Unmount every mount of the cluster's nodes and wait for their processes (a mount
+/// served in its node's process: until it is unmounted; the node stops with the others).
+fn unmount_all(cfg: &Config, data: &Path, problems: &mut Vec<String>) {
     for n in &cfg.nodes {
         let Some((pid, dir)) = mount_state(cfg, n.id) else {
             continue;
         };
         if !pid_alive(pid) {
+            continue;
+        }
+        if read_pid(data, n.id) == Some(pid) {
+            unmount_hosted(cfg, n.id, pid, &dir, problems);
             continue;
         }
         // SIGTERM: the mount unmounts itself (detaching it if files are open).
@@ -358,6 +444,27 @@ fn unmount_all(cfg: &Config, problems: &mut Vec<String>) {
     }
 }
 
+/// Ask node `id`'s process `pid` to unmount the mount at `dir` it serves, and wait until
+/// it says so (it removes its mount state; the node itself goes on).
+fn unmount_hosted(cfg: &Config, id: u16, pid: i32, dir: &Path, problems: &mut Vec<String>) {
+    let _ = xfs_node::os::send_signal(pid, xfs_node::os::UNMOUNT_SIGNAL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mount_state(cfg, id).is_some_and(|(p, _)| p == pid)
+        && pid_alive(pid)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if mount_state(cfg, id).is_some_and(|(p, _)| p == pid) && pid_alive(pid) {
+        problems.push(format!(
+            "node {id} did not report its mount at {} gone",
+            dir.display()
+        ));
+    } else {
+        println!("unmounted {}", dir.display());
+    }
+}
+
 /// `xfs-node down`: unmount, write back, checkpoint, stop every node (killing what does
 /// not exit within 20 s).
 pub(crate) fn down(data: &Path) -> Result<(), String> {
@@ -367,7 +474,7 @@ pub(crate) fn down(data: &Path) -> Result<(), String> {
     }
     .load()?;
     let mut problems = Vec::new();
-    unmount_all(&cfg, &mut problems);
+    unmount_all(&cfg, data, &mut problems);
     // Every client writes back first, then every log is checkpointed.
     for n in &cfg.nodes {
         if let Err(e) = call(&cfg, n.id, &Request::Flush) {

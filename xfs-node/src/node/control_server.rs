@@ -71,6 +71,9 @@ impl Node {
             if matches!(req, Request::Subscribe) {
                 return self.mount_stream(stream);
             }
+            if matches!(req, Request::Fs(_)) {
+                self.socket_fs_requests.fetch_add(1, Ordering::Relaxed);
+            }
             let shutdown = matches!(req, Request::Shutdown);
             let resp = self.handle(req);
             let _ = control::send(&mut stream, &resp);
@@ -81,42 +84,31 @@ impl Node {
         }
     }
 
-    /// A mount attached: send it the shards' kernel invalidations on `stream` and route its
-    /// answers back; when it goes away, whatever it had not answered completes (its kernel
-    /// cache went with it).
+    /// A mount in another process attached: send it the shards' kernel invalidations on
+    /// `stream` and route its answers back; when it goes away, whatever it had not
+    /// answered completes (the attachment's drop).
     pub(super) fn mount_stream(&self, mut stream: std::os::unix::net::UnixStream) {
-        let (tx, rx) = mpsc::sync_channel::<Vec<BlockId>>(MOUNT_QUEUE);
-        {
-            let mut g = lock(&self.mount);
-            if g.is_some() {
+        let attached = match self.attach_mount() {
+            Ok(a) => a,
+            Err(e) => {
                 let _ = control::send(
                     &mut stream,
                     &Response::Err {
                         errno: libc::EBUSY,
-                        message: format!("node {} already has a mount attached", self.id),
+                        message: e.to_string(),
                     },
                 );
                 return;
             }
-            *g = Some(tx);
-        }
+        };
         let _ = control::send(&mut stream, &Response::Ok);
-        let outstanding: Arc<Mutex<std::collections::BTreeSet<BlockId>>> = Arc::default();
         let gone = Arc::new(AtomicBool::new(false));
         let reader = stream.try_clone().ok().map(|mut r| {
-            let out = outstanding.clone();
+            let answers = attached.answers();
             let gone = gone.clone();
-            let client = self.client.clone();
             std::thread::spawn(move || {
-                while let Ok(Some(Request::KernelDone(mut blocks))) = control::recv(&mut r) {
-                    blocks.retain(|b| b & control::ADVISORY == 0);
-                    {
-                        let mut o = lock(&out);
-                        for b in &blocks {
-                            o.remove(b);
-                        }
-                    }
-                    client.blocks.kernel_done(blocks);
+                while let Ok(Some(Request::KernelDone(blocks))) = control::recv(&mut r) {
+                    answers.kernel_done(blocks);
                 }
                 gone.store(true, Ordering::Relaxed);
             })
@@ -125,14 +117,8 @@ impl Node {
             && !gone.load(Ordering::Relaxed)
             && !self.stop.load(Ordering::Relaxed)
         {
-            match rx.recv_timeout(Duration::from_millis(100)) {
+            match attached.recv_timeout(Duration::from_millis(100)) {
                 Ok(blocks) => {
-                    lock(&outstanding).extend(
-                        blocks
-                            .iter()
-                            .copied()
-                            .filter(|b| b & control::ADVISORY == 0),
-                    );
                     if control::send(&mut stream, &Response::Invalidate(blocks)).is_err() {
                         break;
                     }
@@ -141,21 +127,11 @@ impl Node {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        *lock(&self.mount) = None;
         let _ = stream.shutdown(std::net::Shutdown::Both);
         if let Some(r) = reader {
             let _ = r.join();
         }
-        // Queued and unanswered invalidations complete: no kernel caches them now.
-        let mut left: Vec<BlockId> = std::mem::take(&mut *lock(&outstanding))
-            .into_iter()
-            .collect();
-        while let Ok(v) = rx.try_recv() {
-            left.extend(v.into_iter().filter(|b| b & control::ADVISORY == 0));
-        }
-        if !left.is_empty() {
-            self.client.blocks.kernel_done(left);
-        }
+        drop(attached);
     }
 
     /// Tell the attached mount (if any) that this node's client changed these blocks for

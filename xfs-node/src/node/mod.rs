@@ -18,11 +18,13 @@ pub mod config;
 pub mod control;
 mod control_server;
 mod error;
+mod mount_link;
 mod start;
 mod transport;
 
 pub use error::{ServeError, StartError};
-pub use transport::MakeTransport;
+pub use mount_link::{MountAnswers, MountAttachment, MountBusy};
+pub use transport::{MakeTransport, Rdma, Udp};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -82,6 +84,9 @@ pub struct Node {
     cleaners: Cleaners,
     /// Files the periodic write-back made durable.
     periodic: Arc<AtomicU64>,
+    /// File-system requests that came over the control socket (a mount in another
+    /// process, the CLI); a mount served in this process adds none.
+    socket_fs_requests: AtomicU64,
     log_check: LogCheckFn,
 }
 
@@ -123,6 +128,10 @@ impl Node {
         counters.push((
             "periodic_write_backs".into(),
             self.periodic.load(Ordering::Relaxed),
+        ));
+        counters.push((
+            "socket_fs_requests".into(),
+            self.socket_fs_requests.load(Ordering::Relaxed),
         ));
         let st = self.client.statfs().unwrap_or_default();
         NodeStatus {

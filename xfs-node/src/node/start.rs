@@ -187,6 +187,7 @@ impl Node {
             mount: shared.mount,
             cleaners,
             periodic,
+            socket_fs_requests: AtomicU64::new(0),
             log_check: log_check(shared.log),
         })
     }
