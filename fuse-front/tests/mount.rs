@@ -1695,6 +1695,49 @@ fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket
         over_socket[1]
     );
 
+    // A 1 MiB write is one FUSE request (max_write 1 MiB) and reaches each shard loop of
+    // the node once per step (the inode read, the 256 blocks split by shard, the inode
+    // update), not once per block; warm stats of it reach the daemon not at all.
+    let big = c.m(0).join("big");
+    let f = std::fs::File::create(&big).unwrap();
+    let (r0, w0) = (c.settled(0, "requests"), c.settled(0, "writes"));
+    let (b0, o0) = (
+        c.node_counter(1, "op_batches"),
+        c.node_counter(1, "ops_completed"),
+    );
+    f.write_all_at(&pattern(9, 1 << 20), 0).unwrap();
+    let (r1, w1) = (c.settled(0, "requests"), c.settled(0, "writes"));
+    let (b1, o1) = (
+        c.node_counter(1, "op_batches"),
+        c.node_counter(1, "ops_completed"),
+    );
+    eprintln!(
+        "1 MiB write: {} FUSE requests ({} writes), {} shard batches, {} block operations",
+        r1 - r0,
+        w1 - w0,
+        b1 - b0,
+        o1 - o0
+    );
+    assert_eq!(w1 - w0, 1, "the 1 MiB write was not one FUSE write");
+    assert!(o1 - o0 >= 256, "fewer block operations than blocks written");
+    assert!(
+        b1 - b0 <= 4 * (r1 - r0),
+        "{} shard batches for {} FUSE requests: the blocks went one by one",
+        b1 - b0,
+        r1 - r0
+    );
+    drop(f);
+    let size = std::fs::metadata(&big).unwrap().len();
+    let r2 = c.settled(0, "requests");
+    for _ in 0..100 {
+        assert_eq!(std::fs::metadata(&big).unwrap().len(), size);
+    }
+    assert_eq!(
+        c.settled(0, "requests"),
+        r2,
+        "warm stats reached the daemon"
+    );
+
     // `down` unmounts both, writes back, checkpoints and stops every node; `up` brings
     // the files back.
     let down = xfs(&["down", "--data", c.data_arg()]);

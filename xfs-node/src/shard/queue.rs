@@ -23,13 +23,18 @@ pub(crate) type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>
 /// once).
 pub(crate) type MountLink = Arc<Mutex<Option<SyncSender<Vec<BlockId>>>>>;
 
+/// One block operation of a caller's batch.
+pub(crate) struct BlockOp {
+    pub(crate) op: OpId,
+    pub(crate) block: BlockId,
+    pub(crate) user: UserOp<Vec<u8>>,
+    pub(crate) reply: OpReply,
+}
+
 pub(crate) enum Cmd {
-    Op {
-        op: OpId,
-        block: BlockId,
-        user: UserOp<Vec<u8>>,
-        reply: OpReply,
-    },
+    /// The operations of one caller's batch that fall to this shard: one command and one
+    /// wake-up per shard, however many blocks (a 1 MiB FUSE write is 256).
+    Ops(Vec<BlockOp>),
     Sync {
         op: OpId,
         node: NodeId,
@@ -128,20 +133,34 @@ impl Blocks for NodeBlocks {
         let n = ops.len();
         let (tx, rx) = mpsc::channel();
         let mut out: Vec<Option<Result<Outcome<Vec<u8>>, Errno>>> = vec![None; n];
-        let mut sent = 0;
+        let mut by_shard: Vec<Vec<BlockOp>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
         for (i, (block, user)) in ops.into_iter().enumerate() {
-            let s = shard_of(block, self.shards.len());
-            let cmd = Cmd::Op {
+            by_shard[shard_of(block, self.shards.len())].push(BlockOp {
                 op: self.op_id(),
                 block,
                 user,
                 reply: (i, tx.clone()),
-            };
-            if self.shards[s].send(cmd).is_ok() {
-                self.wake[s].notify();
-                sent += 1;
-            } else {
-                out[i] = Some(Err(Errno::EIO));
+            });
+        }
+        let mut sent = 0;
+        for (s, batch) in by_shard.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let k = batch.len();
+            match self.shards[s].send(Cmd::Ops(batch)) {
+                Ok(()) => {
+                    self.wake[s].notify();
+                    sent += k;
+                }
+                // The shard loop is gone: its operations fail.
+                Err(mpsc::SendError(cmd)) => {
+                    if let Cmd::Ops(batch) = cmd {
+                        for o in batch {
+                            out[o.reply.0] = Some(Err(Errno::EIO));
+                        }
+                    }
+                }
             }
         }
         let deadline = Instant::now() + OP_TIMEOUT;

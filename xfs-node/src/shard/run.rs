@@ -29,6 +29,9 @@ struct Waiting {
     /// Store commands in flight (those older than two minutes are dropped unanswered when
     /// the next one comes: a dead peer).
     calls: BTreeMap<OpId, (Instant, CallReply)>,
+    /// Batches of block operations taken ([`Cmd::Ops`]: one per caller's batch that
+    /// touches this shard).
+    batches: u64,
 }
 
 /// Kernel invalidations on their way to the attached mount.
@@ -91,14 +94,12 @@ fn take_cmd<T: Transport + Send>(
     invalidations: u64,
 ) {
     match cmd {
-        Cmd::Op {
-            op,
-            block,
-            user,
-            reply,
-        } => {
-            waiting.ops.insert(op, reply);
-            shard.submit(op, block, user);
+        Cmd::Ops(ops) => {
+            waiting.batches += 1;
+            for o in ops {
+                waiting.ops.insert(o.op, o.reply);
+                shard.submit(o.op, o.block, o.user);
+            }
         }
         Cmd::Sync { op, node, reply } => {
             waiting.syncs.insert(op, reply);
@@ -122,7 +123,9 @@ fn take_cmd<T: Transport + Send>(
             }
         }
         Cmd::Stats(tx) => {
-            let _ = tx.send(stats(shard, invalidations));
+            let mut v = stats(shard, invalidations);
+            v.push(("op_batches".into(), waiting.batches));
+            let _ = tx.send(v);
         }
     }
 }

@@ -171,13 +171,16 @@ impl<B: Blocks> FsClient<B> {
             let Outcome::Read(data) = r? else {
                 return Err(Errno::EIO);
             };
+            // The block's bytes within [offset, end); a block shorter than that (written
+            // short, or a hole) leaves zeros.
             let bstart = b * bs;
             let from = offset.max(bstart);
             let to = end.min(bstart + bs);
-            for pos in from..to {
-                if let Some(v) = data.get((pos - bstart) as usize) {
-                    out[(pos - offset) as usize] = *v;
-                }
+            let have = data.len().min((to - bstart) as usize);
+            let skip = (from - bstart) as usize;
+            if have > skip {
+                let at = (from - offset) as usize;
+                out[at..at + have - skip].copy_from_slice(&data[skip..have]);
             }
         }
         Ok(out)
