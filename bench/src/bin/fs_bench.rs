@@ -33,7 +33,7 @@ use xfs_node::node::control::{Control, FsOp, Request, Response};
 /// running); then, --runs times on each: fio sequential write (1 MiB blocks, --mb MiB,
 /// fsync at the end), sequential read of it after dropping the caches, 4 KiB random reads
 /// for --secs seconds (after dropping the caches), --files small files (create 1 KiB each
-/// + syncfs, stat each, stat each again, unlink each + syncfs), `cp -a` of --tree (+
+/// and syncfs, stat each, stat each again, unlink each and syncfs), `cp -a` of --tree (and
 /// syncfs) and `ls -lR` of the copy after dropping the caches. Prints JSON lines and the
 /// medians; writes fs-mounts.md, fs-mounts.json and fs-mounts.png (ratios to ext4) under
 /// --out. Root.
