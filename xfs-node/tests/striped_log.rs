@@ -67,9 +67,13 @@ fn suite<S: FragmentStore + Send>(
     };
     let server = frag.index as usize;
     assert!(flip(log.store_mut(server).unwrap(), frag));
+    // The fragment may be in the read cache from the reads above (good data): ask the
+    // server.
+    log.clear_fragment_cache();
     assert_eq!(log.read(100).unwrap(), block_data(100, 0));
     assert_eq!(log.counters().repaired, 1);
     let degraded = log.counters().degraded_reads;
+    log.clear_fragment_cache();
     assert_eq!(log.read(100).unwrap(), block_data(100, 0));
     assert_eq!(
         log.counters().degraded_reads,
@@ -106,6 +110,8 @@ fn suite<S: FragmentStore + Send>(
     for i in 0..parity {
         gone.push(log.take_store(i).unwrap());
     }
+    // Not from the read cache: from the servers left.
+    log.clear_fragment_cache();
     for b in 0..blocks {
         assert_eq!(log.read(b).unwrap(), want(b), "degraded read of block {b}");
     }
@@ -123,6 +129,7 @@ fn suite<S: FragmentStore + Send>(
     for i in parity..2 * parity {
         others.push(log.take_store(i).unwrap());
     }
+    log.clear_fragment_cache();
     for b in 0..blocks {
         assert_eq!(log.read(b).unwrap(), want(b), "block {b} after the rebuild");
     }
@@ -434,4 +441,44 @@ fn an_unreadable_block_is_named_by_inode_and_offset() {
         block_data(kept, 1),
         "the file's other block"
     );
+}
+
+/// A sequential read of fsynced blocks fetches each fragment once (the log keeps the last
+/// fragments it fetched); overwritten blocks read their new version, from new segments.
+#[test]
+fn a_sequential_read_fetches_each_fragment_once() {
+    let blocks = 200u64;
+    let stores = (0..3).map(|i| Some(mem(i))).collect();
+    let mut log = Log::new(7, group(3, 1), stores).unwrap();
+    for b in 0..blocks {
+        log.write(b, &block_data(b, 0)).unwrap();
+    }
+    log.fsync().unwrap();
+    let before = log.counters();
+    for b in 0..blocks {
+        assert_eq!(log.read(b).unwrap(), block_data(b, 0), "block {b}");
+    }
+    let k = log.counters();
+    let fetches = k.fragment_fetches - before.fragment_fetches;
+    let hits = k.fragment_cache_hits - before.fragment_cache_hits;
+    // Each fragment holds FRAG / BLOCK blocks (less the segment summary in the first).
+    let most = blocks.div_ceil((FRAG / BLOCK) as u64 - 1) + 1;
+    assert!(
+        fetches <= most,
+        "{fetches} fragment fetches for {blocks} blocks in order (at most {most})"
+    );
+    assert_eq!(fetches + hits, blocks);
+    // New versions land in new segments: read back new, never a cached old one.
+    for b in (0..blocks).step_by(3) {
+        log.write(b, &block_data(b, 1)).unwrap();
+    }
+    log.fsync().unwrap();
+    for b in 0..blocks {
+        let v = if b % 3 == 0 { 1 } else { 0 };
+        assert_eq!(
+            log.read(b).unwrap(),
+            block_data(b, v),
+            "block {b} after the rewrite"
+        );
+    }
 }

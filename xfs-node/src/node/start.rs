@@ -772,6 +772,8 @@ fn log_control<T: Transport + Send + 'static>(log: SharedLog<T>) -> LogControl {
         Ok(vec![
             ("log_segments".into(), k.segments),
             ("log_degraded_reads".into(), k.degraded_reads),
+            ("log_fragment_fetches".into(), k.fragment_fetches),
+            ("log_fragment_cache_hits".into(), k.fragment_cache_hits),
             ("log_checkpoints".into(), k.checkpoints),
             ("log_servers_lost".into(), k.servers_lost),
             ("log_rebuilt".into(), k.rebuilt),

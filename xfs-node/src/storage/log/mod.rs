@@ -202,6 +202,10 @@ pub struct LogCounters {
     /// Segments freed (fragments deleted on every server): dead data segments covered by
     /// a checkpoint, and checkpoints older than the newest.
     pub freed: u64,
+    /// Block reads served from the fragment cache (no server asked).
+    pub fragment_cache_hits: u64,
+    /// Fragments fetched from a server (or rebuilt) for a block read.
+    pub fragment_fetches: u64,
     /// Queued segments (refused by full stores, never written) dropped because every
     /// block in them was overwritten or deleted since: a refused write keeps no space.
     pub superseded_dropped: u64,
@@ -366,6 +370,10 @@ pub struct Log<S: FragmentStore> {
     /// The newest data segment that is durable (and in the imap).
     last_data_segment: u64,
     counters: LogCounters,
+    /// The fragments block reads fetched last ([`FRAGMENT_CACHE`] of them): a sequential
+    /// read takes a fragment's blocks from one fetch. A fragment never changes once written
+    /// (segment numbers are not reused while the log runs), so nothing invalidates them.
+    fragment_cache: std::collections::VecDeque<(FragmentId, Vec<u8>)>,
     /// Free segments of the stripe group as last seen, less what was written since (the
     /// stores are asked again when it runs low, and every few writes).
     free_hint: usize,
@@ -526,6 +534,9 @@ fn parity<T: AsRef<[u8]>>(group: &StripeGroup, data: &[T]) -> Result<Vec<Vec<u8>
         .map_err(|e| LogError::Config(format!("parity: {e}")))
 }
 
+/// Fragments the log keeps for block reads (64 KiB each by default: 4 MiB).
+pub const FRAGMENT_CACHE: usize = 64;
+
 fn segment_number(writer: NodeId, seq: u64) -> u64 {
     ((writer as u64) << 40) | (seq & ((1 << 40) - 1))
 }
@@ -568,6 +579,7 @@ impl<S: FragmentStore + Send> Log<S> {
             live: BTreeMap::new(),
             last_data_segment: 0,
             counters: LogCounters::default(),
+            fragment_cache: std::collections::VecDeque::with_capacity(FRAGMENT_CACHE),
             free_hint: 0,
             writes_since_look: u32::MAX,
             clock: Box::new(wall_clock_ms),

@@ -30,22 +30,44 @@ impl<S: FragmentStore + Send> Log<S> {
         self.read_at(a)
     }
 
-    /// Read bytes at a log address, rebuilding the fragment from the others if needed.
+    /// Read bytes at a log address: from the fragment cache, else from the fragment's
+    /// server (rebuilding the fragment from the others if needed), kept in the cache.
     pub fn read_at(&mut self, a: LogAddress) -> Result<Vec<u8>, LogError> {
         let f = self.fragment_bytes;
-        let i = a.offset as usize / f;
+        let id = FragmentId {
+            segment: a.segment,
+            index: (a.offset as usize / f) as u16,
+        };
         let inner = a.offset as usize % f;
-        let frag = self.fragment(a.segment, i)?;
         let end = inner + a.len as usize;
-        if end > frag.len() {
-            return Err(LogError::Unrecoverable {
-                segment: a.segment,
-                have: 0,
-                need: 1,
-                why: format!("address {a:?} lies outside its fragment"),
-            });
+        let slice = |frag: &[u8]| {
+            frag.get(inner..end)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| LogError::Unrecoverable {
+                    segment: a.segment,
+                    have: 0,
+                    need: 1,
+                    why: format!("address {a:?} lies outside its fragment"),
+                })
+        };
+        if let Some((_, frag)) = self.fragment_cache.iter().find(|(k, _)| *k == id) {
+            self.counters.fragment_cache_hits += 1;
+            return slice(frag);
         }
-        Ok(frag[inner..end].to_vec())
+        let frag = self.fragment(a.segment, id.index as usize)?;
+        self.counters.fragment_fetches += 1;
+        let out = slice(&frag);
+        if self.fragment_cache.len() >= FRAGMENT_CACHE {
+            self.fragment_cache.pop_front();
+        }
+        self.fragment_cache.push_back((id, frag));
+        out
+    }
+
+    /// Drop the fragments kept for block reads: the next read of each asks its server
+    /// again (and so finds a fragment damaged on its server since it was cached).
+    pub fn clear_fragment_cache(&mut self) {
+        self.fragment_cache.clear();
     }
 
     /// Fragment `i` of `segment`: from its server, else rebuilt from the others (and
