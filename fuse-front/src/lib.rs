@@ -66,7 +66,9 @@ pub use error::FrontError;
 pub use front::{Front, NodeLink};
 pub use invalidate::{invalidations, invalidations_hosted, subscribe};
 pub use kernel::KernelChannel;
-pub use mount::{abort_connection, connection_of, mount_fuse, state_path};
+pub use mount::{
+    abort_connection, connection_of, mount_fuse, raise_read_ahead, state_path, READ_AHEAD_KB,
+};
 pub use names::Shared;
 
 /// Mount settings.

@@ -96,3 +96,16 @@ pub fn abort_connection(conn: u64) -> std::io::Result<()> {
     }
     std::fs::write(&abort, "1")
 }
+
+/// The kernel's read-ahead for this mount's sequential reads, KiB: the kernel caps a FUSE
+/// mount's read-ahead at its device default (128 KiB) whatever `max_readahead` the daemon
+/// asks for at init; raised through the mount's `bdi` in sysfs.
+pub const READ_AHEAD_KB: u32 = 1024;
+
+/// Set the read-ahead of FUSE connection `conn` ([`connection_of`]) to [`READ_AHEAD_KB`].
+pub fn raise_read_ahead(conn: u64) -> std::io::Result<()> {
+    std::fs::write(
+        format!("/sys/class/bdi/0:{conn}/read_ahead_kb"),
+        READ_AHEAD_KB.to_string(),
+    )
+}

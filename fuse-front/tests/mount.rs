@@ -1644,6 +1644,18 @@ fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket
     );
     assert!(!state(2).starts_with(&format!("pid {}\n", node_pid(2))));
 
+    // Both mounts raised the kernel's read-ahead for their sequential reads.
+    for k in 0..2 {
+        let dev = std::fs::metadata(c.m(k)).unwrap().dev();
+        let ra = format!("/sys/class/bdi/0:{}/read_ahead_kb", libc::minor(dev));
+        assert_eq!(
+            std::fs::read_to_string(&ra).unwrap().trim(),
+            fuse_front::READ_AHEAD_KB.to_string(),
+            "{ra} of mount {}",
+            k + 1
+        );
+    }
+
     // Files made and read through each mount: only the socket mount's requests show in
     // its node's count.
     const FILES: usize = 50;

@@ -198,6 +198,15 @@ fn run(a: Args) -> Result<(), String> {
     // Known once the session serves (the stat is a FUSE request): for aborting a detached
     // mount whose files stay open.
     let conn = fuse_front::connection_of(&mp).ok();
+    if let Some(c) = conn {
+        if let Err(e) = fuse_front::raise_read_ahead(c) {
+            eprintln!(
+                "xfsam-mount: cannot raise the read-ahead to {} KiB (sequential reads stay \
+                 at the kernel's default): {e}",
+                fuse_front::READ_AHEAD_KB
+            );
+        }
+    }
     let state = fuse_front::state_path(&node_cfg.control);
     eprintln!(
         "xfsam-mount: node {} mounted at {} (pid {}, {link})",
