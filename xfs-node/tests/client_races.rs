@@ -6,6 +6,9 @@
 //!   the blocks and their durability);
 //! * a read never returns a size with bytes a truncate cleared (the data-block reads held
 //!   at a gate while another caller truncates and rewrites the file).
+//!
+//! And how many round trips to the shards (batches of block operations) a lookup and a
+//! create take.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +38,8 @@ struct GatedBlocks {
     clear_gate: (Mutex<bool>, Condvar),
     /// Clears that reached the clear gate while it was shut.
     at_clear_gate: AtomicU64,
+    /// Batches of block operations (`run` calls): each a round trip to the shards.
+    runs: AtomicU64,
 }
 
 /// What the client holds: the shared blocks (the test keeps another handle).
@@ -64,6 +69,7 @@ impl GatedBlocks {
 
 impl Blocks for Gated {
     fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
         ops.into_iter()
             .map(|(b, op)| {
                 if matches!(op, UserOp::Read) && b & INODE_BLOCK != INODE_BLOCK {
@@ -333,4 +339,36 @@ fn a_read_waits_for_a_truncate_on_the_same_node_that_holds_the_inode() {
         Ok(Vec::new()),
         "the read came after the cut"
     );
+}
+
+/// A lookup reads the directory's inode and the name's bucket in one batch (a missing name:
+/// one round trip; a found one: and its inode); a create is that batch, the new inode,
+/// the bucket insert and the parent's times: four, one after the other.
+#[test]
+fn a_lookup_and_a_create_take_one_batch_for_the_directory_and_the_bucket() {
+    let (c, blocks, _) = client_with_file(b"x");
+    let root = c.resolve("/").expect("root").ino;
+    let runs = || blocks.runs.load(Ordering::SeqCst);
+    let r0 = runs();
+    assert_eq!(
+        c.lookup(root, b"missing").map(|i| i.ino),
+        Err(Errno::ENOENT)
+    );
+    let negative = runs() - r0;
+    let r0 = runs();
+    c.lookup(root, b"f").expect("lookup /f");
+    let positive = runs() - r0;
+    let r0 = runs();
+    let g = c.create(root, b"g", 0o644, 0, 0).expect("create /g");
+    let create = runs() - r0;
+    eprintln!("batches: negative lookup {negative}, lookup {positive}, create {create}");
+    assert_eq!(negative, 1, "a lookup of a missing name");
+    assert_eq!(positive, 2, "a lookup of an existing name");
+    assert!(create <= 4, "a create took {create} batches");
+    assert_eq!(c.lookup(root, b"g").expect("lookup /g").ino, g.ino);
+    assert_eq!(
+        c.create(root, b"g", 0o644, 0, 0).map(|i| i.ino),
+        Err(Errno::EEXIST)
+    );
+    assert_eq!(c.lookup(g.ino, b"x").map(|i| i.ino), Err(Errno::ENOTDIR));
 }

@@ -489,6 +489,37 @@ impl<B: Blocks> FsClient<B> {
         Ok(i)
     }
 
+    /// The directory `parent` and its entry `name` (if any), read together: one batch
+    /// for the parent's inode block and the name's bucket, not one after the other.
+    pub(super) fn dir_and_find(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<(Inode, Option<Entry>), Errno> {
+        let mut r = self
+            .blocks
+            .run(vec![
+                (inode_block(parent), UserOp::Read),
+                (block_id(parent, bucket_of(name)), UserOp::Read),
+            ])
+            .into_iter();
+        let (Some(i), Some(b)) = (r.next(), r.next()) else {
+            return Err(Errno::EIO);
+        };
+        let Outcome::Read(i) = i? else {
+            return Err(Errno::EIO);
+        };
+        let dir = live_inode(parent, &i)?;
+        if dir.kind != Some(Kind::Dir) {
+            return Err(Errno::ENOTDIR);
+        }
+        let Outcome::Read(b) = b? else {
+            return Err(Errno::EIO);
+        };
+        let entries = decode_bucket(&b).ok_or(Errno::EIO)?;
+        Ok((dir, entries.into_iter().find(|e| e.name == name)))
+    }
+
     fn find(&self, parent: u64, name: &[u8]) -> Result<Option<Entry>, Errno> {
         let b = self.read_block(block_id(parent, bucket_of(name)))?;
         let entries = decode_bucket(&b).ok_or(Errno::EIO)?;

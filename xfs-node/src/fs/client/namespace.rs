@@ -9,15 +9,14 @@ impl<B: Blocks> FsClient<B> {
         if name.len() > MAX_NAME {
             return Err(Errno::ENAMETOOLONG);
         }
-        self.dir(parent)?;
         if name == b"." {
-            return self.inode(parent);
+            return self.dir(parent);
         }
         if name == b".." {
-            let p = self.inode(parent)?.parent;
+            let p = self.dir(parent)?.parent;
             return self.inode(p);
         }
-        match self.find(parent, name)? {
+        match self.dir_and_find(parent, name)?.1 {
             Some(e) => self.inode(e.ino),
             None => Err(Errno::ENOENT),
         }
@@ -60,7 +59,19 @@ impl<B: Blocks> FsClient<B> {
     /// The entry `name` of `parent` if its inode exists (a name whose inode was lost in a
     /// crash is removed on the way).
     pub(super) fn find_live(&self, parent: u64, name: &[u8]) -> Result<Option<Entry>, Errno> {
-        match self.find(parent, name)? {
+        let found = self.find(parent, name)?;
+        self.live_entry(parent, name, found)
+    }
+
+    /// `found` (the entry `name` of `parent`) if its inode exists; a name whose inode was
+    /// lost in a crash is removed.
+    fn live_entry(
+        &self,
+        parent: u64,
+        name: &[u8],
+        found: Option<Entry>,
+    ) -> Result<Option<Entry>, Errno> {
+        match found {
             Some(e) => match self.inode(e.ino) {
                 Ok(_) => Ok(Some(e)),
                 Err(Errno::ENOENT) => {
@@ -87,9 +98,9 @@ impl<B: Blocks> FsClient<B> {
         target: &[u8],
     ) -> Result<Inode, Errno> {
         check_name(name)?;
-        let p = self.dir(parent)?;
+        let (p, found) = self.dir_and_find(parent, name)?;
         let (mode, gid) = inherit_set_group_id(&p, kind, mode, gid);
-        if self.find_live(parent, name)?.is_some() {
+        if self.live_entry(parent, name, found)?.is_some() {
             return Err(Errno::EEXIST);
         }
         let ino = self.alloc_ino()?;
