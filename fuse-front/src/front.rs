@@ -83,7 +83,10 @@ pub struct Front {
     pub(crate) opts: Options,
     pub(crate) shared: Arc<Shared>,
     pub(crate) link: NodeLink,
-    pub(crate) dirs: Mutex<HashMap<u64, Listing>>,
+    /// Open directory handles: the listing, and whether no readdir has used it yet (the
+    /// first readdir at offset 0 takes the one `opendir` made; a later one, a rewind,
+    /// lists again).
+    pub(crate) dirs: Mutex<HashMap<u64, (Listing, bool)>>,
     pub(crate) next_fh: AtomicU64,
     /// Open files (our index numbers) and how many times each is open.
     pub(crate) open: Mutex<HashMap<u64, u32>>,
@@ -336,12 +339,18 @@ impl Front {
         fh: FileHandle,
         offset: u64,
     ) -> Result<Listing, Errno> {
-        if offset == 0 || !lock(&self.dirs).contains_key(&fh.0) {
-            let l = self.listing(ino)?;
-            lock(&self.dirs).insert(fh.0, l);
+        {
+            let mut dirs = lock(&self.dirs);
+            if let Some((l, fresh)) = dirs.get_mut(&fh.0) {
+                if offset > 0 || std::mem::take(fresh) {
+                    // Shared, not copied: a large directory is read in many calls.
+                    return Ok(l.clone());
+                }
+            }
         }
-        // Shared, not copied: a large directory is read in many calls.
-        Ok(lock(&self.dirs).get(&fh.0).cloned().unwrap_or_default())
+        let l = self.listing(ino)?;
+        lock(&self.dirs).insert(fh.0, (l.clone(), false));
+        Ok(l)
     }
 
     pub(crate) fn set(&self, ino: u64, a: SetAttr) -> Result<Inode, Errno> {

@@ -291,6 +291,12 @@ pub(crate) fn invalidate(n: &KernelChannel, sh: &Shared, block: u64) {
     let bn = block & INODE_BLOCK;
     let fi = sh.fuse(ino);
     let calls = &sh.stats.kernel_calls;
+    // An inode never handed to the kernel (nor the root, which it always has): it caches
+    // nothing of it, neither attributes nor pages nor names in it.
+    if ino != sh.root && !lock(&sh.inos).contains(&ino) {
+        sh.stats.inval_skipped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     if bn == INODE_BLOCK {
         // Attributes only (a negative offset leaves the pages).
         let _ = n.inval_inode(fi.0, -1, 0);

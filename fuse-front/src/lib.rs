@@ -104,6 +104,8 @@ pub struct Stats {
     pub kernel_calls: AtomicU64,
     /// Invalidations answered before the kernel returned (it waited for this mount).
     pub inval_late: AtomicU64,
+    /// Invalidated blocks of inodes the kernel was never given: no kernel call needed.
+    pub inval_skipped: AtomicU64,
     /// Requests that failed because the node could not be reached.
     pub node_errors: AtomicU64,
 }
@@ -114,7 +116,7 @@ impl Stats {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
             "requests {}\nreads {}\nwrites {}\nappends {}\nlookups {}\ngetattrs {}\ninvalidations {}\n\
-             kernel_calls {}\ninval_late {}\nnode_errors {}\n",
+             kernel_calls {}\ninval_late {}\ninval_skipped {}\nnode_errors {}\n",
             v(&self.requests),
             v(&self.reads),
             v(&self.writes),
@@ -124,6 +126,7 @@ impl Stats {
             v(&self.invalidations),
             v(&self.kernel_calls),
             v(&self.inval_late),
+            v(&self.inval_skipped),
             v(&self.node_errors)
         )
     }

@@ -362,7 +362,7 @@ impl Filesystem for Front {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         match self.listing(self.shared.ours(ino)) {
             Ok(l) => {
-                lock(&self.dirs).insert(fh, l);
+                lock(&self.dirs).insert(fh, (l, true));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),

@@ -1707,6 +1707,18 @@ fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket
         over_socket[1]
     );
 
+    // A listing is taken once per opendir (the first readdir uses it): the directory's
+    // attributes and its entries, two client calls, over the socket mount's connection.
+    let before = c.node_counter(2, "socket_fs_requests");
+    let listed = std::fs::read_dir(c.m(1)).unwrap().count();
+    let calls = c.node_counter(2, "socket_fs_requests") - before;
+    eprintln!("ls of {listed} entries: {calls} client calls");
+    assert!(listed >= 2 * FILES);
+    assert!(
+        calls <= 3,
+        "a listing of the root took {calls} client calls"
+    );
+
     // A 1 MiB write is one FUSE request (max_write 1 MiB) and reaches each shard loop of
     // the node once per step (the inode read, the 256 blocks split by shard, the inode
     // update), not once per block; warm stats of it reach the daemon not at all.
