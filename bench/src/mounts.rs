@@ -154,7 +154,14 @@ fn copy_tree(dir: &Path, tree: &Tree) -> Result<[f64; 2]> {
     let dest = dir.join("tree");
     let _ = std::fs::remove_dir_all(&dest);
     let t = Instant::now();
-    sh(&format!("cp -a {} {}", tree.dir.display(), dest.display()))?;
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(&tree.dir)
+        .arg(&dest)
+        .status()?;
+    if !cp.success() {
+        bail!("cp -a {} {} failed", tree.dir.display(), dest.display());
+    }
     syncfs(dir);
     let cp = tree.bytes as f64 / 1e6 / t.elapsed().as_secs_f64();
     drop_caches();
@@ -168,7 +175,7 @@ fn copy_tree(dir: &Path, tree: &Tree) -> Result<[f64; 2]> {
     if !out.status.success() {
         bail!("ls -lR {} failed", dest.display());
     }
-    sh(&format!("rm -rf {}", dest.display()))?;
+    std::fs::remove_dir_all(&dest).with_context(|| format!("rm -rf {}", dest.display()))?;
     Ok([cp, ls])
 }
 
@@ -186,9 +193,8 @@ struct Setup {
     clusters: Vec<PathBuf>,
     mounts: Vec<PathBuf>,
     gluster: Vec<String>,
-    /// The JuiceFS client and its mount, and whether the bench's Redis runs.
+    /// The JuiceFS client and its mount (the bench's Redis is stopped with it).
     juicefs: Option<(PathBuf, PathBuf)>,
-    redis: bool,
 }
 
 /// The Redis the bench starts for JuiceFS's metadata (its own port and data directory).
@@ -215,17 +221,22 @@ fn juicefs_bin() -> Result<PathBuf> {
 
 impl Setup {
     fn teardown(&mut self) {
-        if let Some((jfs, dir)) = self.juicefs.take() {
-            let _ = Command::new(&jfs)
-                .arg("umount")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-        if std::mem::take(&mut self.redis) {
-            let _ = sh(&format!("redis-cli -p {REDIS_PORT} shutdown nosave"));
-        }
+        // Also what a run that crashed left (the fields are unset at the first call).
+        let jfs = self
+            .juicefs
+            .take()
+            .unwrap_or_else(|| (PathBuf::from("juicefs"), self.base.join("m-juicefs")));
+        let _ = Command::new(&jfs.0)
+            .arg("umount")
+            .arg(&jfs.1)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("redis-cli")
+            .args(["-p", &REDIS_PORT.to_string(), "shutdown", "nosave"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         for v in self.gluster.drain(..) {
             let _ = sh(&format!(
                 "echo y | gluster --mode=script volume stop {v} force; \
@@ -382,7 +393,6 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64, mb: usize) -> Result<Ve
                      --daemonize yes --dir {}",
                     base.display()
                 ))?;
-                s.redis = true;
                 std::thread::sleep(std::time::Duration::from_millis(500));
                 let meta = format!("redis://127.0.0.1:{REDIS_PORT}/1");
                 sh(&format!(
@@ -464,7 +474,6 @@ pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
         mounts: Vec::new(),
         gluster: Vec::new(),
         juicefs: None,
-        redis: false,
     };
     s.teardown();
     // A fio file per system, and per cluster three nodes of 3 x `mb` (sparse).

@@ -83,10 +83,11 @@ pub struct Front {
     pub(crate) opts: Options,
     pub(crate) shared: Arc<Shared>,
     pub(crate) link: NodeLink,
-    /// Open directory handles: the listing, and whether no readdir has used it yet (the
-    /// first readdir at offset 0 takes the one `opendir` made; a later one, a rewind,
-    /// lists again).
-    pub(crate) dirs: Mutex<HashMap<u64, (Listing, bool)>>,
+    /// Open directory handles: the listing, and, while no readdir has used it, the
+    /// invalidation count when `opendir` began to take it: the first readdir at offset 0
+    /// takes that listing if no invalidation came since; a later one (a rewind) lists
+    /// again.
+    pub(crate) dirs: Mutex<HashMap<u64, (Listing, Option<u64>)>>,
     pub(crate) next_fh: AtomicU64,
     /// Open files (our index numbers) and how many times each is open.
     pub(crate) open: Mutex<HashMap<u64, u32>>,
@@ -110,6 +111,7 @@ impl Front {
                 root,
                 names: Mutex::new(HashMap::new()),
                 inos: Mutex::new(HashSet::new()),
+                inval_epoch: AtomicU64::new(0),
                 kernel: std::sync::OnceLock::new(),
             }),
             link,
@@ -342,14 +344,15 @@ impl Front {
         {
             let mut dirs = lock(&self.dirs);
             if let Some((l, fresh)) = dirs.get_mut(&fh.0) {
-                if offset > 0 || std::mem::take(fresh) {
+                let unchanged = fresh.take() == Some(self.shared.inval_epoch());
+                if offset > 0 || unchanged {
                     // Shared, not copied: a large directory is read in many calls.
                     return Ok(l.clone());
                 }
             }
         }
         let l = self.listing(ino)?;
-        lock(&self.dirs).insert(fh.0, (l.clone(), false));
+        lock(&self.dirs).insert(fh.0, (l.clone(), None));
         Ok(l)
     }
 

@@ -70,6 +70,7 @@ pub fn subscribe(control: &Path) -> Result<Control, FrontError> {
 /// Drop the pages and attributes of every inode and expire every name handed to the
 /// kernel.
 pub(crate) fn forget_everything(n: &KernelChannel, sh: &Shared) {
+    sh.inval_epoch.fetch_add(1, Ordering::SeqCst);
     let inos: Vec<u64> = lock(&sh.inos).iter().copied().collect();
     for ino in inos {
         let _ = n.inval_inode(sh.fuse(ino).0, 0, 0);
@@ -289,6 +290,9 @@ pub(crate) fn invalidate(n: &KernelChannel, sh: &Shared, block: u64) {
     let block = block & !control::ADVISORY;
     let ino = ino_of(block);
     let bn = block & INODE_BLOCK;
+    // Before any kernel call (and before the answer): a listing taken before now is not
+    // handed to the kernel.
+    sh.inval_epoch.fetch_add(1, Ordering::SeqCst);
     let fi = sh.fuse(ino);
     let calls = &sh.stats.kernel_calls;
     // An inode never handed to the kernel (nor the root, which it always has): it caches

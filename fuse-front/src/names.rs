@@ -17,7 +17,12 @@ pub struct Shared {
     /// bucket must drop.
     pub(crate) names: Mutex<NamesByBucket>,
     /// Index numbers handed to the kernel (dropped wholesale when the node's stream breaks).
+    /// Never pruned on `forget`: an invalidation of an inode missing here is skipped, which
+    /// is right only if every inode the kernel may still cache is in it.
     pub(crate) inos: Mutex<HashSet<u64>>,
+    /// Invalidations carried out so far (counted before each is answered): a directory
+    /// listing taken at `opendir` is handed to the kernel only if none came in between.
+    pub(crate) inval_epoch: AtomicU64,
     /// The kernel's notify channel, once mounted: an append drops the pages its kernel
     /// cached where the bytes really landed ([`Shared::set_kernel`]).
     pub(crate) kernel: std::sync::OnceLock<KernelChannel>,
@@ -27,6 +32,11 @@ impl Shared {
     /// Give the operations the kernel's notify channel (set once, after the mount).
     pub fn set_kernel(&self, k: KernelChannel) {
         let _ = self.kernel.set(k);
+    }
+
+    /// Invalidations carried out so far.
+    pub(crate) fn inval_epoch(&self) -> u64 {
+        self.inval_epoch.load(Ordering::SeqCst)
     }
 
     /// FUSE's number for index number `ino` (the root and 1 trade places).

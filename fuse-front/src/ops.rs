@@ -360,9 +360,10 @@ impl Filesystem for Front {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.shared.inval_epoch();
         match self.listing(self.shared.ours(ino)) {
             Ok(l) => {
-                lock(&self.dirs).insert(fh, (l, true));
+                lock(&self.dirs).insert(fh, (l, Some(epoch)));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
             Err(e) => reply.error(e),

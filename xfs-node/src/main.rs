@@ -331,7 +331,6 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-/// `up --mount DIR`: mount the new cluster in `data` through node 1.
 /// `xfs-node mount`: mount the cluster `at` at `dir` through `node`.
 fn mount(at: &Where, node: u16, dir: &Path, allow_other: bool, ro: bool) -> Result<(), String> {
     let cfg_path = match (&at.data, &at.config) {

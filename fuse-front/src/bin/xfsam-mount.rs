@@ -29,7 +29,8 @@ use xfs_node::node::{MountAttachment, Node};
                   serves the mount from it in-process, with no socket between a FUSE request \
                   and the node's client. Unmounting leaves the node running (its control \
                   socket still answers); SIGINT/SIGTERM unmount, write back, checkpoint and \
-                  stop it; so does a `Shutdown` request (`xfs-node down`).\n\
+                  stop it; a `Shutdown` request unmounts and stops it (`xfs-node down` \
+                  sends it after it wrote back and checkpointed every node).\n\
                   * without --serve: node K runs in another process and is reached over its \
                   control socket (one more hop per request).\n\n\
                   Examples:\n  xfsam-mount --serve --config cluster.toml --node 1 /mnt/xfs1 &\n  \
@@ -122,6 +123,10 @@ fn host_node(cfg: Config, id: u16, wait: u64) -> Result<Reached, String> {
 }
 
 fn run(a: Args) -> Result<(), String> {
+    // First: a signal during a hosted node's start (which may wait a minute for its
+    // stripe group) must not kill it with a mount half made; it is looked at once mounted.
+    let signalled = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    let unmount_asked = xfs_node::os::flag_on_unmount_signal();
     let cfg = Config::locate(a.data.as_deref(), a.config.as_deref()).map_err(|e| e.to_string())?;
     let node_cfg = cfg
         .node(a.node)
@@ -193,8 +198,6 @@ fn run(a: Args) -> Result<(), String> {
         }
     };
     let ended = spawn_session(session)?;
-    let signalled = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
-    let unmount_asked = xfs_node::os::flag_on_unmount_signal();
     // Known once the session serves (the stat is a FUSE request): for aborting a detached
     // mount whose files stay open.
     let conn = fuse_front::connection_of(&mp).ok();
@@ -228,6 +231,18 @@ fn run(a: Args) -> Result<(), String> {
         link,
         conn,
     );
+    if let (Some(node), false) = (&hosted, ended.load(Ordering::Relaxed)) {
+        // The kernel still serves files through this mount (the abort failed): a node
+        // that went on without the mount's invalidations would leave them incoherent.
+        // Stop the node with the mount.
+        eprintln!(
+            "xfsam-mount: {} could not be unmounted nor aborted: stopping node {} with it",
+            mp.display(),
+            a.node
+        );
+        node.write_back_and_checkpoint();
+        std::process::exit(1);
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = std::fs::remove_file(&state);
     eprintln!("xfsam-mount: {} unmounted", mp.display());

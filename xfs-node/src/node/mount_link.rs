@@ -32,17 +32,18 @@ pub struct MountAnswers {
 }
 
 impl MountAnswers {
-    /// The kernel dropped these blocks (advisory ones, [`control::ADVISORY`], need no
-    /// answer and are skipped).
+    /// The kernel dropped these blocks. Only blocks handed to the mount and not answered
+    /// yet count: advisory ones ([`control::ADVISORY`]) need no answer, and an answer that
+    /// comes after the mount detached (whose blocks were completed then) is ignored, so
+    /// it can never complete a later invalidation of the same block.
     pub fn kernel_done(&self, mut blocks: Vec<BlockId>) {
-        blocks.retain(|b| b & control::ADVISORY == 0);
         {
             let mut o = lock(&self.outstanding);
-            for b in &blocks {
-                o.remove(b);
-            }
+            blocks.retain(|b| o.remove(b));
         }
-        self.client.blocks.kernel_done(blocks);
+        if !blocks.is_empty() {
+            self.client.blocks.kernel_done(blocks);
+        }
     }
 }
 
