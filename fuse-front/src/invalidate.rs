@@ -97,7 +97,7 @@ pub(crate) enum Next {
 }
 
 /// How the node is answered for a batch of blocks.
-type Send = Arc<dyn Fn(Vec<u64>) + std::marker::Send + Sync>;
+type AnswerFn = Arc<dyn Fn(Vec<u64>) + Send + Sync>;
 
 /// The invalidation thread of a mount whose node runs in this process: carry the batches
 /// of `attached` to the kernel and answer them (see the module docs) until `stop` is set.
@@ -114,7 +114,7 @@ pub fn invalidations_hosted(
         Err(mpsc::RecvTimeoutError::Timeout) => Next::Idle,
         Err(mpsc::RecvTimeoutError::Disconnected) => Next::End,
     };
-    let send: Send = Arc::new(move |blocks| answers.kernel_done(blocks));
+    let send: AnswerFn = Arc::new(move |blocks| answers.kernel_done(blocks));
     serve_batches(&mut next, send, &notifier, &shared, wait, &stop);
     // Dropping the attachment detaches the mount: what it had not answered completes.
 }
@@ -129,7 +129,7 @@ pub(crate) fn serve_stream(
     stop: &Arc<AtomicBool>,
 ) {
     let w = Arc::new(Mutex::new(w));
-    let send: Send = {
+    let send: AnswerFn = {
         let w = w.clone();
         Arc::new(move |blocks| {
             let _ = control::send(&mut *lock(&w), &CtlRequest::KernelDone(blocks));
@@ -159,7 +159,7 @@ pub(crate) fn serve_stream(
 /// first (once). Returns when `stop` is set or the stream ends.
 fn serve_batches(
     next: &mut dyn FnMut() -> Next,
-    send: Send,
+    send: AnswerFn,
     notifier: &KernelChannel,
     shared: &Arc<Shared>,
     wait: Duration,
@@ -186,7 +186,7 @@ fn serve_batches(
 #[derive(Clone)]
 struct Answer {
     /// How the node is told.
-    send: Send,
+    send: AnswerFn,
     pending: Arc<Pending>,
 }
 

@@ -75,7 +75,7 @@ impl Node {
                 self.socket_fs_requests.fetch_add(1, Ordering::Relaxed);
             }
             let shutdown = matches!(req, Request::Shutdown);
-            let resp = self.handle(req);
+            let resp = self.request(req);
             let _ = control::send(&mut stream, &resp);
             if shutdown {
                 self.stop.store(true, Ordering::Relaxed);
@@ -157,7 +157,10 @@ impl Node {
         self.advise(&v);
     }
 
-    pub(super) fn handle(&self, req: Request) -> Response {
+    /// Answer one control request (what a control-socket connection does for each of
+    /// its requests; a mount in this process calls it directly). `Subscribe` is refused
+    /// here: a mount in this process attaches with [`Node::attach_mount`].
+    pub fn request(&self, req: Request) -> Response {
         let c = &self.client;
         match req {
             Request::Status => Response::Status(Box::new(self.status())),

@@ -77,11 +77,4 @@ impl Node {
             eprintln!("xfs-node {}: checkpoint before stopping: {e}", self.id);
         }
     }
-
-    /// Answer one control request (what a control-socket connection does for each of
-    /// its requests); `Subscribe` is refused: a mount in this process attaches with
-    /// [`Node::attach_mount`].
-    pub fn request(&self, req: Request) -> Response {
-        self.handle(req)
-    }
 }
