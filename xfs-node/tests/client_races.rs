@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use xfs_node::coherence::{BlockId, NodeId, Outcome, Patch, UserOp};
 use xfs_node::fs::client::{Blocks, Errno, FsClient, ManagerMap, SetAttr, StatFs};
-use xfs_node::fs::layout::INODE_BLOCK;
+use xfs_node::fs::layout::{inode_block, Inode, DIR_BUCKETS, INODE_BLOCK};
 
 /// Blocks in memory on one node; `sync` waits while the gate is shut and fails while
 /// `fail_sync` is set.
@@ -40,6 +40,8 @@ struct GatedBlocks {
     at_clear_gate: AtomicU64,
     /// Batches of block operations (`run` calls): each a round trip to the shards.
     runs: AtomicU64,
+    /// Block operations, all batches together.
+    ops: AtomicU64,
 }
 
 /// What the client holds: the shared blocks (the test keeps another handle).
@@ -70,6 +72,7 @@ impl GatedBlocks {
 impl Blocks for Gated {
     fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
         self.runs.fetch_add(1, Ordering::SeqCst);
+        self.ops.fetch_add(ops.len() as u64, Ordering::SeqCst);
         ops.into_iter()
             .map(|(b, op)| {
                 if matches!(op, UserOp::Read) && b & INODE_BLOCK != INODE_BLOCK {
@@ -371,4 +374,71 @@ fn a_lookup_and_a_create_take_one_batch_for_the_directory_and_the_bucket() {
         Err(Errno::EEXIST)
     );
     assert_eq!(c.lookup(g.ino, b"x").map(|i| i.ino), Err(Errno::ENOTDIR));
+}
+
+/// A directory marks the buckets that hold names (`Inode::dir_buckets`), so a listing
+/// reads its inode, those buckets and the names' inodes, not all 64 buckets. A directory
+/// without the mark (made before directories kept it) is listed by reading every bucket.
+/// A bucket that holds a name its directory does not mark (a crash wrote the bucket back
+/// but not the inode) is what `fsck` reports and repairs.
+#[test]
+fn a_listing_reads_only_the_buckets_that_hold_names() {
+    let (c, blocks, _) = client_with_file(b"x");
+    let root = c.resolve("/").expect("root").ino;
+    let d = c.mkdir(root, b"d", 0o755, 0, 0).expect("mkdir /d").ino;
+    let names: Vec<Vec<u8>> = (0..3).map(|k| format!("n{k}").into_bytes()).collect();
+    for n in &names {
+        c.create(d, n, 0o644, 0, 0).expect("create");
+    }
+    let ops = || blocks.ops.load(Ordering::SeqCst);
+    let listed = |what: &str| {
+        let o0 = ops();
+        let mut got: Vec<Vec<u8>> = c
+            .readdir(d)
+            .expect(what)
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        got.sort();
+        (got, ops() - o0)
+    };
+    let (got, tracked) = listed("readdir /d");
+    assert_eq!(got, names);
+    let buckets = c.getattr(d).expect("getattr /d").dir_buckets().len() as u64;
+    assert!(buckets <= 3, "{buckets} buckets marked for 3 names");
+    // The directory's inode, its marked buckets, the three names' inodes.
+    assert_eq!(tracked, 1 + buckets + 3, "block operations of the listing");
+    assert_eq!(
+        c.readdir(c.mkdir(root, b"e", 0o755, 0, 0).unwrap().ino),
+        Ok(vec![])
+    );
+
+    // The same directory as an older node made it: no mark, every bucket read.
+    let set_extents = |x: Vec<(u64, u64)>| {
+        let mut m = blocks.blocks.lock().unwrap();
+        let b = m.get_mut(&inode_block(d)).unwrap();
+        let mut i = Inode::decode(d, b).unwrap().unwrap();
+        i.extents = x;
+        *b = i.encode();
+    };
+    set_extents(Vec::new());
+    let (got, untracked) = listed("readdir /d, unmarked");
+    assert_eq!(got, names);
+    assert_eq!(untracked, 1 + DIR_BUCKETS + 3);
+
+    // Marked, but not its buckets: the listing misses the names; fsck finds and marks them.
+    set_extents(Inode::new_dir_extents());
+    assert_eq!(
+        listed("readdir /d, buckets unmarked").0,
+        Vec::<Vec<u8>>::new()
+    );
+    let report = xfs_node::fs::fsck::fsck(&c, true).expect("fsck --repair");
+    let found = report
+        .problems
+        .iter()
+        .filter(|p| p.contains("holds names its directory does not mark"))
+        .count() as u64;
+    assert_eq!(found, buckets, "{report:?}");
+    assert!(report.remaining.is_empty(), "{report:?}");
+    assert_eq!(listed("readdir /d, repaired").0, names);
 }

@@ -4,6 +4,9 @@
 //! * a name points at a live inode (not a freed one);
 //! * a file's link count is the number of names it has; a directory has one name, in the
 //!   directory its parent field names, and a link count of 2 plus its subdirectories;
+//! * a directory that tracks its buckets ([`crate::fs::layout::DIR_TRACKED`]) marks every
+//!   bucket that holds a name (else a listing would miss the name: a crash wrote the
+//!   bucket back but not its directory's inode; `--repair` marks it);
 //! * no inode carries a [`RenameIntent`] (a rename a crash interrupted: the stale name is
 //!   the one the intent calls the source, if the target name exists too);
 //! * every inode the nodes' allocators handed out and that is still in use has a name
@@ -74,12 +77,18 @@ pub fn fsck<B: Blocks>(c: &FsClient<B>, repair: bool) -> Result<FsckReport, Errn
     Ok(report)
 }
 
-/// A directory's entries as stored (the names of dead inodes included).
-fn raw_entries<B: Blocks>(c: &FsClient<B>, dir: u64) -> Result<Vec<Entry>, Errno> {
+/// A directory's entries as stored, with their buckets (the names of dead inodes
+/// included): every bucket is read, whichever its directory marks.
+fn raw_entries<B: Blocks>(c: &FsClient<B>, dir: u64) -> Result<Vec<(u64, Entry)>, Errno> {
     let mut all = Vec::new();
     for b in 0..DIR_BUCKETS {
         let d = c.read_block(block_id(dir, b))?;
-        all.extend(decode_bucket(&d).ok_or(Errno::EIO)?);
+        all.extend(
+            decode_bucket(&d)
+                .ok_or(Errno::EIO)?
+                .into_iter()
+                .map(|e| (b, e)),
+        );
     }
     Ok(all)
 }
@@ -144,7 +153,28 @@ impl<B: Blocks> Check<'_, B> {
         while let Some(dir) = todo.pop() {
             self.r.directories += 1;
             let dpath = paths.get(&dir).cloned().unwrap_or_default();
-            for e in raw_entries(c, dir)? {
+            let marked = stored(c, dir)?.map(|i| i.dir_buckets());
+            let mut unmarked = BTreeSet::new();
+            for (bucket, e) in raw_entries(c, dir)? {
+                if marked.as_ref().is_some_and(|m| !m.contains(&bucket)) && unmarked.insert(bucket)
+                {
+                    self.r.problems.push(msg_with_repair(
+                        format!(
+                            "{dpath}/: bucket {bucket} holds names its directory does not mark"
+                        ),
+                        self.repair,
+                        "marked",
+                    ));
+                    if self.repair {
+                        c.update(
+                            inode_block(dir),
+                            &[Op::Extent {
+                                start: bucket,
+                                end: bucket + 1,
+                            }],
+                        )?;
+                    }
+                }
                 self.r.names += 1;
                 let path = format!("{dpath}/{}", String::from_utf8_lossy(&e.name));
                 let Some(i) = stored(c, e.ino)? else {

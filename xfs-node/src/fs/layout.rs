@@ -25,6 +25,11 @@ pub const INODE_BLOCK: u64 = (1 << INDEX_SHIFT) - 1;
 pub const MAX_FILE: u64 = INODE_BLOCK * BLOCK as u64;
 /// Buckets (blocks) of a directory.
 pub const DIR_BUCKETS: u64 = 64;
+/// A directory's extents that reach block [`DIR_BUCKETS`] (past its last bucket) mark it
+/// as tracking its buckets: its other extents then cover every bucket that may hold an
+/// entry (a superset), and a listing reads only those. A directory without the mark (made
+/// before directories tracked their buckets) is listed by reading all of them.
+pub const DIR_TRACKED: (u64, u64) = (DIR_BUCKETS, DIR_BUCKETS + 1);
 /// Largest directory bucket (it travels as one AM medium message).
 pub const MAX_BUCKET: usize = 7 * 1024;
 /// Longest name.
@@ -254,6 +259,31 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 }
 
 impl Inode {
+    /// A directory's extents when it is made: no bucket holds an entry yet, and the mark
+    /// that it tracks them ([`DIR_TRACKED`]).
+    pub fn new_dir_extents() -> Vec<(u64, u64)> {
+        vec![DIR_TRACKED]
+    }
+
+    /// Whether this directory tracks which of its buckets may hold entries
+    /// ([`DIR_TRACKED`]).
+    pub fn tracks_buckets(&self) -> bool {
+        self.extents
+            .iter()
+            .any(|(s, e)| *s <= DIR_TRACKED.0 && DIR_TRACKED.0 < *e)
+    }
+
+    /// The buckets of this directory that may hold entries: those its extents cover if it
+    /// tracks them, else all [`DIR_BUCKETS`].
+    pub fn dir_buckets(&self) -> Vec<u64> {
+        if !self.tracks_buckets() {
+            return (0..DIR_BUCKETS).collect();
+        }
+        (0..DIR_BUCKETS)
+            .filter(|b| self.extents.iter().any(|(s, e)| s <= b && b < e))
+            .collect()
+    }
+
     /// Encode into an inode block.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; INODE_HEAD];

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use super::layout::{
     apply, block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, name_hash, Entry,
-    Inode, Kind, Op, RenameIntent, BLOCK, DIR_BUCKETS, MAX_FILE, MAX_NAME,
+    Inode, Kind, Op, RenameIntent, BLOCK, MAX_FILE, MAX_NAME,
 };
 use crate::coherence::{BlockId, NodeId, Outcome, UserOp};
 
@@ -450,6 +450,7 @@ impl<B: Blocks> FsClient<B> {
             ctime: now,
             btime: now,
             parent: root,
+            extents: Inode::new_dir_extents(),
             ..Inode::default()
         };
         self.write_inode(&inode)?;
@@ -538,7 +539,31 @@ impl<B: Blocks> FsClient<B> {
             entry: entry.clone(),
             replace,
         }];
-        let old = self.update(block_id(parent, bucket_of(&entry.name)), &ops)?;
+        // The directory's inode marks the bucket as one that may hold entries (listings
+        // read only those: `Inode::dir_buckets`), in the same batch as the insert.
+        let bucket = bucket_of(&entry.name);
+        let (dir, block) = (inode_block(parent), block_id(parent, bucket));
+        self.note_dirty(dir);
+        self.note_dirty(block);
+        let mut r = self
+            .blocks
+            .run(vec![
+                (
+                    dir,
+                    UserOp::Update(encode_patch(&[Op::Extent {
+                        start: bucket,
+                        end: bucket + 1,
+                    }])),
+                ),
+                (block, UserOp::Update(encode_patch(&ops))),
+            ])
+            .into_iter();
+        let (Some(marked), Some(inserted)) = (r.next(), r.next()) else {
+            return Err(Errno::EIO);
+        };
+        let (Outcome::Updated(_), Outcome::Updated(old)) = (marked?, inserted?) else {
+            return Err(Errno::EIO);
+        };
         let before = decode_bucket(&old).ok_or(Errno::EIO)?;
         let found = before.into_iter().find(|e| e.name == entry.name);
         // The patch is a pure function of the old content: whether the entry went in (or

@@ -130,7 +130,11 @@ impl<B: Blocks> FsClient<B> {
             parent,
             target: target.to_vec(),
             xattrs: Vec::new(),
-            extents: Vec::new(),
+            extents: if kind == Kind::Dir {
+                Inode::new_dir_extents()
+            } else {
+                Vec::new()
+            },
             rename: None,
         };
         if inode.encode().len() > crate::fs::layout::MAX_INODE {
@@ -272,7 +276,9 @@ impl<B: Blocks> FsClient<B> {
     /// empty.
     pub(super) fn free_inode(&self, i: &Inode) -> Result<(), Errno> {
         if i.kind == Some(Kind::Dir) {
-            let ops = (0..DIR_BUCKETS)
+            let ops = i
+                .dir_buckets()
+                .into_iter()
                 .map(|b| (block_id(i.ino, b), UserOp::Write(Vec::new())))
                 .collect();
             self.run_writes(ops)?;
@@ -431,8 +437,10 @@ impl<B: Blocks> FsClient<B> {
     /// `readdir` with every entry's inode (read anyway to leave out names whose inode died
     /// in a crash: see `alloc_ino`).
     pub fn readdir_plus(&self, ino: u64) -> Result<Vec<(Entry, Inode)>, Errno> {
-        self.dir(ino)?;
-        let ops = (0..DIR_BUCKETS)
+        let ops = self
+            .dir(ino)?
+            .dir_buckets()
+            .into_iter()
             .map(|b| (block_id(ino, b), UserOp::Read))
             .collect();
         let mut all = Vec::new();

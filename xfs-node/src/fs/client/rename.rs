@@ -207,7 +207,8 @@ impl<B: Blocks> FsClient<B> {
     ///    durable before either bucket changes;
     /// 2. the buckets change held together (acquired in block order, so two renames cannot
     ///    deadlock): no other node sees the name in both directories or in neither;
-    /// 3. the target's bucket is made durable, then the source's: a crash between leaves
+    /// 3. the target's bucket (and its directory's inode, which marks the bucket) is made
+    ///    durable, then the source's: a crash between leaves
     ///    two names of a file that counts two links (unlinking either keeps the other), or
     ///    of a directory whose parent field names the real one; never no name;
     /// 4. the intent and the extra link go (not waited for: until durable, a crash leaves
@@ -270,7 +271,9 @@ impl<B: Blocks> FsClient<B> {
             return Err(e);
         }
         let durable = self
-            .durable(&[a], self.map.manager(dp))
+            // With the target directory's inode, which marks the bucket (a listing after
+            // a crash must find the name a lookup finds).
+            .durable(&[a, inode_block(dp)], self.map.manager(dp))
             .and_then(|_| self.blocks.failpoint(FAILPOINT_RENAME_BETWEEN_BUCKETS))
             .and_then(|_| self.durable(&[b], self.map.manager(sp)));
         match durable {
