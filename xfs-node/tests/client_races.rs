@@ -345,8 +345,8 @@ fn a_read_waits_for_a_truncate_on_the_same_node_that_holds_the_inode() {
 }
 
 /// A lookup reads the directory's inode and the name's bucket in one batch (a missing name:
-/// one round trip; a found one: and its inode); a create is that batch, the new inode,
-/// the bucket insert and the parent's times: four, one after the other.
+/// one round trip; a found one: and its inode); a create is that batch, then one more with
+/// the new inode, the bucket insert and the parent's mark and times: two. An unlink: six.
 #[test]
 fn a_lookup_and_a_create_take_one_batch_for_the_directory_and_the_bucket() {
     let (c, blocks, _) = client_with_file(b"x");
@@ -367,13 +367,22 @@ fn a_lookup_and_a_create_take_one_batch_for_the_directory_and_the_bucket() {
     eprintln!("batches: negative lookup {negative}, lookup {positive}, create {create}");
     assert_eq!(negative, 1, "a lookup of a missing name");
     assert_eq!(positive, 2, "a lookup of an existing name");
-    assert!(create <= 4, "a create took {create} batches");
+    assert!(create <= 2, "a create took {create} batches");
     assert_eq!(c.lookup(root, b"g").expect("lookup /g").ino, g.ino);
     assert_eq!(
         c.create(root, b"g", 0o644, 0, 0).map(|i| i.ino),
         Err(Errno::EEXIST)
     );
     assert_eq!(c.lookup(g.ino, b"x").map(|i| i.ino), Err(Errno::ENOTDIR));
+    // An unlink: the directory and the name (one batch), the file's inode, the name out
+    // with the directory's times, the link count, the file's blocks with its inode, their
+    // write-back.
+    let r0 = runs();
+    c.unlink(root, b"g").expect("unlink /g");
+    let unlink = runs() - r0;
+    eprintln!("batches: unlink {unlink}");
+    assert!(unlink <= 6, "an unlink took {unlink} batches");
+    assert_eq!(c.lookup(root, b"g").map(|i| i.ino), Err(Errno::ENOENT));
 }
 
 /// A directory marks the buckets that hold names (`Inode::dir_buckets`), so a listing

@@ -68,15 +68,27 @@ impl<B: Blocks> FsClient<B> {
     /// Zero what lies past `new` up to the old size (bytes past the size are always
     /// zero); only the blocks the inode's extents say may hold data.
     pub(super) fn truncate_blocks(&self, i: &Inode, new: u64) -> Result<(), Errno> {
+        let mut ops = self.truncate_ops(i, new);
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(1024));
+            self.run_writes(ops)?;
+            ops = rest;
+        }
+        Ok(())
+    }
+
+    /// The block operations of a truncate of `i` to `new` bytes (see
+    /// [`FsClient::truncate_blocks`]).
+    pub(super) fn truncate_ops(&self, i: &Inode, new: u64) -> Vec<(BlockId, UserOp<Vec<u8>>)> {
         let (ino, old) = (i.ino, i.size);
+        let mut ops: Vec<(BlockId, UserOp<Vec<u8>>)> = Vec::new();
         if new >= old {
-            return Ok(());
+            return ops;
         }
         let bs = BLOCK as u64;
         let first_whole = new.div_ceil(bs);
         let end = old.div_ceil(bs);
         let may_hold = |b: u64| i.extents.iter().any(|(s, e)| *s <= b && b < *e);
-        let mut ops: Vec<(BlockId, UserOp<Vec<u8>>)> = Vec::new();
         if !new.is_multiple_of(bs) && may_hold(new / bs) {
             ops.push((
                 block_id(ino, new / bs),
@@ -88,12 +100,9 @@ impl<B: Blocks> FsClient<B> {
         for (s, e) in &i.extents {
             for b in (*s).max(first_whole)..(*e).min(end) {
                 ops.push((block_id(ino, b), UserOp::Write(Vec::new())));
-                if ops.len() >= 1024 {
-                    self.run_writes(std::mem::take(&mut ops))?;
-                }
             }
         }
-        self.run_writes(ops)
+        ops
     }
 
     pub(super) fn run_writes(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Result<(), Errno> {

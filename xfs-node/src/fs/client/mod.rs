@@ -535,35 +535,48 @@ impl<B: Blocks> FsClient<B> {
         entry: Entry,
         replace: bool,
     ) -> Result<Option<Entry>, Errno> {
+        self.insert_batch(parent, entry, replace, &[], Vec::new())
+    }
+
+    /// [`FsClient::insert`], in one batch with `parent_ops` on the directory's inode and
+    /// the writes or updates `with` of other blocks (each must succeed).
+    pub(super) fn insert_batch(
+        &self,
+        parent: u64,
+        entry: Entry,
+        replace: bool,
+        parent_ops: &[Op],
+        with: Vec<(BlockId, UserOp<Vec<u8>>)>,
+    ) -> Result<Option<Entry>, Errno> {
         let ops = [Op::Insert {
             entry: entry.clone(),
             replace,
         }];
         // The directory's inode marks the bucket as one that may hold entries (listings
-        // read only those: `Inode::dir_buckets`), in the same batch as the insert.
+        // read only those: `Inode::dir_buckets`).
         let bucket = bucket_of(&entry.name);
+        let mut dir_ops = vec![Op::Extent {
+            start: bucket,
+            end: bucket + 1,
+        }];
+        dir_ops.extend_from_slice(parent_ops);
         let (dir, block) = (inode_block(parent), block_id(parent, bucket));
         self.note_dirty(dir);
         self.note_dirty(block);
-        let mut r = self
-            .blocks
-            .run(vec![
-                (
-                    dir,
-                    UserOp::Update(encode_patch(&[Op::Extent {
-                        start: bucket,
-                        end: bucket + 1,
-                    }])),
-                ),
-                (block, UserOp::Update(encode_patch(&ops))),
-            ])
-            .into_iter();
-        let (Some(marked), Some(inserted)) = (r.next(), r.next()) else {
+        let mut batch = vec![
+            (block, UserOp::Update(encode_patch(&ops))),
+            (dir, UserOp::Update(encode_patch(&dir_ops))),
+        ];
+        batch.extend(with);
+        let mut r = self.blocks.run(batch).into_iter();
+        let Some(Outcome::Updated(old)) = r.next().transpose()? else {
             return Err(Errno::EIO);
         };
-        let (Outcome::Updated(_), Outcome::Updated(old)) = (marked?, inserted?) else {
-            return Err(Errno::EIO);
-        };
+        for o in r {
+            if !matches!(o?, Outcome::Updated(_) | Outcome::Written) {
+                return Err(Errno::EIO);
+            }
+        }
         let before = decode_bucket(&old).ok_or(Errno::EIO)?;
         let found = before.into_iter().find(|e| e.name == entry.name);
         // The patch is a pure function of the old content: whether the entry went in (or
@@ -576,13 +589,41 @@ impl<B: Blocks> FsClient<B> {
     }
 
     pub(super) fn remove(&self, parent: u64, name: &[u8], ino: u64) -> Result<bool, Errno> {
-        let old = self.update(
-            block_id(parent, bucket_of(name)),
-            &[Op::Remove {
-                name: name.to_vec(),
-                ino,
-            }],
-        )?;
+        self.remove_batch(parent, name, ino, &[])
+    }
+
+    /// Remove the entry `name` of `parent` if it names `ino`, in one batch with
+    /// `parent_ops` on the directory's inode (if any); returns whether it was there.
+    pub(super) fn remove_batch(
+        &self,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+        parent_ops: &[Op],
+    ) -> Result<bool, Errno> {
+        let block = block_id(parent, bucket_of(name));
+        let patch = [Op::Remove {
+            name: name.to_vec(),
+            ino,
+        }];
+        self.note_dirty(block);
+        let mut batch = vec![(block, UserOp::Update(encode_patch(&patch)))];
+        if !parent_ops.is_empty() {
+            self.note_dirty(inode_block(parent));
+            batch.push((
+                inode_block(parent),
+                UserOp::Update(encode_patch(parent_ops)),
+            ));
+        }
+        let mut r = self.blocks.run(batch).into_iter();
+        let Some(Outcome::Updated(old)) = r.next().transpose()? else {
+            return Err(Errno::EIO);
+        };
+        for o in r {
+            if !matches!(o?, Outcome::Updated(_)) {
+                return Err(Errno::EIO);
+            }
+        }
         let before = decode_bucket(&old).ok_or(Errno::EIO)?;
         Ok(before.iter().any(|e| e.name == name && e.ino == ino))
     }

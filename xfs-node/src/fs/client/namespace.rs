@@ -140,36 +140,29 @@ impl<B: Blocks> FsClient<B> {
         if inode.encode().len() > crate::fs::layout::MAX_INODE {
             return Err(Errno::ENAMETOOLONG);
         }
-        self.write_inode(&inode)?;
-        self.name_new_inode(parent, name, ino, kind, now)?;
+        self.name_new_inode(parent, name, &inode, now)?;
         Ok(inode)
     }
 
-    /// Give the just-written inode `ino` its name in `parent` (EEXIST, and the inode
-    /// freed, if another took the name meanwhile), and update the parent's times (and,
-    /// for a directory, its link count).
+    /// Write the new inode, give it its name in `parent` and update the parent's times
+    /// (and, for a directory, its link count), all in one batch: the name may land on its
+    /// shard before the inode on its own, which is as if a lookup ran just before the
+    /// create (a name whose inode is not there yet reads as absent). If another took the
+    /// name meanwhile (EEXIST) or its bucket is full (ENOSPC), the inode is freed and the
+    /// parent's link count put back (its times stay changed).
     fn name_new_inode(
         &self,
         parent: u64,
         name: &[u8],
-        ino: u64,
-        kind: Kind,
+        inode: &Inode,
         now: u64,
     ) -> Result<(), Errno> {
+        let (ino, kind) = (inode.ino, inode.kind.unwrap_or(Kind::File));
         let entry = Entry {
             name: name.to_vec(),
             ino,
             kind,
         };
-        self.insert(parent, entry, false)?.map_or(Ok(()), |_| {
-            // Lost a race for the name: free the inode.
-            self.write_inode(&Inode {
-                ino,
-                ..Inode::default()
-            })?;
-            Err(Errno::EEXIST)
-        })?;
-        self.note_dirty_under(parent, inode_block(ino));
         let mut ops = vec![set(field::MTIME, now), set(field::CTIME, now)];
         if kind == Kind::Dir {
             ops.push(Op::Add {
@@ -177,8 +170,25 @@ impl<B: Blocks> FsClient<B> {
                 delta: 1,
             });
         }
-        self.update(inode_block(parent), &ops)?;
-        Ok(())
+        self.note_dirty(inode_block(ino));
+        self.note_dirty_under(parent, inode_block(ino));
+        let new = (inode_block(ino), UserOp::Write(inode.encode()));
+        let lost = match self.insert_batch(parent, entry, false, &ops, vec![new]) {
+            Ok(None) => return Ok(()),
+            // Another took the name meanwhile.
+            Ok(Some(_)) => Errno::EEXIST,
+            // The bucket is full.
+            Err(Errno::ENOSPC) => Errno::ENOSPC,
+            Err(e) => return Err(e),
+        };
+        self.write_inode(&Inode {
+            ino,
+            ..Inode::default()
+        })?;
+        if kind == Kind::Dir {
+            self.touch_dir(parent, -1)?;
+        }
+        Err(lost)
     }
 
     /// `create` a regular file.
@@ -275,17 +285,22 @@ impl<B: Blocks> FsClient<B> {
     /// Write every block `i` may hold (data or directory buckets) and its inode block
     /// empty.
     pub(super) fn free_inode(&self, i: &Inode) -> Result<(), Errno> {
-        if i.kind == Some(Kind::Dir) {
-            let ops = i
-                .dir_buckets()
+        // The blocks and the inode together (a reader that finds the inode gone stops
+        // there); at most 1024 blocks a batch, the inode in the last one.
+        let mut ops = if i.kind == Some(Kind::Dir) {
+            i.dir_buckets()
                 .into_iter()
                 .map(|b| (block_id(i.ino, b), UserOp::Write(Vec::new())))
-                .collect();
-            self.run_writes(ops)?;
+                .collect()
         } else {
-            self.truncate_blocks(i, 0)?;
+            self.truncate_ops(i, 0)
+        };
+        ops.push((inode_block(i.ino), UserOp::Write(Vec::new())));
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(1024));
+            self.run_writes(ops)?;
+            ops = rest;
         }
-        self.run_writes(vec![(inode_block(i.ino), UserOp::Write(Vec::new()))])?;
         // Write the deletions back now (durable with the manager's next log sync), so the
         // space is the cleaner's at once rather than when the cache evicts them.
         let blocks: Vec<BlockId> = self
@@ -329,17 +344,19 @@ impl<B: Blocks> FsClient<B> {
         open: &[u64],
     ) -> Result<Option<u64>, Errno> {
         check_name(name)?;
-        self.dir(parent)?;
-        let e = self.find_live(parent, name)?.ok_or(Errno::ENOENT)?;
+        let (_, found) = self.dir_and_find(parent, name)?;
+        let e = self.live_entry(parent, name, found)?.ok_or(Errno::ENOENT)?;
         if e.kind == Kind::Dir {
             return Err(Errno::EISDIR);
         }
-        if !self.remove(parent, name, e.ino)? {
+        // The name and the directory's times in one batch (if another node removed the
+        // name first, the times still moved).
+        let now = self.blocks.now();
+        let times = [set(field::MTIME, now), set(field::CTIME, now)];
+        if !self.remove_batch(parent, name, e.ino, &times)? {
             return Err(Errno::ENOENT);
         }
-        let kept = self.drop_link(e.ino, 1, open)?;
-        self.touch_dir(parent, 0)?;
-        Ok(kept)
+        self.drop_link(e.ino, 1, open)
     }
 
     /// `rmdir`.
@@ -351,8 +368,8 @@ impl<B: Blocks> FsClient<B> {
             return Err(Errno::ENOTEMPTY);
         }
         check_name(name)?;
-        self.dir(parent)?;
-        let e = self.find_live(parent, name)?.ok_or(Errno::ENOENT)?;
+        let (_, found) = self.dir_and_find(parent, name)?;
+        let e = self.live_entry(parent, name, found)?.ok_or(Errno::ENOENT)?;
         if e.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
