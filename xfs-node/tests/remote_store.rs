@@ -115,6 +115,27 @@ fn fragments_round_trip_over_am_bulk_messages() {
         assert_eq!(&r.unwrap(), d);
     }
     assert_eq!(c.list().unwrap(), ids);
+    // A ranged read brings back just those bytes; a range past the end and a missing
+    // fragment are errors.
+    for (i, (off, len)) in [(0, 4096), (8192, 4096), (FRAG - 4096 - 99, 4096), (5, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let d = &data[i * 7];
+        assert_eq!(
+            c.read_range(ids[i * 7], off, len).unwrap(),
+            d[off..off + len],
+            "fragment {i}: {off}+{len}"
+        );
+    }
+    assert!(matches!(
+        c.read_range(ids[99], FRAG - 99, 4096),
+        Err(StoreError::Config(_))
+    ));
+    assert!(matches!(
+        c.read_range(id(5000, 0), 0, 4096),
+        Err(StoreError::NotFound(_))
+    ));
     c.delete(&ids[..10]).unwrap();
     c.sync().unwrap();
     assert!(matches!(

@@ -467,7 +467,10 @@ fn a_sequential_read_fetches_each_fragment_once() {
         fetches <= most,
         "{fetches} fragment fetches for {blocks} blocks in order (at most {most})"
     );
-    assert_eq!(fetches + hits, blocks);
+    // The first block read of each fragment fetched only its bytes; the second, the rest.
+    let ranged = k.fragment_range_reads - before.fragment_range_reads;
+    assert!(ranged <= most, "{ranged} ranged reads in a sequential read");
+    assert_eq!(fetches + hits + ranged, blocks);
     // New versions land in new segments: read back new, never a cached old one.
     for b in (0..blocks).step_by(3) {
         log.write(b, &block_data(b, 1)).unwrap();
@@ -481,4 +484,49 @@ fn a_sequential_read_fetches_each_fragment_once() {
             "block {b} after the rewrite"
         );
     }
+}
+
+/// A random read fetches only its block's bytes from the fragment's server, not the whole
+/// fragment; one on a server that lost its copy still reads right, from the others and
+/// parity.
+#[test]
+fn a_random_read_fetches_only_its_block() {
+    // More fragments than the log remembers as read in part (`RANGED_SEEN`), and a stride
+    // longer than a fragment: no fragment is read twice within that memory.
+    let blocks = 2000u64;
+    let stores = (0..3).map(|i| Some(mem(i))).collect();
+    let mut log = Log::new(7, group(3, 1), stores).unwrap();
+    for b in 0..blocks {
+        log.write(b, &block_data(b, 0)).unwrap();
+    }
+    log.fsync().unwrap();
+    let before = log.counters();
+    // Every block once, never the one after the last read.
+    let order: Vec<u64> = (0..blocks).map(|i| i * 67 % blocks).collect();
+    for b in &order {
+        assert_eq!(log.read(*b).unwrap(), block_data(*b, 0), "block {b}");
+    }
+    let k = log.counters();
+    let ranged = k.fragment_range_reads - before.fragment_range_reads;
+    let fetches = k.fragment_fetches - before.fragment_fetches;
+    assert_eq!((ranged, fetches), (blocks, 0), "{k:?}");
+    // The first data fragment's server loses it: its blocks come back rebuilt.
+    let mut log = Log::new(8, group(3, 1), (0..3).map(|i| Some(mem(10 + i))).collect()).unwrap();
+    for b in 0..blocks {
+        log.write(b, &block_data(b, 2)).unwrap();
+    }
+    log.fsync().unwrap();
+    let s = log.store_mut(0).unwrap();
+    let frags = s.list().unwrap();
+    s.delete(&frags).unwrap();
+    s.sync().unwrap();
+    let before = log.counters();
+    for b in &order {
+        assert_eq!(
+            log.read(*b).unwrap(),
+            block_data(*b, 2),
+            "block {b}, degraded"
+        );
+    }
+    assert!(log.counters().degraded_reads > before.degraded_reads);
 }

@@ -774,6 +774,7 @@ fn log_control<T: Transport + Send + 'static>(log: SharedLog<T>) -> LogControl {
             ("log_degraded_reads".into(), k.degraded_reads),
             ("log_fragment_fetches".into(), k.fragment_fetches),
             ("log_fragment_cache_hits".into(), k.fragment_cache_hits),
+            ("log_fragment_range_reads".into(), k.fragment_range_reads),
             ("log_checkpoints".into(), k.checkpoints),
             ("log_servers_lost".into(), k.servers_lost),
             ("log_rebuilt".into(), k.rebuilt),

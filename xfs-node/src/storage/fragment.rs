@@ -102,6 +102,24 @@ pub trait FragmentStore {
     fn sync(&mut self) -> Result<(), StoreError>;
     /// Read fragments, each checked; one result per id.
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>>;
+    /// Read `len` bytes at `offset` of fragment `id`, the whole fragment checked (a remote
+    /// store's server checks it and sends only the range). Past the fragment's end: a
+    /// [`StoreError::Config`].
+    fn read_range(
+        &mut self,
+        id: FragmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let whole = self
+            .read(&[id])
+            .pop()
+            .unwrap_or(Err(StoreError::NotFound(id)))?;
+        whole
+            .get(offset..offset.saturating_add(len))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| StoreError::Config(format!("range {offset}+{len} outside {id:?}")))
+    }
     /// Free fragments (durable after the next `sync`). Unknown ids are ignored.
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError>;
     /// The fragments held, in id order (a remote store asks its server).
@@ -532,6 +550,14 @@ impl<S: FragmentStore> FragmentStore for SharedStore<S> {
     }
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
         self.with(|s| s.read(ids))
+    }
+    fn read_range(
+        &mut self,
+        id: FragmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.with(|s| s.read_range(id, offset, len))
     }
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
         self.with(|s| s.delete(ids))

@@ -206,6 +206,9 @@ pub struct LogCounters {
     pub fragment_cache_hits: u64,
     /// Fragments fetched from a server (or rebuilt) for a block read.
     pub fragment_fetches: u64,
+    /// Block reads that fetched only the block's bytes from its server (the first read
+    /// of a fragment not read lately: a random read).
+    pub fragment_range_reads: u64,
     /// Queued segments (refused by full stores, never written) dropped because every
     /// block in them was overwritten or deleted since: a refused write keeps no space.
     pub superseded_dropped: u64,
@@ -374,6 +377,12 @@ pub struct Log<S: FragmentStore> {
     /// read takes a fragment's blocks from one fetch. A fragment never changes once written
     /// (segment numbers are not reused while the log runs), so nothing invalidates them.
     fragment_cache: std::collections::VecDeque<(FragmentId, Vec<u8>)>,
+    /// The fragments that block reads last fetched only a range of ([`RANGED_SEEN`] of
+    /// them): the first read of a fragment fetches only its bytes (a random read moves one
+    /// block, not the fragment); the second, soon after, fetches the whole fragment into
+    /// the cache (a sequential read, even several interleaved, moves each fragment about
+    /// once).
+    ranged_seen: std::collections::VecDeque<FragmentId>,
     /// Free segments of the stripe group as last seen, less what was written since (the
     /// stores are asked again when it runs low, and every few writes).
     free_hint: usize,
@@ -536,6 +545,8 @@ fn parity<T: AsRef<[u8]>>(group: &StripeGroup, data: &[T]) -> Result<Vec<Vec<u8>
 
 /// Fragments the log keeps for block reads (64 KiB each by default: 4 MiB).
 pub const FRAGMENT_CACHE: usize = 64;
+/// Fragments remembered as read in part ([`Log::read_at`]).
+pub const RANGED_SEEN: usize = 16;
 
 fn segment_number(writer: NodeId, seq: u64) -> u64 {
     ((writer as u64) << 40) | (seq & ((1 << 40) - 1))
@@ -580,6 +591,7 @@ impl<S: FragmentStore + Send> Log<S> {
             last_data_segment: 0,
             counters: LogCounters::default(),
             fragment_cache: std::collections::VecDeque::with_capacity(FRAGMENT_CACHE),
+            ranged_seen: std::collections::VecDeque::with_capacity(RANGED_SEEN),
             free_hint: 0,
             writes_since_look: u32::MAX,
             clock: Box::new(wall_clock_ms),

@@ -30,8 +30,10 @@ impl<S: FragmentStore + Send> Log<S> {
         self.read_at(a)
     }
 
-    /// Read bytes at a log address: from the fragment cache, else from the fragment's
-    /// server (rebuilding the fragment from the others if needed), kept in the cache.
+    /// Read bytes at a log address: from the fragment cache; else, if no read took a
+    /// range of its fragment lately ([`RANGED_SEEN`]), only those bytes from the
+    /// fragment's server; else (or if that fails) the whole fragment from its server
+    /// (rebuilt from the others if needed), kept in the cache.
     pub fn read_at(&mut self, a: LogAddress) -> Result<Vec<u8>, LogError> {
         let f = self.fragment_bytes;
         let id = FragmentId {
@@ -53,6 +55,24 @@ impl<S: FragmentStore + Send> Log<S> {
         if let Some((_, frag)) = self.fragment_cache.iter().find(|(k, _)| *k == id) {
             self.counters.fragment_cache_hits += 1;
             return slice(frag);
+        }
+        match self.ranged_seen.iter().position(|k| *k == id) {
+            Some(at) => {
+                self.ranged_seen.remove(at);
+            }
+            None => {
+                let ranged = self.stores[id.index as usize]
+                    .as_mut()
+                    .map(|s| s.read_range(id, inner, a.len as usize));
+                if let Some(Ok(d)) = ranged {
+                    self.counters.fragment_range_reads += 1;
+                    if self.ranged_seen.len() >= RANGED_SEEN {
+                        self.ranged_seen.pop_front();
+                    }
+                    self.ranged_seen.push_back(id);
+                    return Ok(d);
+                }
+            }
         }
         let frag = self.fragment(a.segment, id.index as usize)?;
         self.counters.fragment_fetches += 1;

@@ -306,6 +306,31 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
             .collect()
     }
 
+    fn read_range(
+        &mut self,
+        id: FragmentId,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let args = [
+            Op::Get as u64,
+            id.segment,
+            id.index as u64,
+            0,
+            offset as u64,
+            len as u64,
+        ];
+        let r = self.call(&args, id)?;
+        if r.payload.len() != len {
+            return Err(StoreError::Config(format!(
+                "storage server {} sent {} bytes of {id:?} for {len}",
+                self.server,
+                r.payload.len()
+            )));
+        }
+        Ok(r.payload)
+    }
+
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
         for chunk in ids.chunks(LIST_PAGE) {
             let bytes = encode_ids(chunk);

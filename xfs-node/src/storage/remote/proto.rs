@@ -26,7 +26,8 @@ pub enum Op {
     /// `[Sync]`: make what was put durable.
     Sync = 3,
     /// `[Get, segment, index, slot]`: the fragment comes back as a bulk into the client's
-    /// read slot.
+    /// read slot; `[Get, segment, index, slot, offset, len]`: only that range of it (the
+    /// server checks the whole fragment), to the start of the slot.
     Get = 4,
     /// `[Delete]` with the encoded ids as payload.
     Delete = 5,

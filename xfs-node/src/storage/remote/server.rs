@@ -236,6 +236,16 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
                 self.reply(p.token, &[Status::Refused as u64, k as u64, 0]);
                 continue;
             };
+            // A ranged get: only `[offset, offset + len)` of the fragment goes back.
+            let r = match (p.args.get(4), p.args.get(5)) {
+                (Some(&off), Some(&len)) => r.and_then(|d| {
+                    let (off, len) = (off as usize, len as usize);
+                    d.get(off..off.saturating_add(len))
+                        .map(<[u8]>::to_vec)
+                        .ok_or_else(|| StoreError::Config(format!("range {off}+{len} outside")))
+                }),
+                _ => r,
+            };
             match r {
                 Ok(d) if k < depth => {
                     let at = (w * self.depth + k) * self.frag;
