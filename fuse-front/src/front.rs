@@ -6,16 +6,31 @@ use super::*;
 /// A directory listing taken at `opendir` (and again at offset 0).
 pub(crate) type Listing = Arc<Vec<(u64, FileType, Vec<u8>, Option<Inode>)>>;
 
-/// The file handle of a descriptor opened with `O_APPEND`: its reads and writes bypass
-/// the kernel's page cache (`FOPEN_DIRECT_IO`), because its writes land where the node
-/// says, not where the kernel would have put them. Every other descriptor is handle 0.
+/// The file handle of a descriptor whose reads and writes bypass the kernel's page cache
+/// (`FOPEN_DIRECT_IO`): one opened with `O_APPEND`, because its writes land where the node
+/// says, not where the kernel would have put them; one opened on a file truncated lately
+/// ([`open_mode`]). Every other descriptor is handle 0.
 pub(crate) const FH_DIRECT: FileHandle = FileHandle(1);
 
+/// How long after a truncation of a file this mount saw its descriptors go around the
+/// page cache ([`open_mode`]).
+pub(crate) const TRUNCATED_DIRECT: Duration = Duration::from_secs(2);
+
 /// The handle and open flags for a descriptor opened with `flags`: the page cache stays
-/// valid across opens (invalidations keep it coherent); an `O_APPEND` descriptor goes
-/// around it ([`FH_DIRECT`]).
-pub(crate) fn open_mode(flags: i32) -> (FileHandle, FopenFlags) {
-    if flags & libc::O_APPEND != 0 {
+/// valid across opens (invalidations keep it coherent); a descriptor goes around it
+/// ([`FH_DIRECT`]) if opened with `O_APPEND`, or if this mount saw the file truncated
+/// lately (`truncated_lately`, within [`TRUNCATED_DIRECT`]; an `open(O_TRUNC)` truncates
+/// before it opens).
+///
+/// The latter closes a race in the kernel's page cache that no answer of ours can: a read
+/// that finds no page asks for it; the file is truncated before the answer, which comes
+/// back short (the kernel fills the rest of the page with zeros); the file is written
+/// again before the reader looks at the size; the reader copies the new size's worth of
+/// that zero page: NULs that were never written. A direct read takes its bytes and its
+/// length from one answer of the node, which never pairs a new size with data that is
+/// not there yet.
+pub(crate) fn open_mode(flags: i32, truncated_lately: bool) -> (FileHandle, FopenFlags) {
+    if flags & libc::O_APPEND != 0 || truncated_lately {
         (
             FH_DIRECT,
             FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_KEEP_CACHE,
@@ -111,6 +126,7 @@ impl Front {
                 root,
                 names: Mutex::new(HashMap::new()),
                 inos: Mutex::new(HashSet::new()),
+                truncations: Mutex::new(HashMap::new()),
                 inval_epoch: AtomicU64::new(0),
                 kernel: std::sync::OnceLock::new(),
             }),
@@ -163,6 +179,9 @@ impl Front {
     }
 
     pub(crate) fn attr(&self, i: &Inode) -> FileAttr {
+        if i.kind == Some(Kind::File) && i.truncations > 0 {
+            self.shared.saw_truncations(i.ino, i.truncations);
+        }
         let blocks: u64 = i
             .extents
             .iter()

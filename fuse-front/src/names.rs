@@ -26,12 +26,43 @@ pub struct Shared {
     /// The kernel's notify channel, once mounted: an append drops the pages its kernel
     /// cached where the bytes really landed ([`Shared::set_kernel`]).
     pub(crate) kernel: std::sync::OnceLock<KernelChannel>,
+    /// Regular files' truncation counts as last seen in their attributes, and when each
+    /// changed (at most [`TRUNCATIONS_TRACKED`] files): a file truncated lately is opened
+    /// around the page cache (`front::open_mode`).
+    pub(crate) truncations: Mutex<HashMap<u64, (u64, Instant)>>,
 }
+
+/// Files whose truncation counts a mount keeps (beyond, those not changed lately go).
+pub(crate) const TRUNCATIONS_TRACKED: usize = 4096;
 
 impl Shared {
     /// Give the operations the kernel's notify channel (set once, after the mount).
     pub fn set_kernel(&self, k: KernelChannel) {
         let _ = self.kernel.set(k);
+    }
+
+    /// The attributes of file `ino` say it has been truncated `count` times: note when
+    /// that count changed (its first sight counts as a change).
+    pub(crate) fn saw_truncations(&self, ino: u64, count: u64) {
+        let mut t = lock(&self.truncations);
+        if t.get(&ino).is_some_and(|(c, _)| *c == count) {
+            return;
+        }
+        if t.len() >= TRUNCATIONS_TRACKED {
+            t.retain(|_, (_, at)| at.elapsed() < crate::front::TRUNCATED_DIRECT);
+            if t.len() >= TRUNCATIONS_TRACKED {
+                t.clear();
+            }
+        }
+        t.insert(ino, (count, Instant::now()));
+    }
+
+    /// Whether file `ino` was truncated lately (within `front::TRUNCATED_DIRECT`), as far
+    /// as its attributes told this mount.
+    pub(crate) fn truncated_lately(&self, ino: u64) -> bool {
+        lock(&self.truncations)
+            .get(&ino)
+            .is_some_and(|(_, at)| at.elapsed() < crate::front::TRUNCATED_DIRECT)
     }
 
     /// Invalidations carried out so far.

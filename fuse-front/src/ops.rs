@@ -237,9 +237,11 @@ impl Filesystem for Front {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.count();
-        self.opened(self.shared.ours(ino));
-        // The page cache stays valid across opens: invalidations keep it coherent.
-        let (fh, fopen) = open_mode(flags.0);
+        let ino = self.shared.ours(ino);
+        self.opened(ino);
+        // The page cache stays valid across opens (invalidations keep it coherent), except
+        // for the descriptors `open_mode` sends around it.
+        let (fh, fopen) = open_mode(flags.0, self.shared.truncated_lately(ino));
         reply.opened(fh, fopen);
     }
 
@@ -652,7 +654,7 @@ impl Filesystem for Front {
             Ok(i) => {
                 self.shared.hand_out(p, name, i.ino);
                 self.opened(i.ino);
-                let (fh, fopen) = open_mode(flags);
+                let (fh, fopen) = open_mode(flags, self.shared.truncated_lately(i.ino));
                 reply.created(&self.opts.ttl, &self.attr(&i), Generation(0), fh, fopen)
             }
             Err(e) => reply.error(e),
