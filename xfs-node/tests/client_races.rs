@@ -346,7 +346,8 @@ fn a_read_waits_for_a_truncate_on_the_same_node_that_holds_the_inode() {
 
 /// A lookup reads the directory's inode and the name's bucket in one batch (a missing name:
 /// one round trip; a found one: and its inode); a create is that batch, then one more with
-/// the new inode, the bucket insert and the parent's mark and times: two. An unlink: six.
+/// the new inode, the bucket insert and the parent's mark and times: two. A read: two
+/// (three across a hole). An unlink: six.
 #[test]
 fn a_lookup_and_a_create_take_one_batch_for_the_directory_and_the_bucket() {
     let (c, blocks, _) = client_with_file(b"x");
@@ -374,6 +375,20 @@ fn a_lookup_and_a_create_take_one_batch_for_the_directory_and_the_bucket() {
         Err(Errno::EEXIST)
     );
     assert_eq!(c.lookup(g.ino, b"x").map(|i| i.ino), Err(Errno::ENOTDIR));
+    // A read of written blocks: the inode, then the blocks. One that meets a hole (or a
+    // block cut short) looks at the inode again (a truncate may have cleared it).
+    let data = vec![5u8; 8192];
+    assert_eq!(c.write(g.ino, 0, &data), Ok(8192));
+    assert_eq!(c.write(g.ino, 16384, &data[..10]), Ok(10));
+    let r0 = runs();
+    assert_eq!(c.read(g.ino, 0, 8192).expect("read /g"), data);
+    let read = runs() - r0;
+    let r0 = runs();
+    let holey = c.read(g.ino, 4096, 8192).expect("read /g across the hole");
+    let read_hole = runs() - r0;
+    eprintln!("batches: read {read}, read across a hole {read_hole}");
+    assert_eq!(holey, [&data[..4096], &[0u8; 4096][..]].concat());
+    assert_eq!((read, read_hole), (2, 3), "batches of a read");
     // An unlink: the directory and the name (one batch), the file's inode, the name out
     // with the directory's times, the link count, the file's blocks with its inode, their
     // write-back.

@@ -122,15 +122,17 @@ impl<B: Blocks> FsClient<B> {
     /// would come back as zeros that were never written (NULs under a stale size). So
     /// the inode is read again after the blocks; if a truncation came in between (its
     /// count moved), the read starts again, from the new size. After [`READ_TRIES`] such
-    /// losses it reads holding the inode block (no truncation runs meanwhile).
+    /// losses it reads holding the inode block (no truncation runs meanwhile). A read
+    /// whose every block gave all the bytes asked of it found nothing cleared (a cleared
+    /// block is empty, a cut one short) and skips the second look.
     pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
         for _ in 0..READ_TRIES {
             // A truncate on this node holds the inode without making this read wait (a
             // local hold is not a remote revoke): none may start while the read runs.
             let holds = self.holds_of(inode_block(ino));
             let i = self.getattr(ino)?;
-            let out = self.read_within(&i, offset, len)?;
-            if i.kind != Some(Kind::File) {
+            let (out, whole) = self.read_within(&i, offset, len)?;
+            if i.kind != Some(Kind::File) || whole {
                 return Ok(out);
             }
             let after = self.getattr(ino)?;
@@ -141,7 +143,7 @@ impl<B: Blocks> FsClient<B> {
         }
         self.holding(&[inode_block(ino)], || {
             let i = self.getattr(ino)?;
-            self.read_within(&i, offset, len)
+            self.read_within(&i, offset, len).map(|(out, _)| out)
         })
     }
 
@@ -159,14 +161,15 @@ impl<B: Blocks> FsClient<B> {
         g.started[Held::slot(block)]
     }
 
-    /// The bytes of `[offset, offset + len)` that lie within `i.size`.
-    fn read_within(&self, i: &Inode, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    /// The bytes of `[offset, offset + len)` that lie within `i.size`, and whether every
+    /// block gave all of its bytes in that range (none was a hole, or cut short).
+    fn read_within(&self, i: &Inode, offset: u64, len: usize) -> Result<(Vec<u8>, bool), Errno> {
         let ino = i.ino;
         if i.kind == Some(Kind::Dir) {
             return Err(Errno::EISDIR);
         }
         if offset >= i.size || len == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), true));
         }
         let end = (offset + len as u64).min(i.size);
         let bs = BLOCK as u64;
@@ -176,6 +179,7 @@ impl<B: Blocks> FsClient<B> {
             .map(|b| (block_id(ino, *b), UserOp::Read))
             .collect();
         let mut out = vec![0u8; (end - offset) as usize];
+        let mut whole = true;
         for (b, r) in blocks.iter().zip(self.blocks.run(ops)) {
             let Outcome::Read(data) = r? else {
                 return Err(Errno::EIO);
@@ -186,13 +190,14 @@ impl<B: Blocks> FsClient<B> {
             let from = offset.max(bstart);
             let to = end.min(bstart + bs);
             let have = data.len().min((to - bstart) as usize);
+            whole &= have == (to - bstart) as usize;
             let skip = (from - bstart) as usize;
             if have > skip {
                 let at = (from - offset) as usize;
                 out[at..at + have - skip].copy_from_slice(&data[skip..have]);
             }
         }
-        Ok(out)
+        Ok((out, whole))
     }
 
     /// `write`: all of `data` at `offset`; returns the bytes written.
