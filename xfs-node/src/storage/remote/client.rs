@@ -26,6 +26,12 @@ pub struct RemoteStore<T: Transport> {
     /// The server stopped answering: every call fails at once (no second timeout per
     /// call: degraded reads go straight to parity).
     dead: bool,
+    /// The server's free slots as its last put or stat reply said, less what was put
+    /// since: a write checks room against it and asks the server (a `Stat` round trip)
+    /// only when it looks too small. `None`: ask.
+    free_hint: Option<usize>,
+    /// `Stat` requests sent (a write sends one only when its room is in doubt).
+    stats_asked: u64,
 }
 
 impl<T: Transport> RemoteStore<T> {
@@ -78,6 +84,8 @@ impl<T: Transport> RemoteStore<T> {
             pump,
             timeout: Duration::from_secs(10),
             dead: false,
+            free_hint: None,
+            stats_asked: 0,
         };
         let r = s.call(
             &[Op::Hello as u64, depth as u64],
@@ -103,6 +111,11 @@ impl<T: Transport> RemoteStore<T> {
             )));
         }
         Ok(s)
+    }
+
+    /// `Stat` requests sent so far.
+    pub fn stats_asked(&self) -> u64 {
+        self.stats_asked
     }
 
     /// How long a call waits for the server before it fails (default 10 s).
@@ -190,6 +203,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
     }
 
     fn free_slots(&mut self) -> Result<usize, StoreError> {
+        self.stats_asked += 1;
         let r = self.call(
             &[Op::Stat as u64],
             FragmentId {
@@ -197,14 +211,20 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
                 index: 0,
             },
         )?;
-        Ok(r.args.get(1).copied().unwrap_or(0) as usize)
+        let free = r.args.get(1).copied().unwrap_or(0) as usize;
+        self.free_hint = Some(free);
+        Ok(free)
     }
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
         check_sizes(fragments, self.frag)?;
-        // All or nothing on space, as the trait says (checked first; another client may
+        // All or nothing on space, as the trait says (checked first, against what the
+        // server said last, asking it again if that looks too small; another client may
         // still take the room in between, then some fragments of the batch are written).
-        let free = self.free_slots()?;
+        let free = match self.free_hint {
+            Some(f) if f >= fragments.len() => f,
+            _ => self.free_slots()?,
+        };
         if free < fragments.len() {
             return Err(StoreError::NoSpace {
                 free,
@@ -234,6 +254,12 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
             outstanding -= 1;
             let k = r.args.get(1).copied().unwrap_or(0) as usize;
             free_k.push(k.min(self.depth - 1));
+            // The server's free slots after this put (a server that does not say: one
+            // fewer).
+            self.free_hint = match r.args.get(2) {
+                Some(f) => Some(*f as usize),
+                None => self.free_hint.map(|f| f.saturating_sub(1)),
+            };
             if r.args.first() != Some(&0) && first_err.is_none() {
                 let id = fragments.get(next.saturating_sub(1)).map_or(
                     FragmentId {

@@ -21,7 +21,8 @@ pub enum Op {
     /// `[Hello, depth]`: ask for a window of `depth` fragment slots; the reply is
     /// `[status, window base, fragment bytes, server depth]`.
     Hello = 1,
-    /// `[Put, segment, index, slot]` with the fragment as a bulk into the window's slot.
+    /// `[Put, segment, index, slot]` with the fragment as a bulk into the window's slot;
+    /// the reply is `[status, slot, free slots after it]`.
     Put = 2,
     /// `[Sync]`: make what was put durable.
     Sync = 3,

@@ -210,10 +210,13 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
                 Err(e) => Status::of(&e),
             }
         };
+        // The free slots after the puts: the client checks its next write's room against
+        // them rather than asking (`Stat`) every time.
+        let free = self.store.free_slots().unwrap_or(0) as u64;
         for (p, ok) in group.into_iter().zip(ok) {
             let k = p.args.get(3).copied().unwrap_or(0);
             let s = if ok { status } else { Status::Refused };
-            self.reply(p.token, &[s as u64, k]);
+            self.reply(p.token, &[s as u64, k, free]);
         }
     }
 
