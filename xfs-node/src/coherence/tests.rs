@@ -261,3 +261,59 @@ fn a_forward_to_a_client_without_a_copy_falls_back_to_storage() {
         )]
     );
 }
+
+/// A full bounded cache evicts by a clock: a block used since the hand last passed it
+/// gets a second chance, so a block just read again stays even when its number is the
+/// lowest (the old rule, lowest number first, evicted it).
+#[test]
+fn a_full_cache_evicts_a_block_not_used_lately() {
+    let mut c = ClientShard::new(1, ProtocolConfig::default(), placement(), 3);
+    let mut out = Vec::new();
+    let mut op = 0;
+    // Read `block` (from storage if it misses); the blocks the read chose to evict.
+    let mut read = |c: &mut ClientShard<u64>, block: BlockId| -> Vec<BlockId> {
+        op += 1;
+        c.start(op, block, UserOp::Read, &mut out).unwrap();
+        let evicted = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::InvalidateKernel { block } => Some(*block),
+                _ => None,
+            })
+            .collect();
+        let missed = out.iter().any(|o| {
+            matches!(
+                o,
+                Output::Send {
+                    msg: Msg::ReadReq { .. },
+                    ..
+                }
+            )
+        });
+        if missed {
+            out.clear();
+            let data = Msg::Data {
+                block,
+                seq: 0,
+                data: block,
+                exclusive: false,
+                from_cache: false,
+            };
+            c.receive(M, data, &mut out).unwrap();
+        }
+        let done = out
+            .drain(..)
+            .any(|o| matches!(o, Output::Complete { outcome: Outcome::Read(d), .. } if d == block));
+        assert!(done, "the read of block {block} did not complete");
+        evicted
+    };
+    for b in [1, 2, 3] {
+        assert_eq!(read(&mut c, b), Vec::<BlockId>::new(), "block {b}");
+    }
+    // Full: the first pass clears every use bit and takes the first block.
+    assert_eq!(read(&mut c, 4), vec![1]);
+    // Block 2 is used again: the next miss passes it by and takes block 3.
+    assert_eq!(read(&mut c, 2), Vec::<BlockId>::new());
+    assert_eq!(read(&mut c, 5), vec![3]);
+    assert_eq!(c.counters.capacity_evictions, 2);
+}

@@ -92,6 +92,9 @@ pub struct ClientBlock<D> {
     /// Held private by a multi-block transaction ([`UserOp::Acquire`]): revokes and
     /// forwards wait in `deferred` until [`UserOp::Release`].
     pub pinned: bool,
+    /// Used since the eviction clock last passed it (a bounded cache only): it gets a
+    /// second chance ([`super::ClientShard`]'s `make_room`).
+    pub referenced: bool,
 }
 
 impl<D> Default for ClientBlock<D> {
@@ -103,6 +106,7 @@ impl<D> Default for ClientBlock<D> {
             step: None,
             deferred: VecDeque::new(),
             pinned: false,
+            referenced: false,
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct ClientShard<D> {
     pub channels: BTreeMap<(NodeId, BlockId), Channel<D>>,
     /// Blocks holding data (kept as they change: a miss checks it against `capacity`).
     cached: usize,
+    /// The eviction clock's hand: where the next search for a victim starts.
+    hand: BlockId,
     /// Counters.
     pub counters: ClientCounters,
 }
@@ -86,6 +88,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             blocks: BTreeMap::new(),
             channels: BTreeMap::new(),
             cached: 0,
+            hand: 0,
             counters: ClientCounters::default(),
         }
     }
@@ -166,6 +169,9 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let storage = self.placement.storage(block);
         let mut released = false;
         let b = self.blocks.entry(block).or_default();
+        // Only a bounded cache keeps the use bit (an unbounded one never evicts, and its
+        // model-checked states stay as they were).
+        b.referenced = self.capacity > 0;
         match user {
             UserOp::Read => b.start_read(block, op, manager, out),
             UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire => {
@@ -197,19 +203,16 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         Ok(())
     }
 
-    /// A miss on `block` needs a slot: if the cache is full, evict the lowest idle cached
-    /// block (an eviction the shard chooses, with no user operation behind it).
+    /// A miss on `block` needs a slot: if the cache is full, evict an idle cached block
+    /// (an eviction the shard chooses, with no user operation behind it), chosen by a
+    /// clock (second chance, close to least recently used): from the hand on, in block
+    /// order and round again, a block used since the hand last passed it loses its use
+    /// bit and stays; the first one not used since goes.
     fn make_room(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
         if self.capacity == 0 || self.cached() < self.capacity {
             return Ok(());
         }
-        let victim = self
-            .blocks
-            .iter()
-            .find(|(id, b)| {
-                **id != block && b.data.is_some() && b.op.is_none() && b.step.is_none() && !b.pinned
-            })
-            .map(|(id, _)| *id);
+        let victim = self.clock_victim(block);
         if let Some(victim) = victim {
             self.counters.capacity_evictions += 1;
             let storage = self.placement.storage(victim);
@@ -222,6 +225,34 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             }
         }
         Ok(())
+    }
+
+    /// The block the eviction clock picks (not `keep`), the hand moved past it. Each
+    /// block is passed at most twice: once to clear its use bit, once to take it.
+    fn clock_victim(&mut self, keep: BlockId) -> Option<BlockId> {
+        let idle = |id: BlockId, b: &ClientBlock<D>| {
+            id != keep && b.data.is_some() && b.op.is_none() && b.step.is_none() && !b.pinned
+        };
+        let hand = self.hand;
+        for sweep in 0..3 {
+            let blocks: Box<dyn Iterator<Item = (&BlockId, &mut ClientBlock<D>)>> = if sweep == 0 {
+                Box::new(self.blocks.range_mut(hand..))
+            } else {
+                Box::new(self.blocks.iter_mut())
+            };
+            for (id, b) in blocks {
+                if !idle(*id, b) {
+                    continue;
+                }
+                if b.referenced {
+                    b.referenced = false;
+                    continue;
+                }
+                self.hand = id.wrapping_add(1);
+                return Some(*id);
+            }
+        }
+        None
     }
 
     /// Advance an eviction: write back if dirty, then invalidate the kernel, then ask.
