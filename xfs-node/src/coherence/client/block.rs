@@ -92,8 +92,8 @@ pub struct ClientBlock<D> {
     /// Held private by a multi-block transaction ([`UserOp::Acquire`]): revokes and
     /// forwards wait in `deferred` until [`UserOp::Release`].
     pub pinned: bool,
-    /// Used since the eviction clock last passed it (a bounded cache only): it gets a
-    /// second chance ([`super::ClientShard`]'s `make_room`).
+    /// Used again (a hit) since an eviction last passed it (a bounded cache only): it
+    /// gets a second chance ([`super::ClientShard`]'s `make_room`).
     pub referenced: bool,
 }
 

@@ -71,8 +71,6 @@ pub struct ClientShard<D> {
     pub channels: BTreeMap<(NodeId, BlockId), Channel<D>>,
     /// Blocks holding data (kept as they change: a miss checks it against `capacity`).
     cached: usize,
-    /// The eviction clock's hand: where the next search for a victim starts.
-    hand: BlockId,
     /// Counters.
     pub counters: ClientCounters,
 }
@@ -88,7 +86,6 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             blocks: BTreeMap::new(),
             channels: BTreeMap::new(),
             cached: 0,
-            hand: 0,
             counters: ClientCounters::default(),
         }
     }
@@ -169,9 +166,10 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let storage = self.placement.storage(block);
         let mut released = false;
         let b = self.blocks.entry(block).or_default();
-        // Only a bounded cache keeps the use bit (an unbounded one never evicts, and its
-        // model-checked states stay as they were).
-        b.referenced = self.capacity > 0;
+        // A hit marks the block used again (only in a bounded cache: an unbounded one never
+        // evicts, and its model-checked states stay as they were). A block a miss brings
+        // in is not marked: one used once (a scan) goes before one used again.
+        b.referenced = self.capacity > 0 && !missing;
         match user {
             UserOp::Read => b.start_read(block, op, manager, out),
             UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire => {
@@ -204,10 +202,12 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
     }
 
     /// A miss on `block` needs a slot: if the cache is full, evict an idle cached block
-    /// (an eviction the shard chooses, with no user operation behind it), chosen by a
-    /// clock (second chance, close to least recently used): from the hand on, in block
-    /// order and round again, a block used since the hand last passed it loses its use
-    /// bit and stays; the first one not used since goes.
+    /// (an eviction the shard chooses, with no user operation behind it): the lowest
+    /// numbered one not used again since an eviction last passed it. Blocks passed on the
+    /// way lose their use bit (a second chance, as a clock gives). The lowest number, not
+    /// a moving hand: a sequential scan, which brings blocks in ascending, then evicts
+    /// the blocks it already read rather than those it is about to (with a moving hand,
+    /// a cold sequential read of a file twice the cache ran at half the speed).
     fn make_room(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
         if self.capacity == 0 || self.cached() < self.capacity {
             return Ok(());
@@ -227,29 +227,21 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         Ok(())
     }
 
-    /// The block the eviction clock picks (not `keep`), the hand moved past it. Each
-    /// block is passed at most twice: once to clear its use bit, once to take it.
+    /// The block [`ClientShard::make_room`] evicts (not `keep`), if any is idle.
     fn clock_victim(&mut self, keep: BlockId) -> Option<BlockId> {
         let idle = |id: BlockId, b: &ClientBlock<D>| {
             id != keep && b.data.is_some() && b.op.is_none() && b.step.is_none() && !b.pinned
         };
-        let hand = self.hand;
-        for sweep in 0..3 {
-            let blocks: Box<dyn Iterator<Item = (&BlockId, &mut ClientBlock<D>)>> = if sweep == 0 {
-                Box::new(self.blocks.range_mut(hand..))
-            } else {
-                Box::new(self.blocks.iter_mut())
-            };
-            for (id, b) in blocks {
+        // The second pass finds every bit the first one passed cleared.
+        for _ in 0..2 {
+            for (id, b) in self.blocks.iter_mut() {
                 if !idle(*id, b) {
                     continue;
                 }
-                if b.referenced {
-                    b.referenced = false;
-                    continue;
+                if !b.referenced {
+                    return Some(*id);
                 }
-                self.hand = id.wrapping_add(1);
-                return Some(*id);
+                b.referenced = false;
             }
         }
         None
