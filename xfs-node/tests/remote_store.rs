@@ -155,9 +155,32 @@ fn fragments_round_trip_over_am_bulk_messages() {
         .collect();
     assert!(matches!(c.write(&many), Err(StoreError::NoSpace { .. })));
     assert_eq!(c.free_slots().unwrap(), 110);
+    // A begun write and a begun sync: sent at once, answered by `finish`; a request in
+    // between waits for the begun one first.
+    let begun: Vec<(FragmentId, &[u8])> =
+        (0..8).map(|i| (id(2000 + i, 2), big.as_slice())).collect();
+    c.write_begin(&begun).unwrap();
+    c.finish().unwrap();
+    c.sync_begin().unwrap();
+    c.finish().unwrap();
+    let more: Vec<(FragmentId, &[u8])> =
+        (0..2).map(|i| (id(3000 + i, 2), big.as_slice())).collect();
+    c.write_begin(&more).unwrap();
+    assert_eq!(c.free_slots().unwrap(), 100, "the stat after a begun write");
+    assert!(c.finish().is_ok(), "nothing left to finish");
+    let ids: Vec<FragmentId> = begun.iter().chain(&more).map(|f| f.0).collect();
+    assert!(c.read(&ids).into_iter().all(|r| r.unwrap() == big));
+    assert!(matches!(
+        c.write_begin(&many).and_then(|_| c.finish()),
+        Err(StoreError::NoSpace { .. })
+    ));
+    c.delete(&ids).unwrap();
+    c.sync().unwrap();
     // A dead server is an error that names it, not a hang.
     server.stop();
     let e = c.sync().unwrap_err();
+    assert!(e.to_string().contains("storage server"), "{e}");
+    let e = c.sync_begin().and_then(|_| c.finish()).unwrap_err();
     assert!(e.to_string().contains("storage server"), "{e}");
 }
 

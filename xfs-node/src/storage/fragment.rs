@@ -100,6 +100,21 @@ pub trait FragmentStore {
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError>;
     /// Make everything written so far durable.
     fn sync(&mut self) -> Result<(), StoreError>;
+    /// Begin a [`FragmentStore::write`] that [`FragmentStore::finish`] completes, so that
+    /// one caller keeps several stores busy at once with no thread each (a remote store
+    /// sends its puts and returns). The default writes now.
+    fn write_begin(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
+        self.write(fragments)
+    }
+    /// Begin a [`FragmentStore::sync`] that [`FragmentStore::finish`] completes. The
+    /// default syncs now.
+    fn sync_begin(&mut self) -> Result<(), StoreError> {
+        self.sync()
+    }
+    /// Wait for what `write_begin` or `sync_begin` started; its outcome.
+    fn finish(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Read fragments, each checked; one result per id.
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>>;
     /// Read `len` bytes at `offset` of fragment `id`, the whole fragment checked (a remote
@@ -547,6 +562,15 @@ impl<S: FragmentStore> FragmentStore for SharedStore<S> {
     }
     fn sync(&mut self) -> Result<(), StoreError> {
         self.with(|s| s.sync())
+    }
+    fn write_begin(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
+        self.with(|s| s.write_begin(fragments))
+    }
+    fn sync_begin(&mut self) -> Result<(), StoreError> {
+        self.with(|s| s.sync_begin())
+    }
+    fn finish(&mut self) -> Result<(), StoreError> {
+        self.with(|s| s.finish())
     }
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
         self.with(|s| s.read(ids))

@@ -409,6 +409,34 @@ pub fn wall_clock_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Fragments per server a write batch may have to go to the servers all at once from this
+/// thread ([`at_once`]); a larger one (the write-behind of many segments) takes a thread
+/// per server ([`parallel`]), since a remote store keeps only its window's worth in
+/// flight and would otherwise wait for one server before feeding the next. At most a
+/// node's storage window (`STORE_DEPTH` slots, also 16).
+pub const AT_ONCE_FRAGMENTS: usize = 16;
+
+/// Begin an operation on every store that is up (`begin`), then finish each
+/// ([`FragmentStore::finish`]): the stores work at once, with no thread each; one result
+/// per store that was up.
+fn at_once<S: FragmentStore>(
+    stores: &mut [Option<S>],
+    begin: impl Fn(usize, &mut S) -> Result<(), StoreError>,
+) -> Vec<(usize, Result<(), StoreError>)> {
+    let begun: Vec<(usize, Result<(), StoreError>)> = stores
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, s)| s.as_mut().map(|s| (i, begin(i, s))))
+        .collect();
+    begun
+        .into_iter()
+        .map(|(i, r)| match (r, stores[i].as_mut()) {
+            (Ok(()), Some(s)) => (i, s.finish()),
+            (r, _) => (i, r),
+        })
+        .collect()
+}
+
 /// Run `f` on every store that is up, in parallel (one scoped thread each when there are
 /// several); one result per store that was up.
 fn parallel<S: FragmentStore + Send>(

@@ -214,15 +214,20 @@ impl<S: FragmentStore + Send> Log<S> {
             });
         }
         let per_server = self.stripe(from)?;
-        // Every server at once, one thread each (a remote server's round trips, a local
-        // device's queue): the segment is as slow as its slowest server, not their sum.
-        let results = parallel(&mut self.stores, |i, store| {
-            let refs: Vec<(FragmentId, &[u8])> = per_server[i]
+        // Every server at once (a remote server's round trips, a local device's queue):
+        // the segment is as slow as its slowest server, not their sum. A small batch (an
+        // fsync's) from this thread; a large one with a thread per server.
+        let refs = |i: usize| -> Vec<(FragmentId, &[u8])> {
+            per_server[i]
                 .iter()
                 .map(|(id, d)| (*id, d.as_slice()))
-                .collect();
-            store.write(&refs)
-        });
+                .collect()
+        };
+        let results = if per_server.iter().all(|b| b.len() <= AT_ONCE_FRAGMENTS) {
+            at_once(&mut self.stores, |i, store| store.write_begin(&refs(i)))
+        } else {
+            parallel(&mut self.stores, |i, store| store.write(&refs(i)))
+        };
         let r = self.settle(results, self.queued[from].segment);
         if !use_reserve {
             self.full = matches!(r, Err(LogError::Store(StoreError::NoSpace { .. })));
@@ -292,7 +297,7 @@ impl<S: FragmentStore + Send> Log<S> {
     /// of segments.
     pub(super) fn sync_written(&mut self) -> Result<(), LogError> {
         let segment = self.written.first().map_or(0, |w| w.segment);
-        let results = parallel(&mut self.stores, |_, s| s.sync());
+        let results = at_once(&mut self.stores, |_, s| s.sync_begin());
         self.settle(results, segment)?;
         for sealed in std::mem::take(&mut self.written) {
             self.segs.insert(

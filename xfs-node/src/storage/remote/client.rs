@@ -32,6 +32,19 @@ pub struct RemoteStore<T: Transport> {
     free_hint: Option<usize>,
     /// `Stat` requests sent (a write sends one only when its room is in doubt).
     stats_asked: u64,
+    /// What `write_begin` or `sync_begin` sent and `finish` waits for.
+    begun: Option<Begun>,
+}
+
+/// Requests sent by a `*_begin`, not yet answered.
+enum Begun {
+    /// Puts of these fragments, one per slot from 0; `failed`: a send that failed.
+    Puts {
+        ids: Vec<FragmentId>,
+        failed: Option<StoreError>,
+    },
+    /// A sync.
+    Sync,
 }
 
 impl<T: Transport> RemoteStore<T> {
@@ -86,6 +99,7 @@ impl<T: Transport> RemoteStore<T> {
             dead: false,
             free_hint: None,
             stats_asked: 0,
+            begun: None,
         };
         let r = s.call(
             &[Op::Hello as u64, depth as u64],
@@ -185,6 +199,7 @@ impl<T: Transport> RemoteStore<T> {
     }
 
     fn call(&mut self, args: &[u64], id: FragmentId) -> Result<Reply, StoreError> {
+        self.finish_begun();
         self.send(AmMsg::small(SERVER_HANDLER, args))?;
         let r = self.next_reply()?;
         match r.args.first() {
@@ -194,6 +209,45 @@ impl<T: Transport> RemoteStore<T> {
             }
             _ => Ok(r),
         }
+    }
+}
+
+impl<T: Transport> RemoteStore<T> {
+    /// Wait for a begun write or sync whose caller never asked for its outcome (so its
+    /// replies do not answer the next request); the outcome is dropped.
+    fn finish_begun(&mut self) {
+        if self.begun.is_some() {
+            let _ = self.finish();
+        }
+    }
+
+    /// Let what was just requested leave now (the endpoint sends at its next poll), so
+    /// that the server works while this thread begins on the next store.
+    fn push_out(&mut self) {
+        let _ = self.ep.poll(256);
+        (self.pump)();
+    }
+
+    /// The room for `n` more fragments, as the server said last (asked again if that
+    /// looks too small): `NoSpace` if there is not.
+    fn check_room(&mut self, n: usize) -> Result<(), StoreError> {
+        let free = match self.free_hint {
+            Some(f) if f >= n => f,
+            _ => self.free_slots()?,
+        };
+        if free < n {
+            return Err(StoreError::NoSpace { free, needed: n });
+        }
+        Ok(())
+    }
+
+    /// Note a put's reply: the server's free slots after it (a server that does not say:
+    /// one fewer).
+    fn note_put_reply(&mut self, r: &Reply) {
+        self.free_hint = match r.args.get(2) {
+            Some(f) => Some(*f as usize),
+            None => self.free_hint.map(|f| f.saturating_sub(1)),
+        };
     }
 }
 
@@ -217,20 +271,12 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
     }
 
     fn write(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
+        self.finish_begun();
         check_sizes(fragments, self.frag)?;
         // All or nothing on space, as the trait says (checked first, against what the
         // server said last, asking it again if that looks too small; another client may
         // still take the room in between, then some fragments of the batch are written).
-        let free = match self.free_hint {
-            Some(f) if f >= fragments.len() => f,
-            _ => self.free_slots()?,
-        };
-        if free < fragments.len() {
-            return Err(StoreError::NoSpace {
-                free,
-                needed: fragments.len(),
-            });
-        }
+        self.check_room(fragments.len())?;
         let mut free_k: Vec<usize> = (0..self.depth).rev().collect();
         let (mut next, mut outstanding) = (0, 0);
         let mut first_err: Option<StoreError> = None;
@@ -254,12 +300,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
             outstanding -= 1;
             let k = r.args.get(1).copied().unwrap_or(0) as usize;
             free_k.push(k.min(self.depth - 1));
-            // The server's free slots after this put (a server that does not say: one
-            // fewer).
-            self.free_hint = match r.args.get(2) {
-                Some(f) => Some(*f as usize),
-                None => self.free_hint.map(|f| f.saturating_sub(1)),
-            };
+            self.note_put_reply(&r);
             if r.args.first() != Some(&0) && first_err.is_none() {
                 let id = fragments.get(next.saturating_sub(1)).map_or(
                     FragmentId {
@@ -285,7 +326,77 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
         .map(|_| ())
     }
 
+    /// Sends every put at once if they fit the window (else writes them all now).
+    fn write_begin(&mut self, fragments: &[(FragmentId, &[u8])]) -> Result<(), StoreError> {
+        self.finish_begun();
+        if fragments.len() > self.depth {
+            return self.write(fragments);
+        }
+        check_sizes(fragments, self.frag)?;
+        self.check_room(fragments.len())?;
+        let mut ids = Vec::with_capacity(fragments.len());
+        let mut failed = None;
+        for (k, (id, data)) in fragments.iter().enumerate() {
+            let at = k * self.frag;
+            self.ep.segment_mut()[at..at + data.len()].copy_from_slice(data);
+            let args = [Op::Put as u64, id.segment, id.index as u64, k as u64];
+            let src = [(at, data.len())];
+            let dst = self.base + at as u64;
+            if let Err(e) = self.send(AmMsg::bulk(SERVER_HANDLER, &args, &src, dst)) {
+                failed = Some(e);
+                break;
+            }
+            ids.push(*id);
+        }
+        self.begun = Some(Begun::Puts { ids, failed });
+        self.push_out();
+        Ok(())
+    }
+
+    fn sync_begin(&mut self) -> Result<(), StoreError> {
+        self.finish_begun();
+        self.send(AmMsg::small(SERVER_HANDLER, &[Op::Sync as u64]))?;
+        self.begun = Some(Begun::Sync);
+        self.push_out();
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), StoreError> {
+        let none = FragmentId {
+            segment: 0,
+            index: 0,
+        };
+        match self.begun.take() {
+            None => Ok(()),
+            Some(Begun::Sync) => {
+                let r = self.next_reply()?;
+                match r.args.first() {
+                    Some(0) => Ok(()),
+                    Some(s) => Err(Status::from_wire(*s).error(none, &self.server)),
+                    None => Err(Status::Refused.error(none, &self.server)),
+                }
+            }
+            Some(Begun::Puts { ids, mut failed }) => {
+                for _ in 0..ids.len() {
+                    let r = self.next_reply()?;
+                    self.note_put_reply(&r);
+                    let k = r.args.get(1).copied().unwrap_or(0) as usize;
+                    match r.args.first() {
+                        Some(0) => {}
+                        s => {
+                            let s = Status::from_wire(s.copied().unwrap_or(u64::MAX));
+                            let id = ids.get(k).copied().unwrap_or(none);
+                            failed.get_or_insert(s.error(id, &self.server));
+                        }
+                    }
+                }
+                failed.map_or(Ok(()), Err)
+            }
+        }
+    }
+
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
+        self.finish_begun();
         let mut out: Vec<Option<Result<Vec<u8>, StoreError>>> = ids.iter().map(|_| None).collect();
         let mut slot_of: Vec<Option<usize>> = vec![None; self.depth];
         let mut free_k: Vec<usize> = (0..self.depth).rev().collect();
@@ -358,6 +469,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
     }
 
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError> {
+        self.finish_begun();
         for chunk in ids.chunks(LIST_PAGE) {
             let bytes = encode_ids(chunk);
             let slices = [bytes.as_slice()];
