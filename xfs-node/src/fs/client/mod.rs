@@ -535,18 +535,16 @@ impl<B: Blocks> FsClient<B> {
         entry: Entry,
         replace: bool,
     ) -> Result<Option<Entry>, Errno> {
-        self.insert_batch(parent, entry, replace, &[], Vec::new())
+        self.insert_batch(parent, entry, replace, &[])
     }
 
-    /// [`FsClient::insert`], in one batch with `parent_ops` on the directory's inode and
-    /// the writes or updates `with` of other blocks (each must succeed).
+    /// [`FsClient::insert`], in one batch with `parent_ops` on the directory's inode.
     pub(super) fn insert_batch(
         &self,
         parent: u64,
         entry: Entry,
         replace: bool,
         parent_ops: &[Op],
-        with: Vec<(BlockId, UserOp<Vec<u8>>)>,
     ) -> Result<Option<Entry>, Errno> {
         let ops = [Op::Insert {
             entry: entry.clone(),
@@ -563,19 +561,16 @@ impl<B: Blocks> FsClient<B> {
         let (dir, block) = (inode_block(parent), block_id(parent, bucket));
         self.note_dirty(dir);
         self.note_dirty(block);
-        let mut batch = vec![
+        let batch = vec![
             (block, UserOp::Update(encode_patch(&ops))),
             (dir, UserOp::Update(encode_patch(&dir_ops))),
         ];
-        batch.extend(with);
         let mut r = self.blocks.run(batch).into_iter();
         let Some(Outcome::Updated(old)) = r.next().transpose()? else {
             return Err(Errno::EIO);
         };
-        for o in r {
-            if !matches!(o?, Outcome::Updated(_) | Outcome::Written) {
-                return Err(Errno::EIO);
-            }
+        if !matches!(r.next().transpose()?, Some(Outcome::Updated(_))) {
+            return Err(Errno::EIO);
         }
         let before = decode_bucket(&old).ok_or(Errno::EIO)?;
         let found = before.into_iter().find(|e| e.name == entry.name);

@@ -144,12 +144,12 @@ impl<B: Blocks> FsClient<B> {
         Ok(inode)
     }
 
-    /// Write the new inode, give it its name in `parent` and update the parent's times
-    /// (and, for a directory, its link count), all in one batch: the name may land on its
-    /// shard before the inode on its own, which is as if a lookup ran just before the
-    /// create (a name whose inode is not there yet reads as absent). If another took the
-    /// name meanwhile (EEXIST) or its bucket is full (ENOSPC), the inode is freed and the
-    /// parent's link count put back (its times stay changed).
+    /// Write the new inode, then give it its name in `parent` and update the parent's
+    /// times (and, for a directory, its link count) in one batch. The inode goes first, on
+    /// its own: a name whose inode is missing reads as a crash's leftover, which a lookup
+    /// removes (`live_entry`), so no name may be seen before its inode. If another took
+    /// the name meanwhile (EEXIST) or its bucket is full (ENOSPC), the inode is freed and
+    /// the parent's link count put back (its times stay changed).
     fn name_new_inode(
         &self,
         parent: u64,
@@ -170,10 +170,9 @@ impl<B: Blocks> FsClient<B> {
                 delta: 1,
             });
         }
-        self.note_dirty(inode_block(ino));
+        self.write_inode(inode)?;
         self.note_dirty_under(parent, inode_block(ino));
-        let new = (inode_block(ino), UserOp::Write(inode.encode()));
-        let lost = match self.insert_batch(parent, entry, false, &ops, vec![new]) {
+        let lost = match self.insert_batch(parent, entry, false, &ops) {
             Ok(None) => return Ok(()),
             // Another took the name meanwhile.
             Ok(Some(_)) => Errno::EEXIST,
