@@ -27,8 +27,8 @@ pub struct Shared {
     /// cached where the bytes really landed ([`Shared::set_kernel`]).
     pub(crate) kernel: std::sync::OnceLock<KernelChannel>,
     /// Regular files' truncation counts as last seen in their attributes, and when each
-    /// changed (at most [`TRUNCATIONS_TRACKED`] files): a file truncated lately is opened
-    /// around the page cache (`front::open_mode`).
+    /// changed (at most [`TRUNCATIONS_TRACKED`] files; beyond, the oldest go): a file
+    /// truncated lately is opened around the page cache (`front::open_mode`).
     pub(crate) truncations: Mutex<HashMap<u64, (u64, Instant)>>,
 }
 
@@ -49,9 +49,14 @@ impl Shared {
             return;
         }
         if t.len() >= TRUNCATIONS_TRACKED {
+            // Those seen longer ago go first; if all are recent, the older half of them
+            // (never everything: the file truncated a moment ago must stay).
             t.retain(|_, (_, at)| at.elapsed() < crate::front::TRUNCATED_DIRECT);
             if t.len() >= TRUNCATIONS_TRACKED {
-                t.clear();
+                let mut times: Vec<Instant> = t.values().map(|(_, at)| *at).collect();
+                times.sort_unstable();
+                let cut = times[times.len() / 2];
+                t.retain(|_, (_, at)| *at > cut);
             }
         }
         t.insert(ino, (count, Instant::now()));

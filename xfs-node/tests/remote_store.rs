@@ -177,7 +177,13 @@ fn fragments_round_trip_over_am_bulk_messages() {
     c.delete(&ids).unwrap();
     c.sync().unwrap();
     // A dead server is an error that names it, not a hang.
+    let mut c2 = server.client(0xc102);
     server.stop();
+    // A begun sync that another request had to wait for keeps its error for its finish.
+    c2.sync_begin().unwrap();
+    assert!(c2.free_slots().is_err());
+    let e = c2.finish().unwrap_err();
+    assert!(e.to_string().contains("storage server"), "{e}");
     let e = c.sync().unwrap_err();
     assert!(e.to_string().contains("storage server"), "{e}");
     let e = c.sync_begin().and_then(|_| c.finish()).unwrap_err();

@@ -123,8 +123,10 @@ impl<B: Blocks> FsClient<B> {
     /// the inode is read again after the blocks; if a truncation came in between (its
     /// count moved), the read starts again, from the new size. After [`READ_TRIES`] such
     /// losses it reads holding the inode block (no truncation runs meanwhile). A read
-    /// whose every block gave all the bytes asked of it found nothing cleared (a cleared
-    /// block is empty, a cut one short) and skips the second look.
+    /// within one block that gave all the bytes asked of it found nothing cleared (a
+    /// cleared block is empty, a cut one short) and skips the second look. A read of
+    /// several blocks does not: they are read at once, not atomically, so one could come
+    /// from before a truncate and another, full again, from a write after it.
     pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
         for _ in 0..READ_TRIES {
             // A truncate on this node holds the inode without making this read wait (a
@@ -132,7 +134,7 @@ impl<B: Blocks> FsClient<B> {
             let holds = self.holds_of(inode_block(ino));
             let i = self.getattr(ino)?;
             let (out, whole) = self.read_within(&i, offset, len)?;
-            if i.kind != Some(Kind::File) || whole {
+            if i.kind != Some(Kind::File) || (whole && one_block(offset, len)) {
                 return Ok(out);
             }
             let after = self.getattr(ino)?;
@@ -598,4 +600,10 @@ fn sized(size: Op, now: u64, blocks: std::ops::Range<u64>) -> [Op; 4] {
             end: blocks.end,
         },
     ]
+}
+
+/// Whether `[offset, offset + len)` lies within one block.
+fn one_block(offset: u64, len: usize) -> bool {
+    let bs = BLOCK as u64;
+    len > 0 && offset / bs == (offset + len as u64 - 1) / bs
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use super::layout::{
     apply, block_id, bucket_of, decode_bucket, encode_patch, field, inode_block, name_hash, Entry,
-    Inode, Kind, Op, RenameIntent, BLOCK, MAX_FILE, MAX_NAME,
+    Inode, Kind, Op, RenameIntent, BLOCK, DIR_BUCKETS, MAX_FILE, MAX_NAME,
 };
 use crate::coherence::{BlockId, NodeId, Outcome, UserOp};
 

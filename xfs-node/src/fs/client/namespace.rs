@@ -285,10 +285,11 @@ impl<B: Blocks> FsClient<B> {
     /// empty.
     pub(super) fn free_inode(&self, i: &Inode) -> Result<(), Errno> {
         // The blocks and the inode together (a reader that finds the inode gone stops
-        // there); at most 1024 blocks a batch, the inode in the last one.
+        // there); at most 1024 blocks a batch, the inode in the last one. Every bucket of
+        // a directory, marked or not (a crash or a racing create can leave a name in an
+        // unmarked one).
         let mut ops = if i.kind == Some(Kind::Dir) {
-            i.dir_buckets()
-                .into_iter()
+            (0..DIR_BUCKETS)
                 .map(|b| (block_id(i.ino, b), UserOp::Write(Vec::new())))
                 .collect()
         } else {
@@ -372,7 +373,7 @@ impl<B: Blocks> FsClient<B> {
         if e.kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        if !self.readdir(e.ino)?.is_empty() {
+        if !self.dir_is_empty(e.ino)? {
             return Err(Errno::ENOTEMPTY);
         }
         // A stale name left by a rename that a crash interrupted (the directory's parent
@@ -453,9 +454,21 @@ impl<B: Blocks> FsClient<B> {
     /// `readdir` with every entry's inode (read anyway to leave out names whose inode died
     /// in a crash: see `alloc_ino`).
     pub fn readdir_plus(&self, ino: u64) -> Result<Vec<(Entry, Inode)>, Errno> {
-        let ops = self
-            .dir(ino)?
-            .dir_buckets()
+        let buckets = self.dir(ino)?.dir_buckets();
+        self.entries_in(ino, buckets)
+    }
+
+    /// Whether directory `ino` holds no name (of a live inode) in any of its buckets,
+    /// marked or not: a crash can leave a bucket durable without its mark, and a rmdir or
+    /// a rename over the directory must not take it for empty then.
+    pub(super) fn dir_is_empty(&self, ino: u64) -> Result<bool, Errno> {
+        self.dir(ino)?;
+        Ok(self.entries_in(ino, (0..DIR_BUCKETS).collect())?.is_empty())
+    }
+
+    /// The names in `buckets` of directory `ino` whose inodes are live, with the inodes.
+    fn entries_in(&self, ino: u64, buckets: Vec<u64>) -> Result<Vec<(Entry, Inode)>, Errno> {
+        let ops = buckets
             .into_iter()
             .map(|b| (block_id(ino, b), UserOp::Read))
             .collect();

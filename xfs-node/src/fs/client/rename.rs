@@ -133,7 +133,7 @@ impl<B: Blocks> FsClient<B> {
         match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
             (true, false) => Err(Errno::ENOTDIR),
             (false, true) => Err(Errno::EISDIR),
-            (true, true) if !self.readdir(dst.ino)?.is_empty() => Err(Errno::ENOTEMPTY),
+            (true, true) if !self.dir_is_empty(dst.ino)? => Err(Errno::ENOTEMPTY),
             _ => Ok(()),
         }
     }

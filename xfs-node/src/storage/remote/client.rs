@@ -34,6 +34,9 @@ pub struct RemoteStore<T: Transport> {
     stats_asked: u64,
     /// What `write_begin` or `sync_begin` sent and `finish` waits for.
     begun: Option<Begun>,
+    /// The error of a begun request that another request had to wait for before its
+    /// caller's `finish`: that `finish` returns it.
+    unclaimed: Option<StoreError>,
 }
 
 /// Requests sent by a `*_begin`, not yet answered.
@@ -100,6 +103,7 @@ impl<T: Transport> RemoteStore<T> {
             free_hint: None,
             stats_asked: 0,
             begun: None,
+            unclaimed: None,
         };
         let r = s.call(
             &[Op::Hello as u64, depth as u64],
@@ -213,11 +217,13 @@ impl<T: Transport> RemoteStore<T> {
 }
 
 impl<T: Transport> RemoteStore<T> {
-    /// Wait for a begun write or sync whose caller never asked for its outcome (so its
-    /// replies do not answer the next request); the outcome is dropped.
+    /// Wait for a begun write or sync before another request (so its replies do not
+    /// answer that one); an error is kept for the begun request's own `finish`.
     fn finish_begun(&mut self) {
         if self.begun.is_some() {
-            let _ = self.finish();
+            if let Err(e) = self.finish() {
+                self.unclaimed = Some(e);
+            }
         }
     }
 
@@ -367,7 +373,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
             index: 0,
         };
         match self.begun.take() {
-            None => Ok(()),
+            None => self.unclaimed.take().map_or(Ok(()), Err),
             Some(Begun::Sync) => {
                 let r = self.next_reply()?;
                 match r.args.first() {
