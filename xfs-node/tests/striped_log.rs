@@ -443,17 +443,24 @@ fn an_unreadable_block_is_named_by_inode_and_offset() {
     );
 }
 
+/// Log `id` over three memory stores (one parity) with blocks `0..blocks` written at
+/// `version` and fsynced.
+fn written_log(id: u16, blocks: u64, version: u64) -> Log<MemFragmentStore> {
+    let stores = (0..3).map(|i| Some(mem(i))).collect();
+    let mut log = Log::new(id, group(3, 1), stores).unwrap();
+    for b in 0..blocks {
+        log.write(b, &block_data(b, version)).unwrap();
+    }
+    log.fsync().unwrap();
+    log
+}
+
 /// A sequential read of fsynced blocks fetches each fragment once (the log keeps the last
 /// fragments it fetched); overwritten blocks read their new version, from new segments.
 #[test]
 fn a_sequential_read_fetches_each_fragment_once() {
     let blocks = 200u64;
-    let stores = (0..3).map(|i| Some(mem(i))).collect();
-    let mut log = Log::new(7, group(3, 1), stores).unwrap();
-    for b in 0..blocks {
-        log.write(b, &block_data(b, 0)).unwrap();
-    }
-    log.fsync().unwrap();
+    let mut log = written_log(7, blocks, 0);
     let before = log.counters();
     for b in 0..blocks {
         assert_eq!(log.read(b).unwrap(), block_data(b, 0), "block {b}");
@@ -494,12 +501,7 @@ fn a_random_read_fetches_only_its_block() {
     // More fragments than the log remembers as read in part (`RANGED_SEEN`), and a stride
     // longer than a fragment: no fragment is read twice within that memory.
     let blocks = 2000u64;
-    let stores = (0..3).map(|i| Some(mem(i))).collect();
-    let mut log = Log::new(7, group(3, 1), stores).unwrap();
-    for b in 0..blocks {
-        log.write(b, &block_data(b, 0)).unwrap();
-    }
-    log.fsync().unwrap();
+    let mut log = written_log(7, blocks, 0);
     let before = log.counters();
     // Every block once, never the one after the last read.
     let order: Vec<u64> = (0..blocks).map(|i| i * 67 % blocks).collect();
@@ -511,11 +513,7 @@ fn a_random_read_fetches_only_its_block() {
     let fetches = k.fragment_fetches - before.fragment_fetches;
     assert_eq!((ranged, fetches), (blocks, 0), "{k:?}");
     // The first data fragment's server loses it: its blocks come back rebuilt.
-    let mut log = Log::new(8, group(3, 1), (0..3).map(|i| Some(mem(10 + i))).collect()).unwrap();
-    for b in 0..blocks {
-        log.write(b, &block_data(b, 2)).unwrap();
-    }
-    log.fsync().unwrap();
+    let mut log = written_log(8, blocks, 2);
     let s = log.store_mut(0).unwrap();
     let frags = s.list().unwrap();
     s.delete(&frags).unwrap();

@@ -130,15 +130,25 @@ pub trait FragmentStore {
             .read(&[id])
             .pop()
             .unwrap_or(Err(StoreError::NotFound(id)))?;
-        whole
-            .get(offset..offset.saturating_add(len))
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| StoreError::Config(format!("range {offset}+{len} outside {id:?}")))
+        fragment_range(&whole, id, offset, len)
     }
     /// Free fragments (durable after the next `sync`). Unknown ids are ignored.
     fn delete(&mut self, ids: &[FragmentId]) -> Result<(), StoreError>;
     /// The fragments held, in id order (a remote store asks its server).
     fn list(&mut self) -> Result<Vec<FragmentId>, StoreError>;
+}
+
+/// Bytes `[offset, offset + len)` of fragment `id`'s `data`; a [`StoreError::Config`] if
+/// the range lies outside it.
+pub fn fragment_range(
+    data: &[u8],
+    id: FragmentId,
+    offset: usize,
+    len: usize,
+) -> Result<Vec<u8>, StoreError> {
+    data.get(offset..offset.saturating_add(len))
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| StoreError::Config(format!("range {offset}+{len} outside {id:?}")))
 }
 
 /// A decoded slot header.

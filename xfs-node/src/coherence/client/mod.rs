@@ -212,7 +212,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         if self.capacity == 0 || self.cached() < self.capacity {
             return Ok(());
         }
-        let victim = self.clock_victim(block);
+        let victim = self.eviction_victim(block);
         if let Some(victim) = victim {
             self.counters.capacity_evictions += 1;
             let storage = self.placement.storage(victim);
@@ -228,7 +228,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
     }
 
     /// The block [`ClientShard::make_room`] evicts (not `keep`), if any is idle.
-    fn clock_victim(&mut self, keep: BlockId) -> Option<BlockId> {
+    fn eviction_victim(&mut self, keep: BlockId) -> Option<BlockId> {
         let idle = |id: BlockId, b: &ClientBlock<D>| {
             id != keep && b.data.is_some() && b.op.is_none() && b.step.is_none() && !b.pinned
         };

@@ -68,13 +68,7 @@ impl<B: Blocks> FsClient<B> {
     /// Zero what lies past `new` up to the old size (bytes past the size are always
     /// zero); only the blocks the inode's extents say may hold data.
     pub(super) fn truncate_blocks(&self, i: &Inode, new: u64) -> Result<(), Errno> {
-        let mut ops = self.truncate_ops(i, new);
-        while !ops.is_empty() {
-            let rest = ops.split_off(ops.len().min(1024));
-            self.run_writes(ops)?;
-            ops = rest;
-        }
-        Ok(())
+        self.run_writes(self.truncate_ops(i, new))
     }
 
     /// The block operations of a truncate of `i` to `new` bytes (see
@@ -105,12 +99,18 @@ impl<B: Blocks> FsClient<B> {
         ops
     }
 
-    pub(super) fn run_writes(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Result<(), Errno> {
+    /// Run `ops` (writes and updates, noted dirty) in batches of at most
+    /// [`WRITE_BATCH`], in order: each batch completes before the next starts.
+    pub(super) fn run_writes(&self, mut ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Result<(), Errno> {
         for (b, _) in &ops {
             self.note_dirty(*b);
         }
-        for r in self.blocks.run(ops) {
-            r?;
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(WRITE_BATCH));
+            for r in self.blocks.run(ops) {
+                r?;
+            }
+            ops = rest;
         }
         Ok(())
     }

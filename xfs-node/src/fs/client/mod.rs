@@ -292,6 +292,9 @@ pub struct FsClient<B: Blocks> {
 /// Tries of a write whose size update a truncation on another node defeated, before it
 /// holds the inode block ([`FsClient::write`]).
 pub const WRITE_TRIES: usize = 8;
+/// Block writes the client sends in one batch at most (a truncate or a free of a large
+/// file goes in several, one after the other).
+pub const WRITE_BATCH: usize = 1024;
 
 /// Tries of a read that a truncation on another node overtook, before it holds the
 /// inode block ([`FsClient::read`]).

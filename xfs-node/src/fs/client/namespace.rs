@@ -285,7 +285,7 @@ impl<B: Blocks> FsClient<B> {
     /// empty.
     pub(super) fn free_inode(&self, i: &Inode) -> Result<(), Errno> {
         // The blocks and the inode together (a reader that finds the inode gone stops
-        // there); at most 1024 blocks a batch, the inode in the last one. Every bucket of
+        // there; `run_writes` goes in batches, the inode in the last). Every bucket of
         // a directory, marked or not (a crash or a racing create can leave a name in an
         // unmarked one).
         let mut ops = if i.kind == Some(Kind::Dir) {
@@ -296,11 +296,7 @@ impl<B: Blocks> FsClient<B> {
             self.truncate_ops(i, 0)
         };
         ops.push((inode_block(i.ino), UserOp::Write(Vec::new())));
-        while !ops.is_empty() {
-            let rest = ops.split_off(ops.len().min(1024));
-            self.run_writes(ops)?;
-            ops = rest;
-        }
+        self.run_writes(ops)?;
         // Write the deletions back now (durable with the manager's next log sync), so the
         // space is the cleaner's at once rather than when the cache evicts them.
         let blocks: Vec<BlockId> = self

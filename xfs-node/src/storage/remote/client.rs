@@ -227,6 +227,17 @@ impl<T: Transport> RemoteStore<T> {
         }
     }
 
+    /// Put fragment `id` through slot `k` of this client's window: copied into the slot,
+    /// sent as a bulk into the same slot of the server's window for it.
+    fn send_put(&mut self, k: usize, id: FragmentId, data: &[u8]) -> Result<(), StoreError> {
+        let at = k * self.frag;
+        self.ep.segment_mut()[at..at + data.len()].copy_from_slice(data);
+        let args = [Op::Put as u64, id.segment, id.index as u64, k as u64];
+        let src = [(at, data.len())];
+        let dst = self.base + at as u64;
+        self.send(AmMsg::bulk(SERVER_HANDLER, &args, &src, dst))
+    }
+
     /// Let what was just requested leave now (the endpoint sends at its next poll), so
     /// that the server works while this thread begins on the next store.
     fn push_out(&mut self) {
@@ -290,12 +301,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
             while next < fragments.len() && first_err.is_none() {
                 let Some(k) = free_k.pop() else { break };
                 let (id, data) = fragments[next];
-                let at = k * self.frag;
-                self.ep.segment_mut()[at..at + data.len()].copy_from_slice(data);
-                let args = [Op::Put as u64, id.segment, id.index as u64, k as u64];
-                let src = [(at, data.len())];
-                let dst = self.base + at as u64;
-                self.send(AmMsg::bulk(SERVER_HANDLER, &args, &src, dst))?;
+                self.send_put(k, id, data)?;
                 next += 1;
                 outstanding += 1;
             }
@@ -343,12 +349,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
         let mut ids = Vec::with_capacity(fragments.len());
         let mut failed = None;
         for (k, (id, data)) in fragments.iter().enumerate() {
-            let at = k * self.frag;
-            self.ep.segment_mut()[at..at + data.len()].copy_from_slice(data);
-            let args = [Op::Put as u64, id.segment, id.index as u64, k as u64];
-            let src = [(at, data.len())];
-            let dst = self.base + at as u64;
-            if let Err(e) = self.send(AmMsg::bulk(SERVER_HANDLER, &args, &src, dst)) {
+            if let Err(e) = self.send_put(k, *id, data) {
                 failed = Some(e);
                 break;
             }

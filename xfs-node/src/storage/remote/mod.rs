@@ -34,4 +34,4 @@ use am_core::{
     AmError, Endpoint, EndpointName, Msg as AmMsg, ReplyToken, Tag, Transport, TransportError,
 };
 
-use super::fragment::{check_sizes, FragmentId, FragmentStore, StoreError};
+use super::fragment::{check_sizes, fragment_range, FragmentId, FragmentStore, StoreError};

@@ -233,7 +233,7 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
     fn get(&mut self, group: Vec<Pending>) {
         let ids: Vec<FragmentId> = group.iter().map(|p| id_of(&p.args)).collect();
         let results = self.store.read(&ids);
-        for (p, r) in group.into_iter().zip(results) {
+        for ((p, r), id) in group.into_iter().zip(results).zip(ids) {
             let k = p.args.get(3).copied().unwrap_or(0) as usize;
             let Some((w, depth)) = self.clients.get(&client_of(&p)).copied() else {
                 self.reply(p.token, &[Status::Refused as u64, k as u64, 0]);
@@ -241,12 +241,9 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
             };
             // A ranged get: only `[offset, offset + len)` of the fragment goes back.
             let r = match (p.args.get(4), p.args.get(5)) {
-                (Some(&off), Some(&len)) => r.and_then(|d| {
-                    let (off, len) = (off as usize, len as usize);
-                    d.get(off..off.saturating_add(len))
-                        .map(<[u8]>::to_vec)
-                        .ok_or_else(|| StoreError::Config(format!("range {off}+{len} outside")))
-                }),
+                (Some(&off), Some(&len)) => {
+                    r.and_then(|d| fragment_range(&d, id, off as usize, len as usize))
+                }
                 _ => r,
             };
             match r {
