@@ -5,9 +5,13 @@
 
 mod common;
 use common::LoopDevice;
+use std::sync::{Arc, Mutex};
+use xfs_node::coherence::{StoreReply, StoreRequest};
+use xfs_node::shard::{StoreDone, StoreWork, SyncFor};
 use xfs_node::sim::Rng;
 use xfs_node::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
 use xfs_node::storage::log::{Log, LogError, StripeGroup, StripeGroupMap};
+use xfs_node::storage::log_actor::LogActor;
 use xfs_node::storage::uring::{UringOptions, UringStore};
 
 const FRAG: usize = 64 * 1024;
@@ -396,11 +400,7 @@ fn deleting_everything_on_a_full_log_of_tiny_blocks_frees_the_space() {
 /// nothing panics, and the file's block in another segment still reads.
 #[test]
 fn an_unreadable_block_is_named_by_inode_and_offset() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::{Arc, Mutex};
-    use xfs_node::coherence::BlockStore;
     use xfs_node::fs::layout::block_id;
-    use xfs_node::storage::block_store::LogStore;
     let stores = (0..3)
         .map(|_| Some(MemFragmentStore::new(64, 16 * 1024)))
         .collect();
@@ -425,22 +425,141 @@ fn an_unreadable_block_is_named_by_inode_and_offset() {
         .unwrap();
         s.sync().unwrap();
     }
-    let mut ls = LogStore {
-        log: Arc::new(Mutex::new(Some(log))),
-        full: Arc::new(AtomicBool::new(false)),
+    let (mut actor, _) = actor_of(log);
+    let done = actor.run(vec![(0, read_of(lost)), (1, read_of(kept))]);
+    assert_eq!(done.len(), 2, "one answer per request: {done:?}");
+    let StoreDone::Block { result: Err(e), .. } = &done[0].1 else {
+        panic!("a block read back with two of its three fragments gone: {done:?}");
     };
-    let e = ls
-        .read(lost)
-        .expect_err("a block read back with two of its three fragments gone");
-    assert!(
-        e.to_string().contains("inode 77, bytes 12288..16384"),
-        "{e}"
-    );
+    assert!(e.contains("inode 77, bytes 12288..16384"), "{e}");
+    let StoreDone::Block {
+        result: Ok(Some(d)),
+        ..
+    } = &done[1].1
+    else {
+        panic!("the file's other block: {:?}", done[1]);
+    };
+    assert_eq!(*d, block_data(kept, 1), "the file's other block");
+}
+
+/// The log actor around `log`, and the log's handle.
+#[allow(clippy::type_complexity)]
+fn actor_of(
+    log: Log<MemFragmentStore>,
+) -> (
+    LogActor<MemFragmentStore>,
+    Arc<Mutex<Option<Log<MemFragmentStore>>>>,
+) {
+    let log = Arc::new(Mutex::new(Some(log)));
+    (LogActor::new(log.clone(), Default::default()), log)
+}
+
+/// A storage-role read of `block` (its answer goes to node 9).
+fn read_of(block: u64) -> StoreWork<Vec<u8>> {
+    StoreWork::Block(StoreRequest {
+        block,
+        write: None,
+        reply: StoreReply::Data {
+            to: 9,
+            seq: 0,
+            exclusive: false,
+        },
+    })
+}
+
+/// A write-back of `data` to `block` (acknowledged to node 9).
+fn write_of(block: u64, data: Vec<u8>) -> StoreWork<Vec<u8>> {
+    StoreWork::Block(StoreRequest {
+        block,
+        write: Some(data),
+        reply: StoreReply::WriteBackAck { to: 9 },
+    })
+}
+
+/// The log actor does a batch in the order asked (a read sees the writes before it, not
+/// those after), answers every piece, and answers all of the batch's syncs with one fsync
+/// that covers every write of the batch: after a power cut of every server the log
+/// recovers with the last write.
+#[test]
+fn the_log_actor_keeps_order_and_one_fsync_answers_a_batchs_syncs() {
+    let (b, other) = (5u64, 6u64);
+    let stores = (0..3).map(|i| Some(mem(i))).collect();
+    let (mut actor, log) = actor_of(Log::new(1, group(3, 1), stores).unwrap());
+    let work = vec![
+        (0usize, write_of(b, block_data(b, 1))),
+        (0, StoreWork::Sync(SyncFor::Local(41))),
+        (1, read_of(b)),
+        (0, write_of(b, block_data(b, 2))),
+        (1, StoreWork::Sync(SyncFor::Peer { from: 3, op: 42 })),
+        (1, read_of(b)),
+        (0, read_of(other)),
+    ];
+    let done = actor.run(work);
+    let reads: Vec<Option<Vec<u8>>> = done
+        .iter()
+        .filter_map(|(_, d)| match d {
+            StoreDone::Block {
+                reply: StoreReply::Data { .. },
+                result,
+                ..
+            } => Some(result.clone().expect("a read")),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        ls.read(kept).unwrap(),
-        block_data(kept, 1),
-        "the file's other block"
+        reads,
+        vec![
+            Some(block_data(b, 1)),
+            Some(block_data(b, 2)),
+            Some(Vec::new())
+        ],
+        "each read sees the writes asked before it; a block never written reads empty"
     );
+    let syncs: Vec<(usize, SyncFor, bool)> = done
+        .iter()
+        .filter_map(|(k, d)| match d {
+            StoreDone::Sync { asked, result } => Some((*k, *asked, result.is_ok())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        syncs,
+        vec![
+            (0, SyncFor::Local(41), true),
+            (1, SyncFor::Peer { from: 3, op: 42 }, true)
+        ],
+        "both syncs answered, to the shards that asked"
+    );
+    let acks = done
+        .iter()
+        .filter(|(_, d)| {
+            matches!(
+                d,
+                StoreDone::Block {
+                    reply: StoreReply::WriteBackAck { .. },
+                    result: Ok(None),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(acks, 2, "both writes acknowledged: {done:?}");
+    let k = actor.counters();
+    assert_eq!((k.batches, k.blocks, k.syncs, k.fsyncs), (1, 5, 2, 1));
+    // Every server loses what it had not synced: the fsync covered both writes.
+    let log = log.lock().unwrap().take().unwrap();
+    let mut rng = Rng::new(7);
+    let stores: Vec<Option<MemFragmentStore>> = log
+        .into_stores()
+        .into_iter()
+        .map(|s| {
+            let mut s = s.unwrap();
+            s.power_cut(&mut || rng.next_u64());
+            Some(s)
+        })
+        .collect();
+    let mut back = Log::recover(1, group(3, 1), stores).unwrap();
+    assert_eq!(back.read(b).unwrap(), block_data(b, 2), "the synced write");
 }
 
 /// Log `id` over three memory stores (one parity) with blocks `0..blocks` written at

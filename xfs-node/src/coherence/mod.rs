@@ -10,14 +10,16 @@
 //! * [`ManagerShard`]: per block, the cachers and the owner, a write in progress (revokes out,
 //!   acknowledgements in), the queue of requests it cannot serve yet, and per client the
 //!   sequence number of its next outgoing message.
-//! * [`StorageShard`]: serves fetches (delegated replies) and write-backs from a [`BlockStore`].
+//! * [`StorageShard`]: serves fetches (delegated replies) and write-backs: sans-IO, it turns
+//!   a message into a [`StoreRequest`] ([`StorageShard::request`]) and the store's result
+//!   into the reply ([`StorageShard::answer`]); [`StorageShard::receive`] does both at once
+//!   on a [`BlockStore`] (the model's and tests' [`MemStore`]).
 //!
-//! Nothing here reads a clock, and nothing does IO but the [`BlockStore`] the storage role
-//! is given: in a node that is the node's log (`storage::block_store::LogStore`), shared by
-//! every shard through one mutex, whose reads, writes and syncs do the striped log's
-//! network IO inside the call (docs/architecture.md). A driver feeds inputs
-//! ([`ClientShard::start`], [`ClientShard::receive`], [`ClientShard::kernel_invalidated`],
-//! [`ManagerShard::receive`], [`StorageShard::receive`]) and executes the [`Output`]s. The
+//! Nothing here reads a clock or does IO: in a node the storage requests go to the node's
+//! log actor (`storage::log_actor`) and come back as completions (docs/architecture.md). A
+//! driver feeds inputs ([`ClientShard::start`], [`ClientShard::receive`],
+//! [`ClientShard::kernel_invalidated`], [`ManagerShard::receive`],
+//! [`StorageShard::request`], [`StorageShard::answer`]) and executes the [`Output`]s. The
 //! `stateright` model (`tests/model/`) and the shard loops ([`crate::shard`]) drive this
 //! same code.
 //!

@@ -3,9 +3,9 @@
 
 use super::*;
 
-/// Block storage as the storage role sees it: the node's log plugs in here
-/// (`storage::block_store::LogStore`);
-/// the simulation and the model use [`MemStore`]. Errors name what failed: the storage
+/// Block storage as [`StorageShard::receive`] uses it at once: the model, the block-level
+/// simulation and tests use [`MemStore`]; a node's shards hand their storage work to the
+/// log actor instead (`storage::log_actor`, [`ActorStore`]). Errors name what failed: the storage
 /// role counts them ([`ProtocolError::Storage`], with the error's text) and sends no reply
 /// (the requester times out with EIO), never a made-up content.
 pub trait BlockStore<D> {
@@ -60,35 +60,86 @@ impl<D: Clone + Default> BlockStore<D> for MemStore<D> {
     }
 }
 
+/// Where the storage role's answer to a message goes once its store has done the work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StoreReply {
+    /// A [`Msg::Fetch`]: the block's content goes to `to` as [`Msg::Data`].
+    Data {
+        /// The client.
+        to: NodeId,
+        /// The sequence number reserved for the reply on its channel.
+        seq: u32,
+        /// Whether the reply grants the write token.
+        exclusive: bool,
+    },
+    /// A [`Msg::WriteBack`]: acknowledged to `to` once written.
+    WriteBackAck {
+        /// The writer.
+        to: NodeId,
+    },
+}
+
+/// What the storage role asks of its store for one message: the sans-IO half of
+/// [`StorageShard`]. A driver runs it on the store (in a node, the log actor:
+/// `storage::log_actor`) and gives the result to [`StorageShard::answer`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreRequest<D> {
+    /// The block.
+    pub block: BlockId,
+    /// `None`: read it; `Some(data)`: write `data`.
+    pub write: Option<D>,
+    /// Where the answer goes.
+    pub reply: StoreReply,
+}
+
 /// The storage side of one shard.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorageShard<S> {
-    /// The store.
+    /// The store (used by [`StorageShard::receive`]; a shard whose store requests go to an
+    /// actor keeps none here).
     pub store: S,
 }
 
 impl<S> StorageShard<S> {
-    /// A message for the storage role, from node `from`.
-    pub fn receive<D: Clone>(
-        &mut self,
-        from: NodeId,
-        msg: Msg<D>,
-        out: &mut Vec<Output<D>>,
-    ) -> Result<(), ProtocolError>
-    where
-        S: BlockStore<D>,
-    {
+    /// The store work a message for the storage role from node `from` asks for (sans-IO:
+    /// nothing is read or written here).
+    pub fn request<D>(from: NodeId, msg: Msg<D>) -> Result<StoreRequest<D>, ProtocolError> {
         match msg {
             Msg::Fetch {
                 block,
                 to,
                 seq,
                 exclusive,
-            } => {
-                let data = self
-                    .store
-                    .read(block)
-                    .map_err(|e| ProtocolError::Storage(e.to_string()))?;
+            } => Ok(StoreRequest {
+                block,
+                write: None,
+                reply: StoreReply::Data { to, seq, exclusive },
+            }),
+            Msg::WriteBack { block, data } => Ok(StoreRequest {
+                block,
+                write: Some(data),
+                reply: StoreReply::WriteBackAck { to: from },
+            }),
+            other => Err(ProtocolError::Unexpected {
+                block: other.block(),
+                msg: msg_name(&other),
+                state: "storage",
+            }),
+        }
+    }
+
+    /// The store did the work of a request for `block`: send its answer. `result` is the
+    /// block's content for a read (`Some`), nothing for a write, or what failed (counted by
+    /// the caller as [`ProtocolError::Storage`]; no reply is sent: the requester times out
+    /// with EIO, never a made-up content).
+    pub fn answer<D>(
+        block: BlockId,
+        reply: StoreReply,
+        result: Result<Option<D>, String>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        match (reply, result.map_err(ProtocolError::Storage)?) {
+            (StoreReply::Data { to, seq, exclusive }, Some(data)) => {
                 out.push(Output::Send {
                     to,
                     msg: Msg::Data {
@@ -101,21 +152,63 @@ impl<S> StorageShard<S> {
                 });
                 Ok(())
             }
-            Msg::WriteBack { block, data } => {
-                self.store
-                    .write(block, data)
-                    .map_err(|e| ProtocolError::Storage(e.to_string()))?;
+            (StoreReply::WriteBackAck { to }, None) => {
                 out.push(Output::Send {
-                    to: from,
+                    to,
                     msg: Msg::WriteBackAck { block },
                 });
                 Ok(())
             }
-            other => Err(ProtocolError::Unexpected {
-                block: other.block(),
-                msg: msg_name(&other),
-                state: "storage",
-            }),
+            (StoreReply::Data { .. }, None) => Err(ProtocolError::Storage(format!(
+                "the store answered a read of block {block} with no content"
+            ))),
+            (StoreReply::WriteBackAck { .. }, Some(_)) => Err(ProtocolError::Storage(format!(
+                "the store answered a write of block {block} with content"
+            ))),
         }
+    }
+
+    /// A message for the storage role, from node `from`, done at once on [`Self::store`]
+    /// ([`StorageShard::request`], the store, [`StorageShard::answer`]).
+    pub fn receive<D: Clone>(
+        &mut self,
+        from: NodeId,
+        msg: Msg<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError>
+    where
+        S: BlockStore<D>,
+    {
+        let req = Self::request(from, msg)?;
+        let result = match req.write {
+            None => self.store.read(req.block).map(Some),
+            Some(data) => self.store.write(req.block, data).map(|()| None),
+        }
+        .map_err(|e| e.to_string());
+        Self::answer(req.block, req.reply, result, out)
+    }
+}
+
+/// The store of a shard whose storage work goes to an actor (`Shard::external_store`: in a
+/// node, the log actor): it holds nothing, and a call made to it anyway fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActorStore;
+
+/// A block store call made on [`ActorStore`] (the shard was not set to hand its storage
+/// work out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("this shard's storage work goes to the log actor; set `external_store`")]
+pub struct NotExternal;
+
+impl<D> BlockStore<D> for ActorStore {
+    type Error = NotExternal;
+    fn read(&mut self, _: BlockId) -> Result<D, NotExternal> {
+        Err(NotExternal)
+    }
+    fn write(&mut self, _: BlockId, _: D) -> Result<(), NotExternal> {
+        Err(NotExternal)
+    }
+    fn sync(&mut self) -> Result<(), SyncError> {
+        Err(SyncError::io(NotExternal.to_string()))
     }
 }

@@ -36,18 +36,20 @@ use std::time::{Duration, Instant};
 
 use am_core::{Endpoint, EndpointName, Tag, Transport};
 
-use crate::coherence::{BlockId, NodeId, OpId, Placement, ProtocolConfig};
+use crate::coherence::{ActorStore, BlockId, NodeId, OpId, Placement, ProtocolConfig};
 use crate::fs::client::{Errno, FsClient, StatFs};
 use crate::fs::layout::{Entry, Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::lock;
 pub use crate::shard::queue::NodeBlocks;
 use crate::shard::queue::{Cmd, MountLink};
-use crate::shard::run::shard_loop;
+use crate::shard::run::{shard_loop, StoreLink};
 use crate::shard::{Shard, ShardConfig};
-use crate::storage::block_store::LogStore;
 use crate::storage::cleaner::{self, CleanerStatus};
 use crate::storage::fragment::FragmentStore;
 use crate::storage::log::{Log, LogCheck, LogError, SegmentReader, SUMMARY_BYTES};
+use crate::storage::log_actor::{
+    self, LogActor, LogActorCounters, ShardInbox, ACTOR_DONE_QUEUE, ACTOR_QUEUE,
+};
 use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
 use crate::storage::uring::{UringOptions, UringStore};
 use config::Config;

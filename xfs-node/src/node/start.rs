@@ -182,7 +182,7 @@ impl Node {
             client,
             stop: shared.stop,
             threads,
-            log: log_control(shared.log.clone()),
+            log: log_control(shared.log.clone(), shared.actor.clone()),
             ready: shared.ready,
             mount: shared.mount,
             cleaners,
@@ -216,6 +216,8 @@ struct Shared<T: Transport> {
     storage_free: Arc<AtomicU64>,
     /// The attached mount's queue of kernel invalidations.
     mount: MountLink,
+    /// What the log actor did (published after each batch).
+    actor: Arc<Mutex<LogActorCounters>>,
 }
 
 impl<T: Transport> Shared<T> {
@@ -230,6 +232,7 @@ impl<T: Transport> Shared<T> {
             storage_total: Arc::new(AtomicU64::new(0)),
             storage_free: Arc::new(AtomicU64::new(0)),
             mount: Arc::new(Mutex::new(None)),
+            actor: Arc::new(Mutex::new(LogActorCounters::default())),
         }
     }
 }
@@ -318,11 +321,12 @@ fn storage_server_loop<T: Transport>(
 /// Wakes a shard loop from its wait (when a command is queued for it).
 type Wake = Arc<dyn am_core::Notify>;
 
-/// A shard loop of this node, over the node's log.
-type NodeShard<T> = Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>;
+/// A shard loop of this node; its storage work goes to the log actor.
+type NodeShard<T> = Shard<T, Vec<u8>, ActorStore>;
 
 /// Make the shards, each connected to the same shard of the other nodes, and start a loop
-/// for each; returns each shard's command queue and wake-up.
+/// for each, and the log actor that does their storage work; returns each shard's command
+/// queue and wake-up.
 fn spawn_shard_loops<M: MakeTransport>(
     config: &Config,
     me: &NodeSection,
@@ -344,6 +348,10 @@ fn spawn_shard_loops<M: MakeTransport>(
         .collect();
     let mut senders = Vec::new();
     let mut wake = Vec::new();
+    // The log actor's queue: every shard's storage work; the answers come back on each
+    // shard's own queue.
+    let (work_tx, work_rx) = mpsc::sync_channel(ACTOR_QUEUE);
+    let mut inboxes = Vec::new();
     for s in 0..config.cluster.shards {
         let cfg = ShardConfig {
             node: me.id,
@@ -355,18 +363,30 @@ fn spawn_shard_loops<M: MakeTransport>(
             clients: clients.clone(),
             capacity: config.cluster.cache_blocks,
         };
-        let shard = connected_shard(config, me, mk, s, cfg, shared)?;
+        let shard = connected_shard(config, me, mk, s, cfg)?;
         let (tx, rx) = mpsc::sync_channel(4096);
         senders.push(tx);
-        wake.push(shard.endpoint().transport().notifier());
+        let notifier = shard.endpoint().transport().notifier();
+        wake.push(notifier.clone());
+        let (done_tx, done_rx) = mpsc::sync_channel(ACTOR_DONE_QUEUE);
+        inboxes.push(ShardInbox {
+            done: done_tx,
+            wake: notifier,
+        });
+        let link = StoreLink::new(work_tx.clone(), done_rx, s);
         let st = shared.stop.clone();
         let ml = shared.mount.clone();
         // Shard 0 hands store commands (the cleaner's) to the command thread.
         let cmds = (s == 0).then(|| command_tx.clone());
         threads.push(std::thread::spawn(move || {
-            shard_loop(shard, rx, st, ml, cmds)
+            shard_loop(shard, rx, st, ml, cmds, link)
         }));
     }
+    let actor = LogActor::new(shared.log.clone(), shared.log_full.clone());
+    let (stop, counters) = (shared.stop.clone(), shared.actor.clone());
+    threads.push(std::thread::spawn(move || {
+        log_actor::serve(actor, work_rx, inboxes, stop, counters)
+    }));
     Ok((senders, wake))
 }
 
@@ -378,16 +398,11 @@ fn connected_shard<M: MakeTransport>(
     mk: &M,
     s: usize,
     cfg: ShardConfig,
-    shared: &Shared<M::T>,
 ) -> Result<NodeShard<M::T>, StartError> {
     let tag = config.tag();
     let ep = endpoint(mk, me.shard_addr(s), tag, 1 << 16, "shard endpoint")?;
-    let store = LogStore {
-        log: shared.log.clone(),
-        full: shared.log_full.clone(),
-    };
     let mut shard =
-        Shard::new(ep, cfg, store).map_err(|source| StartError::Shard { shard: s, source })?;
+        Shard::new(ep, cfg, ActorStore).map_err(|source| StartError::Shard { shard: s, source })?;
     for n in &config.nodes {
         if n.id != me.id {
             let name = EndpointName {
@@ -756,8 +771,12 @@ fn log_check<T: Transport + Send + 'static>(log: SharedLog<T>) -> LogCheckFn {
 
 /// The log's counters for the status, after a `"checkpoint"` or an `"fsync"` if asked
 /// (empty without a log).
-fn log_control<T: Transport + Send + 'static>(log: SharedLog<T>) -> LogControl {
+fn log_control<T: Transport + Send + 'static>(
+    log: SharedLog<T>,
+    actor: Arc<Mutex<LogActorCounters>>,
+) -> LogControl {
     Box::new(move |what: &str| {
+        let a = *lock(&actor);
         let mut g = lock(&log);
         let Some(l) = g.as_mut() else {
             return Ok(Vec::new());
@@ -781,6 +800,10 @@ fn log_control<T: Transport + Send + 'static>(log: SharedLog<T>) -> LogControl {
             ("log_servers_down".into(), l.down().len() as u64),
             ("log_live_bytes".into(), live),
             ("log_blocks".into(), l.imap().len() as u64),
+            ("log_actor_batches".into(), a.batches),
+            ("log_actor_blocks".into(), a.blocks),
+            ("log_actor_syncs".into(), a.syncs),
+            ("log_actor_fsyncs".into(), a.fsyncs),
         ])
     })
 }

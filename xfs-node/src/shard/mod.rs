@@ -5,9 +5,10 @@
 //! [`shard_of`]`(block, N)` on every node, so shard s of one node only ever talks to shard s
 //! of the others. Each shard owns one AM endpoint and the client, manager and storage state
 //! of its blocks; no protocol state is shared between shards (a shard is `Send`, moved into
-//! its thread, and driven only by [`Shard::step`]). Today the node's storage is shared:
-//! every shard's storage role calls the node's one log through a mutex
-//! (`storage::block_store::LogStore`), inside the loop (docs/architecture.md).
+//! its thread, and driven only by [`Shard::step`]). The node's log is shared: each shard
+//! hands its storage role's reads, writes and syncs to the node's log actor
+//! ([`Shard::external_store`], `storage::log_actor`) and takes the answers back, never
+//! waiting for them in the loop (docs/architecture.md).
 //!
 //! The loop: poll the endpoint (its handler only decodes and queues), then feed the queued
 //! messages, finished kernel invalidations and waiting user operations to the state
@@ -23,6 +24,9 @@
 
 pub mod queue;
 pub mod run;
+pub mod store;
+
+pub use store::{StoreDone, StoreWork, SyncFor};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
@@ -251,6 +255,15 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// reported with [`Shard::command_done`]; when false they are refused.
     pub external_commands: bool,
     commands: Vec<(NodeId, OpId, Vec<u8>)>,
+    /// When true, the storage role's block reads and writes and the log syncs are not run
+    /// on [`StorageShard::store`] inside the loop: whoever drives the loop takes them with
+    /// [`Shard::take_store_work`], runs them elsewhere in the order given (in a node, the
+    /// log actor) and reports each with [`Shard::store_done`]. The loop never waits for
+    /// the store.
+    pub external_store: bool,
+    store_work: Vec<StoreWork<D>>,
+    /// Store work taken and not yet reported done.
+    store_outstanding: usize,
     last_error: Option<ProtocolError>,
     counters: ShardCounters,
 }
@@ -329,6 +342,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             external_kernel: false,
             external_commands: false,
             commands: Vec::new(),
+            external_store: false,
+            store_work: Vec::new(),
+            store_outstanding: 0,
             last_error: None,
             counters: ShardCounters::default(),
         })
@@ -387,7 +403,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// Ask node `node` to make its log durable (every write-back it acknowledged so far);
     /// the answer comes from [`Shard::take_sync_done`] with `op`.
     pub fn sync(&mut self, op: OpId, node: NodeId) {
-        if node == self.node {
+        if node == self.node && self.external_store {
+            self.store_work.push(StoreWork::Sync(SyncFor::Local(op)));
+        } else if node == self.node {
             let r = self.storage.store.sync();
             self.sync_done.push((op, r));
         } else if self.peers.contains_key(&node) {
@@ -464,6 +482,10 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.kernel.clear();
         self.waiting.clear();
         self.completions.clear();
+        // Work handed to the store before the restart is the old run's: its answers are
+        // not taken (the driver drops them with the store's queue).
+        self.store_work.clear();
+        self.store_outstanding = 0;
     }
 
     /// Node `peer` restarted: forget what this shard's state machines knew of it.
@@ -476,6 +498,53 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// Take the finished log syncs.
     pub fn take_sync_done(&mut self) -> Vec<(OpId, Result<(), SyncError>)> {
         std::mem::take(&mut self.sync_done)
+    }
+
+    /// Take the store work asked for since the last call (external store mode), in the
+    /// order the store must do it; each piece must be reported with [`Shard::store_done`].
+    pub fn take_store_work(&mut self) -> Vec<StoreWork<D>> {
+        self.store_outstanding += self.store_work.len();
+        std::mem::take(&mut self.store_work)
+    }
+
+    /// Store work taken and not yet reported done.
+    pub fn store_outstanding(&self) -> usize {
+        self.store_outstanding
+    }
+
+    /// The store did these pieces of work (external store mode): answer them (a block's
+    /// reader or writer, a local sync caller, a peer's sync request).
+    pub fn store_done(&mut self, done: impl IntoIterator<Item = StoreDone<D>>) {
+        for d in done {
+            self.store_outstanding = self.store_outstanding.saturating_sub(1);
+            match d {
+                StoreDone::Block {
+                    block,
+                    reply,
+                    result,
+                } => {
+                    let r = StorageShard::<S>::answer(block, reply, result, &mut self.out);
+                    self.note(r);
+                    self.execute();
+                }
+                StoreDone::Sync {
+                    asked: SyncFor::Local(op),
+                    result,
+                } => self.sync_done.push((op, result)),
+                StoreDone::Sync {
+                    asked: SyncFor::Peer { from, op },
+                    result,
+                } => {
+                    let (errno, text) = match result {
+                        Ok(()) => (0, Vec::new()),
+                        Err(e) => (e.errno.max(1) as u64, e.message.into_bytes()),
+                    };
+                    self.sync_out
+                        .push_back((from, [SyncKind::SyncReply as u64, op, errno], text));
+                }
+            }
+        }
+        self.flush_outgoing();
     }
 
     /// Block until the endpoint has something to do or `timeout` passes.
@@ -510,6 +579,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                     }),
                 };
                 self.call_done.push((op, r));
+            } else if kind == SyncKind::SyncRequest && self.external_store {
+                self.store_work
+                    .push(StoreWork::Sync(SyncFor::Peer { from, op }));
             } else if kind == SyncKind::SyncRequest {
                 let (errno, text) = match self.storage.store.sync() {
                     Ok(()) => (0, Vec::new()),
@@ -580,6 +652,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             && self.outgoing.is_empty()
             && self.kernel.is_empty()
             && self.waiting.is_empty()
+            && self.store_work.is_empty()
+            && self.store_outstanding == 0
             && lock(&self.inbox).is_empty()
     }
 
@@ -749,6 +823,11 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         let r = match d.msg.role() {
             Role::Client => self.client.receive(d.from, d.msg, &mut self.out),
             Role::Manager => self.manager.receive(d.from, d.msg, &mut self.out),
+            Role::Storage if self.external_store => {
+                StorageShard::<S>::request(d.from, d.msg).map(|r| {
+                    self.store_work.push(StoreWork::Block(r));
+                })
+            }
             Role::Storage => self.storage.receive(d.from, d.msg, &mut self.out),
         };
         self.note(r);

@@ -1,25 +1,103 @@
 //! The shard loop: the thread that drives one [`Shard`] (its AM endpoint and the
 //! coherence state of its blocks), taking the node's commands ([`Cmd`]) from its queue,
-//! sending kernel invalidations to the attached mount, and sleeping in the endpoint's
-//! `wait` when idle.
+//! handing its storage work to the node's log actor and taking the answers back
+//! ([`StoreLink`]), sending kernel invalidations to the attached mount, and sleeping in the
+//! endpoint's `wait` when idle. It never waits for the store, the mount or a peer.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use am_core::Transport;
 
 use super::queue::{CallReply, Cmd, MountLink, OpReply};
-use super::{CommandError, Shard};
-use crate::coherence::{BlockId, NodeId, OpId, SyncError};
+use super::{CommandError, Shard, StoreDone, StoreWork};
+use crate::coherence::{ActorStore, BlockId, NodeId, OpId, SyncError};
 use crate::lock;
-use crate::storage::block_store::LogStore;
-use crate::storage::remote::RemoteStore;
 
-/// The shard a node runs: block data as bytes, stored in the node's log.
-type NodeShard<T> = Shard<T, Vec<u8>, LogStore<RemoteStore<T>>>;
+/// The shard a node runs: block data as bytes, its storage work done by the log actor.
+type NodeShard<T> = Shard<T, Vec<u8>, ActorStore>;
+
+/// A shard loop's link to the node's log actor (`storage::log_actor::serve`).
+pub(crate) struct StoreLink {
+    /// The actor's queue of work: (this shard, its work in order).
+    pub(crate) work: SyncSender<(usize, Vec<StoreWork<Vec<u8>>>)>,
+    /// This shard's answers.
+    pub(crate) done: Receiver<Vec<StoreDone<Vec<u8>>>>,
+    /// This shard's index.
+    pub(crate) shard: usize,
+    /// Work the actor's queue had no room for, in order, for the next turn.
+    held: Vec<StoreWork<Vec<u8>>>,
+}
+
+impl StoreLink {
+    pub(crate) fn new(
+        work: SyncSender<(usize, Vec<StoreWork<Vec<u8>>>)>,
+        done: Receiver<Vec<StoreDone<Vec<u8>>>>,
+        shard: usize,
+    ) -> StoreLink {
+        StoreLink {
+            work,
+            done,
+            shard,
+            held: Vec::new(),
+        }
+    }
+
+    /// Give the shard the actor's answers; returns how many.
+    #[inline]
+    fn take_answers<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) -> usize {
+        let mut n = 0;
+        loop {
+            match self.done.try_recv() {
+                Ok(v) => {
+                    n += v.len();
+                    shard.store_done(v);
+                }
+                Err(TryRecvError::Empty) => return n,
+                // The actor is gone (the node is stopping): nothing more will come.
+                Err(TryRecvError::Disconnected) => return n,
+            }
+        }
+    }
+
+    /// Hand the shard's new store work to the actor (never waiting: what does not fit
+    /// waits here, in order). Returns how many pieces were new.
+    #[inline]
+    fn send<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) -> usize {
+        let new = shard.take_store_work();
+        let n = new.len();
+        self.held.extend(new);
+        if self.held.is_empty() {
+            return n;
+        }
+        match self
+            .work
+            .try_send((self.shard, std::mem::take(&mut self.held)))
+        {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full((_, v))) => self.held = v,
+            Err(mpsc::TrySendError::Disconnected((_, v))) => {
+                // No actor: every piece fails, as a store that cannot be reached would.
+                let gone = "the node's log actor has stopped".to_string();
+                shard.store_done(v.into_iter().map(|w| match w {
+                    StoreWork::Block(r) => StoreDone::Block {
+                        block: r.block,
+                        reply: r.reply,
+                        result: Err(gone.clone()),
+                    },
+                    StoreWork::Sync(asked) => StoreDone::Sync {
+                        asked,
+                        result: Err(SyncError::io(gone.clone())),
+                    },
+                }));
+            }
+        }
+        n
+    }
+}
 
 /// The callers waiting for an answer of the shard, by operation.
 #[derive(Default)]
@@ -49,9 +127,12 @@ pub(crate) fn shard_loop<T: Transport + Send>(
     stop: Arc<AtomicBool>,
     mount: MountLink,
     commands: Option<SyncSender<(NodeId, OpId, Vec<u8>)>>,
+    mut store: StoreLink,
 ) {
-    // Kernel invalidations go to the attached mount (if any) and complete when it answers.
+    // Kernel invalidations go to the attached mount (if any) and complete when it answers;
+    // storage work goes to the log actor.
     shard.external_kernel = true;
+    shard.external_store = true;
     shard.external_commands = commands.is_some();
     let mut waiting = Waiting::default();
     let mut kernel = KernelQueue::default();
@@ -63,7 +144,9 @@ pub(crate) fn shard_loop<T: Transport + Send>(
             work += 1;
             take_cmd(&mut shard, cmd, &mut waiting, kernel.done);
         }
+        work += store.take_answers(&mut shard);
         work += shard.step(256).unwrap_or(0);
+        work += store.send(&mut shard);
         if let Some(tx) = &commands {
             work += pass_commands(&mut shard, tx);
         }

@@ -23,7 +23,7 @@ pub use reference::*;
 pub use run::*;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,12 +33,14 @@ use am_core::{Config, Endpoint, Tag};
 
 use super::client::{Blocks, Errno, FsClient, ManagerMap, RenameMode, SetAttr, StatFs, XattrMode};
 use super::layout::{Inode, Kind, BLOCK, INDEX_SHIFT};
-use crate::coherence::{BlockId, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp};
-use crate::shard::{connect_all, shard_of, Shard, ShardConfig};
+use crate::coherence::{
+    ActorStore, BlockId, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp,
+};
+use crate::shard::{connect_all, shard_of, Shard, ShardConfig, StoreDone, StoreWork};
 use crate::sim::Rng;
-use crate::storage::block_store::LogStore;
 use crate::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
 use crate::storage::log::{Log, StripeGroup};
+use crate::storage::log_actor::LogActor;
 
 /// A simulated storage server: a fragment store that can be switched off.
 pub struct SimServer {
@@ -104,8 +106,8 @@ impl FragmentStore for SimFrag {
     }
 }
 
-/// A simulated shard of the file system.
-pub type FsShard = Shard<SimTransport, Vec<u8>, LogStore<SimFrag>>;
+/// A simulated shard of the file system: its storage work goes to its node's log actor.
+pub type FsShard = Shard<SimTransport, Vec<u8>, ActorStore>;
 type SharedLog = Arc<Mutex<Option<Log<SimFrag>>>>;
 
 /// What to simulate.
@@ -170,6 +172,16 @@ pub struct World {
     pub servers: Vec<Arc<Mutex<SimServer>>>,
     /// Each node's log.
     pub logs: Vec<SharedLog>,
+    /// Each node's log actor (the node's own code), run from [`World::step`].
+    pub actors: Vec<LogActor<SimFrag>>,
+    /// Each node's work queued for its actor, in the order its shards asked: (shard,
+    /// work). The actor takes a seeded number of pieces from the front each step, so its
+    /// answers come late and in batches, as on a node's thread.
+    pub actor_queues: Vec<VecDeque<(usize, StoreWork<Vec<u8>>)>>,
+    /// Chooses how much work the actors take each step.
+    actor_rng: Rng,
+    /// Pieces of store work left queued by a step (answered later).
+    pub actor_deferred: u64,
     /// The stripe group.
     pub group: StripeGroup,
     /// The logs' clock (milliseconds of the workload's choosing; segments' ages).
@@ -189,7 +201,38 @@ pub struct World {
 
 impl World {
     fn step(&mut self) -> usize {
-        crate::sim::step_shards(&mut self.shards)
+        crate::sim::step_shards(&mut self.shards) + self.run_actors()
+    }
+
+    /// Hand each node's new store work to its actor's queue, and let each actor do a
+    /// seeded number (at least one) of the pieces queued; their answers go back to the
+    /// shards. Returns how many pieces were done.
+    fn run_actors(&mut self) -> usize {
+        let mut work = 0;
+        for (i, node) in self.shards.iter_mut().enumerate() {
+            let q = &mut self.actor_queues[i];
+            for (s, shard) in node.iter_mut().enumerate() {
+                q.extend(shard.take_store_work().into_iter().map(|w| (s, w)));
+            }
+            if q.is_empty() {
+                continue;
+            }
+            let n = 1 + self.actor_rng.below(q.len() as u64) as usize;
+            let batch: Vec<_> = q.drain(..n).collect();
+            self.actor_deferred += q.len() as u64;
+            work += n;
+            let mut by_shard: Vec<Vec<StoreDone<Vec<u8>>>> =
+                node.iter().map(|_| Vec::new()).collect();
+            for (s, d) in self.actors[i].run(batch) {
+                by_shard[s].push(d);
+            }
+            for (shard, done) in node.iter_mut().zip(by_shard) {
+                if !done.is_empty() {
+                    shard.store_done(done);
+                }
+            }
+        }
+        work
     }
 
     fn advance(&mut self) -> bool {
@@ -414,24 +457,28 @@ impl FsSim {
                                 ..Config::default()
                             },
                         );
-                        Shard::new(
-                            ep,
-                            configs[*id as usize - 1].clone(),
-                            LogStore {
-                                log: logs[*id as usize - 1].clone(),
-                                full: Default::default(),
-                            },
-                        )
-                        .unwrap_or_else(|e| unreachable!("handler slots are free: {e}"))
+                        let mut shard =
+                            Shard::new(ep, configs[*id as usize - 1].clone(), ActorStore)
+                                .unwrap_or_else(|e| unreachable!("handler slots are free: {e}"));
+                        shard.external_store = true;
+                        shard
                     })
                     .collect()
             })
             .collect();
         connect_all(&mut shards).unwrap_or_else(|e| unreachable!("few nodes: {e}"));
+        let actors = logs
+            .iter()
+            .map(|l| LogActor::new(l.clone(), Default::default()))
+            .collect();
         let world = Rc::new(RefCell::new(World {
             net,
             shards,
             servers,
+            actors,
+            actor_queues: ids.iter().map(|_| VecDeque::new()).collect(),
+            actor_rng: Rng::new(seed ^ 0x000a_c704),
+            actor_deferred: 0,
             logs,
             group,
             clock,
@@ -493,15 +540,10 @@ impl FsSim {
         log.set_clock(sim_clock(&w.clock));
         *w.logs[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
         let cfg = w.configs[i].clone();
-        let log = w.logs[i].clone();
+        // Work the dead process had queued for its actor dies with it.
+        w.actor_queues[i].clear();
         for s in w.shards[i].iter_mut() {
-            s.restart(
-                cfg.clone(),
-                LogStore {
-                    log: log.clone(),
-                    full: Default::default(),
-                },
-            );
+            s.restart(cfg.clone(), ActorStore);
         }
         let mut dirty = 0;
         for (j, n) in w.shards.iter_mut().enumerate() {

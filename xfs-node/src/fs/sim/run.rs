@@ -22,6 +22,9 @@ pub struct FsSimReport {
     pub unsynced_survived: usize,
     /// Unsynced blocks lost.
     pub unsynced_lost: usize,
+    /// Pieces of store work the log actors left queued at the end of a step, summed over
+    /// steps (answered late: the shards ran on meanwhile).
+    pub actor_deferred: u64,
     /// The loss planted by [`FsSimConfig::plant_lost_block_past`]: the path and block.
     pub planted: Option<(String, u64)>,
 }
@@ -238,6 +241,7 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
             report.degraded_reads += l.counters().degraded_reads;
         }
     }
+    report.actor_deferred = w.actor_deferred;
     report.lost = w.net.counters().dropped;
     Ok(report)
 }
