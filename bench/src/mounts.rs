@@ -332,7 +332,7 @@ fn setup(s: &mut Setup, wanted: &[String], disk_gb: u64, mb: usize) -> Result<Ve
                 s.clusters.push(c.clone());
                 if socket {
                     let st = Command::new(&s.xfs)
-                        .args(["mount", "--node", "1", "--data"])
+                        .args(["mount", "--socket", "--node", "1", "--data"])
                         .arg(&c)
                         .arg(&dir)
                         .stdout(Stdio::null())

@@ -60,6 +60,9 @@ fn mounted(dir: &Path) -> bool {
 struct Cluster {
     data: PathBuf,
     mounts: Vec<PathBuf>,
+    /// The mount (index) `up` makes over its node's control socket (`xfs-node mount
+    /// --socket`); the others are served in their nodes' processes.
+    socket_mount: Option<usize>,
     extra: Vec<Child>,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -76,8 +79,20 @@ impl Cluster {
     }
 
     /// `xfs-node up --mount A` on loopback, then `xfs-node mount --node k` for the other
-    /// mounts: one mount per node for `mounts` nodes.
+    /// mounts: one mount per node for `mounts` nodes, each served in its node's process.
     fn start(name: &str, port: u16, storage_mb: u64, mounts: usize) -> Cluster {
+        Cluster::start_with_socket(name, port, storage_mb, mounts, None)
+    }
+
+    /// As [`Cluster::start`], but mount `socket` (an index) goes over its node's control
+    /// socket.
+    fn start_with_socket(
+        name: &str,
+        port: u16,
+        storage_mb: u64,
+        mounts: usize,
+        socket: Option<usize>,
+    ) -> Cluster {
         let (serial, data) = Cluster::dir(name);
         let dirs: Vec<PathBuf> = (1..=mounts).map(|k| data.join(format!("m{k}"))).collect();
         for d in &dirs {
@@ -86,6 +101,7 @@ impl Cluster {
         let c = Cluster {
             data: data.clone(),
             mounts: dirs.clone(),
+            socket_mount: socket,
             extra: Vec::new(),
             _serial: serial,
         };
@@ -111,15 +127,20 @@ impl Cluster {
             "--allow-other",
         ]);
         for (k, d) in self.mounts.iter().enumerate().skip(1) {
-            ok(&[
+            let node = (k + 1).to_string();
+            let mut args = vec![
                 "mount",
                 "--data",
                 self.data_arg(),
                 "--node",
-                &(k + 1).to_string(),
+                &node,
                 "--allow-other",
-                d.to_str().unwrap(),
-            ]);
+            ];
+            if self.socket_mount == Some(k) {
+                args.push("--socket");
+            }
+            args.push(d.to_str().unwrap());
+            ok(&args);
         }
         for d in &self.mounts {
             assert!(mounted(d), "{} is not mounted", d.display());
@@ -1199,6 +1220,7 @@ fn three_hosts_in_network_namespaces_each_with_a_mount() {
     let mut c = Cluster {
         data: data.clone(),
         mounts: (1..=3).map(|k| data.join(format!("m{k}"))).collect(),
+        socket_mount: None,
         extra: Vec::new(),
         _serial: serial,
     };
@@ -1622,13 +1644,15 @@ fn a_rewritten_file_never_shows_a_half_done_write() {
     same(&read_all(&b), &line(rounds), "the last line, other mount");
 }
 
-/// `up --mount` serves node 1's mount in node 1's own process: its FUSE requests reach the
-/// client with no control-socket request (counted by the node: `socket_fs_requests`),
-/// while a mount of a running node (`xfs-node mount`) goes over that socket. Both see each
-/// other's writes, and `down` unmounts the hosted mount, then stops its node cleanly.
+/// Every mount `xfs-node` makes of a node it started is served in that node's own process
+/// (`up --mount` for node 1, `xfs-node mount` for node 2, both hosted by `xfsam-mount
+/// --serve`): their FUSE requests reach the client with no control-socket request (counted
+/// by the node: `socket_fs_requests`), while a mount over the socket (`xfs-node mount
+/// --socket`, node 3) goes over it. All see each other's writes, and `down` unmounts them,
+/// then stops the nodes cleanly.
 #[test]
-fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket() {
-    let c = Cluster::start("hosted", 18900, 64, 2);
+fn every_mount_of_a_started_node_is_served_in_its_process_unless_asked_over_the_socket() {
+    let c = Cluster::start_with_socket("hosted", 18900, 64, 3, Some(2));
     let state = |k: u16| {
         std::fs::read_to_string(c.data.join(format!("node{k}.sock.mount"))).unwrap_or_default()
     };
@@ -1638,24 +1662,41 @@ fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket
             .trim()
             .to_string()
     };
+    for k in 1..=2 {
+        assert!(
+            state(k).contains("\nlink hosted\n"),
+            "mount {k}:\n{}",
+            state(k)
+        );
+        assert!(
+            state(k).starts_with(&format!("pid {}\n", node_pid(k))),
+            "mount {k} is not node {k}'s process"
+        );
+    }
     assert!(
-        state(1).contains("\nlink hosted\n"),
-        "mount 1:\n{}",
-        state(1)
+        state(3).contains("\nlink socket\n"),
+        "mount 3:\n{}",
+        state(3)
     );
+    assert!(!state(3).starts_with(&format!("pid {}\n", node_pid(3))));
+    // One mount per node, in its process too.
+    let again = xfs(&[
+        "mount",
+        "--data",
+        c.data_arg(),
+        "--node",
+        "2",
+        c.m(2).to_str().unwrap(),
+    ]);
+    assert!(!again.status.success(), "a second mount of node 2 was made");
     assert!(
-        state(2).contains("\nlink socket\n"),
-        "mount 2:\n{}",
-        state(2)
+        String::from_utf8_lossy(&again.stderr).contains("one mount per node"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
     );
-    assert!(
-        state(1).starts_with(&format!("pid {}\n", node_pid(1))),
-        "mount 1 is not node 1's process"
-    );
-    assert!(!state(2).starts_with(&format!("pid {}\n", node_pid(2))));
 
-    // Both mounts raised the kernel's read-ahead for their sequential reads.
-    for k in 0..2 {
+    // Every mount raised the kernel's read-ahead for its sequential reads.
+    for k in 0..3 {
         let dev = std::fs::metadata(c.m(k)).unwrap().dev();
         let ra = format!("/sys/class/bdi/0:{}/read_ahead_kb", libc::minor(dev));
         assert_eq!(
@@ -1669,61 +1710,57 @@ fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket
     // Files made and read through each mount: only the socket mount's requests show in
     // its node's count.
     const FILES: usize = 50;
-    let before = [
-        c.node_counter(1, "socket_fs_requests"),
-        c.node_counter(2, "socket_fs_requests"),
-    ];
-    let asked = [c.settled(0, "requests"), c.settled(1, "requests")];
-    for k in 0..2 {
+    let counts = || [1u16, 2, 3].map(|k| c.node_counter(k, "socket_fs_requests"));
+    let before = counts();
+    let asked = [0, 1, 2].map(|k| c.settled(k, "requests"));
+    for k in 0..3 {
         for i in 0..FILES {
             std::fs::write(c.m(k).join(format!("f{k}-{i}")), format!("{k}/{i}")).unwrap();
         }
     }
     for i in 0..FILES {
-        let on_other = std::fs::read_to_string(c.m(1).join(format!("f0-{i}"))).unwrap();
+        for k in 0..3 {
+            let from = (k + 1) % 3;
+            let got = std::fs::read_to_string(c.m(k).join(format!("f{from}-{i}"))).unwrap();
+            assert_eq!(
+                got,
+                format!("{from}/{i}"),
+                "mount {} reads mount {}'s file {i}",
+                k + 1,
+                from + 1
+            );
+        }
+    }
+    let served = [0, 1, 2].map(|k| c.settled(k, "requests") - asked[k]);
+    let after = counts();
+    let over_socket = [0, 1, 2].map(|k| after[k] - before[k]);
+    eprintln!("FUSE requests {served:?}, of them over the control socket {over_socket:?}");
+    assert!(served.iter().all(|n| *n >= 2 * FILES as u64), "{served:?}");
+    for k in 0..2 {
         assert_eq!(
-            on_other,
-            format!("0/{i}"),
-            "mount 2 reads mount 1's file {i}"
-        );
-        let on_hosted = std::fs::read_to_string(c.m(0).join(format!("f1-{i}"))).unwrap();
-        assert_eq!(
-            on_hosted,
-            format!("1/{i}"),
-            "mount 1 reads mount 2's file {i}"
+            over_socket[k],
+            0,
+            "the hosted mount {}'s {} requests went over its node's socket",
+            k + 1,
+            served[k]
         );
     }
-    let served = [
-        c.settled(0, "requests") - asked[0],
-        c.settled(1, "requests") - asked[1],
-    ];
-    let over_socket = [
-        c.node_counter(1, "socket_fs_requests") - before[0],
-        c.node_counter(2, "socket_fs_requests") - before[1],
-    ];
-    eprintln!("FUSE requests {served:?}, of them over the control socket {over_socket:?}");
-    assert!(served[0] >= 2 * FILES as u64 && served[1] >= 2 * FILES as u64);
-    assert_eq!(
-        over_socket[0], 0,
-        "the hosted mount's {} requests went over node 1's socket",
-        served[0]
-    );
     // Each file is at least a create and a write there, and a lookup and a read of the
     // other mount's file (open, flush and release are answered by the mount itself).
     assert!(
-        over_socket[1] >= 4 * FILES as u64,
-        "the socket mount's {} requests, but node 2 took only {} over its socket",
-        served[1],
-        over_socket[1]
+        over_socket[2] >= 4 * FILES as u64,
+        "the socket mount's {} requests, but node 3 took only {} over its socket",
+        served[2],
+        over_socket[2]
     );
 
     // A listing is taken once per opendir (the first readdir uses it): the directory's
     // attributes and its entries, two client calls, over the socket mount's connection.
-    let before = c.node_counter(2, "socket_fs_requests");
-    let listed = std::fs::read_dir(c.m(1)).unwrap().count();
-    let calls = c.node_counter(2, "socket_fs_requests") - before;
+    let before = c.node_counter(3, "socket_fs_requests");
+    let listed = std::fs::read_dir(c.m(2)).unwrap().count();
+    let calls = c.node_counter(3, "socket_fs_requests") - before;
     eprintln!("ls of {listed} entries: {calls} client calls");
-    assert!(listed >= 2 * FILES);
+    assert!(listed >= 3 * FILES);
     assert!(
         calls <= 3,
         "a listing of the root took {calls} client calls"
@@ -1772,7 +1809,7 @@ fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket
         "warm stats reached the daemon"
     );
 
-    // `down` unmounts both, writes back, checkpoints and stops every node; `up` brings
+    // `down` unmounts them all, writes back, checkpoints and stops every node; `up` brings
     // the files back.
     let down = xfs(&["down", "--data", c.data_arg()]);
     assert!(
@@ -1780,11 +1817,11 @@ fn the_up_mount_is_served_in_its_nodes_process_and_a_later_mount_over_the_socket
         "down: {}",
         String::from_utf8_lossy(&down.stderr)
     );
-    assert!(!mounted(c.m(0)) && !mounted(c.m(1)), "down left a mount");
+    assert!((0..3).all(|k| !mounted(c.m(k))), "down left a mount");
     c.up(18900, 64);
-    for k in 0..2 {
+    for k in 0..3 {
         for i in 0..FILES {
-            let got = std::fs::read_to_string(c.m(1 - k).join(format!("f{k}-{i}"))).unwrap();
+            let got = std::fs::read_to_string(c.m(2 - k).join(format!("f{k}-{i}"))).unwrap();
             assert_eq!(got, format!("{k}/{i}"), "after down and up: f{k}-{i}");
         }
     }

@@ -20,7 +20,7 @@ use xfs_node::node::config::TransportKind;
 use xfs_node::node::control::{Control, Request, Response};
 use xfs_node::node::Node;
 
-use cli::local_cluster::{down, mount_node, up, HostedMount};
+use cli::local_cluster::{down, mount_node, up, HostedMount, MountVia};
 use cli::status::print_status;
 
 #[derive(Parser)]
@@ -93,8 +93,10 @@ enum Cmd {
         #[arg(long)]
         allow_other: bool,
     },
-    /// Mount the file system at DIR through a node (runs `xfsam-mount` in the background;
-    /// unmount with `fusermount3 -u DIR`, or `xfs-node down` stops everything).
+    /// Mount the file system at DIR through a node: served in the node's own process when
+    /// `up` started it (as `xfsam-mount --serve`), else by an `xfsam-mount` of its own over
+    /// the node's control socket; unmount with `fusermount3 -u DIR`, or `xfs-node down`
+    /// stops everything.
     Mount {
         #[command(flatten)]
         at: Where,
@@ -107,6 +109,10 @@ enum Cmd {
         /// Mount read-only.
         #[arg(long)]
         ro: bool,
+        /// Mount over the node's control socket even if its process could serve the mount
+        /// itself (one more hop per request; for comparison).
+        #[arg(long)]
+        socket: bool,
         /// Where to mount (an existing directory).
         dir: PathBuf,
     },
@@ -302,8 +308,16 @@ fn run(cli: Cli) -> Result<(), String> {
             node,
             allow_other,
             ro,
+            socket,
             dir,
-        } => mount(&at, node, &dir, allow_other, ro),
+        } => {
+            let via = if socket {
+                MountVia::Socket
+            } else {
+                MountVia::Best
+            };
+            mount(&at, node, &dir, (allow_other, ro), via)
+        }
         Cmd::Down { data } => down(&data),
         Cmd::Status { at, counters } => print_status(&at.load()?, counters),
         Cmd::Serve { config, node, wait } => serve(&config, node, wait),
@@ -332,14 +346,20 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 /// `xfs-node mount`: mount the cluster `at` at `dir` through `node`.
-fn mount(at: &Where, node: u16, dir: &Path, allow_other: bool, ro: bool) -> Result<(), String> {
+fn mount(
+    at: &Where,
+    node: u16,
+    dir: &Path,
+    flags: (bool, bool),
+    via: MountVia,
+) -> Result<(), String> {
     let cfg_path = match (&at.data, &at.config) {
         (Some(d), _) => d.join("cluster.toml"),
         (None, Some(c)) => c.clone(),
         (None, None) => return Err("say which cluster: --data DIR or --config FILE".into()),
     };
     let cfg = at.load()?;
-    mount_node(&cfg_path, &cfg, node, dir, allow_other, ro)?;
+    mount_node(&cfg_path, &cfg, node, dir, flags, via)?;
     println!("mounted at {} through node {node}", dir.display());
     Ok(())
 }

@@ -6,7 +6,7 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,8 +63,9 @@ struct Args {
     /// With --serve: seconds to wait for the stripe group's storage servers.
     #[arg(long, default_value_t = 60, requires = "serve")]
     wait: u64,
-    /// Where to mount (an existing directory).
-    mountpoint: PathBuf,
+    /// Where to mount (an existing directory); with --serve it may be left out: the node
+    /// runs, and `xfs-node mount` mounts it later in this process.
+    mountpoint: Option<PathBuf>,
 }
 
 /// Whether `dir` is a mount point now.
@@ -88,38 +89,229 @@ fn unmount(dir: &Path) {
     }
 }
 
-/// The node this mount reaches: hosted in this process (with its control-socket server),
-/// or another process's.
-enum Reached {
-    Hosted {
-        node: Arc<Node>,
-        attached: MountAttachment,
-        server: std::thread::JoinHandle<Result<(), xfs_node::node::ServeError>>,
-    },
+/// Where a mount's invalidations come from: the node hosted in this process (its
+/// attachment), or another process's node (a `Subscribe` stream on its control socket).
+enum Invalidations {
+    Hosted(MountAttachment),
     Socket {
         control: PathBuf,
         stream: xfs_node::node::control::Control,
     },
 }
 
-/// Start node `id` of `cfg` here, wait until it is ready, serve its control socket and
-/// attach this mount to it.
-fn host_node(cfg: Config, id: u16, wait: u64) -> Result<Reached, String> {
+/// What every mount of this process shares: the command line's settings and the state
+/// file's place.
+#[derive(Clone)]
+struct Settings {
+    ttl: u64,
+    threads: usize,
+    /// Node K's control socket (the mount's state file sits beside it).
+    control: PathBuf,
+    node: u16,
+    /// The file system's name in /proc/mounts unless `-o fsname=` says otherwise.
+    fsname: String,
+}
+
+/// A mount made: served until unmounted ([`Mounted::serve`]).
+struct Mounted {
+    mp: PathBuf,
+    ended: Arc<AtomicBool>,
+    shared: Arc<fuse_front::Shared>,
+    /// Stops the invalidation thread.
+    stop: Arc<AtomicBool>,
+    conn: Option<u64>,
+    state: PathBuf,
+    link: &'static str,
+}
+
+/// Mount the file system at `mp` through `link`, its invalidations from `inval`, and start
+/// serving it (FUSE session and invalidation threads). Returns once mounted.
+fn mount(
+    s: &Settings,
+    link: NodeLink,
+    inval: Invalidations,
+    mp: PathBuf,
+    opts: &MountOptions,
+) -> Result<Mounted, String> {
+    let front = Front::new(
+        Options {
+            ttl: Duration::from_secs(s.ttl),
+            inval_wait: Duration::from_millis(20),
+            read_only: opts.read_only,
+        },
+        link,
+    )
+    .map_err(|e| e.to_string())?;
+    let link = front.link_kind();
+    let shared = front.shared();
+    let fd = fuse_front::mount_fuse(&mp, &opts.fsname, opts.allow_other, opts.read_only)
+        .map_err(|e| e.to_string())?;
+    let notifier = fd
+        .try_clone()
+        .map(fuse_front::KernelChannel::new)
+        .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
+    shared.set_kernel(notifier.clone());
+    let session = new_session(front, fd, &mp, opts.allow_other, s.threads)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sh, st) = (shared.clone(), stop.clone());
+    let wait = Duration::from_millis(20);
+    match inval {
+        Invalidations::Hosted(attached) => {
+            std::thread::spawn(move || {
+                fuse_front::invalidations_hosted(attached, notifier, sh, wait, st)
+            });
+        }
+        Invalidations::Socket { control, stream } => {
+            std::thread::spawn(move || {
+                fuse_front::invalidations(&control, stream, notifier, sh, wait, st)
+            });
+        }
+    }
+    let ended = spawn_session(session)?;
+    // Known once the session serves (the stat is a FUSE request): for aborting a detached
+    // mount whose files stay open.
+    let conn = fuse_front::connection_of(&mp).ok();
+    if let Some(c) = conn {
+        if let Err(e) = fuse_front::raise_read_ahead(c) {
+            eprintln!(
+                "xfsam-mount: cannot raise the read-ahead to {} KiB (sequential reads stay \
+                 at the kernel's default): {e}",
+                fuse_front::READ_AHEAD_KB
+            );
+        }
+    }
+    let state = fuse_front::state_path(&s.control);
+    let m = Mounted {
+        mp,
+        ended,
+        shared,
+        stop,
+        conn,
+        state,
+        link,
+    };
+    // Written once before anyone is told it is mounted; kept current by `serve`.
+    write_state(&m.state, &m.state_text());
+    eprintln!(
+        "xfsam-mount: node {} mounted at {} (pid {}, {link})",
+        s.node,
+        m.mp.display(),
+        std::process::id()
+    );
+    Ok(m)
+}
+
+impl Mounted {
+    fn state_text(&self) -> String {
+        format!(
+            "pid {}\nmountpoint {}\nlink {}\n{}",
+            std::process::id(),
+            self.mp.display(),
+            self.link,
+            self.shared.stats.render()
+        )
+    }
+
+    /// Serve until the file system is unmounted (from outside, or here once
+    /// `unmount_now()`). Returns false if it could be neither unmounted nor aborted: the
+    /// kernel still serves files through it.
+    fn serve(self, unmount_now: &dyn Fn() -> bool) -> bool {
+        serve_until_unmounted(
+            &self.mp,
+            &self.ended,
+            unmount_now,
+            &self.state,
+            &|| self.state_text(),
+            self.conn,
+        );
+        if !self.ended.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.state);
+        eprintln!("xfsam-mount: {} unmounted", self.mp.display());
+        true
+    }
+}
+
+/// Node `id` of `cfg`, started here and ready, its control socket served; `gone` is set
+/// when that server stops (a `Shutdown` request).
+fn host_node(cfg: Config, id: u16, wait: u64, gone: Arc<AtomicBool>) -> Result<Arc<Node>, String> {
     let node = Node::start_configured(cfg, id).map_err(|e| e.to_string())?;
     node.wait_ready(Duration::from_secs(wait))
         .map_err(|e| e.to_string())?;
     eprintln!("xfs-node {id}: ready (served in-process by xfsam-mount)");
     let node = Arc::new(node);
-    let attached = node.attach_mount().map_err(|e| e.to_string())?;
-    let server = std::thread::spawn({
+    std::thread::spawn({
         let node = node.clone();
-        move || node.serve()
+        move || {
+            if let Err(e) = node.serve() {
+                eprintln!("xfs-node {id}: control socket: {e}");
+            }
+            gone.store(true, Ordering::Relaxed);
+        }
     });
-    Ok(Reached::Hosted {
-        node,
-        attached,
-        server,
-    })
+    Ok(node)
+}
+
+/// What the hosted mounts of this process share.
+#[derive(Clone)]
+struct Host {
+    node: Arc<Node>,
+    settings: Settings,
+    /// Set when the node's control server stopped.
+    gone: Arc<AtomicBool>,
+    /// Mounts being served.
+    active: Arc<AtomicUsize>,
+    /// SIGINT/SIGTERM/SIGHUP came: unmount, then stop.
+    signalled: &'static AtomicBool,
+    /// The unmount signal came (`xfs-node down`): unmount, the node goes on.
+    unmount_asked: &'static AtomicBool,
+}
+
+impl Host {
+    /// Mount the hosted node's file system at `dir` (one mount per node) and serve it on a
+    /// thread of its own until it is unmounted: from outside, by the unmount signal
+    /// (`xfs-node down`), by SIGINT/SIGTERM or when the node stops. Returns once mounted.
+    fn mount(&self, dir: &Path, opts: &MountOptions) -> Result<(), String> {
+        let mp = mount_point(dir)?;
+        let attached = self.node.attach_mount().map_err(|e| e.to_string())?;
+        let link = NodeLink::Hosted(self.node.clone());
+        let m = mount(
+            &self.settings,
+            link,
+            Invalidations::Hosted(attached),
+            mp,
+            opts,
+        )?;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let host = self.clone();
+        std::thread::spawn(move || {
+            let unmount_now = || {
+                host.signalled.load(Ordering::Relaxed)
+                    || host.unmount_asked.load(Ordering::Relaxed)
+                    || host.gone.load(Ordering::Relaxed)
+            };
+            let mp = m.mp.clone();
+            if !m.serve(&unmount_now) {
+                // The kernel still serves files through this mount (the abort failed): a
+                // node that went on without the mount's invalidations would leave them
+                // incoherent. Stop the node with the mount.
+                eprintln!(
+                    "xfsam-mount: {} could not be unmounted nor aborted: stopping node {} \
+                     with it",
+                    mp.display(),
+                    host.settings.node
+                );
+                host.node.write_back_and_checkpoint();
+                std::process::exit(1);
+            }
+            // The unmount signal asked for this one; a later mount starts afresh.
+            host.unmount_asked.store(false, Ordering::Relaxed);
+            host.active.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(())
+    }
 }
 
 fn run(a: Args) -> Result<(), String> {
@@ -138,132 +330,81 @@ fn run(a: Args) -> Result<(), String> {
             )
         })?
         .clone();
-    let mp = mount_point(&a.mountpoint)?;
-    let fsname = format!("xfsam:{}/node{}", cfg.cluster.name, a.node);
-    let opts = MountOptions::parse(&a.options, fsname)?;
-    // One mount per node: attach first (a mount without invalidations would not be
-    // coherent), then mount.
-    let reached = if a.serve {
-        host_node(cfg, a.node, a.wait)?
-    } else {
+    let settings = Settings {
+        ttl: a.ttl,
+        threads: a.threads,
+        control: node_cfg.control.clone(),
+        node: a.node,
+        fsname: format!("xfsam:{}/node{}", cfg.cluster.name, a.node),
+    };
+    let opts = MountOptions::parse(&a.options, settings.fsname.clone())?;
+    if !a.serve {
+        let dir = a
+            .mountpoint
+            .as_deref()
+            .ok_or("say where to mount (MOUNTPOINT; only --serve runs without one)")?;
+        let mp = mount_point(dir)?;
+        // One mount per node: attach first (a mount without invalidations would not be
+        // coherent), then mount.
         let stream = fuse_front::subscribe(&node_cfg.control)
             .map_err(|e| format!("node {}: {e}", a.node))?;
-        Reached::Socket {
+        let inval = Invalidations::Socket {
             control: node_cfg.control.clone(),
             stream,
-        }
-    };
-    let link = match &reached {
-        Reached::Hosted { node, .. } => NodeLink::Hosted(node.clone()),
-        Reached::Socket { control, .. } => NodeLink::socket(control.clone()),
-    };
-    let front = Front::new(
-        Options {
-            ttl: Duration::from_secs(a.ttl),
-            inval_wait: Duration::from_millis(20),
-            read_only: opts.read_only,
-        },
-        link,
-    )
-    .map_err(|e| e.to_string())?;
-    let link = front.link_kind();
-    let shared = front.shared();
-    let fd = fuse_front::mount_fuse(&mp, &opts.fsname, opts.allow_other, opts.read_only)
-        .map_err(|e| e.to_string())?;
-    let notifier = fd
-        .try_clone()
-        .map(fuse_front::KernelChannel::new)
-        .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
-    shared.set_kernel(notifier.clone());
-    let session = new_session(front, fd, &mp, opts.allow_other, a.threads)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sh, st) = (shared.clone(), stop.clone());
-    let wait = Duration::from_millis(20);
-    let (hosted, server) = match reached {
-        Reached::Hosted {
-            node,
-            attached,
-            server,
-        } => {
-            std::thread::spawn(move || {
-                fuse_front::invalidations_hosted(attached, notifier, sh, wait, st)
-            });
-            (Some(node), Some(server))
-        }
-        Reached::Socket { control, stream } => {
-            std::thread::spawn(move || {
-                fuse_front::invalidations(&control, stream, notifier, sh, wait, st)
-            });
-            (None, None)
-        }
-    };
-    let ended = spawn_session(session)?;
-    // Known once the session serves (the stat is a FUSE request): for aborting a detached
-    // mount whose files stay open.
-    let conn = fuse_front::connection_of(&mp).ok();
-    if let Some(c) = conn {
-        if let Err(e) = fuse_front::raise_read_ahead(c) {
-            eprintln!(
-                "xfsam-mount: cannot raise the read-ahead to {} KiB (sequential reads stay \
-                 at the kernel's default): {e}",
-                fuse_front::READ_AHEAD_KB
-            );
-        }
+        };
+        let link = NodeLink::socket(node_cfg.control.clone());
+        let m = mount(&settings, link, inval, mp, &opts)?;
+        m.serve(&|| signalled.load(Ordering::Relaxed) || unmount_asked.load(Ordering::Relaxed));
+        return Ok(());
     }
-    let state = fuse_front::state_path(&node_cfg.control);
-    eprintln!(
-        "xfsam-mount: node {} mounted at {} (pid {}, {link})",
-        a.node,
-        mp.display(),
-        std::process::id()
-    );
-    let node_stopped = || server.as_ref().is_some_and(|s| s.is_finished());
-    serve_until_unmounted(
-        &mp,
-        &ended,
-        &|| {
-            signalled.load(Ordering::Relaxed)
-                || unmount_asked.load(Ordering::Relaxed)
-                || node_stopped()
-        },
-        &shared.stats,
-        &state,
-        link,
-        conn,
-    );
-    if let (Some(node), false) = (&hosted, ended.load(Ordering::Relaxed)) {
-        // The kernel still serves files through this mount (the abort failed): a node
-        // that went on without the mount's invalidations would leave them incoherent.
-        // Stop the node with the mount.
+    // Checked before the node starts (which may take a while).
+    if let Some(dir) = &a.mountpoint {
+        mount_point(dir)?;
+    }
+    let gone = Arc::new(AtomicBool::new(false));
+    let host = Host {
+        node: host_node(cfg, a.node, a.wait, gone.clone())?,
+        settings,
+        gone,
+        active: Arc::new(AtomicUsize::new(0)),
+        signalled,
+        unmount_asked,
+    };
+    if let Some(dir) = &a.mountpoint {
+        host.mount(dir, &opts)?;
+    }
+    // Later mounts: `xfs-node mount` asks over the control socket.
+    let h = host.clone();
+    host.node.set_mounter(Box::new(move |dir, flags| {
+        let opts = MountOptions {
+            allow_other: flags.allow_other,
+            read_only: flags.read_only,
+            fsname: h.settings.fsname.clone(),
+        };
+        h.mount(dir, &opts)
+    }));
+    // The node goes on serving its peers and its control socket (mounted or not) until a
+    // signal or a `Shutdown` request.
+    while !signalled.load(Ordering::Relaxed) && !host.gone.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The mounts see it too and unmount.
+    for _ in 0..200 {
+        if host.active.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if signalled.load(Ordering::Relaxed) {
         eprintln!(
-            "xfsam-mount: {} could not be unmounted nor aborted: stopping node {} with it",
-            mp.display(),
+            "xfs-node {}: signal: writing back and checkpointing",
             a.node
         );
-        node.write_back_and_checkpoint();
-        std::process::exit(1);
+        host.node.write_back_and_checkpoint();
     }
-    stop.store(true, Ordering::Relaxed);
-    let _ = std::fs::remove_file(&state);
-    eprintln!("xfsam-mount: {} unmounted", mp.display());
-    if let Some(node) = hosted {
-        // The node goes on serving its peers and its control socket until a signal or a
-        // `Shutdown` request.
-        while !signalled.load(Ordering::Relaxed) && !node_stopped() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if signalled.load(Ordering::Relaxed) {
-            eprintln!(
-                "xfs-node {}: signal: writing back and checkpointing",
-                a.node
-            );
-            node.write_back_and_checkpoint();
-        }
-        eprintln!("xfs-node {}: stopped", a.node);
-        // The node's threads do not end by themselves.
-        std::process::exit(0);
-    }
-    Ok(())
+    eprintln!("xfs-node {}: stopped", a.node);
+    // The node's threads do not end by themselves.
+    std::process::exit(0);
 }
 
 /// The mount point `dir`, made canonical: an existing directory with nothing mounted on it.
@@ -365,17 +506,16 @@ fn spawn_session(session: Session<Front>) -> Result<Arc<AtomicBool>, String> {
     Ok(ended)
 }
 
-/// Waits until the session has `ended`, keeping the state file at `state` (pid, mount
-/// point, link, counters) up to date. Once `unmount_now()`, unmounts `mp` and waits up to
+/// Waits until the session has `ended`, keeping the state file at `state` (`text`: pid,
+/// mount point, link, counters) up to date. Once `unmount_now()`, unmounts `mp` and waits up to
 /// 2 s for the session to end; a detached mount (files still open) is then aborted
 /// (FUSE connection `conn`): its open files fail from then on.
 fn serve_until_unmounted(
     mp: &Path,
     ended: &AtomicBool,
     unmount_now: &dyn Fn() -> bool,
-    stats: &fuse_front::Stats,
     state: &Path,
-    link: &str,
+    text: &dyn Fn() -> String,
     conn: Option<u64>,
 ) {
     let wait_ended = || {
@@ -405,12 +545,7 @@ fn serve_until_unmounted(
             }
             break;
         }
-        let now = format!(
-            "pid {}\nmountpoint {}\nlink {link}\n{}",
-            std::process::id(),
-            mp.display(),
-            stats.render()
-        );
+        let now = text();
         if now != last {
             write_state(state, &now);
             last = now;

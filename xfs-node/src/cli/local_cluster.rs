@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use xfs_node::node::config::{Config, TransportKind};
-use xfs_node::node::control::Request;
+use xfs_node::node::control::{Control, Request};
 
 use super::status::{print_status, status_of};
 use crate::{call, Where};
@@ -59,8 +59,12 @@ pub(crate) fn up(
     timeout: u64,
     mount: Option<&HostedMount>,
 ) -> Result<(), String> {
-    // Before anything starts: the mount's binary must be there.
-    let helper = mount.map(|_| mount_helper()).transpose()?;
+    // Before anything starts: the mount's binary must be there for --mount; without it,
+    // the nodes run as `xfs-node serve` (mounted over their sockets only).
+    let helper = match mount {
+        Some(_) => Some(mount_helper()?),
+        None => mount_helper().ok(),
+    };
     if nodes == 0 || nodes > 64 {
         return Err(format!("--nodes {nodes}: use 1 to 64"));
     }
@@ -80,8 +84,7 @@ pub(crate) fn up(
         c
     };
     check_not_running(&cfg, &data)?;
-    let hosted = helper.zip(mount);
-    start_nodes(&cfg, &cfg_path, &data, hosted)?;
+    start_nodes(&cfg, &cfg_path, &data, helper.as_deref(), mount)?;
     eprint!("waiting for {} nodes", cfg.nodes.len());
     let deadline = Instant::now() + Duration::from_secs(timeout);
     for n in &cfg.nodes {
@@ -171,32 +174,35 @@ fn check_not_running(cfg: &Config, data: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Run `xfs-node serve` for every node, its output in `nodeK.log`, its pid in `nodeK.pid`;
-/// with `hosted` (the mount helper, the mount), node 1 runs as `xfsam-mount --serve` and
-/// mounts itself.
+/// Start every node, its output in `nodeK.log`, its pid in `nodeK.pid`: as
+/// `xfsam-mount --serve` when the mount helper is there (`helper`: each node can then
+/// serve a mount in its own process, `xfs-node mount`), else as `xfs-node serve`. With
+/// `mount`, node 1 mounts itself there.
 fn start_nodes(
     cfg: &Config,
     cfg_path: &Path,
     data: &Path,
-    hosted: Option<(PathBuf, &HostedMount)>,
+    helper: Option<&Path>,
+    mount: Option<&HostedMount>,
 ) -> Result<(), String> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     for n in &cfg.nodes {
         let log = std::fs::File::create(data.join(format!("node{}.log", n.id)))
             .map_err(|e| format!("cannot create the node's log file: {e}"))?;
-        let mut cmd = match &hosted {
-            Some((helper, m)) if n.id == HOSTING_NODE => {
+        let mount = mount.filter(|_| n.id == HOSTING_NODE);
+        let mut cmd = match helper {
+            Some(helper) => {
                 let mut c = Command::new(helper);
                 c.arg("--serve");
-                if m.allow_other {
+                if mount.is_some_and(|m| m.allow_other) {
                     c.args(["-o", "allow_other"]);
                 }
                 // Its own process group: a Ctrl-C meant for the shell does not unmount it.
                 c.process_group(0);
                 c
             }
-            _ => {
+            None => {
                 let mut c = Command::new(&exe);
                 c.arg("serve");
                 c
@@ -205,7 +211,7 @@ fn start_nodes(
         cmd.arg("--config")
             .arg(cfg_path)
             .args(["--node", &n.id.to_string()]);
-        if let Some((_, m)) = hosted.as_ref().filter(|_| n.id == HOSTING_NODE) {
+        if let Some(m) = mount {
             cmd.arg(&m.dir);
         }
         let child = cmd
@@ -301,20 +307,31 @@ fn wait_hosted_mount(cfg: &Config, data: &Path, id: u16, dir: &Path) -> Result<(
     }
 }
 
-/// Run `xfsam-mount` (beside this executable) for node `id` at `dir` and wait until it
-/// is mounted.
+/// How `xfs-node mount` reaches the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MountVia {
+    /// Served in the node's process when it can (started by `up` as `xfsam-mount
+    /// --serve`), else over its control socket.
+    Best,
+    /// Over the node's control socket, by an `xfsam-mount` process of its own.
+    Socket,
+}
+
+/// Mount the file system at `dir` through node `id` and wait until it is mounted: asked of
+/// the node's own process (`Request::Mount`), or, when that process cannot host a mount
+/// (`xfs-node serve`) or `via` says so, by `xfsam-mount` (beside this executable) over the
+/// node's control socket.
 pub(crate) fn mount_node(
     cfg_path: &Path,
     cfg: &Config,
     id: u16,
     dir: &Path,
-    allow_other: bool,
-    ro: bool,
+    (allow_other, ro): (bool, bool),
+    via: MountVia,
 ) -> Result<(), String> {
     let node = cfg
         .node(id)
         .ok_or_else(|| format!("node {id} is not in the cluster"))?;
-    let helper = mount_helper()?;
     if let Some((pid, d)) = mount_state(cfg, id) {
         if pid_alive(pid) {
             return Err(format!(
@@ -323,6 +340,23 @@ pub(crate) fn mount_node(
             ));
         }
     }
+    if via == MountVia::Best {
+        let abs = dir
+            .canonicalize()
+            .map_err(|e| format!("mount point {}: {e} (create it first)", dir.display()))?;
+        let ask = Request::Mount {
+            dir: abs,
+            allow_other,
+            read_only: ro,
+        };
+        match Control::connect(&node.control).and_then(|mut c| c.call_ok(&ask)) {
+            Ok(_) => return Ok(()),
+            // `xfs-node serve`: mounted over the socket below.
+            Err(e) if e.errno() == Some(libc::ENOTSUP) => {}
+            Err(e) => return Err(format!("node {id}: {e}")),
+        }
+    }
+    let helper = mount_helper()?;
     let mut logp = node.control.as_os_str().to_owned();
     logp.push(".mount.log");
     let logp = PathBuf::from(logp);

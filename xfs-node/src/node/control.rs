@@ -85,6 +85,18 @@ pub enum Request {
     Subscribe,
     /// The kernel dropped what it cached of these blocks.
     KernelDone(Vec<u64>),
+    /// Mount the file system at `dir`, served in this node's process (a node run by
+    /// `xfsam-mount --serve`, as `xfs-node up` starts them): answered once mounted. A node
+    /// run by `xfs-node serve` cannot (ENOTSUP: mount it over the socket instead). One
+    /// mount per node (EBUSY).
+    Mount {
+        /// The mount point (an existing, empty directory), absolute.
+        dir: std::path::PathBuf,
+        /// Let other users than the mounting one in.
+        allow_other: bool,
+        /// Mount read-only.
+        read_only: bool,
+    },
 }
 
 /// The client API by index number.

@@ -196,6 +196,33 @@ impl Node {
             },
             Request::Checkpoint => self.checkpoint(),
             Request::Shutdown => Response::Ok,
+            Request::Mount {
+                dir,
+                allow_other,
+                read_only,
+            } => match self.mounter.get() {
+                Some(mount) => {
+                    let flags = MountFlags {
+                        allow_other,
+                        read_only,
+                    };
+                    match mount(&dir, flags) {
+                        Ok(()) => Response::Ok,
+                        Err(message) => Response::Err {
+                            errno: libc::EIO,
+                            message,
+                        },
+                    }
+                }
+                None => Response::Err {
+                    errno: libc::ENOTSUP,
+                    message: format!(
+                        "node {} runs as `xfs-node serve` and cannot serve a mount in its \
+                         process: mount it over its control socket (`xfs-node mount --socket`)",
+                        self.id
+                    ),
+                },
+            },
             Request::Subscribe | Request::KernelDone(_) => Response::Err {
                 errno: libc::EINVAL,
                 message: "Subscribe opens a connection of its own; KernelDone answers on it".into(),

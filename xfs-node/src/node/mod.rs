@@ -90,9 +90,31 @@ pub struct Node {
     /// process, the CLI); a mount served in this process adds none.
     socket_fs_requests: AtomicU64,
     log_check: LogCheckFn,
+    /// What mounts the file system in this process ([`Request::Mount`]), when the process
+    /// can ([`Node::set_mounter`]).
+    mounter: std::sync::OnceLock<Mounter>,
+}
+
+/// Mounts the file system at a directory in the node's process and returns once mounted
+/// (or why it could not): set by the process that hosts the node and a FUSE front.
+pub type Mounter = Box<dyn Fn(&std::path::Path, MountFlags) -> Result<(), String> + Send + Sync>;
+
+/// How a [`Request::Mount`] asks to mount.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountFlags {
+    /// Let other users than the mounting one in.
+    pub allow_other: bool,
+    /// Read-only.
+    pub read_only: bool,
 }
 
 impl Node {
+    /// Let this node take [`Request::Mount`]: `mounter` mounts in this process. Set once
+    /// (false if it was set already).
+    pub fn set_mounter(&self, mounter: Mounter) -> bool {
+        self.mounter.set(mounter).is_ok()
+    }
+
     /// Whether the log is recovered (and, on the root's manager, the root exists).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)

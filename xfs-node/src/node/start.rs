@@ -189,6 +189,7 @@ impl Node {
             periodic,
             socket_fs_requests: AtomicU64::new(0),
             log_check: log_check(shared.log),
+            mounter: std::sync::OnceLock::new(),
         })
     }
 }

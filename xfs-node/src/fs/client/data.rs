@@ -123,8 +123,11 @@ impl<B: Blocks> FsClient<B> {
     /// the inode is read again after the blocks; if a truncation came in between (its
     /// count moved), the read starts again, from the new size. After [`READ_TRIES`] such
     /// losses it reads holding the inode block (no truncation runs meanwhile). A read
-    /// within one block that gave all the bytes asked of it found nothing cleared (a
-    /// cleared block is empty, a cut one short) and skips the second look. A read of
+    /// within one block that gave exactly the bytes the size says it holds found nothing
+    /// cleared (a cleared block is empty, a cut one short) and nothing rewritten (a block
+    /// longer than the size was written again after the size was read: a truncate and a
+    /// write in between, whose data the old size would cut) and skips the second look. A
+    /// read of
     /// several blocks does not: they are read at once, not atomically, so one could come
     /// from before a truncate and another, full again, from a write after it.
     pub fn read(&self, ino: u64, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
@@ -164,7 +167,8 @@ impl<B: Blocks> FsClient<B> {
     }
 
     /// The bytes of `[offset, offset + len)` that lie within `i.size`, and whether every
-    /// block gave all of its bytes in that range (none was a hole, or cut short).
+    /// block gave exactly its bytes in that range as the size has them (none was a hole
+    /// or cut short, and the block at the end of the file held nothing past the size).
     fn read_within(&self, i: &Inode, offset: u64, len: usize) -> Result<(Vec<u8>, bool), Errno> {
         let ino = i.ino;
         if i.kind == Some(Kind::Dir) {
@@ -193,6 +197,9 @@ impl<B: Blocks> FsClient<B> {
             let to = end.min(bstart + bs);
             let have = data.len().min((to - bstart) as usize);
             whole &= have == (to - bstart) as usize;
+            // Bytes past the size in the file's last block: written after the size was
+            // read (a write puts its data before its size).
+            whole &= !(to == i.size && data.len() > have);
             let skip = (from - bstart) as usize;
             if have > skip {
                 let at = (from - offset) as usize;
