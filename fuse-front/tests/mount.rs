@@ -1694,6 +1694,29 @@ fn every_mount_of_a_started_node_is_served_in_its_process_unless_asked_over_the_
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
+    // Unmounted from outside, node 2 serves on and mounts again at once, in its process.
+    let um = Command::new("fusermount3")
+        .arg("-u")
+        .arg(c.m(1))
+        .status()
+        .unwrap();
+    assert!(um.success() && !mounted(c.m(1)), "fusermount3 -u failed");
+    ok(&[
+        "mount",
+        "--data",
+        c.data_arg(),
+        "--node",
+        "2",
+        "--allow-other",
+        c.m(1).to_str().unwrap(),
+    ]);
+    assert!(mounted(c.m(1)), "the second mount of node 2 is not there");
+    assert!(
+        state(2).starts_with(&format!("pid {}\n", node_pid(2)))
+            && state(2).contains("\nlink hosted\n"),
+        "mount 2 again:\n{}",
+        state(2)
+    );
 
     // Every mount raised the kernel's read-ahead for its sequential reads.
     for k in 0..3 {

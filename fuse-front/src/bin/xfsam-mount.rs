@@ -119,6 +119,9 @@ struct Mounted {
     shared: Arc<fuse_front::Shared>,
     /// Stops the invalidation thread.
     stop: Arc<AtomicBool>,
+    /// A hosted mount's invalidation thread: it holds the node's attachment until it
+    /// ends (within 200 ms of `stop`).
+    invalidating: Option<std::thread::JoinHandle<()>>,
     conn: Option<u64>,
     state: PathBuf,
     link: &'static str,
@@ -146,28 +149,39 @@ fn mount(
     let shared = front.shared();
     let fd = fuse_front::mount_fuse(&mp, &opts.fsname, opts.allow_other, opts.read_only)
         .map_err(|e| e.to_string())?;
-    let notifier = fd
-        .try_clone()
-        .map(fuse_front::KernelChannel::new)
-        .map_err(|e| format!("cannot duplicate the FUSE descriptor: {e}"))?;
+    let notifier = match fd.try_clone() {
+        Ok(d) => fuse_front::KernelChannel::new(d),
+        Err(e) => {
+            unmount(&mp);
+            return Err(format!("cannot duplicate the FUSE descriptor: {e}"));
+        }
+    };
     shared.set_kernel(notifier.clone());
     let session = new_session(front, fd, &mp, opts.allow_other, s.threads)?;
+    let ended = match spawn_session(session) {
+        Ok(e) => e,
+        Err(e) => {
+            unmount(&mp);
+            // `inval` (the node's attachment) is dropped here: the node can be mounted
+            // again.
+            return Err(e);
+        }
+    };
+    // Invalidations that came meanwhile wait in the attachment's queue.
     let stop = Arc::new(AtomicBool::new(false));
     let (sh, st) = (shared.clone(), stop.clone());
     let wait = Duration::from_millis(20);
-    match inval {
-        Invalidations::Hosted(attached) => {
-            std::thread::spawn(move || {
-                fuse_front::invalidations_hosted(attached, notifier, sh, wait, st)
-            });
-        }
+    let invalidating = match inval {
+        Invalidations::Hosted(attached) => Some(std::thread::spawn(move || {
+            fuse_front::invalidations_hosted(attached, notifier, sh, wait, st)
+        })),
         Invalidations::Socket { control, stream } => {
             std::thread::spawn(move || {
                 fuse_front::invalidations(&control, stream, notifier, sh, wait, st)
             });
+            None
         }
-    }
-    let ended = spawn_session(session)?;
+    };
     // Known once the session serves (the stat is a FUSE request): for aborting a detached
     // mount whose files stay open.
     let conn = fuse_front::connection_of(&mp).ok();
@@ -186,6 +200,7 @@ fn mount(
         ended,
         shared,
         stop,
+        invalidating,
         conn,
         state,
         link,
@@ -228,20 +243,29 @@ impl Mounted {
             return false;
         }
         self.stop.store(true, Ordering::Relaxed);
+        // The node is free for another mount once the attachment is dropped; only then
+        // does the state file (which `xfs-node mount` checks) go.
+        if let Some(t) = self.invalidating {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_file(&self.state);
         eprintln!("xfsam-mount: {} unmounted", self.mp.display());
         true
     }
 }
 
-/// Node `id` of `cfg`, started here and ready, its control socket served; `gone` is set
-/// when that server stops (a `Shutdown` request).
-fn host_node(cfg: Config, id: u16, wait: u64, gone: Arc<AtomicBool>) -> Result<Arc<Node>, String> {
+/// Node `id` of `cfg`, started here and ready.
+fn host_node(cfg: Config, id: u16, wait: u64) -> Result<Arc<Node>, String> {
     let node = Node::start_configured(cfg, id).map_err(|e| e.to_string())?;
     node.wait_ready(Duration::from_secs(wait))
         .map_err(|e| e.to_string())?;
     eprintln!("xfs-node {id}: ready (served in-process by xfsam-mount)");
-    let node = Arc::new(node);
+    Ok(Arc::new(node))
+}
+
+/// Serve `node`'s control socket on a thread; `gone` is set when that server stops (a
+/// `Shutdown` request).
+fn serve_control(node: &Arc<Node>, id: u16, gone: Arc<AtomicBool>) {
     std::thread::spawn({
         let node = node.clone();
         move || {
@@ -251,7 +275,6 @@ fn host_node(cfg: Config, id: u16, wait: u64, gone: Arc<AtomicBool>) -> Result<A
             gone.store(true, Ordering::Relaxed);
         }
     });
-    Ok(node)
 }
 
 /// What the hosted mounts of this process share.
@@ -273,17 +296,17 @@ impl Host {
     /// Mount the hosted node's file system at `dir` (one mount per node) and serve it on a
     /// thread of its own until it is unmounted: from outside, by the unmount signal
     /// (`xfs-node down`), by SIGINT/SIGTERM or when the node stops. Returns once mounted.
-    fn mount(&self, dir: &Path, opts: &MountOptions) -> Result<(), String> {
-        let mp = mount_point(dir)?;
-        let attached = self.node.attach_mount().map_err(|e| e.to_string())?;
+    fn mount(&self, dir: &Path, opts: &MountOptions) -> Result<(), (i32, String)> {
+        let attached = self
+            .node
+            .attach_mount()
+            .map_err(|e| (libc::EBUSY, e.to_string()))?;
+        let mp = mount_point(dir).map_err(|e| (libc::EINVAL, e))?;
+        // An unmount signal that came with no mount to take it is not for this one.
+        self.unmount_asked.store(false, Ordering::Relaxed);
         let link = NodeLink::Hosted(self.node.clone());
-        let m = mount(
-            &self.settings,
-            link,
-            Invalidations::Hosted(attached),
-            mp,
-            opts,
-        )?;
+        let inval = Invalidations::Hosted(attached);
+        let m = mount(&self.settings, link, inval, mp, opts).map_err(|e| (libc::EIO, e))?;
         self.active.fetch_add(1, Ordering::Relaxed);
         let host = self.clone();
         std::thread::spawn(move || {
@@ -361,19 +384,16 @@ fn run(a: Args) -> Result<(), String> {
     if let Some(dir) = &a.mountpoint {
         mount_point(dir)?;
     }
-    let gone = Arc::new(AtomicBool::new(false));
     let host = Host {
-        node: host_node(cfg, a.node, a.wait, gone.clone())?,
+        node: host_node(cfg, a.node, a.wait)?,
         settings,
-        gone,
+        gone: Arc::new(AtomicBool::new(false)),
         active: Arc::new(AtomicUsize::new(0)),
         signalled,
         unmount_asked,
     };
-    if let Some(dir) = &a.mountpoint {
-        host.mount(dir, &opts)?;
-    }
-    // Later mounts: `xfs-node mount` asks over the control socket.
+    // Mounts asked later (`xfs-node mount`, over the control socket), taken from the
+    // socket's first request on.
     let h = host.clone();
     host.node.set_mounter(Box::new(move |dir, flags| {
         let opts = MountOptions {
@@ -383,6 +403,10 @@ fn run(a: Args) -> Result<(), String> {
         };
         h.mount(dir, &opts)
     }));
+    serve_control(&host.node, a.node, host.gone.clone());
+    if let Some(dir) = &a.mountpoint {
+        host.mount(dir, &opts).map_err(|(_, e)| e)?;
+    }
     // The node goes on serving its peers and its control socket (mounted or not) until a
     // signal or a `Shutdown` request.
     while !signalled.load(Ordering::Relaxed) && !host.gone.load(Ordering::Relaxed) {

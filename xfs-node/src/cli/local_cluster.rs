@@ -333,7 +333,16 @@ pub(crate) fn mount_node(
         .node(id)
         .ok_or_else(|| format!("node {id} is not in the cluster"))?;
     if let Some((pid, d)) = mount_state(cfg, id) {
-        if pid_alive(pid) {
+        // Unmounted a moment ago: its server ends within a fraction of a second.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !is_mount_point(&d)
+            && mount_state(cfg, id).is_some_and(|(p, _)| p == pid)
+            && pid_alive(pid)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if mount_state(cfg, id).is_some_and(|(p, _)| p == pid) && pid_alive(pid) {
             return Err(format!(
                 "node {id} is mounted at {} already (pid {pid}); one mount per node",
                 d.display()
@@ -378,6 +387,16 @@ pub(crate) fn mount_node(
     }
     let child = spawn_mount(cmd, dir, log, &helper)?;
     wait_mounted(cfg, id, dir, child, &logp)
+}
+
+/// Whether something is mounted at `dir` now (by /proc/self/mountinfo).
+fn is_mount_point(dir: &Path) -> bool {
+    let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    m.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|p| p == want))
 }
 
 /// `xfsam-mount`, which must sit beside this executable.

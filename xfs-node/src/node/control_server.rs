@@ -208,10 +208,7 @@ impl Node {
                     };
                     match mount(&dir, flags) {
                         Ok(()) => Response::Ok,
-                        Err(message) => Response::Err {
-                            errno: libc::EIO,
-                            message,
-                        },
+                        Err((errno, message)) => Response::Err { errno, message },
                     }
                 }
                 None => Response::Err {

@@ -95,9 +95,11 @@ pub struct Node {
     mounter: std::sync::OnceLock<Mounter>,
 }
 
-/// Mounts the file system at a directory in the node's process and returns once mounted
-/// (or why it could not): set by the process that hosts the node and a FUSE front.
-pub type Mounter = Box<dyn Fn(&std::path::Path, MountFlags) -> Result<(), String> + Send + Sync>;
+/// Mounts the file system at a directory in the node's process and returns once mounted,
+/// or the errno and why it could not (EBUSY: the node is mounted already): set by the
+/// process that hosts the node and a FUSE front.
+pub type Mounter =
+    Box<dyn Fn(&std::path::Path, MountFlags) -> Result<(), (i32, String)> + Send + Sync>;
 
 /// How a [`Request::Mount`] asks to mount.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

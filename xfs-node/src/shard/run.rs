@@ -78,7 +78,12 @@ impl StoreLink {
             .try_send((self.shard, std::mem::take(&mut self.held)))
         {
             Ok(()) => {}
-            Err(mpsc::TrySendError::Full((_, v))) => self.held = v,
+            // Kept, and counted as work: the loop turns again soon (the actor wakes only
+            // the shards it answers) rather than sleeping in its wait.
+            Err(mpsc::TrySendError::Full((_, v))) => {
+                self.held = v;
+                return n.max(1);
+            }
             Err(mpsc::TrySendError::Disconnected((_, v))) => {
                 // No actor: every piece fails, as a store that cannot be reached would.
                 let gone = "the node's log actor has stopped".to_string();

@@ -168,9 +168,10 @@ pub struct ShardInbox {
     pub wake: Arc<dyn am_core::Notify>,
 }
 
-/// The actor's thread: take the shards' work (`(shard, work)` batches) from `work`, run it
-/// in batches of up to [`ACTOR_BATCH`], and send each shard its answers. Returns when
-/// `stop` is set or every shard loop has gone; its counters go to `counters`.
+/// The actor's thread: take the shards' work (`(shard, work)` batches) from `work` (queued
+/// batches until it holds [`ACTOR_BATCH`] pieces or more), run it, and send each shard its
+/// answers. Returns when `stop` is set or every shard loop has gone; its counters go to
+/// `counters`.
 pub fn serve<S: FragmentStore + Send>(
     mut actor: LogActor<S>,
     work: Receiver<(usize, Vec<StoreWork<Vec<u8>>>)>,
