@@ -87,3 +87,14 @@ pub fn unmount(dir: &Path, flags: i32) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Whether something is mounted at `dir` now (by `/proc/self/mountinfo`; `dir` as the
+/// kernel names it: absolute, symlinks resolved).
+pub fn is_mount_point(dir: &Path) -> bool {
+    let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    m.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|p| p == want))
+}

@@ -68,16 +68,6 @@ struct Args {
     mountpoint: Option<PathBuf>,
 }
 
-/// Whether `dir` is a mount point now.
-fn is_mounted(dir: &Path) -> bool {
-    let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = dir.to_string_lossy().replace(' ', "\\040");
-    m.lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|p| p == want))
-}
-
 fn unmount(dir: &Path) {
     if xfs_node::os::unmount(dir, 0).is_err() {
         // Files are open: detach it (they see errors once this process is gone).
@@ -446,7 +436,7 @@ fn mount_point(dir: &Path) -> Result<PathBuf, String> {
     let mp = dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", dir.display()))?;
-    if is_mounted(&mp) {
+    if xfs_node::os::is_mount_point(&mp) {
         return Err(format!(
             "{} is busy: something is mounted there already (unmount it: fusermount3 -u {})",
             mp.display(),

@@ -335,7 +335,7 @@ pub(crate) fn mount_node(
     if let Some((pid, d)) = mount_state(cfg, id) {
         // Unmounted a moment ago: its server ends within a fraction of a second.
         let deadline = Instant::now() + Duration::from_secs(3);
-        while !is_mount_point(&d)
+        while !xfs_node::os::is_mount_point(&d)
             && mount_state(cfg, id).is_some_and(|(p, _)| p == pid)
             && pid_alive(pid)
             && Instant::now() < deadline
@@ -387,16 +387,6 @@ pub(crate) fn mount_node(
     }
     let child = spawn_mount(cmd, dir, log, &helper)?;
     wait_mounted(cfg, id, dir, child, &logp)
-}
-
-/// Whether something is mounted at `dir` now (by /proc/self/mountinfo).
-fn is_mount_point(dir: &Path) -> bool {
-    let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = dir.to_string_lossy().replace(' ', "\\040");
-    m.lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|p| p == want))
 }
 
 /// `xfsam-mount`, which must sit beside this executable.
