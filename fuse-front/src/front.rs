@@ -179,12 +179,7 @@ impl Front {
     }
 
     pub(crate) fn attr(&self, i: &Inode) -> FileAttr {
-        // Every file's first sight counts as a truncation seen (its count 0 included): a
-        // descriptor opened before this mount sees a truncation that races it would read
-        // through the page cache, and the kernel zero-fills a short read under the size it
-        // cached when an invalidation moved the attributes meanwhile (the rewrite test:
-        // the old line's size in NULs). Opens within TRUNCATED_DIRECT of it go direct.
-        if i.kind == Some(Kind::File) {
+        if i.kind == Some(Kind::File) && i.truncations > 0 {
             self.shared.saw_truncations(i.ino, i.truncations);
         }
         let blocks: u64 = i
