@@ -655,6 +655,11 @@ impl Filesystem for Front {
                 self.shared.hand_out(p, name, i.ino);
                 self.opened(i.ino);
                 let (fh, fopen) = open_mode(flags, self.shared.truncated_lately(i.ino));
+                // A file made here counts as truncated lately for the other descriptors
+                // opened on it here soon (direct I/O): its first truncation may come
+                // before this mount sees its count move, and a page-cache read racing it
+                // can be zero-filled by the kernel under the old size (the rewrite test).
+                self.shared.saw_truncations(i.ino, i.truncations);
                 reply.created(&self.opts.ttl, &self.attr(&i), Generation(0), fh, fopen)
             }
             Err(e) => reply.error(e),
