@@ -534,17 +534,21 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 StoreDone::Sync {
                     asked: SyncFor::Peer { from, op },
                     result,
-                } => {
-                    let (errno, text) = match result {
-                        Ok(()) => (0, Vec::new()),
-                        Err(e) => (e.errno.max(1) as u64, e.message.into_bytes()),
-                    };
-                    self.sync_out
-                        .push_back((from, [SyncKind::SyncReply as u64, op, errno], text));
-                }
+                } => self.reply_sync(from, op, result),
             }
         }
         self.flush_outgoing();
+    }
+
+    /// Answer peer `from`'s log-sync request `op` with `result` (errno 0, or the error's
+    /// errno and text).
+    fn reply_sync(&mut self, from: NodeId, op: OpId, result: Result<(), SyncError>) {
+        let (errno, text) = match result {
+            Ok(()) => (0, Vec::new()),
+            Err(e) => (e.errno.max(1) as u64, e.message.into_bytes()),
+        };
+        self.sync_out
+            .push_back((from, [SyncKind::SyncReply as u64, op, errno], text));
     }
 
     /// Block until the endpoint has something to do or `timeout` passes.
@@ -583,12 +587,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 self.store_work
                     .push(StoreWork::Sync(SyncFor::Peer { from, op }));
             } else if kind == SyncKind::SyncRequest {
-                let (errno, text) = match self.storage.store.sync() {
-                    Ok(()) => (0, Vec::new()),
-                    Err(e) => (e.errno.max(1) as u64, e.message.into_bytes()),
-                };
-                self.sync_out
-                    .push_back((from, [SyncKind::SyncReply as u64, op, errno], text));
+                let r = self.storage.store.sync();
+                self.reply_sync(from, op, r);
             } else if errno == 0 {
                 self.sync_done.push((op, Ok(())));
             } else {
