@@ -5,6 +5,8 @@
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 
+use xfs_node::node::spawn_named;
+
 use super::*;
 
 /// The invalidation thread: subscribe to the node's invalidations and carry each to the
@@ -219,7 +221,7 @@ fn spawn_workers(
             shared.clone(),
             answer.clone(),
         );
-        threads.push(std::thread::spawn(move || loop {
+        threads.push(spawn_named("fuse-inval", move || loop {
             let job = lock(&rx).recv();
             let Ok((id, blocks)) = job else {
                 return;
@@ -236,7 +238,7 @@ fn spawn_workers(
 /// The watchdog: every 2 ms, answers the batches whose deadline passed (counted in
 /// `inval_late`), until `done` is set.
 fn spawn_watchdog(done: Arc<AtomicBool>, sh: Arc<Shared>, answer: Answer) -> JoinHandle<()> {
-    std::thread::spawn(move || {
+    spawn_named("fuse-watchdog", move || {
         while !done.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(2));
             let now = std::time::Instant::now();

@@ -14,7 +14,7 @@ use clap::Parser;
 use fuse_front::{Front, NodeLink, Options};
 use fuser::{Config as FuseConfig, Session, SessionACL};
 use xfs_node::node::config::Config;
-use xfs_node::node::{MountAttachment, Node};
+use xfs_node::node::{spawn_named, MountAttachment, Node};
 
 #[derive(Parser)]
 #[command(
@@ -162,11 +162,11 @@ fn mount(
     let (sh, st) = (shared.clone(), stop.clone());
     let wait = Duration::from_millis(20);
     let invalidating = match inval {
-        Invalidations::Hosted(attached) => Some(std::thread::spawn(move || {
+        Invalidations::Hosted(attached) => Some(spawn_named("fuse-inval-in", move || {
             fuse_front::invalidations_hosted(attached, notifier, sh, wait, st)
         })),
         Invalidations::Socket { control, stream } => {
-            std::thread::spawn(move || {
+            spawn_named("fuse-inval-in", move || {
                 fuse_front::invalidations(&control, stream, notifier, sh, wait, st)
             });
             None

@@ -23,7 +23,7 @@ impl Node {
         })?;
         listener.set_nonblocking(true).ok();
         let bg = self.clone();
-        std::thread::spawn(move || {
+        spawn_named("log-sync", move || {
             let mut n = 0u64;
             while !bg.stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_secs(1));
@@ -40,7 +40,7 @@ impl Node {
                 Ok((stream, _)) => {
                     stream.set_nonblocking(false).ok();
                     let node = self.clone();
-                    std::thread::spawn(move || node.connection(stream));
+                    spawn_named("control", move || node.connection(stream));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(10));

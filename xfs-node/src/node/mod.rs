@@ -26,6 +26,20 @@ pub use error::{ServeError, StartError};
 pub use mount_link::{MountAnswers, MountAttachment, MountBusy};
 pub use transport::{MakeTransport, Rdma, Udp};
 
+/// Starts a thread named `name` (at most 15 bytes show in `top -H`, `perf` and
+/// `/proc/PID/task/TID/comm`), as [`std::thread::spawn`] does otherwise (it panics only
+/// where that would: the OS refused a thread).
+pub fn spawn_named<F, T>(name: &str, f: F) -> std::thread::JoinHandle<T>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .expect("the OS refused to start a thread")
+}
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;

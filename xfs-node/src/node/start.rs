@@ -271,7 +271,7 @@ fn spawn_storage_server<M: MakeTransport>(
     )
     .map_err(StartError::StorageServer)?;
     let (stop, free) = (shared.stop.clone(), shared.storage_free.clone());
-    Ok(std::thread::spawn(move || {
+    Ok(spawn_named("store-server", move || {
         storage_server_loop(server, frag, stop, free)
     }))
 }
@@ -379,13 +379,13 @@ fn spawn_shard_loops<M: MakeTransport>(
         let ml = shared.mount.clone();
         // Shard 0 hands store commands (the cleaner's) to the command thread.
         let cmds = (s == 0).then(|| command_tx.clone());
-        threads.push(std::thread::spawn(move || {
+        threads.push(spawn_named(&format!("shard-{s}"), move || {
             shard_loop(shard, rx, st, ml, cmds, link)
         }));
     }
     let actor = LogActor::new(shared.log.clone(), shared.log_full.clone());
     let (stop, counters) = (shared.stop.clone(), shared.actor.clone());
-    threads.push(std::thread::spawn(move || {
+    threads.push(spawn_named("log-actor", move || {
         log_actor::serve(actor, work_rx, inboxes, stop, counters)
     }));
     Ok((senders, wake))
@@ -433,7 +433,7 @@ fn spawn_command_thread<T: Transport + Send + 'static>(
         shared.log_full.clone(),
         shared.stop.clone(),
     );
-    std::thread::spawn(move || {
+    spawn_named("node-commands", move || {
         while !stop.load(Ordering::Relaxed) {
             let Ok((from, op, request)) = commands.recv_timeout(Duration::from_millis(200)) else {
                 continue;
@@ -495,7 +495,7 @@ fn spawn_log_thread<M: MakeTransport>(
         ready: shared.ready.clone(),
         stop: shared.stop.clone(),
     };
-    std::thread::spawn(move || thread.run(group, writers))
+    spawn_named("log-writer", move || thread.run(group, writers))
 }
 
 /// The log thread's state: how it reaches the stripe group's storage servers, and what
@@ -741,7 +741,7 @@ fn spawn_cleaners<T: Transport>(
             shared.stop.clone(),
             cleaners.clone(),
         );
-        threads.push(std::thread::spawn(move || {
+        threads.push(spawn_named(&format!("cleaner-{id}"), move || {
             cleaner_loop(id, gid, servers, writers, cfg, c, r, s, cl)
         }));
     }
@@ -762,7 +762,7 @@ fn spawn_write_back<T: Transport>(
         periodic.clone(),
     );
     let age = Duration::from_secs(config.cluster.write_back_secs);
-    std::thread::spawn(move || write_back_loop(c, age, r, st, n))
+    spawn_named("write-back", move || write_back_loop(c, age, r, st, n))
 }
 
 /// The log's fsck for the control socket ([`Log::check`]; `None`: no log).
