@@ -28,8 +28,11 @@ pub enum Request {
         /// Whether the writer replaces the whole block.
         whole: bool,
     },
-    /// Eviction.
-    Evict,
+    /// Eviction (`keep`: the copy is worth a handoff if it is the last one).
+    Evict {
+        /// Whether the evicting client read the copy (worth another client's room).
+        keep: bool,
+    },
 }
 
 /// The manager's state for one block.
@@ -133,7 +136,7 @@ impl ManagerShard {
             Msg::WriteReq {
                 has_data, whole, ..
             } => self.request(block, from, Request::Write { has_data, whole }, out),
-            Msg::EvictReq { .. } => self.request(block, from, Request::Evict, out),
+            Msg::EvictReq { keep, .. } => self.request(block, from, Request::Evict { keep }, out),
             Msg::RevokeAck { .. } => {
                 let b = self.blocks.entry(block).or_default();
                 let Some(w) = &mut b.writing else {
@@ -272,7 +275,7 @@ impl ManagerShard {
             Request::Write { has_data, whole } => {
                 self.serve_write(block, from, has_data, whole, out)
             }
-            Request::Evict => self.serve_evict(block, from, out),
+            Request::Evict { keep } => self.serve_evict(block, from, keep, out),
         }
     }
 
@@ -362,9 +365,16 @@ impl ManagerShard {
     }
 
     /// An eviction: granted, and the last copy of a block not yet recirculated
-    /// `n_chance` times handed to the next client round the ring (N-chance).
+    /// `n_chance` times handed to the next client round the ring (N-chance), if the
+    /// evicting client says it is worth keeping (`keep`: it was read there).
     #[inline]
-    fn serve_evict<D: Clone>(&mut self, block: BlockId, from: NodeId, out: &mut Vec<Output<D>>) {
+    fn serve_evict<D: Clone>(
+        &mut self,
+        block: BlockId,
+        from: NodeId,
+        keep: bool,
+        out: &mut Vec<Output<D>>,
+    ) {
         let n_chance = self.config.n_chance;
         let b = self.blocks.entry(block).or_default();
         let was_cacher = b.cachers.remove(&from);
@@ -372,7 +382,8 @@ impl ManagerShard {
             b.owner = None;
         }
         let mut handoff = None;
-        if was_cacher && b.cachers.is_empty() && b.owner.is_none() && b.recirculated < n_chance {
+        let last = was_cacher && b.cachers.is_empty() && b.owner.is_none();
+        if keep && last && b.recirculated < n_chance {
             // The next client after the evicting one, round the ring.
             let n = self.clients.len();
             let at = self.clients.iter().position(|c| *c == from).unwrap_or(0);

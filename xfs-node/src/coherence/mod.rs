@@ -110,6 +110,10 @@ pub enum Msg<D> {
     EvictReq {
         /// The block.
         block: BlockId,
+        /// Whether the copy is worth another client's room if it is the last one (it was
+        /// read where it is cached): the manager hands off (N-chance) only such copies, so
+        /// a stream of writes does not push every evicted block into its peers' caches.
+        keep: bool,
     },
     /// Client → manager: the copy named by a `Revoke` is gone (written back if it was dirty).
     RevokeAck {
@@ -214,7 +218,7 @@ impl<D> Msg<D> {
         match self {
             Msg::ReadReq { block }
             | Msg::WriteReq { block, .. }
-            | Msg::EvictReq { block }
+            | Msg::EvictReq { block, .. }
             | Msg::RevokeAck { block }
             | Msg::ForwardFailed { block, .. }
             | Msg::Forward { block, .. }
@@ -274,7 +278,7 @@ impl<D> Msg<D> {
                 has_data,
                 whole,
             },
-            Msg::EvictReq { block } => Msg::EvictReq { block },
+            Msg::EvictReq { block, keep } => Msg::EvictReq { block, keep },
             Msg::RevokeAck { block } => Msg::RevokeAck { block },
             Msg::ForwardFailed {
                 block,

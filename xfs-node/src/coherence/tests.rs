@@ -319,3 +319,93 @@ fn a_full_cache_evicts_a_block_not_used_lately() {
     assert_eq!(read(&mut c, 6), vec![2]);
     assert_eq!(c.counters.capacity_evictions, 3);
 }
+
+/// Two clients with bounded caches, a manager and a store, messages delivered in order
+/// until none is left; kernel invalidations answered at once.
+struct Bounded {
+    clients: BTreeMap<NodeId, ClientShard<u64>>,
+    manager: ManagerShard,
+    storage: StorageShard<MemStore<u64>>,
+    op: OpId,
+}
+
+impl Bounded {
+    fn new(capacity: usize) -> Self {
+        let clients = [1, 2].map(|c| {
+            (
+                c,
+                ClientShard::new(c, ProtocolConfig::default(), placement(), capacity),
+            )
+        });
+        Bounded {
+            clients: clients.into_iter().collect(),
+            manager: ManagerShard::new(M, ProtocolConfig::default(), placement(), vec![1, 2]),
+            storage: StorageShard {
+                store: MemStore::default(),
+            },
+            op: 0,
+        }
+    }
+
+    /// Client `c` runs `user` on `block`; everything it causes is delivered.
+    fn run(&mut self, c: NodeId, block: BlockId, user: UserOp<u64>) {
+        self.op += 1;
+        let mut out = Vec::new();
+        let client = self.clients.get_mut(&c).unwrap();
+        client.start(self.op, block, user, &mut out).unwrap();
+        let mut queue: VecDeque<(NodeId, Output<u64>)> = out.drain(..).map(|o| (c, o)).collect();
+        while let Some((at, o)) = queue.pop_front() {
+            match o {
+                Output::Send { to, msg } => {
+                    if to == M {
+                        self.manager.receive(at, msg, &mut out).unwrap();
+                    } else if to == S {
+                        self.storage.receive(at, msg, &mut out).unwrap();
+                    } else {
+                        let client = self.clients.get_mut(&to).unwrap();
+                        client.receive(at, msg, &mut out).unwrap();
+                    }
+                    queue.extend(out.drain(..).map(|o| (to, o)));
+                }
+                Output::InvalidateKernel { block } => {
+                    let client = self.clients.get_mut(&at).unwrap();
+                    client.kernel_invalidated(block, &mut out).unwrap();
+                    queue.extend(out.drain(..).map(|o| (at, o)));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn only_a_copy_read_where_it_was_cached_is_handed_off_and_a_handoff_keeps_the_bound() {
+    let mut w = Bounded::new(4);
+    // Client 1 writes 8 blocks and never reads them: each eviction (4 of them) is
+    // granted without a handoff, so client 2's cache stays empty.
+    for b in 0..8 {
+        w.run(1, b, UserOp::Write(b));
+    }
+    assert_eq!(w.clients[&1].counters.capacity_evictions, 4);
+    assert_eq!(
+        w.manager.counters.handoffs, 0,
+        "copies only written were handed off"
+    );
+    assert_eq!(w.clients[&2].cached(), 0);
+    // Client 1 now reads 12 other blocks: each read copy it evicts is the last one, so it
+    // goes to client 2, whose own cache never holds more than its bound.
+    for b in 100..112 {
+        w.run(1, b, UserOp::Read);
+    }
+    assert!(w.manager.counters.handoffs >= 4, "{:?}", w.manager.counters);
+    assert!(w.clients[&2].counters.handoffs_taken >= 4);
+    for (c, client) in &w.clients {
+        assert!(
+            client.cached() <= 4,
+            "client {c} holds {} blocks",
+            client.cached()
+        );
+    }
+    // Client 2 made room for the handoffs past its bound by evicting in turn.
+    assert!(w.clients[&2].counters.capacity_evictions >= 1);
+}

@@ -104,7 +104,7 @@ pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
             *has_data as u64,
             *whole as u64,
         ],
-        Msg::EvictReq { block } => [MsgKind::EvictReq as u64, *block, 0, 0],
+        Msg::EvictReq { block, keep } => [MsgKind::EvictReq as u64, *block, *keep as u64, 0],
         Msg::RevokeAck { block } => [MsgKind::RevokeAck as u64, *block, 0, 0],
         Msg::ForwardFailed {
             block,
@@ -193,7 +193,10 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
             has_data: flag(a)?,
             whole: flag(b)?,
         },
-        MsgKind::EvictReq if empty => Msg::EvictReq { block },
+        MsgKind::EvictReq if empty => Msg::EvictReq {
+            block,
+            keep: flag(a)?,
+        },
         MsgKind::RevokeAck if empty => Msg::RevokeAck { block },
         MsgKind::ForwardFailed if empty => {
             let (reader, reader_seq) = unpair(a)?;

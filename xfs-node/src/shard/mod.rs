@@ -988,7 +988,10 @@ mod tests {
                 has_data: true,
                 whole: false,
             },
-            Msg::EvictReq { block: 1 << 60 },
+            Msg::EvictReq {
+                block: 1 << 60,
+                keep: true,
+            },
             Msg::RevokeAck { block: 0 },
             Msg::ForwardFailed {
                 block: 3,

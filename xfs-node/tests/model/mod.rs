@@ -729,24 +729,24 @@ pub(crate) fn peer_read_races_revoke(w: &World) -> bool {
 /// operations wait for the eviction, and the manager forwards nothing to it any more (it only
 /// serves the forwards the manager sent before it took the request).
 pub(crate) fn one_writer_or_readers(w: &World) -> bool {
-    let reader = |i: usize, block: &BlockId| {
+    // A copy whose eviction was asked for (`EvictReq` sent: written back, the kernel's
+    // pages dropped, the block busy with the eviction) is dead: the client serves nothing
+    // from it and the manager no longer counts it, whatever its mode until `EvictGrant`.
+    let live = |i: usize, block: &BlockId, private: bool| {
         w.clients[i].blocks.get(block).is_some_and(|b| {
             b.data.is_some()
+                && (!private || matches!(b.mode, Mode::Private { .. }))
                 && !matches!(
                     b.op,
                     Some(xfs_node::coherence::PendingOp::Evict { asked: true, .. })
                 )
         })
     };
+    let reader = |i: usize, block: &BlockId| live(i, block, false);
     let blocks: Vec<BlockId> = (0..w.last_write.len() as BlockId).collect();
     blocks.iter().all(|block| {
         let private: Vec<usize> = (0..w.clients.len())
-            .filter(|i| {
-                w.clients[*i]
-                    .blocks
-                    .get(block)
-                    .is_some_and(|b| b.data.is_some() && matches!(b.mode, Mode::Private { .. }))
-            })
+            .filter(|i| live(*i, block, true))
             .collect();
         match private.as_slice() {
             [] => true,

@@ -171,7 +171,10 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         // in is not marked: one used once (a scan) goes before one used again.
         b.referenced = self.capacity > 0 && !missing;
         match user {
-            UserOp::Read => b.start_read(block, op, manager, out),
+            UserOp::Read => {
+                b.read_here |= self.capacity > 0;
+                b.start_read(block, op, manager, out)
+            }
             UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire => {
                 b.start_write(block, op, user, manager, out)
             }
@@ -296,9 +299,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                 if let Some(PendingOp::Evict { asked, .. }) = &mut b.op {
                     *asked = true;
                 }
+                // An unbounded cache (the model's) always offers its copy, as before.
+                let keep = self.capacity == 0 || b.read_here;
                 out.push(Output::Send {
                     to: manager,
-                    msg: Msg::EvictReq { block },
+                    msg: Msg::EvictReq { block, keep },
                 });
             }
             _ => {
@@ -471,6 +476,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let storage = self.placement.storage(block);
         let b = self.blocks.entry(block).or_default();
         let had = b.data.is_some();
+        let handoff = matches!(m, Msg::Handoff { .. });
         let unexpected = ProtocolError::Unexpected {
             block,
             msg: msg_name(&m),
@@ -494,7 +500,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                 data, exclusive, ..
             } => b.data_arrived(block, data, exclusive, out),
             Msg::Handoff { data, .. } => {
-                b.handed_off(data, counters);
+                b.handed_off(data, self.capacity > 0, counters);
                 true
             }
             _ => false,
@@ -505,11 +511,15 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             (true, false) => self.cached -= 1,
             _ => {}
         }
-        if expected {
-            Ok(())
-        } else {
-            Err(unexpected)
+        if !expected {
+            return Err(unexpected);
         }
+        // A copy handed here takes a slot like a miss does: a full cache evicts another
+        // (else every peer's cache would grow without bound under N-chance handoffs).
+        if handoff && !had && self.cached > self.capacity {
+            self.make_room(block, out)?;
+        }
+        Ok(())
     }
 
     /// Storage acknowledged a write-back.
