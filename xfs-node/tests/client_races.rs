@@ -42,6 +42,8 @@ struct GatedBlocks {
     runs: AtomicU64,
     /// Block operations, all batches together.
     ops: AtomicU64,
+    /// Blocks asked for ahead (`prefetch`), in order.
+    prefetched: Mutex<Vec<BlockId>>,
 }
 
 /// What the client holds: the shared blocks (the test keeps another handle).
@@ -116,6 +118,10 @@ impl Blocks for Gated {
                 })
             })
             .collect()
+    }
+
+    fn prefetch(&self, blocks: Vec<BlockId>) {
+        self.prefetched.lock().unwrap().extend(blocks);
     }
 
     fn sync(&self, _node: NodeId) -> Result<(), Errno> {
@@ -509,4 +515,66 @@ fn a_listing_reads_only_the_buckets_that_hold_names() {
     assert_eq!(found, buckets, "{report:?}");
     assert!(report.remaining.is_empty(), "{report:?}");
     assert_eq!(listed("readdir /d, repaired").0, names);
+}
+
+/// Read-ahead: a file read in order in the kernel's 128 KiB reads has each block past the
+/// first read asked for ahead exactly once, a window (1 MiB) before it is read; random
+/// 4 KiB reads, and a read that reaches the end of the file, ask for nothing.
+#[test]
+fn a_sequential_read_asks_for_the_next_window_ahead_once_and_a_random_one_never() {
+    use xfs_node::fs::client::{READ_AHEAD, READ_AHEAD_TRIGGER};
+    let size = 3 * READ_AHEAD + 5000;
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let (c, blocks, f) = client_with_file(&data);
+    let ahead = || blocks.prefetched.lock().unwrap().clone();
+    let block = |n: u64| xfs_node::fs::layout::block_id(f, n);
+    // Random 4 KiB reads (two of them at a window's start), then a large read that
+    // reaches the end of the file.
+    for off in [12_288u64, 1_048_576, 8_192, 2_097_152, 1_040_384] {
+        assert_eq!(
+            c.read(f, off, 4096).unwrap(),
+            data[off as usize..off as usize + 4096]
+        );
+    }
+    let tail = size - READ_AHEAD_TRIGGER;
+    assert_eq!(c.read(f, tail as u64, 1 << 20).unwrap(), data[tail..]);
+    assert_eq!(
+        ahead(),
+        Vec::<BlockId>::new(),
+        "random reads asked for blocks ahead"
+    );
+    // In order, 128 KiB at a time.
+    let step = 128 << 10;
+    let mut got = Vec::new();
+    for off in (0..size).step_by(step) {
+        got.extend(c.read(f, off as u64, step).unwrap());
+        let asked = ahead();
+        // What was read is never asked for again, and nothing past the size.
+        let read_to = (off + step).div_ceil(4096) as u64;
+        let later: Vec<BlockId> = asked
+            .iter()
+            .copied()
+            .filter(|b| *b >= block(read_to))
+            .collect();
+        assert!(
+            asked.iter().all(|b| *b < block(size.div_ceil(4096) as u64)),
+            "{asked:?}"
+        );
+        if off + step < size - READ_AHEAD {
+            // At least a window ahead of the reader (then it is read from the cache).
+            let want = block(((off + step + READ_AHEAD) / 4096) as u64);
+            assert!(
+                later.contains(&(want - 1)),
+                "at {off}: not asked ahead: {later:?}"
+            );
+        }
+    }
+    assert_eq!(got, data);
+    let asked = ahead();
+    let want: Vec<BlockId> = (32..size.div_ceil(4096) as u64).map(block).collect();
+    assert_eq!(
+        asked, want,
+        "each block past the first read asked for once, in order"
+    );
+    assert_eq!(c.read_ahead_blocks(), want.len() as u64);
 }

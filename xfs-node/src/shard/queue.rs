@@ -128,11 +128,18 @@ impl NodeBlocks {
     }
 }
 
-impl Blocks for NodeBlocks {
-    fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
-        let n = ops.len();
-        let (tx, rx) = mpsc::channel();
-        let mut out: Vec<Option<Result<Outcome<Vec<u8>>, Errno>>> = vec![None; n];
+impl NodeBlocks {
+    /// Send `ops` to their shards, one command and one wake-up per shard, each answering
+    /// on `tx` with its index in `ops`; returns how many were sent, and marks in `out`
+    /// those whose shard loop is gone as failed. `optional` operations (read-ahead) are
+    /// dropped where a shard's queue is full rather than waiting for room.
+    fn send_ops(
+        &self,
+        ops: Vec<(BlockId, UserOp<Vec<u8>>)>,
+        tx: &mpsc::Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>,
+        out: &mut [Option<Result<Outcome<Vec<u8>>, Errno>>],
+        optional: bool,
+    ) -> usize {
         let mut by_shard: Vec<Vec<BlockOp>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
         for (i, (block, user)) in ops.into_iter().enumerate() {
             by_shard[shard_of(block, self.shards.len())].push(BlockOp {
@@ -148,7 +155,16 @@ impl Blocks for NodeBlocks {
                 continue;
             }
             let k = batch.len();
-            match self.shards[s].send(Cmd::Ops(batch)) {
+            let result = if optional {
+                match self.shards[s].try_send(Cmd::Ops(batch)) {
+                    Err(mpsc::TrySendError::Full(_)) => continue,
+                    Err(mpsc::TrySendError::Disconnected(cmd)) => Err(mpsc::SendError(cmd)),
+                    Ok(()) => Ok(()),
+                }
+            } else {
+                self.shards[s].send(Cmd::Ops(batch))
+            };
+            match result {
                 Ok(()) => {
                     self.wake[s].notify();
                     sent += k;
@@ -157,12 +173,24 @@ impl Blocks for NodeBlocks {
                 Err(mpsc::SendError(cmd)) => {
                     if let Cmd::Ops(batch) = cmd {
                         for o in batch {
-                            out[o.reply.0] = Some(Err(Errno::EIO));
+                            if let Some(slot) = out.get_mut(o.reply.0) {
+                                *slot = Some(Err(Errno::EIO));
+                            }
                         }
                     }
                 }
             }
         }
+        sent
+    }
+}
+
+impl Blocks for NodeBlocks {
+    fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>> {
+        let n = ops.len();
+        let (tx, rx) = mpsc::channel();
+        let mut out: Vec<Option<Result<Outcome<Vec<u8>>, Errno>>> = vec![None; n];
+        let sent = self.send_ops(ops, &tx, &mut out, false);
         let deadline = Instant::now() + OP_TIMEOUT;
         for _ in 0..sent {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -174,6 +202,14 @@ impl Blocks for NodeBlocks {
         out.into_iter()
             .map(|r| r.unwrap_or(Err(Errno::EIO)))
             .collect()
+    }
+
+    fn prefetch(&self, blocks: Vec<BlockId>) {
+        // Nobody waits for the answers: the shard's send of each to the dropped receiver
+        // fails, and the data stays in the node's cache.
+        let (tx, _) = mpsc::channel();
+        let ops = blocks.into_iter().map(|b| (b, UserOp::Read)).collect();
+        self.send_ops(ops, &tx, &mut [], true);
     }
 
     fn sync(&self, node: NodeId) -> Result<(), Errno> {

@@ -95,8 +95,9 @@ pub struct ClientBlock<D> {
     /// Used again (a hit) since an eviction last passed it (a bounded cache only): it
     /// gets a second chance ([`super::ClientShard`]'s `make_room`).
     pub referenced: bool,
-    /// Read here (a hit or a miss) or handed here since it came (a bounded cache only):
-    /// its eviction asks for a handoff (`EvictReq::keep`); a block only written does not.
+    /// Read here (a hit or a miss) since it came (a bounded cache only): its eviction asks
+    /// for a handoff (`EvictReq::keep`); a block only written here, or handed here and not
+    /// read since, does not.
     pub read_here: bool,
 }
 
@@ -460,11 +461,12 @@ impl<D> ClientBlock<D> {
     /// the block is doing (a pending read or write still waits for its own reply), unless
     /// it has one.
     #[inline]
-    pub(super) fn handed_off(&mut self, data: D, bounded: bool, counters: &mut ClientCounters) {
+    pub(super) fn handed_off(&mut self, data: D, counters: &mut ClientCounters) {
         if self.data.is_none() {
             counters.handoffs_taken += 1;
-            // Handed on because it was read where it was: worth keeping here too.
-            self.read_here |= bounded;
+            // Handed on again only if it is read here: a scan's blocks (read once, handed
+            // on at each eviction) would otherwise go round every peer's cache.
+            self.read_here = false;
             self.data = Some(data);
             self.mode = Mode::Shared;
         } else {

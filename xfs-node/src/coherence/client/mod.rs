@@ -500,7 +500,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                 data, exclusive, ..
             } => b.data_arrived(block, data, exclusive, out),
             Msg::Handoff { data, .. } => {
-                b.handed_off(data, self.capacity > 0, counters);
+                b.handed_off(data, counters);
                 true
             }
             _ => false,

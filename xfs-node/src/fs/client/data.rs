@@ -115,6 +115,36 @@ impl<B: Blocks> FsClient<B> {
         Ok(())
     }
 
+    /// Read-ahead: a read of at least [`READ_AHEAD_TRIGGER`] bytes (the kernel's own
+    /// read-ahead sends such reads only for a file read in order) that covers the start
+    /// of a [`READ_AHEAD`] window asks for the whole next window at once, without waiting
+    /// (at the file's start, the rest of the first window too): the blocks' misses run
+    /// together while the kernel copies this one, where the kernel alone keeps at most
+    /// 128 KiB in flight. Within the size the inode said.
+    fn read_ahead(&self, i: &Inode, offset: u64, len: usize) {
+        let w = READ_AHEAD as u64;
+        let end = offset + len as u64;
+        if len < READ_AHEAD_TRIGGER || i.kind != Some(Kind::File) || end >= i.size {
+            return;
+        }
+        // The read holds a window's start: offset <= k w < end.
+        let k = end.saturating_sub(1) / w;
+        if k * w < offset {
+            return;
+        }
+        let from = if k == 0 { end } else { (k + 1) * w };
+        let to = ((k + 2) * w).min(i.size);
+        let bs = BLOCK as u64;
+        let blocks: Vec<BlockId> = (from.div_ceil(bs)..to.div_ceil(bs))
+            .map(|b| block_id(i.ino, b))
+            .collect();
+        if !blocks.is_empty() {
+            self.read_ahead_blocks
+                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+            self.blocks.prefetch(blocks);
+        }
+    }
+
     /// `read`: up to `len` bytes at `offset` (short at the end of the file).
     ///
     /// The size and the blocks are read one after the other, not at once: a truncate on
@@ -136,6 +166,7 @@ impl<B: Blocks> FsClient<B> {
             // local hold is not a remote revoke): none may start while the read runs.
             let holds = self.holds_of(inode_block(ino));
             let i = self.getattr(ino)?;
+            self.read_ahead(&i, offset, len);
             let (out, whole) = self.read_within(&i, offset, len)?;
             if i.kind != Some(Kind::File) || (whole && one_block(offset, len)) {
                 return Ok(out);

@@ -139,6 +139,11 @@ pub trait Blocks {
     /// Run operations, concurrently where they touch different blocks; one result per
     /// operation, in order. Operations on the same block run in the order given.
     fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>>;
+    /// Start reading `blocks` into this node's cache without waiting for them (read-ahead:
+    /// a later read of them finds them there or in flight). Nothing is reported; a block
+    /// that fails is read again, and its error reported, by the read that needs it.
+    /// Default: nothing (the simulation reads only what is asked).
+    fn prefetch(&self, _blocks: Vec<BlockId>) {}
     /// Make everything node `node`'s log has received durable.
     fn sync(&self, node: NodeId) -> Result<(), Errno>;
     /// Space on the storage servers.
@@ -287,6 +292,8 @@ pub struct FsClient<B: Blocks> {
     read_retries: AtomicU64,
     /// Reads that waited for a local hold of their inode (a truncate on this node) to end.
     hold_waits: AtomicU64,
+    /// Blocks asked for ahead of sequential reads ([`READ_AHEAD`]).
+    read_ahead_blocks: AtomicU64,
 }
 
 /// Tries of a write whose size update a truncation on another node defeated, before it
@@ -299,6 +306,15 @@ pub const WRITE_BATCH: usize = 1024;
 /// Tries of a read that a truncation on another node overtook, before it holds the
 /// inode block ([`FsClient::read`]).
 pub const READ_TRIES: usize = 8;
+
+/// Read-ahead window, bytes: a sequential read that reaches a window's start asks for the
+/// whole next one (256 blocks; at most one window per file read in order is in flight
+/// beyond what the kernel asked for).
+pub const READ_AHEAD: usize = 1 << 20;
+
+/// Smallest read that counts as sequential for read-ahead, bytes (the kernel's own
+/// read-ahead sends 128 KiB reads to FUSE; a random 4 KiB read never triggers it).
+pub const READ_AHEAD_TRIGGER: usize = 64 << 10;
 
 /// Free space below which writes fail with `ENOSPC` (room for what is in flight; on a
 /// small cluster a sixteenth of its size, if that is less).
@@ -362,6 +378,7 @@ impl<B: Blocks> FsClient<B> {
             write_retries: Default::default(),
             read_retries: Default::default(),
             hold_waits: Default::default(),
+            read_ahead_blocks: Default::default(),
         }
     }
 
@@ -381,6 +398,11 @@ impl<B: Blocks> FsClient<B> {
     /// node) to end.
     pub fn hold_waits(&self) -> u64 {
         self.hold_waits.load(Ordering::Relaxed)
+    }
+
+    /// Blocks asked for ahead of sequential reads (read-ahead, [`READ_AHEAD`]).
+    pub fn read_ahead_blocks(&self) -> u64 {
+        self.read_ahead_blocks.load(Ordering::Relaxed)
     }
 
     /// `fsync`s (and `sync_all`s) that waited for an earlier write-back of the same file,
