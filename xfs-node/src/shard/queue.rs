@@ -18,7 +18,9 @@ use crate::shard::{shard_of, CommandError};
 pub(crate) type CallReply = Sender<Result<Vec<u8>, CommandError>>;
 /// Where a block operation's outcome goes: its index in the caller's batch, and the
 /// batch's channel.
-pub(crate) type OpReply = (usize, Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>);
+pub(crate) type OpReply = (usize, Sender<(usize, OpResult)>);
+/// One block operation's outcome.
+pub(crate) type OpResult = Result<Outcome<Vec<u8>>, Errno>;
 /// The attached mount's queue of kernel invalidations (`None`: no mount; they complete at
 /// once).
 pub(crate) type MountLink = Arc<Mutex<Option<SyncSender<Vec<BlockId>>>>>;
@@ -136,8 +138,8 @@ impl NodeBlocks {
     fn send_ops(
         &self,
         ops: Vec<(BlockId, UserOp<Vec<u8>>)>,
-        tx: &mpsc::Sender<(usize, Result<Outcome<Vec<u8>>, Errno>)>,
-        out: &mut [Option<Result<Outcome<Vec<u8>>, Errno>>],
+        tx: &mpsc::Sender<(usize, OpResult)>,
+        out: &mut [Option<OpResult>],
         optional: bool,
     ) -> usize {
         let mut by_shard: Vec<Vec<BlockOp>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
