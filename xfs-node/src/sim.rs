@@ -345,6 +345,8 @@ pub fn run(seed: u64, cfg: &SimConfig) -> Result<SimRun, SimFailure> {
     let protocol = ProtocolConfig {
         sequenced: true,
         n_chance: cfg.n_chance,
+        // Both handoff policies, by seed.
+        hand_off_written: seed.is_multiple_of(2),
     };
     let mut cluster = Cluster::new(
         seed,

@@ -92,6 +92,7 @@ fn a_checker_path_replays_through_the_shard_loops_message_for_message() {
                 let (id, user) = match op {
                     UserOp::Write(v) => (*v as u64, UserOp::Write(*v as u64)),
                     UserOp::Read => (0, UserOp::Read),
+                    UserOp::Prefetch => (0, UserOp::Prefetch),
                     UserOp::Evict => (0, UserOp::Evict),
                     UserOp::Flush => (0, UserOp::Flush),
                     UserOp::Update(v) => (0, UserOp::Update(*v as u64)),

@@ -37,8 +37,10 @@
 //!   (`Fetch` with `exclusive`).
 //! * **Evict** (user, or chosen by cache capacity when a miss needs a slot): a dirty block is
 //!   written back, the kernel cache is invalidated, then `EvictReq`; the client keeps serving
-//!   forwards until `EvictGrant`. If the block was the last cached copy, the manager may name
-//!   a peer to take it (`Handoff`, N-chance forwarding, at most N times without a use).
+//!   forwards until `EvictGrant`. If the block was the last cached copy and the client says
+//!   it is worth keeping (`EvictReq { keep }`: read there, in a bounded cache; always in an
+//!   unbounded one), the manager may name a peer to take it (`Handoff`, N-chance
+//!   forwarding, at most N times without a use); the peer makes room for it as for a miss.
 //! * **Flush**: a dirty block is written back and stays private-clean.
 //! * **Ordering**: the manager numbers its messages to each client (`seq`), and a delegated
 //!   reply carries the number the manager reserved for it on the reader's channel. A client
@@ -418,6 +420,11 @@ pub enum Outcome<D> {
 pub enum UserOp<D> {
     /// Read the block.
     Read,
+    /// Read the block into the cache ahead of a reader (read-ahead): a read in every way
+    /// (completes with [`Outcome::Read`]), except that it is not a use of the block: its
+    /// first real read counts as the one that brought it in (a bounded cache's eviction
+    /// order and N-chance handoffs go by use).
+    Prefetch,
     /// Replace the block's content.
     Write(D),
     /// Apply a patch atomically ([`Patch::patched`] on the current content, with the
@@ -475,6 +482,10 @@ pub struct ProtocolConfig {
     pub sequenced: bool,
     /// How many times an unused last copy may be handed to a peer on eviction (N-chance).
     pub n_chance: u8,
+    /// Whether a bounded cache offers a copy written there (and not read) for a handoff
+    /// too, as xFS's N-chance does with every last copy; else only copies read there go.
+    /// A copy handed to a peer and not read there is never handed on.
+    pub hand_off_written: bool,
 }
 
 impl Default for ProtocolConfig {
@@ -482,6 +493,7 @@ impl Default for ProtocolConfig {
         ProtocolConfig {
             sequenced: true,
             n_chance: 2,
+            hand_off_written: true,
         }
     }
 }

@@ -330,16 +330,15 @@ struct Bounded {
 }
 
 impl Bounded {
-    fn new(capacity: usize) -> Self {
-        let clients = [1, 2].map(|c| {
-            (
-                c,
-                ClientShard::new(c, ProtocolConfig::default(), placement(), capacity),
-            )
-        });
+    fn new(capacity: usize, hand_off_written: bool) -> Self {
+        let config = ProtocolConfig {
+            hand_off_written,
+            ..ProtocolConfig::default()
+        };
+        let clients = [1, 2].map(|c| (c, ClientShard::new(c, config, placement(), capacity)));
         Bounded {
             clients: clients.into_iter().collect(),
-            manager: ManagerShard::new(M, ProtocolConfig::default(), placement(), vec![1, 2]),
+            manager: ManagerShard::new(M, config, placement(), vec![1, 2]),
             storage: StorageShard {
                 store: MemStore::default(),
             },
@@ -380,7 +379,7 @@ impl Bounded {
 
 #[test]
 fn only_a_copy_read_where_it_was_cached_is_handed_off_and_a_handoff_keeps_the_bound() {
-    let mut w = Bounded::new(4);
+    let mut w = Bounded::new(4, false);
     // Client 1 writes 8 blocks and never reads them: each eviction (4 of them) is
     // granted without a handoff, so client 2's cache stays empty.
     for b in 0..8 {
@@ -411,4 +410,55 @@ fn only_a_copy_read_where_it_was_cached_is_handed_off_and_a_handoff_keeps_the_bo
     }
     // Client 2 made room for the handoffs past its bound by evicting in turn.
     assert!(w.clients[&2].counters.capacity_evictions >= 1);
+}
+
+#[test]
+fn a_prefetch_is_not_a_use_of_the_block() {
+    let mut w = Bounded::new(3, true);
+    let has = |w: &Bounded, b: BlockId| {
+        w.clients[&1]
+            .blocks
+            .get(&b)
+            .is_some_and(|b| b.data.is_some())
+    };
+    // Block 0 prefetched twice (the second finds it cached), blocks 1 and 2 read.
+    w.run(1, 0, UserOp::Prefetch);
+    w.run(1, 0, UserOp::Prefetch);
+    w.run(1, 1, UserOp::Read);
+    w.run(1, 2, UserOp::Read);
+    // The next miss evicts block 0: never read, so not used, and not handed off.
+    w.run(1, 3, UserOp::Read);
+    assert!(!has(&w, 0), "the prefetched block stayed");
+    assert!(has(&w, 1) && has(&w, 2) && has(&w, 3));
+    assert_eq!(w.manager.counters.handoffs, 0);
+    // A prefetched block's first read is the one that brought it in, not a hit: the next
+    // miss passes it by no more than a block read once.
+    w.run(1, 4, UserOp::Prefetch);
+    w.run(1, 4, UserOp::Read);
+    assert!(!w.clients[&1].blocks[&4].referenced);
+    w.run(1, 4, UserOp::Read);
+    assert!(
+        w.clients[&1].blocks[&4].referenced,
+        "a second read is a hit"
+    );
+}
+
+#[test]
+fn with_written_copies_offered_too_a_write_stream_hands_each_evicted_copy_on_once() {
+    let mut w = Bounded::new(4, true);
+    for b in 0..12 {
+        w.run(1, b, UserOp::Write(b));
+    }
+    // Eight written copies evicted by client 1, each handed to client 2 once; client 2
+    // drops the four it makes room for (handed, not read there), handing none back.
+    assert_eq!(w.clients[&1].counters.capacity_evictions, 8);
+    assert_eq!(w.manager.counters.handoffs, 8, "{:?}", w.manager.counters);
+    assert_eq!(w.clients[&1].counters.handoffs_taken, 0);
+    for (c, client) in &w.clients {
+        assert!(
+            client.cached() <= 4,
+            "client {c} holds {} blocks",
+            client.cached()
+        );
+    }
 }

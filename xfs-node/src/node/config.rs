@@ -7,6 +7,7 @@
 //! transport = "udp"      # or "rdma"
 //! shards = 2             # shard loops (cores) per node
 //! n_chance = 2           # N-chance forwarding of last copies
+//! hand_off_written = true # ...of copies only written there too (false: only read ones)
 //! cache_blocks = 16384   # blocks each shard caches (4 KiB each)
 //! write_back_secs = 30   # a file written and not fsynced is made durable within this
 //!
@@ -161,6 +162,11 @@ pub struct ClusterSection {
     /// N-chance forwarding count.
     #[serde(default = "default_n_chance")]
     pub n_chance: u8,
+    /// N-chance offers copies written on a node (not read there) too, as xFS does (true,
+    /// the default); false: only copies read where they were cached (a stream of writes
+    /// then leaves its peers' caches alone: faster writes, colder reads of what it wrote).
+    #[serde(default = "default_hand_off_written")]
+    pub hand_off_written: bool,
     /// Blocks cached per shard.
     #[serde(default = "default_cache")]
     pub cache_blocks: usize,
@@ -201,6 +207,10 @@ impl std::fmt::Display for TransportKind {
 fn default_shards() -> usize {
     2
 }
+fn default_hand_off_written() -> bool {
+    true
+}
+
 fn default_n_chance() -> u8 {
     2
 }
@@ -455,6 +465,7 @@ impl Config {
                 transport,
                 shards,
                 n_chance: 2,
+                hand_off_written: true,
                 cache_blocks: 16384,
                 fragment_bytes: 64 * 1024,
                 write_back_secs: default_write_back_secs(),

@@ -359,6 +359,7 @@ fn spawn_shard_loops<M: MakeTransport>(
             protocol: ProtocolConfig {
                 sequenced: true,
                 n_chance: config.cluster.n_chance,
+                hand_off_written: config.cluster.hand_off_written,
             },
             placement: placement.clone(),
             clients: clients.clone(),
@@ -684,6 +685,7 @@ fn node_blocks<T: Transport>(
         shards,
         wake,
         next: AtomicU64::new(1),
+        prefetch: Default::default(),
         statfs: Box::new(move || {
             // In bytes of file data: a segment takes a slot on every server of the
             // group and carries `data` fragments less its summary. Free is what new

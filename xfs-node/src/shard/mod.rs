@@ -992,6 +992,10 @@ mod tests {
                 block: 1 << 60,
                 keep: true,
             },
+            Msg::EvictReq {
+                block: 2,
+                keep: false,
+            },
             Msg::RevokeAck { block: 0 },
             Msg::ForwardFailed {
                 block: 3,

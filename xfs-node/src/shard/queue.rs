@@ -68,6 +68,32 @@ pub struct NodeBlocks {
     pub(crate) wake: Vec<Arc<dyn am_core::Notify>>,
     pub(crate) next: AtomicU64,
     pub(crate) statfs: Box<dyn Fn() -> Result<StatFs, Errno> + Send + Sync>,
+    /// Read-ahead in flight ([`Blocks::prefetch`]): its answers come back here (drained,
+    /// unread, at the next prefetch) so that at most [`PREFETCH_MAX`] blocks are asked
+    /// for ahead at once, node-wide.
+    pub(crate) prefetch: Mutex<Prefetch>,
+}
+
+/// Blocks a node asks for ahead of its readers at most at once (4 MiB: four read-ahead
+/// windows); what is asked beyond is dropped.
+pub const PREFETCH_MAX: usize = 1024;
+
+/// A node's read-ahead in flight (see [`NodeBlocks::prefetch`]).
+pub(crate) struct Prefetch {
+    tx: Sender<(usize, OpResult)>,
+    rx: mpsc::Receiver<(usize, OpResult)>,
+    in_flight: usize,
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Prefetch {
+            tx,
+            rx,
+            in_flight: 0,
+        }
+    }
 }
 
 impl NodeBlocks {
@@ -206,12 +232,19 @@ impl Blocks for NodeBlocks {
             .collect()
     }
 
-    fn prefetch(&self, blocks: Vec<BlockId>) {
-        // Nobody waits for the answers: the shard's send of each to the dropped receiver
-        // fails, and the data stays in the node's cache.
-        let (tx, _) = mpsc::channel();
-        let ops = blocks.into_iter().map(|b| (b, UserOp::Read)).collect();
-        self.send_ops(ops, &tx, &mut [], true);
+    fn prefetch(&self, mut blocks: Vec<BlockId>) {
+        // One caller at a time; another one meanwhile skips its read-ahead (a hint).
+        let Ok(mut p) = self.prefetch.try_lock() else {
+            return;
+        };
+        // Nobody waits for the answers: what came back is only counted.
+        while p.rx.try_recv().is_ok() {
+            p.in_flight = p.in_flight.saturating_sub(1);
+        }
+        blocks.truncate(PREFETCH_MAX.saturating_sub(p.in_flight));
+        let ops = blocks.into_iter().map(|b| (b, UserOp::Prefetch)).collect();
+        let tx = p.tx.clone();
+        p.in_flight += self.send_ops(ops, &tx, &mut [], true);
     }
 
     fn sync(&self, node: NodeId) -> Result<(), Errno> {

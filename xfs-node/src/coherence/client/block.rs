@@ -96,9 +96,14 @@ pub struct ClientBlock<D> {
     /// gets a second chance ([`super::ClientShard`]'s `make_room`).
     pub referenced: bool,
     /// Read here (a hit or a miss) since it came (a bounded cache only): its eviction asks
-    /// for a handoff (`EvictReq::keep`); a block only written here, or handed here and not
-    /// read since, does not.
+    /// for a handoff (`EvictReq::keep`); a block handed here and not read since does not.
     pub read_here: bool,
+    /// Written here since it came (a bounded cache only): its eviction asks for a handoff
+    /// if [`crate::coherence::ProtocolConfig::hand_off_written`] says so.
+    pub written_here: bool,
+    /// Brought in by a prefetch and not read since (a bounded cache only): the first read
+    /// is not a hit for the eviction order.
+    pub prefetched: bool,
 }
 
 impl<D> Default for ClientBlock<D> {
@@ -112,6 +117,8 @@ impl<D> Default for ClientBlock<D> {
             pinned: false,
             referenced: false,
             read_here: false,
+            written_here: false,
+            prefetched: false,
         }
     }
 }
@@ -465,8 +472,12 @@ impl<D> ClientBlock<D> {
         if self.data.is_none() {
             counters.handoffs_taken += 1;
             // Handed on again only if it is read here: a scan's blocks (read once, handed
-            // on at each eviction) would otherwise go round every peer's cache.
-            self.read_here = false;
+            // on at each eviction) would otherwise go round every peer's cache. A read
+            // waiting for its own reply already counts.
+            if self.op.is_none() {
+                self.read_here = false;
+                self.written_here = false;
+            }
             self.data = Some(data);
             self.mode = Mode::Shared;
         } else {

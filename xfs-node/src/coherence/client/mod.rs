@@ -157,7 +157,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         if missing
             && matches!(
                 user,
-                UserOp::Read | UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire
+                UserOp::Read
+                    | UserOp::Prefetch
+                    | UserOp::Write(_)
+                    | UserOp::Update(_)
+                    | UserOp::Acquire
             )
         {
             self.make_room(block, out)?;
@@ -169,13 +173,25 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         // A hit marks the block used again (only in a bounded cache: an unbounded one never
         // evicts, and its model-checked states stay as they were). A block a miss brings
         // in is not marked: one used once (a scan) goes before one used again.
-        b.referenced = self.capacity > 0 && !missing;
+        let bounded = self.capacity > 0;
+        if !matches!(user, UserOp::Read | UserOp::Prefetch) {
+            b.referenced = bounded && !missing;
+        }
         match user {
+            UserOp::Prefetch => {
+                // Not a use: the eviction order and handoffs wait for a real read.
+                b.prefetched |= bounded && missing;
+                b.start_read(block, op, manager, out)
+            }
             UserOp::Read => {
-                b.read_here |= self.capacity > 0;
+                // The first read of a prefetched block is the one that brought it in.
+                b.referenced = bounded && !missing && !b.prefetched;
+                b.prefetched = false;
+                b.read_here |= bounded;
                 b.start_read(block, op, manager, out)
             }
             UserOp::Write(_) | UserOp::Update(_) | UserOp::Acquire => {
+                b.written_here |= bounded;
                 b.start_write(block, op, user, manager, out)
             }
             UserOp::Release => {
@@ -212,6 +228,18 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
     /// the blocks it already read rather than those it is about to (with a moving hand,
     /// a cold sequential read of a file twice the cache ran at half the speed).
     fn make_room(&mut self, block: BlockId, out: &mut Vec<Output<D>>) -> Result<(), ProtocolError> {
+        self.make_room_for(block, false, out)
+    }
+
+    /// [`ClientShard::make_room`]; for a handed-off copy (`handoff`) the victim is not
+    /// handed on in turn (as in Dahlin's N-chance, the taker just drops it): otherwise
+    /// each handoff into a full cache could start a chain of them round the peers.
+    fn make_room_for(
+        &mut self,
+        block: BlockId,
+        handoff: bool,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
         if self.capacity == 0 || self.cached() < self.capacity {
             return Ok(());
         }
@@ -220,6 +248,8 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             self.counters.capacity_evictions += 1;
             let storage = self.placement.storage(victim);
             if let Some(b) = self.blocks.get_mut(&victim) {
+                b.read_here &= !handoff;
+                b.written_here &= !handoff;
                 b.op = Some(PendingOp::Evict {
                     op: OpId::MAX,
                     asked: false,
@@ -288,6 +318,10 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                 if b.data.take().is_some() {
                     self.cached -= 1;
                 }
+                // The next copy starts unread.
+                b.read_here = false;
+                b.written_here = false;
+                b.prefetched = false;
                 b.mode = Mode::Shared;
                 out.push(Output::Send {
                     to: manager,
@@ -300,7 +334,9 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                     *asked = true;
                 }
                 // An unbounded cache (the model's) always offers its copy, as before.
-                let keep = self.capacity == 0 || b.read_here;
+                let keep = self.capacity == 0
+                    || b.read_here
+                    || (self.config.hand_off_written && b.written_here);
                 out.push(Output::Send {
                     to: manager,
                     msg: Msg::EvictReq { block, keep },
@@ -477,6 +513,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let b = self.blocks.entry(block).or_default();
         let had = b.data.is_some();
         let handoff = matches!(m, Msg::Handoff { .. });
+        let busy = b.op.is_some();
         let unexpected = ProtocolError::Unexpected {
             block,
             msg: msg_name(&m),
@@ -515,9 +552,10 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             return Err(unexpected);
         }
         // A copy handed here takes a slot like a miss does: a full cache evicts another
-        // (else every peer's cache would grow without bound under N-chance handoffs).
-        if handoff && !had && self.cached > self.capacity {
-            self.make_room(block, out)?;
+        // (else every peer's cache would grow without bound under N-chance handoffs). A
+        // read waiting for its own reply made room when it started.
+        if handoff && !had && !busy && self.cached > self.capacity {
+            self.make_room_for(block, true, out)?;
         }
         Ok(())
     }

@@ -115,25 +115,38 @@ impl<B: Blocks> FsClient<B> {
         Ok(())
     }
 
-    /// Read-ahead: a read of at least [`READ_AHEAD_TRIGGER`] bytes (the kernel's own
-    /// read-ahead sends such reads only for a file read in order) that covers the start
-    /// of a [`READ_AHEAD`] window asks for the whole next window at once, without waiting
-    /// (at the file's start, the rest of the first window too): the blocks' misses run
-    /// together while the kernel copies this one, where the kernel alone keeps at most
-    /// 128 KiB in flight. Within the size the inode said.
+    /// Read-ahead: a read of at least [`READ_AHEAD_TRIGGER`] bytes that starts at the
+    /// file's start or where this file's last such read ended (a file read in order; the
+    /// last end is kept per file in a small table, [`READ_AHEAD_FILES`] slots, a hint)
+    /// asks for the blocks up to [`READ_AHEAD`] past its end that were not asked for yet,
+    /// without waiting, in steps of a quarter window at least: their misses run together
+    /// while the kernel copies this read. Within the size the inode said. A random read,
+    /// however large, asks for nothing.
     fn read_ahead(&self, i: &Inode, offset: u64, len: usize) {
         let w = READ_AHEAD as u64;
         let end = offset + len as u64;
         if len < READ_AHEAD_TRIGGER || i.kind != Some(Kind::File) || end >= i.size {
             return;
         }
-        // The read holds a window's start: offset <= k w < end.
-        let k = end.saturating_sub(1) / w;
-        if k * w < offset {
+        let slot = &self.read_ahead[(i.ino % READ_AHEAD_FILES as u64) as usize];
+        let same = slot.ino.swap(i.ino, Ordering::Relaxed) == i.ino;
+        let last_end = slot.next.swap(end, Ordering::Relaxed);
+        if offset != 0 && !(same && offset == last_end) {
             return;
         }
-        let from = if k == 0 { end } else { (k + 1) * w };
-        let to = ((k + 2) * w).min(i.size);
+        // Asked for up to `ahead` already (unless that lies beyond this window: a new pass
+        // from the start).
+        let ahead = if same {
+            slot.ahead.load(Ordering::Relaxed)
+        } else {
+            0
+        };
+        let from = if ahead > end + w { end } else { end.max(ahead) };
+        let to = (end + w).min(i.size);
+        if to <= from || (from > end && to - from < w / 4 && to < i.size) {
+            return;
+        }
+        slot.ahead.store(to, Ordering::Relaxed);
         let bs = BLOCK as u64;
         let blocks: Vec<BlockId> = (from.div_ceil(bs)..to.div_ceil(bs))
             .map(|b| block_id(i.ino, b))

@@ -294,6 +294,20 @@ pub struct FsClient<B: Blocks> {
     hold_waits: AtomicU64,
     /// Blocks asked for ahead of sequential reads ([`READ_AHEAD`]).
     read_ahead_blocks: AtomicU64,
+    /// Where each file read in order last ended and how far ahead it was asked for, in
+    /// [`READ_AHEAD_FILES`] slots by file number (a hint, no lock: two files in one slot
+    /// only lose read-ahead now and then).
+    read_ahead: Box<[ReadAheadSlot]>,
+}
+
+/// One file's read-ahead state ([`FsClient`]'s `read_ahead` table).
+#[derive(Default)]
+struct ReadAheadSlot {
+    ino: AtomicU64,
+    /// Where its last read of [`READ_AHEAD_TRIGGER`] bytes or more ended.
+    next: AtomicU64,
+    /// Asked for ahead up to here.
+    ahead: AtomicU64,
 }
 
 /// Tries of a write whose size update a truncation on another node defeated, before it
@@ -307,14 +321,16 @@ pub const WRITE_BATCH: usize = 1024;
 /// inode block ([`FsClient::read`]).
 pub const READ_TRIES: usize = 8;
 
-/// Read-ahead window, bytes: a sequential read that reaches a window's start asks for the
-/// whole next one (256 blocks; at most one window per file read in order is in flight
-/// beyond what the kernel asked for).
+/// Read-ahead window, bytes: a file read in order has the blocks up to this far past its
+/// reader asked for (256 blocks; the node asks for at most `PREFETCH_MAX` at once).
 pub const READ_AHEAD: usize = 1 << 20;
 
-/// Smallest read that counts as sequential for read-ahead, bytes (the kernel's own
-/// read-ahead sends 128 KiB reads to FUSE; a random 4 KiB read never triggers it).
+/// Smallest read that counts for read-ahead, bytes (the kernel's reads of a file read in
+/// order are 128 KiB to 1 MiB: the mount raises its read-ahead; a 4 KiB read is random).
 pub const READ_AHEAD_TRIGGER: usize = 64 << 10;
+
+/// Files whose read-ahead state a client keeps (slots by file number).
+pub const READ_AHEAD_FILES: usize = 256;
 
 /// Free space below which writes fail with `ENOSPC` (room for what is in flight; on a
 /// small cluster a sixteenth of its size, if that is less).
@@ -379,6 +395,9 @@ impl<B: Blocks> FsClient<B> {
             read_retries: Default::default(),
             hold_waits: Default::default(),
             read_ahead_blocks: Default::default(),
+            read_ahead: (0..READ_AHEAD_FILES)
+                .map(|_| ReadAheadSlot::default())
+                .collect(),
         }
     }
 

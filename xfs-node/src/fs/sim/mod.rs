@@ -439,6 +439,8 @@ impl FsSim {
                 protocol: ProtocolConfig {
                     sequenced: true,
                     n_chance: 2,
+                    // Both handoff policies, by seed.
+                    hand_off_written: seed.is_multiple_of(2),
                 },
                 placement: placement.clone(),
                 clients: ids.clone(),
