@@ -120,8 +120,10 @@ impl Blocks for Gated {
             .collect()
     }
 
-    fn prefetch(&self, blocks: Vec<BlockId>) {
+    fn prefetch(&self, blocks: Vec<BlockId>) -> usize {
+        let n = blocks.len();
         self.prefetched.lock().unwrap().extend(blocks);
+        n
     }
 
     fn sync(&self, _node: NodeId) -> Result<(), Errno> {

@@ -346,6 +346,14 @@ impl Bounded {
         }
     }
 
+    /// No client caches more than `capacity` blocks.
+    fn assert_within(&self, capacity: usize) {
+        for (c, client) in &self.clients {
+            let n = client.cached();
+            assert!(n <= capacity, "client {c} holds {n} blocks");
+        }
+    }
+
     /// Client `c` runs `user` on `block`; everything it causes is delivered.
     fn run(&mut self, c: NodeId, block: BlockId, user: UserOp<u64>) {
         self.op += 1;
@@ -401,13 +409,7 @@ fn only_a_copy_read_where_it_was_cached_is_handed_off_and_a_handoff_keeps_the_bo
     assert_eq!(w.manager.counters.handoffs, 8, "{:?}", w.manager.counters);
     assert_eq!(w.clients[&2].counters.handoffs_taken, 8);
     assert_eq!(w.clients[&1].counters.handoffs_taken, 0);
-    for (c, client) in &w.clients {
-        assert!(
-            client.cached() <= 4,
-            "client {c} holds {} blocks",
-            client.cached()
-        );
-    }
+    w.assert_within(4);
     // Client 2 made room for the handoffs past its bound by evicting in turn.
     assert!(w.clients[&2].counters.capacity_evictions >= 1);
 }
@@ -454,11 +456,5 @@ fn with_written_copies_offered_too_a_write_stream_hands_each_evicted_copy_on_onc
     assert_eq!(w.clients[&1].counters.capacity_evictions, 8);
     assert_eq!(w.manager.counters.handoffs, 8, "{:?}", w.manager.counters);
     assert_eq!(w.clients[&1].counters.handoffs_taken, 0);
-    for (c, client) in &w.clients {
-        assert!(
-            client.cached() <= 4,
-            "client {c} holds {} blocks",
-            client.cached()
-        );
-    }
+    w.assert_within(4);
 }

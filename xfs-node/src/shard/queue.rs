@@ -232,19 +232,28 @@ impl Blocks for NodeBlocks {
             .collect()
     }
 
-    fn prefetch(&self, mut blocks: Vec<BlockId>) {
+    fn prefetch(&self, mut blocks: Vec<BlockId>) -> usize {
         // One caller at a time; another one meanwhile skips its read-ahead (a hint).
         let Ok(mut p) = self.prefetch.try_lock() else {
-            return;
+            return 0;
         };
         // Nobody waits for the answers: what came back is only counted.
         while p.rx.try_recv().is_ok() {
             p.in_flight = p.in_flight.saturating_sub(1);
         }
         blocks.truncate(PREFETCH_MAX.saturating_sub(p.in_flight));
+        let n = blocks.len();
         let ops = blocks.into_iter().map(|b| (b, UserOp::Prefetch)).collect();
         let tx = p.tx.clone();
-        p.in_flight += self.send_ops(ops, &tx, &mut [], true);
+        let sent = self.send_ops(ops, &tx, &mut [], true);
+        p.in_flight += sent;
+        // A shard whose queue was full dropped its part (not necessarily the last blocks):
+        // then report none taken past the first, so the reader asks again.
+        if sent == n {
+            n
+        } else {
+            0
+        }
     }
 
     fn sync(&self, node: NodeId) -> Result<(), Errno> {

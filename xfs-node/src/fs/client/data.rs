@@ -146,16 +146,25 @@ impl<B: Blocks> FsClient<B> {
         if to <= from || (from > end && to - from < w / 4 && to < i.size) {
             return;
         }
-        slot.ahead.store(to, Ordering::Relaxed);
         let bs = BLOCK as u64;
-        let blocks: Vec<BlockId> = (from.div_ceil(bs)..to.div_ceil(bs))
+        let first = from.div_ceil(bs);
+        let blocks: Vec<BlockId> = (first..to.div_ceil(bs))
             .map(|b| block_id(i.ino, b))
             .collect();
-        if !blocks.is_empty() {
-            self.read_ahead_blocks
-                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
-            self.blocks.prefetch(blocks);
+        if blocks.is_empty() {
+            return;
         }
+        let n = blocks.len();
+        let taken = self.blocks.prefetch(blocks);
+        self.read_ahead_blocks
+            .fetch_add(taken as u64, Ordering::Relaxed);
+        // Asked for up to where the node took them (the next read asks for the rest).
+        let reached = if taken == n {
+            to
+        } else {
+            (first + taken as u64) * bs
+        };
+        slot.ahead.store(reached.max(end), Ordering::Relaxed);
     }
 
     /// `read`: up to `len` bytes at `offset` (short at the end of the file).

@@ -140,10 +140,13 @@ pub trait Blocks {
     /// operation, in order. Operations on the same block run in the order given.
     fn run(&self, ops: Vec<(BlockId, UserOp<Vec<u8>>)>) -> Vec<Result<Outcome<Vec<u8>>, Errno>>;
     /// Start reading `blocks` into this node's cache without waiting for them (read-ahead:
-    /// a later read of them finds them there or in flight). Nothing is reported; a block
+    /// a later read of them finds them there or in flight); returns how many of the first
+    /// it took (the rest are dropped: too many in flight). No error is reported; a block
     /// that fails is read again, and its error reported, by the read that needs it.
-    /// Default: nothing (the simulation reads only what is asked).
-    fn prefetch(&self, _blocks: Vec<BlockId>) {}
+    /// Default: none (the simulation reads only what is asked).
+    fn prefetch(&self, _blocks: Vec<BlockId>) -> usize {
+        0
+    }
     /// Make everything node `node`'s log has received durable.
     fn sync(&self, node: NodeId) -> Result<(), Errno>;
     /// Space on the storage servers.
@@ -292,7 +295,7 @@ pub struct FsClient<B: Blocks> {
     read_retries: AtomicU64,
     /// Reads that waited for a local hold of their inode (a truncate on this node) to end.
     hold_waits: AtomicU64,
-    /// Blocks asked for ahead of sequential reads ([`READ_AHEAD`]).
+    /// Blocks asked for ahead of sequential reads and taken ([`READ_AHEAD`]).
     read_ahead_blocks: AtomicU64,
     /// Where each file read in order last ended and how far ahead it was asked for, in
     /// [`READ_AHEAD_FILES`] slots by file number (a hint, no lock: two files in one slot
