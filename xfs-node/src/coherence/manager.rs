@@ -30,7 +30,7 @@ pub enum Request {
     },
     /// Eviction (`keep`: the copy is worth a handoff if it is the last one).
     Evict {
-        /// Whether the evicting client read the copy (worth another client's room).
+        /// Whether the evicting client says the copy is worth another client's room.
         keep: bool,
     },
 }
@@ -366,7 +366,7 @@ impl ManagerShard {
 
     /// An eviction: granted, and the last copy of a block not yet recirculated
     /// `n_chance` times handed to the next client round the ring (N-chance), if the
-    /// evicting client says it is worth keeping (`keep`: it was read there).
+    /// evicting client says it is worth keeping (`keep`).
     #[inline]
     fn serve_evict<D: Clone>(
         &mut self,

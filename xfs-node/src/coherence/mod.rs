@@ -38,8 +38,8 @@
 //! * **Evict** (user, or chosen by cache capacity when a miss needs a slot): a dirty block is
 //!   written back, the kernel cache is invalidated, then `EvictReq`; the client keeps serving
 //!   forwards until `EvictGrant`. If the block was the last cached copy and the client says
-//!   it is worth keeping (`EvictReq { keep }`: read there, in a bounded cache; always in an
-//!   unbounded one), the manager may name a peer to take it (`Handoff`, N-chance
+//!   it is worth keeping (`EvictReq { keep }`: read there, or written there with
+//!   `ProtocolConfig::hand_off_written`, in a bounded cache; always in an unbounded one), the manager may name a peer to take it (`Handoff`, N-chance
 //!   forwarding, at most N times without a use); the peer makes room for it as for a miss.
 //! * **Flush**: a dirty block is written back and stays private-clean.
 //! * **Ordering**: the manager numbers its messages to each client (`seq`), and a delegated
@@ -112,9 +112,10 @@ pub enum Msg<D> {
     EvictReq {
         /// The block.
         block: BlockId,
-        /// Whether the copy is worth another client's room if it is the last one (it was
-        /// read where it is cached): the manager hands off (N-chance) only such copies, so
-        /// a stream of writes does not push every evicted block into its peers' caches.
+        /// Whether the copy is worth another client's room if it is the last one (read
+        /// where it is cached, or written there with `hand_off_written`; never a copy
+        /// handed there and not read since): the manager hands off (N-chance) only such
+        /// copies.
         keep: bool,
     },
     /// Client → manager: the copy named by a `Revoke` is gone (written back if it was dirty).
