@@ -6,12 +6,10 @@ use crate::engine::splitmix;
 use crate::error::TransportError;
 use crate::transport::{Capabilities, EventMask, Notify, Transmit, Transport};
 use crate::types::Time;
-use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Fault knobs of the simulated network.
@@ -170,14 +168,22 @@ impl Inner {
     }
 }
 
-/// The simulated network, shared by its transports (single-threaded).
+/// The simulated network, shared by its transports. Driven from one thread at a time (the
+/// replay is exact only then); `Send`, so a transport on it can sit inside a structure that
+/// threads share (a node's log and its remote stores).
 #[derive(Clone)]
-pub struct SimNet(Rc<RefCell<Inner>>);
+pub struct SimNet(Arc<Mutex<Inner>>);
 
 impl SimNet {
+    /// The network's state (a poisoned lock still holds a usable state: every change to it
+    /// is made whole under the lock).
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A network whose every random choice derives from `seed`.
     pub fn new(seed: u64, faults: Faults) -> SimNet {
-        SimNet(Rc::new(RefCell::new(Inner {
+        SimNet(Arc::new(Mutex::new(Inner {
             seed,
             now: 1_000_000,
             rng: splitmix(seed),
@@ -198,13 +204,13 @@ impl SimNet {
 
     /// The seed this network replays from.
     pub fn seed(&self) -> u64 {
-        self.0.borrow().seed
+        self.inner().seed
     }
 
     /// A transport at a fresh address.
     pub fn transport(&self) -> SimTransport {
         let addr = {
-            let mut i = self.0.borrow_mut();
+            let mut i = self.inner();
             let h = i.next_host;
             i.next_host += 1;
             SocketAddr::new(
@@ -217,7 +223,7 @@ impl SimNet {
 
     /// A transport at `addr` (for example a restarted host); brings the address up.
     pub fn transport_at(&self, addr: SocketAddr) -> SimTransport {
-        let mut i = self.0.borrow_mut();
+        let mut i = self.inner();
         i.down.remove(&addr);
         i.inboxes.remove(&addr);
         let seed = i.rand();
@@ -231,14 +237,14 @@ impl SimNet {
 
     /// Takes `addr` down: everything sent to it is lost until a transport is made there.
     pub fn kill(&self, addr: SocketAddr) {
-        let mut i = self.0.borrow_mut();
+        let mut i = self.inner();
         i.down.insert(addr);
         i.inboxes.remove(&addr);
     }
 
     /// Cuts (or heals) the path between `a` and `b` in both directions.
     pub fn partition(&self, a: SocketAddr, b: SocketAddr, cut: bool) {
-        let mut i = self.0.borrow_mut();
+        let mut i = self.inner();
         if cut {
             i.cut.insert((a, b));
             i.cut.insert((b, a));
@@ -252,7 +258,7 @@ impl SimNet {
     /// flight between them is lost, and both transports report the other failed
     /// (`Transport::take_failed`). The path itself stays up: new datagrams go through.
     pub fn fail_path(&self, a: SocketAddr, b: SocketAddr) {
-        let mut i = self.0.borrow_mut();
+        let mut i = self.inner();
         let lost: Vec<u64> = i
             .flights
             .iter()
@@ -271,26 +277,22 @@ impl SimNet {
 
     /// Changes the fault knobs.
     pub fn set_faults(&self, f: Faults) {
-        self.0.borrow_mut().faults = f;
+        self.inner().faults = f;
     }
 
     /// Virtual now.
     pub fn now(&self) -> Time {
-        Time(self.0.borrow().now)
+        Time(self.inner().now)
     }
 
     /// When the next datagram lands, if any is in flight.
     pub fn next_delivery(&self) -> Option<Time> {
-        self.0
-            .borrow()
-            .heap
-            .peek()
-            .map(|Reverse((at, _))| Time(*at))
+        self.inner().heap.peek().map(|Reverse((at, _))| Time(*at))
     }
 
     /// Moves virtual time forward to `t` (never back) and lands datagrams due by then.
     pub fn advance_to(&self, t: Time) {
-        let mut i = self.0.borrow_mut();
+        let mut i = self.inner();
         if t.0 > i.now {
             i.now = t.0;
         }
@@ -299,7 +301,7 @@ impl SimNet {
 
     /// Fault counters.
     pub fn counters(&self) -> SimCounters {
-        self.0.borrow().counters.clone()
+        self.inner().counters.clone()
     }
 }
 
@@ -318,7 +320,7 @@ pub struct SimTransport {
 
 impl Transport for SimTransport {
     fn capabilities(&self) -> Capabilities {
-        let f = &self.net.0.borrow().faults;
+        let f = &self.net.inner().faults;
         Capabilities {
             reliable: f.reliable,
             bulk_placement: false,
@@ -336,7 +338,7 @@ impl Transport for SimTransport {
         self.seed
     }
     fn send_batch(&mut self, batch: &[Transmit]) -> Result<usize, TransportError> {
-        let mut i = self.net.0.borrow_mut();
+        let mut i = self.net.inner();
         if i.down.contains(&self.addr) {
             i.counters.partitioned += batch.len() as u64;
             return Ok(batch.len());
@@ -385,8 +387,7 @@ impl Transport for SimTransport {
         while n < max {
             let item = self
                 .net
-                .0
-                .borrow_mut()
+                .inner()
                 .inboxes
                 .get_mut(&self.addr)
                 .and_then(|q| q.pop_front());
@@ -405,7 +406,7 @@ impl Transport for SimTransport {
     }
     fn take_failed(&mut self, failed: &mut dyn FnMut(SocketAddr)) {
         let list = {
-            let mut i = self.net.0.borrow_mut();
+            let mut i = self.net.inner();
             if i.failed.is_empty() {
                 return;
             }
@@ -417,7 +418,7 @@ impl Transport for SimTransport {
     }
     fn take_progress(&mut self, progressed: &mut dyn FnMut(SocketAddr, Time)) {
         let moving: Vec<SocketAddr> = {
-            let i = self.net.0.borrow();
+            let i = self.net.inner();
             if !i.faults.reliable || i.down.contains(&self.addr) {
                 return;
             }

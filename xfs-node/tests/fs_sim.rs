@@ -1,6 +1,7 @@
 //! The whole cluster simulated (xfs_node::fs::sim): namespace and data operations from
 //! random nodes over a lossy, reordering network, a storage server lost and a node crashed
-//! and restarted mid-run, every answer compared with a reference POSIX model.
+//! and restarted mid-run, every answer compared with a reference POSIX model. The nodes'
+//! log actors, store clients and the storage servers are the node's own code.
 //!
 //! `XFS_FS_SIM_SEEDS=N` runs N seeds (default 200); `XFS_FS_SIM_SEED=S` replays one.
 
@@ -37,6 +38,9 @@ fn every_answer_matches_a_single_posix_file_system() {
                 total.unsynced_survived += r.unsynced_survived;
                 total.unsynced_lost += r.unsynced_lost;
                 total.actor_deferred += r.actor_deferred;
+                total.storage_served += r.storage_served;
+                total.storage_lost += r.storage_lost;
+                total.storage_bad_requests += r.storage_bad_requests;
             }
             Err(e) => {
                 eprintln!("FAILED {e}");
@@ -59,6 +63,14 @@ fn every_answer_matches_a_single_posix_file_system() {
     assert!(total.lost > 0, "the network lost nothing");
     assert!(total.degraded_reads > 0, "no read was rebuilt from parity");
     assert!(total.peer_reads > 0, "no read was served by a peer's cache");
+    // The storage servers' own code served the logs over a lossy network, and every
+    // request was inside its sender's window.
+    assert!(
+        total.storage_served > 0,
+        "no storage server served a request"
+    );
+    assert!(total.storage_lost > 0, "the storage network lost nothing");
+    assert_eq!(total.storage_bad_requests, 0, "requests refused");
     // The nodes' log actors ran in the loop, their answers late.
     assert!(total.actor_deferred > 0, "no store work was answered late");
     assert!(total.errors_matched > 0, "no errno was compared");

@@ -19,11 +19,10 @@ use std::sync::Mutex;
 
 use super::client::{Errno, FsClient};
 use super::layout::BLOCK;
-use super::sim::{apply_fs, pattern, Answer, FsOpSim, FsSim, FsSimConfig, Reference, SimFrag};
+use super::sim::{apply_fs, pattern, Answer, FsOpSim, FsSim, FsSimConfig, Reference, SimStore};
 use crate::coherence::NodeId;
 use crate::sim::Rng;
 use crate::storage::cleaner::{self, CleanerConfig, Command, Group, GroupError, Leader, Reply};
-use crate::storage::fragment::FragmentStore;
 use crate::storage::log::{SegmentReader, SUMMARY_BYTES};
 
 /// What to run.
@@ -105,7 +104,7 @@ pub struct CleanSimReport {
 /// The leader's view of the simulated writers.
 struct SimGroup<'a> {
     sim: &'a FsSim,
-    readers: &'a [Mutex<Option<SegmentReader<SimFrag>>>],
+    readers: &'a [Mutex<Option<SegmentReader<SimStore>>>],
 }
 
 impl Group for SimGroup<'_> {
@@ -126,13 +125,10 @@ impl Group for SimGroup<'_> {
     }
 }
 
-fn readers(sim: &FsSim) -> Vec<Mutex<Option<SegmentReader<SimFrag>>>> {
+fn readers(sim: &FsSim) -> Vec<Mutex<Option<SegmentReader<SimStore>>>> {
     let w = sim.world.borrow();
     (0..w.logs.len())
-        .map(|_| {
-            let stores = w.servers.iter().map(|s| Some(SimFrag(s.clone()))).collect();
-            Mutex::new(SegmentReader::new(w.group.clone(), stores).ok())
-        })
+        .map(|_| Mutex::new(SegmentReader::new(w.group.clone(), w.tier.stores()).ok()))
         .collect()
 }
 
@@ -141,13 +137,8 @@ fn space(sim: &FsSim) -> (u64, u64, u64, u64) {
     let w = sim.world.borrow();
     let data = w.group.data();
     let payload = (data * super::sim::FRAGMENT - SUMMARY_BYTES) as u64;
-    let mut free = u64::MAX;
-    let mut slots = 0;
-    for s in &w.servers {
-        let mut s = lock(s);
-        free = free.min(s.store.free_slots().unwrap_or(0) as u64);
-        slots = slots.max(s.store.slots() as u64);
-    }
+    let (free, slots) = w.tier.space();
+    let (free, slots) = (free as u64, slots as u64);
     let live = w
         .logs
         .iter()
@@ -430,7 +421,7 @@ pub fn run(seed: u64, cfg: &CleanSimConfig) -> Result<CleanSimReport, String> {
 /// finishes) and restarts. Returns the segment.
 fn crash_mid_clean(
     sim: &mut FsSim,
-    readers: &[Mutex<Option<SegmentReader<SimFrag>>>],
+    readers: &[Mutex<Option<SegmentReader<SimStore>>>],
     node: NodeId,
 ) -> Result<u64, String> {
     for n in 1..=sim.clients.len() as NodeId {

@@ -115,6 +115,15 @@ pub trait FragmentStore {
     fn finish(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Take what arrived for `write_begin` or `sync_begin`, waiting a moment at most:
+    /// `Some(outcome)` once it is done, `None` while answers are still due. A caller that
+    /// began on several stores turns this over them in rounds until all are done, so
+    /// that no store's answers wait unread while another store is slow (a remote server
+    /// that is not acknowledged for long writes its client off). The default waits
+    /// ([`FragmentStore::finish`]).
+    fn try_finish(&mut self) -> Option<Result<(), StoreError>> {
+        Some(self.finish())
+    }
     /// Read fragments, each checked; one result per id.
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>>;
     /// Read `len` bytes at `offset` of fragment `id`, the whole fragment checked (a remote
@@ -581,6 +590,9 @@ impl<S: FragmentStore> FragmentStore for SharedStore<S> {
     }
     fn finish(&mut self) -> Result<(), StoreError> {
         self.with(|s| s.finish())
+    }
+    fn try_finish(&mut self) -> Option<Result<(), StoreError>> {
+        self.with(|s| s.try_finish())
     }
     fn read(&mut self, ids: &[FragmentId]) -> Vec<Result<Vec<u8>, StoreError>> {
         self.with(|s| s.read(ids))

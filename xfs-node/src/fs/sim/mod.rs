@@ -1,7 +1,10 @@
 //! Deterministic simulation of a whole cluster running the file system (DESIGN.md §5,
 //! layer 3): N nodes x S shards, each shard a real [`Shard`] on the simulated AM transport
-//! (loss, duplication, reordering, jitter), each node's log a real [`Log`] striped over
-//! simulated storage servers ([`MemFragmentStore`]s), and every node a real [`FsClient`].
+//! (loss, duplication, reordering, jitter), each node's storage work done by its real
+//! [`LogActor`] on a real [`Log`], striped through the node's real store clients
+//! (`RemoteStore`) over a simulated storage network to the real storage-server code
+//! (`StorageServer`, over in-memory stores): [`StorageTier`]. Every node is a real
+//! [`FsClient`].
 //!
 //! A seeded workload runs namespace and data operations, one at a time, from random nodes;
 //! every result (value or errno) is compared with [`Reference`], an independent in-memory
@@ -17,10 +20,12 @@
 mod crash_check;
 mod reference;
 mod run;
+mod storage;
 
 use crash_check::*;
 pub use reference::*;
 pub use run::*;
+pub use storage::*;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -42,7 +47,8 @@ use crate::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, Stor
 use crate::storage::log::{Log, StripeGroup};
 use crate::storage::log_actor::LogActor;
 
-/// A simulated storage server: a fragment store that can be switched off.
+/// An in-memory fragment store that can be switched off, for simulations of one log
+/// (the whole-cluster simulation runs real storage servers: [`StorageTier`]).
 pub struct SimServer {
     /// The store.
     pub store: MemFragmentStore,
@@ -50,7 +56,7 @@ pub struct SimServer {
     pub up: bool,
 }
 
-/// A handle on a [`SimServer`], as a node's log holds it.
+/// A handle on a [`SimServer`], as a log holds it.
 #[derive(Clone)]
 pub struct SimFrag(pub Arc<Mutex<SimServer>>);
 
@@ -108,7 +114,7 @@ impl FragmentStore for SimFrag {
 
 /// A simulated shard of the file system: its storage work goes to its node's log actor.
 pub type FsShard = Shard<SimTransport, Vec<u8>, ActorStore>;
-type SharedLog = Arc<Mutex<Option<Log<SimFrag>>>>;
+type SharedLog = Arc<Mutex<Option<Log<SimStore>>>>;
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -168,12 +174,12 @@ pub struct World {
     pub net: SimNet,
     /// `shards[node - 1][shard]`.
     pub shards: Vec<Vec<FsShard>>,
-    /// Storage servers.
-    pub servers: Vec<Arc<Mutex<SimServer>>>,
+    /// The storage servers and their network.
+    pub tier: StorageTier,
     /// Each node's log.
     pub logs: Vec<SharedLog>,
     /// Each node's log actor (the node's own code), run from [`World::step`].
-    pub actors: Vec<LogActor<SimFrag>>,
+    pub actors: Vec<LogActor<SimStore>>,
     /// Each node's work queued for its actor, in the order its shards asked: (shard,
     /// work). The actor takes a seeded number of pieces from the front each step, so its
     /// answers come late and in batches, as on a node's thread.
@@ -344,15 +350,7 @@ impl Blocks for SimBlocks {
         // A segment per free slot of the fullest server, `data` fragments of payload each.
         let w = self.world.borrow();
         let data = w.group.data();
-        let mut free = usize::MAX;
-        let mut total = 0;
-        for s in &w.servers {
-            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            if s.up {
-                free = free.min(s.store.free_slots().unwrap_or(0));
-                total = total.max(s.store.slots());
-            }
-        }
+        let (free, total) = w.tier.space();
         let bytes = |slots: usize| (slots.min(1 << 40) * data * FRAGMENT) as u64;
         Ok(StatFs {
             bsize: BLOCK as u64,
@@ -408,14 +406,13 @@ impl FsSim {
             storages: map.entries.clone(),
             index_shift: Some(INDEX_SHIFT),
         };
-        let servers: Vec<Arc<Mutex<SimServer>>> = (0..cfg.servers)
-            .map(|_| {
-                Arc::new(Mutex::new(SimServer {
-                    store: MemFragmentStore::new(cfg.server_slots, FRAGMENT),
-                    up: true,
-                }))
-            })
-            .collect();
+        let tier = StorageTier::new(
+            seed ^ 0x5707_a6e0,
+            cfg.faults.clone(),
+            cfg.servers,
+            cfg.server_slots,
+            FRAGMENT,
+        );
         let group = StripeGroup {
             id: 0,
             servers: (100..100 + cfg.servers as NodeId).collect(),
@@ -425,10 +422,10 @@ impl FsSim {
         let logs: Vec<SharedLog> = ids
             .iter()
             .map(|id| {
-                let stores = servers.iter().map(|s| Some(SimFrag(s.clone()))).collect();
-                let mut log = Log::new(*id, group.clone(), stores)
+                let mut log = Log::new(*id, group.clone(), tier.stores())
                     .unwrap_or_else(|e| unreachable!("a valid stripe group: {e}"));
                 log.set_clock(sim_clock(&clock));
+                log.set_store_threads(false);
                 Arc::new(Mutex::new(Some(log)))
             })
             .collect();
@@ -476,7 +473,7 @@ impl FsSim {
         let world = Rc::new(RefCell::new(World {
             net,
             shards,
-            servers,
+            tier,
             actors,
             actor_queues: ids.iter().map(|_| VecDeque::new()).collect(),
             actor_rng: Rng::new(seed ^ 0x000a_c704),
@@ -536,10 +533,10 @@ impl FsSim {
         let i = node as usize - 1;
         // The log, with what it had not synced, dies with the process.
         *w.logs[i].lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let stores = w.servers.iter().map(|s| Some(SimFrag(s.clone()))).collect();
-        let mut log = Log::recover(node, w.group.clone(), stores)
+        let mut log = Log::recover(node, w.group.clone(), w.tier.stores())
             .map_err(|e| format!("node {node} cannot recover its log: {e}"))?;
         log.set_clock(sim_clock(&w.clock));
+        log.set_store_threads(false);
         *w.logs[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
         let cfg = w.configs[i].clone();
         // Work the dead process had queued for its actor dies with it.

@@ -25,6 +25,12 @@ pub struct FsSimReport {
     /// Pieces of store work the log actors left queued at the end of a step, summed over
     /// steps (answered late: the shards ran on meanwhile).
     pub actor_deferred: u64,
+    /// Requests the storage servers answered (their own code, over the storage network).
+    pub storage_served: u64,
+    /// Datagrams the storage network lost, or sent to a lost server.
+    pub storage_lost: u64,
+    /// Requests the storage servers refused as outside their sender's window.
+    pub storage_bad_requests: u64,
     /// The loss planted by [`FsSimConfig::plant_lost_block_past`]: the path and block.
     pub planted: Option<(String, u64)>,
 }
@@ -102,8 +108,7 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
     for k in 0..cfg.ops {
         if cfg.lose_server_at == Some(k) {
             let s = rng.below(cfg.servers as u64) as usize;
-            let w = sim.world.borrow();
-            w.servers[s].lock().unwrap_or_else(|e| e.into_inner()).up = false;
+            sim.world.borrow().tier.lose(s);
         }
         if window == Some(k) {
             // Everything durable, then the window opens.
@@ -243,5 +248,9 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
     }
     report.actor_deferred = w.actor_deferred;
     report.lost = w.net.counters().dropped;
+    let tier = w.tier.counters();
+    report.storage_served = tier.served;
+    report.storage_lost = tier.lost;
+    report.storage_bad_requests = tier.bad_requests;
     Ok(report)
 }

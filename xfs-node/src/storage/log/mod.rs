@@ -400,6 +400,10 @@ pub struct Log<S: FragmentStore> {
     /// Where the log publishes the bytes of new data that fit now (see
     /// [`Log::set_room_gauge`]).
     room: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Whether a large batch may take a thread per store ([`parallel`]); off, the stores
+    /// are called one after another from this thread (a simulation's, which must replay
+    /// exactly).
+    store_threads: bool,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -416,24 +420,35 @@ pub fn wall_clock_ms() -> u64 {
 /// node's storage window (`STORE_DEPTH` slots, also 16).
 pub const AT_ONCE_FRAGMENTS: usize = 16;
 
-/// Begin an operation on every store that is up (`begin`), then finish each
-/// ([`FragmentStore::finish`]): the stores work at once, with no thread each; one result
-/// per store that was up.
+/// Begin an operation on every store that is up (`begin`), then finish them all together
+/// ([`FragmentStore::try_finish`] in rounds, so no store's answers wait unread while
+/// another is slow): the stores work at once, with no thread each; one result per store
+/// that was up.
 fn at_once<S: FragmentStore>(
     stores: &mut [Option<S>],
     begin: impl Fn(usize, &mut S) -> Result<(), StoreError>,
 ) -> Vec<(usize, Result<(), StoreError>)> {
-    let begun: Vec<(usize, Result<(), StoreError>)> = stores
+    let mut results: Vec<(usize, Option<Result<(), StoreError>>)> = stores
         .iter_mut()
         .enumerate()
-        .filter_map(|(i, s)| s.as_mut().map(|s| (i, begin(i, s))))
-        .collect();
-    begun
-        .into_iter()
-        .map(|(i, r)| match (r, stores[i].as_mut()) {
-            (Ok(()), Some(s)) => (i, s.finish()),
-            (r, _) => (i, r),
+        .filter_map(|(i, s)| {
+            s.as_mut().map(|s| match begin(i, s) {
+                Ok(()) => (i, None),
+                Err(e) => (i, Some(Err(e))),
+            })
         })
+        .collect();
+    while results.iter().any(|(_, r)| r.is_none()) {
+        for (i, r) in results.iter_mut().filter(|(_, r)| r.is_none()) {
+            *r = match stores[*i].as_mut() {
+                Some(s) => s.try_finish(),
+                None => Some(Ok(())),
+            };
+        }
+    }
+    results
+        .into_iter()
+        .map(|(i, r)| (i, r.unwrap_or(Ok(()))))
         .collect()
 }
 
@@ -441,6 +456,7 @@ fn at_once<S: FragmentStore>(
 /// several); one result per store that was up.
 fn parallel<S: FragmentStore + Send>(
     stores: &mut [Option<S>],
+    threads: bool,
     f: impl Fn(usize, &mut S) -> Result<(), StoreError> + Sync,
 ) -> Vec<(usize, Result<(), StoreError>)> {
     let up: Vec<(usize, &mut S)> = stores
@@ -448,7 +464,7 @@ fn parallel<S: FragmentStore + Send>(
         .enumerate()
         .filter_map(|(i, s)| s.as_mut().map(|s| (i, s)))
         .collect();
-    if up.len() <= 1 {
+    if up.len() <= 1 || !threads {
         return up.into_iter().map(|(i, s)| (i, f(i, s))).collect();
     }
     let f = &f;
@@ -628,6 +644,7 @@ impl<S: FragmentStore + Send> Log<S> {
             checkpoint_upto: 0,
             writers: 1,
             room: None,
+            store_threads: true,
         })
     }
 
@@ -661,6 +678,13 @@ impl<S: FragmentStore + Send> Log<S> {
     /// virtual time).
     pub fn set_clock(&mut self, clock: Box<dyn Fn() -> u64 + Send>) {
         self.clock = clock;
+    }
+
+    /// Whether a large write batch, or a delete, may call the stores from a thread each
+    /// (default on). A simulation turns it off: its stores then run one after another on
+    /// its own thread, so a run replays exactly from its seed.
+    pub fn set_store_threads(&mut self, on: bool) {
+        self.store_threads = on;
     }
 
     /// Whether the last write of sealed segments found the stores full (cleared by a

@@ -42,7 +42,7 @@ impl<S: FragmentStore + Send> Log<S> {
         // A server that fails here keeps the fragments; they are found again (and freed)
         // after a restart, since recovery lists what the servers hold.
         // (A store reuses a freed slot after its next sync.)
-        let _ = parallel(&mut self.stores, |_, st| {
+        let _ = parallel(&mut self.stores, self.store_threads, |_, st| {
             st.delete(&ids).and_then(|_| st.sync())
         });
         for s in &dead {

@@ -226,7 +226,9 @@ impl<S: FragmentStore + Send> Log<S> {
         let results = if per_server.iter().all(|b| b.len() <= AT_ONCE_FRAGMENTS) {
             at_once(&mut self.stores, |i, store| store.write_begin(&refs(i)))
         } else {
-            parallel(&mut self.stores, |i, store| store.write(&refs(i)))
+            parallel(&mut self.stores, self.store_threads, |i, store| {
+                store.write(&refs(i))
+            })
         };
         let r = self.settle(results, self.queued[from].segment);
         if !use_reserve {

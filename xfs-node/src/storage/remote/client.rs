@@ -34,6 +34,8 @@ pub struct RemoteStore<T: Transport> {
     stats_asked: u64,
     /// What `write_begin` or `sync_begin` sent and `finish` waits for.
     begun: Option<Begun>,
+    /// When `try_finish` gives up on the server: the call's timeout after the last answer.
+    begun_deadline: Instant,
     /// The error of a begun request that another request had to wait for before its
     /// caller's `finish`: that `finish` returns it.
     unclaimed: Option<StoreError>,
@@ -41,10 +43,12 @@ pub struct RemoteStore<T: Transport> {
 
 /// Requests sent by a `*_begin`, not yet answered.
 enum Begun {
-    /// Puts of these fragments, one per slot from 0; `failed`: a send that failed.
+    /// Puts of these fragments, one per slot from 0; `failed`: the first put that failed
+    /// (to send, or at the server); `left`: replies still due.
     Puts {
         ids: Vec<FragmentId>,
         failed: Option<StoreError>,
+        left: usize,
     },
     /// A sync.
     Sync,
@@ -103,6 +107,7 @@ impl<T: Transport> RemoteStore<T> {
             free_hint: None,
             stats_asked: 0,
             begun: None,
+            begun_deadline: Instant::now(),
             unclaimed: None,
         };
         let r = s.call(
@@ -258,6 +263,54 @@ impl<T: Transport> RemoteStore<T> {
         Ok(())
     }
 
+    /// The begun request's outcome if nothing more is due for it (nothing begun: the error
+    /// of one that another request had to wait for, if any).
+    fn begun_done(&mut self) -> Option<Result<(), StoreError>> {
+        match &mut self.begun {
+            None => Some(self.unclaimed.take().map_or(Ok(()), Err)),
+            Some(Begun::Puts {
+                failed, left: 0, ..
+            }) => {
+                let failed = failed.take();
+                self.begun = None;
+                Some(failed.map_or(Ok(()), Err))
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Count reply `r` against the begun request: its outcome once its last reply is in.
+    fn begun_reply(&mut self, r: Reply) -> Option<Result<(), StoreError>> {
+        let none = FragmentId {
+            segment: 0,
+            index: 0,
+        };
+        if matches!(self.begun, Some(Begun::Puts { .. })) {
+            self.note_put_reply(&r);
+        }
+        let server = self.server.clone();
+        match self.begun.as_mut()? {
+            Begun::Sync => {
+                self.begun = None;
+                Some(match r.args.first() {
+                    Some(0) => Ok(()),
+                    Some(s) => Err(Status::from_wire(*s).error(none, &server)),
+                    None => Err(Status::Refused.error(none, &server)),
+                })
+            }
+            Begun::Puts { ids, failed, left } => {
+                let k = r.args.get(1).copied().unwrap_or(0) as usize;
+                if r.args.first() != Some(&0) {
+                    let s = Status::from_wire(r.args.first().copied().unwrap_or(u64::MAX));
+                    let id = ids.get(k).copied().unwrap_or(none);
+                    failed.get_or_insert(s.error(id, &server));
+                }
+                *left = left.saturating_sub(1);
+                self.begun_done()
+            }
+        }
+    }
+
     /// Note a put's reply: the server's free slots after it (a server that does not say:
     /// one fewer).
     fn note_put_reply(&mut self, r: &Reply) {
@@ -355,7 +408,9 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
             }
             ids.push(*id);
         }
-        self.begun = Some(Begun::Puts { ids, failed });
+        let left = ids.len();
+        self.begun = Some(Begun::Puts { ids, failed, left });
+        self.begun_deadline = Instant::now() + self.timeout;
         self.push_out();
         Ok(())
     }
@@ -364,41 +419,76 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
         self.finish_begun();
         self.send(AmMsg::small(SERVER_HANDLER, &[Op::Sync as u64]))?;
         self.begun = Some(Begun::Sync);
+        self.begun_deadline = Instant::now() + self.timeout;
         self.push_out();
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(), StoreError> {
-        let none = FragmentId {
-            segment: 0,
-            index: 0,
-        };
-        match self.begun.take() {
-            None => self.unclaimed.take().map_or(Ok(()), Err),
-            Some(Begun::Sync) => {
-                let r = self.next_reply()?;
-                match r.args.first() {
-                    Some(0) => Ok(()),
-                    Some(s) => Err(Status::from_wire(*s).error(none, &self.server)),
-                    None => Err(Status::Refused.error(none, &self.server)),
-                }
+        loop {
+            if let Some(done) = self.begun_done() {
+                return done;
             }
-            Some(Begun::Puts { ids, mut failed }) => {
-                for _ in 0..ids.len() {
-                    let r = self.next_reply()?;
-                    self.note_put_reply(&r);
-                    let k = r.args.get(1).copied().unwrap_or(0) as usize;
-                    match r.args.first() {
-                        Some(0) => {}
-                        s => {
-                            let s = Status::from_wire(s.copied().unwrap_or(u64::MAX));
-                            let id = ids.get(k).copied().unwrap_or(none);
-                            failed.get_or_insert(s.error(id, &self.server));
-                        }
+            match self.next_reply() {
+                Ok(r) => {
+                    if let Some(done) = self.begun_reply(r) {
+                        return done;
                     }
                 }
-                failed.map_or(Ok(()), Err)
+                Err(e) => {
+                    self.begun = None;
+                    return Err(e);
+                }
             }
+        }
+    }
+
+    fn try_finish(&mut self) -> Option<Result<(), StoreError>> {
+        if let Some(done) = self.begun_done() {
+            return Some(done);
+        }
+        if self.dead {
+            self.begun = None;
+            return Some(Err(self.unreachable()));
+        }
+        let mut waited = false;
+        loop {
+            if let Err(e) = self.ep.poll(256) {
+                self.begun = None;
+                return Some(Err(StoreError::Io {
+                    path: format!("storage server {}", self.server),
+                    source: std::io::Error::other(e.to_string()),
+                }));
+            }
+            (self.pump)();
+            let mut answered = false;
+            loop {
+                let Some(r) = lock(&self.replies).pop_front() else {
+                    break;
+                };
+                answered = true;
+                if r.failed {
+                    self.dead = true;
+                    self.begun = None;
+                    return Some(Err(self.unreachable()));
+                }
+                if let Some(done) = self.begun_reply(r) {
+                    return Some(done);
+                }
+            }
+            if answered {
+                self.begun_deadline = Instant::now() + self.timeout;
+            } else if Instant::now() > self.begun_deadline {
+                self.dead = true;
+                self.begun = None;
+                return Some(Err(self.unreachable()));
+            }
+            if waited || answered {
+                return None;
+            }
+            // Nothing yet: wait a moment for the socket, then look once more.
+            let _ = self.ep.wait(Some(Duration::from_micros(200)));
+            waited = true;
         }
     }
 
