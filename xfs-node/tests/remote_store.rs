@@ -17,12 +17,22 @@ const FRAG: usize = 64 * 1024;
 const DEPTH: usize = 32;
 
 fn endpoint(tag: u64, segment_bytes: usize) -> Endpoint<UdpTransport> {
+    endpoint_giving_up_after(tag, segment_bytes, Config::default().unreachable_timeout)
+}
+
+/// An endpoint that writes off a peer that acknowledges nothing for `unreachable`.
+fn endpoint_giving_up_after(
+    tag: u64,
+    segment_bytes: usize,
+    unreachable: Duration,
+) -> Endpoint<UdpTransport> {
     let t = UdpTransport::bind("127.0.0.1:0".parse().unwrap(), UdpConfig::default()).unwrap();
     Endpoint::new(
         t,
         Config {
             tag: Tag(tag),
             segment_bytes,
+            unreachable_timeout: unreachable,
             ..Config::default()
         },
     )
@@ -32,6 +42,9 @@ struct Server {
     name: EndpointName,
     tag: Tag,
     stop: Arc<AtomicBool>,
+    /// While set, the server's thread sleeps a second before each step (a server that
+    /// answers, late).
+    slow: Arc<AtomicBool>,
     handle: Option<JoinHandle<usize>>,
 }
 
@@ -42,7 +55,18 @@ impl Server {
         store: S,
         in_flight: fn(&S) -> usize,
     ) -> Server {
-        let ep = endpoint(tag, 4 * DEPTH * FRAG);
+        Server::start_giving_up_after(tag, store, in_flight, Config::default().unreachable_timeout)
+    }
+
+    /// A server whose endpoint writes off a client that acknowledges nothing for
+    /// `unreachable`.
+    fn start_giving_up_after<S: FragmentStore + Send + 'static>(
+        tag: u64,
+        store: S,
+        in_flight: fn(&S) -> usize,
+        unreachable: Duration,
+    ) -> Server {
+        let ep = endpoint_giving_up_after(tag, 4 * DEPTH * FRAG, unreachable);
         let mut server = StorageServer::new(
             ep,
             store,
@@ -54,9 +78,13 @@ impl Server {
         .unwrap();
         let (name, tag) = server.name();
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let slow = Arc::new(AtomicBool::new(false));
+        let (s, late) = (stop.clone(), slow.clone());
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
+                if late.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
                 if server.step().unwrap_or(0) == 0 {
                     std::thread::sleep(Duration::from_micros(50));
                 }
@@ -67,6 +95,7 @@ impl Server {
             name,
             tag,
             stop,
+            slow,
             handle: Some(handle),
         }
     }
@@ -264,6 +293,67 @@ fn a_log_striped_over_four_remote_servers_survives_one_going_down() {
     );
     for p in &paths {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+/// A slow server (it answers, a second late) costs a log's stripes that second and nothing
+/// else. The log begins each stripe on every server at once and takes the answers as they
+/// come; waiting for the servers one after another left the fast servers' answers unread
+/// (and their handshakes unanswered) while the slow one took its time, and servers that
+/// give up a silent client sooner than that dropped those answers: the stripe failed
+/// with the fast servers taken for dead (found by the whole-cluster simulation,
+/// `tests/fs_sim.rs`, once it ran the real servers).
+#[test]
+fn a_slow_server_does_not_get_the_fast_ones_written_off() {
+    let servers: Vec<Server> = (0..4)
+        .map(|i| {
+            Server::start_giving_up_after(
+                0x5e30 + i,
+                MemFragmentStore::new(400, FRAG),
+                |_| 0,
+                Duration::from_millis(300),
+            )
+        })
+        .collect();
+    let stores = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let ep = endpoint_giving_up_after(
+                0xc130 + i as u64,
+                2 * DEPTH * FRAG,
+                Duration::from_secs(3),
+            );
+            let mut c = RemoteStore::connect(ep, s.name, s.tag, DEPTH, Box::new(|| {})).unwrap();
+            c.set_timeout(Duration::from_secs(4));
+            Some(c)
+        })
+        .collect();
+    let group = StripeGroup {
+        id: 1,
+        servers: vec![0, 1, 2, 3],
+        parity: 1,
+    };
+    let mut log = Log::new(6, group, stores).unwrap();
+    let block = |b: u64| -> Vec<u8> { (0..4096u64).map(|i| (i * 5 + b * 11) as u8).collect() };
+    for b in 0..40 {
+        log.write(b, &block(b)).unwrap();
+    }
+    log.fsync().unwrap();
+    servers[1].slow.store(true, Ordering::Relaxed);
+    // Each fsync writes one small stripe, begun on every server at once.
+    for round in 0..3u64 {
+        for b in 0..10 {
+            let b = 100 + round * 10 + b;
+            log.write(b, &block(b)).unwrap();
+        }
+        log.fsync()
+            .unwrap_or_else(|e| panic!("fsync {round} with server 1 slow: {e}"));
+    }
+    assert_eq!(log.counters().servers_lost, 0, "{:?}", log.counters());
+    servers[1].slow.store(false, Ordering::Relaxed);
+    for b in (0..40).chain(100..130) {
+        assert_eq!(log.read(b).unwrap(), block(b), "block {b}");
     }
 }
 
