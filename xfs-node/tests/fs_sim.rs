@@ -1,7 +1,9 @@
 //! The whole cluster simulated (xfs_node::fs::sim): namespace and data operations from
 //! random nodes over a lossy, reordering network, a storage server lost and a node crashed
 //! and restarted mid-run, every answer compared with a reference POSIX model. The nodes'
-//! log actors, store clients and the storage servers are the node's own code.
+//! log actors, store clients and the storage servers are the node's own code, and each
+//! node's kernel invalidations go through the shard loop's queue to a simulated mount whose
+//! kernel serves reads from its copies.
 //!
 //! `XFS_FS_SIM_SEEDS=N` runs N seeds (default 200); `XFS_FS_SIM_SEED=S` replays one.
 
@@ -41,6 +43,8 @@ fn every_answer_matches_a_single_posix_file_system() {
                 total.storage_served += r.storage_served;
                 total.storage_lost += r.storage_lost;
                 total.storage_bad_requests += r.storage_bad_requests;
+                total.kernel_hits += r.kernel_hits;
+                total.kernel_invalidations += r.kernel_invalidations;
             }
             Err(e) => {
                 eprintln!("FAILED {e}");
@@ -71,6 +75,13 @@ fn every_answer_matches_a_single_posix_file_system() {
     );
     assert!(total.storage_lost > 0, "the storage network lost nothing");
     assert_eq!(total.storage_bad_requests, 0, "requests refused");
+    // The kernels served reads from their copies, and the shards' invalidations reached
+    // them through the mount queue.
+    assert!(total.kernel_hits > 0, "no read was served by a kernel");
+    assert!(
+        total.kernel_invalidations > 0,
+        "no kernel invalidation was answered"
+    );
     // The nodes' log actors ran in the loop, their answers late.
     assert!(total.actor_deferred > 0, "no store work was answered late");
     assert!(total.errors_matched > 0, "no errno was compared");

@@ -117,13 +117,14 @@ struct Waiting {
     batches: u64,
 }
 
-/// Kernel invalidations on their way to the attached mount.
+/// Kernel invalidations on their way to the attached mount (the whole-cluster simulation
+/// runs it too, `fs::sim`).
 #[derive(Default)]
-struct KernelQueue {
+pub(crate) struct KernelQueue {
     /// Asked for, not yet taken by the mount (it was behind).
     unsent: Vec<BlockId>,
     /// Invalidations done so far (the `kernel_invalidations` counter).
-    done: u64,
+    pub(crate) done: u64,
 }
 
 pub(crate) fn shard_loop<T: Transport + Send>(
@@ -272,11 +273,20 @@ fn pass_commands<T: Transport + Send>(
 }
 
 impl KernelQueue {
+    /// Invalidations held back for the next turn (the mount was behind).
+    pub(crate) fn held(&self) -> usize {
+        self.unsent.len()
+    }
+
     /// Send the invalidations the shard asked for (and those held back) to the mount;
     /// with no mount attached, or a mount gone, they are done at once. Returns how many
     /// were asked for.
     #[inline]
-    fn send<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>, mount: &MountLink) -> usize {
+    pub(crate) fn send<T: Transport + Send>(
+        &mut self,
+        shard: &mut NodeShard<T>,
+        mount: &MountLink,
+    ) -> usize {
         let asked = shard.take_kernel_requests();
         if asked.is_empty() && self.unsent.is_empty() {
             return 0;

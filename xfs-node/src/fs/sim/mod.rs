@@ -18,11 +18,13 @@
 //! A failure names its seed: `XFS_FS_SIM_SEED=<seed> cargo test -p xfs-node --test fs_sim`.
 
 mod crash_check;
+mod mount;
 mod reference;
 mod run;
 mod storage;
 
 use crash_check::*;
+pub use mount::*;
 pub use reference::*;
 pub use run::*;
 pub use storage::*;
@@ -176,6 +178,12 @@ pub struct World {
     pub shards: Vec<Vec<FsShard>>,
     /// The storage servers and their network.
     pub tier: StorageTier,
+    /// `mounts[node - 1]`: each node's mount, its kernel's copies and invalidations.
+    pub mounts: Vec<SimMount>,
+    /// Chooses how late the kernels answer.
+    kernel_rng: Rng,
+    /// Steps taken (the kernels' clock).
+    steps: u64,
     /// Each node's log.
     pub logs: Vec<SharedLog>,
     /// Each node's log actor (the node's own code), run from [`World::step`].
@@ -207,7 +215,16 @@ pub struct World {
 
 impl World {
     fn step(&mut self) -> usize {
-        crate::sim::step_shards(&mut self.shards) + self.run_actors()
+        self.steps += 1;
+        let mut work = 0;
+        for (m, node) in self.mounts.iter_mut().zip(self.shards.iter_mut()) {
+            work += m.kernel_turn(node, &mut self.kernel_rng, self.steps);
+        }
+        work += crate::sim::step_shards(&mut self.shards) + self.run_actors();
+        for (m, node) in self.mounts.iter_mut().zip(self.shards.iter_mut()) {
+            work += m.send(node);
+        }
+        work
     }
 
     /// Hand each node's new store work to its actor's queue, and let each actor do a
@@ -290,20 +307,41 @@ impl Blocks for SimBlocks {
         }
         let mut out: Vec<Option<Result<Outcome<Vec<u8>>, Errno>>> = vec![None; n];
         let mut ids = BTreeMap::new();
+        let me = self.node as usize - 1;
         let shards = w.shards[0].len();
+        let mut left = n;
         for (i, (block, user)) in ops.into_iter().enumerate() {
+            // The kernel serves a read of a block it holds; a change leaves its cache.
+            let mount = &mut w.mounts[me];
+            let read = matches!(user, UserOp::Read);
+            if read {
+                if let Some(d) = mount.cache.get(&block) {
+                    out[i] = Some(Ok(Outcome::Read(d.clone())));
+                    mount.hits += 1;
+                    left -= 1;
+                    continue;
+                }
+            } else if !matches!(user, UserOp::Prefetch) {
+                mount.cache.remove(&block);
+            }
             let op = w.next_op;
             w.next_op += 1;
-            ids.insert(op, i);
-            w.shards[self.node as usize - 1][shard_of(block, shards)].submit(op, block, user);
+            ids.insert(op, (i, block, read));
+            w.shards[me][shard_of(block, shards)].submit(op, block, user);
         }
         let limit = w.net.now().0 + w.op_time_limit.as_nanos() as u64;
-        let mut left = n;
         while left > 0 {
             let work = w.step();
-            for s in w.shards[self.node as usize - 1].iter_mut() {
+            let w = &mut *w;
+            for s in w.shards[me].iter_mut() {
                 for c in s.take_completions() {
-                    if let Some(i) = ids.remove(&c.op) {
+                    if let Some((i, block, read)) = ids.remove(&c.op) {
+                        match &c.outcome {
+                            Outcome::Read(d) if read => {
+                                w.mounts[me].cache.insert(block, d.clone());
+                            }
+                            _ => {}
+                        }
                         out[i] = Some(Ok(c.outcome));
                         left -= 1;
                     }
@@ -465,6 +503,10 @@ impl FsSim {
                     .collect()
             })
             .collect();
+        for s in shards.iter_mut().flatten() {
+            // Invalidations go to the node's mount and complete when its kernel answers.
+            s.external_kernel = true;
+        }
         connect_all(&mut shards).unwrap_or_else(|e| unreachable!("few nodes: {e}"));
         let actors = logs
             .iter()
@@ -472,6 +514,9 @@ impl FsSim {
             .collect();
         let world = Rc::new(RefCell::new(World {
             net,
+            mounts: ids.iter().map(|_| SimMount::new(cfg.shards)).collect(),
+            kernel_rng: Rng::new(seed ^ 0x6e_7e1),
+            steps: 0,
             shards,
             tier,
             actors,
@@ -539,8 +584,11 @@ impl FsSim {
         log.set_store_threads(false);
         *w.logs[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(log);
         let cfg = w.configs[i].clone();
-        // Work the dead process had queued for its actor dies with it.
+        // Work the dead process had queued for its actor dies with it, and its mount with
+        // its kernel's copies.
         w.actor_queues[i].clear();
+        let shards = w.shards[i].len();
+        w.mounts[i] = SimMount::new(shards);
         for s in w.shards[i].iter_mut() {
             s.restart(cfg.clone(), ActorStore);
         }
@@ -550,6 +598,14 @@ impl FsSim {
                 for s in n.iter_mut() {
                     dirty += s.peer_restarted(node);
                 }
+            }
+        }
+        // The copies the others forgot (those of blocks the restarted node manages) leave
+        // their kernels too: no invalidation would reach them any more.
+        let placement = cfg.placement.clone();
+        for (j, m) in w.mounts.iter_mut().enumerate() {
+            if j != i {
+                m.cache.retain(|b, _| placement.manager(*b) != node);
             }
         }
         drop(w);

@@ -31,6 +31,10 @@ pub struct FsSimReport {
     pub storage_lost: u64,
     /// Requests the storage servers refused as outside their sender's window.
     pub storage_bad_requests: u64,
+    /// Reads the nodes' kernels served from their copies (without asking the node).
+    pub kernel_hits: u64,
+    /// Invalidations the kernels answered (each sent by a shard through the mount queue).
+    pub kernel_invalidations: u64,
     /// The loss planted by [`FsSimConfig::plant_lost_block_past`]: the path and block.
     pub planted: Option<(String, u64)>,
 }
@@ -252,5 +256,9 @@ pub fn run(seed: u64, cfg: &FsSimConfig) -> Result<FsSimReport, String> {
     report.storage_served = tier.served;
     report.storage_lost = tier.lost;
     report.storage_bad_requests = tier.bad_requests;
+    for m in &w.mounts {
+        report.kernel_hits += m.hits;
+        report.kernel_invalidations += m.invalidations;
+    }
     Ok(report)
 }
