@@ -274,6 +274,7 @@ fn pass_commands<T: Transport + Send>(
 
 impl KernelQueue {
     /// Invalidations held back for the next turn (the mount was behind).
+    #[cfg(feature = "sim")]
     pub(crate) fn held(&self) -> usize {
         self.unsent.len()
     }

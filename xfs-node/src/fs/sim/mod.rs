@@ -310,12 +310,19 @@ impl Blocks for SimBlocks {
         let me = self.node as usize - 1;
         let shards = w.shards[0].len();
         let mut left = n;
+        // A read's answer goes into the kernel's cache unless the same batch changes that
+        // block (its answer may be from before the change).
+        let changed: BTreeSet<BlockId> = ops
+            .iter()
+            .filter(|(_, u)| !matches!(u, UserOp::Read | UserOp::Prefetch))
+            .map(|(b, _)| *b)
+            .collect();
         for (i, (block, user)) in ops.into_iter().enumerate() {
             // The kernel serves a read of a block it holds; a change leaves its cache.
             let mount = &mut w.mounts[me];
-            let read = matches!(user, UserOp::Read);
-            if read {
-                if let Some(d) = mount.cache.get(&block) {
+            let read = matches!(user, UserOp::Read) && !changed.contains(&block);
+            if matches!(user, UserOp::Read) {
+                if let Some(d) = mount.cache.get(&block).filter(|_| read) {
                     out[i] = Some(Ok(Outcome::Read(d.clone())));
                     mount.hits += 1;
                     left -= 1;

@@ -11,8 +11,9 @@
 //! own node changes leaves its cache at once (a kernel updates its pages on a write
 //! through it). Completions reach the kernel before the invalidations asked after them
 //! (the kernel takes an invalidation at the earliest one step after the shard asked), but
-//! a read served while an invalidation is under way may land after the kernel dropped
-//! its copy and before it answers, as with a real mount.
+//! a read served while an invalidation is under way would land after the kernel dropped
+//! its copy and before it answers, as with a real mount. (With the workload's operations
+//! one at a time no read overlaps an invalidation; the coherence simulation's do.)
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::{self, Receiver};

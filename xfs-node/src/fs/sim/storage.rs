@@ -21,14 +21,15 @@ use std::time::Duration;
 use am_core::sim::{Faults, SimNet, SimTransport};
 use am_core::{Config, Endpoint, EndpointName, Tag, Time};
 
-use crate::storage::fragment::{FragmentStore, MemFragmentStore};
+use crate::storage::fragment::{FragmentStore, MemFragmentStore, StoreError};
 use crate::storage::remote::{RemoteStore, ServerOptions, StorageServer};
 
 /// A node's store client of one simulated server.
 pub type SimStore = RemoteStore<SimTransport>;
 
-/// Requests a store client keeps in flight (a started node keeps 16).
-pub const SIM_STORE_DEPTH: usize = 4;
+/// Requests a store client keeps in flight (as a started node's: a stripe's batch of up to
+/// `AT_ONCE_FRAGMENTS` per server is begun at once, not written one server after another).
+pub const SIM_STORE_DEPTH: usize = 16;
 /// Clients each server has room for: every node's log, the cleaner's readers, and the
 /// logs recovered after crashes (a window is never handed back).
 pub const SIM_SERVER_WINDOWS: usize = 24;
@@ -129,7 +130,9 @@ impl StorageTier {
     }
 
     /// A new store client of server `j`, on an endpoint of its own (`None`: the server is
-    /// lost or refused the client, as a started node's connect fails).
+    /// lost, or did not answer, as a started node's connect fails). A server that is up
+    /// and refuses the client has no window left: the simulation is set up wrong
+    /// ([`SIM_SERVER_WINDOWS`]), and it stops with that rather than run degraded.
     pub fn connect(&self, j: usize) -> Option<SimStore> {
         let (addr, tag, frag) = {
             let mut s = self.servers();
@@ -146,14 +149,17 @@ impl StorageTier {
             },
         );
         let tier = self.clone();
-        RemoteStore::connect(
+        match RemoteStore::connect(
             ep,
             EndpointName { addr, vnet: 0 },
             tag,
             SIM_STORE_DEPTH,
             Box::new(move || tier.pump()),
-        )
-        .ok()
+        ) {
+            Ok(s) => Some(s),
+            Err(StoreError::Config(e)) => panic!("storage server {j} refused a client: {e}"),
+            Err(_) => None,
+        }
     }
 
     /// A store client of every server, in stripe-group order.

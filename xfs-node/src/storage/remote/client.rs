@@ -34,8 +34,9 @@ pub struct RemoteStore<T: Transport> {
     stats_asked: u64,
     /// What `write_begin` or `sync_begin` sent and `finish` waits for.
     begun: Option<Begun>,
-    /// When `try_finish` gives up on the server: the call's timeout after the last answer.
-    begun_deadline: Instant,
+    /// When `try_finish` gives up on the server: the call's timeout after the last answer
+    /// (in the transport's nanoseconds: a simulated transport's virtual time).
+    begun_deadline: u64,
     /// The error of a begun request that another request had to wait for before its
     /// caller's `finish`: that `finish` returns it.
     unclaimed: Option<StoreError>,
@@ -49,6 +50,12 @@ enum Begun {
         ids: Vec<FragmentId>,
         failed: Option<StoreError>,
         left: usize,
+    },
+    /// Puts of these fragments (of these lengths), already in slots 0.. of this client's
+    /// window, waiting for the server's room (a `Stat` was sent): sent when it answers.
+    Room {
+        ids: Vec<FragmentId>,
+        lens: Vec<usize>,
     },
     /// A sync.
     Sync,
@@ -107,7 +114,7 @@ impl<T: Transport> RemoteStore<T> {
             free_hint: None,
             stats_asked: 0,
             begun: None,
-            begun_deadline: Instant::now(),
+            begun_deadline: 0,
             unclaimed: None,
         };
         let r = s.call(
@@ -166,7 +173,7 @@ impl<T: Transport> RemoteStore<T> {
         if self.dead {
             return Err(self.unreachable());
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = self.deadline();
         loop {
             if let Some(r) = lock(&self.replies).pop_front() {
                 if r.failed {
@@ -181,7 +188,7 @@ impl<T: Transport> RemoteStore<T> {
             })?;
             (self.pump)();
             if work == 0 {
-                if Instant::now() > deadline {
+                if self.clock_ns() > deadline {
                     self.dead = true;
                     return Err(self.unreachable());
                 }
@@ -235,12 +242,54 @@ impl<T: Transport> RemoteStore<T> {
     /// Put fragment `id` through slot `k` of this client's window: copied into the slot,
     /// sent as a bulk into the same slot of the server's window for it.
     fn send_put(&mut self, k: usize, id: FragmentId, data: &[u8]) -> Result<(), StoreError> {
+        self.fill_slot(k, data);
+        self.send_slot(k, id, data.len())
+    }
+
+    /// Copy `data` into slot `k` of this client's window.
+    fn fill_slot(&mut self, k: usize, data: &[u8]) {
         let at = k * self.frag;
         self.ep.segment_mut()[at..at + data.len()].copy_from_slice(data);
+    }
+
+    /// Put fragment `id` from slot `k` (`len` bytes) into the same slot of the server's
+    /// window for this client.
+    fn send_slot(&mut self, k: usize, id: FragmentId, len: usize) -> Result<(), StoreError> {
+        let at = k * self.frag;
         let args = [Op::Put as u64, id.segment, id.index as u64, k as u64];
-        let src = [(at, data.len())];
+        let src = [(at, len)];
         let dst = self.base + at as u64;
         self.send(AmMsg::bulk(SERVER_HANDLER, &args, &src, dst))
+    }
+
+    /// Send the puts of fragments already in slots 0..: the begun request becomes those
+    /// puts (a send that fails is their error).
+    fn send_slots(&mut self, ids: Vec<FragmentId>, lens: Vec<usize>) {
+        let mut sent = Vec::with_capacity(ids.len());
+        let mut failed = None;
+        for (k, (id, len)) in ids.into_iter().zip(lens).enumerate() {
+            if let Err(e) = self.send_slot(k, id, len) {
+                failed = Some(e);
+                break;
+            }
+            sent.push(id);
+        }
+        let left = sent.len();
+        self.begun = Some(Begun::Puts {
+            ids: sent,
+            failed,
+            left,
+        });
+    }
+
+    /// The transport's clock, in nanoseconds (virtual time on a simulated transport).
+    fn clock_ns(&self) -> u64 {
+        self.ep.transport().now().0
+    }
+
+    /// When a wait that starts now gives up on the server.
+    fn deadline(&self) -> u64 {
+        self.clock_ns() + self.timeout.as_nanos() as u64
     }
 
     /// Let what was just requested leave now (the endpoint sends at its next poll), so
@@ -289,7 +338,32 @@ impl<T: Transport> RemoteStore<T> {
             self.note_put_reply(&r);
         }
         let server = self.server.clone();
+        if let Some(Begun::Room { ids, .. }) = &self.begun {
+            let needed = ids.len();
+            let free = r.args.get(1).copied().unwrap_or(0) as usize;
+            match r.args.first() {
+                Some(0) if free >= needed => {
+                    self.free_hint = Some(free);
+                    if let Some(Begun::Room { ids, lens }) = self.begun.take() {
+                        self.send_slots(ids, lens);
+                        self.push_out();
+                    }
+                    return self.begun_done();
+                }
+                Some(0) => {
+                    self.free_hint = Some(free);
+                    self.begun = None;
+                    return Some(Err(StoreError::NoSpace { free, needed }));
+                }
+                s => {
+                    self.begun = None;
+                    let s = Status::from_wire(s.copied().unwrap_or(u64::MAX));
+                    return Some(Err(s.error(none, &server)));
+                }
+            }
+        }
         match self.begun.as_mut()? {
+            Begun::Room { .. } => None,
             Begun::Sync => {
                 self.begun = None;
                 Some(match r.args.first() {
@@ -398,19 +472,23 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
             return self.write(fragments);
         }
         check_sizes(fragments, self.frag)?;
-        self.check_room(fragments.len())?;
-        let mut ids = Vec::with_capacity(fragments.len());
-        let mut failed = None;
-        for (k, (id, data)) in fragments.iter().enumerate() {
-            if let Err(e) = self.send_put(k, *id, data) {
-                failed = Some(e);
-                break;
-            }
-            ids.push(*id);
+        // Every fragment into its slot now; the puts leave from there, at once if the room
+        // the server said last is enough, else when it answers a `Stat` (the caller may be
+        // waiting on other stores meanwhile: this one must not wait here).
+        for (k, (_, data)) in fragments.iter().enumerate() {
+            self.fill_slot(k, data);
         }
-        let left = ids.len();
-        self.begun = Some(Begun::Puts { ids, failed, left });
-        self.begun_deadline = Instant::now() + self.timeout;
+        let ids: Vec<FragmentId> = fragments.iter().map(|f| f.0).collect();
+        let lens: Vec<usize> = fragments.iter().map(|f| f.1.len()).collect();
+        match self.free_hint {
+            Some(f) if f >= fragments.len() => self.send_slots(ids, lens),
+            _ => {
+                self.stats_asked += 1;
+                self.send(AmMsg::small(SERVER_HANDLER, &[Op::Stat as u64]))?;
+                self.begun = Some(Begun::Room { ids, lens });
+            }
+        }
+        self.begun_deadline = self.deadline();
         self.push_out();
         Ok(())
     }
@@ -419,7 +497,7 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
         self.finish_begun();
         self.send(AmMsg::small(SERVER_HANDLER, &[Op::Sync as u64]))?;
         self.begun = Some(Begun::Sync);
-        self.begun_deadline = Instant::now() + self.timeout;
+        self.begun_deadline = self.deadline();
         self.push_out();
         Ok(())
     }
@@ -477,8 +555,8 @@ impl<T: Transport> FragmentStore for RemoteStore<T> {
                 }
             }
             if answered {
-                self.begun_deadline = Instant::now() + self.timeout;
-            } else if Instant::now() > self.begun_deadline {
+                self.begun_deadline = self.deadline();
+            } else if self.clock_ns() > self.begun_deadline {
                 self.dead = true;
                 self.begun = None;
                 return Some(Err(self.unreachable()));

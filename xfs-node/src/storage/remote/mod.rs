@@ -28,7 +28,7 @@ use crate::lock;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use am_core::{
     AmError, Endpoint, EndpointName, Msg as AmMsg, ReplyToken, Tag, Transport, TransportError,
