@@ -208,17 +208,34 @@ impl Front {
         }
     }
 
+    /// Answer a request for an entry (`negative`: a lookup, whose ENOENT becomes a negative
+    /// entry; a mkdir or symlink that fails with ENOENT is an error).
     pub(crate) fn entry(
         &self,
         parent: u64,
         name: &[u8],
         r: Result<Inode, Errno>,
+        negative: bool,
         reply: ReplyEntry,
     ) {
         match r {
             Ok(i) => {
                 self.shared.hand_out(parent, name, i.ino);
                 reply.entry(&self.opts.ttl, &self.attr(&i), Generation(0));
+            }
+            Err(e) if e == Errno::ENOENT && negative => {
+                // A negative entry: the kernel remembers for the TTL that the name is
+                // absent. Remembered under its bucket before the answer, as a positive
+                // name is, so that the bucket's invalidation (another node created the
+                // name) expires it; the kernel runs that expiry only after this lookup
+                // is done (it takes the directory's lock the lookup holds).
+                self.shared.remember(parent, name);
+                reply.entry_with_ttls(
+                    &Duration::ZERO,
+                    &self.opts.ttl,
+                    &negative_attr(),
+                    Generation(0),
+                );
             }
             Err(e) => reply.error(e),
         }
@@ -307,7 +324,7 @@ impl Front {
     pub(crate) fn made(&self, parent: u64, name: &[u8], op: FsOp, reply: ReplyEntry) {
         self.count();
         match self.rofs() {
-            Ok(()) => self.entry(parent, name, self.inode(op), reply),
+            Ok(()) => self.entry(parent, name, self.inode(op), false, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -377,5 +394,26 @@ impl Front {
 
     pub(crate) fn set(&self, ino: u64, a: SetAttr) -> Result<Inode, Errno> {
         self.inode(FsOp::Setattr { ino, attr: a })
+    }
+}
+
+/// The attributes of a negative entry: node id 0 tells the kernel the name is absent.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK as u32,
+        flags: 0,
     }
 }

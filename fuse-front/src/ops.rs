@@ -37,7 +37,7 @@ impl Filesystem for Front {
             parent: p,
             name: name.to_vec(),
         });
-        self.entry(p, name, r, reply);
+        self.entry(p, name, r, true, reply);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

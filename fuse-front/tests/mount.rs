@@ -364,8 +364,16 @@ fn two_mounts_see_each_others_changes_at_once_with_the_kernel_cache_on() {
 
     // Rename and delete: B sees them at once, after having looked the names up.
     std::fs::create_dir(a.join("d")).unwrap();
-    // B looks the name up before it exists (a negative entry its kernel may keep).
+    // B looks the name up before it exists: a negative entry its kernel keeps (a second
+    // look reaches the daemon no more), until A's create expires it.
     assert!(!b.join("d/x").exists());
+    let lookups = c.settled(1, "lookups");
+    assert!(!b.join("d/x").exists());
+    assert_eq!(
+        c.settled(1, "lookups"),
+        lookups,
+        "a second lookup of a missing name reached the daemon (no negative entry)"
+    );
     std::fs::write(a.join("d/x"), b"x").unwrap();
     assert_eq!(read_all(&b.join("d/x")), b"x");
     std::fs::rename(a.join("d/x"), a.join("d/y")).unwrap();
