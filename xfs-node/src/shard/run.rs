@@ -20,7 +20,8 @@ use crate::lock;
 /// The shard a node runs: block data as bytes, its storage work done by the log actor.
 type NodeShard<T> = Shard<T, Vec<u8>, ActorStore>;
 
-/// A shard loop's link to the node's log actor (`storage::log_actor::serve`).
+/// A shard loop's link to the node's log actor (`storage::log_actor::serve`; the
+/// whole-cluster simulation links its shards to their actors with it too).
 pub(crate) struct StoreLink {
     /// The actor's queue of work: (this shard, its work in order).
     pub(crate) work: SyncSender<(usize, Vec<StoreWork<Vec<u8>>>)>,
@@ -48,7 +49,7 @@ impl StoreLink {
 
     /// Give the shard the actor's answers; returns how many.
     #[inline]
-    fn take_answers<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) -> usize {
+    pub(crate) fn take_answers<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) -> usize {
         let mut n = 0;
         loop {
             match self.done.try_recv() {
@@ -66,7 +67,7 @@ impl StoreLink {
     /// Hand the shard's new store work to the actor (never waiting: what does not fit
     /// waits here, in order). Returns how many pieces were new.
     #[inline]
-    fn send<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) -> usize {
+    pub(crate) fn send<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) -> usize {
         let new = shard.take_store_work();
         let n = new.len();
         self.held.extend(new);

@@ -185,27 +185,41 @@ pub fn serve<S: FragmentStore + Send>(
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        let mut batch: Vec<(usize, StoreWork<Vec<u8>>)> = Vec::new();
-        let mut next = Some(first);
-        while let Some((s, v)) = next.take() {
-            batch.extend(v.into_iter().map(|w| (s, w)));
-            if batch.len() < ACTOR_BATCH {
-                next = work.try_recv().ok();
-            }
-        }
-        let mut by_shard: Vec<Vec<StoreDone<Vec<u8>>>> =
-            shards.iter().map(|_| Vec::new()).collect();
-        for (s, d) in actor.run(batch) {
-            if let Some(v) = by_shard.get_mut(s) {
-                v.push(d);
-            }
-        }
+        serve_batch(&mut actor, first, &work, &shards);
         *lock(&counters) = actor.counters();
-        for (inbox, done) in shards.iter().zip(by_shard) {
-            // A shard loop drains its queue every turn; one that has stopped is gone.
-            if !done.is_empty() && inbox.done.send(done).is_ok() {
-                inbox.wake.notify();
-            }
+    }
+}
+
+/// One turn of the actor's thread ([`serve`]; the whole-cluster simulation takes the same
+/// turns): `first` and the batches queued behind it, until the batch holds
+/// [`ACTOR_BATCH`] pieces or more, run in order, each shard's answers sent to its inbox
+/// (and its loop woken). Returns the pieces done.
+pub fn serve_batch<S: FragmentStore + Send>(
+    actor: &mut LogActor<S>,
+    first: (usize, Vec<StoreWork<Vec<u8>>>),
+    work: &Receiver<(usize, Vec<StoreWork<Vec<u8>>>)>,
+    shards: &[ShardInbox],
+) -> usize {
+    let mut batch: Vec<(usize, StoreWork<Vec<u8>>)> = Vec::new();
+    let mut next = Some(first);
+    while let Some((s, v)) = next.take() {
+        batch.extend(v.into_iter().map(|w| (s, w)));
+        if batch.len() < ACTOR_BATCH {
+            next = work.try_recv().ok();
         }
     }
+    let n = batch.len();
+    let mut by_shard: Vec<Vec<StoreDone<Vec<u8>>>> = shards.iter().map(|_| Vec::new()).collect();
+    for (s, d) in actor.run(batch) {
+        if let Some(v) = by_shard.get_mut(s) {
+            v.push(d);
+        }
+    }
+    for (inbox, done) in shards.iter().zip(by_shard) {
+        // A shard loop drains its queue every turn; one that has stopped is gone.
+        if !done.is_empty() && inbox.done.send(done).is_ok() {
+            inbox.wake.notify();
+        }
+    }
+    n
 }

@@ -30,7 +30,7 @@ pub use run::*;
 pub use storage::*;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,11 +43,13 @@ use super::layout::{Inode, Kind, BLOCK, INDEX_SHIFT};
 use crate::coherence::{
     ActorStore, BlockId, NodeId, OpId, Outcome, Placement, ProtocolConfig, UserOp,
 };
-use crate::shard::{connect_all, shard_of, Shard, ShardConfig, StoreDone, StoreWork};
+use crate::shard::run::StoreLink;
+use crate::shard::{connect_all, shard_of, Shard, ShardConfig, StoreWork};
 use crate::sim::Rng;
 use crate::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
 use crate::storage::log::{Log, StripeGroup};
-use crate::storage::log_actor::LogActor;
+use crate::storage::log_actor::{serve_batch, LogActor, ShardInbox, ACTOR_DONE_QUEUE};
+use std::sync::mpsc::{self, Receiver};
 
 /// An in-memory fragment store that can be switched off, for simulations of one log
 /// (the whole-cluster simulation runs real storage servers: [`StorageTier`]).
@@ -188,13 +190,16 @@ pub struct World {
     pub logs: Vec<SharedLog>,
     /// Each node's log actor (the node's own code), run from [`World::step`].
     pub actors: Vec<LogActor<SimStore>>,
-    /// Each node's work queued for its actor, in the order its shards asked: (shard,
-    /// work). The actor takes a seeded number of pieces from the front each step, so its
-    /// answers come late and in batches, as on a node's thread.
-    pub actor_queues: Vec<VecDeque<(usize, StoreWork<Vec<u8>>)>>,
-    /// Chooses how much work the actors take each step.
+    /// Each node's links between its shards and its actor, as a started node's shard
+    /// loops and actor thread hold them: `links[node - 1][shard]` (the shard loop's
+    /// [`StoreLink`]), the actor's work queue (bounded at [`SIM_ACTOR_QUEUE`] batches) and
+    /// the shards' answer queues.
+    links: Vec<ActorLinks>,
+    /// Chooses which steps the actors take a turn on (a seeded share: their answers come
+    /// late and in batches, as from a node's thread).
     actor_rng: Rng,
-    /// Pieces of store work left queued by a step (answered later).
+    /// Pieces of store work queued for an actor at a step it did not take a turn
+    /// (answered later), summed over steps.
     pub actor_deferred: u64,
     /// The stripe group.
     pub group: StripeGroup,
@@ -227,32 +232,31 @@ impl World {
         work
     }
 
-    /// Hand each node's new store work to its actor's queue, and let each actor do a
-    /// seeded number (at least one) of the pieces queued; their answers go back to the
-    /// shards. Returns how many pieces were done.
+    /// Each node's shards hand their new store work to the actor's queue (the shard loop's
+    /// own `StoreLink`), the actor takes a turn on a seeded share of the steps (the actor
+    /// thread's own `serve_batch`), and the shards take its answers. Returns the work done
+    /// or still queued.
     fn run_actors(&mut self) -> usize {
         let mut work = 0;
         for (i, node) in self.shards.iter_mut().enumerate() {
-            let q = &mut self.actor_queues[i];
-            for (s, shard) in node.iter_mut().enumerate() {
-                q.extend(shard.take_store_work().into_iter().map(|w| (s, w)));
+            let l = &mut self.links[i];
+            for (link, shard) in l.shards.iter_mut().zip(node.iter_mut()) {
+                let n = link.send(shard);
+                work += n;
+                l.queued += n;
             }
-            if q.is_empty() {
-                continue;
-            }
-            let n = 1 + self.actor_rng.below(q.len() as u64) as usize;
-            let batch: Vec<_> = q.drain(..n).collect();
-            self.actor_deferred += q.len() as u64;
-            work += n;
-            let mut by_shard: Vec<Vec<StoreDone<Vec<u8>>>> =
-                node.iter().map(|_| Vec::new()).collect();
-            for (s, d) in self.actors[i].run(batch) {
-                by_shard[s].push(d);
-            }
-            for (shard, done) in node.iter_mut().zip(by_shard) {
-                if !done.is_empty() {
-                    shard.store_done(done);
+            if l.queued > 0 {
+                if self.actor_rng.below(3) == 0 {
+                    self.actor_deferred += l.queued as u64;
+                } else if let Ok(first) = l.work.try_recv() {
+                    let done = serve_batch(&mut self.actors[i], first, &l.work, &l.inboxes);
+                    l.queued = l.queued.saturating_sub(done);
                 }
+                // Queued work keeps the simulation stepping.
+                work += l.queued.min(1);
+            }
+            for (link, shard) in l.shards.iter_mut().zip(node.iter_mut()) {
+                work += link.take_answers(shard);
             }
         }
         work
@@ -288,6 +292,41 @@ impl World {
             }
         }
         v
+    }
+}
+
+/// Batches of store work an actor's queue holds in the simulation (a started node's holds
+/// `log_actor::ACTOR_QUEUE`): small, so that shards hold work back while it is full.
+pub const SIM_ACTOR_QUEUE: usize = 2;
+
+/// One node's shard-actor links (see [`World`]).
+struct ActorLinks {
+    shards: Vec<StoreLink>,
+    work: Receiver<(usize, Vec<StoreWork<Vec<u8>>>)>,
+    inboxes: Vec<ShardInbox>,
+    /// Pieces handed to the actor's queue and not yet done.
+    queued: usize,
+}
+
+impl ActorLinks {
+    fn new(shards: &[FsShard]) -> ActorLinks {
+        let (work_tx, work) = mpsc::sync_channel(SIM_ACTOR_QUEUE);
+        let mut links = Vec::new();
+        let mut inboxes = Vec::new();
+        for (s, shard) in shards.iter().enumerate() {
+            let (done_tx, done_rx) = mpsc::sync_channel(ACTOR_DONE_QUEUE);
+            inboxes.push(ShardInbox {
+                done: done_tx,
+                wake: am_core::Transport::notifier(shard.endpoint().transport()),
+            });
+            links.push(StoreLink::new(work_tx.clone(), done_rx, s));
+        }
+        ActorLinks {
+            shards: links,
+            work,
+            inboxes,
+            queued: 0,
+        }
     }
 }
 
@@ -519,6 +558,7 @@ impl FsSim {
             .iter()
             .map(|l| LogActor::new(l.clone(), Default::default()))
             .collect();
+        let links = shards.iter().map(|n| ActorLinks::new(n)).collect();
         let world = Rc::new(RefCell::new(World {
             net,
             mounts: ids.iter().map(|_| SimMount::new(cfg.shards)).collect(),
@@ -527,7 +567,7 @@ impl FsSim {
             shards,
             tier,
             actors,
-            actor_queues: ids.iter().map(|_| VecDeque::new()).collect(),
+            links,
             actor_rng: Rng::new(seed ^ 0x000a_c704),
             actor_deferred: 0,
             logs,
@@ -593,7 +633,8 @@ impl FsSim {
         let cfg = w.configs[i].clone();
         // Work the dead process had queued for its actor dies with it, and its mount with
         // its kernel's copies.
-        w.actor_queues[i].clear();
+        let links = ActorLinks::new(&w.shards[i]);
+        w.links[i] = links;
         let shards = w.shards[i].len();
         w.mounts[i] = SimMount::new(shards);
         for s in w.shards[i].iter_mut() {
