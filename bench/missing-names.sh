@@ -35,13 +35,19 @@ while [ $# -gt 0 ]; do
         *) echo "missing-names.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-[ -x "$BIN/xfs-node" ] || { echo "missing-names.sh: no $BIN/xfs-node: build it (cargo build --release -p xfs-node -p fuse-front) or pass --bin" >&2; exit 2; }
+for b in xfs-node xfsam-mount; do
+    [ -x "$BIN/$b" ] || { echo "missing-names.sh: no $BIN/$b: build it (cargo build --release -p xfs-node -p fuse-front) or pass --bin" >&2; exit 2; }
+done
+for n in "$NAMES" "$ROUNDS" "$RUNS"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "missing-names.sh: --names, --rounds and --runs take a number of 1 or more (got $n)" >&2; exit 2; }
+done
 
 "$BIN/xfs-node" down --data "$DIR/data" >/dev/null 2>&1 || true
+umount "$DIR/mnt" 2>/dev/null || true
 rm -rf "$DIR"
 mkdir -p "$DIR/mnt"
-"$BIN/xfs-node" up --data "$DIR/data" --mount "$DIR/mnt" >/dev/null
 trap '"$BIN/xfs-node" down --data "$DIR/data" >/dev/null 2>&1 || true' EXIT
+"$BIN/xfs-node" up --data "$DIR/data" --mount "$DIR/mnt" >/dev/null
 python3 - "$DIR/mnt" "$NAMES" "$ROUNDS" "$RUNS" <<'PY'
 import os, statistics, sys, time
 mnt, names, rounds, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

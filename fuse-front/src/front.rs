@@ -128,6 +128,7 @@ impl Front {
                 inos: Mutex::new(HashSet::new()),
                 truncations: Mutex::new(HashMap::new()),
                 inval_epoch: AtomicU64::new(0),
+                bucket_generations: crate::names::bucket_generations(),
                 kernel: std::sync::OnceLock::new(),
             }),
             link,
@@ -209,27 +210,34 @@ impl Front {
     }
 
     /// Answer a request for an entry (`negative`: a lookup, whose ENOENT becomes a negative
-    /// entry; a mkdir or symlink that fails with ENOENT is an error).
+    /// entry; a mkdir or symlink that fails with ENOENT is an error). `generation`: the
+    /// bucket's invalidation count read before the node was asked.
     pub(crate) fn entry(
         &self,
         parent: u64,
         name: &[u8],
         r: Result<Inode, Errno>,
         negative: bool,
+        generation: u64,
         reply: ReplyEntry,
     ) {
         match r {
             Ok(i) => {
                 self.shared.hand_out(parent, name, i.ino);
-                reply.entry(&self.opts.ttl, &self.attr(&i), Generation(0));
+                let ttl = self.name_ttl(parent, name, generation);
+                reply.entry(&ttl, &self.attr(&i), Generation(0));
             }
-            Err(e) if e == Errno::ENOENT && negative => {
+            Err(e) if e == Errno::ENOENT && negative && !self.opts.ttl.is_zero() => {
                 // A negative entry: the kernel remembers for the TTL that the name is
                 // absent. Remembered under its bucket before the answer, as a positive
                 // name is, so that the bucket's invalidation (another node created the
                 // name) expires it; the kernel runs that expiry only after this lookup
-                // is done (it takes the directory's lock the lookup holds).
+                // is done (it takes the directory's lock the lookup holds). If the
+                // bucket was invalidated since the node answered, plain ENOENT.
                 self.shared.remember(parent, name);
+                if self.name_ttl(parent, name, generation).is_zero() {
+                    return reply.error(e);
+                }
                 reply.entry_with_ttls(
                     &Duration::ZERO,
                     &self.opts.ttl,
@@ -238,6 +246,21 @@ impl Front {
                 );
             }
             Err(e) => reply.error(e),
+        }
+    }
+
+    /// How long the kernel may keep a name just remembered: the TTL, or nothing if its
+    /// bucket was invalidated since `generation` was read (that invalidation may have
+    /// come before the name was remembered, and then did not expire it).
+    pub(crate) fn name_ttl(&self, parent: u64, name: &[u8], generation: u64) -> Duration {
+        if self.shared.bucket_generation(parent, name) == generation {
+            self.opts.ttl
+        } else {
+            self.shared
+                .stats
+                .names_uncached
+                .fetch_add(1, Ordering::Relaxed);
+            Duration::ZERO
         }
     }
 
@@ -324,7 +347,10 @@ impl Front {
     pub(crate) fn made(&self, parent: u64, name: &[u8], op: FsOp, reply: ReplyEntry) {
         self.count();
         match self.rofs() {
-            Ok(()) => self.entry(parent, name, self.inode(op), false, reply),
+            Ok(()) => {
+                let generation = self.shared.bucket_generation(parent, name);
+                self.entry(parent, name, self.inode(op), false, generation, reply)
+            }
             Err(e) => reply.error(e),
         }
     }

@@ -73,6 +73,7 @@ pub fn subscribe(control: &Path) -> Result<Control, FrontError> {
 /// kernel.
 pub(crate) fn forget_everything(n: &KernelChannel, sh: &Shared) {
     sh.inval_epoch.fetch_add(1, Ordering::SeqCst);
+    sh.all_buckets_invalidated();
     let inos: Vec<u64> = lock(&sh.inos).iter().copied().collect();
     for ino in inos {
         let _ = n.inval_inode(sh.fuse(ino).0, 0, 0);
@@ -309,6 +310,7 @@ pub(crate) fn invalidate(n: &KernelChannel, sh: &Shared, block: u64) {
         calls.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    sh.bucket_invalidated(ino, bn);
     let names = lock(&sh.names).remove(&(ino, bn));
     for name in names.into_iter().flatten() {
         let _ = n.expire_entry(fi.0, &name);

@@ -98,6 +98,9 @@ pub struct Stats {
     pub lookups: AtomicU64,
     /// `getattr` requests.
     pub getattrs: AtomicU64,
+    /// Names handed to the kernel with no time to live: their bucket was invalidated
+    /// between the node's answer and the mount's remembering them.
+    pub names_uncached: AtomicU64,
     /// Blocks the node asked to invalidate.
     pub invalidations: AtomicU64,
     /// Kernel calls made for them (inodes, pages and entries).
@@ -116,7 +119,7 @@ impl Stats {
         let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
             "requests {}\nreads {}\nwrites {}\nappends {}\nlookups {}\ngetattrs {}\ninvalidations {}\n\
-             kernel_calls {}\ninval_late {}\ninval_skipped {}\nnode_errors {}\n",
+             kernel_calls {}\ninval_late {}\ninval_skipped {}\nnode_errors {}\nnames_uncached {}\n",
             v(&self.requests),
             v(&self.reads),
             v(&self.writes),
@@ -127,7 +130,8 @@ impl Stats {
             v(&self.kernel_calls),
             v(&self.inval_late),
             v(&self.inval_skipped),
-            v(&self.node_errors)
+            v(&self.node_errors),
+            v(&self.names_uncached)
         )
     }
 }

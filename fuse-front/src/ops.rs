@@ -33,11 +33,12 @@ impl Filesystem for Front {
         self.shared.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let p = self.shared.ours(parent);
         let name = name.as_bytes();
+        let generation = self.shared.bucket_generation(p, name);
         let r = self.inode(FsOp::Lookup {
             parent: p,
             name: name.to_vec(),
         });
-        self.entry(p, name, r, true, reply);
+        self.entry(p, name, r, true, generation, reply);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -626,6 +627,7 @@ impl Filesystem for Front {
         }
         let p = self.shared.ours(parent);
         let name = name.as_bytes();
+        let generation = self.shared.bucket_generation(p, name);
         let mut r = self.inode(FsOp::Create {
             parent: p,
             name: name.to_vec(),
@@ -660,7 +662,8 @@ impl Filesystem for Front {
                 // before this mount sees its count move, and a page-cache read racing it
                 // can be zero-filled by the kernel under the old size (the rewrite test).
                 self.shared.saw_truncations(i.ino, i.truncations);
-                reply.created(&self.opts.ttl, &self.attr(&i), Generation(0), fh, fopen)
+                let ttl = self.name_ttl(p, name, generation);
+                reply.created(&ttl, &self.attr(&i), Generation(0), fh, fopen)
             }
             Err(e) => reply.error(e),
         }

@@ -65,25 +65,41 @@ impl StoreLink {
     }
 
     /// Hand the shard's new store work to the actor (never waiting: what does not fit
-    /// waits here, in order). Returns how many pieces were new.
+    /// waits here, in order). Returns how many pieces were new, at least 1 while work is
+    /// held back (the loop turns again soon rather than sleep: the actor wakes only the
+    /// shards it answers).
     #[inline]
     pub(crate) fn send<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) -> usize {
+        let (n, held) = self.hand_over(shard);
+        if held {
+            n.max(1)
+        } else {
+            n
+        }
+    }
+
+    /// [`StoreLink::send`]'s work: how many pieces were new, and whether work is held
+    /// back because the actor's queue is full.
+    #[inline]
+    pub(crate) fn hand_over<T: Transport + Send>(
+        &mut self,
+        shard: &mut NodeShard<T>,
+    ) -> (usize, bool) {
         let new = shard.take_store_work();
         let n = new.len();
         self.held.extend(new);
         if self.held.is_empty() {
-            return n;
+            return (n, false);
         }
         match self
             .work
             .try_send((self.shard, std::mem::take(&mut self.held)))
         {
             Ok(()) => {}
-            // Kept, and counted as work: the loop turns again soon (the actor wakes only
-            // the shards it answers) rather than sleeping in its wait.
+            // Kept for the next turn.
             Err(mpsc::TrySendError::Full((_, v))) => {
                 self.held = v;
-                return n.max(1);
+                return (n, true);
             }
             Err(mpsc::TrySendError::Disconnected((_, v))) => {
                 // No actor: every piece fails, as a store that cannot be reached would.
@@ -101,7 +117,7 @@ impl StoreLink {
                 }));
             }
         }
-        n
+        (n, false)
     }
 }
 

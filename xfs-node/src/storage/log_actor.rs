@@ -185,20 +185,21 @@ pub fn serve<S: FragmentStore + Send>(
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        serve_batch(&mut actor, first, &work, &shards);
-        *lock(&counters) = actor.counters();
+        serve_batch(&mut actor, first, &work, &shards, Some(&counters));
     }
 }
 
 /// One turn of the actor's thread ([`serve`]; the whole-cluster simulation takes the same
 /// turns): `first` and the batches queued behind it, until the batch holds
-/// [`ACTOR_BATCH`] pieces or more, run in order, each shard's answers sent to its inbox
-/// (and its loop woken). Returns the pieces done.
+/// [`ACTOR_BATCH`] pieces or more, run in order, the actor's counters published to
+/// `counters`, then each shard's answers sent to its inbox (and its loop woken). Returns
+/// the pieces done.
 pub fn serve_batch<S: FragmentStore + Send>(
     actor: &mut LogActor<S>,
     first: (usize, Vec<StoreWork<Vec<u8>>>),
     work: &Receiver<(usize, Vec<StoreWork<Vec<u8>>>)>,
     shards: &[ShardInbox],
+    counters: Option<&Mutex<LogActorCounters>>,
 ) -> usize {
     let mut batch: Vec<(usize, StoreWork<Vec<u8>>)> = Vec::new();
     let mut next = Some(first);
@@ -214,6 +215,9 @@ pub fn serve_batch<S: FragmentStore + Send>(
         if let Some(v) = by_shard.get_mut(s) {
             v.push(d);
         }
+    }
+    if let Some(c) = counters {
+        *lock(c) = actor.counters();
     }
     for (inbox, done) in shards.iter().zip(by_shard) {
         // A shard loop drains its queue every turn; one that has stopped is gone.

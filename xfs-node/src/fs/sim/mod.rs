@@ -241,15 +241,15 @@ impl World {
         for (i, node) in self.shards.iter_mut().enumerate() {
             let l = &mut self.links[i];
             for (link, shard) in l.shards.iter_mut().zip(node.iter_mut()) {
-                let n = link.send(shard);
-                work += n;
+                let (n, held) = link.hand_over(shard);
+                work += n + held as usize;
                 l.queued += n;
             }
             if l.queued > 0 {
                 if self.actor_rng.below(3) == 0 {
                     self.actor_deferred += l.queued as u64;
                 } else if let Ok(first) = l.work.try_recv() {
-                    let done = serve_batch(&mut self.actors[i], first, &l.work, &l.inboxes);
+                    let done = serve_batch(&mut self.actors[i], first, &l.work, &l.inboxes, None);
                     l.queued = l.queued.saturating_sub(done);
                 }
                 // Queued work keeps the simulation stepping.

@@ -289,7 +289,8 @@ impl<T: Transport> RemoteStore<T> {
 
     /// When a wait that starts now gives up on the server.
     fn deadline(&self) -> u64 {
-        self.clock_ns() + self.timeout.as_nanos() as u64
+        let timeout = u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.clock_ns().saturating_add(timeout)
     }
 
     /// Let what was just requested leave now (the endpoint sends at its next poll), so
