@@ -10,6 +10,21 @@
 # Extra arguments go to fs-bench (see `fs-bench --help`). Reports: fs-mounts/ (--out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for a in "$@"; do
+    case "$a" in
+        -h|--help)
+            # The header above, then fs-bench's own options; nothing installed or started.
+            sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+            echo
+            if [ -x target/release/fs-bench ]; then
+                ./target/release/fs-bench --help
+            else
+                echo "fs-bench's options: build it (cargo build --release -p bench), then run target/release/fs-bench --help"
+            fi
+            exit 0
+            ;;
+    esac
+done
 need=()
 for t in fio:fio bindfs:bindfs glusterd:glusterfs-server redis-server:redis-server \
          python3:python3 cp:coreutils; do
