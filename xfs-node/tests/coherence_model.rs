@@ -76,7 +76,8 @@ where
     );
     let properties = checker.model().properties();
     let applies = |p: &stateright::Property<M>| {
-        !(p.name.starts_with("txn:") && checker.model().base().txns == 0)
+        !(p.name.starts_with("txn:") && checker.model().base().txns == 0
+            || p.name.starts_with("fence:") && checker.model().base().removals == 0)
     };
     // A violation is a real counterexample even in a partial search: report it first.
     for p in properties.iter().filter(|p| applies(p)) {
@@ -137,6 +138,8 @@ fn model(clients: usize, blocks: usize, ops: u8, ordered: bool, capacity: usize)
         capacity,
         updates: false,
         txns: 0,
+        removals: 0,
+        storage_fenced: true,
     }
 }
 
@@ -330,4 +333,68 @@ fn without_sequence_numbers_the_checker_finds_the_figure_2_deadlock() {
         "a deadlock has nothing in flight:\n{trace}"
     );
     assert!(CoherenceModel::pending(last));
+}
+
+/// The cluster removes a client in a new epoch (membership, `coherence::Fence`): the manager
+/// and storage fence it at once, it is not told and goes on with what it holds (its dirty
+/// copy, its write-backs on the way). No write-back of a removed client is ever taken, the
+/// survivors read the last write (a removed node's un-fsynced write is lost, as a crashed
+/// node's), and the survivors never wait forever.
+#[test]
+fn a_removed_client_is_fenced_two_clients_one_block() {
+    let mut m = model(2, 1, 3, false, 0);
+    m.removals = 1;
+    check(m, 500_000, NEEDS_THREE);
+}
+
+/// As above with three clients, one of them removed, on two blocks with a bounded cache.
+#[test]
+fn a_removed_client_is_fenced_three_clients() {
+    let m = Budgeted {
+        model: CoherenceModel {
+            removals: 1,
+            ..model(3, 1, 2, false, 0)
+        },
+        budgets: vec![2, 2, 1],
+    };
+    check_within(m, 2_000_000, &[], CI_BUDGET);
+}
+
+/// The mutant: storage takes write-backs without checking the epoch. The checker must find
+/// a removed client's stale copy written over the block.
+#[test]
+fn without_the_storage_epoch_check_the_checker_finds_a_fenced_write_taken() {
+    let mut m = model(2, 1, 3, false, 0);
+    m.removals = 1;
+    m.storage_fenced = false;
+    let checker = m
+        .checker()
+        .threads(2)
+        .finish_when(HasDiscoveries::AnyOf(
+            ["no violation"].into_iter().collect(),
+        ))
+        .spawn_bfs()
+        .join();
+    let path = checker
+        .discovery("no violation")
+        .expect("the checker must find the removed client's write-back taken")
+        .into_vec();
+    let trace = describe(path.clone());
+    eprintln!(
+        "found after {} states:\n{trace}",
+        checker.unique_state_count()
+    );
+    let last = &path.last().expect("a path has states").0;
+    assert!(
+        matches!(
+            last.violation,
+            Some(model::Violation::FencedWriteTaken { .. })
+        ),
+        "the violation should be the fenced write taken:\n{trace}"
+    );
+    assert!(
+        path.iter()
+            .any(|(_, a)| matches!(a, Some(model::Action::Remove(_)))),
+        "the trace removes a client:\n{trace}"
+    );
 }

@@ -48,6 +48,8 @@ fn a_checker_path_replays_through_the_shard_loops_message_for_message() {
         capacity: 0,
         updates: false,
         txns: 0,
+        removals: 0,
+        storage_fenced: true,
     };
     let checker = m
         .clone()
@@ -107,6 +109,7 @@ fn a_checker_path_replays_through_the_shard_loops_message_for_message() {
             Action::Txn(_) | Action::TxnNext(_) => {
                 unreachable!("the replayed model has no transactions")
             }
+            Action::Remove(_) => unreachable!("the replayed model removes no client"),
             Action::Deliver(k) => {
                 let e = &w.net[*k];
                 match &e.payload {

@@ -51,6 +51,14 @@ pub struct ManagerBlock {
     /// The client that read the block last: the preferred source of the next read (the
     /// copy most likely still cached, and not the writer's node again and again).
     pub last_reader: Option<NodeId>,
+    /// Replies delegated and not yet known to have arrived: per receiving client, the
+    /// client asked to send it (a forward's holder, a handoff's evicting client) and the
+    /// sequence number reserved for it on the receiver's channel. If that client is
+    /// removed ([`ManagerShard::peer_removed`]) the manager has the receiver served again
+    /// at the same number (should the first reply come after all, the receiver drops it
+    /// as a duplicate). An entry goes when a later message shows the reply arrived (the
+    /// receiver's revoke acknowledgement or eviction, a grant to anyone).
+    pub delegated: BTreeMap<NodeId, (NodeId, u32)>,
 }
 
 impl ManagerBlock {
@@ -60,6 +68,7 @@ impl ManagerBlock {
             && self.writing.is_none()
             && self.queue.is_empty()
             && self.recirculated == 0
+            && self.delegated.is_empty()
     }
 }
 
@@ -154,6 +163,7 @@ impl ManagerShard {
                     });
                 }
                 b.cachers.remove(&from);
+                b.delegated.remove(&from);
                 if b.owner == Some(from) {
                     b.owner = None;
                 }
@@ -170,16 +180,9 @@ impl ManagerShard {
             Msg::ForwardFailed {
                 reader, reader_seq, ..
             } => {
-                self.counters.fetches += 1;
-                out.push(Output::Send {
-                    to: self.placement.storage(block),
-                    msg: Msg::Fetch {
-                        block,
-                        to: reader,
-                        seq: reader_seq,
-                        exclusive: false,
-                    },
-                });
+                // The holder has no copy (it restarted, or died and the driver answers for
+                // it).
+                self.serve_elsewhere(block, from, reader, reader_seq, out);
                 Ok(())
             }
             other => Err(ProtocolError::Unexpected {
@@ -211,6 +214,158 @@ impl ManagerShard {
             }
         }
         self.blocks.retain(|_, b| !b.is_empty());
+    }
+
+    /// Serve `reader` (its reply reserved at `reader_seq`) from a copy other than
+    /// `failed`'s. Another cacher's copy is current; storage may not be yet (the block's
+    /// last owner may still be writing it back, having forwarded it on), so storage serves
+    /// only when no other copy is left.
+    fn serve_elsewhere<D: Clone>(
+        &mut self,
+        block: BlockId,
+        failed: NodeId,
+        reader: NodeId,
+        reader_seq: u32,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let b = self.blocks.entry(block).or_default();
+        b.cachers.remove(&failed);
+        if b.last_reader == Some(failed) {
+            b.last_reader = None;
+        }
+        // Not a cacher that is itself waiting for a delegated reply (the chain could close
+        // into a cycle through the reader).
+        let source = b.cachers.iter().copied().find(|c| {
+            *c != reader && !b.delegated.contains_key(c) && b.owner.is_none_or(|o| o == *c)
+        });
+        match source {
+            Some(holder) => {
+                b.delegated.insert(reader, (holder, reader_seq));
+                self.counters.forwards += 1;
+                let seq = self.seq(holder, block);
+                out.push(Output::Send {
+                    to: holder,
+                    msg: Msg::Forward {
+                        block,
+                        seq,
+                        reader,
+                        reader_seq,
+                    },
+                });
+            }
+            None => {
+                b.delegated.remove(&reader);
+                self.counters.fetches += 1;
+                out.push(Output::Send {
+                    to: self.placement.storage(block),
+                    msg: Msg::Fetch {
+                        block,
+                        to: reader,
+                        seq: reader_seq,
+                        exclusive: false,
+                    },
+                });
+            }
+        }
+    }
+
+    /// A message of this manager could not reach client `to` (the peer is dead, or the
+    /// cluster removed it): answer for it where the protocol would otherwise wait forever.
+    /// A revoke counts as acknowledged (the copy died with the peer, or is fenced), a
+    /// forward as failed (another copy or storage serves the reader), and a handoff ordered
+    /// with an eviction grant comes from storage instead (the evicting client wrote the
+    /// block back before it asked, so storage holds the current copy). Other messages need
+    /// no answer.
+    pub fn undeliverable<D: Clone>(
+        &mut self,
+        to: NodeId,
+        msg: Msg<D>,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        match msg {
+            Msg::Revoke { block, .. } => self.receive(to, Msg::RevokeAck { block }, out),
+            Msg::Forward {
+                block,
+                reader,
+                reader_seq,
+                ..
+            } => self.receive(
+                to,
+                Msg::ForwardFailed {
+                    block,
+                    reader,
+                    reader_seq,
+                },
+                out,
+            ),
+            Msg::EvictGrant {
+                block,
+                handoff: Some((peer, seq)),
+                ..
+            } => {
+                self.counters.fetches += 1;
+                out.push(Output::Send {
+                    to: self.placement.storage(block),
+                    msg: Msg::Fetch {
+                        block,
+                        to: peer,
+                        seq,
+                        exclusive: false,
+                    },
+                });
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The cluster removed client `peer` (a committed membership change; its messages are
+    /// fenced from now on, [`Fence`]): every write waiting for its acknowledgement takes it
+    /// as given (whatever copy it holds can no longer be written back or served to a
+    /// writer), its queued requests are dropped, and it caches nothing any more. The driver
+    /// answers the messages still on their way to it as for a dead peer (a revoke as
+    /// acknowledged, a forward as failed).
+    pub fn peer_removed<D: Clone>(
+        &mut self,
+        peer: NodeId,
+        out: &mut Vec<Output<D>>,
+    ) -> Result<(), ProtocolError> {
+        let waiting: Vec<BlockId> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| {
+                b.writing
+                    .as_ref()
+                    .is_some_and(|w| w.waiting.contains(&peer))
+            })
+            .map(|(block, _)| *block)
+            .collect();
+        for b in self.blocks.values_mut() {
+            b.queue.retain(|(c, _)| *c != peer);
+        }
+        for block in waiting {
+            self.receive(peer, Msg::RevokeAck { block }, out)?;
+        }
+        self.peer_died(peer);
+        // Replies it was asked to send and may never send: served again.
+        let owed: Vec<(BlockId, NodeId, u32)> = self
+            .blocks
+            .iter()
+            .flat_map(|(block, b)| {
+                b.delegated
+                    .iter()
+                    .filter(|(to, (from, _))| *from == peer && **to != peer)
+                    .map(|(to, (_, seq))| (*block, *to, *seq))
+            })
+            .collect();
+        for (block, to, seq) in owed {
+            self.serve_elsewhere(block, peer, to, seq, out);
+        }
+        for b in self.blocks.values_mut() {
+            b.delegated.retain(|to, _| *to != peer);
+        }
+        self.blocks.retain(|_, b| !b.is_empty());
+        Ok(())
     }
 
     /// Client `peer` restarted with an empty cache: it holds no copy, its requests are
@@ -299,6 +454,7 @@ impl ManagerShard {
         b.cachers.insert(from);
         match source {
             Some(holder) => {
+                b.delegated.insert(from, (holder, reader_seq));
                 self.counters.forwards += 1;
                 let seq = self.seq(holder, block);
                 out.push(Output::Send {
@@ -377,6 +533,8 @@ impl ManagerShard {
     ) {
         let n_chance = self.config.n_chance;
         let b = self.blocks.entry(block).or_default();
+        // Evicting: whatever was delegated to it arrived.
+        b.delegated.remove(&from);
         let was_cacher = b.cachers.remove(&from);
         if b.owner == Some(from) {
             b.owner = None;
@@ -398,7 +556,13 @@ impl ManagerShard {
         }
         let handoff = handoff.map(|p| {
             self.counters.handoffs += 1;
-            (p, self.seq(p, block))
+            let seq = self.seq(p, block);
+            self.blocks
+                .entry(block)
+                .or_default()
+                .delegated
+                .insert(p, (from, seq));
+            (p, seq)
         });
         let seq = self.seq(from, block);
         out.push(Output::Send {
@@ -428,6 +592,8 @@ impl ManagerShard {
         b.cachers.clear();
         b.cachers.insert(writer);
         b.owner = Some(writer);
+        // Every other copy's holder acknowledged its revoke, after any reply delegated to it.
+        b.delegated.clear();
         if with_data {
             out.push(Output::Send {
                 to: writer,
@@ -466,6 +632,11 @@ impl ManagerShard {
             b.cachers = b.cachers.iter().map(|c| f(*c)).collect();
             b.owner = b.owner.map(f);
             b.last_reader = b.last_reader.map(f);
+            b.delegated = b
+                .delegated
+                .iter()
+                .map(|(to, (from, seq))| (f(*to), (f(*from), *seq)))
+                .collect();
             if let Some(w) = &mut b.writing {
                 w.writer = f(w.writer);
                 w.waiting = w.waiting.iter().map(|c| f(*c)).collect();

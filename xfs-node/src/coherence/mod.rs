@@ -49,11 +49,24 @@
 //!   client handles them as they arrive and queues what it is not ready for: the xFS
 //!   deadlock of Figure 2 (seed `000_…`, §3.3.2).
 //!
+//! * **Fencing** ([`Fence`]): every message carries its sender's membership epoch; the
+//!   manager and storage roles refuse a node the cluster removed, and an old incarnation's
+//!   messages, so a node that stalled cannot write its stale copy over a newer one. When
+//!   a client is removed the manager answers for it ([`ManagerShard::peer_removed`]):
+//!   writes waiting for its acknowledgement go on, and readers it was to serve (a forward,
+//!   a handoff: [`ManagerBlock::delegated`]) are served again from another copy or from
+//!   storage; a reply that comes twice is dropped by its sequence number.
+//! * **Undeliverable messages** ([`ManagerShard::undeliverable`]): a revoke counts as
+//!   acknowledged, a forward is served from another copy (storage only when no other copy
+//!   is left: a former owner may still be writing the block back), a handoff comes from
+//!   storage.
+//!
 //! Bounds: a client shard defers at most `clients + 2` messages per block (one per
 //! outstanding forward, a revoke, a grant); a channel holds at most [`MAX_HELD`]
 //! out-of-order messages; a manager queues at most one request per client per block.
 
 mod client;
+mod fence;
 mod manager;
 mod placement;
 mod storage;
@@ -62,6 +75,7 @@ mod tests;
 pub mod wire;
 
 pub use client::*;
+pub use fence::*;
 pub use manager::*;
 pub use placement::*;
 pub use storage::*;

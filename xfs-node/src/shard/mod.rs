@@ -904,34 +904,17 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     }
 
     /// A message to `to` could not be delivered (the AM layer declared the peer dead):
-    /// answer for it where the protocol would otherwise wait forever. A revoke counts as
-    /// acknowledged (the dead client's copy died with it), a forwarded read fails over to
-    /// storage, and the dead node is dropped from every cacher list of this manager. What
+    /// the manager answers for it where the protocol would otherwise wait forever
+    /// (`ManagerShard::undeliverable`: a revoke counts as acknowledged, a forwarded read is
+    /// served from another copy or storage, a handoff from storage), and the dead node is
+    /// dropped from every cacher list of this manager. What
     /// the dead node alone held (its dirty blocks, the files it managed) is gone until it
     /// restarts: requests for those fail at the caller's timeout.
     fn bounce(&mut self, to: NodeId, msg: Msg<D>) {
         self.counters.bounced += 1;
-        let answer = match msg {
-            Msg::Revoke { block, .. } => Some(Msg::RevokeAck { block }),
-            Msg::Forward {
-                block,
-                reader,
-                reader_seq,
-                ..
-            } => Some(Msg::ForwardFailed {
-                block,
-                reader,
-                reader_seq,
-            }),
-            _ => None,
-        };
-        if let Some(m) = answer {
-            self.pending.push_back(Delivery {
-                from: to,
-                to: self.node,
-                msg: m,
-            });
-        }
+        let r = self.manager.undeliverable(to, msg, &mut self.out);
+        self.note(r);
+        self.execute();
         // Forget its copies once per death, not once per bounced message (a walk over every
         // block this manager knows).
         if self.dead.insert(to) {

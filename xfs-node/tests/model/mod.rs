@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use stateright::{Model, Property};
 use xfs_node::coherence::{
-    BlockId, ClientShard, ManagerShard, MemStore, Mode, Msg, NodeId, Outcome, Output, Placement,
-    ProtocolConfig, Role, StorageShard, UserOp,
+    Admit, BlockId, ClientShard, Epoch, Fence, ManagerShard, MemStore, Mode, Msg, NodeId, Outcome,
+    Output, Placement, ProtocolConfig, Role, StorageShard, UserOp,
 };
 
 /// The manager's node id in the model.
@@ -52,6 +52,8 @@ pub(crate) struct Envelope {
     pub(crate) from: Addr,
     pub(crate) to: Addr,
     pub(crate) payload: Payload,
+    /// The sender's membership epoch (what the manager and storage roles fence by).
+    pub(crate) epoch: Epoch,
 }
 
 /// What went wrong (kept in the state; a property checks it stays `None`).
@@ -72,6 +74,13 @@ pub(crate) enum Violation {
         client: NodeId,
         first: u8,
         second: u8,
+    },
+    /// Storage took a write-back from a client the cluster had removed: a fenced node's
+    /// stale copy overwrote the block.
+    FencedWriteTaken {
+        client: NodeId,
+        block: BlockId,
+        value: u8,
     },
 }
 
@@ -98,6 +107,10 @@ pub(crate) struct World {
     /// holding it (the second is acquired once that block is idle here), 3 acquiring its
     /// second.
     pub(crate) txn: Vec<u8>,
+    /// The manager's and storage's view of the membership (both learn a removal at once).
+    pub(crate) fence: Fence,
+    /// Per client: whether the cluster removed it (it is not told: a stalled node).
+    pub(crate) removed: Vec<bool>,
 }
 
 /// A step of the model.
@@ -113,6 +126,10 @@ pub(crate) enum Action {
     Txn(NodeId),
     /// The transaction goes on to acquire its second block.
     TxnNext(NodeId),
+    /// The cluster removes the client (a committed membership change: a new epoch). The
+    /// manager and storage learn it at once; the client does not (it stalled, or is cut
+    /// off) and goes on with what it holds.
+    Remove(NodeId),
 }
 
 /// The model's bounds and variant.
@@ -132,6 +149,10 @@ pub(crate) struct CoherenceModel {
     /// Two-block transactions instead of plain writes (blocks 0 and 1): 0 none, 1 every
     /// client acquires in block order, 2 client 0 acquires in the reverse order.
     pub(crate) txns: u8,
+    /// How many clients the cluster may remove (0: membership never changes).
+    pub(crate) removals: u8,
+    /// Whether storage fences write-backs by epoch (`false`: the mutant without the check).
+    pub(crate) storage_fenced: bool,
 }
 
 impl CoherenceModel {
@@ -168,22 +189,47 @@ impl CoherenceModel {
                 .any(|e| e.from == w.net[i].from && e.to == w.net[i].to)
     }
 
+    /// The epoch `from` stamps its messages with: clients are never told of a change (a
+    /// removed one is stalled or cut off; the others need not know to be served).
+    fn epoch_of(w: &World, from: Addr) -> Epoch {
+        match from {
+            Addr::Manager | Addr::Storage => w.fence.epoch,
+            Addr::Client(_) | Addr::Kernel(_) => 0,
+        }
+    }
+
+    /// The manager's message to a removed client is not sent: it answers for it as for a
+    /// dead peer (`ManagerShard::undeliverable`).
+    fn bounce(&self, w: &mut World, to: NodeId, msg: Msg<u8>) {
+        let mut outs = Vec::new();
+        let r = w.manager.undeliverable(to, msg, &mut outs);
+        self.apply(w, Addr::Manager, outs);
+        note(w, r);
+    }
+
     /// Execute a state machine's outputs from `from`.
     fn apply(&self, w: &mut World, from: Addr, outs: Vec<Output<u8>>) {
         for o in outs {
             match o {
                 Output::Send { to, msg } => {
+                    if from == Addr::Manager && msg.role() == Role::Client && w.removed[to as usize]
+                    {
+                        self.bounce(w, to, msg);
+                        continue;
+                    }
                     let to = match msg.role() {
                         Role::Manager => Addr::Manager,
                         Role::Storage => Addr::Storage,
                         Role::Client => Addr::Client(to),
                     };
+                    let epoch = Self::epoch_of(w, from);
                     self.send(
                         w,
                         Envelope {
                             from,
                             to,
                             payload: Payload::Proto(msg),
+                            epoch,
                         },
                     );
                 }
@@ -197,6 +243,7 @@ impl CoherenceModel {
                             from,
                             to: Addr::Kernel(c),
                             payload: Payload::Invalidate(block),
+                            epoch: 0,
                         },
                     );
                 }
@@ -210,6 +257,43 @@ impl CoherenceModel {
         }
     }
 
+    /// The cluster removes client `c` in a new epoch: the manager and storage fence it, the
+    /// manager answers for it what it would have waited for (`peer_removed`, and the
+    /// bounce of its messages still on the way), and what `c` alone held dirty is lost:
+    /// the last write of those blocks is what storage holds (an un-fsynced write of a
+    /// removed node is lost, as a crashed node's; an fsynced one is in storage).
+    fn remove(&self, w: &mut World, c: NodeId) {
+        w.removed[c as usize] = true;
+        let epoch = w.fence.epoch + 1;
+        w.fence.removed(c, epoch);
+        for block in 0..w.last_write.len() as BlockId {
+            let held = w.clients[c as usize].blocks.get(&block).is_some_and(|b| {
+                (b.data.is_some() && matches!(b.mode, Mode::Private { .. })) || b.step.is_some()
+            });
+            if held {
+                w.last_write[block as usize] =
+                    w.storage.store.blocks.get(&block).copied().unwrap_or(0);
+            }
+        }
+        let mut to_c = Vec::new();
+        w.net.retain(|e| {
+            let bounced = e.from == Addr::Manager && e.to == Addr::Client(c);
+            if bounced {
+                to_c.push(e.payload.clone());
+            }
+            !bounced
+        });
+        for p in to_c {
+            if let Payload::Proto(m) = p {
+                self.bounce(w, c, m);
+            }
+        }
+        let mut outs = Vec::new();
+        let r = w.manager.peer_removed(c, &mut outs);
+        self.apply(w, Addr::Manager, outs);
+        note(w, r);
+    }
+
     /// The order client `c`'s transactions acquire blocks 0 and 1 in.
     fn txn_order(&self, c: NodeId) -> (BlockId, BlockId) {
         if self.txns == 2 && c == 0 {
@@ -220,6 +304,12 @@ impl CoherenceModel {
     }
 
     fn complete(&self, w: &mut World, c: NodeId, op: u64, block: BlockId, outcome: Outcome<u8>) {
+        if w.removed[c as usize] {
+            // A removed client's results are its own (it is fenced: what it writes is lost,
+            // as a crashed node's), and its transaction is over.
+            w.txn[c as usize] = 0;
+            return;
+        }
         match outcome {
             Outcome::Read(v) => {
                 check_read(w, c, block, v);
@@ -285,13 +375,17 @@ impl CoherenceModel {
 
     /// Whether anything is waiting: a user operation, a local step, a deferred or held
     /// message, a write at the manager or a queued request.
+    /// A removed client's waits are not counted: it is fenced.
     pub(crate) fn pending(w: &World) -> bool {
-        w.clients.iter().any(|c| {
-            c.blocks
-                .values()
-                .any(|b| b.op.is_some() || b.step.is_some() || !b.deferred.is_empty())
-                || c.channels.values().any(|ch| !ch.held.is_empty())
-        }) || w.txn.iter().any(|t| *t != 0)
+        let live = |i: usize| !w.removed[i];
+        w.clients.iter().enumerate().any(|(i, c)| {
+            live(i)
+                && (c
+                    .blocks
+                    .values()
+                    .any(|b| b.op.is_some() || b.step.is_some() || !b.deferred.is_empty())
+                    || c.channels.values().any(|ch| !ch.held.is_empty()))
+        }) || w.txn.iter().enumerate().any(|(i, t)| live(i) && *t != 0)
             || w.manager
                 .blocks
                 .values()
@@ -364,7 +458,9 @@ fn rename(w: &World, p: &[usize]) -> World {
     let mut kernels = w.kernels.clone();
     let mut budget = w.budget.clone();
     let mut txn = w.txn.clone();
+    let mut removed = w.removed.clone();
     for i in 0..n {
+        removed[p[i]] = w.removed[i];
         clients[p[i]] = w.clients[i].renamed(&f);
         kernels[p[i]] = w.kernels[i].clone();
         budget[p[i]] = w.budget[i];
@@ -380,6 +476,7 @@ fn rename(w: &World, p: &[usize]) -> World {
                 Payload::Proto(m) => Payload::Proto(m.renamed(&f)),
                 other => other.clone(),
             },
+            epoch: e.epoch,
         })
         .collect();
     // Same canonical order as `canonical_net` (ordered nets: stable within a pair).
@@ -400,6 +497,11 @@ fn rename(w: &World, p: &[usize]) -> World {
         violation: w.violation.clone(),
         ordered: w.ordered,
         txn,
+        fence: Fence {
+            epoch: w.fence.epoch,
+            nodes: w.fence.nodes.iter().map(|(n, m)| (f(*n), *m)).collect(),
+        },
+        removed,
     }
 }
 
@@ -424,6 +526,8 @@ impl Model for CoherenceModel {
             violation: None,
             ordered: self.ordered,
             txn: vec![0; self.clients],
+            fence: Fence::default(),
+            removed: vec![false; self.clients],
         }]
     }
 
@@ -434,6 +538,14 @@ impl Model for CoherenceModel {
         for i in 0..w.net.len() {
             if self.deliverable(w, i) {
                 actions.push(Action::Deliver(i));
+            }
+        }
+        let removed = w.removed.iter().filter(|r| **r).count();
+        if removed < self.removals as usize && removed + 1 < self.clients {
+            for c in 0..self.clients {
+                if !w.removed[c] {
+                    actions.push(Action::Remove(c as NodeId));
+                }
             }
         }
         for c in 0..self.clients {
@@ -495,6 +607,11 @@ impl Model for CoherenceModel {
                         let Addr::Client(from) = e.from else {
                             unreachable!("clients ask")
                         };
+                        if w.fence.admit(from, e.epoch) != Admit::Yes {
+                            // Fenced: dropped (a node counts it).
+                            Self::normalise(&mut w);
+                            return Some(w);
+                        }
                         let r = w.manager.receive(from, m, &mut outs);
                         self.apply(&mut w, Addr::Manager, std::mem::take(&mut outs));
                         r
@@ -504,6 +621,19 @@ impl Model for CoherenceModel {
                             Addr::Client(c) => c,
                             _ => MANAGER,
                         };
+                        if self.storage_fenced && w.fence.admit(from, e.epoch) != Admit::Yes {
+                            Self::normalise(&mut w);
+                            return Some(w);
+                        }
+                        if let (Addr::Client(c), Msg::WriteBack { block, data }) = (e.from, &m) {
+                            if w.removed[c as usize] && w.violation.is_none() {
+                                w.violation = Some(Violation::FencedWriteTaken {
+                                    client: c,
+                                    block: *block,
+                                    value: *data,
+                                });
+                            }
+                        }
                         let r = w.storage.receive(from, m, &mut outs);
                         self.apply(&mut w, Addr::Storage, std::mem::take(&mut outs));
                         r
@@ -526,6 +656,7 @@ impl Model for CoherenceModel {
                                 from: Addr::Kernel(c),
                                 to: Addr::Client(c),
                                 payload: Payload::Invalidated(block),
+                                epoch: 0,
                             },
                         );
                         Ok(())
@@ -570,8 +701,11 @@ impl Model for CoherenceModel {
             Action::KernelRead(c, block) => {
                 w.budget[c as usize] -= 1;
                 let v = w.kernels[c as usize][&block];
-                check_read(&mut w, c, block, v);
+                if !w.removed[c as usize] {
+                    check_read(&mut w, c, block, v);
+                }
             }
+            Action::Remove(c) => self.remove(&mut w, c),
         }
         Self::normalise(&mut w);
         Some(w)
@@ -664,6 +798,22 @@ fn properties<M: Model<State = World, Action = Action> + Base>() -> Vec<Property
                     .any(|b| b.pinned && b.deferred.iter().any(|m| matches!(m, Msg::Revoke { .. })))
             })
         }),
+        Property::sometimes(
+            "fence: a removed client's write-back on its way",
+            |_, w: &World| {
+                w.net.iter().any(|e| {
+                    matches!(e.from, Addr::Client(c) if w.removed[c as usize])
+                        && matches!(e.payload, Payload::Proto(Msg::WriteBack { .. }))
+                })
+            },
+        ),
+        Property::sometimes("fence: a survivor reads after a removal", |_, w: &World| {
+            w.removed.iter().any(|r| *r)
+                && w.net.iter().any(|e| {
+                    matches!(e.to, Addr::Client(c) if !w.removed[c as usize])
+                        && matches!(e.payload, Payload::Proto(Msg::Data { .. }))
+                })
+        }),
         Property::sometimes("a revoke", |_, w: &World| {
             w.net
                 .iter()
@@ -732,15 +882,17 @@ pub(crate) fn one_writer_or_readers(w: &World) -> bool {
     // A copy whose eviction was asked for (`EvictReq` sent: written back, the kernel's
     // pages dropped, the block busy with the eviction) is dead: the client serves nothing
     // from it and the manager no longer counts it, whatever its mode until `EvictGrant`.
+    // A removed client is fenced: whatever it holds, the cluster no longer counts it.
     let live = |i: usize, block: &BlockId, private: bool| {
-        w.clients[i].blocks.get(block).is_some_and(|b| {
-            b.data.is_some()
-                && (!private || matches!(b.mode, Mode::Private { .. }))
-                && !matches!(
-                    b.op,
-                    Some(xfs_node::coherence::PendingOp::Evict { asked: true, .. })
-                )
-        })
+        !w.removed[i]
+            && w.clients[i].blocks.get(block).is_some_and(|b| {
+                b.data.is_some()
+                    && (!private || matches!(b.mode, Mode::Private { .. }))
+                    && !matches!(
+                        b.op,
+                        Some(xfs_node::coherence::PendingOp::Evict { asked: true, .. })
+                    )
+            })
     };
     let reader = |i: usize, block: &BlockId| live(i, block, false);
     let blocks: Vec<BlockId> = (0..w.last_write.len() as BlockId).collect();
@@ -752,7 +904,7 @@ pub(crate) fn one_writer_or_readers(w: &World) -> bool {
             [] => true,
             [p] => (0..w.clients.len())
                 .filter(|i| i != p)
-                .all(|i| !reader(i, block) && !w.kernels[i].contains_key(block)),
+                .all(|i| w.removed[i] || (!reader(i, block) && !w.kernels[i].contains_key(block))),
             _ => false,
         }
     })

@@ -51,6 +51,10 @@ pub struct ClientCounters {
     pub revokes_held: u64,
     /// Evictions started because the cache was full.
     pub capacity_evictions: u64,
+    /// Second replies at a sequence number already served or held: a delegated reply the
+    /// manager had served again when its sender was removed, and the first one came after
+    /// all (dropped).
+    pub duplicate_replies: u64,
 }
 
 /// The client side of one shard: every block of the shard this client touches.
@@ -415,6 +419,12 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                         // Ahead of `next` (modulo 2^32: the numbers wrap) is early and held;
                         // behind it is a duplicate.
                         let early = seq.wrapping_sub(ch.next) < 1 << 31;
+                        if matches!(m, Msg::Data { .. } | Msg::Handoff { .. })
+                            && (!early || ch.held.contains_key(&seq))
+                        {
+                            self.counters.duplicate_replies += 1;
+                            return Ok(());
+                        }
                         if !early || ch.held.len() >= MAX_HELD || ch.held.contains_key(&seq) {
                             return Err(ProtocolError::BadSequence {
                                 from,
@@ -512,7 +522,17 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let storage = self.placement.storage(block);
         let b = self.blocks.entry(block).or_default();
         let had = b.data.is_some();
-        let handoff = matches!(m, Msg::Handoff { .. });
+        // Data at a sequence number reserved while no read waits for it: the handoff of an
+        // evicting client that died, served by storage instead
+        // ([`ManagerShard::undeliverable`]).
+        let stray_data = matches!(
+            m,
+            Msg::Data {
+                exclusive: false,
+                ..
+            }
+        ) && !matches!(b.op, Some(PendingOp::Read(_)));
+        let handoff = matches!(m, Msg::Handoff { .. }) || stray_data;
         let busy = b.op.is_some();
         let unexpected = ProtocolError::Unexpected {
             block,
@@ -533,6 +553,10 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             }
             Msg::Grant { .. } => b.granted(block, out),
             Msg::EvictGrant { handoff, .. } => b.evict_granted(block, handoff, counters, out),
+            Msg::Data { data, .. } if stray_data => {
+                b.handed_off(data, counters);
+                true
+            }
             Msg::Data {
                 data, exclusive, ..
             } => b.data_arrived(block, data, exclusive, out),
