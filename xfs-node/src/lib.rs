@@ -15,6 +15,7 @@
 
 pub mod coherence;
 pub mod fs;
+pub mod membership;
 pub mod node;
 pub mod os;
 pub mod shard;
