@@ -21,7 +21,7 @@ use xfs_node::node::control::{Control, Request, Response};
 use xfs_node::node::Node;
 
 use cli::local_cluster::{down, mount_node, up, HostedMount, MountVia};
-use cli::status::print_status;
+use cli::status::{print_members, print_status};
 
 #[derive(Parser)]
 #[command(
@@ -216,6 +216,33 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Show the membership: epoch, leader, voters, every member with its incarnation and
+    /// state, the map versions (as node NODE applied them).
+    Members {
+        #[command(flatten)]
+        at: Where,
+        /// The node to ask.
+        #[arg(long, default_value_t = 1)]
+        node: u16,
+    },
+    /// Take node NODE out of the cluster through the membership log: it is fenced (its
+    /// un-fsynced writes are lost, as a crashed node's) and stays out until `join`.
+    Leave {
+        #[command(flatten)]
+        at: Where,
+        /// The node that leaves.
+        node: u16,
+        /// The node to propose it through (any member).
+        #[arg(long, default_value_t = 1)]
+        via: u16,
+    },
+    /// Bring node NODE (running, after `leave`) back into the cluster as a new incarnation.
+    Join {
+        #[command(flatten)]
+        at: Where,
+        /// The node that joins.
+        node: u16,
+    },
     /// Create a directory in the cluster.
     Mkdir {
         #[command(flatten)]
@@ -341,6 +368,23 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Fsck { at, node, repair } => fsck(&at.load()?, node, repair),
         Cmd::Mkdir { at, node, path } => {
             call(&at.load()?, node, &Request::Mkdir { path }).map(drop)
+        }
+        Cmd::Members { at, node } => print_members(&at.load()?, node),
+        Cmd::Leave { at, node, via } => {
+            let change = xfs_node::membership::Change::Leave { node };
+            call(&at.load()?, via, &Request::Propose(change)).map(drop)?;
+            println!("proposed: node {node} leaves (see `xfs-node members`)");
+            Ok(())
+        }
+        Cmd::Join { at, node } => {
+            // The node proposes its own join, as a new incarnation.
+            let change = xfs_node::membership::Change::Join {
+                node,
+                incarnation: 0,
+            };
+            call(&at.load()?, node, &Request::Propose(change)).map(drop)?;
+            println!("node {node} asks to join (see `xfs-node members`)");
+            Ok(())
         }
     }
 }

@@ -49,6 +49,30 @@ pub(crate) fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
         map.version,
         map.entries.len()
     );
+    if let Some(m) = statuses
+        .iter()
+        .map(|s| &s.membership)
+        .filter(|m| m.enabled)
+        .max_by_key(|m| m.epoch)
+    {
+        let out: Vec<String> = m
+            .members
+            .iter()
+            .filter(|(_, _, st, _)| st != "active")
+            .map(|(n, _, st, _)| format!("{n} ({st})"))
+            .collect();
+        println!(
+            "membership: epoch {}, leader {}, voters {:?}{}",
+            m.epoch,
+            m.leader.map_or("none known".to_string(), |l| l.to_string()),
+            m.voters,
+            if out.is_empty() {
+                String::new()
+            } else {
+                format!(", not members: {}", out.join(", "))
+            }
+        );
+    }
     for g in &cfg.stripe_groups {
         print_group(g, &statuses, &down_nodes);
     }
@@ -186,4 +210,45 @@ fn print_cleaner(leader: u16, s: &CleanerStatus) {
             format!("; last error: {}", s.last_error)
         }
     );
+}
+
+/// `xfs-node members`: the membership as node `node` applied it.
+pub(crate) fn print_members(cfg: &Config, node: u16) -> Result<(), String> {
+    let s = status_of(cfg, node)?;
+    let m = &s.membership;
+    if !m.enabled {
+        println!("node {node}: no membership log ([cluster] membership = false)");
+        return Ok(());
+    }
+    println!(
+        "epoch {} (as node {node} applied it), term {}, leader {}, voters {:?}",
+        m.epoch,
+        m.term,
+        m.leader.map_or("none known".to_string(), |l| l.to_string()),
+        m.voters
+    );
+    println!(
+        "manager map changed in epoch {}, stripe groups in epoch {}",
+        m.managers_epoch, m.stripe_groups_epoch
+    );
+    println!(
+        "{:<5} {:<8} {:>6} {:>22}",
+        "node", "state", "since", "incarnation"
+    );
+    for (n, inc, state, since) in &m.members {
+        println!("{n:<5} {state:<8} {since:>6} {inc:>22}");
+    }
+    let failed: Vec<String> = m
+        .members
+        .iter()
+        .filter(|(_, _, st, _)| st != "active")
+        .map(|(n, _, st, _)| format!("{n} ({st})"))
+        .collect();
+    if !failed.is_empty() {
+        println!("not members: {}", failed.join(", "));
+    }
+    if !m.last_error.is_empty() {
+        println!("last error: {}", m.last_error);
+    }
+    Ok(())
 }

@@ -6,6 +6,8 @@
 //! * [`consensus`]: the log those changes go through, TiKV's `raft-rs` driven sans-IO
 //!   ([`Consensus`]): ticks, peers' messages and proposals in; what to persist, what to
 //!   send and what was applied out.
+//! * [`run`]: the membership loop, the thread that drives the log over the node's own
+//!   endpoint, keeps it on disk, proposes joins and failures, and tells the shard loops.
 //!
 //! Why `raft-rs` and not `openraft`: `raft-rs` has no runtime of its own (tick, step,
 //! ready), so it fits the node's single-threaded, sans-IO loops and the seeded
@@ -16,6 +18,8 @@
 
 pub mod consensus;
 pub mod map;
+pub mod run;
 
 pub use consensus::*;
 pub use map::*;
+pub use run::{MembershipStatus, MembershipUpdate};

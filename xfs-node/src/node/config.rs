@@ -10,15 +10,22 @@
 //! hand_off_written = true # ...of copies only written there too (false: only read ones)
 //! cache_blocks = 16384   # blocks each shard caches (4 KiB each)
 //! write_back_secs = 30   # a file written and not fsynced is made durable within this
+//! voters = [1, 2, 3]     # the membership log's voters (default: the first 3 nodes, or 5
+//!                        # of 5 or more); the other nodes follow it as learners
+//! membership = true      # false: no membership log, no fencing (a peer that stops
+//!                        # answering is taken as dead by each node alone)
 //!
 //! [[nodes]]
 //! id = 1
 //! host = "127.0.0.1"
-//! port = 7100            # shard s listens on port + s, the storage server on port + shards
+//! port = 7100            # shard s listens on port + s, the storage server on port + shards,
+//!                        # the membership log on port + shards + 1
 //! roles = ["client", "manager", "storage"]
 //! storage = "/var/lib/xfs/node1.img"   # a file (created) or a block device
 //! storage_bytes = 268435456            # size of a created file
 //! control = "/run/xfs/node1.sock"      # the CLI's socket
+//! # membership = "/var/lib/xfs/node1.membership"  # its copy of the membership log
+//! #                      (default: beside the control socket)
 //!
 //! [manager_map]
 //! version = 1
@@ -44,6 +51,12 @@ use crate::storage::log::{StripeGroup, StripeGroupError, StripeGroupMap};
 /// [`Config::parse`], [`Config::validate`]); each names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `voters = []`.
+    #[error("[cluster] voters is empty: name 3 or 5 nodes (or leave it out for the first 3)")]
+    NoVoters,
+    /// A voter that is not a node.
+    #[error("[cluster] voters names node {0}, which is not in [[nodes]]")]
+    UnknownVoter(NodeId),
     /// `--data DIR` names a directory without a cluster.
     #[error(
         "{} has no cluster.toml: start a cluster there with `xfs-node up --data {}`",
@@ -178,6 +191,16 @@ pub struct ClusterSection {
     /// is about 30 s for a local file system).
     #[serde(default = "default_write_back_secs")]
     pub write_back_secs: u64,
+    /// The membership log's voters (`None`: the first 3 nodes, or 5 of 5 or more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voters: Option<Vec<NodeId>>,
+    /// Whether the nodes keep a membership log and fence removed nodes (default true).
+    #[serde(default = "default_membership")]
+    pub membership: bool,
+}
+
+fn default_membership() -> bool {
+    true
 }
 
 fn default_write_back_secs() -> u64 {
@@ -241,6 +264,10 @@ pub struct NodeSection {
     pub storage_bytes: Option<u64>,
     /// The control socket.
     pub control: PathBuf,
+    /// This node's copy of the membership log (default: `node<id>.membership` beside the
+    /// control socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<PathBuf>,
 }
 
 impl NodeSection {
@@ -255,6 +282,19 @@ impl NodeSection {
     /// The storage server's address.
     pub fn storage_addr(&self, shards: usize) -> SocketAddr {
         SocketAddr::new(self.host, self.port + shards as u16)
+    }
+    /// The membership log's address.
+    pub fn membership_addr(&self, shards: usize) -> SocketAddr {
+        SocketAddr::new(self.host, self.port + shards as u16 + 1)
+    }
+    /// Where this node keeps its copy of the membership log.
+    pub fn membership_file(&self) -> PathBuf {
+        self.membership.clone().unwrap_or_else(|| {
+            self.control
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(format!("node{}.membership", self.id))
+        })
     }
 }
 
@@ -375,13 +415,20 @@ impl Config {
             if n.has("storage") && n.storage.is_none() {
                 return Err(ConfigError::NoStorage(n.id));
             }
-            if n.port as usize + c.shards > 65535 {
+            if n.port as usize + c.shards + 1 > 65535 {
                 return Err(ConfigError::Port {
                     node: n.id,
                     port: n.port,
                     shards: c.shards,
                 });
             }
+        }
+        let voters = self.voters();
+        if voters.is_empty() {
+            return Err(ConfigError::NoVoters);
+        }
+        if let Some(v) = voters.iter().find(|v| !ids.contains(v)) {
+            return Err(ConfigError::UnknownVoter(*v));
         }
         let map = self.manager_map();
         map.validate(&ids)?;
@@ -406,6 +453,19 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The membership log's voters: as configured, else the first 3 nodes (5 of 5 or more;
+    /// all of fewer than 3).
+    pub fn voters(&self) -> Vec<NodeId> {
+        if let Some(v) = &self.cluster.voters {
+            return v.clone();
+        }
+        let mut ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        let n = if ids.len() >= 5 { 5 } else { ids.len().min(3) };
+        ids.truncate(n);
+        ids
     }
 
     /// Node `id`.
@@ -469,6 +529,8 @@ impl Config {
                 cache_blocks: 16384,
                 fragment_bytes: 64 * 1024,
                 write_back_secs: default_write_back_secs(),
+                voters: None,
+                membership: true,
             },
             nodes: ids
                 .iter()
@@ -480,6 +542,7 @@ impl Config {
                     storage: Some(data.join(format!("node{id}.img"))),
                     storage_bytes: Some(storage_bytes),
                     control: data.join(format!("node{id}.sock")),
+                    membership: None,
                 })
                 .collect(),
             manager_map: MapSection {

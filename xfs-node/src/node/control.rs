@@ -78,6 +78,9 @@ pub enum Request {
     Checkpoint,
     /// Exit (after `Flush` and `Checkpoint` on every node: `xfs-node down`).
     Shutdown,
+    /// Propose a membership change to the cluster's log (`xfs-node join`, `leave`);
+    /// answered once proposed, applied once committed.
+    Propose(crate::membership::Change),
     /// The FUSE front attaches: from now on the node asks it, on this connection, to drop
     /// the kernel's cached pages, attributes and names of blocks this node's client loses
     /// ([`Response::Invalidate`]), and it answers each with [`Request::KernelDone`]; the
@@ -248,6 +251,8 @@ pub struct NodeStatus {
     pub shards: usize,
     /// Named counters (coherence, log, storage).
     pub counters: Vec<(String, u64)>,
+    /// The membership: epoch, leader, voters, members, map versions.
+    pub membership: crate::membership::MembershipStatus,
     /// Storage servers this node's log has marked down.
     pub servers_down: Vec<u16>,
     /// Storage: slots in use and total on this node's server.

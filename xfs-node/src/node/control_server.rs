@@ -196,6 +196,13 @@ impl Node {
             },
             Request::Checkpoint => self.checkpoint(),
             Request::Shutdown => Response::Ok,
+            Request::Propose(change) => match self.propose(change) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Err {
+                    errno: libc::EAGAIN,
+                    message,
+                },
+            },
             Request::Mount {
                 dir,
                 allow_other,

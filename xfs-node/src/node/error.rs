@@ -15,6 +15,14 @@ use crate::storage::fragment::StoreError;
 /// Why a node did not start, or did not become ready.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The membership log on disk could not be read or does not parse.
+    #[error("the membership log {}: {why}", path.display())]
+    Membership {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong (and what to do).
+        why: String,
+    },
     /// The node is not in the configuration.
     #[error("node {0} is not in the config's [[nodes]]")]
     NotInConfig(NodeId),

@@ -107,6 +107,18 @@ pub struct Node {
     /// What mounts the file system in this process ([`Request::Mount`]), when the process
     /// can ([`Node::set_mounter`]).
     mounter: std::sync::OnceLock<Mounter>,
+    /// The membership loop's handles (`None`: `[cluster] membership = false`).
+    membership: Option<MembershipHandle>,
+}
+
+/// What the node keeps of its membership loop.
+pub(crate) struct MembershipHandle {
+    /// Changes asked for on the control socket.
+    pub(crate) requests: mpsc::SyncSender<crate::membership::run::ChangeRequest>,
+    /// Its status, published each turn.
+    pub(crate) status: Arc<Mutex<crate::membership::MembershipStatus>>,
+    /// Whether this node's incarnation is a member.
+    pub(crate) joined: Arc<AtomicBool>,
 }
 
 /// Mounts the file system at a directory in the node's process and returns once mounted,
@@ -131,9 +143,37 @@ impl Node {
         self.mounter.set(mounter).is_ok()
     }
 
-    /// Whether the log is recovered (and, on the root's manager, the root exists).
+    /// Whether the log is recovered (and, on the root's manager, the root exists), and,
+    /// with a membership log, this node's incarnation is a member.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+            && self
+                .membership
+                .as_ref()
+                .is_none_or(|m| m.joined.load(Ordering::Relaxed))
+    }
+
+    /// The membership as this node applied it (`enabled: false` without a membership log).
+    pub fn membership(&self) -> crate::membership::MembershipStatus {
+        self.membership
+            .as_ref()
+            .map(|m| lock(&m.status).clone())
+            .unwrap_or_default()
+    }
+
+    /// Propose a membership change (`xfs-node join`, `leave`); it takes effect once the
+    /// cluster commits it.
+    pub fn propose(&self, change: crate::membership::Change) -> Result<(), String> {
+        let m = self
+            .membership
+            .as_ref()
+            .ok_or("this cluster keeps no membership log ([cluster] membership = false)")?;
+        let (tx, rx) = mpsc::channel();
+        m.requests
+            .try_send((change, tx))
+            .map_err(|_| "the membership loop is busy or stopped: try again".to_string())?;
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "the membership loop did not answer within 5 s".to_string())?
     }
 
     /// Wait for the log, then create the root if this node manages it and it is missing.
@@ -186,6 +226,7 @@ impl Node {
             storage_used_bytes: (st.blocks - st.bfree.min(st.blocks)) * st.bsize,
             storage_total_bytes: st.blocks * st.bsize,
             last_error: None,
+            membership: self.membership(),
             counters,
             cleaners: lock(&self.cleaners)
                 .iter()

@@ -156,8 +156,31 @@ impl Node {
             threads.push(spawn_storage_server(&config, &me, &mk, &shared)?);
         }
         let (command_tx, command_rx) = mpsc::sync_channel::<StoreCommand>(64);
-        let (senders, wake) =
-            spawn_shard_loops(&config, &me, &mk, &shared, &command_tx, &mut threads)?;
+        // Peers the shard loops find unreachable, for the membership loop to propose.
+        let (suspect_tx, suspect_rx) = mpsc::sync_channel::<NodeId>(SUSPECT_QUEUE);
+        let suspects = config.cluster.membership.then_some(suspect_tx);
+        let (senders, wake) = spawn_shard_loops(
+            &config,
+            &me,
+            &mk,
+            &shared,
+            &command_tx,
+            suspects,
+            &mut threads,
+        )?;
+        let membership = if config.cluster.membership {
+            Some(spawn_membership(
+                &config,
+                &me,
+                &mk,
+                &shared,
+                (&senders, &wake),
+                suspect_rx,
+                &mut threads,
+            )?)
+        } else {
+            None
+        };
         threads.push(spawn_command_thread(
             id,
             senders[0].clone(),
@@ -190,8 +213,137 @@ impl Node {
             socket_fs_requests: AtomicU64::new(0),
             log_check: log_check(shared.log),
             mounter: std::sync::OnceLock::new(),
+            membership,
         })
     }
+}
+
+/// Suspects the shard loops may have queued for the membership loop.
+const SUSPECT_QUEUE: usize = 256;
+/// Changes asked for on the control socket and not yet proposed.
+const CHANGE_QUEUE: usize = 16;
+
+/// The membership loop (see [`crate::membership::run`]): its endpoint on its own virtual
+/// network, its log from the node's disk, its way into every shard loop.
+fn spawn_membership<M: MakeTransport>(
+    config: &Config,
+    me: &NodeSection,
+    mk: &M,
+    shared: &Shared<M::T>,
+    (senders, wake): (&[SyncSender<Cmd>], &[Wake]),
+    suspects: Receiver<NodeId>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<MembershipHandle, StartError> {
+    use crate::membership::run::{self as mrun, MembershipLoop, MEMBERSHIP_VNET};
+    use crate::membership::{ClusterMap, Consensus, ConsensusConfig, MembershipUpdate};
+    let shards = config.cluster.shards;
+    let addr = me.membership_addr(shards);
+    let t = mk.bind(addr).map_err(|e| StartError::Bind {
+        what: "membership endpoint",
+        addr,
+        source: Box::new(e),
+    })?;
+    let mut endpoint = Endpoint::new(
+        t,
+        am_core::Config {
+            tag: Tag(config.tag()),
+            vnet: MEMBERSHIP_VNET,
+            segment_bytes: 1 << 16,
+            ..am_core::Config::default()
+        },
+    );
+    let peers: BTreeMap<NodeId, EndpointName> = config
+        .nodes
+        .iter()
+        .filter(|n| n.id != me.id)
+        .map(|n| {
+            (
+                n.id,
+                EndpointName {
+                    addr: n.membership_addr(shards),
+                    vnet: MEMBERSHIP_VNET,
+                },
+            )
+        })
+        .collect();
+    mrun::connect_peers(&mut endpoint, &peers, config.tag()).map_err(|source| {
+        StartError::Shard {
+            shard: usize::MAX,
+            source,
+        }
+    })?;
+    let ids: Vec<NodeId> = config.nodes.iter().map(|n| n.id).collect();
+    let voters = config.voters();
+    let initial = ClusterMap::new(
+        &ids,
+        config.manager_map.entries.clone(),
+        config
+            .stripe_group_map()
+            .groups
+            .iter()
+            .map(|g| g.servers.clone())
+            .collect(),
+    );
+    let file = me.membership_file();
+    let saved = mrun::load(&file).map_err(|source| StartError::Membership {
+        path: file.clone(),
+        why: source.to_string(),
+    })?;
+    let consensus = Consensus::new(
+        ConsensusConfig {
+            me: me.id,
+            voters: voters.clone(),
+            learners: ids
+                .iter()
+                .copied()
+                .filter(|n| !voters.contains(n))
+                .collect(),
+            initial,
+            seed: mrun::next_incarnation(&ClusterMap::new(&[], vec![], vec![]), me.id),
+        },
+        saved.as_deref(),
+    )
+    .map_err(|e| StartError::Membership {
+        path: file.clone(),
+        why: e.to_string(),
+    })?;
+    let incarnation = mrun::next_incarnation(consensus.map(), me.id);
+    let (requests_tx, requests_rx) = mpsc::sync_channel(CHANGE_QUEUE);
+    let status = Arc::new(Mutex::new(Default::default()));
+    let joined = Arc::new(AtomicBool::new(false));
+    let shard_links: Vec<Box<dyn Fn(MembershipUpdate) -> bool + Send>> = senders
+        .iter()
+        .zip(wake)
+        .map(|(tx, w)| {
+            let (tx, w) = (tx.clone(), w.clone());
+            Box::new(move |u: MembershipUpdate| {
+                // A membership change must reach every shard: wait for room.
+                let ok = tx.send(Cmd::Membership(u)).is_ok();
+                w.notify();
+                ok
+            }) as Box<dyn Fn(MembershipUpdate) -> bool + Send>
+        })
+        .collect();
+    let ml = MembershipLoop {
+        endpoint,
+        consensus,
+        file,
+        incarnation,
+        peers,
+        shards: shard_links,
+        suspects,
+        requests: requests_rx,
+        status: status.clone(),
+        joined: joined.clone(),
+        stop: shared.stop.clone(),
+        left: false,
+    };
+    threads.push(spawn_named("membership", move || ml.run()));
+    Ok(MembershipHandle {
+        requests: requests_tx,
+        status,
+        joined,
+    })
 }
 
 /// A store command for the command thread: from which node, its operation, the request.
@@ -334,6 +486,7 @@ fn spawn_shard_loops<M: MakeTransport>(
     mk: &M,
     shared: &Shared<M::T>,
     command_tx: &SyncSender<StoreCommand>,
+    suspects: Option<SyncSender<NodeId>>,
     threads: &mut Vec<JoinHandle<()>>,
 ) -> Result<(Vec<SyncSender<Cmd>>, Vec<Wake>), StartError> {
     let placement = Placement {
@@ -380,8 +533,9 @@ fn spawn_shard_loops<M: MakeTransport>(
         let ml = shared.mount.clone();
         // Shard 0 hands store commands (the cleaner's) to the command thread.
         let cmds = (s == 0).then(|| command_tx.clone());
+        let sus = suspects.clone();
         threads.push(spawn_named(&format!("shard-{s}"), move || {
-            shard_loop(shard, rx, st, ml, cmds, link)
+            shard_loop(shard, rx, st, ml, cmds, link, sus)
         }));
     }
     let actor = LogActor::new(shared.log.clone(), shared.log_full.clone());

@@ -37,9 +37,14 @@ use crate::lock;
 use am_core::{AmError, Endpoint, EndpointName, Msg as AmMsg, Tag, Transport, TransportError};
 
 use crate::coherence::{
-    mix, BlockId, BlockStore, ClientShard, ManagerShard, Msg, NodeId, OpId, Outcome, Output,
-    Placement, ProtocolConfig, ProtocolError, Role, StorageShard, SyncError, UserOp,
+    mix, Admit, BlockId, BlockStore, ClientShard, Epoch, Fence, ManagerShard, Msg, NodeId, OpId,
+    Outcome, Output, Placement, ProtocolConfig, ProtocolError, Role, StorageShard, SyncError,
+    UserOp,
 };
+
+/// Messages a shard keeps until its node has applied the newer epoch they were sent in;
+/// beyond this, the newest are dropped (counted in [`ShardCounters::fenced`]).
+pub const MAX_HELD_FOR_EPOCH: usize = 65_536;
 
 /// The AM handler index of coherence messages.
 pub const COHERENCE_HANDLER: u16 = 1;
@@ -113,6 +118,9 @@ pub enum CommandError {
     /// Too many commands are queued for the command thread.
     #[error("busy: too many commands queued")]
     Busy,
+    /// This node was removed from the cluster while the command waited.
+    #[error("this node was removed from the cluster (fenced); it rejoins as a new incarnation")]
+    Fenced,
     /// The node's command thread has stopped.
     #[error("the command thread has stopped")]
     CommandThreadStopped,
@@ -176,6 +184,15 @@ pub struct ShardCounters {
     /// Reads served from a copy while the kernel was dropping it (each makes the kernel
     /// invalidation go round once more).
     pub reads_during_invalidation: u64,
+    /// Messages refused by the fence: from a node the cluster removed, from an older
+    /// incarnation, or more than [`MAX_HELD_FOR_EPOCH`] waiting for a newer epoch.
+    pub fenced: u64,
+    /// Messages kept until this node applied the newer epoch they were sent in.
+    pub held_for_epoch: u64,
+    /// Messages to a node the cluster removed, answered for it and never sent.
+    pub answered_for_removed: u64,
+    /// Times this node found itself removed by the cluster and dropped its state.
+    pub fenced_self: u64,
 }
 
 /// One delivered protocol message, as the trace records it.
@@ -200,7 +217,7 @@ pub struct Completion<D> {
     pub outcome: Outcome<D>,
 }
 
-type Inbox<D> = Arc<Mutex<VecDeque<(EndpointName, Msg<D>)>>>;
+type Inbox<D> = Arc<Mutex<VecDeque<(EndpointName, Msg<D>, Epoch)>>>;
 type SyncInbox = Arc<Mutex<VecDeque<(EndpointName, [u64; 3], Vec<u8>)>>>;
 type Bounced = Arc<Mutex<VecDeque<(EndpointName, Vec<u64>, Vec<u8>)>>>;
 
@@ -266,6 +283,23 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     store_outstanding: usize,
     last_error: Option<ProtocolError>,
     counters: ShardCounters,
+    /// The membership as this node last applied it: what incoming messages are checked by,
+    /// and whose epoch outgoing ones are stamped with.
+    fence: Fence,
+    /// Messages sent in an epoch this node has not applied yet.
+    held_for_epoch: VecDeque<(NodeId, Msg<D>, Epoch)>,
+    /// When true (a node with a membership log), a message the AM layer could not deliver
+    /// does not decide the peer dead: the peer becomes a suspect (for the membership loop
+    /// to propose its removal, [`Shard::take_suspects`]) and the message waits until the
+    /// cluster removed it ([`Shard::set_membership`]). When false, the peer is taken as
+    /// dead at once (the block-level simulation, clusters without a membership log).
+    pub fenced_failures: bool,
+    suspects: Vec<NodeId>,
+    /// Messages to suspects, answered for them once the cluster removed them.
+    suspended: Vec<(NodeId, Msg<D>)>,
+    /// Blocks whose kernel pages were dropped because this node was removed: their
+    /// invalidations complete with no state machine waiting for them.
+    forgotten: std::collections::BTreeSet<BlockId>,
 }
 
 /// How a shard is set up.
@@ -290,8 +324,13 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         let bad = Arc::new(Mutex::new(0u64));
         let (i, b) = (inbox.clone(), bad.clone());
         endpoint.register(COHERENCE_HANDLER, move |_, m| {
-            match decode::<D>(m.args, m.payload) {
-                Some(msg) => lock(&i).push_back((m.source, msg)),
+            // `[kind, block, a, b, epoch]` (a peer without an epoch sends four: epoch 0).
+            let (args, epoch) = match m.args {
+                [a @ .., e] if m.args.len() == 5 => (a, *e),
+                a => (a, 0),
+            };
+            match decode::<D>(args, m.payload) {
+                Some(msg) => lock(&i).push_back((m.source, msg, epoch)),
                 None => *lock(&b) += 1,
             }
         })?;
@@ -347,6 +386,12 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             store_outstanding: 0,
             last_error: None,
             counters: ShardCounters::default(),
+            fence: Fence::default(),
+            held_for_epoch: VecDeque::new(),
+            fenced_failures: false,
+            suspects: Vec::new(),
+            suspended: Vec::new(),
+            forgotten: Default::default(),
         })
     }
 
@@ -676,20 +721,120 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
 
     fn collect_inbox(&mut self) {
         let mut inbox = lock(&self.inbox);
-        while let Some((name, msg)) = inbox.pop_front() {
+        while let Some((name, msg, epoch)) = inbox.pop_front() {
             match self.names.get(&(name.addr, name.vnet)).copied() {
-                Some(from) => {
-                    // Heard from: alive (again).
-                    self.dead.remove(&from);
-                    self.pending.push_back(Delivery {
-                        from,
-                        to: self.node,
-                        msg,
-                    })
-                }
+                Some(from) => match self.fence.admit(from, epoch) {
+                    Admit::Yes => {
+                        // Heard from: alive (again).
+                        self.dead.remove(&from);
+                        self.pending.push_back(Delivery {
+                            from,
+                            to: self.node,
+                            msg,
+                        })
+                    }
+                    Admit::Refused => self.counters.fenced += 1,
+                    Admit::Later { .. } if self.held_for_epoch.len() >= MAX_HELD_FOR_EPOCH => {
+                        self.counters.fenced += 1
+                    }
+                    Admit::Later { .. } => {
+                        self.counters.held_for_epoch += 1;
+                        self.held_for_epoch.push_back((from, msg, epoch));
+                    }
+                },
                 None => self.counters.bad_messages += 1,
             }
         }
+    }
+
+    /// The membership this node applied (in order): `fence` as of its newest epoch, the
+    /// peers removed by the changes applied since the last call, and the peers that joined
+    /// again as new incarnations. A removed peer's suspended messages are answered for it
+    /// and the manager lets go of it ([`ManagerShard::peer_removed`]); a rejoined one
+    /// starts afresh ([`Shard::peer_restarted`]); messages held for this epoch are
+    /// checked again.
+    pub fn set_membership(&mut self, fence: Fence, removed: &[NodeId], rejoined: &[NodeId]) {
+        self.fence = fence;
+        for p in removed.iter().chain(rejoined) {
+            if *p == self.node {
+                continue;
+            }
+            let r = self.manager.peer_removed(*p, &mut self.out);
+            self.note(r);
+            let mine: Vec<Msg<D>> = {
+                let (mine, rest) = std::mem::take(&mut self.suspended)
+                    .into_iter()
+                    .partition(|(to, _)| to == p);
+                self.suspended = rest;
+                mine.into_iter().map(|(_, m)| m).collect()
+            };
+            for m in mine {
+                let r = self.manager.undeliverable(*p, m, &mut self.out);
+                self.note(r);
+            }
+            self.outgoing.retain(|(to, _)| to != p);
+            self.suspects.retain(|s| s != p);
+            self.execute();
+        }
+        for p in rejoined {
+            if *p != self.node {
+                self.peer_restarted(*p);
+                self.dead.remove(p);
+            }
+        }
+        let held = std::mem::take(&mut self.held_for_epoch);
+        for (from, msg, epoch) in held {
+            match self.fence.admit(from, epoch) {
+                Admit::Yes => self.pending.push_back(Delivery {
+                    from,
+                    to: self.node,
+                    msg,
+                }),
+                Admit::Refused => self.counters.fenced += 1,
+                Admit::Later { .. } => self.held_for_epoch.push_back((from, msg, epoch)),
+            }
+        }
+    }
+
+    /// The epoch this shard stamps its messages with.
+    pub fn epoch(&self) -> Epoch {
+        self.fence.epoch
+    }
+
+    /// Peers found unreachable since the last call (with [`Shard::fenced_failures`]): the
+    /// membership loop proposes their removal.
+    pub fn take_suspects(&mut self) -> Vec<NodeId> {
+        std::mem::take(&mut self.suspects)
+    }
+
+    /// The cluster removed this node: its state machines start empty, its suspended and
+    /// queued messages are dropped, its operations waiting here are dropped (the caller
+    /// answers them), and the kernel is asked to drop every block this node cached (its
+    /// copies, clean or dirty, are fenced: a removed node's un-fsynced writes are lost, as
+    /// a crashed node's). Returns the blocks dropped.
+    pub fn fenced_self(&mut self) -> usize {
+        self.counters.fenced_self += 1;
+        let cached: Vec<BlockId> = self.client.blocks.keys().copied().collect();
+        let n = cached.len();
+        let c = &self.client;
+        let client = ClientShard::new(c.me, c.config, c.placement.clone(), c.capacity);
+        let m = &self.manager;
+        let manager = ManagerShard::new(m.me, m.config, m.placement.clone(), m.clients.clone());
+        self.client = client;
+        self.manager = manager;
+        self.pending.clear();
+        self.outgoing.clear();
+        self.held_for_epoch.clear();
+        self.suspended.clear();
+        self.suspects.clear();
+        self.waiting.clear();
+        self.reread.clear();
+        self.kernel.clear();
+        for b in cached {
+            self.forgotten.insert(b);
+            self.kernel.push_back(b);
+        }
+        n
     }
 
     /// One turn of the loop: poll the endpoint for up to `budget` datagrams, handle what
@@ -735,6 +880,10 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     pub fn kernel_done(&mut self, block: BlockId) {
         if let Some(i) = self.kernel.iter().position(|b| *b == block) {
             self.kernel.remove(i);
+        }
+        if self.forgotten.remove(&block) {
+            // Dropped because this node was removed: nothing waits for it.
+            return;
         }
         if self.reread.remove(&block) {
             // A read served from the copy meanwhile may have reached the kernel's cache
@@ -842,7 +991,19 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     }
 
     fn execute(&mut self) {
-        let mut out = std::mem::take(&mut self.out);
+        loop {
+            let mut out = std::mem::take(&mut self.out);
+            self.execute_some(&mut out);
+            if self.out.is_empty() {
+                // Keep the buffer.
+                self.out = out;
+                return;
+            }
+            // Answers for a removed node made more outputs: run those too.
+        }
+    }
+
+    fn execute_some(&mut self, out: &mut Vec<Output<D>>) {
         for o in out.drain(..) {
             match o {
                 Output::Send { to, msg } if to == self.node => {
@@ -853,6 +1014,12 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                         msg,
                     })
                 }
+                // To a node the cluster removed: answered for it, never sent.
+                Output::Send { to, msg } if !self.fence.is_member(to) => {
+                    self.counters.answered_for_removed += 1;
+                    let r = self.manager.undeliverable(to, msg, &mut self.out);
+                    self.note(r);
+                }
                 Output::Send { to, msg } => self.outgoing.push_back((to, msg)),
                 Output::InvalidateKernel { block } => self.kernel.push_back(block),
                 Output::Complete { op, block, outcome } => {
@@ -861,7 +1028,6 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 }
             }
         }
-        self.out = out;
     }
 
     fn flush_outgoing(&mut self) -> usize {
@@ -873,7 +1039,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 self.outgoing.pop_front();
                 continue;
             };
-            let args = encode(msg, &mut self.payload);
+            let [k, b, x, y] = encode(msg, &mut self.payload);
+            let args = [k, b, x, y, self.fence.epoch];
             let r = if self.payload.is_empty() {
                 self.endpoint
                     .send(index, AmMsg::small(COHERENCE_HANDLER, &args))
@@ -912,6 +1079,15 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// restarts: requests for those fail at the caller's timeout.
     fn bounce(&mut self, to: NodeId, msg: Msg<D>) {
         self.counters.bounced += 1;
+        if self.fenced_failures {
+            // Not this node's decision: the cluster removes the peer (then the message is
+            // answered for it) or the peer comes back as a new incarnation.
+            if !self.suspects.contains(&to) {
+                self.suspects.push(to);
+            }
+            self.suspended.push((to, msg));
+            return;
+        }
         let r = self.manager.undeliverable(to, msg, &mut self.out);
         self.note(r);
         self.execute();
@@ -929,7 +1105,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             let Some(to) = self.names.get(&(dest.addr, dest.vnet)).copied() else {
                 continue;
             };
-            if let Some(msg) = decode::<D>(&args, &payload) {
+            if let Some(msg) = decode::<D>(&args[..args.len().min(4)], &payload) {
                 self.bounce(to, msg);
             }
         }

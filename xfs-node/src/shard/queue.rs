@@ -58,6 +58,8 @@ pub(crate) enum Cmd {
     Stats(Sender<Vec<(String, u64)>>),
     /// The kernel dropped these blocks (the mount's answer to an invalidation).
     KernelDone(Vec<BlockId>),
+    /// The cluster committed a membership change (`membership::run`).
+    Membership(crate::membership::MembershipUpdate),
 }
 
 /// The node's [`Blocks`]: block operations queued to the shard loops.

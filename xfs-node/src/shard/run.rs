@@ -151,12 +151,15 @@ pub(crate) fn shard_loop<T: Transport + Send>(
     mount: MountLink,
     commands: Option<SyncSender<(NodeId, OpId, Vec<u8>)>>,
     mut store: StoreLink,
+    suspects: Option<SyncSender<NodeId>>,
 ) {
     // Kernel invalidations go to the attached mount (if any) and complete when it answers;
     // storage work goes to the log actor.
     shard.external_kernel = true;
     shard.external_store = true;
     shard.external_commands = commands.is_some();
+    // With a membership loop, a peer found unreachable is the cluster's to remove.
+    shard.fenced_failures = suspects.is_some();
     let mut waiting = Waiting::default();
     let mut kernel = KernelQueue::default();
     let mut idle = 0u32;
@@ -174,6 +177,13 @@ pub(crate) fn shard_loop<T: Transport + Send>(
             work += pass_commands(&mut shard, tx);
         }
         work += kernel.send(&mut shard, &mount);
+        if let Some(tx) = &suspects {
+            for s in shard.take_suspects() {
+                // Full: the membership loop has enough to go on (its own endpoint finds
+                // the peer unreachable too).
+                let _ = tx.try_send(s);
+            }
+        }
         waiting.answer(&mut shard);
         report_error(&shard, &mut last_error);
         if work == 0 {
@@ -228,6 +238,17 @@ fn take_cmd<T: Transport + Send>(
                 shard.kernel_done(b);
             }
         }
+        Cmd::Membership(u) => {
+            if u.me_removed {
+                let dropped = shard.fenced_self();
+                let n = waiting.fail_all();
+                eprintln!(
+                    "xfs-node: shard: removed by the cluster: {dropped} cached blocks dropped, \
+                     {n} operations failed with EIO"
+                );
+            }
+            shard.set_membership(u.fence, &u.removed, &u.rejoined);
+        }
         Cmd::Stats(tx) => {
             let mut v = stats(shard, invalidations);
             v.push(("op_batches".into(), waiting.batches));
@@ -265,6 +286,10 @@ fn stats<T: Transport + Send>(shard: &NodeShard<T>, invalidations: u64) -> Vec<(
         ("manager_forwards".into(), mc.forwards),
         ("manager_fetches".into(), mc.fetches),
         ("kernel_invalidations".into(), invalidations),
+        ("fenced".into(), c.fenced),
+        ("held_for_epoch".into(), c.held_for_epoch),
+        ("fenced_self".into(), c.fenced_self),
+        ("answered_for_removed".into(), c.answered_for_removed),
     ]
 }
 
@@ -336,6 +361,24 @@ impl KernelQueue {
 }
 
 impl Waiting {
+    /// Fail every operation, sync and store command waiting here with EIO (this node was
+    /// removed: its state machines started afresh). Returns how many.
+    fn fail_all(&mut self) -> usize {
+        let n = self.ops.len() + self.syncs.len() + self.calls.len();
+        for (_, (i, tx)) in std::mem::take(&mut self.ops) {
+            let _ = tx.send((i, Err(crate::fs::client::Errno::EIO)));
+        }
+        for (_, tx) in std::mem::take(&mut self.syncs) {
+            let _ = tx.send(Err(SyncError::io(
+                "this node was removed from the cluster (fenced) before its log synced",
+            )));
+        }
+        for (_, (_, tx)) in std::mem::take(&mut self.calls) {
+            let _ = tx.send(Err(CommandError::Fenced));
+        }
+        n
+    }
+
     /// Answer the callers whose operations, syncs and store commands the shard finished.
     #[inline]
     fn answer<T: Transport + Send>(&mut self, shard: &mut NodeShard<T>) {

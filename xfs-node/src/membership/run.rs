@@ -1,0 +1,452 @@
+//! The membership loop: the thread that drives a node's replica of the membership log
+//! ([`Consensus`]) over its own Active Messages endpoint (a virtual network of its own,
+//! [`MEMBERSHIP_VNET`]), keeps the log on the node's disk, proposes what the node sees
+//! (its own join at start, peers it cannot reach, an operator's `join`/`leave`), and tells
+//! the shard loops each change the cluster commits ([`MembershipUpdate`]).
+//!
+//! Failure: a peer is a *suspect* when a Raft message or a coherence message to it comes
+//! back undeliverable (the AM layer's `Unreachable`, about 2 s without progress); the loop
+//! proposes `Fail` for the peer's current incarnation. Only a committed change removes it;
+//! the node that learns it was removed drops its cache and rejoins as a new incarnation.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use am_core::{Endpoint, EndpointName, Msg as AmMsg, Tag, Transport};
+use serde::{Deserialize, Serialize};
+
+use super::{Change, ClusterMap, Consensus, ConsensusCounters, MemberState, Outputs, TICK_MS};
+use crate::coherence::{Fence, NodeId};
+use crate::lock;
+
+/// The virtual network the membership endpoints use (the shards' is 0).
+pub const MEMBERSHIP_VNET: u32 = 7;
+/// The AM handler of Raft messages.
+pub const RAFT_HANDLER: u16 = 2;
+/// Proposals of a peer's failure are repeated at most this often while it stays a member.
+const FAIL_AGAIN_TICKS: u64 = 20;
+/// This node's join is proposed again this often until it commits.
+const JOIN_AGAIN_TICKS: u64 = 10;
+
+/// A committed change as the shard loops apply it.
+#[derive(Clone, Debug)]
+pub struct MembershipUpdate {
+    /// The fence as of the newest epoch.
+    pub fence: Fence,
+    /// Peers removed by the changes since the last update.
+    pub removed: Vec<NodeId>,
+    /// Peers that joined again as new incarnations.
+    pub rejoined: Vec<NodeId>,
+    /// This node was removed: drop every cached block and start afresh.
+    pub me_removed: bool,
+}
+
+/// What `xfs-node status` and `members` show of the membership.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MembershipStatus {
+    /// Whether this node keeps a membership log.
+    pub enabled: bool,
+    /// The epoch applied here.
+    pub epoch: u64,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// The Raft term.
+    pub term: u64,
+    /// The voters.
+    pub voters: Vec<NodeId>,
+    /// Every node named: (node, incarnation, "active" / "failed" / "left", since epoch).
+    pub members: Vec<(NodeId, u64, String, u64)>,
+    /// The manager map (slot → node) and the epoch of its last change.
+    pub managers: Vec<NodeId>,
+    /// The epoch of the manager map's last change.
+    pub managers_epoch: u64,
+    /// The epoch of the stripe-group map's last change.
+    pub stripe_groups_epoch: u64,
+    /// This node's incarnation.
+    pub incarnation: u64,
+    /// Whether this node's incarnation is a member (its join committed).
+    pub joined: bool,
+    /// Times this node found itself removed.
+    pub removed_self: u64,
+    /// Failures proposed by this node.
+    pub failures_proposed: u64,
+    /// The log's counters: Raft messages taken, bad ones, proposals, entries applied.
+    pub stepped: u64,
+    /// Raft messages dropped as malformed or forged.
+    pub bad_messages: u64,
+    /// Committed entries applied.
+    pub applied_entries: u64,
+    /// The last error writing the log to disk or proposing, if any.
+    pub last_error: String,
+}
+
+/// A request from the control socket: propose `change`, answered once it is proposed
+/// (not committed: `members` shows when it is).
+pub type ChangeRequest = (Change, Sender<Result<(), String>>);
+
+/// What the membership loop is given.
+pub struct MembershipLoop<T: Transport> {
+    /// Its endpoint (on [`MEMBERSHIP_VNET`]), the peers mapped at their node ids.
+    pub endpoint: Endpoint<T>,
+    /// The log.
+    pub consensus: Consensus,
+    /// Where the log is kept.
+    pub file: PathBuf,
+    /// This node's incarnation (greater than any before it).
+    pub incarnation: u64,
+    /// Peers' membership endpoints by node, as mapped on `endpoint`.
+    pub peers: BTreeMap<NodeId, EndpointName>,
+    /// Each shard loop's way in: a committed change goes to all of them.
+    pub shards: Vec<Box<dyn Fn(MembershipUpdate) -> bool + Send>>,
+    /// Peers the shard loops found unreachable.
+    pub suspects: Receiver<NodeId>,
+    /// Changes asked for on the control socket.
+    pub requests: Receiver<ChangeRequest>,
+    /// Published after each turn.
+    pub status: Arc<Mutex<MembershipStatus>>,
+    /// Set once this node's incarnation is a member.
+    pub joined: Arc<AtomicBool>,
+    /// Set to stop.
+    pub stop: Arc<AtomicBool>,
+    /// This node left (an operator's `leave`): it does not rejoin until asked to.
+    pub left: bool,
+}
+
+/// Read the saved log, if any.
+pub fn load(file: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match std::fs::read(file) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Write the log whole and durably: a new file, synced, renamed over the old one, the
+/// directory synced.
+fn save(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = file.with_extension("membership.new");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, file)?;
+    if let Some(dir) = file.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The incarnation a node starts as: later than any it had (the map remembers its last)
+/// and than the clock.
+pub fn next_incarnation(map: &ClusterMap, me: NodeId) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let last = map.members.get(&me).map_or(0, |m| m.incarnation);
+    now.max(last + 1)
+}
+
+/// Raft messages received, not yet stepped: (sender's endpoint, bytes).
+type RaftInbox = Arc<Mutex<VecDeque<(EndpointName, Vec<u8>)>>>;
+
+/// What the loop keeps between turns.
+#[derive(Default)]
+struct Turns {
+    ticks: u64,
+    /// Per suspect: the incarnation whose failure was proposed, and when (ticks).
+    fail_proposed: BTreeMap<NodeId, (u64, u64)>,
+    /// When this node's join was last proposed (ticks).
+    join_proposed_at: Option<u64>,
+    removed_self: u64,
+    failures_proposed: u64,
+    last_error: String,
+}
+
+impl<T: Transport> MembershipLoop<T> {
+    /// Run until `stop`.
+    pub fn run(mut self) {
+        let me = self.consensus.me();
+        let inbox: RaftInbox = Default::default();
+        let unreachable: Arc<Mutex<Vec<EndpointName>>> = Default::default();
+        let i = inbox.clone();
+        if self
+            .endpoint
+            .register(RAFT_HANDLER, move |_, m| {
+                lock(&i).push_back((m.source, m.payload.to_vec()));
+            })
+            .is_err()
+        {
+            eprintln!("xfs-node {me}: membership: cannot register the Raft handler");
+            return;
+        }
+        let u = unreachable.clone();
+        self.endpoint.set_upcall(move |_, m| lock(&u).push(m.dest));
+        let names: BTreeMap<(std::net::SocketAddr, u32), NodeId> = self
+            .peers
+            .iter()
+            .map(|(n, name)| ((name.addr, name.vnet), *n))
+            .collect();
+        let index: BTreeMap<NodeId, u16> = self
+            .peers
+            .keys()
+            .enumerate()
+            .map(|(k, n)| (*n, k as u16))
+            .collect();
+        let mut turns = Turns::default();
+        let mut next_tick = Instant::now();
+        let mut out = Outputs::default();
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + Duration::from_millis(TICK_MS);
+                turns.ticks += 1;
+                self.consensus.tick();
+            }
+            let _ = self.endpoint.poll(64);
+            let msgs: Vec<_> = lock(&inbox).drain(..).collect();
+            for (src, bytes) in msgs {
+                if let Some(from) = names.get(&(src.addr, src.vnet)) {
+                    // Refused messages are counted by the log.
+                    let _ = self.consensus.step(*from, &bytes);
+                }
+            }
+            // Suspects: from the Raft endpoint and from the shard loops.
+            let mut suspects: Vec<NodeId> = lock(&unreachable)
+                .drain(..)
+                .filter_map(|d| names.get(&(d.addr, d.vnet)).copied())
+                .collect();
+            while let Ok(n) = self.suspects.try_recv() {
+                suspects.push(n);
+            }
+            self.propose_failures(suspects, &mut turns);
+            self.propose_own_join(&mut turns);
+            while let Ok((change, reply)) = self.requests.try_recv() {
+                let r = self.requested(change, &mut turns);
+                let _ = reply.send(r);
+            }
+            self.drive(&mut out, &index, &mut turns);
+            let joined = self.is_joined();
+            self.joined.store(joined, Ordering::Relaxed);
+            self.publish(joined, &turns);
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            if !self.consensus.has_ready() && lock(&inbox).is_empty() {
+                let _ = self
+                    .endpoint
+                    .wait(Some(wait.min(Duration::from_millis(20))));
+            }
+        }
+    }
+
+    /// Whether this node's current incarnation is a member.
+    fn is_joined(&self) -> bool {
+        let me = self.consensus.me();
+        self.consensus
+            .map()
+            .members
+            .get(&me)
+            .is_some_and(|m| m.incarnation == self.incarnation && m.state == MemberState::Active)
+    }
+
+    /// Propose the failure of each suspect still a member (again only after
+    /// [`FAIL_AGAIN_TICKS`] for the same incarnation).
+    fn propose_failures(&mut self, suspects: Vec<NodeId>, turns: &mut Turns) {
+        let me = self.consensus.me();
+        for s in suspects {
+            let Some(m) = self.consensus.map().members.get(&s).copied() else {
+                continue;
+            };
+            if s == me || m.state != MemberState::Active {
+                continue;
+            }
+            let again = turns.fail_proposed.get(&s).is_none_or(|(inc, at)| {
+                *inc != m.incarnation || turns.ticks >= at + FAIL_AGAIN_TICKS
+            });
+            if !again {
+                continue;
+            }
+            turns.fail_proposed.insert(s, (m.incarnation, turns.ticks));
+            let change = Change::Fail {
+                node: s,
+                incarnation: m.incarnation,
+            };
+            match self.consensus.propose(&change) {
+                Ok(()) => {
+                    turns.failures_proposed += 1;
+                    eprintln!("xfs-node {me}: node {s} is unreachable: proposed its removal");
+                }
+                Err(e) => turns.last_error = format!("proposing node {s}'s failure: {e}"),
+            }
+        }
+    }
+
+    /// Propose this node's join until it commits (unless it left).
+    fn propose_own_join(&mut self, turns: &mut Turns) {
+        if self.is_joined()
+            || self.left
+            || turns
+                .join_proposed_at
+                .is_some_and(|t| turns.ticks < t + JOIN_AGAIN_TICKS)
+        {
+            return;
+        }
+        turns.join_proposed_at = Some(turns.ticks);
+        let change = Change::Join {
+            node: self.consensus.me(),
+            incarnation: self.incarnation,
+        };
+        if let Err(e) = self.consensus.propose(&change) {
+            turns.last_error = format!("proposing this node's join: {e}");
+        }
+    }
+
+    /// A change asked for on the control socket.
+    fn requested(&mut self, change: Change, turns: &mut Turns) -> Result<(), String> {
+        match change {
+            // This node joins again (after `leave`): as a new incarnation.
+            Change::Join { node, .. } if node == self.consensus.me() => {
+                self.left = false;
+                turns.join_proposed_at = None;
+                Ok(())
+            }
+            change => self.consensus.propose(&change).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Poll the log: persist, then send, then hand what committed to the shard loops.
+    fn drive(&mut self, out: &mut Outputs, index: &BTreeMap<NodeId, u16>, turns: &mut Turns) {
+        let me = self.consensus.me();
+        if let Err(e) = self.consensus.poll(out) {
+            turns.last_error = e.to_string();
+        }
+        if let Some(bytes) = out.persist.take() {
+            if let Err(e) = save(&self.file, &bytes) {
+                // Not durable: nothing may be sent that depends on it.
+                turns.last_error = format!("writing {}: {e}", self.file.display());
+                eprintln!("xfs-node {me}: membership: {}", turns.last_error);
+                out.messages.clear();
+            }
+        }
+        for (to, bytes) in out.messages.drain(..) {
+            if let Some(k) = index.get(&to) {
+                let slices = [bytes.as_slice()];
+                let _ = self
+                    .endpoint
+                    .send(*k, AmMsg::medium(RAFT_HANDLER, &[], &slices));
+            }
+        }
+        if out.applied.is_empty() {
+            return;
+        }
+        let update = self.update(&out.applied, me);
+        for c in &out.applied {
+            eprintln!(
+                "xfs-node {me}: membership epoch {}: {c:?}",
+                self.consensus.map().epoch
+            );
+        }
+        if update.me_removed {
+            turns.removed_self += 1;
+            self.left = out
+                .applied
+                .iter()
+                .any(|c| matches!(c, Change::Leave { node } if *node == me));
+            eprintln!(
+                "xfs-node {me}: the cluster removed this node: dropping its cache and \
+                 un-fsynced writes{}",
+                if self.left {
+                    " (it left: `xfs-node join` brings it back)"
+                } else {
+                    ", rejoining as a new incarnation"
+                }
+            );
+            self.incarnation = next_incarnation(self.consensus.map(), me);
+            turns.join_proposed_at = None;
+        }
+        if self.is_joined() {
+            turns.last_error.clear();
+        }
+        out.applied.clear();
+        self.shards.retain(|send| send(update.clone()));
+    }
+
+    /// What the shard loops must apply for `applied`.
+    fn update(&self, applied: &[Change], me: NodeId) -> MembershipUpdate {
+        let mut removed = Vec::new();
+        let mut rejoined = Vec::new();
+        let mut me_removed = false;
+        for c in applied {
+            match c {
+                Change::Fail { node, .. } | Change::Leave { node } => {
+                    if *node == me {
+                        me_removed = true;
+                    } else {
+                        removed.push(*node);
+                    }
+                }
+                Change::Join { node, .. } if *node != me => rejoined.push(*node),
+                Change::Join { .. } | Change::ReplaceServer { .. } => {}
+            }
+        }
+        MembershipUpdate {
+            fence: self.consensus.map().fence(),
+            removed,
+            rejoined,
+            me_removed,
+        }
+    }
+
+    fn publish(&self, joined: bool, turns: &Turns) {
+        let c: ConsensusCounters = self.consensus.counters();
+        let map = self.consensus.map();
+        let s = MembershipStatus {
+            enabled: true,
+            epoch: map.epoch,
+            leader: self.consensus.leader(),
+            term: self.consensus.term(),
+            voters: self.consensus.voters(),
+            members: map
+                .members
+                .iter()
+                .map(|(n, m)| {
+                    let state = match m.state {
+                        MemberState::Active => "active",
+                        MemberState::Failed => "failed",
+                        MemberState::Left => "left",
+                    };
+                    (*n, m.incarnation, state.to_string(), m.since)
+                })
+                .collect(),
+            managers: map.managers.clone(),
+            managers_epoch: map.managers_epoch,
+            stripe_groups_epoch: map.stripe_groups_epoch,
+            incarnation: self.incarnation,
+            joined,
+            removed_self: turns.removed_self,
+            failures_proposed: turns.failures_proposed,
+            stepped: c.stepped,
+            bad_messages: c.bad_messages,
+            applied_entries: c.applied_entries,
+            last_error: turns.last_error.clone(),
+        };
+        *lock(&self.status) = s;
+    }
+}
+
+/// Connect the membership endpoint to every peer's: node → its name, mapped in node order.
+pub fn connect_peers<T: Transport>(
+    endpoint: &mut Endpoint<T>,
+    peers: &BTreeMap<NodeId, EndpointName>,
+    tag: u64,
+) -> Result<(), am_core::AmError> {
+    for (k, name) in peers.values().enumerate() {
+        endpoint.map(k as u16, *name, Tag(tag))?;
+    }
+    Ok(())
+}
