@@ -35,6 +35,8 @@ struct Guard {
     data: PathBuf,
     nodes: usize,
     nft_table: Option<String>,
+    /// Nodes the test started itself.
+    children: Vec<std::process::Child>,
 }
 
 impl Drop for Guard {
@@ -47,6 +49,10 @@ impl Drop for Guard {
                 .args(["-CONT", &p.to_string()])
                 .status();
             let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.data);
     }
@@ -146,6 +152,7 @@ fn a_stopped_node_is_fenced_and_its_stale_copy_never_overwrites_the_fsynced_bloc
         data: data.clone(),
         nodes: 3,
         nft_table: Some(table.clone()),
+        children: Vec::new(),
     };
     let cfg = up(&data, 3, 18300);
     let m = membership(&cfg, 1);
@@ -302,6 +309,7 @@ fn leave_and_join_through_the_membership_log() {
         data: data.clone(),
         nodes: 3,
         nft_table: None,
+        children: Vec::new(),
     };
     let cfg = up(&data, 3, 18400);
     let d = data.to_str().unwrap();
@@ -338,4 +346,93 @@ fn leave_and_join_through_the_membership_log() {
         String::from_utf8_lossy(&o.stderr)
     );
     ok(&["down", "--data", d]);
+}
+
+/// kill -9 of one node while the others run, then that node alone started again (`serve`,
+/// as an operator restarts one host): the others remove the dead incarnation, the new one
+/// joins, the others forget what they knew of the old one (its channels, the copies of the
+/// blocks it manages), and every file reads and writes as before, through every node.
+#[test]
+fn one_node_killed_and_restarted_alone_rejoins_as_a_new_incarnation() {
+    let data = data_dir("fence-restart");
+    let mut g = Guard {
+        data: data.clone(),
+        nodes: 3,
+        nft_table: None,
+        children: Vec::new(),
+    };
+    let cfg = up(&data, 3, 18500);
+    let mut files = Vec::new();
+    for (k, node) in [1u16, 2, 3, 1, 2, 3].into_iter().enumerate() {
+        let path = format!("/r{k}");
+        let content = format!("file {k} written through node {node}").into_bytes();
+        put(&data, node, &content, &path);
+        files.push((path, content));
+    }
+    // Every node caches every file.
+    for node in 1..=3 {
+        for (path, content) in &files {
+            assert!(&get(&data, node, path) == content);
+        }
+    }
+    let (inc2, _) = state_of(&membership(&cfg, 1), 2);
+    let pid2 = pids(&data, 3)[1];
+    Command::new("kill")
+        .args(["-9", &pid2.to_string()])
+        .status()
+        .unwrap();
+    let removed = wait_for(Duration::from_secs(20), "node 2 removed", || {
+        state_of(&membership(&cfg, 1), 2).1 == "failed"
+    });
+    eprintln!("node 2 removed {removed:?} after kill -9");
+    // Node 2 alone, started again.
+    let log = std::fs::File::create(data.join("node2-restart.log")).unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            data.join("cluster.toml").to_str().unwrap(),
+            "--node",
+            "2",
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::fs::write(data.join("node2.pid"), child.id().to_string()).unwrap();
+    g.children.push(child);
+    wait_for(Duration::from_secs(60), "node 2 rejoins", || {
+        Control::connect(&cfg.node(2).unwrap().control)
+            .and_then(|mut c| c.call_ok(&Request::Status))
+            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
+    });
+    let (inc2b, st) = state_of(&membership(&cfg, 1), 2);
+    assert_eq!(st, "active");
+    assert!(inc2b > inc2, "a new incarnation");
+    // Everything reads through every node, the restarted one included; every file takes
+    // a new write through a node other than the one that wrote it.
+    for node in 1..=3 {
+        for (path, content) in &files {
+            assert!(
+                &get(&data, node, path) == content,
+                "{path} through node {node} after node 2's restart"
+            );
+        }
+    }
+    for (k, (path, _)) in files.iter().enumerate() {
+        let node = (k % 3 + 1) as u16 % 3 + 1;
+        let content = format!("file {k} rewritten through node {node}").into_bytes();
+        put(&data, node, &content, path);
+        for reader in 1..=3 {
+            assert!(
+                get(&data, reader, path) == content,
+                "{path} through node {reader} after its rewrite"
+            );
+        }
+    }
+    let errors: u64 = (1..=3)
+        .map(|n| status(&cfg, n).counter("protocol_errors"))
+        .sum();
+    assert_eq!(errors, 0, "the old incarnation's state confused no one");
+    ok(&["down", "--data", data.to_str().unwrap()]);
 }

@@ -20,8 +20,9 @@ use am_core::{Endpoint, EndpointName, Msg as AmMsg, Tag, Transport};
 use serde::{Deserialize, Serialize};
 
 use super::{Change, ClusterMap, Consensus, ConsensusCounters, MemberState, Outputs, TICK_MS};
-use crate::coherence::{Fence, NodeId};
+use crate::coherence::{Epoch, Fence, NodeId};
 use crate::lock;
+use crate::shard::ANNOUNCE_HANDLER;
 
 /// The virtual network the membership endpoints use (the shards' is 0).
 pub const MEMBERSHIP_VNET: u32 = 7;
@@ -102,8 +103,9 @@ pub struct MembershipLoop<T: Transport> {
     pub peers: BTreeMap<NodeId, EndpointName>,
     /// Each shard loop's way in: a committed change goes to all of them.
     pub shards: Vec<Box<dyn Fn(MembershipUpdate) -> bool + Send>>,
-    /// Peers the shard loops found unreachable.
-    pub suspects: Receiver<NodeId>,
+    /// Peers the shard loops found unreachable, each with the epoch its undelivered
+    /// message was sent in.
+    pub suspects: Receiver<(NodeId, Epoch)>,
     /// Changes asked for on the control socket.
     pub requests: Receiver<ChangeRequest>,
     /// Published after each turn.
@@ -174,7 +176,7 @@ impl<T: Transport> MembershipLoop<T> {
     pub fn run(mut self) {
         let me = self.consensus.me();
         let inbox: RaftInbox = Default::default();
-        let unreachable: Arc<Mutex<Vec<EndpointName>>> = Default::default();
+        let unreachable: Arc<Mutex<Vec<(EndpointName, Epoch)>>> = Default::default();
         let i = inbox.clone();
         if self
             .endpoint
@@ -187,7 +189,9 @@ impl<T: Transport> MembershipLoop<T> {
             return;
         }
         let u = unreachable.clone();
-        self.endpoint.set_upcall(move |_, m| lock(&u).push(m.dest));
+        // A Raft message carries the epoch it was sent in (its one argument).
+        self.endpoint
+            .set_upcall(move |_, m| lock(&u).push((m.dest, m.args.first().copied().unwrap_or(0))));
         let names: BTreeMap<(std::net::SocketAddr, u32), NodeId> = self
             .peers
             .iter()
@@ -199,6 +203,13 @@ impl<T: Transport> MembershipLoop<T> {
             .enumerate()
             .map(|(k, n)| (*n, k as u16))
             .collect();
+        // Hello to every peer first (see `Shard::announce`), on a handler that drops it.
+        let _ = self.endpoint.register(ANNOUNCE_HANDLER, |_, _| {});
+        for k in 0..self.peers.len() {
+            let _ = self
+                .endpoint
+                .send(k as u16, AmMsg::small(ANNOUNCE_HANDLER, &[]));
+        }
         let mut turns = Turns::default();
         let mut next_tick = Instant::now();
         let mut out = Outputs::default();
@@ -218,9 +229,9 @@ impl<T: Transport> MembershipLoop<T> {
                 }
             }
             // Suspects: from the Raft endpoint and from the shard loops.
-            let mut suspects: Vec<NodeId> = lock(&unreachable)
+            let mut suspects: Vec<(NodeId, Epoch)> = lock(&unreachable)
                 .drain(..)
-                .filter_map(|d| names.get(&(d.addr, d.vnet)).copied())
+                .filter_map(|(d, e)| names.get(&(d.addr, d.vnet)).map(|n| (*n, e)))
                 .collect();
             while let Ok(n) = self.suspects.try_recv() {
                 suspects.push(n);
@@ -255,14 +266,15 @@ impl<T: Transport> MembershipLoop<T> {
     }
 
     /// Propose the failure of each suspect still a member (again only after
-    /// [`FAIL_AGAIN_TICKS`] for the same incarnation).
-    fn propose_failures(&mut self, suspects: Vec<NodeId>, turns: &mut Turns) {
+    /// [`FAIL_AGAIN_TICKS`] for the same incarnation). A message sent before the peer's
+    /// current incarnation joined says nothing about it: that suspicion is dropped.
+    fn propose_failures(&mut self, suspects: Vec<(NodeId, Epoch)>, turns: &mut Turns) {
         let me = self.consensus.me();
-        for s in suspects {
+        for (s, sent_in) in suspects {
             let Some(m) = self.consensus.map().members.get(&s).copied() else {
                 continue;
             };
-            if s == me || m.state != MemberState::Active {
+            if s == me || m.state != MemberState::Active || m.since > sent_in {
                 continue;
             }
             let again = turns.fail_proposed.get(&s).is_none_or(|(inc, at)| {
@@ -333,12 +345,13 @@ impl<T: Transport> MembershipLoop<T> {
                 out.messages.clear();
             }
         }
+        let epoch = self.consensus.map().epoch;
         for (to, bytes) in out.messages.drain(..) {
             if let Some(k) = index.get(&to) {
                 let slices = [bytes.as_slice()];
                 let _ = self
                     .endpoint
-                    .send(*k, AmMsg::medium(RAFT_HANDLER, &[], &slices));
+                    .send(*k, AmMsg::medium(RAFT_HANDLER, &[epoch], &slices));
             }
         }
         if out.applied.is_empty() {

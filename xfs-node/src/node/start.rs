@@ -9,6 +9,7 @@ use super::config::NodeSection;
 use super::transport::endpoint;
 use super::*;
 use crate::storage::log::StripeGroup;
+use crate::storage::remote::{client_identity, ClientPurpose};
 
 /// The leader's link to the writers of its group: cleaner commands over the shards.
 struct NodeGroup<'a> {
@@ -157,7 +158,8 @@ impl Node {
         }
         let (command_tx, command_rx) = mpsc::sync_channel::<StoreCommand>(64);
         // Peers the shard loops find unreachable, for the membership loop to propose.
-        let (suspect_tx, suspect_rx) = mpsc::sync_channel::<NodeId>(SUSPECT_QUEUE);
+        let (suspect_tx, suspect_rx) =
+            mpsc::sync_channel::<(NodeId, crate::coherence::Epoch)>(SUSPECT_QUEUE);
         let suspects = config.cluster.membership.then_some(suspect_tx);
         let (senders, wake) = spawn_shard_loops(
             &config,
@@ -231,7 +233,7 @@ fn spawn_membership<M: MakeTransport>(
     mk: &M,
     shared: &Shared<M::T>,
     (senders, wake): (&[SyncSender<Cmd>], &[Wake]),
-    suspects: Receiver<NodeId>,
+    suspects: Receiver<(NodeId, crate::coherence::Epoch)>,
     threads: &mut Vec<JoinHandle<()>>,
 ) -> Result<MembershipHandle, StartError> {
     use crate::membership::run::{self as mrun, MembershipLoop, MEMBERSHIP_VNET};
@@ -486,7 +488,7 @@ fn spawn_shard_loops<M: MakeTransport>(
     mk: &M,
     shared: &Shared<M::T>,
     command_tx: &SyncSender<StoreCommand>,
-    suspects: Option<SyncSender<NodeId>>,
+    suspects: Option<SyncSender<(NodeId, crate::coherence::Epoch)>>,
     threads: &mut Vec<JoinHandle<()>>,
 ) -> Result<(Vec<SyncSender<Cmd>>, Vec<Wake>), StartError> {
     let placement = Placement {
@@ -690,8 +692,13 @@ impl<M: MakeTransport> LogThread<M> {
         }
     }
 
-    /// A store client of the server at `addr`, on its own endpoint.
-    fn connect(&self, addr: SocketAddr) -> Result<RemoteStore<M::T>, StartError> {
+    /// A store client of the server at `addr`, on its own endpoint, for `purpose` (the
+    /// server knows it by this node and purpose, whatever port it binds).
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        purpose: ClientPurpose,
+    ) -> Result<RemoteStore<M::T>, StartError> {
         let ep = endpoint(
             &self.mk,
             SocketAddr::new(self.host, 0),
@@ -700,8 +707,15 @@ impl<M: MakeTransport> LogThread<M> {
             "log endpoint",
         )?;
         let name = EndpointName { addr, vnet: 0 };
-        let mut rs = RemoteStore::connect(ep, name, Tag(self.tag), STORE_DEPTH, Box::new(|| {}))
-            .map_err(StartError::Connect)?;
+        let mut rs = RemoteStore::connect_as(
+            ep,
+            name,
+            Tag(self.tag),
+            STORE_DEPTH,
+            Box::new(|| {}),
+            client_identity(self.id, purpose),
+        )
+        .map_err(StartError::Connect)?;
         rs.set_timeout(Duration::from_secs(3));
         Ok(rs)
     }
@@ -717,7 +731,7 @@ impl<M: MakeTransport> LogThread<M> {
                 if stores[i].is_some() {
                     continue;
                 }
-                match self.connect(*addr) {
+                match self.connect(*addr, ClientPurpose::Log) {
                     Ok(rs) => stores[i] = Some(rs),
                     Err(e) if Instant::now() > deadline => {
                         eprintln!(
@@ -755,7 +769,7 @@ impl<M: MakeTransport> LogThread<M> {
         let rs = self
             .addrs
             .iter()
-            .map(|(_, a)| self.connect(*a).ok())
+            .map(|(_, a)| self.connect(*a, ClientPurpose::Reader).ok())
             .collect();
         *lock(&self.reader) = SegmentReader::new(group, rs).ok();
         self.ready.store(true, Ordering::Relaxed);
@@ -774,7 +788,7 @@ impl<M: MakeTransport> LogThread<M> {
                 })
                 .unwrap_or(false);
             if dead {
-                if let Ok(rs) = self.connect(*addr) {
+                if let Ok(rs) = self.connect(*addr, ClientPurpose::Reader) {
                     if let Some(slot) = lock(&self.reader).as_mut().and_then(|r| r.store_slot(i)) {
                         *slot = Some(rs);
                     }
@@ -795,7 +809,7 @@ impl<M: MakeTransport> LogThread<M> {
             let Some((node, addr)) = self.addrs.get(i).copied() else {
                 continue;
             };
-            let Ok(rs) = self.connect(addr) else {
+            let Ok(rs) = self.connect(addr, ClientPurpose::Log) else {
                 continue;
             };
             let mut g = lock(&self.log);

@@ -53,6 +53,11 @@ pub const COHERENCE_HANDLER: u16 = 1;
 /// answers: `[kind, op, status]` ([`SyncKind`]), a payload where the kind has one.
 pub const SYNC_HANDLER: u16 = 4;
 
+/// The AM handler of a node's hello to its peers at start ([`Shard::announce`]): an empty
+/// message the receiver drops. Its handshake tells each peer's endpoint this node's new
+/// incarnation before anything else is sent to it.
+pub const ANNOUNCE_HANDLER: u16 = 5;
+
 /// What a message to [`SYNC_HANDLER`] is: its first argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
@@ -294,7 +299,8 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// cluster removed it ([`Shard::set_membership`]). When false, the peer is taken as
     /// dead at once (the block-level simulation, clusters without a membership log).
     pub fenced_failures: bool,
-    suspects: Vec<NodeId>,
+    /// Suspects, each with the epoch its undelivered message was sent in.
+    suspects: Vec<(NodeId, Epoch)>,
     /// Messages to suspects, answered for them once the cluster removed them.
     suspended: Vec<(NodeId, Msg<D>)>,
     /// Blocks whose kernel pages were dropped because this node was removed: their
@@ -342,6 +348,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             }
             _ => *lock(&b) += 1,
         })?;
+        endpoint.register(ANNOUNCE_HANDLER, |_, _| {})?;
         let undeliverable = Arc::new(Mutex::new(0u64));
         let bounced: Bounced = Arc::new(Mutex::new(VecDeque::new()));
         let (u, bq) = (undeliverable.clone(), bounced.clone());
@@ -533,11 +540,31 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.store_outstanding = 0;
     }
 
-    /// Node `peer` restarted: forget what this shard's state machines knew of it.
+    /// Node `peer` restarted: forget what this shard's state machines knew of it. The
+    /// copies of the blocks it manages that the client drops leave the kernel too (no
+    /// invalidation would reach them any more). Returns how many dirty copies were dropped.
     pub fn peer_restarted(&mut self, peer: NodeId) -> usize {
         self.manager.peer_restarted(peer);
         self.pending.retain(|d| d.from != peer);
-        self.client.peer_restarted(peer)
+        let placement = &self.client.placement;
+        let dropping: Vec<BlockId> = self
+            .client
+            .blocks
+            .iter()
+            .filter(|(b, c)| {
+                placement.manager(**b) == peer
+                    && c.op.is_none()
+                    && c.step.is_none()
+                    && c.data.is_some()
+            })
+            .map(|(b, _)| *b)
+            .collect();
+        let dirty = self.client.peer_restarted(peer);
+        for b in dropping {
+            self.forgotten.insert(b);
+            self.kernel.push_back(b);
+        }
+        dirty
     }
 
     /// Take the finished log syncs.
@@ -773,7 +800,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 self.note(r);
             }
             self.outgoing.retain(|(to, _)| to != p);
-            self.suspects.retain(|s| s != p);
+            self.suspects.retain(|(s, _)| s != p);
             self.execute();
         }
         for p in rejoined {
@@ -796,6 +823,19 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         }
     }
 
+    /// Say hello to every peer (an empty message on [`ANNOUNCE_HANDLER`]): a node that
+    /// restarted does this first, so that no peer's endpoint still takes it for its old
+    /// incarnation when the peer next sends to it (a message to the old incarnation fails,
+    /// and would make the peer suspect the new one).
+    pub fn announce(&mut self) {
+        let peers: Vec<u16> = self.peers.values().copied().collect();
+        for index in peers {
+            let _ = self
+                .endpoint
+                .send(index, AmMsg::small(ANNOUNCE_HANDLER, &[]));
+        }
+    }
+
     /// The epoch this shard stamps its messages with.
     pub fn epoch(&self) -> Epoch {
         self.fence.epoch
@@ -803,7 +843,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
 
     /// Peers found unreachable since the last call (with [`Shard::fenced_failures`]): the
     /// membership loop proposes their removal.
-    pub fn take_suspects(&mut self) -> Vec<NodeId> {
+    pub fn take_suspects(&mut self) -> Vec<(NodeId, Epoch)> {
         std::mem::take(&mut self.suspects)
     }
 
@@ -1062,7 +1102,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 Err(_) => {
                     self.counters.undeliverable += 1;
                     if let Some((to, msg)) = self.outgoing.pop_front() {
-                        self.bounce(to, msg);
+                        let epoch = self.fence.epoch;
+                        self.bounce(to, msg, epoch);
                     }
                 }
             }
@@ -1077,13 +1118,19 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// dropped from every cacher list of this manager. What
     /// the dead node alone held (its dirty blocks, the files it managed) is gone until it
     /// restarts: requests for those fail at the caller's timeout.
-    fn bounce(&mut self, to: NodeId, msg: Msg<D>) {
+    fn bounce(&mut self, to: NodeId, msg: Msg<D>, sent_in: Epoch) {
         self.counters.bounced += 1;
-        if self.fenced_failures {
+        // Sent to an incarnation the cluster has replaced or removed since: answered now.
+        let gone = self
+            .fence
+            .nodes
+            .get(&to)
+            .is_some_and(|m| !m.member || m.since > sent_in);
+        if self.fenced_failures && !gone {
             // Not this node's decision: the cluster removes the peer (then the message is
             // answered for it) or the peer comes back as a new incarnation.
-            if !self.suspects.contains(&to) {
-                self.suspects.push(to);
+            if !self.suspects.iter().any(|(s, _)| *s == to) {
+                self.suspects.push((to, sent_in));
             }
             self.suspended.push((to, msg));
             return;
@@ -1105,8 +1152,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             let Some(to) = self.names.get(&(dest.addr, dest.vnet)).copied() else {
                 continue;
             };
+            let sent_in = args.get(4).copied().unwrap_or(0);
             if let Some(msg) = decode::<D>(&args[..args.len().min(4)], &payload) {
-                self.bounce(to, msg);
+                self.bounce(to, msg, sent_in);
             }
         }
         n

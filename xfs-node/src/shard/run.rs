@@ -14,7 +14,7 @@ use am_core::Transport;
 
 use super::queue::{CallReply, Cmd, MountLink, OpReply};
 use super::{CommandError, Shard, StoreDone, StoreWork};
-use crate::coherence::{ActorStore, BlockId, NodeId, OpId, SyncError};
+use crate::coherence::{ActorStore, BlockId, Epoch, NodeId, OpId, SyncError};
 use crate::lock;
 
 /// The shard a node runs: block data as bytes, its storage work done by the log actor.
@@ -151,7 +151,7 @@ pub(crate) fn shard_loop<T: Transport + Send>(
     mount: MountLink,
     commands: Option<SyncSender<(NodeId, OpId, Vec<u8>)>>,
     mut store: StoreLink,
-    suspects: Option<SyncSender<NodeId>>,
+    suspects: Option<SyncSender<(NodeId, Epoch)>>,
 ) {
     // Kernel invalidations go to the attached mount (if any) and complete when it answers;
     // storage work goes to the log actor.
@@ -160,6 +160,7 @@ pub(crate) fn shard_loop<T: Transport + Send>(
     shard.external_commands = commands.is_some();
     // With a membership loop, a peer found unreachable is the cluster's to remove.
     shard.fenced_failures = suspects.is_some();
+    shard.announce();
     let mut waiting = Waiting::default();
     let mut kernel = KernelQueue::default();
     let mut idle = 0u32;

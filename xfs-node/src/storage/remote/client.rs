@@ -66,11 +66,26 @@ impl<T: Transport> RemoteStore<T> {
     /// fragments), with up to `depth` requests outstanding. `pump` runs while waiting
     /// (a no-op over a real network, where the server runs on its own).
     pub fn connect(
+        ep: Endpoint<T>,
+        name: EndpointName,
+        tag: Tag,
+        depth: usize,
+        pump: Box<dyn FnMut() + Send>,
+    ) -> Result<RemoteStore<T>, StoreError> {
+        Self::connect_as(ep, name, tag, depth, pump, 0)
+    }
+
+    /// [`RemoteStore::connect`] as the client `identity` (nonzero: who it is, the same
+    /// across reconnections from new addresses, [`client_identity`]): the server gives it
+    /// the window of its earlier connection, and frees that one, instead of a new window
+    /// for each address.
+    pub fn connect_as(
         mut ep: Endpoint<T>,
         name: EndpointName,
         tag: Tag,
         depth: usize,
         pump: Box<dyn FnMut() + Send>,
+        identity: u64,
     ) -> Result<RemoteStore<T>, StoreError> {
         let server = name.addr.to_string();
         ep.map(0, name, tag)
@@ -118,7 +133,7 @@ impl<T: Transport> RemoteStore<T> {
             unclaimed: None,
         };
         let r = s.call(
-            &[Op::Hello as u64, depth as u64],
+            &[Op::Hello as u64, depth as u64, identity],
             FragmentId {
                 segment: 0,
                 index: 0,

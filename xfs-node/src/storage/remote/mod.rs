@@ -35,3 +35,19 @@ use am_core::{
 };
 
 use super::fragment::{check_sizes, fragment_range, FragmentId, FragmentStore, StoreError};
+
+/// What a store client is for, in its [`client_identity`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ClientPurpose {
+    /// A node's log.
+    Log = 1,
+    /// A node's cleaner's segment reader.
+    Reader = 2,
+}
+
+/// The identity a node's store client gives its servers: the same for every connection
+/// of that node's client of that purpose, whatever its address (nonzero).
+pub fn client_identity(node: u16, purpose: ClientPurpose) -> u64 {
+    ((node as u64) << 8) | purpose as u64
+}

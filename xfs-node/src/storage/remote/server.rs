@@ -32,6 +32,10 @@ pub struct StorageServer<T: Transport, S: FragmentStore> {
     depth: usize,
     windows: Vec<Option<(std::net::SocketAddr, u32)>>,
     clients: BTreeMap<(SocketAddr, u32), (usize, usize)>,
+    /// Clients that said who they are (`RemoteStore::connect_as`): identity → address.
+    identities: BTreeMap<u64, (SocketAddr, u32)>,
+    /// Windows freed because their client came back from a new address.
+    pub windows_reclaimed: u64,
     /// Requests served.
     pub served: u64,
     /// Requests refused: a put outside its sender's window, or from a client without one.
@@ -71,6 +75,8 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
             depth: opts.depth,
             windows: vec![None; opts.windows],
             clients: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            windows_reclaimed: 0,
             served: 0,
             bad_requests: 0,
         })
@@ -148,6 +154,19 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
     /// Give the client a window of the segment (its own again if it has one), or refuse.
     fn hello(&mut self, p: Pending) {
         let key = client_of(&p);
+        // A client that says who it is and comes from a new address (a restarted node, a
+        // reconnection on a new port): its earlier connection's window is freed first.
+        let identity = p.args.get(2).copied().unwrap_or(0);
+        if identity != 0 {
+            if let Some(old) = self.identities.insert(identity, key) {
+                if old != key {
+                    if let Some((w, _)) = self.clients.remove(&old) {
+                        self.windows[w] = None;
+                        self.windows_reclaimed += 1;
+                    }
+                }
+            }
+        }
         let window = match self.clients.get(&key) {
             Some((w, _)) => Some(*w),
             None => self.windows.iter().position(|w| w.is_none()),
