@@ -278,7 +278,11 @@ fn serve(config: &Path, id: u16, wait: u64) -> Result<(), String> {
     let node = Node::start_configured(cfg, id).map_err(|e| e.to_string())?;
     node.wait_ready(Duration::from_secs(wait))
         .map_err(|e| e.to_string())?;
-    eprintln!("xfs-node {id}: ready");
+    if node.is_ready() {
+        eprintln!("xfs-node {id}: ready");
+    } else {
+        eprintln!("xfs-node {id}: out of the cluster (it left): waiting for `xfs-node join {id}`");
+    }
     let stop = xfs_node::os::flag_on_signals(&[libc::SIGINT, libc::SIGTERM]);
     let node = Arc::new(node);
     let server = std::thread::spawn({

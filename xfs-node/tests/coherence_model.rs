@@ -344,7 +344,7 @@ fn without_sequence_numbers_the_checker_finds_the_figure_2_deadlock() {
 fn a_removed_client_is_fenced_two_clients_one_block() {
     let mut m = model(2, 1, 3, false, 0);
     m.removals = 1;
-    check(m, 500_000, NEEDS_THREE);
+    check(m, 400_000, NEEDS_THREE);
 }
 
 /// As above with three clients, one of them removed, on two blocks with a bounded cache.
@@ -357,7 +357,7 @@ fn a_removed_client_is_fenced_three_clients() {
         },
         budgets: vec![2, 2, 1],
     };
-    check_within(m, 2_000_000, &[], CI_BUDGET);
+    check_within(m, 1_500_000, &[], CI_BUDGET);
 }
 
 /// The mutant: storage takes write-backs without checking the epoch. The checker must find

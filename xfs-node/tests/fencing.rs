@@ -143,6 +143,48 @@ fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duratio
     t.elapsed()
 }
 
+/// Start node `node` alone (`serve`, as an operator restarts one host), its output in
+/// `node<K>-restart.log`, its pid in `node<K>.pid`.
+fn serve_alone(data: &Path, node: u16) -> std::process::Child {
+    let log = std::fs::File::create(data.join(format!("node{node}-restart.log"))).unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            data.join("cluster.toml").to_str().unwrap(),
+            "--node",
+            &node.to_string(),
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    std::fs::write(data.join(format!("node{node}.pid")), child.id().to_string()).unwrap();
+    child
+}
+
+/// kill -9 of node `node`, its removal by the others, then `serve` of it alone until it
+/// is ready (joined as a new incarnation).
+fn restart_alone(cfg: &Config, data: &Path, node: u16, g: &mut Guard) {
+    let pid = pids(data, 3)[node as usize - 1];
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let other = if node == 1 { 2 } else { 1 };
+    let removed = wait_for(Duration::from_secs(20), "the node removed", || {
+        state_of(&membership(cfg, other), node).1 == "failed"
+    });
+    eprintln!("node {node} removed {removed:?} after kill -9");
+    let child = serve_alone(data, node);
+    g.children.push(child);
+    wait_for(Duration::from_secs(60), "the node rejoins", || {
+        Control::connect(&cfg.node(node).unwrap().control)
+            .and_then(|mut c| c.call_ok(&Request::Status))
+            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
+    });
+}
+
 #[test]
 fn a_stopped_node_is_fenced_and_its_stale_copy_never_overwrites_the_fsynced_block() {
     let data = data_dir("fence-stop");
@@ -305,7 +347,7 @@ fn a_stopped_node_is_fenced_and_its_stale_copy_never_overwrites_the_fsynced_bloc
 #[test]
 fn leave_and_join_through_the_membership_log() {
     let data = data_dir("fence-leave");
-    let _g = Guard {
+    let mut g = Guard {
         data: data.clone(),
         nodes: 3,
         nft_table: None,
@@ -337,6 +379,38 @@ fn leave_and_join_through_the_membership_log() {
     assert!(state_of(&after, 2).0 > state_of(&before, 2).0);
     put(&data, 2, b"after rejoining", "/r");
     assert_eq!(get(&data, 3, "/r"), b"after rejoining");
+    // Node 2 restarts (its log replays the leave and the join): it joins again at once.
+    let inc = state_of(&membership(&cfg, 1), 2).0;
+    restart_alone(&cfg, &data, 2, &mut g);
+    assert!(state_of(&membership(&cfg, 1), 2).0 > inc);
+    assert_eq!(get(&data, 2, "/r"), b"after rejoining");
+    // It leaves, restarts while out, and stays out until `join`.
+    ok(&["leave", "--data", d, "2"]);
+    wait_for(Duration::from_secs(10), "node 2 leaves again", || {
+        state_of(&membership(&cfg, 1), 2).1 == "left"
+    });
+    let pid2 = pids(&data, 3)[1];
+    Command::new("kill")
+        .args(["-9", &pid2.to_string()])
+        .status()
+        .unwrap();
+    let child = serve_alone(&data, 2);
+    g.children.push(child);
+    wait_for(Duration::from_secs(30), "node 2 answers, out", || {
+        Control::connect(&cfg.node(2).unwrap().control)
+            .and_then(|mut c| c.call_ok(&Request::Status))
+            .is_ok()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(state_of(&membership(&cfg, 1), 2).1, "left", "it stays out");
+    assert!(!membership(&cfg, 2).joined);
+    ok(&["join", "--data", d, "2"]);
+    wait_for(
+        Duration::from_secs(10),
+        "node 2 joins after its restart",
+        || membership(&cfg, 2).joined,
+    );
+    assert_eq!(get(&data, 2, "/r"), b"after rejoining");
     // A change through a node that is not running fails with a clear error.
     let o = xfs(&["leave", "--data", d, "--via", "9", "1"]);
     assert!(!o.status.success());
@@ -376,36 +450,7 @@ fn one_node_killed_and_restarted_alone_rejoins_as_a_new_incarnation() {
         }
     }
     let (inc2, _) = state_of(&membership(&cfg, 1), 2);
-    let pid2 = pids(&data, 3)[1];
-    Command::new("kill")
-        .args(["-9", &pid2.to_string()])
-        .status()
-        .unwrap();
-    let removed = wait_for(Duration::from_secs(20), "node 2 removed", || {
-        state_of(&membership(&cfg, 1), 2).1 == "failed"
-    });
-    eprintln!("node 2 removed {removed:?} after kill -9");
-    // Node 2 alone, started again.
-    let log = std::fs::File::create(data.join("node2-restart.log")).unwrap();
-    let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            data.join("cluster.toml").to_str().unwrap(),
-            "--node",
-            "2",
-        ])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    std::fs::write(data.join("node2.pid"), child.id().to_string()).unwrap();
-    g.children.push(child);
-    wait_for(Duration::from_secs(60), "node 2 rejoins", || {
-        Control::connect(&cfg.node(2).unwrap().control)
-            .and_then(|mut c| c.call_ok(&Request::Status))
-            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready))
-    });
+    restart_alone(&cfg, &data, 2, &mut g);
     let (inc2b, st) = state_of(&membership(&cfg, 1), 2);
     assert_eq!(st, "active");
     assert!(inc2b > inc2, "a new incarnation");

@@ -272,7 +272,7 @@ fn a_node_restarted_from_its_saved_state_replays_the_log_and_catches_up() {
     let Err(e) = Consensus::new(net.config[&3].clone(), Some(b"not a log")) else {
         panic!("garbage accepted as a saved log");
     };
-    assert!(e.to_string().contains("move the file away"), "{e}");
+    assert!(e.to_string().contains("restore it from a backup"), "{e}");
 }
 
 #[test]

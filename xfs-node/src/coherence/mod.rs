@@ -227,6 +227,14 @@ pub enum Msg<D> {
         /// The block.
         block: BlockId,
     },
+    /// Manager → client: nothing comes at `seq` (a handoff ordered for this client whose
+    /// evicting client was removed before it sent it): the channel moves on.
+    Skip {
+        /// The block.
+        block: BlockId,
+        /// The sequence number that was reserved for the handoff.
+        seq: u32,
+    },
 }
 
 impl<D> Msg<D> {
@@ -246,6 +254,7 @@ impl<D> Msg<D> {
             | Msg::Data { block, .. }
             | Msg::Handoff { block, .. }
             | Msg::WriteBack { block, .. }
+            | Msg::Skip { block, .. }
             | Msg::WriteBackAck { block } => *block,
         }
     }
@@ -265,6 +274,7 @@ impl<D> Msg<D> {
             | Msg::EvictGrant { .. }
             | Msg::Data { .. }
             | Msg::Handoff { .. }
+            | Msg::Skip { .. }
             | Msg::WriteBackAck { .. } => Role::Client,
         }
     }
@@ -277,7 +287,8 @@ impl<D> Msg<D> {
             | Msg::Grant { seq, .. }
             | Msg::EvictGrant { seq, .. }
             | Msg::Data { seq, .. }
-            | Msg::Handoff { seq, .. } => Some(*seq),
+            | Msg::Handoff { seq, .. }
+            | Msg::Skip { seq, .. } => Some(*seq),
             _ => None,
         }
     }
@@ -362,6 +373,7 @@ impl<D> Msg<D> {
                 data: f(data),
             },
             Msg::WriteBackAck { block } => Msg::WriteBackAck { block },
+            Msg::Skip { block, seq } => Msg::Skip { block, seq },
         }
     }
 
@@ -556,6 +568,7 @@ fn msg_name<D>(m: &Msg<D>) -> &'static str {
         Msg::Fetch { .. } => "Fetch",
         Msg::Data { .. } => "Data",
         Msg::Handoff { .. } => "Handoff",
+        Msg::Skip { .. } => "Skip",
         Msg::WriteBack { .. } => "WriteBack",
         Msg::WriteBackAck { .. } => "WriteBackAck",
     }

@@ -458,3 +458,84 @@ fn with_written_copies_offered_too_a_write_stream_hands_each_evicted_copy_on_onc
     assert_eq!(w.clients[&1].counters.handoffs_taken, 0);
     w.assert_within(4);
 }
+
+/// A forward to a holder the cluster removed is served again once, from another copy
+/// (not from storage while a copy is cached), and answering it again does nothing.
+#[test]
+fn a_removed_holders_forward_is_served_again_once_from_another_copy() {
+    let mut m = ManagerShard::new(M, ProtocolConfig::default(), placement(), vec![1, 2, 3]);
+    let mut out = Vec::new();
+    // 1 reads (from storage), then 2 (forwarded to 1), then 3 (forwarded to 2, the last
+    // reader).
+    for c in [1, 2] {
+        m.receive::<u64>(c, Msg::ReadReq { block: 9 }, &mut out)
+            .unwrap();
+    }
+    out.clear();
+    m.receive::<u64>(3, Msg::ReadReq { block: 9 }, &mut out)
+        .unwrap();
+    let fwd = sends(&mut out);
+    assert!(
+        matches!(
+            fwd.as_slice(),
+            [(
+                2,
+                Msg::Forward {
+                    block: 9,
+                    reader: 3,
+                    reader_seq: 0,
+                    ..
+                }
+            )]
+        ),
+        "{fwd:?}"
+    );
+    // 2 is removed before it answers: 3 is served by 1, who holds the block (2 may be
+    // waiting for its own copy: not a source).
+    m.peer_removed::<u64>(2, &mut out).unwrap();
+    let again = sends(&mut out);
+    assert!(
+        matches!(
+            again.as_slice(),
+            [(
+                1,
+                Msg::Forward {
+                    block: 9,
+                    reader: 3,
+                    reader_seq: 0,
+                    ..
+                }
+            )]
+        ),
+        "{again:?}"
+    );
+    // The forward to 2 bouncing later is not answered a second time.
+    let (_, bounced) = fwd[0].clone();
+    m.undeliverable::<u64>(2, bounced, &mut out).unwrap();
+    assert!(sends(&mut out).is_empty(), "answered twice");
+    // Nor is a revoke nobody waits for.
+    m.undeliverable::<u64>(2, Msg::Revoke { block: 9, seq: 7 }, &mut out)
+        .unwrap();
+    assert!(out.is_empty());
+}
+
+/// A client gives up a block whose manager went away: the waiting operation is returned
+/// for the driver to fail, the copy goes, and the next operation starts afresh.
+#[test]
+fn a_block_abandoned_returns_its_operation_and_starts_afresh() {
+    let mut c = client(1);
+    let mut out = Vec::new();
+    c.start(5, 9, UserOp::Read, &mut out).unwrap();
+    assert!(!c.is_idle(9));
+    assert_eq!(c.abandon(9), (Some(5), false));
+    assert!(c.is_idle(9));
+    assert_eq!(c.abandon_managed_by(M), vec![]);
+    out.clear();
+    c.start(6, 9, UserOp::Read, &mut out).unwrap();
+    assert_eq!(
+        sends(&mut out),
+        vec![(M, Msg::ReadReq { block: 9 })],
+        "a new request"
+    );
+    assert_eq!(c.abandon_managed_by(M), vec![(9, Some(6), false)]);
+}

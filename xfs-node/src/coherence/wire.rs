@@ -63,6 +63,7 @@ pub enum MsgKind {
     Handoff = 12,
     WriteBack = 13,
     WriteBackAck = 14,
+    Skip = 15,
 }
 
 impl MsgKind {
@@ -83,6 +84,7 @@ impl MsgKind {
             MsgKind::Handoff,
             MsgKind::WriteBack,
             MsgKind::WriteBackAck,
+            MsgKind::Skip,
         ]
         .into_iter()
         .find(|k| *k as u64 == v)
@@ -177,6 +179,7 @@ pub fn encode<D: BlockData>(msg: &Msg<D>, payload: &mut Vec<u8>) -> [u64; 4] {
             [MsgKind::WriteBack as u64, *block, 0, 0]
         }
         Msg::WriteBackAck { block } => [MsgKind::WriteBackAck as u64, *block, 0, 0],
+        Msg::Skip { block, seq } => [MsgKind::Skip as u64, *block, *seq as u64, 0],
     }
 }
 
@@ -254,6 +257,10 @@ pub fn decode<D: BlockData>(args: &[u64], payload: &[u8]) -> Option<Msg<D>> {
             data: D::decode(payload)?,
         },
         MsgKind::WriteBackAck if empty => Msg::WriteBackAck { block },
+        MsgKind::Skip if empty => Msg::Skip {
+            block,
+            seq: seq(a)?,
+        },
         // A known kind whose arguments or payload do not fit it.
         _ => return None,
     })

@@ -48,7 +48,11 @@ pub enum ConsensusError {
         why: String,
     },
     /// The saved state did not parse (a corrupt or foreign state file).
-    #[error("the saved membership log does not parse: {0}; move the file away to start afresh")]
+    #[error(
+        "the saved membership log does not parse: {0}; restore it from a backup (moving it \
+         away is safe only on a learner, or for a whole cluster started afresh: a voter \
+         without its log may vote twice in a term)"
+    )]
     BadSaved(String),
     /// Raft refused (e.g. a proposal with no leader known).
     #[error("raft: {0}")]
@@ -156,6 +160,18 @@ impl Consensus {
                     .map(|b| Entry::parse_from_bytes(b))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| ConsensusError::BadSaved(e.to_string()))?;
+                // Whole and in order from index 1, the commit inside it: else Raft would
+                // panic on it.
+                let contiguous = entries.iter().enumerate().all(|(k, e)| {
+                    e.index == k as u64 + 1 && (k == 0 || e.term >= entries[k - 1].term)
+                });
+                if !contiguous || hs.commit > entries.len() as u64 {
+                    return Err(ConsensusError::BadSaved(format!(
+                        "{} entries, commit {}: not a whole log from index 1",
+                        entries.len(),
+                        hs.commit
+                    )));
+                }
                 {
                     let mut w = store.wl();
                     w.append(&entries)?;
@@ -360,6 +376,12 @@ impl Consensus {
                 }
             }
         }
+    }
+
+    /// The whole state to save (what [`Outputs::persist`] carries), made again: for a
+    /// driver whose last save failed.
+    pub fn saved_state(&self) -> Result<Vec<u8>, ConsensusError> {
+        self.saved()
     }
 
     fn saved(&self) -> Result<Vec<u8>, ConsensusError> {

@@ -44,6 +44,8 @@ pub struct MembershipUpdate {
     pub rejoined: Vec<NodeId>,
     /// This node was removed: drop every cached block and start afresh.
     pub me_removed: bool,
+    /// The epoch this node's current incarnation joined in (`None`: not a member now).
+    pub joined_since: Option<Epoch>,
 }
 
 /// What `xfs-node status` and `members` show of the membership.
@@ -97,7 +99,8 @@ pub struct MembershipLoop<T: Transport> {
     pub consensus: Consensus,
     /// Where the log is kept.
     pub file: PathBuf,
-    /// This node's incarnation (greater than any before it).
+    /// This node's incarnation: chosen by [`MembershipLoop::run`] once the saved log is
+    /// replayed (greater than any before it in the log, and than the clock).
     pub incarnation: u64,
     /// Peers' membership endpoints by node, as mapped on `endpoint`.
     pub peers: BTreeMap<NodeId, EndpointName>,
@@ -114,7 +117,8 @@ pub struct MembershipLoop<T: Transport> {
     pub joined: Arc<AtomicBool>,
     /// Set to stop.
     pub stop: Arc<AtomicBool>,
-    /// This node left (an operator's `leave`): it does not rejoin until asked to.
+    /// This node left (an operator's `leave`): it does not rejoin until asked to (taken
+    /// from the replayed log at start).
     pub left: bool,
 }
 
@@ -169,6 +173,8 @@ struct Turns {
     removed_self: u64,
     failures_proposed: u64,
     last_error: String,
+    /// A save failed: nothing is sent until the log is saved.
+    unsaved: bool,
 }
 
 impl<T: Transport> MembershipLoop<T> {
@@ -213,6 +219,15 @@ impl<T: Transport> MembershipLoop<T> {
         let mut turns = Turns::default();
         let mut next_tick = Instant::now();
         let mut out = Outputs::default();
+        self.replay(&mut out, &mut turns);
+        let update = MembershipUpdate {
+            fence: self.consensus.map().fence(),
+            removed: Vec::new(),
+            rejoined: Vec::new(),
+            me_removed: false,
+            joined_since: self.joined_since(),
+        };
+        self.shards.retain(|send| send(update.clone()));
         while !self.stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             if now >= next_tick {
@@ -257,12 +272,50 @@ impl<T: Transport> MembershipLoop<T> {
 
     /// Whether this node's current incarnation is a member.
     fn is_joined(&self) -> bool {
+        self.joined_since().is_some()
+    }
+
+    /// The epoch this node's current incarnation joined in, if it is a member.
+    fn joined_since(&self) -> Option<Epoch> {
         let me = self.consensus.me();
         self.consensus
             .map()
             .members
             .get(&me)
-            .is_some_and(|m| m.incarnation == self.incarnation && m.state == MemberState::Active)
+            .filter(|m| m.incarnation == self.incarnation && m.state == MemberState::Active)
+            .map(|m| m.since)
+    }
+
+    /// Rebuild the map from the saved log (its committed entries come back in the first
+    /// polls), then choose this start's incarnation after every one the log names, and
+    /// take from it whether this node left.
+    fn replay(&mut self, out: &mut Outputs, turns: &mut Turns) {
+        for _ in 0..1000 {
+            if !self.consensus.has_ready() {
+                break;
+            }
+            if let Err(e) = self.consensus.poll(out) {
+                turns.last_error = e.to_string();
+                break;
+            }
+            if let Some(bytes) = out.persist.take() {
+                if let Err(e) = save(&self.file, &bytes) {
+                    turns.last_error = format!("writing {}: {e}", self.file.display());
+                    turns.unsaved = true;
+                }
+            }
+            // The history is not news: only the map as it stands now counts.
+            out.applied.clear();
+            out.messages.clear();
+        }
+        let me = self.consensus.me();
+        self.incarnation = next_incarnation(self.consensus.map(), me).max(self.incarnation);
+        self.left = self
+            .consensus
+            .map()
+            .members
+            .get(&me)
+            .is_some_and(|m| m.state == MemberState::Left);
     }
 
     /// Propose the failure of each suspect still a member (again only after
@@ -283,13 +336,15 @@ impl<T: Transport> MembershipLoop<T> {
             if !again {
                 continue;
             }
-            turns.fail_proposed.insert(s, (m.incarnation, turns.ticks));
             let change = Change::Fail {
                 node: s,
                 incarnation: m.incarnation,
             };
             match self.consensus.propose(&change) {
                 Ok(()) => {
+                    // Proposed, not committed: proposed again after FAIL_AGAIN_TICKS while
+                    // the suspects are reported (a proposal can be lost with a leader).
+                    turns.fail_proposed.insert(s, (m.incarnation, turns.ticks));
                     turns.failures_proposed += 1;
                     eprintln!("xfs-node {me}: node {s} is unreachable: proposed its removal");
                 }
@@ -334,16 +389,30 @@ impl<T: Transport> MembershipLoop<T> {
     /// Poll the log: persist, then send, then hand what committed to the shard loops.
     fn drive(&mut self, out: &mut Outputs, index: &BTreeMap<NodeId, u16>, turns: &mut Turns) {
         let me = self.consensus.me();
+        let was_joined = self.is_joined();
         if let Err(e) = self.consensus.poll(out) {
             turns.last_error = e.to_string();
         }
-        if let Some(bytes) = out.persist.take() {
-            if let Err(e) = save(&self.file, &bytes) {
-                // Not durable: nothing may be sent that depends on it.
-                turns.last_error = format!("writing {}: {e}", self.file.display());
-                eprintln!("xfs-node {me}: membership: {}", turns.last_error);
-                out.messages.clear();
+        if turns.unsaved && out.persist.is_none() {
+            // An earlier save failed: save the whole state again before sending anything.
+            match self.consensus.saved_state() {
+                Ok(bytes) => out.persist = Some(bytes),
+                Err(e) => turns.last_error = e.to_string(),
             }
+        }
+        if let Some(bytes) = out.persist.take() {
+            match save(&self.file, &bytes) {
+                Ok(()) => turns.unsaved = false,
+                Err(e) => {
+                    turns.last_error = format!("writing {}: {e}", self.file.display());
+                    eprintln!("xfs-node {me}: membership: {}", turns.last_error);
+                    turns.unsaved = true;
+                }
+            }
+        }
+        if turns.unsaved {
+            // Not durable: nothing may be sent that depends on it (Raft sends again).
+            out.messages.clear();
         }
         let epoch = self.consensus.map().epoch;
         for (to, bytes) in out.messages.drain(..) {
@@ -357,7 +426,11 @@ impl<T: Transport> MembershipLoop<T> {
         if out.applied.is_empty() {
             return;
         }
-        let update = self.update(&out.applied, me);
+        let mut update = self.update(&out.applied, me);
+        let joined_since = self.joined_since();
+        update.joined_since = joined_since;
+        // Removed: this incarnation was a member and is not any more.
+        update.me_removed = was_joined && joined_since.is_none();
         for c in &out.applied {
             eprintln!(
                 "xfs-node {me}: membership epoch {}: {c:?}",
@@ -366,10 +439,12 @@ impl<T: Transport> MembershipLoop<T> {
         }
         if update.me_removed {
             turns.removed_self += 1;
-            self.left = out
-                .applied
-                .iter()
-                .any(|c| matches!(c, Change::Leave { node } if *node == me));
+            self.left = self
+                .consensus
+                .map()
+                .members
+                .get(&me)
+                .is_some_and(|m| m.state == MemberState::Left);
             eprintln!(
                 "xfs-node {me}: the cluster removed this node: dropping its cache and \
                  un-fsynced writes{}",
@@ -412,6 +487,7 @@ impl<T: Transport> MembershipLoop<T> {
             removed,
             rejoined,
             me_removed,
+            joined_since: None,
         }
     }
 

@@ -25,7 +25,8 @@
 //! storage_bytes = 268435456            # size of a created file
 //! control = "/run/xfs/node1.sock"      # the CLI's socket
 //! # membership = "/var/lib/xfs/node1.membership"  # its copy of the membership log
-//! #                      (default: beside the control socket)
+//! #                      (default: beside the storage file, else the control socket;
+//! #                      it must survive a reboot: a voter that loses it may vote twice)
 //!
 //! [manager_map]
 //! version = 1
@@ -287,12 +288,16 @@ impl NodeSection {
     pub fn membership_addr(&self, shards: usize) -> SocketAddr {
         SocketAddr::new(self.host, self.port + shards as u16 + 1)
     }
-    /// Where this node keeps its copy of the membership log.
+    /// Where this node keeps its copy of the membership log: as configured, else beside
+    /// its storage file (a device's: beside the control socket), which survives a reboot
+    /// where a control socket's directory (`/run`) may not.
     pub fn membership_file(&self) -> PathBuf {
         self.membership.clone().unwrap_or_else(|| {
-            self.control
-                .parent()
-                .unwrap_or(Path::new("."))
+            let dir = match &self.storage {
+                Some(s) if !s.starts_with("/dev") => s.parent(),
+                _ => self.control.parent(),
+            };
+            dir.unwrap_or(Path::new("."))
                 .join(format!("node{}.membership", self.id))
         })
     }

@@ -153,6 +153,14 @@ impl Node {
                 .is_none_or(|m| m.joined.load(Ordering::Relaxed))
     }
 
+    /// Whether this node left the cluster (`xfs-node leave`) and waits for `join`.
+    pub fn has_left(&self) -> bool {
+        let m = self.membership();
+        m.members
+            .iter()
+            .any(|(n, _, state, _)| *n == self.id && state == "left")
+    }
+
     /// The membership as this node applied it (`enabled: false` without a membership log).
     pub fn membership(&self) -> crate::membership::MembershipStatus {
         self.membership
@@ -179,7 +187,9 @@ impl Node {
     /// Wait for the log, then create the root if this node manages it and it is missing.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), StartError> {
         let deadline = Instant::now() + timeout;
-        while !self.is_ready() {
+        // A node that left (`xfs-node leave`) waits for `join` on its control socket.
+        let out_by_leave = || self.ready.load(Ordering::Relaxed) && self.has_left();
+        while !(self.is_ready() || out_by_leave()) {
             if Instant::now() > deadline {
                 return Err(StartError::NotReady {
                     node: self.id,
@@ -191,7 +201,7 @@ impl Node {
             std::thread::sleep(Duration::from_millis(50));
         }
         let map = self.client.map();
-        if map.manager(map.root()) == self.id {
+        if self.is_ready() && map.manager(map.root()) == self.id {
             self.client.format().map_err(|source| StartError::Root {
                 node: self.id,
                 source,

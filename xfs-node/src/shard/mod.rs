@@ -303,9 +303,19 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     suspects: Vec<(NodeId, Epoch)>,
     /// Messages to suspects, answered for them once the cluster removed them.
     suspended: Vec<(NodeId, Msg<D>)>,
+    /// Per suspect with suspended messages: the epoch its first undelivered message was
+    /// sent in (reported again by [`Shard::suspects_waiting`] until it is removed).
+    suspected_in: BTreeMap<NodeId, Epoch>,
     /// Blocks whose kernel pages were dropped because this node was removed: their
     /// invalidations complete with no state machine waiting for them.
     forgotten: std::collections::BTreeSet<BlockId>,
+    /// The epoch this node's current incarnation joined in; `None` while it is not a
+    /// member (starting, or removed): then it takes no coherence message at all, and one
+    /// sent before that epoch was meant for an earlier incarnation of this node.
+    joined_since: Option<Epoch>,
+    /// Operations given up ([`ClientShard::abandon`]): their manager or storage node was
+    /// removed or restarted; the driver fails them with EIO.
+    failed_ops: Vec<OpId>,
 }
 
 /// How a shard is set up.
@@ -399,6 +409,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             suspects: Vec::new(),
             suspended: Vec::new(),
             forgotten: Default::default(),
+            joined_since: Some(0),
+            failed_ops: Vec::new(),
+            suspected_in: BTreeMap::new(),
         })
     }
 
@@ -749,6 +762,11 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     fn collect_inbox(&mut self) {
         let mut inbox = lock(&self.inbox);
         while let Some((name, msg, epoch)) = inbox.pop_front() {
+            if self.joined_since.is_none_or(|j| epoch < j) {
+                // Not a member, or meant for an earlier incarnation of this node.
+                self.counters.fenced += 1;
+                continue;
+            }
             match self.names.get(&(name.addr, name.vnet)).copied() {
                 Some(from) => match self.fence.admit(from, epoch) {
                     Admit::Yes => {
@@ -780,14 +798,29 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// and the manager lets go of it ([`ManagerShard::peer_removed`]); a rejoined one
     /// starts afresh ([`Shard::peer_restarted`]); messages held for this epoch are
     /// checked again.
-    pub fn set_membership(&mut self, fence: Fence, removed: &[NodeId], rejoined: &[NodeId]) {
+    pub fn set_membership(
+        &mut self,
+        fence: Fence,
+        removed: &[NodeId],
+        rejoined: &[NodeId],
+        joined_since: Option<Epoch>,
+    ) {
         self.fence = fence;
+        self.joined_since = joined_since;
         for p in removed.iter().chain(rejoined) {
             if *p == self.node {
                 continue;
             }
             let r = self.manager.peer_removed(*p, &mut self.out);
             self.note(r);
+            // What this client waited for from it will not come.
+            for (block, op, had) in self.client.abandon_managed_by(*p) {
+                self.failed_ops.extend(op);
+                if had {
+                    self.forgotten.insert(block);
+                    self.kernel.push_back(block);
+                }
+            }
             let mine: Vec<Msg<D>> = {
                 let (mine, rest) = std::mem::take(&mut self.suspended)
                     .into_iter()
@@ -801,16 +834,22 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             }
             self.outgoing.retain(|(to, _)| to != p);
             self.suspects.retain(|(s, _)| s != p);
+            self.suspected_in.remove(p);
             self.execute();
         }
         for p in rejoined {
             if *p != self.node {
                 self.peer_restarted(*p);
+                self.manager.peer_joined(*p);
                 self.dead.remove(p);
             }
         }
         let held = std::mem::take(&mut self.held_for_epoch);
         for (from, msg, epoch) in held {
+            if self.joined_since.is_none_or(|j| epoch < j) {
+                self.counters.fenced += 1;
+                continue;
+            }
             match self.fence.admit(from, epoch) {
                 Admit::Yes => self.pending.push_back(Delivery {
                     from,
@@ -836,6 +875,24 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         }
     }
 
+    /// Whether this node's current incarnation is a member (always, without a membership
+    /// log).
+    pub fn is_joined(&self) -> bool {
+        self.joined_since.is_some()
+    }
+
+    /// Start as not joined: a node with a membership log takes no coherence message until
+    /// its join commits ([`Shard::set_membership`]).
+    pub fn await_join(&mut self) {
+        self.joined_since = None;
+    }
+
+    /// Operations given up since the last call (their manager or storage node was removed
+    /// or restarted): fail them with EIO.
+    pub fn take_failed_ops(&mut self) -> Vec<OpId> {
+        std::mem::take(&mut self.failed_ops)
+    }
+
     /// The epoch this shard stamps its messages with.
     pub fn epoch(&self) -> Epoch {
         self.fence.epoch
@@ -845,6 +902,13 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// membership loop proposes their removal.
     pub fn take_suspects(&mut self) -> Vec<(NodeId, Epoch)> {
         std::mem::take(&mut self.suspects)
+    }
+
+    /// The suspects whose messages still wait for their removal, with the epoch of the
+    /// first one (the membership loop proposes their removal again until it commits: a
+    /// proposal can be lost with a leader).
+    pub fn suspects_waiting(&self) -> Vec<(NodeId, Epoch)> {
+        self.suspected_in.iter().map(|(n, e)| (*n, *e)).collect()
     }
 
     /// The cluster removed this node: its state machines start empty, its suspended and
@@ -867,6 +931,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.held_for_epoch.clear();
         self.suspended.clear();
         self.suspects.clear();
+        self.suspected_in.clear();
         self.waiting.clear();
         self.reread.clear();
         self.kernel.clear();
@@ -1057,6 +1122,23 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 // To a node the cluster removed: answered for it, never sent.
                 Output::Send { to, msg } if !self.fence.is_member(to) => {
                     self.counters.answered_for_removed += 1;
+                    if matches!(
+                        msg,
+                        Msg::ReadReq { .. }
+                            | Msg::WriteReq { .. }
+                            | Msg::EvictReq { .. }
+                            | Msg::WriteBack { .. }
+                    ) {
+                        // This client's request to a removed manager or storage node:
+                        // nothing will answer it.
+                        let block = msg.block();
+                        let (op, had) = self.client.abandon(block);
+                        self.failed_ops.extend(op);
+                        if had {
+                            self.forgotten.insert(block);
+                            self.kernel.push_back(block);
+                        }
+                    }
                     let r = self.manager.undeliverable(to, msg, &mut self.out);
                     self.note(r);
                 }
@@ -1132,6 +1214,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             if !self.suspects.iter().any(|(s, _)| *s == to) {
                 self.suspects.push((to, sent_in));
             }
+            self.suspected_in.entry(to).or_insert(sent_in);
             self.suspended.push((to, msg));
             return;
         }
@@ -1247,6 +1330,7 @@ mod tests {
             },
             Msg::WriteBack { block: 3, data: 2 },
             Msg::WriteBackAck { block: 3 },
+            Msg::Skip { block: 3, seq: 9 },
         ]
     }
 
@@ -1263,7 +1347,7 @@ mod tests {
     fn garbage_does_not_decode() {
         let mut payload = Vec::new();
         assert_eq!(decode::<u64>(&[0, 1, 2, 3], &[]), None);
-        assert_eq!(decode::<u64>(&[15, 1, 2, 3], &[]), None);
+        assert_eq!(decode::<u64>(&[16, 1, 2, 3], &[]), None);
         assert_eq!(decode::<u64>(&[1, 2], &[]), None);
         // A flag that is not 0/1, a sequence number that does not fit, a short payload.
         assert_eq!(decode::<u64>(&[2, 1, 7, 0], &[]), None);

@@ -160,7 +160,12 @@ pub(crate) fn shard_loop<T: Transport + Send>(
     shard.external_commands = commands.is_some();
     // With a membership loop, a peer found unreachable is the cluster's to remove.
     shard.fenced_failures = suspects.is_some();
+    if suspects.is_some() {
+        // Nothing is taken or served until this incarnation's join commits.
+        shard.await_join();
+    }
     shard.announce();
+    let mut suspects_again = Instant::now();
     let mut waiting = Waiting::default();
     let mut kernel = KernelQueue::default();
     let mut idle = 0u32;
@@ -179,11 +184,19 @@ pub(crate) fn shard_loop<T: Transport + Send>(
         }
         work += kernel.send(&mut shard, &mount);
         if let Some(tx) = &suspects {
-            for s in shard.take_suspects() {
-                // Full: the membership loop has enough to go on (its own endpoint finds
-                // the peer unreachable too).
+            let mut report = shard.take_suspects();
+            if suspects_again.elapsed() >= SUSPECTS_AGAIN {
+                // Until the cluster removes them: a proposal can be lost with a leader.
+                suspects_again = Instant::now();
+                report.extend(shard.suspects_waiting());
+            }
+            for s in report {
+                // Full: reported again later.
                 let _ = tx.try_send(s);
             }
+        }
+        for op in shard.take_failed_ops() {
+            waiting.fail_op(op);
         }
         waiting.answer(&mut shard);
         report_error(&shard, &mut last_error);
@@ -214,9 +227,20 @@ fn take_cmd<T: Transport + Send>(
         Cmd::Ops(ops) => {
             waiting.batches += 1;
             for o in ops {
+                if !shard.is_joined() {
+                    // Removed, or not joined yet: no peer would take its messages.
+                    let (i, tx) = o.reply;
+                    let _ = tx.send((i, Err(crate::fs::client::Errno::EIO)));
+                    continue;
+                }
                 waiting.ops.insert(o.op, o.reply);
                 shard.submit(o.op, o.block, o.user);
             }
+        }
+        Cmd::Sync { reply, .. } if !shard.is_joined() => {
+            let _ = reply.send(Err(SyncError::io(
+                "this node is not a member of the cluster (starting, or removed): try again",
+            )));
         }
         Cmd::Sync { op, node, reply } => {
             waiting.syncs.insert(op, reply);
@@ -248,7 +272,7 @@ fn take_cmd<T: Transport + Send>(
                      {n} operations failed with EIO"
                 );
             }
-            shard.set_membership(u.fence, &u.removed, &u.rejoined);
+            shard.set_membership(u.fence, &u.removed, &u.rejoined, u.joined_since);
         }
         Cmd::Stats(tx) => {
             let mut v = stats(shard, invalidations);
@@ -361,7 +385,16 @@ impl KernelQueue {
     }
 }
 
+/// How often a shard reports again the suspects whose messages still wait.
+const SUSPECTS_AGAIN: Duration = Duration::from_secs(2);
+
 impl Waiting {
+    /// Fail one operation with EIO (given up: see `Shard::take_failed_ops`).
+    fn fail_op(&mut self, op: OpId) {
+        if let Some((i, tx)) = self.ops.remove(&op) {
+            let _ = tx.send((i, Err(crate::fs::client::Errno::EIO)));
+        }
+    }
     /// Fail every operation, sync and store command waiting here with EIO (this node was
     /// removed: its state machines started afresh). Returns how many.
     fn fail_all(&mut self) -> usize {

@@ -404,10 +404,14 @@ impl<D> ClientBlock<D> {
             return false;
         };
         let op = *op;
-        if handoff.is_some() && self.data.is_none() {
-            // The manager reserved a sequence number on the peer's channel for a copy
-            // this client no longer holds: report it, it would stall that channel.
-            return false;
+        if let (Some((peer, seq)), None) = (handoff, &self.data) {
+            // The manager reserved a sequence number on the peer's channel for a copy this
+            // client never got (a handoff to it was called off, `Msg::Skip`, while its
+            // eviction request was on its way): tell the peer nothing comes there.
+            out.push(Output::Send {
+                to: peer,
+                msg: Msg::Skip { block, seq },
+            });
         }
         if let (Some((peer, seq)), Some(d)) = (handoff, self.data.take()) {
             counters.handoffs_sent += 1;

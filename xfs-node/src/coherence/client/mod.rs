@@ -386,6 +386,51 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         dirty
     }
 
+    /// Give up on `block`: its manager or storage node was removed from the cluster (or
+    /// restarted) while an operation or step waited for it, so no answer will come. The
+    /// block's state goes (a dirty copy with it: its write-back cannot be made); returns
+    /// the waiting operation, for the driver to fail with EIO, and whether a copy was
+    /// dropped (the kernel must drop its pages too).
+    pub fn abandon(&mut self, block: BlockId) -> (Option<OpId>, bool) {
+        let Some(b) = self.blocks.remove(&block) else {
+            return (None, false);
+        };
+        let had = b.data.is_some();
+        if had {
+            self.cached -= 1;
+        }
+        let op = b.op.map(|op| match op {
+            PendingOp::Read(op)
+            | PendingOp::Write(op, _)
+            | PendingOp::Update(op, _)
+            | PendingOp::Acquire(op)
+            | PendingOp::Evict { op, .. }
+            | PendingOp::Flush(op) => op,
+        });
+        (op, had)
+    }
+
+    /// [`ClientShard::abandon`] every block managed by `peer` that waits for it (an
+    /// operation or a step in progress); returns (block, operation, copy dropped).
+    pub fn abandon_managed_by(&mut self, peer: NodeId) -> Vec<(BlockId, Option<OpId>, bool)> {
+        let placement = &self.placement;
+        let waiting: Vec<BlockId> = self
+            .blocks
+            .iter()
+            .filter(|(block, b)| {
+                placement.manager(**block) == peer && (b.op.is_some() || b.step.is_some())
+            })
+            .map(|(block, _)| *block)
+            .collect();
+        waiting
+            .into_iter()
+            .map(|block| {
+                let (op, had) = self.abandon(block);
+                (block, op, had)
+            })
+            .collect()
+    }
+
     /// A message for this client's role, from node `from`.
     pub fn receive(
         &mut self,
@@ -419,7 +464,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
                         // Ahead of `next` (modulo 2^32: the numbers wrap) is early and held;
                         // behind it is a duplicate.
                         let early = seq.wrapping_sub(ch.next) < 1 << 31;
-                        if matches!(m, Msg::Data { .. } | Msg::Handoff { .. })
+                        if matches!(m, Msg::Data { .. } | Msg::Handoff { .. } | Msg::Skip { .. })
                             && (!early || ch.held.contains_key(&seq))
                         {
                             self.counters.duplicate_replies += 1;
@@ -522,17 +567,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         let storage = self.placement.storage(block);
         let b = self.blocks.entry(block).or_default();
         let had = b.data.is_some();
-        // Data at a sequence number reserved while no read waits for it: the handoff of an
-        // evicting client that died, served by storage instead
-        // ([`ManagerShard::undeliverable`]).
-        let stray_data = matches!(
-            m,
-            Msg::Data {
-                exclusive: false,
-                ..
-            }
-        ) && !matches!(b.op, Some(PendingOp::Read(_)));
-        let handoff = matches!(m, Msg::Handoff { .. }) || stray_data;
+        let handoff = matches!(m, Msg::Handoff { .. });
         let busy = b.op.is_some();
         let unexpected = ProtocolError::Unexpected {
             block,
@@ -553,10 +588,8 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             }
             Msg::Grant { .. } => b.granted(block, out),
             Msg::EvictGrant { handoff, .. } => b.evict_granted(block, handoff, counters, out),
-            Msg::Data { data, .. } if stray_data => {
-                b.handed_off(data, counters);
-                true
-            }
+            // The handoff reserved at this number will not come: nothing to do.
+            Msg::Skip { .. } => true,
             Msg::Data {
                 data, exclusive, ..
             } => b.data_arrived(block, data, exclusive, out),
