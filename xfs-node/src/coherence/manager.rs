@@ -390,31 +390,11 @@ impl ManagerShard {
         }
         self.peer_died(peer);
         // Replies it was asked to send and may never send: served again.
-        let owed: Vec<(BlockId, NodeId, u32)> = self
-            .blocks
-            .iter()
-            .flat_map(|(block, b)| {
-                b.delegated
-                    .iter()
-                    .filter(|(to, (from, _))| *from == peer && **to != peer)
-                    .map(|(to, (_, seq))| (*block, *to, *seq))
-            })
-            .collect();
-        for (block, to, seq) in owed {
+        for (block, to, seq) in self.owed_by(peer, |b| &b.delegated) {
             self.serve_elsewhere(block, peer, to, seq, out);
         }
         // Handoffs it was to send: called off.
-        let handoffs: Vec<(BlockId, NodeId, u32)> = self
-            .blocks
-            .iter()
-            .flat_map(|(block, b)| {
-                b.handoffs
-                    .iter()
-                    .filter(|(to, (from, _))| *from == peer && **to != peer)
-                    .map(|(to, (_, seq))| (*block, *to, *seq))
-            })
-            .collect();
-        for (block, to, seq) in handoffs {
+        for (block, to, seq) in self.owed_by(peer, |b| &b.handoffs) {
             if let Some(b) = self.blocks.get_mut(&block) {
                 // It stays a cacher (see `undeliverable`).
                 b.handoffs.remove(&to);
@@ -432,6 +412,24 @@ impl ManagerShard {
         // No N-chance handoff goes to it any more (until it joins again).
         self.clients.retain(|c| *c != peer);
         Ok(())
+    }
+
+    /// What `peer` was to send to others, by the map `which` picks of each block:
+    /// (block, receiver, number reserved on the receiver's channel).
+    fn owed_by(
+        &self,
+        peer: NodeId,
+        which: impl Fn(&ManagerBlock) -> &BTreeMap<NodeId, (NodeId, u32)>,
+    ) -> Vec<(BlockId, NodeId, u32)> {
+        self.blocks
+            .iter()
+            .flat_map(|(block, b)| {
+                which(b)
+                    .iter()
+                    .filter(|(to, (from, _))| *from == peer && **to != peer)
+                    .map(|(to, (_, seq))| (*block, *to, *seq))
+            })
+            .collect()
     }
 
     /// Client `peer` (a new incarnation) is a member again: N-chance handoffs may go to it.

@@ -310,12 +310,17 @@ impl<T: Transport> MembershipLoop<T> {
         }
         let me = self.consensus.me();
         self.incarnation = next_incarnation(self.consensus.map(), me).max(self.incarnation);
-        self.left = self
-            .consensus
+        self.left = self.has_left();
+    }
+
+    /// Whether the map says this node left (`xfs-node leave`).
+    fn has_left(&self) -> bool {
+        let me = self.consensus.me();
+        self.consensus
             .map()
             .members
             .get(&me)
-            .is_some_and(|m| m.state == MemberState::Left);
+            .is_some_and(|m| m.state == MemberState::Left)
     }
 
     /// Propose the failure of each suspect still a member (again only after
@@ -439,12 +444,7 @@ impl<T: Transport> MembershipLoop<T> {
         }
         if update.me_removed {
             turns.removed_self += 1;
-            self.left = self
-                .consensus
-                .map()
-                .members
-                .get(&me)
-                .is_some_and(|m| m.state == MemberState::Left);
+            self.left = self.has_left();
             eprintln!(
                 "xfs-node {me}: the cluster removed this node: dropping its cache and \
                  un-fsynced writes{}",
