@@ -55,12 +55,7 @@ pub(crate) fn print_status(cfg: &Config, counters: bool) -> Result<(), String> {
         .filter(|m| m.enabled)
         .max_by_key(|m| m.epoch)
     {
-        let out: Vec<String> = m
-            .members
-            .iter()
-            .filter(|(_, _, st, _)| st != "active")
-            .map(|(n, _, st, _)| format!("{n} ({st})"))
-            .collect();
+        let out = non_members(m);
         println!(
             "membership: epoch {}, leader {}, voters {:?}{}",
             m.epoch,
@@ -238,12 +233,7 @@ pub(crate) fn print_members(cfg: &Config, node: u16) -> Result<(), String> {
     for (n, inc, state, since) in &m.members {
         println!("{n:<5} {state:<8} {since:>6} {inc:>22}");
     }
-    let failed: Vec<String> = m
-        .members
-        .iter()
-        .filter(|(_, _, st, _)| st != "active")
-        .map(|(n, _, st, _)| format!("{n} ({st})"))
-        .collect();
+    let failed = non_members(m);
     if !failed.is_empty() {
         println!("not members: {}", failed.join(", "));
     }
@@ -251,4 +241,13 @@ pub(crate) fn print_members(cfg: &Config, node: u16) -> Result<(), String> {
         println!("last error: {}", m.last_error);
     }
     Ok(())
+}
+
+/// The nodes the membership names that are not members, as `node (state)`.
+fn non_members(m: &xfs_node::membership::MembershipStatus) -> Vec<String> {
+    m.members
+        .iter()
+        .filter(|(_, _, st, _)| st != "active")
+        .map(|(n, _, st, _)| format!("{n} ({st})"))
+        .collect()
 }

@@ -253,6 +253,20 @@ impl ManagerShard {
                 && !b.delegated.contains_key(c)
                 && b.owner.is_none_or(|o| o == *c)
         });
+        self.delegate_read(block, source, reader, reader_seq, out);
+    }
+
+    /// Have `reader`'s copy (its reply reserved at `reader_seq`) sent by `source`, a client
+    /// holding it (a forward, remembered in [`ManagerBlock::delegated`]), or by storage.
+    fn delegate_read<D: Clone>(
+        &mut self,
+        block: BlockId,
+        source: Option<NodeId>,
+        reader: NodeId,
+        reader_seq: u32,
+        out: &mut Vec<Output<D>>,
+    ) {
+        let b = self.blocks.entry(block).or_default();
         match source {
             Some(holder) => {
                 b.delegated.insert(reader, (holder, reader_seq));
@@ -514,7 +528,6 @@ impl ManagerShard {
     /// else any cacher), or fetched from storage.
     #[inline]
     fn serve_read<D: Clone>(&mut self, block: BlockId, from: NodeId, out: &mut Vec<Output<D>>) {
-        let storage = self.placement.storage(block);
         let reader_seq = self.seq(from, block);
         let b = self.blocks.entry(block).or_default();
         b.recirculated = 0;
@@ -528,34 +541,7 @@ impl ManagerShard {
         b.owner = None;
         b.last_reader = Some(from);
         b.cachers.insert(from);
-        match source {
-            Some(holder) => {
-                b.delegated.insert(from, (holder, reader_seq));
-                self.counters.forwards += 1;
-                let seq = self.seq(holder, block);
-                out.push(Output::Send {
-                    to: holder,
-                    msg: Msg::Forward {
-                        block,
-                        seq,
-                        reader: from,
-                        reader_seq,
-                    },
-                });
-            }
-            None => {
-                self.counters.fetches += 1;
-                out.push(Output::Send {
-                    to: storage,
-                    msg: Msg::Fetch {
-                        block,
-                        to: from,
-                        seq: reader_seq,
-                        exclusive: false,
-                    },
-                });
-            }
-        }
+        self.delegate_read(block, source, from, reader_seq, out);
     }
 
     /// A write: granted at once if nobody else holds the block, else every other holder
