@@ -1857,3 +1857,173 @@ fn every_mount_of_a_started_node_is_served_in_its_process_unless_asked_over_the_
         }
     }
 }
+
+/// Run `f` on a thread; `None` if it has not answered within `limit` (a hung file call
+/// fails the test instead of hanging the run; the thread is left behind).
+fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// Manager failover through two mounts: the node that manages files in use on the mounts
+/// of nodes 1 and 2 is killed (-9); the cluster removes it, a survivor takes over its
+/// manager slots and its log (recovered from the other servers and parity), and the files
+/// read back with every fsynced byte and take new writes on both mounts, well within the
+/// issue's 10 s (the time is printed; the bound asserted is 30 s, for a loaded machine).
+#[test]
+fn a_killed_manager_nodes_files_are_readable_and_writable_on_both_mounts_within_10_s() {
+    let c = Cluster::start("failover", 19000, 64, 2);
+    let cfg = xfs_node::node::config::Config::load(&c.data.join("cluster.toml")).unwrap();
+    let entries = cfg.manager_map.entries.clone();
+    let manager = |ino: u64| entries[(ino % entries.len() as u64) as usize];
+    // Files through both mounts, fsynced, and through node 3 (a node allocates index
+    // numbers in its own slots: those are the files node 3 manages).
+    let mut files: Vec<(PathBuf, String)> = Vec::new();
+    for i in 0..18 {
+        let k = i % 3;
+        let content = format!("file {i} written through node {}\n", k + 1).repeat(200 + i);
+        if k < 2 {
+            let mut f = std::fs::File::create(c.m(k).join(format!("f{i}"))).unwrap();
+            f.write_all(content.as_bytes()).unwrap();
+            f.sync_all().unwrap();
+        } else {
+            let local = c.data.join("put-source");
+            std::fs::write(&local, &content).unwrap();
+            let to = format!("/f{i}");
+            ok(&[
+                "put",
+                "--data",
+                c.data_arg(),
+                "--node",
+                "3",
+                local.to_str().unwrap(),
+                &to,
+            ]);
+        }
+        files.push((PathBuf::from(format!("f{i}")), content));
+    }
+    let of_node3: Vec<usize> = (0..files.len())
+        .filter(|i| manager(std::fs::metadata(c.m(0).join(&files[*i].0)).unwrap().ino()) == 3)
+        .collect();
+    assert!(
+        of_node3.len() >= 3,
+        "node 3 manages {} of the files",
+        of_node3.len()
+    );
+    // Both mounts cache every file (and hold the read tokens node 3 granted).
+    for k in 0..2 {
+        for (name, content) in &files {
+            same(
+                &read_all(&c.m(k).join(name)),
+                content.as_bytes(),
+                "before the kill",
+            );
+        }
+    }
+    let pid3: i32 = std::fs::read_to_string(c.data.join("node3.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let killed = Instant::now();
+    // SAFETY: a signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(pid3, libc::SIGKILL) }, 0);
+    // Until every file node 3 managed reads its fsynced content and takes a write and an
+    // fsync on both mounts (each attempt on a thread: a call that waits for the takeover
+    // is not an error, one that hangs is).
+    let mut back = [None, None];
+    let mut errors = [0u64, 0];
+    while back.iter().any(|b| b.is_none()) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "the files of the killed manager are not back on both mounts after 60 s \
+             (errors seen: {errors:?})"
+        );
+        for k in 0..2 {
+            if back[k].is_some() {
+                continue;
+            }
+            let dir = c.m(k).to_path_buf();
+            let probe: Vec<(PathBuf, String)> =
+                of_node3.iter().map(|i| files[*i].clone()).collect();
+            let r = within(Duration::from_secs(60), move || -> Result<(), String> {
+                for (name, content) in &probe {
+                    let p = dir.join(name);
+                    let got = std::fs::read(&p).map_err(|e| format!("read {name:?}: {e}"))?;
+                    // The other mount may have rewritten its file's first bytes already.
+                    let mut rewritten = content.clone().into_bytes();
+                    rewritten[..5].copy_from_slice(b"after");
+                    if got != content.as_bytes() && got != rewritten {
+                        let logs: String = (1..=3)
+                            .map(|n| {
+                                let l = dir.with_file_name(format!("node{n}.log"));
+                                std::fs::read_to_string(l).unwrap_or_default()
+                            })
+                            .collect();
+                        panic!(
+                            "{name:?} through {} lost fsynced bytes: read {} bytes, {:?}..., \
+                             want {}\n{logs}",
+                            dir.display(),
+                            got.len(),
+                            String::from_utf8_lossy(&got[..got.len().min(40)]),
+                            content.len()
+                        );
+                    }
+                }
+                let (name, _) = &probe[k];
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join(name))
+                    .map_err(|e| format!("open {name:?}: {e}"))?;
+                f.write_all_at(b"after", 0)
+                    .map_err(|e| format!("write {name:?}: {e}"))?;
+                f.sync_all().map_err(|e| format!("fsync {name:?}: {e}"))?;
+                Ok(())
+            })
+            .unwrap_or_else(|| panic!("a file call on mount {} hung for 60 s", k + 1));
+            match r {
+                Ok(()) => back[k] = Some(killed.elapsed()),
+                Err(e) => {
+                    errors[k] += 1;
+                    eprintln!("mount {} at {:?}: {e}", k + 1, killed.elapsed());
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    let worst = back.iter().flatten().max().copied().unwrap();
+    eprintln!(
+        "files of the killed manager back on mount 1 after {:?}, mount 2 after {:?}",
+        back[0].unwrap(),
+        back[1].unwrap()
+    );
+    assert!(
+        worst < Duration::from_secs(30),
+        "failover took {worst:?} (target 10 s)"
+    );
+    // Every file, on both mounts: the fsynced content, the two rewritten ones with the
+    // new bytes in front; the node that took over says so.
+    for k in 0..2 {
+        for (i, (name, content)) in files.iter().enumerate() {
+            let mut want = content.clone().into_bytes();
+            if of_node3[..2].contains(&i) {
+                want[..5].copy_from_slice(b"after");
+            }
+            same(
+                &read_all(&c.m(k).join(name)),
+                &want,
+                &format!("{name:?} on mount {} after the failover", k + 1),
+            );
+        }
+    }
+    let moved: u64 = [1u16, 2]
+        .iter()
+        .map(|n| c.node_counter(*n, "blocks_moved"))
+        .sum();
+    assert!(moved > 0, "no node dropped a moved block");
+    let members = ok(&["members", "--data", c.data_arg(), "--node", "1"]);
+    assert!(members.contains("failed"), "{members}");
+}

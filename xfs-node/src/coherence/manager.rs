@@ -454,6 +454,13 @@ impl ManagerShard {
         }
     }
 
+    /// Forget every block `moved` names (their manager slots moved to another node by a
+    /// committed map change: the new manager starts them afresh).
+    pub fn forget(&mut self, moved: impl Fn(BlockId) -> bool) {
+        self.blocks.retain(|b, _| !moved(*b));
+        self.next_seq.retain(|(_, b), _| !moved(*b));
+    }
+
     /// Client `peer` restarted with an empty cache: it holds no copy, its requests are
     /// gone, and its channel starts again at 0. Call it at a quiescent point (no write
     /// waiting for `peer`'s acknowledgement).

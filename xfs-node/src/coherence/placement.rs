@@ -23,12 +23,17 @@ pub fn mix(block: BlockId) -> u64 {
 }
 
 impl Placement {
+    /// The block's manager slot (its index into `managers`).
+    pub fn slot(&self, block: BlockId) -> usize {
+        let n = self.managers.len().max(1) as u64;
+        match self.index_shift {
+            Some(shift) => ((block >> shift) % n) as usize,
+            None => (mix(block) % n) as usize,
+        }
+    }
     /// The block's manager.
     pub fn manager(&self, block: BlockId) -> NodeId {
-        match self.index_shift {
-            Some(shift) => self.managers[((block >> shift) % self.managers.len() as u64) as usize],
-            None => self.managers[(mix(block) % self.managers.len() as u64) as usize],
-        }
+        self.managers[self.slot(block)]
     }
     /// The block's storage server.
     pub fn storage(&self, block: BlockId) -> NodeId {

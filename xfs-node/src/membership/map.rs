@@ -194,7 +194,9 @@ impl ClusterMap {
     }
 
     /// Each manager slot at its home while the home is a member, else at a member chosen
-    /// by the slot number (the same on every node).
+    /// by the home's number (the same on every node): every slot of one home goes to one
+    /// member, because the blocks of a home's slots live in the home's log, which one node
+    /// at a time takes over.
     fn place_managers(&mut self) {
         let active = self.active();
         if active.is_empty() {
@@ -203,12 +205,11 @@ impl ClusterMap {
         let managers: Vec<NodeId> = self
             .homes
             .iter()
-            .enumerate()
-            .map(|(slot, home)| {
+            .map(|home| {
                 if self.is_member(*home) {
                     *home
                 } else {
-                    active[slot % active.len()]
+                    active[*home as usize % active.len()]
                 }
             })
             .collect();
@@ -259,6 +260,10 @@ mod tests {
         assert!(!m.is_member(2));
         assert!(m.managers.iter().all(|n| *n != 2), "{:?}", m.managers);
         assert_eq!(m.managers[0], 1, "slots of members stay home");
+        assert_eq!(
+            m.managers[1], m.managers[4],
+            "one member takes all of a home's slots"
+        );
         assert_eq!(m.managers_epoch, 1);
         let f = m.fence();
         assert_eq!(f.admit(2, 0), Admit::Refused);

@@ -46,7 +46,15 @@ pub struct MembershipUpdate {
     pub me_removed: bool,
     /// The epoch this node's current incarnation joined in (`None`: not a member now).
     pub joined_since: Option<Epoch>,
+    /// The manager map (slot → node) as of the newest epoch (`ClusterMap::managers`).
+    pub managers: Vec<NodeId>,
+    /// The epoch of the manager map's last change.
+    pub managers_epoch: Epoch,
 }
+
+/// The membership loop's hook on each map it applies ([`MembershipLoop::on_map`]): the
+/// map, and the epoch this incarnation joined in (`None`: not a member).
+pub type OnMap = Box<dyn Fn(&ClusterMap, Option<Epoch>) + Send>;
 
 /// What `xfs-node status` and `members` show of the membership.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,6 +114,10 @@ pub struct MembershipLoop<T: Transport> {
     pub peers: BTreeMap<NodeId, EndpointName>,
     /// Each shard loop's way in: a committed change goes to all of them.
     pub shards: Vec<Box<dyn Fn(MembershipUpdate) -> bool + Send>>,
+    /// Called with the map and this incarnation's join epoch each time the map is applied,
+    /// before the shards hear of it (the node's log thread takes over or gives back the
+    /// logs of the homes whose slots moved).
+    pub on_map: OnMap,
     /// Peers the shard loops found unreachable, each with the epoch its undelivered
     /// message was sent in.
     pub suspects: Receiver<(NodeId, Epoch)>,
@@ -226,7 +238,10 @@ impl<T: Transport> MembershipLoop<T> {
             rejoined: Vec::new(),
             me_removed: false,
             joined_since: self.joined_since(),
+            managers: self.consensus.map().managers.clone(),
+            managers_epoch: self.consensus.map().managers_epoch,
         };
+        (self.on_map)(self.consensus.map(), update.joined_since);
         self.shards.retain(|send| send(update.clone()));
         while !self.stop.load(Ordering::Relaxed) {
             let now = Instant::now();
@@ -461,6 +476,7 @@ impl<T: Transport> MembershipLoop<T> {
             turns.last_error.clear();
         }
         out.applied.clear();
+        (self.on_map)(self.consensus.map(), update.joined_since);
         self.shards.retain(|send| send(update.clone()));
     }
 
@@ -488,6 +504,8 @@ impl<T: Transport> MembershipLoop<T> {
             rejoined,
             me_removed,
             joined_since: None,
+            managers: self.consensus.map().managers.clone(),
+            managers_epoch: self.consensus.map().managers_epoch,
         }
     }
 

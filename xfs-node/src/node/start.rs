@@ -9,6 +9,7 @@ use super::config::NodeSection;
 use super::transport::endpoint;
 use super::*;
 use crate::storage::log::StripeGroup;
+use crate::storage::log_actor::{Adopted, AdoptedLogs, HomeRoute};
 use crate::storage::remote::{client_identity, ClientPurpose};
 
 /// The leader's link to the writers of its group: cleaner commands over the shards.
@@ -339,6 +340,7 @@ fn spawn_membership<M: MakeTransport>(
         joined: joined.clone(),
         stop: shared.stop.clone(),
         left: false,
+        on_map: on_map(me.id, shared.takeover.clone(), shared.adopted.clone()),
     };
     threads.push(spawn_named("membership", move || ml.run()));
     Ok(MembershipHandle {
@@ -373,6 +375,10 @@ struct Shared<T: Transport> {
     mount: MountLink,
     /// What the log actor did (published after each batch).
     actor: Arc<Mutex<LogActorCounters>>,
+    /// The manager map and this incarnation's join, as the membership loop last applied.
+    takeover: Arc<Mutex<Takeover>>,
+    /// The logs this node took over from failed homes.
+    adopted: AdoptedLogs<RemoteStore<T>>,
 }
 
 impl<T: Transport> Shared<T> {
@@ -388,6 +394,8 @@ impl<T: Transport> Shared<T> {
             storage_free: Arc::new(AtomicU64::new(0)),
             mount: Arc::new(Mutex::new(None)),
             actor: Arc::new(Mutex::new(LogActorCounters::default())),
+            takeover: Default::default(),
+            adopted: Default::default(),
         }
     }
 }
@@ -540,7 +548,13 @@ fn spawn_shard_loops<M: MakeTransport>(
             shard_loop(shard, rx, st, ml, cmds, link, sus)
         }));
     }
-    let actor = LogActor::new(shared.log.clone(), shared.log_full.clone());
+    let route = HomeRoute {
+        me: me.id,
+        homes: config.manager_map.entries.clone(),
+        shift: INDEX_SHIFT,
+    };
+    let actor = LogActor::new(shared.log.clone(), shared.log_full.clone())
+        .with_adopted(shared.adopted.clone(), route);
     let (stop, counters) = (shared.stop.clone(), shared.actor.clone());
     threads.push(spawn_named("log-actor", move || {
         log_actor::serve(actor, work_rx, inboxes, stop, counters)
@@ -613,49 +627,87 @@ fn spawn_command_thread<T: Transport + Send + 'static>(
 }
 
 /// The log thread (manager role): the log, once the stripe group's servers answer (they
-/// may start after us); see [`LogThread`].
+/// may start after us), and the logs this node takes over from failed homes; see
+/// [`LogThread`].
 fn spawn_log_thread<M: MakeTransport>(
     config: &Config,
     me: &NodeSection,
     mk: M,
     shared: &Shared<M::T>,
 ) -> JoinHandle<()> {
-    let id = me.id;
-    let groups = config.stripe_group_map();
-    let gi = (id as usize - 1) % groups.groups.len();
-    let group = groups.groups[gi].clone();
-    // The managers whose logs share this group's stores (as the cleaner counts them).
-    let writers = config
-        .nodes
-        .iter()
-        .filter(|x| x.has("manager") && (x.id as usize - 1) % groups.groups.len() == gi)
-        .count();
-    let addrs = group
-        .servers
-        .iter()
-        .filter_map(|s| {
+    let groups = config.stripe_group_map().groups;
+    // The managers whose logs share each group's stores (as the cleaner counts them).
+    let writers = (0..groups.len())
+        .map(|gi| {
             config
-                .node(*s)
-                .map(|n| (*s, n.storage_addr(config.cluster.shards)))
+                .nodes
+                .iter()
+                .filter(|x| x.has("manager") && (x.id as usize - 1) % groups.len() == gi)
+                .count()
         })
         .collect();
+    let addrs = config
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.storage_addr(config.cluster.shards)))
+        .collect();
     let thread = LogThread {
-        id,
+        id: me.id,
         mk,
         host: me.host,
         tag: config.tag(),
         frag: config.cluster.fragment_bytes,
+        groups,
+        writers,
         addrs,
+        membership: config.cluster.membership,
         log: shared.log.clone(),
         reader: shared.reader.clone(),
         room: shared.log_room.clone(),
         ready: shared.ready.clone(),
         stop: shared.stop.clone(),
+        takeover: shared.takeover.clone(),
+        adopted: shared.adopted.clone(),
     };
-    spawn_named("log-writer", move || thread.run(group, writers))
+    spawn_named("log-writer", move || thread.run())
 }
 
-/// The log thread's state: how it reaches the stripe group's storage servers, and what
+/// What the membership loop tells the log thread (`on_map`): the epoch this incarnation
+/// joined in, and the manager map. The logs to take over are marked in
+/// [`Shared::adopted`] at once (so the log actor waits for them rather than failing).
+#[derive(Clone, Debug, Default)]
+struct Takeover {
+    /// The epoch this node's current incarnation joined in (`None`: not a member).
+    joined: Option<crate::coherence::Epoch>,
+    /// Per manager slot, its node now.
+    managers: Vec<NodeId>,
+    /// Per manager slot, its home.
+    homes: Vec<NodeId>,
+}
+
+/// The membership loop's hook ([`crate::membership::run::MembershipLoop::on_map`]): note
+/// the map for the log thread, and mark the logs of homes whose slots moved here wanted.
+fn on_map<T: Transport + Send + 'static>(
+    me: NodeId,
+    takeover: Arc<Mutex<Takeover>>,
+    adopted: AdoptedLogs<RemoteStore<T>>,
+) -> crate::membership::run::OnMap {
+    Box::new(move |map, joined| {
+        let mut a = lock(&adopted);
+        for (home, now) in map.homes.iter().zip(&map.managers) {
+            if *now == me && *home != me && joined.is_some() && !a.contains_key(home) {
+                a.insert(*home, Adopted::Wanted(map.managers_epoch));
+            }
+        }
+        *lock(&takeover) = Takeover {
+            joined,
+            managers: map.managers.clone(),
+            homes: map.homes.clone(),
+        };
+    })
+}
+
+/// The log thread's state: how it reaches the stripe groups' storage servers, and what
 /// it shares with the node.
 struct LogThread<M: MakeTransport> {
     id: NodeId,
@@ -664,40 +716,83 @@ struct LogThread<M: MakeTransport> {
     host: IpAddr,
     tag: u64,
     frag: usize,
-    /// The stripe group's servers, in the group's order: node and storage server address.
-    addrs: Vec<(NodeId, SocketAddr)>,
+    /// The stripe groups (a home's log is striped over group `(home - 1) % len`).
+    groups: Vec<StripeGroup>,
+    /// Per group, the logs that share its stores.
+    writers: Vec<usize>,
+    /// Every node's storage server address.
+    addrs: BTreeMap<NodeId, SocketAddr>,
+    /// Whether the node keeps a membership log: then the log waits for this incarnation's
+    /// join, whose epoch is its storage clients' generation.
+    membership: bool,
     log: SharedLog<M::T>,
     reader: SharedReader<M::T>,
     room: Arc<AtomicU64>,
     ready: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    takeover: Arc<Mutex<Takeover>>,
+    adopted: AdoptedLogs<RemoteStore<M::T>>,
 }
 
 impl<M: MakeTransport> LogThread<M> {
-    /// Connect, recover the log (then the node is ready), and keep the servers attached.
-    fn run(self, group: StripeGroup, writers: usize) {
-        let Some(stores) = self.connect_group(group.data()) else {
-            return;
-        };
-        if let Err(e) = self.recover(group, writers, stores) {
-            eprintln!("xfs-node {}: cannot recover the log: {e}", self.id);
-            return;
-        }
-        // A server marked down (or down at start) that answers again is attached
-        // and rebuilt: this log's fragments it misses are recomputed from the others.
+    /// The stripe group of `home`'s log.
+    fn group_of(&self, home: NodeId) -> usize {
+        (home as usize - 1) % self.groups.len()
+    }
+
+    /// The servers of `home`'s group, in the group's order: node and address.
+    fn servers_of(&self, home: NodeId) -> Vec<(NodeId, SocketAddr)> {
+        self.groups[self.group_of(home)]
+            .servers
+            .iter()
+            .filter_map(|s| self.addrs.get(s).map(|a| (*s, *a)))
+            .collect()
+    }
+
+    /// Recover the log (then the node is ready), keep the servers attached, take over the
+    /// logs of failed homes whose slots move here and give them back when they go. With
+    /// a membership log, the log is recovered once this incarnation's join commits (its
+    /// epoch is the generation of its connections), and again after each rejoin (a member
+    /// that took the log over meanwhile wrote to it).
+    fn run(self) {
+        let mut generation = None;
+        let mut last_upkeep = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_secs(2));
-            self.replace_dead_readers();
-            self.rebuild_returned();
+            let joined = if self.membership {
+                lock(&self.takeover).joined
+            } else {
+                Some(0)
+            };
+            if let Some(j) = joined.filter(|j| generation != Some(*j)) {
+                match self.recover_own(j) {
+                    Some(Ok(())) => generation = Some(j),
+                    Some(Err(e)) => {
+                        eprintln!("xfs-node {}: cannot recover the log: {e}", self.id);
+                        return;
+                    }
+                    None => return,
+                }
+            }
+            self.take_over_wanted();
+            self.give_back_moved();
+            // A server marked down (or down at start) that answers again is attached
+            // and rebuilt: this log's fragments it misses are recomputed from the others.
+            if generation.is_some() && last_upkeep.elapsed() >= Duration::from_secs(2) {
+                last_upkeep = Instant::now();
+                self.replace_dead_readers(generation.unwrap_or(0));
+                self.rebuild_returned(generation.unwrap_or(0));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// A store client of the server at `addr`, on its own endpoint, for `purpose` (the
-    /// server knows it by this node and purpose, whatever port it binds).
+    /// A store client of the server at `addr` as `identity` in `generation`, on its own
+    /// endpoint (the server knows it by identity, whatever port it binds).
     fn connect(
         &self,
         addr: SocketAddr,
-        purpose: ClientPurpose,
+        identity: u64,
+        generation: u64,
     ) -> Result<RemoteStore<M::T>, StartError> {
         let ep = endpoint(
             &self.mk,
@@ -713,25 +808,31 @@ impl<M: MakeTransport> LogThread<M> {
             Tag(self.tag),
             STORE_DEPTH,
             Box::new(|| {}),
-            client_identity(self.id, purpose),
+            (identity, generation),
         )
         .map_err(StartError::Connect)?;
         rs.set_timeout(Duration::from_secs(3));
         Ok(rs)
     }
 
-    /// Store clients of the group's servers, retried every 100 ms until every server
-    /// answers or, after 30 s, `data` of them do (the others start down; their errors
-    /// are printed from then on). `None`: the node stopped first.
-    fn connect_group(&self, data: usize) -> Option<Vec<Option<RemoteStore<M::T>>>> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut stores: Vec<Option<RemoteStore<M::T>>> = self.addrs.iter().map(|_| None).collect();
+    /// Store clients of `servers` as `identity` in `generation`, retried every 100 ms
+    /// until every server answers or, after `patience`, `data` of them do (the others
+    /// start down; their errors are printed from then on). `None`: the node stopped first.
+    fn connect_group(
+        &self,
+        servers: &[(NodeId, SocketAddr)],
+        (identity, generation): (u64, u64),
+        data: usize,
+        patience: Duration,
+    ) -> Option<Vec<Option<RemoteStore<M::T>>>> {
+        let deadline = Instant::now() + patience;
+        let mut stores: Vec<Option<RemoteStore<M::T>>> = servers.iter().map(|_| None).collect();
         loop {
-            for (i, (node, addr)) in self.addrs.iter().enumerate() {
+            for (i, (node, addr)) in servers.iter().enumerate() {
                 if stores[i].is_some() {
                     continue;
                 }
-                match self.connect(*addr, ClientPurpose::Log) {
+                match self.connect(*addr, identity, generation) {
                     Ok(rs) => stores[i] = Some(rs),
                     Err(e) if Instant::now() > deadline => {
                         eprintln!(
@@ -753,33 +854,135 @@ impl<M: MakeTransport> LogThread<M> {
         }
     }
 
-    /// Recover the log from `stores` and install it with the cleaner's segment reader;
-    /// then the node is ready.
-    fn recover(
-        &self,
-        group: StripeGroup,
-        writers: usize,
-        stores: Vec<Option<RemoteStore<M::T>>>,
-    ) -> Result<(), LogError> {
-        let mut l = Log::recover(self.id, group.clone(), stores)?;
-        l.set_writers(writers);
+    /// Recover this node's own log in `generation` and install it with the cleaner's
+    /// segment reader; then the node is ready. `None`: the node stopped first.
+    fn recover_own(&self, generation: u64) -> Option<Result<(), LogError>> {
+        let gi = self.group_of(self.id);
+        let group = self.groups[gi].clone();
+        let servers = self.servers_of(self.id);
+        let identity = (client_identity(self.id, ClientPurpose::Log), generation);
+        let stores =
+            self.connect_group(&servers, identity, group.data(), Duration::from_secs(30))?;
+        let mut l = match Log::recover(self.id, group.clone(), stores) {
+            Ok(l) => l,
+            Err(e) => return Some(Err(e)),
+        };
+        l.set_writers(self.writers[gi]);
         l.set_room_gauge(self.room.clone());
         *lock(&self.log) = Some(l);
         // The cleaner reads segments over connections of its own.
-        let rs = self
-            .addrs
+        let reader = client_identity(self.id, ClientPurpose::Reader);
+        let rs = servers
             .iter()
-            .map(|(_, a)| self.connect(*a, ClientPurpose::Reader).ok())
+            .map(|(_, a)| self.connect(*a, reader, generation).ok())
             .collect();
         *lock(&self.reader) = SegmentReader::new(group, rs).ok();
         self.ready.store(true, Ordering::Relaxed);
-        Ok(())
+        Some(Ok(()))
+    }
+
+    /// Recover each log marked wanted (a failed home's, whose slots moved here): its
+    /// servers are asked once (the home's own is likely down: its fragments are read
+    /// from parity), its connections fence the home's.
+    fn take_over_wanted(&self) {
+        let adopted = self.adopted.clone();
+        let wanted: Vec<(NodeId, u64)> = lock(&adopted)
+            .iter()
+            .filter_map(|(h, a)| match a {
+                Adopted::Wanted(g) => Some((*h, *g)),
+                _ => None,
+            })
+            .collect();
+        for (home, generation) in wanted {
+            let gi = self.group_of(home);
+            let group = self.groups[gi].clone();
+            let servers = self.servers_of(home);
+            let identity = (client_identity(home, ClientPurpose::Log), generation);
+            let Some(stores) = self.connect_group(&servers, identity, group.data(), Duration::ZERO)
+            else {
+                return;
+            };
+            let up = stores.iter().filter(|s| s.is_some()).count();
+            let started = Instant::now();
+            let state = if up < group.data() {
+                Adopted::Failed(
+                    generation,
+                    format!("{up} of its {} storage servers answer", servers.len()),
+                )
+            } else {
+                match Log::recover(home, group, stores) {
+                    Ok(mut l) => {
+                        l.set_writers(self.writers[gi]);
+                        eprintln!(
+                            "xfs-node {}: took over the log of node {home} (epoch \
+                             {generation}): {} blocks, recovered in {} ms",
+                            self.id,
+                            l.imap().len(),
+                            started.elapsed().as_millis()
+                        );
+                        Adopted::Ready(Box::new(l))
+                    }
+                    Err(e) => Adopted::Failed(generation, e.to_string()),
+                }
+            };
+            if let Adopted::Failed(_, why) = &state {
+                eprintln!(
+                    "xfs-node {}: cannot take over the log of node {home}: {why}",
+                    self.id
+                );
+            }
+            let mut a = lock(&adopted);
+            // Still wanted (not given back meanwhile)?
+            if matches!(a.get(&home), Some(Adopted::Wanted(g)) if *g == generation) {
+                a.insert(home, state);
+            }
+        }
+    }
+
+    /// The logs taken over whose slots no longer are this node's (their home rejoined, or
+    /// they moved on): made durable, then dropped. A log that failed to be taken over is
+    /// asked for again.
+    fn give_back_moved(&self) {
+        let t = lock(&self.takeover).clone();
+        let adopted = &self.adopted;
+        let mine = |home: NodeId| {
+            t.joined.is_some()
+                && t.homes
+                    .iter()
+                    .zip(&t.managers)
+                    .any(|(h, m)| *h == home && *m == self.id)
+        };
+        let mut a = lock(adopted);
+        let homes: Vec<NodeId> = a.keys().copied().collect();
+        for home in homes {
+            if mine(home) {
+                if let Some(Adopted::Failed(g, _)) = a.get(&home) {
+                    let g = *g;
+                    a.insert(home, Adopted::Wanted(g));
+                }
+                continue;
+            }
+            if let Some(Adopted::Ready(mut l)) = a.remove(&home) {
+                match l.fsync() {
+                    Ok(()) => eprintln!(
+                        "xfs-node {}: gave the log of node {home} back (its slots moved)",
+                        self.id
+                    ),
+                    Err(e) => eprintln!(
+                        "xfs-node {}: giving the log of node {home} back: its last writes \
+                         could not be made durable: {e}",
+                        self.id
+                    ),
+                }
+            }
+        }
     }
 
     /// The cleaner's connections: a reader store that died, or was never connected, is
     /// replaced once its server answers.
-    fn replace_dead_readers(&self) {
-        for (i, (_, addr)) in self.addrs.iter().enumerate() {
+    fn replace_dead_readers(&self, generation: u64) {
+        let identity = client_identity(self.id, ClientPurpose::Reader);
+        for (i, (_, addr)) in self.servers_of(self.id).iter().enumerate() {
             let dead = lock(&self.reader)
                 .as_mut()
                 .and_then(|r| {
@@ -788,7 +991,7 @@ impl<M: MakeTransport> LogThread<M> {
                 })
                 .unwrap_or(false);
             if dead {
-                if let Ok(rs) = self.connect(*addr, ClientPurpose::Reader) {
+                if let Ok(rs) = self.connect(*addr, identity, generation) {
                     if let Some(slot) = lock(&self.reader).as_mut().and_then(|r| r.store_slot(i)) {
                         *slot = Some(rs);
                     }
@@ -799,17 +1002,19 @@ impl<M: MakeTransport> LogThread<M> {
 
     /// Each server the log has marked down that answers again: attach it and rebuild on it
     /// this log's fragments it misses (a failed rebuild leaves it down).
-    fn rebuild_returned(&self) {
+    fn rebuild_returned(&self, generation: u64) {
         let id = self.id;
         let down = lock(&self.log)
             .as_ref()
             .map(|l| l.down())
             .unwrap_or_default();
+        let servers = self.servers_of(id);
         for i in down {
-            let Some((node, addr)) = self.addrs.get(i).copied() else {
+            let Some((node, addr)) = servers.get(i).copied() else {
                 continue;
             };
-            let Ok(rs) = self.connect(addr, ClientPurpose::Log) else {
+            let identity = client_identity(id, ClientPurpose::Log);
+            let Ok(rs) = self.connect(addr, identity, generation) else {
                 continue;
             };
             let mut g = lock(&self.log);

@@ -42,6 +42,9 @@ use crate::coherence::{
     UserOp,
 };
 
+mod moves;
+pub use moves::{MoveBarrier, Moves, MOVED_HANDLER};
+
 /// Messages a shard keeps until its node has applied the newer epoch they were sent in;
 /// beyond this, the newest are dropped (counted in [`ShardCounters::fenced`]).
 pub const MAX_HELD_FOR_EPOCH: usize = 65_536;
@@ -198,6 +201,18 @@ pub struct ShardCounters {
     pub answered_for_removed: u64,
     /// Times this node found itself removed by the cluster and dropped its state.
     pub fenced_self: u64,
+    /// Blocks whose manager slot moved while this node held state for them (dropped).
+    pub blocks_moved: u64,
+    /// Of those, dirty copies written back to the block's new storage node.
+    pub moved_write_backs: u64,
+    /// Operations in progress on a moved block, run again under its new manager.
+    pub ops_run_again: u64,
+    /// Requests held until every member dropped its copies of the moved blocks.
+    pub held_for_move: u64,
+    /// Requests for blocks this node no longer manages (its sender asks again).
+    pub not_managed_here: u64,
+    /// Moves' write-backs never acknowledged, or barriers lifted, after their timeout.
+    pub moves_expired: u64,
 }
 
 /// One delivered protocol message, as the trace records it.
@@ -316,6 +331,8 @@ pub struct Shard<T: Transport, D: BlockData, S: BlockStore<D>> {
     /// Operations given up ([`ClientShard::abandon`]): their manager or storage node was
     /// removed or restarted; the driver fails them with EIO.
     failed_ops: Vec<OpId>,
+    /// Manager failover: slots that moved ([`moves`]).
+    moves: Moves<D>,
 }
 
 /// How a shard is set up.
@@ -359,6 +376,13 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             _ => *lock(&b) += 1,
         })?;
         endpoint.register(ANNOUNCE_HANDLER, |_, _| {})?;
+        let moves = Moves::new(cfg.placement.managers.clone());
+        let mi = moves.inbox.clone();
+        endpoint.register(MOVED_HANDLER, move |_, m| {
+            if let [epoch] = m.args {
+                lock(&mi).push_back(((m.source.addr, m.source.vnet), *epoch));
+            }
+        })?;
         let undeliverable = Arc::new(Mutex::new(0u64));
         let bounced: Bounced = Arc::new(Mutex::new(VecDeque::new()));
         let (u, bq) = (undeliverable.clone(), bounced.clone());
@@ -412,6 +436,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             joined_since: Some(0),
             failed_ops: Vec::new(),
             suspected_in: BTreeMap::new(),
+            moves,
         })
     }
 
@@ -468,6 +493,8 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// Ask node `node` to make its log durable (every write-back it acknowledged so far);
     /// the answer comes from [`Shard::take_sync_done`] with `op`.
     pub fn sync(&mut self, op: OpId, node: NodeId) {
+        // A home's log is synced where it is written now (its slots' manager).
+        let node = self.current_of_home(node);
         if node == self.node && self.external_store {
             self.store_work.push(StoreWork::Sync(SyncFor::Local(op)));
         } else if node == self.node {
@@ -551,6 +578,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         // not taken (the driver drops them with the store's queue).
         self.store_work.clear();
         self.store_outstanding = 0;
+        self.moves = Moves::new(std::mem::take(&mut self.moves.homes));
     }
 
     /// Node `peer` restarted: forget what this shard's state machines knew of it. The
@@ -804,13 +832,16 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         removed: &[NodeId],
         rejoined: &[NodeId],
         joined_since: Option<Epoch>,
+        (managers, managers_epoch): (&[NodeId], Epoch),
     ) {
         self.fence = fence;
         self.joined_since = joined_since;
+        self.move_slots(managers, managers_epoch);
         for p in removed.iter().chain(rejoined) {
             if *p == self.node {
                 continue;
             }
+            self.moves_peer_gone(*p);
             let r = self.manager.peer_removed(*p, &mut self.out);
             self.note(r);
             // What this client waited for from it will not come.
@@ -935,6 +966,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.waiting.clear();
         self.reread.clear();
         self.kernel.clear();
+        self.moves = Moves::new(std::mem::take(&mut self.moves.homes));
         for b in cached {
             self.forgotten.insert(b);
             self.kernel.push_back(b);
@@ -949,6 +981,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         let mut work = self.endpoint.poll(budget)?;
         work += self.collect_bounced();
         self.collect_inbox();
+        work += self.step_moves();
         if !self.manual {
             while let Some(d) = self.pending.pop_front() {
                 self.handle(d);
@@ -986,6 +1019,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         if let Some(i) = self.kernel.iter().position(|b| *b == block) {
             self.kernel.remove(i);
         }
+        self.moved_kernel_done(block);
         if self.forgotten.remove(&block) {
             // Dropped because this node was removed: nothing waits for it.
             return;
@@ -1044,7 +1078,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             .waiting
             .keys()
             .copied()
-            .filter(|b| self.client.is_idle(*b))
+            .filter(|b| self.client.is_idle(*b) && !self.is_migrating(*b))
             .collect();
         for block in ready {
             // Starting one operation may begin a capacity eviction of another block.
@@ -1070,6 +1104,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     }
 
     fn handle(&mut self, d: Delivery<D>) {
+        let Some(d) = self.held_for_move(d) else {
+            return;
+        };
         self.counters.messages += 1;
         if let Some(t) = &mut self.trace {
             t.push(d.clone());

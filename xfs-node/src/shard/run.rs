@@ -189,6 +189,7 @@ pub(crate) fn shard_loop<T: Transport + Send>(
                 // Until the cluster removes them: a proposal can be lost with a leader.
                 suspects_again = Instant::now();
                 report.extend(shard.suspects_waiting());
+                shard.tick_moves();
             }
             for s in report {
                 // Full: reported again later.
@@ -272,7 +273,13 @@ fn take_cmd<T: Transport + Send>(
                      {n} operations failed with EIO"
                 );
             }
-            shard.set_membership(u.fence, &u.removed, &u.rejoined, u.joined_since);
+            shard.set_membership(
+                u.fence,
+                &u.removed,
+                &u.rejoined,
+                u.joined_since,
+                (&u.managers, u.managers_epoch),
+            );
         }
         Cmd::Stats(tx) => {
             let mut v = stats(shard, invalidations);
@@ -315,6 +322,12 @@ fn stats<T: Transport + Send>(shard: &NodeShard<T>, invalidations: u64) -> Vec<(
         ("held_for_epoch".into(), c.held_for_epoch),
         ("fenced_self".into(), c.fenced_self),
         ("answered_for_removed".into(), c.answered_for_removed),
+        ("blocks_moved".into(), c.blocks_moved),
+        ("moved_write_backs".into(), c.moved_write_backs),
+        ("ops_run_again".into(), c.ops_run_again),
+        ("held_for_move".into(), c.held_for_move),
+        ("not_managed_here".into(), c.not_managed_here),
+        ("moves_expired".into(), c.moves_expired),
     ]
 }
 

@@ -21,7 +21,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::coherence::{BlockId, SyncError};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::coherence::{BlockId, NodeId, SyncError};
 use crate::fs::layout::block_name;
 use crate::lock;
 use crate::shard::{StoreDone, StoreWork};
@@ -52,11 +54,52 @@ pub struct LogActorCounters {
     pub fsyncs: u64,
 }
 
+/// A log of another home that this node took over (manager failover: the home's slots
+/// moved here by a committed map change, and with them the home's log).
+pub enum Adopted<S: FragmentStore> {
+    /// Asked for in the given membership epoch (the generation the log's storage clients
+    /// connect in, fencing the home's own, older connections); being recovered. Work for
+    /// its blocks waits.
+    Wanted(u64),
+    /// Recovered: the storage role of the home's blocks runs on it.
+    Ready(Box<Log<S>>),
+    /// Could not be recovered (retried): work for its blocks fails.
+    Failed(u64, String),
+}
+
+/// The adopted logs, by home node.
+pub type AdoptedLogs<S> = Arc<Mutex<BTreeMap<NodeId, Adopted<S>>>>;
+
+/// Which log a block lives in: its slot's home's (`homes[(block >> shift) % len]`), this
+/// node's own when the home is `me`.
+#[derive(Clone, Debug)]
+pub struct HomeRoute {
+    /// This node.
+    pub me: NodeId,
+    /// Per manager slot, its home (the configured manager map).
+    pub homes: Vec<NodeId>,
+    /// The shift that takes a block to its index number's slot bits.
+    pub shift: u32,
+}
+
+impl HomeRoute {
+    /// The home of `block`'s slot.
+    pub fn home(&self, block: BlockId) -> NodeId {
+        self.homes[((block >> self.shift) % self.homes.len() as u64) as usize]
+    }
+}
+
+/// Longest the actor waits for an adopted log to be recovered before it fails the work
+/// that needs it.
+const ADOPT_WAIT: Duration = Duration::from_secs(60);
+
 /// The node's log actor (see the module docs).
 pub struct LogActor<S: FragmentStore> {
     log: Arc<Mutex<Option<Log<S>>>>,
     full: Arc<AtomicBool>,
     counters: LogActorCounters,
+    /// Logs taken over from failed homes, and how blocks find theirs (`None`: one log).
+    adopted: Option<(AdoptedLogs<S>, HomeRoute)>,
 }
 
 impl<S: FragmentStore + Send> LogActor<S> {
@@ -69,6 +112,46 @@ impl<S: FragmentStore + Send> LogActor<S> {
             log,
             full,
             counters: LogActorCounters::default(),
+            adopted: None,
+        }
+    }
+
+    /// Route the blocks of other homes' slots to `adopted` (see [`Adopted`]).
+    pub fn with_adopted(mut self, adopted: AdoptedLogs<S>, route: HomeRoute) -> Self {
+        self.adopted = Some((adopted, route));
+        self
+    }
+
+    /// The other homes this batch's blocks live in.
+    fn homes_of<K>(&self, work: &[(K, StoreWork<Vec<u8>>)]) -> BTreeSet<NodeId> {
+        let Some((_, route)) = &self.adopted else {
+            return BTreeSet::new();
+        };
+        work.iter()
+            .filter_map(|(_, w)| match w {
+                StoreWork::Block(r) => Some(route.home(r.block)),
+                StoreWork::Sync(_) => None,
+            })
+            .filter(|h| *h != route.me)
+            .collect()
+    }
+
+    /// Wait (up to [`ADOPT_WAIT`]) until none of `homes`' logs is still being recovered.
+    fn wait_adopted(&self, homes: &BTreeSet<NodeId>) {
+        let Some((adopted, _)) = &self.adopted else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + ADOPT_WAIT;
+        while std::time::Instant::now() < deadline {
+            let g = lock(adopted);
+            if !homes
+                .iter()
+                .any(|h| matches!(g.get(h), Some(Adopted::Wanted(_))))
+            {
+                return;
+            }
+            drop(g);
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -84,17 +167,38 @@ impl<S: FragmentStore + Send> LogActor<S> {
         work: Vec<(K, StoreWork<Vec<u8>>)>,
     ) -> Vec<(K, StoreDone<Vec<u8>>)> {
         self.counters.batches += 1;
+        let homes = self.homes_of(&work);
+        if !homes.is_empty() {
+            self.wait_adopted(&homes);
+        }
         let mut done = Vec::with_capacity(work.len());
         let mut syncs = Vec::new();
         let mut g = lock(&self.log);
+        let mut others = self.adopted.as_ref().map(|(a, _)| lock(a));
+        let route = self.adopted.as_ref().map(|(_, r)| r);
         for (k, w) in work {
             match w {
                 StoreWork::Block(req) => {
                     self.counters.blocks += 1;
-                    let result = match (g.as_mut(), req.write) {
-                        (None, _) => Err("this node has no log (no manager role)".to_string()),
-                        (Some(log), None) => read(log, req.block).map(Some),
-                        (Some(log), Some(data)) => log
+                    let home = route.map(|r| (r.home(req.block), r.me));
+                    let log = match (home, others.as_mut()) {
+                        (Some((home, me)), Some(o)) if home != me => match o.get_mut(&home) {
+                            Some(Adopted::Ready(l)) => Ok(&mut **l),
+                            Some(Adopted::Failed(_, why)) => Err(format!(
+                                "the log of node {home}, taken over here, is not available: {why}"
+                            )),
+                            _ => Err(format!(
+                                "the log of node {home} is not taken over by this node"
+                            )),
+                        },
+                        _ => g
+                            .as_mut()
+                            .ok_or_else(|| "this node has no log (no manager role)".to_string()),
+                    };
+                    let result = match (log, req.write) {
+                        (Err(e), _) => Err(e),
+                        (Ok(log), None) => read(log, req.block).map(Some),
+                        (Ok(log), Some(data)) => log
                             .write(req.block, &data)
                             .map(|()| None)
                             .map_err(|e| e.to_string()),
@@ -114,13 +218,23 @@ impl<S: FragmentStore + Send> LogActor<S> {
         if !syncs.is_empty() {
             // One fsync, after every write of the batch, answers all of its syncs: each
             // covers at least the writes asked for before it.
-            let result = match g.as_mut() {
+            let mut result = match g.as_mut() {
                 None => Ok(()),
                 Some(log) => {
                     self.counters.fsyncs += 1;
                     log.fsync().map_err(sync_error)
                 }
             };
+            // The logs taken over are this node's storage role too.
+            for a in others.iter_mut().flat_map(|o| o.values_mut()) {
+                if let Adopted::Ready(log) = a {
+                    self.counters.fsyncs += 1;
+                    let r = log.fsync().map_err(sync_error);
+                    if result.is_ok() {
+                        result = r;
+                    }
+                }
+            }
             self.counters.syncs += syncs.len() as u64;
             for (k, asked) in syncs {
                 let result = result.clone();

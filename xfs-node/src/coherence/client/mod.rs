@@ -57,6 +57,27 @@ pub struct ClientCounters {
     pub duplicate_replies: u64,
 }
 
+/// What [`ClientShard::take_for_move`] took from a block whose manager slot moved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TakenForMove<D> {
+    /// The operation in progress, to run again under the new manager.
+    pub again: Option<(OpId, UserOp<D>)>,
+    /// A dirty copy's content, to write back to the new storage node.
+    pub dirty: Option<D>,
+    /// Whether a copy was dropped.
+    pub had: bool,
+}
+
+impl<D> Default for TakenForMove<D> {
+    fn default() -> Self {
+        TakenForMove {
+            again: None,
+            dirty: None,
+            had: false,
+        }
+    }
+}
+
 /// The client side of one shard: every block of the shard this client touches.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientShard<D> {
@@ -408,6 +429,36 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             | PendingOp::Flush(op) => op,
         });
         (op, had)
+    }
+
+    /// The block's manager slot moved to another node (a committed map change): the new
+    /// manager knows nothing of this copy, so it goes, with the block's channel. Returns
+    /// the operation in progress, as a user operation to run again under the new manager;
+    /// a dirty copy's content, for the caller to write back to the new storage node (an
+    /// un-fsynced write survives its manager's failure); and whether a copy was dropped
+    /// (the kernel must drop its pages too).
+    pub fn take_for_move(&mut self, block: BlockId) -> TakenForMove<D> {
+        self.channels.retain(|(_, b), _| *b != block);
+        let Some(b) = self.blocks.remove(&block) else {
+            return TakenForMove::default();
+        };
+        let had = b.data.is_some();
+        if had {
+            self.cached -= 1;
+        }
+        let dirty = match b.mode {
+            Mode::Private { dirty: true } => b.data,
+            _ => None,
+        };
+        let again = b.op.map(|op| match op {
+            PendingOp::Read(op) => (op, UserOp::Read),
+            PendingOp::Write(op, d) => (op, UserOp::Write(d)),
+            PendingOp::Update(op, d) => (op, UserOp::Update(d)),
+            PendingOp::Acquire(op) => (op, UserOp::Acquire),
+            PendingOp::Evict { op, .. } => (op, UserOp::Evict),
+            PendingOp::Flush(op) => (op, UserOp::Flush),
+        });
+        TakenForMove { again, dirty, had }
     }
 
     /// [`ClientShard::abandon`] every block managed by `peer` that waits for it (an

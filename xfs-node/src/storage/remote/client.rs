@@ -72,20 +72,24 @@ impl<T: Transport> RemoteStore<T> {
         depth: usize,
         pump: Box<dyn FnMut() + Send>,
     ) -> Result<RemoteStore<T>, StoreError> {
-        Self::connect_as(ep, name, tag, depth, pump, 0)
+        Self::connect_as(ep, name, tag, depth, pump, (0, 0))
     }
 
     /// [`RemoteStore::connect`] as the client `identity` (nonzero: who it is, the same
-    /// across reconnections from new addresses, [`client_identity`]): the server gives it
-    /// the window of its earlier connection, and frees that one, instead of a new window
-    /// for each address.
+    /// across reconnections from new addresses, [`client_identity`]) in `generation`: the
+    /// server gives it the window of its earlier connection, and frees that one, instead
+    /// of a new window for each address. A connection of an older generation than the
+    /// newest the server has seen for that identity is refused, and one of a newer
+    /// generation fences the earlier connection (its window goes): whoever writes a log
+    /// now (its node, or the member that took it over in a later membership epoch) is
+    /// the only one whose writes land.
     pub fn connect_as(
         mut ep: Endpoint<T>,
         name: EndpointName,
         tag: Tag,
         depth: usize,
         pump: Box<dyn FnMut() + Send>,
-        identity: u64,
+        (identity, generation): (u64, u64),
     ) -> Result<RemoteStore<T>, StoreError> {
         let server = name.addr.to_string();
         ep.map(0, name, tag)
@@ -133,12 +137,20 @@ impl<T: Transport> RemoteStore<T> {
             unclaimed: None,
         };
         let r = s.call(
-            &[Op::Hello as u64, depth as u64, identity],
+            &[Op::Hello as u64, depth as u64, identity, generation],
             FragmentId {
                 segment: 0,
                 index: 0,
             },
         )?;
+        if r.args.first() == Some(&(Status::Fenced as u64)) {
+            return Err(StoreError::Config(format!(
+                "storage server {} refused client {identity:#x} of generation {generation}: \
+                 a newer generation ({}) of it connected (another node took over this log)",
+                s.server,
+                r.args.get(1).copied().unwrap_or(0)
+            )));
+        }
         if r.args.first() != Some(&0) {
             return Err(StoreError::Config(format!(
                 "storage server {} has no room for another client at depth {depth} (it allows {})",

@@ -74,6 +74,8 @@ pub enum Status {
     /// Refused: no window, a put outside the sender's window, an unknown request, a
     /// configuration problem.
     Refused = 6,
+    /// Refused at `hello`: a newer generation of the same client identity connected.
+    Fenced = 7,
 }
 
 impl Status {
@@ -98,6 +100,7 @@ impl Status {
             Status::NotFound,
             Status::Corrupt,
             Status::Io,
+            Status::Fenced,
         ]
         .into_iter()
         .find(|s| *s as u64 == v)
@@ -118,6 +121,9 @@ impl Status {
                 path: server.to_string(),
                 source: std::io::Error::other("device error on the storage server"),
             },
+            Status::Fenced => StoreError::Config(format!(
+                "storage server {server} fenced this client: a newer generation of it connected"
+            )),
             Status::Ok | Status::Refused => {
                 StoreError::Config(format!("storage server {server} refused the request"))
             }

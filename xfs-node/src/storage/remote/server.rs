@@ -32,8 +32,11 @@ pub struct StorageServer<T: Transport, S: FragmentStore> {
     depth: usize,
     windows: Vec<Option<(std::net::SocketAddr, u32)>>,
     clients: BTreeMap<(SocketAddr, u32), (usize, usize)>,
-    /// Clients that said who they are (`RemoteStore::connect_as`): identity → address.
-    identities: BTreeMap<u64, (SocketAddr, u32)>,
+    /// Clients that said who they are (`RemoteStore::connect_as`): identity → address and
+    /// the newest generation seen.
+    identities: BTreeMap<u64, ((SocketAddr, u32), u64)>,
+    /// Hellos refused because a newer generation of their identity had connected.
+    pub fenced_hellos: u64,
     /// Windows freed because their client came back from a new address.
     pub windows_reclaimed: u64,
     /// Requests served.
@@ -77,6 +80,7 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
             clients: BTreeMap::new(),
             identities: BTreeMap::new(),
             windows_reclaimed: 0,
+            fenced_hellos: 0,
             served: 0,
             bad_requests: 0,
         })
@@ -156,9 +160,23 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
         let key = client_of(&p);
         // A client that says who it is and comes from a new address (a restarted node, a
         // reconnection on a new port): its earlier connection's window is freed first.
+        // A newer generation of it (the member that took over its log) fences the older
+        // ones: an older one is refused, and the window of the one it replaces goes.
         let identity = p.args.get(2).copied().unwrap_or(0);
+        let generation = p.args.get(3).copied().unwrap_or(0);
         if identity != 0 {
-            if let Some(old) = self.identities.insert(identity, key) {
+            if let Some((_, newest)) = self.identities.get(&identity) {
+                if generation < *newest {
+                    self.fenced_hellos += 1;
+                    let newest = *newest;
+                    self.reply(
+                        p.token,
+                        &[Status::Fenced as u64, newest, self.frag as u64, 0],
+                    );
+                    return;
+                }
+            }
+            if let Some((old, _)) = self.identities.insert(identity, (key, generation)) {
                 if old != key {
                     if let Some((w, _)) = self.clients.remove(&old) {
                         self.windows[w] = None;
