@@ -10,7 +10,7 @@ use am_core::{Config, Endpoint, EndpointName, Tag};
 use am_udp::{UdpConfig, UdpTransport};
 use xfs_node::storage::fragment::{FragmentId, FragmentStore, MemFragmentStore, StoreError};
 use xfs_node::storage::log::{Log, StripeGroup};
-use xfs_node::storage::remote::{RemoteStore, ServerOptions, StorageServer};
+use xfs_node::storage::remote::{ClientPurpose, RemoteStore, ServerOptions, StorageServer};
 use xfs_node::storage::uring::{UringOptions, UringStore};
 
 const FRAG: usize = 64 * 1024;
@@ -392,4 +392,45 @@ fn a_put_outside_the_senders_window_is_refused() {
     // Nothing was stored.
     let mut honest = server.client(0xc121);
     assert!(honest.list().unwrap().is_empty());
+}
+
+/// A log's writer in a newer generation (a member that took a failed node's log over)
+/// fences the older one: the older connection's puts are refused from then on, and it
+/// cannot connect again in its old generation (the stalled node that wakes up writes
+/// nothing more to the log it lost).
+#[test]
+fn a_newer_generation_of_a_log_fences_the_older_one() {
+    let server = Server::start(0x5e30, MemFragmentStore::new(50, FRAG), |_| 0);
+    let identity = xfs_node::storage::remote::client_identity(3, ClientPurpose::Log);
+    let connect = |generation: u64| {
+        let ep = endpoint(0xc130 + generation, 2 * DEPTH * FRAG);
+        RemoteStore::connect_as(
+            ep,
+            server.name,
+            server.tag,
+            DEPTH,
+            Box::new(|| {}),
+            (identity, generation),
+        )
+        .map(|mut c| {
+            c.set_timeout(Duration::from_secs(2));
+            c
+        })
+    };
+    let mut old = connect(4).expect("the home's own connection");
+    old.write(&[(id(1, 0), &[1u8; 64][..])]).unwrap();
+    let mut new = connect(7).expect("the member that took the log over");
+    let e = old.write(&[(id(2, 0), &[2u8; 64][..])]);
+    assert!(e.is_err(), "the fenced writer's put landed");
+    let again = connect(4)
+        .err()
+        .expect("the old generation connected again");
+    assert!(again.to_string().contains("newer generation"), "{again}");
+    new.write(&[(id(3, 0), &[3u8; 64][..])]).unwrap();
+    let ids = new.list().unwrap();
+    assert_eq!(
+        ids,
+        vec![id(1, 0), id(3, 0)],
+        "what the fenced writer put after the takeover"
+    );
 }

@@ -187,8 +187,9 @@ impl Node {
     /// Wait for the log, then create the root if this node manages it and it is missing.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), StartError> {
         let deadline = Instant::now() + timeout;
-        // A node that left (`xfs-node leave`) waits for `join` on its control socket.
-        let out_by_leave = || self.ready.load(Ordering::Relaxed) && self.has_left();
+        // A node that left (`xfs-node leave`) waits for `join` on its control socket (its
+        // log is recovered once it joins: the join's epoch is its log's generation).
+        let out_by_leave = || self.has_left();
         while !(self.is_ready() || out_by_leave()) {
             if Instant::now() > deadline {
                 return Err(StartError::NotReady {
