@@ -1208,26 +1208,33 @@ use am_testkit::cluster::Hosts;
 /// written on one mount is read on the others. Nodes and mounts start with
 /// `nsenter --net` (not `ip netns exec`, whose private mount namespace would hide the
 /// mounts from the test).
-#[test]
-fn three_hosts_in_network_namespaces_each_with_a_mount() {
-    let (serial, data) = Cluster::dir("netns");
-    let hosts = Hosts::new("f", 3, 78);
+/// Three hosts in network namespaces (`10.SUBNET.0.k`), node k on host k (`serve`, port
+/// `port`), a mount through each node named in `mounts`, each in its host's namespace.
+fn netns_cluster(
+    name: &str,
+    prefix: &str,
+    subnet: u8,
+    port: u16,
+    mounts: &[u16],
+) -> (Hosts, Cluster, PathBuf) {
+    let (serial, data) = Cluster::dir(name);
+    let hosts = Hosts::new(prefix, 3, subnet);
     let mut cfg = xfs_node::node::config::Config::local(
         3,
         &data,
         xfs_node::node::config::TransportKind::Udp,
-        7300,
+        port,
         128 << 20,
     );
     for n in &mut cfg.nodes {
-        n.host = format!("10.78.0.{}", n.id).parse().unwrap();
-        n.port = 7300;
+        n.host = format!("10.{subnet}.0.{}", n.id).parse().unwrap();
+        n.port = port;
     }
     let cfg_path = data.join("cluster.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
     let mut c = Cluster {
         data: data.clone(),
-        mounts: (1..=3).map(|k| data.join(format!("m{k}"))).collect(),
+        mounts: mounts.iter().map(|k| data.join(format!("m{k}"))).collect(),
         socket_mount: None,
         extra: Vec::new(),
         _serial: serial,
@@ -1248,9 +1255,8 @@ fn three_hosts_in_network_namespaces_each_with_a_mount() {
                 .expect("nsenter (util-linux)"),
         );
     }
-    for n in &cfg.nodes {
-        let d = &c.mounts[n.id as usize - 1];
-        std::fs::create_dir_all(d).unwrap();
+    for (k, d) in mounts.iter().zip(c.mounts.clone()) {
+        std::fs::create_dir_all(&d).unwrap();
         // The node's control socket is a file: reachable from any network namespace. The
         // deadline only stops a hang (a loaded machine starts nodes slowly).
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -1271,31 +1277,37 @@ fn three_hosts_in_network_namespaces_each_with_a_mount() {
             "cluster not ready in 300 s (see {}/node*.log): {o}",
             data.display()
         );
-        let log = std::fs::File::create(data.join(format!("mount{}.log", n.id))).unwrap();
+        let log = std::fs::File::create(data.join(format!("mount{k}.log"))).unwrap();
         c.extra.push(
             Command::new("nsenter")
-                .arg(net(n.id))
+                .arg(net(*k))
                 .arg(MOUNT_BIN)
                 .arg("--config")
                 .arg(&cfg_path)
-                .args(["--node", &n.id.to_string(), "-o", "allow_other"])
-                .arg(d)
+                .args(["--node", &k.to_string(), "-o", "allow_other"])
+                .arg(&d)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
                 .unwrap(),
         );
         let deadline = Instant::now() + Duration::from_secs(300);
-        while !mounted(d) {
+        while !mounted(&d) {
             assert!(
                 Instant::now() < deadline,
-                "mount {} did not appear in 300 s (see {})",
-                n.id,
-                data.join(format!("mount{}.log", n.id)).display()
+                "mount {k} did not appear in 300 s (see {})",
+                data.join(format!("mount{k}.log")).display()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    (hosts, c, cfg_path)
+}
+
+#[test]
+fn three_hosts_in_network_namespaces_each_with_a_mount() {
+    // The hosts go last (drop order: the cluster's processes first).
+    let (_hosts, c, _) = netns_cluster("netns", "f", 78, 7300, &[1, 2, 3]);
     let content = pattern(78, 900_000);
     std::fs::write(c.mounts[0].join("across"), &content).unwrap();
     same(&read_all(&c.mounts[1].join("across")), &content, "host 2");
@@ -2026,4 +2038,259 @@ fn a_killed_manager_nodes_files_are_readable_and_writable_on_both_mounts_within_
     assert!(moved > 0, "no node dropped a moved block");
     let members = ok(&["members", "--data", c.data_arg(), "--node", "1"]);
     assert!(members.contains("failed"), "{members}");
+}
+
+/// Cut host `ns` off the network (every packet in and out dropped by nft in its
+/// namespace, loopback spared), or heal it.
+fn cut_off(ns: &str, cut: bool) {
+    let commands: &[&str] = if cut {
+        &[
+            "add table inet xfscut",
+            "add chain inet xfscut i { type filter hook input priority -100 ; policy drop ; }",
+            "add chain inet xfscut o { type filter hook output priority -100 ; policy drop ; }",
+            "add rule inet xfscut i iif lo accept",
+            "add rule inet xfscut o oif lo accept",
+        ]
+    } else {
+        &["delete table inet xfscut"]
+    };
+    for cmd in commands {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", cmd])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "nft in {ns}: {cmd}");
+    }
+}
+
+/// The nodes' and mounts' logs of a test's cluster, for a failure's message.
+fn logs(data: &Path) -> String {
+    let mut out = String::new();
+    for f in ["node1", "node2", "node3", "mount1", "mount2", "mount3"] {
+        if let Ok(s) = std::fs::read_to_string(data.join(format!("{f}.log"))) {
+            out += &format!("--- {f}.log\n{s}");
+        }
+    }
+    out
+}
+
+/// The register a worker writes: `value` padded to [`REGISTER`] bytes.
+const REGISTER: usize = 64;
+fn register(value: &str) -> Vec<u8> {
+    let mut v = value.as_bytes().to_vec();
+    v.resize(REGISTER, b'.');
+    v
+}
+
+/// Node `node`'s membership as `members --config` prints it: (incarnation, state) of `of`.
+fn member_state(cfg: &Path, node: u16, of: u16) -> Option<(u64, String)> {
+    let o = Command::new(xfs_bin())
+        .args(["members", "--config"])
+        .arg(cfg)
+        .args(["--node", &node.to_string()])
+        .output()
+        .ok()?;
+    let s = String::from_utf8_lossy(&o.stdout).to_string();
+    s.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        // `node state since incarnation`
+        (w.first() == Some(&of.to_string().as_str()) && w.len() >= 4)
+            .then(|| (w[3].parse().ok(), w[1].to_string()))
+            .and_then(|(i, st)| Some((i?, st)))
+    })
+}
+
+/// A host cut off by nft (its namespace drops every packet), then healed, while two other
+/// hosts' mounts read and write registers (files written whole with fsync, read whole):
+/// the majority keeps serving reads and writes (the cut node's manager slots and log move
+/// to a survivor), the cut-off node cannot complete an fsync, it rejoins as a new
+/// incarnation after the cut heals (and takes its slots and log back), and the whole
+/// history, every operation's start, end and result, is linearizable with every
+/// acknowledged fsync in it.
+#[test]
+fn a_cut_off_host_is_fenced_and_two_mounts_stay_linearizable() {
+    use fs_testkit::linearizable::{check, Event, Op};
+    let (hosts, c, cfg) = netns_cluster("cut", "p", 79, 7400, &[1, 2, 3]);
+    let data = c.data.clone();
+    // Registers: three made through the mounts of nodes 1 and 2, three through node 3 (a
+    // node allocates index numbers in its own slots: node 3 manages those).
+    let mut initial = BTreeMap::new();
+    for i in 0..6 {
+        let name = format!("reg{i}");
+        let v = register(&format!("init-{i}"));
+        if i < 3 {
+            let mut f = std::fs::File::create(c.m(i % 2).join(&name)).unwrap();
+            f.write_all(&v).unwrap();
+            f.sync_all().unwrap();
+        } else {
+            let local = data.join("put-source");
+            std::fs::write(&local, &v).unwrap();
+            let to = format!("/{name}");
+            let out = Command::new(xfs_bin())
+                .args(["put", "--config"])
+                .arg(&cfg)
+                .args(["--node", "3"])
+                .arg(&local)
+                .arg(&to)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        initial.insert(name, v);
+    }
+    let (inc3, _) = member_state(&cfg, 1, 3).expect("node 3 in the membership");
+    let t0 = Instant::now();
+    let now = move || t0.elapsed().as_nanos() as u64;
+    let stop = Arc::new(AtomicBool::new(false));
+    let history = Arc::new(Mutex::new(Vec::<Event>::new()));
+    let mut workers = Vec::new();
+    for p in 0..2usize {
+        let (dir, stop, history) = (c.m(p).to_path_buf(), stop.clone(), history.clone());
+        workers.push(std::thread::spawn(move || {
+            let mut rng = Rng(0x9e37_79b9 + p as u64);
+            let mut seq = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("reg{}", rng.below(6));
+                let path = dir.join(&name);
+                let start = now();
+                if rng.below(2) == 0 {
+                    seq += 1;
+                    let v = register(&format!("m{}-{seq}", p + 1));
+                    let r = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.write_all_at(&v, 0).and_then(|_| f.sync_all()));
+                    history.lock().unwrap().push(Event {
+                        register: name,
+                        process: p,
+                        op: Op::Write(v),
+                        start,
+                        // A failed write may or may not have taken effect.
+                        end: r.is_ok().then(now),
+                    });
+                } else if let Ok(got) = std::fs::read(&path) {
+                    history.lock().unwrap().push(Event {
+                        register: name,
+                        process: p,
+                        op: Op::Read(got),
+                        start,
+                        end: Some(now()),
+                    });
+                }
+            }
+        }));
+    }
+    let served = |from: u64, to: u64| -> [usize; 2] {
+        let h = history.lock().unwrap();
+        [0, 1].map(|p| {
+            h.iter()
+                .filter(|e| e.process == p && e.start >= from && e.end.is_some_and(|x| x <= to))
+                .count()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        served(0, now()).iter().all(|n| *n > 0),
+        "the mounts work before the cut"
+    );
+    // Cut host 3 off; its mount tries a write and an fsync meanwhile.
+    cut_off(&hosts.names[2], true);
+    let cut_at = now();
+    let m3 = c.m(2).join("reg0");
+    let (tx, cut_write) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&m3)
+            .and_then(|f| {
+                f.write_all_at(&register("from-the-cut-off-host"), 0)
+                    .and_then(|_| f.sync_all())
+            });
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    // The majority removes node 3 (a committed change) and keeps serving.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while member_state(&cfg, 1, 3).is_none_or(|(_, st)| st != "failed") {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 not removed 60 s after the cut"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let removed_at = now();
+    std::thread::sleep(Duration::from_secs(8));
+    let during = served(removed_at + 2_000_000_000, now());
+    assert!(
+        during.iter().all(|n| *n > 0),
+        "the majority's mounts served nothing after the removal: {during:?} operations\n{}",
+        logs(&data)
+    );
+    assert!(
+        !matches!(cut_write.try_recv(), Ok(Ok(()))),
+        "the cut-off host completed an fsync"
+    );
+    // Heal: node 3 learns it was removed, rejoins as a new incarnation, takes its log back.
+    cut_off(&hosts.names[2], false);
+    let healed_at = now();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while member_state(&cfg, 1, 3).is_none_or(|(i, st)| st != "active" || i == inc3) {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not rejoin 90 s after the heal"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cut_result = cut_write
+        .recv_timeout(Duration::from_secs(90))
+        .expect("the cut-off host's write hung 90 s after the heal");
+    assert!(
+        cut_result.is_err(),
+        "the cut-off host's fsync succeeded: {cut_result:?}"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let after = served(healed_at, now());
+    assert!(
+        after.iter().all(|n| *n > 0),
+        "nothing served after the heal: {after:?}"
+    );
+    // Final reads of every register through all three mounts, in the history too.
+    let mut h = std::mem::take(&mut *history.lock().unwrap());
+    for (k, p) in [(0usize, 0usize), (1, 1), (2, 2)] {
+        for i in 0..6 {
+            let name = format!("reg{i}");
+            let start = now();
+            let got = std::fs::read(c.m(k).join(&name)).unwrap();
+            h.push(Event {
+                register: name,
+                process: p,
+                op: Op::Read(got),
+                start,
+                end: Some(now()),
+            });
+        }
+    }
+    let writes = h
+        .iter()
+        .filter(|e| matches!(e.op, Op::Write(_)) && e.end.is_some())
+        .count();
+    let report = check(&h, &initial).unwrap_or_else(|v| panic!("{v}"));
+    eprintln!(
+        "linearizable: {} operations ({writes} acknowledged writes) on {} registers, {} \
+         states; cut at {:.1} s, node 3 removed {:.1} s later, healed at {:.1} s",
+        report.operations,
+        report.registers,
+        report.states,
+        cut_at as f64 / 1e9,
+        (removed_at - cut_at) as f64 / 1e9,
+        healed_at as f64 / 1e9
+    );
+    assert!(writes >= 20, "only {writes} acknowledged writes");
 }

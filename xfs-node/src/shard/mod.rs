@@ -1019,7 +1019,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         if let Some(i) = self.kernel.iter().position(|b| *b == block) {
             self.kernel.remove(i);
         }
-        self.moved_kernel_done(block);
+        if self.moved_kernel_done(block) {
+            return;
+        }
         if self.forgotten.remove(&block) {
             // Dropped because this node was removed: nothing waits for it.
             return;
@@ -1047,24 +1049,30 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             .waiting
             .keys()
             .copied()
-            .filter(|b| !self.client.is_idle(*b))
+            .filter(|b| !self.client.is_idle(*b) || self.is_moving(*b))
             .collect();
         if !busy.is_empty() {
             for block in busy {
-                while let Some(q) = self.waiting.get_mut(&block) {
-                    let Some((op, UserOp::Read)) = q.front() else {
-                        break;
-                    };
+                while let Some((op, UserOp::Read)) =
+                    self.waiting.get(&block).and_then(|q| q.front())
+                {
                     let op = *op;
-                    if !self
+                    // A moved block's copy serves reads until the kernel let go of it (a
+                    // read the kernel sent meanwhile may hold the page the invalidation
+                    // waits for: it must not wait for the new manager, which waits for
+                    // this node's invalidations).
+                    let served = self
                         .client
                         .read_while_invalidating(op, block, &mut self.out)
-                    {
+                        || self.read_moved_copy(op, block);
+                    if !served {
                         break;
                     }
-                    q.pop_front();
-                    if q.is_empty() {
-                        self.waiting.remove(&block);
+                    if let Some(q) = self.waiting.get_mut(&block) {
+                        q.pop_front();
+                        if q.is_empty() {
+                            self.waiting.remove(&block);
+                        }
                     }
                     self.reread.insert(block);
                     self.counters.reads_during_invalidation += 1;
@@ -1078,7 +1086,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             .waiting
             .keys()
             .copied()
-            .filter(|b| self.client.is_idle(*b) && !self.is_migrating(*b))
+            .filter(|b| self.client.is_idle(*b) && !self.is_moving(*b))
             .collect();
         for block in ready {
             // Starting one operation may begin a capacity eviction of another block.

@@ -59,8 +59,10 @@ pub struct Moves<D> {
     /// Moved blocks whose dirty copy was written back to the new storage node, with the
     /// turns waited for the acknowledgement.
     pub migrating: BTreeMap<BlockId, u32>,
-    /// Moved blocks whose kernel pages are being dropped.
-    pub kernel: BTreeSet<BlockId>,
+    /// Moved blocks whose kernel pages are being dropped, with the copy this node had: it
+    /// serves reads until the kernel let go (the copy is still valid: the new manager
+    /// grants nothing until this node said it let go).
+    pub kernel: BTreeMap<BlockId, D>,
     /// The epoch to tell peers about once `migrating` and `kernel` are empty.
     pub announce: Option<Epoch>,
     /// What peers said (`(their endpoint, epoch)`), from the AM handler.
@@ -78,7 +80,7 @@ impl<D> Moves<D> {
             held: VecDeque::new(),
             done_seen: BTreeMap::new(),
             migrating: BTreeMap::new(),
-            kernel: BTreeSet::new(),
+            kernel: BTreeMap::new(),
             announce: None,
             inbox: Default::default(),
             homes,
@@ -127,19 +129,22 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 self.waiting.entry(b).or_default().push_front((op, user));
                 self.counters.ops_run_again += 1;
             }
-            if let Some(data) = t.dirty {
+            if let (Some(data), true) = (&t.data, t.dirty) {
                 let to = self.client.placement.storage(b);
                 self.moves.migrating.insert(b, 0);
                 self.counters.moved_write_backs += 1;
                 self.out.push(Output::Send {
                     to,
-                    msg: Msg::WriteBack { block: b, data },
+                    msg: Msg::WriteBack {
+                        block: b,
+                        data: data.clone(),
+                    },
                 });
             }
-            if t.had {
+            if let Some(data) = t.data {
                 self.forgotten.insert(b);
                 self.kernel.push_back(b);
-                self.moves.kernel.insert(b);
+                self.moves.kernel.insert(b, data);
             }
         }
         // Requests held for slots that moved on from here: their senders ask again.
@@ -313,13 +318,39 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.release_moved();
     }
 
-    /// Whether a moved block's write-back is still waited for (its operations wait too).
-    pub(super) fn is_migrating(&self, block: BlockId) -> bool {
-        self.moves.migrating.contains_key(&block)
+    /// Whether a moved block's write-back or kernel invalidation is still waited for (its
+    /// operations wait too; reads are served from the copy meanwhile).
+    pub(super) fn is_moving(&self, block: BlockId) -> bool {
+        self.moves.migrating.contains_key(&block) || self.moves.kernel.contains_key(&block)
     }
 
-    /// The kernel dropped a moved block's pages.
-    pub(super) fn moved_kernel_done(&mut self, block: BlockId) {
+    /// Serve read `op` of a moved block from the copy this node had, while the kernel
+    /// drops its pages (the invalidation then goes round once more); `false` if there is
+    /// none.
+    pub(super) fn read_moved_copy(&mut self, op: OpId, block: BlockId) -> bool {
+        let Some(d) = self.moves.kernel.get(&block) else {
+            return false;
+        };
+        self.out.push(Output::Complete {
+            op,
+            block,
+            outcome: Outcome::Read(d.clone()),
+        });
+        true
+    }
+
+    /// The kernel dropped a moved block's pages: `true` if it was one (done with it, or
+    /// asked to drop them again because a read was served from the copy meanwhile).
+    pub(super) fn moved_kernel_done(&mut self, block: BlockId) -> bool {
+        if !self.moves.kernel.contains_key(&block) {
+            return false;
+        }
+        if self.reread.remove(&block) {
+            self.kernel.push_back(block);
+            return true;
+        }
         self.moves.kernel.remove(&block);
+        self.forgotten.remove(&block);
+        true
     }
 }

@@ -62,18 +62,18 @@ pub struct ClientCounters {
 pub struct TakenForMove<D> {
     /// The operation in progress, to run again under the new manager.
     pub again: Option<(OpId, UserOp<D>)>,
-    /// A dirty copy's content, to write back to the new storage node.
-    pub dirty: Option<D>,
-    /// Whether a copy was dropped.
-    pub had: bool,
+    /// The copy dropped, if any.
+    pub data: Option<D>,
+    /// Whether it was dirty (to write back to the new storage node).
+    pub dirty: bool,
 }
 
 impl<D> Default for TakenForMove<D> {
     fn default() -> Self {
         TakenForMove {
             again: None,
-            dirty: None,
-            had: false,
+            data: None,
+            dirty: false,
         }
     }
 }
@@ -446,10 +446,7 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
         if had {
             self.cached -= 1;
         }
-        let dirty = match b.mode {
-            Mode::Private { dirty: true } => b.data,
-            _ => None,
-        };
+        let dirty = b.mode == (Mode::Private { dirty: true });
         let again = b.op.map(|op| match op {
             PendingOp::Read(op) => (op, UserOp::Read),
             PendingOp::Write(op, d) => (op, UserOp::Write(d)),
@@ -458,7 +455,11 @@ impl<D: Clone + Debug + Patch> ClientShard<D> {
             PendingOp::Evict { op, .. } => (op, UserOp::Evict),
             PendingOp::Flush(op) => (op, UserOp::Flush),
         });
-        TakenForMove { again, dirty, had }
+        TakenForMove {
+            again,
+            data: b.data,
+            dirty,
+        }
     }
 
     /// [`ClientShard::abandon`] every block managed by `peer` that waits for it (an
