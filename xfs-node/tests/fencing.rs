@@ -200,8 +200,8 @@ fn a_stopped_node_is_fenced_and_its_stale_copy_never_overwrites_the_fsynced_bloc
     let m = membership(&cfg, 1);
     assert!(m.enabled && m.leader.is_some(), "{m:?}");
     assert_eq!(m.voters, vec![1, 2, 3]);
-    // A file managed by node 1 or 2 (node 3's own files need manager failover, which
-    // this test does not exercise).
+    // A file managed by node 1 or 2 (node 3's own files move to a survivor when it is
+    // removed: manager failover, tested through the mounts in fuse-front's tests).
     let map = cfg.manager_map();
     let mut chosen = None;
     for k in 0..16 {
@@ -314,6 +314,21 @@ fn a_stopped_node_is_fenced_and_its_stale_copy_never_overwrites_the_fsynced_bloc
     assert_eq!(st, "active");
     assert!(inc3b > inc3, "a new incarnation");
     assert!(status(&cfg, 3).counter("fenced_self") >= 1);
+    // Its storage server, stopped with it, is attached again to the logs that wrote on
+    // while it was down and rebuilt there, with no process restarted.
+    let down_at_1 = status(&cfg, 1).counter("log_rebuilt");
+    let reattached = wait_for(Duration::from_secs(30), "node 3's server re-attached", || {
+        (1..=2).all(|n| status(&cfg, n).counter("log_servers_down") == 0)
+    });
+    eprintln!(
+        "node 3's storage server re-attached {reattached:?} after it rejoined ({} fragments \
+         rebuilt on it for node 1's log so far)",
+        down_at_1.max(status(&cfg, 1).counter("log_rebuilt"))
+    );
+    assert!(
+        status(&cfg, 1).counter("log_rebuilt") >= 1,
+        "node 1's log wrote while node 3's server was stopped, yet rebuilt nothing on it"
+    );
     // Whatever node 3 tried to write back, the fsynced content stands, on every node,
     // and in storage: after the cluster is stopped (every log synced and checkpointed)
     // and started again, nothing is read from a cache.
