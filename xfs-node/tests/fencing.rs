@@ -317,9 +317,11 @@ fn a_stopped_node_is_fenced_and_its_stale_copy_never_overwrites_the_fsynced_bloc
     // Its storage server, stopped with it, is attached again to the logs that wrote on
     // while it was down and rebuilt there, with no process restarted.
     let down_at_1 = status(&cfg, 1).counter("log_rebuilt");
-    let reattached = wait_for(Duration::from_secs(30), "node 3's server re-attached", || {
-        (1..=2).all(|n| status(&cfg, n).counter("log_servers_down") == 0)
-    });
+    let reattached = wait_for(
+        Duration::from_secs(30),
+        "node 3's server re-attached",
+        || (1..=2).all(|n| status(&cfg, n).counter("log_servers_down") == 0),
+    );
     eprintln!(
         "node 3's storage server re-attached {reattached:?} after it rejoined ({} fragments \
          rebuilt on it for node 1's log so far)",

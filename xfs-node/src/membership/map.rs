@@ -202,14 +202,28 @@ impl ClusterMap {
         if active.is_empty() {
             return;
         }
+        // Only nodes with the manager role (those that are some slot's home) take slots;
+        // a member that holds a failed home's slots keeps them while it is a member (a log
+        // moves between live nodes only when its home comes back).
+        let candidates: Vec<NodeId> = active
+            .iter()
+            .copied()
+            .filter(|n| self.homes.contains(n))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
         let managers: Vec<NodeId> = self
             .homes
             .iter()
-            .map(|home| {
+            .zip(&self.managers)
+            .map(|(home, now)| {
                 if self.is_member(*home) {
                     *home
+                } else if *now != *home && candidates.contains(now) {
+                    *now
                 } else {
-                    active[*home as usize % active.len()]
+                    candidates[*home as usize % candidates.len()]
                 }
             })
             .collect();
@@ -268,6 +282,34 @@ mod tests {
         let f = m.fence();
         assert_eq!(f.admit(2, 0), Admit::Refused);
         assert_eq!(f.admit(1, 0), Admit::Yes);
+    }
+
+    #[test]
+    fn a_failed_homes_slots_stay_with_the_member_that_took_them_while_it_is_a_member() {
+        let mut m = ClusterMap::new(&[1, 2, 3, 4], vec![1, 2, 3, 4], vec![vec![1, 2, 3, 4]]);
+        let fail = |n: NodeId| Change::Fail {
+            node: n,
+            incarnation: 0,
+        };
+        assert!(m.apply(&fail(3)));
+        let holder = m.managers[2];
+        assert_ne!(holder, 3);
+        // Another failure does not move node 3's log between the living.
+        let other = [1, 2, 4].into_iter().find(|n| *n != holder).unwrap();
+        assert!(m.apply(&fail(other)));
+        assert_eq!(
+            m.managers[2], holder,
+            "node 3's slot moved between live members"
+        );
+        assert!(m.is_member(m.managers[other as usize - 1]));
+        // The holder fails too: the slot moves to a member.
+        assert!(m.apply(&fail(holder)));
+        assert!(m.is_member(m.managers[2]));
+        // A node without the manager role (no home slot) never takes one.
+        let mut m = ClusterMap::new(&[1, 2, 3, 9], vec![1, 2, 3], vec![vec![1, 2, 3, 9]]);
+        assert!(m.apply(&fail(1)));
+        assert!(m.apply(&fail(2)));
+        assert_eq!(m.managers, vec![3, 3, 3]);
     }
 
     #[test]

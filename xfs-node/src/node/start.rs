@@ -512,6 +512,14 @@ fn spawn_shard_loops<M: MakeTransport>(
         .collect();
     let mut senders = Vec::new();
     let mut wake = Vec::new();
+    // The shards' shared ledger of write-backs acknowledged and synced (manager failover).
+    let top = config
+        .nodes
+        .iter()
+        .map(|n| n.id as usize)
+        .max()
+        .unwrap_or(0);
+    let ledger = Arc::new(crate::shard::SyncLedger::new(top + 1));
     // The log actor's queue: every shard's storage work; the answers come back on each
     // shard's own queue.
     let (work_tx, work_rx) = mpsc::sync_channel(ACTOR_QUEUE);
@@ -528,7 +536,8 @@ fn spawn_shard_loops<M: MakeTransport>(
             clients: clients.clone(),
             capacity: config.cluster.cache_blocks,
         };
-        let shard = connected_shard(config, me, mk, s, cfg)?;
+        let mut shard = connected_shard(config, me, mk, s, cfg)?;
+        shard.share_ledger(ledger.clone());
         let (tx, rx) = mpsc::sync_channel(4096);
         senders.push(tx);
         let notifier = shard.endpoint().transport().notifier();
@@ -553,8 +562,11 @@ fn spawn_shard_loops<M: MakeTransport>(
         homes: config.manager_map.entries.clone(),
         shift: INDEX_SHIFT,
     };
-    let actor = LogActor::new(shared.log.clone(), shared.log_full.clone())
+    let mut actor = LogActor::new(shared.log.clone(), shared.log_full.clone())
         .with_adopted(shared.adopted.clone(), route);
+    if me.has("manager") {
+        actor = actor.expecting_own_log();
+    }
     let (stop, counters) = (shared.stop.clone(), shared.actor.clone());
     threads.push(spawn_named("log-actor", move || {
         log_actor::serve(actor, work_rx, inboxes, stop, counters)
@@ -672,6 +684,12 @@ fn spawn_log_thread<M: MakeTransport>(
     spawn_named("log-writer", move || thread.run())
 }
 
+/// How far a member that takes over a log numbers its segments past the last one it
+/// recovered ([`Log::skip_segments`]): more than any one storage server holds, so nothing
+/// the cut-off writer wrote meanwhile shares a number with them (2^30 of the 2^40 numbers
+/// a writer has: a thousand takeovers).
+const TAKEOVER_SEGMENT_GAP: u64 = 1 << 30;
+
 /// What the membership loop tells the log thread (`on_map`): the epoch this incarnation
 /// joined in, and the manager map. The logs to take over are marked in
 /// [`Shared::adopted`] at once (so the log actor waits for them rather than failing).
@@ -764,6 +782,11 @@ impl<M: MakeTransport> LogThread<M> {
                 Some(0)
             };
             if let Some(j) = joined.filter(|j| generation != Some(*j)) {
+                // A rejoin: the log as this node last knew it may be stale (a member that
+                // took it over wrote to it). Work for it waits until it is recovered again.
+                if generation.is_some() {
+                    *lock(&self.log) = None;
+                }
                 match self.recover_own(j) {
                     Some(Ok(())) => generation = Some(j),
                     Some(Err(e)) => {
@@ -844,7 +867,9 @@ impl<M: MakeTransport> LogThread<M> {
                 }
             }
             let up = stores.iter().filter(|s| s.is_some()).count();
-            if up == stores.len() || (Instant::now() > deadline && up >= data) {
+            if up == stores.len()
+                || (Instant::now() > deadline && (up >= data || patience.is_zero()))
+            {
                 return Some(stores);
             }
             if self.stop.load(Ordering::Relaxed) {
@@ -913,6 +938,7 @@ impl<M: MakeTransport> LogThread<M> {
                 match Log::recover(home, group, stores) {
                     Ok(mut l) => {
                         l.set_writers(self.writers[gi]);
+                        l.skip_segments(TAKEOVER_SEGMENT_GAP);
                         eprintln!(
                             "xfs-node {}: took over the log of node {home} (epoch \
                              {generation}): {} blocks, recovered in {} ms",

@@ -43,7 +43,7 @@ use crate::coherence::{
 };
 
 mod moves;
-pub use moves::{MoveBarrier, Moves, MOVED_HANDLER};
+pub use moves::{MoveBarrier, Moves, SyncLedger, MOVED_HANDLER};
 
 /// Messages a shard keeps until its node has applied the newer epoch they were sent in;
 /// beyond this, the newest are dropped (counted in [`ShardCounters::fenced`]).
@@ -213,6 +213,8 @@ pub struct ShardCounters {
     pub not_managed_here: u64,
     /// Moves' write-backs never acknowledged, or barriers lifted, after their timeout.
     pub moves_expired: u64,
+    /// Times this node told its peers it let go of its copies of moved blocks.
+    pub moves_announced: u64,
 }
 
 /// One delivered protocol message, as the trace records it.
@@ -494,7 +496,12 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// the answer comes from [`Shard::take_sync_done`] with `op`.
     pub fn sync(&mut self, op: OpId, node: NodeId) {
         // A home's log is synced where it is written now (its slots' manager).
-        let node = self.current_of_home(node);
+        let home = node;
+        let node = self.current_of_home(home);
+        if let Err(e) = self.sync_asked(op, home, node) {
+            self.sync_done.push((op, Err(e)));
+            return;
+        }
         if node == self.node && self.external_store {
             self.store_work.push(StoreWork::Sync(SyncFor::Local(op)));
         } else if node == self.node {
@@ -578,7 +585,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         // not taken (the driver drops them with the store's queue).
         self.store_work.clear();
         self.store_outstanding = 0;
-        self.moves = Moves::new(std::mem::take(&mut self.moves.homes));
+        self.moves.reset();
     }
 
     /// Node `peer` restarted: forget what this shard's state machines knew of it. The
@@ -610,7 +617,9 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
 
     /// Take the finished log syncs.
     pub fn take_sync_done(&mut self) -> Vec<(OpId, Result<(), SyncError>)> {
-        std::mem::take(&mut self.sync_done)
+        let done = std::mem::take(&mut self.sync_done);
+        self.syncs_done(&done);
+        done
     }
 
     /// Take the store work asked for since the last call (external store mode), in the
@@ -796,6 +805,10 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 continue;
             }
             match self.names.get(&(name.addr, name.vnet)).copied() {
+                Some(_) if self.before_move(msg.block(), epoch) => {
+                    // About a block whose slot moved after it was sent: the old map's.
+                    self.counters.not_managed_here += 1;
+                }
                 Some(from) => match self.fence.admit(from, epoch) {
                     Admit::Yes => {
                         // Heard from: alive (again).
@@ -966,7 +979,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.waiting.clear();
         self.reread.clear();
         self.kernel.clear();
-        self.moves = Moves::new(std::mem::take(&mut self.moves.homes));
+        self.moves.reset();
         for b in cached {
             self.forgotten.insert(b);
             self.kernel.push_back(b);

@@ -18,6 +18,7 @@
 //! copy the new manager does not know of, and every surviving write is in its log.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::*;
 
@@ -70,6 +71,74 @@ pub struct Moves<D> {
     /// Per slot, its home (the configured manager map): a sync asked of a home goes to
     /// the node that manages its slots now.
     pub homes: Vec<NodeId>,
+    /// Per slot, the epoch it last moved in: a message about one of its blocks stamped
+    /// before that was meant for the old manager's state, and is dropped.
+    pub moved_at: Vec<Epoch>,
+    /// No map applied yet (a starting node): the slots it manages when it first applies
+    /// one may have moved to it while it was away, so they are held like gained ones.
+    pub fresh: bool,
+    /// Write-backs acknowledged and syncs, shared by the node's shards.
+    pub ledger: Arc<SyncLedger>,
+    /// Syncs asked: the node and its acknowledgement count when asked.
+    pub syncs: BTreeMap<OpId, (NodeId, u64)>,
+}
+
+/// What a node's shards share about write-backs acknowledged and not yet covered by a
+/// sync (a sync goes through one shard; write-backs through all). When a home's slots
+/// move while their old writer had acknowledged write-backs that no sync covered, those
+/// may be lost with it: the next sync of that home fails (EIO) once, as Linux reports a
+/// lost write-back at the next fsync.
+#[derive(Debug, Default)]
+pub struct SyncLedger {
+    /// Per node: write-backs it acknowledged to this node.
+    acked: Vec<AtomicU64>,
+    /// Per node: the acknowledgements a successful sync to it covered.
+    synced: Vec<AtomicU64>,
+    /// Per home: its next sync fails.
+    lost: Vec<AtomicBool>,
+}
+
+impl SyncLedger {
+    /// A ledger for node ids below `nodes`.
+    pub fn new(nodes: usize) -> Self {
+        SyncLedger {
+            acked: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            synced: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
+            lost: (0..nodes).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+    fn acked(&self, node: NodeId) -> u64 {
+        self.acked
+            .get(node as usize)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+    fn ack(&self, node: NodeId) {
+        if let Some(a) = self.acked.get(node as usize) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    fn synced(&self, node: NodeId, upto: u64) {
+        if let Some(s) = self.synced.get(node as usize) {
+            s.fetch_max(upto, Ordering::Relaxed);
+        }
+    }
+    fn unsynced(&self, node: NodeId) -> bool {
+        let s = self
+            .synced
+            .get(node as usize)
+            .map_or(0, |s| s.load(Ordering::Relaxed));
+        self.acked(node) > s
+    }
+    fn mark_lost(&self, home: NodeId) {
+        if let Some(l) = self.lost.get(home as usize) {
+            l.store(true, Ordering::Relaxed);
+        }
+    }
+    fn take_lost(&self, home: NodeId) -> bool {
+        self.lost
+            .get(home as usize)
+            .is_some_and(|l| l.swap(false, Ordering::Relaxed))
+    }
 }
 
 impl<D> Moves<D> {
@@ -83,8 +152,22 @@ impl<D> Moves<D> {
             kernel: BTreeMap::new(),
             announce: None,
             inbox: Default::default(),
+            moved_at: vec![0; homes.len()],
             homes,
+            fresh: true,
+            ledger: Default::default(),
+            syncs: BTreeMap::new(),
         }
+    }
+
+    /// Start afresh (the node restarted or was removed), keeping what outlives that: the
+    /// handler's inbox, the homes, the shared ledger, when slots last moved.
+    pub fn reset(&mut self) {
+        let mut m = Moves::new(std::mem::take(&mut self.homes));
+        m.inbox = self.inbox.clone();
+        m.ledger = self.ledger.clone();
+        m.moved_at = std::mem::take(&mut self.moved_at);
+        *self = m;
     }
 }
 
@@ -102,7 +185,17 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
     /// Apply the manager map `managers` of epoch `epoch` (see the module docs).
     pub(super) fn move_slots(&mut self, managers: &[NodeId], epoch: Epoch) {
         let old = self.client.placement.managers.clone();
-        if managers.is_empty() || managers == old.as_slice() || managers.len() != old.len() {
+        let fresh = std::mem::take(&mut self.moves.fresh);
+        if managers.is_empty() || managers.len() != old.len() {
+            return;
+        }
+        if managers == old.as_slice() {
+            if fresh && epoch > 0 && Some(epoch) == self.joined_since {
+                // Its slots came back to it with its join: the members may still hold
+                // copies the member that held them granted.
+                let mine = (0..managers.len()).filter(|i| managers[*i] == self.node);
+                self.hold_gained(mine.collect(), epoch);
+            }
             return;
         }
         let moved: BTreeSet<usize> = (0..managers.len())
@@ -110,8 +203,21 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             .collect();
         let placement = self.client.placement.clone();
         let in_moved = |b: BlockId| moved.contains(&placement.slot(b));
+        for i in &moved {
+            self.moves.moved_at[*i] = epoch;
+            // Write-backs the old writer acknowledged that no sync covered may be lost
+            // with it: the home's next sync fails.
+            if self.moves.ledger.unsynced(old[*i]) {
+                self.moves.ledger.mark_lost(self.moves.homes[*i]);
+            }
+        }
         self.manager.forget(in_moved);
         self.client.channels.retain(|(_, b), _| !in_moved(*b));
+        // Messages about moved blocks not yet handled or sent belong to the old map (their
+        // senders run their operations again under the new one).
+        self.pending.retain(|d| !in_moved(d.msg.block()));
+        self.outgoing.retain(|(_, m)| !in_moved(m.block()));
+        self.suspended.retain(|(_, m)| !in_moved(m.block()));
         self.client.placement.managers = managers.to_vec();
         self.client.placement.storages = managers.to_vec();
         self.manager.placement = self.client.placement.clone();
@@ -164,6 +270,18 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             .copied()
             .filter(|i| managers[*i] == me)
             .collect();
+        self.hold_gained(gained, epoch);
+        self.moves.announce = Some(epoch);
+        self.execute();
+        self.release_moved();
+    }
+
+    /// Hold the requests for `gained` (and the slots a barrier already holds that are
+    /// still this node's) until every other member said it let go of its copies in
+    /// `epoch` or later.
+    fn hold_gained(&mut self, gained: BTreeSet<usize>, epoch: Epoch) {
+        let me = self.node;
+        let managers = self.client.placement.managers.clone();
         let mut slots: BTreeSet<usize> = self
             .moves
             .barrier
@@ -190,9 +308,6 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                 age: 0,
             });
         }
-        self.moves.announce = Some(epoch);
-        self.execute();
-        self.release_moved();
     }
 
     /// Whether delivery `d` waits for a barrier (held) or is not for this node any more
@@ -201,11 +316,14 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         let block = d.msg.block();
         match d.msg.role() {
             Role::Client => {
-                if matches!(d.msg, Msg::WriteBackAck { .. })
-                    && self.moves.migrating.remove(&block).is_some()
-                {
-                    // A moved dirty copy is in the new storage node's log.
-                    return None;
+                if matches!(d.msg, Msg::WriteBackAck { .. }) {
+                    self.moves.ledger.ack(d.from);
+                    if d.from == self.client.placement.storage(block)
+                        && self.moves.migrating.remove(&block).is_some()
+                    {
+                        // A moved dirty copy is in the new storage node's log.
+                        return None;
+                    }
                 }
                 Some(d)
             }
@@ -262,13 +380,32 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
                     }
                 }
                 self.moves.announce = None;
+                self.counters.moves_announced += 1;
             }
         }
         n
     }
 
-    /// A removed or rejoined peer no longer holds up a barrier.
+    /// A removed or rejoined peer no longer holds up a barrier, and the syncs it was asked
+    /// for and never answered fail (EIO) rather than wait for their timeout: a sync of the
+    /// home it managed asked now goes to the node that took its log over.
     pub(super) fn moves_peer_gone(&mut self, peer: NodeId) {
+        let unanswered: Vec<OpId> = self
+            .moves
+            .syncs
+            .iter()
+            .filter(|(_, (n, _))| *n == peer)
+            .map(|(op, _)| *op)
+            .collect();
+        for op in unanswered {
+            self.moves.syncs.remove(&op);
+            self.sync_done.push((
+                op,
+                Err(SyncError::io(format!(
+                    "node {peer} was removed from the cluster before it answered the sync"
+                ))),
+            ));
+        }
         if let Some(b) = &mut self.moves.barrier {
             b.waiting.remove(&peer);
         }
@@ -278,11 +415,15 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
 
     /// Lift the barrier once no member is waited for: its held requests are handled.
     fn release_moved(&mut self) {
-        if self
-            .moves
-            .barrier
-            .as_ref()
-            .is_some_and(|b| b.waiting.is_empty())
+        // This node's own moved write-backs go first (its own kernel's invalidations are
+        // not waited for: a request of its own may hold the page one waits for).
+        let own = self.moves.migrating.is_empty();
+        if own
+            && self
+                .moves
+                .barrier
+                .as_ref()
+                .is_some_and(|b| b.waiting.is_empty())
         {
             self.moves.barrier = None;
             let held = std::mem::take(&mut self.moves.held);
@@ -313,6 +454,7 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
             if b.age >= MOVE_TICKS {
                 self.counters.moves_expired += 1;
                 b.waiting.clear();
+                self.moves.kernel.clear();
             }
         }
         self.release_moved();
@@ -352,5 +494,66 @@ impl<T: Transport, D: BlockData, S: BlockStore<D>> Shard<T, D, S> {
         self.moves.kernel.remove(&block);
         self.forgotten.remove(&block);
         true
+    }
+
+    /// A sync of home `home` is about to go to `node`: `Err` if it must fail once (the
+    /// home's log changed hands with write-backs its old writer acknowledged unsynced).
+    pub(super) fn sync_asked(
+        &mut self,
+        op: OpId,
+        home: NodeId,
+        node: NodeId,
+    ) -> Result<(), SyncError> {
+        if self.moves.ledger.take_lost(home) {
+            return Err(SyncError::io(format!(
+                "the log of node {home} changed hands (manager failover) after write-backs \
+                 its writer acknowledged and did not sync: they may be lost"
+            )));
+        }
+        let upto = self.moves.ledger.acked(node);
+        self.moves.syncs.insert(op, (node, upto));
+        Ok(())
+    }
+
+    /// Syncs done: a successful one covers the acknowledgements counted when it was asked.
+    pub(super) fn syncs_done(&mut self, done: &[(OpId, Result<(), SyncError>)]) {
+        for (op, r) in done {
+            if let Some((node, upto)) = self.moves.syncs.remove(op) {
+                if r.is_ok() {
+                    self.moves.ledger.synced(node, upto);
+                }
+            }
+        }
+    }
+
+    /// Share `ledger` with the node's other shards.
+    pub fn share_ledger(&mut self, ledger: Arc<SyncLedger>) {
+        self.moves.ledger = ledger;
+    }
+
+    /// Whether a message stamped `epoch` about `block` predates its slot's last move.
+    pub(super) fn before_move(&self, block: BlockId, epoch: Epoch) -> bool {
+        self.manager.placement.index_shift.is_some()
+            && self
+                .moves
+                .moved_at
+                .get(self.manager.placement.slot(block))
+                .is_some_and(|m| epoch < *m)
+    }
+
+    /// The failover state in numbers, for `status --counters`: members a barrier waits
+    /// for, requests it holds, moved write-backs and kernel invalidations pending, and
+    /// whether this node's announcement waits.
+    pub fn move_gauges(&self) -> [u64; 5] {
+        [
+            self.moves
+                .barrier
+                .as_ref()
+                .map_or(0, |b| b.waiting.len() as u64),
+            self.moves.held.len() as u64,
+            self.moves.migrating.len() as u64,
+            self.moves.kernel.len() as u64,
+            self.moves.announce.is_some() as u64,
+        ]
     }
 }

@@ -328,6 +328,12 @@ fn stats<T: Transport + Send>(shard: &NodeShard<T>, invalidations: u64) -> Vec<(
         ("held_for_move".into(), c.held_for_move),
         ("not_managed_here".into(), c.not_managed_here),
         ("moves_expired".into(), c.moves_expired),
+        ("moves_announced".into(), c.moves_announced),
+        ("move_barrier_waiting".into(), shard.move_gauges()[0]),
+        ("move_held_now".into(), shard.move_gauges()[1]),
+        ("move_write_backs_now".into(), shard.move_gauges()[2]),
+        ("move_kernel_now".into(), shard.move_gauges()[3]),
+        ("move_announce_waits".into(), shard.move_gauges()[4]),
     ]
 }
 

@@ -100,6 +100,9 @@ pub struct LogActor<S: FragmentStore> {
     counters: LogActorCounters,
     /// Logs taken over from failed homes, and how blocks find theirs (`None`: one log).
     adopted: Option<(AdoptedLogs<S>, HomeRoute)>,
+    /// Whether this node has a log of its own to wait for (it is recovered after the node
+    /// joins, and again after a rejoin).
+    own_expected: bool,
 }
 
 impl<S: FragmentStore + Send> LogActor<S> {
@@ -113,7 +116,15 @@ impl<S: FragmentStore + Send> LogActor<S> {
             full,
             counters: LogActorCounters::default(),
             adopted: None,
+            own_expected: false,
         }
+    }
+
+    /// Wait (up to [`ADOPT_WAIT`]) for this node's own log when it is not recovered yet,
+    /// rather than failing the work for it.
+    pub fn expecting_own_log(mut self) -> Self {
+        self.own_expected = true;
+        self
     }
 
     /// Route the blocks of other homes' slots to `adopted` (see [`Adopted`]).
@@ -170,6 +181,12 @@ impl<S: FragmentStore + Send> LogActor<S> {
         let homes = self.homes_of(&work);
         if !homes.is_empty() {
             self.wait_adopted(&homes);
+        }
+        if self.own_expected {
+            let deadline = std::time::Instant::now() + ADOPT_WAIT;
+            while lock(&self.log).is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         let mut done = Vec::with_capacity(work.len());
         let mut syncs = Vec::new();

@@ -698,6 +698,15 @@ impl<S: FragmentStore + Send> Log<S> {
         self.counters
     }
 
+    /// Number the next segments `n` further on. A member that takes over a failed node's
+    /// log does this: the node, if it was only cut off, may have written segments after
+    /// the last one the taker recovered (to servers the taker cannot reach, its own at
+    /// least); numbered apart, they can never be mistaken for fragments of the taker's
+    /// segments (they stay incomplete and are skipped by recovery).
+    pub fn skip_segments(&mut self, n: u64) {
+        self.next_seq = (self.next_seq + n).min((1 << 40) - 1);
+    }
+
     /// The durable imap.
     pub fn imap(&self) -> &BTreeMap<BlockId, LogAddress> {
         &self.imap
