@@ -422,6 +422,9 @@ fn a_newer_generation_of_a_log_fences_the_older_one() {
     let mut new = connect(7).expect("the member that took the log over");
     let e = old.write(&[(id(2, 0), &[2u8; 64][..])]);
     assert!(e.is_err(), "the fenced writer's put landed");
+    // Nor can it delete what was written (its cleaner's view of the log is stale).
+    let e = old.delete(&[id(1, 0)]);
+    assert!(e.is_err(), "the fenced writer deleted a fragment");
     let again = connect(4)
         .err()
         .expect("the old generation connected again");

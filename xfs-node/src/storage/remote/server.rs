@@ -302,7 +302,16 @@ impl<T: Transport, S: FragmentStore> StorageServer<T, S> {
         }
     }
 
+    /// Delete fragments, for a client that holds a window only: one that never said hello,
+    /// or whose window a newer generation of it took (a writer fenced by the member that
+    /// took its log over), deletes nothing (its cleaner's idea of which segments are dead
+    /// is stale).
     fn delete(&mut self, p: Pending) {
+        if !self.clients.contains_key(&client_of(&p)) {
+            self.bad_requests += 1;
+            self.reply(p.token, &[Status::Refused as u64]);
+            return;
+        }
         let ids: Vec<FragmentId> = decode_ids(&p.payload);
         let s = self
             .store
