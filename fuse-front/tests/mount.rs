@@ -2126,19 +2126,15 @@ fn a_cut_off_host_is_fenced_and_two_mounts_stay_linearizable() {
             let local = data.join("put-source");
             std::fs::write(&local, &v).unwrap();
             let to = format!("/{name}");
-            let out = Command::new(xfs_bin())
-                .args(["put", "--config"])
-                .arg(&cfg)
-                .args(["--node", "3"])
-                .arg(&local)
-                .arg(&to)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ok(&[
+                "put",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--node",
+                "3",
+                local.to_str().unwrap(),
+                &to,
+            ]);
         }
         initial.insert(name, v);
     }
